@@ -1,0 +1,51 @@
+"""Per step: which requests' prefill chunks take the sparse path, and metadata for the rest.
+
+Built once per step by the metadata builder (host data only), shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sparse import compat
+
+
+@dataclass(frozen=True)
+class SparseChunk:
+    req: int  # row in the batch (block table row)
+    q_start: int  # token range of this chunk in the batch
+    q_end: int
+    context_len: int  # tokens of the request before this chunk
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + self.q_end - self.q_start
+
+
+@dataclass(frozen=True)
+class SparseBatch:
+    chunks: tuple[SparseChunk, ...]
+    dense_tokens: torch.Tensor | None  # token indices of the dense requests (None when there are none)
+    dense_metadata: object | None  # the dense backend's metadata for those requests alone
+
+
+def classify(cm, dense_below: int) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
+    """-> (sparse chunks, dense request indices, dense token indices), all from host data.
+
+    A chunk goes sparse when it is a prefill chunk (more than one query token; decode stays
+    dense) of a request whose context, this chunk included, reaches `dense_below` tokens.
+    """
+    qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+    seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
+    q_lens = qsl[1:] - qsl[:-1]
+    sparse = (q_lens > 1) & (seq_lens >= dense_below)
+    chunks = [
+        SparseChunk(r, int(qsl[r]), int(qsl[r + 1]), int(seq_lens[r] - q_lens[r]))
+        for r in torch.nonzero(sparse).flatten().tolist()
+    ]
+    dense_reqs = torch.nonzero(~sparse).flatten()
+    dense_tokens = torch.cat([torch.arange(int(qsl[r]), int(qsl[r + 1])) for r in dense_reqs.tolist()]) \
+        if len(dense_reqs) else torch.empty(0, dtype=torch.long)
+    return chunks, dense_reqs, dense_tokens

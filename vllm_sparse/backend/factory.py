@@ -1,0 +1,133 @@
+"""Build the SPARSE backend as subclasses of the platform's dense backend.
+
+Subclassing (rather than wrapping) keeps everything vLLM asks of a backend — KV cache
+shape and layout, block sizes, dtypes, isinstance checks on the impl — exactly as the dense
+backend answers it; we only add the sparse prefill path on top.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from vllm_sparse import compat
+from vllm_sparse.backend.batch import SparseBatch, classify
+from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.log import logger
+
+_SPARSE_BATCH = "sparse_batch"  # attribute set on the dense metadata object for this step
+
+
+def _layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+def make_sparse_backend(dense_backend: type, kv_view: Callable[[torch.Tensor], PagedKV]) -> type:
+    dense_builder = dense_backend.get_builder_cls()
+    dense_impl = dense_backend.get_impl_cls()
+
+    class SparseMetadataBuilder(dense_builder):
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+            self._plan = plan_for(vllm_config)
+            page = kv_cache_spec.block_size
+            if self._plan.block_size % page:
+                raise SparseConfigError(self._plan.source, [(
+                    "block_size",
+                    f"selection block_size {self._plan.block_size} must be a multiple of the KV cache "
+                    f"block size {page} (vLLM --block-size); use a multiple of {page}",
+                )])
+            self._has_sparse_layer = any(self._plan.layer(_layer_index(n)).is_sparse for n in layer_names)
+
+        def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
+            md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+            if not self._has_sparse_layer:
+                return md
+            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below)
+            if not chunks:
+                return md
+            dense_md = None
+            if len(dense_reqs):
+                sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
+                dense_md = super().build(0, sub, *args, **kwargs)
+            # The dense metadata stays what vLLM expects; the sparse step rides along as an attribute.
+            object.__setattr__(md, _SPARSE_BATCH, SparseBatch(
+                tuple(chunks), dense_tokens.to(common_attn_metadata.query_start_loc.device) if len(dense_reqs)
+                else None, dense_md))
+            return md
+
+    class SparseAttentionImpl(dense_impl):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bound = inspect.signature(dense_impl.__init__).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            self._unsupported = [
+                why for why, bad in (
+                    ("sliding window", a.get("sliding_window") not in (None, -1, (-1, -1))),
+                    ("ALiBi", a.get("alibi_slopes") is not None),
+                    ("logit soft-capping", a.get("logits_soft_cap") not in (None, 0, 0.0)),
+                    ("attention sinks", a.get("sinks") is not None),
+                    ("non-decoder attention", str(getattr(a.get("attn_type"), "value", a.get("attn_type")))
+                     not in ("decoder", "None")),
+                ) if bad
+            ]
+            # Resolve (and validate) the plan now, at engine start, not on the first request.
+            self._plan = plan_for(compat.current_vllm_config())
+            self._heads = None  # this layer's per-local-head plans, bound on first use
+
+        def _head_plans(self, layer) -> list | None:
+            if self._heads is None:
+                idx = _layer_index(layer.layer_name)
+                lp = self._plan.layer(idx)
+                heads = []
+                if lp.is_sparse:
+                    if self._unsupported:
+                        logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not "
+                                       "support: it runs dense", idx, layer.layer_name, ", ".join(self._unsupported))
+                    else:
+                        rank = compat.tensor_parallel_rank()
+                        heads = list(lp.heads[rank * self.num_heads:(rank + 1) * self.num_heads])
+                self._heads = heads if any(h is not None for h in heads) else []
+            return self._heads or None
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+            batch = getattr(attn_metadata, _SPARSE_BATCH, None)
+            if batch is None:
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+            head_plans = self._head_plans(layer)
+            if head_plans is None:
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+            if batch.dense_metadata is not None:
+                idx = batch.dense_tokens
+                sub_out = output[idx]
+                super().forward(layer, query[idx], key[idx] if key is not None else None,
+                                value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
+                                sub_out, *args, **kwargs)
+                output[idx] = sub_out
+            attend_sparse_chunks(query, output, kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
+                                 head_plans, self._plan.block_size, self.scale)
+            return output
+
+    class SparseAttentionBackend(dense_backend):
+        @staticmethod
+        def get_name() -> str:
+            return compat.BACKEND_NAME
+
+        @staticmethod
+        def get_impl_cls():
+            return SparseAttentionImpl
+
+        @staticmethod
+        def get_builder_cls():
+            return SparseMetadataBuilder
+
+    SparseAttentionBackend.__qualname__ = SparseAttentionBackend.__name__ = f"Sparse{dense_backend.__name__}"
+    return SparseAttentionBackend

@@ -1,0 +1,133 @@
+"""Every difference between the vLLM versions we support (0.26 on CUDA, 0.32 on CPU, up to 0.33).
+
+Nothing else in the package reaches into vLLM internals that moved between those releases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+BACKEND_NAME = "SPARSE"
+BACKEND_PATH = "vllm_sparse.backend.selected.SparseAttentionBackend"
+
+
+def attention_backend_enum():
+    try:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    except ImportError:  # older layout
+        from vllm.attention.backends.registry import AttentionBackendEnum
+    return AttentionBackendEnum
+
+
+def register_attention_backend() -> None:
+    """Add SPARSE to vLLM's backend enum once per process (plugins load several times)."""
+    enum = attention_backend_enum()
+    if BACKEND_NAME in enum.__members__:
+        return
+    member = enum.register(BACKEND_NAME, BACKEND_PATH)
+    # vLLM pickles its config (holding this member) into processes it spawns, which unpickle it
+    # before loading plugins; pickling by name through this module registers it there first.
+    member.__reduce_ex__ = _reduce_backend_member
+
+
+def _reduce_backend_member(protocol):
+    return (sparse_backend_member, ())
+
+
+def sparse_backend_member():
+    """The SPARSE enum member, registered in this process if it was not yet."""
+    register_attention_backend()
+    return attention_backend_enum()[BACKEND_NAME]
+
+
+def install_cpu_platform_hook() -> None:
+    """vLLM's CPU platform always returns CPU_ATTN; make it return SPARSE when SPARSE is selected.
+
+    Only that one selection changes: MLA, sparse-MLA and every other backend name go to the
+    original method untouched.
+    """
+    try:
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:
+        return
+    original = CpuPlatform.get_attn_backend_cls
+    if getattr(original, "_vllm_sparse_hook", False):
+        return
+    original_fn = original.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
+        if selected_backend is not None and getattr(selected_backend, "name", None) == BACKEND_NAME:
+            config = kwargs.get("attn_selector_config") or (args[0] if args else None)
+            if config is None or not (getattr(config, "use_mla", False) or getattr(config, "use_sparse", False)):
+                return selected_backend.get_path()
+        return original_fn(cls, selected_backend, *args, **kwargs)
+
+    get_attn_backend_cls._vllm_sparse_hook = True
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def current_vllm_config():
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+def tensor_parallel_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except (ImportError, AssertionError, RuntimeError):
+        return 0
+
+
+def seq_lens_cpu(cm) -> torch.Tensor:
+    """Per-request sequence lengths on the host, exact for prefill rows."""
+    for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound"):
+        value = getattr(cm, name, None)
+        if value is not None:
+            return value
+    return cm.seq_lens.cpu()
+
+
+_PER_TOKEN_FIELDS = ("slot_mapping", "positions")
+
+
+def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
+    """CommonAttentionMetadata for a subset of requests (`reqs`, host indices) and their tokens."""
+    num_reqs = cm.num_reqs
+    qsl_cpu = cm.query_start_loc_cpu
+    q_lens = (qsl_cpu[1:] - qsl_cpu[:-1])[reqs]
+    new_qsl_cpu = torch.zeros(len(reqs) + 1, dtype=qsl_cpu.dtype)
+    torch.cumsum(q_lens, 0, out=new_qsl_cpu[1:])
+    seq_cpu = seq_lens_cpu(cm)[reqs]
+    dev_reqs = reqs.to(cm.seq_lens.device)
+    dev_tokens = tokens.to(cm.seq_lens.device)
+    special = {
+        "query_start_loc": new_qsl_cpu.to(cm.query_start_loc.device),
+        "query_start_loc_cpu": new_qsl_cpu,
+        "num_reqs": len(reqs),
+        "num_actual_tokens": len(tokens),
+        "max_query_len": int(q_lens.max()) if len(reqs) else 0,
+        "max_seq_len": int(seq_cpu.max()) if len(reqs) else 0,
+    }
+    changes = {}
+    for f in dataclasses.fields(cm):
+        name = f.name
+        if name in special:
+            changes[name] = special[name]
+            continue
+        value = getattr(cm, name)
+        if name.startswith("_") or name in ("logits_indices_padded", "num_logits_indices", "mm_req_doc_ranges"):
+            changes[name] = None if value is not None else value
+        elif isinstance(value, torch.Tensor) and value.dim() > 0 and name != "causal":
+            if name in _PER_TOKEN_FIELDS:
+                changes[name] = value[dev_tokens.to(value.device)]
+            elif value.shape[0] == num_reqs:
+                changes[name] = value[dev_reqs.to(value.device)]
+            # else: not per-request (shared by all rows): keep
+        elif hasattr(value, "shape") and getattr(value, "ndim", 0) > 0 and len(value) == num_reqs:  # numpy
+            changes[name] = value[reqs.numpy()]
+    return dataclasses.replace(cm, **changes)

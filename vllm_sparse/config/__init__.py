@@ -1,0 +1,1 @@
+"""Config stage: YAML file -> validated schema -> immutable per-layer, per-head plan."""

@@ -1,0 +1,60 @@
+"""Read a YAML config file into the validated schema; every failure is a SparseConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from vllm_sparse.config.errors import SparseConfigError, format_loc
+from vllm_sparse.config.schema import config_file_model
+
+
+def load_config(path: str | Path):
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SparseConfigError(source, [("", f"cannot read the file: {e.strerror or e}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SparseConfigError(source, [("", f"YAML syntax error at {at}{problem}")]) from None
+    return parse_config(data, source)
+
+
+def parse_config(data, source: str):
+    if not isinstance(data, dict):
+        raise SparseConfigError(source, [("", f"expected a mapping with 'models', got {type(data).__name__}")])
+    try:
+        return config_file_model().model_validate(data)
+    except ValidationError as e:
+        raise SparseConfigError(source, [(_path(err), _message(err)) for err in e.errors()]) from None
+
+
+def _path(err) -> str:
+    # Drop pydantic's union-member tags (e.g. 'sink_local') so the path is the YAML path.
+    from vllm_sparse.estimators.registry import estimator_names
+
+    names = set(estimator_names())
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in names))
+    return format_loc(loc)
+
+
+def _message(err) -> str:
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        msg = f"unknown estimator {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+    elif err["type"] == "union_tag_not_found":
+        msg = "estimator needs a 'name'"
+    elif err["type"] == "literal_error":
+        msg = f"{msg} (got {err.get('input')!r})"
+    return msg

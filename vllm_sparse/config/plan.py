@@ -1,0 +1,223 @@
+"""Resolve a validated config against one model into an immutable plan: layer x head -> what to run."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.config.schema import BudgetSpec, estimator_params
+from vllm_sparse.estimators.registry import EstimatorParams, get_estimator
+from vllm_sparse.selection.budget import Budget
+
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "block_size": 128,
+    "dense_below": 8192,
+    "decode": "dense",
+}
+DEFAULT_ESTIMATOR = ("sink_local", {})
+DEFAULT_BUDGET = BudgetSpec(keep_ratio=0.25)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know of a model (unsharded numbering)."""
+
+    name: str
+    architectures: tuple[str, ...]
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    # Per layer "full_attention" / "sliding_attention" for hybrid models, else None (all full).
+    layer_types: tuple[str, ...] | None = None
+
+    def is_full_attention(self, layer: int) -> bool:
+        return self.layer_types is None or self.layer_types[layer] == "full_attention"
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, name: str) -> ModelShape:
+        text = getattr(hf_config, "text_config", None) or hf_config
+        n_layers = text.num_hidden_layers
+        n_heads = text.num_attention_heads
+        layer_types = getattr(text, "layer_types", None)
+        archs = tuple(getattr(hf_config, "architectures", None) or ())
+        return cls(
+            name=str(name),
+            architectures=archs,
+            num_layers=n_layers,
+            num_q_heads=n_heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+            layer_types=tuple(layer_types) if layer_types else None,
+        )
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    estimator: str
+    params: EstimatorParams
+    budget: Budget
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params.model_dump().items())
+        return f"{self.estimator}({args})"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    full_attention: bool
+    heads: tuple[HeadPlan | None, ...]  # per q head (unsharded numbering); None = dense
+
+    @property
+    def is_sparse(self) -> bool:
+        return any(h is not None for h in self.heads)
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    source: str  # where the config came from, for messages
+    model: str
+    block_size: int
+    dense_below: int
+    decode: str
+    layers: tuple[LayerPlan, ...]
+    num_q_heads: int
+    num_kv_heads: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_sparse(self) -> bool:
+        return any(layer.is_sparse for layer in self.layers)
+
+    def layer(self, index: int) -> LayerPlan:
+        return self.layers[index]
+
+    @classmethod
+    def dense(cls, shape: ModelShape, source: str, reason: str) -> SparsePlan:
+        layers = tuple(
+            LayerPlan(i, shape.is_full_attention(i), (None,) * shape.num_q_heads) for i in range(shape.num_layers)
+        )
+        return cls(
+            source, shape.name, BUILTIN_DEFAULTS["block_size"], BUILTIN_DEFAULTS["dense_below"], "dense",
+            layers, shape.num_q_heads, shape.num_kv_heads, (reason,),
+        )
+
+
+def match_entry(cfg, shape: ModelShape) -> int | None:
+    """Index of the first model entry that matches by architecture or name glob."""
+    for i, entry in enumerate(cfg.models):
+        if set(entry.match.architectures) & set(shape.architectures):
+            return i
+        if any(fnmatch.fnmatch(shape.name, pat) or fnmatch.fnmatch(shape.name.rstrip("/").split("/")[-1], pat)
+               for pat in entry.match.names):
+            return i
+    return None
+
+
+def _expand(selector, limit: int, what: str, shape: ModelShape | None) -> list[int]:
+    """Selector -> sorted indices; raises ValueError naming an index beyond the model."""
+    items = selector if isinstance(selector, list) else [selector]
+    out: set[int] = set()
+    for item in items:
+        if item == "all":
+            out.update(range(limit))
+        elif item == "full_attention":
+            out.update(i for i in range(limit) if shape.is_full_attention(i))
+        elif isinstance(item, int):
+            out.add(item)
+        else:
+            lo, hi = map(int, item.split("-"))
+            out.update(range(lo, hi + 1))
+    bad = sorted(i for i in out if i >= limit)
+    if bad:
+        raise ValueError(f"{what} {bad[0]} is beyond the model, which has {limit} {what}s (0-{limit - 1})")
+    return sorted(out)
+
+
+def resolve_plan(cfg, shape: ModelShape, source: str) -> SparsePlan:
+    """Validated config file + model shape -> SparsePlan. Raises SparseConfigError listing every problem."""
+    idx = match_entry(cfg, shape)
+    if idx is None:
+        return SparsePlan.dense(shape, source, f"no model entry in {source} matches {shape.name} "
+                                f"({', '.join(shape.architectures) or 'no architecture'}): running dense")
+    entry = cfg.models[idx]
+    where = f"models[{idx}]"
+
+    def setting(name: str):
+        for layer in (entry, cfg.defaults):
+            v = getattr(layer, name)
+            if v is not None:
+                return v
+        return BUILTIN_DEFAULTS.get(name)
+
+    problems: list[tuple[str, str]] = []
+    notes: list[str] = []
+    heads: list[list[HeadPlan | None]] = [[None] * shape.num_q_heads for _ in range(shape.num_layers)]
+    owner: dict[int, int] = {}
+    for r, rule in enumerate(entry.layers):
+        rpath = f"{where}.layers[{r}]"
+        try:
+            layers = _expand(rule.layers, shape.num_layers, "layer", shape)
+        except ValueError as e:
+            problems.append((f"{rpath}.layers", str(e)))
+            continue
+        clash = sorted(i for i in layers if i in owner)
+        if clash:
+            problems.append((f"{rpath}.layers", f"conflicting rules: layer {clash[0]} is also selected by "
+                             f"{where}.layers[{owner[clash[0]]}]; each layer may be selected by one rule"))
+            continue
+        owner.update({i: r for i in layers})
+        head_rule_of: dict[int, int] = {}
+        for h, hrule in enumerate(rule.heads):
+            try:
+                hs = _expand(hrule.heads, shape.num_q_heads, "head", shape)
+            except ValueError as e:
+                problems.append((f"{rpath}.heads[{h}].heads", str(e)))
+                continue
+            hclash = sorted(i for i in hs if i in head_rule_of)
+            if hclash:
+                problems.append((f"{rpath}.heads[{h}].heads", f"conflicting rules: head {hclash[0]} is also "
+                                 f"selected by {rpath}.heads[{head_rule_of[hclash[0]]}]"))
+                continue
+            head_rule_of.update({i: h for i in hs})
+        explicit = not any(s in ("all", "full_attention") for s in
+                           (rule.layers if isinstance(rule.layers, list) else [rule.layers]))
+        for layer in layers:
+            if not shape.is_full_attention(layer):
+                if explicit:
+                    notes.append(f"layer {layer} is a sliding-window layer ({rpath}): it stays dense")
+                continue
+            for q in range(shape.num_q_heads):
+                hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
+                heads[layer][q] = _head_plan(hrule, rule, entry, cfg)
+    if problems:
+        raise SparseConfigError(source, problems)
+    layers_out = tuple(
+        LayerPlan(i, shape.is_full_attention(i), tuple(heads[i])) for i in range(shape.num_layers)
+    )
+    return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), setting("decode"),
+                      layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes))
+
+
+def _head_plan(hrule, rule, entry, cfg) -> HeadPlan | None:
+    chain = [x for x in (hrule, rule) if x is not None]
+    if any(x.dense for x in chain):
+        return None
+
+    def first(name):
+        for x in chain + [entry, cfg.defaults]:
+            v = getattr(x, name)
+            if v is not None:
+                return v
+        return None
+
+    spec = first("estimator")
+    if spec is None:
+        name, params = DEFAULT_ESTIMATOR[0], get_estimator(DEFAULT_ESTIMATOR[0]).params(**DEFAULT_ESTIMATOR[1])
+    else:
+        name, params = estimator_params(spec)
+    if get_estimator(name).keeps_all:
+        return None
+    b = first("budget") or DEFAULT_BUDGET
+    return HeadPlan(name, params, Budget(**b.model_dump()))

@@ -1,0 +1,187 @@
+"""The YAML config format, as pydantic models. `vllm-sparse schema` prints its JSON schema.
+
+    version: 1
+    defaults: {block_size: 128, dense_below: 8192, estimator: {...}, budget: {...}}
+    models:
+      - match: {architectures: [LlamaForCausalLM], names: ["*llama-3*"]}
+        layers:
+          - layers: all                 # all | full_attention | 3 | "4-10" | [0, "2-5"]
+            estimator: {name: sink_local, sink_blocks: 1, local_blocks: 4}
+            budget: {keep_ratio: 0.25, sink_blocks: 1, local_blocks: 2}
+            heads:                      # optional per-head overrides inside the layer rule
+              - {heads: [0, 1], dense: true}
+
+A setting not given on a head rule comes from its layer rule, then the model entry, then
+`defaults`, then the built-in default. Layers no rule selects stay dense.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, create_model, field_validator, model_validator
+
+from vllm_sparse.config.strict import StrictModel
+from vllm_sparse.estimators.registry import all_estimators
+
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+LAYER_KEYWORDS = ("all", "full_attention")
+
+
+def _check_selector_item(item: Any, keywords: tuple[str, ...]) -> Any:
+    if isinstance(item, bool):
+        raise ValueError(f"expected an index, a range 'a-b' or one of {keywords}, got {item!r}")
+    if isinstance(item, int):
+        if item < 0:
+            raise ValueError(f"index {item} is negative")
+        return item
+    if isinstance(item, str):
+        if item in keywords:
+            return item
+        m = _RANGE.match(item)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ValueError(f"bad range {item!r}: start {lo} is after end {hi}")
+            return f"{lo}-{hi}"
+        if item.isdigit():
+            return int(item)
+    raise ValueError(f"expected an index, a range 'a-b' or one of {', '.join(keywords)}; got {item!r}")
+
+
+def _check_selector(value: Any, keywords: tuple[str, ...]) -> Any:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("empty list selects nothing")
+        return [_check_selector_item(v, ()) for v in value]
+    return _check_selector_item(value, keywords)
+
+
+Selector = Union[int, str, list[Union[int, str]]]
+
+
+class BudgetSpec(StrictModel):
+    """How many blocks each query block row keeps. Exactly one of top_k, top_p, keep_ratio."""
+
+    top_k: int | None = Field(None, ge=1, description="blocks kept per query block row")
+    top_p: float | None = Field(None, gt=0, le=1, description="estimated attention mass kept per row")
+    keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of the row's causal blocks kept")
+    min_blocks: int = Field(1, ge=1)
+    max_blocks: int | None = Field(None, ge=1)
+    sink_blocks: int = Field(1, ge=0, description="first blocks always kept")
+    local_blocks: int = Field(1, ge=1, description="blocks up to and including the diagonal, always kept")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        rules = [n for n in ("top_k", "top_p", "keep_ratio") if getattr(self, n) is not None]
+        if len(rules) != 1:
+            raise ValueError(f"give exactly one of top_k, top_p, keep_ratio (got {rules or 'none'})")
+        if self.max_blocks is not None:
+            if self.max_blocks < self.min_blocks:
+                raise ValueError(f"max_blocks {self.max_blocks} < min_blocks {self.min_blocks}")
+            if self.max_blocks < self.sink_blocks + self.local_blocks:
+                raise ValueError(
+                    f"max_blocks {self.max_blocks} < sink_blocks + local_blocks "
+                    f"({self.sink_blocks + self.local_blocks}), which are always kept"
+                )
+        return self
+
+
+@lru_cache(maxsize=1)
+def estimator_spec_type():
+    """Discriminated union of {name: <estimator>, <its params>} over the registered estimators."""
+    members = []
+    for est in all_estimators():
+        model = create_model(
+            f"{''.join(w.title() for w in est.name.split('_'))}Estimator",
+            __base__=est.params,
+            __doc__=est.summary,
+            name=(Literal[est.name], ...),
+        )
+        members.append(model)
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="name")]
+
+
+def estimator_params(spec) -> tuple[str, Any]:
+    """Split an estimator spec into (name, params instance of the estimator's own model)."""
+    from vllm_sparse.estimators.registry import get_estimator
+
+    est = get_estimator(spec.name)
+    return spec.name, est.params(**spec.model_dump(exclude={"name"}))
+
+
+def _build_models():
+    spec = estimator_spec_type()
+
+    class HeadRule(StrictModel):
+        heads: Selector = Field(description="q head index, range 'a-b', list, or 'all' (unsharded model's numbering)")
+        estimator: spec | None = None  # type: ignore[valid-type]
+        budget: BudgetSpec | None = None
+        dense: bool = False
+
+        @field_validator("heads", mode="before")
+        @classmethod
+        def _heads(cls, v):
+            return _check_selector(v, ("all",))
+
+    class LayerRule(StrictModel):
+        layers: Selector = Field(description="layer index, range 'a-b', list, 'all' or 'full_attention'")
+        estimator: spec | None = None  # type: ignore[valid-type]
+        budget: BudgetSpec | None = None
+        dense: bool = False
+        heads: list[HeadRule] = Field(default_factory=list)
+
+        @field_validator("layers", mode="before")
+        @classmethod
+        def _layers(cls, v):
+            return _check_selector(v, LAYER_KEYWORDS)
+
+    class Settings(StrictModel):
+        block_size: int | None = Field(None, description="selection block in tokens: 16..1024, a power of two")
+        dense_below: int | None = Field(None, ge=0, description="prefill stays dense while the context is shorter")
+        decode: Literal["dense"] | None = Field(None, description="decode policy (dense only, for now)")
+        estimator: spec | None = None  # type: ignore[valid-type]
+        budget: BudgetSpec | None = None
+
+        @field_validator("block_size")
+        @classmethod
+        def _block(cls, v):
+            if v is not None and (v < 16 or v > 1024 or v & (v - 1)):
+                raise ValueError(f"block_size {v} must be a power of two in 16..1024")
+            return v
+
+    class ModelMatch(StrictModel):
+        architectures: list[str] = Field(default_factory=list, description="HF architectures, e.g. LlamaForCausalLM")
+        names: list[str] = Field(default_factory=list, description="globs matched against the model name or path")
+
+        @model_validator(mode="after")
+        def _some(self):
+            if not self.architectures and not self.names:
+                raise ValueError("give architectures and/or names to match")
+            return self
+
+    class ModelEntry(Settings):
+        match: ModelMatch
+        layers: list[LayerRule] = Field(default_factory=list)
+
+    class SparseConfigFile(StrictModel):
+        version: Literal[1] = 1
+        defaults: Settings = Field(default_factory=Settings)
+        models: list[ModelEntry] = Field(min_length=1)
+
+    return SparseConfigFile
+
+
+@lru_cache(maxsize=1)
+def config_file_model():
+    return _build_models()
+
+
+def json_schema() -> dict:
+    schema = config_file_model().model_json_schema()
+    schema["title"] = "vllm-sparse config"
+    return schema

@@ -1,0 +1,60 @@
+"""Name -> estimator: its parameter model (validated from the config) and its scoring function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sparse.config.strict import StrictModel
+
+
+class EstimatorParams(StrictModel):
+    """Base of every estimator's parameters: unknown keys are config errors naming the allowed ones."""
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    params: type[EstimatorParams]
+    # (chunk, params) -> block scores [heads, query_blocks, kv_blocks], log-domain, -inf = not causal
+    score: Callable[..., torch.Tensor] | None
+    summary: str
+    keeps_all: bool = False  # a head given this estimator runs dense
+
+
+_REGISTRY: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, params: type[EstimatorParams], summary: str, keeps_all: bool = False):
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"estimator {name!r} registered twice")
+        _REGISTRY[name] = Estimator(name, params, fn, summary, keeps_all)
+        return fn
+
+    return wrap
+
+
+def get_estimator(name: str) -> Estimator:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown estimator {name!r}; allowed: {', '.join(estimator_names())}") from None
+
+
+def estimator_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def all_estimators() -> list[Estimator]:
+    _ensure_loaded()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every built-in estimator module.
+    import vllm_sparse.estimators  # noqa: F401

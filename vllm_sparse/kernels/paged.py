@@ -1,0 +1,55 @@
+"""A layout-neutral view of one layer's paged KV cache.
+
+vLLM backends store pages differently (the CPU backend keeps each key page transposed,
+FlashAttention keeps [2, pages, page_size, heads, dim]); every consumer here sees
+key/value as [num_pages, num_kv_heads, page_size, head_dim] views over the same memory,
+so pages are read in place whatever the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    key: torch.Tensor  # [num_pages, num_kv_heads, page_size, head_dim] (a view; may be strided)
+    value: torch.Tensor  # same shape as key
+
+    @property
+    def page_size(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    def gather(self, pages: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `num_tokens` tokens stored in `pages` (physical ids, in order).
+
+        Returns [num_tokens, num_kv_heads, head_dim] each.
+        """
+        k = self.key[pages].permute(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.key.shape[-1])
+        v = self.value[pages].permute(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.value.shape[-1])
+        return k[:num_tokens], v[:num_tokens]
+
+    @classmethod
+    def from_cpu_cache(cls, kv_cache: torch.Tensor) -> PagedKV:
+        """vLLM CPU_ATTN cache [pages, kv_heads, page_size, 2*head_dim] (vec/vec16 ISA layout).
+
+        The first half of each page row-block holds the keys transposed ([head_dim, page_size]),
+        the second half the values ([page_size, head_dim]).
+        """
+        pages, heads, page_size, two_d = kv_cache.shape
+        d = two_d // 2
+        flat = kv_cache.view(pages, heads, 2 * page_size * d)
+        key = flat[..., : page_size * d].view(pages, heads, d, page_size).transpose(-1, -2)
+        value = flat[..., page_size * d :].view(pages, heads, page_size, d)
+        return cls(key=key, value=value)
+
+    @classmethod
+    def from_flash_cache(cls, kv_cache: torch.Tensor) -> PagedKV:
+        """FlashAttention layout [2, pages, page_size, kv_heads, head_dim]."""
+        return cls(key=kv_cache[0].transpose(1, 2), value=kv_cache[1].transpose(1, 2))
