@@ -127,8 +127,8 @@ def _expand(selector, limit: int, what: str, shape: ModelShape | None) -> list[i
         elif isinstance(item, int):
             out.add(item)
         else:
-            lo, hi = map(int, item.split("-"))
-            out.update(range(lo, hi + 1))
+            lo, hi = item.split("-")
+            out.update(range(int(lo), int(hi) + 1 if hi else limit))
     bad = sorted(i for i in out if i >= limit)
     if bad:
         raise ValueError(f"{what} {bad[0]} is beyond the model, which has {limit} {what}s (0-{limit - 1})")

@@ -26,13 +26,13 @@ from pydantic import Field, create_model, field_validator, model_validator
 from vllm_sparse.config.strict import StrictModel
 from vllm_sparse.estimators.registry import all_estimators
 
-_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d*)\s*$")  # "4-10", or "4-" (to the last)
 LAYER_KEYWORDS = ("all", "full_attention")
 
 
 def _check_selector_item(item: Any, keywords: tuple[str, ...]) -> Any:
     if isinstance(item, bool):
-        raise ValueError(f"expected an index, a range 'a-b' or one of {keywords}, got {item!r}")
+        raise ValueError(f"expected an index, a range 'a-b' or 'a-', or one of {', '.join(keywords)}; got {item!r}")
     if isinstance(item, int):
         if item < 0:
             raise ValueError(f"index {item} is negative")
@@ -42,20 +42,20 @@ def _check_selector_item(item: Any, keywords: tuple[str, ...]) -> Any:
             return item
         m = _RANGE.match(item)
         if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if lo > hi:
+            lo, hi = int(m.group(1)), m.group(2)
+            if hi and lo > int(hi):
                 raise ValueError(f"bad range {item!r}: start {lo} is after end {hi}")
             return f"{lo}-{hi}"
         if item.isdigit():
             return int(item)
-    raise ValueError(f"expected an index, a range 'a-b' or one of {', '.join(keywords)}; got {item!r}")
+    raise ValueError(f"expected an index, a range 'a-b' or 'a-', or one of {', '.join(keywords)}; got {item!r}")
 
 
 def _check_selector(value: Any, keywords: tuple[str, ...]) -> Any:
     if isinstance(value, list):
         if not value:
             raise ValueError("empty list selects nothing")
-        return [_check_selector_item(v, ()) for v in value]
+        return [_check_selector_item(v, keywords) for v in value]
     return _check_selector_item(value, keywords)
 
 
@@ -118,7 +118,7 @@ def _build_models():
     spec = estimator_spec_type()
 
     class HeadRule(StrictModel):
-        heads: Selector = Field(description="q head index, range 'a-b', list, or 'all' (unsharded model's numbering)")
+        heads: Selector = Field(description="q head index, range 'a-b' or 'a-', list, or 'all' (unsharded model's numbering)")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
         dense: bool = False
@@ -129,7 +129,7 @@ def _build_models():
             return _check_selector(v, ("all",))
 
     class LayerRule(StrictModel):
-        layers: Selector = Field(description="layer index, range 'a-b', list, 'all' or 'full_attention'")
+        layers: Selector = Field(description="layer index, range 'a-b' or 'a-' (to the last), list, 'all' or 'full_attention'")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
         dense: bool = False

@@ -1,0 +1,35 @@
+"""Shared fixtures: models built locally and cached on disk, random paged KV inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# vLLM CPU engines in tests: a small KV cache, and never reach for a model hub.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL_CACHE = Path(os.environ.get("VLLM_SPARSE_MODEL_CACHE", Path.home() / ".cache" / "vllm-sparse" / "models"))
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    return MODEL_CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_cache) -> Path:
+    from tests.fixtures.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(model_cache)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m(model_cache) -> Path:
+    from tests.fixtures.gemma3 import build_gemma3_270m
+
+    return build_gemma3_270m(model_cache)

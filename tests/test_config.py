@@ -1,0 +1,251 @@
+"""Config layer: schema, resolution into a plan, discovery order, and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vllm_sparse.config.build import build_plan
+from vllm_sparse.config.discovery import ENV_VAR, find_config, shipped_configs
+from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.config.loader import load_config, parse_config
+from vllm_sparse.config.plan import ModelShape, resolve_plan
+from vllm_sparse.config.schema import json_schema
+
+REPO = Path(__file__).resolve().parents[1]
+
+LLAMA = ModelShape("org/llama-3-tiny", ("LlamaForCausalLM",), num_layers=4, num_q_heads=8, num_kv_heads=2)
+GEMMA = ModelShape(
+    "google/gemma-3-270m", ("Gemma3ForCausalLM",), num_layers=18, num_q_heads=4, num_kv_heads=1,
+    layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)),
+)
+
+
+def entry(**kw):
+    base = {"match": {"architectures": ["LlamaForCausalLM"]}}
+    base.update(kw)
+    return {"version": 1, "models": [base]}
+
+
+def plan_of(data, shape=LLAMA):
+    return resolve_plan(parse_config(data, "test.yaml"), shape, "test.yaml")
+
+
+def problems_of(data, shape=LLAMA) -> list[tuple[str, str]]:
+    with pytest.raises(SparseConfigError) as e:
+        plan_of(data, shape)
+    assert "test.yaml" in str(e.value)
+    return e.value.problems
+
+
+# --- resolution -----------------------------------------------------------------------------
+
+
+def test_rules_inherit_from_layer_entry_and_defaults():
+    data = entry(
+        block_size=64, dense_below=1000,
+        estimator={"name": "sink_local", "sink_blocks": 2, "local_blocks": 3},
+        budget={"top_k": 6},
+        layers=[
+            {"layers": [0, "2-3"], "heads": [{"heads": "0-1", "dense": True},
+                                           {"heads": 7, "budget": {"keep_ratio": 0.5, "local_blocks": 2}}]},
+        ],
+    )
+    plan = plan_of(data)
+    assert (plan.block_size, plan.dense_below, plan.decode) == (64, 1000, "dense")
+    assert not plan.layer(1).is_sparse  # no rule selects layer 1: dense
+    layer0 = plan.layer(0)
+    assert layer0.heads[0] is None and layer0.heads[1] is None
+    h2 = layer0.heads[2]
+    assert h2.estimator == "sink_local" and h2.params.sink_blocks == 2 and h2.params.local_blocks == 3
+    assert h2.budget.top_k == 6
+    assert layer0.heads[7].budget.keep_ratio == 0.5 and layer0.heads[7].budget.local_blocks == 2
+    assert layer0.heads[7].budget.top_k is None  # a budget replaces the inherited one whole
+    assert plan.layer(3) == plan.layer(0).__class__(3, True, layer0.heads)
+
+
+def test_file_defaults_and_builtin_defaults():
+    data = {"version": 1, "defaults": {"dense_below": 123},
+            "models": [{"match": {"architectures": ["LlamaForCausalLM"]}, "layers": [{"layers": "all"}]}]}
+    plan = plan_of(data)
+    assert plan.dense_below == 123 and plan.block_size == 128
+    head = plan.layer(2).heads[5]
+    assert head.estimator == "sink_local" and head.budget.keep_ratio == 0.25
+
+
+def test_dense_estimator_means_dense_head():
+    plan = plan_of(entry(layers=[{"layers": "all", "estimator": {"name": "dense"}}]))
+    assert not plan.is_sparse
+
+
+def test_full_attention_on_hybrid_model_keeps_sliding_layers_dense():
+    data = {"version": 1, "models": [{"match": {"architectures": ["Gemma3ForCausalLM"]},
+                                      "layers": [{"layers": "full_attention", "budget": {"top_k": 4}}]}]}
+    plan = plan_of(data, GEMMA)
+    assert [layer.index for layer in plan.layers if layer.is_sparse] == [5, 11, 17]
+
+
+def test_explicit_sliding_layer_stays_dense_with_a_note():
+    data = {"version": 1, "models": [{"match": {"architectures": ["Gemma3ForCausalLM"]},
+                                      "layers": [{"layers": [0, 5]}]}]}
+    plan = plan_of(data, GEMMA)
+    assert [layer.index for layer in plan.layers if layer.is_sparse] == [5]
+    assert any("layer 0" in n and "sliding" in n for n in plan.notes)
+
+
+def test_full_attention_on_non_hybrid_model_is_every_layer():
+    plan = plan_of(entry(layers=[{"layers": "full_attention"}]))
+    assert all(layer.is_sparse for layer in plan.layers)
+
+
+def test_open_range_runs_to_the_last_layer():
+    plan = plan_of(entry(layers=[{"layers": "0", "dense": True}, {"layers": "1-"}]))
+    assert [layer.is_sparse for layer in plan.layers] == [False, True, True, True]
+
+
+def test_name_glob_match_and_no_match_runs_dense():
+    data = {"version": 1, "models": [{"match": {"names": ["*llama-3*"]}, "layers": [{"layers": "all"}]}]}
+    assert plan_of(data).is_sparse
+    other = ModelShape("org/mistral", ("MistralForCausalLM",), 2, 4, 4)
+    plan = plan_of(data, other)
+    assert not plan.is_sparse and "no model entry" in plan.notes[0]
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_estimator_names_the_allowed_ones():
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "estimator": {"name": "magic"}}]))
+    assert path == "models[0].layers[0].estimator"
+    assert "magic" in msg and "sink_local" in msg and "dense" in msg
+
+
+def test_unknown_parameter_names_the_allowed_ones():
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "estimator": {"name": "sink_local", "window": 3}}]))
+    assert path == "models[0].layers[0].estimator"
+    assert "'window'" in msg and "local_blocks" in msg and "sink_blocks" in msg
+
+
+def test_bad_parameter_value():
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "estimator": {"name": "sink_local", "local_blocks": 0}}]))
+    assert path == "models[0].layers[0].estimator.local_blocks" and "greater than or equal to 1" in msg
+
+
+def test_bad_range():
+    (path, msg), = problems_of(entry(layers=[{"layers": "5-2"}]))
+    assert path == "models[0].layers[0].layers" and "5-2" in msg
+
+
+def test_layer_beyond_model():
+    (path, msg), = problems_of(entry(layers=[{"layers": [1, 9]}]))
+    assert path == "models[0].layers[0].layers"
+    assert "layer 9 is beyond the model" in msg and "4 layers (0-3)" in msg
+
+
+def test_head_beyond_model():
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "heads": [{"heads": "6-8"}]}]))
+    assert path == "models[0].layers[0].heads[0].heads" and "head 8" in msg and "8 heads" in msg
+
+
+def test_conflicting_layer_rules():
+    (path, msg), = problems_of(entry(layers=[{"layers": "0-2"}, {"layers": [2, 3], "dense": True}]))
+    assert path == "models[0].layers[1].layers"
+    assert "conflicting" in msg and "layer 2" in msg and "models[0].layers[0]" in msg
+
+
+def test_conflicting_head_rules():
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "heads": [{"heads": "all"}, {"heads": 3}]}]))
+    assert path == "models[0].layers[0].heads[1].heads" and "head 3" in msg
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of(entry(layers=[{"layers": 99}, {"layers": 0, "heads": [{"heads": 50}]}]))
+    assert [p for p, _ in problems] == ["models[0].layers[0].layers", "models[0].layers[1].heads[0].heads"]
+
+
+@pytest.mark.parametrize("budget, needle", [
+    ({"top_k": 4, "top_p": 0.9}, "exactly one of"),
+    ({"min_blocks": 2}, "exactly one of"),
+    ({"top_p": 1.5}, "less than or equal to 1"),
+    ({"top_k": 4, "max_blocks": 2, "sink_blocks": 1, "local_blocks": 2}, "always kept"),
+    ({"top_k": 4, "max_bloks": 2}, "allowed: keep_ratio, local_blocks, max_blocks"),
+])
+def test_bad_budget(budget, needle):
+    (path, msg), = problems_of(entry(budget=budget))
+    assert path == "models[0].budget" or path.startswith("models[0].budget.")
+    assert needle in msg
+
+
+def test_block_size_must_be_power_of_two():
+    (path, msg), = problems_of(entry(block_size=96))
+    assert path == "models[0].block_size" and "power of two" in msg
+
+
+def test_unknown_top_level_key_and_missing_models():
+    (path, msg), = problems_of({"version": 1, "models": [{"match": {"names": ["x"]}}], "modles": []})
+    assert path == "" or path == "<top level>"
+    assert "'modles'" in msg and "models" in msg
+    (path, msg), = problems_of({"version": 1})
+    assert path == "models" and "required" in msg.lower()
+
+
+def test_match_needs_something():
+    (path, msg), = problems_of({"version": 1, "models": [{"match": {}}]})
+    assert path == "models[0].match" and "architectures" in msg
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("version: 1\nmodels:\n  - match: {architectures: [Llama\n")
+    with pytest.raises(SparseConfigError) as e:
+        load_config(f)
+    assert str(f) in str(e.value) and "YAML syntax error at line" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SparseConfigError, match="cannot read the file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+# --- discovery ------------------------------------------------------------------------------
+
+
+def test_discovery_order(tmp_path, monkeypatch):
+    explicit, env = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for f in (explicit, env):
+        f.write_text(yaml.safe_dump(entry(layers=[{"layers": "all"}])))
+    monkeypatch.setenv(ENV_VAR, str(env))
+    assert find_config({"sparse": {"config": str(explicit)}}, LLAMA) == (explicit, "--additional-config")
+    assert find_config({}, LLAMA) == (env, ENV_VAR)
+    monkeypatch.delenv(ENV_VAR)
+    path, how = find_config(None, LLAMA)
+    assert how == "shipped config" and path.name == "llama-3.yaml"
+    path, how = find_config(None, GEMMA)
+    assert how == "shipped config" and path.name == "gemma-3.yaml"
+    assert find_config(None, ModelShape("x/y", ("FooForCausalLM",), 2, 2, 2)) == (None, "none")
+
+
+def test_no_config_runs_dense_with_one_warning(caplog, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    caplog.set_level("WARNING", logger="vllm.sparse")
+    plan = build_plan(None, ModelShape("x/y", ("FooForCausalLM",), 2, 2, 2))
+    assert not plan.is_sparse
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "every layer runs dense" in warnings[0].getMessage()
+
+
+def test_shipped_configs_resolve_for_their_models():
+    names = {p.name for p in shipped_configs()}
+    assert {"gemma-3.yaml", "llama-3.yaml"} <= names
+    gemma = resolve_plan(load_config(REPO / "configs/gemma-3.yaml"), GEMMA, "gemma")
+    assert [layer.index for layer in gemma.layers if layer.is_sparse] == [5, 11, 17]
+    llama = resolve_plan(load_config(REPO / "configs/llama-3.yaml"), LLAMA, "llama")
+    assert [layer.is_sparse for layer in llama.layers] == [False, False, True, True]
+
+
+def test_exported_schema_is_current():
+    assert json.loads((REPO / "configs/schema.json").read_text()) == json_schema(), \
+        "configs/schema.json is stale: run `vllm-sparse schema -o configs/schema.json`"

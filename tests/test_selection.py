@@ -1,0 +1,162 @@
+"""Budget and block-union invariants (property tests), and the sparse path against masked attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.paged import random_paged_batch
+from vllm_sparse.backend.batch import SparseChunk
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.config.plan import HeadPlan
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.kernels.reference import dense_causal_attention_ref
+from vllm_sparse.selection.budget import Budget, select_blocks
+from vllm_sparse.selection.union import blocks_to_pages, union_blocks
+
+
+@st.composite
+def budgets(draw):
+    rule = draw(st.sampled_from(["top_k", "top_p", "keep_ratio"]))
+    sink, local = draw(st.integers(0, 3)), draw(st.integers(1, 4))
+    kw = {"sink_blocks": sink, "local_blocks": local, "min_blocks": draw(st.integers(1, 6))}
+    if draw(st.booleans()):
+        kw["max_blocks"] = draw(st.integers(max(kw["min_blocks"], sink + local), 12))
+    if rule == "top_k":
+        kw["top_k"] = draw(st.integers(1, 10))
+    elif rule == "top_p":
+        kw["top_p"] = draw(st.floats(0.05, 1.0))
+    else:
+        kw["keep_ratio"] = draw(st.floats(0.01, 1.0))
+    return Budget(**kw)
+
+
+@settings(max_examples=150, deadline=None)
+@given(budget=budgets(), heads=st.integers(1, 4), first=st.integers(0, 20), rows=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_budget_invariants(budget, heads, first, rows, seed):
+    nkb = first + rows
+    scores = torch.randn(heads, rows, nkb, generator=torch.Generator().manual_seed(seed))
+    mask = select_blocks(scores, budget, first)
+    row_block = torch.arange(first, first + rows)[:, None]
+    kb = torch.arange(nkb)[None, :]
+    causal = kb <= row_block
+    assert not (mask & ~causal[None]).any(), "a block past the row's diagonal was kept"
+    forced = causal & ((kb < budget.sink_blocks) | (kb > row_block - budget.local_blocks))
+    assert (mask | ~forced[None]).all(), "a sink/local/diagonal block was dropped"
+    assert mask[:, torch.arange(rows), torch.arange(first, first + rows)].all(), "diagonal block dropped"
+    count = mask.sum(-1)
+    n_causal, n_forced = causal.sum(-1)[None], forced.sum(-1)[None]
+    assert (count >= torch.minimum(n_causal, torch.tensor(budget.min_blocks))).all()
+    if budget.max_blocks is not None:
+        assert (count <= torch.maximum(n_forced, torch.tensor(budget.max_blocks))).all()
+    if budget.top_k is not None:
+        want = torch.clamp(torch.maximum(n_forced, torch.tensor(budget.top_k)), min=budget.min_blocks)
+        if budget.max_blocks is not None:
+            want = torch.minimum(want, torch.maximum(n_forced, torch.tensor(budget.max_blocks)))
+        assert torch.equal(count, torch.minimum(want, n_causal).expand_as(count))
+    if budget.keep_ratio is not None:
+        ratio_count = torch.tensor([math.ceil(budget.keep_ratio * (first + r + 1)) for r in range(rows)])
+        capped = budget.max_blocks is not None and (ratio_count > budget.max_blocks).any()
+        if not capped:
+            assert (count >= ratio_count[None]).all()
+    if budget.top_p is not None and budget.max_blocks is None:
+        # The kept non-forced blocks carry at least top_p of the non-forced softmax mass.
+        s = scores.masked_fill(~causal[None] | forced[None], float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        kept = (p * mask).sum(-1)
+        has_free = (causal & ~forced).any(-1)[None].expand_as(kept)
+        assert (kept[has_free] >= budget.top_p - 1e-5).all()
+
+
+def test_budget_keeps_highest_scores():
+    scores = torch.full((1, 1, 10), -5.0)
+    scores[0, 0, 4] = 3.0
+    scores[0, 0, 6] = 2.0
+    mask = select_blocks(scores, Budget(top_k=4, sink_blocks=1, local_blocks=1), first_query_block=9)
+    assert torch.nonzero(mask[0, 0]).flatten().tolist() == [0, 4, 6, 9]
+
+
+@settings(max_examples=100, deadline=None)
+@given(q_heads=st.sampled_from([1, 2, 4, 8]), group=st.sampled_from([1, 2, 4]), rows=st.integers(1, 6),
+       nkb=st.integers(6, 20), block=st.sampled_from([32, 64, 128]), page=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_union_invariants(q_heads, group, rows, nkb, block, page, seed):
+    if q_heads % group:
+        group = 1
+    num_kv = q_heads // group
+    g = torch.Generator().manual_seed(seed)
+    first = nkb - rows
+    mask = (torch.rand(q_heads, rows, nkb, generator=g) < 0.3) & \
+        (torch.arange(nkb)[None, :] <= torch.arange(first, nkb)[:, None])[None]
+    kv_head_of = torch.arange(q_heads) // group
+    union = union_blocks(mask, kv_head_of, num_kv)
+    for h in range(q_heads):  # superset of every row's and head's selection
+        assert (union[kv_head_of[h]] | ~mask[h].any(0)).all()
+    assert not (union & ~mask.view(num_kv, group, rows, nkb).any(1).any(1)).any(), "union added a block"
+    seq_len = nkb * block - int(torch.randint(0, block, (1,), generator=g))
+    for h in range(num_kv):
+        pages = blocks_to_pages(torch.nonzero(union[h]).flatten(), block, page, seq_len)
+        assert torch.equal(pages, torch.unique(pages)), "pages not sorted or duplicated"
+        assert (pages < (seq_len + page - 1) // page).all()
+        covered = set((pages * page // block).tolist())
+        assert covered == set(torch.nonzero(union[h]).flatten().tolist()) - {b for b in range(nkb) if b * block >= seq_len}
+
+
+def _chunk_ctx(b, s, block, kv_head_of):
+    q0, q1 = int(b.query_start_loc[s]), int(b.query_start_loc[s + 1])
+    return ChunkContext(b.q[q0:q1], kv_head_of, b.kv, b.block_table[s], int(b.seq_lens[s]) - (q1 - q0), block, 1.0)
+
+
+def test_sink_local_finds_its_shape():
+    b = random_paged_batch([1000], [300], 2, 1, 16, 16)
+    ctx = _chunk_ctx(b, 0, 64, torch.zeros(2, dtype=torch.long))
+    est = get_estimator("sink_local")
+    scores = est.score(ctx, est.params(sink_blocks=2, local_blocks=3))
+    mask = select_blocks(scores, Budget(top_k=5, sink_blocks=0, local_blocks=1), ctx.first_query_block)
+    for r, qb in enumerate(ctx.query_block_ids().tolist()):
+        want = {0, 1} | set(range(max(0, qb - 2), qb + 1))
+        assert set(torch.nonzero(mask[0, r]).flatten().tolist()) == want
+
+
+def _run_path(b, head_plans, block):
+    out = torch.full_like(b.q, float("nan"))
+    chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
+                               int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
+                   for s in range(len(b.seq_lens)))
+    attend_sparse_chunks(b.q, out, b.kv, b.block_table, chunks, head_plans, block, 0.25)
+    return out
+
+
+def test_sparse_path_keep_all_equals_dense():
+    b = random_paged_batch([700, 333], [200, 333], 8, 2, 16, 16, seed=3)
+    est = get_estimator("sink_local")
+    plan = HeadPlan("sink_local", est.params(), Budget(keep_ratio=1.0))
+    out = _run_path(b, [plan] * 8, 64)
+    for s in range(2):
+        rows = slice(int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]))
+        ref = dense_causal_attention_ref(b.q[rows], b.keys[s], b.values[s], 0.25)
+        torch.testing.assert_close(out[rows], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_path_attends_to_the_union_only():
+    """A sink+local plan on one KV group: output equals attention masked to the union's blocks."""
+    b = random_paged_batch([1024], [256], 4, 2, 16, 16, seed=5)
+    est = get_estimator("sink_local")
+    sparse = HeadPlan("sink_local", est.params(sink_blocks=1, local_blocks=1), Budget(top_k=2, local_blocks=1))
+    out = _run_path(b, [sparse, sparse, None, None], 128)  # kv head 0 sparse, kv head 1 dense
+    q_pos = torch.arange(768, 1024)
+    allowed = torch.zeros(1024, dtype=torch.bool)
+    allowed[:128] = True  # sink block
+    allowed[768:] = True  # the chunk's own blocks (local/diagonal of rows 6 and 7)
+    k, v = b.keys[0], b.values[0]
+    for h, mask in ((0, allowed), (1, torch.ones(1024, dtype=torch.bool))):
+        logits = torch.einsum("thd,kd->htk", b.q[:, 2 * h:2 * h + 2].double(), k[:, h].double()) * 0.25
+        ok = (torch.arange(1024)[None, :] <= q_pos[:, None]) & mask[None, :]
+        ref = torch.einsum("htk,kd->thd", logits.masked_fill(~ok[None], float("-inf")).softmax(-1),
+                           v[:, h].double())
+        torch.testing.assert_close(out[:, 2 * h:2 * h + 2].double(), ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,106 @@
+"""vllm-sparse validate|plan|schema — the config stage, without starting an engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vllm_sparse.config.errors import SparseConfigError
+
+
+def _shape(model: str):
+    from transformers import AutoConfig
+
+    from vllm_sparse.config.plan import ModelShape
+
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(model), model)
+
+
+def _resolve(args):
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import resolve_plan
+
+    return resolve_plan(load_config(args.config), _shape(args.model), str(args.config))
+
+
+def cmd_validate(args) -> int:
+    from vllm_sparse.config.loader import load_config
+
+    if args.model:
+        plan = _resolve(args)
+        n = sum(layer.is_sparse for layer in plan.layers)
+        print(f"OK: {args.config} for {args.model}: {n} of {len(plan.layers)} layers sparse")
+        for note in plan.notes:
+            print(f"note: {note}")
+    else:
+        cfg = load_config(args.config)
+        print(f"OK: {args.config}: {len(cfg.models)} model entr{'y' if len(cfg.models) == 1 else 'ies'}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    plan = _resolve(args)
+    print(f"plan for {plan.model} from {plan.source}")
+    print(f"block_size={plan.block_size} dense_below={plan.dense_below} decode={plan.decode} "
+          f"q_heads={plan.num_q_heads} kv_heads={plan.num_kv_heads}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    rows = [("layer", "kind", "heads", "estimator", "budget")]
+    for layer in plan.layers:
+        kind = "full" if layer.full_attention else "sliding"
+        # Group consecutive heads with the same plan so the table stays readable.
+        start = 0
+        for h in range(1, len(layer.heads) + 1):
+            if h == len(layer.heads) or layer.heads[h] != layer.heads[start]:
+                hp = layer.heads[start]
+                heads = f"{start}" if h - 1 == start else f"{start}-{h - 1}"
+                rows.append((str(layer.index), kind, heads, hp.describe() if hp else "dense",
+                             hp.budget.describe() if hp else "-"))
+                start = h
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from vllm_sparse.config.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-sparse", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a config file (and, with --model, against a model)")
+    v.add_argument("config")
+    v.add_argument("--model", help="model directory or name with a config.json")
+    v.set_defaults(func=cmd_validate)
+    pl = sub.add_parser("plan", help="print the layer x head plan a config gives a model")
+    pl.add_argument("config")
+    pl.add_argument("--model", required=True)
+    pl.set_defaults(func=cmd_plan)
+    s = sub.add_parser("schema", help="print the config's JSON schema")
+    s.add_argument("--output", "-o")
+    s.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SparseConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
