@@ -1,0 +1,46 @@
+"""Run one vLLM engine in its own process and print what it generated as JSON (the stdout line marked ENGINE_RESULT).
+
+Tests start engines through this so each gets a fresh process (vLLM engines do not share one
+well), and so start-up failures are seen the way a user sees them.
+
+    python -m tests.engine_runner '{"model": ..., "backend": "sparse"|null, "config": PATH|null,
+                                    "prompts": [...], "max_tokens": 6, "engine": {...}}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+RESULT_MARK = "ENGINE_RESULT "  # vLLM logs to stdout too; the result line carries this mark
+
+
+def main(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kw = dict(model=spec["model"], seed=0, enforce_eager=True, **spec.get("engine", {}))
+    if spec.get("backend"):
+        kw["attention_backend"] = spec["backend"]
+    if spec.get("config"):
+        kw["additional_config"] = {"sparse": {"config": spec["config"]}}
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 6),
+                            prompt_logprobs=0 if spec.get("prompt_logprobs", True) else None)
+    t0 = time.perf_counter()
+    outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    results = []
+    for o in outs:
+        lp = None
+        if o.prompt_logprobs is not None:
+            lp = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+        results.append({"prompt_tokens": len(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids),
+                        "text": o.outputs[0].text, "prompt_logprobs": lp})
+    return {"startup_s": startup, "generate_s": elapsed, "results": results}
+
+
+if __name__ == "__main__":
+    print(RESULT_MARK + json.dumps(main(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,28 @@
+"""Helpers to run an engine (tests/engine_runner.py) in a subprocess and read its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.engine_runner import RESULT_MARK
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_engine(spec: dict, timeout: int = 600, expect_ok: bool = True) -> tuple[dict | None, str]:
+    """-> (result or None, combined output). Raises with the engine's output if expect_ok and it failed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.engine_runner", json.dumps(spec)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+    )
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        if expect_ok:
+            raise AssertionError(f"engine failed (rc={proc.returncode}):\n{output[-6000:]}")
+        return None, output
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_MARK))
+    return json.loads(line[len(RESULT_MARK):]), output
