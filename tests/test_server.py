@@ -1,0 +1,54 @@
+"""The OpenAI-compatible server started with --attention-backend sparse (API server + engine processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import yaml
+
+from tests.server import run_server_until_exit, vllm_server
+
+pytestmark = pytest.mark.engine
+
+SERVE = ["--dtype", "float32", "--max-model-len", "4096", "--block-size", "32", "--max-num-batched-tokens", "512",
+         "--enforce-eager", "--attention-backend", "sparse"]
+
+
+def _config(path, layers):
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]}, "block_size": 64, "dense_below": 300,
+        "layers": layers}]}))
+    return json.dumps({"sparse": {"config": str(path)}})
+
+
+def test_server_answers_completions_and_chat(tiny_llama, tmp_path):
+    extra = _config(tmp_path / "sparse.yaml", [{"layers": "all", "budget": {"top_k": 4}}])
+    model = str(tiny_llama)
+    with vllm_server([model, *SERVE, "--additional-config", extra], tmp_path / "server.log") as (url, _):
+        long_prompt = "def parse(self, args):\n    return self.parser.parse_args(args)\n" * 60
+        r = requests.post(url + "/v1/completions", json={
+            "model": model, "prompt": long_prompt, "max_tokens": 5, "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["prompt_tokens"] > 300  # long enough for the sparse path
+        assert body["usage"]["completion_tokens"] == 5 and isinstance(body["choices"][0]["text"], str)
+
+        r = requests.post(url + "/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 5,
+            "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] == 5
+    assert "vllm-sparse: plan from" in (tmp_path / "server.log").read_text()
+
+
+def test_server_refuses_bad_config(tiny_llama, tmp_path):
+    extra = _config(tmp_path / "bad.yaml", [{"layers": "all", "estimator": {"name": "sink_local", "sinks": 2}}])
+    proc = run_server_until_exit([str(tiny_llama), *SERVE, "--additional-config", extra])
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert f"invalid sparse-attention config {tmp_path / 'bad.yaml'}" in out
+    assert "models[0].layers[0].estimator: unknown field(s) 'sinks'; allowed: local_blocks, name, sink_blocks" in out
