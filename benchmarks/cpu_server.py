@@ -1,0 +1,86 @@
+"""CPU: OpenAI-server start-up time and a 4K-token prefill, stock backend vs SPARSE, in one run.
+
+    python benchmarks/cpu_server.py --model DIR [--config YAML] [--tokens 4096] [--out results.json]
+
+Each backend gets a fresh `vllm serve` (prefix caching off, so every request is a full prefill).
+Prefill time is the latency of a completion with max_tokens=1 (time to first token), median of
+--repeats distinct prompts. Prints a table last and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.server import vllm_server  # noqa: E402
+
+
+def prompt_of(model: str, n_tokens: int, seed: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    text = (Path(os.__file__).parent / "argparse.py").read_text()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    start = (seed * 1009) % (len(ids) - n_tokens)
+    return ids[start:start + n_tokens]
+
+
+def measure(model: str, args, extra: list[str], log: Path) -> dict:
+    serve = [model, "--max-model-len", str(args.tokens + 512), "--max-num-batched-tokens", str(args.chunk),
+             "--no-enable-prefix-caching", "--enforce-eager", "--dtype", args.dtype, *extra]
+    with vllm_server(serve, log) as (url, startup):
+        times = []
+        for i in range(args.repeats):
+            ids = prompt_of(model, args.tokens, i)
+            t0 = time.perf_counter()
+            r = requests.post(url + "/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1,
+                                                             "temperature": 0}, timeout=1800)
+            times.append(time.perf_counter() - t0)
+            r.raise_for_status()
+    return {"startup_s": startup, "prefill_s": statistics.median(times), "prefill_all_s": times}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--config", help="sparse config for the SPARSE run (default: discovery)")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default="benchmarks/cpu_server.json")
+    args = p.parse_args()
+    runs = {"stock": []}
+    sparse = ["--attention-backend", "sparse"]
+    if args.config:
+        sparse += ["--additional-config", json.dumps({"sparse": {"config": args.config}})]
+    runs["SPARSE"] = sparse
+    logs = Path(args.out).with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    results = {name: measure(args.model, args, extra, logs / f"{name}.log") for name, extra in runs.items()}
+    import vllm
+
+    meta = {"model": args.model, "tokens": args.tokens, "chunk": args.chunk, "dtype": args.dtype,
+            "config": args.config, "vllm": vllm.__version__, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    s, d = results["SPARSE"], results["stock"]
+    print(f"\n{args.model}  {args.tokens}-token prefill, chunk {args.chunk}, {args.dtype}, vLLM {vllm.__version__}")
+    print(f"{'backend':8} {'startup s':>10} {'prefill s':>10}")
+    for name, r in results.items():
+        print(f"{name:8} {r['startup_s']:10.2f} {r['prefill_s']:10.2f}")
+    print(f"{'ratio':8} {s['startup_s'] / d['startup_s']:10.2f} {s['prefill_s'] / d['prefill_s']:10.2f}"
+          "   (SPARSE / stock)")
+
+
+if __name__ == "__main__":
+    main()

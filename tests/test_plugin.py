@@ -1,0 +1,69 @@
+"""Registration: entry point, idempotence, pickling into fresh processes, and the CPU selection hook."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_sparse import compat  # noqa: E402
+from vllm_sparse.plugin import register  # noqa: E402
+
+
+def test_entry_point_is_installed():
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value == "vllm_sparse.plugin:register"]
+    assert len(eps) == 1 and eps[0].load() is register
+
+
+def test_register_is_idempotent_and_selectable():
+    register()
+    register()
+    enum = compat.attention_backend_enum()
+    assert list(enum.__members__).count("SPARSE") == 1
+    from vllm.config import AttentionConfig
+
+    assert AttentionConfig(backend="sparse").backend is enum["SPARSE"]
+    assert enum["SPARSE"].get_class().get_name() == "SPARSE"
+
+
+def test_member_unpickles_in_a_process_that_never_loaded_plugins():
+    register()
+    blob = pickle.dumps(compat.attention_backend_enum()["SPARSE"])
+    code = ("import pickle, sys; m = pickle.loads(sys.stdin.buffer.read()); "
+            "print(m.name, m.get_path())")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=120,
+                         env={"VLLM_PLUGINS": "", **__import__("os").environ})
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().split() == ["SPARSE", compat.BACKEND_PATH]
+
+
+def test_cpu_hook_changes_only_the_sparse_selection():
+    register()
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    import torch
+
+    enum = compat.attention_backend_enum()
+    cfg = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=None)
+    assert CpuPlatform.get_attn_backend_cls(enum["SPARSE"], attn_selector_config=cfg) == compat.BACKEND_PATH
+    cpu_path = enum.CPU_ATTN.get_path()
+    assert CpuPlatform.get_attn_backend_cls(None, attn_selector_config=cfg) == cpu_path
+    assert CpuPlatform.get_attn_backend_cls(enum.FLASH_ATTN, attn_selector_config=cfg) == cpu_path
+    mla = cfg._replace(use_mla=True)
+    assert CpuPlatform.get_attn_backend_cls(enum["SPARSE"], attn_selector_config=mla) != compat.BACKEND_PATH
+
+
+def test_sparse_backend_subclasses_the_platform_backend():
+    register()
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+    backend = compat.attention_backend_enum()["SPARSE"].get_class()
+    assert issubclass(backend, CPUAttentionBackend)
+    assert issubclass(backend.get_impl_cls(), CPUAttentionBackendImpl)  # vLLM's isinstance checks hold
+    assert backend.get_supported_kernel_block_sizes() == CPUAttentionBackend.get_supported_kernel_block_sizes()
