@@ -6,13 +6,13 @@ cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -e ".[cpu,test]" && pip uninstall -q -y torchvision torchaudio torchcodec
-export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+export HF_HUB_OFFLINE=1
 MODEL=$(python -m tests.fixtures.gemma3 "${VLLM_SPARSE_MODEL_CACHE:-$HOME/.cache/vllm-sparse/models}" | tail -1)
 PORT=${PORT:-8011}
 # Sparse global layers from 2K tokens on, so this short demo takes the sparse path.
 CONFIG=$(mktemp --suffix .yaml)
 sed 's/dense_below: 8192/dense_below: 2048/' configs/gemma-3.yaml > "$CONFIG"
-vllm-sparse serve "$MODEL" --attention-backend sparse --port "$PORT" --max-model-len 8192 \
+vllm-sparse serve "$MODEL" --attention-backend sparse --port "$PORT" --max-model-len 8192 --kv-cache-memory-bytes 2147483648 \
     --enforce-eager --additional-config "{\"sparse\": {\"config\": \"$CONFIG\"}}" > demo-server.log 2>&1 &
 SERVER=$!
 trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT

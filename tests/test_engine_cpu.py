@@ -18,7 +18,7 @@ from tests.engines import run_engine
 
 pytestmark = pytest.mark.engine
 
-ENGINE = {"dtype": "float32", "max_model_len": 4096, "block_size": 32, "max_num_batched_tokens": 256,
+ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "block_size": 32, "max_num_batched_tokens": 256,
           "max_num_seqs": 8}
 LENGTHS = (1100, 420, 40)
 DENSE_BELOW = 300  # the long prompt's first 256-token chunk stays dense, later ones go sparse

@@ -29,7 +29,34 @@ def _layer_index(layer_name: str) -> int:
     return extract_layer_index(layer_name)
 
 
-def make_sparse_backend(dense_backend: type, kv_view: Callable[[torch.Tensor], PagedKV]) -> type:
+def check_block_size(block_size: int, page_size: int, source: str) -> None:
+    if block_size % page_size:
+        raise SparseConfigError(source, [(
+            "block_size",
+            f"selection block_size {block_size} must be a multiple of the KV cache block size {page_size} "
+            f"(vLLM --block-size); use a multiple of {page_size}",
+        )])
+
+
+def _kv_cache_problem(vllm_config) -> str | None:
+    dtype = vllm_config.cache_config.cache_dtype
+    if dtype not in ("auto", None) and not str(dtype).startswith(("bfloat16", "float16", "half")):
+        return f"the sparse path reads unquantized KV caches only, not kv_cache_dtype={dtype}"
+    return None
+
+
+def _layer_span(layer_names: list[str]) -> str:
+    idx = sorted(_layer_index(n) for n in layer_names)
+    return f"{idx[0]}-{idx[-1]}" if len(idx) > 1 else str(idx[0])
+
+
+def make_sparse_backend(
+    dense_backend: type,
+    kv_view: Callable[[torch.Tensor], PagedKV],
+    prepare_builder: Callable[[object, list[str]], str | None] = lambda builder, layer_names: None,
+) -> type:
+    """`kv_view` reads the dense backend's KV cache as pages; `prepare_builder` adapts a new builder
+    to what the sparse path needs and returns why it cannot, if it cannot (those layers run dense)."""
     dense_builder = dense_backend.get_builder_cls()
     dense_impl = dense_backend.get_impl_cls()
 
@@ -37,14 +64,13 @@ def make_sparse_backend(dense_backend: type, kv_view: Callable[[torch.Tensor], P
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
             self._plan = plan_for(vllm_config)
-            page = kv_cache_spec.block_size
-            if self._plan.block_size % page:
-                raise SparseConfigError(self._plan.source, [(
-                    "block_size",
-                    f"selection block_size {self._plan.block_size} must be a multiple of the KV cache "
-                    f"block size {page} (vLLM --block-size); use a multiple of {page}",
-                )])
+            check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
             self._has_sparse_layer = any(self._plan.layer(_layer_index(n)).is_sparse for n in layer_names)
+            if self._has_sparse_layer:
+                why = _kv_cache_problem(vllm_config) or prepare_builder(self, layer_names)
+                if why:
+                    logger.warning("vllm-sparse: %s; layers %s run dense", why, _layer_span(layer_names))
+                    self._has_sparse_layer = False
 
         def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
             md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)

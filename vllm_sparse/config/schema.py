@@ -118,7 +118,8 @@ def _build_models():
     spec = estimator_spec_type()
 
     class HeadRule(StrictModel):
-        heads: Selector = Field(description="q head index, range 'a-b' or 'a-', list, or 'all' (unsharded model's numbering)")
+        heads: Selector = Field(
+            description="q head index, range 'a-b' or 'a-', list, or 'all' (unsharded model's numbering)")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
         dense: bool = False
@@ -129,7 +130,8 @@ def _build_models():
             return _check_selector(v, ("all",))
 
     class LayerRule(StrictModel):
-        layers: Selector = Field(description="layer index, range 'a-b' or 'a-' (to the last), list, 'all' or 'full_attention'")
+        layers: Selector = Field(
+            description="layer index, range 'a-b' or 'a-' (to the last), list, 'all' or 'full_attention'")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
         dense: bool = False

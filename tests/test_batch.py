@@ -1,0 +1,57 @@
+"""Per-step batch split: which chunks go sparse, and the dense backend's metadata for the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+
+from vllm_sparse import compat  # noqa: E402
+from vllm_sparse.backend.batch import SparseChunk, classify  # noqa: E402
+
+# decode (seq 50) | prefill chunk with context (100 tokens, seq 400) | short prompt (30) | decode (seq 700)
+Q_LENS, SEQ_LENS = [1, 100, 30, 1], [50, 400, 30, 700]
+
+
+def _common():
+    qsl = torch.tensor([0] + Q_LENS).cumsum(0).to(torch.int32)
+    n = int(qsl[-1])
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=torch.tensor(SEQ_LENS, dtype=torch.int32),
+        num_reqs=4, num_actual_tokens=n, max_query_len=100, max_seq_len=700,
+        block_table_tensor=torch.arange(4 * 30, dtype=torch.int32).view(4, 30),
+        slot_mapping=torch.arange(1000, 1000 + n, dtype=torch.int64), positions=torch.arange(n),
+    )
+
+
+def test_classify_sends_long_prefill_chunks_sparse():
+    chunks, dense_reqs, dense_tokens = classify(_common(), dense_below=300)
+    assert chunks == [SparseChunk(req=1, q_start=1, q_end=101, context_len=300)]
+    assert chunks[0].seq_len == 400
+    assert dense_reqs.tolist() == [0, 2, 3]  # decodes stay dense however long; so do short prompts
+    assert dense_tokens.tolist() == [0, *range(101, 131), 131]
+
+
+def test_dense_subset_metadata():
+    cm = _common()
+    _, reqs, tokens = classify(cm, dense_below=300)
+    sub = compat.slice_common_metadata(cm, reqs, tokens)
+    assert sub.num_reqs == 3 and sub.num_actual_tokens == 32 and sub.max_query_len == 30 and sub.max_seq_len == 700
+    assert sub.query_start_loc_cpu.tolist() == [0, 1, 31, 32] and sub.query_start_loc.tolist() == [0, 1, 31, 32]
+    assert sub.seq_lens.tolist() == [50, 30, 700]
+    assert torch.equal(sub.block_table_tensor, cm.block_table_tensor[[0, 2, 3]])
+    assert torch.equal(sub.slot_mapping, cm.slot_mapping[tokens])
+    assert torch.equal(sub.positions, cm.positions[tokens])
+    assert cm.num_reqs == 4  # the step's own metadata is untouched
+
+
+def test_block_size_must_be_a_multiple_of_the_page():
+    from vllm_sparse.backend.factory import check_block_size
+    from vllm_sparse.config.errors import SparseConfigError
+
+    check_block_size(128, 32, "x.yaml")
+    with pytest.raises(SparseConfigError, match="block_size 64 must be a multiple of the KV cache block size 128"):
+        check_block_size(64, 128, "x.yaml")
