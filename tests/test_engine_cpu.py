@@ -18,8 +18,8 @@ from tests.engines import run_engine
 
 pytestmark = pytest.mark.engine
 
-ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "block_size": 32, "max_num_batched_tokens": 256,
-          "max_num_seqs": 8}
+ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "block_size": 32,
+          "max_num_batched_tokens": 256, "max_num_seqs": 8}
 LENGTHS = (1100, 420, 40)
 DENSE_BELOW = 300  # the long prompt's first 256-token chunk stays dense, later ones go sparse
 
@@ -80,7 +80,7 @@ def test_keep_all_budget_equals_dense(runs):
 
 def test_sparse_plan_runs_and_changes_only_long_prompts(runs):
     stock, sparse = runs["stock"]["results"], runs["sparse"]["results"]
-    for s, o in zip(stock, sparse):
+    for o in sparse:
         assert len(o["token_ids"]) == 6 and all(math.isfinite(x) for x in o["prompt_logprobs"])
     # The long prompt's later chunks took the sparse path (top 3 of up to 18 blocks): scores moved.
     assert _max_logprob_diff(stock[0], sparse[0]) > 1e-2

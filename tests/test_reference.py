@@ -43,7 +43,7 @@ def test_all_pages_equals_dense(case, dtype):
     sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr, idx,
                                d**-0.5, out=out)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for s, (length, ql) in enumerate(zip(seq_lens, q_lens)):
+    for s in range(len(seq_lens)):
         q = b.q[b.query_start_loc[s]:b.query_start_loc[s + 1]]
         ref = dense_causal_attention_ref(q, b.keys[s], b.values[s], d**-0.5)
         torch.testing.assert_close(out[b.query_start_loc[s]:b.query_start_loc[s + 1]], ref, atol=tol, rtol=tol)
@@ -55,7 +55,7 @@ def test_page_subset_equals_masked_attention(case):
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=7)
     g = torch.Generator().manual_seed(1)
     lists = []
-    for s, (length, ql) in enumerate(zip(seq_lens, q_lens)):
+    for length, ql in zip(seq_lens, q_lens):
         n_pages = (length + page - 1) // page
         first_q_page = (length - ql) // page
         for _ in range(hkv):

@@ -104,7 +104,8 @@ def test_union_invariants(q_heads, group, rows, nkb, block, page, seed):
         assert torch.equal(pages, torch.unique(pages)), "pages not sorted or duplicated"
         assert (pages < (seq_len + page - 1) // page).all()
         covered = set((pages * page // block).tolist())
-        assert covered == set(torch.nonzero(union[h]).flatten().tolist()) - {b for b in range(nkb) if b * block >= seq_len}
+        past_end = {b for b in range(nkb) if b * block >= seq_len}
+        assert covered == set(torch.nonzero(union[h]).flatten().tolist()) - past_end
 
 
 def _chunk_ctx(b, s, block, kv_head_of):

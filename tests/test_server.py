@@ -12,8 +12,8 @@ from tests.server import run_server_until_exit, vllm_server
 
 pytestmark = pytest.mark.engine
 
-SERVE = ["--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--max-model-len", "4096", "--block-size", "32", "--max-num-batched-tokens", "512",
-         "--enforce-eager", "--attention-backend", "sparse"]
+SERVE = ["--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--max-model-len", "4096", "--block-size", "32",
+         "--max-num-batched-tokens", "512", "--enforce-eager", "--attention-backend", "sparse"]
 
 
 def _config(path, layers):
