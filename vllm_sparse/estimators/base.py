@@ -64,3 +64,50 @@ class ChunkContext:
         """All keys/values of the request up to the chunk's end, [seq_len, num_kv_heads, D] each."""
         pages = self.block_table[: (self.seq_len - 1) // self.kv.page_size + 1].long()
         return self.kv.gather(pages, self.seq_len)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Keys read by each scored q head, [num_heads, seq_len, D] (fp32)."""
+        return self.keys_values[0].float().permute(1, 0, 2)[self.kv_head_of]
+
+    def query_positions(self) -> torch.Tensor:
+        return torch.arange(self.context_len, self.seq_len, device=self.q.device)
+
+    def pooled_queries(self) -> torch.Tensor:
+        """Mean query of each query block row (over the rows present in this chunk), [heads, rows, D]."""
+        rows = self.query_positions() // self.block_size - self.first_query_block
+        return _block_mean(self.q.float().permute(1, 0, 2), rows, self.num_query_blocks)
+
+    def pooled_keys(self) -> torch.Tensor:
+        """Mean key of each KV block, per scored q head, [heads, kv_blocks, D]."""
+        blocks = torch.arange(self.seq_len, device=self.q.device) // self.block_size
+        return _block_mean(self.keys, blocks, self.num_kv_blocks)
+
+    def token_logits_to_block_scores(
+        self, logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of some query rows against some key columns -> block scores.
+
+        logits [heads, n, m] for query rows at absolute positions q_pos [n] and key columns at
+        k_pos [m] (default: every key, 0..seq_len-1). Each row's causal softmax is summed into KV
+        blocks, averaged over the rows of each query block, and returned as log-mass
+        [heads, query_blocks, kv_blocks]; a query block with no rows given gets zero mass.
+        """
+        if k_pos is None:
+            k_pos = torch.arange(self.seq_len, device=logits.device)
+        logits = logits.float().masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        heads, n, _ = probs.shape
+        per_block = torch.zeros(heads, n, self.num_kv_blocks, device=probs.device)
+        per_block.index_add_(2, k_pos // self.block_size, probs)
+        rows = q_pos // self.block_size - self.first_query_block
+        mass = _block_mean(per_block, rows, self.num_query_blocks)
+        return self.mask_noncausal(torch.log(mass.clamp_min(1e-30)))
+
+
+def _block_mean(x: torch.Tensor, block_of: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """x [heads, n, F] rows grouped by block_of [n] -> per-block means [heads, n_blocks, F] (0 where empty)."""
+    sums = torch.zeros(x.shape[0], n_blocks, x.shape[2], device=x.device, dtype=x.dtype)
+    sums.index_add_(1, block_of, x)
+    counts = torch.bincount(block_of, minlength=n_blocks).clamp_min(1).to(x.dtype)
+    return sums / counts[None, :, None]

@@ -1,0 +1,51 @@
+"""`antidiagonal`: XAttention's strided antidiagonal block scoring (Xu et al., 2025).
+
+Within every stride x stride tile of the attention matrix, the sum along an antidiagonal touches
+each of the tile's rows and columns once, so it is a cheap, unbiased probe of the tile. With the
+queries of a stride group taken in reverse order and the keys in order, one matrix product of the
+flattened groups gives all those sums. Softmax over the (scaled) sums, summed into blocks and
+averaged over a block's query groups, estimates each block's attention mass; the budget's top_p
+then keeps, per row, the smallest set of blocks reaching that mass (XAttention's threshold tau).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+
+
+class AntidiagonalParams(EstimatorParams):
+    stride: int = Field(8, ge=1, le=64, description="antidiagonal stride S; the block size must be a multiple")
+
+
+def _strided(x: torch.Tensor, first_pos: int, n_groups: int, stride: int, reverse: bool) -> torch.Tensor:
+    """x [h, n, d] rows at positions first_pos.. -> [h, n_groups, stride*d], groups aligned to
+    absolute positions (missing rows are zero); within a group rows reversed if asked."""
+    h, n, d = x.shape
+    start = (first_pos // stride) * stride
+    padded = torch.zeros(h, n_groups * stride, d, device=x.device, dtype=x.dtype)
+    padded[:, first_pos - start: first_pos - start + n] = x
+    g = padded.view(h, n_groups, stride, d)
+    if reverse:
+        g = g.flip(2)
+    return g.reshape(h, n_groups, stride * d)
+
+
+@register_estimator("antidiagonal", AntidiagonalParams, "strided antidiagonal sums per block (XAttention)")
+def score_antidiagonal(chunk: ChunkContext, params: AntidiagonalParams) -> torch.Tensor:
+    s = params.stride
+    if chunk.block_size % s:
+        raise ValueError(f"antidiagonal stride {s} must divide the block size {chunk.block_size}")
+    q_first = chunk.context_len // s
+    n_q = (chunk.seq_len - 1) // s + 1 - q_first
+    n_k = (chunk.seq_len - 1) // s + 1
+    q = _strided(chunk.q.float().permute(1, 0, 2), chunk.context_len, n_q, s, reverse=True)
+    k = _strided(chunk.keys, 0, n_k, s, reverse=False)
+    logits = (q @ k.transpose(1, 2)) * (chunk.scale / s)  # mean logit along each antidiagonal
+    dev = chunk.q.device
+    q_end = torch.clamp((torch.arange(n_q, device=dev) + q_first + 1) * s - 1, max=chunk.seq_len - 1)
+    k_start = torch.arange(n_k, device=dev) * s
+    return chunk.token_logits_to_block_scores(logits, q_end, k_start)

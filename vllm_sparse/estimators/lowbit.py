@@ -1,0 +1,37 @@
+"""`lowbit`: block scores from int8 / int4 quantized Q.K (SALE, 2025).
+
+SALE estimates which blocks matter from a low-bit QK^T, far cheaper than the bf16 product.
+Here Q and K are quantized symmetrically per vector, either
+- `rows: pooled`: the mean query of each query block against the mean key of each KV block, or
+- `rows: sampled`: every `sample_stride`-th query row against every key, the softmax mass per
+  KV block averaged over a query block's sampled rows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.quant import lowbit_logits
+from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+
+
+class LowbitParams(EstimatorParams):
+    bits: Literal[4, 8] = Field(8, description="integer width of the quantized Q and K")
+    rows: Literal["pooled", "sampled"] = Field("sampled", description="which query rows are scored")
+    sample_stride: int = Field(16, ge=1, le=1024, description="score every n-th query row (rows: sampled)")
+
+
+@register_estimator("lowbit", LowbitParams, "int8/int4 quantized Q.K of pooled or sampled rows (SALE)")
+def score_lowbit(chunk: ChunkContext, params: LowbitParams) -> torch.Tensor:
+    if params.rows == "pooled":
+        logits = lowbit_logits(chunk.pooled_queries(), chunk.pooled_keys(), params.bits, chunk.scale)
+        return torch.log_softmax(chunk.mask_noncausal(logits), dim=-1)
+    # Sample rows counting back from the chunk's last row, so the newest query is always scored.
+    rows = torch.arange(chunk.q_len - 1, -1, -params.sample_stride, device=chunk.q.device).flip(0)
+    q = chunk.q[rows].float().permute(1, 0, 2)  # [h, n, d]
+    logits = lowbit_logits(q, chunk.keys, params.bits, chunk.scale)
+    return chunk.token_logits_to_block_scores(logits, chunk.context_len + rows)

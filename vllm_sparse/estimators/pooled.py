@@ -1,0 +1,65 @@
+"""`pooled`: mean-pooled Q and K per block, block scores = softmax(pooled q . pooled k).
+
+MoBA (Lu et al., 2025) gates blocks by the query's affinity to mean-pooled keys; FlexPrefill
+(Lai et al., 2025) pools queries too and keeps a top-p share of the block mass. Options:
+
+- `share: group` scores once per GQA group (pooled queries averaged over the group's heads),
+  so every head of the group ranks blocks alike and the union costs nothing extra.
+- `proxy_heads: N` (ProxyAttn, 2025): N evenly spaced heads of each group score for the group,
+  and each head keeps its own budget: the shared logits are rescaled by the head's own
+  pooled-query norm relative to the proxies', so a sharper head concentrates its softmax on
+  fewer blocks under top_p and a flatter head keeps more.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+
+
+class PooledParams(EstimatorParams):
+    share: Literal["head", "group"] = Field("head", description="score per q head, or once per GQA group")
+    proxy_heads: int | None = Field(None, ge=1, description="score each GQA group with this many heads")
+
+
+def group_mean(x: torch.Tensor, kv_head_of: torch.Tensor) -> torch.Tensor:
+    """Average x [heads, ...] over the heads of each KV group and give every head its group's mean."""
+    groups = torch.unique(kv_head_of, return_inverse=True)[1]
+    sums = torch.zeros((int(groups.max()) + 1, *x.shape[1:]), device=x.device, dtype=x.dtype)
+    sums.index_add_(0, groups, x)
+    counts = torch.bincount(groups).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return (sums / counts)[groups]
+
+
+def proxy_mask(kv_head_of: torch.Tensor, n: int) -> torch.Tensor:
+    """Which heads are proxies: n evenly spaced heads of each KV group (all of them if fewer)."""
+    mask = torch.zeros(len(kv_head_of), dtype=torch.bool, device=kv_head_of.device)
+    for g in torch.unique(kv_head_of).tolist():
+        members = torch.nonzero(kv_head_of == g).flatten()
+        pick = torch.linspace(0, len(members) - 1, min(n, len(members))).round().long()
+        mask[members[pick]] = True
+    return mask
+
+
+@register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores, top-k / top-p (MoBA, FlexPrefill, ProxyAttn)")
+def score_pooled(chunk: ChunkContext, params: PooledParams) -> torch.Tensor:
+    pq, pk = chunk.pooled_queries(), chunk.pooled_keys()  # [h, rows, d], [h, kv_blocks, d]
+    if params.proxy_heads is not None:
+        proxies = proxy_mask(chunk.kv_head_of, params.proxy_heads)
+        norms = pq.norm(dim=-1, keepdim=True)  # [h, rows, 1]
+        # Mean over the proxies of each group: zero the others, then rescale the group mean.
+        w = proxies.to(pq.dtype).view(-1, 1, 1)
+        frac = group_mean(w, chunk.kv_head_of)
+        proxy_q = group_mean(pq * w, chunk.kv_head_of) / frac
+        proxy_norm = group_mean(norms * w, chunk.kv_head_of) / frac
+        logits = proxy_q @ pk.transpose(1, 2) * (norms / proxy_norm.clamp_min(1e-6))
+    elif params.share == "group":
+        logits = group_mean(pq, chunk.kv_head_of) @ pk.transpose(1, 2)
+    else:
+        logits = pq @ pk.transpose(1, 2)
+    return torch.log_softmax(chunk.mask_noncausal(logits * chunk.scale), dim=-1)

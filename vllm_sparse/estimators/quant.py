@@ -1,0 +1,23 @@
+"""Symmetric low-bit quantization for the `lowbit` estimator (SALE-style score estimation)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector (last dim) symmetric quantization -> (integer values held in fp32, scale [..., 1]).
+
+    fp32 holds the integer products exactly: |q| <= 127, so a dot product over d <= 1024 stays
+    below 2**24.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax), scale
+
+
+def lowbit_logits(q: torch.Tensor, k: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
+    """q [h, n, d], k [h, m, d] -> approximate q @ k^T * scale from `bits`-bit integers, [h, n, m]."""
+    qi, qs = quantize_symmetric(q.float(), bits)
+    ki, ks = quantize_symmetric(k.float(), bits)
+    return (qi @ ki.transpose(1, 2)) * qs * ks.transpose(1, 2) * scale

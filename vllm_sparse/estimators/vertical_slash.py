@@ -1,0 +1,62 @@
+"""`vertical_slash`: MInference's vertical-slash pattern (Jiang et al., 2024).
+
+The chunk's last `last_q` queries are scored against every key. Summing their attention by key
+column gives the vertical lines (keys every query reads: sinks, separators); summing along
+diagonals (query - key = const) gives the slash lines (fixed relative offsets: locality,
+periodic structure). The top `vertical_size` columns and top `slash_size` diagonals are kept,
+and each block is scored by the attention mass of the kept lines that cross it; blocks no kept
+line crosses score lowest.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+
+
+class VerticalSlashParams(EstimatorParams):
+    last_q: int = Field(64, ge=1, le=1024, description="query rows (the chunk's last) that score the lines")
+    vertical_size: int = Field(1024, ge=1, description="key columns kept")
+    slash_size: int = Field(2048, ge=1, description="diagonals kept")
+
+
+def _topk_only(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest entries of each row of x [h, n], zero the rest."""
+    k = min(k, x.shape[-1])
+    keep = torch.zeros_like(x).scatter_(-1, x.topk(k, dim=-1).indices, 1.0)
+    return x * keep
+
+
+@register_estimator("vertical_slash", VerticalSlashParams, "top vertical columns and slash diagonals (MInference)")
+def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> torch.Tensor:
+    n = min(params.last_q, chunk.q_len)
+    q_pos = torch.arange(chunk.seq_len - n, chunk.seq_len, device=chunk.q.device)
+    k_pos = torch.arange(chunk.seq_len, device=chunk.q.device)
+    q = chunk.q[-n:].float().permute(1, 0, 2)  # [h, n, d]
+    logits = (q @ chunk.keys.transpose(1, 2)) * chunk.scale  # [h, n, seq]
+    causal = k_pos[None, :] <= q_pos[:, None]
+    probs = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), dim=-1)
+
+    vertical = _topk_only(probs.sum(1), params.vertical_size)  # [h, seq] by key position
+    offset = (q_pos[:, None] - k_pos[None, :])[causal]  # diagonal of each causal (query, key) pair
+    slash = torch.zeros_like(vertical).index_add_(1, offset, probs[:, causal])
+    slash = _topk_only(slash, params.slash_size)  # [h, seq] by offset
+
+    bs, heads = chunk.block_size, q.shape[0]
+    # Vertical mass per KV block; slash mass crossing (row, block) from prefix sums over offsets.
+    v_block = torch.zeros(heads, chunk.num_kv_blocks, device=q.device).index_add_(1, k_pos // bs, vertical)
+    prefix = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))  # prefix[:, o] = sum of offsets < o
+    rows = chunk.query_block_ids()
+    q_lo = torch.clamp(rows * bs, min=chunk.context_len)  # first query of the row in this chunk
+    q_hi = torch.clamp((rows + 1) * bs, max=chunk.seq_len) - 1
+    kb = torch.arange(chunk.num_kv_blocks, device=q.device)
+    k_lo, k_hi = kb * bs, torch.clamp((kb + 1) * bs, max=chunk.seq_len) - 1
+    o_lo = (q_lo[:, None] - k_hi[None, :]).clamp(0, chunk.seq_len)
+    o_hi = (q_hi[:, None] - k_lo[None, :] + 1).clamp(0, chunk.seq_len)
+    flat = lambda idx: prefix.gather(1, idx.reshape(1, -1).expand(heads, -1)).view(heads, *idx.shape)  # noqa: E731
+    s_block = (flat(o_hi) - flat(o_lo)).clamp_min(0)
+    mass = v_block[:, None, :] + s_block
+    return chunk.mask_noncausal(torch.log(mass.clamp_min(1e-30)))
