@@ -161,3 +161,46 @@ def test_sparse_path_attends_to_the_union_only():
         ref = torch.einsum("htk,kd->thd", logits.masked_fill(~ok[None], float("-inf")).softmax(-1),
                            v[:, h].double())
         torch.testing.assert_close(out[:, 2 * h:2 * h + 2].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_union_tile_of_one_row_attends_each_row_to_its_own_blocks():
+    """With union_tile=1 every query block row reads only what it selected: sink block + its diagonal."""
+    b = random_paged_batch([1024], [256], 2, 1, 16, 16, seed=9)
+    est = get_estimator("sink_local")
+    plan = HeadPlan("sink_local", est.params(sink_blocks=1, local_blocks=1), Budget(top_k=2, local_blocks=1))
+    out = torch.full_like(b.q, float("nan"))
+    chunk = SparseChunk(0, 0, 256, 768)
+    attend_sparse_chunks(b.q, out, b.kv, b.block_table, (chunk,), [plan, plan], 128, 0.25, union_tile=1)
+    k, v = b.keys[0][:, 0].double(), b.values[0][:, 0].double()
+    for pos in (768, 800, 895, 896, 1023):
+        qb = pos // 128
+        allowed = torch.zeros(1024, dtype=torch.bool)
+        allowed[:128] = True
+        allowed[qb * 128:] = True
+        ok = allowed & (torch.arange(1024) <= pos)
+        logits = (b.q[pos - 768].double() @ k.T * 0.25).masked_fill(~ok[None], float("-inf"))
+        torch.testing.assert_close(out[pos - 768].double(), logits.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_stats_count_requested_and_union_density_and_audit():
+    from vllm_sparse.selection.stats import STATS
+
+    b = random_paged_batch([1024], [512], 4, 2, 16, 16, seed=4)
+    est = get_estimator("sink_local")
+    plan = HeadPlan("sink_local", est.params(sink_blocks=1, local_blocks=1), Budget(top_k=2, local_blocks=1))
+    STATS.enable(audit=True)
+    STATS.reset()
+    try:
+        out = torch.empty_like(b.q)
+        attend_sparse_chunks(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 512, 512),), [plan] * 4, 128, 0.25,
+                             layer=3)
+        st = STATS.snapshot()[3]
+    finally:
+        STATS.enabled = STATS.audit = False
+        STATS.reset()
+    # Rows are blocks 4..7, causal cells 5+6+7+8 = 26 per head; each row keeps 2 (sink + diagonal).
+    assert (st.requested_kept, st.requested_total) == (4 * 8, 4 * 26)
+    # One union for the chunk: blocks {0, 4, 5, 6, 7}; causal cells of those per row: 2+3+4+5 = 14, per kv head.
+    assert (st.union_kept, st.union_total) == (2 * 14, 2 * 26)
+    (rel, mass), = st.audit
+    assert 0 < rel < 2 and 0 < mass < 1

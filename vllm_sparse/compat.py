@@ -24,7 +24,15 @@ def attention_backend_enum():
 def register_attention_backend() -> None:
     """Add SPARSE to vLLM's backend enum once per process (plugins load several times)."""
     enum = attention_backend_enum()
-    if BACKEND_NAME in enum.__members__:
+    if BACKEND_NAME in enum.__members__ or BACKEND_NAME in enum._member_map_:
+        return
+    if not hasattr(enum, "register"):
+        # vLLM 0.26 has no AttentionBackendEnum.register: point its CUSTOM slot at us and make
+        # "SPARSE" an alias of CUSTOM, so --attention-backend sparse and get_name() both resolve.
+        from vllm.v1.attention.backends.registry import register_backend
+
+        register_backend(enum.CUSTOM, BACKEND_PATH)
+        enum._member_map_[BACKEND_NAME] = enum.CUSTOM
         return
     member = enum.register(BACKEND_NAME, BACKEND_PATH)
     # vLLM pickles its config (holding this member) into processes it spawns, which unpickle it

@@ -111,7 +111,7 @@ def make_sparse_backend(
 
         def _head_plans(self, layer) -> list | None:
             if self._heads is None:
-                idx = _layer_index(layer.layer_name)
+                idx = self._layer_idx = _layer_index(layer.layer_name)
                 lp = self._plan.layer(idx)
                 heads = []
                 if lp.is_sparse:
@@ -139,7 +139,8 @@ def make_sparse_backend(
                                 sub_out, *args, **kwargs)
                 output[idx] = sub_out
             attend_sparse_chunks(query, output, kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
-                                 head_plans, self._plan.block_size, self.scale)
+                                 head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
+                                 self._layer_idx)
             return output
 
     class SparseAttentionBackend(dense_backend):
@@ -155,5 +156,4 @@ def make_sparse_backend(
         def get_builder_cls():
             return SparseMetadataBuilder
 
-    SparseAttentionBackend.__qualname__ = SparseAttentionBackend.__name__ = f"Sparse{dense_backend.__name__}"
     return SparseAttentionBackend

@@ -30,3 +30,7 @@ else:
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as _Dense
 
     SparseAttentionBackend = make_sparse_backend(_Dense, PagedKV.from_flash_cache)
+
+# vLLM resolves the selected class again from "module.qualname": make that this attribute.
+SparseAttentionBackend.__module__ = __name__
+SparseAttentionBackend.__qualname__ = SparseAttentionBackend.__name__ = "SparseAttentionBackend"

@@ -15,6 +15,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "block_size": 128,
     "dense_below": 8192,
     "decode": "dense",
+    "union_tile": None,
 }
 DEFAULT_ESTIMATOR = ("sink_local", {})
 DEFAULT_BUDGET = BudgetSpec(keep_ratio=0.25)
@@ -85,6 +86,7 @@ class SparsePlan:
     num_q_heads: int
     num_kv_heads: int
     notes: tuple[str, ...] = field(default=())
+    union_tile: int | None = None  # query blocks per union; None = the whole chunk
 
     @property
     def is_sparse(self) -> bool:
@@ -197,7 +199,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str) -> SparsePlan:
         LayerPlan(i, shape.is_full_attention(i), tuple(heads[i])) for i in range(shape.num_layers)
     )
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), setting("decode"),
-                      layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes))
+                      layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"))
 
 
 def _head_plan(hrule, rule, entry, cfg) -> HeadPlan | None:

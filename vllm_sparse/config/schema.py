@@ -146,6 +146,8 @@ def _build_models():
         block_size: int | None = Field(None, description="selection block in tokens: 16..1024, a power of two")
         dense_below: int | None = Field(None, ge=0, description="prefill stays dense while the context is shorter")
         decode: Literal["dense"] | None = Field(None, description="decode policy (dense only, for now)")
+        union_tile: int | None = Field(
+            None, ge=1, description="query blocks per block union (default: one union per prefill chunk)")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
 

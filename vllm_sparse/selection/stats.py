@@ -1,0 +1,49 @@
+"""Per-layer counters of what the sparse path kept, for `vllm-sparse eval` and debugging.
+
+Off unless enabled (VLLM_SPARSE_STATS=1, or `enable()`): counting needs host syncs. With
+VLLM_SPARSE_AUDIT=1 the sparse path also computes dense attention for every sparse chunk and
+records how far the sparse output is from it and how much attention mass the kept blocks hold.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerStats:
+    chunks: int = 0
+    requested_kept: int = 0  # (q head, query block row, kv block) cells the budgets kept
+    requested_total: int = 0  # causal cells
+    union_kept: int = 0  # (kv head, query block row, kv block) cells attended after union, causal only
+    union_total: int = 0
+    audit: list[tuple[float, float]] = field(default_factory=list)  # (relative error, kept mass) per chunk
+
+    @property
+    def requested_density(self) -> float:
+        return self.requested_kept / max(1, self.requested_total)
+
+    @property
+    def union_density(self) -> float:
+        return self.union_kept / max(1, self.union_total)
+
+
+class SparseStats:
+    def __init__(self):
+        self.enabled = os.environ.get("VLLM_SPARSE_STATS", "0") == "1"
+        self.audit = os.environ.get("VLLM_SPARSE_AUDIT", "0") == "1"
+        self.layers: dict[int, LayerStats] = defaultdict(LayerStats)
+
+    def enable(self, audit: bool = False) -> None:
+        self.enabled, self.audit = True, audit
+
+    def reset(self) -> None:
+        self.layers.clear()
+
+    def snapshot(self) -> dict[int, LayerStats]:
+        return dict(sorted(self.layers.items()))
+
+
+STATS = SparseStats()
