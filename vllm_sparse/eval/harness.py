@@ -1,0 +1,138 @@
+"""`vllm-sparse eval`: the same model through vLLM twice in one process, dense then sparse.
+
+Accuracy on synthetic long-context tasks per (length, task), the kept density per layer
+(requested by the budgets, and after block union), and optionally the per-layer operator check:
+on real text (Python's own sources), the sparse attention output against dense attention —
+relative error and the share of the dense attention mass the kept blocks hold.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vllm_sparse.eval.tasks import TASKS, real_text_prompt
+
+
+@dataclass
+class EngineRun:
+    label: str
+    completions: list[list[str]]  # per prompt group
+    prompt_tokens: list[list[int]]
+    seconds: float
+    layers: list[dict]  # per prompt group: layer -> {requested_density, union_density, chunks, rel_err, kept_mass}
+
+
+def _read_stats(worker):
+    from vllm_sparse.selection.stats import STATS
+
+    out = {}
+    for layer, st in STATS.snapshot().items():
+        audit = st.audit
+        out[layer] = {
+            "chunks": st.chunks, "requested_density": st.requested_density, "union_density": st.union_density,
+            "rel_err": max((a[0] for a in audit), default=None),
+            "kept_mass": min((a[1] for a in audit), default=None),
+        }
+    STATS.reset()
+    return out
+
+
+def run_engine(model: str, groups: list[list[str]], config: str | None, engine: dict, label: str,
+               max_tokens: int = 16) -> EngineRun:
+    """Generate greedily for each group of prompts in turn; stats are read per group."""
+    from vllm import LLM, SamplingParams
+
+    kw = dict(model=model, seed=0, **engine)
+    if config is not None:
+        kw.update(attention_backend="sparse", additional_config={"sparse": {"config": config}})
+    llm = LLM(**kw)
+    run = EngineRun(label, [], [], 0.0, [])
+    try:
+        for prompts in groups:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+            run.seconds += time.perf_counter() - t0
+            run.completions.append([o.outputs[0].text for o in outs])
+            run.prompt_tokens.append([len(o.prompt_token_ids) for o in outs])
+            run.layers.append({} if config is None else llm.collective_rpc(_read_stats)[0])
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return run
+
+
+def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samples: int, engine: dict,
+             operator_check: int | None = None, seed: int = 0, max_tokens: int = 32) -> dict:
+    # Stats are counted inside vLLM's worker processes, which inherit these.
+    os.environ["VLLM_SPARSE_STATS"] = "1"
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    # One prompt group per length, so kept densities are read per length.
+    groups = [[(task, *TASKS[task](tok, n, i, seed + i)) for task in tasks for i in range(samples)] for n in lengths]
+    prompts = [[c[1] for c in g] for g in groups]
+    dense = run_engine(model, prompts, None, engine, "dense", max_tokens)
+    sparse = run_engine(model, prompts, config, engine, "sparse", max_tokens)
+    rows, completions = [], []
+    for gi, (n, group) in enumerate(zip(lengths, groups)):
+        layers = sparse.layers[gi]
+        union = statistics.mean(s["union_density"] for s in layers.values()) if layers else None
+        for task in tasks:
+            idx = [i for i, c in enumerate(group) if c[0] == task]
+            check = TASKS[task].check
+            rows.append({
+                "length": n, "task": task, "samples": len(idx),
+                "prompt_tokens": statistics.mean(dense.prompt_tokens[gi][i] for i in idx),
+                "dense_acc": sum(check(dense.completions[gi][i], group[i][2]) for i in idx) / len(idx),
+                "sparse_acc": sum(check(sparse.completions[gi][i], group[i][2]) for i in idx) / len(idx),
+                "kept_union": union,
+            })
+        completions += [{"task": c[0], "length": n, "answer": c[2], "dense": d, "sparse": s}
+                        for c, d, s in zip(group, dense.completions[gi], sparse.completions[gi])]
+    result = {"model": model, "config": config, "rows": rows,
+              "layers": {str(n): layers for n, layers in zip(lengths, sparse.layers)},
+              "seconds": {"dense": dense.seconds, "sparse": sparse.seconds}, "completions": completions}
+    if operator_check:
+        os.environ["VLLM_SPARSE_AUDIT"] = "1"
+        try:
+            audit = run_engine(model, [[real_text_prompt(tok, operator_check)]], config, engine, "audit", 1)
+        finally:
+            os.environ.pop("VLLM_SPARSE_AUDIT")
+        result["operator_check"] = {"length": operator_check, "layers": audit.layers[0]}
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = [f"model {result['model']}  config {result['config']}", "",
+             f"{'length':>7} {'task':<10} {'n':>3} {'tokens':>7} {'dense':>6} {'sparse':>7} {'kept':>6}"]
+    for r in result["rows"]:
+        kept = "-" if r["kept_union"] is None else f"{r['kept_union']:.1%}"
+        lines.append(f"{r['length']:>7} {r['task']:<10} {r['samples']:>3} {r['prompt_tokens']:>7.0f} "
+                     f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {kept:>6}")
+    lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers", "",
+              f"{'length':>7} {'layer':>5} {'chunks':>6} {'kept(req)':>9} {'kept(union)':>11}"]
+    for n, layers in result["layers"].items():
+        for layer, s in sorted(layers.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"{n:>7} {layer:>5} {s['chunks']:>6} {s['requested_density']:>9.1%} "
+                         f"{s['union_density']:>11.1%}")
+    op = result.get("operator_check")
+    if op:
+        lines += ["", f"operator check on real text, {op['length']} tokens (worst chunk per layer)",
+                  f"{'layer':>5} {'rel err':>8} {'kept mass':>9} {'kept(union)':>11}"]
+        for layer, s in sorted(op["layers"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"{layer:>5} {s['rel_err']:>8.2%} {s['kept_mass']:>9.2%} {s['union_density']:>11.1%}")
+    secs = result["seconds"]
+    lines += ["", f"generate time: dense {secs['dense']:.1f} s, sparse {secs['sparse']:.1f} s"]
+    return "\n".join(lines)
+
+
+def save(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=1, default=lambda o: asdict(o)))

@@ -1,0 +1,165 @@
+"""Long-context retrieval tasks for checking that sparse prefill keeps what dense attention finds.
+
+`passkey_prompt` is RULER's passkey task (after Mohtashami & Jaggi's landmark-attention test):
+one needle sentence carrying a 5-digit key, hidden at a chosen depth in a haystack of repeated
+filler, then a question the model completes. It is a plain completion prompt, no chat template,
+so a base model answers by continuing with the digits.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
+         "Find it and memorize it. I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+# The haystack grows a sentence at a time, so prompt length and needle depth are fine-grained.
+_SENTENCES = [s if s.endswith(".") else s + "." for s in FILLER.split(". ")]
+
+
+def _render(n_sentences: int, depth: float, key: str) -> str:
+    hay = [_SENTENCES[i % len(_SENTENCES)] for i in range(n_sentences)]
+    at = round(depth * n_sentences)
+    hay.insert(at, NEEDLE.format(key=key))
+    return f"{INTRO}\n\n{' '.join(hay)}\n\n{QUESTION}"
+
+
+def _count(tokenizer, text: str) -> int:
+    # Counted as the engine sees it: with the special tokens (Gemma's <bos>) the tokenizer adds.
+    ids = tokenizer.encode(text)
+    return len(getattr(ids, "ids", ids))  # a raw `tokenizers.Tokenizer` returns an Encoding
+
+
+def passkey_prompt(tokenizer, n_tokens: int, depth: float, seed: int) -> tuple[str, str]:
+    """A passkey prompt of at most `n_tokens` tokens (within one filler sentence of it) and its answer.
+
+    `depth` in [0, 1] places the needle in the haystack: 0 first, 1 last (just before the question).
+    The key is 5 digits drawn from `seed`; the same arguments always give the same prompt.
+    Returns (prompt, expected answer), e.g. ("There is an important ... The pass key is", "71432").
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    key = str(random.Random(seed).randint(10000, 99999))
+    base = _count(tokenizer, _render(0, depth, key))
+    if n_tokens < base:
+        raise ValueError(f"n_tokens={n_tokens} leaves no room for a haystack ({base} tokens without one)")
+    # Filler tokenizes almost additively: estimate the sentence count, then step to the largest fit.
+    probe = 50
+    per_sentence = max((_count(tokenizer, _render(probe, depth, key)) - base) / probe, 1e-3)
+    n = int((n_tokens - base) / per_sentence)
+    while n > 0 and _count(tokenizer, _render(n, depth, key)) > n_tokens:
+        n -= 1
+    while _count(tokenizer, _render(n + 1, depth, key)) <= n_tokens:
+        n += 1
+    return _render(n, depth, key), key
+
+
+def passkey_correct(completion: str, answer: str) -> bool:
+    """Whether the completion's first number is the passkey (" 71432. Remember" counts; "7143" does not)."""
+    m = re.search(r"\d+", completion)
+    return m is not None and m.group(0) == answer
+
+
+# --- multi-key needle and variable tracking (RULER's niah_multikey and vt) -----------------
+
+_WORDS = ("apple", "river", "candle", "marble", "violin", "harbor", "pepper", "garden", "rocket", "silver",
+          "tunnel", "meadow", "lantern", "copper", "falcon", "orchid", "glacier", "walnut", "canyon", "saffron")
+
+
+def _fit(tokenizer, render, n_tokens: int) -> str:
+    """The longest render(n_sentences) that fits in n_tokens tokens."""
+    base = _count(tokenizer, render(0))
+    if n_tokens < base:
+        raise ValueError(f"n_tokens={n_tokens} leaves no room for a haystack ({base} tokens without one)")
+    per = max((_count(tokenizer, render(50)) - base) / 50, 1e-3)
+    n = int((n_tokens - base) / per)
+    while n > 0 and _count(tokenizer, render(n)) > n_tokens:
+        n -= 1
+    while _count(tokenizer, render(n + 1)) <= n_tokens:
+        n += 1
+    return render(n)
+
+
+def multikey_prompt(tokenizer, n_tokens: int, index: int, seed: int, keys: int = 4) -> tuple[str, str]:
+    """Several needles "The special magic number for WORD is NNNNNNN." at spread depths; the question
+    asks for one of them, so the model must retrieve the right needle, not just any."""
+    rng = random.Random(seed)
+    words = rng.sample(_WORDS, keys)
+    numbers = [str(rng.randint(1000000, 9999999)) for _ in words]
+    target = rng.randrange(keys)
+    depths = sorted(rng.uniform(0.05, 0.95) for _ in words)
+    question = f"What is the special magic number for {words[target]}? The special magic number for {words[target]} is"
+
+    def render(n):
+        hay = [_SENTENCES[i % len(_SENTENCES)] for i in range(n)]
+        for depth, w, num in sorted(zip(depths, words, numbers), reverse=True):
+            hay.insert(round(depth * n), f"The special magic number for {w} is {num}.")
+        return f"{INTRO}\n\n{' '.join(hay)}\n\n{question}"
+
+    return _fit(tokenizer, render, n_tokens), numbers[target]
+
+
+def variable_tracking_prompt(tokenizer, n_tokens: int, index: int, seed: int, hops: int = 4) -> tuple[str, str]:
+    """A chain VAR A = 12345, VAR B = VAR A, ... spread through the haystack; the question asks which
+    variable names hold the value, and the answer is the chain's names (all must be named)."""
+    rng = random.Random(seed)
+    names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(hops)]
+    value = str(rng.randint(10000, 99999))
+    lines = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops)]
+    depths = sorted(rng.uniform(0.05, 0.95) for _ in lines)
+    question = (f"Find all variables that are assigned the value {value} in the text above. "
+                f"Answer: the variables assigned {value} are VAR {names[0]},")
+
+    def render(n):
+        hay = [_SENTENCES[i % len(_SENTENCES)] for i in range(n)]
+        for depth, line in sorted(zip(depths, lines), reverse=True):
+            hay.insert(round(depth * n), line)
+        return f"{INTRO}\n\n{' '.join(hay)}\n\n{question}"
+
+    # The first name is given in the question; the model must continue the chain.
+    return _fit(tokenizer, render, n_tokens), " ".join(names[1:])
+
+
+def names_correct(completion: str, answer: str) -> bool:
+    return all(name in completion for name in answer.split())
+
+
+@dataclass(frozen=True)
+class Task:
+    build: Callable[..., tuple[str, str]]  # (tokenizer, n_tokens, index, seed) -> (prompt, answer)
+    check: Callable[[str, str], bool]
+
+    def __call__(self, tokenizer, n_tokens: int, index: int, seed: int) -> tuple[str, str]:
+        return self.build(tokenizer, n_tokens, index, seed)
+
+
+_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.8)  # gemma-3-270m itself misses some at 0.9+ (dense)
+
+TASKS: dict[str, Task] = {
+    # Passkey samples walk through the depths.
+    "passkey": Task(lambda tok, n, i, seed: passkey_prompt(tok, n, _DEPTHS[i % len(_DEPTHS)], seed), passkey_correct),
+    "multikey": Task(multikey_prompt, passkey_correct),
+    "vt": Task(variable_tracking_prompt, names_correct),
+}
+
+
+def real_text_prompt(tokenizer, n_tokens: int) -> str:
+    """About n_tokens of real text: Python's own standard-library sources, concatenated."""
+    import os
+    from pathlib import Path
+
+    parts, total = [], 0
+    for path in sorted(Path(os.__file__).parent.glob("*.py")):
+        text = path.read_text(errors="ignore")
+        parts.append(text)
+        total += _count(tokenizer, text)
+        if total > n_tokens * 1.2:
+            break
+    ids = tokenizer("".join(parts), add_special_tokens=False)["input_ids"][: n_tokens - 1]
+    return tokenizer.decode(ids)
