@@ -1,6 +1,6 @@
 """CPU: OpenAI-server start-up time and a 4K-token prefill, stock backend vs SPARSE, in one run.
 
-    python benchmarks/cpu_server.py --model DIR [--config YAML] [--tokens 4096] [--out results.json]
+    python benchmarks/cpu_server.py --model DIR [--config YAML ...] [--tokens 4096] [--out results.json]
 
 Each backend gets a fresh `vllm serve` (prefix caching off, so every request is a full prefill).
 Prefill time is the latency of a completion with max_tokens=1 (time to first token), median of
@@ -52,34 +52,33 @@ def measure(model: str, args, extra: list[str], log: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--config", help="sparse config for the SPARSE run (default: discovery)")
+    p.add_argument("--config", action="append", default=[],
+                   help="sparse config for a SPARSE run (repeatable); SPARSE with config discovery always runs")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default="benchmarks/cpu_server.json")
     args = p.parse_args()
-    runs = {"stock": []}
-    sparse = ["--attention-backend", "sparse"]
-    if args.config:
-        sparse += ["--additional-config", json.dumps({"sparse": {"config": args.config}})]
-    runs["SPARSE"] = sparse
+    runs = {"stock": [], "SPARSE": ["--attention-backend", "sparse"]}
+    for cfg in args.config:
+        runs[f"SPARSE:{Path(cfg).stem}"] = ["--attention-backend", "sparse", "--additional-config",
+                                            json.dumps({"sparse": {"config": cfg}})]
     logs = Path(args.out).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
     results = {name: measure(args.model, args, extra, logs / f"{name}.log") for name, extra in runs.items()}
     import vllm
 
     meta = {"model": args.model, "tokens": args.tokens, "chunk": args.chunk, "dtype": args.dtype,
-            "config": args.config, "vllm": vllm.__version__, "cpu": platform.processor() or platform.machine(),
+            "configs": args.config, "vllm": vllm.__version__, "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    s, d = results["SPARSE"], results["stock"]
+    d = results["stock"]
     print(f"\n{args.model}  {args.tokens}-token prefill, chunk {args.chunk}, {args.dtype}, vLLM {vllm.__version__}")
-    print(f"{'backend':8} {'startup s':>10} {'prefill s':>10}")
+    print(f"{'backend':30} {'startup s':>10} {'prefill s':>10} {'startup x':>10} {'prefill x':>10}")
     for name, r in results.items():
-        print(f"{name:8} {r['startup_s']:10.2f} {r['prefill_s']:10.2f}")
-    print(f"{'ratio':8} {s['startup_s'] / d['startup_s']:10.2f} {s['prefill_s'] / d['prefill_s']:10.2f}"
-          "   (SPARSE / stock)")
+        print(f"{name:30} {r['startup_s']:10.2f} {r['prefill_s']:10.2f} {r['startup_s'] / d['startup_s']:10.2f} "
+              f"{r['prefill_s'] / d['prefill_s']:10.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""`vllm-sparse eval` end to end on the tiny model: both runs, the accuracy table, densities, operator check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.engine
+
+
+def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
+    config = tmp_path / "sparse.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]}, "block_size": 64, "dense_below": 256, "union_tile": 2,
+        "layers": [{"layers": "all", "estimator": {"name": "pooled"}, "budget": {"top_k": 3}}]}]}))
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_sparse.cli.main", "eval", "--model", str(tiny_llama), "--config", str(config),
+         "--lengths", "500,900", "--tasks", "passkey,multikey,vt", "--samples", "1", "--operator-check", "800",
+         "--dtype", "float32", "--block-size", "32", "--max-num-batched-tokens", "512", "--max-tokens", "4",
+         "--kv-cache-memory-bytes", str(1 << 30), "--json", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["length"], r["task"]) for r in result["rows"]] == [
+        (n, t) for n in (500, 900) for t in ("passkey", "multikey", "vt")]
+    for r in result["rows"]:
+        assert 0 <= r["dense_acc"] <= 1 and 0 <= r["sparse_acc"] <= 1
+        assert r["prompt_tokens"] <= r["length"] and r["prompt_tokens"] > 0.9 * r["length"]
+    for n in ("500", "900"):
+        layers = result["layers"][n]
+        assert sorted(layers) == ["0", "1"]
+        for s in layers.values():
+            assert s["chunks"] > 0 and 0 < s["requested_density"] <= s["union_density"] <= 1
+    audit = result["operator_check"]["layers"]
+    for s in audit.values():
+        assert 0 <= s["rel_err"] < 1 and 0 < s["kept_mass"] <= 1 + 1e-6
+    assert len(result["completions"]) == 6
+    assert "operator check on real text, 800 tokens" in proc.stdout
+    assert "kept(union)" in proc.stdout
