@@ -36,7 +36,8 @@ def prompt_of(model: str, n_tokens: int, seed: int) -> list[int]:
 
 def measure(model: str, args, extra: list[str], log: Path) -> dict:
     serve = [model, "--max-model-len", str(args.tokens + 512), "--max-num-batched-tokens", str(args.chunk),
-             "--no-enable-prefix-caching", "--enforce-eager", "--kv-cache-memory-bytes", str(2 << 30), "--dtype", args.dtype, *extra]
+             "--no-enable-prefix-caching", "--enforce-eager", "--kv-cache-memory-bytes", str(2 << 30),
+             "--dtype", args.dtype, *extra]
     with vllm_server(serve, log) as (url, startup):
         times = []
         for i in range(args.repeats):

@@ -46,7 +46,7 @@ def proxy_mask(kv_head_of: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
-@register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores, top-k / top-p (MoBA, FlexPrefill, ProxyAttn)")
+@register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)")
 def score_pooled(chunk: ChunkContext, params: PooledParams) -> torch.Tensor:
     pq, pk = chunk.pooled_queries(), chunk.pooled_keys()  # [h, rows, d], [h, kv_blocks, d]
     if params.proxy_heads is not None:
