@@ -202,5 +202,6 @@ def test_stats_count_requested_and_union_density_and_audit():
     assert (st.requested_kept, st.requested_total) == (4 * 8, 4 * 26)
     # One union for the chunk: blocks {0, 4, 5, 6, 7}; causal cells of those per row: 2+3+4+5 = 14, per kv head.
     assert (st.union_kept, st.union_total) == (2 * 14, 2 * 26)
+    assert st.unions == 1
     (rel, mass), = st.audit
     assert 0 < rel < 2 and 0 < mass < 1

@@ -64,9 +64,9 @@ def make_sparse_backend(
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
             self._plan = plan_for(vllm_config)
-            check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
             self._has_sparse_layer = any(self._plan.layer(_layer_index(n)).is_sparse for n in layer_names)
             if self._has_sparse_layer:
+                check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
                 why = _kv_cache_problem(vllm_config) or prepare_builder(self, layer_names)
                 if why:
                     logger.warning("vllm-sparse: %s; layers %s run dense", why, _layer_span(layer_names))

@@ -79,7 +79,7 @@ def _record(layer, ctx, mask, union, rows, q, out, lse, args, scale) -> None:
     """Count kept cells before and after union; with audit, compare against dense attention."""
     st = STATS.layers[layer]
     causal = ctx.causal_block_mask()[rows]  # [rows, kv_blocks]
-    st.chunks += 1
+    st.unions += 1
     st.requested_kept += int(mask.sum())
     st.requested_total += int(causal.sum()) * mask.shape[0]
     st.union_kept += int((union[:, None, :] & causal[None]).sum())

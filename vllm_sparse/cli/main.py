@@ -29,6 +29,16 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _tasks(text: str) -> list[str]:
+    from vllm_sparse.eval.tasks import TASKS
+
+    names = [t for t in text.split(",") if t and t != "none"]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown)}; allowed: {', '.join(TASKS)}, none")
+    return names
+
+
 def cmd_validate(args) -> int:
     from vllm_sparse.config.loader import load_config
 
@@ -122,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True)
     ev.add_argument("--config", required=True, help="the sparse config to evaluate")
     ev.add_argument("--lengths", type=_ints, default=[8192, 16384], help="prompt lengths, e.g. 8192,16384")
-    ev.add_argument("--tasks", type=lambda s: s.split(","), default=["passkey", "multikey", "vt"])
+    ev.add_argument("--tasks", type=_tasks, default=["passkey", "multikey", "vt"],
+                    help="comma-separated: passkey, multikey, vt; 'none' runs only --operator-check")
     ev.add_argument("--samples", type=int, default=5, help="prompts per (length, task)")
     ev.add_argument("--operator-check", type=int, metavar="TOKENS",
                     help="also compare sparse vs dense attention per layer on this many tokens of real text")

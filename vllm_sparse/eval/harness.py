@@ -25,7 +25,7 @@ class EngineRun:
     completions: list[list[str]]  # per prompt group
     prompt_tokens: list[list[int]]
     seconds: float
-    layers: list[dict]  # per prompt group: layer -> {requested_density, union_density, chunks, rel_err, kept_mass}
+    layers: list[dict]  # per prompt group: layer -> {unions, requested/union density, rel_err, kept_mass}
 
 
 def _read_stats(worker):
@@ -35,9 +35,11 @@ def _read_stats(worker):
     for layer, st in STATS.snapshot().items():
         audit = st.audit
         out[layer] = {
-            "chunks": st.chunks, "requested_density": st.requested_density, "union_density": st.union_density,
-            "rel_err": max((a[0] for a in audit), default=None),
-            "kept_mass": min((a[1] for a in audit), default=None),
+            "unions": st.unions, "requested_density": st.requested_density, "union_density": st.union_density,
+            "rel_err": statistics.mean(a[0] for a in audit) if audit else None,
+            "rel_err_worst": max((a[0] for a in audit), default=None),
+            "kept_mass": statistics.mean(a[1] for a in audit) if audit else None,
+            "kept_mass_worst": min((a[1] for a in audit), default=None),
         }
     STATS.reset()
     return out
@@ -79,8 +81,9 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     # One prompt group per length, so kept densities are read per length.
     groups = [[(task, *TASKS[task](tok, n, i, seed + i)) for task in tasks for i in range(samples)] for n in lengths]
     prompts = [[c[1] for c in g] for g in groups]
-    dense = run_engine(model, prompts, None, engine, "dense", max_tokens)
-    sparse = run_engine(model, prompts, config, engine, "sparse", max_tokens)
+    empty = EngineRun("none", [[] for _ in groups], [[] for _ in groups], 0.0, [{} for _ in groups])
+    dense = run_engine(model, prompts, None, engine, "dense", max_tokens) if tasks else empty
+    sparse = run_engine(model, prompts, config, engine, "sparse", max_tokens) if tasks else empty
     rows, completions = [], []
     for gi, (n, group) in enumerate(zip(lengths, groups)):
         layers = sparse.layers[gi]
@@ -118,17 +121,18 @@ def format_report(result: dict) -> str:
         lines.append(f"{r['length']:>7} {r['task']:<10} {r['samples']:>3} {r['prompt_tokens']:>7.0f} "
                      f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {kept:>6}")
     lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers", "",
-              f"{'length':>7} {'layer':>5} {'chunks':>6} {'kept(req)':>9} {'kept(union)':>11}"]
+              f"{'length':>7} {'layer':>5} {'unions':>6} {'kept(req)':>9} {'kept(union)':>11}"]
     for n, layers in result["layers"].items():
         for layer, s in sorted(layers.items(), key=lambda kv: int(kv[0])):
-            lines.append(f"{n:>7} {layer:>5} {s['chunks']:>6} {s['requested_density']:>9.1%} "
+            lines.append(f"{n:>7} {layer:>5} {s['unions']:>6} {s['requested_density']:>9.1%} "
                          f"{s['union_density']:>11.1%}")
     op = result.get("operator_check")
     if op:
-        lines += ["", f"operator check on real text, {op['length']} tokens (worst chunk per layer)",
-                  f"{'layer':>5} {'rel err':>8} {'kept mass':>9} {'kept(union)':>11}"]
+        lines += ["", f"operator check on real text, {op['length']} tokens (mean over unions, and the worst)",
+                  f"{'layer':>5} {'rel err':>8} {'worst':>7} {'kept mass':>9} {'worst':>7} {'kept(union)':>11}"]
         for layer, s in sorted(op["layers"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"{layer:>5} {s['rel_err']:>8.2%} {s['kept_mass']:>9.2%} {s['union_density']:>11.1%}")
+            lines.append(f"{layer:>5} {s['rel_err']:>8.2%} {s['rel_err_worst']:>7.1%} {s['kept_mass']:>9.2%} "
+                         f"{s['kept_mass_worst']:>7.1%} {s['union_density']:>11.1%}")
     secs = result["seconds"]
     lines += ["", f"generate time: dense {secs['dense']:.1f} s, sparse {secs['sparse']:.1f} s"]
     return "\n".join(lines)

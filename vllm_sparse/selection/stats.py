@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LayerStats:
-    chunks: int = 0
+    unions: int = 0  # block unions formed (one per chunk, or per union_tile query blocks)
     requested_kept: int = 0  # (q head, query block row, kv block) cells the budgets kept
     requested_total: int = 0  # causal cells
     union_kept: int = 0  # (kv head, query block row, kv block) cells attended after union, causal only
     union_total: int = 0
-    audit: list[tuple[float, float]] = field(default_factory=list)  # (relative error, kept mass) per chunk
+    audit: list[tuple[float, float]] = field(default_factory=list)  # (relative error, kept mass) per union
 
     @property
     def requested_density(self) -> float:
