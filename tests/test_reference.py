@@ -96,3 +96,15 @@ def test_cpu_cache_view_reads_what_vllm_wrote():
                                    kv_cache_dtype="auto")
     got_k, got_v = PagedKV.from_cpu_cache(cache).gather(torch.tensor([3, 1]), 52)
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
+
+
+def test_flash_cache_views_read_both_layouts():
+    from vllm_sparse.kernels.paged import PagedKV
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 16, 8, generator=g), torch.randn(3, 2, 16, 8, generator=g)  # [pages, heads, page, d]
+    packed = torch.cat([k, v], dim=-1).transpose(1, 2).contiguous().transpose(1, 2)  # logical BHNC, stored NHD
+    legacy = torch.stack([k.transpose(1, 2), v.transpose(1, 2)])  # [2, pages, page, heads, d]
+    for cache in (packed, legacy):
+        view = PagedKV.from_flash_cache(cache)
+        assert torch.equal(view.key, k) and torch.equal(view.value, v)

@@ -134,7 +134,8 @@ def format_report(result: dict) -> str:
             lines.append(f"{layer:>5} {s['rel_err']:>8.2%} {s['rel_err_worst']:>7.1%} {s['kept_mass']:>9.2%} "
                          f"{s['kept_mass_worst']:>7.1%} {s['union_density']:>11.1%}")
     secs = result["seconds"]
-    lines += ["", f"generate time: dense {secs['dense']:.1f} s, sparse {secs['sparse']:.1f} s"]
+    if result["rows"]:
+        lines += ["", f"generate time: dense {secs['dense']:.1f} s, sparse {secs['sparse']:.1f} s"]
     return "\n".join(lines)
 
 

@@ -51,5 +51,9 @@ class PagedKV:
 
     @classmethod
     def from_flash_cache(cls, kv_cache: torch.Tensor) -> PagedKV:
-        """FlashAttention layout [2, pages, page_size, kv_heads, head_dim]."""
+        """FlashAttention cache: vLLM 0.26 packs K|V as [pages, kv_heads, page_size, 2*head_dim]
+        (logical shape; stored NHD); older releases use [2, pages, page_size, kv_heads, head_dim]."""
+        if kv_cache.dim() == 4:
+            d = kv_cache.shape[-1] // 2
+            return cls(key=kv_cache[..., :d], value=kv_cache[..., d:])
         return cls(key=kv_cache[0].transpose(1, 2), value=kv_cache[1].transpose(1, 2))
