@@ -69,13 +69,3 @@ def select_blocks(scores: torch.Tensor, budget: Budget, first_query_block: int) 
     ranks.scatter_(-1, order, torch.arange(nkb, device=device).expand_as(order).contiguous())
     return (ranks < count[..., None]) & causal[None]
 
-
-def causal_block_count(first_query_block: int, rows: int) -> int:
-    """Number of causal (row, kv block) pairs in a chunk's block grid."""
-    return sum(first_query_block + r + 1 for r in range(rows))
-
-
-def requested_density(mask: torch.Tensor, first_query_block: int) -> float:
-    rows = mask.shape[1]
-    return mask.sum().item() / max(1, mask.shape[0] * causal_block_count(first_query_block, rows))
-

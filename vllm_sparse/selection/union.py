@@ -25,7 +25,3 @@ def blocks_to_pages(blocks: torch.Tensor, block_size: int, page_size: int, seq_l
     pages = (blocks[:, None] * per_block + torch.arange(per_block, device=blocks.device)[None, :]).reshape(-1)
     return pages[pages < (seq_len + page_size - 1) // page_size]
 
-
-def union_density(union: torch.Tensor, num_kv_blocks: int) -> float:
-    """Fraction of the chunk's KV blocks each KV head reads after union."""
-    return union.sum().item() / max(1, union.shape[0] * num_kv_blocks)
