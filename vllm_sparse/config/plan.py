@@ -147,8 +147,8 @@ def resolve_plan(cfg, shape: ModelShape, source: str) -> SparsePlan:
     where = f"models[{idx}]"
 
     def setting(name: str):
-        for layer in (entry, cfg.defaults):
-            v = getattr(layer, name)
+        for scope in (entry, cfg.defaults):
+            v = getattr(scope, name)
             if v is not None:
                 return v
         return BUILTIN_DEFAULTS.get(name)
