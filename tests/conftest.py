@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Engines in tests size their KV cache explicitly (kv_cache_memory_bytes), which also skips vLLM CPU's
 # check that 92% of the node's memory is free; and they never reach for a model hub.
@@ -13,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # vLLM CPU reserves a core for the front end by default; on 2 cores that halves the model's speed.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be chosen
+# before triton is first imported. Engine subprocesses drop it again (tests/engines.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MODEL_CACHE = Path(os.environ.get("VLLM_SPARSE_MODEL_CACHE", Path.home() / ".cache" / "vllm-sparse" / "models"))
 

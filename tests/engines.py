@@ -13,11 +13,17 @@ from tests.engine_runner import RESULT_MARK
 REPO = Path(__file__).resolve().parents[1]
 
 
+def engine_env() -> dict[str, str]:
+    """The test process's environment for vLLM subprocesses, without the Triton interpreter switch
+    that CPU-hosted kernel tests turn on (conftest.py): vLLM runs as a user runs it."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def run_engine(spec: dict, timeout: int = 600, expect_ok: bool = True) -> tuple[dict | None, str]:
     """-> (result or None, combined output). Raises with the engine's output if expect_ok and it failed."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_runner", json.dumps(spec)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=engine_env(),
     )
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

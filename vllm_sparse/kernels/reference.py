@@ -43,6 +43,9 @@ def sparse_paged_attention_ref(
             r = s * num_kv_heads + h
             logical = page_indices[indptr[r] : indptr[r + 1]].long()
             heads = slice(h * group, (h + 1) * group)
+            if logical.numel() == 0:  # nothing selected: no key visible, as a fully masked row
+                out[q0:q1, heads] = 0
+                continue
             k_pos = (logical[:, None] * page + offsets[None, :]).reshape(-1)
             phys = block_table[s, logical].long()
             k = kv.key[phys, h].reshape(-1, head_dim).float()  # [n_pages*page, D]

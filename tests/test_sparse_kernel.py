@@ -1,0 +1,205 @@
+"""The Triton sparse paged attention kernel against the torch reference.
+
+On a CPU host the kernel runs under Triton's interpreter at tiny shapes (fp16/fp32: the
+interpreter's bf16 dot is wrong); on a GPU the same tests run compiled, bf16 included.
+Inputs: random varlen chunks with context, shuffled pages, GQA/MQA/MHA, random sorted page lists.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fixtures.paged import random_paged_batch
+from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.kernels.reference import sparse_paged_attention_ref
+from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if GPU else [])
+
+CASES = [
+    # seq_lens, q_lens, q_heads, kv_heads, head_dim, page
+    ((70, 150, 9), (70, 41, 1), 8, 2, 32, 16),  # whole prompt, chunk with context, a single row
+    ((200,), (64,), 4, 1, 64, 32),  # MQA (gemma-3), page-aligned chunk
+    ((90, 33), (90, 33), 6, 6, 16, 16),  # MHA
+    ((130,), (50,), 6, 2, 16, 64),  # group of 3 (padded to 4), page larger than a key step
+]
+
+
+def _csr(lists, device):
+    indptr = torch.tensor([0] + [len(x) for x in lists]).cumsum(0).to(torch.int32)
+    idx = torch.cat([torch.as_tensor(x, dtype=torch.int32) for x in lists])
+    return indptr.to(device), idx.to(device)
+
+
+def _random_lists(seq_lens, hkv, page, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    lists = []
+    for length in seq_lens:
+        n_pages = (length + page - 1) // page
+        for _ in range(hkv):
+            keep = torch.rand(n_pages, generator=g) < density
+            if density >= 1.0:
+                keep[:] = True
+            lists.append(torch.nonzero(keep).flatten())
+    return lists
+
+
+def _flash_layout(kv: PagedKV) -> PagedKV:
+    """The same pages in vLLM 0.26's FlashAttention layout: K|V packed, stored [pages, page, heads, 2D]."""
+    packed = torch.cat([kv.key, kv.value], dim=-1).transpose(1, 2).contiguous().transpose(1, 2)
+    return PagedKV.from_flash_cache(packed)
+
+
+def _run_both(b, lists, scale, dtype, flash):
+    indptr, idx = _csr(lists, DEVICE)
+    q = b.q.to(DEVICE)
+    kv = PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
+    kv = _flash_layout(kv) if flash else kv
+    bt, qsl, lens = b.block_table.to(DEVICE), b.query_start_loc.to(DEVICE, torch.int32), b.seq_lens.to(DEVICE)
+    out = torch.full_like(q, float("nan"))  # poison: every row must be written
+    got, lse = sparse_paged_attention(q, kv, bt, qsl, lens, indptr, idx, scale, out=out, return_lse=True)
+    assert got is out
+    ref, ref_lse = sparse_paged_attention_ref(q.cpu(), PagedKV(b.kv.key, b.kv.value), b.block_table,
+                                              b.query_start_loc, b.seq_lens, indptr.cpu(), idx.cpu().long(),
+                                              scale, return_lse=True)
+    return got.cpu(), lse.cpu(), ref, ref_lse
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]  # fp32 dot may run as tf32
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [1.0, 0.4])
+def test_kernel_matches_reference(case, dtype, density):
+    seq_lens, q_lens, hq, hkv, d, page = case
+    seed = torch.randint(0, 10_000, ()).item()  # fresh data every run; printed on failure
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=dtype, seed=seed)
+    lists = _random_lists(seq_lens, hkv, page, density, seed)
+    got, lse, ref, ref_lse = _run_both(b, lists, d**-0.5, dtype, flash=False)
+    assert not got.isnan().any(), f"unwritten rows (seed {seed})"
+    err = (got.float() - ref.float()).norm() / ref.float().norm()
+    assert err < _tol(dtype), f"relative error {err:.2e} (seed {seed})"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)), f"rows with no visible key differ (seed {seed})"
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=5e-3, rtol=5e-3)
+
+
+def test_kernel_reads_flash_layout_and_skips_rows_without_keys():
+    """FlashAttention's packed cache read in place; a row whose selected pages all lie ahead of it
+    gets output 0 and lse -inf, as the reference."""
+    seq_lens, q_lens, hq, hkv, d, page = (96, 40), (96, 8), 4, 2, 32, 16
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.float16, seed=3)
+    lists = [[0, 3, 5], [5], [1, 2], [0, 1, 2]]  # seq 0 head 1: only page 5, unseen by rows < 80
+    got, lse, ref, ref_lse = _run_both(b, lists, d**-0.5, torch.float16, flash=True)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), ref.float(), atol=5e-3, rtol=5e-3)
+    assert torch.isinf(lse[:80, 2:]).all() and (got[:80, 2:] == 0).all()
+    assert torch.isfinite(lse[80:96, 2:]).all()
+
+
+def test_segments_share_a_block_table_row():
+    """Union per query tile: each tile of one chunk is a segment with its own page list."""
+    hq, hkv, d, page, ctx = 4, 1, 32, 16, 64
+    b = random_paged_batch((ctx + 64,), (64,), hq, hkv, d, page, dtype=torch.float16, seed=5)
+    tiles = [(0, 32, [0, 4, 5]), (32, 64, [1, 4, 5, 6, 7])]  # (q start, q end, pages)
+    qsl = torch.tensor([0, 32, 64], dtype=torch.int32)
+    lens = torch.tensor([ctx + 32, ctx + 64])
+    indptr, idx = _csr([t[2] for t in tiles], DEVICE)
+    out = torch.full_like(b.q, float("nan")).to(DEVICE)
+    sparse_paged_attention(b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)),
+                           b.block_table.to(DEVICE), qsl.to(DEVICE), lens.to(DEVICE), indptr, idx, d**-0.5,
+                           out=out, block_table_rows=torch.zeros(2, dtype=torch.int32, device=DEVICE),
+                           max_query_len=32)
+    for (t0, t1, pages), seq_len in zip(tiles, lens.tolist()):
+        ref = sparse_paged_attention_ref(b.q[t0:t1], b.kv, b.block_table, torch.tensor([0, t1 - t0]),
+                                         torch.tensor([seq_len]), torch.tensor([0, len(pages)]),
+                                         torch.tensor(pages), d**-0.5)
+        torch.testing.assert_close(out[t0:t1].cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
+
+
+def test_bad_shapes_are_named():
+    b = random_paged_batch((32,), (32,), 6, 4, 32, 16)
+    with pytest.raises(ValueError, match="q heads"):
+        sparse_paged_attention(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens,
+                               torch.tensor([0, 2, 4, 6, 8]), torch.zeros(8, dtype=torch.int32), 1.0)
+
+
+def _tail_complete_lists(seq_lens, q_lens, hkv, page, density, seed):
+    """Random lists that keep every page from each chunk's first query on (as selection does)."""
+    g = torch.Generator().manual_seed(seed)
+    lists = []
+    for length, ql in zip(seq_lens, q_lens):
+        n_pages, first = (length + page - 1) // page, (length - ql) // page
+        for _ in range(hkv):
+            keep = torch.rand(n_pages, generator=g) < density
+            keep[first:] = True
+            lists.append(torch.nonzero(keep).flatten())
+    return lists
+
+
+def _bottom_right_causal(q, k, v, scale, used):
+    """FlashAttention's causal rule on a compacted key list: query j of n sees keys <= j + used - n."""
+    n = q.shape[0]
+    logits = torch.einsum("tgd,kd->gtk", q.double(), k[:used].double()) * scale
+    ok = torch.arange(used)[None, :] <= torch.arange(n)[:, None] + used - n
+    return torch.einsum("gtk,kd->tgd", logits.masked_fill(~ok, float("-inf")).softmax(-1), v[:used].double())
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case):
+    """CPU twin of the FA3 path: compacted block tables + FA's causal rule give the reference's output."""
+    from vllm_sparse.kernels.fa3_compact import compact_block_tables
+
+    seq_lens, q_lens, hq, hkv, d, page = case
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=11)
+    lists = _tail_complete_lists(seq_lens, q_lens, hkv, page, 0.4, seed=12)
+    indptr, idx = _csr(lists, "cpu")
+    rows = torch.arange(len(seq_lens), dtype=torch.int32)
+    max_pages = max((s + page - 1) // page for s in seq_lens)
+    tables, counts = compact_block_tables(b.block_table, rows, indptr, idx, hkv, max_pages)
+    ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr, idx.long(),
+                                     d**-0.5)
+    group = hq // hkv
+    for s, length in enumerate(seq_lens):
+        q0, q1 = int(b.query_start_loc[s]), int(b.query_start_loc[s + 1])
+        last = length - ((length - 1) // page) * page
+        for h in range(hkv):
+            n = int(counts[h, s])
+            pages = tables[h, s, :n].long()
+            assert torch.equal(pages, b.block_table[s, lists[s * hkv + h]].long())
+            k = b.kv.key[pages, h].reshape(-1, d)
+            v = b.kv.value[pages, h].reshape(-1, d)
+            got = _bottom_right_causal(b.q[q0:q1, h * group:(h + 1) * group], k, v, d**-0.5, (n - 1) * page + last)
+            torch.testing.assert_close(got.float(), ref[q0:q1, h * group:(h + 1) * group], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="FlashAttention 3 needs a Hopper GPU")
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
+def test_fa3_over_compacted_tables_matches_reference(case):
+    pytest.importorskip("vllm.vllm_flash_attn")
+    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+
+    seq_lens, q_lens, hq, hkv, d, page = case
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=13)
+    lists = _tail_complete_lists(seq_lens, q_lens, hkv, page, 0.4, seed=14)
+    indptr, idx = _csr(lists, DEVICE)
+    packed = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
+    k_cache, v_cache = packed.key.transpose(1, 2), packed.value.transpose(1, 2)  # [pages, page, heads, D]
+    bt = b.block_table.to(DEVICE)
+    rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
+    tables, counts = compact_block_tables(bt, rows, indptr, idx, hkv, bt.shape[1])
+    out = torch.full_like(b.q, float("nan")).to(DEVICE)
+    sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, counts,
+                         b.query_start_loc.to(DEVICE, torch.int32), b.seq_lens.to(DEVICE, torch.int32),
+                         max(q_lens), d**-0.5, out)
+    ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
+                                     idx.cpu().long(), d**-0.5)
+    assert not out.isnan().any()
+    err = (out.cpu().float() - ref.float()).norm() / ref.float().norm()
+    assert err < 2e-2

@@ -1,0 +1,211 @@
+"""Block-sparse chunked-prefill attention over vLLM's paged KV cache, in place (Triton).
+
+Same contract as `reference.sparse_paged_attention_ref`: varlen queries, pages read through
+the block table, per (segment, KV head) a sorted CSR list of logical pages, causal inside the
+chunk. A segment is a sequence's chunk, or a tile of it when selection is unioned per query
+tile: `block_table_rows` maps segments to block-table rows.
+
+One program = BLOCK_M query tokens x all q heads of one KV head (GQA packing: the tile's rows
+are token-major, head-minor), so every selected page is read once per group. Two binary searches
+over the page list split it into pages every row sees (no mask) and pages that cross the
+diagonal (causal mask); pages past the tile's last query are never visited. Nothing here syncs
+with the host when `max_query_len` is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_sparse.kernels.paged import PagedKV
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lower_bound(IDX, lo, hi, target, ITERS: tl.constexpr):
+    """First position in the sorted IDX[lo:hi] whose value is >= target (branch-free)."""
+    for _ in tl.static_range(ITERS):
+        live = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(IDX + mid, mask=live, other=0)
+        right = live & (v < target)
+        left = live & (v >= target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(left, mid, hi)
+    return lo
+
+
+@triton.jit
+def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_head, q_pos,
+                 stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, qk_scale,
+                 PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    j = start + tl.arange(0, BLOCK_N)
+    in_list = j < n_tok
+    if MASKED:
+        logical = tl.load(INDICES + lo + j // PAGE, mask=in_list, other=0)
+    else:
+        logical = tl.load(INDICES + lo + j // PAGE)
+    phys = tl.load(BT_ROW + logical).to(tl.int64)
+    within = j % PAGE
+    d = tl.arange(0, HEAD_D)
+    k = tl.load(K + phys[:, None] * stride_kp + kv_head * stride_kh + within[:, None] * stride_kt + d[None, :])
+    v = tl.load(V + phys[:, None] * stride_vp + kv_head * stride_vh + within[:, None] * stride_vt + d[None, :])
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+    if MASKED:
+        k_pos = logical * PAGE + within
+        ok = in_list[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_paged_attention_kernel(
+    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale,
+    stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
+    stride_ot, stride_oh, stride_bt,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_ITERS: tl.constexpr,
+    HAS_BT_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    # Later segments (union tiles of one chunk) see more pages: start them first.
+    seg = tl.num_programs(1) - 1 - tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q0 = tl.load(QSL + seg)
+    q_len = tl.load(QSL + seg + 1) - q0
+    # Tiles run last-first: the ones near the diagonal see the most pages, start them early.
+    m_tile = tl.cdiv(q_len, BLOCK_M) - 1 - pid_m
+    if m_tile < 0:
+        return
+    seq_len = tl.load(SEQ_LENS + seg)
+    context = seq_len - q_len
+    if HAS_BT_ROWS:
+        bt_row = BT + tl.load(BT_ROWS + seg).to(tl.int64) * stride_bt
+    else:
+        bt_row = BT + seg.to(tl.int64) * stride_bt
+
+    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+    tok = m_tile * BLOCK_M + rows // GROUP_PAD
+    slot = rows % GROUP_PAD
+    head = kv_head * GROUP + slot
+    row_ok = (tok < q_len) & (slot < GROUP)
+    q_pos = context + tok
+    d = tl.arange(0, HEAD_D)
+    q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+
+    lo = tl.load(INDPTR + seg * NUM_KV_HEADS + kv_head)
+    hi = tl.load(INDPTR + seg * NUM_KV_HEADS + kv_head + 1)
+    q_min = context + m_tile * BLOCK_M
+    q_max = tl.minimum(q_min + BLOCK_M, seq_len) - 1
+    # Pages [lo, full) end at or before q_min: every row sees all of them.
+    full = _lower_bound(INDICES, lo, hi, (q_min + 1) // PAGE, SEARCH_ITERS)
+    # Pages [full, seen) start at or before q_max: some row sees part of them.
+    seen = _lower_bound(INDICES, full, hi, q_max // PAGE + 1, SEARCH_ITERS)
+    n_full = (full - lo) * PAGE
+    n_seen = (seen - lo) * PAGE
+    n_unmasked = (n_full // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M * GROUP_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_D], tl.float32)
+    for start in range(0, n_unmasked, BLOCK_N):
+        acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, K, V, INDICES, bt_row, lo, start, n_seen, kv_head,
+                                     q_pos, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
+                                     qk_scale, PAGE, HEAD_D, BLOCK_N, False)
+    for start in range(n_unmasked, n_seen, BLOCK_N):
+        acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, K, V, INDICES, bt_row, lo, start, n_seen, kv_head,
+                                     q_pos, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
+                                     qk_scale, PAGE, HEAD_D, BLOCK_N, True)
+
+    empty = l_i == 0.0  # a row that sees no selected key: output 0, lse -inf (as the reference)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_off = (q0 + tok).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    if WRITE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        tl.store(LSE + (q0 + tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head, lse, mask=row_ok)
+
+
+def _tile_config(group_pad: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M tokens, BLOCK_N keys, num_warps, num_stages) by GQA group and head size."""
+    # Measured on H100 (benchmarks/RESULTS.md): 256 packed rows, 64 keys per step, 16 warps, 3 stages
+    # is the fastest tried at d=128; d=256 halves the rows to keep the accumulator in registers.
+    rows = 128 if head_dim > 128 else 256
+    block_m = max(rows // group_pad, 16 // group_pad, 1)
+    block_n = 32 if head_dim > 128 else 64
+    return block_m, block_n, 16 if block_m * group_pad * head_dim >= 256 * 128 else 8, 3
+
+
+def sparse_paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
+    kv: PagedKV,
+    block_table: torch.Tensor,  # [rows, max_pages] physical page ids (int32)
+    query_start_loc: torch.Tensor,  # [num_segments + 1] int32
+    seq_lens: torch.Tensor,  # [num_segments] tokens in the cache up to each segment's last query
+    page_indptr: torch.Tensor,  # [num_segments * num_kv_heads + 1]
+    page_indices: torch.Tensor,  # logical page ids, sorted per (segment, kv head)
+    scale: float,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+    max_query_len: int | None = None,  # host int (vLLM's max_query_len); None costs one sync
+    block_table_rows: torch.Tensor | None = None,  # [num_segments] block-table row per segment
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, page = kv.num_kv_heads, kv.page_size
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} q heads do not split into {num_kv_heads} KV heads")
+    if head_dim & (head_dim - 1) or kv.value.shape[-1] != head_dim:
+        raise ValueError(f"head_dim {head_dim} (value {kv.value.shape[-1]}): equal powers of two only")
+    if page & (page - 1):
+        raise ValueError(f"page size {page} is not a power of two")
+    for name, t in (("q", q), ("key", kv.key), ("value", kv.value)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("sparse_paged_attention on CPU tensors needs Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is imported")
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    cfg_m, cfg_n, cfg_w, cfg_s = _tile_config(group_pad, head_dim)
+    block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    num_warps, num_stages = num_warps or cfg_w, num_stages or cfg_s
+    if out is None:
+        out = torch.empty_like(q)
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in head_dim")
+    lse = torch.empty(num_tokens, num_q_heads, dtype=torch.float32, device=q.device) if return_lse else out
+    num_segments = seq_lens.shape[0]
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if num_segments else 0
+    if num_segments == 0 or max_query_len == 0:
+        return (out, lse) if return_lse else out
+    search_iters = max(1, math.ceil(math.log2(page_indices.numel() + 1)))
+    grid = (triton.cdiv(max_query_len, block_m), num_segments, num_kv_heads)
+    _sparse_paged_attention_kernel[grid](
+        q, kv.key, kv.value, out, lse, block_table,
+        block_table_rows if block_table_rows is not None else query_start_loc,
+        query_start_loc, seq_lens, page_indptr, page_indices, scale * _LOG2E,
+        q.stride(0), q.stride(1), kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
+        kv.value.stride(0), kv.value.stride(1), kv.value.stride(2),
+        out.stride(0), out.stride(1), block_table.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, PAGE=page, HEAD_D=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, SEARCH_ITERS=search_iters,
+        HAS_BT_ROWS=block_table_rows is not None, WRITE_LSE=return_lse,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (out, lse) if return_lse else out
