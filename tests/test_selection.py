@@ -16,6 +16,7 @@ from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels.reference import dense_causal_attention_ref
 from vllm_sparse.selection.budget import Budget, select_blocks
+from vllm_sparse.selection.pages import block_mask_to_page_csr
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
@@ -107,6 +108,23 @@ def test_union_invariants(q_heads, group, rows, nkb, block, page, seed):
         past_end = {b for b in range(nkb) if b * block >= seq_len}
         assert covered == set(torch.nonzero(union[h]).flatten().tolist()) - past_end
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 8), nkb=st.integers(1, 12), block=st.sampled_from([16, 64, 128]),
+       page=st.sampled_from([16, 32]), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_page_csr_matches_per_row_lists(rows, nkb, block, page, density, seed):
+    """The sync-free CSR builder gives, row by row, exactly blocks_to_pages of the row's blocks."""
+    if block % page:
+        page = block
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, nkb, generator=g) < density
+    seq_lens = torch.randint(1, nkb * block + 1, (rows,), generator=g)
+    indptr, indices = block_mask_to_page_csr(mask, block, page, (seq_lens + page - 1) // page)
+    assert indptr.dtype == indices.dtype == torch.int32 and indptr[0] == 0
+    for r in range(rows):
+        want = blocks_to_pages(torch.nonzero(mask[r]).flatten(), block, page, int(seq_lens[r]))
+        assert indices[indptr[r]:indptr[r + 1]].tolist() == want.tolist()
 
 def _chunk_ctx(b, s, block, kv_head_of):
     q0, q1 = int(b.query_start_loc[s]), int(b.query_start_loc[s + 1])
