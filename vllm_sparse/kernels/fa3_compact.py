@@ -1,0 +1,64 @@
+"""Block-sparse prefill through FlashAttention 3's paged kernel, over compacted block tables.
+
+A selected page list is itself a block table: give FA3, per (segment, KV head), the physical
+pages of the list in order and the list's token count as the sequence length, and it attends
+to exactly those pages, at FA3's speed. Causality survives the compaction when the list ends
+with every page from the segment's first query to its last (the selection always keeps the
+local/diagonal blocks, so it does): FA3 aligns causal masks bottom-right, and bottom-right in
+the compacted list is the segment's own tail. Pages before that tail are wholly in the past.
+
+FA3 takes one block table for all heads of a sequence, so this runs one call per KV head, each
+on a strided view of that head's q heads, K/V pages and output (no copies).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compact_block_tables(
+    block_table: torch.Tensor,  # [rows, max_pages] physical page ids
+    block_table_rows: torch.Tensor,  # [segments] row of each segment
+    page_indptr: torch.Tensor,  # [segments * kv_heads + 1]
+    page_indices: torch.Tensor,  # logical pages, sorted per (segment, kv head)
+    num_kv_heads: int,
+    max_pages: int,  # host bound on any list's length (e.g. pages of the longest sequence)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables [kv_heads, segments, max_pages] int32 physical ids, counts [kv_heads, segments]); no sync."""
+    n_seg = block_table_rows.shape[0]
+    start = page_indptr[:-1].view(n_seg, num_kv_heads).T.long()  # [heads, seg]
+    counts = (page_indptr[1:] - page_indptr[:-1]).view(n_seg, num_kv_heads).T.contiguous()
+    pos = start[..., None] + torch.arange(max_pages, device=start.device)
+    live = torch.arange(max_pages, device=start.device) < counts[..., None]
+    logical = page_indices[pos.clamp(max=page_indices.numel() - 1)].long()
+    phys = block_table[block_table_rows.long()[None, :, None], torch.where(live, logical, 0)]
+    return torch.where(live, phys, 0).to(torch.int32), counts
+
+
+def sparse_attention_fa3(
+    q: torch.Tensor,  # [tokens, q_heads, D]
+    k_cache: torch.Tensor,  # [pages, page_size, kv_heads, D] (FlashAttention layout; may be a view)
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,  # from compact_block_tables
+    counts: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [segments + 1] int32
+    seq_lens: torch.Tensor,  # [segments] tokens up to each segment's last query
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    page = k_cache.shape[1]
+    kv_heads = k_cache.shape[2]
+    group = q.shape[1] // kv_heads
+    last_page_tokens = seq_lens - ((seq_lens - 1) // page) * page
+    used = torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
+    max_k = tables.shape[-1] * page
+    for h in range(kv_heads):
+        heads = slice(h * group, (h + 1) * group)
+        flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
+                               max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
+                               seqused_k=used[h], softmax_scale=scale, causal=True, block_table=tables[h],
+                               out=out[:, heads], fa_version=3)
+    return out
