@@ -1,0 +1,236 @@
+"""Sparse paged attention kernel vs FA3 dense (and FlashInfer block-sparse where installed), one GPU.
+
+Llama-3.1-8B attention (32 q / 8 kv heads, d=128), bf16, vLLM 0.26's FlashAttention KV layout
+(K|V packed per page, page 16). For each context (32K, 128K) and mode (the last 16K-query chunk,
+the whole prompt), queries are split into union tiles (segments of `--tile` queries, one page
+list per segment and KV head, as the backend's union_tile gives); each list keeps the sink
+block, the tile's diagonal blocks and random other 64-token blocks up to the density asked.
+FLOPs count only the (query, key) pairs the kernel must compute, so TFLOP/s compare with FA3's
+dense causal figure directly. Table last; JSON to --out.
+
+    python benchmarks/kernels.py --out $OUT/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
+from vllm_sparse.kernels.sparse_attention import sparse_paged_attention  # noqa: E402
+from vllm_sparse.selection.pages import block_mask_to_page_csr  # noqa: E402
+
+HQ, HKV, D, PAGE, BLOCK = 32, 8, 128, 16, 64
+
+
+def make_cache(ctx: int, gen: torch.Generator):
+    pages = ctx // PAGE + 8
+    packed = torch.randn(pages, PAGE, HKV, 2 * D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    kv = PagedKV.from_flash_cache(packed.permute(0, 2, 1, 3))  # logical [pages, heads, page, 2D]
+    table = torch.randperm(pages, generator=gen, device="cuda")[: ctx // PAGE].to(torch.int32)[None]
+    return packed, kv, table
+
+
+def make_segments(ctx: int, q_len: int, tile: int, density: float, gen: torch.Generator):
+    """Union tiles of the last q_len queries; per (tile, kv head) a kept-block mask."""
+    n_seg = q_len // tile
+    seg_end = ctx - q_len + tile * torch.arange(1, n_seg + 1, device="cuda")  # exclusive
+    seg_start = seg_end - tile
+    n_blocks = ctx // BLOCK
+    blk = torch.arange(n_blocks, device="cuda")
+    causal = blk[None, :] * BLOCK < seg_end[:, None]  # [seg, blocks]
+    forced = (blk[None, :] == 0) | (blk[None, :] >= seg_start[:, None] // BLOCK)  # sink + diagonal
+    forced &= causal
+    score = torch.rand(n_seg, HKV, n_blocks, generator=gen, device="cuda")
+    score = torch.where(forced[:, None], 2.0, torch.where(causal[:, None], score, -1.0))
+    want = torch.clamp((density * causal.sum(1)).ceil(), min=1)  # blocks per row
+    want = torch.maximum(want, forced.sum(1).to(want.dtype))[:, None, None]
+    rank = score.argsort(-1, descending=True).argsort(-1)
+    mask = (rank < want) & causal[:, None]
+    num_pages = ((seg_end + PAGE - 1) // PAGE).repeat_interleave(HKV)
+    indptr, indices = block_mask_to_page_csr(mask.reshape(n_seg * HKV, n_blocks), BLOCK, PAGE, num_pages)
+    qsl = (torch.arange(n_seg + 1, device="cuda") * tile).to(torch.int32)
+    return mask, causal, indptr, indices, qsl, seg_end.to(torch.int32)
+
+
+def pair_count(mask, seg_end, tile) -> tuple[float, float]:
+    """(query, key) pairs computed over kept blocks, and over all causal blocks (per kv head, summed)."""
+    k = torch.arange(BLOCK, device="cuda")
+    blk = torch.arange(mask.shape[-1], device="cuda")
+    keys = blk[:, None] * BLOCK + k[None, :]  # [blocks, BLOCK]
+    lo, hi = (seg_end - tile)[:, None, None], seg_end[:, None, None]
+    pairs = (hi - torch.maximum(lo, keys[None])).clamp(min=0).sum(-1).double()  # [seg, blocks]
+    kept = (mask.double() * pairs[:, None]).sum().item()
+    return kept, pairs.sum().item() * mask.shape[1]
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fa3_dense(q, k_cache, v_cache, table, ctx, q_len):
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    cu_q = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+    seqused = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+
+    def run():
+        flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=q_len, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
+                               seqused_k=seqused, softmax_scale=D**-0.5, causal=True, block_table=table,
+                               out=out, fa_version=3)
+    return run, out
+
+
+def flashinfer_block_sparse(q, packed, table, mask, tile):
+    """FlashInfer's VariableBlockSparseAttentionWrapper on the same kept blocks (dense K/V copy, not timed).
+
+    Returns (run, plan_ms): its plan() runs on the host once per mask."""
+    import time
+
+    import flashinfer
+
+    ctx = mask.shape[-1] * BLOCK
+    keys = packed[table[0].long()].reshape(ctx, HKV, 2 * D)
+    k = keys[..., :D].transpose(0, 1).contiguous()
+    v = keys[..., D:].transpose(0, 1).contiguous()
+    qh = q.transpose(0, 1).contiguous()
+    n_rows = mask.shape[0]
+    wrapper = flashinfer.VariableBlockSparseAttentionWrapper(
+        torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device="cuda"))
+    row_sz = torch.full((HKV, n_rows), tile, dtype=torch.int32, device="cuda")
+    col_sz = torch.full((HKV, mask.shape[-1]), BLOCK, dtype=torch.int32, device="cuda")
+    t0 = time.perf_counter()
+    wrapper.plan(mask.transpose(0, 1).contiguous(), row_sz, col_sz, HQ, HKV, D, causal=True,
+                 q_data_type=torch.bfloat16, sm_scale=D**-0.5)
+    torch.cuda.synchronize()
+    plan_ms = (time.perf_counter() - t0) * 1e3
+    return (lambda: wrapper.run(qh, k, v)), plan_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--chunk", type=int, default=16384, help="query tokens of the 'chunk' mode")
+    ap.add_argument("--densities", default="0.05,0.1,0.2,0.5,1.0")
+    ap.add_argument("--tile", type=int, default=128, help="queries per union tile (segment)")
+    ap.add_argument("--modes", default="chunk,prompt")
+    ap.add_argument("--out", default="kernels.json")
+    ap.add_argument("--configs", default="", help="BLOCK_M:BLOCK_N:warps:stages;... to sweep")
+    ap.add_argument("--flashinfer", default="", help="densities at which to time FlashInfer (whole prompt)")
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    try:
+        import vllm  # noqa: F401
+        have_fa3 = True
+    except ImportError:
+        have_fa3 = False
+    sweep = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(";") if c] or [None]
+    rows = []
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        packed, kv, table = make_cache(ctx, gen)
+        k_cache = packed[..., :D].contiguous()  # FA3 reads separate K and V caches [pages, page, heads, D]
+        v_cache = packed[..., D:].contiguous()
+        for mode in args.modes.split(","):
+            q_len = args.chunk if mode == "chunk" else ctx
+            q = torch.randn(q_len, HQ, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+            dense_ms = dense_tflops = None
+            causal_pairs = q_len * (ctx - q_len) + q_len * (q_len + 1) / 2
+            if have_fa3:
+                run, fa_out = fa3_dense(q, k_cache, v_cache, table, ctx, q_len)
+                dense_ms = bench(run)
+                dense_tflops = 4 * D * HQ * causal_pairs / dense_ms / 1e9
+            for density in (float(x) for x in args.densities.split(",")):
+                mask, causal, indptr, indices, qsl, seg_end = make_segments(ctx, q_len, args.tile, density, gen)
+                kept_pairs, all_pairs = pair_count(mask, seg_end, args.tile)
+                kept_blocks = float((mask.sum() / (causal.sum() * HKV)).item())
+                n_seg = qsl.numel() - 1
+                rows_bt = torch.zeros(n_seg, dtype=torch.int32, device="cuda")
+                out = torch.full_like(q, float("nan"))
+                for cfg in sweep:
+                    kw = {} if cfg is None else dict(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2],
+                                                     num_stages=cfg[3])
+                    run_sparse = functools.partial(sparse_paged_attention, q, kv, table, qsl, seg_end, indptr,
+                                                   indices, D**-0.5, out=out, max_query_len=args.tile,
+                                                   block_table_rows=rows_bt, **kw)
+                    out.fill_(float("nan"))
+                    run_sparse()
+                    unwritten = bool(out.isnan().any())
+                    err = None
+                    if density >= 1.0 and have_fa3:
+                        run()
+                        err = float((out.float() - fa_out.float()).norm() / fa_out.float().norm())
+                    ms = bench(run_sparse)
+                    tflops = 4 * D * kept_pairs * (HQ // HKV) / ms / 1e9
+                    rows.append(dict(ctx=ctx, mode=mode, q_len=q_len, density=density, kept_blocks=kept_blocks,
+                                     kept_pairs_share=kept_pairs / all_pairs, cfg=cfg, sparse_ms=ms,
+                                     sparse_tflops=tflops, fa3_ms=dense_ms, fa3_tflops=dense_tflops,
+                                     rel_err_vs_fa3=err, unwritten=unwritten,
+                                     speedup=(dense_ms / ms) if dense_ms else None))
+                    print(json.dumps(rows[-1]), flush=True)
+                if have_fa3:
+                    # The same lists through FA3's paged kernel over compacted block tables.
+                    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+                    tri_out = out.clone()
+                    compact = functools.partial(compact_block_tables, table, rows_bt, indptr, indices, HKV,
+                                                ctx // PAGE)
+                    tables, counts = compact()
+                    fa_sparse_out = torch.full_like(q, float("nan"))
+                    run_fc = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables, counts, qsl,
+                                               seg_end, args.tile, D**-0.5, fa_sparse_out)
+                    run_fc()
+                    fc_err = float((fa_sparse_out.float() - tri_out.float()).norm() / tri_out.float().norm())
+                    fc_ms, compact_ms = bench(run_fc), bench(compact)
+                    rows[-1].update(fa3_compact_ms=fc_ms, fa3_compact_tables_ms=compact_ms,
+                                    fa3_compact_err_vs_ours=fc_err,
+                                    fa3_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9)
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("fa3_compact")}), flush=True)
+                    tables = counts = fa_sparse_out = tri_out = None
+                if mode == "prompt" and str(density) in args.flashinfer.split(","):
+                    try:
+                        run_fi, plan_ms = flashinfer_block_sparse(q, packed, table, mask, args.tile)
+                        run_fi()
+                        fi_ms = bench(run_fi)
+                        rows[-1].update(flashinfer_ms=fi_ms, flashinfer_plan_ms=plan_ms)
+                    except Exception as e:  # reported, not fatal: the baseline is optional
+                        rows[-1].update(flashinfer_error=repr(e)[:300])
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("flashinfer")}), flush=True)
+        packed = kv = k_cache = v_cache = q = None
+        torch.cuda.empty_cache()
+    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                argv=sys.argv, tile=args.tile)
+    if have_fa3:
+        import vllm
+        meta["vllm"] = vllm.__version__
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  vllm {meta.get('vllm')}")
+    print(f"{'ctx':>7} {'mode':>6} {'dens':>5} {'kept':>6} {'cfg':>14} {'ours ms':>8} {'TF/s':>6} "
+          f"{'FA3 ms':>8} {'FA3 TF/s':>8} {'x FA3':>6} {'err':>8} bad")
+    for r in rows:
+        cfg = "auto" if r["cfg"] is None else ":".join(map(str, r["cfg"]))
+        fa = f"{r['fa3_ms']:8.2f} {r['fa3_tflops']:8.0f} {r['speedup']:6.2f}" if r["fa3_ms"] else f"{'-':>8} " * 3
+        err = f"{r['rel_err_vs_fa3']:.1e}" if r["rel_err_vs_fa3"] is not None else "-"
+        print(f"{r['ctx']:>7} {r['mode']:>6} {r['density']:>5.2f} {r['kept_blocks']:>6.3f} {cfg:>14} "
+              f"{r['sparse_ms']:8.2f} {r['sparse_tflops']:6.0f} {fa} {err:>8} {int(r['unwritten'])}")
+        if "fa3_compact_ms" in r:
+            print(f"{'':>21} FA3 over compacted tables: {r['fa3_compact_ms']:.2f} ms "
+                  f"({r['fa3_compact_tflops']:.0f} TF/s, x FA3 dense {r['fa3_ms'] / r['fa3_compact_ms']:.2f}; "
+                  f"tables {r['fa3_compact_tables_ms']:.2f} ms; err vs ours {r['fa3_compact_err_vs_ours']:.1e})")
+        if "flashinfer_ms" in r:
+            print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
+                  f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")
+
+
+if __name__ == "__main__":
+    main()
