@@ -66,7 +66,7 @@ def main() -> None:
     table = torch.randperm(pages, generator=gen, device=DEV).to(torch.int32)
     q = torch.randn(args.chunk, HQ, D, generator=gen, device=DEV, dtype=torch.bfloat16)
     ctx = ChunkContext(q, torch.arange(HQ, device=DEV) // (HQ // HKV), kv, table, args.ctx - args.chunk,
-                       args.block, D**-0.5)
+                       args.block, D**-0.5, tuple(h // (HQ // HKV) for h in range(HQ)))
     budget = Budget(keep_ratio=args.keep, sink_blocks=1, local_blocks=2)
     rows = []
     for label, raw in ESTIMATORS.items():
@@ -75,7 +75,7 @@ def main() -> None:
         name = label.split("_")[0] if label.startswith("lowbit") else label
         params = get_estimator(name).params.model_validate(raw)
         fresh = ChunkContext(*[getattr(ctx, f) for f in ("q", "kv_head_of", "kv", "block_table", "context_len",
-                                                          "block_size", "scale")])
+                                                          "block_size", "scale", "kv_head_ids")])
         torch.cuda.reset_peak_memory_stats()
         try:
             (indptr, _), mask = select_and_union(fresh, name, params, budget)
@@ -84,12 +84,22 @@ def main() -> None:
             def run(name=name, params=params):
                 # A new context each time: the key gather is part of the cost.
                 c = ChunkContext(*[getattr(ctx, f) for f in ("q", "kv_head_of", "kv", "block_table",
-                                                              "context_len", "block_size", "scale")])
+                                                              "context_len", "block_size", "scale", "kv_head_ids")])
                 select_and_union(c, name, params, budget)
             ms = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
+            # One more run with CUDA's sync check armed: any host sync on the path raises here.
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                run()
+                sync_free = True
+            except RuntimeError as e:
+                sync_free = f"syncs: {str(e)[:160]}"
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             rows.append(dict(estimator=label, params=raw, ms=ms, kept_after_union=kept,
                              requested=float(mask.float().mean()),
-                             peak_gib=torch.cuda.max_memory_allocated() / 2**30, error=None))
+                             peak_gib=torch.cuda.max_memory_allocated() / 2**30, sync_free=sync_free, error=None))
         except torch.OutOfMemoryError as e:
             rows.append(dict(estimator=label, params=raw, ms=None, error=f"OOM: {str(e)[:120]}"))
         torch.cuda.empty_cache()
@@ -100,12 +110,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\nestimation+selection+union per layer: ctx {args.ctx}, chunk {args.chunk}, block {args.block}, "
           f"keep {args.keep}  ({meta['device']})")
-    print(f"{'estimator':>16} {'ms':>9} {'kept':>6} {'peak GiB':>9}")
+    print(f"{'estimator':>16} {'ms':>9} {'kept':>6} {'peak GiB':>9}  no host sync")
     for r in rows:
         if r["ms"] is None:
             print(f"{r['estimator']:>16} {r['error']}")
         else:
-            print(f"{r['estimator']:>16} {r['ms']:9.1f} {r['kept_after_union']:6.3f} {r['peak_gib']:9.1f}")
+            print(f"{r['estimator']:>16} {r['ms']:9.2f} {r['kept_after_union']:6.3f} {r['peak_gib']:9.1f}  "
+                  f"{'yes' if r['sync_free'] is True else r['sync_free']}")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         if plan is None:
             continue
         idx = torch.tensor(heads, device=chunk.q.device)
+        kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
-                           chunk.context_len, chunk.block_size, chunk.scale)
+                           chunk.context_len, chunk.block_size, chunk.scale, kv_ids)
         scores = get_estimator(plan.estimator).score(sub, plan.params)
         mask[idx] = select_blocks(scores, plan.budget, chunk.first_query_block)
     return mask
@@ -52,9 +53,10 @@ def attend_sparse_chunks(
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
+    kv_head_ids = tuple(h // (num_q // num_kv) for h in range(num_q))
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
-                           block_size, scale)
+                           block_size, scale, kv_head_ids)
         mask = chunk_block_mask(ctx, head_plans)
         tile = union_tile or ctx.num_query_blocks
         for r0 in range(0, ctx.num_query_blocks, tile):

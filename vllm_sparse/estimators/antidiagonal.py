@@ -43,9 +43,7 @@ def score_antidiagonal(chunk: ChunkContext, params: AntidiagonalParams) -> torch
     n_q = (chunk.seq_len - 1) // s + 1 - q_first
     n_k = (chunk.seq_len - 1) // s + 1
     q = _strided(chunk.q.float().permute(1, 0, 2), chunk.context_len, n_q, s, reverse=True)
-    k = _strided(chunk.keys, 0, n_k, s, reverse=False)
-    logits = (q @ k.transpose(1, 2)) * (chunk.scale / s)  # mean logit along each antidiagonal
-    dev = chunk.q.device
-    q_end = torch.clamp((torch.arange(n_q, device=dev) + q_first + 1) * s - 1, max=chunk.seq_len - 1)
-    k_start = torch.arange(n_k, device=dev) * s
-    return chunk.token_logits_to_block_scores(logits, q_end, k_start)
+    k = _strided(chunk.kv_keys, 0, n_k, s, reverse=False)  # per KV head
+    logits = chunk.by_kv_head(q, k) * (chunk.scale / s)  # mean logit along each antidiagonal
+    q_end = torch.clamp((torch.arange(n_q, device=chunk.q.device) + q_first + 1) * s - 1, max=chunk.seq_len - 1)
+    return chunk.token_logits_to_block_scores(logits, q_end, key_stride=s)

@@ -25,6 +25,7 @@ class ChunkContext:
     context_len: int  # tokens before this chunk
     block_size: int  # selection block, a multiple of kv.page_size
     scale: float
+    kv_head_ids: tuple[int, ...] | None = None  # kv_head_of on the host (saves a device sync)
 
     @property
     def q_len(self) -> int:
@@ -65,49 +66,110 @@ class ChunkContext:
         pages = self.block_table[: (self.seq_len - 1) // self.kv.page_size + 1].long()
         return self.kv.gather(pages, self.seq_len)
 
+    @cached_property
+    def kv_keys(self) -> torch.Tensor:
+        """Keys of every KV head of the layer, [num_kv_heads, seq_len, D] (fp32), one copy per KV head."""
+        return self.keys_values[0].float().permute(1, 0, 2)
+
     @property
     def keys(self) -> torch.Tensor:
-        """Keys read by each scored q head, [num_heads, seq_len, D] (fp32)."""
-        return self.keys_values[0].float().permute(1, 0, 2)[self.kv_head_of]
+        """Keys read by each scored q head, [num_heads, seq_len, D] (fp32); a copy per q head: prefer `qk`."""
+        return self.kv_keys[self.kv_head_of]
+
+    @cached_property
+    def _groups(self) -> tuple[list[int], int] | None:
+        """(KV heads, q heads per KV head) when the scored heads come sorted in equal groups, else None."""
+        ids = self.host_kv_head_ids()
+        kv = list(dict.fromkeys(ids))
+        group = len(ids) // len(kv)
+        return (kv, group) if ids == [k for k in kv for _ in range(group)] else None
+
+    def by_kv_head(self, q: torch.Tensor, k_kv: torch.Tensor) -> torch.Tensor:
+        """q [heads, n, F] @ k_kv[kv_head_of(head)]^T -> [heads, n, m], for k_kv [num_kv_heads, m, F].
+
+        The q heads of a GQA group share one product with their KV head's keys (no per-head key copy).
+        """
+        if self._groups is None:
+            return q @ k_kv[self.kv_head_of].transpose(1, 2)
+        kv, group = self._groups
+        k = k_kv if kv == list(range(k_kv.shape[0])) else k_kv[kv]
+        h, n, f = q.shape
+        return (q.reshape(len(kv), group * n, f) @ k.transpose(1, 2)).view(h, n, -1)
+
+    def group_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Average x [heads, ...] over the scored heads of each KV group; every head gets its group's mean."""
+        if self._groups is not None:
+            kv, group = self._groups
+            return x.view(len(kv), group, *x.shape[1:]).mean(1, keepdim=True).expand(
+                len(kv), group, *x.shape[1:]).reshape(x.shape)
+        n_kv = self.kv.num_kv_heads
+        sums = torch.zeros((n_kv, *x.shape[1:]), device=x.device, dtype=x.dtype).index_add_(0, self.kv_head_of, x)
+        counts = torch.zeros(n_kv, device=x.device, dtype=x.dtype).index_add_(
+            0, self.kv_head_of, torch.ones_like(self.kv_head_of, dtype=x.dtype))
+        return (sums / counts.clamp_min(1).view(-1, *([1] * (x.dim() - 1))))[self.kv_head_of]
+
+    def host_kv_head_ids(self) -> list[int]:
+        return list(self.kv_head_ids) if self.kv_head_ids is not None else self.kv_head_of.tolist()
+
+    def qk(self, q: torch.Tensor) -> torch.Tensor:
+        """q [heads, n, D] (fp32) rows of the scored heads against every key, [heads, n, seq_len]."""
+        return self.by_kv_head(q, self.kv_keys)
 
     def query_positions(self) -> torch.Tensor:
         return torch.arange(self.context_len, self.seq_len, device=self.q.device)
 
     def pooled_queries(self) -> torch.Tensor:
         """Mean query of each query block row (over the rows present in this chunk), [heads, rows, D]."""
-        rows = self.query_positions() // self.block_size - self.first_query_block
-        return _block_mean(self.q.float().permute(1, 0, 2), rows, self.num_query_blocks)
+        return _pool_contiguous(self.q.float().permute(1, 0, 2), self.context_len, self.block_size,
+                                self.first_query_block, self.num_query_blocks)
 
     def pooled_keys(self) -> torch.Tensor:
-        """Mean key of each KV block, per scored q head, [heads, kv_blocks, D]."""
-        blocks = torch.arange(self.seq_len, device=self.q.device) // self.block_size
-        return _block_mean(self.keys, blocks, self.num_kv_blocks)
+        """Mean key of each KV block, per scored q head, [heads, kv_blocks, D] (pooled once per KV head)."""
+        return _pool_contiguous(self.kv_keys, 0, self.block_size, 0, self.num_kv_blocks)[self.kv_head_of]
 
-    def token_logits_to_block_scores(
-        self, logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits of some query rows against some key columns -> block scores.
+    def token_logits_to_block_scores(self, logits: torch.Tensor, q_pos: torch.Tensor, key_stride: int = 1
+                                     ) -> torch.Tensor:
+        """Logits of some query rows against evenly spaced key columns -> block scores.
 
         logits [heads, n, m] for query rows at absolute positions q_pos [n] and key columns at
-        k_pos [m] (default: every key, 0..seq_len-1). Each row's causal softmax is summed into KV
-        blocks, averaged over the rows of each query block, and returned as log-mass
-        [heads, query_blocks, kv_blocks]; a query block with no rows given gets zero mass.
+        positions 0, key_stride, 2 * key_stride, ... (key_stride divides the block size). Each row's
+        causal softmax is summed into KV blocks, averaged over the rows of each query block, and
+        returned as log-mass [heads, query_blocks, kv_blocks]; a query block with no rows gets zero mass.
         """
-        if k_pos is None:
-            k_pos = torch.arange(self.seq_len, device=logits.device)
+        k_pos = torch.arange(logits.shape[-1], device=logits.device) * key_stride
         logits = logits.float().masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        heads, n, _ = probs.shape
-        per_block = torch.zeros(heads, n, self.num_kv_blocks, device=probs.device)
-        per_block.index_add_(2, k_pos // self.block_size, probs)
+        per_block = _sum_last_dim_in_blocks(probs, self.block_size // key_stride, self.num_kv_blocks)
         rows = q_pos // self.block_size - self.first_query_block
         mass = _block_mean(per_block, rows, self.num_query_blocks)
         return self.mask_noncausal(torch.log(mass.clamp_min(1e-30)))
+
+
+def _sum_last_dim_in_blocks(x: torch.Tensor, per_block: int, n_blocks: int) -> torch.Tensor:
+    """x [..., m] columns 0..m-1 -> sums of each run of `per_block` columns, [..., n_blocks] (no atomics)."""
+    pad = n_blocks * per_block - x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, pad)) if pad > 0 else x[..., : n_blocks * per_block]
+    return x.view(*x.shape[:-1], n_blocks, per_block).sum(-1)
+
+
+def _pool_contiguous(x: torch.Tensor, first_pos: int, block_size: int, first_block: int, n_blocks: int
+                     ) -> torch.Tensor:
+    """x [heads, n, F] rows at positions first_pos.. -> per-block means [heads, n_blocks, F] for blocks
+    first_block..first_block + n_blocks - 1 (0 where a block has no rows); a reshape, no scatter."""
+    h, n, f = x.shape
+    front = first_pos - first_block * block_size
+    back = n_blocks * block_size - front - n
+    padded = torch.nn.functional.pad(x, (0, 0, front, back))
+    sums = padded.view(h, n_blocks, block_size, f).sum(2)
+    starts = (torch.arange(n_blocks, device=x.device) + first_block) * block_size
+    counts = (torch.clamp(starts + block_size, max=first_pos + n) - torch.clamp(starts, min=first_pos)).clamp(min=1)
+    return sums / counts.to(x.dtype)[None, :, None]
 
 
 def _block_mean(x: torch.Tensor, block_of: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """x [heads, n, F] rows grouped by block_of [n] -> per-block means [heads, n_blocks, F] (0 where empty)."""
     sums = torch.zeros(x.shape[0], n_blocks, x.shape[2], device=x.device, dtype=x.dtype)
     sums.index_add_(1, block_of, x)
-    counts = torch.bincount(block_of, minlength=n_blocks).clamp_min(1).to(x.dtype)
-    return sums / counts[None, :, None]
+    counts = torch.zeros(n_blocks, device=x.device, dtype=x.dtype)
+    counts.index_add_(0, block_of, torch.ones_like(block_of, dtype=x.dtype))  # bincount would sync
+    return sums / counts.clamp_min(1)[None, :, None]

@@ -33,5 +33,5 @@ def score_lowbit(chunk: ChunkContext, params: LowbitParams) -> torch.Tensor:
     # Sample rows counting back from the chunk's last row, so the newest query is always scored.
     rows = torch.arange(chunk.q_len - 1, -1, -params.sample_stride, device=chunk.q.device).flip(0)
     q = chunk.q[rows].float().permute(1, 0, 2)  # [h, n, d]
-    logits = lowbit_logits(q, chunk.keys, params.bits, chunk.scale)
+    logits = lowbit_logits(q, chunk.kv_keys, params.bits, chunk.scale, chunk)
     return chunk.token_logits_to_block_scores(logits, chunk.context_len + rows)

@@ -27,39 +27,32 @@ class PooledParams(EstimatorParams):
     proxy_heads: int | None = Field(None, ge=1, description="score each GQA group with this many heads")
 
 
-def group_mean(x: torch.Tensor, kv_head_of: torch.Tensor) -> torch.Tensor:
-    """Average x [heads, ...] over the heads of each KV group and give every head its group's mean."""
-    groups = torch.unique(kv_head_of, return_inverse=True)[1]
-    sums = torch.zeros((int(groups.max()) + 1, *x.shape[1:]), device=x.device, dtype=x.dtype)
-    sums.index_add_(0, groups, x)
-    counts = torch.bincount(groups).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return (sums / counts)[groups]
-
-
-def proxy_mask(kv_head_of: torch.Tensor, n: int) -> torch.Tensor:
+def proxy_mask(chunk: ChunkContext, n: int) -> torch.Tensor:
     """Which heads are proxies: n evenly spaced heads of each KV group (all of them if fewer)."""
-    mask = torch.zeros(len(kv_head_of), dtype=torch.bool, device=kv_head_of.device)
-    for g in torch.unique(kv_head_of).tolist():
-        members = torch.nonzero(kv_head_of == g).flatten()
-        pick = torch.linspace(0, len(members) - 1, min(n, len(members))).round().long()
-        mask[members[pick]] = True
-    return mask
+    ids = chunk.host_kv_head_ids()
+    picked = []
+    for g in dict.fromkeys(ids):
+        members = [h for h, k in enumerate(ids) if k == g]
+        picked += [members[i] for i in torch.linspace(0, len(members) - 1, min(n, len(members))).round().long()]
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[picked] = True
+    return mask.to(chunk.q.device)
 
 
 @register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)")
 def score_pooled(chunk: ChunkContext, params: PooledParams) -> torch.Tensor:
     pq, pk = chunk.pooled_queries(), chunk.pooled_keys()  # [h, rows, d], [h, kv_blocks, d]
     if params.proxy_heads is not None:
-        proxies = proxy_mask(chunk.kv_head_of, params.proxy_heads)
+        proxies = proxy_mask(chunk, params.proxy_heads)
         norms = pq.norm(dim=-1, keepdim=True)  # [h, rows, 1]
         # Mean over the proxies of each group: zero the others, then rescale the group mean.
         w = proxies.to(pq.dtype).view(-1, 1, 1)
-        frac = group_mean(w, chunk.kv_head_of)
-        proxy_q = group_mean(pq * w, chunk.kv_head_of) / frac
-        proxy_norm = group_mean(norms * w, chunk.kv_head_of) / frac
+        frac = chunk.group_mean(w)
+        proxy_q = chunk.group_mean(pq * w) / frac
+        proxy_norm = chunk.group_mean(norms * w) / frac
         logits = proxy_q @ pk.transpose(1, 2) * (norms / proxy_norm.clamp_min(1e-6))
     elif params.share == "group":
-        logits = group_mean(pq, chunk.kv_head_of) @ pk.transpose(1, 2)
+        logits = chunk.group_mean(pq) @ pk.transpose(1, 2)
     else:
         logits = pq @ pk.transpose(1, 2)
     return torch.log_softmax(chunk.mask_noncausal(logits * chunk.scale), dim=-1)

@@ -16,8 +16,14 @@ def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return torch.round(x / scale).clamp(-qmax, qmax), scale
 
 
-def lowbit_logits(q: torch.Tensor, k: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
-    """q [h, n, d], k [h, m, d] -> approximate q @ k^T * scale from `bits`-bit integers, [h, n, m]."""
+def lowbit_logits(q: torch.Tensor, k: torch.Tensor, bits: int, scale: float, chunk=None) -> torch.Tensor:
+    """q [h, n, d], k [h, m, d] -> approximate q @ k^T * scale from `bits`-bit integers, [h, n, m].
+
+    With `chunk` (a ChunkContext), k holds one row set per KV head [kv_heads, m, d] and each q head
+    is multiplied with its KV head's keys (chunk.by_kv_head), so keys are quantized once per KV head.
+    """
     qi, qs = quantize_symmetric(q.float(), bits)
     ki, ks = quantize_symmetric(k.float(), bits)
-    return (qi @ ki.transpose(1, 2)) * qs * ks.transpose(1, 2) * scale
+    if chunk is None:
+        return (qi @ ki.transpose(1, 2)) * qs * ks.transpose(1, 2) * scale
+    return chunk.by_kv_head(qi, ki) * qs * ks.transpose(1, 2)[chunk.kv_head_of] * scale

@@ -36,13 +36,14 @@ def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> to
     q_pos = torch.arange(chunk.seq_len - n, chunk.seq_len, device=chunk.q.device)
     k_pos = torch.arange(chunk.seq_len, device=chunk.q.device)
     q = chunk.q[-n:].float().permute(1, 0, 2)  # [h, n, d]
-    logits = (q @ chunk.keys.transpose(1, 2)) * chunk.scale  # [h, n, seq]
+    logits = chunk.qk(q) * chunk.scale  # [h, n, seq]
     causal = k_pos[None, :] <= q_pos[:, None]
     probs = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), dim=-1)
 
     vertical = _topk_only(probs.sum(1), params.vertical_size)  # [h, seq] by key position
-    offset = (q_pos[:, None] - k_pos[None, :])[causal]  # diagonal of each causal (query, key) pair
-    slash = torch.zeros_like(vertical).index_add_(1, offset, probs[:, causal])
+    # Diagonal of each (query, key) pair; non-causal pairs carry probability 0, parked on offset 0.
+    offset = (q_pos[:, None] - k_pos[None, :]).clamp_min(0).flatten()
+    slash = torch.zeros_like(vertical).index_add_(1, offset, probs.flatten(1))
     slash = _topk_only(slash, params.slash_size)  # [h, seq] by offset
 
     bs, heads = chunk.block_size, q.shape[0]
