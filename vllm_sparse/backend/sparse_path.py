@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections import defaultdict
 
 import torch
@@ -10,9 +12,12 @@ from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
+from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.budget import select_blocks
+from vllm_sparse.selection.pages import block_mask_to_page_csr
 from vllm_sparse.selection.stats import STATS
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
@@ -50,15 +55,21 @@ def attend_sparse_chunks(
     scale: float,
     union_tile: int | None = None,  # query blocks per union; None: one union for the whole chunk
     layer: int = -1,  # for the stats only
+    kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
     kv_head_ids = tuple(h // (num_q // num_kv) for h in range(num_q))
+    # The eval statistics (and their dense audit) are computed on the exact reference path.
+    kernel = "reference" if STATS.enabled else (kernel or selected_kernel(query.device))
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids)
         mask = chunk_block_mask(ctx, head_plans)
         tile = union_tile or ctx.num_query_blocks
+        if kernel != "reference":
+            _attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel)
+            continue
         for r0 in range(0, ctx.num_query_blocks, tile):
             rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
             union = union_blocks(mask[:, rows], kv_head_of, num_kv)
@@ -75,6 +86,67 @@ def attend_sparse_chunks(
                                                 out=output[tokens], return_lse=True)
             if STATS.enabled:
                 _record(layer, ctx, mask[:, rows], union, rows, query[tokens], output[tokens], lse, args, scale)
+
+
+def selected_kernel(device: torch.device) -> str:
+    """FA3 over compacted tables on Hopper with vLLM's FA3 build, the Triton kernel on other GPUs,
+    the torch reference on CPU. VLLM_SPARSE_KERNEL=triton|fa3|reference overrides."""
+    forced = os.environ.get("VLLM_SPARSE_KERNEL")
+    if forced:
+        return forced
+    if device.type != "cuda":
+        return "reference"
+    return "fa3" if _fa3_available(device) else "triton"
+
+
+@functools.cache
+def _fa3_available(device: torch.device) -> bool:
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+    except ImportError:
+        return False
+    return is_fa_version_supported(3)
+
+
+def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
+                              output: torch.Tensor, block_table: torch.Tensor, kernel: str) -> None:
+    """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
+
+    Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
+    tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
+    (each row keeps its diagonal block), which the FA3 path relies on.
+    """
+    dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
+    num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
+    n_tiles = -(-rows // tile)
+    padded = torch.nn.functional.pad(mask, (0, 0, 0, n_tiles * tile - rows))  # [h, n_tiles * tile, nkb]
+    per_head = padded.view(mask.shape[0], n_tiles, tile, nkb).any(2)  # [h, n_tiles, nkb]
+    groups = ctx._groups
+    if groups is not None and groups[0] == list(range(num_kv)):
+        union = per_head.view(num_kv, groups[1], n_tiles, nkb).any(1)
+    else:
+        union = torch.zeros(num_kv, n_tiles, nkb, dtype=torch.int32, device=dev).index_add_(
+            0, ctx.kv_head_of, per_head.to(torch.int32)) > 0
+    # Tile token ranges inside the chunk and each tile's sequence length (its last query's).
+    starts = ((ctx.first_query_block + torch.arange(n_tiles + 1, device=dev) * tile) * bs - ctx.context_len)
+    bounds = starts.clamp(0, ctx.q_len).to(torch.int32)  # [n_tiles + 1], query_start_loc of the tiles
+    seq_lens = (ctx.context_len + bounds[1:]).to(torch.int32)
+    num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(num_kv)
+    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv, nkb), bs,
+                                             kv.page_size, num_pages)
+    q, out = ctx.q, output[c.q_start:c.q_end]
+    rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
+    max_q = min(tile * bs, ctx.q_len)
+    if kernel == "fa3":
+        tables, counts = compact_block_tables(block_table, rows_bt, indptr, indices, num_kv, block_table.shape[1])
+        sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
+                             max_q, ctx.scale, out)
+    else:
+        sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
+                               max_query_len=max_q, block_table_rows=rows_bt)
 
 
 def _record(layer, ctx, mask, union, rows, q, out, lse, args, scale) -> None:
