@@ -35,6 +35,10 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     for plan, heads in heads_of.items():
         if plan is None:
             continue
+        if len(heads) == len(head_plans):  # one plan for every head: score the chunk as it is
+            mask[:] = select_blocks(get_estimator(plan.estimator).score(chunk, plan.params), plan.budget,
+                                    chunk.first_query_block)
+            continue
         idx = torch.tensor(heads, device=chunk.q.device)
         kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
@@ -141,7 +145,8 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
     rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
     max_q = min(tile * bs, ctx.q_len)
     if kernel == "fa3":
-        tables, counts = compact_block_tables(block_table, rows_bt, indptr, indices, num_kv, block_table.shape[1])
+        max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
+        tables, counts = compact_block_tables(block_table, rows_bt, indptr, indices, num_kv, max_pages)
         sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
                              max_q, ctx.scale, out)
     else:

@@ -119,13 +119,29 @@ class ChunkContext:
         return torch.arange(self.context_len, self.seq_len, device=self.q.device)
 
     def pooled_queries(self) -> torch.Tensor:
-        """Mean query of each query block row (over the rows present in this chunk), [heads, rows, D]."""
-        return _pool_contiguous(self.q.float().permute(1, 0, 2), self.context_len, self.block_size,
-                                self.first_query_block, self.num_query_blocks)
+        """Mean query of each query block row (over the rows present in this chunk), [heads, rows, D] fp32."""
+        return _pool_rows(self.q, self.context_len, self.block_size, self.first_query_block,
+                          self.num_query_blocks).permute(1, 0, 2)
 
     def pooled_keys(self) -> torch.Tensor:
-        """Mean key of each KV block, per scored q head, [heads, kv_blocks, D] (pooled once per KV head)."""
-        return _pool_contiguous(self.kv_keys, 0, self.block_size, 0, self.num_kv_blocks)[self.kv_head_of]
+        """Mean key of each KV block, per scored q head, [heads, kv_blocks, D] fp32.
+
+        Summed page by page straight from the cache (pages in their dtype, sums in fp32), once
+        per KV head: no fp32 copy of the keys, which at 128K would be 0.5 GB per layer.
+        """
+        page, bs = self.kv.page_size, self.block_size
+        n_pages = (self.seq_len - 1) // page + 1
+        pages = self.block_table[:n_pages].long()
+        full = n_pages - 1  # the last page may be partly filled: sum only its tokens
+        tail = self.seq_len - full * page
+        sums = torch.cat([self.kv.key[pages[:full]].sum(dim=2, dtype=torch.float32),
+                          self.kv.key[pages[full:], :, :tail].sum(dim=2, dtype=torch.float32)])  # [pages, kv, D]
+        per_block = bs // page
+        sums = torch.nn.functional.pad(sums, (0, 0, 0, 0, 0, self.num_kv_blocks * per_block - n_pages))
+        block_sums = sums.view(self.num_kv_blocks, per_block, *sums.shape[1:]).sum(1)  # [blocks, kv, D]
+        starts = torch.arange(self.num_kv_blocks, device=sums.device) * bs
+        counts = (torch.clamp(starts + bs, max=self.seq_len) - starts).to(torch.float32)
+        return (block_sums / counts[:, None, None]).permute(1, 0, 2)[self.kv_head_of]
 
     def token_logits_to_block_scores(self, logits: torch.Tensor, q_pos: torch.Tensor, key_stride: int = 1
                                      ) -> torch.Tensor:
@@ -152,18 +168,18 @@ def _sum_last_dim_in_blocks(x: torch.Tensor, per_block: int, n_blocks: int) -> t
     return x.view(*x.shape[:-1], n_blocks, per_block).sum(-1)
 
 
-def _pool_contiguous(x: torch.Tensor, first_pos: int, block_size: int, first_block: int, n_blocks: int
-                     ) -> torch.Tensor:
-    """x [heads, n, F] rows at positions first_pos.. -> per-block means [heads, n_blocks, F] for blocks
+def _pool_rows(x: torch.Tensor, first_pos: int, block_size: int, first_block: int, n_blocks: int
+               ) -> torch.Tensor:
+    """x [n, ...] rows at positions first_pos.. -> per-block means [n_blocks, ...] in fp32 for blocks
     first_block..first_block + n_blocks - 1 (0 where a block has no rows); a reshape, no scatter."""
-    h, n, f = x.shape
+    n = x.shape[0]
     front = first_pos - first_block * block_size
     back = n_blocks * block_size - front - n
-    padded = torch.nn.functional.pad(x, (0, 0, front, back))
-    sums = padded.view(h, n_blocks, block_size, f).sum(2)
+    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (front, back))
+    sums = padded.view(n_blocks, block_size, *x.shape[1:]).sum(1, dtype=torch.float32)
     starts = (torch.arange(n_blocks, device=x.device) + first_block) * block_size
     counts = (torch.clamp(starts + block_size, max=first_pos + n) - torch.clamp(starts, min=first_pos)).clamp(min=1)
-    return sums / counts.to(x.dtype)[None, :, None]
+    return sums / counts.to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
 
 
 def _block_mean(x: torch.Tensor, block_of: torch.Tensor, n_blocks: int) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""Time to first token, dense vs SPARSE, in vLLM on one GPU (same run, same vLLM).
+
+A Llama-3.1-8B-shaped model with dummy weights (config written here; a small locally trained
+tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enforce_eager.
+Each backend runs in its own process (vLLM engines do not share one well); prompts are random
+token ids, the same for both. Table last; JSON to --out.
+
+    python benchmarks/e2e.py --out $OUT/e2e.json --lengths 32768,65536,131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "E2E_RESULT "
+
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 132096, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+}
+
+
+def build_model(root: Path) -> Path:
+    sys.path.insert(0, str(REPO))
+    from tests.fixtures.tiny_llama import _train_tokenizer
+
+    model = root / "llama-3.1-8b-dummy"
+    model.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(model, 512)
+    (model / "config.json").write_text(json.dumps(LLAMA_8B, indent=1))
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return model
+
+
+def worker(spec: dict) -> dict:
+    import os
+
+    # The engine in this process, so torch sees its memory and the profiler its kernels.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+    from vllm import LLM, SamplingParams
+
+    kw = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
+              max_model_len=max(spec["lengths"]) + 64, max_num_batched_tokens=spec["chunk"],
+              enable_chunked_prefill=True, enable_prefix_caching=False, gpu_memory_utilization=0.85,
+              max_num_seqs=8)
+    if spec["config"]:
+        kw.update(attention_backend="sparse", additional_config={"sparse": {"config": spec["config"]}})
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    llm.generate([{"prompt_token_ids": torch.randint(3, 500, (4096,), generator=g).tolist()}], params,
+                 use_tqdm=False)  # warm-up
+    ttft = {}
+    for n in spec["lengths"]:
+        ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        times = []
+        for _ in range(spec["repeats"]):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+        ttft[n] = min(times)
+        print(f"{'sparse' if spec['config'] else 'dense'} {n}: {times}", flush=True)
+        if spec.get("profile") == n:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
+            Path(spec["profile_out"]).write_text(table)
+            print(table[:6000], flush=True)
+    return {"startup_s": startup, "ttft_s": ttft, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+    raise SystemExit(f"engine failed ({'sparse' if spec['config'] else 'dense'}), exit {proc.returncode}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="32768,65536,131072")
+    ap.add_argument("--config", default=str(REPO / "benchmarks/configs/llama-3-8b-pooled-10.yaml"))
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
+    ap.add_argument("--out", default="e2e.json")
+    ap.add_argument("--profile", type=int, help="also profile the sparse run at this length")
+    ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
+    ap.add_argument("--worker")
+    args = ap.parse_args()
+    if args.worker:
+        print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    root = Path(tempfile.mkdtemp(prefix="e2e-"))
+    model = build_model(root)
+    base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",")], "chunk": args.chunk,
+            "repeats": args.repeats, "eager": not args.graphs}
+    prof = {"profile": args.profile, "profile_out": str(Path(args.out).with_suffix(".profile.txt"))}
+    if args.only:
+        result = run({**base, **prof, "config": None if args.only == "dense" else args.config})
+        print(json.dumps(result))
+        return
+    dense = run({**base, "config": None})
+    sparse = run({**base, **prof, "config": args.config})
+    import torch
+    import vllm
+
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
+            "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "dense": dense, "sparse": sparse}, indent=1))
+    print(f"\n{meta['device']}  vLLM {meta['vllm']}  torch {meta['torch']}  "
+          f"{'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
+    print(f"start-up: dense {dense['startup_s']:.1f} s, sparse {sparse['startup_s']:.1f} s; peak GPU memory: "
+          f"dense {dense['peak_gib']:.1f} GiB, sparse {sparse['peak_gib']:.1f} GiB")
+    print(f"{'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9}")
+    for n in base["lengths"]:
+        d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]
+        print(f"{n:>8} {d:>10.2f}s {s:>11.2f}s {d / s:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
