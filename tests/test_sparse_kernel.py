@@ -236,3 +236,39 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel):
                          kernel=kernel)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("kernel", ["triton"] + (["fa3"] if GPU else []))
+def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
+    """`vllm-sparse eval` reads kept densities from the kernel path on GPUs: same counts as the reference."""
+    from vllm_sparse.backend.batch import SparseChunk
+    from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+    from vllm_sparse.config.plan import HeadPlan
+    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.selection.budget import Budget
+    from vllm_sparse.selection.stats import STATS
+
+    if kernel == "fa3":
+        pytest.importorskip("vllm.vllm_flash_attn")
+    b = random_paged_batch((400,), (300,), 8, 2, 32, 16, dtype=torch.float16, seed=5)
+    est = get_estimator("pooled")
+    plans = [HeadPlan("pooled", est.params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))] * 8
+    chunk = (SparseChunk(0, 0, 300, 100),)
+    q, kv = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
+    kv = _flash_layout(kv) if kernel == "fa3" else kv
+    counts = {}
+    STATS.enable()
+    try:
+        for k, (qq, kk, bt) in {"reference": (b.q, b.kv, b.block_table),
+                                kernel: (q, kv, b.block_table.to(DEVICE))}.items():
+            STATS.reset()
+            attend_sparse_chunks(qq, torch.full_like(qq, float("nan")), kk, bt, chunk, plans, 32, 32**-0.5,
+                                 union_tile=2, layer=7, kernel=k)
+            st = STATS.snapshot()[7]
+            counts[k] = (st.unions, st.requested_kept, st.requested_total, st.union_kept, st.union_total)
+    finally:
+        STATS.enabled = False
+        STATS.reset()
+    assert counts["reference"][0] == 5  # 300 queries after 100 of context: query blocks 3..12, tiles of 2
+    assert 0 < counts["reference"][3] < counts["reference"][4]
+    assert counts[kernel] == counts["reference"]

