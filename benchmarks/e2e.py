@@ -5,7 +5,9 @@ tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enfo
 Each backend runs in its own process (vLLM engines do not share one well); prompts are random
 token ids, the same for both. Table last; JSON to --out.
 
-    python benchmarks/e2e.py --out $OUT/e2e.json --lengths 32768,65536,131072
+    python benchmarks/e2e.py --out $OUT/e2e.json --lengths 32768,65536,131072 [--graphs]
+
+Also decode tokens/s for a batch of 32 requests at 8K tokens of context (--decode-batch 0 skips it).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def worker(spec: dict) -> dict:
     kw = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
               max_model_len=max(spec["lengths"]) + 64, max_num_batched_tokens=spec["chunk"],
               enable_chunked_prefill=True, enable_prefix_caching=False, gpu_memory_utilization=0.85,
-              max_num_seqs=8)
+              max_num_seqs=max(8, spec.get("decode_batch") or 0))
     if spec["config"]:
         kw.update(attention_backend="sparse", additional_config={"sparse": {"config": spec["config"]}})
     t0 = time.perf_counter()
@@ -85,7 +87,31 @@ def worker(spec: dict) -> dict:
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
             Path(spec["profile_out"]).write_text(table)
             print(table[:6000], flush=True)
-    return {"startup_s": startup, "ttft_s": ttft, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {"startup_s": startup, "ttft_s": ttft, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if spec.get("decode_batch"):
+        result["decode_tok_s"] = decode_throughput(llm, spec["decode_batch"], spec["decode_context"],
+                                                   spec["decode_tokens"], spec["repeats"])
+    return result
+
+
+def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) -> float:
+    """Decode tokens/s of `batch` requests of `context` prompt tokens: the time of generating
+    1 + `tokens` tokens minus the time of generating 1 (the same prefill), best of `repeats`."""
+    import torch
+    from vllm import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, 500, (context,), generator=g).tolist()} for _ in range(batch)]
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up at this batch size
+    best = min(timed(1 + tokens) - timed(1) for _ in range(max(repeats, 2)))
+    return batch * tokens / best
 
 
 def run(spec: dict) -> dict:
@@ -105,6 +131,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
+    ap.add_argument("--decode-batch", type=int, default=32, help="decode throughput batch (0: skip)")
+    ap.add_argument("--decode-context", type=int, default=8192)
+    ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--profile", type=int, help="also profile the sparse run at this length")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
@@ -116,7 +145,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="e2e-"))
     model = build_model(root)
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",")], "chunk": args.chunk,
-            "repeats": args.repeats, "eager": not args.graphs}
+            "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
+            "decode_context": args.decode_context, "decode_tokens": args.decode_tokens}
     prof = {"profile": args.profile, "profile_out": str(Path(args.out).with_suffix(".profile.txt"))}
     if args.only:
         result = run({**base, **prof, "config": None if args.only == "dense" else args.config})
@@ -139,6 +169,10 @@ def main() -> None:
     for n in base["lengths"]:
         d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]
         print(f"{n:>8} {d:>10.2f}s {s:>11.2f}s {d / s:>8.2f}x")
+    if args.decode_batch:
+        d, s = dense["decode_tok_s"], sparse["decode_tok_s"]
+        print(f"decode, batch {args.decode_batch} at {args.decode_context} tokens of context: dense {d:.0f} tok/s, "
+              f"sparse {s:.0f} tok/s ({s / d - 1:+.1%})")
 
 
 if __name__ == "__main__":

