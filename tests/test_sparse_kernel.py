@@ -256,19 +256,26 @@ def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
     chunk = (SparseChunk(0, 0, 300, 100),)
     q, kv = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
     kv = _flash_layout(kv) if kernel == "fa3" else kv
-    counts = {}
-    STATS.enable()
+    counts, audits = {}, {}
+    runs = {"reference": (b.q, b.kv, b.block_table, False), kernel: (q, kv, b.block_table.to(DEVICE), False),
+            # With the audit on, the kernel's device takes the reference path (and must run there).
+            "audit": (q, kv, b.block_table.to(DEVICE), True)}
     try:
-        for k, (qq, kk, bt) in {"reference": (b.q, b.kv, b.block_table),
-                                kernel: (q, kv, b.block_table.to(DEVICE))}.items():
+        for name, (qq, kk, bt, audit) in runs.items():
+            STATS.enable(audit=audit)
             STATS.reset()
-            attend_sparse_chunks(qq, torch.full_like(qq, float("nan")), kk, bt, chunk, plans, 32, 32**-0.5,
-                                 union_tile=2, layer=7, kernel=k)
+            out = torch.full_like(qq, float("nan"))
+            attend_sparse_chunks(qq, out, kk, bt, chunk, plans, 32, 32**-0.5, union_tile=2, layer=7,
+                                 kernel="reference" if name == "reference" else kernel)
+            assert not out.isnan().any()
             st = STATS.snapshot()[7]
-            counts[k] = (st.unions, st.requested_kept, st.requested_total, st.union_kept, st.union_total)
+            counts[name] = (st.unions, st.requested_kept, st.requested_total, st.union_kept, st.union_total)
+            audits[name] = st.audit
     finally:
-        STATS.enabled = False
+        STATS.enabled = STATS.audit = False
         STATS.reset()
     assert counts["reference"][0] == 5  # 300 queries after 100 of context: query blocks 3..12, tiles of 2
     assert 0 < counts["reference"][3] < counts["reference"][4]
-    assert counts[kernel] == counts["reference"]
+    assert counts[kernel] == counts["reference"] == counts["audit"]
+    assert audits["reference"] == audits[kernel] == [] and len(audits["audit"]) == 5
+    assert all(0 < rel < 1 and 0 < mass < 1 for rel, mass in audits["audit"])

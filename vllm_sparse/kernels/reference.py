@@ -41,13 +41,13 @@ def sparse_paged_attention_ref(
         q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=q.device)
         for h in range(num_kv_heads):
             r = s * num_kv_heads + h
-            logical = page_indices[indptr[r] : indptr[r + 1]].long()
+            logical = page_indices[indptr[r] : indptr[r + 1]].to(q.device, torch.long)
             heads = slice(h * group, (h + 1) * group)
             if logical.numel() == 0:  # nothing selected: no key visible, as a fully masked row
                 out[q0:q1, heads] = 0
                 continue
             k_pos = (logical[:, None] * page + offsets[None, :]).reshape(-1)
-            phys = block_table[s, logical].long()
+            phys = block_table[s].to(q.device)[logical].long()
             k = kv.key[phys, h].reshape(-1, head_dim).float()  # [n_pages*page, D]
             v = kv.value[phys, h].reshape(-1, kv.value.shape[-1]).float()
             qs = q[q0:q1, heads].float()  # [T, group, D]
