@@ -91,6 +91,15 @@ def tensor_parallel_rank() -> int:
         return 0
 
 
+def tensor_parallel_size() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except (ImportError, AssertionError, RuntimeError):
+        return 1
+
+
 def seq_lens_cpu(cm) -> torch.Tensor:
     """Per-request sequence lengths on the host, exact for prefill rows."""
     for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound"):

@@ -17,6 +17,7 @@ from vllm_sparse.backend.batch import SparseBatch, classify
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.config.sharding import head_shard
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
 
@@ -48,6 +49,27 @@ def _kv_cache_problem(vllm_config) -> str | None:
 def _layer_span(layer_names: list[str]) -> str:
     idx = sorted(_layer_index(n) for n in layer_names)
     return f"{idx[0]}-{idx[-1]}" if len(idx) > 1 else str(idx[0])
+
+
+_warned_split_groups = False
+
+
+def _rank_shard(plan, num_heads: int, num_kv_heads: int):
+    """This rank's heads, or None when the layer's local head counts are not the plan model's split."""
+    global _warned_split_groups
+    try:
+        shard = head_shard(plan.num_q_heads, plan.num_kv_heads, compat.tensor_parallel_rank(),
+                           compat.tensor_parallel_size(), plan.source)
+    except SparseConfigError:
+        return None
+    if (len(shard.q_heads), len(shard.kv_heads)) != (num_heads, num_kv_heads):
+        return None
+    if shard.splits_groups and plan.is_sparse and not _warned_split_groups:
+        _warned_split_groups = True
+        logger.warning("vllm-sparse: tensor parallelism over %d ranks spreads each GQA group (%d query heads "
+                       "per KV head) over several ranks; each rank's block union covers only its own query "
+                       "heads, so sparse outputs differ from a single GPU's", shard.tp_size, shard.group_size)
+    return shard
 
 
 def make_sparse_backend(
@@ -107,6 +129,9 @@ def make_sparse_backend(
             ]
             # Resolve (and validate) the plan now, at engine start, not on the first request.
             self._plan = plan_for(compat.current_vllm_config())
+            self._shard = _rank_shard(self._plan, self.num_heads, self.num_kv_heads)
+            if self._shard is None:
+                self._unsupported.append("a head layout that differs from the model config's")
             self._heads = None  # this layer's per-local-head plans, bound on first use
 
         def _head_plans(self, layer) -> list | None:
@@ -118,9 +143,8 @@ def make_sparse_backend(
                     if self._unsupported:
                         logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not "
                                        "support: it runs dense", idx, layer.layer_name, ", ".join(self._unsupported))
-                    else:
-                        rank = compat.tensor_parallel_rank()
-                        heads = list(lp.heads[rank * self.num_heads:(rank + 1) * self.num_heads])
+                    else:  # this rank's slice of the layer's heads (plans number heads unsharded)
+                        heads = list(lp.heads_for(self._shard))
                 self._heads = heads if any(h is not None for h in heads) else []
             return self._heads or None
 

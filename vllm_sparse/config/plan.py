@@ -74,6 +74,10 @@ class LayerPlan:
     def is_sparse(self) -> bool:
         return any(h is not None for h in self.heads)
 
+    def heads_for(self, shard) -> tuple[HeadPlan | None, ...]:
+        """The plans of the query heads one tensor-parallel rank runs (a `sharding.HeadShard`)."""
+        return self.heads[shard.q_heads.start:shard.q_heads.stop]
+
 
 @dataclass(frozen=True)
 class SparsePlan:
