@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.server import vllm_server  # noqa: E402
 
 
-def prompt_of(model: str, n_tokens: int, seed: int) -> list[int]:
-    """n_tokens of real text (Python's own sources, from argparse.py on), a different slice per seed."""
+def prompts_of(model: str, n_tokens: int, count: int) -> list[list[int]]:
+    """`count` prompts of n_tokens of real text (Python's own sources, from argparse.py on), each a
+    different slice of it. Tokenized once, here, so every backend gets the same prompts."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -38,19 +39,18 @@ def prompt_of(model: str, n_tokens: int, seed: int) -> list[int]:
         ids += tok(path.read_text(errors="ignore"), add_special_tokens=False)["input_ids"]
         if len(ids) >= n_tokens + 4096:
             break
-    start = (seed * 1009) % (len(ids) - n_tokens + 1)
-    return ids[start:start + n_tokens]
+    starts = [(seed * 1009) % (len(ids) - n_tokens + 1) for seed in range(count)]
+    return [ids[start:start + n_tokens] for start in starts]
 
 
-def measure(model: str, args, extra: list[str], log: Path) -> dict:
+def measure(model: str, args, prompts: list[list[int]], extra: list[str], log: Path) -> dict:
     kv_bytes = str(int(args.kv_cache_gib * 2**30))
     serve = [model, "--max-model-len", str(args.tokens + 512), "--max-num-batched-tokens", str(args.chunk),
              "--no-enable-prefix-caching", "--enforce-eager", "--kv-cache-memory-bytes", kv_bytes,
              "--dtype", args.dtype, *args.serve_arg, *extra]
     with vllm_server(serve, log, timeout=args.startup_timeout) as (url, startup):
         times = []
-        for i in range(args.repeats):
-            ids = prompt_of(model, args.tokens, i)
+        for ids in prompts:
             t0 = time.perf_counter()
             r = requests.post(url + "/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1,
                                                              "temperature": 0}, timeout=1800)
@@ -83,7 +83,8 @@ def main() -> None:
                                             json.dumps({"sparse": {"config": cfg}})]
     logs = Path(args.out).with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
-    results = {name: measure(args.model, args, extra, logs / f"{name}.log") for name, extra in runs.items()}
+    prompts = prompts_of(args.model, args.tokens, args.repeats)
+    results = {name: measure(args.model, args, prompts, extra, logs / f"{name}.log") for name, extra in runs.items()}
     import torch
     import vllm
 

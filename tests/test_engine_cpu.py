@@ -41,11 +41,10 @@ def _config(tmp: Path, name: str, rule: dict) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_llama, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("configs")
-    prompts = _prompts(tiny_llama)
-    base = {"model": str(tiny_llama), "prompts": prompts, "engine": ENGINE, "max_tokens": 6}
+def run_plans(model: Path, tmp: Path, engine: dict) -> dict:
+    """The same prompts through the stock backend and through SPARSE with a dense plan, a keep-all
+    plan and a real sparse plan (the GPU twin runs this too)."""
+    base = {"model": str(model), "prompts": _prompts(model), "engine": engine, "max_tokens": 6}
     sink_local = {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2}
     specs = {
         "stock": {},
@@ -56,6 +55,11 @@ def runs(tiny_llama, tmp_path_factory):
             "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}})},
     }
     return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, tmp_path_factory):
+    return run_plans(tiny_llama, tmp_path_factory.mktemp("configs"), ENGINE)
 
 
 def _max_logprob_diff(a: dict, b: dict) -> float:

@@ -11,8 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.engines import run_engine
-from tests.test_engine_cpu import LENGTHS, _config, _max_logprob_diff, _prompts
+from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, run_plans
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,19 +24,7 @@ ENGINE = {"dtype": "bfloat16", "max_model_len": 4096, "block_size": 16, "max_num
 def runs(model_cache, tmp_path_factory):
     from tests.fixtures.tiny_llama import build_tiny_llama
 
-    model = build_tiny_llama(model_cache, head_dim=64)
-    tmp = tmp_path_factory.mktemp("configs")
-    base = {"model": str(model), "prompts": _prompts(model), "engine": ENGINE, "max_tokens": 6}
-    sink_local = {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2}
-    specs = {
-        "stock": {},
-        "dense_plan": {"backend": "sparse", "config": _config(tmp, "dense", {"dense": True})},
-        "keep_all": {"backend": "sparse", "config": _config(tmp, "keep_all", {
-            "estimator": sink_local, "budget": {"keep_ratio": 1.0}})},
-        "sparse": {"backend": "sparse", "config": _config(tmp, "sparse", {
-            "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}})},
-    }
-    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
+    return run_plans(build_tiny_llama(model_cache, head_dim=64), tmp_path_factory.mktemp("configs"), ENGINE)
 
 
 def test_dense_plan_equals_stock_backend_exactly(runs):

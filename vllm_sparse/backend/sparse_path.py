@@ -136,8 +136,8 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
             0, ctx.kv_head_of, per_head.to(torch.int32)) > 0
     if STATS.enabled:  # eval counters: host syncs are acceptable there
         for t in range(n_tiles):
-            _record_density(layer, ctx, mask[:, t * tile:(t + 1) * tile], union[:, t],
-                            slice(t * tile, min((t + 1) * tile, rows)))
+            tile_rows = slice(t * tile, min((t + 1) * tile, rows))
+            _record_density(layer, ctx, mask[:, tile_rows], union[:, t], tile_rows)
     # Tile token ranges inside the chunk and each tile's sequence length (its last query's).
     starts = ((ctx.first_query_block + torch.arange(n_tiles + 1, device=dev) * tile) * bs - ctx.context_len)
     bounds = starts.clamp(0, ctx.q_len).to(torch.int32)  # [n_tiles + 1], query_start_loc of the tiles
