@@ -3,8 +3,10 @@
 One 16K-query prefill chunk at the end of a 128K context, Llama-3.1-8B heads (32 q / 8 kv, d=128),
 bf16 paged cache (vLLM 0.26 FlashAttention layout, page 16), selection block 128, keep 10% per
 row (plus 1 sink and 2 local blocks), one union per query block. Each estimator runs as the
-torch function the algorithms issue wrote (the reference); the figure says how far each is from
-the ≤ 6 ms per layer target and which needs a fused kernel. Table last; JSON to --out.
+estimator's scoring function, then selection, union and FA3's compacted block tables two ways:
+"torch" (the references: `select_blocks`, `tile_tables_ref`, pooled keys gathered by torch) and
+"kernels" (what the backend runs on GPUs: `select_blocks_triton`, `tile_tables_triton`, pooled keys
+read in place by `block_key_means_triton`). Both must give the same tables. Table last; JSON to --out.
 
     python benchmarks/estimators.py --out $OUT/estimators.json
 """
@@ -21,11 +23,14 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_sparse.estimators import base as estimator_base  # noqa: E402
 from vllm_sparse.estimators.base import ChunkContext  # noqa: E402
+from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton  # noqa: E402
 from vllm_sparse.estimators.registry import get_estimator  # noqa: E402
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
 from vllm_sparse.selection.budget import Budget, select_blocks  # noqa: E402
-from vllm_sparse.selection.pages import block_mask_to_page_csr  # noqa: E402
+from vllm_sparse.selection.select_kernel import select_blocks_triton  # noqa: E402
+from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_ref, tile_tables_triton  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DEV = "cuda"
@@ -40,14 +45,23 @@ ESTIMATORS = {
 }
 
 
-def select_and_union(ctx: ChunkContext, name: str, params, budget: Budget):
+PATHS = {
+    "torch": (select_blocks, tile_tables_ref, block_key_means_ref),
+    "kernels": (select_blocks_triton, tile_tables_triton, block_key_means_triton),
+}
+
+
+def select_and_union(ctx: ChunkContext, name: str, params, budget: Budget, path: str):
+    """Scores -> kept mask -> one union per query block -> FA3 block tables (as the backend's FA3 path)."""
+    select, tables_of, key_means = PATHS[path]
+    estimator_base.block_key_means_triton = key_means  # what ChunkContext.pooled_keys runs on GPUs
     scores = get_estimator(name).score(ctx, params)
-    mask = select_blocks(scores, budget, ctx.first_query_block)  # [heads, rows, kv_blocks]
+    mask = select(scores, budget, ctx.first_query_block)  # [heads, rows, kv_blocks]
     rows = mask.shape[1]
-    union = mask.view(HKV, HQ // HKV, rows, -1).any(1).transpose(0, 1)  # per (row, kv head)
-    row_end = torch.clamp((ctx.query_block_ids() + 1) * ctx.block_size, max=ctx.seq_len)
-    num_pages = ((row_end + PAGE - 1) // PAGE).repeat_interleave(HKV)
-    return block_mask_to_page_csr(union.reshape(rows * HKV, -1), ctx.block_size, PAGE, num_pages), mask
+    _, seq_lens = tile_seq_lens(ctx.first_query_block, rows, 1, ctx.block_size, ctx.context_len, ctx.q_len,
+                                ctx.q.device)
+    max_pages = -(-ctx.seq_len // PAGE)
+    return tables_of(mask, HKV, 1, seq_lens, ctx.block_size, PAGE, ctx.block_table, max_pages), mask
 
 
 def main() -> None:
@@ -69,40 +83,43 @@ def main() -> None:
                        args.block, D**-0.5, tuple(h // (HQ // HKV) for h in range(HQ)))
     budget = Budget(keep_ratio=args.keep, sink_blocks=1, local_blocks=2)
     rows = []
+    total_pages = float(((ctx.query_block_ids() + 1) * args.block // PAGE).sum() * HKV)
     for label, raw in ESTIMATORS.items():
         if args.only and label not in args.only.split(","):
             continue
         name = label.split("_")[0] if label.startswith("lowbit") else label
         params = get_estimator(name).params.model_validate(raw)
-        fresh = ChunkContext(*[getattr(ctx, f) for f in ("q", "kv_head_of", "kv", "block_table", "context_len",
-                                                          "block_size", "scale", "kv_head_ids")])
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            (indptr, _), mask = select_and_union(fresh, name, params, budget)
-            kept = float(indptr[-1]) / float(((ctx.query_block_ids() + 1) * args.block // PAGE).sum() * HKV)
-
-            def run(name=name, params=params):
+        row = dict(estimator=label, params=raw, error=None)
+        tables = {}
+        for path in PATHS:
+            def run(name=name, params=params, path=path):
                 # A new context each time: the key gather is part of the cost.
                 c = ChunkContext(*[getattr(ctx, f) for f in ("q", "kv_head_of", "kv", "block_table",
                                                               "context_len", "block_size", "scale", "kv_head_ids")])
-                select_and_union(c, name, params, budget)
-            ms = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
-            # One more run with CUDA's sync check armed: any host sync on the path raises here.
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
+                return select_and_union(c, name, params, budget, path)
+            torch.cuda.reset_peak_memory_stats()
             try:
-                run()
-                sync_free = True
-            except RuntimeError as e:
-                sync_free = f"syncs: {str(e)[:160]}"
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            rows.append(dict(estimator=label, params=raw, ms=ms, kept_after_union=kept,
-                             requested=float(mask.float().mean()),
-                             peak_gib=torch.cuda.max_memory_allocated() / 2**30, sync_free=sync_free, error=None))
-        except torch.OutOfMemoryError as e:
-            rows.append(dict(estimator=label, params=raw, ms=None, error=f"OOM: {str(e)[:120]}"))
-        torch.cuda.empty_cache()
+                (tables[path], counts), mask = run()
+                row["kept_after_union"] = float(counts.sum()) / total_pages
+                row["requested"] = float(mask.float().mean())
+                row[f"{path}_ms"] = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
+                row[f"{path}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                # One more run with CUDA's sync check armed: any host sync on the path raises here.
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    run()
+                    row[f"{path}_sync_free"] = True
+                except RuntimeError as e:
+                    row[f"{path}_sync_free"] = f"syncs: {str(e)[:160]}"
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            except torch.OutOfMemoryError as e:
+                row[f"{path}_ms"], row["error"] = None, f"{path} OOM: {str(e)[:120]}"
+            torch.cuda.empty_cache()
+        if len(tables) == 2:
+            row["same_tables"] = bool(torch.equal(tables["torch"], tables["kernels"]))
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, argv=sys.argv)
@@ -110,13 +127,16 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\nestimation+selection+union per layer: ctx {args.ctx}, chunk {args.chunk}, block {args.block}, "
           f"keep {args.keep}  ({meta['device']})")
-    print(f"{'estimator':>16} {'ms':>9} {'kept':>6} {'peak GiB':>9}  no host sync")
+    print(f"{'estimator':>16} {'torch ms':>9} {'kernels ms':>11} {'×':>5} {'kept':>6} {'same tables':>12}"
+          "  no host sync")
     for r in rows:
-        if r["ms"] is None:
+        t, k = r.get("torch_ms"), r.get("kernels_ms")
+        if t is None or k is None:
             print(f"{r['estimator']:>16} {r['error']}")
-        else:
-            print(f"{r['estimator']:>16} {r['ms']:9.2f} {r['kept_after_union']:6.3f} {r['peak_gib']:9.1f}  "
-                  f"{'yes' if r['sync_free'] is True else r['sync_free']}")
+            continue
+        sync = all(r.get(f"{p}_sync_free") is True for p in PATHS)
+        print(f"{r['estimator']:>16} {t:9.2f} {k:11.2f} {t / k:5.2f} {r['kept_after_union']:6.3f} "
+              f"{str(r.get('same_tables')):>12}  {'yes' if sync else 'NO'}")
 
 
 if __name__ == "__main__":

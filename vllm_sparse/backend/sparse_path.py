@@ -12,13 +12,15 @@ from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
-from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.budget import select_blocks
 from vllm_sparse.selection.pages import block_mask_to_page_csr
+from vllm_sparse.selection.select_kernel import select_blocks_triton
 from vllm_sparse.selection.stats import STATS
+from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
@@ -30,21 +32,21 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     heads_of: dict[HeadPlan | None, list[int]] = defaultdict(list)
     for h, plan in enumerate(head_plans):
         heads_of[plan].append(h)
+    select = select_blocks_triton if chunk.q.is_cuda else select_blocks  # same blocks; one launch on GPUs
+    only = next(iter(heads_of))
+    if len(heads_of) == 1 and only is not None:  # one plan for every head: score the chunk as it is
+        return select(get_estimator(only.estimator).score(chunk, only.params), only.budget, chunk.first_query_block)
     causal = chunk.causal_block_mask()
     mask = causal[None].repeat(len(head_plans), 1, 1)
     for plan, heads in heads_of.items():
         if plan is None:
-            continue
-        if len(heads) == len(head_plans):  # one plan for every head: score the chunk as it is
-            mask[:] = select_blocks(get_estimator(plan.estimator).score(chunk, plan.params), plan.budget,
-                                    chunk.first_query_block)
             continue
         idx = torch.tensor(heads, device=chunk.q.device)
         kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
                            chunk.context_len, chunk.block_size, chunk.scale, kv_ids)
         scores = get_estimator(plan.estimator).score(sub, plan.params)
-        mask[idx] = select_blocks(scores, plan.budget, chunk.first_query_block)
+        mask[idx] = select(scores, plan.budget, chunk.first_query_block)
     return mask
 
 
@@ -126,36 +128,27 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
     n_tiles = -(-rows // tile)
-    padded = torch.nn.functional.pad(mask, (0, 0, 0, n_tiles * tile - rows))  # [h, n_tiles * tile, nkb]
-    per_head = padded.view(mask.shape[0], n_tiles, tile, nkb).any(2)  # [h, n_tiles, nkb]
-    groups = ctx._groups
-    if groups is not None and groups[0] == list(range(num_kv)):
-        union = per_head.view(num_kv, groups[1], n_tiles, nkb).any(1)
-    else:
-        union = torch.zeros(num_kv, n_tiles, nkb, dtype=torch.int32, device=dev).index_add_(
-            0, ctx.kv_head_of, per_head.to(torch.int32)) > 0
+    bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len, dev)
+    union = tile_unions(mask, tile, num_kv) if STATS.enabled or kernel != "fa3" else None
     if STATS.enabled:  # eval counters: host syncs are acceptable there
         for t in range(n_tiles):
             tile_rows = slice(t * tile, min((t + 1) * tile, rows))
             _record_density(layer, ctx, mask[:, tile_rows], union[:, t], tile_rows)
-    # Tile token ranges inside the chunk and each tile's sequence length (its last query's).
-    starts = ((ctx.first_query_block + torch.arange(n_tiles + 1, device=dev) * tile) * bs - ctx.context_len)
-    bounds = starts.clamp(0, ctx.q_len).to(torch.int32)  # [n_tiles + 1], query_start_loc of the tiles
-    seq_lens = (ctx.context_len + bounds[1:]).to(torch.int32)
-    num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(num_kv)
-    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv, nkb), bs,
-                                             kv.page_size, num_pages)
     q, out = ctx.q, output[c.q_start:c.q_end]
-    rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
     max_q = min(tile * bs, ctx.q_len)
     if kernel == "fa3":
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
-        tables, counts = compact_block_tables(block_table, rows_bt, indptr, indices, num_kv, max_pages)
+        tables, counts = tile_tables_triton(mask, num_kv, tile, seq_lens, bs, kv.page_size, block_table[c.req],
+                                            max_pages)
         sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
                              max_q, ctx.scale, out)
-    else:
-        sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
-                               max_query_len=max_q, block_table_rows=rows_bt)
+        return
+    num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(num_kv)
+    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv, nkb), bs,
+                                             kv.page_size, num_pages)
+    rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
+    sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
+                           max_query_len=max_q, block_table_rows=rows_bt)
 
 
 def _record_density(layer, ctx, mask, union, rows) -> None:

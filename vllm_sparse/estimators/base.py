@@ -13,6 +13,7 @@ from functools import cached_property
 
 import torch
 
+from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton
 from vllm_sparse.kernels.paged import PagedKV
 
 
@@ -126,22 +127,11 @@ class ChunkContext:
     def pooled_keys(self) -> torch.Tensor:
         """Mean key of each KV block, per scored q head, [heads, kv_blocks, D] fp32.
 
-        Summed page by page straight from the cache (pages in their dtype, sums in fp32), once
-        per KV head: no fp32 copy of the keys, which at 128K would be 0.5 GB per layer.
+        Read page by page from the cache (one Triton launch on GPUs), once per KV head: no fp32
+        copy of the keys, which at 128K would be 0.5 GB per layer.
         """
-        page, bs = self.kv.page_size, self.block_size
-        n_pages = (self.seq_len - 1) // page + 1
-        pages = self.block_table[:n_pages].long()
-        full = n_pages - 1  # the last page may be partly filled: sum only its tokens
-        tail = self.seq_len - full * page
-        sums = torch.cat([self.kv.key[pages[:full]].sum(dim=2, dtype=torch.float32),
-                          self.kv.key[pages[full:], :, :tail].sum(dim=2, dtype=torch.float32)])  # [pages, kv, D]
-        per_block = bs // page
-        sums = torch.nn.functional.pad(sums, (0, 0, 0, 0, 0, self.num_kv_blocks * per_block - n_pages))
-        block_sums = sums.view(self.num_kv_blocks, per_block, *sums.shape[1:]).sum(1)  # [blocks, kv, D]
-        starts = torch.arange(self.num_kv_blocks, device=sums.device) * bs
-        counts = (torch.clamp(starts + bs, max=self.seq_len) - starts).to(torch.float32)
-        return (block_sums / counts[:, None, None]).permute(1, 0, 2)[self.kv_head_of]
+        means = block_key_means_triton if self.q.is_cuda else block_key_means_ref
+        return means(self.kv, self.block_table, self.seq_len, self.block_size)[self.kv_head_of]
 
     def token_logits_to_block_scores(self, logits: torch.Tensor, q_pos: torch.Tensor, key_stride: int = 1
                                      ) -> torch.Tensor:

@@ -45,10 +45,8 @@ def select_blocks(scores: torch.Tensor, budget: Budget, first_query_block: int) 
     n_forced = forced.sum(-1)
 
     s = scores.float().masked_fill(~causal[None], float("-inf"))
-    if budget.top_k is not None:
-        count = torch.full_like(n_causal, budget.top_k)[None].expand(heads, -1)
-    elif budget.keep_ratio is not None:
-        count = torch.ceil(n_causal.double() * budget.keep_ratio).long()[None].expand(heads, -1)
+    if budget.top_p is None:
+        count = rule_counts(budget, n_causal)[None].expand(heads, -1)
     else:
         # Blocks needed (by score) to reach top_p of the mass, on top of the forced ones.
         probs = torch.softmax(s.masked_fill(forced[None], float("-inf")), dim=-1).nan_to_num(0.0)
@@ -56,10 +54,7 @@ def select_blocks(scores: torch.Tensor, budget: Budget, first_query_block: int) 
         sorted_p = probs.sort(dim=-1, descending=True).values / free_mass
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each position
         count = n_forced[None] + (before < budget.top_p).logical_and(sorted_p > 0).sum(-1)
-    count = torch.maximum(count, n_forced[None]).clamp_min(budget.min_blocks)
-    if budget.max_blocks is not None:
-        count = torch.minimum(count, torch.maximum(n_forced[None], torch.full_like(count, budget.max_blocks)))
-    count = torch.minimum(count, n_causal[None])
+    count = clamp_counts(count, budget, n_forced[None], n_causal[None])
 
     # Rank blocks: forced first, then by score; ties go to the later (more recent) block.
     rank_key = s.masked_fill(forced[None], float("inf"))
@@ -69,3 +64,23 @@ def select_blocks(scores: torch.Tensor, budget: Budget, first_query_block: int) 
     ranks.scatter_(-1, order, torch.arange(nkb, device=device).expand_as(order).contiguous())
     return (ranks < count[..., None]) & causal[None]
 
+
+
+def rule_counts(budget: Budget, n_causal: torch.Tensor) -> torch.Tensor:
+    """Blocks the top-k or keep-ratio rule asks for in rows with n_causal [rows] causal blocks (int64).
+
+    The ratio is applied in float64, so the GPU kernel (which takes these counts) rounds alike.
+    """
+    if budget.top_k is not None:
+        return torch.full_like(n_causal, budget.top_k, dtype=torch.int64)
+    if budget.keep_ratio is not None:
+        return torch.ceil(n_causal.double() * budget.keep_ratio).long()
+    raise ValueError("top_p counts depend on the scores, not only on the row")
+
+
+def clamp_counts(count: torch.Tensor, budget: Budget, n_forced: torch.Tensor, n_causal: torch.Tensor) -> torch.Tensor:
+    """At least the forced blocks and min_blocks, at most max_blocks (never below forced), never past causal."""
+    count = torch.maximum(count, n_forced).clamp_min(budget.min_blocks)
+    if budget.max_blocks is not None:
+        count = torch.minimum(count, torch.maximum(n_forced, torch.full_like(count, budget.max_blocks)))
+    return torch.minimum(count, n_causal)

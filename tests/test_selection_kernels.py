@@ -1,0 +1,109 @@
+"""The Triton selection kernels against their torch references.
+
+`select_blocks_triton` vs `select_blocks` (every budget rule, ties, min/max), `tile_tables_triton`
+vs `tile_tables_ref` (union tiles, GQA groups, partial last pages, shuffled block tables) and
+`block_key_means_triton` vs `block_key_means_ref`. On a CPU host they run in Triton's interpreter at
+tiny shapes; on a GPU compiled, at more seeds and at a 128K-context shape.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton
+from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.selection.budget import Budget, select_blocks
+from vllm_sparse.selection.select_kernel import select_blocks_triton
+from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_ref, tile_tables_triton
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+SEEDS = range(12) if GPU else range(2)
+
+BUDGETS = [
+    Budget(top_k=3, sink_blocks=1, local_blocks=2),
+    Budget(keep_ratio=0.3, sink_blocks=2, local_blocks=1, max_blocks=5),
+    Budget(keep_ratio=0.1, sink_blocks=0, local_blocks=1, min_blocks=2),
+    Budget(top_p=0.7, sink_blocks=1, local_blocks=1),
+    Budget(top_p=0.95, sink_blocks=0, local_blocks=3, min_blocks=3, max_blocks=9),
+]
+
+
+def _scores(seed: int, heads: int, rows: int, first: int, ties: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(heads, rows, first + rows, generator=g) * 3
+    return (s.round() if ties else s).to(DEVICE)  # rounded: many equal scores, which rank by block id
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: b.describe())
+@pytest.mark.parametrize("seed", SEEDS)
+def test_select_blocks_kernel_matches_reference(budget, seed):
+    heads, rows, first = 3, 2 + seed % 4, [0, 5, 23][seed % 3]
+    scores = _scores(seed, heads, rows, first, ties=seed % 2 == 1)
+    out = torch.ones(heads, rows, first + rows, dtype=torch.bool, device=DEVICE)  # poison: every cell written
+    got = select_blocks_triton(scores, budget, first, out=out)
+    assert got is out
+    assert torch.equal(got.cpu(), select_blocks(scores.cpu(), budget, first))
+
+
+@pytest.mark.skipif(not GPU, reason="a 128K-context shape is too slow for Triton's interpreter")
+@pytest.mark.parametrize("budget", [BUDGETS[1], BUDGETS[3]], ids=lambda b: b.describe())
+def test_select_blocks_kernel_matches_reference_at_128k(budget):
+    # The last 16K-query chunk of a 128K prompt in 128-token blocks: 128 rows x 1024 blocks.
+    scores = torch.log_softmax(torch.randn(8, 128, 1024, device=DEVICE) * 2, dim=-1)
+    got = select_blocks_triton(scores, budget, 896)
+    want = select_blocks(scores, budget, 896)
+    # top_p sums the sorted mass in a different order than torch: a row may differ by its boundary block.
+    diff = (got != want).sum(-1)
+    assert diff.max() <= (0 if budget.top_p is None else 1)
+    assert (diff > 0).float().mean() < 0.01
+
+
+TILE_CASES = [
+    # kv_heads, group, block, page, context, q_len
+    (2, 4, 32, 16, 70, 90),  # chunk with context, partial last page
+    (1, 3, 16, 16, 0, 50),  # whole prompt, MQA, page == block
+    (3, 1, 64, 16, 130, 200),  # MHA, 4 pages per block
+    (2, 2, 32, 8, 33, 1),  # one query
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+@pytest.mark.parametrize("tile", [1, 2, 3, None])
+def test_tile_tables_kernel_matches_reference(case, tile):
+    kv, group, bs, page, ctx, q_len = case
+    g = torch.Generator().manual_seed(sum(case) * 10 + (tile or 0))
+    seq = ctx + q_len
+    first, nkb = ctx // bs, (seq - 1) // bs + 1
+    rows = nkb - first
+    tile = tile or rows
+    scores = torch.randn(kv * group, rows, nkb, generator=g)
+    mask = select_blocks(scores, Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1), first).to(DEVICE)
+    max_pages = -(-seq // page)
+    block_table = torch.randperm(max_pages + 7, generator=g).to(torch.int32).to(DEVICE)  # pages shuffled
+    n_tiles = -(-rows // tile)
+    bounds, seq_lens = tile_seq_lens(first, n_tiles, tile, bs, ctx, q_len, torch.device(DEVICE))
+    assert int(bounds[-1]) == q_len
+    want = tile_tables_ref(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
+    got = tile_tables_triton(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # Every tile's list ends with the page holding its last query (FA3's causal alignment needs it).
+    last_page = block_table[(seq_lens - 1) // page]
+    idx = (got[1] - 1).clamp_min(0).long()
+    assert torch.equal(got[0].gather(2, idx[..., None])[..., 0], last_page[None].expand_as(idx))
+
+
+@pytest.mark.parametrize("page,block,head_dim,kv_heads", [(16, 32, 32, 2), (16, 16, 64, 1), (8, 32, 24, 3)])
+def test_block_key_means_kernel_matches_reference(page, block, head_dim, kv_heads):
+    g = torch.Generator().manual_seed(page * block + head_dim)
+    n_pages = 21
+    dtype = torch.bfloat16 if GPU else torch.float16
+    packed = torch.randn(n_pages, page, kv_heads, 2 * head_dim, generator=g).to(DEVICE, dtype)
+    kv = PagedKV.from_flash_cache(packed.permute(0, 2, 1, 3))  # vLLM 0.26's FlashAttention layout
+    table = torch.randperm(n_pages, generator=g).to(torch.int32).to(DEVICE)
+    for seq_len in (1, page, 2 * block + 5, n_pages * page - 3):
+        want = block_key_means_ref(kv, table, seq_len, block)
+        got = block_key_means_triton(kv, table, seq_len, block)
+        assert got.shape == want.shape == (kv_heads, (seq_len - 1) // block + 1, head_dim)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

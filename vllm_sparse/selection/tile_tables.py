@@ -1,0 +1,106 @@
+"""Kept-block masks of one chunk -> per (KV head, union tile) compacted block tables for FA3.
+
+Tile t's rows and the q heads of each KV head are unioned into one block list; its pages, in
+order, become the tile's block table (physical page ids) and its page count. The torch path
+(`tile_tables_ref`: union, CSR page lists, compaction) takes about fifteen launches of
+[rows, pages]-sized temporaries; `tile_tables_triton` is one launch, one program per
+(KV head, tile), which ORs the tile's mask rows, prefix-sums the kept blocks and writes each
+kept block's pages at its position. Both need the heads sorted by KV head in equal groups (as
+the backend lays them out) and every row's diagonal block kept (the budget forces it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_sparse.kernels.fa3_compact import compact_block_tables
+from vllm_sparse.selection.pages import block_mask_to_page_csr
+
+
+def tile_unions(mask: torch.Tensor, tile: int, num_kv_heads: int) -> torch.Tensor:
+    """mask [q_heads, rows, kv_blocks] -> [num_kv_heads, n_tiles, kv_blocks]: kept by any row or head."""
+    heads, rows, nkb = mask.shape
+    n_tiles = -(-rows // tile)
+    padded = torch.nn.functional.pad(mask, (0, 0, 0, n_tiles * tile - rows))
+    per_head = padded.view(heads, n_tiles, tile, nkb).any(2)
+    return per_head.view(num_kv_heads, heads // num_kv_heads, n_tiles, nkb).any(1)
+
+
+def tile_seq_lens(first_query_block: int, n_tiles: int, tile: int, block_size: int, context_len: int,
+                  q_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query_start_loc [n_tiles + 1] of the tiles inside the chunk, seq_lens [n_tiles]: tokens up to
+    each tile's last query), int32, built on the device."""
+    starts = (first_query_block + torch.arange(n_tiles + 1, device=device) * tile) * block_size - context_len
+    bounds = starts.clamp(0, q_len).to(torch.int32)
+    return bounds, (context_len + bounds[1:]).to(torch.int32)
+
+
+def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
+                    page_size: int, block_table_row: torch.Tensor, max_pages: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables [kv_heads, n_tiles, max_pages] int32 physical ids, 0 past the count; counts [kv_heads, n_tiles])."""
+    union = tile_unions(mask, tile, num_kv_heads)  # [kv, n_tiles, nkb]
+    n_tiles, nkb = union.shape[1:]
+    num_pages = ((seq_lens + page_size - 1) // page_size).repeat_interleave(num_kv_heads)
+    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv_heads, nkb),
+                                             block_size, page_size, num_pages)
+    rows = torch.zeros(n_tiles, dtype=torch.int32, device=mask.device)
+    return compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
+
+
+@triton.jit
+def _tile_tables_kernel(
+    MASK, stride_mh, stride_mr,  # bool/uint8 [q_heads, rows, kv_blocks], last dim contiguous
+    SEQ_LENS,  # [n_tiles] int32
+    BT,  # [>= max_pages] int32: the request's block table row
+    TABLES, COUNTS,  # [kv_heads, n_tiles, max_pages] (zeroed), [kv_heads, n_tiles]
+    rows, n_kv_blocks, n_tiles, tile, max_pages,
+    GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    kv = tl.program_id(0)
+    t = tl.program_id(1)
+    kb = tl.arange(0, BLOCK_N)
+    in_range = kb < n_kv_blocks
+    union = tl.zeros([BLOCK_N], dtype=tl.int32)
+    r_end = tl.minimum(t * tile + tile, rows)
+    for r in range(t * tile, r_end):
+        for g in tl.static_range(GROUP):
+            row = tl.load(MASK + (kv * GROUP + g) * stride_mh + r * stride_mr + kb, mask=in_range, other=0)
+            union = tl.maximum(union, row.to(tl.int32))
+    num_pages = (tl.load(SEQ_LENS + t) + PAGE - 1) // PAGE
+    # Kept block i goes to positions [i * PER_BLOCK, (i + 1) * PER_BLOCK); only the last kept block (the
+    # tile's diagonal) can reach past the tile's pages, so the positions stay dense.
+    slot = tl.cumsum(union, axis=0) - union
+    out = TABLES + (kv * n_tiles + t) * max_pages
+    for j in tl.static_range(PER_BLOCK):
+        page = kb * PER_BLOCK + j
+        live = (union > 0) & (page < num_pages)
+        tl.store(out + slot * PER_BLOCK + j, tl.load(BT + page, mask=live, other=0), mask=live)
+    pages_of_block = tl.minimum(tl.maximum(num_pages - kb * PER_BLOCK, 0), PER_BLOCK)
+    tl.store(COUNTS + kv * n_tiles + t, tl.sum(union * pages_of_block, axis=0))
+
+
+def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
+                       page_size: int, block_table_row: torch.Tensor, max_pages: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `tile_tables_ref`, one launch."""
+    heads, rows, nkb = mask.shape
+    if block_size % page_size:
+        raise ValueError(f"selection block {block_size} is not a multiple of the KV page size {page_size}")
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    n_tiles = -(-rows // tile)
+    tables = torch.zeros(num_kv_heads, n_tiles, max_pages, dtype=torch.int32, device=mask.device)
+    counts = torch.empty(num_kv_heads, n_tiles, dtype=torch.int32, device=mask.device)
+    if n_tiles == 0:
+        return tables, counts
+    block_n = triton.next_power_of_2(nkb)
+    _tile_tables_kernel[(num_kv_heads, n_tiles)](
+        mask.view(torch.uint8), mask.stride(0), mask.stride(1), seq_lens, block_table_row, tables, counts,
+        rows, nkb, n_tiles, tile, max_pages,
+        GROUP=heads // num_kv_heads, PER_BLOCK=block_size // page_size, PAGE=page_size, BLOCK_N=block_n,
+        num_warps=max(1, min(8, block_n // 256)),
+    )
+    return tables, counts
