@@ -68,7 +68,7 @@ def worker(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     llm.generate([{"prompt_token_ids": torch.randint(3, 500, (4096,), generator=g).tolist()}], params,
                  use_tqdm=False)  # warm-up
-    ttft = {}
+    ttft, runs = {}, {}
     for n in spec["lengths"]:
         ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         times = []
@@ -77,7 +77,7 @@ def worker(spec: dict) -> dict:
             t0 = time.perf_counter()
             llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
             times.append(time.perf_counter() - t0)
-        ttft[n] = min(times)
+        ttft[n], runs[n] = min(times), times  # the first run of a length would show any compile wait
         print(f"{'sparse' if spec['config'] else 'dense'} {n}: {times}", flush=True)
         if spec.get("profile") == n:
             from torch.profiler import ProfilerActivity, profile
@@ -87,7 +87,8 @@ def worker(spec: dict) -> dict:
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
             Path(spec["profile_out"]).write_text(table)
             print(table[:6000], flush=True)
-    result = {"startup_s": startup, "ttft_s": ttft, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     if spec.get("decode_batch"):
         result["decode_tok_s"] = decode_throughput(llm, spec["decode_batch"], spec["decode_context"],
                                                    spec["decode_tokens"], spec["repeats"])

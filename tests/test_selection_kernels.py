@@ -107,3 +107,34 @@ def test_block_key_means_kernel_matches_reference(page, block, head_dim, kv_head
         got = block_key_means_triton(kv, table, seq_len, block)
         assert got.shape == want.shape == (kv_heads, (seq_len - 1) // block + 1, head_dim)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_compiles_every_row_bucket_and_budget_kind(monkeypatch):
+    """Engine start launches each selection kernel once per row bucket up to max_model_len and per
+    budget kind, so no request compiles (checked here with recorders in place of the kernels)."""
+    from vllm_sparse.backend import warmup
+    from vllm_sparse.kernels.launch import row_bucket, row_buckets
+
+    seen = {"select": set(), "tables": set(), "means": 0}
+
+    def select(scores, budget, first):
+        seen["select"].add((row_bucket(scores.shape[-1], torch.device("cuda")), budget.top_p is not None,
+                            budget.max_blocks is not None))
+        return torch.ones(scores.shape, dtype=torch.bool)
+
+    def tables(mask, *args):
+        seen["tables"].add(row_bucket(mask.shape[-1], torch.device("cuda")))
+
+    def means(*args):
+        seen["means"] += 1
+
+    monkeypatch.setattr(warmup, "select_blocks_triton", select)
+    monkeypatch.setattr(warmup, "tile_tables_triton", tables)
+    monkeypatch.setattr(warmup, "block_key_means_triton", means)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    kinds = ((False, False), (True, True))
+    max_blocks = 5000  # e.g. 640K tokens in 128-token blocks
+    warmup._compile.__wrapped__(kinds, 4, 128, 16, 64, torch.float16, max_blocks, "cpu", True)
+    assert row_buckets(max_blocks) == [1024, 2048, 4096, 8192]
+    assert seen["select"] == {(n, *k) for n in row_buckets(max_blocks) for k in kinds}
+    assert seen["tables"] == set(row_buckets(max_blocks)) and seen["means"] == 1

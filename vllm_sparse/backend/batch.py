@@ -41,6 +41,8 @@ def classify(cm, dense_below: int) -> tuple[list[SparseChunk], torch.Tensor, tor
     seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
     q_lens = qsl[1:] - qsl[:-1]
     sparse = (q_lens > 1) & (seq_lens >= dense_below)
+    if not bool(sparse.any()):  # every decode step, and short prompts: nothing more to build
+        return [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     chunks = [
         SparseChunk(r, int(qsl[r]), int(qsl[r + 1]), int(seq_lens[r] - q_lens[r]))
         for r in torch.nonzero(sparse).flatten().tolist()

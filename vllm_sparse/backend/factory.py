@@ -15,7 +15,8 @@ import torch
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_kernel
+from vllm_sparse.backend.warmup import warm_up_selection_kernels
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.sharding import head_shard
 from vllm_sparse.kernels.paged import PagedKV
@@ -72,6 +73,17 @@ def _rank_shard(plan, num_heads: int, num_kv_heads: int):
     return shard
 
 
+def _warm_up(plan, kv_cache_spec, vllm_config, device: torch.device) -> None:
+    """Compile the selection kernels this engine can launch, now rather than on the first long prompt."""
+    kernel = selected_kernel(device)
+    if kernel == "reference":
+        return
+    local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    warm_up_selection_kernels(plan, local_q_heads // kv_cache_spec.num_kv_heads, kv_cache_spec.block_size,
+                              kv_cache_spec.head_size, kv_cache_spec.dtype, vllm_config.model_config.max_model_len,
+                              device, with_tables=kernel == "fa3")
+
+
 def make_sparse_backend(
     dense_backend: type,
     kv_view: Callable[[torch.Tensor], PagedKV],
@@ -93,6 +105,8 @@ def make_sparse_backend(
                 if why:
                     logger.warning("vllm-sparse: %s; layers %s run dense", why, _layer_span(layer_names))
                     self._has_sparse_layer = False
+            if self._has_sparse_layer and torch.device(device).type == "cuda":
+                _warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
 
         def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
             md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_sparse.kernels.launch import storage_base
 from vllm_sparse.kernels.paged import PagedKV
 
 
@@ -32,10 +33,11 @@ def block_key_means_ref(kv: PagedKV, block_table_row: torch.Tensor, seq_len: int
     return (block_sums / counts[:, None, None]).permute(1, 0, 2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_offset", "stride_kp", "stride_kh", "stride_kt", "bt_offset", "seq_len",
+                               "n_blocks"])
 def _block_key_means_kernel(
-    K, stride_kp, stride_kh, stride_kt,  # [pages, kv_heads, page, D] view, last dim contiguous
-    BT, OUT,  # [>= n_pages] int32 block table row; [kv_heads, n_blocks, D] fp32
+    K, k_offset, stride_kp, stride_kh, stride_kt,  # [pages, kv_heads, page, D] at K + k_offset, D contiguous
+    BT, bt_offset, OUT,  # int32 block table row at BT + bt_offset; [kv_heads, n_blocks, D] fp32
     seq_len, n_blocks,
     PER_BLOCK: tl.constexpr, PAGE: tl.constexpr, HEAD_D: tl.constexpr, D_POW2: tl.constexpr,
 ):
@@ -47,9 +49,9 @@ def _block_key_means_kernel(
     for j in tl.static_range(PER_BLOCK):
         first = (b * PER_BLOCK + j) * PAGE
         if first < seq_len:
-            phys = tl.load(BT + b * PER_BLOCK + j).to(tl.int64)
+            phys = tl.load(BT + bt_offset + b * PER_BLOCK + j).to(tl.int64)
             live = (first + tok) < seq_len
-            x = tl.load(K + phys * stride_kp + h * stride_kh + tok[:, None] * stride_kt + d[None, :],
+            x = tl.load(K + k_offset + phys * stride_kp + h * stride_kh + tok[:, None] * stride_kt + d[None, :],
                         mask=live[:, None] & (d[None, :] < HEAD_D), other=0.0)
             acc += tl.sum(x.to(tl.float32), axis=0)
     n = tl.minimum(seq_len - b * PER_BLOCK * PAGE, PER_BLOCK * PAGE)
@@ -64,8 +66,10 @@ def block_key_means_triton(kv: PagedKV, block_table_row: torch.Tensor, seq_len: 
     page, heads, d = kv.page_size, kv.num_kv_heads, key.shape[-1]
     n_blocks = (seq_len - 1) // block_size + 1
     out = torch.empty(heads, n_blocks, d, dtype=torch.float32, device=key.device)
+    k_base, k_offset = storage_base(key)
+    bt, bt_offset = storage_base(block_table_row)
     _block_key_means_kernel[(n_blocks, heads)](
-        key, key.stride(0), key.stride(1), key.stride(2), block_table_row, out, seq_len, n_blocks,
+        k_base, k_offset, key.stride(0), key.stride(1), key.stride(2), bt, bt_offset, out, seq_len, n_blocks,
         PER_BLOCK=block_size // page, PAGE=page, HEAD_D=d, D_POW2=triton.next_power_of_2(d), num_warps=4,
     )
     return out

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_sparse.kernels.launch import row_bucket, storage_base
 from vllm_sparse.selection.budget import Budget, rule_counts
 
 _INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
@@ -37,9 +38,10 @@ def _key_score(key):
     return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_offset", "stride_sh", "stride_sr", "stride_oh", "stride_or", "n_kv_blocks",
+                               "first_block", "min_blocks", "max_blocks", "sink", "local"])
 def _select_blocks_kernel(
-    S, stride_sh, stride_sr,  # scores [heads, rows, kv_blocks], last dim contiguous
+    S, s_offset, stride_sh, stride_sr,  # scores [heads, rows, kv_blocks] at S + s_offset, last dim contiguous
     ROW_COUNT,  # [rows] int64: the top-k / keep-ratio count (unused for top-p)
     OUT, stride_oh, stride_or,  # bool [heads, rows, kv_blocks]
     n_kv_blocks, first_block, top_p, min_blocks, max_blocks, sink, local,
@@ -53,7 +55,8 @@ def _select_blocks_kernel(
     forced = causal & ((kb < sink) | (kb > row_block - local))
     n_causal = row_block + 1
     n_forced = tl.sum(forced.to(tl.int32), axis=0)
-    s = tl.load(S + h * stride_sh + r * stride_sr + kb, mask=causal, other=float("-inf")).to(tl.float32)
+    s = tl.load(S + s_offset + h * stride_sh + r * stride_sr + kb, mask=causal, other=float("-inf"))
+    s = s.to(tl.float32)
 
     key = _order_key(tl.where(forced, float("inf"), s), kb)
     key = tl.where(kb < n_kv_blocks, key, _INT64_MIN)
@@ -90,7 +93,7 @@ def select_blocks_triton(scores: torch.Tensor, budget: Budget, first_query_block
     heads, rows, nkb = scores.shape
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
-    if out is None:
+    if out is None or not out.is_contiguous():
         out = torch.empty(heads, rows, nkb, dtype=torch.bool, device=scores.device)
     if heads * rows == 0:
         return out
@@ -100,9 +103,10 @@ def select_blocks_triton(scores: torch.Tensor, budget: Budget, first_query_block
     else:
         n_causal = torch.arange(first_query_block + 1, first_query_block + rows + 1, device=scores.device)
         row_count = rule_counts(budget, n_causal)
-    block_n = triton.next_power_of_2(nkb)
+    block_n = row_bucket(nkb, scores.device)
+    base, offset = storage_base(scores)
     _select_blocks_kernel[(heads, rows)](
-        scores, scores.stride(0), scores.stride(1), row_count, out, out.stride(0), out.stride(1),
+        base, offset, scores.stride(0), scores.stride(1), row_count, out, out.stride(0), out.stride(1),
         nkb, first_query_block, float(budget.top_p or 0.0), budget.min_blocks, budget.max_blocks or 0,
         budget.sink_blocks, budget.local_blocks,
         TOP_P=top_p, HAS_MAX=budget.max_blocks is not None, BLOCK_N=block_n,

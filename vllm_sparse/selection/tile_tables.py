@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from vllm_sparse.kernels.fa3_compact import compact_block_tables
+from vllm_sparse.kernels.launch import row_bucket, storage_base
 from vllm_sparse.selection.pages import block_mask_to_page_csr
 
 
@@ -50,11 +51,12 @@ def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: 
     return compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_mh", "stride_mr", "bt_offset", "rows", "n_kv_blocks", "n_tiles", "tile",
+                               "max_pages"])
 def _tile_tables_kernel(
     MASK, stride_mh, stride_mr,  # bool/uint8 [q_heads, rows, kv_blocks], last dim contiguous
     SEQ_LENS,  # [n_tiles] int32
-    BT,  # [>= max_pages] int32: the request's block table row
+    BT, bt_offset,  # int32: the request's block table row starts at BT + bt_offset
     TABLES, COUNTS,  # [kv_heads, n_tiles, max_pages] (zeroed), [kv_heads, n_tiles]
     rows, n_kv_blocks, n_tiles, tile, max_pages,
     GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,6 +72,7 @@ def _tile_tables_kernel(
             row = tl.load(MASK + (kv * GROUP + g) * stride_mh + r * stride_mr + kb, mask=in_range, other=0)
             union = tl.maximum(union, row.to(tl.int32))
     num_pages = (tl.load(SEQ_LENS + t) + PAGE - 1) // PAGE
+    BT += bt_offset
     # Kept block i goes to positions [i * PER_BLOCK, (i + 1) * PER_BLOCK); only the last kept block (the
     # tile's diagonal) can reach past the tile's pages, so the positions stay dense.
     slot = tl.cumsum(union, axis=0) - union
@@ -96,9 +99,10 @@ def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_len
     counts = torch.empty(num_kv_heads, n_tiles, dtype=torch.int32, device=mask.device)
     if n_tiles == 0:
         return tables, counts
-    block_n = triton.next_power_of_2(nkb)
+    block_n = row_bucket(nkb, mask.device)
+    bt, bt_offset = storage_base(block_table_row)
     _tile_tables_kernel[(num_kv_heads, n_tiles)](
-        mask.view(torch.uint8), mask.stride(0), mask.stride(1), seq_lens, block_table_row, tables, counts,
+        mask.view(torch.uint8), mask.stride(0), mask.stride(1), seq_lens, bt, bt_offset, tables, counts,
         rows, nkb, n_tiles, tile, max_pages,
         GROUP=heads // num_kv_heads, PER_BLOCK=block_size // page_size, PAGE=page_size, BLOCK_N=block_n,
         num_warps=max(1, min(8, block_n // 256)),

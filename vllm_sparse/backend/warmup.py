@@ -1,0 +1,55 @@
+"""Compile the selection kernels at engine start, so no request waits for Triton.
+
+Each kernel variant (budget rule, row bucket, GQA group, page and block sizes, head dim) is
+launched once on tiny inputs; Triton caches the binaries on disk, so later starts only load them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from vllm_sparse.config.plan import SparsePlan
+from vllm_sparse.estimators.block_means import block_key_means_triton
+from vllm_sparse.kernels.launch import MIN_ROW_BUCKET, row_buckets
+from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.log import logger
+from vllm_sparse.selection.budget import Budget
+from vllm_sparse.selection.select_kernel import select_blocks_triton
+from vllm_sparse.selection.tile_tables import tile_tables_triton
+
+
+def warm_up_selection_kernels(plan: SparsePlan, group: int, page_size: int, head_dim: int, kv_dtype: torch.dtype,
+                              max_model_len: int, device: torch.device, with_tables: bool) -> None:
+    """`group`: this rank's q heads per KV head; `with_tables`: the FA3 path's table kernel too."""
+    budgets = {hp.budget for lp in plan.layers for hp in lp.heads if hp is not None}
+    kinds = tuple(sorted({(b.top_p is not None, b.max_blocks is not None) for b in budgets}))
+    if kinds:
+        max_blocks = -(-max_model_len // plan.block_size)
+        _compile(kinds, group, plan.block_size, page_size, head_dim, kv_dtype, max_blocks, str(device), with_tables)
+
+
+@functools.cache
+def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, kv_dtype: torch.dtype,
+             max_blocks: int, device: str, with_tables: bool) -> None:
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    block_table = torch.arange(max_blocks * (block_size // page_size), dtype=torch.int32, device=dev)
+    for n in row_buckets(max_blocks):
+        nkb = n // 2 + 1 if n > MIN_ROW_BUCKET else 1  # a row length that falls in bucket n
+        scores = torch.randn(group, 1, nkb, device=dev)
+        for top_p, has_max in kinds:
+            budget = Budget(top_p=0.9 if top_p else None, keep_ratio=None if top_p else 0.5,
+                            max_blocks=4 if has_max else None)
+            mask = select_blocks_triton(scores, budget, nkb - 1)
+        if with_tables:
+            seq_lens = torch.full((1,), nkb * block_size, dtype=torch.int32, device=dev)
+            tile_tables_triton(mask, 1, 1, seq_lens, block_size, page_size, block_table,
+                               nkb * (block_size // page_size))
+    cache = torch.randn(2, 1, page_size, 2 * head_dim, device=dev).to(kv_dtype)
+    block_key_means_triton(PagedKV.from_flash_cache(cache), block_table, 1, block_size)
+    torch.cuda.synchronize(dev)
+    logger.info("vllm-sparse: selection kernels ready (%.1f s; compiled once, then loaded from Triton's cache)",
+                time.perf_counter() - t0)
