@@ -165,7 +165,8 @@ def _pool_rows(x: torch.Tensor, first_pos: int, block_size: int, first_block: in
     n = x.shape[0]
     front = first_pos - first_block * block_size
     back = n_blocks * block_size - front - n
-    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (front, back))
+    # Block-aligned chunks (the usual case) need no padded copy of the queries.
+    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (front, back)) if front or back else x
     sums = padded.view(n_blocks, block_size, *x.shape[1:]).sum(1, dtype=torch.float32)
     starts = (torch.arange(n_blocks, device=x.device) + first_block) * block_size
     counts = (torch.clamp(starts + block_size, max=first_pos + n) - torch.clamp(starts, min=first_pos)).clamp(min=1)
