@@ -138,3 +138,39 @@ def test_warm_up_compiles_every_row_bucket_and_budget_kind(monkeypatch):
     assert row_buckets(max_blocks) == [1024, 2048, 4096, 8192]
     assert seen["select"] == {(n, *k) for n in row_buckets(max_blocks) for k in kinds}
     assert seen["tables"] == set(row_buckets(max_blocks)) and seen["means"] == 1
+
+
+def test_dummy_sparse_step_runs_every_head_plan_set_and_leaves_stats_alone():
+    """The engine-start step runs the whole sparse path once per distinct set of head plans (here on
+    the CPU reference path), and counts nothing into the eval statistics."""
+    from pathlib import Path
+
+    from vllm_sparse.backend import warmup
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+    from vllm_sparse.config.sharding import head_shard
+    from vllm_sparse.selection.stats import STATS
+
+    shape = ModelShape("org/llama-3-tiny", ("LlamaForCausalLM",), num_layers=4, num_q_heads=8, num_kv_heads=2)
+    plan = resolve_plan(load_config(Path(__file__).parents[1] / "configs/llama-3.yaml"), shape, "llama")
+    calls = []
+    import vllm_sparse.backend.sparse_path as sparse_path
+
+    original = sparse_path.attend_sparse_chunks  # the warm-up imports it when it runs: a spy can wrap it
+
+    def spy(q, out, *args, **kwargs):
+        out.fill_(float("nan"))
+        original(q, out, *args, **kwargs)
+        calls.append(bool(out.isfinite().all()))
+
+    STATS.enable()
+    STATS.reset()
+    try:
+        sparse_path.attend_sparse_chunks = spy
+        warmup.run_dummy_sparse_steps(plan, head_shard(8, 2, 0, 1, "llama"), 2, 16, 16, torch.float32,
+                                      torch.device("cpu"))
+        assert STATS.enabled and not STATS.snapshot()
+    finally:
+        sparse_path.attend_sparse_chunks = original
+        STATS.enabled = STATS.audit = False
+    assert calls == [True]  # layers 2-3 share one set of head plans: one step, every output row written

@@ -284,3 +284,49 @@ def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
     assert counts[kernel] == counts["reference"] == counts["audit"]
     assert audits["reference"] == audits[kernel] == [] and len(audits["audit"]) == 5
     assert all(0 < rel < 1 and 0 < mass < 1 for rel, mass in audits["audit"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+def test_sparse_step_captures_in_a_cuda_graph_and_replays_on_new_inputs():
+    """Estimation, selection, tables and attention have no host sync and shapes fixed by the chunk's,
+    so a whole sparse step captures in a CUDA graph; a replay on new queries and keys gives what an
+    eager step gives on them."""
+    from vllm_sparse.backend.batch import SparseChunk
+    from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_kernel
+    from vllm_sparse.config.plan import HeadPlan
+    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.selection.budget import Budget
+
+    kernel = selected_kernel(torch.device(DEVICE))
+    b = random_paged_batch((600,), (256,), 8, 2, 64, 16, dtype=torch.bfloat16, seed=31)
+    pooled = get_estimator("pooled")
+    plans = [HeadPlan("pooled", pooled.params.model_validate({"share": "group"}),
+                      Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))] * 8
+    chunk = (SparseChunk(0, 0, 256, 344),)
+    kv = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
+    bt = b.block_table.to(DEVICE)
+    q = b.q.to(DEVICE)
+
+    def step(out):
+        attend_sparse_chunks(q, out, kv, bt, chunk, plans, 32, 64**-0.5, union_tile=1, kernel=kernel)
+
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(out)  # warm-up off the capture stream, as torch asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(out)
+    g = torch.Generator(device=DEVICE).manual_seed(32)
+    q.copy_(torch.randn(q.shape, generator=g, device=DEVICE))
+    kv.key.copy_(torch.randn(kv.key.shape, generator=g, device=DEVICE))
+    kv.value.copy_(torch.randn(kv.value.shape, generator=g, device=DEVICE))
+    out.fill_(float("nan"))
+    graph.replay()
+    eager = torch.full_like(q, float("nan"))
+    step(eager)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, eager)

@@ -16,7 +16,7 @@ from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_kernel
-from vllm_sparse.backend.warmup import warm_up_selection_kernels
+from vllm_sparse.backend.warmup import run_dummy_sparse_steps, warm_up_selection_kernels
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.sharding import head_shard
 from vllm_sparse.kernels.paged import PagedKV
@@ -79,9 +79,12 @@ def _warm_up(plan, kv_cache_spec, vllm_config, device: torch.device) -> None:
     if kernel == "reference":
         return
     local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
-    warm_up_selection_kernels(plan, local_q_heads // kv_cache_spec.num_kv_heads, kv_cache_spec.block_size,
-                              kv_cache_spec.head_size, kv_cache_spec.dtype, vllm_config.model_config.max_model_len,
-                              device, with_tables=kernel == "fa3")
+    spec = kv_cache_spec
+    warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype,
+                              vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
+    shard = _rank_shard(plan, local_q_heads, spec.num_kv_heads)
+    if shard is not None:
+        run_dummy_sparse_steps(plan, shard, spec.num_kv_heads, spec.head_size, spec.block_size, spec.dtype, device)
 
 
 def make_sparse_backend(
