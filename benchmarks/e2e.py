@@ -134,6 +134,14 @@ def run(spec: dict) -> dict:
     raise SystemExit(f"engine failed ({'sparse' if spec['config'] else 'dense'}), exit {proc.returncode}")
 
 
+def run_meta(args) -> dict:
+    import torch
+    import vllm
+
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
+            "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,65536,131072")
@@ -161,14 +169,12 @@ def main() -> None:
     if args.only:
         result = run({**base, **prof, "config": None if args.only == "dense" else args.config})
         print(json.dumps(result))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": run_meta(args), args.only: result}, indent=1))
         return
     dense = run({**base, "config": None})
     sparse = run({**base, **prof, "config": args.config})
-    import torch
-    import vllm
-
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
-            "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config}
+    meta = run_meta(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "dense": dense, "sparse": sparse}, indent=1))
     print(f"\n{meta['device']}  vLLM {meta['vllm']}  torch {meta['torch']}  "
