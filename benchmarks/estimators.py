@@ -6,7 +6,9 @@ row (plus 1 sink and 2 local blocks), one union per query block. Each estimator 
 estimator's scoring function, then selection, union and FA3's compacted block tables two ways:
 "torch" (the references: `select_blocks`, `tile_tables_ref`, pooled keys gathered by torch) and
 "kernels" (what the backend runs on GPUs: `select_blocks_triton`, `tile_tables_triton`, pooled keys
-read in place by `block_key_means_triton`). Both must give the same tables. Table last; JSON to --out.
+read in place by `block_key_means_triton`; estimators that score per GQA group are selected once
+per group, `plan_scores`), and "kernels_per_head" (the same kernels selecting per q head, as
+before group sharing). All must give the same tables. Table last; JSON to --out.
 
     python benchmarks/estimators.py --out $OUT/estimators.json
 """
@@ -23,6 +25,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_sparse.backend.sparse_path import plan_scores  # noqa: E402
+from vllm_sparse.config.plan import HeadPlan  # noqa: E402
 from vllm_sparse.estimators import base as estimator_base  # noqa: E402
 from vllm_sparse.estimators.base import ChunkContext  # noqa: E402
 from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton  # noqa: E402
@@ -48,6 +52,8 @@ ESTIMATORS = {
 PATHS = {
     "torch": (select_blocks, tile_tables_ref, block_key_means_ref),
     "kernels": (select_blocks_triton, tile_tables_triton, block_key_means_triton),
+    # The kernels selecting per q head even where the estimator scores per GQA group (before 2026-11-25 evening).
+    "kernels_per_head": (select_blocks_triton, tile_tables_triton, block_key_means_triton),
 }
 
 
@@ -55,8 +61,11 @@ def select_and_union(ctx: ChunkContext, name: str, params, budget: Budget, path:
     """Scores -> kept mask -> one union per query block -> FA3 block tables (as the backend's FA3 path)."""
     select, tables_of, key_means = PATHS[path]
     estimator_base.block_key_means_triton = key_means  # what ChunkContext.pooled_keys runs on GPUs
-    scores = get_estimator(name).score(ctx, params)
-    mask = select(scores, budget, ctx.first_query_block)  # [heads, rows, kv_blocks]
+    if path == "kernels_per_head":
+        scores = get_estimator(name).score(ctx, params)
+    else:
+        scores = plan_scores(ctx, HeadPlan(name, params, budget))  # per head, or per GQA group when shared
+    mask = select(scores, budget, ctx.first_query_block)  # [q or kv heads, rows, kv_blocks]
     rows = mask.shape[1]
     _, seq_lens = tile_seq_lens(ctx.first_query_block, rows, 1, ctx.block_size, ctx.context_len, ctx.q_len,
                                 ctx.q.device)
@@ -117,8 +126,8 @@ def main() -> None:
             except torch.OutOfMemoryError as e:
                 row[f"{path}_ms"], row["error"] = None, f"{path} OOM: {str(e)[:120]}"
             torch.cuda.empty_cache()
-        if len(tables) == 2:
-            row["same_tables"] = bool(torch.equal(tables["torch"], tables["kernels"]))
+        if len(tables) == len(PATHS):
+            row["same_tables"] = all(torch.equal(tables["torch"], t) for t in tables.values())
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
@@ -127,15 +136,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\nestimation+selection+union per layer: ctx {args.ctx}, chunk {args.chunk}, block {args.block}, "
           f"keep {args.keep}  ({meta['device']})")
-    print(f"{'estimator':>16} {'torch ms':>9} {'kernels ms':>11} {'×':>5} {'kept':>6} {'same tables':>12}"
-          "  no host sync")
+    print(f"{'estimator':>16} {'torch ms':>9} {'kernels ms':>11} {'×':>5} {'per-head sel. ms':>17} {'kept':>6} "
+          f"{'same tables':>12}  no host sync")
     for r in rows:
-        t, k = r.get("torch_ms"), r.get("kernels_ms")
-        if t is None or k is None:
+        t, k, ph = r.get("torch_ms"), r.get("kernels_ms"), r.get("kernels_per_head_ms")
+        if t is None or k is None or ph is None:
             print(f"{r['estimator']:>16} {r['error']}")
             continue
         sync = all(r.get(f"{p}_sync_free") is True for p in PATHS)
-        print(f"{r['estimator']:>16} {t:9.2f} {k:11.2f} {t / k:5.2f} {r['kept_after_union']:6.3f} "
+        print(f"{r['estimator']:>16} {t:9.2f} {k:11.2f} {t / k:5.2f} {ph:17.2f} {r['kept_after_union']:6.3f} "
               f"{str(r.get('same_tables')):>12}  {'yes' if sync else 'NO'}")
 
 

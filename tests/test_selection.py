@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks, chunk_block_mask
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
@@ -200,6 +202,27 @@ def test_union_tile_of_one_row_attends_each_row_to_its_own_blocks():
         torch.testing.assert_close(out[pos - 768].double(), logits.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,params", [("pooled", {"share": "group"}), ("sink_local", {"local_blocks": 2})])
+def test_group_shared_scores_select_once_per_group_and_keep_the_same_blocks(monkeypatch, name, params):
+    """An estimator that scores every head of a GQA group alike is selected once per KV head (a
+    mask row per group): the blocks each head keeps, and the attention output, are those of
+    selecting per head."""
+    from vllm_sparse.estimators import registry
+
+    b = random_paged_batch([1500, 900], [700, 900], 8, 2, 16, 16, seed=11)
+    est = get_estimator(name)
+    plan = HeadPlan(name, est.params(**params), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))
+    ctx = _chunk_ctx(b, 0, 128, torch.arange(8) // 4)
+    shared = chunk_block_mask(ctx, [plan] * 8)
+    per_head = select_blocks(est.score(ctx, plan.params), plan.budget, ctx.first_query_block)
+    assert shared.shape == (2, *per_head.shape[1:])
+    assert torch.equal(shared.repeat_interleave(4, 0), per_head)
+    out = _run_path(b, [plan] * 8, 128)
+    monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(est, same_in_group=lambda p: False))
+    assert chunk_block_mask(ctx, [plan] * 8).shape[0] == 8
+    torch.testing.assert_close(_run_path(b, [plan] * 8, 128), out)  # same blocks; CPU BLAS may round apart
+
+
 def test_stats_count_requested_and_union_density_and_audit():
     from vllm_sparse.selection.stats import STATS
 
@@ -216,7 +239,8 @@ def test_stats_count_requested_and_union_density_and_audit():
     finally:
         STATS.enabled = STATS.audit = False
         STATS.reset()
-    # Rows are blocks 4..7, causal cells 5+6+7+8 = 26 per head; each row keeps 2 (sink + diagonal).
+    # Rows are blocks 4..7, causal cells 5+6+7+8 = 26 per head; each row keeps 2 (sink + diagonal). Counted
+    # per q head, also where sink_local's mask holds a row per KV head.
     assert (st.requested_kept, st.requested_total) == (4 * 8, 4 * 26)
     # One union for the chunk: blocks {0, 4, 5, 6, 7}; causal cells of those per row: 2+3+4+5 = 14, per kv head.
     assert (st.union_kept, st.union_total) == (2 * 14, 2 * 26)

@@ -123,7 +123,7 @@ def test_warm_up_compiles_every_row_bucket_and_budget_kind(monkeypatch):
         return torch.ones(scores.shape, dtype=torch.bool)
 
     def tables(mask, *args):
-        seen["tables"].add(row_bucket(mask.shape[-1], torch.device("cuda")))
+        seen["tables"].add((row_bucket(mask.shape[-1], torch.device("cuda")), mask.shape[0]))
 
     def means(*args):
         seen["means"] += 1
@@ -137,7 +137,8 @@ def test_warm_up_compiles_every_row_bucket_and_budget_kind(monkeypatch):
     warmup._compile.__wrapped__(kinds, 4, 128, 16, 64, torch.float16, max_blocks, "cpu", True)
     assert row_buckets(max_blocks) == [1024, 2048, 4096, 8192]
     assert seen["select"] == {(n, *k) for n in row_buckets(max_blocks) for k in kinds}
-    assert seen["tables"] == set(row_buckets(max_blocks)) and seen["means"] == 1
+    # Table masks with a row per q head (group 4) and per KV head (estimators that score per group).
+    assert seen["tables"] == {(n, g) for n in row_buckets(max_blocks) for g in (4, 1)} and seen["means"] == 1
 
 
 def test_dummy_sparse_step_runs_every_head_plan_set_and_leaves_stats_alone():

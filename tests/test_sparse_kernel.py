@@ -210,11 +210,14 @@ def test_fa3_over_compacted_tables_matches_reference(case):
     assert err < 2e-2
 
 
+@pytest.mark.parametrize("share", ["head", "group"])
 @pytest.mark.parametrize("union_tile", [None, 1, 2])
 @pytest.mark.parametrize("kernel", ["triton"] + (["fa3"] if GPU else []))
-def test_sparse_path_kernel_equals_reference_path(union_tile, kernel):
+def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
     """The backend's sparse step through the kernel (one launch per chunk, unions per tile built on
-    the device) gives what the reference path gives, for chunks with and without context."""
+    the device) gives what the reference path gives, for chunks with and without context: with a
+    per-head plan on one KV head and the other dense, and with one group-shared plan on every head
+    (selected once per KV head)."""
     from vllm_sparse.backend.batch import SparseChunk
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
     from vllm_sparse.config.plan import HeadPlan
@@ -226,8 +229,8 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel):
     dtype = torch.float16
     b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=dtype, seed=21)
     pooled = get_estimator("pooled")
-    plan = HeadPlan("pooled", pooled.params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))
-    plans = [plan] * 4 + [None] * 4  # KV head 1 dense
+    plan = HeadPlan("pooled", pooled.params(share=share), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))
+    plans = [plan] * 4 + [None] * 4 if share == "head" else [plan] * 8  # per head: KV head 1 dense
     chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
                                int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
                    for s in range(2))

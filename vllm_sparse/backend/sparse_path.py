@@ -24,10 +24,24 @@ from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton,
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
-def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> torch.Tensor:
-    """Kept-block mask [q_heads, query_blocks, kv_blocks] for every q head of the chunk.
+def plan_scores(chunk: ChunkContext, plan: HeadPlan) -> torch.Tensor:
+    """Block scores of every head of the chunk under one plan: [q_heads, rows, kv_blocks], or
+    [kv_heads, rows, kv_blocks] (a strided view, one row per GQA group) when the estimator gives
+    every head of a group the same scores, so selection sorts each group's rows once."""
+    estimator = get_estimator(plan.estimator)
+    scores = estimator.score(chunk, plan.params)
+    group = chunk.kv_group_size
+    if group is not None and group > 1 and estimator.same_in_group(plan.params):
+        return scores[::group]
+    return scores
 
-    Heads sharing one plan are scored together; a dense head (None) keeps every causal block.
+
+def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> torch.Tensor:
+    """Kept-block mask [mask_heads, query_blocks, kv_blocks] for the chunk's q heads.
+
+    mask_heads is q_heads, or kv_heads when one plan covers every head and its estimator scores
+    per GQA group (`plan_scores`); `mask_kv_heads` maps either to KV heads. Heads sharing one
+    plan are scored together; a dense head (None) keeps every causal block.
     """
     heads_of: dict[HeadPlan | None, list[int]] = defaultdict(list)
     for h, plan in enumerate(head_plans):
@@ -35,7 +49,7 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     select = select_blocks_triton if chunk.q.is_cuda else select_blocks  # same blocks; one launch on GPUs
     only = next(iter(heads_of))
     if len(heads_of) == 1 and only is not None:  # one plan for every head: score the chunk as it is
-        return select(get_estimator(only.estimator).score(chunk, only.params), only.budget, chunk.first_query_block)
+        return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)
     causal = chunk.causal_block_mask()
     mask = causal[None].repeat(len(head_plans), 1, 1)
     for plan, heads in heads_of.items():
@@ -48,6 +62,13 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         scores = get_estimator(plan.estimator).score(sub, plan.params)
         mask[idx] = select(scores, plan.budget, chunk.first_query_block)
     return mask
+
+
+def mask_kv_heads(mask: torch.Tensor, kv_head_of: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """KV head of each row of a `chunk_block_mask` mask (one row per q head, or one per KV head)."""
+    if mask.shape[0] == kv_head_of.shape[0]:
+        return kv_head_of
+    return torch.arange(num_kv_heads, device=kv_head_of.device)
 
 
 def attend_sparse_chunks(
@@ -78,7 +99,7 @@ def attend_sparse_chunks(
             continue
         for r0 in range(0, ctx.num_query_blocks, tile):
             rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
-            union = union_blocks(mask[:, rows], kv_head_of, num_kv)
+            union = union_blocks(mask[:, rows], mask_kv_heads(mask, kv_head_of, num_kv), num_kv)
             # The tile's query tokens: its rows' positions that lie in this chunk.
             t0 = max((ctx.first_query_block + rows.start) * block_size - c.context_len, 0)
             t1 = min((ctx.first_query_block + rows.stop) * block_size - c.context_len, c.q_end - c.q_start)
@@ -156,8 +177,9 @@ def _record_density(layer, ctx, mask, union, rows) -> None:
     st = STATS.layers[layer]
     causal = ctx.causal_block_mask()[rows]  # [rows, kv_blocks]
     st.unions += 1
-    st.requested_kept += int(mask.sum())
-    st.requested_total += int(causal.sum()) * mask.shape[0]
+    per_row = ctx.q.shape[1] // mask.shape[0]  # q heads behind each mask row (a group's, when scored per group)
+    st.requested_kept += int(mask.sum()) * per_row
+    st.requested_total += int(causal.sum()) * ctx.q.shape[1]
     st.union_kept += int((union[:, None, :] & causal[None]).sum())
     st.union_total += int(causal.sum()) * union.shape[0]
 

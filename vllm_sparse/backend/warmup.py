@@ -49,8 +49,9 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
             mask = select_blocks_triton(scores, budget, nkb - 1)
         if with_tables:
             seq_lens = torch.full((1,), nkb * block_size, dtype=torch.int32, device=dev)
-            tile_tables_triton(mask, 1, 1, seq_lens, block_size, page_size, block_table,
-                               nkb * (block_size // page_size))
+            for rows_per_kv_head in {group, 1}:  # a mask row per q head, or per group (`plan_scores`)
+                tile_tables_triton(mask[:rows_per_kv_head], 1, 1, seq_lens, block_size, page_size, block_table,
+                                   nkb * (block_size // page_size))
     cache = torch.randn(2, 1, page_size, 2 * head_dim, device=dev).to(kv_dtype)
     block_key_means_triton(PagedKV.from_flash_cache(cache), block_table, 1, block_size)
     torch.cuda.synchronize(dev)

@@ -85,6 +85,14 @@ class ChunkContext:
         group = len(ids) // len(kv)
         return (kv, group) if ids == [k for k in kv for _ in range(group)] else None
 
+    @property
+    def kv_group_size(self) -> int | None:
+        """q heads per KV head when the scored heads are every KV head's, in order, in equal consecutive
+        groups (the backend's layout of a layer's heads), else None."""
+        if self._groups is None or self._groups[0] != list(range(self.kv.num_kv_heads)):
+            return None
+        return self._groups[1]
+
     def by_kv_head(self, q: torch.Tensor, k_kv: torch.Tensor) -> torch.Tensor:
         """q [heads, n, F] @ k_kv[kv_head_of(head)]^T -> [heads, n, m], for k_kv [num_kv_heads, m, F].
 

@@ -39,7 +39,8 @@ def proxy_mask(chunk: ChunkContext, n: int) -> torch.Tensor:
     return mask.to(chunk.q.device)
 
 
-@register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)")
+@register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)",
+                    same_in_group=lambda p: p.share == "group" and p.proxy_heads is None)
 def score_pooled(chunk: ChunkContext, params: PooledParams) -> torch.Tensor:
     pq, pk = chunk.pooled_queries(), chunk.pooled_keys()  # [h, rows, d], [h, kv_blocks, d]
     if params.proxy_heads is not None:

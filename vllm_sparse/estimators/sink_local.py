@@ -18,7 +18,8 @@ class SinkLocalParams(EstimatorParams):
     local_blocks: int = Field(4, ge=1, description="blocks kept ending at the query's own block")
 
 
-@register_estimator("sink_local", SinkLocalParams, "first N (sink) and last M (local) blocks: A-shape / StreamingLLM")
+@register_estimator("sink_local", SinkLocalParams, "first N (sink) and last M (local) blocks: A-shape / StreamingLLM",
+                    same_in_group=lambda p: True)  # positions only: every head alike
 def score_sink_local(chunk: ChunkContext, params: SinkLocalParams) -> torch.Tensor:
     rows = chunk.query_block_ids()[:, None]
     kb = torch.arange(chunk.num_kv_blocks, device=chunk.q.device)[None, :]
