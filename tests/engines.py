@@ -19,11 +19,13 @@ def engine_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def run_engine(spec: dict, timeout: int = 600, expect_ok: bool = True) -> tuple[dict | None, str]:
-    """-> (result or None, combined output). Raises with the engine's output if expect_ok and it failed."""
+def run_engine(spec: dict, timeout: int = 600, expect_ok: bool = True,
+               env: dict[str, str] | None = None) -> tuple[dict | None, str]:
+    """-> (result or None, combined output). Raises with the engine's output if expect_ok and it failed.
+    `env`: variables set for this engine only."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine_runner", json.dumps(spec)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=engine_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**engine_env(), **(env or {})},
     )
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
