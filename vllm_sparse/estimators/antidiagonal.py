@@ -15,6 +15,7 @@ from pydantic import Field
 
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+from vllm_sparse.estimators.row_scores import ScoredRows, row_block_scores
 
 
 class AntidiagonalParams(EstimatorParams):
@@ -34,11 +35,22 @@ def _strided(x: torch.Tensor, first_pos: int, n_groups: int, stride: int, revers
     return g.reshape(h, n_groups, stride * d)
 
 
-@register_estimator("antidiagonal", AntidiagonalParams, "strided antidiagonal sums per block (XAttention)")
+@register_estimator("antidiagonal", AntidiagonalParams, "strided antidiagonal sums per block (XAttention)",
+                    workspace_rows=lambda p, tokens: tokens // p.stride + 2)
 def score_antidiagonal(chunk: ChunkContext, params: AntidiagonalParams) -> torch.Tensor:
     s = params.stride
     if chunk.block_size % s:
         raise ValueError(f"antidiagonal stride {s} must divide the block size {chunk.block_size}")
+    if chunk.use_kernels:
+        q_first = chunk.context_len // s  # stride groups aligned to absolute positions
+        rows = ScoredRows(first=q_first * s, step=s, count=(chunk.seq_len - 1) // s + 1 - q_first, stride=s)
+        return row_block_scores(chunk, rows, chunk.scale / s)  # mean logit along each antidiagonal
+    return score_antidiagonal_ref(chunk, params)
+
+
+def score_antidiagonal_ref(chunk: ChunkContext, params: AntidiagonalParams) -> torch.Tensor:
+    """The torch path: every strided row's logits against every key group, [heads, rows, seq / S]."""
+    s = params.stride
     q_first = chunk.context_len // s
     n_q = (chunk.seq_len - 1) // s + 1 - q_first
     n_k = (chunk.seq_len - 1) // s + 1

@@ -27,6 +27,11 @@ class ChunkContext:
     block_size: int  # selection block, a multiple of kv.page_size
     scale: float
     kv_head_ids: tuple[int, ...] | None = None  # kv_head_of on the host (saves a device sync)
+    kernels: bool | None = None  # fused Triton estimators; None: on CUDA tensors (True on CPU: interpreter)
+
+    @property
+    def use_kernels(self) -> bool:
+        return self.q.is_cuda if self.kernels is None else self.kernels
 
     @property
     def q_len(self) -> int:

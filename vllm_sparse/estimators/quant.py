@@ -12,7 +12,9 @@ def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     below 2**24.
     """
     qmax = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    # Times the fp32 reciprocal, not divided by qmax: CUDA's torch divides by a scalar that way, and
+    # the fused kernels (row_scores) do the same, so every path rounds to the same integers.
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) * (1.0 / qmax)
     return torch.round(x / scale).clamp(-qmax, qmax), scale
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.base import ChunkContext, _sum_last_dim_in_blocks
 from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+from vllm_sparse.estimators.row_scores import line_masses
 
 
 class VerticalSlashParams(EstimatorParams):
@@ -30,30 +31,37 @@ def _topk_only(x: torch.Tensor, k: int) -> torch.Tensor:
     return x * keep
 
 
-@register_estimator("vertical_slash", VerticalSlashParams, "top vertical columns and slash diagonals (MInference)")
-def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> torch.Tensor:
-    n = min(params.last_q, chunk.q_len)
+def line_masses_ref(chunk: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last n queries' softmax mass by key column and by diagonal (query - key), [h, seq] each."""
     q_pos = torch.arange(chunk.seq_len - n, chunk.seq_len, device=chunk.q.device)
     k_pos = torch.arange(chunk.seq_len, device=chunk.q.device)
     q = chunk.q[-n:].float().permute(1, 0, 2)  # [h, n, d]
     logits = chunk.qk(q) * chunk.scale  # [h, n, seq]
     causal = k_pos[None, :] <= q_pos[:, None]
     probs = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), dim=-1)
-
-    vertical = _topk_only(probs.sum(1), params.vertical_size)  # [h, seq] by key position
     # Diagonal of each (query, key) pair; non-causal pairs carry probability 0, parked on offset 0.
     offset = (q_pos[:, None] - k_pos[None, :]).clamp_min(0).flatten()
-    slash = torch.zeros_like(vertical).index_add_(1, offset, probs.flatten(1))
+    slash = torch.zeros_like(probs[:, 0]).index_add_(1, offset, probs.flatten(1))
+    return probs.sum(1), slash
+
+
+@register_estimator("vertical_slash", VerticalSlashParams, "top vertical columns and slash diagonals (MInference)",
+                    workspace_rows=lambda p, tokens: min(p.last_q, tokens))
+def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> torch.Tensor:
+    n = min(params.last_q, chunk.q_len)
+    # On GPUs the line sums come from the cache in two Triton launches, without [heads, n, seq] logits.
+    vertical, slash = (line_masses if chunk.use_kernels else line_masses_ref)(chunk, n)
+    vertical = _topk_only(vertical, params.vertical_size)  # [h, seq] by key position
     slash = _topk_only(slash, params.slash_size)  # [h, seq] by offset
 
-    bs, heads = chunk.block_size, q.shape[0]
+    bs, heads, dev = chunk.block_size, vertical.shape[0], vertical.device
     # Vertical mass per KV block; slash mass crossing (row, block) from prefix sums over offsets.
-    v_block = torch.zeros(heads, chunk.num_kv_blocks, device=q.device).index_add_(1, k_pos // bs, vertical)
+    v_block = _sum_last_dim_in_blocks(vertical, bs, chunk.num_kv_blocks)
     prefix = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))  # prefix[:, o] = sum of offsets < o
     rows = chunk.query_block_ids()
     q_lo = torch.clamp(rows * bs, min=chunk.context_len)  # first query of the row in this chunk
     q_hi = torch.clamp((rows + 1) * bs, max=chunk.seq_len) - 1
-    kb = torch.arange(chunk.num_kv_blocks, device=q.device)
+    kb = torch.arange(chunk.num_kv_blocks, device=dev)
     k_lo, k_hi = kb * bs, torch.clamp((kb + 1) * bs, max=chunk.seq_len) - 1
     o_lo = (q_lo[:, None] - k_hi[None, :]).clamp(0, chunk.seq_len)
     o_hi = (q_hi[:, None] - k_lo[None, :] + 1).clamp(0, chunk.seq_len)

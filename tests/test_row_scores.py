@@ -1,0 +1,158 @@
+"""The fused per-row estimators (`estimators/row_scores.py`) against their torch paths.
+
+`antidiagonal`, sampled-row `lowbit` (int8 and int4) and `vertical_slash` score blocks from the
+cache in Triton without a [heads, rows, context] tensor; their torch paths are the references.
+Random paged GQA inputs, pages shuffled, chunks with and without context (also unaligned to the
+stride), head subsets (per-head plans), workspaces too small for one slab, blocks wider than a
+tile. The workspace is poisoned with NaN first, so a score built from an entry no kernel wrote
+fails. On a CPU host the kernels run in Triton's interpreter (fp32/fp16); with a GPU compiled,
+bf16 included, and at a 32K-context shape whose peak memory is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.fixtures.paged import random_paged_batch
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.kernels.workspace import WORKSPACE
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+HQ, HKV, D, PAGE = 6, 2, 32, 16
+
+CASES = [
+    # estimator params, block size
+    ("antidiagonal", {"stride": 8}, 64),
+    ("antidiagonal", {"stride": 4}, 32),
+    ("antidiagonal", {"stride": 1}, 128),  # a block spans two column tiles
+    ("lowbit", {"sample_stride": 8}, 64),
+    ("lowbit", {"sample_stride": 5, "bits": 4}, 64),
+    ("lowbit", {"sample_stride": 16}, 256),  # wider than a tile: the in-tile quantizing kernel
+    ("lowbit", {"sample_stride": 100}, 64),  # query blocks without a scored row
+    ("vertical_slash", {"last_q": 40, "vertical_size": 50, "slash_size": 60}, 64),
+]
+SHAPES = [(700, 300), (705, 303), (400, 400)]  # (seq_len, q_len): context 400, 402 (unaligned), none
+
+
+def _chunk(seq: int, q_len: int, bs: int, dtype, seed: int, heads=None) -> ChunkContext:
+    b = random_paged_batch([seq], [q_len], HQ, HKV, D, PAGE, dtype=dtype, seed=seed)
+    kv_of = torch.arange(HQ) // (HQ // HKV)
+    q = b.q
+    if heads is not None:  # a per-head plan scores a subset of the layer's heads
+        q, kv_of = q[:, heads], kv_of[heads]
+    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
+    return ChunkContext(q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), seq - q_len, bs, D**-0.5,
+                        tuple(kv_of.tolist()))
+
+
+def _poison_workspace(nbytes: int = 64 << 20) -> None:
+    WORKSPACE.reserve(nbytes, torch.device(DEVICE))
+    WORKSPACE.floats(WORKSPACE.reserved(torch.device(DEVICE)) // 4, torch.device(DEVICE)).fill_(float("nan"))
+
+
+def _compare(chunk: ChunkContext, name: str, raw: dict) -> float:
+    est = get_estimator(name)
+    params = est.params(**raw)
+    ref = est.score(dataclasses.replace(chunk, kernels=False), params)
+    got = est.score(dataclasses.replace(chunk, kernels=True), params)
+    assert got.shape == ref.shape == (chunk.q.shape[1], chunk.num_query_blocks, chunk.num_kv_blocks)
+    assert not torch.isnan(got).any(), "a score was built from workspace no kernel wrote"
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(got)), "causal pattern differs"
+    return float((ref[finite] - got[finite]).abs().max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}{v}' for k, v in c[1].items())}-b{c[2]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"seq{s[0]}-q{s[1]}")
+def test_fused_scores_match_torch(case, shape):
+    name, raw, bs = case
+    _poison_workspace()
+    for dtype in DTYPES:
+        chunk = _chunk(*shape, bs, dtype, seed=sum(shape) + bs)
+        # log-mass scores; the torch path sums in another order (and tf32-free fp32 on the GPU)
+        assert _compare(chunk, name, raw) < 2e-4, dtype
+
+
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 4}), ("lowbit", {"sample_stride": 7}),
+                                      ("vertical_slash", {"last_q": 20, "vertical_size": 30, "slash_size": 30})])
+@pytest.mark.parametrize("heads", [[0, 3, 5], [3, 4, 5], [1]], ids=str)
+def test_fused_scores_on_head_subsets(name, raw, heads):
+    _poison_workspace()
+    assert _compare(_chunk(705, 303, 64, torch.float32, seed=len(heads), heads=heads), name, raw) < 2e-4
+
+
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 2}), ("lowbit", {"sample_stride": 3})])
+def test_fused_scores_in_slabs_when_the_workspace_is_small(name, raw, monkeypatch):
+    # 24 KiB holds a few query blocks' rows: the chunk runs in many slabs, none allocating.
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    WORKSPACE.reserve(24 << 10, torch.device(DEVICE))
+    WORKSPACE.floats(6 << 10, torch.device(DEVICE)).fill_(float("nan"))
+    chunk = _chunk(1200, 900, 16, torch.float32, seed=5)
+    per_qb = HQ * chunk.num_kv_blocks * -(-16 // raw.get("stride", raw.get("sample_stride", 1)))
+    assert WORKSPACE.capacity(torch.device(DEVICE)) < chunk.num_query_blocks * per_qb  # several slabs
+    assert _compare(chunk, name, raw) < 2e-4
+
+
+def test_fused_lowbit_quantizes_like_the_reference():
+    """Keys quantized in the kernel equal quantize_symmetric's (ties to even, per-key scales): the
+    int8 scores match exactly-computed reference scores far tighter than a float product would."""
+    chunk = dataclasses.replace(_chunk(600, 200, 64, torch.float32, seed=9), scale=1e-3)  # moderate logits
+    # Every key's largest entry is 127, so its scale is exactly 1 and the half-integer entries are
+    # rounding ties: a kernel rounding half away from zero (or half up) would give other integers.
+    key = chunk.kv.key
+    key.copy_(torch.round(key * 20) / 2)
+    key[..., 0] = 127.0
+    assert _compare(chunk, "lowbit", {"sample_stride": 4}) < 1e-4  # one key entry off by 1: ~4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("lowbit", {"sample_stride": 16})])
+def test_fused_scores_stay_within_the_workspace_at_32k(name, raw):
+    """32K context, 8K chunk, Llama-8B heads: the torch path holds [32, rows, 32K] fp32 logits (0.5-2 GiB);
+    the fused path's peak beyond its inputs (and the reserved workspace) is a small share of that."""
+    from tests.fixtures.paged import random_paged_batch as batch
+
+    seq, q_len, hq, hkv, d = 32768, 8192, 32, 8, 128
+    b = batch([seq], [q_len], hq, hkv, d, PAGE, dtype=torch.bfloat16, seed=3)
+    kv = dataclasses.replace(b.kv, key=b.kv.key.cuda(), value=b.kv.value.cuda())
+    chunk = ChunkContext(b.q.cuda(), (torch.arange(hq) // (hq // hkv)).cuda(), kv, b.block_table[0].cuda(),
+                         seq - q_len, 128, d**-0.5, tuple(h // (hq // hkv) for h in range(hq)))
+    est = get_estimator(name)
+    params = est.params(**raw)
+    WORKSPACE.reserve(512 << 20, torch.device("cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = est.score(chunk, params)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    stride = raw.get("stride", 1)
+    logits_bytes = hq * est.workspace_rows(params, q_len) * (seq // stride) * 4  # the torch path's [h, rows, ctx]
+    assert extra < logits_bytes / 8, f"{extra / 2**20:.0f} MiB beyond the inputs ({logits_bytes / 2**20:.0f} MiB)"
+    ref = est.score(dataclasses.replace(chunk, kernels=False), params)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert float((ref[finite] - got[finite]).abs().max()) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("head_dim,hq,hkv", [(64, 8, 2), (128, 32, 8), (256, 4, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("lowbit", {"sample_stride": 16}),
+                                      ("vertical_slash", {"last_q": 64, "vertical_size": 256, "slash_size": 512})])
+def test_fused_scores_compiled_for_each_head_dim(name, raw, head_dim, hq, hkv):
+    """The launch configurations per head size (Llama 64/128, Gemma 3's 256) compile and agree with torch,
+    bf16, an 8K context with a 2K chunk (the CPU twin: the small-shape tests above)."""
+    seq, q_len = 8192, 2048
+    b = random_paged_batch([seq], [q_len], hq, hkv, head_dim, PAGE, dtype=torch.bfloat16, seed=head_dim)
+    kv = dataclasses.replace(b.kv, key=b.kv.key.cuda(), value=b.kv.value.cuda())
+    chunk = ChunkContext(b.q.cuda(), (torch.arange(hq) // (hq // hkv)).cuda(), kv, b.block_table[0].cuda(),
+                         seq - q_len, 128, head_dim**-0.5, tuple(h // (hq // hkv) for h in range(hq)))
+    assert _compare(chunk, name, raw) < 1e-3

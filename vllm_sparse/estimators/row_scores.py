@@ -1,0 +1,491 @@
+"""Block scores of scored query rows, fused: the per-row estimators' GPU path.
+
+`antidiagonal`, sampled-row `lowbit` and `vertical_slash` score some rows of a chunk against every
+key before them: per row, the softmax of its logits summed into KV blocks, averaged over the rows
+of each query block. In torch (`ChunkContext.token_logits_to_block_scores`) that is a [heads,
+rows, context] tensor of logits and another of probabilities: gigabytes at 128K. Here it is two
+Triton launches that hold at most a tile of logits, in registers:
+
+1. `_row_block_lse_kernel` is a GEMM with a reducing epilogue. One program per (column tile, row
+   tile, KV head) computes a [rows, columns] tile of logits (GQA-packed: the q heads of a KV head
+   share every key load; keys are read from vLLM's paged cache in place) and writes, per (row, KV
+   block), the log-sum-exp of the block's logits. Tiles are independent: no row state, no
+   second pass over the keys. Antidiagonal rows are S query tokens, reversed, against S
+   consecutive keys per column, so the product reduces over S x head_dim; `lowbit` rows and keys
+   are quantized to int8 (or int4 in int8) and multiplied on the tensor cores with int32 sums.
+2. `_block_mass_kernel`, per (q head, query block): each row's log-sum-exp over its causal
+   blocks (its softmax normaliser), then exp(block lse - row lse) averaged over the query block's
+   rows, written as log-mass scores [heads, query blocks, kv blocks] (as the torch path).
+
+Between them is one float per (head, row, KV block), taken from the workspace reserved at engine
+start (`kernels/workspace.py`); a chunk that needs more than it holds runs in slabs of whole query
+blocks. `vertical_slash` uses the first kernel for its rows' normalisers, then
+`_line_mass_kernel` sums the normalised probabilities by key column and by diagonal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_sparse.estimators.quant import quantize_symmetric
+from vllm_sparse.kernels.launch import storage_base
+from vllm_sparse.kernels.workspace import WORKSPACE
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class ScoredRows:
+    """The rows an estimator scores: row j's tokens start at `first + j * step`.
+
+    With `stride` S > 1 (antidiagonal) a row is S consecutive query tokens taken in reverse and
+    each key column is S consecutive keys; tokens outside the chunk count as zero vectors. A row
+    sits in the query block of its last token, min(start + S - 1, seq_len - 1), and sees the key
+    columns that start at or before that token.
+    """
+
+    first: int
+    step: int
+    count: int
+    stride: int = 1
+
+    def rows_before(self, pos: int) -> int:
+        """Rows whose last token is before absolute position `pos` (rows are in position order)."""
+        return min(self.count, max(0, -(-(pos - (self.stride - 1) - self.first) // self.step)))
+
+    def last_token(self, j: int, seq_len: int) -> int:
+        return min(self.first + j * self.step + self.stride - 1, seq_len - 1)
+
+
+def query_block_slabs(rows: ScoredRows, chunk, max_rows: int):
+    """Split the chunk's query blocks into runs [qa, qz) whose rows number at most max_rows (a run is
+    one block at least) -> (qa, qz, first row, row count) each."""
+    first, n_qb, bs = chunk.first_query_block, chunk.num_query_blocks, chunk.block_size
+    qa = 0
+    while qa < n_qb:
+        r0 = rows.rows_before((first + qa) * bs)
+        limit = r0 + max_rows  # the first row that does not fit
+        qz = n_qb if limit >= rows.count else max(qa + 1, rows.last_token(limit, chunk.seq_len) // bs - first)
+        yield qa, qz, r0, rows.rows_before((first + qz) * bs) - r0
+        qa = qz
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round for float32: to the nearest integer, ties to even."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _key_rows(K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv, tok, live, d, PAGE: tl.constexpr):
+    """Keys at absolute positions tok [N] of one KV head from the paged cache (0 where not live)."""
+    phys = tl.load(BT + bt_offset + tok // PAGE, mask=live, other=0).to(tl.int64)
+    ptr = K + phys[:, None] * stride_kp + kv * stride_kh + (tok % PAGE)[:, None] * stride_kt + d[None, :]
+    return tl.load(ptr, mask=live[:, None], other=0.0)
+
+
+@triton.jit
+def _quantize(x, QMAX: tl.constexpr):
+    """Rows of x (fp32) -> (int8 values, per-row scales), exactly as quant.quantize_symmetric."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8) * (1.0 / QMAX)
+    q = _round_half_even(tl.math.div_rn(x, scale[:, None]))
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int8), scale
+
+
+@triton.jit
+def _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt,
+                BT, bt_offset, kv, head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0, logit_scale,
+                S: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                QMAX: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Logits (log2 units) of the program's rows against key columns c0.., -inf where not causal."""
+    c = c0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_D)
+    if QMAX > 0:
+        # lowbit: each key quantized on its own (per token, per KV head), as quantize_symmetric.
+        live = c < seq_len
+        k = _key_rows(K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv, c, live, d, PAGE)
+        ki, k_scale = _quantize(k.to(tl.float32), QMAX)
+        acc = tl.dot(qi, tl.trans(ki), out_dtype=tl.int32)
+        s = acc.to(tl.float32) * q_scale[:, None] * k_scale[None, :]  # q_scale holds the logit scale
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        q_len = seq_len - context_len
+        dd = tl.arange(0, BLOCK_D)
+        for it in range(S * (HEAD_D // BLOCK_D)):  # the reduction over S x head_dim, BLOCK_D at a time
+            i = it // (HEAD_D // BLOCK_D)
+            d0 = (it % (HEAD_D // BLOCK_D)) * BLOCK_D
+            # Query token S-1-i of each row meets key i of each column: one antidiagonal per tile.
+            qt = row_pos + (S - 1 - i) - context_len
+            q_ok = row_ok & (qt >= 0) & (qt < q_len)
+            q = tl.load(Q + qt[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + (d0 + dd)[None, :],
+                        mask=q_ok[:, None], other=0.0)
+            kt = c * S + i
+            k = _key_rows(K + d0, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv, kt, kt < seq_len, dd, PAGE)
+            acc = tl.dot(q, tl.trans(k), acc, input_precision=IN_PREC)
+        s = acc * logit_scale
+    causal = (c[None, :] * S <= q_end[:, None]) & (c[None, :] < n_cols)
+    return tl.where(causal, s, float("-inf"))
+
+
+@triton.jit
+def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT: tl.constexpr, CPB: tl.constexpr,
+                     EPILOGUE: tl.constexpr):
+    """A tile of logits [BLOCK_M, BPT * CPB] (log2 units) -> each row's log2-sum-exp2 of each of its BPT blocks."""
+    if EPILOGUE == 0 or BPT == 1:  # per-block max, through a 3-D view of the tile
+        s3 = tl.reshape(s, [BLOCK_M, BPT, CPB])
+        bm = tl.max(s3, axis=2)
+        bm = tl.where(bm == float("-inf"), 0.0, bm)
+        blse = bm + tl.log2(tl.sum(tl.exp2(s3 - bm[:, :, None]), axis=2))  # log2(0) = -inf: nothing causal
+        kb = ct * BPT + tl.arange(0, BPT)
+        tl.store(out_rows + kb[None, :], blse, mask=row_ok[:, None] & (kb[None, :] * CPB < n_cols))
+    else:  # the tile's row max, exp2 once, then one masked sum per block (no 3-D layout)
+        m = tl.max(s, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m[:, None])
+        col_block = tl.arange(0, BPT * CPB) // CPB
+        for b in tl.static_range(BPT):
+            blse = m + tl.log2(tl.sum(tl.where(col_block[None, :] == b, p, 0.0), axis=1))
+            kb = tl.full([BLOCK_M, 1], ct * BPT + b, tl.int32)
+            tl.store(out_rows + kb, blse[:, None], mask=row_ok[:, None] & (kb * CPB < n_cols))
+
+
+# Strides are left to Triton's specialisation (fixed by the model; a multiple of 16 lets loads
+# vectorise), and Q and K come as tensors (16-byte aligned whatever the chunk); quantities that
+# change with the chunk or the request are not specialised, so no request compiles a variant.
+@triton.jit(do_not_specialize=["stride_qsr", "bt_offset", "stride_oh", "stride_or", "context_len", "seq_len",
+                               "row_first", "row_step", "row0", "n_rows", "n_cols"])
+def _row_block_lse_kernel(
+    Q, stride_qt, stride_qh,  # float: the chunk's queries [q_len, q_heads, D]; int: quantized rows
+    QS, stride_qsr,  # int: per-row scales [rows, q_heads] fp32 (unused for float)
+    K, stride_kp, stride_kh, stride_kt,  # keys [pages, kv_heads, page, D], D contiguous
+    BT, bt_offset,  # the request's block table row (int32)
+    KV_OF,  # [groups] KV head of each group of GROUP consecutive q heads
+    OUT, stride_oh, stride_or,  # [q_heads, slab rows, kv_blocks] fp32: log2-sum-exp2 of each block
+    context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CPB: tl.constexpr, SUB_TILES: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
+    IN_PREC: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = ROWS * GROUP_PAD
+    COLS: tl.constexpr = BLOCK_N * SUB_TILES
+    ct = tl.program_id(0)
+    kv = tl.load(KV_OF + tl.program_id(2))
+    r = tl.arange(0, BLOCK_M)
+    j = tl.program_id(1) * ROWS + r // GROUP_PAD  # row within the slab; rows are row-major, head-minor
+    slot = r % GROUP_PAD
+    head = tl.program_id(2) * GROUP + slot
+    row_ok = (j < n_rows) & (slot < GROUP)
+    row_pos = row_first + (row0 + j) * row_step
+    q_end = tl.minimum(row_pos + S - 1, seq_len - 1)
+    c0 = ct * COLS
+    if c0 * S > tl.max(tl.where(row_ok, q_end, -1), axis=0):
+        return  # above every row's diagonal: nothing causal (the mass kernel never reads it)
+
+    d = tl.arange(0, HEAD_D)
+    if QMAX > 0:
+        qi = tl.load(Q + (row0 + j)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                     mask=row_ok[:, None], other=0)
+        q_scale = tl.load(QS + (row0 + j) * stride_qsr + head, mask=row_ok, other=0.0)
+    else:
+        qi = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.int8)
+        q_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    out_rows = OUT + head[:, None].to(tl.int64) * stride_oh + j[:, None] * stride_or
+    if SUB_TILES == 1:
+        # The tile holds COLS // CPB whole blocks: reduce each to its log-sum-exp.
+        s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv,
+                        head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0, logit_scale, S, HEAD_D,
+                        BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M, BLOCK_D)
+        _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M, BLOCK_N // CPB, CPB, EPILOGUE)
+    else:
+        # A block spans SUB_TILES tiles: merge their sums online.
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        acc = tl.zeros([BLOCK_M], tl.float32)
+        for t in range(SUB_TILES):
+            s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT, bt_offset,
+                            kv, head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0 + t * BLOCK_N,
+                            logit_scale, S, HEAD_D, BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M, BLOCK_D)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(out_rows + ct, (m_safe + tl.log2(acc))[:, None], mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["stride_qsr", "bt_offset", "stride_oh", "stride_or", "seq_len", "row_first",
+                               "row_step", "row0", "n_rows"])
+def _row_block_lse_int_kernel(
+    QI, stride_qt, stride_qh,  # quantized rows [rows, q_heads, D] int8
+    QS, stride_qsr,  # their scales [rows, q_heads] fp32, times the logit scale
+    K, stride_kp, stride_kh, stride_kt, BT, bt_offset, KV_OF,
+    OUT, stride_oh, stride_or,  # as _row_block_lse_kernel
+    seq_len, row_first, row_step, row0, n_rows,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CPB: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr, EPILOGUE: tl.constexpr,
+):
+    """`_row_block_lse_kernel` for quantized single-token rows, keys stationary: one program per (column
+    tile, GQA group) reads and quantizes its keys once, then walks every row tile that sees them."""
+    BLOCK_M: tl.constexpr = ROWS * GROUP_PAD
+    ct = tl.program_id(0)
+    kv = tl.load(KV_OF + tl.program_id(1))
+    c = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = c < seq_len
+    d = tl.arange(0, HEAD_D)
+    k = _key_rows(K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv, c, live, d, PAGE).to(tl.float32)
+    ki, k_scale = _quantize(k, QMAX)  # per key, as quantize_symmetric
+    kt = tl.trans(ki)
+    c_last = tl.minimum(ct * BLOCK_N + BLOCK_N, seq_len) - 1
+    r = tl.arange(0, BLOCK_M)
+    slot = r % GROUP_PAD
+    head = tl.program_id(1) * GROUP + slot
+    # Rows (in position order) before the first that sees column c0 need not be visited.
+    first = tl.maximum((ct * BLOCK_N - row_first + row_step - 1) // row_step - row0, 0)
+    for rt in range(first // ROWS, tl.cdiv(n_rows, ROWS)):
+        j = rt * ROWS + r // GROUP_PAD
+        row_ok = (j < n_rows) & (slot < GROUP)
+        q_end = tl.minimum(row_first + (row0 + j) * row_step, seq_len - 1)
+        qi = tl.load(QI + (row0 + j)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                     mask=row_ok[:, None], other=0)
+        q_scale = tl.load(QS + (row0 + j) * stride_qsr + head, mask=row_ok, other=0.0)
+        acc = tl.dot(qi, kt, out_dtype=tl.int32)
+        s = acc.to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        if (c_last < ct * BLOCK_N + BLOCK_N - 1) or (c_last > tl.min(tl.where(row_ok, q_end, seq_len))):
+            # keys past the end, or a row that does not see them all: mask (rows are in position order,
+            # so after a few tiles every row sees every column)
+            s = tl.where((c[None, :] <= q_end[:, None]) & live[None, :], s, float("-inf"))
+        out_rows = OUT + head[:, None].to(tl.int64) * stride_oh + j[:, None] * stride_or
+        _store_block_lse(s, out_rows, row_ok, ct, seq_len, BLOCK_M, BLOCK_N // CPB, CPB, EPILOGUE)
+
+
+@triton.jit
+def _rows_before(pos, row_first, row_step, n_total, S: tl.constexpr):
+    """`ScoredRows.rows_before` in the kernel."""
+    num = pos - (S - 1) - row_first
+    return tl.minimum(tl.maximum((num + row_step - 1) // row_step, 0), n_total)
+
+
+@triton.jit(do_not_specialize=["stride_bh", "stride_br", "stride_oh", "stride_or", "seq_len", "row_first",
+                               "row_step", "row0", "n_total", "n_kv_blocks", "first_query_block", "qb0",
+                               "block_size"])
+def _block_mass_kernel(
+    BLSE, stride_bh, stride_br,  # [q_heads, slab rows, kv_blocks] log2 units (from _row_block_lse_kernel)
+    OUT, stride_oh, stride_or,  # [q_heads, query blocks, kv_blocks] fp32 log-mass, -inf past the diagonal
+    seq_len, row_first, row_step, row0, n_total, n_kv_blocks, first_query_block, qb0, block_size,
+    S: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_KB: tl.constexpr,
+):
+    qb = qb0 + tl.program_id(0)  # query block row of the chunk
+    h = tl.program_id(1)
+    qb_abs = first_query_block + qb
+    j_lo = _rows_before(qb_abs * block_size, row_first, row_step, n_total, S)
+    j_hi = _rows_before((qb_abs + 1) * block_size, row_first, row_step, n_total, S)
+    r = tl.arange(0, ROWS_PAD)
+    live = r < j_hi - j_lo
+    rows = BLSE + h.to(tl.int64) * stride_bh + (j_lo - row0 + r)[:, None] * stride_br
+    # Pass 1: each row's normaliser over the blocks it sees (every one up to this query block).
+    m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+    acc = tl.zeros([ROWS_PAD], tl.float32)
+    for kb0 in range(0, qb_abs + 1, BLOCK_KB):
+        kb = kb0 + tl.arange(0, BLOCK_KB)
+        x = tl.load(rows + kb[None, :], mask=live[:, None] & (kb[None, :] <= qb_abs), other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(live, acc, 1.0))
+    # Pass 2: the mean over rows of each block's share of its row's mass.
+    n = tl.maximum(j_hi - j_lo, 1).to(tl.float32)
+    out = OUT + h.to(tl.int64) * stride_oh + qb * stride_or
+    for kb0 in range(0, n_kv_blocks, BLOCK_KB):
+        kb = kb0 + tl.arange(0, BLOCK_KB)
+        causal = kb <= qb_abs
+        x = tl.load(rows + kb[None, :], mask=live[:, None] & causal[None, :], other=float("-inf"))
+        mass = tl.sum(tl.exp2(x - lse[:, None]), axis=0) / n
+        score = tl.where(causal, tl.log(tl.maximum(mass, 1e-30)), float("-inf"))
+        tl.store(out + kb, score, mask=kb < n_kv_blocks)
+
+
+def _tile_config(group_pad: int, bits: int | None, head_dim: int) -> tuple[int, int, int, int, int, int]:
+    """(rows per head in a tile, key columns per tile, num_warps, num_stages, epilogue, head-dim slice).
+
+    Picked by `benchmarks/estimators.py --sweep` on an H100 at 128K (benchmarks/RESULTS.md): antidiagonal
+    tiles of 128 packed rows x 256 key columns, two stages, a head-dim step of up to 128; quantized rows
+    in tiles of 64 packed rows x 128 keys, four warps, four stages.
+    """
+    if bits:  # a head_dim past 128 holds twice the quantized keys in registers: twice the warps
+        return max(1, 64 // group_pad), 128, 4 if head_dim <= 128 else 8, 4 if head_dim <= 128 else 2, 0, head_dim
+    return max(1, 128 // group_pad), 256, 8, 2, 0, min(head_dim, 128)
+
+
+def _kv_block_tile(n_kv_blocks: int, device: torch.device) -> int:
+    """KV blocks per step of the mass kernel: fixed on GPUs (no compile for a new context length);
+    the row's size in Triton's interpreter, which pays per step."""
+    return triton.next_power_of_2(n_kv_blocks) if device.type == "cpu" else 256
+
+
+class _RowLse:
+    """Launches `_row_block_lse_kernel` for slabs of one chunk's scored rows."""
+
+    def __init__(self, chunk, rows: ScoredRows, logit_scale: float, bits: int | None):
+        q, kv = chunk.q, chunk.kv
+        self.heads, d = q.shape[1], q.shape[2]
+        # GQA packing: each program's rows are one KV head's q heads (consecutive, as the backend orders
+        # them); heads in any other order are scored one per group.
+        self.group = chunk._groups[1] if chunk._groups is not None else 1
+        self.kv_of = chunk.kv_head_of[::self.group].contiguous()
+        if kv.key.stride(-1) != 1 or q.stride(-1) != 1:
+            raise ValueError("the fused estimators need head_dim contiguous in the queries and the cache")
+        if chunk.block_size % rows.stride:
+            raise ValueError(f"stride {rows.stride} must divide the block size {chunk.block_size}")
+        if bits is not None and rows.stride != 1:
+            raise ValueError("quantized scoring takes single-token rows")
+        if d & (d - 1) or d < 16:
+            raise ValueError(f"the fused estimators need a power-of-two head_dim >= 16, not {d}")
+        self.chunk, self.rows, self.bits = chunk, rows, bits
+        self.n_cols = (chunk.seq_len - 1) // rows.stride + 1
+        self.group_pad = triton.next_power_of_2(self.group)
+        self.tile_rows, self.block_n, self.warps, self.stages, self.epilogue, self.block_d = _tile_config(
+            self.group_pad, bits, d)
+        self.cpb = chunk.block_size // rows.stride  # key columns per KV block (powers of two)
+        self.sub_tiles = max(1, self.cpb // self.block_n)  # a block wider than a tile spans several
+        self.logit_scale = logit_scale * _LOG2E  # log2 units
+        if bits:
+            idx = rows.first - chunk.context_len + torch.arange(rows.count, device=q.device) * rows.step
+            qi, qs = quantize_symmetric(q[idx].float(), bits)  # [rows, heads, D], [rows, heads, 1]
+            self.q_in, self.q_scale = qi.to(torch.int8), (qs[..., 0] * self.logit_scale).contiguous()
+            self.logit_scale = 1.0  # folded into the rows' scales
+        else:
+            self.q_in, self.q_scale = q, torch.empty(1, 1, device=q.device)  # scale unused
+        # The block table row's offset changes with the request: passed apart from an aligned base.
+        self.bt_base, self.bt_off = storage_base(chunk.block_table)
+
+    def launch(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
+        """Rows [r0, r0 + n_rows) -> ws [heads, n_rows, kv_blocks]: log2-sum-exp2 of each causal block."""
+        c, rows, key = self.chunk, self.rows, self.chunk.kv.key
+        if self.bits and self.sub_tiles == 1:
+            _row_block_lse_int_kernel[(triton.cdiv(self.n_cols, self.block_n), self.kv_of.shape[0])](
+                self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
+                key, key.stride(0), key.stride(1), key.stride(2), self.bt_base, self.bt_off,
+                self.kv_of, ws, ws.stride(0), ws.stride(1),
+                c.seq_len, rows.first, rows.step, r0, n_rows,
+                GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, HEAD_D=c.q.shape[-1],
+                BLOCK_N=self.block_n, CPB=self.cpb, PAGE=c.kv.page_size, QMAX=2 ** (self.bits - 1) - 1,
+                EPILOGUE=self.epilogue, num_warps=self.warps, num_stages=self.stages,
+            )
+            return
+        grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows),
+                self.kv_of.shape[0])
+        _row_block_lse_kernel[grid](
+            self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
+            key, key.stride(0), key.stride(1), key.stride(2), self.bt_base, self.bt_off,
+            self.kv_of, ws, ws.stride(0), ws.stride(1),
+            c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, self.logit_scale,
+            GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride, HEAD_D=c.q.shape[-1],
+            BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles, PAGE=c.kv.page_size,
+            QMAX=2 ** (self.bits - 1) - 1 if self.bits else 0,
+            IN_PREC="ieee" if c.q.dtype == torch.float32 else "tf32", EPILOGUE=self.epilogue,
+            BLOCK_D=min(self.block_d, c.q.shape[-1]), num_warps=self.warps, num_stages=self.stages,
+        )
+
+
+def row_block_scores(chunk, rows: ScoredRows, logit_scale: float, bits: int | None = None) -> torch.Tensor:
+    """Log-mass block scores [q heads, query blocks, kv blocks] of `rows`: what
+    `chunk.token_logits_to_block_scores` gives for the rows' logits times `logit_scale` (with `bits`,
+    the quantized product of `quant.lowbit_logits`), without a [heads, rows, context] tensor. On CUDA
+    tensors, or on CPU ones in Triton's interpreter."""
+    lse = _RowLse(chunk, rows, logit_scale, bits)
+    heads, nkb, n_qb, bs = lse.heads, chunk.num_kv_blocks, chunk.num_query_blocks, chunk.block_size
+    out = torch.empty(heads, n_qb, nkb, dtype=torch.float32, device=chunk.q.device)
+    rows_per_qb = -(-bs // rows.step)
+    # Slabs of whole query blocks whose rows' workspace fits.
+    for qa, qz, r0, n_rows in query_block_slabs(rows, chunk, WORKSPACE.capacity(chunk.q.device) // (heads * nkb)):
+        ws = WORKSPACE.floats(heads * max(n_rows, 1) * nkb, chunk.q.device).view(heads, max(n_rows, 1), nkb)
+        if n_rows:
+            lse.launch(r0, n_rows, ws)
+        _block_mass_kernel[(qz - qa, heads)](
+            ws, ws.stride(0), ws.stride(1), out, out.stride(0), out.stride(1),
+            chunk.seq_len, rows.first, rows.step, r0, rows.count, nkb, chunk.first_query_block, qa, bs,
+            S=rows.stride, ROWS_PAD=triton.next_power_of_2(rows_per_qb), BLOCK_KB=_kv_block_tile(nkb, out.device),
+            num_warps=4,
+        )
+    return out
+
+
+def row_log_normalisers(chunk, rows: ScoredRows, logit_scale: float) -> torch.Tensor:
+    """[q heads, rows] log2-sum-exp2 of each row's causal logits (times `logit_scale`, log2 units)."""
+    lse = _RowLse(chunk, rows, logit_scale, None)
+    heads, nkb = lse.heads, chunk.num_kv_blocks
+    out = torch.empty(heads, rows.count, dtype=torch.float32, device=chunk.q.device)
+    per_slab = max(1, WORKSPACE.capacity(chunk.q.device) // (heads * nkb))
+    kb = torch.arange(nkb, device=chunk.q.device)
+    for r0 in range(0, rows.count, per_slab):
+        n = min(per_slab, rows.count - r0)
+        ws = WORKSPACE.floats(heads * n * nkb, chunk.q.device).view(heads, n, nkb)
+        lse.launch(r0, n, ws)
+        ends = torch.clamp(rows.first + (r0 + torch.arange(n, device=kb.device)) * rows.step + rows.stride - 1,
+                           max=chunk.seq_len - 1)
+        seen = kb[None, :] <= (ends // chunk.block_size)[:, None]
+        out[:, r0:r0 + n] = torch.logsumexp(ws.masked_fill(~seen[None], float("-inf")) * _LN2, dim=-1) / _LN2
+    return out
+
+
+@triton.jit(do_not_specialize=["bt_offset", "stride_lh", "stride_line", "context_len", "seq_len", "n_rows"])
+def _line_mass_kernel(
+    Q, stride_qt, stride_qh,  # the chunk's queries [q_len, q_heads, D]
+    K, stride_kp, stride_kh, stride_kt, BT, bt_offset, KV_OF,  # KV_OF: [q_heads] each one's KV head
+    LSE, stride_lh,  # [q_heads, n_rows] log2 normaliser of each of the chunk's last n_rows queries
+    VERT, SLASH, stride_line,  # [q_heads, seq_len] fp32: VERT written here, SLASH (zeroed) accumulated
+    context_len, seq_len, n_rows, logit_scale,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, IN_PREC: tl.constexpr,
+):
+    """Per key column, the probability mass the last n_rows queries give it (vertical); per
+    diagonal (query - key), the same summed along it (slash, by atomic adds)."""
+    h = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = c < seq_len
+    d = tl.arange(0, HEAD_D)
+    k = _key_rows(K, stride_kp, stride_kh, stride_kt, BT, bt_offset, tl.load(KV_OF + h), c, live, d, PAGE)
+    vert = tl.zeros([BLOCK_N], tl.float32)
+    first = seq_len - n_rows
+    for i0 in range(0, n_rows, ROWS):
+        i = i0 + tl.arange(0, ROWS)
+        ok = i < n_rows
+        pos = first + i
+        q = tl.load(Q + (pos - context_len)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * logit_scale
+        norm = tl.load(LSE + h * stride_lh + i, mask=ok, other=0.0)
+        causal = ok[:, None] & live[None, :] & (c[None, :] <= pos[:, None])
+        p = tl.where(causal, tl.exp2(s - norm[:, None]), 0.0)
+        vert += tl.sum(p, axis=0)
+        tl.atomic_add(SLASH + h * stride_line + (pos[:, None] - c[None, :]), p, mask=causal, sem="relaxed")
+    tl.store(VERT + h * stride_line + c, vert, mask=live)
+
+
+def line_masses(chunk, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's last n queries' softmax mass summed by key column and by diagonal (query - key):
+    ([q heads, seq_len], [q heads, seq_len]) fp32, as `vertical_slash`'s torch path sums its probabilities."""
+    q, kv = chunk.q, chunk.kv
+    rows = ScoredRows(first=chunk.seq_len - n, step=1, count=n)
+    norms = row_log_normalisers(chunk, rows, chunk.scale)
+    heads, seq = q.shape[1], chunk.seq_len
+    vert = torch.empty(heads, seq, dtype=torch.float32, device=q.device)
+    slash = torch.zeros(heads, seq, dtype=torch.float32, device=q.device)
+    bt_base, bt_off = storage_base(chunk.block_table)
+    block_n = 64
+    _line_mass_kernel[(triton.cdiv(seq, block_n), heads)](
+        q, q.stride(0), q.stride(1), kv.key, kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
+        bt_base, bt_off, chunk.kv_head_of, norms, norms.stride(0), vert, slash, vert.stride(0),
+        chunk.context_len, seq, n, chunk.scale * _LOG2E,
+        HEAD_D=q.shape[-1], BLOCK_N=block_n, ROWS=64, PAGE=kv.page_size,
+        IN_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    return vert, slash

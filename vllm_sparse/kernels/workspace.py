@@ -1,0 +1,67 @@
+"""Device memory the sparse path reserves at engine start, so a long prompt never allocates it.
+
+The per-row estimators (`antidiagonal`, sampled `lowbit`, `vertical_slash`) keep one float per
+(scored row, KV block) between their two kernels. That grows with the chunk and the context, so
+it is not allocated per request: the backend reserves one buffer while vLLM loads the model (vLLM
+counts it with the weights, before it sizes the KV cache), sized for the largest chunk at
+`max_model_len` and capped at `VLLM_SPARSE_WORKSPACE_MIB` (default 512); a chunk that needs more
+is scored in slabs of whole query blocks that fit. Without a reservation (tests, benchmarks) each
+call allocates what it needs, up to the same cap.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_sparse.log import logger
+
+DEFAULT_CAP_MIB = 512
+
+
+def cap_bytes() -> int:
+    raw = os.environ.get("VLLM_SPARSE_WORKSPACE_MIB", str(DEFAULT_CAP_MIB))
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"VLLM_SPARSE_WORKSPACE_MIB={raw!r} is not a whole number of MiB") from None
+    if mib < 1:
+        raise ValueError(f"VLLM_SPARSE_WORKSPACE_MIB={mib}: give at least 1")
+    return mib * 2**20
+
+
+class Workspace:
+    """One fp32 buffer per device, handed out whole to one kernel pair at a time (one stream)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+
+    def reserve(self, nbytes: int, device: torch.device) -> int:
+        """Reserve min(nbytes, cap) on `device` (once; a larger later request grows it). -> bytes held."""
+        device = torch.device(device)
+        nbytes = min(nbytes, cap_bytes())
+        held = self._buffers.get(device)
+        if held is None or held.numel() * 4 < nbytes:
+            self._buffers[device] = torch.empty(-(-nbytes // 4), dtype=torch.float32, device=device)
+            logger.info("vllm-sparse: reserved %.1f MiB on %s for estimator workspaces", nbytes / 2**20, device)
+        return self._buffers[device].numel() * 4
+
+    def reserved(self, device: torch.device) -> int:
+        held = self._buffers.get(torch.device(device))
+        return 0 if held is None else held.numel() * 4
+
+    def floats(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat fp32 tensor of `numel` elements: the reservation's head when it fits, else a new one."""
+        held = self._buffers.get(torch.device(device))
+        if held is not None and held.numel() >= numel:
+            return held[:numel]
+        return torch.empty(numel, dtype=torch.float32, device=device)
+
+    def capacity(self, device: torch.device) -> int:
+        """Floats one kernel pair may use on `device`: the reservation where there is one (a chunk
+        that needs more runs in more slabs, never allocating), else the cap."""
+        return (self.reserved(device) or cap_bytes()) // 4
+
+
+WORKSPACE = Workspace()
