@@ -15,6 +15,7 @@ import torch
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
 from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_kernel
 from vllm_sparse.backend.warmup import run_dummy_sparse_steps, warm_up_selection_kernels
 from vllm_sparse.config.errors import SparseConfigError
@@ -145,10 +146,17 @@ def make_sparse_backend(
                 ) if bad
             ]
             # Resolve (and validate) the plan now, at engine start, not on the first request.
-            self._plan = plan_for(compat.current_vllm_config())
+            vllm_config = compat.current_vllm_config()
+            self._plan = plan_for(vllm_config)
             self._shard = _rank_shard(self._plan, self.num_heads, self.num_kv_heads)
             if self._shard is None:
                 self._unsupported.append("a head layout that differs from the model config's")
+            elif self._plan.is_sparse and torch.cuda.is_available():
+                # While vLLM loads the model: counted with the weights, before the KV cache is sized.
+                reserve_estimator_workspace(self._plan, self.num_heads,
+                                            vllm_config.scheduler_config.max_num_batched_tokens,
+                                            vllm_config.model_config.max_model_len,
+                                            torch.device("cuda", torch.cuda.current_device()))
             self._heads = None  # this layer's per-local-head plans, bound on first use
 
         def _head_plans(self, layer) -> list | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections import defaultdict
 
@@ -26,14 +27,26 @@ from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 def plan_scores(chunk: ChunkContext, plan: HeadPlan) -> torch.Tensor:
     """Block scores of every head of the chunk under one plan: [q_heads, rows, kv_blocks], or
-    [kv_heads, rows, kv_blocks] (a strided view, one row per GQA group) when the estimator gives
-    every head of a group the same scores, so selection sorts each group's rows once."""
+    [kv_heads, rows, kv_blocks] (one row per GQA group) when the group selects together: the
+    estimator gives every head of a group the same scores (a strided view), or the budget says
+    `share: group` (the group's mean block mass). Selection then sorts each group's rows once."""
     estimator = get_estimator(plan.estimator)
     scores = estimator.score(chunk, plan.params)
     group = chunk.kv_group_size
-    if group is not None and group > 1 and estimator.same_in_group(plan.params):
+    if group is None or group == 1:
+        return scores
+    if estimator.same_in_group(plan.params):
         return scores[::group]
+    if plan.budget.share == "group":
+        return group_mean_scores(scores, group)
     return scores
+
+
+def group_mean_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Log-mass scores [heads, rows, kv_blocks] of consecutive groups of `group` heads -> the log of
+    each group's mean mass, [heads // group, rows, kv_blocks] (-inf stays -inf)."""
+    grouped = scores.view(scores.shape[0] // group, group, *scores.shape[1:])
+    return torch.logsumexp(grouped, dim=1) - math.log(group)
 
 
 def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> torch.Tensor:
@@ -58,9 +71,14 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         idx = torch.tensor(heads, device=chunk.q.device)
         kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
-                           chunk.context_len, chunk.block_size, chunk.scale, kv_ids)
+                           chunk.context_len, chunk.block_size, chunk.scale, kv_ids, chunk.kernels)
         scores = get_estimator(plan.estimator).score(sub, plan.params)
-        mask[idx] = select(scores, plan.budget, chunk.first_query_block)
+        groups = sub._groups  # heads of this plan in equal consecutive groups per KV head, if they are
+        if plan.budget.share == "group" and groups is not None and groups[1] > 1:
+            kept = select(group_mean_scores(scores, groups[1]), plan.budget, chunk.first_query_block)
+            mask[idx] = kept.repeat_interleave(groups[1], dim=0)
+        else:
+            mask[idx] = select(scores, plan.budget, chunk.first_query_block)
     return mask
 
 
@@ -87,11 +105,13 @@ def attend_sparse_chunks(
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
     kv_head_ids = tuple(h // (num_q // num_kv) for h in range(num_q))
+    kernel = kernel or selected_kernel(query.device)
+    fused = kernel != "reference"  # the estimators' Triton kernels go with the attention kernel's choice
     # The dense audit compares against the exact reference path; density counts work on either.
-    kernel = "reference" if STATS.audit else (kernel or selected_kernel(query.device))
+    kernel = "reference" if STATS.audit else kernel
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
-                           block_size, scale, kv_head_ids)
+                           block_size, scale, kv_head_ids, fused)
         mask = chunk_block_mask(ctx, head_plans)
         tile = union_tile or ctx.num_query_blocks
         if kernel != "reference":
@@ -152,9 +172,8 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
     bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len, dev)
     union = tile_unions(mask, tile, num_kv) if STATS.enabled or kernel != "fa3" else None
     if STATS.enabled:  # eval counters: host syncs are acceptable there
-        for t in range(n_tiles):
-            tile_rows = slice(t * tile, min((t + 1) * tile, rows))
-            _record_density(layer, ctx, mask[:, tile_rows], union[:, t], tile_rows)
+        # Every tile's union, repeated for each of its rows: the whole chunk counted at once.
+        _record_density(layer, ctx, mask, union.repeat_interleave(tile, dim=1)[:, :rows], slice(0, rows), n_tiles)
     q, out = ctx.q, output[c.q_start:c.q_end]
     max_q = min(tile * bs, ctx.q_len)
     if kernel == "fa3":
@@ -172,16 +191,21 @@ def _attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, 
                            max_query_len=max_q, block_table_rows=rows_bt)
 
 
-def _record_density(layer, ctx, mask, union, rows) -> None:
-    """Count the (head, query block, kv block) cells kept before union and after it, causal only."""
+def _record_density(layer, ctx, mask, union, rows, unions: int = 1) -> None:
+    """Count the (head, query block, kv block) cells kept before union and after it, causal only.
+
+    union: [kv_heads, kv_blocks] for one union over `rows`, or [kv_heads, rows, kv_blocks] (each row's
+    union) when `unions` tiles are counted together."""
     st = STATS.layers[layer]
     causal = ctx.causal_block_mask()[rows]  # [rows, kv_blocks]
-    st.unions += 1
+    st.unions += unions
     per_row = ctx.q.shape[1] // mask.shape[0]  # q heads behind each mask row (a group's, when scored per group)
-    st.requested_kept += int(mask.sum()) * per_row
-    st.requested_total += int(causal.sum()) * ctx.q.shape[1]
-    st.union_kept += int((union[:, None, :] & causal[None]).sum())
-    st.union_total += int(causal.sum()) * union.shape[0]
+    per_row_union = union if union.dim() == 3 else union[:, None, :]
+    counts = torch.stack([mask.sum(), causal.sum(), (per_row_union & causal[None]).sum()]).tolist()  # one sync
+    st.requested_kept += counts[0] * per_row
+    st.requested_total += counts[1] * ctx.q.shape[1]
+    st.union_kept += counts[2]
+    st.union_total += counts[1] * union.shape[0]
 
 
 def _record(layer, ctx, mask, union, rows, q, out, lse, args, scale) -> None:
