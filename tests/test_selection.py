@@ -247,3 +247,37 @@ def test_stats_count_requested_and_union_density_and_audit():
     assert st.unions == 1
     (rel, mass), = st.audit
     assert 0 < rel < 2 and 0 < mass < 1
+
+
+@pytest.mark.parametrize("name,params", [("lowbit", {"sample_stride": 4}), ("antidiagonal", {"stride": 4})])
+def test_group_share_budget_keeps_the_budget_after_union(name, params):
+    """`share: group`: the q heads of a KV head select once, from their mean block mass, so the union
+    per KV head keeps exactly what the budget asks (per head it keeps more), and a group's pick is
+    the top of the summed masses of its heads."""
+    from vllm_sparse.backend.sparse_path import plan_scores
+    from vllm_sparse.selection.union import union_blocks
+
+    b = random_paged_batch([2000], [1000], 8, 2, 16, 16, seed=21)
+    ctx = _chunk_ctx(b, 0, 64, torch.arange(8) // 4)
+    est = get_estimator(name)
+    budget = Budget(keep_ratio=0.2, sink_blocks=1, local_blocks=1)
+    shared = HeadPlan(name, est.params(**params), dataclasses.replace(budget, share="group"))
+    per_head = HeadPlan(name, est.params(**params), budget)
+    mask_group = chunk_block_mask(ctx, [shared] * 8)
+    mask_head = chunk_block_mask(ctx, [per_head] * 8)
+    assert mask_group.shape[0] == 2 and mask_head.shape[0] == 8
+    kept = mask_group.sum(-1)
+    want = select_blocks(torch.zeros(2, *mask_group.shape[1:]), budget, ctx.first_query_block).sum(-1)
+    assert torch.equal(kept, want)  # the budget's count per row, per KV head
+    union_head = union_blocks(mask_head, torch.arange(8) // 4, 2)
+    assert union_head.sum() > union_blocks(mask_group, torch.arange(2), 2).sum()
+    # The group's scores are the log of its heads' mean mass.
+    scores = est.score(ctx, shared.params).double()
+    mean = scores.exp().view(2, 4, *scores.shape[1:]).mean(1).log()
+    got = plan_scores(ctx, shared).double()
+    finite = torch.isfinite(mean)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], mean[finite], atol=1e-5, rtol=1e-5)
+    # Mixed plans (the path for per-head rules) give the same group picks for those heads.
+    mixed = chunk_block_mask(ctx, [shared] * 4 + [None] * 4)
+    assert torch.equal(mixed[:4], mask_group[0:1].expand(4, -1, -1))

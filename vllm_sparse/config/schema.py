@@ -72,6 +72,9 @@ class BudgetSpec(StrictModel):
     max_blocks: int | None = Field(None, ge=1)
     sink_blocks: int = Field(1, ge=0, description="first blocks always kept")
     local_blocks: int = Field(1, ge=1, description="blocks up to and including the diagonal, always kept")
+    share: Literal["head", "group"] = Field(
+        "head", description="head: each q head selects its own blocks; group: the q heads of a KV head select "
+        "once, from their mean block mass, so the union per KV head keeps what the budget asks")
 
     @model_validator(mode="after")
     def _one_rule(self):

@@ -22,6 +22,7 @@ class Budget:
     max_blocks: int | None = None
     sink_blocks: int = 1
     local_blocks: int = 1
+    share: str = "head"  # "group": the q heads of a KV head select once, from their mean block mass
 
     def describe(self) -> str:
         rule = (
@@ -30,7 +31,8 @@ class Budget:
             else f"keep_ratio={self.keep_ratio}"
         )
         cap = f",max={self.max_blocks}" if self.max_blocks is not None else ""
-        return f"{rule},min={self.min_blocks}{cap},sink={self.sink_blocks},local={self.local_blocks}"
+        per = ",per=group" if self.share == "group" else ""
+        return f"{rule},min={self.min_blocks}{cap},sink={self.sink_blocks},local={self.local_blocks}{per}"
 
 
 def select_blocks(scores: torch.Tensor, budget: Budget, first_query_block: int) -> torch.Tensor:
