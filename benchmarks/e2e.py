@@ -1,9 +1,14 @@
 """Time to first token, dense vs SPARSE, in vLLM on one GPU (same run, same vLLM).
 
 A Llama-3.1-8B-shaped model with dummy weights (config written here; a small locally trained
-tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enforce_eager.
-Each backend runs in its own process (vLLM engines do not share one well); prompts are random
-token ids, the same for both. Table last; JSON to --out.
+tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enforce_eager unless
+--graphs. The sparse plan is the shipped `configs/llama-3.yaml` unless --config names another;
+--extra-config adds plans to the same run. Each engine runs in its own process (vLLM engines do
+not share one well); prompts are random token ids, the same for all. After the timed runs each
+sparse engine prefills every prompt once more with the density counters on (host syncs, not timed)
+and reports the share of causal KV blocks it attended after union: with dummy weights attention
+is near uniform, so an adaptive budget (top_p) keeps far more than on a real model. Table last;
+JSON to --out.
 
     python benchmarks/e2e.py --out $OUT/e2e.json --lengths 32768,65536,131072 [--graphs]
 
@@ -70,7 +75,7 @@ def worker(spec: dict) -> dict:
                  use_tqdm=False)  # warm-up
     ttft, runs = {}, {}
     for n in spec["lengths"]:
-        ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        ids = torch_randint(n)
         times = []
         for _ in range(spec["repeats"]):
             torch.cuda.synchronize()
@@ -89,10 +94,50 @@ def worker(spec: dict) -> dict:
             print(table[:6000], flush=True)
     result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if spec["config"]:
+        result["kept"] = kept_density(llm, spec["lengths"], params)
     if spec.get("decode_batch"):
         result["decode_tok_s"] = decode_throughput(llm, spec["decode_batch"], spec["decode_context"],
                                                    spec["decode_tokens"], spec["repeats"])
     return result
+
+
+def _stats_on(worker) -> None:
+    from vllm_sparse.selection.stats import STATS
+
+    STATS.reset()
+    STATS.enable()
+
+
+def _stats_off(worker) -> dict:
+    from vllm_sparse.selection.stats import STATS
+
+    out = {str(layer): {"requested": st.requested_density, "union": st.union_density}
+           for layer, st in STATS.snapshot().items()}
+    STATS.enabled = False
+    STATS.reset()
+    return out
+
+
+def kept_density(llm, lengths: list[int], params) -> dict:
+    """Per length: the share of causal KV blocks kept after union (mean over sparse layers, and per layer)."""
+    out = {}
+    for n in lengths:
+        ids = torch_randint(n)
+        llm.collective_rpc(_stats_on)
+        llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        layers = llm.collective_rpc(_stats_off)[0]
+        union = [v["union"] for v in layers.values()]
+        out[n] = {"union_mean": sum(union) / len(union) if union else None, "layers": layers}
+        print(f"kept {n}: {out[n]['union_mean']}", flush=True)
+    return out
+
+
+def torch_randint(n: int) -> list[int]:
+    """The benchmark's prompt of n tokens (the same ids for every engine)."""
+    import torch
+
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
 
 
 def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) -> float:
@@ -125,13 +170,26 @@ def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) 
 
 
 def run(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=REPO)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-    raise SystemExit(f"engine failed ({'sparse' if spec['config'] else 'dense'}), exit {proc.returncode}")
+    """One engine in its own process; its output streams through (a stall shows where it is)."""
+    label = Path(spec["config"]).stem if spec["config"] else "dense"
+    proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    result, tail = None, []
+    try:
+        for line in proc.stdout:
+            if line.startswith(MARK):
+                result = json.loads(line[len(MARK):])
+                continue
+            tail = (tail + [line])[-60:]
+            if not line.startswith(("INFO", "DEBUG", "(EngineCore")) or "Error" in line:
+                print(f"[{label}] {line}", end="", flush=True)
+        proc.wait(timeout=spec.get("timeout"))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if result is not None:
+        return result
+    sys.stderr.write("".join(tail))
+    raise SystemExit(f"engine failed ({label}), exit {proc.returncode}")
 
 
 def run_meta(args) -> dict:
@@ -145,7 +203,8 @@ def run_meta(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,65536,131072")
-    ap.add_argument("--config", default=str(REPO / "benchmarks/configs/llama-3-8b-pooled-10.yaml"))
+    ap.add_argument("--config", default=str(REPO / "configs/llama-3.yaml"), help="the sparse plan (default: shipped)")
+    ap.add_argument("--extra-config", action="append", default=[], help="more sparse plans for the same run")
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
@@ -172,23 +231,42 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": run_meta(args), args.only: result}, indent=1))
         return
-    dense = run({**base, "config": None})
-    sparse = run({**base, **prof, "config": args.config})
     meta = run_meta(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "dense": dense, "sparse": sparse}, indent=1))
+    results: dict = {"meta": meta}
+
+    def save():  # after every engine: a command killed at its limit keeps what finished
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+    results["dense"] = run({**base, "config": None})
+    save()
+    plans = [args.config, *args.extra_config]
+    results["sparse"] = {}
+    for i, cfg in enumerate(plans):
+        try:
+            results["sparse"][cfg] = run({**base, **(prof if i == 0 else {}), "config": cfg})
+        except SystemExit as e:  # one plan failing leaves the others' figures
+            results["sparse"][cfg] = {"error": str(e)}
+        save()
+    dense = results["dense"]
     print(f"\n{meta['device']}  vLLM {meta['vllm']}  torch {meta['torch']}  "
           f"{'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
-    print(f"start-up: dense {dense['startup_s']:.1f} s, sparse {sparse['startup_s']:.1f} s; peak GPU memory: "
-          f"dense {dense['peak_gib']:.1f} GiB, sparse {sparse['peak_gib']:.1f} GiB")
-    print(f"{'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9}")
-    for n in base["lengths"]:
-        d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]
-        print(f"{n:>8} {d:>10.2f}s {s:>11.2f}s {d / s:>8.2f}x")
-    if args.decode_batch:
-        d, s = dense["decode_tok_s"], sparse["decode_tok_s"]
-        print(f"decode, batch {args.decode_batch} at {args.decode_context} tokens of context: dense {d:.0f} tok/s, "
-              f"sparse {s:.0f} tok/s ({s / d - 1:+.1%})")
+    print(f"dense: start-up {dense['startup_s']:.1f} s, peak {dense['peak_gib']:.1f} GiB")
+    for cfg, sparse in results["sparse"].items():
+        print(f"\n{cfg}")
+        if "error" in sparse:
+            print(f"  failed: {sparse['error']}")
+            continue
+        print(f"  start-up {sparse['startup_s']:.1f} s, peak {sparse['peak_gib']:.1f} GiB")
+        print(f"  {'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9} {'kept':>6}")
+        for n in base["lengths"]:
+            d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]
+            kept = sparse.get("kept", {}).get(str(n), {}).get("union_mean")
+            print(f"  {n:>8} {d:>10.2f}s {s:>11.2f}s {d / s:>8.2f}x {'-' if kept is None else f'{kept:.1%}':>6}")
+        if args.decode_batch:
+            d, s = dense["decode_tok_s"], sparse["decode_tok_s"]
+            print(f"  decode, batch {args.decode_batch} at {args.decode_context} tokens: dense {d:.0f} tok/s, "
+                  f"sparse {s:.0f} tok/s ({s / d - 1:+.1%})")
 
 
 if __name__ == "__main__":

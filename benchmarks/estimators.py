@@ -1,21 +1,24 @@
-"""Estimation + selection + union + page lists per layer on one GPU, per estimator.
+"""Estimation + selection + union + FA3 tables per layer on one GPU, torch path vs kernels.
 
 One 16K-query prefill chunk at the end of a 128K context, Llama-3.1-8B heads (32 q / 8 kv, d=128),
-bf16 paged cache (vLLM 0.26 FlashAttention layout, page 16), selection block 128, keep 10% per
-row (plus 1 sink and 2 local blocks), one union per query block. Each estimator runs as the
-estimator's scoring function, then selection, union and FA3's compacted block tables two ways:
-"torch" (the references: `select_blocks`, `tile_tables_ref`, pooled keys gathered by torch) and
-"kernels" (what the backend runs on GPUs: `select_blocks_triton`, `tile_tables_triton`, pooled keys
-read in place by `block_key_means_triton`; estimators that score per GQA group are selected once
-per group, `plan_scores`), and "kernels_per_head" (the same kernels selecting per q head, as
-before group sharing). All must give the same tables. Table last; JSON to --out.
+bf16 paged cache (vLLM 0.26 FlashAttention layout, page 16, pages shuffled), selection block 128,
+one union per query block. Each estimator runs two ways:
+- "torch": the estimator's torch path (per-row scorers build [heads, rows, context] logits), the
+  torch selection (`select_blocks`) and tables (`tile_tables_ref`);
+- "kernels": what the backend runs on GPUs: the fused row scorers (`estimators/row_scores.py`),
+  `select_blocks_triton`, `tile_tables_triton`.
+Per path: median ms of the whole step, ms of the scoring alone, peak GPU memory above the inputs
+(`torch.cuda.max_memory_allocated`), the kept share of causal pages after union, and whether any
+host sync happened (CUDA's sync check armed over one run). `--sweep` also times the fused scorer's
+tile configurations. Table last; JSON to --out.
 
-    python benchmarks/estimators.py --out $OUT/estimators.json
+    python benchmarks/estimators.py --out $OUT/estimators.json [--budget top_p:0.9] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import datetime, timezone
@@ -27,11 +30,11 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_sparse.backend.sparse_path import plan_scores  # noqa: E402
 from vllm_sparse.config.plan import HeadPlan  # noqa: E402
-from vllm_sparse.estimators import base as estimator_base  # noqa: E402
+from vllm_sparse.estimators import row_scores  # noqa: E402
 from vllm_sparse.estimators.base import ChunkContext  # noqa: E402
-from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton  # noqa: E402
 from vllm_sparse.estimators.registry import get_estimator  # noqa: E402
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
+from vllm_sparse.kernels.workspace import WORKSPACE  # noqa: E402
 from vllm_sparse.selection.budget import Budget, select_blocks  # noqa: E402
 from vllm_sparse.selection.select_kernel import select_blocks_triton  # noqa: E402
 from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_ref, tile_tables_triton  # noqa: E402
@@ -40,37 +43,64 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 DEV = "cuda"
 
 ESTIMATORS = {
-    "sink_local": {"sink_blocks": 1, "local_blocks": 2},
-    "vertical_slash": {"last_q": 64, "vertical_size": 1024, "slash_size": 2048},
-    "antidiagonal": {"stride": 16},
-    "pooled": {"share": "group"},
-    "lowbit_pooled": {"bits": 8, "rows": "pooled"},
-    "lowbit_sampled": {"bits": 8, "rows": "sampled", "sample_stride": 64},
+    "sink_local": ("sink_local", {"sink_blocks": 1, "local_blocks": 2}),
+    "pooled": ("pooled", {"share": "group"}),
+    "lowbit_pooled": ("lowbit", {"bits": 8, "rows": "pooled"}),
+    "antidiagonal_s8": ("antidiagonal", {"stride": 8}),
+    "antidiagonal_s16": ("antidiagonal", {"stride": 16}),
+    "lowbit_s16": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 16}),
+    "lowbit_s64": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 64}),
+    "vertical_slash": ("vertical_slash", {"last_q": 64, "vertical_size": 1024, "slash_size": 2048}),
+}
+FUSED = {"antidiagonal", "vertical_slash", "lowbit"}
+
+# (rows per head in a tile, key columns per tile, num_warps, num_stages, epilogue 0: 3-D view / 1: masked
+# sums, head-dim slice per step); with 4 q heads per KV head a tile packs rows x 4 query rows
+SWEEP = {
+    "antidiagonal": [(32, 256, 8, 2, 0, 128), (64, 128, 8, 3, 1, 128), (32, 256, 8, 4, 0, 64),
+                     (32, 256, 8, 3, 0, 64), (64, 128, 8, 4, 1, 64), (64, 128, 8, 4, 0, 64),
+                     (32, 128, 8, 4, 0, 64), (64, 128, 8, 3, 0, 64), (32, 256, 8, 4, 1, 64)],
+    "lowbit": [(16, 128, 4, 3, 0, 128), (16, 128, 4, 4, 0, 128), (32, 128, 4, 3, 0, 128)],
 }
 
 
-PATHS = {
-    "torch": (select_blocks, tile_tables_ref, block_key_means_ref),
-    "kernels": (select_blocks_triton, tile_tables_triton, block_key_means_triton),
-    # The kernels selecting per q head even where the estimator scores per GQA group (before 2026-11-25 evening).
-    "kernels_per_head": (select_blocks_triton, tile_tables_triton, block_key_means_triton),
-}
+def parse_budget(text: str, share: str) -> Budget:
+    rule, value = text.split(":")
+    kw = {"top_p": float(value)} if rule == "top_p" else {"keep_ratio": float(value)}
+    return Budget(**kw, sink_blocks=1, local_blocks=2, share=share)
 
 
-def select_and_union(ctx: ChunkContext, name: str, params, budget: Budget, path: str):
+def step(ctx: ChunkContext, name: str, params, budget: Budget, path: str):
     """Scores -> kept mask -> one union per query block -> FA3 block tables (as the backend's FA3 path)."""
-    select, tables_of, key_means = PATHS[path]
-    estimator_base.block_key_means_triton = key_means  # what ChunkContext.pooled_keys runs on GPUs
-    if path == "kernels_per_head":
-        scores = get_estimator(name).score(ctx, params)
-    else:
-        scores = plan_scores(ctx, HeadPlan(name, params, budget))  # per head, or per GQA group when shared
-    mask = select(scores, budget, ctx.first_query_block)  # [q or kv heads, rows, kv_blocks]
-    rows = mask.shape[1]
-    _, seq_lens = tile_seq_lens(ctx.first_query_block, rows, 1, ctx.block_size, ctx.context_len, ctx.q_len,
+    kernels = path == "kernels"
+    ctx = dataclasses.replace(ctx, kernels=kernels)
+    scores = plan_scores(ctx, HeadPlan(name, params, budget))  # per head, or per GQA group when shared
+    mask = (select_blocks_triton if kernels else select_blocks)(scores, budget, ctx.first_query_block)
+    _, seq_lens = tile_seq_lens(ctx.first_query_block, mask.shape[1], 1, ctx.block_size, ctx.context_len, ctx.q_len,
                                 ctx.q.device)
-    max_pages = -(-ctx.seq_len // PAGE)
-    return tables_of(mask, HKV, 1, seq_lens, ctx.block_size, PAGE, ctx.block_table, max_pages), mask
+    tables = tile_tables_triton if kernels else tile_tables_ref
+    return tables(mask, HKV, 1, seq_lens, ctx.block_size, PAGE, ctx.block_table, -(-ctx.seq_len // PAGE)), mask
+
+
+def peak_above(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def sync_free(fn) -> bool | str:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError as e:
+        return f"syncs: {str(e)[:160]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def main() -> None:
@@ -78,8 +108,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--keep", type=float, default=0.1)
+    ap.add_argument("--budget", default="keep:0.1", help="keep:R (share of causal blocks) or top_p:P")
+    ap.add_argument("--share", default="head", choices=["head", "group"], help="select per q head or per GQA group")
     ap.add_argument("--only", default="")
+    ap.add_argument("--skip-torch", default="", help="estimators whose torch path is not run (too slow/large)")
+    ap.add_argument("--sweep", action="store_true", help="also time the fused scorer's tile configurations")
     ap.add_argument("--out", default="estimators.json")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -90,62 +123,69 @@ def main() -> None:
     q = torch.randn(args.chunk, HQ, D, generator=gen, device=DEV, dtype=torch.bfloat16)
     ctx = ChunkContext(q, torch.arange(HQ, device=DEV) // (HQ // HKV), kv, table, args.ctx - args.chunk,
                        args.block, D**-0.5, tuple(h // (HQ // HKV) for h in range(HQ)))
-    budget = Budget(keep_ratio=args.keep, sink_blocks=1, local_blocks=2)
-    rows = []
+    WORKSPACE.reserve(1 << 40, torch.device(DEV))  # the cap (VLLM_SPARSE_WORKSPACE_MIB), as an engine reserves
+    budget = parse_budget(args.budget, args.share)
     total_pages = float(((ctx.query_block_ids() + 1) * args.block // PAGE).sum() * HKV)
-    for label, raw in ESTIMATORS.items():
+    rows = []
+    for label, (name, raw) in ESTIMATORS.items():
         if args.only and label not in args.only.split(","):
             continue
-        name = label.split("_")[0] if label.startswith("lowbit") else label
         params = get_estimator(name).params.model_validate(raw)
         row = dict(estimator=label, params=raw, error=None)
-        tables = {}
-        for path in PATHS:
-            def run(name=name, params=params, path=path):
-                # A new context each time: the key gather is part of the cost.
-                c = ChunkContext(*[getattr(ctx, f) for f in ("q", "kv_head_of", "kv", "block_table",
-                                                              "context_len", "block_size", "scale", "kv_head_ids")])
-                return select_and_union(c, name, params, budget, path)
-            torch.cuda.reset_peak_memory_stats()
+        masks = {}
+        for path in ("kernels", "torch"):
+            if path == "torch" and label in args.skip_torch.split(","):
+                continue
+            run = lambda path=path, name=name, params=params: step(ctx, name, params, budget, path)  # noqa: E731
             try:
-                (tables[path], counts), mask = run()
-                row["kept_after_union"] = float(counts.sum()) / total_pages
-                row["requested"] = float(mask.float().mean())
+                (tables, counts), masks[path] = run()
+                row[f"{path}_kept_after_union"] = float(counts.sum()) / total_pages
                 row[f"{path}_ms"] = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
-                row[f"{path}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                # One more run with CUDA's sync check armed: any host sync on the path raises here.
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    run()
-                    row[f"{path}_sync_free"] = True
-                except RuntimeError as e:
-                    row[f"{path}_sync_free"] = f"syncs: {str(e)[:160]}"
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                c = dataclasses.replace(ctx, kernels=path == "kernels")
+                row[f"{path}_score_ms"] = triton.testing.do_bench(
+                    lambda c=c, name=name, params=params: get_estimator(name).score(c, params), warmup=2, rep=20,
+                    return_mode="median")
+                row[f"{path}_peak_gib"] = peak_above(run)
+                row[f"{path}_sync_free"] = sync_free(run)
             except torch.OutOfMemoryError as e:
                 row[f"{path}_ms"], row["error"] = None, f"{path} OOM: {str(e)[:120]}"
             torch.cuda.empty_cache()
-        if len(tables) == len(PATHS):
-            row["same_tables"] = all(torch.equal(tables["torch"], t) for t in tables.values())
+        if len(masks) == 2:  # scores differ by float rounding: compare the kept blocks
+            row["mask_agreement"] = float((masks["kernels"] == masks["torch"]).float().mean())
+        if args.sweep and name in SWEEP:
+            row["sweep"] = {}
+            original = row_scores._tile_config
+            c = dataclasses.replace(ctx, kernels=True)
+            for cfg in SWEEP[name]:
+                row_scores._tile_config = lambda group_pad, bits, head_dim, cfg=cfg: cfg
+                try:
+                    row["sweep"][str(cfg)] = triton.testing.do_bench(
+                        lambda c=c, name=name, params=params: get_estimator(name).score(c, params), warmup=2,
+                        rep=20, return_mode="median")
+                except Exception as e:  # a config the compiler refuses (shared memory, registers)
+                    row["sweep"][str(cfg)] = f"{type(e).__name__}: {str(e)[:80]}"
+            row_scores._tile_config = original
         rows.append(row)
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(row), flush=True)
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
-                torch=torch.__version__, triton=triton.__version__, argv=sys.argv)
+                torch=torch.__version__, triton=triton.__version__, argv=sys.argv,
+                workspace_mib=WORKSPACE.reserved(torch.device(DEV)) / 2**20)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\nestimation+selection+union per layer: ctx {args.ctx}, chunk {args.chunk}, block {args.block}, "
-          f"keep {args.keep}  ({meta['device']})")
-    print(f"{'estimator':>16} {'torch ms':>9} {'kernels ms':>11} {'×':>5} {'per-head sel. ms':>17} {'kept':>6} "
-          f"{'same tables':>12}  no host sync")
+          f"{args.budget} per {args.share}  ({meta['device']}, workspace {meta['workspace_mib']:.0f} MiB)")
+    print(f"{'estimator':>17} {'torch ms':>9} {'(score)':>8} {'GiB':>6} {'kernels ms':>11} {'(score)':>8} {'GiB':>6} "
+          f"{'kept':>6} {'agree':>6} sync-free")
+    fmt = lambda v, f: format(v, f) if isinstance(v, float) else "-"  # noqa: E731
     for r in rows:
-        t, k, ph = r.get("torch_ms"), r.get("kernels_ms"), r.get("kernels_per_head_ms")
-        if t is None or k is None or ph is None:
-            print(f"{r['estimator']:>16} {r['error']}")
-            continue
-        sync = all(r.get(f"{p}_sync_free") is True for p in PATHS)
-        print(f"{r['estimator']:>16} {t:9.2f} {k:11.2f} {t / k:5.2f} {ph:17.2f} {r['kept_after_union']:6.3f} "
-              f"{str(r.get('same_tables')):>12}  {'yes' if sync else 'NO'}")
+        sync = all(r.get(f"{p}_sync_free", True) is True for p in ("torch", "kernels"))
+        print(f"{r['estimator']:>17} {fmt(r.get('torch_ms'), '9.2f')} {fmt(r.get('torch_score_ms'), '8.2f')} "
+              f"{fmt(r.get('torch_peak_gib'), '6.2f')} {fmt(r.get('kernels_ms'), '11.2f')} "
+              f"{fmt(r.get('kernels_score_ms'), '8.2f')} {fmt(r.get('kernels_peak_gib'), '6.2f')} "
+              f"{fmt(r.get('kernels_kept_after_union'), '6.3f')} {fmt(r.get('mask_agreement'), '6.3f')} "
+              f"{'yes' if sync else 'NO'}  {r['error'] or ''}")
+        for cfg, ms in r.get("sweep", {}).items():
+            print(f"{'':>17}   tiles {cfg}: {ms if isinstance(ms, str) else f'{ms:.2f} ms'}")
 
 
 if __name__ == "__main__":

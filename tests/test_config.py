@@ -243,7 +243,9 @@ def test_shipped_configs_resolve_for_their_models():
     gemma = resolve_plan(load_config(REPO / "configs/gemma-3.yaml"), GEMMA, "gemma")
     assert [layer.index for layer in gemma.layers if layer.is_sparse] == [5, 11, 17]
     llama = resolve_plan(load_config(REPO / "configs/llama-3.yaml"), LLAMA, "llama")
-    assert [layer.is_sparse for layer in llama.layers] == [False, False, True, True]
+    assert all(layer.is_sparse for layer in llama.layers)  # XAttention's setting: every layer
+    plan = llama.layers[0].heads[0]
+    assert (plan.estimator, plan.params.stride, plan.budget.top_p, llama.block_size) == ("antidiagonal", 8, 0.9, 128)
 
 
 def test_exported_schema_is_current():
