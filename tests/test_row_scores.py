@@ -19,6 +19,7 @@ import torch
 from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.estimators.row_scores import ScoredRows, query_block_slabs
 from vllm_sparse.kernels.workspace import WORKSPACE
 
 GPU = torch.cuda.is_available()
@@ -135,7 +136,8 @@ def test_fused_scores_stay_within_the_workspace_at_32k(name, raw):
     extra = torch.cuda.max_memory_allocated() - base
     stride = raw.get("stride", 1)
     logits_bytes = hq * est.workspace_rows(params, q_len) * (seq // stride) * 4  # the torch path's [h, rows, ctx]
-    assert extra < logits_bytes / 8, f"{extra / 2**20:.0f} MiB beyond the inputs ({logits_bytes / 2**20:.0f} MiB)"
+    # antidiagonal: the scores alone (its rows' workspace, 1/16 of the logits, comes from the reservation)
+    assert extra < logits_bytes / 16, f"{extra / 2**20:.0f} MiB beyond the inputs ({logits_bytes / 2**20:.0f} MiB)"
     ref = est.score(dataclasses.replace(chunk, kernels=False), params)
     finite = torch.isfinite(ref)
     assert torch.equal(finite, torch.isfinite(got))
@@ -156,3 +158,58 @@ def test_fused_scores_compiled_for_each_head_dim(name, raw, head_dim, hq, hkv):
     chunk = ChunkContext(b.q.cuda(), (torch.arange(hq) // (hq // hkv)).cuda(), kv, b.block_table[0].cuda(),
                          seq - q_len, 128, head_dim**-0.5, tuple(h // (hq // hkv) for h in range(hq)))
     assert _compare(chunk, name, raw) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [ScoredRows(first=400, step=8, count=38, stride=8),
+                                  ScoredRows(first=403, step=8, count=38),
+                                  ScoredRows(first=402, step=100, count=4)], ids=str)
+@pytest.mark.parametrize("max_rows", [1, 5, 17, 1000])
+def test_query_block_slabs_cover_every_row_once_in_whole_blocks(rows, max_rows):
+    chunk = _chunk(705, 303, 32, torch.float32, seed=1)
+    slabs = list(query_block_slabs(rows, chunk, max_rows))
+    assert slabs[0][0] == 0 and slabs[-1][1] == chunk.num_query_blocks
+    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))  # consecutive runs of query blocks
+    assert [s[2] for s in slabs] == [sum(s[3] for s in slabs[:i]) for i in range(len(slabs))]
+    assert sum(s[3] for s in slabs) == rows.count
+    for qa, qz, r0, n in slabs:  # at most max_rows, unless one block alone holds more
+        assert n <= max_rows or qz == qa + 1
+        # each row's last token lies in the slab's blocks
+        for j in range(r0, r0 + n):
+            assert qa <= rows.last_token(j, chunk.seq_len) // 32 - chunk.first_query_block < qz
+
+
+def test_reserved_workspace_holds_the_largest_chunk_in_one_slab(monkeypatch):
+    """The engine reserves what a max-size chunk at max_model_len needs (capped), so the chunk runs in
+    one slab and never allocates."""
+    from vllm_sparse.backend.reserve import estimator_workspace_bytes, reserve_estimator_workspace
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    llama = ModelShape("llama-3.1-8b", ("LlamaForCausalLM",), 32, 32, 8)
+    plan = resolve_plan(load_config("configs/llama-3.yaml"), llama, "shipped")
+    need = estimator_workspace_bytes(plan, 32, 16384, 131072)
+    # antidiagonal stride 8: a float per (q head, 16K / 8 rows, 128K / 128 blocks)
+    assert 32 * 2048 * 1024 * 4 <= need <= 32 * 2050 * 1024 * 4
+    assert estimator_workspace_bytes(plan, 32, 16384, 1 << 20) > 1 << 30  # 1M context: slabs under the cap
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    held = reserve_estimator_workspace(plan, 32, 16384, 131072, torch.device("cpu"))
+    assert held == WORKSPACE.reserved(torch.device("cpu")) >= need
+    rows = ScoredRows(first=131072 - 16384, step=8, count=2048, stride=8)
+    chunk = dataclasses.replace(_chunk(705, 303, 128, torch.float32, seed=2), context_len=131072 - 16384,
+                                q=torch.empty(16384, 32, 128))
+    slabs = list(query_block_slabs(rows, chunk, WORKSPACE.capacity(torch.device("cpu")) // (32 * 1024)))
+    assert len(slabs) == 1
+    monkeypatch.setenv("VLLM_SPARSE_WORKSPACE_MIB", "64")  # the cap wins over the need
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    assert reserve_estimator_workspace(plan, 32, 16384, 131072, torch.device("cpu")) == 64 << 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+def test_workspace_reserved_on_cuda_serves_cuda_and_cuda_index(monkeypatch):
+    """The engine reserves on cuda:N; tensors report cuda:N; tools say "cuda": one buffer for all three."""
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    WORKSPACE.reserve(8 << 20, torch.device("cuda", torch.cuda.current_device()))
+    head = WORKSPACE.floats(1024, torch.device("cuda"))
+    assert head.data_ptr() == WORKSPACE.floats(1024, torch.empty(1, device="cuda").device).data_ptr()
+    assert WORKSPACE.capacity(torch.device("cuda")) == (8 << 20) // 4

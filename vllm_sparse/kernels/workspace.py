@@ -31,6 +31,14 @@ def cap_bytes() -> int:
     return mib * 2**20
 
 
+def _key(device) -> torch.device:
+    """"cuda" and "cuda:N" (the current device) name one buffer."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Workspace:
     """One fp32 buffer per device, handed out whole to one kernel pair at a time (one stream)."""
 
@@ -39,7 +47,7 @@ class Workspace:
 
     def reserve(self, nbytes: int, device: torch.device) -> int:
         """Reserve min(nbytes, cap) on `device` (once; a larger later request grows it). -> bytes held."""
-        device = torch.device(device)
+        device = _key(device)
         nbytes = min(nbytes, cap_bytes())
         held = self._buffers.get(device)
         if held is None or held.numel() * 4 < nbytes:
@@ -48,12 +56,12 @@ class Workspace:
         return self._buffers[device].numel() * 4
 
     def reserved(self, device: torch.device) -> int:
-        held = self._buffers.get(torch.device(device))
+        held = self._buffers.get(_key(device))
         return 0 if held is None else held.numel() * 4
 
     def floats(self, numel: int, device: torch.device) -> torch.Tensor:
         """A flat fp32 tensor of `numel` elements: the reservation's head when it fits, else a new one."""
-        held = self._buffers.get(torch.device(device))
+        held = self._buffers.get(_key(device))
         if held is not None and held.numel() >= numel:
             return held[:numel]
         return torch.empty(numel, dtype=torch.float32, device=device)
