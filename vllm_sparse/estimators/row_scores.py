@@ -136,25 +136,14 @@ def _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, s
 
 
 @triton.jit
-def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT: tl.constexpr, CPB: tl.constexpr,
-                     EPILOGUE: tl.constexpr):
+def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT: tl.constexpr, CPB: tl.constexpr):
     """A tile of logits [BLOCK_M, BPT * CPB] (log2 units) -> each row's log2-sum-exp2 of each of its BPT blocks."""
-    if EPILOGUE == 0 or BPT == 1:  # per-block max, through a 3-D view of the tile
-        s3 = tl.reshape(s, [BLOCK_M, BPT, CPB])
-        bm = tl.max(s3, axis=2)
-        bm = tl.where(bm == float("-inf"), 0.0, bm)
-        blse = bm + tl.log2(tl.sum(tl.exp2(s3 - bm[:, :, None]), axis=2))  # log2(0) = -inf: nothing causal
-        kb = ct * BPT + tl.arange(0, BPT)
-        tl.store(out_rows + kb[None, :], blse, mask=row_ok[:, None] & (kb[None, :] * CPB < n_cols))
-    else:  # the tile's row max, exp2 once, then one masked sum per block (no 3-D layout)
-        m = tl.max(s, axis=1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m[:, None])
-        col_block = tl.arange(0, BPT * CPB) // CPB
-        for b in tl.static_range(BPT):
-            blse = m + tl.log2(tl.sum(tl.where(col_block[None, :] == b, p, 0.0), axis=1))
-            kb = tl.full([BLOCK_M, 1], ct * BPT + b, tl.int32)
-            tl.store(out_rows + kb, blse[:, None], mask=row_ok[:, None] & (kb * CPB < n_cols))
+    s3 = tl.reshape(s, [BLOCK_M, BPT, CPB])
+    bm = tl.max(s3, axis=2)
+    bm = tl.where(bm == float("-inf"), 0.0, bm)
+    blse = bm + tl.log2(tl.sum(tl.exp2(s3 - bm[:, :, None]), axis=2))  # log2(0) = -inf: nothing causal
+    kb = ct * BPT + tl.arange(0, BPT)
+    tl.store(out_rows + kb[None, :], blse, mask=row_ok[:, None] & (kb[None, :] * CPB < n_cols))
 
 
 # Strides are left to Triton's specialisation (fixed by the model; a multiple of 16 lets loads
@@ -172,7 +161,7 @@ def _row_block_lse_kernel(
     context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CPB: tl.constexpr, SUB_TILES: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
-    IN_PREC: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_D: tl.constexpr,
+    IN_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = ROWS * GROUP_PAD
     COLS: tl.constexpr = BLOCK_N * SUB_TILES
@@ -204,7 +193,7 @@ def _row_block_lse_kernel(
         s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv,
                         head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0, logit_scale, S, HEAD_D,
                         BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M, BLOCK_D)
-        _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M, BLOCK_N // CPB, CPB, EPILOGUE)
+        _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M, BLOCK_N // CPB, CPB)
     else:
         # A block spans SUB_TILES tiles: merge their sums online.
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -230,7 +219,7 @@ def _row_block_lse_int_kernel(
     OUT, stride_oh, stride_or,  # as _row_block_lse_kernel
     seq_len, row_first, row_step, row0, n_rows,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, CPB: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr, EPILOGUE: tl.constexpr,
+    BLOCK_N: tl.constexpr, CPB: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
 ):
     """`_row_block_lse_kernel` for quantized single-token rows, keys stationary: one program per (column
     tile, GQA group) reads and quantizes its keys once, then walks every row tile that sees them."""
@@ -263,7 +252,7 @@ def _row_block_lse_int_kernel(
             # so after a few tiles every row sees every column)
             s = tl.where((c[None, :] <= q_end[:, None]) & live[None, :], s, float("-inf"))
         out_rows = OUT + head[:, None].to(tl.int64) * stride_oh + j[:, None] * stride_or
-        _store_block_lse(s, out_rows, row_ok, ct, seq_len, BLOCK_M, BLOCK_N // CPB, CPB, EPILOGUE)
+        _store_block_lse(s, out_rows, row_ok, ct, seq_len, BLOCK_M, BLOCK_N // CPB, CPB)
 
 
 @triton.jit
@@ -313,16 +302,16 @@ def _block_mass_kernel(
         tl.store(out + kb, score, mask=kb < n_kv_blocks)
 
 
-def _tile_config(group_pad: int, bits: int | None, head_dim: int) -> tuple[int, int, int, int, int, int]:
-    """(rows per head in a tile, key columns per tile, num_warps, num_stages, epilogue, head-dim slice).
+def _tile_config(group_pad: int, bits: int | None, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(rows per head in a tile, key columns per tile, num_warps, num_stages, head-dim step).
 
     Picked by `benchmarks/estimators.py --sweep` on an H100 at 128K (benchmarks/RESULTS.md): antidiagonal
     tiles of 128 packed rows x 256 key columns, two stages, a head-dim step of up to 128; quantized rows
     in tiles of 64 packed rows x 128 keys, four warps, four stages.
     """
     if bits:  # a head_dim past 128 holds twice the quantized keys in registers: twice the warps
-        return max(1, 64 // group_pad), 128, 4 if head_dim <= 128 else 8, 4 if head_dim <= 128 else 2, 0, head_dim
-    return max(1, 128 // group_pad), 256, 8, 2, 0, min(head_dim, 128)
+        return max(1, 64 // group_pad), 128, 4 if head_dim <= 128 else 8, 4 if head_dim <= 128 else 2, head_dim
+    return max(1, 128 // group_pad), 256, 8, 2, min(head_dim, 128)
 
 
 def _kv_block_tile(n_kv_blocks: int, device: torch.device) -> int:
@@ -352,8 +341,7 @@ class _RowLse:
         self.chunk, self.rows, self.bits = chunk, rows, bits
         self.n_cols = (chunk.seq_len - 1) // rows.stride + 1
         self.group_pad = triton.next_power_of_2(self.group)
-        self.tile_rows, self.block_n, self.warps, self.stages, self.epilogue, self.block_d = _tile_config(
-            self.group_pad, bits, d)
+        self.tile_rows, self.block_n, self.warps, self.stages, self.block_d = _tile_config(self.group_pad, bits, d)
         self.cpb = chunk.block_size // rows.stride  # key columns per KV block (powers of two)
         self.sub_tiles = max(1, self.cpb // self.block_n)  # a block wider than a tile spans several
         self.logit_scale = logit_scale * _LOG2E  # log2 units
@@ -378,7 +366,7 @@ class _RowLse:
                 c.seq_len, rows.first, rows.step, r0, n_rows,
                 GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, HEAD_D=c.q.shape[-1],
                 BLOCK_N=self.block_n, CPB=self.cpb, PAGE=c.kv.page_size, QMAX=2 ** (self.bits - 1) - 1,
-                EPILOGUE=self.epilogue, num_warps=self.warps, num_stages=self.stages,
+                num_warps=self.warps, num_stages=self.stages,
             )
             return
         grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows),
@@ -391,8 +379,8 @@ class _RowLse:
             GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride, HEAD_D=c.q.shape[-1],
             BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles, PAGE=c.kv.page_size,
             QMAX=2 ** (self.bits - 1) - 1 if self.bits else 0,
-            IN_PREC="ieee" if c.q.dtype == torch.float32 else "tf32", EPILOGUE=self.epilogue,
-            BLOCK_D=min(self.block_d, c.q.shape[-1]), num_warps=self.warps, num_stages=self.stages,
+            IN_PREC="ieee" if c.q.dtype == torch.float32 else "tf32", BLOCK_D=self.block_d, num_warps=self.warps,
+            num_stages=self.stages,
         )
 
 
