@@ -4,7 +4,7 @@ Tests start engines through this so each gets a fresh process (vLLM engines do n
 well), and so start-up failures are seen the way a user sees them.
 
     python -m tests.engine_runner '{"model": ..., "backend": "sparse"|null, "config": PATH|null,
-                                    "prompts": [...], "max_tokens": 6, "engine": {...}}'
+                                    "prompts": [...], "max_tokens": 6, "engine": {...}, "stats": false}'
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ RESULT_MARK = "ENGINE_RESULT "  # vLLM logs to stdout too; the result line carri
 
 
 def main(spec: dict) -> dict:
+    import os
+
+    if spec.get("stats"):  # the sparse path's counters, read back from the workers after generating
+        os.environ["VLLM_SPARSE_STATS"] = "1"
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], seed=0, enforce_eager=True, **spec.get("engine", {}))
@@ -39,7 +44,12 @@ def main(spec: dict) -> dict:
             lp = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
         results.append({"prompt_tokens": len(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids),
                         "text": o.outputs[0].text, "prompt_logprobs": lp})
-    return {"startup_s": startup, "generate_s": elapsed, "results": results}
+    out = {"startup_s": startup, "generate_s": elapsed, "results": results}
+    if spec.get("stats"):
+        from vllm_sparse.eval.harness import read_stats
+
+        out["stats"] = llm.collective_rpc(read_stats)[0]  # layer -> unions and densities (rank 0)
+    return out
 
 
 if __name__ == "__main__":

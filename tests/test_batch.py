@@ -35,6 +35,15 @@ def test_classify_sends_long_prefill_chunks_sparse():
     assert dense_tokens.tolist() == [0, *range(101, 131), 131]
 
 
+def test_chunks_shorter_than_a_block_stay_dense():
+    """A few query tokens over a long cached context (a speculative verify step, a short suffix after
+    a prefix-cache hit) read the cache like a decode: dense, however long the context."""
+    chunks, _, _ = classify(_common(), dense_below=300, min_query_len=128)
+    assert chunks == []  # the whole step keeps vLLM's own metadata
+    chunks, _, _ = classify(_common(), dense_below=300, min_query_len=100)
+    assert [c.req for c in chunks] == [1]
+
+
 def test_dense_subset_metadata():
     cm = _common()
     _, reqs, tokens = classify(cm, dense_below=300)

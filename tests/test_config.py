@@ -251,3 +251,31 @@ def test_shipped_configs_resolve_for_their_models():
 def test_exported_schema_is_current():
     assert json.loads((REPO / "configs/schema.json").read_text()) == json_schema(), \
         "configs/schema.json is stale: run `vllm-sparse schema -o configs/schema.json`"
+
+
+def test_explicit_config_that_matches_no_model_is_an_error(tmp_path, monkeypatch):
+    """Only discovery may fall back to dense: a config the user named must have an entry for the model."""
+    path = tmp_path / "mistral.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{"match": {"architectures": ["MistralForCausalLM"]},
+                                                              "layers": [{"layers": "all"}]}]}))
+    with pytest.raises(SparseConfigError, match=r"no entry matches the model .*LlamaForCausalLM.*MistralForCausalLM"):
+        build_plan({"sparse": {"config": str(path)}}, LLAMA)
+    monkeypatch.setenv(ENV_VAR, str(path))
+    with pytest.raises(SparseConfigError, match=f"{path}.*VLLM_SPARSE_CONFIG"):
+        build_plan(None, LLAMA)
+
+
+def test_speculative_decoding_with_a_sparse_plan_is_refused_at_start(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend import plan_cache
+
+    hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2)
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, model="org/llama-3-8b"),
+                             additional_config={"sparse": {"config": str(REPO / "configs/llama-3.yaml")}},
+                             speculative_config=object())
+    with pytest.raises(SparseConfigError, match="speculative_config: speculative decoding"):
+        plan_cache.plan_for(config)
+    config.speculative_config = None
+    assert plan_cache.plan_for(config).is_sparse

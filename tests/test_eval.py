@@ -9,6 +9,8 @@ import sys
 import pytest
 import yaml
 
+from vllm_sparse.eval.tasks import TASKS
+
 pytestmark = pytest.mark.engine
 
 
@@ -29,8 +31,15 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
     assert [(r["length"], r["task"]) for r in result["rows"]] == [
         (n, t) for n in (500, 900) for t in ("passkey", "multikey", "vt")]
     for r in result["rows"]:
-        assert 0 <= r["dense_acc"] <= 1 and 0 <= r["sparse_acc"] <= 1
+        # Each cell's accuracy is the share of its completions that carry the answer: scored again here.
+        done = [c for c in result["completions"] if (c["task"], c["length"]) == (r["task"], r["length"])]
+        check = TASKS[r["task"]].check
+        assert len(done) == r["samples"] == 1
+        assert r["dense_acc"] == sum(check(c["dense"], c["answer"]) for c in done) / len(done)
+        assert r["sparse_acc"] == sum(check(c["sparse"], c["answer"]) for c in done) / len(done)
         assert r["prompt_tokens"] <= r["length"] and r["prompt_tokens"] > 0.9 * r["length"]
+        assert r["kept_union"] == pytest.approx(
+            sum(s["union_density"] for s in result["layers"][str(r["length"])].values()) / 2)
     for n in ("500", "900"):
         layers = result["layers"][n]
         assert sorted(layers) == ["0", "1"]

@@ -90,7 +90,8 @@ def test_cpu_cache_view_reads_what_vllm_wrote():
     cache = torch.full((pages, heads, page, 2 * d), float("nan"))
     view = cache.view(pages, heads, 2 * page, d)
     key_cache, value_cache = view.chunk(2, dim=2)
-    k, v = torch.randn(52, heads, d), torch.randn(52, heads, d)
+    g = torch.Generator().manual_seed(93)
+    k, v = torch.randn(52, heads, d, generator=g), torch.randn(52, heads, d, generator=g)
     slots = torch.cat([torch.arange(3 * page, 4 * page), torch.arange(page, page + 20)])  # pages 3 then 1
     ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, "vec", k_scale=1.0, v_scale=1.0,
                                    kv_cache_dtype="auto")

@@ -38,7 +38,7 @@ def budgets(draw):
     return Budget(**kw)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)  # the same examples every run
 @given(budget=budgets(), heads=st.integers(1, 4), first=st.integers(0, 20), rows=st.integers(1, 8),
        seed=st.integers(0, 2**16))
 def test_budget_invariants(budget, heads, first, rows, seed):
@@ -84,7 +84,7 @@ def test_budget_keeps_highest_scores():
     assert torch.nonzero(mask[0, 0]).flatten().tolist() == [0, 4, 6, 9]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)  # the same examples every run
 @given(q_heads=st.sampled_from([1, 2, 4, 8]), group=st.sampled_from([1, 2, 4]), rows=st.integers(1, 6),
        nkb=st.integers(6, 20), block=st.sampled_from([32, 64, 128]), page=st.sampled_from([16, 32]),
        seed=st.integers(0, 2**16))
@@ -112,7 +112,7 @@ def test_union_invariants(q_heads, group, rows, nkb, block, page, seed):
 
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples every run
 @given(rows=st.integers(1, 8), nkb=st.integers(1, 12), block=st.sampled_from([16, 64, 128]),
        page=st.sampled_from([16, 32]), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_page_csr_matches_per_row_lists(rows, nkb, block, page, density, seed):

@@ -114,3 +114,26 @@ def test_split_groups_run_and_keep_all_still_equals_one_device():
     torch.testing.assert_close(_run_ranks(b, plans, num_q, num_kv, tp, chunks), one, atol=1e-5, rtol=1e-5)
     sparse = _group_plans(num_kv, num_q // num_kv)
     assert not _run_ranks(b, sparse, num_q, num_kv, tp, chunks).isnan().any()
+
+
+def test_a_layout_that_cannot_be_sharded_stops_the_engine_at_start(monkeypatch):
+    """`_rank_shard` runs while the attention layers are built: with a sparse plan, heads that do not
+    split over the ranks, or a layer whose local heads are not the plan model's split, are an error
+    naming tensor_parallel_size; a dense plan needs no shard."""
+    from vllm_sparse import compat
+    from vllm_sparse.backend.factory import _rank_shard
+    from vllm_sparse.config.plan import SparsePlan
+
+    shape = ModelShape("m", ("LlamaForCausalLM",), 2, 12, 4)
+    plan = resolve_plan(parse_config({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                                "layers": [{"layers": "all"}]}]}, "x.yaml"),
+                        shape, "x.yaml")
+    monkeypatch.setattr(compat, "tensor_parallel_size", lambda: 8)
+    monkeypatch.setattr(compat, "tensor_parallel_rank", lambda: 0)
+    with pytest.raises(SparseConfigError, match="tensor_parallel_size: 12 query heads do not split over 8 ranks"):
+        _rank_shard(plan, 2, 1)
+    monkeypatch.setattr(compat, "tensor_parallel_size", lambda: 2)
+    assert _rank_shard(plan, 6, 2).q_heads == range(0, 6)
+    with pytest.raises(SparseConfigError, match="tensor_parallel_size=2 give 6 / 2"):
+        _rank_shard(plan, 4, 1)  # e.g. a draft model's layer: not this plan's heads
+    assert _rank_shard(SparsePlan.dense(shape, "x", "dense"), 4, 1) is None

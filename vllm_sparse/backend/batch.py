@@ -31,16 +31,18 @@ class SparseBatch:
     dense_metadata: object | None  # the dense backend's metadata for those requests alone
 
 
-def classify(cm, dense_below: int) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
+def classify(cm, dense_below: int, min_query_len: int = 2) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
 
-    A chunk goes sparse when it is a prefill chunk (more than one query token; decode stays
-    dense) of a request whose context, this chunk included, reaches `dense_below` tokens.
+    A chunk goes sparse when it has at least `min_query_len` query tokens (the backend passes the
+    selection block: a decode step, a speculative verify step or a short suffix after a prefix-cache
+    hit reads the cache like a decode, and dense is cheaper than estimating) and its request's
+    context, this chunk included, reaches `dense_below` tokens.
     """
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
     q_lens = qsl[1:] - qsl[:-1]
-    sparse = (q_lens > 1) & (seq_lens >= dense_below)
+    sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= dense_below)
     if not bool(sparse.any()):  # every decode step, and short prompts: nothing more to build
         return [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     chunks = [

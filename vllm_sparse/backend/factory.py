@@ -14,9 +14,10 @@ import torch
 
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
+from vllm_sparse.backend.kernel_choice import check_kernel_choice, selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_kernel
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.backend.warmup import run_dummy_sparse_steps, warm_up_selection_kernels
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.sharding import head_shard
@@ -57,15 +58,19 @@ _warned_split_groups = False
 
 
 def _rank_shard(plan, num_heads: int, num_kv_heads: int):
-    """This rank's heads, or None when the layer's local head counts are not the plan model's split."""
+    """This rank's heads. With a sparse plan, a layout that cannot be sharded, or a layer whose local
+    head counts are not the plan model's split, stops the engine here, at start; a dense plan needs
+    no shard (None)."""
     global _warned_split_groups
-    try:
-        shard = head_shard(plan.num_q_heads, plan.num_kv_heads, compat.tensor_parallel_rank(),
-                           compat.tensor_parallel_size(), plan.source)
-    except SparseConfigError:
+    if not plan.is_sparse:
         return None
+    tp = compat.tensor_parallel_size()
+    shard = head_shard(plan.num_q_heads, plan.num_kv_heads, compat.tensor_parallel_rank(), tp, plan.source)
     if (len(shard.q_heads), len(shard.kv_heads)) != (num_heads, num_kv_heads):
-        return None
+        raise SparseConfigError(plan.source, [("tensor_parallel_size", (
+            f"an attention layer has {num_heads} query / {num_kv_heads} KV heads on this rank, but the model's "
+            f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
+            f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
     if shard.splits_groups and plan.is_sparse and not _warned_split_groups:
         _warned_split_groups = True
         logger.warning("vllm-sparse: tensor parallelism over %d ranks spreads each GQA group (%d query heads "
@@ -105,6 +110,7 @@ def make_sparse_backend(
             self._has_sparse_layer = any(self._plan.layer(_layer_index(n)).is_sparse for n in layer_names)
             if self._has_sparse_layer:
                 check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
+                check_kernel_choice(torch.device(device))  # VLLM_SPARSE_KERNEL, checked before any request
                 why = _kv_cache_problem(vllm_config) or prepare_builder(self, layer_names)
                 if why:
                     logger.warning("vllm-sparse: %s; layers %s run dense", why, _layer_span(layer_names))
@@ -116,7 +122,8 @@ def make_sparse_backend(
             md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
             if not self._has_sparse_layer:
                 return md
-            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below)
+            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
+                                                        min_query_len=self._plan.block_size)
             if not chunks:
                 return md
             dense_md = None
@@ -148,10 +155,10 @@ def make_sparse_backend(
             # Resolve (and validate) the plan now, at engine start, not on the first request.
             vllm_config = compat.current_vllm_config()
             self._plan = plan_for(vllm_config)
-            self._shard = _rank_shard(self._plan, self.num_heads, self.num_kv_heads)
-            if self._shard is None:
-                self._unsupported.append("a head layout that differs from the model config's")
-            elif self._plan.is_sparse and torch.cuda.is_available():
+            # Layers the sparse path does not take run dense and need no shard; for the others a head
+            # layout the plan cannot map is an error now.
+            self._shard = None if self._unsupported else _rank_shard(self._plan, self.num_heads, self.num_kv_heads)
+            if self._shard is not None and torch.cuda.is_available():
                 # While vLLM loads the model: counted with the weights, before the KV cache is sized.
                 reserve_estimator_workspace(self._plan, self.num_heads,
                                             vllm_config.scheduler_config.max_num_batched_tokens,

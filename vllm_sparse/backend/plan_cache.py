@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vllm_sparse.config.build import build_plan
+from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.plan import ModelShape, SparsePlan
 
 _cache: dict[int, tuple[object, SparsePlan]] = {}
@@ -20,5 +21,11 @@ def plan_for(vllm_config) -> SparsePlan:
     if hit is not None and hit[0] is vllm_config:
         return hit[1]
     plan = build_plan(getattr(vllm_config, "additional_config", None), model_shape(vllm_config))
+    if plan.is_sparse and getattr(vllm_config, "speculative_config", None) is not None:
+        # Verify steps over a long context, and a draft model whose layers the plan does not number,
+        # would reach the sparse path: refused here, at start, rather than guessed at.
+        raise SparseConfigError(plan.source, [("speculative_config", (
+            "speculative decoding (--speculative-config) is not supported with a sparse plan; run without it, "
+            "or with a config whose layers are all dense for this model"))])
     _cache[key] = (vllm_config, plan)
     return plan

@@ -22,7 +22,7 @@ def _resolve(args):
     from vllm_sparse.config.loader import load_config
     from vllm_sparse.config.plan import resolve_plan
 
-    return resolve_plan(load_config(args.config), _shape(args.model), str(args.config))
+    return resolve_plan(load_config(args.config), _shape(args.model), str(args.config), explicit=True)
 
 
 def _ints(text: str) -> list[int]:

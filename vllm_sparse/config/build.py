@@ -18,7 +18,8 @@ def build_plan(additional_config: dict | None, shape: ModelShape) -> SparsePlan:
             "every layer runs dense",
         )
     else:
-        plan = resolve_plan(load_config(path), shape, f"{path} (from {how})")
+        # A config the user named must fit the model; only discovery may fall back to dense.
+        plan = resolve_plan(load_config(path), shape, f"{path} (from {how})", explicit=how != "shipped config")
     for note in plan.notes:
         logger.warning("vllm-sparse: %s", note)
     if plan.is_sparse:

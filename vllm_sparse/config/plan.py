@@ -141,12 +141,20 @@ def _expand(selector, limit: int, what: str, shape: ModelShape | None) -> list[i
     return sorted(out)
 
 
-def resolve_plan(cfg, shape: ModelShape, source: str) -> SparsePlan:
-    """Validated config file + model shape -> SparsePlan. Raises SparseConfigError listing every problem."""
+def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) -> SparsePlan:
+    """Validated config file + model shape -> SparsePlan. Raises SparseConfigError listing every problem.
+
+    A config the user named (`explicit`) must have an entry for the model; one found by discovery
+    that matches nothing gives a dense plan (with a note).
+    """
     idx = match_entry(cfg, shape)
     if idx is None:
-        return SparsePlan.dense(shape, source, f"no model entry in {source} matches {shape.name} "
-                                f"({', '.join(shape.architectures) or 'no architecture'}): running dense")
+        what = f"{shape.name} ({', '.join(shape.architectures) or 'no architecture'})"
+        if explicit:
+            entries = "; ".join(f"models[{i}] matches architectures {e.match.architectures or '-'}, names "
+                                f"{e.match.names or '-'}" for i, e in enumerate(cfg.models))
+            raise SparseConfigError(source, [("models", f"no entry matches the model {what}: {entries}")])
+        return SparsePlan.dense(shape, source, f"no model entry in {source} matches {what}: running dense")
     entry = cfg.models[idx]
     where = f"models[{idx}]"
 

@@ -28,7 +28,7 @@ class EngineRun:
     layers: list[dict]  # per prompt group: layer -> {unions, requested/union density, rel_err, kept_mass}
 
 
-def _read_stats(worker):
+def read_stats(worker):
     from vllm_sparse.selection.stats import STATS
 
     out = {}
@@ -62,7 +62,7 @@ def run_engine(model: str, groups: list[list[str]], config: str | None, engine: 
             run.seconds += time.perf_counter() - t0
             run.completions.append([o.outputs[0].text for o in outs])
             run.prompt_tokens.append([len(o.prompt_token_ids) for o in outs])
-            run.layers.append({} if config is None else llm.collective_rpc(_read_stats)[0])
+            run.layers.append({} if config is None else llm.collective_rpc(read_stats)[0])
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

@@ -1,0 +1,85 @@
+"""Attention over one chunk's kept blocks: the GPU kernels in one launch, or the exact torch reference.
+
+Both take the chunk's kept-block mask (a row per q head, or per KV head when a GQA group selected
+together) and its union tiles: each tile's union over its rows and over the q heads of a KV head is
+the page list the tile's queries attend to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparse.backend.batch import SparseChunk
+from vllm_sparse.backend.stats_record import record_density, record_with_audit
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
+from vllm_sparse.kernels.reference import sparse_paged_attention_ref
+from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
+from vllm_sparse.selection.pages import block_mask_to_page_csr
+from vllm_sparse.selection.stats import STATS
+from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions
+from vllm_sparse.selection.union import blocks_to_pages, union_blocks
+
+
+def mask_kv_heads(mask: torch.Tensor, kv_head_of: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """KV head of each row of a kept-block mask (one row per q head, or one per KV head)."""
+    if mask.shape[0] == kv_head_of.shape[0]:
+        return kv_head_of
+    return torch.arange(num_kv_heads, device=kv_head_of.device)
+
+
+def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
+                             output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int) -> None:
+    """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
+
+    Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
+    tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
+    (each row keeps its diagonal block), which the FA3 path relies on.
+    """
+    dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
+    num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
+    n_tiles = -(-rows // tile)
+    bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len, dev)
+    union = tile_unions(mask, tile, num_kv) if STATS.enabled or kernel != "fa3" else None
+    if STATS.enabled:  # eval counters: host syncs are acceptable there
+        # Every tile's union, repeated for each of its rows: the whole chunk counted at once.
+        record_density(layer, ctx, mask, union.repeat_interleave(tile, dim=1)[:, :rows], slice(0, rows), n_tiles)
+    q, out = ctx.q, output[c.q_start:c.q_end]
+    max_q = min(tile * bs, ctx.q_len)
+    if kernel == "fa3":
+        max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
+        tables, counts = tile_tables_triton(mask, num_kv, tile, seq_lens, bs, kv.page_size, block_table[c.req],
+                                            max_pages)
+        sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
+                             max_q, ctx.scale, out)
+        return
+    num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(num_kv)
+    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv, nkb), bs,
+                                             kv.page_size, num_pages)
+    rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
+    sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
+                           max_query_len=max_q, block_table_rows=rows_bt)
+
+
+def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
+                           output: torch.Tensor, block_table: torch.Tensor, layer: int) -> None:
+    """The exact torch path, one union tile at a time (CPU, and the dense audit)."""
+    kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
+    num_kv = kv.num_kv_heads
+    for r0 in range(0, ctx.num_query_blocks, tile):
+        rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
+        union = union_blocks(mask[:, rows], mask_kv_heads(mask, ctx.kv_head_of, num_kv), num_kv)
+        # The tile's query tokens: its rows' positions that lie in this chunk.
+        t0 = max((ctx.first_query_block + rows.start) * block_size - c.context_len, 0)
+        t1 = min((ctx.first_query_block + rows.stop) * block_size - c.context_len, c.q_end - c.q_start)
+        tokens = slice(c.q_start + t0, c.q_start + t1)
+        seq_len = c.context_len + t1
+        page_lists = [blocks_to_pages(torch.nonzero(union[h]).flatten(), block_size, kv.page_size, seq_len)
+                      for h in range(num_kv)]
+        indptr = torch.tensor([0] + [len(p) for p in page_lists]).cumsum(0)
+        args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
+        _, lse = sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale,
+                                            out=output[tokens], return_lse=True)
+        if STATS.enabled:
+            record_with_audit(layer, ctx, mask[:, rows], union, rows, query[tokens], output[tokens], lse, args,
+                              scale)

@@ -1,0 +1,55 @@
+"""Which attention kernel runs the sparse chunks, checked at engine start.
+
+FA3 over compacted tables on Hopper with vLLM's FA3 build, the Triton kernel on other GPUs, the
+exact torch reference on CPU. `VLLM_SPARSE_KERNEL` overrides; a value that is not one of the
+kernels, or a kernel that cannot run on the engine's device, stops the engine at start.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+KERNELS = ("fa3", "triton", "reference")
+ENV_VAR = "VLLM_SPARSE_KERNEL"
+
+
+def selected_kernel(device: torch.device) -> str:
+    """The kernel for chunks on `device`: the override if set (validated), else by device."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        return check_kernel_choice(device)
+    if device.type != "cuda":
+        return "reference"
+    return "fa3" if _fa3_available(device) else "triton"
+
+
+def check_kernel_choice(device: torch.device) -> str:
+    """The kernel `selected_kernel` gives on `device`, or a ValueError naming the setting and why it
+    cannot be honoured there (called when the engine starts)."""
+    forced = os.environ.get(ENV_VAR)
+    if not forced:
+        return selected_kernel(device)
+    if forced not in KERNELS:
+        raise ValueError(f"vllm-sparse: {ENV_VAR}={forced!r} is not a kernel; allowed: {', '.join(KERNELS)}")
+    if forced != "reference" and device.type != "cuda":
+        raise ValueError(f"vllm-sparse: {ENV_VAR}={forced} needs a CUDA device; on {device.type} only 'reference' "
+                         "runs (the CPU KV cache keeps keys transposed)")
+    if forced == "fa3" and not _fa3_available(device):
+        raise ValueError(f"vllm-sparse: {ENV_VAR}=fa3 needs a Hopper GPU (compute capability 9.x) and vLLM's FA3 "
+                         f"build; {torch.cuda.get_device_name(device)} has neither: use 'triton'")
+    return forced
+
+
+@functools.cache
+def _fa3_available(device: torch.device) -> bool:
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func  # noqa: F401
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+    except ImportError:
+        return False
+    return is_fa_version_supported(3)
