@@ -34,8 +34,8 @@ class SparseBatch:
 def classify(cm, dense_below: int, min_query_len: int = 2) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
 
-    A chunk goes sparse when it has at least `min_query_len` query tokens (the backend passes the
-    selection block: a decode step, a speculative verify step or a short suffix after a prefix-cache
+    A chunk goes sparse when it has at least `min_query_len` query tokens (the plan's
+    `min_query_tokens`: a decode step, a speculative verify step or a short suffix after a prefix-cache
     hit reads the cache like a decode, and dense is cheaper than estimating) and its request's
     context, this chunk included, reaches `dense_below` tokens.
     """

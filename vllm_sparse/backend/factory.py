@@ -123,7 +123,7 @@ def make_sparse_backend(
             if not self._has_sparse_layer:
                 return md
             chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
-                                                        min_query_len=self._plan.block_size)
+                                                        min_query_len=self._plan.min_query_tokens)
             if not chunks:
                 return md
             dense_md = None
@@ -196,7 +196,7 @@ def make_sparse_backend(
                 output[idx] = sub_out
             attend_sparse_chunks(query, output, kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
                                  head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
-                                 self._layer_idx)
+                                 self._layer_idx, dense_below=self._plan.dense_below)
             return output
 
     class SparseAttentionBackend(dense_backend):

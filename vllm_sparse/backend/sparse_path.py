@@ -80,6 +80,16 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     return mask
 
 
+def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) -> torch.Tensor:
+    """Keep every causal block in the query blocks whose tokens all have fewer than `dense_below` tokens
+    of context (their own included): a token attends densely or sparsely by its position, not by
+    where the scheduler cut the chunk it came in."""
+    n = min(max(dense_below // ctx.block_size - ctx.first_query_block, 0), ctx.num_query_blocks)
+    if n:
+        mask[:, :n] = ctx.causal_block_mask()[:n]
+    return mask
+
+
 def attend_sparse_chunks(
     query: torch.Tensor,  # [num_tokens, q_heads, D] whole batch
     output: torch.Tensor,  # [num_tokens, q_heads, Dv] written for the chunks' tokens
@@ -92,6 +102,7 @@ def attend_sparse_chunks(
     union_tile: int | None = None,  # query blocks per union; None: one union for the whole chunk
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
+    dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
@@ -103,7 +114,7 @@ def attend_sparse_chunks(
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
-        mask = chunk_block_mask(ctx, head_plans)
+        mask = dense_rows_below(chunk_block_mask(ctx, head_plans), ctx, dense_below)
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
             attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer)

@@ -16,6 +16,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "dense_below": 8192,
     "decode": "dense",
     "union_tile": None,
+    "min_query_tokens": 16,
 }
 DEFAULT_ESTIMATOR = ("sink_local", {})
 DEFAULT_BUDGET = BudgetSpec(keep_ratio=0.25)
@@ -91,6 +92,7 @@ class SparsePlan:
     num_kv_heads: int
     notes: tuple[str, ...] = field(default=())
     union_tile: int | None = None  # query blocks per union; None = the whole chunk
+    min_query_tokens: int = 16  # prefill chunks with fewer query tokens stay dense
 
     @property
     def is_sparse(self) -> bool:
@@ -211,7 +213,8 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
         LayerPlan(i, shape.is_full_attention(i), tuple(heads[i])) for i in range(shape.num_layers)
     )
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), setting("decode"),
-                      layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"))
+                      layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
+                      setting("min_query_tokens"))
 
 
 def _head_plan(hrule, rule, entry, cfg) -> HeadPlan | None:

@@ -147,10 +147,15 @@ def _build_models():
 
     class Settings(StrictModel):
         block_size: int | None = Field(None, description="selection block in tokens: 16..1024, a power of two")
-        dense_below: int | None = Field(None, ge=0, description="prefill stays dense while the context is shorter")
+        dense_below: int | None = Field(
+            None, ge=0, description="a query block whose tokens see fewer tokens than this (their own included) "
+            "attends densely; chunks reach the sparse path once their context does")
         decode: Literal["dense"] | None = Field(None, description="decode policy (dense only, for now)")
         union_tile: int | None = Field(
             None, ge=1, description="query blocks per block union (default: one union per prefill chunk)")
+        min_query_tokens: int | None = Field(
+            None, ge=2, description="prefill chunks with fewer query tokens stay dense, however long the context "
+            "(a speculative verify step, a short suffix after a prefix-cache hit); default 16")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
 
