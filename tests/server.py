@@ -26,13 +26,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def vllm_server(args: list[str], log: Path, timeout: float = 300):
-    """Yields (base_url, seconds until healthy). Raises with the log's tail if it dies or times out."""
+def vllm_server(args: list[str], log: Path, timeout: float = 300, env: dict[str, str] | None = None):
+    """Yields (base_url, seconds until healthy). Raises with the log's tail if it dies or times out.
+    `env`: variables set for this server only."""
     port = free_port()
     cmd = [*SERVE_CMD, *args, "--host", "127.0.0.1", "--port", str(port)]
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(),
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**engine_env(), **(env or {})},
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

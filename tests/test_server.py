@@ -26,7 +26,8 @@ def _config(path, layers):
 def test_server_answers_completions_and_chat(tiny_llama, tmp_path):
     extra = _config(tmp_path / "sparse.yaml", [{"layers": "all", "budget": {"top_k": 4}}])
     model = str(tiny_llama)
-    with vllm_server([model, *SERVE, "--additional-config", extra], tmp_path / "server.log") as (url, _):
+    with vllm_server([model, *SERVE, "--additional-config", extra], tmp_path / "server.log",
+                     env={"VLLM_SPARSE_LOG_STEPS": "1"}) as (url, _):
         long_prompt = "def parse(self, args):\n    return self.parser.parse_args(args)\n" * 60
         r = requests.post(url + "/v1/completions", json={
             "model": model, "prompt": long_prompt, "max_tokens": 5, "temperature": 0}, timeout=120)
@@ -42,7 +43,11 @@ def test_server_answers_completions_and_chat(tiny_llama, tmp_path):
         body = r.json()
         assert body["choices"][0]["message"]["role"] == "assistant"
         assert body["usage"]["completion_tokens"] == 5
-    assert "vllm-sparse: plan from" in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "vllm-sparse: plan from" in log
+    # The long prompt's later chunks went through the sparse path (the chat prompt is short: dense).
+    sparse_steps = [line for line in log.splitlines() if "vllm-sparse: step goes sparse" in line]
+    assert sparse_steps and all("tokens after" in line for line in sparse_steps)
 
 
 def test_server_refuses_bad_config(tiny_llama, tmp_path):

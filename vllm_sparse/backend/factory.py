@@ -8,6 +8,7 @@ backend answers it; we only add the sparse prefill path on top.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,9 @@ from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
 
 _SPARSE_BATCH = "sparse_batch"  # attribute set on the dense metadata object for this step
+# VLLM_SPARSE_LOG_STEPS=1: one log line per step (per layer group) that sends chunks to the sparse path,
+# from host data the builder has anyway: a way to see that a request went sparse.
+_LOG_STEPS = os.environ.get("VLLM_SPARSE_LOG_STEPS", "0") == "1"
 
 
 def _layer_index(layer_name: str) -> int:
@@ -126,6 +130,9 @@ def make_sparse_backend(
                                                         min_query_len=self._plan.min_query_tokens)
             if not chunks:
                 return md
+            if _LOG_STEPS:
+                logger.info("vllm-sparse: step goes sparse for %d chunk(s): %s", len(chunks), ", ".join(
+                    f"{c.q_end - c.q_start} tokens after {c.context_len}" for c in chunks))
             dense_md = None
             if len(dense_reqs):
                 sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
