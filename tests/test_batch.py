@@ -44,6 +44,19 @@ def test_chunks_shorter_than_a_block_stay_dense():
     assert [c.req for c in chunks] == [1]
 
 
+def test_requests_with_bidirectional_multimodal_ranges_stay_dense_and_keep_their_ranges():
+    import dataclasses
+
+    cm = dataclasses.replace(_common(), mm_req_doc_ranges={1: [(310, 340)], 2: [(0, 10)]})
+    chunks, reqs, tokens = classify(cm, dense_below=300)
+    assert chunks == []  # the only long prefill has image tokens: the whole step stays dense
+    cm = dataclasses.replace(_common(), mm_req_doc_ranges={2: [(0, 10)]})
+    chunks, reqs, tokens = classify(cm, dense_below=300)
+    assert [c.req for c in chunks] == [1] and reqs.tolist() == [0, 2, 3]
+    sub = compat.slice_common_metadata(cm, reqs, tokens)
+    assert sub.mm_req_doc_ranges == {1: [(0, 10)]}  # request 2 is the subset's request 1
+
+
 def test_dense_subset_metadata():
     cm = _common()
     _, reqs, tokens = classify(cm, dense_below=300)

@@ -65,3 +65,50 @@ def test_sparse_backend_subclasses_the_platform_backend():
     assert issubclass(backend, CPUAttentionBackend)
     assert issubclass(backend.get_impl_cls(), CPUAttentionBackendImpl)  # vLLM's isinstance checks hold
     assert backend.get_supported_kernel_block_sizes() == CPUAttentionBackend.get_supported_kernel_block_sizes()
+
+
+def _fake_dense_backend(writes_kv_in_forward: bool, cg_support):
+    class Builder:
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            return cg_support
+
+    class Impl:
+        pass
+
+    class Dense:
+        forward_includes_kv_cache_update = writes_kv_in_forward
+
+        @staticmethod
+        def get_builder_cls():
+            return Builder
+
+        @staticmethod
+        def get_impl_cls():
+            return Impl
+
+    return Dense
+
+
+def test_backend_declares_what_it_supports(monkeypatch):
+    """Full CUDA graphs only for decode-only batches when the plan is sparse (the dense backend's own
+    support otherwise); a dense backend that writes the KV cache inside forward is refused; GPU head
+    sizes the sparse kernels do not take stop the engine at start."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_sparse.backend import factory
+    from vllm_sparse.config.errors import SparseConfigError
+    from vllm_sparse.kernels.paged import PagedKV
+
+    sparse_plan = type("Plan", (), {"is_sparse": True, "source": "x.yaml"})()
+    monkeypatch.setattr(factory, "plan_for", lambda vllm_config: sparse_plan)
+    builder = factory.make_sparse_backend(_fake_dense_backend(False, AttentionCGSupport.ALWAYS),
+                                          PagedKV.from_flash_cache).get_builder_cls()
+    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    sparse_plan.is_sparse = False
+    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.ALWAYS
+    with pytest.raises(RuntimeError, match="writes the KV cache inside forward"):
+        factory.make_sparse_backend(_fake_dense_backend(True, AttentionCGSupport.ALWAYS), PagedKV.from_flash_cache)
+    factory.check_head_size(sparse_plan, 128)
+    with pytest.raises(SparseConfigError, match="model: attention head size 96: the sparse GPU kernels take"):
+        factory.check_head_size(sparse_plan, 96)

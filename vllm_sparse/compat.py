@@ -137,7 +137,10 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
             changes[name] = special[name]
             continue
         value = getattr(cm, name)
-        if name.startswith("_") or name in ("logits_indices_padded", "num_logits_indices", "mm_req_doc_ranges"):
+        if name == "mm_req_doc_ranges":  # request index -> ranges: renumbered for the subset
+            kept = {new: value[int(old)] for new, old in enumerate(reqs.tolist()) if value and int(old) in value}
+            changes[name] = kept or None
+        elif name.startswith("_") or name in ("logits_indices_padded", "num_logits_indices"):
             changes[name] = None if value is not None else value
         elif isinstance(value, torch.Tensor) and value.dim() > 0 and name != "causal":
             if name in _PER_TOKEN_FIELDS:

@@ -37,12 +37,18 @@ def classify(cm, dense_below: int, min_query_len: int = 2) -> tuple[list[SparseC
     A chunk goes sparse when it has at least `min_query_len` query tokens (the plan's
     `min_query_tokens`: a decode step, a speculative verify step or a short suffix after a prefix-cache
     hit reads the cache like a decode, and dense is cheaper than estimating) and its request's
-    context, this chunk included, reaches `dense_below` tokens.
+    context, this chunk included, reaches `dense_below` tokens, and it has no multimodal tokens with
+    bidirectional attention.
     """
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
     q_lens = qsl[1:] - qsl[:-1]
     sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= dense_below)
+    # Requests with multimodal tokens that attend bidirectionally (PrefixLM) stay on the dense path,
+    # which keeps their ranges; the sparse path is causal only.
+    for r in getattr(cm, "mm_req_doc_ranges", None) or {}:
+        if r < len(sparse):
+            sparse[r] = False
     if not bool(sparse.any()):  # every decode step, and short prompts: nothing more to build
         return [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     chunks = [

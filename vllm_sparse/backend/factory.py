@@ -83,6 +83,17 @@ def _rank_shard(plan, num_heads: int, num_kv_heads: int):
     return shard
 
 
+GPU_HEAD_SIZES = (16, 32, 64, 128, 256)  # the Triton kernels and the fused estimators (powers of two)
+
+
+def check_head_size(plan, head_size: int) -> None:
+    """On GPUs the sparse kernels take power-of-two head sizes up to 256: others stop the engine at start."""
+    if head_size not in GPU_HEAD_SIZES:
+        raise SparseConfigError(plan.source, [("model", (
+            f"attention head size {head_size}: the sparse GPU kernels take {', '.join(map(str, GPU_HEAD_SIZES))}; "
+            "run this model with a config that keeps its layers dense"))])
+
+
 def _warm_up(plan, kv_cache_spec, vllm_config, device: torch.device) -> None:
     """Compile the selection kernels this engine can launch, now rather than on the first long prompt."""
     kernel = selected_kernel(device)
@@ -104,6 +115,11 @@ def make_sparse_backend(
 ) -> type:
     """`kv_view` reads the dense backend's KV cache as pages; `prepare_builder` adapts a new builder
     to what the sparse path needs and returns why it cannot, if it cannot (those layers run dense)."""
+    if getattr(dense_backend, "forward_includes_kv_cache_update", True):
+        # The sparse path runs instead of the dense forward for its chunks: their keys and values must
+        # already be in the cache when forward runs (vLLM writes them first, for these backends).
+        raise RuntimeError(f"vllm-sparse: {dense_backend.__name__} writes the KV cache inside forward; the "
+                           "SPARSE backend needs a vLLM whose attention writes it before (0.26 or later)")
     dense_builder = dense_backend.get_builder_cls()
     dense_impl = dense_backend.get_impl_cls()
 
@@ -121,6 +137,16 @@ def make_sparse_backend(
                     self._has_sparse_layer = False
             if self._has_sparse_layer and torch.device(device).type == "cuda":
                 _warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
+
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            """With a sparse plan, full CUDA graphs only for decode-only batches: a prefill chunk's sparse
+            step is planned on the host per chunk, which a replayed graph would not redo."""
+            base = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+            if not plan_for(vllm_config).is_sparse:
+                return base
+            decode_only = type(base).UNIFORM_SINGLE_TOKEN_DECODE
+            return base if base.value <= decode_only.value else decode_only
 
         def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
             md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
@@ -165,6 +191,8 @@ def make_sparse_backend(
             # Layers the sparse path does not take run dense and need no shard; for the others a head
             # layout the plan cannot map is an error now.
             self._shard = None if self._unsupported else _rank_shard(self._plan, self.num_heads, self.num_kv_heads)
+            if self._shard is not None and torch.cuda.is_available():
+                check_head_size(self._plan, self.head_size)
             if self._shard is not None and torch.cuda.is_available():
                 # While vLLM loads the model: counted with the weights, before the KV cache is sized.
                 reserve_estimator_workspace(self._plan, self.num_heads,

@@ -26,10 +26,14 @@ if current_platform.is_cpu():
         return None
 
     SparseAttentionBackend = make_sparse_backend(_Dense, PagedKV.from_cpu_cache, _cpu_vec_layout)
-else:
+elif current_platform.is_cuda():
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as _Dense
 
     SparseAttentionBackend = make_sparse_backend(_Dense, PagedKV.from_flash_cache)
+else:  # ROCm, XPU, TPU, ...: their FlashAttention classes and cache layouts are not the ones read here
+    raise RuntimeError(f"vllm-sparse: the SPARSE attention backend runs on CUDA GPUs and on CPUs, not on "
+                       f"{current_platform.device_name or current_platform.device_type}; drop "
+                       "--attention-backend sparse")
 
 # vLLM resolves the selected class again from "module.qualname": make that this attribute.
 SparseAttentionBackend.__module__ = __name__
