@@ -6,6 +6,10 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.config.loader import load_config
+from vllm_sparse.config.plan import match_entry
+
 ENV_VAR = "VLLM_SPARSE_CONFIG"
 
 
@@ -18,16 +22,11 @@ def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str
     """-> (path or None, how it was found). Order: --additional-config, env var, shipped by architecture."""
     sparse = (additional_config or {}).get("sparse") or {}
     if not isinstance(sparse, dict):
-        from vllm_sparse.config.errors import SparseConfigError
-
         raise SparseConfigError("--additional-config", [("sparse", 'expected {"config": PATH}')])
     if sparse.get("config"):
         return Path(sparse["config"]), "--additional-config"
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]), ENV_VAR
-    from vllm_sparse.config.loader import load_config
-    from vllm_sparse.config.plan import match_entry
-
     for path in shipped_configs():
         cfg = load_config(path)
         if match_entry(cfg, shape) is not None:

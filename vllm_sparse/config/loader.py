@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from vllm_sparse.config.errors import SparseConfigError, format_loc
 from vllm_sparse.config.schema import config_file_model
+from vllm_sparse.estimators.registry import estimator_names
 
 
 def load_config(path: str | Path):
@@ -39,8 +40,6 @@ def parse_config(data, source: str):
 
 def _path(err) -> str:
     # Drop pydantic's union-member tags (e.g. 'sink_local') so the path is the YAML path.
-    from vllm_sparse.estimators.registry import estimator_names
-
     names = set(estimator_names())
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in names))
     return format_loc(loc)

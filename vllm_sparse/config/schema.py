@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from vllm_sparse.config.strict import StrictModel
-from vllm_sparse.estimators.registry import all_estimators
+from vllm_sparse.estimators.registry import all_estimators, get_estimator
+from vllm_sparse.strict import StrictModel
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d*)\s*$")  # "4-10", or "4-" (to the last)
 LAYER_KEYWORDS = ("all", "full_attention")
@@ -111,8 +111,6 @@ def estimator_spec_type():
 
 def estimator_params(spec) -> tuple[str, Any]:
     """Split an estimator spec into (name, params instance of the estimator's own model)."""
-    from vllm_sparse.estimators.registry import get_estimator
-
     est = get_estimator(spec.name)
     return spec.name, est.params(**spec.model_dump(exclude={"name"}))
 

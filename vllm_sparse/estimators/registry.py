@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sparse.config.strict import StrictModel
+from vllm_sparse.strict import StrictModel
 
 
 class EstimatorParams(StrictModel):

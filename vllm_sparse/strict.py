@@ -1,4 +1,6 @@
-"""Base model for everything read from a config: frozen, and unknown keys name the allowed ones."""
+"""Base model for everything read from a config (the config schema, each estimator's parameters):
+frozen, and unknown keys name the allowed ones. Shared by `config/` and `estimators/`, which import
+nothing from each other's direction but estimators -> this module."""
 
 from __future__ import annotations
 
