@@ -34,11 +34,12 @@ def test_register_is_idempotent_and_selectable():
 def test_member_unpickles_in_a_process_that_never_loaded_plugins():
     register()
     blob = pickle.dumps(compat.attention_backend_enum()["SPARSE"])
+    # SPARSE is its own member, or (vLLM releases without AttentionBackendEnum.register) an alias of CUSTOM.
     code = ("import pickle, sys; m = pickle.loads(sys.stdin.buffer.read()); "
-            "print(m.name, m.get_path())")
+            "print(m is type(m)['SPARSE'], m.get_path())")
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert out.stdout.decode().split() == ["SPARSE", compat.BACKEND_PATH]
+    assert out.stdout.decode().split() == ["True", compat.BACKEND_PATH]
 
 
 def test_cpu_hook_changes_only_the_sparse_selection():
@@ -54,7 +55,10 @@ def test_cpu_hook_changes_only_the_sparse_selection():
     assert CpuPlatform.get_attn_backend_cls(None, attn_selector_config=cfg) == cpu_path
     assert CpuPlatform.get_attn_backend_cls(enum.FLASH_ATTN, attn_selector_config=cfg) == cpu_path
     mla = cfg._replace(use_mla=True)
-    assert CpuPlatform.get_attn_backend_cls(enum["SPARSE"], attn_selector_config=mla) != compat.BACKEND_PATH
+    try:  # MLA goes to vLLM's own selection (which older releases refuse on CPU)
+        assert CpuPlatform.get_attn_backend_cls(enum["SPARSE"], attn_selector_config=mla) != compat.BACKEND_PATH
+    except NotImplementedError:
+        pass
 
 
 def test_sparse_backend_subclasses_the_platform_backend():
@@ -64,7 +68,10 @@ def test_sparse_backend_subclasses_the_platform_backend():
     backend = compat.attention_backend_enum()["SPARSE"].get_class()
     assert issubclass(backend, CPUAttentionBackend)
     assert issubclass(backend.get_impl_cls(), CPUAttentionBackendImpl)  # vLLM's isinstance checks hold
-    assert backend.get_supported_kernel_block_sizes() == CPUAttentionBackend.get_supported_kernel_block_sizes()
+    def sizes(b):  # MultipleOf(16) objects compare by identity in some releases: compare their fields
+        return [vars(x) if hasattr(x, "__dict__") else x for x in b.get_supported_kernel_block_sizes()]
+
+    assert sizes(backend) == sizes(CPUAttentionBackend)
 
 
 def _fake_dense_backend(writes_kv_in_forward: bool, cg_support):

@@ -33,11 +33,23 @@ def register_attention_backend() -> None:
 
         register_backend(enum.CUSTOM, BACKEND_PATH)
         enum._member_map_[BACKEND_NAME] = enum.CUSTOM
-        return
-    member = enum.register(BACKEND_NAME, BACKEND_PATH)
+        member = enum.CUSTOM
+    else:
+        member = enum.register(BACKEND_NAME, BACKEND_PATH)
     # vLLM pickles its config (holding this member) into processes it spawns, which unpickle it
     # before loading plugins; pickling by name through this module registers it there first.
     member.__reduce_ex__ = _reduce_backend_member
+
+
+def is_sparse_backend(selected_backend) -> bool:
+    """The selected AttentionBackendEnum member is ours: SPARSE, or the CUSTOM slot pointed at us."""
+    name = getattr(selected_backend, "name", None)
+    if name == BACKEND_NAME:
+        return True
+    try:
+        return name == "CUSTOM" and selected_backend.get_path() == BACKEND_PATH
+    except ValueError:  # CUSTOM not registered in this process
+        return False
 
 
 def _reduce_backend_member(protocol):
@@ -66,7 +78,7 @@ def install_cpu_platform_hook() -> None:
     original_fn = original.__func__
 
     def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
-        if selected_backend is not None and getattr(selected_backend, "name", None) == BACKEND_NAME:
+        if selected_backend is not None and is_sparse_backend(selected_backend):
             config = kwargs.get("attn_selector_config") or (args[0] if args else None)
             if config is None or not (getattr(config, "use_mla", False) or getattr(config, "use_sparse", False)):
                 return selected_backend.get_path()
