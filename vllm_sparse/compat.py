@@ -1,4 +1,4 @@
-"""Every difference between the vLLM versions we support (0.26 on CUDA, 0.32 on CPU, up to 0.33).
+"""Every difference between the vLLM versions the plugin was run with (0.26 on CUDA; 0.27 and 0.32 on CPU).
 
 Nothing else in the package reaches into vLLM internals that moved between those releases.
 """
