@@ -75,7 +75,7 @@ def _rank_shard(plan, num_heads: int, num_kv_heads: int):
             f"an attention layer has {num_heads} query / {num_kv_heads} KV heads on this rank, but the model's "
             f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
             f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
-    if shard.splits_groups and plan.is_sparse and not _warned_split_groups:
+    if shard.splits_groups and not _warned_split_groups:
         _warned_split_groups = True
         logger.warning("vllm-sparse: tensor parallelism over %d ranks spreads each GQA group (%d query heads "
                        "per KV head) over several ranks; each rank's block union covers only its own query "
@@ -193,7 +193,6 @@ def make_sparse_backend(
             self._shard = None if self._unsupported else _rank_shard(self._plan, self.num_heads, self.num_kv_heads)
             if self._shard is not None and torch.cuda.is_available():
                 check_head_size(self._plan, self.head_size)
-            if self._shard is not None and torch.cuda.is_available():
                 # While vLLM loads the model: counted with the weights, before the KV cache is sized.
                 reserve_estimator_workspace(self._plan, self.num_heads,
                                             vllm_config.scheduler_config.max_num_batched_tokens,
