@@ -71,7 +71,7 @@ def test_dense_subset_metadata():
 
 
 def test_block_size_must_be_a_multiple_of_the_page():
-    from vllm_sparse.backend.factory import check_block_size
+    from vllm_sparse.backend.checks import check_block_size
     from vllm_sparse.config.errors import SparseConfigError
 
     check_block_size(128, 32, "x.yaml")

@@ -8,6 +8,7 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -74,27 +75,28 @@ def test_sparse_backend_subclasses_the_platform_backend():
     assert sizes(backend) == sizes(CPUAttentionBackend)
 
 
-def _fake_dense_backend(writes_kv_in_forward: bool, cg_support):
-    class Builder:
-        @classmethod
-        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
-            return cg_support
+def test_sparse_backend_classes_are_module_level():
+    """vLLM's own backends are module-level classes; so are ours, and the step's metadata is a
+    subclass of the dense metadata with a `sparse_batch` field (no attribute riding on the dense one)."""
+    import dataclasses
+    import importlib
 
-    class Impl:
-        pass
+    register()
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
-    class Dense:
-        forward_includes_kv_cache_update = writes_kv_in_forward
+    from vllm_sparse.backend import cpu
+    from vllm_sparse.backend.batch import SparseBatch
+    from vllm_sparse.backend.builder import with_sparse_batch
 
-        @staticmethod
-        def get_builder_cls():
-            return Builder
-
-        @staticmethod
-        def get_impl_cls():
-            return Impl
-
-    return Dense
+    backend = compat.attention_backend_enum()["SPARSE"].get_class()
+    for cls in (backend, backend.get_impl_cls(), backend.get_builder_cls()):
+        assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
+    dense_md = CPUAttentionMetadata(5, 5, torch.tensor([0, 5]), 5, torch.tensor([5]), torch.zeros(1, 2),
+                                    torch.arange(5), None)
+    batch = SparseBatch((), None, None)
+    md = with_sparse_batch(cpu.SparseCPUAttentionMetadata, dense_md, batch)
+    assert isinstance(md, CPUAttentionMetadata) and md.sparse_batch is batch
+    assert {f.name: getattr(md, f.name) for f in dataclasses.fields(dense_md)} == vars(dense_md)
 
 
 def test_backend_declares_what_it_supports(monkeypatch):
@@ -103,19 +105,26 @@ def test_backend_declares_what_it_supports(monkeypatch):
     sizes the sparse kernels do not take stop the engine at start."""
     from vllm.v1.attention.backend import AttentionCGSupport
 
-    from vllm_sparse.backend import factory
+    from vllm_sparse.backend import builder, checks
     from vllm_sparse.config.errors import SparseConfigError
-    from vllm_sparse.kernels.paged import PagedKV
+
+    class DenseBuilder:
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            return AttentionCGSupport.ALWAYS
+
+    class Builder(builder.SparseBuilderMixin, DenseBuilder):
+        pass
 
     sparse_plan = type("Plan", (), {"is_sparse": True, "source": "x.yaml"})()
-    monkeypatch.setattr(factory, "plan_for", lambda vllm_config: sparse_plan)
-    builder = factory.make_sparse_backend(_fake_dense_backend(False, AttentionCGSupport.ALWAYS),
-                                          PagedKV.from_flash_cache).get_builder_cls()
-    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    monkeypatch.setattr(builder, "plan_for", lambda vllm_config: sparse_plan)
+    assert Builder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     sparse_plan.is_sparse = False
-    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.ALWAYS
-    with pytest.raises(RuntimeError, match="writes the KV cache inside forward"):
-        factory.make_sparse_backend(_fake_dense_backend(True, AttentionCGSupport.ALWAYS), PagedKV.from_flash_cache)
-    factory.check_head_size(sparse_plan, 128)
+    assert Builder.get_cudagraph_support(None, None) == AttentionCGSupport.ALWAYS
+    writes_in_forward = type("Dense", (), {"forward_includes_kv_cache_update": True})
+    with pytest.raises(RuntimeError, match="Dense writes the KV cache inside forward"):
+        checks.check_kv_written_before_forward(writes_in_forward)
+    checks.check_kv_written_before_forward(type("Dense", (), {"forward_includes_kv_cache_update": False}))
+    checks.check_head_size(sparse_plan, 128)
     with pytest.raises(SparseConfigError, match="model: attention head size 96: the sparse GPU kernels take"):
-        factory.check_head_size(sparse_plan, 96)
+        checks.check_head_size(sparse_plan, 96)

@@ -117,11 +117,11 @@ def test_split_groups_run_and_keep_all_still_equals_one_device():
 
 
 def test_a_layout_that_cannot_be_sharded_stops_the_engine_at_start(monkeypatch):
-    """`_rank_shard` runs while the attention layers are built: with a sparse plan, heads that do not
+    """`rank_shard` runs while the attention layers are built: with a sparse plan, heads that do not
     split over the ranks, or a layer whose local heads are not the plan model's split, are an error
     naming tensor_parallel_size; a dense plan needs no shard."""
     from vllm_sparse import compat
-    from vllm_sparse.backend.factory import _rank_shard
+    from vllm_sparse.backend.checks import rank_shard
     from vllm_sparse.config.plan import SparsePlan
 
     shape = ModelShape("m", ("LlamaForCausalLM",), 2, 12, 4)
@@ -131,9 +131,9 @@ def test_a_layout_that_cannot_be_sharded_stops_the_engine_at_start(monkeypatch):
     monkeypatch.setattr(compat, "tensor_parallel_size", lambda: 8)
     monkeypatch.setattr(compat, "tensor_parallel_rank", lambda: 0)
     with pytest.raises(SparseConfigError, match="tensor_parallel_size: 12 query heads do not split over 8 ranks"):
-        _rank_shard(plan, 2, 1)
+        rank_shard(plan, 2, 1)
     monkeypatch.setattr(compat, "tensor_parallel_size", lambda: 2)
-    assert _rank_shard(plan, 6, 2).q_heads == range(0, 6)
+    assert rank_shard(plan, 6, 2).q_heads == range(0, 6)
     with pytest.raises(SparseConfigError, match="tensor_parallel_size=2 give 6 / 2"):
-        _rank_shard(plan, 4, 1)  # e.g. a draft model's layer: not this plan's heads
-    assert _rank_shard(SparsePlan.dense(shape, "x", "dense"), 4, 1) is None
+        rank_shard(plan, 4, 1)  # e.g. a draft model's layer: not this plan's heads
+    assert rank_shard(SparsePlan.dense(shape, "x", "dense"), 4, 1) is None

@@ -85,3 +85,20 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         STATS.enabled, STATS.audit = saved
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device) -> None:
+    """Compile the selection kernels this engine can launch, now rather than on the first long prompt."""
+    from vllm_sparse.backend.checks import rank_shard
+    from vllm_sparse.backend.kernel_choice import selected_kernel
+
+    kernel = selected_kernel(device)
+    if kernel == "reference":
+        return
+    local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    spec = kv_cache_spec
+    warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype,
+                              vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
+    shard = rank_shard(plan, local_q_heads, spec.num_kv_heads)
+    if shard is not None:
+        run_dummy_sparse_steps(plan, shard, spec.num_kv_heads, spec.head_size, spec.block_size, spec.dtype, device)

@@ -1,0 +1,87 @@
+"""The metadata builder half of SPARSE: once per step, which prefill chunks go sparse.
+
+`SparseBuilderMixin` goes in front of a dense backend's builder (`cuda.py`, `cpu.py`). The dense
+builder builds the step's metadata as always; when some chunks go sparse, the step's metadata
+becomes the platform's sparse metadata class, the dense fields plus a `SparseBatch`: the chunks,
+and the dense backend's own metadata for the requests that stay dense.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_sparse import compat
+from vllm_sparse.backend.batch import SparseBatch, classify
+from vllm_sparse.backend.checks import check_block_size, kv_cache_problem, layer_index, layer_span
+from vllm_sparse.backend.kernel_choice import check_kernel_choice
+from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.backend.warmup import warm_up
+from vllm_sparse.log import logger
+
+# VLLM_SPARSE_LOG_STEPS=1: one log line per step (per layer group) that sends chunks to the sparse path,
+# from host data the builder has anyway: a way to see that a request went sparse.
+_LOG_STEPS = os.environ.get("VLLM_SPARSE_LOG_STEPS", "0") == "1"
+
+
+def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):
+    """The dense metadata as `metadata_cls` (its subclass with a `sparse_batch` field), fields shared,
+    without re-running the dense class's __init__/__post_init__."""
+    md = metadata_cls.__new__(metadata_cls)
+    md.__dict__.update(vars(dense_md))
+    md.sparse_batch = batch
+    return md
+
+
+class SparseBuilderMixin:
+    """Put in front of a dense `AttentionMetadataBuilder`. Subclasses set `metadata_cls` and may
+    override `prepare_sparse_layers`."""
+
+    metadata_cls: type
+
+    def prepare_sparse_layers(self, layer_names: list[str]) -> str | None:
+        """Adapt this builder to what the sparse path reads; return why it cannot (those layers run dense)."""
+        return None
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+        self._plan = plan_for(vllm_config)
+        self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
+        if self._has_sparse_layer:
+            check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
+            check_kernel_choice(torch.device(device))  # VLLM_SPARSE_KERNEL, checked before any request
+            why = kv_cache_problem(vllm_config) or self.prepare_sparse_layers(layer_names)
+            if why:
+                logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
+                self._has_sparse_layer = False
+        if self._has_sparse_layer and torch.device(device).type == "cuda":
+            warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        """With a sparse plan, full CUDA graphs only for decode-only batches: a prefill chunk's sparse
+        step is planned on the host per chunk, which a replayed graph would not redo."""
+        base = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        if not plan_for(vllm_config).is_sparse:
+            return base
+        decode_only = type(base).UNIFORM_SINGLE_TOKEN_DECODE
+        return base if base.value <= decode_only.value else decode_only
+
+    def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
+        md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
+        if not self._has_sparse_layer:
+            return md
+        chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
+                                                    min_query_len=self._plan.min_query_tokens)
+        if not chunks:
+            return md
+        if _LOG_STEPS:
+            logger.info("vllm-sparse: step goes sparse for %d chunk(s): %s", len(chunks), ", ".join(
+                f"{c.q_end - c.q_start} tokens after {c.context_len}" for c in chunks))
+        dense_md = None
+        if len(dense_reqs):
+            sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
+            dense_md = super().build(0, sub, *args, **kwargs)
+        dense_idx = dense_tokens.to(common_attn_metadata.query_start_loc.device) if len(dense_reqs) else None
+        return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md))

@@ -1,0 +1,79 @@
+"""Start-up checks of the SPARSE backend: each refuses, with a message naming the setting, a setup the
+sparse path cannot honour, while vLLM builds the model and its attention metadata builders."""
+
+from __future__ import annotations
+
+from vllm_sparse import compat
+from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.config.sharding import head_shard
+from vllm_sparse.log import logger
+
+GPU_HEAD_SIZES = (16, 32, 64, 128, 256)  # the Triton kernels and the fused estimators (powers of two)
+
+
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+def layer_span(layer_names: list[str]) -> str:
+    idx = sorted(layer_index(n) for n in layer_names)
+    return f"{idx[0]}-{idx[-1]}" if len(idx) > 1 else str(idx[0])
+
+
+def check_kv_written_before_forward(dense_backend: type) -> None:
+    """The sparse path runs instead of the dense forward for its chunks: their keys and values must
+    already be in the cache when forward runs (vLLM writes them first, for these backends)."""
+    if getattr(dense_backend, "forward_includes_kv_cache_update", True):
+        raise RuntimeError(f"vllm-sparse: {dense_backend.__name__} writes the KV cache inside forward; the "
+                           "SPARSE backend needs a vLLM whose attention writes it before (0.26 or later)")
+
+
+def check_block_size(block_size: int, page_size: int, source: str) -> None:
+    if block_size % page_size:
+        raise SparseConfigError(source, [(
+            "block_size",
+            f"selection block_size {block_size} must be a multiple of the KV cache block size {page_size} "
+            f"(vLLM --block-size); use a multiple of {page_size}",
+        )])
+
+
+def kv_cache_problem(vllm_config) -> str | None:
+    dtype = vllm_config.cache_config.cache_dtype
+    if dtype not in ("auto", None) and not str(dtype).startswith(("bfloat16", "float16", "half")):
+        return f"the sparse path reads unquantized KV caches only, not kv_cache_dtype={dtype}"
+    return None
+
+
+def check_head_size(plan, head_size: int) -> None:
+    """On GPUs the sparse kernels take power-of-two head sizes up to 256: others stop the engine at start."""
+    if head_size not in GPU_HEAD_SIZES:
+        raise SparseConfigError(plan.source, [("model", (
+            f"attention head size {head_size}: the sparse GPU kernels take {', '.join(map(str, GPU_HEAD_SIZES))}; "
+            "run this model with a config that keeps its layers dense"))])
+
+
+_warned_split_groups = False
+
+
+def rank_shard(plan, num_heads: int, num_kv_heads: int):
+    """This rank's heads. With a sparse plan, a layout that cannot be sharded, or a layer whose local
+    head counts are not the plan model's split, stops the engine here, at start; a dense plan needs
+    no shard (None)."""
+    global _warned_split_groups
+    if not plan.is_sparse:
+        return None
+    tp = compat.tensor_parallel_size()
+    shard = head_shard(plan.num_q_heads, plan.num_kv_heads, compat.tensor_parallel_rank(), tp, plan.source)
+    if (len(shard.q_heads), len(shard.kv_heads)) != (num_heads, num_kv_heads):
+        raise SparseConfigError(plan.source, [("tensor_parallel_size", (
+            f"an attention layer has {num_heads} query / {num_kv_heads} KV heads on this rank, but the model's "
+            f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
+            f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
+    if shard.splits_groups and not _warned_split_groups:
+        _warned_split_groups = True
+        logger.warning("vllm-sparse: tensor parallelism over %d ranks spreads each GQA group (%d query heads "
+                       "per KV head) over several ranks; each rank's block union covers only its own query "
+                       "heads, so sparse outputs differ from a single GPU's", shard.tp_size, shard.group_size)
+    return shard

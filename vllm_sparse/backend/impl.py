@@ -1,0 +1,89 @@
+"""The attention impl half of SPARSE: per layer, the sparse chunks of a step through
+estimate -> select -> attend, everything else through the dense backend's forward.
+
+`SparseImplMixin` goes in front of a dense backend's impl (`cuda.py`, `cpu.py`), which sets
+`kv_view`: how the sparse path reads that backend's KV cache as pages.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from vllm_sparse import compat
+from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
+from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.backend.reserve import reserve_estimator_workspace
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.log import logger
+
+
+def unsupported_features(arguments: dict) -> list[str]:
+    """What of a layer's attention (the dense impl's constructor arguments) the sparse path lacks."""
+    a = arguments
+    return [why for why, bad in (
+        ("sliding window", a.get("sliding_window") not in (None, -1, (-1, -1))),
+        ("ALiBi", a.get("alibi_slopes") is not None),
+        ("logit soft-capping", a.get("logits_soft_cap") not in (None, 0, 0.0)),
+        ("attention sinks", a.get("sinks") is not None),
+        ("non-decoder attention", str(getattr(a.get("attn_type"), "value", a.get("attn_type")))
+         not in ("decoder", "None")),
+    ) if bad]
+
+
+class SparseImplMixin:
+    kv_view: Callable[[torch.Tensor], PagedKV]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bound = inspect.signature(super().__init__).bind(*args, **kwargs)
+        bound.apply_defaults()
+        self._unsupported = unsupported_features(bound.arguments)
+        # Resolve (and validate) the plan now, at engine start, not on the first request.
+        vllm_config = compat.current_vllm_config()
+        self._plan = plan_for(vllm_config)
+        # Layers the sparse path does not take run dense and need no shard; for the others a head
+        # layout the plan cannot map is an error now.
+        self._shard = None if self._unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
+        if self._shard is not None and torch.cuda.is_available():
+            check_head_size(self._plan, self.head_size)
+            # While vLLM loads the model: counted with the weights, before the KV cache is sized.
+            reserve_estimator_workspace(self._plan, self.num_heads,
+                                        vllm_config.scheduler_config.max_num_batched_tokens,
+                                        vllm_config.model_config.max_model_len,
+                                        torch.device("cuda", torch.cuda.current_device()))
+        self._heads = None  # this layer's per-local-head plans, bound on first use
+
+    def _head_plans(self, layer) -> list | None:
+        if self._heads is None:
+            idx = self._layer_idx = layer_index(layer.layer_name)
+            lp = self._plan.layer(idx)
+            heads = []
+            if lp.is_sparse:
+                if self._unsupported:
+                    logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not "
+                                   "support: it runs dense", idx, layer.layer_name, ", ".join(self._unsupported))
+                else:  # this rank's slice of the layer's heads (plans number heads unsharded)
+                    heads = list(lp.heads_for(self._shard))
+            self._heads = heads if any(h is not None for h in heads) else []
+        return self._heads or None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        batch = getattr(attn_metadata, "sparse_batch", None)  # set only on the sparse metadata class
+        head_plans = self._head_plans(layer) if batch is not None else None
+        if head_plans is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if batch.dense_metadata is not None:
+            idx = batch.dense_tokens
+            sub_out = output[idx]
+            super().forward(layer, query[idx], key[idx] if key is not None else None,
+                            value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
+                            sub_out, *args, **kwargs)
+            output[idx] = sub_out
+        attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
+                             head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
+                             self._layer_idx, dense_below=self._plan.dense_below)
+        return output
