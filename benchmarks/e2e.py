@@ -1,4 +1,4 @@
-"""Time to first token, dense vs SPARSE, in vLLM on one GPU (same run, same vLLM).
+"""Time to first token, dense vs SPARSE, in vLLM on one GPU or several (same run, same vLLM).
 
 A Llama-3.1-8B-shaped model with dummy weights (config written here; a small locally trained
 tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enforce_eager unless
@@ -13,6 +13,12 @@ JSON to --out.
     python benchmarks/e2e.py --out $OUT/e2e.json --lengths 32768,65536,131072 [--graphs]
 
 Also decode tokens/s for a batch of 32 requests at 8K tokens of context (--decode-batch 0 skips it).
+
+--tensor-parallel-size N runs every engine at tensor_parallel_size N (N GPUs; default 1). The
+engine core stays in this process, but at N > 1 vLLM's workers are processes of their own, so the
+peak GPU memory is read from each rank's torch allocator (`peak_gib_per_rank`; `peak_gib` is their
+maximum) and the kept density from each rank's counters (`kept[n]["ranks"]`; `union_mean` is the
+mean over ranks, each rank counting its own heads).
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ def worker(spec: dict) -> dict:
               max_model_len=max(spec["lengths"]) + 64, max_num_batched_tokens=spec["chunk"],
               enable_chunked_prefill=True, enable_prefix_caching=False, gpu_memory_utilization=0.85,
               max_num_seqs=max(8, spec.get("decode_batch") or 0))
+    tp = spec.get("tensor_parallel_size", 1)
+    if tp > 1:  # the workers become processes of their own (collective_rpc pickles the functions below)
+        kw["tensor_parallel_size"] = tp
     if spec["config"]:
         kw.update(attention_backend="sparse", additional_config={"sparse": {"config": spec["config"]}})
     t0 = time.perf_counter()
@@ -92,14 +101,24 @@ def worker(spec: dict) -> dict:
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
             Path(spec["profile_out"]).write_text(table)
             print(table[:6000], flush=True)
-    result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs, "tensor_parallel_size": tp}
+    if tp == 1:  # the workers run in this process: its allocator saw everything
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:  # each rank is a process of its own: ask each allocator
+        result["peak_gib_per_rank"] = [b / 2**30 for b in llm.collective_rpc(_peak_bytes)]
+        result["peak_gib"] = max(result["peak_gib_per_rank"])
     if spec["config"]:
         result["kept"] = kept_density(llm, spec["lengths"], params)
     if spec.get("decode_batch"):
         result["decode_tok_s"] = decode_throughput(llm, spec["decode_batch"], spec["decode_context"],
                                                    spec["decode_tokens"], spec["repeats"])
     return result
+
+
+def _peak_bytes(worker) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated()
 
 
 def _stats_on(worker) -> None:
@@ -120,16 +139,24 @@ def _stats_off(worker) -> dict:
 
 
 def kept_density(llm, lengths: list[int], params) -> dict:
-    """Per length: the share of causal KV blocks kept after union (mean over sparse layers, and per layer)."""
+    """Per length: the share of causal KV blocks kept after union (mean over sparse layers, and per layer).
+    With tensor parallelism each rank counts its own heads: `layers` is rank 0's, `ranks` each rank's
+    mean, and `union_mean` the mean over ranks."""
     out = {}
     for n in lengths:
         ids = torch_randint(n)
         llm.collective_rpc(_stats_on)
         llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
-        layers = llm.collective_rpc(_stats_off)[0]
-        union = [v["union"] for v in layers.values()]
-        out[n] = {"union_mean": sum(union) / len(union) if union else None, "layers": layers}
-        print(f"kept {n}: {out[n]['union_mean']}", flush=True)
+        per_rank = llm.collective_rpc(_stats_off)
+        means = []
+        for layers in per_rank:
+            union = [v["union"] for v in layers.values()]
+            means.append(sum(union) / len(union) if union else None)
+        known = [m for m in means if m is not None]
+        out[n] = {"union_mean": sum(known) / len(known) if known else None, "layers": per_rank[0]}
+        if len(per_rank) > 1:
+            out[n]["ranks"] = means
+        print(f"kept {n}: {out[n]['union_mean']}" + (f" (ranks: {means})" if len(per_rank) > 1 else ""), flush=True)
     return out
 
 
@@ -181,7 +208,9 @@ def run(spec: dict) -> dict:
                 result = json.loads(line[len(MARK):])
                 continue
             tail = (tail + [line])[-60:]
-            if not line.startswith(("INFO", "DEBUG", "(EngineCore")) or "Error" in line:
+            quiet = line.startswith(("INFO", "DEBUG", "(EngineCore")) or (
+                line.startswith("(Worker") and (" INFO " in line or " DEBUG " in line))  # TP > 1: worker processes
+            if not quiet or "Error" in line:
                 print(f"[{label}] {line}", end="", flush=True)
         proc.wait(timeout=spec.get("timeout"))
     except subprocess.TimeoutExpired:
@@ -196,8 +225,12 @@ def run_meta(args) -> dict:
     import torch
     import vllm
 
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
             "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config}
+    meta["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.tensor_parallel_size > 1:
+        meta["devices"] = [torch.cuda.get_device_name(i) for i in range(args.tensor_parallel_size)]
+    return meta
 
 
 def main() -> None:
@@ -208,6 +241,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (tensor_parallel_size)")
     ap.add_argument("--decode-batch", type=int, default=32, help="decode throughput batch (0: skip)")
     ap.add_argument("--decode-context", type=int, default=8192)
     ap.add_argument("--decode-tokens", type=int, default=128)
@@ -224,6 +258,8 @@ def main() -> None:
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",")], "chunk": args.chunk,
             "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
             "decode_context": args.decode_context, "decode_tokens": args.decode_tokens}
+    if args.tensor_parallel_size > 1:
+        base["tensor_parallel_size"] = args.tensor_parallel_size
     prof = {"profile": args.profile, "profile_out": str(Path(args.out).with_suffix(".profile.txt"))}
     if args.only:
         result = run({**base, **prof, "config": None if args.only == "dense" else args.config})
@@ -249,15 +285,17 @@ def main() -> None:
             results["sparse"][cfg] = {"error": str(e)}
         save()
     dense = results["dense"]
-    print(f"\n{meta['device']}  vLLM {meta['vllm']}  torch {meta['torch']}  "
-          f"{'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
-    print(f"dense: start-up {dense['startup_s']:.1f} s, peak {dense['peak_gib']:.1f} GiB")
+    tp = args.tensor_parallel_size
+    print(f"\n{meta['device']}{f' x{tp}, tensor_parallel_size {tp}' if tp > 1 else ''}  vLLM {meta['vllm']}  "
+          f"torch {meta['torch']}  {'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
+    peak = "peak" if tp == 1 else "peak (largest rank)"
+    print(f"dense: start-up {dense['startup_s']:.1f} s, {peak} {dense['peak_gib']:.1f} GiB")
     for cfg, sparse in results["sparse"].items():
         print(f"\n{cfg}")
         if "error" in sparse:
             print(f"  failed: {sparse['error']}")
             continue
-        print(f"  start-up {sparse['startup_s']:.1f} s, peak {sparse['peak_gib']:.1f} GiB")
+        print(f"  start-up {sparse['startup_s']:.1f} s, {peak} {sparse['peak_gib']:.1f} GiB")
         print(f"  {'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9} {'kept':>6}")
         for n in base["lengths"]:
             d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]

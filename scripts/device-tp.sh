@@ -1,0 +1,83 @@
+#!/bin/bash
+# Issue 14 on a two-GPU device machine (nvidia-h100-x2), once vLLM 0.26.0 is staged in /tmp/site
+# (../shared/device/README.md: three calls, the last also runs .stage/bin/unpack.sh).
+#
+#   bash scripts/device-tp.sh SECONDS STEP...     (run from the checkout's root; call carries .whl)
+#
+# Steps, in the order given, each skipped when already done on this warm machine (/tmp/tp-done) or
+# when fewer seconds are left of SECONDS than it needs (so the same command can be sent again):
+#   tests  GPU tests: kernels (GPU 1) beside the one-GPU engine test (GPU 0), then the TP=2 test
+#   serve  benchmarks/serve_tp_check.py: vllm serve at TP=2, a 64K completion, both ranks sparse
+#   e2e2   benchmarks/e2e.py at --tensor-parallel-size 2 (dense, shipped plan, 10% plan)
+#   e2e1   the same at --tensor-parallel-size 1 (GPU 0)
+# Logs and JSON go to $OUT (tee'd, so a killed command still returns them).
+set -o pipefail
+budget=${1:?seconds}; shift
+start=$(date +%s)
+left() { echo $((budget - ($(date +%s) - start))); }
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tp-done
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# NVLink multicast stays off (device KINDS.md); vLLM 0.26's all-reduce would otherwise try torch
+# symmetric memory (multimem) first, so it is switched off here and vLLM uses its custom all-reduce / NCCL.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
+  VLLM_ALLREDUCE_USE_FLASHINFER=0
+
+if [ ! -f /tmp/site/.pydantic-installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.pydantic-installed || { echo "pydantic wheels: install failed"; exit 1; }
+fi
+if ! python3 -c "import vllm_sparse, sys; sys.exit(not vllm_sparse.__file__.startswith('$PWD/'))" 2>/dev/null; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+fi
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, vllm, vllm_sparse; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'gpus', torch.cuda.device_count())"
+
+step() {  # step NAME NEEDED_SECONDS COMMAND...
+  local name=$1 need=$2; shift 2
+  if [ -f /tmp/tp-done/$name ]; then echo "== $name: done in an earlier call"; return; fi
+  local l=$(left)
+  if [ "$l" -lt "$need" ]; then echo "== $name: skipped, $l s left < $need s"; return; fi
+  echo "== $name: start ($l s left) $(date -u +%T)"
+  local t0=$(date +%s)
+  "$@"; local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
+  touch /tmp/tp-done/$name  # run once, pass or fail: its output came back with this call
+}
+
+tests() {
+  local l=$(( $(left) - 10 ))
+  ( CUDA_VISIBLE_DEVICES=1 timeout $l python3 -m pytest -q -s -rfE tests/test_sparse_kernel.py tests/test_row_scores.py \
+      tests/test_selection_kernels.py tests/test_plugin.py > /tmp/tests_kernels.log 2>&1; echo "exit $?" >> /tmp/tests_kernels.log ) &
+  CUDA_VISIBLE_DEVICES=0 timeout $l python3 -m pytest -q -s -rfE tests/test_engine_gpu.py 2>&1 | tee /tmp/tests_engine_gpu.log
+  echo "exit $?" >> /tmp/tests_engine_gpu.log
+  wait
+  echo "---- kernels (GPU 1):"; tail -25 /tmp/tests_kernels.log
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE -o faulthandler_timeout=300 tests/test_engine_tp.py 2>&1 \
+    | tee /tmp/tests_engine_tp.log
+  echo "exit $?" >> /tmp/tests_engine_tp.log
+  for f in kernels engine_gpu engine_tp; do echo "######## tests_$f"; cat /tmp/tests_$f.log; done > "$OUT/gpu_tests.log"
+}
+
+serve() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 2 --tokens 65536 --out "$OUT/serve_tp2.json" \
+    --log "$OUT/serve_tp2.log" --startup-timeout 300
+}
+
+e2e() {  # e2e TP
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --tensor-parallel-size $1 --lengths 32768,65536,131072 \
+    --decode-batch 0 --extra-config benchmarks/configs/llama-3-8b-antidiagonal-10.yaml \
+    --out "$OUT/e2e_tp$1.json" 2>&1 | tee "$OUT/e2e_tp$1.log"
+}
+e2e1() { ( export CUDA_VISIBLE_DEVICES=0; e2e 1 ); }
+e2e2() { e2e 2; }
+
+for s in "$@"; do
+  case $s in
+    tests) step tests 300 tests ;;
+    serve) step serve 200 serve ;;
+    e2e2) step e2e2 280 e2e2 ;;
+    e2e1) step e2e1 240 e2e1 ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+echo "== end: $(left) s left of $budget"
