@@ -26,7 +26,8 @@ if [ ! -f /tmp/site/.pydantic-installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.pydantic-installed || { echo "pydantic wheels: install failed"; exit 1; }
 fi
-if ! python3 -c "import vllm_sparse, sys; sys.exit(not vllm_sparse.__file__.startswith('$PWD/'))" 2>/dev/null; then
+# (import vllm_sparse would succeed from the checkout's root without an install: ask for the entry point)
+if ! (cd /tmp && python3 -c "import sys; from importlib.metadata import entry_points as e; sys.exit(not [p for p in e(group='vllm.general_plugins') if p.value == 'vllm_sparse.plugin:register'])"); then
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 fi
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
@@ -42,6 +43,23 @@ step() {  # step NAME NEEDED_SECONDS COMMAND...
   "$@"; local rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
   touch /tmp/tp-done/$name  # run once, pass or fail: its output came back with this call
+}
+
+tptest() {  # tests/test_engine_tp.py on both GPUs
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE -o faulthandler_timeout=200 tests/test_engine_tp.py 2>&1 \
+    | tee "$OUT/tests_engine_tp.log"; echo "exit $?" >> "$OUT/tests_engine_tp.log"
+}
+gputest() {  # the one-GPU engine test and the plugin tests
+  CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE tests/test_engine_gpu.py tests/test_plugin.py \
+    2>&1 | tee "$OUT/tests_engine_gpu.log"; echo "exit $?" >> "$OUT/tests_engine_gpu.log"
+}
+e2equick() {  # 128K only, dense vs the 10% plan, TP=2 then TP=1 (same machine)
+  for tp in 2 1; do
+    ( [ $tp = 1 ] && export CUDA_VISIBLE_DEVICES=0
+      timeout $(( $(left) - 3 )) python3 benchmarks/e2e.py --tensor-parallel-size $tp --lengths 131072 --decode-batch 0 \
+        --config benchmarks/configs/llama-3-8b-antidiagonal-10.yaml --out "$OUT/e2e_tp${tp}_128k.json" 2>&1 \
+        | grep -v "^\[.*\] \(WARNING\|INFO\)" | tee "$OUT/e2e_tp${tp}_128k.log" )
+  done
 }
 
 tests() {
@@ -74,6 +92,9 @@ e2e2() { e2e 2; }
 for s in "$@"; do
   case $s in
     tests) step tests 300 tests ;;
+    tptest) step tptest 150 tptest ;;
+    gputest) step gputest 120 gputest ;;
+    e2equick) step e2equick 150 e2equick ;;
     serve) step serve 200 serve ;;
     e2e2) step e2e2 280 e2e2 ;;
     e2e1) step e2e1 240 e2e1 ;;
