@@ -19,6 +19,7 @@ from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
+from vllm_sparse.metrics.worker import worker_metrics
 
 
 def unsupported_features(arguments: dict) -> list[str]:
@@ -56,6 +57,7 @@ class SparseImplMixin:
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
         self._heads = None  # this layer's per-local-head plans, bound on first use
+        self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
 
     def _head_plans(self, layer) -> list | None:
         if self._heads is None:
@@ -83,7 +85,9 @@ class SparseImplMixin:
                             value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
                             sub_out, *args, **kwargs)
             output[idx] = sub_out
+        if self._metrics is False:
+            self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
                              head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
-                             self._layer_idx, dense_below=self._plan.dense_below)
+                             self._layer_idx, dense_below=self._plan.dense_below, metrics=self._metrics)
         return output
