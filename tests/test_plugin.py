@@ -128,3 +128,30 @@ def test_backend_declares_what_it_supports(monkeypatch):
     checks.check_head_size(sparse_plan, 128)
     with pytest.raises(SparseConfigError, match="model: attention head size 96: the sparse GPU kernels take"):
         checks.check_head_size(sparse_plan, 96)
+
+
+def test_layers_the_sparse_path_cannot_take_are_named_at_start(caplog):
+    """A layer the plan makes sparse whose attention has a sliding window (say) runs dense, and the
+    metadata builder says so when the engine starts, not at the first long prompt."""
+    import logging
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_sparse.backend.checks import warn_dense_layers
+    from vllm_sparse.backend.impl import unsupported_features
+
+    def layer(**attention_args):
+        a = Attention.__new__(Attention)  # only .impl is read
+        object.__setattr__(a, "impl", SimpleNamespace(unsupported=unsupported_features(attention_args)))
+        return a
+
+    names = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn", "model.layers.2.self_attn.attn"]
+    context = dict(zip(names, [layer(sliding_window=512), layer(), layer(alibi_slopes=[1.0])]))
+    vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=context))
+    plan = SimpleNamespace(layer=lambda i: SimpleNamespace(is_sparse=i < 2))  # layer 2 is dense anyway
+    with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
+        warn_dense_layers(vllm_config, names, plan)
+    lines = [r.getMessage() for r in caplog.records if "sparse path does not support" in r.getMessage()]
+    assert lines == ["vllm-sparse: layer 0 (model.layers.0.self_attn.attn) has sliding window, which the sparse "
+                     "path does not support: it runs dense"]

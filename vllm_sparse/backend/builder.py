@@ -14,7 +14,13 @@ import torch
 
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
-from vllm_sparse.backend.checks import check_block_size, kv_cache_problem, layer_index, layer_span
+from vllm_sparse.backend.checks import (
+    check_block_size,
+    kv_cache_problem,
+    layer_index,
+    layer_span,
+    warn_dense_layers,
+)
 from vllm_sparse.backend.kernel_choice import check_kernel_choice
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up
@@ -66,6 +72,8 @@ class SparseBuilderMixin:
             if why:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
                 self._has_sparse_layer = False
+            else:
+                warn_dense_layers(vllm_config, layer_names, self._plan)
         if self._has_sparse_layer and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
         # One builder per process counts prefill tokens (a model with several KV cache groups builds
