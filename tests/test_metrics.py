@@ -94,10 +94,25 @@ def test_collector_sums_live_workers_and_skips_dead_ones(metrics_dir):
     assert s[("vllm_sparse:prefill_tokens_total", (("path", "sparse"), ("rank", "0")))] == 20
 
 
-def test_the_first_process_serves_and_its_children_write(monkeypatch):
-    monkeypatch.delenv(paths.DIR_ENV, raising=False)
+def _claim_in_child(queue):
+    queue.put((paths.claim_metrics_dir(), os.environ.get(paths.DIR_ENV)))
+
+
+def test_a_top_level_process_serves_and_its_workers_write(monkeypatch):
+    """A top-level process (vllm serve, a script) makes its own directory, also when it inherited one
+    from whoever started it; processes it starts through multiprocessing (vLLM's engine core and
+    workers) write into that one."""
+    import multiprocessing
+
+    monkeypatch.setenv(paths.DIR_ENV, "/inherited/from/a/parent")
+    monkeypatch.setattr(paths, "_claimed_by", None)
     assert paths.claim_metrics_dir()
     made = os.environ[paths.DIR_ENV]
-    assert os.path.isdir(made)
-    assert not paths.claim_metrics_dir()  # a worker started by this process inherits the directory
-    assert os.environ[paths.DIR_ENV] == made
+    assert made != "/inherited/from/a/parent" and os.path.isdir(made)
+    assert not paths.claim_metrics_dir()  # once per process
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_claim_in_child, args=(queue,))
+    child.start()
+    assert queue.get(timeout=120) == (False, made)
+    child.join()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -13,12 +14,19 @@ ESTIMATION_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2
 LAYER_GROUP = 8  # kept density is reported per group of this many consecutive layers
 
 
+_claimed_by: int | None = None
+
+
 def claim_metrics_dir() -> bool:
-    """In the first process that loads the plugin (the API server, or the script that makes an
-    LLM), make the snapshot directory; the engine and worker processes it starts inherit the
-    variable. True when this process made it (it serves the metrics and removes the directory)."""
-    if os.environ.get(DIR_ENV):
+    """In a process that no multiprocessing parent started (the API server, or the script that makes
+    an LLM), make a new snapshot directory; the engine and worker processes it starts inherit the
+    variable. A `vllm serve` started from another such process (a script, a test) gets its own
+    rather than its parent's. True when this process made it (it serves the metrics and removes
+    the directory)."""
+    global _claimed_by
+    if _claimed_by == os.getpid() or (multiprocessing.parent_process() is not None and os.environ.get(DIR_ENV)):
         return False
+    _claimed_by = os.getpid()
     path = tempfile.mkdtemp(prefix="vllm-sparse-metrics-")
     os.environ[DIR_ENV] = path
     owner = os.getpid()
