@@ -139,7 +139,10 @@ class WorkerMetrics:
         return self._last_acc
 
     def snapshot(self) -> dict:
-        if self._cuda:
+        if self._cuda and (self._pending or self._dirty):
+            # The current device is per thread; set it only once a sparse step has run, so that no
+            # CUDA call comes from this thread while vLLM captures its graphs at start.
+            torch.cuda.set_device(self.device)
             self._drain_timings()
         acc = self._read_device()
         g, nb = self._groups, self._nb
@@ -165,8 +168,6 @@ class WorkerMetrics:
         self._written = snap
 
     def _run(self) -> None:
-        if self._cuda:  # the current device is per thread: this one's must be the worker's
-            torch.cuda.set_device(self.device)
         while True:
             time.sleep(INTERVAL_S)
             try:
