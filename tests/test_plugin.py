@@ -63,16 +63,24 @@ def test_cpu_hook_changes_only_the_sparse_selection():
 
 
 def test_sparse_backend_subclasses_the_platform_backend():
+    """SPARSE is the platform's dense backend (FlashAttention on CUDA, the CPU backend on CPUs) with
+    the sparse path in front: vLLM's isinstance checks and block-size answers hold."""
     register()
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+    if torch.cuda.is_available():
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as Dense
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl as DenseImpl
+    else:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as Dense
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl as DenseImpl
 
     backend = compat.attention_backend_enum()["SPARSE"].get_class()
-    assert issubclass(backend, CPUAttentionBackend)
-    assert issubclass(backend.get_impl_cls(), CPUAttentionBackendImpl)  # vLLM's isinstance checks hold
+    assert issubclass(backend, Dense)
+    assert issubclass(backend.get_impl_cls(), DenseImpl)
+
     def sizes(b):  # MultipleOf(16) objects compare by identity in some releases: compare their fields
         return [vars(x) if hasattr(x, "__dict__") else x for x in b.get_supported_kernel_block_sizes()]
 
-    assert sizes(backend) == sizes(CPUAttentionBackend)
+    assert sizes(backend) == sizes(Dense)
 
 
 def test_sparse_backend_classes_are_module_level():
@@ -82,21 +90,22 @@ def test_sparse_backend_classes_are_module_level():
     import importlib
 
     register()
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
-
-    from vllm_sparse.backend import cpu
     from vllm_sparse.backend.batch import SparseBatch
     from vllm_sparse.backend.builder import with_sparse_batch
 
     backend = compat.attention_backend_enum()["SPARSE"].get_class()
     for cls in (backend, backend.get_impl_cls(), backend.get_builder_cls()):
         assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
-    dense_md = CPUAttentionMetadata(5, 5, torch.tensor([0, 5]), 5, torch.tensor([5]), torch.zeros(1, 2),
-                                    torch.arange(5), None)
+    sparse_md_cls = backend.get_builder_cls().metadata_cls
+    dense_md_cls = sparse_md_cls.__mro__[1]  # the platform's metadata dataclass
+    assert dataclasses.is_dataclass(dense_md_cls)
+    assert "sparse_batch" in {f.name for f in dataclasses.fields(sparse_md_cls)}
+    dense_md = dense_md_cls.__new__(dense_md_cls)
+    dense_md.__dict__.update(num_actual_tokens=5, max_query_len=5, query_start_loc=torch.tensor([0, 5]))
     batch = SparseBatch((), None, None)
-    md = with_sparse_batch(cpu.SparseCPUAttentionMetadata, dense_md, batch)
-    assert isinstance(md, CPUAttentionMetadata) and md.sparse_batch is batch
-    assert {f.name: getattr(md, f.name) for f in dataclasses.fields(dense_md)} == vars(dense_md)
+    md = with_sparse_batch(sparse_md_cls, dense_md, batch)
+    assert isinstance(md, dense_md_cls) and md.sparse_batch is batch
+    assert {k: getattr(md, k) for k in vars(dense_md)} == vars(dense_md)
 
 
 def test_backend_declares_what_it_supports(monkeypatch):
