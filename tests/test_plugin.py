@@ -63,16 +63,24 @@ def test_cpu_hook_changes_only_the_sparse_selection():
 
 
 def test_sparse_backend_subclasses_the_platform_backend():
+    """SPARSE is the platform's dense backend (FlashAttention on CUDA, the CPU backend on CPUs) with
+    the sparse path in front: vLLM's isinstance checks and block-size answers hold."""
     register()
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+    if torch.cuda.is_available():
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as Dense
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl as DenseImpl
+    else:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as Dense
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl as DenseImpl
 
     backend = compat.attention_backend_enum()["SPARSE"].get_class()
-    assert issubclass(backend, CPUAttentionBackend)
-    assert issubclass(backend.get_impl_cls(), CPUAttentionBackendImpl)  # vLLM's isinstance checks hold
+    assert issubclass(backend, Dense)
+    assert issubclass(backend.get_impl_cls(), DenseImpl)
+
     def sizes(b):  # MultipleOf(16) objects compare by identity in some releases: compare their fields
         return [vars(x) if hasattr(x, "__dict__") else x for x in b.get_supported_kernel_block_sizes()]
 
-    assert sizes(backend) == sizes(CPUAttentionBackend)
+    assert sizes(backend) == sizes(Dense)
 
 
 def test_sparse_backend_classes_are_module_level():
@@ -82,21 +90,22 @@ def test_sparse_backend_classes_are_module_level():
     import importlib
 
     register()
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
-
-    from vllm_sparse.backend import cpu
     from vllm_sparse.backend.batch import SparseBatch
     from vllm_sparse.backend.builder import with_sparse_batch
 
     backend = compat.attention_backend_enum()["SPARSE"].get_class()
     for cls in (backend, backend.get_impl_cls(), backend.get_builder_cls()):
         assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
-    dense_md = CPUAttentionMetadata(5, 5, torch.tensor([0, 5]), 5, torch.tensor([5]), torch.zeros(1, 2),
-                                    torch.arange(5), None)
+    sparse_md_cls = backend.get_builder_cls().metadata_cls
+    dense_md_cls = sparse_md_cls.__mro__[1]  # the platform's metadata dataclass
+    assert dataclasses.is_dataclass(dense_md_cls)
+    assert "sparse_batch" in {f.name for f in dataclasses.fields(sparse_md_cls)}
+    dense_md = dense_md_cls.__new__(dense_md_cls)
+    dense_md.__dict__.update(num_actual_tokens=5, max_query_len=5, query_start_loc=torch.tensor([0, 5]))
     batch = SparseBatch((), None, None)
-    md = with_sparse_batch(cpu.SparseCPUAttentionMetadata, dense_md, batch)
-    assert isinstance(md, CPUAttentionMetadata) and md.sparse_batch is batch
-    assert {f.name: getattr(md, f.name) for f in dataclasses.fields(dense_md)} == vars(dense_md)
+    md = with_sparse_batch(sparse_md_cls, dense_md, batch)
+    assert isinstance(md, dense_md_cls) and md.sparse_batch is batch
+    assert {k: getattr(md, k) for k in vars(dense_md)} == vars(dense_md)
 
 
 def test_backend_declares_what_it_supports(monkeypatch):
@@ -128,3 +137,30 @@ def test_backend_declares_what_it_supports(monkeypatch):
     checks.check_head_size(sparse_plan, 128)
     with pytest.raises(SparseConfigError, match="model: attention head size 96: the sparse GPU kernels take"):
         checks.check_head_size(sparse_plan, 96)
+
+
+def test_layers_the_sparse_path_cannot_take_are_named_at_start(caplog):
+    """A layer the plan makes sparse whose attention has a sliding window (say) runs dense, and the
+    metadata builder says so when the engine starts, not at the first long prompt."""
+    import logging
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_sparse.backend.checks import warn_dense_layers
+    from vllm_sparse.backend.impl import unsupported_features
+
+    def layer(**attention_args):
+        a = Attention.__new__(Attention)  # only .impl is read
+        object.__setattr__(a, "impl", SimpleNamespace(unsupported=unsupported_features(attention_args)))
+        return a
+
+    names = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn", "model.layers.2.self_attn.attn"]
+    context = dict(zip(names, [layer(sliding_window=512), layer(), layer(alibi_slopes=[1.0])]))
+    vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=context))
+    plan = SimpleNamespace(layer=lambda i: SimpleNamespace(is_sparse=i < 2))  # layer 2 is dense anyway
+    with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
+        warn_dense_layers(vllm_config, names, plan)
+    lines = [r.getMessage() for r in caplog.records if "sparse path does not support" in r.getMessage()]
+    assert lines == ["vllm-sparse: layer 0 (model.layers.0.self_attn.attn) has sliding window, which the sparse "
+                     "path does not support: it runs dense"]

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 
 def register() -> None:
-    """Register the SPARSE attention backend; idempotent."""
+    """Register the SPARSE attention backend; idempotent. The first process to load the plugin
+    (the API server) also serves the sparse path's metrics, which its workers write."""
+    import os
+
     from vllm_sparse import compat
+    from vllm_sparse.metrics.paths import DIR_ENV, claim_metrics_dir
 
     compat.register_attention_backend()
     compat.install_cpu_platform_hook()
+    if claim_metrics_dir():
+        from vllm_sparse.metrics.collector import register_collector
+
+        register_collector(os.environ[DIR_ENV])

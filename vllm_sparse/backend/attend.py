@@ -29,8 +29,10 @@ def mask_kv_heads(mask: torch.Tensor, kv_head_of: torch.Tensor, num_kv_heads: in
 
 
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
-                             output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int) -> None:
+                             output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
+    Returns (KV pages read, causal KV pages) summed over the tiles and KV heads, on the device.
 
     Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
     tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
@@ -52,20 +54,23 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
                                             max_pages)
         sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
                              max_q, ctx.scale, out)
-        return
+        return counts.sum(), ((seq_lens + kv.page_size - 1) // kv.page_size).sum() * num_kv
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(num_kv)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv, nkb), bs,
                                              kv.page_size, num_pages)
     rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
     sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
                            max_query_len=max_q, block_table_rows=rows_bt)
+    return indptr[-1], num_pages.sum()
 
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
-                           output: torch.Tensor, block_table: torch.Tensor, layer: int) -> None:
-    """The exact torch path, one union tile at a time (CPU, and the dense audit)."""
+                           output: torch.Tensor, block_table: torch.Tensor, layer: int) -> tuple[int, int]:
+    """The exact torch path, one union tile at a time (CPU, and the dense audit). Returns (KV pages
+    read, causal KV pages) summed over the tiles and KV heads."""
     kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
     num_kv = kv.num_kv_heads
+    kept = causal = 0
     for r0 in range(0, ctx.num_query_blocks, tile):
         rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
         union = union_blocks(mask[:, rows], mask_kv_heads(mask, ctx.kv_head_of, num_kv), num_kv)
@@ -77,9 +82,12 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
         page_lists = [blocks_to_pages(torch.nonzero(union[h]).flatten(), block_size, kv.page_size, seq_len)
                       for h in range(num_kv)]
         indptr = torch.tensor([0] + [len(p) for p in page_lists]).cumsum(0)
+        kept += int(indptr[-1])
+        causal += num_kv * -(-seq_len // kv.page_size)
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
         _, lse = sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale,
                                             out=output[tokens], return_lse=True)
         if STATS.enabled:
             record_with_audit(layer, ctx, mask[:, rows], union, rows, query[tokens], output[tokens], lse, args,
                               scale)
+    return kept, causal

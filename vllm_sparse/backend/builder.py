@@ -14,11 +14,18 @@ import torch
 
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
-from vllm_sparse.backend.checks import check_block_size, kv_cache_problem, layer_index, layer_span
+from vllm_sparse.backend.checks import (
+    check_block_size,
+    kv_cache_problem,
+    layer_index,
+    layer_span,
+    warn_dense_layers,
+)
 from vllm_sparse.backend.kernel_choice import check_kernel_choice
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up
 from vllm_sparse.log import logger
+from vllm_sparse.metrics.worker import worker_metrics
 
 # VLLM_SPARSE_LOG_STEPS=1: one log line per step (per layer group) that sends chunks to the sparse path,
 # from host data the builder has anyway: a way to see that a request went sparse.
@@ -32,6 +39,16 @@ def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):
     md.__dict__.update(vars(dense_md))
     md.sparse_batch = batch
     return md
+
+
+def count_prefill_tokens(metrics, cm, chunks) -> None:
+    """Prefill tokens of the step (requests with more than one query token) by path, from host data."""
+    qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+    q_lens = qsl[1:] - qsl[:-1]
+    prefill = int(q_lens[q_lens > 1].sum())
+    if prefill:
+        sparse = sum(c.q_end - c.q_start for c in chunks)
+        metrics.count_step(sparse, prefill - sparse, len(chunks))
 
 
 class SparseBuilderMixin:
@@ -55,8 +72,14 @@ class SparseBuilderMixin:
             if why:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
                 self._has_sparse_layer = False
+            else:
+                warn_dense_layers(vllm_config, layer_names, self._plan)
         if self._has_sparse_layer and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
+        # One builder per process counts prefill tokens (a model with several KV cache groups builds
+        # each step once per group).
+        metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if self._has_sparse_layer else None
+        self._metrics = metrics if metrics is not None and metrics.claim_step_counting() else None
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
@@ -74,6 +97,8 @@ class SparseBuilderMixin:
             return md
         chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
                                                     min_query_len=self._plan.min_query_tokens)
+        if self._metrics is not None:
+            count_prefill_tokens(self._metrics, common_attn_metadata, chunks)
         if not chunks:
             return md
         if _LOG_STEPS:

@@ -54,6 +54,19 @@ def check_head_size(plan, head_size: int) -> None:
             "run this model with a config that keeps its layers dense"))])
 
 
+def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> None:
+    """At start, one line per layer the plan makes sparse whose attention has features the sparse path
+    lacks (sliding window, ALiBi, ...): those layers run dense."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
+        why = getattr(layer.impl, "unsupported", None)
+        if why and plan.layer(layer_index(name)).is_sparse:
+            logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not support: it "
+                           "runs dense", layer_index(name), name, ", ".join(why))
+
+
 _warned_split_groups = False
 
 

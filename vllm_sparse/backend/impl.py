@@ -18,7 +18,7 @@ from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.kernels.paged import PagedKV
-from vllm_sparse.log import logger
+from vllm_sparse.metrics.worker import worker_metrics
 
 
 def unsupported_features(arguments: dict) -> list[str]:
@@ -41,13 +41,13 @@ class SparseImplMixin:
         super().__init__(*args, **kwargs)
         bound = inspect.signature(super().__init__).bind(*args, **kwargs)
         bound.apply_defaults()
-        self._unsupported = unsupported_features(bound.arguments)
+        self.unsupported = unsupported_features(bound.arguments)  # read by checks.warn_dense_layers
         # Resolve (and validate) the plan now, at engine start, not on the first request.
         vllm_config = compat.current_vllm_config()
         self._plan = plan_for(vllm_config)
         # Layers the sparse path does not take run dense and need no shard; for the others a head
         # layout the plan cannot map is an error now.
-        self._shard = None if self._unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
+        self._shard = None if self.unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)
             # While vLLM loads the model: counted with the weights, before the KV cache is sized.
@@ -56,6 +56,7 @@ class SparseImplMixin:
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
         self._heads = None  # this layer's per-local-head plans, bound on first use
+        self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
 
     def _head_plans(self, layer) -> list | None:
         if self._heads is None:
@@ -63,11 +64,8 @@ class SparseImplMixin:
             lp = self._plan.layer(idx)
             heads = []
             if lp.is_sparse:
-                if self._unsupported:
-                    logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not "
-                                   "support: it runs dense", idx, layer.layer_name, ", ".join(self._unsupported))
-                else:  # this rank's slice of the layer's heads (plans number heads unsharded)
-                    heads = list(lp.heads_for(self._shard))
+                if not self.unsupported:  # (else dense: the builder said so at start)
+                    heads = list(lp.heads_for(self._shard))  # this rank's slice (plans number heads unsharded)
             self._heads = heads if any(h is not None for h in heads) else []
         return self._heads or None
 
@@ -83,7 +81,9 @@ class SparseImplMixin:
                             value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
                             sub_out, *args, **kwargs)
             output[idx] = sub_out
+        if self._metrics is False:
+            self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
                              head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
-                             self._layer_idx, dense_below=self._plan.dense_below)
+                             self._layer_idx, dense_below=self._plan.dense_below, metrics=self._metrics)
         return output

@@ -18,6 +18,7 @@ from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.metrics.worker import WorkerMetrics
 from vllm_sparse.selection.budget import select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
 from vllm_sparse.selection.stats import STATS
@@ -103,6 +104,7 @@ def attend_sparse_chunks(
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
+    metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
@@ -114,9 +116,14 @@ def attend_sparse_chunks(
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
+        timer = metrics.start_timer() if metrics is not None else None
         mask = dense_rows_below(chunk_block_mask(ctx, head_plans), ctx, dense_below)
+        if metrics is not None:
+            metrics.stop_timer(timer)
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
-            attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer)
+            pages = attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer)
         else:
-            attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer)
+            pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer)
+        if metrics is not None:
+            metrics.record_density(layer, *pages)
