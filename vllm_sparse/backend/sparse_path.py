@@ -71,12 +71,27 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
                            chunk.context_len, chunk.block_size, chunk.scale, kv_ids, chunk.kernels)
         scores = get_estimator(plan.estimator).score(sub, plan.params)
-        groups = sub._groups  # heads of this plan in equal consecutive groups per KV head, if they are
-        if plan.budget.share == "group" and groups is not None and groups[1] > 1:
-            kept = select(group_mean_scores(scores, groups[1]), plan.budget, chunk.first_query_block)
-            mask[idx] = kept.repeat_interleave(groups[1], dim=0)
+        if plan.budget.share == "group":
+            mask[idx] = select_per_kv_head(scores, sub.host_kv_head_ids(), plan.budget, select,
+                                           chunk.first_query_block)
         else:
             mask[idx] = select(scores, plan.budget, chunk.first_query_block)
+    return mask
+
+
+def select_per_kv_head(scores: torch.Tensor, kv_ids: list[int], budget, select, first_query_block: int
+                       ) -> torch.Tensor:
+    """`share: group` for one plan's heads: the heads of each KV head select once, from their mean mass,
+    also when head rules give the plan a different number of each group's heads (so a group's pick
+    does not depend on which other groups the plan covers)."""
+    members = [[h for h, k in enumerate(kv_ids) if k == g] for g in dict.fromkeys(kv_ids)]
+    n = len(members[0])
+    if all(m == list(range(i * n, (i + 1) * n)) for i, m in enumerate(members)):  # equal groups: one selection
+        return select(group_mean_scores(scores, n), budget, first_query_block).repeat_interleave(n, 0)
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for m in members:
+        idx = torch.tensor(m, device=scores.device)
+        mask[idx] = select(group_mean_scores(scores[idx], len(m)), budget, first_query_block).expand(len(m), -1, -1)
     return mask
 
 
