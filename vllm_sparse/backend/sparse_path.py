@@ -14,6 +14,7 @@ import torch
 from vllm_sparse.backend.attend import attend_chunk_reference, attend_chunk_with_kernel
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.backend.kernel_choice import selected_kernel
+from vllm_sparse.backend.split_groups import SplitGroup, per_q_head
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
@@ -95,6 +96,18 @@ def select_per_kv_head(scores: torch.Tensor, kv_ids: list[int], budget, select, 
     return mask
 
 
+def kept_blocks(ctx: ChunkContext, head_plans: list[HeadPlan | None], split: SplitGroup | None = None
+                ) -> torch.Tensor:
+    """The chunk's kept-block mask (`chunk_block_mask`); where the rank's GQA group spans ranks, the
+    whole group's, a row per q head of the group, as one device selects for that KV head."""
+    if split is None:
+        return chunk_block_mask(ctx, head_plans)
+    if split.share_queries:
+        group = split.group_context(ctx)
+        return per_q_head(chunk_block_mask(group, list(split.plans)), group.q.shape[1])
+    return split.gather_masks(chunk_block_mask(ctx, head_plans), ctx.q.shape[1])
+
+
 def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) -> torch.Tensor:
     """Keep every causal block in the query blocks whose tokens all have fewer than `dense_below` tokens
     of context (their own included): a token attends densely or sparsely by its position, not by
@@ -118,6 +131,7 @@ def attend_sparse_chunks(
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
+    split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
@@ -129,7 +143,7 @@ def attend_sparse_chunks(
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
-        mask = dense_rows_below(chunk_block_mask(ctx, head_plans), ctx, dense_below)
+        mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below)
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
             attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer)
