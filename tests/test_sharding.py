@@ -259,3 +259,27 @@ def test_a_layout_that_cannot_be_sharded_stops_the_engine_at_start(monkeypatch):
     with pytest.raises(SparseConfigError, match="tensor_parallel_size=2 give 6 / 2"):
         rank_shard(plan, 4, 1)  # e.g. a draft model's layer: not this plan's heads
     assert rank_shard(SparsePlan.dense(shape, "x", "dense"), 4, 1) is None
+
+
+def test_stats_on_a_rank_of_a_split_group_count_what_one_device_counts_for_its_kv_head():
+    """A rank of a split group holds half the group's q heads but the group's mask (a row per q head of
+    the group): its counters are one device's for that KV head, not half of them or double."""
+    from vllm_sparse.backend.stats_record import record_density
+    from vllm_sparse.selection.stats import STATS
+    from vllm_sparse.selection.union import union_blocks
+
+    b = random_paged_batch((900,), (600,), 4, 1, 32, 16, seed=5)
+    full = ChunkContext(b.q[:600], torch.zeros(4, dtype=torch.long), b.kv, b.block_table[0], 300, 32, 1.0)
+    rank0 = ChunkContext(b.q[:600, :2], torch.zeros(2, dtype=torch.long), b.kv, b.block_table[0], 300, 32, 1.0)
+    rows = slice(0, full.num_query_blocks)
+    mask = (torch.rand(4, full.num_query_blocks, full.num_kv_blocks, generator=torch.Generator().manual_seed(0))
+            < 0.3) & full.causal_block_mask()
+    union = union_blocks(mask, torch.zeros(4, dtype=torch.long), 1)
+    STATS.reset()
+    try:
+        record_density(0, full, mask, union, rows)
+        record_density(1, rank0, mask, union, rows)
+        one, split = STATS.snapshot()[0], STATS.snapshot()[1]
+    finally:
+        STATS.reset()
+    assert one == split and one.requested_total == 4 * int(full.causal_block_mask().sum())
