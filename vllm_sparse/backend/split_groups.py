@@ -60,7 +60,7 @@ class SplitGroup:
 
     def group_context(self, ctx: ChunkContext) -> ChunkContext:
         """The chunk seen with the queries of every q head of the group (one KV head, held here)."""
-        q = self.all_gather(ctx.q, 1)[:, self._group_slice(ctx.q.shape[1])]
+        q = self.all_gather(ctx.q, 1)[:, self._group_slice(ctx.q.shape[1])].contiguous()
         n = q.shape[1]
         return ChunkContext(q, torch.zeros(n, dtype=torch.long, device=q.device), ctx.kv, ctx.block_table,
                             ctx.context_len, ctx.block_size, ctx.scale, (0,) * n, ctx.kernels)
