@@ -281,3 +281,23 @@ def test_group_share_budget_keeps_the_budget_after_union(name, params):
     # Mixed plans (the path for per-head rules) give the same group picks for those heads.
     mixed = chunk_block_mask(ctx, [shared] * 4 + [None] * 4)
     assert torch.equal(mixed[:4], mask_group[0:1].expand(4, -1, -1))
+
+
+def test_group_share_budget_selects_per_kv_head_when_a_plan_covers_unequal_parts_of_groups():
+    """Head rules may give a `share: group` plan all of one group and part of another: each KV head's
+    heads of the plan still select once, from their own mean mass (not per head, and not depending on
+    the other group)."""
+    from vllm_sparse.backend.sparse_path import group_mean_scores
+
+    b = random_paged_batch([2000], [1000], 8, 2, 16, 16, seed=21)
+    ctx = _chunk_ctx(b, 0, 64, torch.arange(8) // 4)
+    est = get_estimator("antidiagonal")
+    shared = HeadPlan("antidiagonal", est.params(stride=4), Budget(keep_ratio=0.2, share="group"))
+    other = HeadPlan("sink_local", get_estimator("sink_local").params(), Budget(top_k=2))
+    mask = chunk_block_mask(ctx, [shared] * 6 + [other] * 2)
+    sub = ChunkContext(ctx.q[:, :6], torch.arange(6) // 4, ctx.kv, ctx.block_table, ctx.context_len, 64, 1.0)
+    scores = est.score(sub, shared.params)
+    for heads in (range(0, 4), range(4, 6)):
+        idx = list(heads)
+        want = select_blocks(group_mean_scores(scores[idx], len(idx)), shared.budget, ctx.first_query_block)
+        assert torch.equal(mask[idx], want.expand(len(idx), -1, -1))

@@ -176,3 +176,12 @@ def test_dummy_sparse_step_runs_every_head_plan_set_and_leaves_stats_alone():
         sparse_path.attend_sparse_chunks = original
         STATS.enabled = STATS.audit = False
     assert calls == [True]  # layers 2-3 share one set of head plans: one step, every output row written
+    # 2 KV heads over 4 ranks: the rank's 2 q heads, and its group's 4 (masks and scoring of split groups).
+    calls.clear()
+    try:
+        sparse_path.attend_sparse_chunks = spy
+        warmup.run_dummy_sparse_steps(plan, head_shard(8, 2, 1, 4, "llama"), 1, 16, 16, torch.float32,
+                                      torch.device("cpu"))
+    finally:
+        sparse_path.attend_sparse_chunks = original
+    assert calls == [True, True]

@@ -1,7 +1,8 @@
 """Attention over one chunk's kept blocks: the GPU kernels in one launch, or the exact torch reference.
 
 Both take the chunk's kept-block mask (a row per q head, or per KV head when a GQA group selected
-together) and its union tiles: each tile's union over its rows and over the q heads of a KV head is
+together; where tensor parallelism splits a GQA group, a row per q head of the whole group) and its
+union tiles: each tile's union over its rows and over the q heads of a KV head is
 the page list the tile's queries attend to.
 """
 
@@ -21,11 +22,11 @@ from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton,
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
-def mask_kv_heads(mask: torch.Tensor, kv_head_of: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """KV head of each row of a kept-block mask (one row per q head, or one per KV head)."""
-    if mask.shape[0] == kv_head_of.shape[0]:
-        return kv_head_of
-    return torch.arange(num_kv_heads, device=kv_head_of.device)
+def mask_kv_heads(mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """KV head of each row of a kept-block mask: its rows come in equal consecutive groups per KV head
+    (a row per q head of this rank, per q head of a group that spans ranks, or per KV head)."""
+    rows = mask.shape[0]
+    return torch.arange(rows, device=mask.device) // (rows // num_kv_heads)
 
 
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
@@ -73,7 +74,7 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
     kept = causal = 0
     for r0 in range(0, ctx.num_query_blocks, tile):
         rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
-        union = union_blocks(mask[:, rows], mask_kv_heads(mask, ctx.kv_head_of, num_kv), num_kv)
+        union = union_blocks(mask[:, rows], mask_kv_heads(mask, num_kv), num_kv)
         # The tile's query tokens: its rows' positions that lie in this chunk.
         t0 = max((ctx.first_query_block + rows.start) * block_size - c.context_len, 0)
         t1 = min((ctx.first_query_block + rows.stop) * block_size - c.context_len, c.q_end - c.q_start)

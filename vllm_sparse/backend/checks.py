@@ -67,14 +67,10 @@ def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> None:
                            "runs dense", layer_index(name), name, ", ".join(why))
 
 
-_warned_split_groups = False
-
-
 def rank_shard(plan, num_heads: int, num_kv_heads: int):
     """This rank's heads. With a sparse plan, a layout that cannot be sharded, or a layer whose local
     head counts are not the plan model's split, stops the engine here, at start; a dense plan needs
     no shard (None)."""
-    global _warned_split_groups
     if not plan.is_sparse:
         return None
     tp = compat.tensor_parallel_size()
@@ -84,9 +80,4 @@ def rank_shard(plan, num_heads: int, num_kv_heads: int):
             f"an attention layer has {num_heads} query / {num_kv_heads} KV heads on this rank, but the model's "
             f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
             f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
-    if shard.splits_groups and not _warned_split_groups:
-        _warned_split_groups = True
-        logger.warning("vllm-sparse: tensor parallelism over %d ranks spreads each GQA group (%d query heads "
-                       "per KV head) over several ranks; each rank's block union covers only its own query "
-                       "heads, so sparse outputs differ from a single GPU's", shard.tp_size, shard.group_size)
     return shard

@@ -17,6 +17,7 @@ from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import worker_metrics
 
@@ -57,16 +58,17 @@ class SparseImplMixin:
                                         torch.device("cuda", torch.cuda.current_device()))
         self._heads = None  # this layer's per-local-head plans, bound on first use
         self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
+        self._split = None  # this rank's part in a GQA group that spans ranks (`split_groups.py`)
 
     def _head_plans(self, layer) -> list | None:
         if self._heads is None:
             idx = self._layer_idx = layer_index(layer.layer_name)
             lp = self._plan.layer(idx)
-            heads = []
+            heads = None
             if lp.is_sparse:
                 if not self.unsupported:  # (else dense: the builder said so at start)
-                    heads = list(lp.heads_for(self._shard))  # this rank's slice (plans number heads unsharded)
-            self._heads = heads if any(h is not None for h in heads) else []
+                    heads, self._split = rank_layer(lp, self._shard)  # this rank's slice, plans number heads unsharded
+            self._heads = heads or []
         return self._heads or None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
@@ -85,5 +87,6 @@ class SparseImplMixin:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
                              head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
-                             self._layer_idx, dense_below=self._plan.dense_below, metrics=self._metrics)
+                             self._layer_idx, dense_below=self._plan.dense_below, split=self._split,
+                             metrics=self._metrics)
         return output

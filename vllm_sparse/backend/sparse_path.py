@@ -14,6 +14,7 @@ import torch
 from vllm_sparse.backend.attend import attend_chunk_reference, attend_chunk_with_kernel
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.backend.kernel_choice import selected_kernel
+from vllm_sparse.backend.split_groups import SplitGroup, per_q_head
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
@@ -72,13 +73,40 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
                            chunk.context_len, chunk.block_size, chunk.scale, kv_ids, chunk.kernels)
         scores = get_estimator(plan.estimator).score(sub, plan.params)
-        groups = sub._groups  # heads of this plan in equal consecutive groups per KV head, if they are
-        if plan.budget.share == "group" and groups is not None and groups[1] > 1:
-            kept = select(group_mean_scores(scores, groups[1]), plan.budget, chunk.first_query_block)
-            mask[idx] = kept.repeat_interleave(groups[1], dim=0)
+        if plan.budget.share == "group":
+            mask[idx] = select_per_kv_head(scores, sub.host_kv_head_ids(), plan.budget, select,
+                                           chunk.first_query_block)
         else:
             mask[idx] = select(scores, plan.budget, chunk.first_query_block)
     return mask
+
+
+def select_per_kv_head(scores: torch.Tensor, kv_ids: list[int], budget, select, first_query_block: int
+                       ) -> torch.Tensor:
+    """`share: group` for one plan's heads: the heads of each KV head select once, from their mean mass,
+    also when head rules give the plan a different number of each group's heads (so a group's pick
+    does not depend on which other groups the plan covers)."""
+    members = [[h for h, k in enumerate(kv_ids) if k == g] for g in dict.fromkeys(kv_ids)]
+    n = len(members[0])
+    if all(m == list(range(i * n, (i + 1) * n)) for i, m in enumerate(members)):  # equal groups: one selection
+        return select(group_mean_scores(scores, n), budget, first_query_block).repeat_interleave(n, 0)
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for m in members:
+        idx = torch.tensor(m, device=scores.device)
+        mask[idx] = select(group_mean_scores(scores[idx], len(m)), budget, first_query_block).expand(len(m), -1, -1)
+    return mask
+
+
+def kept_blocks(ctx: ChunkContext, head_plans: list[HeadPlan | None], split: SplitGroup | None = None
+                ) -> torch.Tensor:
+    """The chunk's kept-block mask (`chunk_block_mask`); where the rank's GQA group spans ranks, the
+    whole group's, a row per q head of the group, as one device selects for that KV head."""
+    if split is None:
+        return chunk_block_mask(ctx, head_plans)
+    if split.share_queries:
+        group = split.group_context(ctx)
+        return per_q_head(chunk_block_mask(group, list(split.plans)), group.q.shape[1])
+    return split.gather_masks(chunk_block_mask(ctx, head_plans), ctx.q.shape[1])
 
 
 def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) -> torch.Tensor:
@@ -104,6 +132,7 @@ def attend_sparse_chunks(
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
+    split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
@@ -117,7 +146,7 @@ def attend_sparse_chunks(
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
         timer = metrics.start_timer() if metrics is not None else None
-        mask = dense_rows_below(chunk_block_mask(ctx, head_plans), ctx, dense_below)
+        mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below)
         if metrics is not None:
             metrics.stop_timer(timer)
         tile = union_tile or ctx.num_query_blocks

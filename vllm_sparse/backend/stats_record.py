@@ -11,18 +11,22 @@ from vllm_sparse.selection.stats import STATS
 
 
 def record_density(layer: int, ctx: ChunkContext, mask, union, rows, unions: int = 1) -> None:
-    """Count the (head, query block, kv block) cells kept before union and after it, causal only.
+    """Count the (head, query block, kv block) cells kept before union and after it, causal only: for
+    the q heads the mask covers (with a GQA group split over ranks, the group's heads on every rank
+    of it, so each rank counts what one device counts for its KV heads) and this rank's KV heads.
 
     union: [kv_heads, kv_blocks] for one union over `rows`, or [kv_heads, rows, kv_blocks] (each row's
     union) when `unions` tiles are counted together."""
     st = STATS.layers[layer]
     causal = ctx.causal_block_mask()[rows]  # [rows, kv_blocks]
     st.unions += unions
-    per_row = ctx.q.shape[1] // mask.shape[0]  # q heads behind each mask row (a group's, when scored per group)
+    # q heads behind each mask row: a group's when it selected together; one when the mask has a row
+    # per q head, this rank's or (a GQA group split over ranks) the whole group's.
+    per_row = max(ctx.q.shape[1] // mask.shape[0], 1)
     per_row_union = union if union.dim() == 3 else union[:, None, :]
     counts = torch.stack([mask.sum(), causal.sum(), (per_row_union & causal[None]).sum()]).tolist()  # one sync
     st.requested_kept += counts[0] * per_row
-    st.requested_total += counts[1] * ctx.q.shape[1]
+    st.requested_total += counts[1] * mask.shape[0] * per_row
     st.union_kept += counts[2]
     st.union_total += counts[1] * union.shape[0]
 

@@ -62,25 +62,30 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
 def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim: int, page_size: int,
                            kv_dtype: torch.dtype, device: torch.device) -> None:
     """One sparse chunk (two blocks of context, one of queries) through `attend_sparse_chunks` per
-    distinct set of this rank's head plans; statistics stay off for it."""
+    distinct set of this rank's head plans, and, where its GQA group spans ranks, of its group's
+    (whose masks, and scoring when the ranks exchange queries, cover the whole group: other kernel
+    variants); without the exchange itself. Statistics stay off for it."""
     from vllm_sparse.backend.batch import SparseChunk
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
     from vllm_sparse.selection.stats import STATS
 
-    head_sets = list(dict.fromkeys(lp.heads_for(shard) for lp in plan.layers if lp.is_sparse))
-    bs, n_q = plan.block_size, len(shard.q_heads)
+    sparse = [lp for lp in plan.layers if lp.is_sparse]
+    head_sets = [lp.heads_for(shard) for lp in sparse]
+    if shard.splits_groups:
+        group = shard.group_q_heads
+        head_sets += [lp.heads[group.start:group.stop] for lp in sparse]
+    bs = plan.block_size
     pages = 3 * bs // page_size
     cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
     kv = PagedKV.from_flash_cache(cache)
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
-    q = torch.randn(bs, n_q, head_dim, device=device).to(kv_dtype)
-    out = torch.empty_like(q)
     saved = STATS.enabled, STATS.audit
     STATS.enabled = STATS.audit = False
     try:
-        for heads in head_sets:
-            attend_sparse_chunks(q, out, kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),), list(heads), bs,
-                                 head_dim**-0.5, plan.union_tile)
+        for heads in dict.fromkeys(head_sets):
+            q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
+            attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),),
+                                 list(heads), bs, head_dim**-0.5, plan.union_tile)
     finally:
         STATS.enabled, STATS.audit = saved
     if device.type == "cuda":

@@ -5,8 +5,9 @@ into `tp_size` contiguous slices, and its KV heads likewise when there are at le
 them; with fewer KV heads than ranks each rank holds one KV head, replicated. Either way rank r's
 query heads attend only to the KV heads it holds, so a rank's plan is a contiguous slice of the
 layer's head plans, and every GQA group stays on one rank unless there are fewer KV heads than
-ranks (then a group's query heads are spread over ranks, and each rank's block union covers only
-its own share of the group).
+ranks. Then a group's query heads are spread over the consecutive ranks that hold its KV head
+(`group_ranks`), and those ranks exchange what the block union of the whole group needs, so each
+attends to the union one device would (`backend/split_groups.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ class HeadShard:
     def splits_groups(self) -> bool:
         """True when a GQA group's query heads are spread over several ranks."""
         return len(self.q_heads) < self.group_size
+
+    @property
+    def group_ranks(self) -> range:
+        """The ranks that hold this rank's KV heads: itself, or all the ranks its GQA group spans."""
+        if not self.splits_groups:
+            return range(self.rank, self.rank + 1)
+        per_kv = self.group_size // len(self.q_heads)
+        first = self.rank - self.rank % per_kv
+        return range(first, first + per_kv)
+
+    @property
+    def group_q_heads(self) -> range:
+        """The query heads (global) that read this rank's KV heads, on whichever ranks they run."""
+        return range(self.kv_heads.start * self.group_size, self.kv_heads.stop * self.group_size)
 
     def local_kv_head(self, local_q_head: int) -> int:
         """The rank-local KV head that rank-local query head reads (vLLM's local GQA layout)."""

@@ -40,7 +40,8 @@ def proxy_mask(chunk: ChunkContext, n: int) -> torch.Tensor:
 
 
 @register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)",
-                    same_in_group=lambda p: p.share == "group" and p.proxy_heads is None)
+                    same_in_group=lambda p: p.share == "group" and p.proxy_heads is None,
+                    reads_group=lambda p: p.share == "group" or p.proxy_heads is not None)
 def score_pooled(chunk: ChunkContext, params: PooledParams) -> torch.Tensor:
     pq, pk = chunk.pooled_queries(), chunk.pooled_keys()  # [h, rows, d], [h, kv_blocks, d]
     if params.proxy_heads is not None:

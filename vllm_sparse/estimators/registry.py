@@ -25,6 +25,9 @@ class Estimator:
     # params -> True when every q head of a GQA group gets the same scores: the backend then
     # selects once per group instead of once per head (same blocks, a quarter of the sorting for 4:1)
     same_in_group: Callable[[EstimatorParams], bool] = lambda params: False
+    # params -> True when a head's scores depend on the other q heads of its GQA group (pooled over
+    # the group): where tensor parallelism spreads a group over ranks, they then exchange queries
+    reads_group: Callable[[EstimatorParams], bool] = lambda params: False
     # (params, chunk tokens) -> query rows scored per chunk through the fused row scorers, whose
     # workspace holds a float per (head, row, KV block): the backend reserves it at start
     workspace_rows: Callable[[EstimatorParams, int], int] = lambda params, chunk_tokens: 0
@@ -35,11 +38,13 @@ _REGISTRY: dict[str, Estimator] = {}
 
 def register_estimator(name: str, params: type[EstimatorParams], summary: str, keeps_all: bool = False,
                        same_in_group: Callable[[EstimatorParams], bool] | None = None,
+                       reads_group: Callable[[EstimatorParams], bool] | None = None,
                        workspace_rows: Callable[[EstimatorParams, int], int] | None = None):
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"estimator {name!r} registered twice")
-        extra = {k: v for k, v in (("same_in_group", same_in_group), ("workspace_rows", workspace_rows)) if v}
+        extra = {k: v for k, v in (("same_in_group", same_in_group), ("reads_group", reads_group),
+                                   ("workspace_rows", workspace_rows)) if v}
         _REGISTRY[name] = Estimator(name, params, fn, summary, keeps_all, **extra)
         return fn
 
