@@ -91,7 +91,10 @@ def test_tp2_sparse_gives_tp1_sparse_tokens(runs, kv):
     sparse1, sparse2 = runs[kv, "sparse", 1]["results"], runs[kv, "sparse", 2]["results"]
     assert [r["prompt_tokens"] for r in sparse2] == list(LENGTHS)
     for a, b in zip(sparse1, sparse2):
-        assert a["token_ids"] == b["token_ids"]
+        # fp32 on CPU: the whole greedy continuation. bf16 on GPUs: TP=2 sums the row-parallel
+        # projections in another order, which flips near-tied greedy tokens later on (seen on
+        # 2x H200), so the first token there, and the prompt logprobs below for the rest.
+        assert (a["token_ids"][:1] == b["token_ids"][:1]) if GPU else (a["token_ids"] == b["token_ids"])
     # TP=2 sums the heads' outputs in another order: small next to what the plan itself moves.
     tp_diff, plan_diff = _mean_diff(sparse1[0], sparse2[0]), _mean_diff(stock2[0], sparse2[0])
     print(f"{kv} KV head(s), long prompt, mean |logprob diff|: sparse TP=2 vs TP=1 {tp_diff:.3e}; sparse vs "
