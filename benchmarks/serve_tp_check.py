@@ -90,6 +90,20 @@ def read_log(log: Path, tp: int, served_bytes: int | None) -> dict:
     }
 
 
+def scrape_sparse_metrics(url: str) -> dict:
+    """The vllm_sparse: samples on /metrics, by name and labels."""
+    try:
+        status, text = http(url + "/metrics", timeout=10)
+    except OSError as e:
+        return {"error": repr(e)}
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("vllm_sparse:") and ("_total" in line or "_count" in line or "_sum" in line):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return {"http_status": status, "samples": samples}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=2, help="--tensor-parallel-size")
@@ -173,7 +187,8 @@ def main() -> int:
                 summary["response_head"] = text[:2000]
             print(f"completion: HTTP {status} in {summary['request_s']:.2f} s, usage {summary.get('usage')}",
                   flush=True)
-            time.sleep(2)  # let the workers' log lines reach the file
+            time.sleep(2)  # let the workers' log lines (and metric snapshots, ~1 s) reach their files
+            summary["metrics"] = scrape_sparse_metrics(url)
     finally:
         served_bytes = log.stat().st_size
         if proc.poll() is None:  # the API server stops its engine and workers on SIGTERM
@@ -198,6 +213,9 @@ def main() -> int:
             summary["ranks_expected"] is None or summary["ranks_with_sparse_steps"] == summary["ranks_expected"]),
         "no_rank_dense": not summary["runs_dense_lines"],
         "no_traceback": summary["tracebacks"] == 0,
+        "metrics_sparse_tokens_every_rank": all(
+            (summary.get("metrics") or {}).get("samples", {}).get(
+                f'vllm_sparse:prefill_tokens_total{{path="sparse",rank="{r}"}}', 0) > 0 for r in range(args.tp)),
     }
     summary["checks"] = checks
     summary["passed"] = all(checks.values())

@@ -87,6 +87,23 @@ e2e() {  # e2e TP
     --out "$OUT/e2e_tp$1.json" 2>&1 | tee "$OUT/e2e_tp$1.log"
 }
 e2e1() { ( export CUDA_VISIBLE_DEVICES=0; e2e 1 ); }
+TEN=benchmarks/configs/llama-3-8b-antidiagonal-10.yaml
+e2e2q() {  # TP=2, dense and the 10% plan only (the shipped tau-0.9 plan keeps ~90% on dummy weights)
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --tensor-parallel-size 2 --lengths 32768,65536,131072 \
+    --decode-batch 0 --config $TEN --out "$OUT/e2e_tp2.json" 2>&1 | tee "$OUT/e2e_tp2.log"
+}
+e2e1par() {  # TP=1 on the same machine: dense on GPU 0 beside the 10% plan on GPU 1, one engine each
+  local l=$(( $(left) - 5 ))
+  ( CUDA_VISIBLE_DEVICES=1 timeout $l python3 benchmarks/e2e.py --only sparse --config $TEN --decode-batch 0 \
+      --lengths 32768,65536,131072 --out "$OUT/e2e_tp1_sparse.json" > /tmp/e2e_tp1_sparse.log 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0 timeout $l python3 benchmarks/e2e.py --only dense --decode-batch 0 \
+    --lengths 32768,65536,131072 --out "$OUT/e2e_tp1_dense.json" 2>&1 | tee "$OUT/e2e_tp1_dense.log"
+  wait; cp /tmp/e2e_tp1_sparse.log "$OUT/"; tail -5 /tmp/e2e_tp1_sparse.log
+}
+metricstest() {
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -rfE tests/test_metrics.py tests/test_plugin.py 2>&1 \
+    | tee "$OUT/gpu_metrics_tests.log"
+}
 e2e2() { e2e 2; }
 
 for s in "$@"; do
@@ -95,9 +112,12 @@ for s in "$@"; do
     tptest) step tptest 150 tptest ;;
     gputest) step gputest 120 gputest ;;
     e2equick) step e2equick 150 e2equick ;;
-    serve) step serve 200 serve ;;
+    serve) step serve 150 serve ;;
     e2e2) step e2e2 280 e2e2 ;;
     e2e1) step e2e1 240 e2e1 ;;
+    e2e2q) step e2e2q 170 e2e2q ;;
+    e2e1par) step e2e1par 110 e2e1par ;;
+    metricstest) step metricstest 60 metricstest ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
