@@ -26,6 +26,8 @@ MAX_PENDING_TIMINGS = 4096  # event pairs waiting to be read; more are not timed
 
 class WorkerMetrics:
     def __init__(self, device: torch.device, num_layers: int, rank: int):
+        if device.type == "cuda" and device.index is None:  # the thread sets it as its current device
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.rank = device, rank
         self._num_layers = max(num_layers, 1)
         self._groups = -(-self._num_layers // LAYER_GROUP)
@@ -172,6 +174,8 @@ class WorkerMetrics:
             time.sleep(INTERVAL_S)
             try:
                 self.publish()
+            except FileNotFoundError:  # the serving process removed the directory on exit: so do we
+                return
             except Exception as e:  # metrics must never take a worker down
                 from vllm_sparse.log import logger
 
