@@ -62,8 +62,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
 
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
-                           output: torch.Tensor, block_table: torch.Tensor, layer: int) -> None:
-    """The exact torch path, one union tile at a time (CPU, and the dense audit)."""
+                           output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0) -> None:
+    """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows
+    after the first `dense_rows`, those past dense_below, per head)."""
     kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
     num_kv = kv.num_kv_heads
     for r0 in range(0, ctx.num_query_blocks, tile):
@@ -78,8 +79,6 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
                       for h in range(num_kv)]
         indptr = torch.tensor([0] + [len(p) for p in page_lists]).cumsum(0)
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
-        _, lse = sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale,
-                                            out=output[tokens], return_lse=True)
+        sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale, out=output[tokens])
         if STATS.enabled:
-            record_with_audit(layer, ctx, mask[:, rows], union, rows, query[tokens], output[tokens], lse, args,
-                              scale)
+            record_with_audit(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows)
