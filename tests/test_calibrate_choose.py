@@ -134,3 +134,13 @@ def test_written_plan_validates_and_carries_every_rules_figures():
     assert "# layer 2: dense: no candidate reaches recall 0.95 in every head" in text
     data = yaml.safe_load(text)["models"][0]
     assert data["provenance"] == {"kind": "calibrated", "source": "test", "command": "vllm-sparse calibrate --model x"}
+
+
+def test_verified_figures_from_the_audits_sums():
+    from vllm_sparse.calibrate.run import _verified_table
+
+    stats = [{"head_mass": [9.0, 8.0], "head_tokens": 10, "kv_read": [3], "kv_causal": 6},
+             {"head_mass": [10.0, 10.0], "head_tokens": 10, "kv_read": [6], "kv_causal": 6}, {}]
+    t = _verified_table(4, stats)
+    assert t.layer == 4 and t.recall == [[0.95, 0.9]] and t.density == [[0.75]]
+    assert _verified_table(4, [{}, {"unions": 3}]) is None
