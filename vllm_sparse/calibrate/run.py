@@ -65,8 +65,17 @@ def prompts_for(tokenizer, spec: CalibrationSpec) -> dict[int, list[str]]:
 
 def probe_config(shape, spec: CalibrationSpec, path: Path) -> None:
     """The config the sweep's engine runs: every full-attention layer on the sparse path (which, while
-    calibrating, attends densely and measures), with the plan's block, dense_below and union tile."""
-    first = make_candidates(spec.estimators, spec.budgets)[0]
+    calibrating, attends densely and measures), with the plan's block, dense_below and union tile. Its
+    estimator is the candidate whose fused scorer needs the most workspace, so the engine reserves
+    enough for every candidate (on GPUs)."""
+    from vllm_sparse.estimators.registry import get_estimator
+
+    def rows(c):
+        args = dict(c["estimator"])
+        est = get_estimator(args.pop("name"))
+        return est.workspace_rows(est.params(**args), spec.engine.get("max_num_batched_tokens", 4096))
+
+    first = max(make_candidates(spec.estimators, spec.budgets), key=rows)
     entry = {"match": {"architectures": list(shape.architectures), "names": ["*"]},
              "block_size": spec.block_size, "dense_below": spec.dense_below, "union_tile": spec.union_tile,
              "layers": [{"layers": "full_attention", **first}]}
