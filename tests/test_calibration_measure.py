@@ -92,3 +92,29 @@ def test_recall_is_the_dense_mass_in_the_blocks_read():
         assert st["mass"][0][h] / st["tokens"] == pytest.approx(float(probs[:, allowed].sum(-1).mean()), rel=1e-6)
     causal_read = sum(1 + (r - 6 + 1) for r in range(6, 16))  # sink + diagonals up to each row
     assert st["read"][0] == [causal_read, causal_read]
+
+
+def test_warm_up_and_unnumbered_layers_add_nothing():
+    """The engine's warm-up step (layer -1, on GPUs) runs while calibrating: it must not add sums."""
+    from vllm_sparse.backend.warmup import run_dummy_sparse_steps
+    from vllm_sparse.config.loader import parse_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+    from vllm_sparse.config.sharding import HeadShard
+
+    b = random_paged_batch([1024], [640], 4, 2, 16, 16, seed=2)
+    STATS.calibrate(CANDIDATES)
+    try:
+        out = torch.empty_like(b.q)
+        attend_sparse_chunks(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 640, 384),), [None] * 4, BLOCK, SCALE)
+        assert STATS.calibration == {}
+        torch.testing.assert_close(out, dense_causal_attention_ref(b.q, b.keys[0], b.values[0], SCALE),
+                                   atol=1e-5, rtol=1e-5)
+        assert STATS.candidates == CANDIDATES
+        plan = resolve_plan(parse_config({"version": 1, "models": [{
+            "match": {"names": ["*"]}, "block_size": 64, "layers": [{"layers": "all", **CANDIDATES[1]}]}]}, "t"),
+            ModelShape("m", ("X",), 2, 4, 2), "t")
+        shard = HeadShard(0, 1, range(4), range(2), 2)
+        run_dummy_sparse_steps(plan, shard, 2, 16, 16, torch.float32, torch.device("cpu"))
+        assert STATS.calibration == {} and STATS.candidates == CANDIDATES
+    finally:
+        STATS.calibrate(None)

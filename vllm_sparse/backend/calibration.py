@@ -45,7 +45,7 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
     dense, mass = dense_attention_mass(ctx)
     out.copy_(dense.to(out.dtype))
     first = dense_rows(ctx, dense_below)
-    if first >= ctx.num_query_blocks:
+    if first >= ctx.num_query_blocks or layer < 0:  # nothing past dense_below, or not a model layer (warm-up)
         return
     candidates = STATS.candidates
     num_kv = ctx.kv.num_kv_heads

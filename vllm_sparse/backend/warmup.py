@@ -62,7 +62,7 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
 def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim: int, page_size: int,
                            kv_dtype: torch.dtype, device: torch.device) -> None:
     """One sparse chunk (two blocks of context, one of queries) through `attend_sparse_chunks` per
-    distinct set of this rank's head plans; statistics stay off for it."""
+    distinct set of this rank's head plans; statistics (and calibration's sums) stay off for it."""
     from vllm_sparse.backend.batch import SparseChunk
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
     from vllm_sparse.selection.stats import STATS
@@ -75,14 +75,15 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
     q = torch.randn(bs, n_q, head_dim, device=device).to(kv_dtype)
     out = torch.empty_like(q)
-    saved = STATS.enabled, STATS.audit
+    saved = STATS.enabled, STATS.audit, STATS.candidates
     STATS.enabled = STATS.audit = False
+    STATS.candidates = None
     try:
         for heads in head_sets:
             attend_sparse_chunks(q, out, kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),), list(heads), bs,
                                  head_dim**-0.5, plan.union_tile)
     finally:
-        STATS.enabled, STATS.audit = saved
+        STATS.enabled, STATS.audit, STATS.candidates = saved
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
