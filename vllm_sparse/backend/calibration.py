@@ -56,7 +56,7 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
             torch.zeros(len(candidates), ctx.q.shape[1], dtype=torch.float64, device=dev),
             torch.zeros(len(candidates), num_kv, dtype=torch.int64, device=dev))
     causal = ctx.causal_block_mask()[first:]
-    past = mass[:, first:]
+    past = mass[:, first:].double()  # once, not per candidate
     for name, params, budgets in _grouped(json.dumps(candidates)):
         masks = budget_masks(ctx, name, params, [b for _, b in budgets])
         for (i, _), mask in zip(budgets, masks):
