@@ -248,11 +248,15 @@ def main() -> None:
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--profile", type=int, help="also profile the sparse run at this length")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
+    ap.add_argument("--plot", action="store_true", help="also plot TTFT vs prompt length beside --out (PNG)")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    if args.plot:  # matplotlib (the plot extra) checked before the engines run
+        from vllm_sparse.plot import require_matplotlib
+        require_matplotlib()
     root = Path(tempfile.mkdtemp(prefix="e2e-"))
     model = build_model(root)
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",")], "chunk": args.chunk,
@@ -305,6 +309,10 @@ def main() -> None:
             d, s = dense["decode_tok_s"], sparse["decode_tok_s"]
             print(f"  decode, batch {args.decode_batch} at {args.decode_context} tokens: dense {d:.0f} tok/s, "
                   f"sparse {s:.0f} tok/s ({s / d - 1:+.1%})")
+
+    if args.plot:
+        from vllm_sparse.plot import plot_ttft
+        print(f"\nplot: {plot_ttft(results, Path(args.out).with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

@@ -279,3 +279,54 @@ def test_speculative_decoding_with_a_sparse_plan_is_refused_at_start(tmp_path):
         plan_cache.plan_for(config)
     config.speculative_config = None
     assert plan_cache.plan_for(config).is_sparse
+
+
+# --- provenance -----------------------------------------------------------------------------
+
+
+def test_provenance_is_validated():
+    ok = plan_of(entry(provenance={"kind": "published", "source": "XAttention, RULER table"},
+                       layers=[{"layers": "all"}]))
+    assert ok.is_sparse
+    (path, msg), = problems_of(entry(provenance={"kind": "calibrated", "source": "x"}))
+    assert path == "models[0].provenance" and "names the command" in msg
+    (path, msg), = problems_of(entry(provenance={"kind": "guessed", "source": "x"}))
+    assert path == "models[0].provenance.kind" and "'measured', 'published' or 'calibrated'" in msg
+
+
+def test_every_shipped_config_says_what_backs_it():
+    for path in shipped_configs():
+        text = path.read_text()
+        assert text.startswith("# Backed by: "), f"{path.name}: first line must say what backs it"
+        for model in load_config(path).models:
+            assert model.provenance is not None and model.provenance.kind in ("measured", "published"), path.name
+            assert model.provenance.source
+            if model.provenance.kind == "measured":
+                assert "benchmarks/RESULTS.md" in model.provenance.source and model.provenance.command
+
+
+def test_discovery_applies_only_measured_or_published_plans(tmp_path, monkeypatch, caplog):
+    from vllm_sparse.config import discovery
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    plans = {}
+    for name, prov in (("a-calibrated.yaml", {"kind": "calibrated", "source": "s", "command": "vllm-sparse calibrate"}),
+                       ("b-none.yaml", None),
+                       ("c-published.yaml", {"kind": "published", "source": "paper, table 1"})):
+        data = entry(layers=[{"layers": "all"}])
+        if prov:
+            data["models"][0]["provenance"] = prov
+        plans[name] = tmp_path / name
+        plans[name].write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(discovery, "shipped_configs", lambda: sorted(plans.values()))
+    caplog.set_level("INFO", logger="vllm.sparse")
+    assert find_config(None, LLAMA) == (plans["c-published.yaml"], "shipped config")
+    skipped = [r.getMessage() for r in caplog.records]
+    assert len(skipped) == 2 and all("not applied on its own" in m for m in skipped)
+    assert "a-calibrated.yaml" in skipped[0] and "calibrated" in skipped[0] and "additional-config" in skipped[0]
+    assert "no provenance" in skipped[1]
+    # Named by path, a calibrated plan applies.
+    plan = build_plan({"sparse": {"config": str(plans["a-calibrated.yaml"])}}, LLAMA)
+    assert plan.is_sparse and "a-calibrated.yaml" in plan.source
+    monkeypatch.setattr(discovery, "shipped_configs", lambda: [plans["a-calibrated.yaml"]])
+    assert find_config(None, LLAMA) == (None, "none")

@@ -66,9 +66,11 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
 
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
-                           output: torch.Tensor, block_table: torch.Tensor, layer: int) -> tuple[int, int]:
-    """The exact torch path, one union tile at a time (CPU, and the dense audit). Returns (KV pages
-    read, causal KV pages) summed over the tiles and KV heads."""
+                           output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0
+                           ) -> tuple[int, int]:
+    """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows
+    after the first `dense_rows`, those past dense_below, per head). Returns (KV pages read, causal KV
+    pages) summed over the tiles and KV heads."""
     kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
     num_kv = kv.num_kv_heads
     kept = causal = 0
@@ -86,9 +88,7 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
         kept += int(indptr[-1])
         causal += num_kv * -(-seq_len // kv.page_size)
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
-        _, lse = sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale,
-                                            out=output[tokens], return_lse=True)
+        sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale, out=output[tokens])
         if STATS.enabled:
-            record_with_audit(layer, ctx, mask[:, rows], union, rows, query[tokens], output[tokens], lse, args,
-                              scale)
+            record_with_audit(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows)
     return kept, causal

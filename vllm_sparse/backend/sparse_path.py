@@ -1,7 +1,7 @@
 """estimate -> select -> union -> attend, for the sparse prefill chunks of one layer.
 
 This module orchestrates; the attention over kept blocks is `attend.py`, the kernel choice
-`kernel_choice.py`, the eval counters `stats_record.py`.
+`kernel_choice.py`, the eval counters `stats_record.py`, calibration's measurement `calibration.py`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from collections import defaultdict
 import torch
 
 from vllm_sparse.backend.attend import attend_chunk_reference, attend_chunk_with_kernel
+from vllm_sparse.backend.attention_mass import dense_rows
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.split_groups import SplitGroup, per_q_head
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
-from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.estimators.registry import Estimator, EstimatorParams, get_estimator
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import WorkerMetrics
-from vllm_sparse.selection.budget import select_blocks
+from vllm_sparse.selection.budget import Budget, select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
 from vllm_sparse.selection.stats import STATS
 
@@ -31,15 +32,30 @@ def plan_scores(chunk: ChunkContext, plan: HeadPlan) -> torch.Tensor:
     estimator gives every head of a group the same scores (a strided view), or the budget says
     `share: group` (the group's mean block mass). Selection then sorts each group's rows once."""
     estimator = get_estimator(plan.estimator)
-    scores = estimator.score(chunk, plan.params)
-    group = chunk.kv_group_size
+    return selection_scores(estimator.score(chunk, plan.params), estimator, plan.params, plan.budget,
+                            chunk.kv_group_size)
+
+
+def selection_scores(scores: torch.Tensor, estimator: Estimator, params: EstimatorParams, budget: Budget,
+                     group: int | None) -> torch.Tensor:
+    """An estimator's per-head scores as the budget selects from them (`plan_scores`)."""
     if group is None or group == 1:
         return scores
-    if estimator.same_in_group(plan.params):
+    if estimator.same_in_group(params):
         return scores[::group]
-    if plan.budget.share == "group":
+    if budget.share == "group":
         return group_mean_scores(scores, group)
     return scores
+
+
+def budget_masks(chunk: ChunkContext, name: str, params: EstimatorParams, budgets: list[Budget]) -> list[torch.Tensor]:
+    """The kept-block masks `chunk_block_mask` gives when every head has the plan (name, params, budget),
+    for each budget, from one scoring of the chunk (calibration tries many budgets per estimator)."""
+    estimator = get_estimator(name)
+    scores = estimator.score(chunk, params)
+    select = select_blocks_triton if chunk.q.is_cuda else select_blocks
+    return [select(selection_scores(scores, estimator, params, b, chunk.kv_group_size), b, chunk.first_query_block)
+            for b in budgets]
 
 
 def group_mean_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
@@ -113,7 +129,7 @@ def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) ->
     """Keep every causal block in the query blocks whose tokens all have fewer than `dense_below` tokens
     of context (their own included): a token attends densely or sparsely by its position, not by
     where the scheduler cut the chunk it came in."""
-    n = min(max(dense_below // ctx.block_size - ctx.first_query_block, 0), ctx.num_query_blocks)
+    n = dense_rows(ctx, dense_below)
     if n:
         mask[:, :n] = ctx.causal_block_mask()[:n]
     return mask
@@ -145,13 +161,19 @@ def attend_sparse_chunks(
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
+        if STATS.candidates is not None:  # `vllm-sparse calibrate`: attend densely, measure the candidates
+            from vllm_sparse.backend.calibration import calibrate_chunk
+
+            calibrate_chunk(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)
+            continue
         timer = metrics.start_timer() if metrics is not None else None
         mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below)
         if metrics is not None:
             metrics.stop_timer(timer)
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
-            pages = attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer)
+            pages = attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer,
+                                           dense_rows(ctx, dense_below))
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer)
         if metrics is not None:

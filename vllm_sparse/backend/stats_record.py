@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparse.backend.attention_mass import dense_attention_mass, read_cells, read_mass
 from vllm_sparse.estimators.base import ChunkContext
-from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.selection.stats import STATS
 
 
@@ -31,15 +31,26 @@ def record_density(layer: int, ctx: ChunkContext, mask, union, rows, unions: int
     st.union_total += counts[1] * union.shape[0]
 
 
-def record_with_audit(layer: int, ctx: ChunkContext, mask, union, rows, q, out, lse, args, scale) -> None:
-    """Densities; with audit, also the distance from dense attention and the attention mass kept."""
+def record_with_audit(layer: int, ctx: ChunkContext, mask, union, rows: slice, tokens: slice, out,
+                      dense_rows: int = 0) -> None:
+    """Densities; with audit, also the distance from dense attention and the attention mass kept.
+
+    union [kv_heads, kv_blocks] is what the tile's `rows` (chunk-local `tokens`) read; `out` their sparse
+    output. Per union: relative error and mean kept mass over the tile's queries and heads. Per head:
+    mass kept and cells read, over the rows past the first `dense_rows` (those past dense_below)."""
     record_density(layer, ctx, mask, union, rows)
     st = STATS.layers[layer]
     if STATS.audit:
-        n_pages = (int(args[3][0]) - 1) // ctx.kv.page_size + 1
-        all_pages = torch.arange(n_pages).repeat(union.shape[0])
-        indptr = torch.arange(union.shape[0] + 1) * n_pages
-        dense, dense_lse = sparse_paged_attention_ref(q, *args, indptr, all_pages, scale, return_lse=True)
-        rel = float((out.float() - dense.float()).norm() / dense.float().norm().clamp_min(1e-30))
-        kept_mass = float(torch.exp(lse - dense_lse).mean())
-        st.audit.append((rel, kept_mass))
+        dense, mass = dense_attention_mass(ctx, tokens)
+        rel = float((out.float() - dense).norm() / dense.norm().clamp_min(1e-30))
+        read = union[:, None, :].expand(-1, ctx.num_query_blocks, -1)
+        kept = read_mass(mass, read, ctx.kv_head_of)  # only the tile's rows hold mass
+        st.audit.append((rel, float(kept.sum()) / max(1, (tokens.stop - tokens.start) * mass.shape[0])))
+        past = slice(max(rows.start, dense_rows), rows.stop)
+        if past.start < past.stop:
+            causal = ctx.causal_block_mask()[past]
+            first = ctx.context_len + tokens.start, (ctx.first_query_block + past.start) * ctx.block_size
+            n_tokens = min(ctx.context_len + tokens.stop, (ctx.first_query_block + past.stop) * ctx.block_size) \
+                - max(first)
+            st.add_heads(read_mass(mass[:, past], read[:, past], ctx.kv_head_of).tolist(), n_tokens,
+                         read_cells(read[:, past], causal).tolist(), int(causal.sum()))

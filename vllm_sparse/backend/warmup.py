@@ -64,7 +64,8 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     """One sparse chunk (two blocks of context, one of queries) through `attend_sparse_chunks` per
     distinct set of this rank's head plans, and, where its GQA group spans ranks, of its group's
     (whose masks, and scoring when the ranks exchange queries, cover the whole group: other kernel
-    variants); without the exchange itself. Statistics stay off for it."""
+    variants); without the exchange itself. Statistics (and calibration's sums)
+    stay off for it."""
     from vllm_sparse.backend.batch import SparseChunk
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
     from vllm_sparse.selection.stats import STATS
@@ -79,15 +80,16 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
     kv = PagedKV.from_flash_cache(cache)
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
-    saved = STATS.enabled, STATS.audit
+    saved = STATS.enabled, STATS.audit, STATS.candidates
     STATS.enabled = STATS.audit = False
+    STATS.candidates = None
     try:
         for heads in dict.fromkeys(head_sets):
             q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
             attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),),
                                  list(heads), bs, head_dim**-0.5, plan.union_tile)
     finally:
-        STATS.enabled, STATS.audit = saved
+        STATS.enabled, STATS.audit, STATS.candidates = saved
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

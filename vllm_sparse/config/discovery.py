@@ -9,17 +9,29 @@ from pathlib import Path
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import match_entry
+from vllm_sparse.config.schema import AUTO_APPLIED
+from vllm_sparse.log import logger
 
 ENV_VAR = "VLLM_SPARSE_CONFIG"
 
 
 def shipped_configs() -> list[Path]:
-    root = resources.files("vllm_sparse.configs")
-    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml"))
+    # Run from a source checkout (e.g. on PYTHONPATH beside another editable install), the checkout's
+    # own configs/; installed, the package data vllm_sparse.configs (the same files in an editable install).
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if (checkout / "schema.json").is_file() and (checkout.parent / "vllm_sparse" / "config").is_dir():
+        root = checkout
+    else:
+        root = Path(str(resources.files("vllm_sparse.configs")))
+    return sorted(p for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str]:
-    """-> (path or None, how it was found). Order: --additional-config, env var, shipped by architecture."""
+    """-> (path or None, how it was found). Order: --additional-config, env var, shipped by architecture.
+
+    A shipped config applies on its own only where its matching entry's provenance is measured or
+    published; one that matches but is calibrated (or says nothing of what backs it) is skipped with one
+    log line: such a plan is applied only when named by path."""
     sparse = (additional_config or {}).get("sparse") or {}
     if not isinstance(sparse, dict):
         raise SparseConfigError("--additional-config", [("sparse", 'expected {"config": PATH}')])
@@ -29,6 +41,13 @@ def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str
         return Path(os.environ[ENV_VAR]), ENV_VAR
     for path in shipped_configs():
         cfg = load_config(path)
-        if match_entry(cfg, shape) is not None:
+        idx = match_entry(cfg, shape)
+        if idx is None:
+            continue
+        provenance = cfg.models[idx].provenance
+        if provenance is not None and provenance.kind in AUTO_APPLIED:
             return path, "shipped config"
+        logger.info("vllm-sparse: %s has a plan for %s that is %s, so it is not applied on its own; name it to use "
+                    "it: --additional-config '{\"sparse\": {\"config\": \"%s\"}}'", path, shape.name,
+                    f"{provenance.kind}" if provenance else "backed by nothing it names (no provenance)", path)
     return None, "none"

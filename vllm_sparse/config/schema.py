@@ -115,6 +115,28 @@ def estimator_params(spec) -> tuple[str, Any]:
     return spec.name, est.params(**spec.model_dump(exclude={"name"}))
 
 
+PROVENANCE_KINDS = ("measured", "published", "calibrated")
+AUTO_APPLIED = ("measured", "published")  # kinds discovery applies on its own
+
+
+class Provenance(StrictModel):
+    """What backs a plan: measured here (the command and its figures), a published setting (paper and
+    table), or calibrated on the model by `vllm-sparse calibrate` (the command)."""
+
+    kind: Literal["measured", "published", "calibrated"] = Field(
+        description="measured: run here, figures in benchmarks/RESULTS.md; published: a paper's setting; "
+        "calibrated: written by vllm-sparse calibrate")
+    source: str = Field(min_length=1, description="where the figures or the setting are: a RESULTS.md section, "
+                        "a paper and table, or the calibration's data and target")
+    command: str | None = Field(None, description="the command that measured or calibrated it")
+
+    @model_validator(mode="after")
+    def _command(self):
+        if self.kind != "published" and not self.command:
+            raise ValueError(f"a {self.kind} plan names the command that made it (provenance.command)")
+        return self
+
+
 def _build_models():
     spec = estimator_spec_type()
 
@@ -176,6 +198,9 @@ def _build_models():
 
     class ModelEntry(Settings):
         match: ModelMatch
+        provenance: Provenance | None = Field(
+            None, description="what backs this plan; discovery applies a shipped plan only when it is measured "
+            "or published")
         layers: list[LayerRule] = Field(default_factory=list)
 
     class SparseConfigFile(StrictModel):

@@ -41,13 +41,26 @@ def read_stats(worker):
             "kept_mass": statistics.mean(a[1] for a in audit) if audit else None,
             "kept_mass_worst": min((a[1] for a in audit), default=None),
         }
+        if st.head_mass:  # audit, per head, over the rows past dense_below
+            out[layer].update(head_mass=st.head_mass, head_tokens=st.head_tokens, kv_read=st.kv_read,
+                              kv_causal=st.kv_causal, head_recall=st.head_recall, kv_density=st.kv_density)
+    STATS.reset()
+    return out
+
+
+def read_calibration(worker):
+    """`vllm-sparse calibrate`'s sums per layer since the last read (`backend/calibration.py`)."""
+    from vllm_sparse.selection.stats import STATS
+
+    out = {layer: st.raw() for layer, st in sorted(STATS.calibration.items())}
     STATS.reset()
     return out
 
 
 def run_engine(model: str, groups: list[list[str]], config: str | None, engine: dict, label: str,
-               max_tokens: int = 16) -> EngineRun:
-    """Generate greedily for each group of prompts in turn; stats are read per group."""
+               max_tokens: int = 16, read=read_stats, on_group=None) -> EngineRun:
+    """Generate greedily for each group of prompts in turn; stats are read per group (`read`, in the
+    workers; rank 0's), and `on_group()` called after each (a progress bar)."""
     from vllm import LLM, SamplingParams
 
     kw = dict(model=model, seed=0, **engine)
@@ -62,7 +75,9 @@ def run_engine(model: str, groups: list[list[str]], config: str | None, engine: 
             run.seconds += time.perf_counter() - t0
             run.completions.append([o.outputs[0].text for o in outs])
             run.prompt_tokens.append([len(o.prompt_token_ids) for o in outs])
-            run.layers.append({} if config is None else llm.collective_rpc(read_stats)[0])
+            run.layers.append({} if config is None else llm.collective_rpc(read)[0])
+            if on_group is not None:
+                on_group()
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

@@ -151,6 +151,11 @@ TASKS: dict[str, Task] = {
 
 def real_text_prompt(tokenizer, n_tokens: int) -> str:
     """About n_tokens of real text: Python's own standard-library sources, concatenated."""
+    return text_windows(tokenizer, stdlib_text(tokenizer, n_tokens), n_tokens, 1)[0]
+
+
+def stdlib_text(tokenizer, n_tokens: int) -> str:
+    """Python's standard-library sources, concatenated, somewhat more than n_tokens of them."""
     import os
     from pathlib import Path
 
@@ -161,5 +166,14 @@ def real_text_prompt(tokenizer, n_tokens: int) -> str:
         total += _count(tokenizer, text)
         if total > n_tokens * 1.2:
             break
-    ids = tokenizer("".join(parts), add_special_tokens=False)["input_ids"][: n_tokens - 1]
-    return tokenizer.decode(ids)
+    return "".join(parts)
+
+
+def text_windows(tokenizer, text: str, n_tokens: int, count: int) -> list[str]:
+    """`count` consecutive windows of the text, each about n_tokens tokens with the special tokens the
+    tokenizer adds; a text too short for them is an error naming its length."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    size = n_tokens - 1
+    if len(ids) < size * count:
+        raise ValueError(f"the text has {len(ids)} tokens; {count} prompt(s) of {n_tokens} tokens need {size * count}")
+    return [tokenizer.decode(ids[i * size:(i + 1) * size]) for i in range(count)]

@@ -2,7 +2,10 @@
 
 Off unless enabled (VLLM_SPARSE_STATS=1, or `enable()`): counting needs host syncs. With
 VLLM_SPARSE_AUDIT=1 the sparse path also computes dense attention for every sparse chunk and
-records how far the sparse output is from it and how much attention mass the kept blocks hold.
+records how far the sparse output is from it and how much attention mass the kept blocks hold, per
+layer and per q head. With VLLM_SPARSE_CALIBRATE set (a JSON list of candidate estimators and budgets,
+`vllm-sparse calibrate`), the sparse layers attend densely and count, for every candidate, the dense
+attention mass and the KV blocks its selection would read.
 
 Each process counts its own chunks. With tensor parallelism a rank counts the q heads that read its
 KV heads: its own, or, where a GQA group spans ranks, the whole group's (every rank of the group
@@ -11,9 +14,12 @@ selects for, and unions over, all of them), so a rank's densities are one device
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -24,6 +30,25 @@ class LayerStats:
     union_kept: int = 0  # (kv head, query block row, kv block) cells attended after union, causal only
     union_total: int = 0
     audit: list[tuple[float, float]] = field(default_factory=list)  # (relative error, kept mass) per union
+    # Audit, per head, over the query blocks past dense_below (`backend/attention_mass.py`):
+    head_mass: list[float] = field(default_factory=list)  # per q head: dense mass in the blocks read, summed
+    head_tokens: int = 0  # queries counted (per q head)
+    kv_read: list[int] = field(default_factory=list)  # per KV head: causal cells read after union
+    kv_causal: int = 0  # causal cells (per KV head)
+
+    def add_heads(self, mass: list[float], tokens: int, read: list[int], causal: int) -> None:
+        self.head_mass = [a + b for a, b in zip(self.head_mass, mass)] if self.head_mass else list(mass)
+        self.kv_read = [a + b for a, b in zip(self.kv_read, read)] if self.kv_read else list(read)
+        self.head_tokens += tokens
+        self.kv_causal += causal
+
+    @property
+    def head_recall(self) -> list[float]:
+        return [m / max(1, self.head_tokens) for m in self.head_mass]
+
+    @property
+    def kv_density(self) -> list[float]:
+        return [r / max(1, self.kv_causal) for r in self.kv_read]
 
     @property
     def requested_density(self) -> float:
@@ -34,17 +59,39 @@ class LayerStats:
         return self.union_kept / max(1, self.union_total)
 
 
+@dataclass
+class CalibrationStats:
+    """One layer's sums for every candidate: dense mass read per q head, cells read per KV head."""
+
+    mass: torch.Tensor  # [candidates, q_heads] fp64
+    read: torch.Tensor  # [candidates, kv_heads] int64
+    tokens: int = 0
+    causal: int = 0
+
+    def raw(self) -> dict:
+        return {"mass": self.mass.tolist(), "read": self.read.tolist(), "tokens": self.tokens, "causal": self.causal}
+
+
 class SparseStats:
     def __init__(self):
         self.enabled = os.environ.get("VLLM_SPARSE_STATS", "0") == "1"
         self.audit = os.environ.get("VLLM_SPARSE_AUDIT", "0") == "1"
         self.layers: dict[int, LayerStats] = defaultdict(LayerStats)
+        # [{"estimator": {"name": ..., params}, "budget": {...}}, ...] while calibrating, else None
+        self.candidates: list[dict] | None = json.loads(os.environ.get("VLLM_SPARSE_CALIBRATE") or "null")
+        self.calibration: dict[int, CalibrationStats] = {}
 
     def enable(self, audit: bool = False) -> None:
         self.enabled, self.audit = True, audit
 
+    def calibrate(self, candidates: list[dict] | None) -> None:
+        """Measure these candidates (None: stop) instead of attending sparsely."""
+        self.candidates = candidates
+        self.calibration.clear()
+
     def reset(self) -> None:
         self.layers.clear()
+        self.calibration.clear()
 
     def snapshot(self) -> dict[int, LayerStats]:
         return dict(sorted(self.layers.items()))

@@ -1,0 +1,76 @@
+"""`vllm-sparse calibrate` end to end on the tiny Llama in vLLM's CPU engine (one engine: the sweep), then
+new plans from its JSON at other targets (no engine): the plans validate, every rule carries its figures,
+recall 1.0 leaves every layer dense, and a lower target never reads more."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_sparse.cli.main import main
+
+pytestmark = pytest.mark.engine
+
+ESTIMATORS = "antidiagonal:stride=8,vertical_slash:last_q=16"
+TOP_P = (0.5, 0.8, 0.95)
+KEEP = (0.25, 0.5, 1.0)
+BUDGETS = ",".join([f"top_p={p}" for p in TOP_P] + [f"keep_ratio={r}" for r in KEEP])
+
+
+def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_sparse.cli.main", "calibrate", "--model", str(tiny_llama), "--lengths", "600,1000",
+         "--target-recall", "0.9", "--out", str(out), "--estimators", ESTIMATORS, "--budgets", BUDGETS,
+         "--plan-block-size", "64", "--dense-below", "256", "--dtype", "float32", "--block-size", "32",
+         "--max-num-batched-tokens", "512", "--kv-cache-memory-bytes", str(1 << 30), "--no-verify"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "calibrating 12 candidates" in proc.stderr  # the progress bar
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["layers"] == [0, 1] and len(result["labels"]) == 12
+    for layer in ("0", "1"):
+        table = result["tables"][layer]
+        for est in range(2):
+            top_p = range(est * 6, est * 6 + 3)
+            keep = range(est * 6 + 3, est * 6 + 6)
+            for rule in (top_p, keep):  # a larger top_p or ratio keeps a superset: more recall, more density
+                for a, b in zip(rule, rule[1:]):
+                    assert all(x <= y + 1e-9 for x, y in zip(table["recall"][a], table["recall"][b]))
+                    assert all(x <= y for x, y in zip(table["density"][a], table["density"][b]))
+            everything = est * 6 + 5  # keep_ratio 1.0: every block, so all the mass
+            assert table["density"][everything] == [1.0, 1.0]
+            assert table["recall"][everything] == pytest.approx([1.0] * 4, abs=1e-5)
+            assert all(0 < r <= 1 + 1e-6 for row in table["recall"] for r in row)
+    assert main(["validate", str(out), "--model", str(tiny_llama)]) == 0
+    text = out.read_text()
+    for needle in (f"model: {tiny_llama}", "data: builtin", "lengths: 600, 1000 tokens", "target recall: 0.9",
+                   "candidates (12): antidiagonal(stride=8) top_p=0.5", "kind: calibrated",
+                   "command: \"vllm-sparse calibrate --model"):
+        assert needle in text, needle
+    for layer in (0, 1):
+        comment = next(line for line in text.splitlines() if line.strip().startswith(f"# layer {layer}:"))
+        assert ("recall" in comment and "kept" in comment) or "dense:" in comment
+    assert "calibrated layers sparse" in proc.stdout
+
+    # Other targets from the saved measurements: no engine.
+    density = {}
+    for target in (1.0, 0.95, 0.9, 0.8, 0.5):
+        plan = tmp_path / f"plan-{target}.yaml"
+        assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--target-recall", str(target),
+                     "--out", str(plan)]) == 0
+        saved = json.loads(plan.with_suffix(".json").read_text())
+        density[target] = [c["density"] for c in saved["choices"]]
+        assert main(["validate", str(plan), "--model", str(tiny_llama)]) == 0
+        for c in saved["choices"]:
+            assert c["dense"] or min(c["recall"]) >= target - 1e-6
+        if target == 1.0:
+            assert all(c["dense"] for c in saved["choices"])
+            assert "0 of 2 layers sparse" in capsys.readouterr().out
+    targets = sorted(density)
+    for lo, hi in zip(targets, targets[1:]):
+        assert all(a <= b + 1e-12 for a, b in zip(density[lo], density[hi])), (lo, hi, density)
+    assert density[0.5] != density[1.0]  # the low target does make something sparse

@@ -1,0 +1,146 @@
+"""`vllm-sparse calibrate`'s choice from a recall table (pure), the candidate short forms, and the YAML it
+writes: it validates against the model, carries every rule's figures, and a lower target never reads more."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_sparse.calibrate.candidates import candidates, label, parse_budgets, parse_estimators
+from vllm_sparse.calibrate.choose import LayerTable, choose, choose_layer, combine, table_from_sums
+from vllm_sparse.calibrate.plan_yaml import render_plan
+from vllm_sparse.config.loader import parse_config
+from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+# 4 q heads, 2 KV heads. Candidates: 0 cheap (good for group 0 only), 1 middle (good for both), 2 costly.
+TABLE = LayerTable(3, recall=[[0.97, 0.96, 0.70, 0.80], [0.96, 0.95, 0.95, 0.96], [0.99, 0.99, 0.99, 0.99]],
+                   density=[[0.10, 0.12], [0.40, 0.45], [0.80, 0.85]])
+
+
+def test_lowest_density_reaching_the_target_in_every_head():
+    c = choose_layer(TABLE, 0.95, per_group=False)
+    assert [g.candidate for g in c.groups] == [1, 1] and not c.per_group and not c.dense
+    assert c.density == pytest.approx(0.425) and c.recall == (0.96, 0.95, 0.95, 0.96)
+    assert [g.candidate for g in choose_layer(TABLE, 0.97, per_group=False).groups] == [2, 2]
+
+
+def test_per_group_where_the_groups_need_different_budgets():
+    c = choose_layer(TABLE, 0.95)
+    assert c.per_group and [g.candidate for g in c.groups] == [0, 1]
+    assert c.density == pytest.approx((0.10 + 0.45) / 2)
+    # When one candidate suits every group, the layer keeps one rule.
+    same = LayerTable(0, [[0.99] * 4, [0.5] * 4], [[0.3, 0.3], [0.1, 0.1]])
+    assert not choose_layer(same, 0.95).per_group
+
+
+def test_unreachable_or_too_dense_stays_dense_and_says_why():
+    c = choose_layer(TABLE, 0.995)
+    assert c.dense and c.density == 1.0 and c.recall == (1.0,) * 4
+    assert "no candidate reaches recall 0.995" in c.why_dense and "candidate 2" in c.why_dense
+    c = choose_layer(TABLE, 0.97, max_density=0.5, labels=["a", "b", "c"])
+    assert c.dense and "(c) reads 82.5% > max density 50%" in c.why_dense
+
+
+def test_target_one_keeps_everything():
+    t = LayerTable(0, [[0.9999] * 4, [1.0 - 1e-8] * 4], [[0.5, 0.5], [1.0, 1.0]])
+    assert choose_layer(t, 1.0).dense  # the only candidate reaching 1.0 reads every block: dense
+    assert [g.candidate for g in choose_layer(t, 1.0, max_density=1.0).groups] == [1, 1]  # keep-all
+    with pytest.raises(ValueError, match="target recall"):
+        choose([t], 1.5)
+
+
+@st.composite
+def tables(draw):
+    kv = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 6))
+    unit = st.floats(0.0, 1.0)
+    recall = [[draw(unit) for _ in range(kv * group)] for _ in range(n)]
+    density = [[draw(unit) for _ in range(kv)] for _ in range(n)]
+    return LayerTable(0, recall, density)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables(), st.floats(0.01, 1.0), st.floats(0.01, 1.0), st.floats(0.05, 1.0), st.booleans())
+def test_a_lower_target_never_reads_more(table, t1, t2, max_density, per_group):
+    lo, hi = sorted((t1, t2))
+    a = choose_layer(table, lo, max_density, per_group)
+    b = choose_layer(table, hi, max_density, per_group)
+    assert a.density <= b.density + 1e-12
+    for c, target in ((a, lo), (b, hi)):
+        assert all(r >= target - 1e-6 for r in c.recall)  # every head reaches the target (dense: 1.0)
+        assert c.dense or c.density <= max_density + 1e-12
+        assert c.per_group or len({g.candidate for g in c.groups}) == 1
+
+
+def test_sums_to_table_and_lengths_combine():
+    t = table_from_sums(5, {"mass": [[50.0, 40.0]], "read": [[30]], "tokens": 50, "causal": 60})
+    assert t.recall == [[1.0, 0.8]] and t.density == [[0.5]]
+    u = LayerTable(5, [[0.9, 0.9]], [[0.3]])
+    both = combine([t, u])
+    assert both.recall == [[0.9, 0.8]] and both.density == [[pytest.approx(0.4)]]
+
+
+def test_candidate_short_forms():
+    est = parse_estimators("antidiagonal:stride=16,lowbit:bits=4")
+    assert est == [{"name": "antidiagonal", "stride": 16}, {"name": "lowbit", "bits": 4}]
+    bud = parse_budgets("top_p=0.9,keep_ratio=0.1:share=group:local_blocks=2")
+    assert bud == [{"top_p": 0.9, "sink_blocks": 1, "local_blocks": 1},
+                   {"keep_ratio": 0.1, "share": "group", "local_blocks": 2, "sink_blocks": 1}]
+    cands = candidates(est, bud)
+    assert len(cands) == 4 and label(cands[3]) == "lowbit(bits=4) keep_ratio=0.1 share=group local_blocks=2"
+    for bad, msg in (("magic", "unknown estimator 'magic'"), ("antidiagonal:strid=8", "strid"),
+                     ("dense", "keeps every block"), ("antidiagonal:8", "key=value")):
+        with pytest.raises(ValueError, match=msg):
+            parse_estimators(bad)
+    for bad, msg in (("top_p=2", "less than or equal to 1"), ("top_p=0.9:top_k=3", "exactly one of")):
+        with pytest.raises(ValueError, match=msg):
+            parse_budgets(bad)
+
+
+SHAPE = ModelShape("org/tiny-model", ("LlamaForCausalLM",), num_layers=4, num_q_heads=4, num_kv_heads=2)
+
+
+def test_written_plan_validates_and_carries_every_rules_figures():
+    cands = candidates(parse_estimators("antidiagonal:stride=8,sink_local"),
+                       parse_budgets("top_p=0.9,keep_ratio=0.2"))  # 4 candidates
+    tables = [LayerTable(0, [[0.99] * 4, [0.96] * 4, [0.5] * 4, [0.5] * 4], [[0.7] * 2, [0.3] * 2, [0.2] * 2,
+                                                                            [0.2] * 2]),
+              LayerTable(1, [[0.99, 0.99, 0.5, 0.5], [0.6, 0.6, 0.97, 0.97], [0.5] * 4, [0.5] * 4],
+                         [[0.2, 0.2], [0.2, 0.2], [0.1, 0.1], [0.1, 0.1]]),
+              LayerTable(2, [[0.5] * 4] * 4, [[0.1] * 2] * 4)]
+    labels = [label(c) for c in cands]
+    choices = choose(tables, 0.95, labels=labels)
+    verified = {0: LayerTable(0, [[0.955, 0.96, 0.97, 0.98]], [[0.31, 0.29]])}
+    text = render_plan(["Calibrated plan for org/tiny-model", "target recall: 0.95"], ["*tiny-model*"],
+                       {"kind": "calibrated", "source": "test", "command": "vllm-sparse calibrate --model x"},
+                       {"block_size": 64, "dense_below": 256, "decode": "dense", "union_tile": 1}, choices, cands,
+                       verified)
+    plan = resolve_plan(parse_config(yaml.safe_load(text), "plan.yaml"), SHAPE, "plan.yaml", explicit=True)
+    assert text.startswith("# Calibrated plan for org/tiny-model\n# target recall: 0.95\n")
+    assert (plan.block_size, plan.dense_below, plan.union_tile) == (64, 256, 1)
+    h = plan.layer(0).heads[0]
+    assert (h.estimator, h.budget.keep_ratio) == ("antidiagonal", 0.2) and len(set(plan.layer(0).heads)) == 1
+    layer1 = plan.layer(1).heads  # per KV head: antidiagonal tau 0.9 for heads 0-1, keep 20% for 2-3
+    assert layer1[0] == layer1[1] and layer1[0].budget.top_p == 0.9
+    assert layer1[2] == layer1[3] and layer1[2].budget.keep_ratio == 0.2
+    assert not plan.layer(2).is_sparse and not plan.layer(3).is_sparse  # 2: no candidate reaches; 3: not measured
+    assert ("# layer 0: antidiagonal(stride=8) keep_ratio=0.2: recall 0.960 mean, 0.960 lowest q head; kept 30.0% "
+            "| verified: recall 0.966 mean, 0.955 lowest q head; kept 30.0%") in text
+    assert "# KV head 0 (q heads 0-1): antidiagonal(stride=8) top_p=0.9: recall 0.990 mean" in text
+    assert "# KV head 1 (q heads 2-3): antidiagonal(stride=8) keep_ratio=0.2: recall 0.970 mean" in text
+    assert "# layer 2: dense: no candidate reaches recall 0.95 in every head" in text
+    data = yaml.safe_load(text)["models"][0]
+    assert data["provenance"] == {"kind": "calibrated", "source": "test", "command": "vllm-sparse calibrate --model x"}
+
+
+def test_verified_figures_from_the_audits_sums():
+    from vllm_sparse.calibrate.run import _verified_table
+
+    stats = [{"head_mass": [9.0, 8.0], "head_tokens": 10, "kv_read": [3], "kv_causal": 6},
+             {"head_mass": [10.0, 10.0], "head_tokens": 10, "kv_read": [6], "kv_causal": 6}, {}]
+    t = _verified_table(4, stats)
+    assert t.layer == 4 and t.recall == [[0.95, 0.9]] and t.density == [[0.75]]
+    assert _verified_table(4, [{}, {"unions": 3}]) is None

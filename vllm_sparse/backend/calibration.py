@@ -1,0 +1,67 @@
+"""`vllm-sparse calibrate` inside the engine: a sparse layer's chunks attend densely (so every layer
+sees the dense model's activations) while each candidate estimator + budget is tried on them: its
+kept blocks, after dense_below and the union over tiles and GQA groups exactly as the sparse path
+forms them, are held against the chunk's dense attention mass (`attention_mass.py`).
+
+Candidates come from STATS.candidates (the VLLM_SPARSE_CALIBRATE environment variable): a list of
+{"estimator": {"name": ..., params}, "budget": {BudgetSpec fields}}. Sums per layer land in
+STATS.calibration; `vllm_sparse.calibrate.run` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from vllm_sparse.backend.attention_mass import dense_attention_mass, dense_rows, read_cells, read_mass, row_unions
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.selection.budget import Budget
+from vllm_sparse.selection.stats import STATS, CalibrationStats
+
+
+@lru_cache(maxsize=4)
+def _grouped(candidates_json: str) -> list[tuple[str, object, list[tuple[int, Budget]]]]:
+    """Candidates grouped by estimator (name and parameters): each estimator scores a chunk once."""
+    from vllm_sparse.config.schema import BudgetSpec
+    from vllm_sparse.estimators.registry import get_estimator
+
+    groups: dict[str, tuple[str, object, list]] = {}
+    for i, cand in enumerate(json.loads(candidates_json)):
+        spec = dict(cand["estimator"])
+        name = spec.pop("name")
+        params = get_estimator(name).params(**spec)
+        key = f"{name}:{params.model_dump_json()}"
+        groups.setdefault(key, (name, params, []))[2].append((i, Budget(**BudgetSpec(**cand["budget"]).model_dump())))
+    return list(groups.values())
+
+
+def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_below: int, tile: int) -> None:
+    """Write the chunk's dense attention into `out` [q_len, q_heads, Dv]; add every candidate's dense mass
+    read (per q head) and cells read (per KV head), over the rows past dense_below, to STATS.calibration."""
+    from vllm_sparse.backend.sparse_path import budget_masks, dense_rows_below
+
+    dense, mass = dense_attention_mass(ctx)
+    out.copy_(dense.to(out.dtype))
+    first = dense_rows(ctx, dense_below)
+    if first >= ctx.num_query_blocks or layer < 0:  # nothing past dense_below, or not a model layer (warm-up)
+        return
+    candidates = STATS.candidates
+    num_kv = ctx.kv.num_kv_heads
+    st = STATS.calibration.get(layer)
+    if st is None:
+        dev = ctx.q.device
+        st = STATS.calibration[layer] = CalibrationStats(
+            torch.zeros(len(candidates), ctx.q.shape[1], dtype=torch.float64, device=dev),
+            torch.zeros(len(candidates), num_kv, dtype=torch.int64, device=dev))
+    causal = ctx.causal_block_mask()[first:]
+    past = mass[:, first:].double()  # once, not per candidate
+    for name, params, budgets in _grouped(json.dumps(candidates)):
+        masks = budget_masks(ctx, name, params, [b for _, b in budgets])
+        for (i, _), mask in zip(budgets, masks):
+            union = row_unions(dense_rows_below(mask, ctx, dense_below), tile, num_kv)[:, first:]
+            st.mass[i] += read_mass(past, union, ctx.kv_head_of)
+            st.read[i] += read_cells(union, causal)
+    st.tokens += ctx.seq_len - max(ctx.context_len, (ctx.first_query_block + first) * ctx.block_size)
+    st.causal += int(causal.sum())

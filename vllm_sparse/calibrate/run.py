@@ -1,0 +1,314 @@
+"""`vllm-sparse calibrate`: run the model in vLLM on calibration prompts, measure every candidate estimator
+and budget per layer and q head, choose a plan, write it, and check it.
+
+1. Sweep: every full-attention layer takes the sparse path in calibration mode (`backend/calibration.py`):
+   it attends densely, so each layer sees the dense model's activations, and for every candidate sums
+   the dense attention mass its blocks would hold (per q head) and the blocks its union reads (per KV
+   head), over the rows past dense_below.
+2. Choose (`choose.py`, pure): per layer, the candidate reaching the target recall in every q head at the
+   lowest kept density; per KV head's group of q heads where that reads less; dense where none does.
+3. Write the YAML (`plan_yaml.py`) and validate it against the model, as the engine would.
+4. Verify (unless --no-verify): run the written plan on the same prompts with the audit on (the plan's
+   sparse outputs now feed the later layers) and record its recall and kept density in the YAML too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from vllm_sparse.calibrate.candidates import candidates as make_candidates
+from vllm_sparse.calibrate.candidates import label
+from vllm_sparse.calibrate.choose import LayerChoice, LayerTable, choose, combine, table_from_sums
+from vllm_sparse.calibrate.plan_yaml import render_plan
+
+
+@dataclass
+class CalibrationSpec:
+    model: str
+    lengths: list[int]
+    estimators: list[dict]
+    budgets: list[dict]
+    target: float = 0.95
+    data: str = "builtin"  # or a text file
+    samples: int = 1  # prompts per length
+    max_density: float = 0.9
+    per_group: bool = True
+    block_size: int = 128
+    dense_below: int = 8192
+    union_tile: int | None = 1
+    engine: dict = field(default_factory=dict)
+    verify: bool = True
+    command: str = ""
+
+
+def prompts_for(tokenizer, spec: CalibrationSpec) -> dict[int, list[str]]:
+    from vllm_sparse.eval.tasks import stdlib_text, text_windows
+
+    need = max(spec.lengths) * spec.samples
+    if spec.data == "builtin":
+        text = stdlib_text(tokenizer, need)
+    else:
+        text = Path(spec.data).read_text(errors="replace")
+    try:
+        return {n: text_windows(tokenizer, text, n, spec.samples) for n in spec.lengths}
+    except ValueError as e:
+        raise ValueError(f"--data {spec.data}: {e}") from None
+
+
+def probe_config(shape, spec: CalibrationSpec, path: Path) -> None:
+    """The config the sweep's engine runs: every full-attention layer on the sparse path (which, while
+    calibrating, attends densely and measures), with the plan's block, dense_below and union tile. Its
+    estimator is the candidate whose fused scorer needs the most workspace, so the engine reserves
+    enough for every candidate (on GPUs)."""
+    from vllm_sparse.estimators.registry import get_estimator
+
+    def rows(c):
+        args = dict(c["estimator"])
+        est = get_estimator(args.pop("name"))
+        return est.workspace_rows(est.params(**args), spec.engine.get("max_num_batched_tokens", 4096))
+
+    first = max(make_candidates(spec.estimators, spec.budgets), key=rows)
+    entry = {"match": {"architectures": list(shape.architectures), "names": ["*"]},
+             "block_size": spec.block_size, "dense_below": spec.dense_below, "union_tile": spec.union_tile,
+             "layers": [{"layers": "full_attention", **first}]}
+    path.write_text(yaml.safe_dump({"version": 1, "models": [entry]}, sort_keys=False))
+
+
+def _add(into: dict, sums: dict) -> None:
+    for layer, s in sums.items():
+        acc = into.get(layer)
+        if acc is None:
+            into[layer] = json.loads(json.dumps(s))
+            continue
+        acc["mass"] = [[a + b for a, b in zip(x, y)] for x, y in zip(acc["mass"], s["mass"])]
+        acc["read"] = [[a + b for a, b in zip(x, y)] for x, y in zip(acc["read"], s["read"])]
+        acc["tokens"] += s["tokens"]
+        acc["causal"] += s["causal"]
+
+
+def _verified_table(layer: int, stats: list[dict]) -> LayerTable | None:
+    """The audit's per-head sums of one layer over a length's prompts -> a one-candidate table."""
+    stats = [s for s in stats if s.get("head_mass")]
+    if not stats:
+        return None
+    mass = [sum(s["head_mass"][h] for s in stats) for h in range(len(stats[0]["head_mass"]))]
+    read = [sum(s["kv_read"][k] for s in stats) for k in range(len(stats[0]["kv_read"]))]
+    tokens, causal = sum(s["head_tokens"] for s in stats), sum(s["kv_causal"] for s in stats)
+    return table_from_sums(layer, {"mass": [mass], "read": [read], "tokens": tokens, "causal": causal})
+
+
+def _meta() -> dict:
+    import torch
+
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        from importlib.metadata import version
+
+        meta["vllm_sparse"] = version("vllm-sparse")
+    except Exception:
+        meta["vllm_sparse"] = "?"
+    try:
+        import vllm
+
+        meta["vllm"] = vllm.__version__
+    except Exception:
+        meta["vllm"] = "?"
+    meta["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return meta
+
+
+def header_lines(spec: CalibrationSpec, shape, meta: dict, labels: list[str], verified: bool) -> list[str]:
+    full = [i for i in range(shape.num_layers) if shape.is_full_attention(i)]
+    sliding = "" if len(full) == shape.num_layers else \
+        f"; the other {shape.num_layers - len(full)} (sliding window) always stay dense"
+    data = "builtin (Python's standard-library sources)" if spec.data == "builtin" else spec.data
+    lines = [
+        f"Calibrated plan for {spec.model}, written by `vllm-sparse calibrate` on {meta['date']}",
+        f"(vllm-sparse {meta['vllm_sparse']}, vLLM {meta['vllm']}, {meta['device']}).",
+        "Backed by: CALIBRATION (provenance below). Discovery never applies it on its own: name it by path.",
+        "",
+        f"command: {spec.command}",
+        f"model: {spec.model} ({', '.join(shape.architectures)}; {shape.num_layers} layers, "
+        f"{shape.num_q_heads} q heads, {shape.num_kv_heads} KV heads); calibrated layers: "
+        f"{', '.join(map(str, full))}{sliding}",
+        f"data: {data}, {spec.samples} prompt(s) per length; lengths: {', '.join(map(str, spec.lengths))} tokens",
+        f"target recall: {spec.target:g} for every q head, where recall is the share of the head's dense attention",
+        "  mass in the KV blocks it reads after union, mean over its queries past dense_below, lowest over the",
+        "  lengths (measured with dense attention in every layer). kept: the share of causal KV blocks read",
+        "  after union over those rows, mean over KV heads and lengths.",
+        f"max density {spec.max_density:g}: a layer (or KV head's group) whose cheapest candidate reads more "
+        "stays dense.",
+        f"candidates ({len(labels)}): {', '.join(labels)}",
+    ]
+    if verified:
+        lines += ["verified: the written plan run on the same prompts with the audit on (its sparse outputs feed "
+                  "the", "  later layers); figures after 'verified:'."]
+    return lines
+
+
+def write_plan(path: Path, spec: CalibrationSpec, shape, meta: dict, choices: list[LayerChoice],
+               cands: list[dict], verified: dict[int, LayerTable] | None) -> str:
+    labels = [label(c) for c in cands]
+    name = Path(spec.model.rstrip("/")).name
+    provenance = {"kind": "calibrated", "command": spec.command,
+                  "source": f"vllm-sparse calibrate on {meta['date']} ({meta['device']}): recall target "
+                            f"{spec.target:g} on {spec.data} text at {', '.join(map(str, spec.lengths))} tokens"}
+    settings = {"block_size": spec.block_size, "dense_below": spec.dense_below, "decode": "dense"}
+    if spec.union_tile is not None:
+        settings["union_tile"] = spec.union_tile
+    text = render_plan(header_lines(spec, shape, meta, labels, verified is not None), [f"*{name}*"], provenance,
+                       settings, choices, cands, verified)
+    path.write_text(text)
+    return text
+
+
+def check_plan(path: Path, shape):
+    """Load and resolve the written plan as the engine would; raises SparseConfigError if it does not fit."""
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import resolve_plan
+
+    return resolve_plan(load_config(path), shape, str(path), explicit=True)
+
+
+def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_sparse.config.plan import ModelShape
+    from vllm_sparse.eval.harness import read_calibration, read_stats, run_engine
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(spec.model), spec.model)
+    tok = AutoTokenizer.from_pretrained(spec.model)
+    prompts = prompts_for(tok, spec)
+    groups = [[p] for n in spec.lengths for p in prompts[n]]  # one prompt per group: sums read per prompt
+    length_of = [n for n in spec.lengths for _ in prompts[n]]
+    cands = make_candidates(spec.estimators, spec.budgets)
+    labels = [label(c) for c in cands]
+    engine = {"dtype": "bfloat16", "max_model_len": max(spec.lengths) + 256, "enforce_eager": True, **spec.engine}
+    meta = _meta()
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+
+    with tempfile.TemporaryDirectory(prefix="vllm-sparse-calibrate-") as tmp:
+        probe = Path(tmp) / "probe.yaml"
+        probe_config(shape, spec, probe)
+        os.environ["VLLM_SPARSE_CALIBRATE"] = json.dumps(cands)  # read by the engine's workers
+        try:
+            with tqdm(total=len(groups), desc=f"calibrating {len(cands)} candidates", unit="prompt",
+                      disable=not progress) as bar:
+                sweep = run_engine(spec.model, groups, str(probe), engine, "calibrate", 1, read=read_calibration,
+                                   on_group=bar.update)
+        finally:
+            os.environ.pop("VLLM_SPARSE_CALIBRATE")
+    sums: dict[int, dict] = {}
+    for n, layers in zip(length_of, sweep.layers):
+        _add(sums.setdefault(n, {}), {int(k): v for k, v in layers.items()})
+    layers = sorted({layer for per in sums.values() for layer in per})
+    if not layers:
+        raise ValueError(f"nothing measured: no calibration tokens past dense_below ({spec.dense_below}); "
+                         f"lengths {spec.lengths} must exceed it")
+    per_length = {n: {layer: table_from_sums(layer, sums[n][layer]) for layer in layers} for n in spec.lengths}
+    tables = [combine([per_length[n][layer] for n in spec.lengths]) for layer in layers]
+    choices = choose(tables, spec.target, spec.max_density, spec.per_group, labels)
+    write_plan(out, spec, shape, meta, choices, cands, None)
+    plan = check_plan(out, shape)
+
+    verified = None
+    if spec.verify and plan.is_sparse:
+        os.environ["VLLM_SPARSE_STATS"] = "1"
+        os.environ["VLLM_SPARSE_AUDIT"] = "1"
+        try:
+            with tqdm(total=len(groups), desc="verifying the plan", unit="prompt", disable=not progress) as bar:
+                run = run_engine(spec.model, groups, str(out), engine, "verify", 1, read=read_stats,
+                                 on_group=bar.update)
+        finally:
+            os.environ.pop("VLLM_SPARSE_STATS")
+            os.environ.pop("VLLM_SPARSE_AUDIT")
+        verified = {}
+        for layer in layers:
+            per_n = [_verified_table(layer, [s.get(str(layer)) or s.get(layer) or {} for s, m in
+                                             zip(run.layers, length_of) if m == n]) for n in spec.lengths]
+            if all(t is not None for t in per_n):
+                verified[layer] = combine(per_n)
+        write_plan(out, spec, shape, meta, choices, cands, verified)
+        check_plan(out, shape)
+
+    result = {
+        "meta": meta, "spec": asdict(spec), "plan": str(out), "candidates": cands, "labels": labels,
+        "num_q_heads": shape.num_q_heads, "num_kv_heads": shape.num_kv_heads, "layers": layers,
+        "tables": {str(t.layer): asdict(t) for t in tables},
+        "per_length": {str(n): {str(layer): asdict(t) for layer, t in per.items()} for n, per in per_length.items()},
+        "choices": choices_json(choices, labels),
+        "verified": None if verified is None else {str(k): asdict(v) for k, v in verified.items()},
+        "seconds": time.perf_counter() - t_start,
+    }
+    return result
+
+
+def choices_json(choices: list[LayerChoice], labels: list[str]) -> list[dict]:
+    return [{"layer": c.layer, "dense": c.dense, "per_group": c.per_group, "why_dense": c.why_dense,
+             "recall": list(c.recall), "density": c.density,
+             "groups": [{"candidate": g.candidate, "label": "dense" if g.candidate is None else labels[g.candidate],
+                         "recall": list(g.recall), "density": g.density} for g in c.groups]} for c in choices]
+
+
+def format_report(result: dict) -> str:
+    lines = [f"calibrated {result['spec']['model']}: target recall {result['spec']['target']:g}, "
+             f"lengths {', '.join(map(str, result['spec']['lengths']))}, {len(result['labels'])} candidates", "",
+             f"{'layer':>5}  {'choice':<44} {'recall':>7} {'lowest':>7} {'kept':>6}  {'verified':>8} {'kept':>6}"]
+    verified = result.get("verified") or {}
+    for c in result["choices"]:
+        if c["dense"]:
+            what = "dense"
+        elif c["per_group"]:
+            what = "per KV head: " + "; ".join(g["label"] for g in c["groups"])
+        else:
+            what = c["groups"][0]["label"]
+        recall = c["recall"]
+        v = verified.get(str(c["layer"]))
+        vtxt = "" if v is None else f"{min(v['recall'][0]):>8.3f} {sum(v['density'][0]) / len(v['density'][0]):>6.1%}"
+        lines.append(f"{c['layer']:>5}  {what[:44]:<44} {sum(recall) / len(recall):>7.3f} {min(recall):>7.3f} "
+                     f"{c['density']:>6.1%}  {vtxt}".rstrip())
+        if c["dense"] and c["why_dense"]:
+            lines.append(f"{'':>7}{c['why_dense']}")
+    sparse = [c for c in result["choices"] if not c["dense"]]
+    mean = sum(c["density"] for c in result["choices"]) / max(1, len(result["choices"]))
+    lines += ["", "recall: lowest over lengths of each q head's dense attention mass in the blocks read "
+              "(mean over heads, lowest head); kept: causal KV blocks read after union; verified: the written plan "
+              "run with the audit on (lowest head recall, kept)",
+              f"wrote {result['plan']}: {len(sparse)} of {len(result['choices'])} calibrated layers sparse, "
+              f"{mean:.1%} of their causal KV blocks read (dense layers count 100%); "
+              f"{result['seconds']:.0f} s"]
+    return "\n".join(lines)
+
+
+def rechoose(result: dict, target: float, out: str | Path, command: str, max_density: float | None = None,
+             per_group: bool | None = None) -> dict:
+    """A new plan from a saved calibration (its --json) at another target: no model run; unverified."""
+    from transformers import AutoConfig
+
+    from vllm_sparse.config.plan import ModelShape
+
+    spec = CalibrationSpec(**{**result["spec"], "target": target, "verify": False, "command": command})
+    if max_density is not None:
+        spec.max_density = max_density
+    if per_group is not None:
+        spec.per_group = per_group
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(spec.model), spec.model)
+    tables = [LayerTable(**result["tables"][str(layer)]) for layer in result["layers"]]
+    choices = choose(tables, target, spec.max_density, spec.per_group, result["labels"])
+    out = Path(out)
+    write_plan(out, spec, shape, result["meta"], choices, result["candidates"], None)
+    check_plan(out, shape)
+    new = dict(result, spec=asdict(spec), plan=str(out), verified=None, seconds=0.0)
+    new["choices"] = choices_json(choices, result["labels"])
+    return new
