@@ -27,6 +27,14 @@ def require_matplotlib():
     return plt
 
 
+def _save(fig, plt, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _heatmap(ax, plt, grid, rows, cols, title, vmin, vmax, cmap, fmt):
     im = ax.imshow(grid, aspect="auto", vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest")
     ax.set_title(title)
@@ -69,11 +77,7 @@ def plot_calibration(result: dict, path: str | Path) -> Path:
              "magma", lambda x: f"{x:.2f}")
     fig.suptitle(f"{Path(str(result['spec']['model']).rstrip('/')).name}: calibrated plan, "
                  f"lengths {', '.join(map(str, result['spec']['lengths']))}; figures from {source}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def plot_eval(result: dict, path: str | Path) -> Path:
@@ -102,11 +106,7 @@ def plot_eval(result: dict, path: str | Path) -> Path:
     ax.set_title(f"{Path(str(result['model']).rstrip('/')).name}: dense vs {Path(str(result['config'])).name}")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def plot_ttft(results: dict, path: str | Path) -> Path:
@@ -131,8 +131,4 @@ def plot_ttft(results: dict, path: str | Path) -> Path:
     ax.set_title(f"TTFT, dense vs sparse ({meta.get('device', '?')}, vLLM {meta.get('vllm', '?')})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
