@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.engines import IN_PROCESS, engine_env
 from vllm_sparse.cli.main import main
 
 pytestmark = pytest.mark.engine
@@ -27,7 +28,7 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
          "--target-recall", "0.9", "--out", str(out), "--estimators", ESTIMATORS, "--budgets", BUDGETS,
          "--plan-block-size", "64", "--dense-below", "256", "--dtype", "float32", "--block-size", "32",
          "--max-num-batched-tokens", "512", "--kv-cache-memory-bytes", str(1 << 30), "--no-verify"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env={**engine_env(), **IN_PROCESS})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "calibrating 12 candidates" in proc.stderr  # the progress bar
     result = json.loads(out.with_suffix(".json").read_text())

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.engine_scenarios import RESULT_MARK
-from tests.engines import REPO, engine_env
+from tests.engines import IN_PROCESS, REPO, engine_env
 
 pytestmark = pytest.mark.engine
 
@@ -43,7 +43,7 @@ def _run(model: Path, config: str, prompts: dict, engine: dict, scenarios: list[
     spec = {"model": str(model), "config": config, "engine": engine, "prompts": prompts, "scenarios": scenarios,
             "max_tokens": max_tokens}
     proc = subprocess.run([sys.executable, "-m", "tests.engine_scenarios", json.dumps(spec)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, env=engine_env())
+                          capture_output=True, text=True, timeout=900, env={**engine_env(), **IN_PROCESS})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_MARK))
     return json.loads(line[len(RESULT_MARK):])
