@@ -18,7 +18,7 @@ from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
 from vllm_sparse.selection.stats import STATS
-from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions
+from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions, tile_unions_per_row
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
@@ -46,7 +46,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     union = tile_unions(mask, tile, num_kv) if STATS.enabled or kernel != "fa3" else None
     if STATS.enabled:  # eval counters: host syncs are acceptable there
         # Every tile's union, repeated for each of its rows: the whole chunk counted at once.
-        record_density(layer, ctx, mask, union.repeat_interleave(tile, dim=1)[:, :rows], slice(0, rows), n_tiles)
+        record_density(layer, ctx, mask, tile_unions_per_row(union, tile, rows), slice(0, rows), n_tiles)
     q, out = ctx.q, output[c.q_start:c.q_end]
     max_q = min(tile * bs, ctx.q_len)
     if kernel == "fa3":

@@ -57,10 +57,9 @@ def dense_rows(ctx: ChunkContext, dense_below: int) -> int:
 def row_unions(mask: torch.Tensor, tile: int, num_kv_heads: int) -> torch.Tensor:
     """Kept-block mask [mask_heads, rows, kv_blocks] -> what each row reads per KV head,
     [kv_heads, rows, kv_blocks]: the union over its union tile's rows and its KV head's q heads."""
-    from vllm_sparse.selection.tile_tables import tile_unions
+    from vllm_sparse.selection.tile_tables import tile_unions, tile_unions_per_row
 
-    rows = mask.shape[1]
-    return tile_unions(mask, tile, num_kv_heads).repeat_interleave(tile, dim=1)[:, :rows]
+    return tile_unions_per_row(tile_unions(mask, tile, num_kv_heads), tile, mask.shape[1])
 
 
 def read_mass(mass: torch.Tensor, union: torch.Tensor, kv_head_of: torch.Tensor) -> torch.Tensor:

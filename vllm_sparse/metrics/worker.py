@@ -10,6 +10,7 @@ snapshot per worker into `VLLM_SPARSE_METRICS_DIR`, which `collector.py` serves.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
@@ -104,8 +105,7 @@ class WorkerMetrics:
     # -- the reader thread -----------------------------------------------------------------------
     def _observe_estimation(self, seconds: float) -> None:
         with self._lock:
-            i = next((i for i, b in enumerate(ESTIMATION_BUCKETS) if seconds <= b), len(ESTIMATION_BUCKETS))
-            self._est_counts[i] += 1
+            self._est_counts[bisect.bisect_left(ESTIMATION_BUCKETS, seconds)] += 1  # first bound >= seconds
             self._est_sum += seconds
 
     def _drain_timings(self) -> None:

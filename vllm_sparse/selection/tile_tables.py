@@ -29,6 +29,11 @@ def tile_unions(mask: torch.Tensor, tile: int, num_kv_heads: int) -> torch.Tenso
     return per_head.view(num_kv_heads, heads // num_kv_heads, n_tiles, nkb).any(1)
 
 
+def tile_unions_per_row(unions: torch.Tensor, tile: int, rows: int) -> torch.Tensor:
+    """`tile_unions`' [kv_heads, n_tiles, kv_blocks] -> [kv_heads, rows, kv_blocks]: each row's tile union."""
+    return unions.repeat_interleave(tile, dim=1)[:, :rows]
+
+
 def tile_seq_lens(first_query_block: int, n_tiles: int, tile: int, block_size: int, context_len: int,
                   q_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(query_start_loc [n_tiles + 1] of the tiles inside the chunk, seq_lens [n_tiles]: tokens up to
