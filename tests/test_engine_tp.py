@@ -27,10 +27,6 @@ from tests.test_engine_gpu import _mean_diff
 GPU = torch.cuda.is_available()
 if GPU:
     from tests.test_engine_gpu import ENGINE
-
-    # Eager on GPUs: six engines start here, and torch.compile plus CUDA-graph capture cost each one
-    # 30-60 s (up to 116 s cold, 2x H200) for nothing this test checks (test_engine_gpu covers graphs).
-    ENGINE = {**ENGINE, "enforce_eager": True}
 else:
     from tests.test_engine_cpu import ENGINE
 
