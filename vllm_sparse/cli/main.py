@@ -47,7 +47,9 @@ def cmd_validate(args) -> int:
     if args.model:
         plan = _resolve(args)
         n = sum(layer.is_sparse for layer in plan.layers)
-        print(f"OK: {args.config} for {args.model}: {n} of {len(plan.layers)} layers sparse")
+        d = sum(layer.is_sparse_decode for layer in plan.layers)
+        print(f"OK: {args.config} for {args.model}: {n} of {len(plan.layers)} layers sparse"
+              + (f", {d} select pages at decode" if d else ""))
         for note in plan.notes:
             print(f"note: {note}")
     else:
@@ -61,19 +63,23 @@ def cmd_plan(args) -> int:
     print(f"plan for {plan.model} from {plan.source}")
     print(f"block_size={plan.block_size} dense_below={plan.dense_below} decode={plan.decode} "
           f"q_heads={plan.num_q_heads} kv_heads={plan.num_kv_heads}")
+    if plan.is_sparse_decode:
+        print(f"decode: block_tokens={plan.decode_block_tokens} dense_below={plan.decode_dense_below} "
+              "(page summaries: 1/page_size of each decode layer's KV cache)")
     for note in plan.notes:
         print(f"note: {note}")
-    rows = [("layer", "kind", "heads", "estimator", "budget")]
+    rows = [("layer", "kind", "heads", "estimator", "budget", "decode")]
     for layer in plan.layers:
         kind = "full" if layer.full_attention else "sliding"
-        # Group consecutive heads with the same plan so the table stays readable.
+        per_head = list(zip(layer.heads, layer.decode or (None,) * len(layer.heads)))
+        # Group consecutive heads with the same plans so the table stays readable.
         start = 0
-        for h in range(1, len(layer.heads) + 1):
-            if h == len(layer.heads) or layer.heads[h] != layer.heads[start]:
-                hp = layer.heads[start]
+        for h in range(1, len(per_head) + 1):
+            if h == len(per_head) or per_head[h] != per_head[start]:
+                hp, dp = per_head[start]
                 heads = f"{start}" if h - 1 == start else f"{start}-{h - 1}"
                 rows.append((str(layer.index), kind, heads, hp.describe() if hp else "dense",
-                             hp.budget.describe() if hp else "-"))
+                             hp.budget.describe() if hp else "-", dp.describe() if dp else "dense"))
                 start = h
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -66,14 +66,43 @@ class HeadPlan:
 
 
 @dataclass(frozen=True)
+class DecodeHeadPlan:
+    """One KV head's decode selection (every q head of the group has the same): blocks of the plan's
+    `decode_block_tokens`."""
+
+    estimator: str  # "quest"
+    top_k_blocks: int
+    sink_blocks: int
+    local_blocks: int
+
+    @property
+    def kept_blocks(self) -> int:
+        return self.top_k_blocks + self.sink_blocks + self.local_blocks
+
+    def describe(self) -> str:
+        return f"{self.estimator}(top_k_blocks={self.top_k_blocks},sink={self.sink_blocks},local={self.local_blocks})"
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     index: int
     full_attention: bool
     heads: tuple[HeadPlan | None, ...]  # per q head (unsharded numbering); None = dense
+    decode: tuple[DecodeHeadPlan | None, ...] = ()  # per q head; None (or empty) = vLLM's dense decode
 
     @property
     def is_sparse(self) -> bool:
         return any(h is not None for h in self.heads)
+
+    @property
+    def is_sparse_decode(self) -> bool:
+        return any(d is not None for d in self.decode)
+
+    def decode_for(self, shard) -> tuple[DecodeHeadPlan | None, ...]:
+        """Per local KV head of a tensor-parallel rank: its decode plan (q heads of a KV head agree)."""
+        q = self.decode[shard.q_heads.start:shard.q_heads.stop] or (None,) * len(shard.q_heads)
+        kv = len(shard.kv_heads)
+        return tuple(q[i * (len(q) // kv)] for i in range(kv))
 
     def heads_for(self, shard) -> tuple[HeadPlan | None, ...]:
         """The plans of the query heads one tensor-parallel rank runs (a `sharding.HeadShard`)."""
@@ -93,10 +122,17 @@ class SparsePlan:
     notes: tuple[str, ...] = field(default=())
     union_tile: int | None = None  # query blocks per union; None = the whole chunk
     min_query_tokens: int = 16  # prefill chunks with fewer query tokens stay dense
+    decode_block_tokens: int = 64  # decode selection block (tokens)
+    decode_dense_below: int = 16384  # decode steps with less context stay dense
 
     @property
     def is_sparse(self) -> bool:
-        return any(layer.is_sparse for layer in self.layers)
+        """Anything runs sparse: a prefill head or a decode head."""
+        return any(layer.is_sparse or layer.is_sparse_decode for layer in self.layers)
+
+    @property
+    def is_sparse_decode(self) -> bool:
+        return any(layer.is_sparse_decode for layer in self.layers)
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers[index]
@@ -170,6 +206,11 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
     problems: list[tuple[str, str]] = []
     notes: list[str] = []
     heads: list[list[HeadPlan | None]] = [[None] * shape.num_q_heads for _ in range(shape.num_layers)]
+    # Decode: the most specific `decode` wins (head rule, layer rule, model entry, defaults), on every
+    # full-attention layer; (spec, path) per layer and q head.
+    base_decode = ((entry.decode, f"{where}.decode") if entry.decode is not None
+                   else (cfg.defaults.decode, "defaults.decode"))
+    decode: list[list[tuple]] = [[base_decode] * shape.num_q_heads for _ in range(shape.num_layers)]
     owner: dict[int, int] = {}
     for r, rule in enumerate(entry.layers):
         rpath = f"{where}.layers[{r}]"
@@ -207,14 +248,69 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
             for q in range(shape.num_q_heads):
                 hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
                 heads[layer][q] = _head_plan(hrule, rule, entry, cfg)
+                if hrule is not None and hrule.decode is not None:
+                    decode[layer][q] = (hrule.decode, f"{rpath}.heads[{head_rule_of[q]}].decode")
+                elif rule.decode is not None:
+                    decode[layer][q] = (rule.decode, f"{rpath}.decode")
+    decode_plans, block_tokens, decode_below = _decode_plans(decode, shape, problems)
     if problems:
         raise SparseConfigError(source, problems)
     layers_out = tuple(
-        LayerPlan(i, shape.is_full_attention(i), tuple(heads[i])) for i in range(shape.num_layers)
+        LayerPlan(i, shape.is_full_attention(i), tuple(heads[i]), decode_plans[i]) for i in range(shape.num_layers)
     )
-    return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), setting("decode"),
+    return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"),
+                      "quest" if any(any(d) for d in decode_plans) else "dense",
                       layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
-                      setting("min_query_tokens"))
+                      setting("min_query_tokens"), block_tokens, decode_below)
+
+
+DECODE_BLOCK_TOKENS = 64
+DECODE_DENSE_BELOW = 16384
+
+
+def _decode_plans(decode, shape: ModelShape, problems: list) -> tuple[list[tuple], int, int]:
+    """Per layer, per q head: DecodeHeadPlan or None; and the model's one block size and dense_below.
+
+    Every q head of a KV head must agree (a decode step selects blocks per KV head), and one block
+    size and one dense_below hold for the model (one page summary and one threshold per step)."""
+    quest = [(spec, path) for layer in range(shape.num_layers) if shape.is_full_attention(layer)
+             for spec, path in decode[layer] if spec is not None and spec.estimator == "quest"]
+    values = {}
+    for name, default in (("block_tokens", DECODE_BLOCK_TOKENS), ("dense_below", None)):
+        given = {}
+        for spec, path in quest:
+            v = getattr(spec, name)
+            if v is not None:
+                given.setdefault(v, path)
+        if len(given) > 1:
+            (a, pa), (b, pb) = list(given.items())[:2]
+            problems.append((pb, f"decode {name} {b} differs from {a} ({pa}): a model has one decode {name}"))
+        values[name] = next(iter(given), default)
+    block = values["block_tokens"]
+    out: list[tuple] = []
+    kept_tokens = 0
+    group = max(1, shape.num_q_heads // max(1, shape.num_kv_heads))
+    for layer in range(shape.num_layers):
+        row: list[DecodeHeadPlan | None] = []
+        for q in range(shape.num_q_heads):
+            spec, path = decode[layer][q]
+            if spec is None or spec.estimator == "dense" or not shape.is_full_attention(layer):
+                row.append(None)
+                continue
+            d = DecodeHeadPlan("quest", -(-spec.top_k_tokens // block), spec.sink_blocks, spec.local_blocks)
+            kept_tokens = max(kept_tokens, d.kept_blocks * block)
+            row.append(d)
+        for q0 in range(0, shape.num_q_heads, group):
+            if len(set(row[q0:q0 + group])) > 1:
+                paths = sorted({decode[layer][q][1] for q in range(q0, q0 + group)})
+                problems.append((paths[-1], f"layer {layer}: q heads {q0}-{q0 + group - 1} share KV head "
+                                 f"{q0 // group} and must have one decode setting (set by {', '.join(paths)})"))
+                break
+        out.append(tuple(row) if any(row) else ())
+    below = values["dense_below"]
+    if below is None:
+        below = max(DECODE_DENSE_BELOW, 2 * kept_tokens)
+    return out, block, below
 
 
 def _head_plan(hrule, rule, entry, cfg) -> HeadPlan | None:

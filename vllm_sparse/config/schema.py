@@ -10,6 +10,11 @@
             budget: {keep_ratio: 0.25, sink_blocks: 1, local_blocks: 2}
             heads:                      # optional per-head overrides inside the layer rule
               - {heads: [0, 1], dense: true}
+        decode: {estimator: quest, top_k_tokens: 4096, sink_blocks: 1, local_blocks: 2}
+
+`decode` (model entry, `defaults`, layer rule or head rule) makes decode steps over long contexts
+read only the KV blocks a query can score high on (Quest); `decode: dense` (the default) leaves decode
+to vLLM. Prefill settings and decode settings are independent.
 
 A setting not given on a head rule comes from its layer rule, then the model entry, then
 `defaults`, then the built-in default. Layers no rule selects stay dense.
@@ -92,6 +97,45 @@ class BudgetSpec(StrictModel):
         return self
 
 
+DECODE_ESTIMATORS = ("quest", "dense")
+
+
+class DecodeSpec(StrictModel):
+    """Decode page selection: each decode step of a request whose context reaches `dense_below` reads,
+    per KV head, the `top_k_tokens` worth of blocks with the highest Quest upper bound, plus the first
+    `sink_blocks` and the last `local_blocks` blocks (the current token's included)."""
+
+    estimator: Literal["quest", "dense"] = Field(
+        "quest", description="quest: upper bound of q.k from each block's per-channel key min/max (Quest); "
+        "dense: this rule's heads read every block")
+    top_k_tokens: int = Field(4096, ge=1, description="tokens selected by score per KV head and step "
+                              "(rounded up to whole blocks), besides the sink and local blocks")
+    sink_blocks: int = Field(1, ge=0, description="first blocks always read")
+    local_blocks: int = Field(1, ge=1, description="last blocks always read, the current token's included")
+    block_tokens: int | None = Field(
+        None, description="selection block in tokens (power of two 16..1024, a multiple of the KV cache block; "
+        "default 64); one value per model")
+    dense_below: int | None = Field(
+        None, ge=1, description="decode steps of a request with fewer tokens of context stay dense (default: "
+        "16384, or twice the tokens a step reads if that is more); one value per model")
+
+    @field_validator("block_tokens")
+    @classmethod
+    def _block(cls, v):
+        if v is not None and (v < 16 or v > 1024 or v & (v - 1)):
+            raise ValueError(f"block_tokens {v} must be a power of two in 16..1024")
+        return v
+
+
+def _decode_setting(v: Any) -> Any:
+    """`decode: dense` is short for `decode: {estimator: dense}`."""
+    if isinstance(v, str):
+        if v not in DECODE_ESTIMATORS:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_ESTIMATORS)} or a mapping; got {v!r}")
+        return {"estimator": v}
+    return v
+
+
 @lru_cache(maxsize=1)
 def estimator_spec_type():
     """Discriminated union of {name: <estimator>, <its params>} over the registered estimators."""
@@ -146,6 +190,12 @@ def _build_models():
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
         dense: bool = False
+        decode: DecodeSpec | None = Field(None, description="decode page selection for these heads")
+
+        @field_validator("decode", mode="before")
+        @classmethod
+        def _decode(cls, v):
+            return _decode_setting(v)
 
         @field_validator("heads", mode="before")
         @classmethod
@@ -158,7 +208,13 @@ def _build_models():
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
         dense: bool = False
+        decode: DecodeSpec | None = Field(None, description="decode page selection for these layers")
         heads: list[HeadRule] = Field(default_factory=list)
+
+        @field_validator("decode", mode="before")
+        @classmethod
+        def _decode(cls, v):
+            return _decode_setting(v)
 
         @field_validator("layers", mode="before")
         @classmethod
@@ -170,7 +226,8 @@ def _build_models():
         dense_below: int | None = Field(
             None, ge=0, description="a query block whose tokens see fewer tokens than this (their own included) "
             "attends densely; chunks reach the sparse path once their context does")
-        decode: Literal["dense"] | None = Field(None, description="decode policy (dense only, for now)")
+        decode: DecodeSpec | None = Field(
+            None, description="decode page selection (Quest), or `dense` (the default): vLLM's own decode")
         union_tile: int | None = Field(
             None, ge=1, description="query blocks per block union (default: one union per prefill chunk)")
         min_query_tokens: int | None = Field(
@@ -178,6 +235,11 @@ def _build_models():
             "(a speculative verify step, a short suffix after a prefix-cache hit); default 16")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
+
+        @field_validator("decode", mode="before")
+        @classmethod
+        def _decode(cls, v):
+            return _decode_setting(v)
 
         @field_validator("block_size")
         @classmethod

@@ -1,0 +1,82 @@
+"""The `decode:` settings: schema, inheritance into per-KV-head decode plans, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from tests.test_config import GEMMA, entry, plan_of, problems_of
+from vllm_sparse.config.loader import parse_config
+from vllm_sparse.config.plan import DecodeHeadPlan
+from vllm_sparse.config.sharding import head_shard
+
+
+def test_decode_is_dense_unless_asked():
+    plan = plan_of(entry(layers=[{"layers": "all"}]))
+    assert plan.decode == "dense" and not plan.is_sparse_decode
+    assert all(not layer.decode for layer in plan.layers)
+
+
+def test_model_decode_applies_to_every_full_attention_layer_and_rules_override_it():
+    data = entry(decode={"top_k_tokens": 1000, "block_tokens": 128, "sink_blocks": 2},
+                 layers=[{"layers": 1, "dense": True, "decode": "dense"},
+                         {"layers": 2, "dense": True, "heads": [{"heads": "4-7", "decode": {"top_k_tokens": 256}}]}])
+    plan = plan_of(data)
+    model_rule = DecodeHeadPlan("quest", 8, 2, 1)  # 1000 tokens -> 8 blocks of 128
+    assert plan.decode == "quest" and plan.decode_block_tokens == 128
+    assert plan.layer(0).decode == (model_rule,) * 8 and plan.layer(3).decode == (model_rule,) * 8
+    assert not plan.layer(1).is_sparse_decode
+    assert plan.layer(2).decode == (model_rule,) * 4 + (DecodeHeadPlan("quest", 2, 1, 1),) * 4
+    assert not plan.layer(2).is_sparse  # prefill and decode are independent
+    # kept blocks 8 + 2 + 1 = 11 of 128 tokens: dense_below defaults to 16384 (more than twice that)
+    assert plan.decode_dense_below == 16384
+    # per rank: rank 1 of 2 holds KV head 1 (q heads 4-7)
+    assert plan.layer(2).decode_for(head_shard(8, 2, 1, 2)) == (DecodeHeadPlan("quest", 2, 1, 1),)
+
+
+def test_decode_shorthand_and_defaults():
+    cfg = parse_config({"version": 1, "defaults": {"decode": "quest"},
+                        "models": [{"match": {"names": ["x"]}}]}, "t.yaml")
+    assert cfg.defaults.decode.estimator == "quest" and cfg.defaults.decode.top_k_tokens == 4096
+    plan = plan_of({"version": 1, "defaults": {"decode": {"top_k_tokens": 8192}},
+                    "models": [{"match": {"architectures": ["LlamaForCausalLM"]}}]})
+    assert plan.layer(0).decode[0] == DecodeHeadPlan("quest", 128, 1, 1)
+    assert plan.decode_dense_below == 2 * 130 * 64  # twice what a step reads, above the 16384 floor
+
+
+def test_sliding_window_layers_keep_dense_decode():
+    plan = plan_of({"version": 1, "models": [{"match": {"architectures": ["Gemma3ForCausalLM"]},
+                                              "decode": {"top_k_tokens": 2048}}]}, GEMMA)
+    assert [i for i, layer in enumerate(plan.layers) if layer.is_sparse_decode] == [5, 11, 17]
+
+
+@pytest.mark.parametrize("bad, where, words", [
+    ({"decode": "fast"}, "decode", "decode must be one of quest, dense or a mapping"),
+    ({"decode": {"block_tokens": 48}}, "block_tokens", "must be a power of two in 16..1024"),
+    ({"decode": {"top_k_tokens": 0}}, "top_k_tokens", "greater than or equal to 1"),
+    ({"decode": {"local_blocks": 0}}, "local_blocks", "greater than or equal to 1"),
+    ({"decode": {"estimator": "tidal"}}, "estimator", "'quest' or 'dense'"),
+    ({"decode": {"top_k_tokens": 64, "budget": 3}}, "models[0].decode", "unknown field(s) 'budget'"),
+])
+def test_bad_decode_settings_name_the_field(bad, where, words):
+    with pytest.raises((ValidationError, Exception)) as e:
+        parse_config(entry(**bad), "test.yaml")
+    assert where in str(e.value) and words in str(e.value)
+
+
+def test_q_heads_of_one_kv_head_must_agree():
+    problems = problems_of(entry(layers=[{"layers": 0, "heads": [{"heads": "0-2", "decode": "quest"}]}]))
+    assert problems == [("models[0].layers[0].heads[0].decode",
+                         "layer 0: q heads 0-3 share KV head 0 and must have one decode setting (set by "
+                         "defaults.decode, models[0].layers[0].heads[0].decode)")]
+
+
+def test_one_block_size_and_threshold_per_model():
+    problems = problems_of(entry(decode={"block_tokens": 64},
+                                 layers=[{"layers": 0, "decode": {"block_tokens": 32, "dense_below": 9000}},
+                                         {"layers": 1, "decode": {"dense_below": 8000}}]))
+    assert problems == [
+        ("models[0].decode", "decode block_tokens 64 differs from 32 (models[0].layers[0].decode): a model has one "
+         "decode block_tokens"),
+        ("models[0].layers[1].decode", "decode dense_below 8000 differs from 9000 (models[0].layers[0].decode): a "
+         "model has one decode dense_below")]
