@@ -1,0 +1,142 @@
+"""Decode attention over each (row, KV head)'s selected blocks, read in place from the paged cache.
+
+Split-K (flash-decoding): program (row, KV head, split) walks its share of the selected blocks in
+sub-tiles of up to 64 tokens for the whole GQA group at once, keeping an online softmax; a second
+kernel merges the splits into the output row. A KV head marked dense walks every block of the
+context instead. Rows that are not sparse decode rows are left alone (the dense backend wrote
+them). Grid and workspace depend only on the batch's row count and the budget, so both kernels
+capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_sparse.decode.select import _row_is_sparse_decode
+from vllm_sparse.kernels.paged import PagedKV
+
+
+def reference_decode_attention(q: torch.Tensor, paged: PagedKV, pages: torch.Tensor, seq_len: int,
+                               blocks: list[torch.Tensor | None], block_tokens: int, scale: float) -> torch.Tensor:
+    """One row. q [q_heads, D]; pages: the row's physical pages in order; blocks: per KV head the
+    selected logical blocks, or None for every block. -> [q_heads, D] float32."""
+    kv_heads = paged.num_kv_heads
+    group = q.shape[0] // kv_heads
+    k, v = paged.gather(pages, seq_len)  # [seq_len, kv_heads, D]
+    out = q.new_empty(q.shape, dtype=torch.float32)
+    for h in range(kv_heads):
+        if blocks[h] is None:
+            tok = torch.arange(seq_len, device=q.device)
+        else:
+            start = blocks[h].to(q.device)[:, None] * block_tokens
+            tok = (start + torch.arange(block_tokens, device=q.device)).flatten()
+            tok = tok[tok < seq_len]
+        qh = q[h * group:(h + 1) * group].float()
+        s = qh @ k[tok, h].float().T * scale
+        out[h * group:(h + 1) * group] = torch.softmax(s, -1) @ v[tok, h].float()
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, sq_t, sq_h, k_ptr, v_ptr, sk_p, sk_h, sk_t, sv_p, sv_h, sv_t, bt_ptr, s_bt, qsl_ptr, seq_ptr,
+    sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h,
+    scale, dense_below,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr,
+    SPLITS: tl.constexpr, HKV: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
+    if sparse:
+        dense_h = tl.load(dense_ptr + h)
+        nb = tl.cdiv(seq, BT)
+        n_items = tl.where(dense_h != 0, nb, tl.load(cnt_ptr + b * HKV + h))
+        SUB: tl.constexpr = BT // TT
+        total = n_items * SUB
+        per = tl.cdiv(total, SPLITS)
+        start = s * per
+        end = tl.minimum(start + per, total)
+        q0 = tl.load(qsl_ptr + b)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        gmask = g < G
+        q = tl.load(q_ptr + q0 * sq_t + (h * G + g)[:, None] * sq_h + d[None, :], mask=gmask[:, None], other=0.0)
+        m_i = tl.full((GP,), -1.0e30, tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for it in range(start, end):
+            i = it // SUB
+            c = it % SUB
+            j = tl.load(sel_ptr + b * ssel_b + h * ssel_h + i, mask=dense_h == 0, other=0)
+            j = tl.where(dense_h != 0, i, j)
+            tok = j * BT + c * TT + tl.arange(0, TT)
+            tval = tok < seq
+            phys = tl.load(bt_ptr + b * s_bt + tok // PS, mask=tval, other=0).to(tl.int64)
+            slot = tok % PS
+            k = tl.load(k_ptr + (phys * sk_p + h * sk_h + slot * sk_t)[:, None] + d[None, :], mask=tval[:, None],
+                        other=0.0)
+            v = tl.load(v_ptr + (phys * sv_p + h * sv_h + slot * sv_t)[:, None] + d[None, :], mask=tval[:, None],
+                        other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale
+            qk = tl.where(tval[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        qh = h * G + g
+        tl.store(po_ptr + b * spo_b + qh[:, None] * spo_h + s * spo_s + d[None, :], acc, mask=gmask[:, None])
+        tl.store(pml_ptr + b * spml_b + qh * spml_h + s * 2, m_i, mask=gmask)
+        tl.store(pml_ptr + b * spml_b + qh * spml_h + s * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, so_t, so_h, qsl_ptr, seq_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h, dense_below,
+    D: tl.constexpr, SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    qh = tl.program_id(1)
+    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
+    if sparse:
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        m = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2)
+        l_s = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2 + 1)
+        w = tl.exp(m - tl.max(m, 0))
+        o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
+        res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)
+        q0 = tl.load(qsl_ptr + b)
+        tl.store(out_ptr + q0 * so_t + qh * so_h + d, res.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_lens, heads, selected, counts,
+                     partial_out, partial_ml, output, *, block_tokens: int, scale: float, dense_below: int) -> None:
+    """Attention of every sparse decode row into `output` [tokens, q_heads, D]. partial_out
+    [rows, q_heads, SPLITS, D] and partial_ml [rows, q_heads, SPLITS, 2] (float32) are the workspace."""
+    rows = seq_lens.shape[0]
+    kv_heads = paged.num_kv_heads
+    q_heads, d = query.shape[1], query.shape[2]
+    group = q_heads // kv_heads
+    splits = partial_out.shape[2]
+    key, value = paged.key, paged.value
+    assert key.stride(-1) == 1 and value.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
+    _decode_split_kernel[(rows, kv_heads, splits)](
+        query, query.stride(0), query.stride(1), key, value, key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), block_table, block_table.stride(0), query_start_loc,
+        seq_lens, selected, selected.stride(0), selected.stride(1), counts, heads.dense, partial_out,
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_ml, partial_ml.stride(0),
+        partial_ml.stride(1), scale, dense_below,
+        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
+        TT=min(block_tokens, 64), SPLITS=splits, HKV=kv_heads,
+    )
+    _decode_merge_kernel[(rows, q_heads)](
+        output, output.stride(0), output.stride(1), query_start_loc, seq_lens, partial_out, partial_out.stride(0),
+        partial_out.stride(1), partial_out.stride(2), partial_ml, partial_ml.stride(0), partial_ml.stride(1),
+        dense_below, D=d, SPLITS=splits,
+    )

@@ -1,0 +1,149 @@
+"""Quest block selection for decode rows: score every block of a row's context by the upper bound
+of q.k its page summaries allow, then keep per KV head the top blocks plus the sink and local ones.
+
+Score of a page for one q head: sum_c max(q_c * min_c, q_c * max_c) (an upper bound of q.k over
+the page's keys). A block (`block_tokens`, whole pages) takes its pages' maximum, and a KV head its
+q heads' maximum, so one block list serves the whole GQA group. Sink and local blocks score +inf,
+blocks past the context -inf. Ties go to the later block: both implementations order by the pair
+(score, block index), packed into one int64 key.
+
+A decode row is a request with one query token whose context reaches `dense_below`; every other row
+is skipped here (its attention is the dense backend's). The Triton kernels read the row facts from
+device tensors, so the same launches serve every step of a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROW_BLOCKS = 4096  # blocks of context a decode row may have: the selection sorts a row in registers
+
+
+def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
+    """float32 scores [..., n] -> int64 keys ordered like (score, index)."""
+    bits = scores.float().contiguous().view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    idx = torch.arange(scores.shape[-1], device=scores.device)
+    return (key << 32) | idx
+
+
+def reference_block_scores(q: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, seq_len: int, page_size: int,
+                           block_tokens: int, sink: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """One row. q [q_heads, D]; mins/maxs [pages, kv_heads, D] of the row's logical pages (at least the
+    written ones); sink/local [kv_heads]. -> [kv_heads, blocks] float32 scores."""
+    kv_heads = mins.shape[1]
+    group = q.shape[0] // kv_heads
+    n_pages = -(-seq_len // page_size)
+    ppb = block_tokens // page_size
+    nb = -(-seq_len // block_tokens)
+    qf = q.float().view(kv_heads, group, 1, -1)  # [kv, g, 1, D]
+    mn = mins[:n_pages].float().permute(1, 0, 2).unsqueeze(1)  # [kv, 1, pages, D]
+    mx = maxs[:n_pages].float().permute(1, 0, 2).unsqueeze(1)
+    bound = torch.maximum(qf * mn, qf * mx).sum(-1).amax(1)  # [kv, pages]
+    padded = bound.new_full((kv_heads, nb * ppb), float("-inf"))
+    padded[:, :n_pages] = bound
+    scores = padded.view(kv_heads, nb, ppb).amax(-1)
+    j = torch.arange(nb, device=q.device)
+    forced = (j[None, :] < sink[:, None].to(q.device)) | (j[None, :] >= nb - local[:, None].to(q.device))
+    return torch.where(forced, torch.full_like(scores, float("inf")), scores)
+
+
+def reference_select(scores: torch.Tensor, kept: torch.Tensor) -> list[torch.Tensor]:
+    """scores [kv_heads, blocks] (one row); kept [kv_heads] blocks to keep. -> per KV head, the kept
+    block indices in ascending order."""
+    keys = sortable_keys(scores)
+    out = []
+    for h in range(scores.shape[0]):
+        kk = min(int(kept[h]), scores.shape[1])
+        out.append(torch.topk(keys[h], kk).indices.sort().values)
+    return out
+
+
+@triton.jit
+def _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below):
+    q_len = tl.load(qsl_ptr + b + 1) - tl.load(qsl_ptr + b)
+    seq = tl.load(seq_ptr + b)
+    return (q_len == 1) & (seq >= dense_below), seq
+
+
+@triton.jit
+def _quest_scores_kernel(
+    q_ptr, sq_t, sq_h, mins_ptr, maxs_ptr, ss_p, ss_h, bt_ptr, s_bt, qsl_ptr, seq_ptr, sink_ptr, local_ptr,
+    dense_ptr, scores_ptr, ssc_b, ssc_h, dense_below,
+    G: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, PPB: tl.constexpr, TILE_B: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.program_id(2)
+    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
+    nb = tl.cdiv(seq, PS * PPB)
+    if sparse & (t * TILE_B < nb) & (tl.load(dense_ptr + h) == 0):
+        q0 = tl.load(qsl_ptr + b)
+        blocks = t * TILE_B + tl.arange(0, TILE_B)
+        pages = tl.reshape(blocks[:, None] * PPB + tl.arange(0, PPB)[None, :], (TILE_B * PPB,))
+        pvalid = pages < tl.cdiv(seq, PS)
+        phys = tl.load(bt_ptr + b * s_bt + pages, mask=pvalid, other=0).to(tl.int64)
+        d = tl.arange(0, D)
+        off = phys[:, None] * ss_p + h * ss_h + d[None, :]
+        mn = tl.load(mins_ptr + off, mask=pvalid[:, None], other=0.0).to(tl.float32)
+        mx = tl.load(maxs_ptr + off, mask=pvalid[:, None], other=0.0).to(tl.float32)
+        best = tl.full((TILE_B * PPB,), float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            qg = tl.load(q_ptr + q0 * sq_t + (h * G + g) * sq_h + d).to(tl.float32)
+            ub = tl.sum(tl.maximum(qg[None, :] * mn, qg[None, :] * mx), axis=1)
+            best = tl.maximum(best, ub)
+        best = tl.where(pvalid, best, float("-inf"))
+        blk = tl.max(tl.reshape(best, (TILE_B, PPB)), axis=1)
+        forced = (blocks < tl.load(sink_ptr + h)) | (blocks >= nb - tl.load(local_ptr + h))
+        blk = tl.where(forced, float("inf"), blk)
+        tl.store(scores_ptr + b * ssc_b + h * ssc_h + blocks, blk, mask=blocks < nb)
+
+
+@triton.jit
+def _select_kernel(
+    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_below,
+    HKV: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
+    if sparse & (tl.load(dense_ptr + h) == 0):
+        nb = tl.cdiv(seq, BT)
+        j = tl.arange(0, NBP)
+        sc = tl.load(scores_ptr + b * ssc_b + h * ssc_h + j, mask=j < nb, other=float("-inf"))
+        bits = sc.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        key = (key << 32) | j.to(tl.int64)
+        kk = tl.minimum(tl.load(kept_ptr + h), nb)
+        srt = tl.sort(key, descending=True)
+        thr = tl.sum(tl.where(j == kk - 1, srt, 0))
+        keep = (key >= thr) & (j < nb)
+        pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(sel_ptr + b * ssel_b + h * ssel_h + pos, j, mask=keep)
+        tl.store(cnt_ptr + b * HKV + h, kk)
+
+
+def quest_select(query, mins, maxs, block_table, query_start_loc, seq_lens, heads, scores, selected, counts,
+                 *, page_size: int, block_tokens: int, dense_below: int) -> None:
+    """Score and select for every decode row of the step, into `selected` [rows, kv_heads, max kept]
+    and `counts` [rows, kv_heads] (rows that are not sparse decode rows are left as they were).
+    `heads`: the layer's per-KV-head tensors (`DecodeHeads`); `scores` [rows, kv_heads, NBP] workspace."""
+    rows = seq_lens.shape[0]
+    kv_heads = mins.shape[1]
+    group = query.shape[1] // kv_heads
+    ppb = block_tokens // page_size
+    tile_b = max(1, 64 // ppb)
+    grid = (rows, kv_heads, triton.cdiv(scores.shape[2], tile_b))
+    _quest_scores_kernel[grid](
+        query, query.stride(0), query.stride(1), mins, maxs, mins.stride(0), mins.stride(1), block_table,
+        block_table.stride(0), query_start_loc, seq_lens, heads.sink, heads.local, heads.dense, scores,
+        scores.stride(0), scores.stride(1), dense_below,
+        G=group, D=query.shape[2], PS=page_size, PPB=ppb, TILE_B=tile_b,
+    )
+    _select_kernel[(rows, kv_heads)](
+        scores, scores.stride(0), scores.stride(1), query_start_loc, seq_lens, heads.kept, heads.dense, selected,
+        selected.stride(0), selected.stride(1), counts, dense_below, HKV=kv_heads, BT=block_tokens,
+        NBP=scores.shape[2], num_warps=8,
+    )

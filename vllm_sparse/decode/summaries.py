@@ -1,0 +1,62 @@
+"""Quest page summaries: per physical KV page and KV head, the channel-wise min and max of its keys.
+
+Indexed like vLLM's KV cache (by physical page id), so a page shared by prefix caching has one
+summary, and a decode step finds a sequence's summaries through its own block table. They are
+updated wherever vLLM writes keys (`do_kv_cache_update`): a page whose first slot is written in a
+step starts afresh (its earlier content belonged to a freed page or a preempted request), any other
+page widens its min/max with the new keys. Pages that are only read (prefix-cache hits) keep the
+summary their writer left.
+
+Memory: two key vectors per page and KV head, i.e. 1/page_size of the layer's KV cache (6.25% at
+vLLM's default 16-token pages). The last row is a sink for padded slots (slot -1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PageSummaries:
+    def __init__(self, num_pages: int, num_kv_heads: int, head_size: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        # Zeros, not +-inf: a page never written is never selected by a sequence (block tables point at
+        # written pages only), and a finite value keeps stray bounds finite.
+        self.mins = torch.zeros(num_pages + 1, num_kv_heads, head_size, dtype=dtype, device=device)
+        self.maxs = torch.zeros_like(self.mins)
+        self.page_size = page_size
+        self._trash = num_pages
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.mins.numel() * self.mins.element_size()
+
+    @staticmethod
+    def bytes_per_page(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> int:
+        return 2 * num_kv_heads * head_size * torch.empty(0, dtype=dtype).element_size()
+
+    def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Fold the step's new keys ([tokens, kv_heads, head_size], written at `slot_mapping`) in.
+        No host syncs and fixed shapes: safe inside a captured CUDA graph."""
+        n = slot_mapping.shape[0]
+        key = key[:n]
+        slots = slot_mapping.long()
+        valid = slots >= 0
+        page = torch.where(valid, slots // self.page_size, self._trash)
+        fresh = torch.where(valid & (slots % self.page_size == 0), page, self._trash)
+        self.mins.index_fill_(0, fresh, float("inf"))
+        self.maxs.index_fill_(0, fresh, float("-inf"))
+        idx = page.view(-1, 1, 1).expand_as(key)
+        k = key.to(self.mins.dtype)
+        self.mins.scatter_reduce_(0, idx, k, "amin", include_self=True)
+        self.maxs.scatter_reduce_(0, idx, k, "amax", include_self=True)
+
+
+def reference_summary(keys: torch.Tensor, seq_len: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summaries recomputed from a sequence's keys [seq_len, kv_heads, head_size]: per logical page
+    ([pages, kv_heads, head_size] min and max), for tests."""
+    pages = -(-seq_len // page_size)
+    pad = pages * page_size - seq_len
+    k = keys[:seq_len].float()
+    lo = torch.cat([k, k.new_full((pad, *k.shape[1:]), float("inf"))]).view(pages, page_size, *k.shape[1:])
+    hi = torch.cat([k, k.new_full((pad, *k.shape[1:]), float("-inf"))]).view(pages, page_size, *k.shape[1:])
+    return lo.amin(1), hi.amax(1)
