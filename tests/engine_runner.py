@@ -24,7 +24,7 @@ def main(spec: dict) -> dict:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     from vllm import LLM, SamplingParams
 
-    kw = dict(model=spec["model"], seed=0, enforce_eager=True, **spec.get("engine", {}))
+    kw = {"model": spec["model"], "seed": 0, "enforce_eager": True, **spec.get("engine", {})}
     if spec.get("backend"):
         kw["attention_backend"] = spec["backend"]
     if spec.get("config"):
@@ -33,17 +33,23 @@ def main(spec: dict) -> dict:
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 6),
-                            prompt_logprobs=0 if spec.get("prompt_logprobs", True) else None)
+                            prompt_logprobs=0 if spec.get("prompt_logprobs", True) else None,
+                            logprobs=0 if spec.get("logprobs") else None, ignore_eos=spec.get("ignore_eos", False))
     t0 = time.perf_counter()
-    outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    if spec.get("sequential"):  # one request after the other (a later one may hit an earlier one's prefix cache)
+        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in spec["prompts"]]
+    else:
+        outs = llm.generate(spec["prompts"], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     results = []
     for o in outs:
         lp = None
         if o.prompt_logprobs is not None:
             lp = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
-        results.append({"prompt_tokens": len(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids),
-                        "text": o.outputs[0].text, "prompt_logprobs": lp})
+        gen = o.outputs[0]
+        sampled = [d[t].logprob for d, t in zip(gen.logprobs, gen.token_ids)] if gen.logprobs else None
+        results.append({"prompt_tokens": len(o.prompt_token_ids), "token_ids": list(gen.token_ids),
+                        "text": gen.text, "prompt_logprobs": lp, "logprobs": sampled})
     out = {"startup_s": startup, "generate_s": elapsed, "results": results}
     if spec.get("stats"):
         from vllm_sparse.eval.harness import read_stats

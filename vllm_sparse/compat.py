@@ -121,6 +121,14 @@ def seq_lens_cpu(cm) -> torch.Tensor:
     return cm.seq_lens.cpu()
 
 
+def with_seq_lens(cm, seq_lens: torch.Tensor):
+    """`cm` with other device sequence lengths (host copies, upper bounds, kept), caches derived from
+    them dropped."""
+    names = {f.name for f in dataclasses.fields(cm)}
+    derived = {n: None for n in ("_num_computed_tokens_cpu", "_num_computed_tokens_cache") if n in names}
+    return dataclasses.replace(cm, seq_lens=seq_lens, **derived)
+
+
 _PER_TOKEN_FIELDS = ("slot_mapping", "positions")
 
 

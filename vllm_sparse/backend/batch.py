@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_sparse import compat
+from vllm_sparse.decode.step import DecodeRows
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class SparseBatch:
     chunks: tuple[SparseChunk, ...]
     dense_tokens: torch.Tensor | None  # token indices of the dense requests (None when there are none)
     dense_metadata: object | None  # the dense backend's metadata for those requests alone
+    decode: DecodeRows | None = None  # the step's rows, for layers that select pages at decode
 
 
 def classify(cm, dense_below: int, min_query_len: int = 2) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:

@@ -16,14 +16,19 @@ from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch, classify
 from vllm_sparse.backend.checks import (
     check_block_size,
+    check_decode,
+    check_decode_layers,
     kv_cache_problem,
     layer_index,
     layer_span,
     warn_dense_layers,
 )
+from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
 from vllm_sparse.backend.kernel_choice import check_kernel_choice
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up
+from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.decode.memory import allocate_summaries
 from vllm_sparse.log import logger
 from vllm_sparse.metrics.worker import worker_metrics
 
@@ -39,6 +44,12 @@ def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):
     md.__dict__.update(vars(dense_md))
     md.sparse_batch = batch
     return md
+
+
+def decode_row_limit(vllm_config) -> int:
+    """Most rows a step can have: requests, or a captured graph's padded batch."""
+    capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+    return max(vllm_config.scheduler_config.max_num_seqs, capture)
 
 
 def count_prefill_tokens(metrics, cm, chunks) -> None:
@@ -65,6 +76,7 @@ class SparseBuilderMixin:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._plan = plan_for(vllm_config)
         self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
+        self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         if self._has_sparse_layer:
             check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
             check_kernel_choice(torch.device(device))  # VLLM_SPARSE_KERNEL, checked before any request
@@ -81,6 +93,22 @@ class SparseBuilderMixin:
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if self._has_sparse_layer else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting() else None
 
+    def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
+        """Decode selection for this group's layers: checked, page summaries allocated (the cache's page
+        count is known now), and the per-step row buffer."""
+        decode_layers = [n for n in layer_names if self._plan.layer(layer_index(n)).is_sparse_decode]
+        if not decode_layers:
+            return None
+        check_decode(self._plan, kv_cache_spec.block_size, vllm_config.model_config.max_model_len)
+        check_decode_layers(vllm_config, layer_names, self._plan)
+        why = kv_cache_problem(vllm_config)
+        if why:
+            raise SparseConfigError(self._plan.source, [("decode", f"decode selection is set, but {why}")])
+        pages = vllm_config.cache_config.num_gpu_blocks
+        allocate_summaries(decode_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+                           kv_cache_spec.block_size, kv_cache_spec.dtype, device)
+        return DecodeRowsBuilder(self._plan.decode_dense_below, decode_row_limit(vllm_config), device)
+
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
         """With a sparse plan, full CUDA graphs only for decode-only batches: a prefill chunk's sparse
@@ -92,15 +120,20 @@ class SparseBuilderMixin:
         return base if base.value <= decode_only.value else decode_only
 
     def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
+        decode_rows = None
+        if self._decode is not None:  # the dense backend attends sparse decode rows over one token only
+            common_attn_metadata, decode_rows = self._decode.shorten(common_attn_metadata)
         md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
         if not self._has_sparse_layer:
-            return md
+            return md if decode_rows is None else with_sparse_batch(
+                self.metadata_cls, md, SparseBatch((), None, None, decode_rows))
         chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
                                                     min_query_len=self._plan.min_query_tokens)
         if self._metrics is not None:
             count_prefill_tokens(self._metrics, common_attn_metadata, chunks)
         if not chunks:
-            return md
+            return md if decode_rows is None else with_sparse_batch(
+                self.metadata_cls, md, SparseBatch((), None, None, decode_rows))
         if _LOG_STEPS:
             logger.info("vllm-sparse: step goes sparse for %d chunk(s): %s", len(chunks), ", ".join(
                 f"{c.q_end - c.q_start} tokens after {c.context_len}" for c in chunks))
@@ -109,4 +142,4 @@ class SparseBuilderMixin:
             sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
             dense_md = super().build(0, sub, *args, **kwargs)
         dense_idx = dense_tokens.to(common_attn_metadata.query_start_loc.device) if len(dense_reqs) else None
-        return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md))
+        return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows))

@@ -81,3 +81,46 @@ def rank_shard(plan, num_heads: int, num_kv_heads: int):
             f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
             f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
     return shard
+
+
+def check_decode(plan, page_size: int, max_model_len: int) -> None:
+    """Decode selection's settings against the engine's KV cache and context length, at start."""
+    from vllm_sparse.decode.step import check_row_blocks
+
+    block = plan.decode_block_tokens
+    problems = []
+    if page_size & (page_size - 1) or block % page_size:
+        problems.append(("decode.block_tokens", f"decode block_tokens {block} must be a multiple of the KV cache "
+                         f"block size {page_size} (vLLM --block-size), which must be a power of two"))
+    why = check_row_blocks(max_model_len, block)
+    if why:
+        problems.append(("decode.block_tokens", why))
+    if problems:
+        raise SparseConfigError(plan.source, problems)
+
+
+def check_decode_layers(vllm_config, layer_names: list[str], plan) -> None:
+    """Every layer of a KV cache group with decode selection runs the decode path (the dense backend
+    sees its sparse decode rows shortened): each must be one the path can run, on this rank."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    problems = []
+    shard = head_shard(plan.num_q_heads, plan.num_kv_heads, compat.tensor_parallel_rank(),
+                       compat.tensor_parallel_size(), plan.source)
+    if shard.splits_groups:
+        problems.append(("tensor_parallel_size", (
+            f"decode selection scores blocks per GQA group, and tensor_parallel_size={shard.tp_size} splits the "
+            f"model's {plan.num_kv_heads} KV head(s) across ranks: use a tensor_parallel_size of at most "
+            f"{plan.num_kv_heads}, or `decode: dense`")))
+    for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
+        idx = layer_index(name)
+        why = list(getattr(layer.impl, "unsupported", None) or [])
+        if not plan.layer(idx).full_attention:
+            why.append("a sliding window")
+        if why:
+            problems.append((f"layer {idx}", (
+                f"{name} has {', '.join(why)}, which the sparse decode path does not support, and shares its KV "
+                "cache group with layers that select pages at decode: keep decode dense on this model")))
+    if problems:
+        raise SparseConfigError(plan.source, problems)

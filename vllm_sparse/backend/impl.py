@@ -13,11 +13,14 @@ from collections.abc import Callable
 import torch
 
 from vllm_sparse import compat
+from vllm_sparse.backend.builder import decode_row_limit
 from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.backend.split_groups import rank_layer
+from vllm_sparse.decode.memory import reserve_for_profile, summaries_for
+from vllm_sparse.decode.step import DecodeLayer
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import worker_metrics
 
@@ -35,6 +38,10 @@ def unsupported_features(arguments: dict) -> list[str]:
     ) if bad]
 
 
+def capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class SparseImplMixin:
     kv_view: Callable[[torch.Tensor], PagedKV]
 
@@ -44,7 +51,7 @@ class SparseImplMixin:
         bound.apply_defaults()
         self.unsupported = unsupported_features(bound.arguments)  # read by checks.warn_dense_layers
         # Resolve (and validate) the plan now, at engine start, not on the first request.
-        vllm_config = compat.current_vllm_config()
+        vllm_config = self._vllm_config = compat.current_vllm_config()  # (not set while a step runs)
         self._plan = plan_for(vllm_config)
         # Layers the sparse path does not take run dense and need no shard; for the others a head
         # layout the plan cannot map is an error now.
@@ -56,6 +63,7 @@ class SparseImplMixin:
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
+        self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
         self._heads = None  # this layer's per-local-head plans, bound on first use
         self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
         self._split = None  # this rank's part in a GQA group that spans ranks (`split_groups.py`)
@@ -71,11 +79,54 @@ class SparseImplMixin:
             self._heads = heads or []
         return self._heads or None
 
+    def _decode_for(self, layer) -> DecodeLayer | None:
+        """This layer's decode selection. In a layer group where some layers select pages at decode,
+        the dense backend sees shortened decode rows, so every layer of the group runs the decode path
+        (heads without a decode plan read every block)."""
+        if self._decode_layer is False:
+            self._decode_layer = None
+            summaries = summaries_for(layer.layer_name)
+            lp = self._plan.layer(layer_index(layer.layer_name))
+            if self._shard is not None:  # (the builder checked the group's layers at start)
+                vc = self._vllm_config
+                self._decode_layer = DecodeLayer(
+                    lp.decode_for(self._shard), summaries, self._plan.decode_block_tokens,
+                    self._plan.decode_dense_below, decode_row_limit(vc), vc.model_config.max_model_len,
+                    self.num_heads, self.head_size, summaries.mins.device if summaries else torch.device("cpu"))
+        return self._decode_layer
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
+        """Where vLLM writes keys, the page summaries follow (prefill, decode, recompute)."""
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
+        if self._plan.is_sparse_decode and slot_mapping is not None:
+            summaries = summaries_for(layer.layer_name)
+            if summaries is not None:
+                summaries.update(key, slot_mapping)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        if attn_metadata is None and self._plan.is_sparse_decode and query.is_cuda:
+            # vLLM is profiling memory: hold the page summaries' share of the KV cache
+            reserve_for_profile(self._vllm_config, self._plan, self.num_kv_heads, self.head_size, query.dtype,
+                                query.device)
         batch = getattr(attn_metadata, "sparse_batch", None)  # set only on the sparse metadata class
-        head_plans = self._head_plans(layer) if batch is not None else None
+        head_plans = self._head_plans(layer) if batch is not None and batch.chunks else None
         if head_plans is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        else:
+            self._forward_sparse_chunks(layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
+                                        *args, **kwargs)
+        if batch is not None and batch.decode is not None:
+            decode = self._decode_for(layer)
+            # A captured graph replays whatever launched now: on capture, always launch (the kernels
+            # skip rows that are not sparse decode rows on the device).
+            if decode is not None and (batch.decode.any_sparse or capturing(query)):
+                q = query.view(-1, self.num_heads, self.head_size)
+                decode.attend(q, output.view(-1, self.num_heads, self.head_size), self.kv_view(kv_cache),
+                              attn_metadata.block_table, batch.decode, self.scale)
+        return output
+
+    def _forward_sparse_chunks(self, layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
+                               *args, **kwargs):
         if batch.dense_metadata is not None:
             idx = batch.dense_tokens
             sub_out = output[idx]
@@ -86,7 +137,6 @@ class SparseImplMixin:
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
-                             head_plans, self._plan.block_size, self.scale, self._plan.union_tile,
-                             self._layer_idx, dense_below=self._plan.dense_below, split=self._split,
-                             metrics=self._metrics)
-        return output
+                             head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
+                             dense_below=self._plan.dense_below,
+                             split=self._split, metrics=self._metrics)

@@ -1,0 +1,96 @@
+"""Sparse decode (Quest page selection) inside vLLM's CPU engine, against the stock backend.
+
+Three prompts decode together: two whose context passes the decode `dense_below` (they select
+pages) and a short one (dense). The CPU path runs the torch references; the kernels are compared
+with them in test_decode_kernels.py, and the GPU twin of this test runs the kernels in vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.engines import run_engine
+from tests.test_engine_cpu import _prompts
+
+pytestmark = pytest.mark.engine
+
+ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "block_size": 32,
+          "max_num_batched_tokens": 512, "max_num_seqs": 8}
+MAX_TOKENS = 12
+DENSE_BELOW = 300
+
+
+def _config(tmp: Path, name: str, decode: dict) -> str:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]},
+        "decode": {"block_tokens": 32, "dense_below": DENSE_BELOW, **decode}}]}))
+    return str(path)
+
+
+def run_decode_plans(model: Path, tmp: Path, engine: dict) -> dict:
+    prompts = _prompts(model)  # 1100, 420 and 40 tokens
+    base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
+            "ignore_eos": True}
+    specs = {
+        "stock": {"prompts": prompts},
+        "keep_all": {"prompts": prompts, "backend": "sparse",
+                     "config": _config(tmp, "keep_all", {"top_k_tokens": 4096})},
+        "sparse": {"prompts": prompts, "backend": "sparse",
+                   "config": _config(tmp, "sparse", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})},
+        # The same long prompt twice, one after the other: the second reads the first's pages from the
+        # prefix cache, and their summaries must be the ones its own prefill would have written.
+        "prefix_hit": {"prompts": [prompts[0], prompts[0]], "backend": "sparse", "sequential": True,
+                       "engine": {**engine, "enable_prefix_caching": True},
+                       "config": _config(tmp, "prefix", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})},
+    }
+    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, tmp_path_factory):
+    return run_decode_plans(tiny_llama, tmp_path_factory.mktemp("configs"), ENGINE)
+
+
+def _diff(a, b) -> float:
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def test_prefill_is_untouched_by_a_decode_plan(runs):
+    for stock, ours in zip(runs["stock"]["results"], runs["sparse"]["results"]):
+        assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
+
+
+def test_keep_all_budget_equals_dense_decode(runs):
+    for stock, ours in zip(runs["stock"]["results"], runs["keep_all"]["results"]):
+        assert ours["token_ids"] == stock["token_ids"]
+        assert _diff(stock["logprobs"], ours["logprobs"]) < 1e-3
+
+
+def test_sparse_decode_selects_pages_for_long_contexts_only(runs):
+    stock, sparse = runs["stock"]["results"], runs["sparse"]["results"]
+    for o in sparse:
+        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
+    # 4 of 35 blocks read at the long prompt's decode steps: the tokens' log-probabilities moved.
+    assert _diff(stock[0]["logprobs"], sparse[0]["logprobs"]) > 1e-3
+    # The short prompt decodes under dense_below: bit for bit the stock backend's.
+    assert sparse[2]["token_ids"] == stock[2]["token_ids"]
+    assert sparse[2]["logprobs"] == stock[2]["logprobs"]
+
+
+def test_prefix_cache_hit_decodes_like_its_own_prefill(runs):
+    first, second = runs["prefix_hit"]["results"]
+    assert second["token_ids"] == first["token_ids"]
+    assert _diff(first["logprobs"], second["logprobs"]) < 1e-5
+
+
+def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, tmp_path):
+    bad = _config(tmp_path, "bad", {"top_k_tokens": 64, "block_tokens": 16})  # pages are 32 tokens
+    result, output = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": bad, "prompts": ["hi"],
+                                 "engine": ENGINE}, expect_ok=False)
+    assert result is None
+    assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in output

@@ -1,0 +1,97 @@
+"""Where decode selection's memory comes from, so that it can never take an engine out of memory.
+
+- The workspace (scores, selected blocks, split partials) is bounded by the batch's row limit and the
+  budget, and is allocated while vLLM builds the model: it counts with the weights.
+- Page summaries grow with the KV cache (1/page_size of each sparse-decode layer's share). While vLLM
+  profiles memory (the first forward without attention metadata) the summaries' share of what is
+  left for the KV cache is reserved, so vLLM sizes the cache around it; once the metadata builders
+  know the real number of pages, the reservation is released and the summaries take its place (they
+  fit in it: the cache got the rest).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparse.decode.summaries import PageSummaries
+from vllm_sparse.log import logger
+
+_summaries: dict[str, PageSummaries] = {}
+_reservation: dict[str, object] = {}
+
+
+def reserve_for_profile(vllm_config, plan, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                        device: torch.device) -> None:
+    """Once per process, during vLLM's memory profiling: hold the page summaries' share of the memory
+    the KV cache could get. Every full-attention layer holds a KV page per block; each sparse-decode
+    layer adds a summary."""
+    if "tensor" in _reservation or device.type != "cuda":
+        return
+    page = vllm_config.cache_config.block_size
+    elem = torch.empty(0, dtype=dtype).element_size()
+    kv_bytes = sum(2 * page * num_kv_heads * head_size * elem for lp in plan.layers if lp.full_attention)
+    sum_bytes = sum(PageSummaries.bytes_per_page(num_kv_heads, head_size, dtype)
+                    for lp in plan.layers if lp.is_sparse_decode)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = vllm_config.cache_config.gpu_memory_utilization * total - torch.cuda.memory_reserved(device)
+    share = max(0, int(budget * sum_bytes / (kv_bytes + sum_bytes)))
+    _reservation["tensor"] = torch.empty(share, dtype=torch.uint8, device=device)
+    _reservation["bytes"] = share
+    logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries while vLLM sizes the KV cache",
+                share / 2**20)
+
+
+def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int, head_size: int, page_size: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+    """The sparse-decode layers' summaries, once the cache's page count is known (metadata builders)."""
+    reserved = _reservation.pop("bytes", None)
+    _reservation.pop("tensor", None)  # back to the allocator: the summaries reuse it
+    need = 0
+    for name in layer_names:  # (a new engine in the same process replaces an earlier engine's)
+        _summaries[name] = PageSummaries(num_pages, num_kv_heads, head_size, page_size, dtype, device)
+        need += _summaries[name].nbytes
+    if need:
+        kv = 2 * num_pages * page_size * num_kv_heads * head_size * torch.empty(0, dtype=dtype).element_size()
+        logger.info("vllm-sparse: decode page summaries for %d layers: %.1f MiB (%.2f%% of their KV cache)%s",
+                    len(layer_names), need / 2**20, 100 * need / (kv * len(layer_names)),
+                    "" if reserved is None else f", {reserved / 2**20:.1f} MiB reserved while profiling")
+        if reserved is not None and need > reserved + 2**20 * len(layer_names):
+            logger.warning("vllm-sparse: decode page summaries (%.1f MiB) exceed the %.1f MiB reserved while vLLM "
+                           "sized the KV cache", need / 2**20, reserved / 2**20)
+
+
+def summaries_for(layer_name: str) -> PageSummaries | None:
+    return _summaries.get(layer_name)
+
+
+class DecodeWorkspace:
+    """Per process, shared by the layers (they run one after another): bounded by rows x budget."""
+
+    def __init__(self, rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept_blocks: int,
+                 splits: int, device: torch.device):
+        self.scores = torch.empty(rows, kv_heads, row_blocks, dtype=torch.float32, device=device)
+        self.selected = torch.zeros(rows, kv_heads, max(1, kept_blocks), dtype=torch.int32, device=device)
+        self.counts = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
+        self.partial_out = torch.empty(rows, q_heads, splits, head_size, dtype=torch.float32, device=device)
+        self.partial_ml = torch.empty(rows, q_heads, splits, 2, dtype=torch.float32, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.counts.shape[0]
+
+    def fits(self, rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept: int) -> bool:
+        return (rows <= self.rows and q_heads <= self.partial_out.shape[1] and kv_heads <= self.counts.shape[1]
+                and head_size == self.partial_out.shape[3] and row_blocks <= self.scores.shape[2]
+                and kept <= self.selected.shape[2])
+
+
+_workspace: dict[str, DecodeWorkspace] = {}
+
+
+def decode_workspace(rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept_blocks: int,
+                     splits: int, device: torch.device) -> DecodeWorkspace:
+    ws = _workspace.get(str(device))
+    if ws is None or not ws.fits(rows, q_heads, kv_heads, head_size, row_blocks, kept_blocks):
+        ws = _workspace[str(device)] = DecodeWorkspace(rows, q_heads, kv_heads, head_size, row_blocks, kept_blocks,
+                                                       splits, device)
+    return ws

@@ -1,0 +1,129 @@
+"""One layer's sparse decode for a step: Quest scores -> top blocks per KV head -> attention.
+
+The metadata builder gives every step's `DecodeRows` (device tensors of the whole batch, plus the
+host's list of sparse decode rows); the dense backend has already attended every row, the sparse
+decode rows over one token only (the builder shortened them), and this overwrites those rows.
+On CUDA the kernels read the row facts on the device, so a captured graph replays them for any
+batch; on CPU the torch reference runs row by row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from vllm_sparse.config.plan import DecodeHeadPlan
+from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
+from vllm_sparse.decode.memory import decode_workspace
+from vllm_sparse.decode.select import MAX_ROW_BLOCKS, quest_select, reference_block_scores, reference_select
+from vllm_sparse.decode.summaries import PageSummaries
+from vllm_sparse.kernels.paged import PagedKV
+
+SPLITS = 16  # split-K programs per (row, KV head)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    query_start_loc: torch.Tensor  # [rows + 1] (device) of the whole batch
+    seq_lens: torch.Tensor  # [rows] (device): true lengths (the dense backend's were shortened)
+    any_sparse: bool  # host: some row may decode sparsely this step (host lengths are upper bounds)
+
+    def sparse_mask(self, dense_below: int) -> torch.Tensor:
+        """Rows that decode sparsely: one query token and at least `dense_below` tokens of context."""
+        n = self.seq_lens.shape[0]
+        q_lens = self.query_start_loc[1:n + 1] - self.query_start_loc[:n]
+        return (q_lens == 1) & (self.seq_lens >= dense_below)
+
+
+@dataclass(frozen=True)
+class DecodeHeads:
+    """Per local KV head, as device tensors the kernels read."""
+
+    kept: torch.Tensor  # int32: blocks kept (top-k + sink + local)
+    sink: torch.Tensor
+    local: torch.Tensor
+    dense: torch.Tensor  # int32 1: reads every block
+
+    @classmethod
+    def build(cls, plans: tuple[DecodeHeadPlan | None, ...], device) -> DecodeHeads:
+        def t(values):
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return cls(t([p.kept_blocks if p else 0 for p in plans]), t([p.sink_blocks if p else 0 for p in plans]),
+                   t([p.local_blocks if p else 0 for p in plans]), t([0 if p else 1 for p in plans]))
+
+
+def row_blocks(max_model_len: int, block_tokens: int) -> int:
+    """Width of a row's score vector: the context's blocks, to a power of two."""
+    return triton.next_power_of_2(-(-max_model_len // block_tokens))
+
+
+def check_row_blocks(max_model_len: int, block_tokens: int) -> str | None:
+    n = -(-max_model_len // block_tokens)
+    if n > MAX_ROW_BLOCKS:
+        need = triton.next_power_of_2(-(-max_model_len // MAX_ROW_BLOCKS))
+        return (f"max_model_len {max_model_len} is {n} blocks of decode block_tokens {block_tokens}; decode "
+                f"selection takes up to {MAX_ROW_BLOCKS}: set decode block_tokens to {need} or more")
+    return None
+
+
+class DecodeLayer:
+    """One attention layer's decode selection on one rank."""
+
+    def __init__(self, plans: tuple[DecodeHeadPlan | None, ...], summaries: PageSummaries | None, block_tokens: int,
+                 dense_below: int, max_rows: int, max_model_len: int, q_heads: int, head_size: int,
+                 device: torch.device):
+        self.plans = plans
+        self.summaries = summaries  # None when every head reads every block (no scoring)
+        self.block_tokens = block_tokens
+        self.dense_below = dense_below
+        self.heads = DecodeHeads.build(plans, device)
+        kept = max((p.kept_blocks for p in plans if p), default=1)
+        self.workspace = None
+        if device.type == "cuda":
+            self.workspace = decode_workspace(max_rows, q_heads, len(plans), head_size,
+                                              row_blocks(max_model_len, block_tokens), kept, SPLITS, device)
+
+    def attend(self, query: torch.Tensor, output: torch.Tensor, paged: PagedKV, block_table: torch.Tensor,
+               rows: DecodeRows, scale: float) -> None:
+        if query.is_cuda:
+            self._attend_kernels(query, output, paged, block_table, rows, scale)
+        else:
+            self._attend_reference(query, output, paged, block_table, rows, scale)
+
+    def _attend_kernels(self, query, output, paged, block_table, rows, scale) -> None:
+        ws = self.workspace
+        n = rows.seq_lens.shape[0]
+        if n > ws.rows:
+            raise RuntimeError(f"vllm-sparse: a step with {n} requests; the decode workspace was sized for "
+                               f"{ws.rows} (max_num_seqs)")
+        if self.summaries is not None:
+            quest_select(query, self.summaries.mins, self.summaries.maxs, block_table, rows.query_start_loc,
+                         rows.seq_lens, self.heads, ws.scores[:n], ws.selected[:n], ws.counts[:n],
+                         page_size=paged.page_size, block_tokens=self.block_tokens, dense_below=self.dense_below)
+        decode_attention(query, paged, block_table, rows.query_start_loc, rows.seq_lens, self.heads,
+                         ws.selected[:n], ws.counts[:n], ws.partial_out[:n], ws.partial_ml[:n], output,
+                         block_tokens=self.block_tokens, scale=scale, dense_below=self.dense_below)
+
+    def select_row(self, query_row: torch.Tensor, pages: torch.Tensor, seq_len: int, page_size: int) -> list:
+        """The reference selection for one row: per KV head, its blocks (None: every block)."""
+        if self.summaries is None:
+            return [None] * len(self.plans)
+        mins, maxs = self.summaries.mins[pages], self.summaries.maxs[pages]
+        h = self.heads
+        scores = reference_block_scores(query_row, mins, maxs, seq_len, page_size, self.block_tokens,
+                                        h.sink.cpu(), h.local.cpu())
+        chosen = reference_select(scores, h.kept.cpu())
+        return [None if p is None else c for p, c in zip(self.plans, chosen)]
+
+    def _attend_reference(self, query, output, paged, block_table, rows, scale) -> None:
+        qsl = rows.query_start_loc
+        for b in torch.nonzero(rows.sparse_mask(self.dense_below)).flatten().tolist():
+            seq = int(rows.seq_lens[b])
+            pages = block_table[b, : -(-seq // paged.page_size)].long()
+            tok = int(qsl[b])
+            blocks = self.select_row(query[tok], pages, seq, paged.page_size)
+            out = reference_decode_attention(query[tok], paged, pages, seq, blocks, self.block_tokens, scale)
+            output[tok] = out.to(output.dtype)
