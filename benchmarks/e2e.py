@@ -12,7 +12,11 @@ JSON to --out.
 
     python benchmarks/e2e.py --out $OUT/e2e.json --lengths 32768,65536,131072 [--graphs]
 
-Also decode tokens/s for a batch of 32 requests at 8K tokens of context (--decode-batch 0 skips it).
+Also decode tokens/s for a batch of 32 requests at 8K tokens of context (--decode-batch 0 skips it), or
+for each of --decode-cases BATCHxCONTEXT,... (e.g. 2x131072,16x32768,32x8192): pure decode steps, no
+detokenizing, best of --repeats (at least 2); with a plan that selects pages at decode, the table
+gives the share of each context's blocks a decode step reads (the plan's kept blocks over the
+context's, per KV head: the kernels read exactly that many). --lengths "" skips the TTFT runs.
 
 --tensor-parallel-size N runs every engine at tensor_parallel_size N (N GPUs; default 1). The
 engine core stays in this process, but at N > 1 vLLM's workers are processes of their own, so the
@@ -66,10 +70,12 @@ def worker(spec: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
+    cases = decode_cases(spec)
+    longest = max([*spec["lengths"], *(c + spec["decode_tokens"] for _, c in cases)])
     kw = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
-              max_model_len=max(spec["lengths"]) + 64, max_num_batched_tokens=spec["chunk"],
+              max_model_len=longest + 64, max_num_batched_tokens=spec["chunk"],
               enable_chunked_prefill=True, enable_prefix_caching=False, gpu_memory_utilization=0.85,
-              max_num_seqs=max(8, spec.get("decode_batch") or 0))
+              max_num_seqs=max([8, *(b for b, _ in cases)]))
     tp = spec.get("tensor_parallel_size", 1)
     if tp > 1:  # the workers become processes of their own (collective_rpc pickles the functions below)
         kw["tensor_parallel_size"] = tp
@@ -107,12 +113,42 @@ def worker(spec: dict) -> dict:
     else:  # each rank is a process of its own: ask each allocator
         result["peak_gib_per_rank"] = [b / 2**30 for b in llm.collective_rpc(_peak_bytes)]
         result["peak_gib"] = max(result["peak_gib_per_rank"])
-    if spec["config"]:
+    if spec["config"] and spec["lengths"]:
         result["kept"] = kept_density(llm, spec["lengths"], params)
-    if spec.get("decode_batch"):
-        result["decode_tok_s"] = decode_throughput(llm, spec["decode_batch"], spec["decode_context"],
-                                                   spec["decode_tokens"], spec["repeats"])
+    result["decode"] = {}
+    for batch, context in cases:
+        tok_s = decode_throughput(llm, batch, context, spec["decode_tokens"], spec["repeats"])
+        result["decode"][f"{batch}x{context}"] = tok_s
+        print(f"{'sparse' if spec['config'] else 'dense'} decode {batch}x{context}: {tok_s:.1f} tok/s", flush=True)
+    if spec.get("decode_batch") and not spec.get("decode_cases"):
+        result["decode_tok_s"] = result["decode"][f"{spec['decode_batch']}x{spec['decode_context']}"]
     return result
+
+
+def decode_cases(spec: dict) -> list[tuple[int, int]]:
+    """[(batch, context)] of the decode runs: --decode-cases, else --decode-batch at --decode-context."""
+    if spec.get("decode_cases"):
+        return [tuple(int(x) for x in c.split("x")) for c in spec["decode_cases"].split(",")]
+    return [(spec["decode_batch"], spec["decode_context"])] if spec.get("decode_batch") else []
+
+
+def decode_read_share(config: str | None, context: int) -> float | None:
+    """Share of a context's blocks one decode step reads under the plan's decode selection (the most
+    any layer keeps; each (row, KV head) reads min(kept, context blocks)); None: dense decode."""
+    if not config:
+        return None
+    sys.path.insert(0, str(REPO))
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    shape = ModelShape("llama-3.1-8b-dummy", tuple(LLAMA_8B["architectures"]), LLAMA_8B["num_hidden_layers"],
+                       LLAMA_8B["num_attention_heads"], LLAMA_8B["num_key_value_heads"])
+    plan = resolve_plan(load_config(config), shape, config)
+    if not plan.is_sparse_decode or context < plan.decode_dense_below:
+        return 1.0 if plan.is_sparse_decode else None
+    blocks = -(-context // plan.decode_block_tokens)
+    kept = max(d.kept_blocks for lp in plan.layers for d in lp.decode if d)
+    return min(1.0, kept / blocks)
 
 
 def _peak_bytes(worker) -> int:
@@ -245,6 +281,7 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=32, help="decode throughput batch (0: skip)")
     ap.add_argument("--decode-context", type=int, default=8192)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--decode-cases", help="BATCHxCONTEXT,... decode runs (instead of --decode-batch/-context)")
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--profile", type=int, help="also profile the sparse run at this length")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
@@ -259,9 +296,10 @@ def main() -> None:
         require_matplotlib()
     root = Path(tempfile.mkdtemp(prefix="e2e-"))
     model = build_model(root)
-    base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",")], "chunk": args.chunk,
+    base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",") if x], "chunk": args.chunk,
             "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
-            "decode_context": args.decode_context, "decode_tokens": args.decode_tokens}
+            "decode_context": args.decode_context, "decode_tokens": args.decode_tokens,
+            "decode_cases": args.decode_cases}
     if args.tensor_parallel_size > 1:
         base["tensor_parallel_size"] = args.tensor_parallel_size
     prof = {"profile": args.profile, "profile_out": str(Path(args.out).with_suffix(".profile.txt"))}
@@ -300,15 +338,20 @@ def main() -> None:
             print(f"  failed: {sparse['error']}")
             continue
         print(f"  start-up {sparse['startup_s']:.1f} s, {peak} {sparse['peak_gib']:.1f} GiB")
-        print(f"  {'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9} {'kept':>6}")
+        if base["lengths"]:
+            print(f"  {'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9} {'kept':>6}")
         for n in base["lengths"]:
             d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]
             kept = sparse.get("kept", {}).get(str(n), {}).get("union_mean")
             print(f"  {n:>8} {d:>10.2f}s {s:>11.2f}s {d / s:>8.2f}x {'-' if kept is None else f'{kept:.1%}':>6}")
-        if args.decode_batch:
-            d, s = dense["decode_tok_s"], sparse["decode_tok_s"]
-            print(f"  decode, batch {args.decode_batch} at {args.decode_context} tokens: dense {d:.0f} tok/s, "
-                  f"sparse {s:.0f} tok/s ({s / d - 1:+.1%})")
+        if sparse.get("decode"):
+            print(f"  {'decode':>14} {'dense tok/s':>12} {'sparse tok/s':>13} {'ratio':>7} {'read':>6}")
+        for case, s in sparse.get("decode", {}).items():
+            d = dense["decode"][case]
+            share = decode_read_share(cfg, int(case.split("x")[1]))
+            sparse.setdefault("decode_read_share", {})[case] = share
+            print(f"  {case:>14} {d:>12.1f} {s:>13.1f} {s / d:>6.2f}x {'-' if share is None else f'{share:.1%}':>6}")
+    save()
 
     if args.plot:
         from vllm_sparse.plot import plot_ttft

@@ -1,0 +1,43 @@
+#!/bin/bash
+# Issue 16 (sparse decode) on one GPU, once vLLM 0.26.0 is staged in /tmp/site (../shared/device/README.md).
+#
+#   bash scripts/device-decode.sh SECONDS STEP...     (run from the checkout's root; call carries .whl)
+#
+# Steps, each run once per warm machine and skipped when fewer seconds are left than it needs:
+#   tests  the decode kernels against their references (bf16, 128K), and the CUDA-graph engine twin
+#   bench  benchmarks/e2e.py, CUDA graphs: decode tok/s dense vs the Quest 4K plan at 2x128K, 16x32K
+#          (10x32K where the GPU has under 100 GiB: 16 x 32K of KV does not fit beside 8B weights) and 32x8K
+#   fid    gemma-3-270m, vllm-sparse eval with the same decode plan: passkey and multikey at 16K and 29K,
+#          8-token answers, dense vs sparse decode (GEMMA_WHEELS: the staged gemma wheels)
+set -o pipefail
+budget=${1:?seconds}; shift
+DONE_DIR=/tmp/decode-done
+source scripts/device-common.sh
+
+tests() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE tests/test_decode_kernels.py tests/test_engine_decode_gpu.py \
+    tests/test_engine_gpu.py 2>&1 | tee "$OUT/decode_gpu_tests.log"
+}
+bench() {
+  local mem cases
+  mem=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
+  cases=2x131072,16x32768,32x8192; [ "$mem" -lt 100 ] && cases=2x131072,10x32768,32x8192
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --lengths "" --decode-cases $cases \
+    --decode-tokens 64 --repeats 2 --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
+    --out "$OUT/e2e_decode.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" | tee "$OUT/e2e_decode.log"
+}
+fid() {
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \
+    benchmarks/configs/gemma-3-decode-quest-4k.yaml -- --tasks passkey,multikey --samples 5 --max-tokens 8 \
+    --max-num-batched-tokens 4096 2>&1 | tail -40
+}
+
+for s in "$@"; do
+  case $s in
+    tests) step tests 240 tests ;;
+    bench) step bench 300 bench ;;
+    fid) step fid 200 fid ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+echo "== end: $(left) s left of $budget"
