@@ -13,7 +13,7 @@ import torch
 
 from vllm_sparse.config.plan import DecodeHeadPlan
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
-from vllm_sparse.decode.select import quest_select, reference_block_scores, reference_select
+from vllm_sparse.decode.select import quest_select, reference_block_scores, reference_select, select_top_blocks
 from vllm_sparse.decode.step import SPLITS, DecodeHeads, row_blocks
 from vllm_sparse.decode.summaries import PageSummaries, reference_summary
 from vllm_sparse.kernels.paged import PagedKV
@@ -106,6 +106,37 @@ def test_page_summaries_follow_every_write(seed):
         assert torch.equal(case.summ.maxs[pages].float(), want_hi)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_summary_update_kernel_matches_reference(seed, dtype):
+    """Steps as vLLM writes them: runs of consecutive slots per request (a prefill chunk starting at any
+    offset of a page, a decode token), requests' pages shuffled, padded slots (-1) at the end."""
+    g = torch.Generator().manual_seed(seed)
+    pages, page, heads, d = 40, 16, 3, 32
+    ref = PageSummaries(pages, heads, d, page, dtype, torch.device(DEVICE))
+    ref.mins.copy_(torch.randn(ref.mins.shape, generator=g).to(dtype))  # garbage of earlier owners
+    ref.maxs.copy_(torch.randn(ref.maxs.shape, generator=g).to(dtype))
+    got = PageSummaries(pages, heads, d, page, dtype, torch.device(DEVICE))
+    got.mins.copy_(ref.mins)
+    got.maxs.copy_(ref.maxs)
+    perm = torch.randperm(pages, generator=g)
+    owners = [perm[i * 10:(i + 1) * 10] for i in range(4)]  # 4 requests, 10 pages each
+    filled = [0, 0, 0, 0]
+    for _ in range(6):  # steps
+        slots = []
+        for r in range(4):
+            n = int(torch.randint(1, 50, (1,), generator=g)) if torch.rand(1, generator=g) < 0.6 else 1
+            n = min(n, 10 * page - filled[r])
+            pos = torch.arange(filled[r], filled[r] + n)
+            slots.append(owners[r][pos // page] * page + pos % page)
+            filled[r] += n
+        slots = torch.cat(slots + [torch.full((3,), -1)]).to(DEVICE)
+        key = torch.randn(len(slots), heads, d, generator=g).to(dtype).to(DEVICE)
+        ref.update_reference(key, slots)
+        got.update_kernel(key, slots)
+        assert torch.equal(got.mins[:pages], ref.mins[:pages]) and torch.equal(got.maxs[:pages], ref.maxs[:pages])
+
+
 def test_page_summaries_restart_on_a_reused_page():
     """A freed page written again from its first slot forgets its previous owner's keys."""
     s = PageSummaries(4, 1, 8, 16, torch.float32, torch.device("cpu"))
@@ -141,6 +172,29 @@ def test_quest_selection_kernel_matches_reference(seed, dtype):
         for h, want in enumerate(reference_select(got_scores, case.heads.kept.cpu())):
             assert int(counts[r, h]) == len(want)
             assert torch.equal(selected[r, h, : len(want)].cpu().long(), want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_block_selection_breaks_ties_toward_later_blocks(seed):
+    """Scores with many exact ties (and +inf for forced blocks): the kernel keeps exactly the
+    reference's blocks, the later of equal blocks first."""
+    g = torch.Generator().manual_seed(seed)
+    rows, kv, nbp = 3, 2, 64
+    seq = torch.tensor([1000, 600, 900], dtype=torch.int32)  # 63, 38 and 57 blocks of 16 tokens
+    scores = (torch.randn(rows, kv, nbp, generator=g) * 2).round()
+    scores[:, :, :2] = float("inf")
+    plans = (DecodeHeadPlan("quest", 5, 1, 1), DecodeHeadPlan("quest", 17, 2, 3))
+    sel = torch.full((rows, kv, 22), -7, dtype=torch.int32, device=DEVICE)
+    cnt = torch.full((rows, kv), -7, dtype=torch.int32, device=DEVICE)
+    qsl = torch.arange(rows + 1, dtype=torch.int32, device=DEVICE)
+    select_top_blocks(scores.to(DEVICE), qsl, seq.to(DEVICE), DecodeHeads.build(plans, DEVICE), sel, cnt,
+                      block_tokens=16, dense_below=64)
+    kept = torch.tensor([p.kept_blocks for p in plans])
+    for r in range(rows):
+        nb = -(-int(seq[r]) // 16)
+        for h, want in enumerate(reference_select(scores[r, :, :nb], kept)):
+            assert int(cnt[r, h]) == len(want)
+            assert torch.equal(sel[r, h, : len(want)].cpu().long(), want)
 
 
 def _attend(case, plans_dense=False):

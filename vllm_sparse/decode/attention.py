@@ -45,7 +45,7 @@ def _decode_split_kernel(
     sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h,
     scale, dense_below,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr,
-    SPLITS: tl.constexpr, HKV: tl.constexpr,
+    U: tl.constexpr, SPLITS: tl.constexpr, HKV: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -54,9 +54,12 @@ def _decode_split_kernel(
     if sparse:
         dense_h = tl.load(dense_ptr + h)
         nb = tl.cdiv(seq, BT)
-        n_items = tl.where(dense_h != 0, nb, tl.load(cnt_ptr + b * HKV + h))
-        SUB: tl.constexpr = BT // TT
-        total = n_items * SUB
+        n_blocks = tl.where(dense_h != 0, nb, tl.load(cnt_ptr + b * HKV + h))
+        # A tile of TT tokens is PIECES pieces of U tokens; a block is SUB pieces.
+        SUB: tl.constexpr = BT // U
+        PIECES: tl.constexpr = TT // U
+        n_pieces = n_blocks * SUB
+        total = tl.cdiv(n_pieces, PIECES)
         per = tl.cdiv(total, SPLITS)
         start = s * per
         end = tl.minimum(start + per, total)
@@ -68,13 +71,16 @@ def _decode_split_kernel(
         m_i = tl.full((GP,), -1.0e30, tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
+        lane = tl.arange(0, TT)
         for it in range(start, end):
-            i = it // SUB
-            c = it % SUB
-            j = tl.load(sel_ptr + b * ssel_b + h * ssel_h + i, mask=dense_h == 0, other=0)
-            j = tl.where(dense_h != 0, i, j)
-            tok = j * BT + c * TT + tl.arange(0, TT)
-            tval = tok < seq
+            piece = it * PIECES + lane // U
+            pval = piece < n_pieces
+            slot_i = piece // SUB
+            from_sel = pval & (tl.zeros((TT,), tl.int32) == dense_h)  # (a dense head reads blocks in order)
+            j = tl.load(sel_ptr + b * ssel_b + h * ssel_h + slot_i, mask=from_sel, other=0)
+            j = tl.where(dense_h != 0, slot_i, j)
+            tok = j * BT + (piece % SUB) * U + lane % U
+            tval = pval & (tok < seq)
             phys = tl.load(bt_ptr + b * s_bt + tok // PS, mask=tval, other=0).to(tl.int64)
             slot = tok % PS
             k = tl.load(k_ptr + (phys * sk_p + h * sk_h + slot * sk_t)[:, None] + d[None, :], mask=tval[:, None],
@@ -98,21 +104,27 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     out_ptr, so_t, so_h, qsl_ptr, seq_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h, dense_below,
-    D: tl.constexpr, SPLITS: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
-    qh = tl.program_id(1)
+    kvh = tl.program_id(1)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
     if sparse:
         sp = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
-        m = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2)
-        l_s = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2 + 1)
-        w = tl.exp(m - tl.max(m, 0))
-        o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
-        res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)
         q0 = tl.load(qsl_ptr + b)
-        tl.store(out_ptr + q0 * so_t + qh * so_h + d, res.to(out_ptr.dtype.element_ty))
+        for g in tl.static_range(G):
+            qh = kvh * G + g
+            m = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2)
+            l_s = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2 + 1)
+            w = tl.exp(m - tl.max(m, 0))
+            o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
+            res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)
+            tl.store(out_ptr + q0 * so_t + qh * so_h + d, res.to(out_ptr.dtype.element_ty))
+
+
+TILE_TOKENS = 64  # tokens per attention tile: several small blocks, or a piece of a large one
+SPLIT_PROGRAMS = 2048  # split-K programs per step at most (fewer splits per row for large batches)
 
 
 def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_lens, heads, selected, counts,
@@ -123,7 +135,8 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
     kv_heads = paged.num_kv_heads
     q_heads, d = query.shape[1], query.shape[2]
     group = q_heads // kv_heads
-    splits = partial_out.shape[2]
+    per_row = max(1, SPLIT_PROGRAMS // (rows * kv_heads))
+    splits = min(partial_out.shape[2], 1 << (per_row.bit_length() - 1))
     key, value = paged.key, paged.value
     assert key.stride(-1) == 1 and value.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
     _decode_split_kernel[(rows, kv_heads, splits)](
@@ -133,10 +146,10 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_ml, partial_ml.stride(0),
         partial_ml.stride(1), scale, dense_below,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
-        TT=min(block_tokens, 64), SPLITS=splits, HKV=kv_heads,
+        TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads,
     )
-    _decode_merge_kernel[(rows, q_heads)](
+    _decode_merge_kernel[(rows, kv_heads)](
         output, output.stride(0), output.stride(1), query_start_loc, seq_lens, partial_out, partial_out.stride(0),
         partial_out.stride(1), partial_out.stride(2), partial_ml, partial_ml.stride(0), partial_ml.stride(1),
-        dense_below, D=d, SPLITS=splits,
+        dense_below, G=group, D=d, SPLITS=splits,
     )

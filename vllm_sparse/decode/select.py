@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROW_BLOCKS = 4096  # blocks of context a decode row may have: the selection sorts a row in registers
+MAX_ROW_BLOCKS = 16384  # blocks of context a decode row may have: the selection holds a row in registers
+SCORE_PROGRAMS = 4096  # programs of the scoring kernel per step (they loop over a row's tiles)
 
 
 def sortable_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -76,29 +77,30 @@ def _quest_scores_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    t = tl.program_id(2)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
-    nb = tl.cdiv(seq, PS * PPB)
-    if sparse & (t * TILE_B < nb) & (tl.load(dense_ptr + h) == 0):
+    if sparse & (tl.load(dense_ptr + h) == 0):
+        nb = tl.cdiv(seq, PS * PPB)
         q0 = tl.load(qsl_ptr + b)
-        blocks = t * TILE_B + tl.arange(0, TILE_B)
-        pages = tl.reshape(blocks[:, None] * PPB + tl.arange(0, PPB)[None, :], (TILE_B * PPB,))
-        pvalid = pages < tl.cdiv(seq, PS)
-        phys = tl.load(bt_ptr + b * s_bt + pages, mask=pvalid, other=0).to(tl.int64)
         d = tl.arange(0, D)
-        off = phys[:, None] * ss_p + h * ss_h + d[None, :]
-        mn = tl.load(mins_ptr + off, mask=pvalid[:, None], other=0.0).to(tl.float32)
-        mx = tl.load(maxs_ptr + off, mask=pvalid[:, None], other=0.0).to(tl.float32)
-        best = tl.full((TILE_B * PPB,), float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            qg = tl.load(q_ptr + q0 * sq_t + (h * G + g) * sq_h + d).to(tl.float32)
-            ub = tl.sum(tl.maximum(qg[None, :] * mn, qg[None, :] * mx), axis=1)
-            best = tl.maximum(best, ub)
-        best = tl.where(pvalid, best, float("-inf"))
-        blk = tl.max(tl.reshape(best, (TILE_B, PPB)), axis=1)
-        forced = (blocks < tl.load(sink_ptr + h)) | (blocks >= nb - tl.load(local_ptr + h))
-        blk = tl.where(forced, float("inf"), blk)
-        tl.store(scores_ptr + b * ssc_b + h * ssc_h + blocks, blk, mask=blocks < nb)
+        sink = tl.load(sink_ptr + h)
+        local = tl.load(local_ptr + h)
+        for t in range(tl.program_id(2), tl.cdiv(nb, TILE_B), tl.num_programs(2)):
+            blocks = t * TILE_B + tl.arange(0, TILE_B)
+            pages = tl.reshape(blocks[:, None] * PPB + tl.arange(0, PPB)[None, :], (TILE_B * PPB,))
+            pvalid = pages < tl.cdiv(seq, PS)
+            phys = tl.load(bt_ptr + b * s_bt + pages, mask=pvalid, other=0).to(tl.int64)
+            off = phys[:, None] * ss_p + h * ss_h + d[None, :]
+            mn = tl.load(mins_ptr + off, mask=pvalid[:, None], other=0.0).to(tl.float32)
+            mx = tl.load(maxs_ptr + off, mask=pvalid[:, None], other=0.0).to(tl.float32)
+            best = tl.full((TILE_B * PPB,), float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qg = tl.load(q_ptr + q0 * sq_t + (h * G + g) * sq_h + d).to(tl.float32)
+                ub = tl.sum(tl.maximum(qg[None, :] * mn, qg[None, :] * mx), axis=1)
+                best = tl.maximum(best, ub)
+            best = tl.where(pvalid, best, float("-inf"))
+            blk = tl.max(tl.reshape(best, (TILE_B, PPB)), axis=1)
+            blk = tl.where((blocks < sink) | (blocks >= nb - local), float("inf"), blk)
+            tl.store(scores_ptr + b * ssc_b + h * ssc_h + blocks, blk, mask=blocks < nb)
 
 
 @triton.jit
@@ -106,6 +108,8 @@ def _select_kernel(
     scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_below,
     HKV: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
 ):
+    """Top `kept` of a row's (score, index) keys: the threshold score (the row stays in registers),
+    ties broken toward later blocks, then the kept indices in ascending order."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
@@ -114,12 +118,31 @@ def _select_kernel(
         j = tl.arange(0, NBP)
         sc = tl.load(scores_ptr + b * ssc_b + h * ssc_h + j, mask=j < nb, other=float("-inf"))
         bits = sc.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = (key << 32) | j.to(tl.int64)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 keys ordered like the scores
+        valid = j < nb
         kk = tl.minimum(tl.load(kept_ptr + h), nb)
-        srt = tl.sort(key, descending=True)
-        thr = tl.sum(tl.where(j == kk - 1, srt, 0))
-        keep = (key >= thr) & (j < nb)
+        # the kk-th largest key: the largest thr with count(valid & key >= thr) >= kk (binary search;
+        # measured faster than a radix select with tl.histogram or torch.topk at these sizes)
+        lo = tl.min(tl.where(valid, key, 0x7FFFFFFF), 0).to(tl.int64)
+        hi = tl.max(tl.where(valid, key, -0x7FFFFFFF - 1), 0).to(tl.int64)
+        for _ in range(33):
+            mid = lo + (hi - lo + 1) // 2
+            enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= kk
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        thr = lo
+        active = valid & (key == thr)
+        missing = kk - tl.sum((valid & (key > thr)).to(tl.int32), 0)
+        # keys equal to thr: the later blocks, as many as are still missing (usually all of them)
+        jlo = 0
+        if missing < tl.sum(active.to(tl.int32), 0):
+            jhi = NBP - 1
+            for _ in range(15):
+                mid = jlo + (jhi - jlo + 1) // 2
+                enough = tl.sum((active & (j >= mid)).to(tl.int32), 0) >= missing
+                jlo = tl.where(enough, mid, jlo)
+                jhi = tl.where(enough, jhi, mid - 1)
+        keep = valid & ((key > thr) | (active & (j >= jlo)))
         pos = tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(sel_ptr + b * ssel_b + h * ssel_h + pos, j, mask=keep)
         tl.store(cnt_ptr + b * HKV + h, kk)
@@ -135,15 +158,24 @@ def quest_select(query, mins, maxs, block_table, query_start_loc, seq_lens, head
     group = query.shape[1] // kv_heads
     ppb = block_tokens // page_size
     tile_b = max(1, 64 // ppb)
-    grid = (rows, kv_heads, triton.cdiv(scores.shape[2], tile_b))
+    tiles = triton.cdiv(scores.shape[2], tile_b)
+    grid = (rows, kv_heads, max(1, min(tiles, SCORE_PROGRAMS // (rows * kv_heads))))
     _quest_scores_kernel[grid](
         query, query.stride(0), query.stride(1), mins, maxs, mins.stride(0), mins.stride(1), block_table,
         block_table.stride(0), query_start_loc, seq_lens, heads.sink, heads.local, heads.dense, scores,
         scores.stride(0), scores.stride(1), dense_below,
         G=group, D=query.shape[2], PS=page_size, PPB=ppb, TILE_B=tile_b,
     )
+    select_top_blocks(scores, query_start_loc, seq_lens, heads, selected, counts, block_tokens=block_tokens,
+                      dense_below=dense_below)
+
+
+def select_top_blocks(scores, query_start_loc, seq_lens, heads, selected, counts, *, block_tokens: int,
+                      dense_below: int) -> None:
+    """Per sparse decode row and KV head, the kept blocks of `scores` [rows, kv_heads, NBP]."""
+    rows, kv_heads = scores.shape[0], scores.shape[1]
     _select_kernel[(rows, kv_heads)](
         scores, scores.stride(0), scores.stride(1), query_start_loc, seq_lens, heads.kept, heads.dense, selected,
         selected.stride(0), selected.stride(1), counts, dense_below, HKV=kv_heads, BT=block_tokens,
-        NBP=scores.shape[2], num_warps=8,
+        NBP=scores.shape[2], num_warps=8 if scores.shape[2] >= 8192 else 4,
     )

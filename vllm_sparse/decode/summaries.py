@@ -14,6 +14,38 @@ vLLM's default 16-token pages). The last row is a sink for padded slots (slot -1
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _update_kernel(key_ptr, sk_t, sk_h, slot_ptr, mins_ptr, maxs_ptr, ss_p, ss_h, n_tokens,
+                   HKV: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, HP: tl.constexpr):
+    """Program per token; the first token of each page in the step (a step writes a page's slots
+    as one run of consecutive tokens) folds the whole run in: fresh if the run starts the page."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1).to(tl.int64)
+    page = slot // PS
+    leader = (slot >= 0) & ((t == 0) | (prev < 0) | (prev // PS != page))
+    if leader:
+        h = tl.arange(0, HP)
+        d = tl.arange(0, D)
+        hmask = (h < HKV)[:, None]
+        lo = tl.full((HP, D), float("inf"), tl.float32)
+        hi = tl.full((HP, D), float("-inf"), tl.float32)
+        for i in range(PS):  # the run: at most the page's slots
+            s = tl.load(slot_ptr + t + i, mask=t + i < n_tokens, other=-1).to(tl.int64)
+            if (s >= 0) & (s // PS == page):
+                k = tl.load(key_ptr + (t + i) * sk_t + h[:, None] * sk_h + d[None, :], mask=hmask, other=0.0)
+                lo = tl.minimum(lo, k.to(tl.float32))
+                hi = tl.maximum(hi, k.to(tl.float32))
+        off = page * ss_p + h[:, None] * ss_h + d[None, :]
+        if slot % PS != 0:  # the page had keys before this step
+            lo = tl.minimum(lo, tl.load(mins_ptr + off, mask=hmask, other=0.0).to(tl.float32))
+            hi = tl.maximum(hi, tl.load(maxs_ptr + off, mask=hmask, other=0.0).to(tl.float32))
+        tl.store(mins_ptr + off, lo.to(mins_ptr.dtype.element_ty), mask=hmask)
+        tl.store(maxs_ptr + off, hi.to(maxs_ptr.dtype.element_ty), mask=hmask)
 
 
 class PageSummaries:
@@ -36,7 +68,24 @@ class PageSummaries:
 
     def update(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Fold the step's new keys ([tokens, kv_heads, head_size], written at `slot_mapping`) in.
-        No host syncs and fixed shapes: safe inside a captured CUDA graph."""
+        One kernel on CUDA (the torch reference elsewhere); no host syncs, fixed shapes: safe inside a
+        captured CUDA graph."""
+        if key.is_cuda:
+            self.update_kernel(key, slot_mapping)
+        else:
+            self.update_reference(key, slot_mapping)
+
+    def update_kernel(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        n = slot_mapping.shape[0]
+        if n == 0:
+            return
+        assert key.stride(-1) == 1
+        heads, d = key.shape[1], key.shape[2]
+        _update_kernel[(n,)](key, key.stride(0), key.stride(1), slot_mapping, self.mins, self.maxs,
+                             self.mins.stride(0), self.mins.stride(1), n, HKV=heads, D=d, PS=self.page_size,
+                             HP=triton.next_power_of_2(heads))
+
+    def update_reference(self, key: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         n = slot_mapping.shape[0]
         key = key[:n]
         slots = slot_mapping.long()
