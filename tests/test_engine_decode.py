@@ -88,6 +88,29 @@ def test_prefix_cache_hit_decodes_like_its_own_prefill(runs):
     assert _diff(first["logprobs"], second["logprobs"]) < 1e-5
 
 
+def test_page_summaries_match_the_cache_through_preemption_and_prefix_hits(tiny_llama, tmp_path):
+    """With the debug check on (every sparse decode row's summaries recomputed from its keys in the
+    cache), the scheduler's hard cases run through: steps mixing prefill chunks and decodes, a
+    prefix-cache hit with a suffix, and requests preempted under KV-cache pressure and recomputed."""
+    from tests.test_engine_scheduling import ENGINE as SCHED
+    from tests.test_engine_scheduling import _prompts as sched_prompts
+    from tests.test_engine_scheduling import _run
+
+    config = _config(tmp_path, "check", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})
+    prompts = sched_prompts(tiny_llama)
+    check = {"VLLM_SPARSE_CHECK_SUMMARIES": "1"}
+    runs = _run(tiny_llama, config, prompts, {**SCHED, "enable_prefix_caching": True}, ["batch", "prefix"],
+                max_tokens=24, env=check)
+    assert all(len(r["token_ids"]) == 24 for sc in runs.values() for r in sc["runs"].values())
+    assert runs["prefix"]["runs"]["long_a_long_suffix"]["cached_tokens"] > 0
+    ids = [t for name in ("long_a", "long_b") for t in prompts[name]]
+    four = {f"p{i}": ids[i * 450: i * 450 + 400] for i in range(4)}
+    tight = {**SCHED, "kv_cache_memory_bytes": 52 * 32768, "max_model_len": 1536}
+    batch = _run(tiny_llama, config, four, tight, ["batch"], max_tokens=250, env=check)["batch"]
+    assert batch["preempted"], "the cache was meant to be too small for the batch"
+    assert all(len(r["token_ids"]) == 250 for r in batch["runs"].values())
+
+
 def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, tmp_path):
     bad = _config(tmp_path, "bad", {"top_k_tokens": 64, "block_tokens": 16})  # pages are 32 tokens
     result, output = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": bad, "prompts": ["hi"],

@@ -39,11 +39,13 @@ def _prompts(model: Path) -> dict[str, list[int]]:
     return prompts
 
 
-def _run(model: Path, config: str, prompts: dict, engine: dict, scenarios: list[str], max_tokens: int = 6) -> dict:
+def _run(model: Path, config: str, prompts: dict, engine: dict, scenarios: list[str], max_tokens: int = 6,
+         env: dict | None = None) -> dict:
     spec = {"model": str(model), "config": config, "engine": engine, "prompts": prompts, "scenarios": scenarios,
             "max_tokens": max_tokens}
     proc = subprocess.run([sys.executable, "-m", "tests.engine_scenarios", json.dumps(spec)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, env={**engine_env(), **IN_PROCESS})
+                          capture_output=True, text=True, timeout=900,
+                          env={**engine_env(), **IN_PROCESS, **(env or {})})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_MARK))
     return json.loads(line[len(RESULT_MARK):])

@@ -9,6 +9,7 @@ batch; on CPU the torch reference runs row by row.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,12 @@ from vllm_sparse.config.plan import DecodeHeadPlan
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
 from vllm_sparse.decode.memory import decode_workspace
 from vllm_sparse.decode.select import MAX_ROW_BLOCKS, quest_select, reference_block_scores, reference_select
-from vllm_sparse.decode.summaries import PageSummaries
+from vllm_sparse.decode.summaries import PageSummaries, check_against_cache
 from vllm_sparse.kernels.paged import PagedKV
 
 SPLITS = 16  # split-K programs per (row, KV head)
+# Debug: on the CPU path, check every sparse decode row's page summaries against its keys in the cache.
+CHECK_SUMMARIES = os.environ.get("VLLM_SPARSE_CHECK_SUMMARIES", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ class DecodeLayer:
             seq = int(rows.seq_lens[b])
             pages = block_table[b, : -(-seq // paged.page_size)].long()
             tok = int(qsl[b])
+            if CHECK_SUMMARIES and self.summaries is not None:
+                check_against_cache(self.summaries, paged.gather(pages, seq)[0], pages, seq)
             blocks = self.select_row(query[tok], pages, seq, paged.page_size)
             out = reference_decode_attention(query[tok], paged, pages, seq, blocks, self.block_tokens, scale)
             output[tok] = out.to(output.dtype)

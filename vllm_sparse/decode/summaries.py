@@ -100,6 +100,17 @@ class PageSummaries:
         self.maxs.scatter_reduce_(0, idx, k, "amax", include_self=True)
 
 
+def check_against_cache(summaries: PageSummaries, keys: torch.Tensor, pages: torch.Tensor, seq_len: int) -> None:
+    """Debug check (VLLM_SPARSE_CHECK_SUMMARIES=1, CPU path): a row's page summaries equal those
+    recomputed from its keys in the cache [seq_len, kv_heads, D]; raises naming the first bad page."""
+    lo, hi = reference_summary(keys, seq_len, summaries.page_size)
+    bad = ((summaries.mins[pages].float() != lo) | (summaries.maxs[pages].float() != hi)).flatten(1).any(1)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise AssertionError(f"vllm-sparse: page summary of logical page {i} (physical {int(pages[i])}) of a "
+                             f"{seq_len}-token sequence does not match the keys in the cache")
+
+
 def reference_summary(keys: torch.Tensor, seq_len: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summaries recomputed from a sequence's keys [seq_len, kv_heads, head_size]: per logical page
     ([pages, kv_heads, head_size] min and max), for tests."""
