@@ -29,6 +29,7 @@ from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.decode.memory import allocate_summaries
+from vllm_sparse.decode.step import decode_row_limit
 from vllm_sparse.log import logger
 from vllm_sparse.metrics.worker import worker_metrics
 
@@ -44,12 +45,6 @@ def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):
     md.__dict__.update(vars(dense_md))
     md.sparse_batch = batch
     return md
-
-
-def decode_row_limit(vllm_config) -> int:
-    """Most rows a step can have: requests, or a captured graph's padded batch."""
-    capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
-    return max(vllm_config.scheduler_config.max_num_seqs, capture)
 
 
 def count_prefill_tokens(metrics, cm, chunks) -> None:

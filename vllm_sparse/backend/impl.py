@@ -13,14 +13,13 @@ from collections.abc import Callable
 import torch
 
 from vllm_sparse import compat
-from vllm_sparse.backend.builder import decode_row_limit
 from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.backend.split_groups import rank_layer
-from vllm_sparse.decode.memory import reserve_for_profile, summaries_for
-from vllm_sparse.decode.step import DecodeLayer
+from vllm_sparse.decode.memory import summaries_for
+from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import worker_metrics
 
@@ -63,6 +62,8 @@ class SparseImplMixin:
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
+            if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
+                reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
         self._heads = None  # this layer's per-local-head plans, bound on first use
         self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
@@ -104,10 +105,6 @@ class SparseImplMixin:
                 summaries.update(key, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        if attn_metadata is None and self._plan.is_sparse_decode and query.is_cuda:
-            # vLLM is profiling memory: hold the page summaries' share of the KV cache
-            reserve_for_profile(self._vllm_config, self._plan, self.num_kv_heads, self.head_size, query.dtype,
-                                query.device)
         batch = getattr(attn_metadata, "sparse_batch", None)  # set only on the sparse metadata class
         head_plans = self._head_plans(layer) if batch is not None and batch.chunks else None
         if head_plans is None:

@@ -2,11 +2,11 @@
 
 - The workspace (scores, selected blocks, split partials) is bounded by the batch's row limit and the
   budget, and is allocated while vLLM builds the model: it counts with the weights.
-- Page summaries grow with the KV cache (1/page_size of each sparse-decode layer's share). While vLLM
-  profiles memory (the first forward without attention metadata) the summaries' share of what is
-  left for the KV cache is reserved, so vLLM sizes the cache around it; once the metadata builders
-  know the real number of pages, the reservation is released and the summaries take its place (they
-  fit in it: the cache got the rest).
+- Page summaries grow with the KV cache (1/page_size of each sparse-decode layer's share). While
+  vLLM builds the model (before it measures memory and sizes the KV cache) the summaries' share of
+  the most memory the KV cache could get is reserved, so vLLM counts it with the weights; once the
+  metadata builders know the real number of pages, the reservation is released and the summaries
+  take its place (they fit in it: the cache got less than the most it could have).
 """
 
 from __future__ import annotations
@@ -20,24 +20,30 @@ _summaries: dict[str, PageSummaries] = {}
 _reservation: dict[str, object] = {}
 
 
-def reserve_for_profile(vllm_config, plan, num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                        device: torch.device) -> None:
-    """Once per process, during vLLM's memory profiling: hold the page summaries' share of the memory
-    the KV cache could get. Every full-attention layer holds a KV page per block; each sparse-decode
+def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Once per process, while vLLM builds the model: hold the page summaries' share of the most memory
+    the KV cache could get (an explicit kv_cache_memory_bytes, else gpu_memory_utilization of the GPU
+    less what is in use now). Every full-attention layer holds a KV page per block; each sparse-decode
     layer adds a summary."""
     if "tensor" in _reservation or device.type != "cuda":
         return
-    page = vllm_config.cache_config.block_size
+    cache = vllm_config.cache_config
+    page = cache.block_size
     elem = torch.empty(0, dtype=dtype).element_size()
     kv_bytes = sum(2 * page * num_kv_heads * head_size * elem for lp in plan.layers if lp.full_attention)
     sum_bytes = sum(PageSummaries.bytes_per_page(num_kv_heads, head_size, dtype)
                     for lp in plan.layers if lp.is_sparse_decode)
-    free, total = torch.cuda.mem_get_info(device)
-    budget = vllm_config.cache_config.gpu_memory_utilization * total - torch.cuda.memory_reserved(device)
-    share = max(0, int(budget * sum_bytes / (kv_bytes + sum_bytes)))
+    explicit = getattr(cache, "kv_cache_memory_bytes", None)
+    if explicit:
+        share = int(explicit * sum_bytes / kv_bytes)
+    else:
+        _, total = torch.cuda.mem_get_info(device)
+        most = cache.gpu_memory_utilization * total - torch.cuda.memory_reserved(device)
+        share = max(0, int(most * sum_bytes / (kv_bytes + sum_bytes)))
     _reservation["tensor"] = torch.empty(share, dtype=torch.uint8, device=device)
     _reservation["bytes"] = share
-    logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries while vLLM sizes the KV cache",
+    logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries before vLLM sizes the KV cache",
                 share / 2**20)
 
 
@@ -54,10 +60,10 @@ def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int
         kv = 2 * num_pages * page_size * num_kv_heads * head_size * torch.empty(0, dtype=dtype).element_size()
         logger.info("vllm-sparse: decode page summaries for %d layers: %.1f MiB (%.2f%% of their KV cache)%s",
                     len(layer_names), need / 2**20, 100 * need / (kv * len(layer_names)),
-                    "" if reserved is None else f", {reserved / 2**20:.1f} MiB reserved while profiling")
-        if reserved is not None and need > reserved + 2**20 * len(layer_names):
-            logger.warning("vllm-sparse: decode page summaries (%.1f MiB) exceed the %.1f MiB reserved while vLLM "
-                           "sized the KV cache", need / 2**20, reserved / 2**20)
+                    "" if reserved is None else f", in the {reserved / 2**20:.1f} MiB reserved at load")
+        if device.type == "cuda" and (reserved is None or need > reserved):
+            logger.warning("vllm-sparse: decode page summaries (%.1f MiB) exceed the %.1f MiB reserved before vLLM "
+                           "sized the KV cache", need / 2**20, (reserved or 0) / 2**20)
 
 
 def summaries_for(layer_name: str) -> PageSummaries | None:

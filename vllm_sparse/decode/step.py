@@ -17,7 +17,7 @@ import triton
 
 from vllm_sparse.config.plan import DecodeHeadPlan
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
-from vllm_sparse.decode.memory import decode_workspace
+from vllm_sparse.decode.memory import decode_workspace, reserve_at_load
 from vllm_sparse.decode.select import MAX_ROW_BLOCKS, quest_select, reference_block_scores, reference_select
 from vllm_sparse.decode.summaries import PageSummaries, check_against_cache
 from vllm_sparse.kernels.paged import PagedKV
@@ -70,6 +70,23 @@ def check_row_blocks(max_model_len: int, block_tokens: int) -> str | None:
         return (f"max_model_len {max_model_len} is {n} blocks of decode block_tokens {block_tokens}; decode "
                 f"selection takes up to {MAX_ROW_BLOCKS}: set decode block_tokens to {need} or more")
     return None
+
+
+def decode_row_limit(vllm_config) -> int:
+    """Most rows a step can have: requests, or a captured graph's padded batch."""
+    capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+    return max(vllm_config.scheduler_config.max_num_seqs, capture)
+
+
+def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: int) -> None:
+    """While vLLM builds the model (counted with the weights): the decode workspace for the plan's
+    largest budget at this engine's row limit and context, and the page summaries' reservation."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
+    decode_workspace(decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
+                     row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, SPLITS,
+                     device)
+    reserve_at_load(vllm_config, plan, kv_heads, head_size, vllm_config.model_config.dtype, device)
 
 
 class DecodeLayer:
