@@ -13,37 +13,12 @@
 # Logs and JSON go to $OUT (tee'd, so a killed command still returns them).
 set -o pipefail
 budget=${1:?seconds}; shift
-start=$(date +%s)
-left() { echo $((budget - ($(date +%s) - start))); }
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/tp-done
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+DONE_DIR=/tmp/tp-done
 # NVLink multicast stays off (device KINDS.md); vLLM 0.26's all-reduce would otherwise try torch
 # symmetric memory (multimem) first, so it is switched off here and vLLM uses its custom all-reduce / NCCL.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
   VLLM_ALLREDUCE_USE_FLASHINFER=0
-
-if [ ! -f /tmp/site/.pydantic-installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.pydantic-installed || { echo "pydantic wheels: install failed"; exit 1; }
-fi
-# (import vllm_sparse would succeed from the checkout's root without an install: ask for the entry point)
-if ! (cd /tmp && python3 -c "import sys; from importlib.metadata import entry_points as e; sys.exit(not [p for p in e(group='vllm.general_plugins') if p.value == 'vllm_sparse.plugin:register'])"); then
-  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
-fi
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton, vllm, vllm_sparse; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__, 'gpus', torch.cuda.device_count())"
-
-step() {  # step NAME NEEDED_SECONDS COMMAND...
-  local name=$1 need=$2; shift 2
-  if [ -f /tmp/tp-done/$name ]; then echo "== $name: done in an earlier call"; return; fi
-  local l=$(left)
-  if [ "$l" -lt "$need" ]; then echo "== $name: skipped, $l s left < $need s"; return; fi
-  echo "== $name: start ($l s left) $(date -u +%T)"
-  local t0=$(date +%s)
-  "$@"; local rc=$?
-  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
-  touch /tmp/tp-done/$name  # run once, pass or fail: its output came back with this call
-}
+source scripts/device-common.sh
 
 tptest() {  # tests/test_engine_tp.py on both GPUs
   timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE -o faulthandler_timeout=200 tests/test_engine_tp.py 2>&1 \

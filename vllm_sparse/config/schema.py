@@ -67,6 +67,13 @@ def _check_selector(value: Any, keywords: tuple[str, ...]) -> Any:
 Selector = Union[int, str, list[Union[int, str]]]
 
 
+def _check_block(v: int | None, name: str) -> int | None:
+    """A block size in tokens: a power of two in 16..1024."""
+    if v is not None and (v < 16 or v > 1024 or v & (v - 1)):
+        raise ValueError(f"{name} {v} must be a power of two in 16..1024")
+    return v
+
+
 class BudgetSpec(StrictModel):
     """How many blocks each query block row keeps. Exactly one of top_k, top_p, keep_ratio."""
 
@@ -122,9 +129,7 @@ class DecodeSpec(StrictModel):
     @field_validator("block_tokens")
     @classmethod
     def _block(cls, v):
-        if v is not None and (v < 16 or v > 1024 or v & (v - 1)):
-            raise ValueError(f"block_tokens {v} must be a power of two in 16..1024")
-        return v
+        return _check_block(v, "block_tokens")
 
 
 def _decode_setting(v: Any) -> Any:
@@ -244,9 +249,7 @@ def _build_models():
         @field_validator("block_size")
         @classmethod
         def _block(cls, v):
-            if v is not None and (v < 16 or v > 1024 or v & (v - 1)):
-                raise ValueError(f"block_size {v} must be a power of two in 16..1024")
-            return v
+            return _check_block(v, "block_size")
 
     class ModelMatch(StrictModel):
         architectures: list[str] = Field(default_factory=list, description="HF architectures, e.g. LlamaForCausalLM")
