@@ -50,6 +50,8 @@ def test_worker_counters_reach_the_collector(metrics_dir, device):
     m = worker.WorkerMetrics(torch.device(device), num_layers=20, rank=1)
     m.count_step(sparse_tokens=1000, dense_tokens=24, chunks=2)
     m.count_step(sparse_tokens=0, dense_tokens=6, chunks=0)
+    m.count_decode(sparse_tokens=5, dense_tokens=3)
+    m.count_decode(sparse_tokens=0, dense_tokens=2)
     # Densities from device numbers (the kernels' page counts) and host ones (the reference path).
     m.record_density(3, torch.tensor(5, device=device), torch.tensor(10, device=device))  # 0.5, layers 0-7
     m.record_density(9, 1, 100)  # 0.01, layers 8-15
@@ -67,6 +69,8 @@ def test_worker_counters_reach_the_collector(metrics_dir, device):
     assert s[("vllm_sparse:prefill_tokens_total", (("path", "sparse"), ("rank", "1")))] == 1000
     assert s[("vllm_sparse:prefill_tokens_total", (("path", "dense"), ("rank", "1")))] == 30
     assert s[("vllm_sparse:sparse_chunks_total", r)] == 2
+    assert s[("vllm_sparse:decode_tokens_total", (("path", "sparse"), ("rank", "1")))] == 5
+    assert s[("vllm_sparse:decode_tokens_total", (("path", "dense"), ("rank", "1")))] == 5
 
     def bucket(layers, le):
         return s[("vllm_sparse:kept_density_bucket", (("layers", layers), ("le", le), ("rank", "1")))]

@@ -74,6 +74,10 @@ def _sparse_metrics(url: str, prefill_tokens: int, timeout: float = 30) -> dict[
         time.sleep(0.5)
     assert "vllm:num_requests_running" in text  # vLLM's own metrics are still served
     assert samples.get(("vllm_sparse:sparse_chunks_total", (("rank", "0"),)), 0) >= 1
+    # The first completion's tokens were decoded (densely: the plan has no decode setting) before the
+    # last request's prefill, which the wait above saw counted.
+    assert samples.get(("vllm_sparse:decode_tokens_total", (("path", "dense"), ("rank", "0"))), 0) >= 1
+    assert samples.get(("vllm_sparse:decode_tokens_total", (("path", "sparse"), ("rank", "0"))), 0) == 0
     # Every sparse chunk-layer (2 layers) observed a kept density, in the 0-1 layer group.
     density = (("layers", "0-1"), ("rank", "0"))
     assert samples[("vllm_sparse:kept_density_count", density)] >= 2

@@ -47,14 +47,22 @@ def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):
     return md
 
 
-def count_prefill_tokens(metrics, cm, chunks) -> None:
-    """Prefill tokens of the step (requests with more than one query token) by path, from host data."""
+def count_step_tokens(metrics, cm, chunks, decode_below: int | None) -> None:
+    """The step's prefill tokens (requests with more than one query token) and decode tokens by path,
+    from host data; a decode goes sparse when the group selects pages at decode (`decode_below` set)
+    and its context reaches it (host lengths may be upper bounds: off by a token at the threshold)."""
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     q_lens = qsl[1:] - qsl[:-1]
     prefill = int(q_lens[q_lens > 1].sum())
     if prefill:
         sparse = sum(c.q_end - c.q_start for c in chunks)
         metrics.count_step(sparse, prefill - sparse, len(chunks))
+    decodes = q_lens == 1
+    if bool(decodes.any()):
+        sparse = 0
+        if decode_below is not None:
+            sparse = int((decodes & (compat.seq_lens_cpu(cm)[: cm.num_reqs] >= decode_below)).sum())
+        metrics.count_decode(sparse, int(decodes.sum()) - sparse)
 
 
 class SparseBuilderMixin:
@@ -85,7 +93,8 @@ class SparseBuilderMixin:
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
         # One builder per process counts prefill tokens (a model with several KV cache groups builds
         # each step once per group).
-        metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if self._has_sparse_layer else None
+        counted = self._has_sparse_layer or self._decode is not None
+        metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting() else None
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
@@ -119,13 +128,13 @@ class SparseBuilderMixin:
         if self._decode is not None:  # the dense backend attends sparse decode rows over one token only
             common_attn_metadata, decode_rows = self._decode.shorten(common_attn_metadata)
         md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
-        if not self._has_sparse_layer:
-            return md if decode_rows is None else with_sparse_batch(
-                self.metadata_cls, md, SparseBatch((), None, None, decode_rows))
-        chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
-                                                    min_query_len=self._plan.min_query_tokens)
+        chunks, dense_reqs, dense_tokens = [], None, None
+        if self._has_sparse_layer:
+            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
+                                                        min_query_len=self._plan.min_query_tokens)
         if self._metrics is not None:
-            count_prefill_tokens(self._metrics, common_attn_metadata, chunks)
+            count_step_tokens(self._metrics, common_attn_metadata, chunks,
+                              self._plan.decode_dense_below if self._decode is not None else None)
         if not chunks:
             return md if decode_rows is None else with_sparse_batch(
                 self.metadata_cls, md, SparseBatch((), None, None, decode_rows))

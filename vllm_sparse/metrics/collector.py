@@ -15,6 +15,8 @@ from vllm_sparse.metrics.paths import DENSITY_BUCKETS, ESTIMATION_BUCKETS
 
 _DOC = {
     "prefill_tokens": "Prefill tokens by attention path: sparse (the chunk went through the sparse path) or dense",
+    "decode_tokens": "Decode tokens by attention path: sparse (the step selected pages: a decode plan and a context "
+                     "at its dense_below) or dense",
     "sparse_chunks": "Prefill chunks (one request's tokens in one step) that went through the sparse path",
     "kept_density": "Share of the causal KV pages each sparse chunk-layer read, after the block union, by layer "
                     "group",
@@ -61,6 +63,8 @@ def totals(snaps: list[dict]) -> dict:
         rank = str(s["rank"])
         for path, n in s["prefill_tokens"].items():
             add(("prefill_tokens", path, rank), n)
+        for path, n in s.get("decode_tokens", {}).items():
+            add(("decode_tokens", path, rank), n)
         add(("sparse_chunks", rank), s["sparse_chunks"])
         for layers, h in s["kept_density"].items():
             add_hist(("kept_density", layers, rank), h["counts"], h["sum"])
@@ -89,6 +93,7 @@ class SparseMetricsCollector:
 
         t = totals(read_snapshots(self.directory))
         tokens = CounterMetricFamily("vllm_sparse:prefill_tokens", _DOC["prefill_tokens"], labels=["path", "rank"])
+        decode = CounterMetricFamily("vllm_sparse:decode_tokens", _DOC["decode_tokens"], labels=["path", "rank"])
         chunks = CounterMetricFamily("vllm_sparse:sparse_chunks", _DOC["sparse_chunks"], labels=["rank"])
         density = HistogramMetricFamily("vllm_sparse:kept_density", _DOC["kept_density"], labels=["layers", "rank"])
         est = HistogramMetricFamily("vllm_sparse:estimation_seconds", _DOC["estimation_seconds"], labels=["rank"])
@@ -96,13 +101,15 @@ class SparseMetricsCollector:
             name, labels = key[0], list(key[1:])
             if name == "prefill_tokens":
                 tokens.add_metric(labels, v)
+            elif name == "decode_tokens":
+                decode.add_metric(labels, v)
             elif name == "sparse_chunks":
                 chunks.add_metric(labels, v)
             elif name == "kept_density":
                 density.add_metric(labels, _buckets(DENSITY_BUCKETS, v[0]), v[1])
             else:
                 est.add_metric(labels, _buckets(ESTIMATION_BUCKETS, v[0]), v[1])
-        yield from (tokens, chunks, density, est)
+        yield from (tokens, decode, chunks, density, est)
 
 
 _registered = False

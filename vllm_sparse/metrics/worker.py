@@ -40,6 +40,7 @@ class WorkerMetrics:
         self._one = torch.ones(1, dtype=torch.float64, device=device)
         self._lock = threading.Lock()
         self.tokens = {"sparse": 0, "dense": 0}
+        self.decode_tokens = {"sparse": 0, "dense": 0}
         self.chunks = 0
         self._est_counts = [0] * (len(ESTIMATION_BUCKETS) + 1)
         self._est_sum = 0.0
@@ -69,6 +70,12 @@ class WorkerMetrics:
             self.tokens["sparse"] += sparse_tokens
             self.tokens["dense"] += dense_tokens
             self.chunks += chunks
+
+    def count_decode(self, sparse_tokens: int, dense_tokens: int) -> None:
+        """Decode tokens of one step by path (host numbers)."""
+        with self._lock:
+            self.decode_tokens["sparse"] += sparse_tokens
+            self.decode_tokens["dense"] += dense_tokens
 
     def record_density(self, layer: int, kept, total) -> None:
         """One chunk-layer's share of causal KV pages read (device or host numbers)."""
@@ -156,6 +163,7 @@ class WorkerMetrics:
                 density[layers] = {"counts": counts, "sum": acc[g * nb + k]}
         with self._lock:
             return {"pid": os.getpid(), "rank": self.rank, "prefill_tokens": dict(self.tokens),
+                    "decode_tokens": dict(self.decode_tokens),
                     "sparse_chunks": self.chunks, "kept_density": density,
                     "estimation_seconds": {"counts": list(self._est_counts), "sum": self._est_sum}}
 
