@@ -24,7 +24,8 @@ ENGINE = {"dtype": "bfloat16", "max_model_len": 4096, "block_size": 16, "max_num
 def runs(model_cache, tmp_path_factory):
     from tests.fixtures.tiny_llama import build_tiny_llama
 
-    return run_decode_plans(build_tiny_llama(model_cache, head_dim=64), tmp_path_factory.mktemp("configs"), ENGINE)
+    return run_decode_plans(build_tiny_llama(model_cache, head_dim=64), tmp_path_factory.mktemp("configs"), ENGINE,
+                            prefix_hit=True)
 
 
 def _mean(a, b) -> float:
