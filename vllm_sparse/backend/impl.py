@@ -80,7 +80,7 @@ class SparseImplMixin:
             self._heads = heads or []
         return self._heads or None
 
-    def _decode_for(self, layer) -> DecodeLayer | None:
+    def _decode_for(self, layer, device: torch.device) -> DecodeLayer | None:
         """This layer's decode selection. In a layer group where some layers select pages at decode,
         the dense backend sees shortened decode rows, so every layer of the group runs the decode path
         (heads without a decode plan read every block)."""
@@ -93,7 +93,7 @@ class SparseImplMixin:
                 self._decode_layer = DecodeLayer(
                     lp.decode_for(self._shard), summaries, self._plan.decode_block_tokens,
                     self._plan.decode_dense_below, decode_row_limit(vc), vc.model_config.max_model_len,
-                    self.num_heads, self.head_size, summaries.mins.device if summaries else torch.device("cpu"))
+                    self.num_heads, self.head_size, device)
         return self._decode_layer
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
@@ -113,7 +113,7 @@ class SparseImplMixin:
             self._forward_sparse_chunks(layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
                                         *args, **kwargs)
         if batch is not None and batch.decode is not None:
-            decode = self._decode_for(layer)
+            decode = self._decode_for(layer, query.device)
             # A captured graph replays whatever launched now: on capture, always launch (the kernels
             # skip rows that are not sparse decode rows on the device).
             if decode is not None and (batch.decode.any_sparse or capturing(query)):
