@@ -47,22 +47,19 @@ def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):
     return md
 
 
-def count_step_tokens(metrics, cm, chunks, decode_below: int | None) -> None:
+def count_step_tokens(metrics, cm, chunks, sparse_decodes: int) -> None:
     """The step's prefill tokens (requests with more than one query token) and decode tokens by path,
-    from host data; a decode goes sparse when the group selects pages at decode (`decode_below` set)
-    and its context reaches it (host lengths may be upper bounds: off by a token at the threshold)."""
+    from host data (`sparse_decodes`: the builder's count, by host lengths that may be upper bounds:
+    off by a token at the threshold)."""
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     q_lens = qsl[1:] - qsl[:-1]
     prefill = int(q_lens[q_lens > 1].sum())
     if prefill:
         sparse = sum(c.q_end - c.q_start for c in chunks)
         metrics.count_step(sparse, prefill - sparse, len(chunks))
-    decodes = q_lens == 1
-    if bool(decodes.any()):
-        sparse = 0
-        if decode_below is not None:
-            sparse = int((decodes & (compat.seq_lens_cpu(cm)[: cm.num_reqs] >= decode_below)).sum())
-        metrics.count_decode(sparse, int(decodes.sum()) - sparse)
+    decodes = int((q_lens == 1).sum())
+    if decodes:
+        metrics.count_decode(sparse_decodes, decodes - sparse_decodes)
 
 
 class SparseBuilderMixin:
@@ -134,7 +131,7 @@ class SparseBuilderMixin:
                                                         min_query_len=self._plan.min_query_tokens)
         if self._metrics is not None:
             count_step_tokens(self._metrics, common_attn_metadata, chunks,
-                              self._plan.decode_dense_below if self._decode is not None else None)
+                              decode_rows.host_sparse if decode_rows is not None else 0)
         if not chunks:
             return md if decode_rows is None else with_sparse_batch(
                 self.metadata_cls, md, SparseBatch((), None, None, decode_rows))

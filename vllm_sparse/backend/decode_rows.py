@@ -27,14 +27,14 @@ class DecodeRowsBuilder:
         if n > self._dense_seq_lens.shape[0]:
             raise RuntimeError(f"vllm-sparse: a step with {n} requests; decode buffers hold "
                                f"{self._dense_seq_lens.shape[0]} (max_num_seqs)")
-        rows = DecodeRows(cm.query_start_loc, seq, any_sparse=self._may_have_sparse_rows(cm))
+        rows = DecodeRows(cm.query_start_loc, seq, host_sparse=self._host_sparse_rows(cm))
         buf = self._dense_seq_lens[:n]
         buf.copy_(seq)
         buf.masked_fill_(rows.sparse_mask(self.dense_below), 1)
         return compat.with_seq_lens(cm, buf), rows
 
-    def _may_have_sparse_rows(self, cm) -> bool:
+    def _host_sparse_rows(self, cm) -> int:
         """From host data (host lengths may be upper bounds: never misses a sparse row)."""
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         seq = compat.seq_lens_cpu(cm)[: cm.num_reqs]
-        return bool(((qsl[1:] - qsl[:-1] == 1) & (seq >= self.dense_below)).any())
+        return int(((qsl[1:] - qsl[:-1] == 1) & (seq >= self.dense_below)).sum())

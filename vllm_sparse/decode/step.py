@@ -31,7 +31,11 @@ CHECK_SUMMARIES = os.environ.get("VLLM_SPARSE_CHECK_SUMMARIES", "0") == "1"
 class DecodeRows:
     query_start_loc: torch.Tensor  # [rows + 1] (device) of the whole batch
     seq_lens: torch.Tensor  # [rows] (device): true lengths (the dense backend's were shortened)
-    any_sparse: bool  # host: some row may decode sparsely this step (host lengths are upper bounds)
+    host_sparse: int  # rows that decode sparsely by the host's lengths (upper bounds: never too few)
+
+    @property
+    def any_sparse(self) -> bool:
+        return self.host_sparse > 0
 
     def sparse_mask(self, dense_below: int) -> torch.Tensor:
         """Rows that decode sparsely: one query token and at least `dense_below` tokens of context."""
