@@ -1,6 +1,6 @@
 # Sourced by the device scripts (scripts/device-*.sh) on a GPU machine where vLLM 0.26.0 is staged in
 # /tmp/site (../shared/device/README.md). Sets up the call (pydantic from the carried .whl, this
-# checkout installed for its entry points) and defines `left` and `step`.
+# checkout installed for its entry points) and defines `left`, `step` and `run_steps`.
 #   DONE_DIR  where finished steps are marked (a step runs once per warm machine)
 #   budget    seconds this call may use (set before sourcing)
 start=$(date +%s)
@@ -29,4 +29,14 @@ step() {  # step NAME NEEDED_SECONDS COMMAND...
   "$@"; local rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
   touch "$DONE_DIR/$name"  # run once, pass or fail: its output came back with this call
+}
+
+run_steps() {  # run_steps "NAME:NEEDED_SECONDS ..." STEP...: each named step runs the function of its name
+  local table=$1 s need; shift
+  for s in "$@"; do
+    need=$(tr ' ' '\n' <<< "$table" | sed -n "s/^$s:\([0-9]*\)$/\1/p")
+    [ -n "$need" ] || { echo "unknown step $s (steps: $table)"; exit 2; }
+    step "$s" "$need" "$s"
+  done
+  echo "== end: $(left) s left of $budget"
 }

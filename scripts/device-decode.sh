@@ -32,12 +32,4 @@ fid() {
     --max-num-batched-tokens 4096 2>&1 | tail -40
 }
 
-for s in "$@"; do
-  case $s in
-    tests) step tests 240 tests ;;
-    bench) step bench 300 bench ;;
-    fid) step fid 200 fid ;;
-    *) echo "unknown step $s"; exit 2 ;;
-  esac
-done
-echo "== end: $(left) s left of $budget"
+run_steps "tests:240 bench:300 fid:200" "$@"

@@ -81,19 +81,4 @@ metricstest() {
 }
 e2e2() { e2e 2; }
 
-for s in "$@"; do
-  case $s in
-    tests) step tests 300 tests ;;
-    tptest) step tptest 150 tptest ;;
-    gputest) step gputest 120 gputest ;;
-    e2equick) step e2equick 150 e2equick ;;
-    serve) step serve 150 serve ;;
-    e2e2) step e2e2 280 e2e2 ;;
-    e2e1) step e2e1 240 e2e1 ;;
-    e2e2q) step e2e2q 170 e2e2q ;;
-    e2e1par) step e2e1par 110 e2e1par ;;
-    metricstest) step metricstest 60 metricstest ;;
-    *) echo "unknown step $s"; exit 2 ;;
-  esac
-done
-echo "== end: $(left) s left of $budget"
+run_steps "tests:300 tptest:150 gputest:120 e2equick:150 serve:150 e2e2:280 e2e1:240 e2e2q:170 e2e1par:110 metricstest:60" "$@"
