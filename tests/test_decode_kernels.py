@@ -197,7 +197,7 @@ def test_block_selection_breaks_ties_toward_later_blocks(seed):
             assert torch.equal(sel[r, h, : len(want)].cpu().long(), want)
 
 
-def _attend(case, plans_dense=False):
+def _attend(case):
     rows = len(case.seq_lens)
     kv = case.paged.num_kv_heads
     nbp = row_blocks(case.block_table.shape[1] * case.page, case.block)

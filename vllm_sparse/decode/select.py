@@ -5,7 +5,8 @@ Score of a page for one q head: sum_c max(q_c * min_c, q_c * max_c) (an upper bo
 the page's keys). A block (`block_tokens`, whole pages) takes its pages' maximum, and a KV head its
 q heads' maximum, so one block list serves the whole GQA group. Sink and local blocks score +inf,
 blocks past the context -inf. Ties go to the later block: both implementations order by the pair
-(score, block index), packed into one int64 key.
+(score, block index) (the reference packs it into one int64 key; the kernel finds the threshold
+score, then takes the later of the blocks tied at it).
 
 A decode row is a request with one query token whose context reaches `dense_below`; every other row
 is skipped here (its attention is the dense backend's). The Triton kernels read the row facts from

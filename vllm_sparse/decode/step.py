@@ -1,7 +1,7 @@
 """One layer's sparse decode for a step: Quest scores -> top blocks per KV head -> attention.
 
 The metadata builder gives every step's `DecodeRows` (device tensors of the whole batch, plus the
-host's list of sparse decode rows); the dense backend has already attended every row, the sparse
+host's count of sparse decode rows); the dense backend has already attended every row, the sparse
 decode rows over one token only (the builder shortened them), and this overwrites those rows.
 On CUDA the kernels read the row facts on the device, so a captured graph replays them for any
 batch; on CPU the torch reference runs row by row.
