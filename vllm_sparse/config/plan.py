@@ -14,10 +14,11 @@ from vllm_sparse.selection.budget import Budget
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "block_size": 128,
     "dense_below": 8192,
-    "decode": "dense",
     "union_tile": None,
     "min_query_tokens": 16,
 }
+DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
+DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
 DEFAULT_ESTIMATOR = ("sink_local", {})
 DEFAULT_BUDGET = BudgetSpec(keep_ratio=0.25)
 
@@ -115,15 +116,14 @@ class SparsePlan:
     model: str
     block_size: int
     dense_below: int
-    decode: str
     layers: tuple[LayerPlan, ...]
     num_q_heads: int
     num_kv_heads: int
     notes: tuple[str, ...] = field(default=())
     union_tile: int | None = None  # query blocks per union; None = the whole chunk
     min_query_tokens: int = 16  # prefill chunks with fewer query tokens stay dense
-    decode_block_tokens: int = 64  # decode selection block (tokens)
-    decode_dense_below: int = 16384  # decode steps with less context stay dense
+    decode_block_tokens: int = DECODE_BLOCK_TOKENS
+    decode_dense_below: int = DECODE_DENSE_BELOW
 
     @property
     def is_sparse(self) -> bool:
@@ -134,6 +134,11 @@ class SparsePlan:
     def is_sparse_decode(self) -> bool:
         return any(layer.is_sparse_decode for layer in self.layers)
 
+    @property
+    def decode(self) -> str:
+        """The decode policy in a word: `quest` if any head selects pages at decode, else `dense`."""
+        return "quest" if self.is_sparse_decode else "dense"
+
     def layer(self, index: int) -> LayerPlan:
         return self.layers[index]
 
@@ -143,8 +148,8 @@ class SparsePlan:
             LayerPlan(i, shape.is_full_attention(i), (None,) * shape.num_q_heads) for i in range(shape.num_layers)
         )
         return cls(
-            source, shape.name, BUILTIN_DEFAULTS["block_size"], BUILTIN_DEFAULTS["dense_below"], "dense",
-            layers, shape.num_q_heads, shape.num_kv_heads, (reason,),
+            source, shape.name, BUILTIN_DEFAULTS["block_size"], BUILTIN_DEFAULTS["dense_below"], layers,
+            shape.num_q_heads, shape.num_kv_heads, (reason,),
         )
 
 
@@ -258,14 +263,10 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
     layers_out = tuple(
         LayerPlan(i, shape.is_full_attention(i), tuple(heads[i]), decode_plans[i]) for i in range(shape.num_layers)
     )
-    return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"),
-                      "quest" if any(any(d) for d in decode_plans) else "dense",
-                      layers_out, shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
+    return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), layers_out,
+                      shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
                       setting("min_query_tokens"), block_tokens, decode_below)
 
-
-DECODE_BLOCK_TOKENS = 64
-DECODE_DENSE_BELOW = 16384
 
 
 def _decode_plans(decode, shape: ModelShape, problems: list) -> tuple[list[tuple], int, int]:
