@@ -20,14 +20,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_sparse.config.plan import DecodeHeadPlan  # noqa: E402
-from vllm_sparse.decode.attention import decode_attention  # noqa: E402
+from vllm_sparse.decode.attention import decode_attention, split_slots  # noqa: E402
 from vllm_sparse.decode.select import quest_select  # noqa: E402
-from vllm_sparse.decode.step import SPLITS, DecodeHeads, row_blocks  # noqa: E402
+from vllm_sparse.decode.step import DecodeHeads, row_blocks  # noqa: E402
 from vllm_sparse.decode.summaries import PageSummaries  # noqa: E402
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
 
 KV, G, D, PAGE, BLOCK, BELOW = 8, 4, 128, 16, 16, 12288
 PLAN = DecodeHeadPlan("quest", 256, 1, 2)
+ROW_LIMIT = 32  # the engine's row limit (max_num_seqs of benchmarks/e2e.py's decode cases)
 
 
 def timed(fn, iters: int = 50) -> float:
@@ -43,7 +44,26 @@ def timed(fn, iters: int = 50) -> float:
     return a.elapsed_time(b) / iters * 1000  # us
 
 
-def case(rows: int, context: int, max_model_len: int) -> dict:
+def kernel_times(fn, iters: int = 20) -> dict[str, float]:
+    """Device time per kernel of one call of fn (mean over iters), from the profiler: what each kernel
+    costs without its launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.count:
+            out[e.key] = round(e.device_time_total / iters, 2)
+    return out
+
+
+def stages(rows: int, context: int, max_model_len: int) -> dict:
+    """One layer's inputs (random pages and summaries) -> the stages as closures: update, select, attend."""
     dev = torch.device("cuda")
     pages_per = -(-context // PAGE)
     num_pages = rows * pages_per + 1
@@ -65,8 +85,9 @@ def case(rows: int, context: int, max_model_len: int) -> dict:
     scores = torch.empty(rows, KV, nbp, device=dev)
     sel = torch.zeros(rows, KV, PLAN.kept_blocks, dtype=torch.int32, device=dev)
     cnt = torch.zeros(rows, KV, dtype=torch.int32, device=dev)
-    po = torch.empty(rows, KV * G, SPLITS, D, device=dev)
-    pml = torch.empty(rows, KV * G, SPLITS, 2, device=dev)
+    ws_slots = split_slots(ROW_LIMIT, KV) * KV * G  # the workspace an engine of ROW_LIMIT rows holds
+    po = torch.empty(ws_slots, D, device=dev)
+    pml = torch.empty(ws_slots, 2, device=dev)
     out = torch.empty_like(q)
 
     def update():
@@ -80,6 +101,13 @@ def case(rows: int, context: int, max_model_len: int) -> dict:
         decode_attention(q, paged, table, qsl, seq, heads, sel, cnt, po, pml, out, block_tokens=BLOCK, scale=0.088,
                          dense_below=BELOW)
 
+    return {"update": update, "select": select, "attend": attend}
+
+
+def case(rows: int, context: int, max_model_len: int) -> dict:
+    st = stages(rows, context, max_model_len)
+    update, select, attend = st["update"], st["select"], st["attend"]
+
     def layer():
         update()
         select()
@@ -92,13 +120,60 @@ def case(rows: int, context: int, max_model_len: int) -> dict:
     with torch.cuda.graph(graph):
         layer()
     res["layer_graph_us"] = timed(graph.replay)
+    res["kernels_us"] = kernel_times(layer)
+    res.update(layer_bytes(rows, context))
+    res["gbps"] = res["bytes_mb"] * 1e6 / (res["layer_graph_us"] * 1e-6) / 1e9
+    return res
+
+
+def layer_bytes(rows: int, context: int) -> dict:
     sparse = context >= BELOW
+    pages_per = -(-context // PAGE)
     read = min(context, PLAN.kept_blocks * BLOCK) if sparse else 0
     kv_bytes = rows * read * KV * D * 2 * 2
     sum_bytes = rows * pages_per * KV * D * 2 * 2 if sparse else 0
-    res["bytes_mb"] = (kv_bytes + sum_bytes) / 1e6
-    res["gbps"] = (kv_bytes + sum_bytes) / (res["layer_graph_us"] * 1e-6) / 1e9
-    return res
+    return {"bytes_mb": (kv_bytes + sum_bytes) / 1e6, "summary_mb": sum_bytes / 1e6, "kv_mb": kv_bytes / 1e6}
+
+
+# --sweep: kernel settings (module constants) tried per stage; device time per kernel
+def _grid(**knobs) -> list[dict]:
+    import itertools
+
+    return [dict(zip(knobs, v)) for v in itertools.product(*knobs.values())]
+
+
+SWEEP = {
+    "select": _grid(SCORE_TILE_PAGES=(16, 32), SCORE_WARPS=(2, 4, 8), SCORE_PROGRAMS=(1024, 4096))
+    + _grid(SELECT_CHUNK=(512, 1024, 2048), SELECT_WARPS=(4, 8, 16)),
+    "attend": _grid(SPLIT_PROGRAMS=(1024, 2048), TILE_TOKENS=(32, 64), SPLIT_WARPS=(2, 4)),
+}
+
+
+def sweep(cases: list[tuple[int, int]], max_model_len: int) -> list[dict]:
+    import vllm_sparse.decode.attention as attention_mod
+    import vllm_sparse.decode.select as select_mod
+
+    modules = {"select": select_mod, "attend": attention_mod}
+    rows_out = []
+    for rows, ctx in cases:
+        st = stages(rows, ctx, max_model_len)
+        for stage, settings in SWEEP.items():
+            mod = modules[stage]
+            for knobs in settings:
+                base = {k: getattr(mod, k) for k in knobs}
+                for k, v in knobs.items():
+                    setattr(mod, k, v)
+                try:
+                    t = kernel_times(st[stage])
+                except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
+                    t = {"error": str(e)[-200:]}
+                finally:
+                    for k, v in base.items():
+                        setattr(mod, k, v)
+                row = {"case": f"{rows}x{ctx}", "stage": stage, "knobs": knobs, "kernels_us": t}
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+    return rows_out
 
 
 def main() -> None:
@@ -106,7 +181,19 @@ def main() -> None:
     ap.add_argument("--cases", default="2x131072,16x32768,32x8192")
     ap.add_argument("--max-model-len", type=int, default=131072 + 256)
     ap.add_argument("--out", default="decode_kernels.json")
+    ap.add_argument("--sweep", action="store_true", help="time kernel settings one at a time (per-kernel device time)")
     args = ap.parse_args()
+    if args.sweep:
+        cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+        res = sweep(cases, args.max_model_len)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"\n{torch.cuda.get_device_name()}: device time per kernel (us), one setting changed at a time")
+        for r in res:
+            t = r["kernels_us"]
+            knobs = " ".join(f"{k}={v}" for k, v in r["knobs"].items())
+            print(f"{r['case']:>10} {knobs:<52} " + "  ".join(
+                f"{k.strip('_').replace('_kernel', '')}={v}" for k, v in t.items()))
+        return
     results = {"device": torch.cuda.get_device_name(), "plan": "quest 16-token blocks, 256+1+2 blocks, head 128"}
     for c in args.cases.split(","):
         rows, ctx = (int(x) for x in c.split("x"))
@@ -119,6 +206,9 @@ def main() -> None:
         r = results[c]
         print(f"{c:>10} {r['update_us']:>7.1f}u {r['select_us']:>7.1f}u {r['attend_us']:>7.1f}u "
               f"{r['layer_graph_us']:>12.1f}u {r['bytes_mb']:>8.1f} {r['gbps']:>6.0f}")
+    print("\ndevice time per kernel (us per layer, profiler):")
+    for c in args.cases.split(","):
+        print(f"{c:>10} " + "  ".join(f"{k[:28]}={v:.1f}" for k, v in results[c]["kernels_us"].items()))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from vllm_sparse.config.plan import DecodeHeadPlan
-from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
+from vllm_sparse.decode.attention import decode_attention, reference_decode_attention, split_slots
 from vllm_sparse.decode.select import quest_select, reference_block_scores, reference_select, select_top_blocks
-from vllm_sparse.decode.step import SPLITS, DecodeHeads, row_blocks
+from vllm_sparse.decode.step import DecodeHeads, row_blocks
 from vllm_sparse.decode.summaries import PageSummaries, reference_summary
 from vllm_sparse.kernels.paged import PagedKV
 
@@ -208,8 +208,9 @@ def _attend(case):
     quest_select(case.query, case.summ.mins, case.summ.maxs, case.block_table, case.qsl, seq, case.heads, scores,
                  selected, counts, page_size=case.page, block_tokens=case.block, dense_below=case.dense_below)
     out = torch.full_like(case.query, float("nan"))  # poison: sparse decode rows must be written
-    po = torch.empty(rows, case.q_heads, SPLITS, case.query.shape[2], device=DEVICE)
-    pml = torch.empty(rows, case.q_heads, SPLITS, 2, device=DEVICE)
+    slots = split_slots(rows, kv) * case.q_heads
+    po = torch.full((slots, case.query.shape[2]), float("nan"), device=DEVICE)
+    pml = torch.full((slots, 2), float("nan"), device=DEVICE)
     decode_attention(case.query, case.paged, case.block_table, case.qsl, seq, case.heads, selected, counts, po, pml,
                      out, block_tokens=case.block, scale=0.3, dense_below=case.dense_below)
     return out, selected, counts

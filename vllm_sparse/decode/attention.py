@@ -104,52 +104,67 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_merge_kernel(
     out_ptr, so_t, so_h, qsl_ptr, seq_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h, dense_below,
-    G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    D: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    """Program per (row, q head): the splits' partial outputs, weighted by their softmax sums."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    qh = tl.program_id(1)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
     if sparse:
         sp = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
         q0 = tl.load(qsl_ptr + b)
-        for g in tl.static_range(G):
-            qh = kvh * G + g
-            m = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2)
-            l_s = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2 + 1)
-            w = tl.exp(m - tl.max(m, 0))
-            o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
-            res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)
-            tl.store(out_ptr + q0 * so_t + qh * so_h + d, res.to(out_ptr.dtype.element_ty))
+        m = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2)
+        l_s = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2 + 1)
+        w = tl.exp(m - tl.max(m, 0))
+        o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
+        res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)
+        tl.store(out_ptr + q0 * so_t + qh * so_h + d, res.to(out_ptr.dtype.element_ty))
 
 
 TILE_TOKENS = 64  # tokens per attention tile: several small blocks, or a piece of a large one
-SPLIT_PROGRAMS = 2048  # split-K programs per step at most (fewer splits per row for large batches)
+SPLIT_PROGRAMS = 1024  # split-K programs per step at most (fewer splits per row for large batches)
+MAX_SPLITS = 64
+SPLIT_WARPS = 4
+SPLITS_AT_ROW_LIMIT = 16  # split slots per (row, q head) the workspace holds at its row limit
+
+
+def split_slots(max_rows: int, kv_heads: int) -> int:
+    """Split slots per q head in the workspace: 16 per row at the row limit, and at least enough for
+    SPLIT_PROGRAMS programs (a small row limit still spreads a long row)."""
+    return max(max_rows * SPLITS_AT_ROW_LIMIT, SPLIT_PROGRAMS // kv_heads)
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_lens, heads, selected, counts,
                      partial_out, partial_ml, output, *, block_tokens: int, scale: float, dense_below: int) -> None:
-    """Attention of every sparse decode row into `output` [tokens, q_heads, D]. partial_out
-    [rows, q_heads, SPLITS, D] and partial_ml [rows, q_heads, SPLITS, 2] (float32) are the workspace."""
+    """Attention of every sparse decode row into `output` [tokens, q_heads, D]. partial_out and
+    partial_ml (float32, contiguous, any shape) are the split workspace: the splits per row are as
+    many as it holds for this batch's rows (up to MAX_SPLITS and SPLIT_PROGRAMS programs in all), so
+    a small batch spreads each row over more programs."""
     rows = seq_lens.shape[0]
     kv_heads = paged.num_kv_heads
     q_heads, d = query.shape[1], query.shape[2]
     group = q_heads // kv_heads
-    per_row = max(1, SPLIT_PROGRAMS // (rows * kv_heads))
-    splits = min(partial_out.shape[2], 1 << (per_row.bit_length() - 1))
+    room = min(partial_ml.numel() // 2, partial_out.numel() // d) // (rows * q_heads)
+    assert room >= 1, "the decode workspace holds no split for this batch"
+    splits = min(MAX_SPLITS, pow2_floor(SPLIT_PROGRAMS // (rows * kv_heads)), pow2_floor(room))
+    po = partial_out.view(-1)[: rows * q_heads * splits * d].view(rows, q_heads, splits, d)
+    pml = partial_ml.view(-1)[: rows * q_heads * splits * 2].view(rows, q_heads, splits, 2)
     key, value = paged.key, paged.value
     assert key.stride(-1) == 1 and value.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
     _decode_split_kernel[(rows, kv_heads, splits)](
         query, query.stride(0), query.stride(1), key, value, key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), block_table, block_table.stride(0), query_start_loc,
-        seq_lens, selected, selected.stride(0), selected.stride(1), counts, heads.dense, partial_out,
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2), partial_ml, partial_ml.stride(0),
-        partial_ml.stride(1), scale, dense_below,
+        seq_lens, selected, selected.stride(0), selected.stride(1), counts, heads.dense, po, po.stride(0),
+        po.stride(1), po.stride(2), pml, pml.stride(0), pml.stride(1), scale, dense_below,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
-        TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads,
+        TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads, num_warps=SPLIT_WARPS,
     )
-    _decode_merge_kernel[(rows, kv_heads)](
-        output, output.stride(0), output.stride(1), query_start_loc, seq_lens, partial_out, partial_out.stride(0),
-        partial_out.stride(1), partial_out.stride(2), partial_ml, partial_ml.stride(0), partial_ml.stride(1),
-        dense_below, G=group, D=d, SPLITS=splits,
+    _decode_merge_kernel[(rows, q_heads)](
+        output, output.stride(0), output.stride(1), query_start_loc, seq_lens, po, po.stride(0), po.stride(1),
+        po.stride(2), pml, pml.stride(0), pml.stride(1), dense_below, D=d, SPLITS=splits,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparse.decode.attention import split_slots
 from vllm_sparse.decode.summaries import PageSummaries
 from vllm_sparse.log import logger
 
@@ -74,30 +75,31 @@ class DecodeWorkspace:
     """Per process, shared by the layers (they run one after another): bounded by rows x budget."""
 
     def __init__(self, rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept_blocks: int,
-                 splits: int, device: torch.device):
+                 device: torch.device):
+        slots = split_slots(rows, kv_heads) * q_heads
         self.scores = torch.empty(rows, kv_heads, row_blocks, dtype=torch.float32, device=device)
         self.selected = torch.zeros(rows, kv_heads, max(1, kept_blocks), dtype=torch.int32, device=device)
         self.counts = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
-        self.partial_out = torch.empty(rows, q_heads, splits, head_size, dtype=torch.float32, device=device)
-        self.partial_ml = torch.empty(rows, q_heads, splits, 2, dtype=torch.float32, device=device)
+        self.partial_out = torch.empty(slots, head_size, dtype=torch.float32, device=device)  # split partials
+        self.partial_ml = torch.empty(slots, 2, dtype=torch.float32, device=device)
 
     @property
     def rows(self) -> int:
         return self.counts.shape[0]
 
     def fits(self, rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept: int) -> bool:
-        return (rows <= self.rows and q_heads <= self.partial_out.shape[1] and kv_heads <= self.counts.shape[1]
-                and head_size == self.partial_out.shape[3] and row_blocks <= self.scores.shape[2]
-                and kept <= self.selected.shape[2])
+        return (rows <= self.rows and kv_heads <= self.counts.shape[1] and head_size == self.partial_out.shape[1]
+                and split_slots(rows, kv_heads) * q_heads <= self.partial_out.shape[0]
+                and row_blocks <= self.scores.shape[2] and kept <= self.selected.shape[2])
 
 
 _workspace: dict[str, DecodeWorkspace] = {}
 
 
 def decode_workspace(rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept_blocks: int,
-                     splits: int, device: torch.device) -> DecodeWorkspace:
+                     device: torch.device) -> DecodeWorkspace:
     ws = _workspace.get(str(device))
     if ws is None or not ws.fits(rows, q_heads, kv_heads, head_size, row_blocks, kept_blocks):
         ws = _workspace[str(device)] = DecodeWorkspace(rows, q_heads, kv_heads, head_size, row_blocks, kept_blocks,
-                                                       splits, device)
+                                                       device)
     return ws

@@ -22,7 +22,6 @@ from vllm_sparse.decode.select import MAX_ROW_BLOCKS, quest_select, reference_bl
 from vllm_sparse.decode.summaries import PageSummaries, check_against_cache
 from vllm_sparse.kernels.paged import PagedKV
 
-SPLITS = 16  # split-K programs per (row, KV head)
 # Debug: on the CPU path, check every sparse decode row's page summaries against its keys in the cache.
 CHECK_SUMMARIES = os.environ.get("VLLM_SPARSE_CHECK_SUMMARIES", "0") == "1"
 
@@ -88,8 +87,7 @@ def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: in
     device = torch.device("cuda", torch.cuda.current_device())
     kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
     decode_workspace(decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
-                     row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, SPLITS,
-                     device)
+                     row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, device)
     reserve_at_load(vllm_config, plan, kv_heads, head_size, vllm_config.model_config.dtype, device)
 
 
@@ -108,7 +106,7 @@ class DecodeLayer:
         self.workspace = None
         if device.type == "cuda":
             self.workspace = decode_workspace(max_rows, q_heads, len(plans), head_size,
-                                              row_blocks(max_model_len, block_tokens), kept, SPLITS, device)
+                                              row_blocks(max_model_len, block_tokens), kept, device)
 
     def attend(self, query: torch.Tensor, output: torch.Tensor, paged: PagedKV, block_table: torch.Tensor,
                rows: DecodeRows, scale: float) -> None:
@@ -128,7 +126,7 @@ class DecodeLayer:
                          rows.seq_lens, self.heads, ws.scores[:n], ws.selected[:n], ws.counts[:n],
                          page_size=paged.page_size, block_tokens=self.block_tokens, dense_below=self.dense_below)
         decode_attention(query, paged, block_table, rows.query_start_loc, rows.seq_lens, self.heads,
-                         ws.selected[:n], ws.counts[:n], ws.partial_out[:n], ws.partial_ml[:n], output,
+                         ws.selected[:n], ws.counts[:n], ws.partial_out, ws.partial_ml, output,
                          block_tokens=self.block_tokens, scale=scale, dense_below=self.dense_below)
 
     def select_row(self, query_row: torch.Tensor, pages: torch.Tensor, seq_len: int, page_size: int) -> list:
