@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_sparse.config.plan import DecodeHeadPlan  # noqa: E402
 from vllm_sparse.decode.attention import decode_attention, split_slots  # noqa: E402
-from vllm_sparse.decode.select import quest_select  # noqa: E402
+from vllm_sparse.decode.select import candidate_width, quest_select  # noqa: E402
 from vllm_sparse.decode.step import DecodeHeads, row_blocks  # noqa: E402
 from vllm_sparse.decode.summaries import PageSummaries  # noqa: E402
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
@@ -84,6 +84,7 @@ def stages(rows: int, context: int, max_model_len: int) -> dict:
     nbp = row_blocks(max_model_len, BLOCK)
     scores = torch.empty(rows, KV, nbp, device=dev)
     sel = torch.zeros(rows, KV, PLAN.kept_blocks, dtype=torch.int32, device=dev)
+    cand = torch.zeros(rows, KV, candidate_width(nbp, PLAN.kept_blocks), dtype=torch.int32, device=dev)
     cnt = torch.zeros(rows, KV, dtype=torch.int32, device=dev)
     ws_slots = split_slots(ROW_LIMIT, KV) * KV * G  # the workspace an engine of ROW_LIMIT rows holds
     po = torch.empty(ws_slots, D, device=dev)
@@ -94,7 +95,7 @@ def stages(rows: int, context: int, max_model_len: int) -> dict:
         summ.update(key, slots)
 
     def select():
-        quest_select(q, summ.mins, summ.maxs, table, qsl, seq, heads, scores, sel, cnt, page_size=PAGE,
+        quest_select(q, summ.mins, summ.maxs, table, qsl, seq, heads, scores, cand, sel, cnt, page_size=PAGE,
                      block_tokens=BLOCK, dense_below=BELOW)
 
     def attend():
@@ -143,8 +144,8 @@ def _grid(**knobs) -> list[dict]:
 
 
 SWEEP = {
-    "select": _grid(SCORE_TILE_PAGES=(16, 32), SCORE_WARPS=(2, 4, 8), SCORE_PROGRAMS=(1024, 4096))
-    + _grid(SELECT_CHUNK=(512, 1024, 2048), SELECT_WARPS=(4, 8, 16)),
+    "select": _grid(SCORE_TILE_PAGES=(16, 32), SCORE_WARPS=(2, 4)) + _grid(SELECT_SEGMENT=(512, 1024, 2048),
+                                                                       SELECT_CHUNK=(1024, 2048), SELECT_WARPS=(4, 8)),
     "attend": _grid(SPLIT_PROGRAMS=(1024, 2048), TILE_TOKENS=(32, 64), SPLIT_WARPS=(2, 4)),
 }
 

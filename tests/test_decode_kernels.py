@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from vllm_sparse.config.plan import DecodeHeadPlan
+from vllm_sparse.decode import select as select_mod
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention, split_slots
-from vllm_sparse.decode.select import quest_select, reference_block_scores, reference_select, select_top_blocks
+from vllm_sparse.decode.select import (
+    candidate_width,
+    quest_select,
+    reference_block_scores,
+    reference_select,
+    select_top_blocks,
+)
 from vllm_sparse.decode.step import DecodeHeads, row_blocks
 from vllm_sparse.decode.summaries import PageSummaries, reference_summary
 from vllm_sparse.kernels.paged import PagedKV
@@ -147,19 +154,34 @@ def test_page_summaries_restart_on_a_reused_page():
     assert s.mins[1].max() == -1 and s.maxs[1].max() == 2
 
 
+@pytest.fixture(params=[None, 2, 4], ids=["one-segment", "segments-of-2", "segments-of-4"])
+def segment(request, monkeypatch):
+    """The selection's first stage over segments of this many blocks (None: the shipped size, one
+    segment at these tiny shapes), so the two-stage path runs at shapes the interpreter can take."""
+    if request.param:
+        monkeypatch.setattr(select_mod, "SELECT_SEGMENT", request.param)
+        monkeypatch.setattr(select_mod, "SELECT_CHUNK", 8)
+    return request.param
+
+
+def _candidates(rows, kv, nbp, kept):
+    return torch.full((rows, kv, candidate_width(nbp, kept)), -7, dtype=torch.int32, device=DEVICE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_quest_selection_kernel_matches_reference(seed, dtype):
+def test_quest_selection_kernel_matches_reference(seed, dtype, segment):
     plans = [DecodeHeadPlan("quest", 2, 1, 1), DecodeHeadPlan("quest", 3, 0, 2)]
     case = _seq_case(seed, dtype, plans=plans).to(DEVICE)
     rows = len(case.seq_lens)
     nbp = row_blocks(case.block_table.shape[1] * case.page, case.block)
     scores = torch.full((rows, 2, nbp), float("nan"), device=DEVICE)
+    cand = _candidates(rows, 2, nbp, 8)
     selected = torch.full((rows, 2, 8), -7, dtype=torch.int32, device=DEVICE)
     counts = torch.full((rows, 2), -7, dtype=torch.int32, device=DEVICE)
     seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
     quest_select(case.query, case.summ.mins, case.summ.maxs, case.block_table, case.qsl, seq, case.heads, scores,
-                 selected, counts, page_size=case.page, block_tokens=case.block, dense_below=case.dense_below)
+                 cand, selected, counts, page_size=case.page, block_tokens=case.block, dense_below=case.dense_below)
     for r in range(rows):
         if r not in case.sparse_rows():
             assert (counts[r] == -7).all() and (selected[r] == -7).all(), f"row {r} is not a sparse decode row"
@@ -175,7 +197,7 @@ def test_quest_selection_kernel_matches_reference(seed, dtype):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_block_selection_breaks_ties_toward_later_blocks(seed):
+def test_block_selection_breaks_ties_toward_later_blocks(seed, segment):
     """Scores with many exact ties (and +inf for forced blocks): the kernel keeps exactly the
     reference's blocks, the later of equal blocks first."""
     g = torch.Generator().manual_seed(seed)
@@ -187,8 +209,8 @@ def test_block_selection_breaks_ties_toward_later_blocks(seed):
     sel = torch.full((rows, kv, 22), -7, dtype=torch.int32, device=DEVICE)
     cnt = torch.full((rows, kv), -7, dtype=torch.int32, device=DEVICE)
     qsl = torch.arange(rows + 1, dtype=torch.int32, device=DEVICE)
-    select_top_blocks(scores.to(DEVICE), qsl, seq.to(DEVICE), DecodeHeads.build(plans, DEVICE), sel, cnt,
-                      block_tokens=16, dense_below=64)
+    select_top_blocks(scores.to(DEVICE), _candidates(rows, kv, nbp, 22), qsl, seq.to(DEVICE),
+                      DecodeHeads.build(plans, DEVICE), sel, cnt, block_tokens=16, dense_below=64)
     kept = torch.tensor([p.kept_blocks for p in plans])
     for r in range(rows):
         nb = -(-int(seq[r]) // 16)
@@ -205,8 +227,9 @@ def _attend(case):
     selected = torch.zeros(rows, kv, int(case.heads.kept.max()), dtype=torch.int32, device=DEVICE)
     counts = torch.zeros(rows, kv, dtype=torch.int32, device=DEVICE)
     seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
+    cand = _candidates(rows, kv, nbp, int(case.heads.kept.max()))
     quest_select(case.query, case.summ.mins, case.summ.maxs, case.block_table, case.qsl, seq, case.heads, scores,
-                 selected, counts, page_size=case.page, block_tokens=case.block, dense_below=case.dense_below)
+                 cand, selected, counts, page_size=case.page, block_tokens=case.block, dense_below=case.dense_below)
     out = torch.full_like(case.query, float("nan"))  # poison: sparse decode rows must be written
     slots = split_slots(rows, kv) * case.q_heads
     po = torch.full((slots, case.query.shape[2]), float("nan"), device=DEVICE)

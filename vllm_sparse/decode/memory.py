@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from vllm_sparse.decode.attention import split_slots
+from vllm_sparse.decode.select import candidate_width
 from vllm_sparse.decode.summaries import PageSummaries
 from vllm_sparse.log import logger
 
@@ -78,6 +79,8 @@ class DecodeWorkspace:
                  device: torch.device):
         slots = split_slots(rows, kv_heads) * q_heads
         self.scores = torch.empty(rows, kv_heads, row_blocks, dtype=torch.float32, device=device)
+        self.candidates = torch.zeros(rows, kv_heads, candidate_width(row_blocks, kept_blocks), dtype=torch.int32,
+                                      device=device)
         self.selected = torch.zeros(rows, kv_heads, max(1, kept_blocks), dtype=torch.int32, device=device)
         self.counts = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
         self.partial_out = torch.empty(slots, head_size, dtype=torch.float32, device=device)  # split partials
@@ -90,7 +93,8 @@ class DecodeWorkspace:
     def fits(self, rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept: int) -> bool:
         return (rows <= self.rows and kv_heads <= self.counts.shape[1] and head_size == self.partial_out.shape[1]
                 and split_slots(rows, kv_heads) * q_heads <= self.partial_out.shape[0]
-                and row_blocks <= self.scores.shape[2] and kept <= self.selected.shape[2])
+                and row_blocks <= self.scores.shape[2] and kept <= self.selected.shape[2]
+                and candidate_width(row_blocks, kept) <= self.candidates.shape[2])
 
 
 _workspace: dict[str, DecodeWorkspace] = {}

@@ -24,6 +24,8 @@ SCORE_PROGRAMS = 1024  # programs of the scoring kernel per step (they loop over
 SCORE_TILE_PAGES = 16  # pages a scoring program reads at a time
 SCORE_WARPS = 2
 SELECT_CHUNK = 2048  # blocks of a row the selection reads at a time
+SELECT_SEGMENT = 1024  # blocks per first-stage selection program
+SELECT_PROGRAMS = 1024  # first-stage programs per step at most
 SELECT_WARPS = 8
 
 
@@ -109,72 +111,123 @@ def _quest_scores_kernel(
 
 
 @triton.jit
-def _select_kernel(
-    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_below,
-    HKV: tl.constexpr, BT: tl.constexpr, CH: tl.constexpr,
+def _top_keys(row_ptr, idx_ptr, first, n, kk, out_ptr, GATHER: tl.constexpr, CH: tl.constexpr):
+    """Of n elements (element i is block idx_ptr[i] if GATHER, else block first + i; its key is the
+    block's score in row_ptr), write the blocks of the kk largest (key, block) pairs to out_ptr, in
+    element order. A radix select: four passes, each a 256-bin histogram of one byte of the int32
+    keys that share the bytes chosen so far, find the kk-th largest key; ties at it go to the later
+    blocks; a last pass writes the kept blocks. Elements are read CH at a time."""
+    c = tl.arange(0, CH)
+    bins = tl.arange(0, 256)
+    need = kk  # keys still to find among those matching the prefix
+    prefix = tl.zeros((), tl.int32)  # the threshold key's bytes found so far (raw bits)
+    ties = kk
+    for p in tl.static_range(4):
+        hist = tl.zeros((256,), tl.int32)
+        for start in range(0, n, CH):
+            i = start + c
+            valid = i < n
+            if GATHER:
+                blk = tl.load(idx_ptr + i, mask=valid, other=0)
+            else:
+                blk = first + i
+            bits = tl.load(row_ptr + blk, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 keys ordered like the scores
+            digit = (key >> (24 - 8 * p)) & 0xFF
+            if p == 0:
+                digit = digit ^ 0x80  # the sign byte: unsigned order of the signed keys
+            else:
+                valid = valid & (((key >> (32 - 8 * p)) & ((1 << (8 * p)) - 1)) == prefix)
+            hist += tl.histogram(digit, 256, mask=valid)
+        ge = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte or a larger one
+        d = tl.sum((ge >= need).to(tl.int32), 0) - 1  # the byte of the need-th largest matching key
+        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+        ties = tl.sum(tl.where(bins == d, hist, 0), 0)
+        if p == 0:
+            d = d ^ 0x80
+        prefix = (prefix << 8) | d
+    thr = prefix  # the kk-th largest key; `ties` keys equal it, the last `need` of them are kept
+    skip = ties - need
+    written = tl.zeros((), tl.int32)
+    seen = tl.zeros((), tl.int32)
+    for start in range(0, n, CH):
+        i = start + c
+        valid = i < n
+        if GATHER:
+            blk = tl.load(idx_ptr + i, mask=valid, other=0)
+        else:
+            blk = first + i
+        bits = tl.load(row_ptr + blk, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        eq = valid & (key == thr)
+        rank = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
+        keep = (valid & (key > thr)) | (eq & (rank >= skip))
+        pos = written + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out_ptr + pos, blk, mask=keep)
+        written += tl.sum(keep.to(tl.int32), 0)
+        seen += tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _segment_select_kernel(
+    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cand_ptr, sca_b, sca_h, sel_ptr, ssel_b, ssel_h,
+    dense_below, BT: tl.constexpr, SEG: tl.constexpr, CH: tl.constexpr,
 ):
-    """Top `kept` of a row's (score, index) keys by a radix select: four passes over the row, each a
-    256-bin histogram of one byte of the int32 keys that share the bytes chosen so far, find the
-    threshold key; ties at it go to the later blocks; a last pass writes the kept indices in
-    ascending order. The row is read in chunks of CH blocks up to its length, so the work follows
-    the context, not the widest row. (Measured on an H200 against 4-bit digits found by
-    compare-and-count, and against a binary search over a row held in registers: both slower.)"""
+    """First stage, programs (row, KV head, k) over segments k, k + P, ...: each SEG-block segment of a
+    row keeps its own top `kept` blocks (all of them if it has no more): the row's top `kept` are among
+    them, whatever the scores. They go to the candidates, segment s at s * min(kept, SEG), so the
+    candidates are contiguous and in block order; a row of one segment writes its final selection."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
     if sparse & (tl.load(dense_ptr + h) == 0):
         nb = tl.cdiv(seq, BT)
+        kk = tl.minimum(tl.load(kept_ptr + h), nb)
+        cap = tl.minimum(kk, SEG)
         row = scores_ptr + b * ssc_b + h * ssc_h
-        c = tl.arange(0, CH)
-        bins = tl.arange(0, 256)
-        need = tl.minimum(tl.load(kept_ptr + h), nb)  # keys still to find among those matching the prefix
-        kk = need
-        prefix = tl.zeros((), tl.int32)  # the threshold key's bytes found so far (raw bits)
-        ties = need
-        for p in tl.static_range(4):
-            hist = tl.zeros((256,), tl.int32)
-            for start in range(0, nb, CH):
-                j = start + c
-                valid = j < nb
-                bits = tl.load(row + j, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-                key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 keys ordered like the scores
-                digit = (key >> (24 - 8 * p)) & 0xFF
-                if p == 0:
-                    digit = digit ^ 0x80  # the sign byte: unsigned order of the signed keys
-                else:
-                    valid = valid & (((key >> (32 - 8 * p)) & ((1 << (8 * p)) - 1)) == prefix)
-                hist += tl.histogram(digit, 256, mask=valid)
-            ge = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte or a larger one
-            d = tl.sum((ge >= need).to(tl.int32), 0) - 1  # the byte of the need-th largest matching key
-            need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-            ties = tl.sum(tl.where(bins == d, hist, 0), 0)
-            if p == 0:
-                d = d ^ 0x80
-            prefix = (prefix << 8) | d
-        thr = prefix  # the kk-th largest key; `ties` keys equal it, the last `need` of them are kept
-        skip = ties - need
-        written = tl.zeros((), tl.int32)
-        seen = tl.zeros((), tl.int32)
-        for start in range(0, nb, CH):
-            j = start + c
-            valid = j < nb
-            bits = tl.load(row + j, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-            eq = valid & (key == thr)
-            rank = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
-            keep = (valid & (key > thr)) | (eq & (rank >= skip))
-            pos = written + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(sel_ptr + b * ssel_b + h * ssel_h + pos, j, mask=keep)
-            written += tl.sum(keep.to(tl.int32), 0)
-            seen += tl.sum(eq.to(tl.int32), 0)
+        one = nb <= SEG
+        for s in range(tl.program_id(2), tl.cdiv(nb, SEG), tl.num_programs(2)):
+            first = s * SEG
+            n = tl.minimum(SEG, nb - first)
+            if one:
+                out = sel_ptr + b * ssel_b + h * ssel_h
+            else:
+                out = cand_ptr + b * sca_b + h * sca_h + s * cap
+            if kk >= n:
+                for start in range(0, n, CH):
+                    i = start + tl.arange(0, CH)
+                    tl.store(out + i, first + i, mask=i < n)
+            else:
+                _top_keys(row, row, first, n, kk, out, GATHER=False, CH=CH)
+
+
+@triton.jit
+def _merge_select_kernel(
+    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cand_ptr, sca_b, sca_h, sel_ptr, ssel_b, ssel_h,
+    cnt_ptr, dense_below, HKV: tl.constexpr, BT: tl.constexpr, SEG: tl.constexpr, CH: tl.constexpr,
+):
+    """Second stage, program per (row, KV head): the top `kept` of the segments' candidates."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
+    if sparse & (tl.load(dense_ptr + h) == 0):
+        nb = tl.cdiv(seq, BT)
+        kk = tl.minimum(tl.load(kept_ptr + h), nb)
+        if nb > SEG:
+            cap = tl.minimum(kk, SEG)
+            last = (tl.cdiv(nb, SEG) - 1) * SEG
+            n = (last // SEG) * cap + tl.minimum(kk, nb - last)
+            _top_keys(scores_ptr + b * ssc_b + h * ssc_h, cand_ptr + b * sca_b + h * sca_h, 0, n, kk,
+                      sel_ptr + b * ssel_b + h * ssel_h, GATHER=True, CH=CH)
         tl.store(cnt_ptr + b * HKV + h, kk)
 
 
-def quest_select(query, mins, maxs, block_table, query_start_loc, seq_lens, heads, scores, selected, counts,
-                 *, page_size: int, block_tokens: int, dense_below: int) -> None:
+def quest_select(query, mins, maxs, block_table, query_start_loc, seq_lens, heads, scores, candidates, selected,
+                 counts, *, page_size: int, block_tokens: int, dense_below: int) -> None:
     """Score and select for every decode row of the step, into `selected` [rows, kv_heads, max kept]
     and `counts` [rows, kv_heads] (rows that are not sparse decode rows are left as they were).
-    `heads`: the layer's per-KV-head tensors (`DecodeHeads`); `scores` [rows, kv_heads, NBP] workspace."""
+    `heads`: the layer's per-KV-head tensors (`DecodeHeads`); workspace: `scores` [rows, kv_heads, NBP]
+    float32, `candidates` [rows, kv_heads, candidate_width(NBP, max kept)] int32."""
     rows = seq_lens.shape[0]
     kv_heads = mins.shape[1]
     group = query.shape[1] // kv_heads
@@ -188,16 +241,30 @@ def quest_select(query, mins, maxs, block_table, query_start_loc, seq_lens, head
         scores.stride(0), scores.stride(1), dense_below,
         G=group, D=query.shape[2], PS=page_size, PPB=ppb, TILE_B=tile_b, num_warps=SCORE_WARPS,
     )
-    select_top_blocks(scores, query_start_loc, seq_lens, heads, selected, counts, block_tokens=block_tokens,
-                      dense_below=dense_below)
+    select_top_blocks(scores, candidates, query_start_loc, seq_lens, heads, selected, counts,
+                      block_tokens=block_tokens, dense_below=dense_below)
 
 
-def select_top_blocks(scores, query_start_loc, seq_lens, heads, selected, counts, *, block_tokens: int,
+def candidate_width(row_blocks: int, kept_blocks: int) -> int:
+    """Candidates per (row, KV head) the first selection stage may write."""
+    return triton.cdiv(row_blocks, SELECT_SEGMENT) * max(1, min(kept_blocks, SELECT_SEGMENT))
+
+
+def select_top_blocks(scores, candidates, query_start_loc, seq_lens, heads, selected, counts, *, block_tokens: int,
                       dense_below: int) -> None:
-    """Per sparse decode row and KV head, the kept blocks of `scores` [rows, kv_heads, NBP]."""
+    """Per sparse decode row and KV head, the kept blocks of `scores` [rows, kv_heads, NBP], in two
+    stages so a long row is spread over programs: per segment (candidates [rows, kv_heads,
+    candidate_width]), then over the candidates."""
     rows, kv_heads = scores.shape[0], scores.shape[1]
-    _select_kernel[(rows, kv_heads)](
-        scores, scores.stride(0), scores.stride(1), query_start_loc, seq_lens, heads.kept, heads.dense, selected,
-        selected.stride(0), selected.stride(1), counts, dense_below, HKV=kv_heads, BT=block_tokens,
-        CH=SELECT_CHUNK, num_warps=SELECT_WARPS,
+    segments = triton.cdiv(scores.shape[2], SELECT_SEGMENT)
+    per_row = max(1, min(segments, SELECT_PROGRAMS // (rows * kv_heads)))
+    args = (scores, scores.stride(0), scores.stride(1), query_start_loc, seq_lens, heads.kept, heads.dense,
+            candidates, candidates.stride(0), candidates.stride(1), selected, selected.stride(0), selected.stride(1))
+    _segment_select_kernel[(rows, kv_heads, per_row)](
+        *args, dense_below, BT=block_tokens, SEG=SELECT_SEGMENT, CH=min(SELECT_CHUNK, SELECT_SEGMENT),
+        num_warps=SELECT_WARPS,
+    )
+    _merge_select_kernel[(rows, kv_heads)](
+        *args, counts, dense_below, HKV=kv_heads, BT=block_tokens, SEG=SELECT_SEGMENT, CH=SELECT_CHUNK,
+        num_warps=SELECT_WARPS,
     )
