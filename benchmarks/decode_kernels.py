@@ -84,7 +84,7 @@ def stages(rows: int, context: int, max_model_len: int) -> dict:
     nbp = row_blocks(max_model_len, BLOCK)
     scores = torch.empty(rows, KV, nbp, device=dev)
     sel = torch.zeros(rows, KV, PLAN.kept_blocks, dtype=torch.int32, device=dev)
-    cand = torch.zeros(rows, KV, candidate_width(nbp, PLAN.kept_blocks), dtype=torch.int32, device=dev)
+    cand = torch.zeros(2, rows, KV, candidate_width(nbp, PLAN.kept_blocks), dtype=torch.int32, device=dev)
     cnt = torch.zeros(rows, KV, dtype=torch.int32, device=dev)
     ws_slots = split_slots(ROW_LIMIT, KV) * KV * G  # the workspace an engine of ROW_LIMIT rows holds
     po = torch.empty(ws_slots, D, device=dev)
@@ -144,8 +144,7 @@ def _grid(**knobs) -> list[dict]:
 
 
 SWEEP = {
-    "select": _grid(SCORE_TILE_PAGES=(16, 32), SCORE_WARPS=(2, 4)) + _grid(SELECT_SEGMENT=(512, 1024, 2048),
-                                                                       SELECT_CHUNK=(1024, 2048), SELECT_WARPS=(4, 8)),
+    "select": _grid(SELECT_SEGMENT=(512, 1024, 2048), SELECT_CHUNK=(1024, 2048, 4096), SELECT_WARPS=(4, 8)),
     "attend": _grid(SPLIT_PROGRAMS=(1024, 2048), TILE_TOKENS=(32, 64), SPLIT_WARPS=(2, 4)),
 }
 

@@ -160,12 +160,12 @@ def segment(request, monkeypatch):
     segment at these tiny shapes), so the two-stage path runs at shapes the interpreter can take."""
     if request.param:
         monkeypatch.setattr(select_mod, "SELECT_SEGMENT", request.param)
-        monkeypatch.setattr(select_mod, "SELECT_CHUNK", 8)
+        monkeypatch.setattr(select_mod, "SELECT_CHUNK", 4)  # the second stage's candidates: several chunks
     return request.param
 
 
 def _candidates(rows, kv, nbp, kept):
-    return torch.full((rows, kv, candidate_width(nbp, kept)), -7, dtype=torch.int32, device=DEVICE)
+    return torch.full((2, rows, kv, candidate_width(nbp, kept)), -7, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

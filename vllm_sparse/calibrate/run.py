@@ -29,6 +29,11 @@ from vllm_sparse.calibrate.candidates import label
 from vllm_sparse.calibrate.choose import LayerChoice, LayerTable, choose, combine, table_from_sums
 from vllm_sparse.calibrate.plan_yaml import render_plan
 
+BUILTIN_DATA = {
+    "builtin": "builtin (Python's language reference, English prose)",
+    "builtin-code": "builtin-code (Python's standard-library sources)",
+}
+
 
 @dataclass
 class CalibrationSpec:
@@ -50,10 +55,12 @@ class CalibrationSpec:
 
 
 def prompts_for(tokenizer, spec: CalibrationSpec) -> dict[int, list[str]]:
-    from vllm_sparse.eval.tasks import stdlib_text, text_windows
+    from vllm_sparse.eval.tasks import builtin_text, stdlib_text, text_windows
 
     need = max(spec.lengths) * spec.samples
     if spec.data == "builtin":
+        text = builtin_text(tokenizer, need)
+    elif spec.data == "builtin-code":
         text = stdlib_text(tokenizer, need)
     else:
         text = Path(spec.data).read_text(errors="replace")
@@ -129,7 +136,7 @@ def header_lines(spec: CalibrationSpec, shape, meta: dict, labels: list[str], ve
     full = [i for i in range(shape.num_layers) if shape.is_full_attention(i)]
     sliding = "" if len(full) == shape.num_layers else \
         f"; the other {shape.num_layers - len(full)} (sliding window) always stay dense"
-    data = "builtin (Python's standard-library sources)" if spec.data == "builtin" else spec.data
+    data = BUILTIN_DATA.get(spec.data, spec.data)
     lines = [
         f"Calibrated plan for {spec.model}, written by `vllm-sparse calibrate` on {meta['date']}",
         f"(vllm-sparse {meta['vllm_sparse']}, vLLM {meta['vllm']}, {meta['device']}).",

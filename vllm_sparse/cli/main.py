@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model", help="model directory or name")
     ca.add_argument("--lengths", type=_ints, help="calibration prompt lengths in tokens, e.g. 16384,32768")
     ca.add_argument("--data", default="builtin",
-                    help="a text file to cut prompts from, or 'builtin' (Python's standard-library sources)")
+                    help="a text file to cut prompts from; 'builtin': Python's language reference (English prose, "
+                    "then standard-library sources if more is needed); 'builtin-code': the sources only")
     ca.add_argument("--samples", type=int, default=1, help="prompts per length")
     ca.add_argument("--target-recall", type=float, default=0.95,
                     help="share of each q head's dense attention mass the blocks it reads must hold")

@@ -79,8 +79,8 @@ class DecodeWorkspace:
                  device: torch.device):
         slots = split_slots(rows, kv_heads) * q_heads
         self.scores = torch.empty(rows, kv_heads, row_blocks, dtype=torch.float32, device=device)
-        self.candidates = torch.zeros(rows, kv_heads, candidate_width(row_blocks, kept_blocks), dtype=torch.int32,
-                                      device=device)
+        self.candidates = torch.zeros(2, rows, kv_heads, candidate_width(row_blocks, kept_blocks),
+                                      dtype=torch.int32, device=device)  # blocks and keys
         self.selected = torch.zeros(rows, kv_heads, max(1, kept_blocks), dtype=torch.int32, device=device)
         self.counts = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
         self.partial_out = torch.empty(slots, head_size, dtype=torch.float32, device=device)  # split partials
@@ -94,7 +94,7 @@ class DecodeWorkspace:
         return (rows <= self.rows and kv_heads <= self.counts.shape[1] and head_size == self.partial_out.shape[1]
                 and split_slots(rows, kv_heads) * q_heads <= self.partial_out.shape[0]
                 and row_blocks <= self.scores.shape[2] and kept <= self.selected.shape[2]
-                and candidate_width(row_blocks, kept) <= self.candidates.shape[2])
+                and candidate_width(row_blocks, kept) <= self.candidates.shape[3])
 
 
 _workspace: dict[str, DecodeWorkspace] = {}

@@ -23,9 +23,9 @@ MAX_ROW_BLOCKS = 16384  # blocks of context a decode row may have (the scores wo
 SCORE_PROGRAMS = 1024  # programs of the scoring kernel per step (they loop over a row's tiles)
 SCORE_TILE_PAGES = 16  # pages a scoring program reads at a time
 SCORE_WARPS = 2
-SELECT_CHUNK = 2048  # blocks of a row the selection reads at a time
-SELECT_SEGMENT = 1024  # blocks per first-stage selection program
-SELECT_PROGRAMS = 1024  # first-stage programs per step at most
+SELECT_CHUNK = 1024  # candidates the second stage reads at a time
+SELECT_SEGMENT = 2048  # blocks per first-stage selection program
+SELECT_PROGRAMS = 512  # first-stage programs per step at most
 SELECT_WARPS = 8
 
 
@@ -111,72 +111,103 @@ def _quest_scores_kernel(
 
 
 @triton.jit
-def _top_keys(row_ptr, idx_ptr, first, n, kk, out_ptr, GATHER: tl.constexpr, CH: tl.constexpr):
-    """Of n elements (element i is block idx_ptr[i] if GATHER, else block first + i; its key is the
-    block's score in row_ptr), write the blocks of the kk largest (key, block) pairs to out_ptr, in
-    element order. A radix select: four passes, each a 256-bin histogram of one byte of the int32
-    keys that share the bytes chosen so far, find the kk-th largest key; ties at it go to the later
-    blocks; a last pass writes the kept blocks. Elements are read CH at a time."""
-    c = tl.arange(0, CH)
+def _keys_at(row_ptr, cidx_ptr, ckey_ptr, first, i, valid, FROM_CANDIDATES: tl.constexpr):
+    """Elements i -> (int32 key ordered like the score, block): a row's blocks first + i, or candidates."""
+    if FROM_CANDIDATES:
+        blk = tl.load(cidx_ptr + i, mask=valid, other=0)
+        key = tl.load(ckey_ptr + i, mask=valid, other=0)
+    else:
+        blk = first + i
+        bits = tl.load(row_ptr + blk, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return key, blk
+
+
+@triton.jit
+def _digit_histogram(key, valid, prefix, p: tl.constexpr):
+    """256-bin histogram of byte p (from the top) of the keys whose higher bytes equal prefix."""
+    digit = (key >> (24 - 8 * p)) & 0xFF
+    if p == 0:
+        digit = digit ^ 0x80  # the sign byte: unsigned order of the signed keys
+    else:
+        valid = valid & (((key >> (32 - 8 * p)) & ((1 << (8 * p)) - 1)) == prefix)
+    return tl.histogram(digit, 256, mask=valid)
+
+
+@triton.jit
+def _choose_digit(hist, need, prefix, p: tl.constexpr):
+    """The byte of the need-th largest matching key -> (still needed below it, keys at it, prefix)."""
     bins = tl.arange(0, 256)
+    ge = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte or a larger one
+    d = tl.sum((ge >= need).to(tl.int32), 0) - 1
+    need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+    ties = tl.sum(tl.where(bins == d, hist, 0), 0)
+    if p == 0:
+        d = d ^ 0x80
+    return need, ties, (prefix << 8) | d
+
+
+@triton.jit
+def _write_kept(key, blk, valid, thr, skip, written, seen, out_idx, out_key, WRITE_KEYS: tl.constexpr):
+    """Keys above thr, and those equal to it past the first `skip` of them, in element order."""
+    eq = valid & (key == thr)
+    rank = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
+    keep = (valid & (key > thr)) | (eq & (rank >= skip))
+    pos = written + tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(out_idx + pos, blk, mask=keep)
+    if WRITE_KEYS:
+        tl.store(out_key + pos, key, mask=keep)
+    return written + tl.sum(keep.to(tl.int32), 0), seen + tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _top_keys(row_ptr, cidx_ptr, ckey_ptr, first, n, kk, out_idx, out_key,
+              FROM_CANDIDATES: tl.constexpr, WRITE_KEYS: tl.constexpr, CH: tl.constexpr):
+    """Of n elements (`_keys_at`), write the blocks (and, if WRITE_KEYS, the keys) of the kk largest
+    (key, block) pairs, in element order. A radix select: four passes, each a 256-bin histogram of one
+    byte of the keys that share the bytes chosen so far, find the kk-th largest key; ties at it go to
+    the later blocks; a last pass writes the kept ones. Up to CH elements stay in registers for all
+    passes; more are read CH at a time in every pass."""
+    c = tl.arange(0, CH)
     need = kk  # keys still to find among those matching the prefix
     prefix = tl.zeros((), tl.int32)  # the threshold key's bytes found so far (raw bits)
     ties = kk
-    for p in tl.static_range(4):
-        hist = tl.zeros((256,), tl.int32)
+    zero = tl.zeros((), tl.int32)
+    if n <= CH:
+        valid = c < n
+        key, blk = _keys_at(row_ptr, cidx_ptr, ckey_ptr, first, c, valid, FROM_CANDIDATES)
+        for p in tl.static_range(4):
+            need, ties, prefix = _choose_digit(_digit_histogram(key, valid, prefix, p), need, prefix, p)
+        _write_kept(key, blk, valid, prefix, ties - need, zero, zero, out_idx, out_key, WRITE_KEYS)
+    else:
+        for p in tl.static_range(4):
+            hist = tl.zeros((256,), tl.int32)
+            for start in range(0, n, CH):
+                i = start + c
+                valid = i < n
+                key, blk = _keys_at(row_ptr, cidx_ptr, ckey_ptr, first, i, valid, FROM_CANDIDATES)
+                hist += _digit_histogram(key, valid, prefix, p)
+            need, ties, prefix = _choose_digit(hist, need, prefix, p)
+        written = zero
+        seen = zero
         for start in range(0, n, CH):
             i = start + c
             valid = i < n
-            if GATHER:
-                blk = tl.load(idx_ptr + i, mask=valid, other=0)
-            else:
-                blk = first + i
-            bits = tl.load(row_ptr + blk, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 keys ordered like the scores
-            digit = (key >> (24 - 8 * p)) & 0xFF
-            if p == 0:
-                digit = digit ^ 0x80  # the sign byte: unsigned order of the signed keys
-            else:
-                valid = valid & (((key >> (32 - 8 * p)) & ((1 << (8 * p)) - 1)) == prefix)
-            hist += tl.histogram(digit, 256, mask=valid)
-        ge = tl.cumsum(hist, 0, reverse=True)  # matching keys with this byte or a larger one
-        d = tl.sum((ge >= need).to(tl.int32), 0) - 1  # the byte of the need-th largest matching key
-        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-        ties = tl.sum(tl.where(bins == d, hist, 0), 0)
-        if p == 0:
-            d = d ^ 0x80
-        prefix = (prefix << 8) | d
-    thr = prefix  # the kk-th largest key; `ties` keys equal it, the last `need` of them are kept
-    skip = ties - need
-    written = tl.zeros((), tl.int32)
-    seen = tl.zeros((), tl.int32)
-    for start in range(0, n, CH):
-        i = start + c
-        valid = i < n
-        if GATHER:
-            blk = tl.load(idx_ptr + i, mask=valid, other=0)
-        else:
-            blk = first + i
-        bits = tl.load(row_ptr + blk, mask=valid, other=0.0).to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        eq = valid & (key == thr)
-        rank = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
-        keep = (valid & (key > thr)) | (eq & (rank >= skip))
-        pos = written + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(out_ptr + pos, blk, mask=keep)
-        written += tl.sum(keep.to(tl.int32), 0)
-        seen += tl.sum(eq.to(tl.int32), 0)
+            key, blk = _keys_at(row_ptr, cidx_ptr, ckey_ptr, first, i, valid, FROM_CANDIDATES)
+            written, seen = _write_kept(key, blk, valid, prefix, ties - need, written, seen, out_idx, out_key,
+                                        WRITE_KEYS)
 
 
 @triton.jit
 def _segment_select_kernel(
-    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cand_ptr, sca_b, sca_h, sel_ptr, ssel_b, ssel_h,
-    dense_below, BT: tl.constexpr, SEG: tl.constexpr, CH: tl.constexpr,
+    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cidx_ptr, ckey_ptr, sca_b, sca_h, sel_ptr,
+    ssel_b, ssel_h, dense_below, BT: tl.constexpr, SEG: tl.constexpr,
 ):
     """First stage, programs (row, KV head, k) over segments k, k + P, ...: each SEG-block segment of a
     row keeps its own top `kept` blocks (all of them if it has no more): the row's top `kept` are among
-    them, whatever the scores. They go to the candidates, segment s at s * min(kept, SEG), so the
-    candidates are contiguous and in block order; a row of one segment writes its final selection."""
+    them, whatever the scores. They go to the candidates with their keys, segment s at
+    s * min(kept, SEG), so the candidates are contiguous and in block order; a row of one segment
+    writes its final selection (and its keys to the unused candidates)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
@@ -185,26 +216,30 @@ def _segment_select_kernel(
         kk = tl.minimum(tl.load(kept_ptr + h), nb)
         cap = tl.minimum(kk, SEG)
         row = scores_ptr + b * ssc_b + h * ssc_h
-        one = nb <= SEG
+        many = nb > SEG
         for s in range(tl.program_id(2), tl.cdiv(nb, SEG), tl.num_programs(2)):
             first = s * SEG
             n = tl.minimum(SEG, nb - first)
-            if one:
-                out = sel_ptr + b * ssel_b + h * ssel_h
+            out_key = ckey_ptr + b * sca_b + h * sca_h + s * cap
+            if many:
+                out_idx = cidx_ptr + b * sca_b + h * sca_h + s * cap
             else:
-                out = cand_ptr + b * sca_b + h * sca_h + s * cap
-            if kk >= n:
-                for start in range(0, n, CH):
-                    i = start + tl.arange(0, CH)
-                    tl.store(out + i, first + i, mask=i < n)
+                out_idx = sel_ptr + b * ssel_b + h * ssel_h
+            if kk >= n:  # the whole segment
+                i = tl.arange(0, SEG)
+                valid = i < n
+                key, blk = _keys_at(row, row, row, first, i, valid, False)
+                tl.store(out_idx + i, blk, mask=valid)
+                tl.store(out_key + i, key, mask=valid)
             else:
-                _top_keys(row, row, first, n, kk, out, GATHER=False, CH=CH)
+                _top_keys(row, row, row, first, n, kk, out_idx, out_key, FROM_CANDIDATES=False, WRITE_KEYS=True, CH=SEG)
 
 
 @triton.jit
 def _merge_select_kernel(
-    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cand_ptr, sca_b, sca_h, sel_ptr, ssel_b, ssel_h,
-    cnt_ptr, dense_below, HKV: tl.constexpr, BT: tl.constexpr, SEG: tl.constexpr, CH: tl.constexpr,
+    scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cidx_ptr, ckey_ptr, sca_b, sca_h, sel_ptr,
+    ssel_b, ssel_h, cnt_ptr, dense_below, HKV: tl.constexpr, BT: tl.constexpr, SEG: tl.constexpr,
+    CH: tl.constexpr,
 ):
     """Second stage, program per (row, KV head): the top `kept` of the segments' candidates."""
     b = tl.program_id(0)
@@ -217,8 +252,9 @@ def _merge_select_kernel(
             cap = tl.minimum(kk, SEG)
             last = (tl.cdiv(nb, SEG) - 1) * SEG
             n = (last // SEG) * cap + tl.minimum(kk, nb - last)
-            _top_keys(scores_ptr + b * ssc_b + h * ssc_h, cand_ptr + b * sca_b + h * sca_h, 0, n, kk,
-                      sel_ptr + b * ssel_b + h * ssel_h, GATHER=True, CH=CH)
+            sel = sel_ptr + b * ssel_b + h * ssel_h
+            _top_keys(scores_ptr, cidx_ptr + b * sca_b + h * sca_h, ckey_ptr + b * sca_b + h * sca_h, 0, n, kk,
+                      sel, sel, FROM_CANDIDATES=True, WRITE_KEYS=False, CH=CH)
         tl.store(cnt_ptr + b * HKV + h, kk)
 
 
@@ -227,7 +263,7 @@ def quest_select(query, mins, maxs, block_table, query_start_loc, seq_lens, head
     """Score and select for every decode row of the step, into `selected` [rows, kv_heads, max kept]
     and `counts` [rows, kv_heads] (rows that are not sparse decode rows are left as they were).
     `heads`: the layer's per-KV-head tensors (`DecodeHeads`); workspace: `scores` [rows, kv_heads, NBP]
-    float32, `candidates` [rows, kv_heads, candidate_width(NBP, max kept)] int32."""
+    float32, `candidates` [2, rows, kv_heads, candidate_width(NBP, max kept)] int32."""
     rows = seq_lens.shape[0]
     kv_heads = mins.shape[1]
     group = query.shape[1] // kv_heads
@@ -253,16 +289,16 @@ def candidate_width(row_blocks: int, kept_blocks: int) -> int:
 def select_top_blocks(scores, candidates, query_start_loc, seq_lens, heads, selected, counts, *, block_tokens: int,
                       dense_below: int) -> None:
     """Per sparse decode row and KV head, the kept blocks of `scores` [rows, kv_heads, NBP], in two
-    stages so a long row is spread over programs: per segment (candidates [rows, kv_heads,
-    candidate_width]), then over the candidates."""
+    stages so a long row is spread over programs: per segment, then over the segments' candidates
+    (`candidates` [2, rows, kv_heads, candidate_width] int32: blocks and keys)."""
     rows, kv_heads = scores.shape[0], scores.shape[1]
     segments = triton.cdiv(scores.shape[2], SELECT_SEGMENT)
     per_row = max(1, min(segments, SELECT_PROGRAMS // (rows * kv_heads)))
+    cidx, ckey = candidates[0], candidates[1]
     args = (scores, scores.stride(0), scores.stride(1), query_start_loc, seq_lens, heads.kept, heads.dense,
-            candidates, candidates.stride(0), candidates.stride(1), selected, selected.stride(0), selected.stride(1))
+            cidx, ckey, cidx.stride(0), cidx.stride(1), selected, selected.stride(0), selected.stride(1))
     _segment_select_kernel[(rows, kv_heads, per_row)](
-        *args, dense_below, BT=block_tokens, SEG=SELECT_SEGMENT, CH=min(SELECT_CHUNK, SELECT_SEGMENT),
-        num_warps=SELECT_WARPS,
+        *args, dense_below, BT=block_tokens, SEG=SELECT_SEGMENT, num_warps=SELECT_WARPS,
     )
     _merge_select_kernel[(rows, kv_heads)](
         *args, counts, dense_below, HKV=kv_heads, BT=block_tokens, SEG=SELECT_SEGMENT, CH=SELECT_CHUNK,

@@ -123,7 +123,7 @@ class DecodeLayer:
                                f"{ws.rows} (max_num_seqs)")
         if self.summaries is not None:
             quest_select(query, self.summaries.mins, self.summaries.maxs, block_table, rows.query_start_loc,
-                         rows.seq_lens, self.heads, ws.scores[:n], ws.candidates[:n], ws.selected[:n], ws.counts[:n],
+                         rows.seq_lens, self.heads, ws.scores[:n], ws.candidates[:, :n], ws.selected[:n], ws.counts[:n],
                          page_size=paged.page_size, block_tokens=self.block_tokens, dense_below=self.dense_below)
         decode_attention(query, paged, block_table, rows.query_start_loc, rows.seq_lens, self.heads,
                          ws.selected[:n], ws.counts[:n], ws.partial_out, ws.partial_ml, output,

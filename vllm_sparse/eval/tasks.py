@@ -169,6 +169,22 @@ def stdlib_text(tokenizer, n_tokens: int) -> str:
     return "".join(parts)
 
 
+def builtin_text(tokenizer, n_tokens: int) -> str:
+    """The built-in calibration text, somewhat more than n_tokens of it: Python's language reference
+    (English prose, shipped with every Python as pydoc_data.topics), then its standard-library sources
+    where more is needed. Prose first: long prompts are mostly documents, and code's attention is
+    sharper than theirs (calibrated on code alone, plans came out denser than prose needs)."""
+    from pydoc_data.topics import topics
+
+    parts, total = [], 0
+    for name in sorted(topics):
+        parts.append(topics[name])
+        total += _count(tokenizer, topics[name])
+        if total > n_tokens * 1.2:
+            return "\n\n".join(parts)
+    return "\n\n".join(parts) + "\n\n" + stdlib_text(tokenizer, int(n_tokens * 1.2) - total)
+
+
 def text_windows(tokenizer, text: str, n_tokens: int, count: int) -> list[str]:
     """`count` consecutive windows of the text, each about n_tokens tokens with the special tokens the
     tokenizer adds; a text too short for them is an error naming its length."""
