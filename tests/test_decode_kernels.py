@@ -154,7 +154,7 @@ def test_page_summaries_restart_on_a_reused_page():
     assert s.mins[1].max() == -1 and s.maxs[1].max() == 2
 
 
-@pytest.fixture(params=[None, 2, 4], ids=["one-segment", "segments-of-2", "segments-of-4"])
+@pytest.fixture(params=[None, 4], ids=["one-segment", "segments-of-4"])
 def segment(request, monkeypatch):
     """The selection's first stage over segments of this many blocks (None: the shipped size, one
     segment at these tiny shapes), so the two-stage path runs at shapes the interpreter can take."""
