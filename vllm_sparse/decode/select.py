@@ -199,6 +199,15 @@ def _top_keys(row_ptr, cidx_ptr, ckey_ptr, first, n, kk, out_idx, out_key,
 
 
 @triton.jit
+def _selection_row(qsl_ptr, seq_ptr, kept_ptr, dense_ptr, b, h, dense_below, BT: tl.constexpr):
+    """(row, KV head) -> (whether it selects: a sparse decode row and a Quest head; the row's blocks;
+    the blocks it keeps)."""
+    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
+    nb = tl.cdiv(seq, BT)
+    return sparse & (tl.load(dense_ptr + h) == 0), nb, tl.minimum(tl.load(kept_ptr + h), nb)
+
+
+@triton.jit
 def _segment_select_kernel(
     scores_ptr, ssc_b, ssc_h, qsl_ptr, seq_ptr, kept_ptr, dense_ptr, cidx_ptr, ckey_ptr, sca_b, sca_h, sel_ptr,
     ssel_b, ssel_h, dense_below, BT: tl.constexpr, SEG: tl.constexpr,
@@ -210,10 +219,8 @@ def _segment_select_kernel(
     writes its final selection (and its keys to the unused candidates)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
-    if sparse & (tl.load(dense_ptr + h) == 0):
-        nb = tl.cdiv(seq, BT)
-        kk = tl.minimum(tl.load(kept_ptr + h), nb)
+    selects, nb, kk = _selection_row(qsl_ptr, seq_ptr, kept_ptr, dense_ptr, b, h, dense_below, BT)
+    if selects:
         cap = tl.minimum(kk, SEG)
         row = scores_ptr + b * ssc_b + h * ssc_h
         many = nb > SEG
@@ -244,10 +251,8 @@ def _merge_select_kernel(
     """Second stage, program per (row, KV head): the top `kept` of the segments' candidates."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
-    if sparse & (tl.load(dense_ptr + h) == 0):
-        nb = tl.cdiv(seq, BT)
-        kk = tl.minimum(tl.load(kept_ptr + h), nb)
+    selects, nb, kk = _selection_row(qsl_ptr, seq_ptr, kept_ptr, dense_ptr, b, h, dense_below, BT)
+    if selects:
         if nb > SEG:
             cap = tl.minimum(kk, SEG)
             last = (tl.cdiv(nb, SEG) - 1) * SEG
