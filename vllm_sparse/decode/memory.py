@@ -51,9 +51,12 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
 
 def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int, head_size: int, page_size: int,
                        dtype: torch.dtype, device: torch.device) -> None:
-    """The sparse-decode layers' summaries, once the cache's page count is known (metadata builders)."""
-    reserved = _reservation.pop("bytes", None)
-    _reservation.pop("tensor", None)  # back to the allocator: the summaries reuse it
+    """The sparse-decode layers' summaries, once the cache's page count is known (metadata builders; one
+    per KV cache group, each taking its share of what was reserved)."""
+    if "tensor" in _reservation:  # the first group: the reservation goes back to the allocator for them
+        del _reservation["tensor"]
+        _reservation["left"] = _reservation.pop("bytes")
+    left = _reservation.get("left")
     need = 0
     for name in layer_names:  # (a new engine in the same process replaces an earlier engine's)
         _summaries[name] = PageSummaries(num_pages, num_kv_heads, head_size, page_size, dtype, device)
@@ -62,10 +65,12 @@ def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int
         kv = 2 * num_pages * page_size * num_kv_heads * head_size * torch.empty(0, dtype=dtype).element_size()
         logger.info("vllm-sparse: decode page summaries for %d layers: %.1f MiB (%.2f%% of their KV cache)%s",
                     len(layer_names), need / 2**20, 100 * need / (kv * len(layer_names)),
-                    "" if reserved is None else f", in the {reserved / 2**20:.1f} MiB reserved at load")
-        if device.type == "cuda" and (reserved is None or need > reserved):
+                    "" if left is None else f", in the {left / 2**20:.1f} MiB left of the reservation made at load")
+        if device.type == "cuda" and (left is None or need > left):
             logger.warning("vllm-sparse: decode page summaries (%.1f MiB) exceed the %.1f MiB reserved before vLLM "
-                           "sized the KV cache", need / 2**20, (reserved or 0) / 2**20)
+                           "sized the KV cache", need / 2**20, (left or 0) / 2**20)
+        if left is not None:
+            _reservation["left"] = max(0, left - need)
 
 
 def summaries_for(layer_name: str) -> PageSummaries | None:
