@@ -3,9 +3,12 @@
 
 Cases: rows x context, all rows decoding sparsely (2x128K, 16x32K), and rows under dense_below
 (32x8K: every kernel must skip them). The plan: Quest, 16-token blocks, 4096 tokens + 1 sink + 2
-local blocks (benchmarks/configs/llama-3-8b-decode-quest-4k.yaml). Table last; JSON to --out.
+local blocks (benchmarks/configs/llama-3-8b-decode-quest-4k.yaml). Table last, then each kernel's
+device time (torch profiler); JSON to --out. --sweep instead times kernel settings (the module
+constants in SWEEP) one stage at a time.
 
     python benchmarks/decode_kernels.py --out $OUT/decode_kernels.json
+    python benchmarks/decode_kernels.py --sweep --out $OUT/decode_kernels_sweep.json
 """
 
 from __future__ import annotations

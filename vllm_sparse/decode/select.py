@@ -5,8 +5,10 @@ Score of a page for one q head: sum_c max(q_c * min_c, q_c * max_c) (an upper bo
 the page's keys). A block (`block_tokens`, whole pages) takes its pages' maximum, and a KV head its
 q heads' maximum, so one block list serves the whole GQA group. Sink and local blocks score +inf,
 blocks past the context -inf. Ties go to the later block: both implementations order by the pair
-(score, block index) (the reference packs it into one int64 key; the kernel finds the threshold
-score, then takes the later of the blocks tied at it).
+(score, block index) (the reference packs it into one int64 key; the kernels find the threshold
+score by a radix select, then take the later of the blocks tied at it). The kernels select in two
+stages, so a long row is spread over many programs: each SELECT_SEGMENT-block segment keeps its own
+top blocks, then one program per (row, KV head) selects among those candidates.
 
 A decode row is a request with one query token whose context reaches `dense_below`; every other row
 is skipped here (its attention is the dense backend's). The Triton kernels read the row facts from
