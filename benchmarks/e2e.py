@@ -18,6 +18,11 @@ detokenizing, best of --repeats (at least 2); with a plan that selects pages at 
 gives the share of each context's blocks a decode step reads (the plan's kept blocks over the
 context's, per KV head: the kernels read exactly that many). --lengths "" skips the TTFT runs.
 
+--profile-decode BATCHxCONTEXT (one of the decode cases) also profiles that case's decode steps in every
+engine (torch profiler, host and GPU): the tables go beside --out (.decode-profile-<engine>.txt), and
+each engine's result gets the host time its attention metadata builder spends per step
+(`builder_ms_per_step`), so a gap between dense and sparse decode can be split into GPU and host work.
+
 --tensor-parallel-size N runs every engine at tensor_parallel_size N (N GPUs; default 1). The
 engine core stays in this process, but at N > 1 vLLM's workers are processes of their own, so the
 peak GPU memory is read from each rank's torch allocator (`peak_gib_per_rank`; `peak_gib` is their
@@ -71,6 +76,7 @@ def worker(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     cases = decode_cases(spec)
+    build_clock = time_builders() if spec.get("profile_decode") else None
     longest = max([*spec["lengths"], *(c + spec["decode_tokens"] for _, c in cases)])
     kw = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
               max_model_len=longest + 64, max_num_batched_tokens=spec["chunk"],
@@ -120,6 +126,11 @@ def worker(spec: dict) -> dict:
         tok_s = decode_throughput(llm, batch, context, spec["decode_tokens"], spec["repeats"])
         result["decode"][f"{batch}x{context}"] = tok_s
         print(f"{'sparse' if spec['config'] else 'dense'} decode {batch}x{context}: {tok_s:.1f} tok/s", flush=True)
+        if spec.get("profile_decode") == f"{batch}x{context}":
+            label = Path(spec["config"]).stem if spec["config"] else "dense"
+            out = f"{spec['decode_profile_base']}.decode-profile-{label}.txt"
+            result["decode_profile"] = profile_decode(llm, batch, context, out, build_clock)
+            print(f"decode profile {batch}x{context}: {json.dumps(result['decode_profile'])}", flush=True)
     if spec.get("decode_batch") and not spec.get("decode_cases"):
         result["decode_tok_s"] = result["decode"][f"{spec['decode_batch']}x{spec['decode_context']}"]
     return result
@@ -232,6 +243,81 @@ def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) 
     return best
 
 
+def time_builders() -> dict:
+    """Wrap the attention metadata builders' build (SPARSE's, FlashAttention's) with a host clock:
+    -> {name: [calls, seconds]}, counting only while `on` is set."""
+    from vllm_sparse.backend.builder import SparseBuilderMixin
+
+    clock: dict = {"on": False}
+    targets = [("sparse", SparseBuilderMixin)]
+    try:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+        targets.append(("flash_attn", FlashAttentionMetadataBuilder))
+    except ImportError:
+        pass
+    for name, cls in targets:
+        clock[name] = [0, 0.0]
+
+        def wrap(fn, name=name):
+            def build(self, *args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(self, *args, **kwargs)
+                finally:
+                    if clock["on"]:
+                        clock[name][0] += 1
+                        clock[name][1] += time.perf_counter() - t0
+            return build
+
+        cls.build = wrap(cls.build)
+    return clock
+
+
+def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: int = 32) -> dict:
+    """`steps` pure decode steps of `batch` requests under the torch profiler (host and GPU) -> the
+    tables to `out`, and per step: wall time, builder host time (outermost build: SPARSE's where it
+    runs, else FlashAttention's), GPU kernel time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    g = torch.Generator().manual_seed(2)
+    params = SamplingParams(temperature=0.0, max_tokens=1 + steps, ignore_eos=True, detokenize=False)
+    for i in range(batch):
+        ids = torch.randint(3, 500, (context,), generator=g).tolist()
+        engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, params)
+    produced: dict[str, int] = {}
+    while len(produced) < batch or min(produced.values()) < 1:  # prefills, not profiled
+        for o in engine.step():
+            produced[o.request_id] = len(o.outputs[0].token_ids)
+    torch.cuda.synchronize()
+    for v in clock.values():
+        if isinstance(v, list):
+            v[:] = [0, 0.0]
+    clock["on"] = True
+    n = 0
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished_requests():
+            engine.step()
+            n += 1
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    clock["on"] = False
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    Path(out).write_text(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+                         + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40,
+                                                   max_name_column_width=70))
+    outer = "sparse" if clock.get("sparse", [0])[0] else "flash_attn"
+    calls, secs = clock.get(outer, [0, 0.0])
+    return {"steps": n, "wall_ms_per_step": 1e3 * wall / max(n, 1), "gpu_ms_per_step": gpu_us / 1e3 / max(n, 1),
+            "builder": outer, "builder_calls_per_step": calls / max(n, 1),
+            "builder_ms_per_step": 1e3 * secs / max(n, 1), "table": out}
+
+
 def run(spec: dict) -> dict:
     """One engine in its own process; its output streams through (a stall shows where it is)."""
     label = Path(spec["config"]).stem if spec["config"] else "dense"
@@ -285,6 +371,7 @@ def main() -> None:
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--profile", type=int, help="also profile the sparse run at this length")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
+    ap.add_argument("--profile-decode", help="BATCHxCONTEXT: also profile that decode case in every engine")
     ap.add_argument("--plot", action="store_true", help="also plot TTFT vs prompt length beside --out (PNG)")
     ap.add_argument("--worker")
     args = ap.parse_args()
@@ -299,7 +386,8 @@ def main() -> None:
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",") if x], "chunk": args.chunk,
             "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
             "decode_context": args.decode_context, "decode_tokens": args.decode_tokens,
-            "decode_cases": args.decode_cases}
+            "decode_cases": args.decode_cases, "profile_decode": args.profile_decode,
+            "decode_profile_base": str(Path(args.out).with_suffix(""))}
     if args.tensor_parallel_size > 1:
         base["tensor_parallel_size"] = args.tensor_parallel_size
     prof = {"profile": args.profile, "profile_out": str(Path(args.out).with_suffix(".profile.txt"))}
@@ -328,6 +416,12 @@ def main() -> None:
         save()
     dense = results["dense"]
     tp = args.tensor_parallel_size
+    for name, r in [("dense", dense), *results["sparse"].items()]:
+        prof = r.get("decode_profile")
+        if prof:
+            print(f"decode profile {args.profile_decode}, {name}: {prof['wall_ms_per_step']:.2f} ms a step "
+                  f"({prof['gpu_ms_per_step']:.2f} ms of GPU kernels), {prof['builder']} builder "
+                  f"{prof['builder_ms_per_step']:.3f} ms a step ({prof['builder_calls_per_step']:.1f} calls)")
     print(f"\n{meta['device']}{f' x{tp}, tensor_parallel_size {tp}' if tp > 1 else ''}  vLLM {meta['vllm']}  "
           f"torch {meta['torch']}  {'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
     peak = "peak" if tp == 1 else "peak (largest rank)"

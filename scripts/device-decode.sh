@@ -7,6 +7,8 @@
 #   tests  the decode kernels against their references (bf16, 128K), and the CUDA-graph engine twin
 #   bench  benchmarks/e2e.py, CUDA graphs: decode tok/s dense vs the Quest 4K plan at 2x128K, 16x32K
 #          (10x32K where the GPU has under 100 GiB: 16 x 32K of KV does not fit beside 8B weights) and 32x8K
+#   prof   the 32x8K case under dense_below, dense and sparse, profiled (e2e.py --profile-decode): per step
+#          wall, GPU kernel and builder host time, and the top host and GPU ops of each engine
 #   fid    gemma-3-270m, vllm-sparse eval with the same decode plan: passkey and multikey at 16K and 29K,
 #          8-token answers, dense vs sparse decode (GEMMA_WHEELS: the staged gemma wheels)
 set -o pipefail
@@ -27,10 +29,15 @@ bench() {
     --decode-tokens 64 --repeats ${REPEATS:-2} --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
     --out "$OUT/e2e_decode.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" | tee "$OUT/e2e_decode.log"
 }
+prof() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --lengths "" --decode-cases 32x8192 \
+    --decode-tokens 64 --repeats 2 --profile-decode 32x8192 --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
+    --out "$OUT/e2e_decode_profile.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" | tee "$OUT/e2e_decode_profile.log"
+}
 fid() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \
     benchmarks/configs/gemma-3-decode-quest-4k.yaml -- --tasks passkey,multikey --samples 5 --max-tokens 8 \
     --max-num-batched-tokens 4096 2>&1 | tail -40
 }
 
-run_steps "tests:240 bench:300 fid:200" "$@"
+run_steps "tests:240 bench:300 prof:300 fid:200" "$@"
