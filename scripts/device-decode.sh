@@ -16,6 +16,9 @@ budget=${1:?seconds}; shift
 DONE_DIR=/tmp/decode-done
 source scripts/device-common.sh
 
+keep_log() {  # engine INFO/WARNING lines out, the plugin's own (memory reservation, summaries) kept
+  awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/'
+}
 tests() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE tests/test_decode_kernels.py tests/test_engine_decode_gpu.py \
     tests/test_engine_gpu.py 2>&1 | tee "$OUT/decode_gpu_tests.log"
@@ -27,12 +30,12 @@ bench() {
   cases=${DECODE_CASES:-$cases}  # (a subset where one call's time is short)
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --lengths "" --decode-cases $cases \
     --decode-tokens 64 --repeats ${REPEATS:-2} --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
-    --out "$OUT/e2e_decode.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" | tee "$OUT/e2e_decode.log"
+    --out "$OUT/e2e_decode.json" 2>&1 | keep_log | tee "$OUT/e2e_decode.log"
 }
 prof() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --lengths "" --decode-cases 32x8192 \
     --decode-tokens 64 --repeats 2 --profile-decode 32x8192 --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
-    --out "$OUT/e2e_decode_profile.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" | tee "$OUT/e2e_decode_profile.log"
+    --out "$OUT/e2e_decode_profile.json" 2>&1 | keep_log | tee "$OUT/e2e_decode_profile.log"
 }
 fid() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \
