@@ -75,3 +75,18 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
     for lo, hi in zip(targets, targets[1:]):
         assert all(a <= b + 1e-12 for a, b in zip(density[lo], density[hi])), (lo, hi, density)
     assert density[0.5] != density[1.0]  # the low target does make something sparse
+
+    # By the worst rows instead of the mean (from the same saved per-row sums): never a cheaper plan,
+    # and the recall it reports is the rows' quantile, never above the mean.
+    plan = tmp_path / "plan-rows.yaml"
+    assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--target-recall", "0.8",
+                 "--row-quantile", "0.1", "--out", str(plan)]) == 0
+    rows = json.loads(plan.with_suffix(".json").read_text())
+    mean = json.loads((tmp_path / "plan-0.8.yaml").with_suffix(".json").read_text())
+    assert all(a >= b - 1e-12 for a, b in zip([c["density"] for c in rows["choices"]], density[0.8]))
+    for layer in rows["layers"]:
+        for q_row, m_row in zip(rows["tables"][str(layer)]["recall"], mean["tables"][str(layer)]["recall"]):
+            assert all(q <= m + 1e-9 for q, m in zip(q_row, m_row))
+    assert "quantile of its queries" in plan.read_text()
+    assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--row-quantile", "1.5",
+                 "--out", str(plan)]) == 2

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_sparse.calibrate.candidates import candidates, label, parse_budgets, parse_estimators
-from vllm_sparse.calibrate.choose import LayerTable, choose, choose_layer, combine, table_from_sums
+from vllm_sparse.calibrate.choose import (
+    LayerTable,
+    choose,
+    choose_layer,
+    combine,
+    histogram_quantile,
+    table_from_sums,
+)
 from vllm_sparse.calibrate.plan_yaml import render_plan
 from vllm_sparse.config.loader import parse_config
 from vllm_sparse.config.plan import ModelShape, resolve_plan
@@ -81,6 +88,21 @@ def test_sums_to_table_and_lengths_combine():
     u = LayerTable(5, [[0.9, 0.9]], [[0.3]])
     both = combine([t, u])
     assert both.recall == [[0.9, 0.8]] and both.density == [[pytest.approx(0.4)]]
+
+
+def test_row_quantile_judges_by_the_worst_rows():
+    """Candidate 0 is cheaper and reaches 0.95 on the mean, but a tenth of its queries sit in rows at
+    recall 0.5; candidate 1 holds 0.96 in every row. The mean takes 0, the 5% row quantile takes 1."""
+    bins = 100
+    hist0, hist1 = [0.0] * bins, [0.0] * bins
+    hist0[50], hist0[99] = 10.0, 90.0
+    hist1[96] = 100.0
+    sums = {"mass": [[95.0], [96.0]], "read": [[30], [50]], "rows": [[hist0], [hist1]], "tokens": 100, "causal": 100}
+    assert choose([table_from_sums(0, sums)], 0.95)[0].groups[0].candidate == 0
+    worst = table_from_sums(0, sums, row_quantile=0.05)
+    assert worst.recall == [[0.5], [0.96]]
+    assert choose([worst], 0.95)[0].groups[0].candidate == 1
+    assert histogram_quantile(hist0, 0.2) == 0.99 and histogram_quantile([0.0] * bins, 0.1) == 1.0
 
 
 def test_candidate_short_forms():

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tests.fixtures.paged import random_paged_batch
+from vllm_sparse.backend.attention_mass import RECALL_BINS
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.calibrate.choose import histogram_quantile
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels.reference import dense_causal_attention_ref
@@ -90,6 +92,14 @@ def test_recall_is_the_dense_mass_in_the_blocks_read():
         logits = b.q[:, h].double() @ k[:, h // 2].T * SCALE
         probs = logits.masked_fill(torch.arange(1024)[None] > q_pos[:, None], float("-inf")).softmax(-1)
         assert st["mass"][0][h] / st["tokens"] == pytest.approx(float(probs[:, allowed].sum(-1).mean()), rel=1e-6)
+        # Per query block row (64 queries each): its recall, binned; the histogram counts queries.
+        row_recall = probs[:, allowed].sum(-1).view(10, 64).mean(-1)
+        want = torch.zeros(RECALL_BINS, dtype=torch.float64)
+        want.index_add_(0, (row_recall * RECALL_BINS).long().clamp(max=RECALL_BINS - 1), torch.full((10,), 64.0,
+                        dtype=torch.float64))
+        assert st["rows"][0][h] == pytest.approx(want.tolist())
+        worst = sorted(row_recall.tolist())[0]  # a tenth of the queries: the worst row
+        assert histogram_quantile(st["rows"][0][h], 0.1) == pytest.approx(int(worst * RECALL_BINS) / RECALL_BINS)
     causal_read = sum(1 + (r - 6 + 1) for r in range(6, 16))  # sink + diagonals up to each row
     assert st["read"][0] == [causal_read, causal_read]
 

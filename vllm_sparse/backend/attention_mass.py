@@ -65,7 +65,24 @@ def row_unions(mask: torch.Tensor, tile: int, num_kv_heads: int) -> torch.Tensor
 def read_mass(mass: torch.Tensor, union: torch.Tensor, kv_head_of: torch.Tensor) -> torch.Tensor:
     """Dense mass [q_heads, rows, kv_blocks] in the blocks read, union [kv_heads, rows, kv_blocks]:
     per q head, summed over its queries, [q_heads] (fp64)."""
-    return (mass.double() * union[kv_head_of.long()]).sum((1, 2))
+    return read_mass_rows(mass, union, kv_head_of).sum(1)
+
+
+def read_mass_rows(mass: torch.Tensor, union: torch.Tensor, kv_head_of: torch.Tensor) -> torch.Tensor:
+    """As read_mass, per query block row: [q_heads, rows] (fp64)."""
+    return (mass.double() * union[kv_head_of.long()]).sum(2)
+
+
+RECALL_BINS = 100  # histogram of per-row recall: bins of 0.01
+
+
+def row_recall_histogram(read_rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Mass read per row [q_heads, rows] and the row's queries (its total dense mass) [q_heads, rows] ->
+    per q head, the queries in rows of each recall bin, [q_heads, RECALL_BINS] (fp64)."""
+    recall = (read_rows / queries.clamp_min(1e-12)).clamp(0.0, 1.0)
+    bins = (recall * RECALL_BINS).long().clamp(max=RECALL_BINS - 1)
+    hist = torch.zeros(read_rows.shape[0], RECALL_BINS, dtype=torch.float64, device=read_rows.device)
+    return hist.scatter_add_(1, bins, queries.double())
 
 
 def read_cells(union: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:

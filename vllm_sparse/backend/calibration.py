@@ -15,7 +15,15 @@ from functools import lru_cache
 
 import torch
 
-from vllm_sparse.backend.attention_mass import dense_attention_mass, dense_rows, read_cells, read_mass, row_unions
+from vllm_sparse.backend.attention_mass import (
+    RECALL_BINS,
+    dense_attention_mass,
+    dense_rows,
+    read_cells,
+    read_mass_rows,
+    row_recall_histogram,
+    row_unions,
+)
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.selection.budget import Budget
 from vllm_sparse.selection.stats import STATS, CalibrationStats
@@ -39,7 +47,8 @@ def _grouped(candidates_json: str) -> list[tuple[str, object, list[tuple[int, Bu
 
 def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_below: int, tile: int) -> None:
     """Write the chunk's dense attention into `out` [q_len, q_heads, Dv]; add every candidate's dense mass
-    read (per q head) and cells read (per KV head), over the rows past dense_below, to STATS.calibration."""
+    read (per q head), cells read (per KV head) and per-row recall histogram (per q head), over the rows
+    past dense_below, to STATS.calibration."""
     from vllm_sparse.backend.sparse_path import budget_masks, dense_rows_below
 
     dense, mass = dense_attention_mass(ctx)
@@ -54,14 +63,18 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
         dev = ctx.q.device
         st = STATS.calibration[layer] = CalibrationStats(
             torch.zeros(len(candidates), ctx.q.shape[1], dtype=torch.float64, device=dev),
-            torch.zeros(len(candidates), num_kv, dtype=torch.int64, device=dev))
+            torch.zeros(len(candidates), num_kv, dtype=torch.int64, device=dev),
+            torch.zeros(len(candidates), ctx.q.shape[1], RECALL_BINS, dtype=torch.float64, device=dev))
     causal = ctx.causal_block_mask()[first:]
     past = mass[:, first:].double()  # once, not per candidate
+    queries = past.sum(2)  # [q_heads, rows]: each query's row of dense attention sums to 1
     for name, params, budgets in _grouped(json.dumps(candidates)):
         masks = budget_masks(ctx, name, params, [b for _, b in budgets])
         for (i, _), mask in zip(budgets, masks):
             union = row_unions(dense_rows_below(mask, ctx, dense_below), tile, num_kv)[:, first:]
-            st.mass[i] += read_mass(past, union, ctx.kv_head_of)
+            rows = read_mass_rows(past, union, ctx.kv_head_of)
+            st.mass[i] += rows.sum(1)
+            st.rows[i] += row_recall_histogram(rows, queries)
             st.read[i] += read_cells(union, causal)
     st.tokens += ctx.seq_len - max(ctx.context_len, (ctx.first_query_block + first) * ctx.block_size)
     st.causal += int(causal.sum())

@@ -134,11 +134,31 @@ def choose(tables: list[LayerTable], target: float, max_density: float = 0.9, pe
     return [choose_layer(t, target, max_density, per_group, labels) for t in tables]
 
 
-def table_from_sums(layer: int, sums: dict) -> LayerTable:
-    """The engine's per-layer sums ({"mass", "read", "tokens", "causal"}, `CalibrationStats.raw`) -> a table."""
+def table_from_sums(layer: int, sums: dict, row_quantile: float | None = None) -> LayerTable:
+    """The engine's per-layer sums ({"mass", "read", "rows", "tokens", "causal"}, `CalibrationStats.raw`) ->
+    a table. Recall is each q head's mean over its queries, or with `row_quantile` q the recall of its
+    query block rows that a share q of its queries fall at or below (the rows that lose the most)."""
     tokens, causal = max(1, sums["tokens"]), max(1, sums["causal"])
-    return LayerTable(layer, [[m / tokens for m in row] for row in sums["mass"]],
-                      [[r / causal for r in row] for row in sums["read"]])
+    if row_quantile:
+        recall = [[histogram_quantile(hist, row_quantile) for hist in per_head] for per_head in sums["rows"]]
+    else:
+        recall = [[m / tokens for m in row] for row in sums["mass"]]
+    return LayerTable(layer, recall, [[r / causal for r in row] for row in sums["read"]])
+
+
+def histogram_quantile(hist: list[float], q: float) -> float:
+    """The q-quantile of a histogram over [0, 1] in equal bins, as its bin's lower edge (never above
+    the true quantile). The weights are float sums (queries' attention mass), so reaching q * total
+    is judged to a relative 1e-6."""
+    total = sum(hist)
+    if total <= 0:
+        return 1.0
+    seen = 0.0
+    for i, w in enumerate(hist):
+        seen += w
+        if w > 0 and seen >= q * total * (1 - 1e-6):
+            return i / len(hist)
+    return 1.0
 
 
 def combine(tables: list[LayerTable]) -> LayerTable:

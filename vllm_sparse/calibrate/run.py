@@ -52,6 +52,7 @@ class CalibrationSpec:
     engine: dict = field(default_factory=dict)
     verify: bool = True
     command: str = ""
+    row_quantile: float | None = None  # recall of the worst rows (this share of queries) instead of the mean
 
 
 def prompts_for(tokenizer, spec: CalibrationSpec) -> dict[int, list[str]]:
@@ -97,6 +98,8 @@ def _add(into: dict, sums: dict) -> None:
             continue
         acc["mass"] = [[a + b for a, b in zip(x, y)] for x, y in zip(acc["mass"], s["mass"])]
         acc["read"] = [[a + b for a, b in zip(x, y)] for x, y in zip(acc["read"], s["read"])]
+        acc["rows"] = [[[a + b for a, b in zip(hx, hy)] for hx, hy in zip(x, y)]
+                       for x, y in zip(acc["rows"], s["rows"])]
         acc["tokens"] += s["tokens"]
         acc["causal"] += s["causal"]
 
@@ -148,7 +151,10 @@ def header_lines(spec: CalibrationSpec, shape, meta: dict, labels: list[str], ve
         f"{', '.join(map(str, full))}{sliding}",
         f"data: {data}, {spec.samples} prompt(s) per length; lengths: {', '.join(map(str, spec.lengths))} tokens",
         f"target recall: {spec.target:g} for every q head, where recall is the share of the head's dense attention",
-        "  mass in the KV blocks it reads after union, mean over its queries past dense_below, lowest over the",
+        "  mass in the KV blocks it reads after union, " + (
+            "mean over its queries past dense_below" if not spec.row_quantile else
+            f"of its worst query block rows (the {spec.row_quantile:g} quantile of its queries past dense_below "
+            "by their row's recall)") + ", lowest over the",
         "  lengths (measured with dense attention in every layer). kept: the share of causal KV blocks read",
         "  after union over those rows, mean over KV heads and lengths.",
         f"max density {spec.max_density:g}: a layer (or KV head's group) whose cheapest candidate reads more "
@@ -223,7 +229,8 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     if not layers:
         raise ValueError(f"nothing measured: no calibration tokens past dense_below ({spec.dense_below}); "
                          f"lengths {spec.lengths} must exceed it")
-    per_length = {n: {layer: table_from_sums(layer, sums[n][layer]) for layer in layers} for n in spec.lengths}
+    per_length = {n: {layer: table_from_sums(layer, sums[n][layer], spec.row_quantile) for layer in layers}
+                  for n in spec.lengths}
     tables = [combine([per_length[n][layer] for n in spec.lengths]) for layer in layers]
     choices = choose(tables, spec.target, spec.max_density, spec.per_group, labels)
     write_plan(out, spec, shape, meta, choices, cands, None)
@@ -254,11 +261,23 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
         "num_q_heads": shape.num_q_heads, "num_kv_heads": shape.num_kv_heads, "layers": layers,
         "tables": {str(t.layer): asdict(t) for t in tables},
         "per_length": {str(n): {str(layer): asdict(t) for layer, t in per.items()} for n, per in per_length.items()},
+        "row_quantiles": row_quantile_tables(sums, layers, spec),
         "choices": choices_json(choices, labels),
         "verified": None if verified is None else {str(k): asdict(v) for k, v in verified.items()},
         "seconds": time.perf_counter() - t_start,
     }
     return result
+
+
+ROW_QUANTILES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # saved for --from-json; "0" is the mean
+
+
+def row_quantile_tables(sums: dict, layers: list[int], spec: CalibrationSpec) -> dict:
+    """Recall [candidate][q head] per row quantile, length and layer: what --from-json can choose by
+    (the per-row histograms themselves would make the JSON large on big models)."""
+    qs = sorted({0.0, *ROW_QUANTILES, *([spec.row_quantile] if spec.row_quantile else [])})
+    return {f"{q:g}": {str(n): {str(layer): table_from_sums(layer, sums[n][layer], q or None).recall
+                                for layer in layers} for n in spec.lengths} for q in qs}
 
 
 def choices_json(choices: list[LayerChoice], labels: list[str]) -> list[dict]:
@@ -289,7 +308,9 @@ def format_report(result: dict) -> str:
             lines.append(f"{'':>7}{c['why_dense']}")
     sparse = [c for c in result["choices"] if not c["dense"]]
     mean = sum(c["density"] for c in result["choices"]) / max(1, len(result["choices"]))
-    lines += ["", "recall: lowest over lengths of each q head's dense attention mass in the blocks read "
+    q = result["spec"].get("row_quantile")
+    what = f"the {q:g} row quantile of" if q else "lowest over lengths of"
+    lines += ["", f"recall: {what} each q head's dense attention mass in the blocks read "
               "(mean over heads, lowest head); kept: causal KV blocks read after union; verified: the written plan "
               "run with the audit on (lowest head recall, kept)",
               f"wrote {result['plan']}: {len(sparse)} of {len(result['choices'])} calibrated layers sparse, "
@@ -299,8 +320,9 @@ def format_report(result: dict) -> str:
 
 
 def rechoose(result: dict, target: float, out: str | Path, command: str, max_density: float | None = None,
-             per_group: bool | None = None) -> dict:
-    """A new plan from a saved calibration (its --json) at another target: no model run; unverified."""
+             per_group: bool | None = None, row_quantile: float | None = None) -> dict:
+    """A new plan from a saved calibration (its --json) at another target (or row quantile, 0 for the
+    mean): no model run; unverified."""
     from transformers import AutoConfig
 
     from vllm_sparse.config.plan import ModelShape
@@ -312,10 +334,22 @@ def rechoose(result: dict, target: float, out: str | Path, command: str, max_den
         spec.per_group = per_group
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(spec.model), spec.model)
     tables = [LayerTable(**result["tables"][str(layer)]) for layer in result["layers"]]
+    if row_quantile is not None:
+        saved = result.get("row_quantiles", {})
+        if f"{row_quantile:g}" not in saved:
+            have = ", ".join(saved) or "none (written before row quantiles)"
+            raise ValueError(f"--row-quantile {row_quantile:g}: this calibration saved row quantiles {have}; "
+                             "calibrate again with --row-quantile for another")
+        spec.row_quantile = row_quantile or None
+        per_q = saved[f"{row_quantile:g}"]
+        tables = [combine([LayerTable(layer, per_q[str(n)][str(layer)],
+                                      result["per_length"][str(n)][str(layer)]["density"]) for n in spec.lengths])
+                  for layer in result["layers"]]
     choices = choose(tables, target, spec.max_density, spec.per_group, result["labels"])
     out = Path(out)
     write_plan(out, spec, shape, result["meta"], choices, result["candidates"], None)
     check_plan(out, shape)
     new = dict(result, spec=asdict(spec), plan=str(out), verified=None, seconds=0.0)
     new["choices"] = choices_json(choices, result["labels"])
+    new["tables"] = {str(t.layer): asdict(t) for t in tables}
     return new

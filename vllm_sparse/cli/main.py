@@ -143,10 +143,17 @@ def cmd_calibrate(args) -> int:
 
         require_matplotlib()
     command = "vllm-sparse " + shlex.join(args.argv)
+    if args.row_quantile is not None and not 0.0 <= args.row_quantile < 1.0:
+        print(f"vllm-sparse calibrate: --row-quantile must be in [0, 1), got {args.row_quantile}", file=sys.stderr)
+        return 2
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
-        result = rechoose(saved, args.target_recall, out, command, args.max_density,
-                          None if args.per_head is None else args.per_head)
+        try:
+            result = rechoose(saved, args.target_recall, out, command, args.max_density,
+                              None if args.per_head is None else args.per_head, args.row_quantile)
+        except ValueError as e:
+            print(f"vllm-sparse calibrate: {e}", file=sys.stderr)
+            return 2
     else:
         if not args.model or not args.lengths:
             print("vllm-sparse calibrate: give --model and --lengths (or --from-json)", file=sys.stderr)
@@ -162,7 +169,7 @@ def cmd_calibrate(args) -> int:
             max_density=0.9 if args.max_density is None else args.max_density,
             per_group=args.per_head is not False, block_size=args.plan_block_size, dense_below=args.dense_below,
             union_tile=args.union_tile or None, engine=_engine_args(args),
-            verify=args.verify, command=command)
+            verify=args.verify, command=command, row_quantile=args.row_quantile or None)
         try:
             result = calibrate(spec, out, progress=not args.quiet)
         except ValueError as e:
@@ -236,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--samples", type=int, default=1, help="prompts per length")
     ca.add_argument("--target-recall", type=float, default=0.95,
                     help="share of each q head's dense attention mass the blocks it reads must hold")
+    ca.add_argument("--row-quantile", type=float, metavar="Q",
+                    help="judge recall by each q head's worst query block rows: the recall that a share Q of its "
+                    "queries' rows fall at or below (e.g. 0.05), instead of the mean over its queries (0)")
     ca.add_argument("--out", required=True, help="the plan (YAML) to write")
     ca.add_argument("--json", help="all measurements (default: --out with .json)")
     ca.add_argument("--estimators", default=DEFAULT_ESTIMATORS,

@@ -61,15 +61,18 @@ class LayerStats:
 
 @dataclass
 class CalibrationStats:
-    """One layer's sums for every candidate: dense mass read per q head, cells read per KV head."""
+    """One layer's sums for every candidate: dense mass read per q head, cells read per KV head, and per
+    q head the queries by the recall of their query block row (a histogram, for row quantiles)."""
 
     mass: torch.Tensor  # [candidates, q_heads] fp64
     read: torch.Tensor  # [candidates, kv_heads] int64
+    rows: torch.Tensor  # [candidates, q_heads, RECALL_BINS] fp64
     tokens: int = 0
     causal: int = 0
 
     def raw(self) -> dict:
-        return {"mass": self.mass.tolist(), "read": self.read.tolist(), "tokens": self.tokens, "causal": self.causal}
+        return {"mass": self.mass.tolist(), "read": self.read.tolist(), "rows": self.rows.tolist(),
+                "tokens": self.tokens, "causal": self.causal}
 
 
 class SparseStats:
