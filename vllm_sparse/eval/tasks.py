@@ -154,35 +154,36 @@ def real_text_prompt(tokenizer, n_tokens: int) -> str:
     return text_windows(tokenizer, stdlib_text(tokenizer, n_tokens), n_tokens, 1)[0]
 
 
+def _concat_until(tokenizer, texts, n_tokens: int, sep: str = "") -> tuple[str, int]:
+    """Texts joined until they hold somewhat more than n_tokens (1.2x) tokens -> (text, tokens)."""
+    parts, total = [], 0
+    for text in texts:
+        parts.append(text)
+        total += _count(tokenizer, text)
+        if total > n_tokens * 1.2:
+            break
+    return sep.join(parts), total
+
+
 def stdlib_text(tokenizer, n_tokens: int) -> str:
     """Python's standard-library sources, concatenated, somewhat more than n_tokens of them."""
     import os
     from pathlib import Path
 
-    parts, total = [], 0
-    for path in sorted(Path(os.__file__).parent.glob("*.py")):
-        text = path.read_text(errors="ignore")
-        parts.append(text)
-        total += _count(tokenizer, text)
-        if total > n_tokens * 1.2:
-            break
-    return "".join(parts)
+    files = sorted(Path(os.__file__).parent.glob("*.py"))
+    return _concat_until(tokenizer, (f.read_text(errors="ignore") for f in files), n_tokens)[0]
 
 
 def builtin_text(tokenizer, n_tokens: int) -> str:
     """The built-in calibration text, somewhat more than n_tokens of it: Python's language reference
     (English prose, shipped with every Python as pydoc_data.topics), then its standard-library sources
-    where more is needed. Prose first: long prompts are mostly documents, and code's attention is
-    sharper than theirs (calibrated on code alone, plans came out denser than prose needs)."""
+    where more is needed. Prose first because long prompts are mostly documents, not code."""
     from pydoc_data.topics import topics
 
-    parts, total = [], 0
-    for name in sorted(topics):
-        parts.append(topics[name])
-        total += _count(tokenizer, topics[name])
-        if total > n_tokens * 1.2:
-            return "\n\n".join(parts)
-    return "\n\n".join(parts) + "\n\n" + stdlib_text(tokenizer, int(n_tokens * 1.2) - total)
+    text, total = _concat_until(tokenizer, (topics[name] for name in sorted(topics)), n_tokens, "\n\n")
+    if total > n_tokens * 1.2:
+        return text
+    return text + "\n\n" + stdlib_text(tokenizer, int(n_tokens * 1.2) - total)
 
 
 def text_windows(tokenizer, text: str, n_tokens: int, count: int) -> list[str]:
