@@ -214,18 +214,25 @@ def torch_randint(n: int) -> list[int]:
     return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
 
 
+def decode_batch(batch: int, context: int, tokens: int, seed: int):
+    """`batch` random prompts of `context` tokens and greedy sampling of 1 + `tokens` tokens, without
+    detokenizing (its host work would be timed with the GPU's)."""
+    import torch
+    from vllm import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [{"prompt_token_ids": torch.randint(3, 500, (context,), generator=g).tolist()} for _ in range(batch)]
+    return prompts, SamplingParams(temperature=0.0, max_tokens=1 + tokens, ignore_eos=True, detokenize=False)
+
+
 def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) -> float:
     """Decode tokens/s of `batch` requests of `context` prompt tokens, pure decode steps only: the
     engine is stepped by hand and the clock starts once every request has its first token (all
     prefills done), so no prefill chunk rides along. Best of `repeats` (at least 2)."""
     import torch
-    from vllm import SamplingParams
 
     engine = llm.llm_engine
-    g = torch.Generator().manual_seed(1)
-    prompts = [{"prompt_token_ids": torch.randint(3, 500, (context,), generator=g).tolist()} for _ in range(batch)]
-    # No detokenizing: the host work per step would be timed with the GPU's.
-    params = SamplingParams(temperature=0.0, max_tokens=1 + tokens, ignore_eos=True, detokenize=False)
+    prompts, params = decode_batch(batch, context, tokens, seed=1)
     best = 0.0
     for rep in range(max(repeats, 2)):
         for i, p in enumerate(prompts):
@@ -280,14 +287,11 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
     runs, else FlashAttention's), GPU kernel time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from vllm import SamplingParams
 
     engine = llm.llm_engine
-    g = torch.Generator().manual_seed(2)
-    params = SamplingParams(temperature=0.0, max_tokens=1 + steps, ignore_eos=True, detokenize=False)
-    for i in range(batch):
-        ids = torch.randint(3, 500, (context,), generator=g).tolist()
-        engine.add_request(f"profile-{i}", {"prompt_token_ids": ids}, params)
+    prompts, params = decode_batch(batch, context, steps, seed=2)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"profile-{i}", p, params)
     produced: dict[str, int] = {}
     while len(produced) < batch or min(produced.values()) < 1:  # prefills, not profiled
         for o in engine.step():
