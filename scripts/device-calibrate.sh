@@ -10,8 +10,10 @@
 #   calibrate  OUTDIR/gemma-3-270m-calibrated.{yaml,json,png} (target recall 0.95, verified),
 #              OUTDIR/gemma-3-270m-calibrated-90.yaml (the same measurements at target 0.9, no model run) and
 #              OUTDIR/gemma-3-270m-calibrated-rows.yaml (the same measurements judged by each head's worst
-#              rows: the 5% quantile of its queries must keep 0.9 of their mass; no model run)
-#   eval       benchmarks/fidelity_gpu.sh over the shipped plan and both calibrated plans: OUTDIR/fid/
+#              rows: the 5% quantile of its queries must keep 0.9 of their mass; no model run) and
+#              OUTDIR/gemma-3-270m-calibrated-rows-95.yaml (the same at 0.95)
+#   eval       benchmarks/fidelity_gpu.sh over the shipped plan and the calibrated plans (EVAL_PLANS names a
+#              subset, e.g. "calibrated-rows calibrated-rows-95"): OUTDIR/fid/
 # What to read: each plan's accuracy next to dense (every cell: sparse >= dense, as the shipped plan does),
 # and its kept density (calibrate's table: per layer after union; eval's "kept" column and per-layer
 # table) against the shipped plan's in the same eval run.
@@ -31,9 +33,13 @@ if [ "$what" != eval ]; then
     --out "$out/gemma-3-270m-calibrated-90.yaml" | tee "$out/calibrate-90.log"
   python3 -m vllm_sparse.cli.main calibrate --from-json "$out/gemma-3-270m-calibrated.json" --target-recall 0.9 \
     --row-quantile 0.05 --out "$out/gemma-3-270m-calibrated-rows.yaml" | tee "$out/calibrate-rows.log"
+  python3 -m vllm_sparse.cli.main calibrate --from-json "$out/gemma-3-270m-calibrated.json" --target-recall 0.95 \
+    --row-quantile 0.05 --out "$out/gemma-3-270m-calibrated-rows-95.yaml" | tee "$out/calibrate-rows-95.log"
 fi
 if [ "$what" != calibrate ]; then
+  # EVAL_PLANS: the calibrated plans to evaluate beside the shipped one (default: all four)
+  plans=${EVAL_PLANS:-calibrated calibrated-90 calibrated-rows calibrated-rows-95}
   bash benchmarks/fidelity_gpu.sh "$out/fid" 16384,29696 configs/gemma-3.yaml \
-    "$out/gemma-3-270m-calibrated.yaml" "$out/gemma-3-270m-calibrated-90.yaml" "$out/gemma-3-270m-calibrated-rows.yaml" \
+    $(for p in $plans; do echo "$out/gemma-3-270m-$p.yaml"; done) \
     -- --tasks passkey,multikey --samples 5 --max-tokens 8 --max-num-batched-tokens 4096 $plot
 fi
