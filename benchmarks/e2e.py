@@ -286,6 +286,7 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
     tables to `out`, and per step: wall time, builder host time (outermost build: SPARSE's where it
     runs, else FlashAttention's), GPU kernel time."""
     import torch
+    from torch.autograd.profiler_util import EventList
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.llm_engine
@@ -303,23 +304,54 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
     clock["on"] = True
     n = 0
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         while engine.has_unfinished_requests():
             engine.step()
             n += 1
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     clock["on"] = False
-    events = prof.key_averages()
+    events = EventList([e for e in prof.key_averages() if ".py(" not in e.key and not e.key.startswith("<built-in")])
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    waits = host_waits(prof)
     Path(out).write_text(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
                          + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40,
-                                                   max_name_column_width=70))
+                                                   max_name_column_width=70)
+                         + "\n\nwhere the host waits for the GPU (calls that block, by Python stack):\n"
+                         + "\n\n".join(f"{w['name']}: {w['calls']} calls, {w['ms']:.1f} ms\n  "
+                                       + "\n  ".join(w["stack"]) for w in waits))
     outer = "sparse" if clock.get("sparse", [0])[0] else "flash_attn"
     calls, secs = clock.get(outer, [0, 0.0])
     return {"steps": n, "wall_ms_per_step": 1e3 * wall / max(n, 1), "gpu_ms_per_step": gpu_us / 1e3 / max(n, 1),
             "builder": outer, "builder_calls_per_step": calls / max(n, 1),
-            "builder_ms_per_step": 1e3 * secs / max(n, 1), "table": out}
+            "builder_ms_per_step": 1e3 * secs / max(n, 1), "table": out,
+            "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
+
+
+_BLOCKING = ("cudaMemcpyAsync", "cudaMemcpy", "cudaStreamSynchronize", "cudaEventSynchronize",
+             "cudaDeviceSynchronize")
+_MAY_BLOCK = ("aten::copy_", "aten::_local_scalar_dense", "aten::nonzero")
+
+
+def host_waits(prof, top: int = 8) -> list[dict]:
+    """The host calls that wait for the GPU (copies to or from pageable memory, synchronizations),
+    grouped by the Python frames above them (profiled with_stack), longest first."""
+    waits: dict[tuple, dict] = {}
+    for e in prof.events():
+        # A runtime call may carry no parent where the profiler links none: its aten op (a copy, an
+        # .item()) counts too when it takes long (its total includes the wait).
+        slow_op = e.name in _MAY_BLOCK and e.cpu_time_total > 200
+        if not ((e.name in _BLOCKING and e.self_cpu_time_total > 0) or slow_op):
+            continue
+        frames, parent = [], e.cpu_parent
+        while parent is not None and len(frames) < 10:
+            if ".py(" in parent.name and not parent.name.startswith("torch/"):
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        w = waits.setdefault((e.name, tuple(frames)), {"name": e.name, "calls": 0, "ms": 0.0, "stack": frames})
+        w["calls"] += 1
+        w["ms"] += (e.cpu_time_total if slow_op else e.self_cpu_time_total) / 1e3
+    return sorted(waits.values(), key=lambda w: -w["ms"])[:top]
 
 
 def run(spec: dict) -> dict:
@@ -426,6 +458,8 @@ def main() -> None:
             print(f"decode profile {args.profile_decode}, {name}: {prof['wall_ms_per_step']:.2f} ms a step "
                   f"({prof['gpu_ms_per_step']:.2f} ms of GPU kernels), {prof['builder']} builder "
                   f"{prof['builder_ms_per_step']:.3f} ms a step ({prof['builder_calls_per_step']:.1f} calls)")
+            for w in prof.get("host_waits", []):
+                print(f"  host waits in {w['name']}: {w['calls']} calls, {w['ms']:.1f} ms, at {' < '.join(w['where'])}")
     print(f"\n{meta['device']}{f' x{tp}, tensor_parallel_size {tp}' if tp > 1 else ''}  vLLM {meta['vllm']}  "
           f"torch {meta['torch']}  {'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
     peak = "peak" if tp == 1 else "peak (largest rank)"
