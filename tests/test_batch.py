@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ def _common():
     n = int(qsl[-1])
     return CommonAttentionMetadata(
         query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=torch.tensor(SEQ_LENS, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.tensor(SEQ_LENS, dtype=torch.int32),
         num_reqs=4, num_actual_tokens=n, max_query_len=100, max_seq_len=700,
         block_table_tensor=torch.arange(4 * 30, dtype=torch.int32).view(4, 30),
         slot_mapping=torch.arange(1000, 1000 + n, dtype=torch.int64), positions=torch.arange(n),
@@ -68,6 +71,30 @@ def test_dense_subset_metadata():
     assert torch.equal(sub.slot_mapping, cm.slot_mapping[tokens])
     assert torch.equal(sub.positions, cm.positions[tokens])
     assert cm.num_reqs == 4  # the step's own metadata is untouched
+
+
+def test_host_lengths_never_read_from_the_device():
+    """vLLM 0.26's `seq_lens_cpu` property copies from the GPU when its cache is empty (the V2 model
+    runner leaves it empty): a copy that waits for the previous step and stalls async scheduling.
+    The host lengths come from the host fields, the device lengths untouched."""
+    cm = _common()
+    poisoned = dataclasses.replace(cm, seq_lens=torch.full((4,), -1, dtype=torch.int32))
+    assert compat.seq_lens_cpu(poisoned).tolist() == SEQ_LENS
+
+    @dataclasses.dataclass
+    class Runner026Metadata:  # the 0.26 shape: a deprecated cache field and a property that reads the GPU
+        seq_lens: torch.Tensor
+        seq_lens_cpu_upper_bound: torch.Tensor | None
+        _seq_lens_cpu: torch.Tensor | None = None
+
+        @property
+        def seq_lens_cpu(self):
+            raise AssertionError("read seq_lens from the device")
+
+    bound = torch.tensor(SEQ_LENS)
+    assert compat.seq_lens_cpu(Runner026Metadata(bound.neg(), bound)) is bound  # V2 runner: cache empty
+    exact = bound - 1
+    assert compat.seq_lens_cpu(Runner026Metadata(bound.neg(), bound, exact)) is exact  # V1 runner: cache filled
 
 
 def test_block_size_must_be_a_multiple_of_the_page():

@@ -9,6 +9,8 @@ import dataclasses
 
 import torch
 
+from vllm_sparse.backend.transfer import to_device
+
 BACKEND_NAME = "SPARSE"
 BACKEND_PATH = "vllm_sparse.backend.selected.SparseAttentionBackend"
 
@@ -113,12 +115,28 @@ def tensor_parallel_size() -> int:
 
 
 def seq_lens_cpu(cm) -> torch.Tensor:
-    """Per-request sequence lengths on the host, exact for prefill rows."""
-    for name in ("seq_lens_cpu", "seq_lens_cpu_upper_bound"):
+    """Per-request sequence lengths on the host, exact for prefill rows (decode rows may be upper
+    bounds), without reading the device.
+
+    vLLM 0.26's `seq_lens_cpu` is a property that copies `seq_lens` from the GPU when its host cache
+    `_seq_lens_cpu` is empty, as it is under the V2 model runner: a copy that waits for the previous
+    step's GPU work and so stalls async scheduling every step. So the host fields are read directly:
+    the cache where the runner filled it, else `seq_lens_cpu_upper_bound` (0.26 and later)."""
+    for name in ("_seq_lens_cpu", "seq_lens_cpu_upper_bound"):
         value = getattr(cm, name, None)
         if value is not None:
             return value
+    global _WARNED_DEVICE_SEQ_LENS
+    if not _WARNED_DEVICE_SEQ_LENS:  # right, but each step then waits for the GPU
+        _WARNED_DEVICE_SEQ_LENS = True
+        from vllm_sparse.log import logger
+
+        logger.warning("vllm-sparse: this vLLM gives the attention builders no host sequence lengths; they "
+                       "are copied from the GPU each step, which stalls async scheduling (tested: vLLM 0.26, 0.32)")
     return cm.seq_lens.cpu()
+
+
+_WARNED_DEVICE_SEQ_LENS = False
 
 
 def with_seq_lens(cm, seq_lens: torch.Tensor):
@@ -140,10 +158,10 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
     new_qsl_cpu = torch.zeros(len(reqs) + 1, dtype=qsl_cpu.dtype)
     torch.cumsum(q_lens, 0, out=new_qsl_cpu[1:])
     seq_cpu = seq_lens_cpu(cm)[reqs]
-    dev_reqs = reqs.to(cm.seq_lens.device)
-    dev_tokens = tokens.to(cm.seq_lens.device)
+    dev_reqs = to_device(reqs, cm.seq_lens.device)
+    dev_tokens = to_device(tokens, cm.seq_lens.device)
     special = {
-        "query_start_loc": new_qsl_cpu.to(cm.query_start_loc.device),
+        "query_start_loc": to_device(new_qsl_cpu, cm.query_start_loc.device),
         "query_start_loc_cpu": new_qsl_cpu,
         "num_reqs": len(reqs),
         "num_actual_tokens": len(tokens),

@@ -26,6 +26,7 @@ from vllm_sparse.backend.checks import (
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
 from vllm_sparse.backend.kernel_choice import check_kernel_choice
 from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.backend.transfer import to_device
 from vllm_sparse.backend.warmup import warm_up
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.decode.memory import allocate_summaries
@@ -142,5 +143,5 @@ class SparseBuilderMixin:
         if len(dense_reqs):
             sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
             dense_md = super().build(0, sub, *args, **kwargs)
-        dense_idx = dense_tokens.to(common_attn_metadata.query_start_loc.device) if len(dense_reqs) else None
+        dense_idx = to_device(dense_tokens, common_attn_metadata.query_start_loc.device) if len(dense_reqs) else None
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows))
