@@ -104,3 +104,24 @@ def test_block_size_must_be_a_multiple_of_the_page():
     check_block_size(128, 32, "x.yaml")
     with pytest.raises(SparseConfigError, match="block_size 64 must be a multiple of the KV cache block size 128"):
         check_block_size(64, 128, "x.yaml")
+
+
+def test_decode_rows_shorten_sparse_decode_rows_only():
+    """The dense backend sees each sparse decode row (one query token, context >= dense_below) shortened to
+    one token, every other row as it is; the host count agrees; the lengths land in the builder's own
+    buffer (a captured graph reads it), also when no row is sparse."""
+    from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
+
+    cm = _common()
+    builder = DecodeRowsBuilder(dense_below=60, max_rows=8, device=torch.device("cpu"))
+    short, rows = builder.shorten(cm)
+    assert short.seq_lens.tolist() == [50, 400, 30, 1]  # the prefill chunk (400) is not a decode row
+    assert short.seq_lens.data_ptr() == builder._dense_seq_lens.data_ptr()
+    assert rows.host_sparse == 1 and rows.seq_lens.tolist() == SEQ_LENS
+    assert cm.seq_lens.tolist() == SEQ_LENS  # the step's own lengths untouched
+
+    builder = DecodeRowsBuilder(dense_below=701, max_rows=8, device=torch.device("cpu"))
+    builder._dense_seq_lens.fill_(-7)  # stale values from an earlier step
+    short, rows = builder.shorten(cm)
+    assert short.seq_lens.tolist() == SEQ_LENS and rows.host_sparse == 0
+    assert short.seq_lens.data_ptr() == builder._dense_seq_lens.data_ptr()

@@ -142,9 +142,15 @@ _WARNED_DEVICE_SEQ_LENS = False
 def with_seq_lens(cm, seq_lens: torch.Tensor):
     """`cm` with other device sequence lengths (host copies, upper bounds, kept), caches derived from
     them dropped."""
-    names = {f.name for f in dataclasses.fields(cm)}
-    derived = {n: None for n in ("_num_computed_tokens_cpu", "_num_computed_tokens_cache") if n in names}
-    return dataclasses.replace(cm, seq_lens=seq_lens, **derived)
+    derived = _DERIVED_FIELDS.get(type(cm))
+    if derived is None:  # per class, once: the builder calls this every step
+        names = {f.name for f in dataclasses.fields(cm)}
+        derived = _DERIVED_FIELDS[type(cm)] = [n for n in ("_num_computed_tokens_cpu", "_num_computed_tokens_cache")
+                                               if n in names]
+    return dataclasses.replace(cm, seq_lens=seq_lens, **dict.fromkeys(derived))
+
+
+_DERIVED_FIELDS: dict[type, list[str]] = {}
 
 
 _PER_TOKEN_FIELDS = ("slot_mapping", "positions")
