@@ -21,7 +21,7 @@ KEEP = (0.25, 0.5, 1.0)
 BUDGETS = ",".join([f"top_p={p}" for p in TOP_P] + [f"keep_ratio={r}" for r in KEEP])
 
 
-def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_llama, tmp_path, capsys):
+def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_llama, tmp_path, capsys, monkeypatch):
     out = tmp_path / "plan.yaml"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_sparse.cli.main", "calibrate", "--model", str(tiny_llama), "--lengths", "600,1000",
@@ -90,3 +90,22 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
     assert "quantile of its queries" in plan.read_text()
     assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--row-quantile", "1.5",
                  "--out", str(plan)]) == 2
+
+    # The saved measurements carry the model's shape: re-choosing needs no model directory (calibrate on
+    # the GPU machine, choose anywhere).
+    from transformers import AutoConfig
+
+    from vllm_sparse.calibrate.run import saved_shape
+    from vllm_sparse.config.plan import ModelShape
+
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert saved_shape(result) == ModelShape.from_hf_config(AutoConfig.from_pretrained(str(tiny_llama)),
+                                                            str(tiny_llama))
+    def no_model(model):
+        raise AssertionError(f"read the model {model} for its shape")
+
+    monkeypatch.setattr("vllm_sparse.calibrate.run._shape_from_model", no_model)
+    assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--target-recall", "0.8", "--out",
+                 str(tmp_path / "plan-no-model.yaml")]) == 0
+    assert (tmp_path / "plan-no-model.yaml").read_text().split("version: 1")[1] == \
+        (tmp_path / "plan-0.8.yaml").read_text().split("version: 1")[1].replace("plan-0.8", "plan-no-model")

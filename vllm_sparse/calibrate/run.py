@@ -259,6 +259,7 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     result = {
         "meta": meta, "spec": asdict(spec), "plan": str(out), "candidates": cands, "labels": labels,
         "num_q_heads": shape.num_q_heads, "num_kv_heads": shape.num_kv_heads, "layers": layers,
+        "shape": asdict(shape),  # so --from-json needs no model directory
         "tables": {str(t.layer): asdict(t) for t in tables},
         "per_length": {str(n): {str(layer): asdict(t) for layer, t in per.items()} for n, per in per_length.items()},
         "row_quantiles": row_quantile_tables(sums, layers, spec),
@@ -319,20 +320,39 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def rechoose(result: dict, target: float, out: str | Path, command: str, max_density: float | None = None,
-             per_group: bool | None = None, row_quantile: float | None = None) -> dict:
-    """A new plan from a saved calibration (its --json) at another target (or row quantile, 0 for the
-    mean): no model run; unverified."""
+def saved_shape(result: dict):
+    """The model's shape as the calibration saved it (None in JSONs written before it was saved)."""
+    from vllm_sparse.config.plan import ModelShape
+
+    saved = result.get("shape")
+    if not saved:
+        return None
+    return ModelShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def _shape_from_model(model: str):
     from transformers import AutoConfig
 
     from vllm_sparse.config.plan import ModelShape
 
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"this calibration JSON predates saved model shapes, and its model {model!r} (for the "
+                         f"layer and head counts) cannot be loaded here: {e}") from e
+    return ModelShape.from_hf_config(config, model)
+
+
+def rechoose(result: dict, target: float, out: str | Path, command: str, max_density: float | None = None,
+             per_group: bool | None = None, row_quantile: float | None = None) -> dict:
+    """A new plan from a saved calibration (its --json) at another target (or row quantile, 0 for the
+    mean): no model run; unverified."""
     spec = CalibrationSpec(**{**result["spec"], "target": target, "verify": False, "command": command})
     if max_density is not None:
         spec.max_density = max_density
     if per_group is not None:
         spec.per_group = per_group
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(spec.model), spec.model)
+    shape = saved_shape(result) or _shape_from_model(spec.model)
     tables = [LayerTable(**result["tables"][str(layer)]) for layer in result["layers"]]
     if row_quantile is not None:
         saved = result.get("row_quantiles", {})

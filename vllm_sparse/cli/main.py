@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip running the written plan with the audit on")
     ca.add_argument("--from-json", metavar="JSON",
-                    help="choose again from a saved calibration (its --json) at --target-recall; no model run")
+                    help="choose again from a saved calibration (its --json) at --target-recall; no model run, and no "
+                         "model directory needed (the JSON keeps the model's shape)")
     ca.add_argument("--plot", action="store_true",
                     help="also write kept density and recall per layer x head as a PNG beside the JSON (extra: plot)")
     ca.add_argument("--quiet", action="store_true", help="no progress bar")
