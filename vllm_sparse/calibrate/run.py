@@ -90,18 +90,19 @@ def probe_config(shape, spec: CalibrationSpec, path: Path) -> None:
     path.write_text(yaml.safe_dump({"version": 1, "models": [entry]}, sort_keys=False))
 
 
+def _summed(a, b):
+    """Element-wise sum of equally nested lists (or of two numbers)."""
+    return [_summed(x, y) for x, y in zip(a, b)] if isinstance(a, list) else a + b
+
+
 def _add(into: dict, sums: dict) -> None:
     for layer, s in sums.items():
         acc = into.get(layer)
         if acc is None:
             into[layer] = json.loads(json.dumps(s))
             continue
-        acc["mass"] = [[a + b for a, b in zip(x, y)] for x, y in zip(acc["mass"], s["mass"])]
-        acc["read"] = [[a + b for a, b in zip(x, y)] for x, y in zip(acc["read"], s["read"])]
-        acc["rows"] = [[[a + b for a, b in zip(hx, hy)] for hx, hy in zip(x, y)]
-                       for x, y in zip(acc["rows"], s["rows"])]
-        acc["tokens"] += s["tokens"]
-        acc["causal"] += s["causal"]
+        for key in ("mass", "read", "rows", "tokens", "causal"):
+            acc[key] = _summed(acc[key], s[key])
 
 
 def _verified_table(layer: int, stats: list[dict]) -> LayerTable | None:
