@@ -1,6 +1,7 @@
 """`vllm-sparse calibrate` end to end on the tiny Llama in vLLM's CPU engine (one engine: the sweep), then
 new plans from its JSON at other targets (no engine): the plans validate, every rule carries its figures,
-recall 1.0 leaves every layer dense, and a lower target never reads more."""
+recall 1.0 leaves every layer dense, a lower target never reads more, and the answer rows (each prompt's
+final query block) are saved and can be required."""
 
 from __future__ import annotations
 
@@ -90,6 +91,38 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
     assert "quantile of its queries" in plan.read_text()
     assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--row-quantile", "1.5",
                  "--out", str(plan)]) == 2
+
+    # The answer rows: each prompt's final query block, per length, layer, candidate and q head; required
+    # too, never a cheaper plan, and every sparse choice reaches the target on them; without them again
+    # (--no-answer-rows), the mean's plan. A JSON from before them says so.
+    answers = result["answer_rows"]
+    assert sorted(answers) == ["1000", "600"] and all(sorted(answers[n]) == ["0", "1"] for n in answers)
+    for n in answers:
+        for layer in ("0", "1"):
+            table = answers[n][layer]
+            assert len(table) == 12 and all(0 <= r <= 1 + 1e-6 for row in table for r in row)
+            assert table[5] == pytest.approx([1.0] * 4, abs=1e-5)  # keep_ratio 1.0
+    plan = tmp_path / "plan-answer.yaml"
+    assert main(["calibrate", "--from-json", str(out.with_suffix(".json")), "--target-recall", "0.5",
+                 "--answer-rows", "--out", str(plan)]) == 0
+    both = json.loads(plan.with_suffix(".json").read_text())
+    assert both["spec"]["answer_rows"] and "answer rows: every q head must also reach" in plan.read_text()
+    assert all(a >= b - 1e-12 for a, b in zip([c["density"] for c in both["choices"]], density[0.5]))
+    assert not all(c["dense"] for c in both["choices"])
+    for c in both["choices"]:
+        for kv, g in enumerate(c["groups"]):
+            for h in (2 * kv, 2 * kv + 1):  # its q heads
+                assert g["candidate"] is None or \
+                    min(answers[n][str(c["layer"])][g["candidate"]][h] for n in answers) >= 0.5 - 1e-6
+    assert main(["calibrate", "--from-json", str(plan.with_suffix(".json")), "--target-recall", "0.5",
+                 "--no-answer-rows", "--out", str(tmp_path / "plan-mean.yaml")]) == 0
+    assert json.loads((tmp_path / "plan-mean.json").read_text())["choices"] == \
+        json.loads((tmp_path / "plan-0.5.json").read_text())["choices"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in result.items() if k != "answer_rows"}))
+    capsys.readouterr()
+    assert main(["calibrate", "--from-json", str(old), "--answer-rows", "--out", str(plan)]) == 2
+    assert "no answer-row measurements" in capsys.readouterr().err
 
     # The saved measurements carry the model's shape: re-choosing needs no model directory (calibrate on
     # the GPU machine, choose anywhere).

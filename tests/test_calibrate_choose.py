@@ -3,6 +3,8 @@ writes: it validates against the model, carries every rule's figures, and a lowe
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from vllm_sparse.calibrate.choose import (
     choose_layer,
     combine,
     histogram_quantile,
+    require_answer_rows,
     table_from_sums,
 )
 from vllm_sparse.calibrate.plan_yaml import render_plan
@@ -103,6 +106,75 @@ def test_row_quantile_judges_by_the_worst_rows():
     assert worst.recall == [[0.5], [0.96]]
     assert choose([worst], 0.95)[0].groups[0].candidate == 1
     assert histogram_quantile(hist0, 0.2) == 0.99 and histogram_quantile([0.0] * bins, 0.1) == 1.0
+
+
+def test_answer_rows_reject_a_candidate_whose_mean_passes():
+    """Candidate 0 is cheaper and reaches 0.95 on the mean, but one q head keeps only 0.6 of the mass on a
+    prompt's final query block (the question's rows); candidate 1 reaches 0.95 on both."""
+    table = LayerTable(0, [[0.97, 0.96], [0.98, 0.97]], [[0.3], [0.5]])
+    answer = [[0.99, 0.6], [0.96, 0.95]]
+    assert choose([table], 0.95)[0].groups[0].candidate == 0
+    both = require_answer_rows(table, answer)
+    assert both.recall == [[0.97, 0.6], [0.96, 0.95]] and both.density == table.density
+    assert choose([both], 0.95)[0].groups[0].candidate == 1
+
+
+def test_answer_rows_from_the_sweep_lowest_over_prompts_and_lengths():
+    """The run takes each prompt's block ending at its last token (not another chunk's end), the lowest
+    over a length's prompts, then over the lengths; a prompt whose final block went unmeasured leaves
+    its length out, and choosing by the answer rows then says so."""
+    from vllm_sparse.calibrate.run import CalibrationSpec, answer_row_recall, chosen_by
+
+    def final(*recall):  # one candidate, 2 q heads, 10 queries in the block
+        return {"mass": [[10 * r for r in recall]], "queries": [10.0, 10.0]}
+
+    sweeps = [{0: {"final_block": {512: final(0.1, 0.1), 600: final(0.9, 0.8)}}},
+              {"0": {"final_block": {"601": final(0.7, 0.95)}}},  # keys as JSON would have them
+              {0: {"final_block": {1000: final(0.99, 0.98)}}},
+              {0: {"final_block": {512: final(0.5, 0.5)}}}]  # a 1000-token prompt's last block not measured
+    answers = answer_row_recall(sweeps, [[600], [601], [1000], [1000]], [600, 600, 1000, 1000], [0])
+    assert answers == {"600": {"0": [[pytest.approx(0.7), pytest.approx(0.8)]]}}
+    spec = CalibrationSpec("m", [600], [], [], answer_rows=True)
+    table = LayerTable(0, [[0.9, 0.75]], [[0.4]])
+    assert chosen_by([table], answers, spec)[0].recall == [[pytest.approx(0.7), 0.75]]
+    assert chosen_by([table], answers, CalibrationSpec("m", [600], [], []))[0] is table
+    with pytest.raises(ValueError, match="1000-token prompts was not measured in layer 0"):
+        chosen_by([table], answers, CalibrationSpec("m", [600, 1000], [], [], answer_rows=True))
+    with pytest.raises(ValueError, match="no answer-row measurements"):
+        chosen_by([table], None, spec)
+
+
+def test_retrieval_calibration_prompts(tiny_llama):
+    """--data builtin-retrieval: prompts of exactly the requested tokens, the same every time, each with
+    its lockers at spread depths in the prose and a question about one at the end, in none of the eval
+    tasks' wording."""
+    from transformers import PreTrainedTokenizerFast  # the tiny Llama's (AutoTokenizer's import takes seconds)
+
+    from vllm_sparse.calibrate.run import CalibrationSpec, prompts_for
+    from vllm_sparse.eval import tasks
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_llama)
+    spec = CalibrationSpec("m", [700, 1200], [], [], data="builtin-retrieval", samples=2)
+    prompts = prompts_for(tok, spec)
+    assert prompts == prompts_for(tok, spec)
+    every = [p for n in spec.lengths for p in prompts[n]]
+    assert len(set(every)) == 4
+    for n in spec.lengths:
+        assert [tasks._count(tok, p) for p in prompts[n]] == [n, n]
+    filler = prompts_for(tok, CalibrationSpec("m", [700], [], [], samples=1))[700][0]
+    prompt, item = tasks.retrieval_prompt(tok, filler, 700, seed=0)
+    assert prompt == prompts[700][0]
+    body = prompt.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]  # between the intro and the question
+    prose = re.sub(r"\nThe locker of \w+ holds item [A-Z]{2}-\d{3}\.", "", body)
+    assert filler.startswith(prose) and len(prose) > 0.5 * len(filler)  # the builtin prose, cut to fit
+    owner = prompt.rsplit("locker of ", 1)[1].split(" holds")[0]
+    assert prompt.endswith(tasks.LOCKER_QUESTION.format(owner=owner))
+    needle = tasks.LOCKER.format(owner=owner, item=item)
+    assert prompt.count(needle) == 1 and prompt.index(needle) < 0.9 * len(prompt)
+    assert prompt.count("The locker of ") == 5  # four lockers, one question
+    eval_wording = [tasks.INTRO, tasks.QUESTION, "pass key", "special magic number", "VAR ", *tasks._SENTENCES]
+    assert not any(w in p for w in eval_wording for p in every)
+    assert not set(tasks._OWNERS) & set(tasks._WORDS)
 
 
 def test_candidate_short_forms():

@@ -104,6 +104,32 @@ def test_recall_is_the_dense_mass_in_the_blocks_read():
     assert st["read"][0] == [causal_read, causal_read]
 
 
+def test_final_query_block_of_each_chunk_is_kept_by_its_end():
+    """The answer rows: each chunk's final query block apart, keyed by the chunk's end (the run takes the
+    one at the prompt's end). Two chunks, 600..800 and 800..1000, both ending mid-block; brute force on the
+    second's final block (queries 960..999) for sink_local top_k=2 per row: blocks 0 and 15."""
+    b = random_paged_batch([1000], [400], 4, 2, 16, 16, seed=5)
+    STATS.calibrate(CANDIDATES[:2])
+    try:
+        attend_sparse_chunks(b.q, torch.empty_like(b.q), b.kv, b.block_table,
+                             (SparseChunk(0, 0, 200, 600), SparseChunk(0, 200, 400, 800)), [None] * 4, BLOCK, SCALE,
+                             union_tile=1, layer=0, dense_below=DENSE_BELOW)
+        final = STATS.calibration[0].raw()["final_block"]
+    finally:
+        STATS.calibrate(None)
+    assert sorted(final) == [800, 1000]
+    assert final[800]["queries"] == pytest.approx([32.0] * 4) and final[1000]["queries"] == pytest.approx([40.0] * 4)
+    allowed = torch.zeros(1000, dtype=torch.bool)
+    allowed[:64] = True
+    allowed[960:] = True
+    q_pos = torch.arange(960, 1000)
+    for h in range(4):
+        logits = b.q[-40:, h].double() @ b.keys[0][:, h // 2].double().T * SCALE
+        probs = logits.masked_fill(torch.arange(1000)[None] > q_pos[:, None], float("-inf")).softmax(-1)
+        assert final[1000]["mass"][0][h] == pytest.approx(40.0)  # keep_ratio 1.0: all of it
+        assert final[1000]["mass"][1][h] == pytest.approx(float(probs[:, allowed].sum()), rel=1e-6)
+
+
 def test_warm_up_and_unnumbered_layers_add_nothing():
     """The engine's warm-up step (layer -1, on GPUs) runs while calibrating: it must not add sums."""
     from vllm_sparse.backend.warmup import run_dummy_sparse_steps

@@ -5,7 +5,8 @@ forms them, are held against the chunk's dense attention mass (`attention_mass.p
 
 Candidates come from STATS.candidates (the VLLM_SPARSE_CALIBRATE environment variable): a list of
 {"estimator": {"name": ..., params}, "budget": {BudgetSpec fields}}. Sums per layer land in
-STATS.calibration; `vllm_sparse.calibrate.run` reads them.
+STATS.calibration; `vllm_sparse.calibrate.run` reads them. Each chunk's final query block is also kept
+apart, by the chunk's end: the run takes the one ending at each prompt's last token (`--answer-rows`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _grouped(candidates_json: str) -> list[tuple[str, object, list[tuple[int, Bu
 def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_below: int, tile: int) -> None:
     """Write the chunk's dense attention into `out` [q_len, q_heads, Dv]; add every candidate's dense mass
     read (per q head), cells read (per KV head) and per-row recall histogram (per q head), over the rows
-    past dense_below, to STATS.calibration."""
+    past dense_below, to STATS.calibration; and, by the chunk's end, the mass read in its final query
+    block (where the chunk ends the prompt: the rows that produce the answer)."""
     from vllm_sparse.backend.sparse_path import budget_masks, dense_rows_below
 
     dense, mass = dense_attention_mass(ctx)
@@ -68,6 +70,7 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
     causal = ctx.causal_block_mask()[first:]
     past = mass[:, first:].double()  # once, not per candidate
     queries = past.sum(2)  # [q_heads, rows]: each query's row of dense attention sums to 1
+    final = torch.zeros_like(st.mass)  # the chunk's final query block: per candidate, mass read per q head
     for name, params, budgets in _grouped(json.dumps(candidates)):
         masks = budget_masks(ctx, name, params, [b for _, b in budgets])
         for (i, _), mask in zip(budgets, masks):
@@ -76,5 +79,7 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
             st.mass[i] += rows.sum(1)
             st.rows[i] += row_recall_histogram(rows, queries)
             st.read[i] += read_cells(union, causal)
+            final[i] = rows[:, -1]
+    st.add_final_block(ctx.seq_len, final, queries[:, -1])
     st.tokens += ctx.seq_len - max(ctx.context_len, (ctx.first_query_block + first) * ctx.block_size)
     st.causal += int(causal.sum())

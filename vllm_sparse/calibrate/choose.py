@@ -16,6 +16,9 @@ to the higher worst-head recall, then to the earlier candidate. A layer takes on
 groups unless choosing per group reads less (and at most `max_density` over the layer). A lower target
 never chooses a higher density: every candidate acceptable at the higher target is acceptable at the
 lower one.
+
+With `--answer-rows` a candidate must also reach the target on the rows that produce each prompt's answer
+(its final query block), in every q head: `require_answer_rows` holds each recall to the lower of the two.
 """
 
 from __future__ import annotations
@@ -161,12 +164,23 @@ def histogram_quantile(hist: list[float], q: float) -> float:
     return 1.0
 
 
+def lowest(recalls: list[list[list[float]]]) -> list[list[float]]:
+    """Several recall[candidate][q head] tables -> the lowest of each entry."""
+    return [[min(per_head) for per_head in zip(*per_cand)] for per_cand in zip(*recalls)]
+
+
 def combine(tables: list[LayerTable]) -> LayerTable:
     """One layer's tables at several lengths -> one: the lowest recall over the lengths (a rule must reach
     the target at each), the mean density."""
     first = tables[0]
     n = len(tables)
-    recall = [[min(t.recall[c][h] for t in tables) for h in range(first.num_q_heads)] for c in range(len(first.recall))]
     density = [[sum(t.density[c][g] for t in tables) / n for g in range(first.num_kv_heads)]
                for c in range(len(first.density))]
-    return LayerTable(first.layer, recall, density)
+    return LayerTable(first.layer, lowest([t.recall for t in tables]), density)
+
+
+def require_answer_rows(table: LayerTable, answer: list[list[float]]) -> LayerTable:
+    """The table to choose by under `--answer-rows`: per candidate and q head, the lower of the table's
+    recall and the answer rows' (`answer`, [candidate][q head]), so a candidate reaching the target
+    reaches it on both."""
+    return LayerTable(table.layer, lowest([table.recall, answer]), table.density)

@@ -7,6 +7,8 @@ and budget per layer and q head, choose a plan, write it, and check it.
    head), over the rows past dense_below.
 2. Choose (`choose.py`, pure): per layer, the candidate reaching the target recall in every q head at the
    lowest kept density; per KV head's group of q heads where that reads less; dense where none does.
+   With --answer-rows, it must also reach the target on each prompt's final query block (the rows that
+   produce the answer), lowest over the prompts.
 3. Write the YAML (`plan_yaml.py`) and validate it against the model, as the engine would.
 4. Verify (unless --no-verify): run the written plan on the same prompts with the audit on (the plan's
    sparse outputs now feed the later layers) and record its recall and kept density in the YAML too.
@@ -26,12 +28,22 @@ import yaml
 
 from vllm_sparse.calibrate.candidates import candidates as make_candidates
 from vllm_sparse.calibrate.candidates import label
-from vllm_sparse.calibrate.choose import LayerChoice, LayerTable, choose, combine, table_from_sums
+from vllm_sparse.calibrate.choose import (
+    LayerChoice,
+    LayerTable,
+    choose,
+    combine,
+    lowest,
+    require_answer_rows,
+    table_from_sums,
+)
 from vllm_sparse.calibrate.plan_yaml import render_plan
 
 BUILTIN_DATA = {
     "builtin": "builtin (Python's language reference, English prose)",
     "builtin-code": "builtin-code (Python's standard-library sources)",
+    "builtin-retrieval": "builtin-retrieval (the prose with lockers and their items at spread depths, and a "
+                         "question about one at the end)",
 }
 
 
@@ -53,22 +65,28 @@ class CalibrationSpec:
     verify: bool = True
     command: str = ""
     row_quantile: float | None = None  # recall of the worst rows (this share of queries) instead of the mean
+    answer_rows: bool = False  # also the target on each prompt's final query block (the rows of its answer)
 
 
 def prompts_for(tokenizer, spec: CalibrationSpec) -> dict[int, list[str]]:
-    from vllm_sparse.eval.tasks import builtin_text, stdlib_text, text_windows
+    from vllm_sparse.eval.tasks import builtin_text, retrieval_prompt, stdlib_text, text_windows
 
     need = max(spec.lengths) * spec.samples
-    if spec.data == "builtin":
+    if spec.data in ("builtin", "builtin-retrieval"):
         text = builtin_text(tokenizer, need)
     elif spec.data == "builtin-code":
         text = stdlib_text(tokenizer, need)
     else:
         text = Path(spec.data).read_text(errors="replace")
     try:
-        return {n: text_windows(tokenizer, text, n, spec.samples) for n in spec.lengths}
+        windows = {n: text_windows(tokenizer, text, n, spec.samples) for n in spec.lengths}
     except ValueError as e:
         raise ValueError(f"--data {spec.data}: {e}") from None
+    if spec.data != "builtin-retrieval":
+        return windows
+    seeds = iter(range(len(spec.lengths) * spec.samples))  # another question in every prompt
+    return {n: [retrieval_prompt(tokenizer, filler, n, next(seeds))[0] for filler in fillers]
+            for n, fillers in windows.items()}
 
 
 def probe_config(shape, spec: CalibrationSpec, path: Path) -> None:
@@ -158,6 +176,9 @@ def header_lines(spec: CalibrationSpec, shape, meta: dict, labels: list[str], ve
             "by their row's recall)") + ", lowest over the",
         "  lengths (measured with dense attention in every layer). kept: the share of causal KV blocks read",
         "  after union over those rows, mean over KV heads and lengths.",
+        *(["answer rows: every q head must also reach the target on each prompt's final query block (the rows",
+           "  that produce its answer), lowest over the prompts; each rule's recall below is the lower of the two."]
+          if spec.answer_rows else []),
         f"max density {spec.max_density:g}: a layer (or KV head's group) whose cheapest candidate reads more "
         "stays dense.",
         f"candidates ({len(labels)}): {', '.join(labels)}",
@@ -174,7 +195,8 @@ def write_plan(path: Path, spec: CalibrationSpec, shape, meta: dict, choices: li
     name = Path(spec.model.rstrip("/")).name
     provenance = {"kind": "calibrated", "command": spec.command,
                   "source": f"vllm-sparse calibrate on {meta['date']} ({meta['device']}): recall target "
-                            f"{spec.target:g} on {spec.data} text at {', '.join(map(str, spec.lengths))} tokens"}
+                            f"{spec.target:g}{' (answer rows too)' if spec.answer_rows else ''} on {spec.data} "
+                            f"text at {', '.join(map(str, spec.lengths))} tokens"}
     settings = {"block_size": spec.block_size, "dense_below": spec.dense_below, "decode": "dense"}
     if spec.union_tile is not None:
         settings["union_tile"] = spec.union_tile
@@ -208,7 +230,10 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     length_of = [n for n in spec.lengths for _ in prompts[n]]
     cands = make_candidates(spec.estimators, spec.budgets)
     labels = [label(c) for c in cands]
-    engine = {"dtype": "bfloat16", "max_model_len": max(spec.lengths) + 256, "enforce_eager": True, **spec.engine}
+    # No prefix caching: a prompt sharing another's start (the same text window at two lengths) would skip
+    # those rows, and they would go unmeasured.
+    engine = {"dtype": "bfloat16", "max_model_len": max(spec.lengths) + 256, "enforce_eager": True,
+              "enable_prefix_caching": False, **spec.engine}
     meta = _meta()
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 
@@ -233,7 +258,8 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     per_length = {n: {layer: table_from_sums(layer, sums[n][layer], spec.row_quantile) for layer in layers}
                   for n in spec.lengths}
     tables = [combine([per_length[n][layer] for n in spec.lengths]) for layer in layers]
-    choices = choose(tables, spec.target, spec.max_density, spec.per_group, labels)
+    answers = answer_row_recall(sweep.layers, sweep.prompt_tokens, length_of, layers)
+    choices = choose(chosen_by(tables, answers, spec), spec.target, spec.max_density, spec.per_group, labels)
     write_plan(out, spec, shape, meta, choices, cands, None)
     plan = check_plan(out, shape)
 
@@ -264,6 +290,7 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
         "tables": {str(t.layer): asdict(t) for t in tables},
         "per_length": {str(n): {str(layer): asdict(t) for layer, t in per.items()} for n, per in per_length.items()},
         "row_quantiles": row_quantile_tables(sums, layers, spec),
+        "answer_rows": answers,
         "choices": choices_json(choices, labels),
         "verified": None if verified is None else {str(k): asdict(v) for k, v in verified.items()},
         "seconds": time.perf_counter() - t_start,
@@ -282,6 +309,46 @@ def row_quantile_tables(sums: dict, layers: list[int], spec: CalibrationSpec) ->
                                 for layer in layers} for n in spec.lengths} for q in qs}
 
 
+def answer_row_recall(sweeps: list[dict], prompt_tokens: list[list[int]], length_of: list[int],
+                      layers: list[int]) -> dict:
+    """Recall [candidate][q head] of each prompt's final query block (the rows that produce its answer:
+    the block of the chunk ending at its last token), the lowest over a length's prompts, per length and
+    layer; absent where some prompt's was not measured (its last chunk went dense: a single token)."""
+    per: dict[tuple[int, int], list] = {}
+    for n, tokens, sums in zip(length_of, prompt_tokens, sweeps):
+        sums = {int(k): v for k, v in sums.items()}
+        for layer in layers:
+            ends = {int(end): f for end, f in sums.get(layer, {}).get("final_block", {}).items()}
+            final = ends.get(tokens[0])
+            per.setdefault((n, layer), []).append(None if final is None else
+                                                  [[m / max(q, 1e-12) for m, q in zip(row, final["queries"])]
+                                                   for row in final["mass"]])
+    out: dict[str, dict] = {}
+    for (n, layer), recalls in per.items():
+        if None not in recalls:
+            out.setdefault(str(n), {})[str(layer)] = lowest(recalls)
+    return out
+
+
+def chosen_by(tables: list[LayerTable], answers: dict | None, spec: CalibrationSpec) -> list[LayerTable]:
+    """The tables the choice reads: as measured or, with --answer-rows, each recall held to the answer
+    rows' too (lowest over the lengths)."""
+    if not spec.answer_rows:
+        return tables
+    if answers is None:
+        raise ValueError("--answer-rows: this calibration JSON has no answer-row measurements (written before "
+                         "them); calibrate again")
+    out = []
+    for t in tables:
+        per_n = [answers.get(str(n), {}).get(str(t.layer)) for n in spec.lengths]
+        missing = [n for n, a in zip(spec.lengths, per_n) if a is None]
+        if missing:
+            raise ValueError(f"--answer-rows: the final query block of the {missing[0]}-token prompts was not "
+                             f"measured in layer {t.layer} (their last chunk went dense: a single token)")
+        out.append(require_answer_rows(t, lowest(per_n)))
+    return out
+
+
 def choices_json(choices: list[LayerChoice], labels: list[str]) -> list[dict]:
     return [{"layer": c.layer, "dense": c.dense, "per_group": c.per_group, "why_dense": c.why_dense,
              "recall": list(c.recall), "density": c.density,
@@ -290,7 +357,9 @@ def choices_json(choices: list[LayerChoice], labels: list[str]) -> list[dict]:
 
 
 def format_report(result: dict) -> str:
-    lines = [f"calibrated {result['spec']['model']}: target recall {result['spec']['target']:g}, "
+    answer_rows = result["spec"].get("answer_rows")
+    lines = [f"calibrated {result['spec']['model']}: target recall {result['spec']['target']:g}"
+             f"{' (answer rows too)' if answer_rows else ''}, "
              f"lengths {', '.join(map(str, result['spec']['lengths']))}, {len(result['labels'])} candidates", "",
              f"{'layer':>5}  {'choice':<44} {'recall':>7} {'lowest':>7} {'kept':>6}  {'verified':>8} {'kept':>6}"]
     verified = result.get("verified") or {}
@@ -313,8 +382,10 @@ def format_report(result: dict) -> str:
     q = result["spec"].get("row_quantile")
     what = f"the {q:g} row quantile of" if q else "lowest over lengths of"
     lines += ["", f"recall: {what} each q head's dense attention mass in the blocks read "
-              "(mean over heads, lowest head); kept: causal KV blocks read after union; verified: the written plan "
-              "run with the audit on (lowest head recall, kept)",
+              "(mean over heads, lowest head)" + ("; with --answer-rows the lower of that and its recall on each "
+              "prompt's final query block (lowest over the prompts)" if answer_rows else "") +
+              "; kept: causal KV blocks read after union; verified: the written plan run with the audit on (lowest "
+              "head recall, kept)",
               f"wrote {result['plan']}: {len(sparse)} of {len(result['choices'])} calibrated layers sparse, "
               f"{mean:.1%} of their causal KV blocks read (dense layers count 100%); "
               f"{result['seconds']:.0f} s"]
@@ -345,14 +416,17 @@ def _shape_from_model(model: str):
 
 
 def rechoose(result: dict, target: float, out: str | Path, command: str, max_density: float | None = None,
-             per_group: bool | None = None, row_quantile: float | None = None) -> dict:
+             per_group: bool | None = None, row_quantile: float | None = None,
+             answer_rows: bool | None = None) -> dict:
     """A new plan from a saved calibration (its --json) at another target (or row quantile, 0 for the
-    mean): no model run; unverified."""
+    mean; or with or without the answer rows): no model run; unverified."""
     spec = CalibrationSpec(**{**result["spec"], "target": target, "verify": False, "command": command})
     if max_density is not None:
         spec.max_density = max_density
     if per_group is not None:
         spec.per_group = per_group
+    if answer_rows is not None:
+        spec.answer_rows = answer_rows
     shape = saved_shape(result) or _shape_from_model(spec.model)
     tables = [LayerTable(**result["tables"][str(layer)]) for layer in result["layers"]]
     if row_quantile is not None:
@@ -366,7 +440,8 @@ def rechoose(result: dict, target: float, out: str | Path, command: str, max_den
         tables = [combine([LayerTable(layer, per_q[str(n)][str(layer)],
                                       result["per_length"][str(n)][str(layer)]["density"]) for n in spec.lengths])
                   for layer in result["layers"]]
-    choices = choose(tables, target, spec.max_density, spec.per_group, result["labels"])
+    choices = choose(chosen_by(tables, result.get("answer_rows"), spec), target, spec.max_density, spec.per_group,
+                     result["labels"])
     out = Path(out)
     write_plan(out, spec, shape, result["meta"], choices, result["candidates"], None)
     check_plan(out, shape)

@@ -150,7 +150,8 @@ def cmd_calibrate(args) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         try:
             result = rechoose(saved, args.target_recall, out, command, args.max_density,
-                              None if args.per_head is None else args.per_head, args.row_quantile)
+                              None if args.per_head is None else args.per_head, args.row_quantile,
+                              args.answer_rows)
         except ValueError as e:
             print(f"vllm-sparse calibrate: {e}", file=sys.stderr)
             return 2
@@ -169,7 +170,8 @@ def cmd_calibrate(args) -> int:
             max_density=0.9 if args.max_density is None else args.max_density,
             per_group=args.per_head is not False, block_size=args.plan_block_size, dense_below=args.dense_below,
             union_tile=args.union_tile or None, engine=_engine_args(args),
-            verify=args.verify, command=command, row_quantile=args.row_quantile or None)
+            verify=args.verify, command=command, row_quantile=args.row_quantile or None,
+            answer_rows=bool(args.answer_rows))
         try:
             result = calibrate(spec, out, progress=not args.quiet)
         except ValueError as e:
@@ -239,13 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--lengths", type=_ints, help="calibration prompt lengths in tokens, e.g. 16384,32768")
     ca.add_argument("--data", default="builtin",
                     help="a text file to cut prompts from; 'builtin': Python's language reference (English prose, "
-                    "then standard-library sources if more is needed); 'builtin-code': the sources only")
+                    "then standard-library sources if more is needed); 'builtin-code': the sources only; "
+                    "'builtin-retrieval': the prose with a few 'The locker of NAME holds item XY-123.' lines at "
+                    "spread depths and a question about one at the end (long-range retrieval)")
     ca.add_argument("--samples", type=int, default=1, help="prompts per length")
     ca.add_argument("--target-recall", type=float, default=0.95,
                     help="share of each q head's dense attention mass the blocks it reads must hold")
     ca.add_argument("--row-quantile", type=float, metavar="Q",
                     help="judge recall by each q head's worst query block rows: the recall that a share Q of its "
                     "queries' rows fall at or below (e.g. 0.05), instead of the mean over its queries (0)")
+    ca.add_argument("--answer-rows", dest="answer_rows", action="store_true", default=None,
+                    help="also require the target recall, in every q head, on each prompt's final query block (the "
+                    "rows that produce its answer), lowest over the prompts; with --from-json the default is the "
+                    "saved calibration's choice")
+    ca.add_argument("--no-answer-rows", dest="answer_rows", action="store_false",
+                    help="with --from-json: choose without the answer rows")
     ca.add_argument("--out", required=True, help="the plan (YAML) to write")
     ca.add_argument("--json", help="all measurements (default: --out with .json)")
     ca.add_argument("--estimators", default=DEFAULT_ESTIMATORS,

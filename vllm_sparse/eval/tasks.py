@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ _WORDS = ("apple", "river", "candle", "marble", "violin", "harbor", "pepper", "g
 
 
 def _fit(tokenizer, render, n_tokens: int) -> str:
-    """The longest render(n_sentences) that fits in n_tokens tokens."""
+    """The longest render(n) (n units of filler: sentences, tokens) that fits in n_tokens tokens."""
     base = _count(tokenizer, render(0))
     if n_tokens < base:
         raise ValueError(f"n_tokens={n_tokens} leaves no room for a haystack ({base} tokens without one)")
@@ -184,6 +185,43 @@ def builtin_text(tokenizer, n_tokens: int) -> str:
     if total > n_tokens * 1.2:
         return text
     return text + "\n\n" + stdlib_text(tokenizer, int(n_tokens * 1.2) - total)
+
+
+# --- calibration's long-range retrieval (`vllm-sparse calibrate --data builtin-retrieval`) ----------
+# Its own wording, names and value format, unlike the eval tasks above: calibrating on the eval's prompts
+# would fit the plan to them.
+
+RETRIEVAL_INTRO = "A few lockers and what they hold are noted in the reference text below; a question follows it."
+LOCKER = "The locker of {owner} holds item {item}."
+LOCKER_QUESTION = "Which item is in the locker of {owner}? The locker of {owner} holds item"
+_OWNERS = ("Agnes", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ingrid", "Jonas", "Keiko",
+           "Lucia", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Stefan", "Tamsin")
+
+
+def retrieval_prompt(tokenizer, filler: str, n_tokens: int, seed: int, facts: int = 4) -> tuple[str, str]:
+    """`facts` lines "The locker of OWNER holds item XY-123." at spread depths (one in each of `facts`
+    equal spans of the filler, at a line break), then a question about one of them: the prompt's last
+    rows must attend far back. The longest such prompt of at most `n_tokens` tokens, cut from the start
+    of `filler` at token granularity (so it has n_tokens unless a token boundary merges), and its answer.
+    The same arguments always give the same prompt."""
+    rng = random.Random(seed)
+    owners = rng.sample(_OWNERS, facts)
+    items = [f"{''.join(rng.choices(string.ascii_uppercase, k=2))}-{rng.randint(100, 999)}" for _ in owners]
+    depths = [(i + rng.uniform(0.2, 0.8)) / facts for i in range(facts)]
+    target = rng.randrange(facts)
+    ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+
+    def render(k):
+        if k > len(ids):
+            raise ValueError(f"the filler has {len(ids)} tokens, too few for a {n_tokens}-token prompt")
+        text = tokenizer.decode(ids[:k])
+        for depth, owner, item in reversed(list(zip(depths, owners, items))):
+            at = text.find("\n", round(depth * len(text)))
+            at = len(text) if at < 0 else at
+            text = f"{text[:at]}\n{LOCKER.format(owner=owner, item=item)}{text[at:]}"
+        return f"{RETRIEVAL_INTRO}\n\n{text}\n\n{LOCKER_QUESTION.format(owner=owners[target])}"
+
+    return _fit(tokenizer, render, n_tokens), items[target]
 
 
 def text_windows(tokenizer, text: str, n_tokens: int, count: int) -> list[str]:

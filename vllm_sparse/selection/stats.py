@@ -62,17 +62,27 @@ class LayerStats:
 @dataclass
 class CalibrationStats:
     """One layer's sums for every candidate: dense mass read per q head, cells read per KV head, and per
-    q head the queries by the recall of their query block row (a histogram, for row quantiles)."""
+    q head the queries by the recall of their query block row (a histogram, for row quantiles). Apart,
+    each chunk's final query block by the chunk's end: at the prompt's end, the rows that produce the
+    answer (`--answer-rows`)."""
 
     mass: torch.Tensor  # [candidates, q_heads] fp64
     read: torch.Tensor  # [candidates, kv_heads] int64
     rows: torch.Tensor  # [candidates, q_heads, RECALL_BINS] fp64
     tokens: int = 0
     causal: int = 0
+    # chunk end (seq_len) -> (mass read [candidates, q_heads], the block's queries [q_heads]), fp64
+    final_block: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def add_final_block(self, end: int, mass: torch.Tensor, queries: torch.Tensor) -> None:
+        have = self.final_block.get(end)
+        self.final_block[end] = (mass, queries) if have is None else (have[0] + mass, have[1] + queries)
 
     def raw(self) -> dict:
         return {"mass": self.mass.tolist(), "read": self.read.tolist(), "rows": self.rows.tolist(),
-                "tokens": self.tokens, "causal": self.causal}
+                "tokens": self.tokens, "causal": self.causal,
+                "final_block": {end: {"mass": m.tolist(), "queries": q.tolist()}
+                                for end, (m, q) in self.final_block.items()}}
 
 
 class SparseStats:
