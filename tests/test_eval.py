@@ -40,6 +40,7 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         assert r["prompt_tokens"] <= r["length"] and r["prompt_tokens"] > 0.9 * r["length"]
         assert r["kept_union"] == pytest.approx(
             sum(s["union_density"] for s in result["layers"][str(r["length"])].values()) / 2)
+        assert r["kept_all"] == pytest.approx(r["kept_union"])  # both layers are full attention and sparse
     for n in ("500", "900"):
         layers = result["layers"][n]
         assert sorted(layers) == ["0", "1"]
@@ -52,4 +53,14 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         assert 0 < s["kept_mass_worst"] <= s["kept_mass"] < 1
     assert len(result["completions"]) == 6
     assert "operator check on real text, 800 tokens (mean over unions, and the worst)" in proc.stdout
-    assert "kept(union)" in proc.stdout
+    assert "kept(union)" in proc.stdout and "kept(all)" in proc.stdout
+
+
+def test_kept_over_full_layers_counts_dense_layers_as_read_whole():
+    from vllm_sparse.eval.harness import kept_over_full_layers
+
+    layers = {"5": {"union_density": 0.4}, 17: {"union_density": 0.6}}  # JSON keys or the engine's ints
+    assert kept_over_full_layers(layers, [5, 11, 17]) == pytest.approx((0.4 + 1.0 + 0.6) / 3)
+    assert kept_over_full_layers(layers, [5, 17]) == pytest.approx(0.5)
+    assert kept_over_full_layers({}, [5, 11]) == 1.0
+    assert kept_over_full_layers(layers, []) is None

@@ -85,6 +85,23 @@ def run_engine(model: str, groups: list[list[str]], config: str | None, engine: 
     return run
 
 
+def full_attention_layers(model: str) -> list[int]:
+    """The model's layers with full attention (the ones a plan may make sparse)."""
+    from transformers import AutoConfig
+
+    from vllm_sparse.config.plan import ModelShape
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model), model)
+    return [layer for layer in range(shape.num_layers) if shape.is_full_attention(layer)]
+
+
+def kept_over_full_layers(layers: dict, full_layers: list[int]) -> float | None:
+    """Kept density over every full-attention layer, those the plan leaves dense counting 100%: what
+    compares plans that make different layers sparse (the mean over sparse layers alone does not)."""
+    by_layer = {int(k): v["union_density"] for k, v in layers.items()}
+    return statistics.mean(by_layer.get(layer, 1.0) for layer in full_layers) if full_layers else None
+
+
 def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samples: int, engine: dict,
              operator_check: int | None = None, seed: int = 0, max_tokens: int = 32) -> dict:
     # Stats are counted inside vLLM's worker processes, which inherit these.
@@ -100,9 +117,11 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     dense = run_engine(model, prompts, None, engine, "dense", max_tokens) if tasks else empty
     sparse = run_engine(model, prompts, config, engine, "sparse", max_tokens) if tasks else empty
     rows, completions = [], []
+    full = full_attention_layers(model)
     for gi, (n, group) in enumerate(zip(lengths, groups)):
         layers = sparse.layers[gi]
         union = statistics.mean(s["union_density"] for s in layers.values()) if layers else None
+        union_all = kept_over_full_layers(layers, full)
         for task in tasks:
             idx = [i for i, c in enumerate(group) if c[0] == task]
             check = TASKS[task].check
@@ -112,6 +131,7 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
                 "dense_acc": sum(check(dense.completions[gi][i], group[i][2]) for i in idx) / len(idx),
                 "sparse_acc": sum(check(sparse.completions[gi][i], group[i][2]) for i in idx) / len(idx),
                 "kept_union": union,
+                "kept_all": union_all,
             })
         completions += [{"task": c[0], "length": n, "answer": c[2], "dense": d, "sparse": s}
                         for c, d, s in zip(group, dense.completions[gi], sparse.completions[gi])]
@@ -130,12 +150,15 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
 
 def format_report(result: dict) -> str:
     lines = [f"model {result['model']}  config {result['config']}", "",
-             f"{'length':>7} {'task':<10} {'n':>3} {'tokens':>7} {'dense':>6} {'sparse':>7} {'kept':>6}"]
+             f"{'length':>7} {'task':<10} {'n':>3} {'tokens':>7} {'dense':>6} {'sparse':>7} {'kept':>6} "
+             f"{'kept(all)':>9}"]
     for r in result["rows"]:
         kept = "-" if r["kept_union"] is None else f"{r['kept_union']:.1%}"
+        kept_all = "-" if r.get("kept_all") is None else f"{r['kept_all']:.1%}"
         lines.append(f"{r['length']:>7} {r['task']:<10} {r['samples']:>3} {r['prompt_tokens']:>7.0f} "
-                     f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {kept:>6}")
-    lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers", "",
+                     f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {kept:>6} {kept_all:>9}")
+    lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers; kept(all): mean "
+              "over every full-attention layer, dense ones counting 100%", "",
               f"{'length':>7} {'layer':>5} {'unions':>6} {'kept(req)':>9} {'kept(union)':>11}"]
     for n, layers in result["layers"].items():
         for layer, s in sorted(layers.items(), key=lambda kv: int(kv[0])):
