@@ -216,14 +216,14 @@ def check_plan(path: Path, shape):
 
 def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from vllm_sparse.config.plan import ModelShape
     from vllm_sparse.eval.harness import read_calibration, read_stats, run_engine
 
     out = Path(out)
     t_start = time.perf_counter()
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(spec.model), spec.model)
+    shape = ModelShape.from_pretrained(spec.model)
     tok = AutoTokenizer.from_pretrained(spec.model)
     prompts = prompts_for(tok, spec)
     groups = [[p] for n in spec.lengths for p in prompts[n]]  # one prompt per group: sums read per prompt
@@ -403,16 +403,13 @@ def saved_shape(result: dict):
 
 
 def _shape_from_model(model: str):
-    from transformers import AutoConfig
-
     from vllm_sparse.config.plan import ModelShape
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        return ModelShape.from_pretrained(model)
     except (OSError, ValueError) as e:
         raise ValueError(f"this calibration JSON predates saved model shapes, and its model {model!r} (for the "
                          f"layer and head counts) cannot be loaded here: {e}") from e
-    return ModelShape.from_hf_config(config, model)
 
 
 def rechoose(result: dict, target: float, out: str | Path, command: str, max_density: float | None = None,

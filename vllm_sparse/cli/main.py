@@ -13,11 +13,9 @@ from vllm_sparse.config.errors import SparseConfigError
 
 
 def _shape(model: str):
-    from transformers import AutoConfig
-
     from vllm_sparse.config.plan import ModelShape
 
-    return ModelShape.from_hf_config(AutoConfig.from_pretrained(model), model)
+    return ModelShape.from_pretrained(model)
 
 
 def _resolve(args):

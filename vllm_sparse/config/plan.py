@@ -39,6 +39,13 @@ class ModelShape:
         return self.layer_types is None or self.layer_types[layer] == "full_attention"
 
     @classmethod
+    def from_pretrained(cls, model: str) -> ModelShape:
+        """The shape of a model directory or name, from its Hugging Face config (tools without an engine)."""
+        from transformers import AutoConfig
+
+        return cls.from_hf_config(AutoConfig.from_pretrained(model), model)
+
+    @classmethod
     def from_hf_config(cls, hf_config: Any, name: str) -> ModelShape:
         text = getattr(hf_config, "text_config", None) or hf_config
         n_layers = text.num_hidden_layers

@@ -87,11 +87,9 @@ def run_engine(model: str, groups: list[list[str]], config: str | None, engine: 
 
 def full_attention_layers(model: str) -> list[int]:
     """The model's layers with full attention (the ones a plan may make sparse)."""
-    from transformers import AutoConfig
-
     from vllm_sparse.config.plan import ModelShape
 
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model), model)
+    shape = ModelShape.from_pretrained(model)
     return [layer for layer in range(shape.num_layers) if shape.is_full_attention(layer)]
 
 
