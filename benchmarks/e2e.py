@@ -144,8 +144,9 @@ def decode_cases(spec: dict) -> list[tuple[int, int]]:
 
 
 def decode_read_share(config: str | None, context: int) -> float | None:
-    """Share of a context's blocks one decode step reads under the plan's decode selection (the most
-    any layer keeps; each (row, KV head) reads min(kept, context blocks)); None: dense decode."""
+    """Share of a context's blocks one decode step reads under the plan's decode selection, mean over the
+    layers (each (row, KV head) of a selecting layer reads min(kept, context blocks); a dense layer and
+    a TidalDecode selector read every block); None: dense decode."""
     if not config:
         return None
     sys.path.insert(0, str(REPO))
@@ -158,8 +159,13 @@ def decode_read_share(config: str | None, context: int) -> float | None:
     if not plan.is_sparse_decode or context < plan.decode_dense_below:
         return 1.0 if plan.is_sparse_decode else None
     blocks = -(-context // plan.decode_block_tokens)
-    kept = max(d.kept_blocks for lp in plan.layers for d in lp.decode if d)
-    return min(1.0, kept / blocks)
+
+    def layer_share(lp) -> float:
+        reads = [1.0 if d is None or d.selector else min(1.0, d.kept_blocks / blocks) for d in lp.decode or (None,)]
+        return max(reads)
+
+    layers = [lp for lp in plan.layers if lp.full_attention]
+    return sum(layer_share(lp) for lp in layers) / len(layers)
 
 
 def _peak_bytes(worker) -> int:

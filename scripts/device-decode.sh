@@ -11,6 +11,8 @@
 #          wall, GPU kernel and builder host time, and the top host and GPU ops of each engine
 #   fid    gemma-3-270m, vllm-sparse eval with the same decode plan: passkey and multikey at 16K and 29K,
 #          8-token answers, dense vs sparse decode (GEMMA_WHEELS: the staged gemma wheels)
+# PLANS (default quest-4k): the plans, by the name between llama-3-8b-decode-/gemma-3-decode- and .yaml in
+# benchmarks/configs; bench and prof run them all beside dense in one run, fid evaluates them side by side.
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/decode-done
@@ -18,6 +20,11 @@ source scripts/device-common.sh
 
 keep_log() {  # engine INFO/WARNING lines out, the plugin's own (memory reservation, summaries) kept
   awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/'
+}
+PLANS=${PLANS:-quest-4k}
+plan_args() {  # --config the first plan, --extra-config the others
+  local flag=--config p
+  for p in $PLANS; do printf '%s benchmarks/configs/llama-3-8b-decode-%s.yaml ' $flag "$p"; flag=--extra-config; done
 }
 tests() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -s -rfE tests/test_decode_kernels.py tests/test_engine_decode_gpu.py \
@@ -29,18 +36,18 @@ bench() {
   cases=2x131072,16x32768,32x8192; [ "$mem" -lt 100 ] && cases=2x131072,10x32768,32x8192
   cases=${DECODE_CASES:-$cases}  # (a subset where one call's time is short)
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --lengths "" --decode-cases $cases \
-    --decode-tokens 64 --repeats ${REPEATS:-2} --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
+    --decode-tokens 64 --repeats ${REPEATS:-2} $(plan_args) \
     --out "$OUT/e2e_decode.json" 2>&1 | keep_log | tee "$OUT/e2e_decode.log"
 }
 prof() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --lengths "" --decode-cases 32x8192 \
-    --decode-tokens 64 --repeats 2 --profile-decode 32x8192 --config benchmarks/configs/llama-3-8b-decode-quest-4k.yaml \
+    --decode-tokens 64 --repeats 2 --profile-decode 32x8192 $(plan_args) \
     --out "$OUT/e2e_decode_profile.json" 2>&1 | keep_log | tee "$OUT/e2e_decode_profile.log"
 }
-fid() {
+fid() {  # the plans side by side on the GPU
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \
-    benchmarks/configs/gemma-3-decode-quest-4k.yaml -- --tasks passkey,multikey --samples 5 --max-tokens 8 \
-    --max-num-batched-tokens 4096 2>&1 | tail -40
+    $(printf 'benchmarks/configs/gemma-3-decode-%s.yaml ' $PLANS) -- --tasks passkey,multikey --samples 5 \
+    --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
 
 run_steps "tests:240 bench:300 prof:300 fid:200" "$@"

@@ -51,11 +51,12 @@ def test_sliding_window_layers_keep_dense_decode():
 
 
 @pytest.mark.parametrize("bad, where, words", [
-    ({"decode": "fast"}, "decode", "decode must be one of quest, dense or a mapping"),
+    ({"decode": "fast"}, "decode", "decode must be one of quest, tidal, dense or a mapping"),
     ({"decode": {"block_tokens": 48}}, "block_tokens", "must be a power of two in 16..1024"),
     ({"decode": {"top_k_tokens": 0}}, "top_k_tokens", "greater than or equal to 1"),
     ({"decode": {"local_blocks": 0}}, "local_blocks", "greater than or equal to 1"),
-    ({"decode": {"estimator": "tidal"}}, "estimator", "'quest' or 'dense'"),
+    ({"decode": {"estimator": "tidewater"}}, "estimator", "'quest', 'tidal' or 'dense'"),
+    ({"decode": {"selector": True}}, "models[0].decode", "selector: true is a tidal setting; estimator is 'quest'"),
     ({"decode": {"top_k_tokens": 64, "budget": 3}}, "models[0].decode", "unknown field(s) 'budget'"),
 ])
 def test_bad_decode_settings_name_the_field(bad, where, words):
@@ -80,3 +81,37 @@ def test_one_block_size_and_threshold_per_model():
          "decode block_tokens"),
         ("models[0].layers[1].decode", "decode dense_below 8000 differs from 9000 (models[0].layers[0].decode): a "
          "model has one decode dense_below")]
+
+
+TIDAL = {"estimator": "tidal", "top_k_tokens": 512}
+
+
+def test_tidal_selectors_and_readers():
+    """TidalDecode's layout: dense first layers, a selector, readers, a re-selector, readers."""
+    plan = plan_of(entry(decode=TIDAL, layers=[{"layers": 0, "decode": "dense"},
+                                              {"layers": [1, 3], "decode": {**TIDAL, "selector": True}}]))
+    reader, selector = DecodeHeadPlan("tidal", 8, 1, 1), DecodeHeadPlan("tidal", 8, 1, 1, selector=True)
+    assert plan.decode == "tidal" and not plan.needs_summaries  # no page summaries: nothing scores them
+    assert [layer.decode[:1] for layer in plan.layers] == [(), (selector,), (reader,), (selector,)]
+    assert [plan.tidal_selector_of(i) for i in range(4)] == [None, None, 1, None]
+    assert "selector" in selector.describe()
+    mixed = plan_of(entry(decode=TIDAL, layers=[{"layers": 0, "decode": {**TIDAL, "selector": True}},
+                                               {"layers": 2, "decode": "quest"}]))
+    assert mixed.decode == "quest+tidal" and mixed.needs_summaries and mixed.layer(2).needs_summaries
+    assert mixed.tidal_selector_of(3) == 0 and mixed.tidal_selector_of(2) is None
+
+
+@pytest.mark.parametrize("layers, where, words", [
+    ([], "models[0].decode", "layer 0 reuses a tidal selection, but no layer before it selects: set "
+     "`selector: true` on the first tidal layer"),
+    ([{"layers": 0, "decode": {**TIDAL, "selector": True}}, {"layers": 2, "decode": {**TIDAL, "top_k_tokens": 1024}}],
+     "models[0].layers[1].decode", "layer 2 reads the blocks selector layer 0 chose, so its budget must be that "
+     "layer's: top_k 16, sink 1, local 1 blocks vs 8, 1, 1"),
+    ([{"layers": 0, "decode": {**TIDAL, "selector": True}},
+      {"layers": 1, "heads": [{"heads": "0-3", "decode": "dense"}]}],
+     "models[0].layers[1].heads[0].decode", "layer 1: tidal decode is set per layer, and its heads have different "
+     "decode settings"),
+])
+def test_bad_tidal_layouts_name_the_layer(layers, where, words):
+    problems = problems_of(entry(decode=TIDAL, layers=layers))
+    assert any(p == where and words in w for p, w in problems), problems

@@ -1,4 +1,5 @@
-"""Sparse decode: page summaries, Quest selection and split-K attention against torch references.
+"""Sparse decode: page summaries, Quest selection, TidalDecode's exact scores and split-K attention
+against torch references.
 
 Random varlen rows over a shuffled paged cache, GQA, decode rows mixed with rows the path must leave
 alone (a prefill row, a row under dense_below, a padded row). On a CPU host the Triton kernels run in
@@ -23,6 +24,7 @@ from vllm_sparse.decode.select import (
 )
 from vllm_sparse.decode.step import DecodeHeads, row_blocks
 from vllm_sparse.decode.summaries import PageSummaries, reference_summary
+from vllm_sparse.decode.tidal import reference_exact_block_scores
 from vllm_sparse.kernels.paged import PagedKV
 
 GPU = torch.cuda.is_available()
@@ -290,3 +292,152 @@ def test_decode_kernels_at_128k(dtype):
         _, ref_sel = case.reference(r)
         overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(blocks, ref_sel)) / (66 * 8)
         assert overlap > 0.98
+
+
+def _tidal_select(case):
+    """A tidal selector layer through the kernels: full attention that writes exact block scores, then
+    the selection. -> (output, scores, selected, counts), all poisoned first."""
+    rows, kv = len(case.seq_lens), case.paged.num_kv_heads
+    nbp = row_blocks(case.block_table.shape[1] * case.page, case.block)
+    kept = int(case.heads.kept.max())
+    scores = torch.full((rows, kv, nbp), float("nan"), device=DEVICE)
+    selected = torch.full((rows, kv, kept), -7, dtype=torch.int32, device=DEVICE)
+    counts = torch.full((rows, kv), -7, dtype=torch.int32, device=DEVICE)
+    seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(case.query, float("nan"))
+    slots = split_slots(rows, kv) * case.q_heads
+    po = torch.full((slots, case.query.shape[2]), float("nan"), device=DEVICE)
+    pml = torch.full((slots, 2), float("nan"), device=DEVICE)
+    unused = torch.full((rows, kv, 1), -7, dtype=torch.int32, device=DEVICE)
+    decode_attention(case.query, case.paged, case.block_table, case.qsl, seq, DecodeHeads.build((None,) * kv, DEVICE),
+                     unused, unused[..., 0], po, pml, out, block_tokens=case.block, scale=0.3,
+                     dense_below=case.dense_below, scores=scores, score_heads=case.heads)
+    select_top_blocks(scores, _candidates(rows, kv, nbp, kept), case.qsl, seq, case.heads, selected, counts,
+                      block_tokens=case.block, dense_below=case.dense_below)
+    return out, scores, selected, counts
+
+
+def _pages(case, r):
+    return case.block_table[r, : -(-case.seq_lens[r] // case.page)].long()
+
+
+@pytest.fixture
+def few_splits(monkeypatch):
+    """On a CPU host, 4 splits per row (still several programs per row) so the interpreter keeps up."""
+    if not GPU:
+        from vllm_sparse.decode import attention as attention_mod
+
+        monkeypatch.setattr(attention_mod, "SPLIT_PROGRAMS", 48)
+
+
+@pytest.mark.parametrize("block", [32, 128], ids=["blocks-in-a-tile", "tiles-in-a-block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_tidal_selector_and_reader_kernels_match_reference(seed, dtype, block, few_splits):
+    """The selector attends to every block and scores each exactly; the selection is the reference's
+    over those scores; a reader layer's attention over the chosen blocks is the reference's."""
+    plans = [DecodeHeadPlan("tidal", 2, 1, 1, selector=True), DecodeHeadPlan("tidal", 1, 0, 2, selector=True)]
+    case = _seq_case(seed, dtype, plans=plans, block=block).to(DEVICE)
+    out, scores, selected, counts = _tidal_select(case)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for r in range(len(case.seq_lens)):
+        tok = int(case.qsl[r])
+        if r not in case.sparse_rows():
+            assert torch.isnan(scores[r]).all() and (counts[r] == -7).all(), f"row {r} is not a sparse decode row"
+            if case.q_lens[r]:
+                assert torch.isnan(out[tok]).all(), f"row {r} must be left to the dense backend"
+            continue
+        s = case.seq_lens[r]
+        k, _ = case.paged.gather(_pages(case, r), s)
+        want = reference_exact_block_scores(case.query[tok].cpu(), k.cpu(), s, case.block, case.heads.sink.cpu(),
+                                            case.heads.local.cpu(), 0.3)
+        got = scores[r, :, : want.shape[1]].cpu()
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-2), (got, want)
+        dense = reference_decode_attention(case.query[tok], case.paged, _pages(case, r), s, [None, None], case.block,
+                                           0.3)
+        assert torch.allclose(out[tok].float(), dense, atol=tol, rtol=tol)
+        for h, chosen in enumerate(reference_select(got, case.heads.kept.cpu())):
+            assert int(counts[r, h]) == len(chosen)
+            assert torch.equal(selected[r, h, : len(chosen)].cpu().long(), chosen)
+    # A reader layer (new queries, same cache): attention over the selector's blocks, head by head.
+    case.query = torch.randn(case.query.shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+    readers = tuple(DecodeHeadPlan("tidal", p.top_k_blocks, p.sink_blocks, p.local_blocks) for p in plans)
+    out = torch.full_like(case.query, float("nan"))
+    rows, kv = len(case.seq_lens), 2
+    slots = split_slots(rows, kv) * case.q_heads
+    po, pml = torch.empty(slots, case.query.shape[2], device=DEVICE), torch.empty(slots, 2, device=DEVICE)
+    seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
+    decode_attention(case.query, case.paged, case.block_table, case.qsl, seq, DecodeHeads.build(readers, DEVICE),
+                     selected, counts, po, pml, out, block_tokens=case.block, scale=0.3, dense_below=case.dense_below)
+    for r in case.sparse_rows():
+        tok = int(case.qsl[r])
+        blocks = [selected[r, h, : int(counts[r, h])].long() for h in range(kv)]
+        want = reference_decode_attention(case.query[tok], case.paged, _pages(case, r), case.seq_lens[r], blocks,
+                                          case.block, 0.3)
+        assert torch.allclose(out[tok].float(), want, atol=tol, rtol=tol)
+
+
+def test_tidal_keep_all_reads_every_block(few_splits):
+    """A budget that covers the context: the selector keeps every block, so its readers attend densely."""
+    plans = [DecodeHeadPlan("tidal", 50, 1, 1, selector=True)] * 2
+    case = _seq_case(0, DTYPES[0], plans=plans).to(DEVICE)
+    _, _, selected, counts = _tidal_select(case)
+    for r in case.sparse_rows():
+        nb = -(-case.seq_lens[r] // case.block)
+        for h in range(2):
+            assert torch.equal(selected[r, h, : int(counts[r, h])].cpu(), torch.arange(nb, dtype=torch.int32))
+
+
+def test_tidal_layers_on_the_cpu_path():
+    """DecodeLayer's reference path (the CPU engine's): the selector attends densely and records its
+    choice by exact scores; a reader attends over that choice; a reader whose selector did not run in
+    the step is an error, never a stale choice."""
+    from vllm_sparse.decode.step import DecodeLayer, DecodeRows
+
+    case = _seq_case(3, torch.float32, plans=[DecodeHeadPlan("tidal", 2, 1, 1, selector=True)] * 2)
+    seq = torch.tensor(case.seq_lens, dtype=torch.int32)
+    rows = DecodeRows(case.qsl, seq, host_sparse=len(case.sparse_rows()))
+    args = (case.block, case.dense_below, 8, 4096, case.q_heads, 32, torch.device("cpu"))
+    selector = DecodeLayer(case.plans, None, *args, layer=4)
+    reader = DecodeLayer(tuple(DecodeHeadPlan("tidal", 2, 1, 1) for _ in case.plans), None, *args, layer=5,
+                         selector=4)
+    orphan = DecodeLayer(reader.plans, None, *args, layer=9, selector=7)
+    out = torch.full_like(case.query, float("nan"))
+    selector.attend(case.query, out, case.paged, case.block_table, rows, 0.3)
+    q2 = torch.randn(case.query.shape, generator=torch.Generator().manual_seed(9))
+    out2 = torch.full_like(case.query, float("nan"))
+    reader.attend(q2, out2, case.paged, case.block_table, rows, 0.3)
+    for r in case.sparse_rows():
+        tok, s = int(case.qsl[r]), case.seq_lens[r]
+        dense = reference_decode_attention(case.query[tok], case.paged, _pages(case, r), s, [None, None], case.block,
+                                           0.3)
+        assert torch.allclose(out[tok], dense, atol=1e-5)
+        k, _ = case.paged.gather(_pages(case, r), s)
+        scores = reference_exact_block_scores(case.query[tok], k, s, case.block, selector.heads.sink,
+                                              selector.heads.local, 0.3)
+        blocks = reference_select(scores, selector.heads.kept)
+        want = reference_decode_attention(q2[tok], case.paged, _pages(case, r), s, blocks, case.block, 0.3)
+        assert torch.allclose(out2[tok], want, atol=1e-5)
+    with pytest.raises(RuntimeError, match="layer 9 reads the tidal selection of layer 7"):
+        orphan.attend(q2, out2, case.paged, case.block_table, rows, 0.3)
+
+
+@pytest.mark.skipif(not GPU, reason="a 128K context is too slow for Triton's interpreter")
+def test_tidal_selector_at_128k():
+    """Exact scores and the selection over a 128K row spread over many splits (the CPU twin is
+    test_tidal_selector_and_reader_kernels_match_reference)."""
+    plans = [DecodeHeadPlan("tidal", 256, 1, 2, selector=True)] * 8
+    case = Case(8, torch.bfloat16, [131072, 70000, 1000], [1, 1, 1], kv_heads=8, group=4, d=128, page=16, block=16,
+                plans=plans, dense_below=16384).to(DEVICE)
+    out, scores, selected, counts = _tidal_select(case)
+    for r in (0, 1):
+        tok, s = int(case.qsl[r]), case.seq_lens[r]
+        k, _ = case.paged.gather(_pages(case, r), s)
+        want = reference_exact_block_scores(case.query[tok], k, s, case.block, case.heads.sink, case.heads.local, 0.3)
+        got = scores[r, :, : want.shape[1]]
+        assert torch.allclose(got, want.to(DEVICE), rtol=1e-2, atol=5e-2)
+        dense = reference_decode_attention(case.query[tok], case.paged, _pages(case, r), s, [None] * 8, case.block, 0.3)
+        assert torch.allclose(out[tok].float(), dense, atol=2e-2, rtol=2e-2)
+        for h, chosen in enumerate(reference_select(got.cpu(), case.heads.kept.cpu())):
+            assert torch.equal(selected[r, h, : int(counts[r, h])].cpu().long(), chosen)
+    assert torch.isnan(scores[2]).all()  # under dense_below

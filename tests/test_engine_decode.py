@@ -1,4 +1,4 @@
-"""Sparse decode (Quest page selection) inside vLLM's CPU engine, against the stock backend.
+"""Sparse decode (Quest page selection, TidalDecode) inside vLLM's CPU engine, against the stock backend.
 
 Three prompts decode together: two whose context passes the decode `dense_below` (they select
 pages) and a short one (dense). The CPU path runs the torch references; the kernels are compared
@@ -24,12 +24,15 @@ MAX_TOKENS = 12
 DENSE_BELOW = 300
 
 
-def _config(tmp: Path, name: str, decode: dict) -> str:
+def _config(tmp: Path, name: str, decode: dict, layers: list | None = None) -> str:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
         "match": {"architectures": ["LlamaForCausalLM"]},
-        "decode": {"block_tokens": 32, "dense_below": DENSE_BELOW, **decode}}]}))
+        "decode": {"block_tokens": 32, "dense_below": DENSE_BELOW, **decode}, "layers": layers or []}]}))
     return str(path)
+
+
+TIDAL = {"estimator": "tidal", "top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1}
 
 
 def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False) -> dict:
@@ -42,6 +45,9 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
                      "config": _config(tmp, "keep_all", {"top_k_tokens": 4096})},
         "sparse": {"prompts": prompts, "backend": "sparse",
                    "config": _config(tmp, "sparse", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})},
+        # TidalDecode: layer 0 attends fully and selects, layer 1 reads its blocks.
+        "tidal": {"prompts": prompts, "backend": "sparse", "config": _config(
+            tmp, "tidal", TIDAL, [{"layers": 0, "dense": True, "decode": {**TIDAL, "selector": True}}])},
     }
     if prefix_hit:  # (on CPU the summary check below covers prefix hits, with one engine fewer)
         # The same long prompt twice, one after the other: the second reads the first's pages from the
@@ -82,6 +88,16 @@ def test_sparse_decode_selects_pages_for_long_contexts_only(runs):
     # The short prompt decodes under dense_below: bit for bit the stock backend's.
     assert sparse[2]["token_ids"] == stock[2]["token_ids"]
     assert sparse[2]["logprobs"] == stock[2]["logprobs"]
+
+
+def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs):
+    stock, tidal = runs["stock"]["results"], runs["tidal"]["results"]
+    for s, o in zip(stock, tidal):
+        assert o["prompt_logprobs"] == s["prompt_logprobs"]
+        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
+    # Layer 1 reads 4 of 35 blocks at the long prompt's decode steps; layer 0 reads all of them.
+    assert _diff(stock[0]["logprobs"], tidal[0]["logprobs"]) > 1e-3
+    assert tidal[2]["token_ids"] == stock[2]["token_ids"] and tidal[2]["logprobs"] == stock[2]["logprobs"]
 
 
 def test_page_summaries_match_the_cache_through_preemption_and_prefix_hits(tiny_llama, tmp_path):

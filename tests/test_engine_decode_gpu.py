@@ -1,5 +1,5 @@
 """GPU twin of test_engine_decode.py: sparse decode in vLLM on CUDA with CUDA graphs on (decode
-steps replay full graphs that hold the Quest kernels), against the stock FlashAttention backend.
+steps replay full graphs that hold the Quest and TidalDecode kernels), against the stock FlashAttention backend.
 
 bf16 and head_dim 64, as FlashAttention 3 needs; 16-token pages, 32-token selection blocks.
 """
@@ -55,6 +55,15 @@ def test_sparse_decode_selects_pages_for_long_contexts_only(runs):
     assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], sparse[0]["logprobs"])) > 1e-2
     assert sparse[2]["token_ids"] == stock[2]["token_ids"]
     assert sparse[2]["logprobs"] == stock[2]["logprobs"]
+
+
+def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs):
+    stock, tidal = runs["stock"]["results"], runs["tidal"]["results"]
+    for s, o in zip(stock, tidal):
+        assert o["prompt_logprobs"] == s["prompt_logprobs"]
+        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
+    assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], tidal[0]["logprobs"])) > 1e-2
+    assert tidal[2]["token_ids"] == stock[2]["token_ids"] and tidal[2]["logprobs"] == stock[2]["logprobs"]
 
 
 def test_prefix_cache_hit_decodes_like_its_own_prefill(runs):

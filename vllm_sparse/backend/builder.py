@@ -108,7 +108,8 @@ class SparseBuilderMixin:
         if why:
             raise SparseConfigError(self._plan.source, [("decode", f"decode selection is set, but {why}")])
         pages = vllm_config.cache_config.num_gpu_blocks
-        allocate_summaries(decode_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+        summary_layers = [n for n in decode_layers if self._plan.layer(layer_index(n)).needs_summaries]
+        allocate_summaries(summary_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                            kv_cache_spec.block_size, kv_cache_spec.dtype, device)
         return DecodeRowsBuilder(self._plan.decode_dense_below, decode_row_limit(vllm_config), device)
 

@@ -113,6 +113,13 @@ def check_decode_layers(vllm_config, layer_names: list[str], plan) -> None:
             f"decode selection scores blocks per GQA group, and tensor_parallel_size={shard.tp_size} splits the "
             f"model's {plan.num_kv_heads} KV head(s) across ranks: use a tensor_parallel_size of at most "
             f"{plan.num_kv_heads}, or `decode: dense`")))
+    present = {layer_index(n) for n in layer_names}
+    for idx in sorted(present):
+        selector = plan.tidal_selector_of(idx)
+        if selector is not None and selector not in present:
+            problems.append((f"layer {idx}", (
+                f"layer {idx} reuses the tidal selection of layer {selector}, which this rank's KV cache group "
+                "does not run (pipeline parallelism or another cache group): make a layer of this group a selector")))
     for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
         idx = layer_index(name)
         why = list(getattr(layer.impl, "unsupported", None) or [])

@@ -93,13 +93,13 @@ class SparseImplMixin:
                 self._decode_layer = DecodeLayer(
                     lp.decode_for(self._shard), summaries, self._plan.decode_block_tokens,
                     self._plan.decode_dense_below, decode_row_limit(vc), vc.model_config.max_model_len,
-                    self.num_heads, self.head_size, device)
+                    self.num_heads, self.head_size, device, lp.index, self._plan.tidal_selector_of(lp.index))
         return self._decode_layer
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
         """Where vLLM writes keys, the page summaries follow (prefill, decode, recompute)."""
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
-        if self._plan.is_sparse_decode and slot_mapping is not None:
+        if self._plan.needs_summaries and slot_mapping is not None:
             summaries = summaries_for(layer.layer_name)
             if summaries is not None:
                 summaries.update(key, slot_mapping)

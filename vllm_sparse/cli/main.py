@@ -62,8 +62,9 @@ def cmd_plan(args) -> int:
     print(f"block_size={plan.block_size} dense_below={plan.dense_below} decode={plan.decode} "
           f"q_heads={plan.num_q_heads} kv_heads={plan.num_kv_heads}")
     if plan.is_sparse_decode:
+        summaries = sum(layer.needs_summaries for layer in plan.layers)
         print(f"decode: block_tokens={plan.decode_block_tokens} dense_below={plan.decode_dense_below} "
-              "(page summaries: 1/page_size of each decode layer's KV cache)")
+              f"(page summaries: 1/page_size of the KV cache of each of {summaries} Quest layer(s))")
     for note in plan.notes:
         print(f"note: {note}")
     rows = [("layer", "kind", "heads", "estimator", "budget", "decode")]

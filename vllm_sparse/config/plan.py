@@ -78,17 +78,24 @@ class DecodeHeadPlan:
     """One KV head's decode selection (every q head of the group has the same): blocks of the plan's
     `decode_block_tokens`."""
 
-    estimator: str  # "quest"
+    estimator: str  # "quest" or "tidal"
     top_k_blocks: int
     sink_blocks: int
     local_blocks: int
+    selector: bool = False  # tidal: this layer attends fully and chooses the blocks later tidal layers read
 
     @property
     def kept_blocks(self) -> int:
         return self.top_k_blocks + self.sink_blocks + self.local_blocks
 
+    @property
+    def budget(self) -> tuple[int, int, int]:
+        return self.top_k_blocks, self.sink_blocks, self.local_blocks
+
     def describe(self) -> str:
-        return f"{self.estimator}(top_k_blocks={self.top_k_blocks},sink={self.sink_blocks},local={self.local_blocks})"
+        role = ",selector" if self.selector else ""
+        return (f"{self.estimator}(top_k_blocks={self.top_k_blocks},sink={self.sink_blocks},"
+                f"local={self.local_blocks}{role})")
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,11 @@ class LayerPlan:
     @property
     def is_sparse_decode(self) -> bool:
         return any(d is not None for d in self.decode)
+
+    @property
+    def needs_summaries(self) -> bool:
+        """Some head scores pages by their key summaries (Quest); tidal heads read a selector's choice."""
+        return any(d is not None and d.estimator == "quest" for d in self.decode)
 
     def decode_for(self, shard) -> tuple[DecodeHeadPlan | None, ...]:
         """Per local KV head of a tensor-parallel rank: its decode plan (q heads of a KV head agree)."""
@@ -143,8 +155,21 @@ class SparsePlan:
 
     @property
     def decode(self) -> str:
-        """The decode policy in a word: `quest` if any head selects pages at decode, else `dense`."""
-        return "quest" if self.is_sparse_decode else "dense"
+        """The decode policy in a word: the estimators that select pages at decode (`quest`, `tidal`,
+        `quest+tidal`), else `dense`."""
+        used = {d.estimator for lp in self.layers for d in lp.decode if d is not None}
+        return "+".join(e for e in ("quest", "tidal") if e in used) or "dense"
+
+    @property
+    def needs_summaries(self) -> bool:
+        return any(layer.needs_summaries for layer in self.layers)
+
+    def tidal_selector_of(self, index: int) -> int | None:
+        """For a layer that reuses a tidal selection: the selector layer it reads (else None)."""
+        d = next((d for d in self.layers[index].decode if d is not None), None)
+        if d is None or d.estimator != "tidal" or d.selector:
+            return None
+        return max(i for i in range(index) if any(x is not None and x.selector for x in self.layers[i].decode))
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers[index]
@@ -282,7 +307,7 @@ def _decode_plans(decode, shape: ModelShape, problems: list) -> tuple[list[tuple
     Every q head of a KV head must agree (a decode step selects blocks per KV head), and one block
     size and one dense_below hold for the model (one page summary and one threshold per step)."""
     quest = [(spec, path) for layer in range(shape.num_layers) if shape.is_full_attention(layer)
-             for spec, path in decode[layer] if spec is not None and spec.estimator == "quest"]
+             for spec, path in decode[layer] if spec is not None and spec.estimator != "dense"]
     values = {}
     for name, default in (("block_tokens", DECODE_BLOCK_TOKENS), ("dense_below", None)):
         given = {}
@@ -305,7 +330,8 @@ def _decode_plans(decode, shape: ModelShape, problems: list) -> tuple[list[tuple
             if spec is None or spec.estimator == "dense" or not shape.is_full_attention(layer):
                 row.append(None)
                 continue
-            d = DecodeHeadPlan("quest", -(-spec.top_k_tokens // block), spec.sink_blocks, spec.local_blocks)
+            d = DecodeHeadPlan(spec.estimator, -(-spec.top_k_tokens // block), spec.sink_blocks, spec.local_blocks,
+                               spec.selector)
             kept_tokens = max(kept_tokens, d.kept_blocks * block)
             row.append(d)
         for q0 in range(0, shape.num_q_heads, group):
@@ -315,10 +341,38 @@ def _decode_plans(decode, shape: ModelShape, problems: list) -> tuple[list[tuple
                                  f"{q0 // group} and must have one decode setting (set by {', '.join(paths)})"))
                 break
         out.append(tuple(row) if any(row) else ())
+    _check_tidal(out, decode, problems)
     below = values["dense_below"]
     if below is None:
         below = max(DECODE_DENSE_BELOW, 2 * kept_tokens)
     return out, block, below
+
+
+def _check_tidal(plans: list[tuple], decode, problems: list) -> None:
+    """TidalDecode reuses a selector layer's blocks in the layers after it, KV head by KV head: a tidal
+    layer has one setting for all its heads, the first tidal layer selects, and a layer that reuses
+    reads exactly the budget its selector chose."""
+    selector = None  # (layer, plan) of the last selector
+    for layer, row in enumerate(plans):
+        tidal = [d for d in row if d is not None and d.estimator == "tidal"]
+        if not tidal:
+            continue
+        paths = sorted({path for _, path in decode[layer]})
+        if len(set(row)) > 1:
+            problems.append((paths[-1], f"layer {layer}: tidal decode is set per layer, and its heads have "
+                             f"different decode settings (set by {', '.join(paths)})"))
+            continue
+        plan = row[0]
+        if plan.selector:
+            selector = (layer, plan)
+        elif selector is None:
+            problems.append((paths[-1], f"layer {layer} reuses a tidal selection, but no layer before it selects: "
+                             "set `selector: true` on the first tidal layer"))
+        elif plan.budget != selector[1].budget:
+            problems.append((paths[-1], (
+                f"layer {layer} reads the blocks selector layer {selector[0]} chose, so its budget must be that "
+                f"layer's: top_k {plan.top_k_blocks}, sink {plan.sink_blocks}, local {plan.local_blocks} blocks "
+                f"vs {selector[1].top_k_blocks}, {selector[1].sink_blocks}, {selector[1].local_blocks}")))
 
 
 def _head_plan(hrule, rule, entry, cfg) -> HeadPlan | None:

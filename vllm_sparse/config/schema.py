@@ -13,8 +13,10 @@
         decode: {estimator: quest, top_k_tokens: 4096, sink_blocks: 1, local_blocks: 2}
 
 `decode` (model entry, `defaults`, layer rule or head rule) makes decode steps over long contexts
-read only the KV blocks a query can score high on (Quest); `decode: dense` (the default) leaves decode
-to vLLM. Prefill settings and decode settings are independent.
+read only the KV blocks a query can score high on (Quest), or the blocks an earlier "selector" layer
+chose by its exact attention scores (TidalDecode: `{estimator: tidal}` on every decode layer,
+`selector: true` on the layers that choose); `decode: dense` (the default) leaves decode to vLLM.
+Prefill settings and decode settings are independent.
 
 A setting not given on a head rule comes from its layer rule, then the model entry, then
 `defaults`, then the built-in default. Layers no rule selects stay dense.
@@ -104,7 +106,7 @@ class BudgetSpec(StrictModel):
         return self
 
 
-DECODE_ESTIMATORS = ("quest", "dense")
+DECODE_ESTIMATORS = ("quest", "tidal", "dense")
 
 
 class DecodeSpec(StrictModel):
@@ -112,9 +114,13 @@ class DecodeSpec(StrictModel):
     per KV head, the `top_k_tokens` worth of blocks with the highest Quest upper bound, plus the first
     `sink_blocks` and the last `local_blocks` blocks (the current token's included)."""
 
-    estimator: Literal["quest", "dense"] = Field(
+    estimator: Literal["quest", "tidal", "dense"] = Field(
         "quest", description="quest: upper bound of q.k from each block's per-channel key min/max (Quest); "
-        "dense: this rule's heads read every block")
+        "tidal: the blocks the last `selector` layer before this one chose from its exact attention scores "
+        "(TidalDecode); dense: this rule's heads read every block")
+    selector: bool = Field(
+        False, description="tidal only: this layer attends to every block and chooses, per KV head, the blocks "
+        "it and the following tidal layers read (TidalDecode's token selection and re-selection layers)")
     top_k_tokens: int = Field(4096, ge=1, description="tokens selected by score per KV head and step "
                               "(rounded up to whole blocks), besides the sink and local blocks")
     sink_blocks: int = Field(1, ge=0, description="first blocks always read")
@@ -130,6 +136,12 @@ class DecodeSpec(StrictModel):
     @classmethod
     def _block(cls, v):
         return _check_block(v, "block_tokens")
+
+    @model_validator(mode="after")
+    def _selector_is_tidal(self):
+        if self.selector and self.estimator != "tidal":
+            raise ValueError(f"selector: true is a tidal setting; estimator is {self.estimator!r}")
+        return self
 
 
 def _decode_setting(v: Any) -> Any:

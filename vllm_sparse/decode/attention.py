@@ -43,10 +43,14 @@ def reference_decode_attention(q: torch.Tensor, paged: PagedKV, pages: torch.Ten
 def _decode_split_kernel(
     q_ptr, sq_t, sq_h, k_ptr, v_ptr, sk_p, sk_h, sk_t, sv_p, sv_h, sv_t, bt_ptr, s_bt, qsl_ptr, seq_ptr,
     sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h,
-    scale, dense_below,
+    sc_ptr, ssc_b, ssc_h, sink_ptr, local_ptr, scale, dense_below,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr,
-    U: tl.constexpr, SPLITS: tl.constexpr, HKV: tl.constexpr,
+    U: tl.constexpr, SPLITS: tl.constexpr, HKV: tl.constexpr, SCORE: tl.constexpr,
 ):
+    """Program (row, KV head, split). With SCORE (a tidal selector: every head reads every block) it
+    also writes each block's exact score, the largest scaled q.k of the group's q heads over the
+    block's keys (+inf for the sink and local blocks), into sc [rows, kv heads, blocks]; a split then
+    covers whole blocks, so no block's maximum is shared between programs."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -61,6 +65,8 @@ def _decode_split_kernel(
         n_pieces = n_blocks * SUB
         total = tl.cdiv(n_pieces, PIECES)
         per = tl.cdiv(total, SPLITS)
+        if SCORE:
+            per = tl.cdiv(per, SUB) * SUB  # (a tile holds whole blocks, or 1/SUB of one)
         start = s * per
         end = tl.minimum(start + per, total)
         q0 = tl.load(qsl_ptr + b)
@@ -72,6 +78,10 @@ def _decode_split_kernel(
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
         lane = tl.arange(0, TT)
+        if SCORE:
+            sink = tl.load(sink_ptr + h)
+            local = tl.load(local_ptr + h)
+            run = tl.full((PIECES,), float("-inf"), tl.float32)  # a block's maximum over its tiles (SUB > 1)
         for it in range(start, end):
             piece = it * PIECES + lane // U
             pval = piece < n_pieces
@@ -89,6 +99,18 @@ def _decode_split_kernel(
                         other=0.0)
             qk = tl.dot(q, tl.trans(k)) * scale
             qk = tl.where(tval[None, :], qk, float("-inf"))
+            if SCORE:
+                top = tl.max(tl.reshape(tl.max(tl.where(gmask[:, None], qk, float("-inf")), 0), (PIECES, U)), 1)
+                if SUB == 1:  # the tile's pieces are whole blocks
+                    blk = it * PIECES + tl.arange(0, PIECES)
+                    done = blk < nb
+                else:  # the tile is piece it % SUB of block it // SUB
+                    run = tl.where(it % SUB == 0, top, tl.maximum(run, top))
+                    top = run
+                    blk = it // SUB + tl.arange(0, PIECES)
+                    done = ((it + 1) % SUB == 0) | (it + 1 == end)
+                top = tl.where((blk < sink) | (blk >= nb - local), float("inf"), top)
+                tl.store(sc_ptr + b * ssc_b + h * ssc_h + blk, top, mask=done)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
@@ -140,11 +162,14 @@ def pow2_floor(n: int) -> int:
 
 
 def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_lens, heads, selected, counts,
-                     partial_out, partial_ml, output, *, block_tokens: int, scale: float, dense_below: int) -> None:
+                     partial_out, partial_ml, output, *, block_tokens: int, scale: float, dense_below: int,
+                     scores: torch.Tensor | None = None, score_heads=None) -> None:
     """Attention of every sparse decode row into `output` [tokens, q_heads, D]. partial_out and
     partial_ml (float32, contiguous, any shape) are the split workspace: the splits per row are as
     many as it holds for this batch's rows (up to MAX_SPLITS and SPLIT_PROGRAMS programs in all), so
-    a small batch spreads each row over more programs."""
+    a small batch spreads each row over more programs. With `scores` [rows, kv_heads, >= blocks]
+    (float32) every head must be dense; each block's exact score is written there as well, with
+    `score_heads`' sink and local blocks at +inf (a tidal selector layer)."""
     rows = seq_lens.shape[0]
     kv_heads = paged.num_kv_heads
     q_heads, d = query.shape[1], query.shape[2]
@@ -156,13 +181,18 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
     pml = partial_ml.view(-1)[: rows * q_heads * splits * 2].view(rows, q_heads, splits, 2)
     key, value = paged.key, paged.value
     assert key.stride(-1) == 1 and value.stride(-1) == 1, "the KV cache's head_dim must be contiguous"
+    score = scores is not None
+    sc = scores if score else po  # (unread without SCORE)
+    sh = score_heads if score else heads
     _decode_split_kernel[(rows, kv_heads, splits)](
         query, query.stride(0), query.stride(1), key, value, key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), block_table, block_table.stride(0), query_start_loc,
         seq_lens, selected, selected.stride(0), selected.stride(1), counts, heads.dense, po, po.stride(0),
-        po.stride(1), po.stride(2), pml, pml.stride(0), pml.stride(1), scale, dense_below,
+        po.stride(1), po.stride(2), pml, pml.stride(0), pml.stride(1), sc, sc.stride(0), sc.stride(1), sh.sink,
+        sh.local, scale, dense_below,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
-        TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads, num_warps=SPLIT_WARPS,
+        TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads, SCORE=score,
+        num_warps=SPLIT_WARPS,
     )
     _decode_merge_kernel[(rows, q_heads)](
         output, output.stride(0), output.stride(1), query_start_loc, seq_lens, po, po.stride(0), po.stride(1),

@@ -26,8 +26,8 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
                     device: torch.device) -> None:
     """Once per process, while vLLM builds the model: hold the page summaries' share of the most memory
     the KV cache could get (an explicit kv_cache_memory_bytes, else gpu_memory_utilization of the GPU
-    less what is in use now). Every full-attention layer holds a KV page per block; each sparse-decode
-    layer adds a summary."""
+    less what is in use now). Every full-attention layer holds a KV page per block; each Quest layer adds
+    a summary (tidal layers need none)."""
     if "tensor" in _reservation or device.type != "cuda":
         return
     cache = vllm_config.cache_config
@@ -35,7 +35,7 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
     elem = torch.empty(0, dtype=dtype).element_size()
     kv_bytes = sum(2 * page * num_kv_heads * head_size * elem for lp in plan.layers if lp.full_attention)
     sum_bytes = sum(PageSummaries.bytes_per_page(num_kv_heads, head_size, dtype)
-                    for lp in plan.layers if lp.is_sparse_decode)
+                    for lp in plan.layers if lp.needs_summaries)
     explicit = getattr(cache, "kv_cache_memory_bytes", None)
     if explicit:
         share = int(explicit * sum_bytes / kv_bytes)
@@ -88,6 +88,9 @@ class DecodeWorkspace:
                                       dtype=torch.int32, device=device)  # blocks and keys
         self.selected = torch.zeros(rows, kv_heads, max(1, kept_blocks), dtype=torch.int32, device=device)
         self.counts = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
+        # The last tidal selector's blocks: they outlive the layers between it and its readers.
+        self.tidal_selected = torch.zeros(rows, kv_heads, max(1, kept_blocks), dtype=torch.int32, device=device)
+        self.tidal_counts = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
         self.partial_out = torch.empty(slots, head_size, dtype=torch.float32, device=device)  # split partials
         self.partial_ml = torch.empty(slots, 2, dtype=torch.float32, device=device)
 

@@ -1,4 +1,5 @@
-"""One layer's sparse decode for a step: Quest scores -> top blocks per KV head -> attention.
+"""One layer's sparse decode for a step: Quest scores -> top blocks per KV head -> attention; or a
+TidalDecode selector (full attention that scores blocks exactly -> top blocks) or reader.
 
 The metadata builder gives every step's `DecodeRows` (device tensors of the whole batch, plus the
 host's count of sparse decode rows); the dense backend has already attended every row, the sparse
@@ -18,8 +19,15 @@ import triton
 from vllm_sparse.config.plan import DecodeHeadPlan
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
 from vllm_sparse.decode.memory import decode_workspace, reserve_at_load
-from vllm_sparse.decode.select import MAX_ROW_BLOCKS, quest_select, reference_block_scores, reference_select
+from vllm_sparse.decode.select import (
+    MAX_ROW_BLOCKS,
+    quest_select,
+    reference_block_scores,
+    reference_select,
+    select_top_blocks,
+)
 from vllm_sparse.decode.summaries import PageSummaries, check_against_cache
+from vllm_sparse.decode.tidal import tidal_choices
 from vllm_sparse.kernels.paged import PagedKV
 
 # Debug: on the CPU path, check every sparse decode row's page summaries against its keys in the cache.
@@ -92,16 +100,26 @@ def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: in
 
 
 class DecodeLayer:
-    """One attention layer's decode selection on one rank."""
+    """One attention layer's decode selection on one rank: Quest (score page summaries, select, attend),
+    a tidal selector (attend to every block, writing exact block scores; select into the tidal
+    blocks), a tidal reader (attend to the tidal blocks), or none (every head reads every block)."""
 
     def __init__(self, plans: tuple[DecodeHeadPlan | None, ...], summaries: PageSummaries | None, block_tokens: int,
                  dense_below: int, max_rows: int, max_model_len: int, q_heads: int, head_size: int,
-                 device: torch.device):
+                 device: torch.device, layer: int = -1, selector: int | None = None):
         self.plans = plans
-        self.summaries = summaries  # None when every head reads every block (no scoring)
+        self.layer = layer
+        self.selector = selector  # a tidal reader: the layer whose choice it reads
+        self.summaries = summaries  # Quest heads score their pages' key summaries
         self.block_tokens = block_tokens
         self.dense_below = dense_below
+        self.selects = any(p is not None and p.estimator == "tidal" and p.selector for p in plans)
+        self.reads_tidal = any(p is not None and p.estimator == "tidal" and not p.selector for p in plans)
+        if self.reads_tidal and selector is None:
+            raise ValueError(f"layer {layer}: a tidal layer that does not select needs its selector layer")
         self.heads = DecodeHeads.build(plans, device)
+        # A selector attends with every head dense; self.heads then says what it keeps.
+        self.attend_heads = DecodeHeads.build((None,) * len(plans), device) if self.selects else self.heads
         kept = max((p.kept_blocks for p in plans if p), default=1)
         self.workspace = None
         if device.type == "cuda":
@@ -121,21 +139,36 @@ class DecodeLayer:
         if n > ws.rows:
             raise RuntimeError(f"vllm-sparse: a step with {n} requests; the decode workspace was sized for "
                                f"{ws.rows} (max_num_seqs)")
+        selected, counts = ws.selected[:n], ws.counts[:n]
         if self.summaries is not None:
             quest_select(query, self.summaries.mins, self.summaries.maxs, block_table, rows.query_start_loc,
-                         rows.seq_lens, self.heads, ws.scores[:n], ws.candidates[:, :n], ws.selected[:n], ws.counts[:n],
+                         rows.seq_lens, self.heads, ws.scores[:n], ws.candidates[:, :n], selected, counts,
                          page_size=paged.page_size, block_tokens=self.block_tokens, dense_below=self.dense_below)
-        decode_attention(query, paged, block_table, rows.query_start_loc, rows.seq_lens, self.heads,
-                         ws.selected[:n], ws.counts[:n], ws.partial_out, ws.partial_ml, output,
-                         block_tokens=self.block_tokens, scale=scale, dense_below=self.dense_below)
+        elif self.reads_tidal:
+            selected, counts = ws.tidal_selected[:n], ws.tidal_counts[:n]
+        decode_attention(query, paged, block_table, rows.query_start_loc, rows.seq_lens, self.attend_heads,
+                         selected, counts, ws.partial_out, ws.partial_ml, output, block_tokens=self.block_tokens,
+                         scale=scale, dense_below=self.dense_below, scores=ws.scores[:n] if self.selects else None,
+                         score_heads=self.heads)
+        if self.selects:
+            select_top_blocks(ws.scores[:n], ws.candidates[:, :n], rows.query_start_loc, rows.seq_lens, self.heads,
+                              ws.tidal_selected[:n], ws.tidal_counts[:n], block_tokens=self.block_tokens,
+                              dense_below=self.dense_below)
 
-    def select_row(self, query_row: torch.Tensor, pages: torch.Tensor, seq_len: int, page_size: int) -> list:
-        """The reference selection for one row: per KV head, its blocks (None: every block)."""
+    def select_row(self, query_row: torch.Tensor, pages: torch.Tensor, seq_len: int, paged: PagedKV, row: int,
+                   scale: float) -> list:
+        """The reference selection for one row: per KV head, the blocks it reads (None: every block)."""
+        h = self.heads
+        if self.selects:
+            k, _ = paged.gather(pages, seq_len)
+            tidal_choices.select(self.layer, row, query_row, k, seq_len, self.block_tokens, h, scale)
+            return [None] * len(self.plans)
+        if self.reads_tidal:
+            return tidal_choices.chosen(self.layer, self.selector, row)
         if self.summaries is None:
             return [None] * len(self.plans)
         mins, maxs = self.summaries.mins[pages], self.summaries.maxs[pages]
-        h = self.heads
-        scores = reference_block_scores(query_row, mins, maxs, seq_len, page_size, self.block_tokens,
+        scores = reference_block_scores(query_row, mins, maxs, seq_len, paged.page_size, self.block_tokens,
                                         h.sink.cpu(), h.local.cpu())
         chosen = reference_select(scores, h.kept.cpu())
         return [None if p is None else c for p, c in zip(self.plans, chosen)]
@@ -148,6 +181,6 @@ class DecodeLayer:
             tok = int(qsl[b])
             if CHECK_SUMMARIES and self.summaries is not None:
                 check_against_cache(self.summaries, paged.gather(pages, seq)[0], pages, seq)
-            blocks = self.select_row(query[tok], pages, seq, paged.page_size)
+            blocks = self.select_row(query[tok], pages, seq, paged, b, scale)
             out = reference_decode_attention(query[tok], paged, pages, seq, blocks, self.block_tokens, scale)
             output[tok] = out.to(output.dtype)
