@@ -120,8 +120,28 @@ def test_decode_rows_shorten_sparse_decode_rows_only():
     assert rows.host_sparse == 1 and rows.seq_lens.tolist() == SEQ_LENS
     assert cm.seq_lens.tolist() == SEQ_LENS  # the step's own lengths untouched
 
+    assert builder.shorten(cm)[1].step == rows.step + 1  # each step its own number (tidal's CPU record)
+
     builder = DecodeRowsBuilder(dense_below=701, max_rows=8, device=torch.device("cpu"))
     builder._dense_seq_lens.fill_(-7)  # stale values from an earlier step
     short, rows = builder.shorten(cm)
     assert short.seq_lens.tolist() == SEQ_LENS and rows.host_sparse == 0
     assert short.seq_lens.data_ptr() == builder._dense_seq_lens.data_ptr()
+
+
+def test_decode_selection_refuses_dual_batch_overlap():
+    """Two micro-batches interleaved layer by layer would share one decode workspace (a tidal
+    selector's choice would be overwritten by the other micro-batch's): an error at start."""
+    from types import SimpleNamespace
+
+    from tests.test_config import entry, plan_of
+    from vllm_sparse.backend.checks import check_decode_layers
+    from vllm_sparse.config.errors import SparseConfigError
+
+    assert compat.micro_batches(SimpleNamespace(enable_dbo=False, ubatch_size=1)) == 1
+    assert compat.micro_batches(SimpleNamespace(enable_dbo=True)) == 2
+    plan = plan_of(entry(decode={"top_k_tokens": 256}))
+    config = SimpleNamespace(parallel_config=SimpleNamespace(enable_dbo=True),
+                             compilation_config=SimpleNamespace(static_forward_context={}))
+    with pytest.raises(SparseConfigError, match="enable_dbo: decode selection keeps each step's chosen blocks"):
+        check_decode_layers(config, [], plan)

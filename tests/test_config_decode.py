@@ -115,3 +115,15 @@ def test_tidal_selectors_and_readers():
 def test_bad_tidal_layouts_name_the_layer(layers, where, words):
     problems = problems_of(entry(decode=TIDAL, layers=layers))
     assert any(p == where and words in w for p, w in problems), problems
+
+
+def test_a_tidal_selector_on_a_sliding_window_layer_is_an_error():
+    """Gemma's layer 9 keeps a 512-token window: as a selector it would be skipped, and layers 11 and
+    17 would read layer 5's choice without anyone asking for that."""
+    sel = {**TIDAL, "selector": True}
+    problems = problems_of({"version": 1, "models": [{"match": {"architectures": ["Gemma3ForCausalLM"]},
+                                                      "decode": TIDAL, "layers": [{"layers": 5, "decode": sel},
+                                                                                  {"layers": 9, "decode": sel}]}]},
+                           GEMMA)
+    assert problems == [("models[0].layers[1].decode", "layer 9 is a sliding-window layer: it cannot be a tidal "
+                         "selector (its decode stays dense); choose a full-attention layer")]

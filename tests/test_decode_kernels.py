@@ -391,7 +391,7 @@ def test_tidal_keep_all_reads_every_block(few_splits):
 def test_tidal_layers_on_the_cpu_path():
     """DecodeLayer's reference path (the CPU engine's): the selector attends densely and records its
     choice by exact scores; a reader attends over that choice; a reader whose selector did not run in
-    the step is an error, never a stale choice."""
+    this step (another selector, or the same one in an earlier step) is an error, never a stale choice."""
     from vllm_sparse.decode.step import DecodeLayer, DecodeRows
 
     case = _seq_case(3, torch.float32, plans=[DecodeHeadPlan("tidal", 2, 1, 1, selector=True)] * 2)
@@ -420,6 +420,48 @@ def test_tidal_layers_on_the_cpu_path():
         assert torch.allclose(out2[tok], want, atol=1e-5)
     with pytest.raises(RuntimeError, match="layer 9 reads the tidal selection of layer 7"):
         orphan.attend(q2, out2, case.paged, case.block_table, rows, 0.3)
+    next_step = DecodeRows(case.qsl, seq, host_sparse=rows.host_sparse, step=rows.step + 1)
+    with pytest.raises(RuntimeError, match="layer 5 reads the tidal selection of layer 4"):
+        reader.attend(q2, out2, case.paged, case.block_table, next_step, 0.3)
+
+
+@pytest.mark.skipif(not GPU, reason="DecodeLayer's CUDA path (its CPU twin: test_tidal_layers_on_the_cpu_path)")
+def test_tidal_layers_on_the_cuda_path_survive_a_quest_layer_between():
+    """Selector, then a Quest layer, then a reader, as DecodeLayer runs them in an engine: the Quest
+    layer's selection does not touch the tidal choice, and the reader attends over exactly what the
+    selector chose (which is the reference's choice from exact scores)."""
+    from vllm_sparse.decode.step import DecodeLayer, DecodeRows
+
+    tidal = DecodeHeadPlan("tidal", 2, 1, 1, selector=True)
+    case = _seq_case(5, torch.float16, plans=[tidal] * 2).to(DEVICE)
+    seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
+    rows = DecodeRows(case.qsl, seq, host_sparse=len(case.sparse_rows()), step=1)
+    args = (case.block, case.dense_below, 8, case.block_table.shape[1] * case.page, case.q_heads, 32,
+            torch.device(DEVICE))
+    selector = DecodeLayer(case.plans, None, *args, layer=0)
+    quest = DecodeLayer((DecodeHeadPlan("quest", 1, 0, 1),) * 2, case.summ, *args, layer=1)
+    reader = DecodeLayer((DecodeHeadPlan("tidal", 2, 1, 1),) * 2, None, *args, layer=2, selector=0)
+    ws = selector.workspace
+    assert quest.workspace is ws and reader.workspace is ws
+    outs = []
+    for i, layer in enumerate((selector, quest, reader)):
+        q = torch.randn(case.query.shape, generator=torch.Generator().manual_seed(20 + i)).half().to(DEVICE)
+        out = torch.full_like(q, float("nan"))
+        layer.attend(q, out, case.paged, case.block_table, rows, 0.3)
+        outs.append((q, out))
+        if i == 0:
+            chosen = ws.tidal_selected.clone(), ws.tidal_counts.clone()
+    assert torch.equal(ws.tidal_selected, chosen[0]) and torch.equal(ws.tidal_counts, chosen[1])
+    (q0, _), (q2, out2) = outs[0], outs[2]
+    for r in case.sparse_rows():
+        tok, s = int(case.qsl[r]), case.seq_lens[r]
+        k, _ = case.paged.gather(_pages(case, r), s)
+        scores = reference_exact_block_scores(q0[tok], k, s, case.block, selector.heads.sink, selector.heads.local, 0.3)
+        want_blocks = reference_select(scores.cpu(), selector.heads.kept.cpu())
+        got_blocks = [ws.tidal_selected[r, h, : int(ws.tidal_counts[r, h])].long().cpu() for h in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(got_blocks, want_blocks))
+        want = reference_decode_attention(q2[tok], case.paged, _pages(case, r), s, got_blocks, case.block, 0.3)
+        assert torch.allclose(out2[tok].float(), want, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.skipif(not GPU, reason="a 128K context is too slow for Triton's interpreter")

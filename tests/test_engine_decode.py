@@ -35,6 +35,10 @@ def _config(tmp: Path, name: str, decode: dict, layers: list | None = None) -> s
 TIDAL = {"estimator": "tidal", "top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1}
 
 
+def _tidal_config(tmp: Path, name: str, decode: dict) -> str:
+    return _config(tmp, name, decode, [{"layers": 0, "dense": True, "decode": {**decode, "selector": True}}])
+
+
 def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False) -> dict:
     prompts = _prompts(model)  # 1100, 420 and 40 tokens
     base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
@@ -46,8 +50,9 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
         "sparse": {"prompts": prompts, "backend": "sparse",
                    "config": _config(tmp, "sparse", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})},
         # TidalDecode: layer 0 attends fully and selects, layer 1 reads its blocks.
-        "tidal": {"prompts": prompts, "backend": "sparse", "config": _config(
-            tmp, "tidal", TIDAL, [{"layers": 0, "dense": True, "decode": {**TIDAL, "selector": True}}])},
+        "tidal": {"prompts": prompts, "backend": "sparse", "config": _tidal_config(tmp, "tidal", TIDAL)},
+        "tidal_keep_all": {"prompts": prompts, "backend": "sparse",
+                           "config": _tidal_config(tmp, "tidal_keep_all", {**TIDAL, "top_k_tokens": 4096})},
     }
     if prefix_hit:  # (on CPU the summary check below covers prefix hits, with one engine fewer)
         # The same long prompt twice, one after the other: the second reads the first's pages from the
@@ -73,8 +78,9 @@ def test_prefill_is_untouched_by_a_decode_plan(runs):
         assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
 
 
-def test_keep_all_budget_equals_dense_decode(runs):
-    for stock, ours in zip(runs["stock"]["results"], runs["keep_all"]["results"]):
+@pytest.mark.parametrize("plan", ["keep_all", "tidal_keep_all"])
+def test_keep_all_budget_equals_dense_decode(runs, plan):
+    for stock, ours in zip(runs["stock"]["results"], runs[plan]["results"]):
         assert ours["token_ids"] == stock["token_ids"]
         assert _diff(stock["logprobs"], ours["logprobs"]) < 1e-3
 

@@ -37,9 +37,10 @@ def test_prefill_is_untouched_by_a_decode_plan(runs):
         assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
 
 
-def test_keep_all_budget_equals_dense_decode(runs):
+@pytest.mark.parametrize("plan", ["keep_all", "tidal_keep_all"])
+def test_keep_all_budget_equals_dense_decode(runs, plan):
     # bf16: the split-K kernel sums in another order than FlashAttention; the first tokens agree.
-    stock, keep_all, sparse = (runs[k]["results"] for k in ("stock", "keep_all", "sparse"))
+    stock, keep_all, sparse = (runs[k]["results"] for k in ("stock", plan, "sparse"))
     for s, k in zip(stock, keep_all):
         assert k["token_ids"][:4] == s["token_ids"][:4]
         assert _mean(s["logprobs"][:4], k["logprobs"][:4]) < 5e-2

@@ -114,6 +114,14 @@ def tensor_parallel_size() -> int:
         return 1
 
 
+def micro_batches(parallel_config) -> int:
+    """Micro-batches a step is split into (vLLM's dual-batch overlap runs two, layer by layer)."""
+    n = getattr(parallel_config, "num_ubatches", None)
+    if n is None:
+        n = 2 if getattr(parallel_config, "enable_dbo", False) else 1
+    return int(n)
+
+
 def seq_lens_cpu(cm) -> torch.Tensor:
     """Per-request sequence lengths on the host, exact for prefill rows (decode rows may be upper
     bounds), without reading the device.

@@ -30,7 +30,7 @@ from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.transfer import to_device
 from vllm_sparse.backend.warmup import warm_up
 from vllm_sparse.config.errors import SparseConfigError
-from vllm_sparse.decode.memory import allocate_summaries
+from vllm_sparse.decode.memory import allocate_summaries, drop_summaries
 from vllm_sparse.decode.step import decode_row_limit
 from vllm_sparse.log import logger
 from vllm_sparse.metrics.worker import worker_metrics
@@ -109,6 +109,7 @@ class SparseBuilderMixin:
             raise SparseConfigError(self._plan.source, [("decode", f"decode selection is set, but {why}")])
         pages = vllm_config.cache_config.num_gpu_blocks
         summary_layers = [n for n in decode_layers if self._plan.layer(layer_index(n)).needs_summaries]
+        drop_summaries([n for n in layer_names if n not in summary_layers])  # (an earlier engine's, in this process)
         allocate_summaries(summary_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                            kv_cache_spec.block_size, kv_cache_spec.dtype, device)
         return DecodeRowsBuilder(self._plan.decode_dense_below, decode_row_limit(vllm_config), device)

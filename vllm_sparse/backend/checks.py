@@ -113,6 +113,11 @@ def check_decode_layers(vllm_config, layer_names: list[str], plan) -> None:
             f"decode selection scores blocks per GQA group, and tensor_parallel_size={shard.tp_size} splits the "
             f"model's {plan.num_kv_heads} KV head(s) across ranks: use a tensor_parallel_size of at most "
             f"{plan.num_kv_heads}, or `decode: dense`")))
+    if compat.micro_batches(vllm_config.parallel_config) > 1:
+        problems.append(("enable_dbo", (
+            "decode selection keeps each step's chosen blocks in one workspace per process, and dual-batch "
+            "overlap (--enable-dbo, ubatch_size > 1) interleaves two micro-batches layer by layer: turn it off "
+            "or keep decode dense")))
     present = {layer_index(n) for n in layer_names}
     for idx in sorted(present):
         selector = plan.tidal_selector_of(idx)

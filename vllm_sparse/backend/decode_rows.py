@@ -20,6 +20,7 @@ class DecodeRowsBuilder:
     def __init__(self, dense_below: int, max_rows: int, device: torch.device):
         self.dense_below = dense_below
         self._dense_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self._steps = 0
 
     def shorten(self, cm):
         """-> (metadata for the dense backend, DecodeRows of the step)."""
@@ -28,7 +29,8 @@ class DecodeRowsBuilder:
         if n > self._dense_seq_lens.shape[0]:
             raise RuntimeError(f"vllm-sparse: a step with {n} requests; decode buffers hold "
                                f"{self._dense_seq_lens.shape[0]} (max_num_seqs)")
-        rows = DecodeRows(cm.query_start_loc, seq, host_sparse=self._host_sparse_rows(cm))
+        self._steps += 1
+        rows = DecodeRows(cm.query_start_loc, seq, host_sparse=self._host_sparse_rows(cm), step=self._steps)
         buf = self._dense_seq_lens[:n]
         buf.copy_(seq)
         if rows.any_sparse:  # else no row can be sparse on the device either (host lengths are upper bounds)

@@ -86,8 +86,8 @@ class SparseImplMixin:
         (heads without a decode plan read every block)."""
         if self._decode_layer is False:
             self._decode_layer = None
-            summaries = summaries_for(layer.layer_name)
             lp = self._plan.layer(layer_index(layer.layer_name))
+            summaries = summaries_for(layer.layer_name) if lp.needs_summaries else None
             if self._shard is not None:  # (the builder checked the group's layers at start)
                 vc = self._vllm_config
                 self._decode_layer = DecodeLayer(
@@ -100,7 +100,7 @@ class SparseImplMixin:
         """Where vLLM writes keys, the page summaries follow (prefill, decode, recompute)."""
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
         if self._plan.needs_summaries and slot_mapping is not None:
-            summaries = summaries_for(layer.layer_name)
+            summaries = summaries_for(layer.layer_name)  # (None for a layer that keeps none)
             if summaries is not None:
                 summaries.update(key, slot_mapping)
 

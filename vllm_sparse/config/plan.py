@@ -279,7 +279,12 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
                            (rule.layers if isinstance(rule.layers, list) else [rule.layers]))
         for layer in layers:
             if not shape.is_full_attention(layer):
-                if explicit:
+                selector = [d for d in [rule.decode] + [h.decode for h in rule.heads]
+                            if d is not None and d.estimator == "tidal" and d.selector]
+                if explicit and selector:  # (its readers would silently read an earlier selector's choice)
+                    problems.append((f"{rpath}.decode", f"layer {layer} is a sliding-window layer: it cannot be a "
+                                     "tidal selector (its decode stays dense); choose a full-attention layer"))
+                elif explicit:
                     notes.append(f"layer {layer} is a sliding-window layer ({rpath}): it stays dense")
                 continue
             for q in range(shape.num_q_heads):

@@ -73,6 +73,12 @@ def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int
             _reservation["left"] = max(0, left - need)
 
 
+def drop_summaries(layer_names: list[str]) -> None:
+    """Layers that keep no summaries in this engine forget an earlier engine's (same process)."""
+    for name in layer_names:
+        _summaries.pop(name, None)
+
+
 def summaries_for(layer_name: str) -> PageSummaries | None:
     return _summaries.get(layer_name)
 

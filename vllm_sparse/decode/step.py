@@ -39,6 +39,7 @@ class DecodeRows:
     query_start_loc: torch.Tensor  # [rows + 1] (device) of the whole batch
     seq_lens: torch.Tensor  # [rows] (device): true lengths (the dense backend's were shortened)
     host_sparse: int  # rows that decode sparsely by the host's lengths (upper bounds: never too few)
+    step: int = 0  # the builder's step count (the CPU path keys a tidal selection by it)
 
     @property
     def any_sparse(self) -> bool:
@@ -110,11 +111,14 @@ class DecodeLayer:
         self.plans = plans
         self.layer = layer
         self.selector = selector  # a tidal reader: the layer whose choice it reads
-        self.summaries = summaries  # Quest heads score their pages' key summaries
         self.block_tokens = block_tokens
         self.dense_below = dense_below
         self.selects = any(p is not None and p.estimator == "tidal" and p.selector for p in plans)
         self.reads_tidal = any(p is not None and p.estimator == "tidal" and not p.selector for p in plans)
+        quest = any(p is not None and p.estimator == "quest" for p in plans)
+        if (self.selects or self.reads_tidal) and quest:
+            raise ValueError(f"layer {layer}: tidal and quest heads in one layer")
+        self.summaries = summaries if quest else None  # Quest heads score their pages' key summaries
         if self.reads_tidal and selector is None:
             raise ValueError(f"layer {layer}: a tidal layer that does not select needs its selector layer")
         self.heads = DecodeHeads.build(plans, device)
@@ -156,15 +160,15 @@ class DecodeLayer:
                               dense_below=self.dense_below)
 
     def select_row(self, query_row: torch.Tensor, pages: torch.Tensor, seq_len: int, paged: PagedKV, row: int,
-                   scale: float) -> list:
+                   step: int, scale: float) -> list:
         """The reference selection for one row: per KV head, the blocks it reads (None: every block)."""
         h = self.heads
         if self.selects:
             k, _ = paged.gather(pages, seq_len)
-            tidal_choices.select(self.layer, row, query_row, k, seq_len, self.block_tokens, h, scale)
+            tidal_choices.select(self.layer, step, row, query_row, k, seq_len, self.block_tokens, h, scale)
             return [None] * len(self.plans)
         if self.reads_tidal:
-            return tidal_choices.chosen(self.layer, self.selector, row)
+            return tidal_choices.chosen(self.layer, self.selector, step, row)
         if self.summaries is None:
             return [None] * len(self.plans)
         mins, maxs = self.summaries.mins[pages], self.summaries.maxs[pages]
@@ -181,6 +185,6 @@ class DecodeLayer:
             tok = int(qsl[b])
             if CHECK_SUMMARIES and self.summaries is not None:
                 check_against_cache(self.summaries, paged.gather(pages, seq)[0], pages, seq)
-            blocks = self.select_row(query[tok], pages, seq, paged, b, scale)
+            blocks = self.select_row(query[tok], pages, seq, paged, b, rows.step, scale)
             out = reference_decode_attention(query[tok], paged, pages, seq, blocks, self.block_tokens, scale)
             output[tok] = out.to(output.dtype)

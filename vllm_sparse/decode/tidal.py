@@ -36,25 +36,25 @@ def reference_exact_block_scores(q: torch.Tensor, k: torch.Tensor, seq_len: int,
 
 
 class TidalChoices:
-    """The CPU path's record of the last selector's blocks, per decode row of the step (the CUDA path
+    """The CPU path's record of the last selector's blocks, per decode row of one step (the CUDA path
     keeps them in the decode workspace). A selector runs before the layers that read it in every step
-    (the plan checks the order), so a row without a record is a bug, and says so."""
+    (the plan checks the order); a reader finds its selector's record of this very step, or fails."""
 
     def __init__(self):
         self._rows: dict[int, list[torch.Tensor]] = {}
-        self._layer: int | None = None
+        self._key: tuple[int, int] | None = None  # (selector layer, step) the record belongs to
 
-    def select(self, layer: int, row: int, q: torch.Tensor, k: torch.Tensor, seq_len: int, block_tokens: int,
-               heads, scale: float) -> list[torch.Tensor]:
-        if layer != self._layer:  # a new selector (or a new step): earlier choices are stale
+    def select(self, layer: int, step: int, row: int, q: torch.Tensor, k: torch.Tensor, seq_len: int,
+               block_tokens: int, heads, scale: float) -> list[torch.Tensor]:
+        if self._key != (layer, step):  # a new selector, or a new step: earlier choices are stale
             self._rows.clear()
-            self._layer = layer
+            self._key = (layer, step)
         scores = reference_exact_block_scores(q, k, seq_len, block_tokens, heads.sink, heads.local, scale)
         self._rows[row] = reference_select(scores, heads.kept.cpu())
         return self._rows[row]
 
-    def chosen(self, layer: int, selector: int, row: int) -> list[torch.Tensor]:
-        if self._layer != selector or row not in self._rows:
+    def chosen(self, layer: int, selector: int, step: int, row: int) -> list[torch.Tensor]:
+        if self._key != (selector, step) or row not in self._rows:
             raise RuntimeError(f"vllm-sparse: layer {layer} reads the tidal selection of layer {selector} for decode "
                                f"row {row}, but that layer did not select in this step")
         return self._rows[row]
