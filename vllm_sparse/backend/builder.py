@@ -99,6 +99,7 @@ class SparseBuilderMixin:
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page
         count is known now), and the per-step row buffer."""
+        drop_summaries(layer_names)  # an earlier engine's in this process: only this plan's Quest layers get new ones
         decode_layers = [n for n in layer_names if self._plan.layer(layer_index(n)).is_sparse_decode]
         if not decode_layers:
             return None
@@ -109,7 +110,6 @@ class SparseBuilderMixin:
             raise SparseConfigError(self._plan.source, [("decode", f"decode selection is set, but {why}")])
         pages = vllm_config.cache_config.num_gpu_blocks
         summary_layers = [n for n in decode_layers if self._plan.layer(layer_index(n)).needs_summaries]
-        drop_summaries([n for n in layer_names if n not in summary_layers])  # (an earlier engine's, in this process)
         allocate_summaries(summary_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                            kv_cache_spec.block_size, kv_cache_spec.dtype, device)
         return DecodeRowsBuilder(self._plan.decode_dense_below, decode_row_limit(vllm_config), device)

@@ -87,7 +87,7 @@ class SparseImplMixin:
         if self._decode_layer is False:
             self._decode_layer = None
             lp = self._plan.layer(layer_index(layer.layer_name))
-            summaries = summaries_for(layer.layer_name) if lp.needs_summaries else None
+            summaries = summaries_for(layer.layer_name)
             if self._shard is not None:  # (the builder checked the group's layers at start)
                 vc = self._vllm_config
                 self._decode_layer = DecodeLayer(

@@ -74,7 +74,8 @@ def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int
 
 
 def drop_summaries(layer_names: list[str]) -> None:
-    """Layers that keep no summaries in this engine forget an earlier engine's (same process)."""
+    """A new engine's KV cache group forgets an earlier engine's summaries (same process), so a layer that
+    keeps none in this plan finds none."""
     for name in layer_names:
         _summaries.pop(name, None)
 
