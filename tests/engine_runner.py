@@ -4,7 +4,11 @@ Tests start engines through this so each gets a fresh process (vLLM engines do n
 well), and so start-up failures are seen the way a user sees them.
 
     python -m tests.engine_runner '{"model": ..., "backend": "sparse"|null, "config": PATH|null,
-                                    "prompts": [...], "max_tokens": 6, "engine": {...}, "stats": false}'
+                                    "prompts": [...], "max_tokens": 6, "engine": {...}, "stats": false,
+                                    "audit": false}'
+
+"stats" reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
+attention (VLLM_SPARSE_AUDIT).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ def main(spec: dict) -> dict:
     if spec.get("stats"):  # the sparse path's counters, read back from the workers after generating
         os.environ["VLLM_SPARSE_STATS"] = "1"
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+        if spec.get("audit"):
+            os.environ["VLLM_SPARSE_AUDIT"] = "1"
     from vllm import LLM, SamplingParams
 
     kw = {"model": spec["model"], "seed": 0, "enforce_eager": True, **spec.get("engine", {})}

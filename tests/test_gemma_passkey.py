@@ -1,7 +1,10 @@
 """The fidelity yardstick: real google/gemma-3-270m in vLLM's CPU engine retrieves a 5-digit pass key
-from a ~2K-token prompt, with the stock backend and with SPARSE: the shipped config found by
-architecture (dense at this length), and the shipped plan made sparse from 1K tokens, where the
-sparse path must run, keep part of the blocks, and still find every key."""
+from a ~2K-token prompt, with the stock backend and with SPARSE and the shipped config found by
+architecture (dense at this length); and from ~8K-token prompts with the shipped plan made sparse from
+1K tokens, where the sparse path must run, skip blocks, move the attention output, and still find every
+key (dense answers all three at 8K too). 8K, not 2K: at 2K (16 blocks) the union of gemma's 4 q heads'
+tau-0.9 choices covers 99.8% of layer 5's blocks on an AVX-512 CPU and 100% on an AMX one (bf16 rounds
+differently there); at 8K it is 70-90% per layer, on both."""
 
 from __future__ import annotations
 
@@ -20,6 +23,13 @@ pytestmark = pytest.mark.engine
 DEPTHS = (0.1, 0.5, 0.8)  # the Q4 model itself misses some needles at depth 0.9+ (dense too)
 ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "bfloat16", "max_model_len": 4096, "max_num_batched_tokens": 2048,
           "max_num_seqs": 4}
+LONG_TOKENS = 8000
+# Margins of the sparse-from-1K test, measured at 8K on 2026-12-02 on two CPUs' numerics (AMX, and oneDNN held
+# to AVX-512 without bf16 instructions): union density per global layer 0.904-0.905 / 0.768-0.769 / 0.709-0.712;
+# the mean relative error of the sparse attention output against dense 0.0037 / 0.0157 / 0.0164, where a
+# keep-all plan (top_p 1.0: every block read) gives 0.0016-0.0017, the bf16 rounding of the output.
+UNION_CEILING = 0.95
+READ_EVERYTHING_REL_ERR = 0.0017
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +40,18 @@ def cases(gemma3_270m):
     return [passkey_prompt(tok, 2000, depth=d, seed=i) for i, d in enumerate(DEPTHS)]
 
 
-def _run(model, cases, backend, **extra):
-    spec = {"model": str(model), "backend": backend, "prompts": [p for p, _ in cases], "engine": ENGINE,
+def _run(model, cases, backend, engine=ENGINE, **extra):
+    spec = {"model": str(model), "backend": backend, "prompts": [p for p, _ in cases], "engine": engine,
             "max_tokens": 8, "prompt_logprobs": False, **extra}
     return run_engine(spec)
+
+
+@pytest.fixture(scope="module")
+def long_cases(gemma3_270m):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3_270m)
+    return [passkey_prompt(tok, LONG_TOKENS, depth=d, seed=i) for i, d in enumerate(DEPTHS)]
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +74,24 @@ def test_sparse_backend_with_shipped_config_matches_dense(gemma3_270m, cases, de
         assert s["token_ids"] == d["token_ids"]  # 2K < dense_below: every layer ran vLLM's own kernel
 
 
-def test_shipped_plan_sparse_from_1k_keeps_part_of_the_blocks_and_every_key(gemma3_270m, cases, dense, tmp_path):
+def test_shipped_plan_sparse_from_1k_skips_blocks_and_finds_every_key_at_8k(gemma3_270m, long_cases, tmp_path):
     shipped = yaml.safe_load((REPO / "configs/gemma-3.yaml").read_text())
-    shipped["models"][0]["dense_below"] = 1024  # the 2K prompts' chunks go sparse
+    shipped["models"][0]["dense_below"] = 1024  # the 8K prompts' chunks past 1K go sparse
     config = tmp_path / "gemma-3-from-1k.yaml"
     config.write_text(yaml.safe_dump(shipped))
-    sparse, output = _run(gemma3_270m, cases, "sparse", config=str(config), stats=True)
+    engine = {**ENGINE, "max_model_len": LONG_TOKENS + 512}
+    sparse, output = _run(gemma3_270m, long_cases, "sparse", engine=engine, config=str(config), stats=True,
+                          audit=True)
     assert f"{config} (from --additional-config)" in output
     stats = sparse["stats"]
     assert sorted(stats, key=int) == ["5", "11", "17"]  # the global layers, and only they
-    for layer in stats.values():
-        assert layer["unions"] > 0  # the sparse path ran
-        assert 0 < layer["requested_density"] <= layer["union_density"] < 1  # and skipped blocks
-    for s, (_, answer) in zip(sparse["results"], cases):
-        assert passkey_correct(s["text"], answer), f"wanted {answer}, got {s['text']!r}"
+    for name, layer in stats.items():
+        assert layer["unions"] > 0, name  # the sparse path ran
+        # The budgets kept part of the blocks, and their union per KV head still skipped clearly many.
+        assert 0 < layer["requested_density"] <= layer["union_density"] <= UNION_CEILING, (name, layer)
+    # And the kernel honoured the union: a path that read every block anyway would leave the output
+    # within bf16 rounding of dense attention in every layer.
+    assert max(layer["rel_err"] for layer in stats.values()) > 3 * READ_EVERYTHING_REL_ERR, stats
+    for r, (_, answer) in zip(sparse["results"], long_cases):
+        assert LONG_TOKENS - 200 <= r["prompt_tokens"] <= LONG_TOKENS
+        assert passkey_correct(r["text"], answer), f"wanted {answer}, got {r['text']!r}"
