@@ -72,7 +72,7 @@ def tables(draw):
     return LayerTable(0, recall, density)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # the same examples every run
 @given(tables(), st.floats(0.01, 1.0), st.floats(0.01, 1.0), st.floats(0.05, 1.0), st.booleans())
 def test_a_lower_target_never_reads_more(table, t1, t2, max_density, per_group):
     lo, hi = sorted((t1, t2))
