@@ -12,7 +12,7 @@ pytest.importorskip("vllm")
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 
 from vllm_sparse import compat  # noqa: E402
-from vllm_sparse.backend.batch import SparseChunk, classify  # noqa: E402
+from vllm_sparse.backend.batch import SparseChunk, chunk_work, classify  # noqa: E402
 
 # decode (seq 50) | prefill chunk with context (100 tokens, seq 400) | short prompt (30) | decode (seq 700)
 Q_LENS, SEQ_LENS = [1, 100, 30, 1], [50, 400, 30, 700]
@@ -45,6 +45,38 @@ def test_chunks_shorter_than_a_block_stay_dense():
     assert chunks == []  # the whole step keeps vLLM's own metadata
     chunks, _, _ = classify(_common(), dense_below=300, min_query_len=100)
     assert [c.req for c in chunks] == [1]
+
+
+def test_chunks_with_too_little_work_stay_dense():
+    """`min_chunk_work`: a chunk goes sparse only when its causal attention work (each query token x the
+    tokens it sees) reaches the floor: the 100-token chunk after 300 cached tokens does 100 * 300 + 5050."""
+    work = 100 * 300 + 100 * 101 // 2
+    assert chunk_work(torch.tensor(Q_LENS), torch.tensor(SEQ_LENS))[1] == work
+    assert chunk_work(torch.tensor([1]), torch.tensor([50])).tolist() == [50]  # a decode row sees its context
+    chunks, reqs, _ = classify(_common(), dense_below=300, min_work=work + 1)
+    assert chunks == []
+    chunks, reqs, _ = classify(_common(), dense_below=300, min_work=work)
+    assert [c.req for c in chunks] == [1] and reqs.tolist() == [0, 2, 3]
+
+
+def test_the_work_floor_is_the_devices_unless_the_plan_sets_it():
+    from vllm_sparse.config.loader import parse_config
+    from vllm_sparse.config.plan import AUTO_MIN_CHUNK_WORK, ModelShape, resolve_plan
+
+    shape = ModelShape("m", ("LlamaForCausalLM",), 2, 4, 2)
+
+    def plan(**entry):
+        return resolve_plan(parse_config({"version": 1, "models": [{
+            "match": {"architectures": ["LlamaForCausalLM"]}, **entry,
+            "layers": [{"layers": "all", "estimator": {"name": "sink_local"}}]}]}, "test"), shape, "test")
+
+    auto = plan()
+    assert auto.min_chunk_work is None
+    assert auto.chunk_work_floor("cuda") == AUTO_MIN_CHUNK_WORK["cuda"] > 0
+    assert auto.chunk_work_floor("cpu") == 0  # the CPU path is the reference: its tests take every chunk
+    assert plan(min_chunk_work="96M").chunk_work_floor("cuda") == 96 * 2**20
+    assert plan(min_chunk_work=0).chunk_work_floor("cuda") == 0
+    assert plan(min_chunk_work="1.5g").chunk_work_floor("cpu") == 3 * 2**29
 
 
 def test_requests_with_bidirectional_multimodal_ranges_stay_dense_and_keep_their_ranges():

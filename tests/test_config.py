@@ -184,6 +184,18 @@ def test_block_size_must_be_power_of_two():
     assert path == "models[0].block_size" and "power of two" in msg
 
 
+@pytest.mark.parametrize("value", [-5, "lots", True, "12X"])
+def test_bad_min_chunk_work_names_the_field(value):
+    (path, msg), = problems_of(entry(min_chunk_work=value))
+    assert path == "models[0].min_chunk_work" and "auto" in msg
+
+
+def test_min_chunk_work_sizes():
+    for given, pairs in ((0, 0), (123, 123), ("96M", 96 * 2**20), ("512k", 512 * 2**10), ("auto", None)):
+        assert plan_of(entry(min_chunk_work=given)).min_chunk_work == pairs
+    assert plan_of({**entry(), "defaults": {"min_chunk_work": "2G"}}).min_chunk_work == 2 * 2**30
+
+
 def test_unknown_top_level_key_and_missing_models():
     (path, msg), = problems_of({"version": 1, "models": [{"match": {"names": ["x"]}}], "modles": []})
     assert path == "" or path == "<top level>"

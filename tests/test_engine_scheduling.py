@@ -55,7 +55,8 @@ def _run(model: Path, config: str, prompts: dict, engine: dict, scenarios: list[
 def setup(tiny_llama, tmp_path_factory):
     config = tmp_path_factory.mktemp("scheduling") / "sparse.yaml"
     config.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]}, "block_size": 64, "dense_below": 300, "union_tile": 1,
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0,
+        "block_size": 64, "dense_below": 300, "union_tile": 1,
         "min_query_tokens": 2,
         "layers": [{"layers": "all", "estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
                     "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}]}]}))

@@ -33,19 +33,31 @@ class SparseBatch:
     decode: DecodeRows | None = None  # the step's rows, for layers that select pages at decode
 
 
-def classify(cm, dense_below: int, min_query_len: int = 2) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
+def chunk_work(q_lens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Causal attention work of prefill chunks, in token pairs: each of a chunk's q_len query tokens sees
+    the request's tokens before it and itself. int64, host."""
+    q, s = q_lens.long(), seq_lens.long()
+    return q * (s - q) + q * (q + 1) // 2
+
+
+def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0
+             ) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
 
-    A chunk goes sparse when it has at least `min_query_len` query tokens (the plan's
-    `min_query_tokens`: a decode step, a speculative verify step or a short suffix after a prefix-cache
-    hit reads the cache like a decode, and dense is cheaper than estimating) and its request's
-    context, this chunk included, reaches `dense_below` tokens, and it has no multimodal tokens with
-    bidirectional attention.
+    A chunk goes sparse when all of these hold:
+    - its request's context, this chunk included, reaches `dense_below` tokens;
+    - it has at least `min_query_len` query tokens (the plan's `min_query_tokens`: a decode step, a
+      speculative verify step or a short suffix after a prefix-cache hit reads the cache like a decode);
+    - its attention work (`chunk_work`) reaches `min_work` token pairs (the plan's `min_chunk_work`):
+      below it a sparse step's fixed costs exceed what it saves (a few new tokens on a cached document);
+    - it has no multimodal tokens with bidirectional attention.
     """
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
     q_lens = qsl[1:] - qsl[:-1]
     sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= dense_below)
+    if min_work > 0:
+        sparse &= chunk_work(q_lens, seq_lens) >= min_work
     # Requests with multimodal tokens that attend bidirectionally (PrefixLM) stay on the dense path,
     # which keeps their ranges; the sparse path is causal only.
     for r in getattr(cm, "mm_req_doc_ranges", None) or {}:

@@ -56,11 +56,45 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _pairs(n: int) -> str:
+    return f"{n / 2**20:g}M" if n >= 2**20 else str(n)
+
+
+def _fewest_new_tokens(work: int, cached: int) -> int:
+    """The fewest new tokens after `cached` ones whose chunk reaches `work` token pairs."""
+    q = 1
+    while q * cached + q * (q + 1) // 2 < work:
+        q *= 2
+    lo, hi = q // 2, q
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if mid * cached + mid * (mid + 1) // 2 < work else (lo, mid)
+    return hi
+
+
+def describe_chunk_rule(plan) -> str:
+    """Which prefill chunks go sparse, in words (the builder's `classify`, decided from host data)."""
+    def floor(device: str) -> str:
+        w = plan.chunk_work_floor(device)
+        if not w:
+            return "0 (off)"
+        ex = ", ".join(f">= {_fewest_new_tokens(w, c):,} new tokens after {c // 1024}K cached"
+                       for c in (32768, 131072))
+        return f"{_pairs(w)} token pairs ({ex})"
+
+    work = (f"min_chunk_work={floor('cuda')}" if plan.min_chunk_work is not None else
+            f"min_chunk_work=auto: on CUDA {floor('cuda')}; on CPU {floor('cpu')}")
+    return (f"a prefill chunk goes sparse when its request's context reaches dense_below={plan.dense_below}, "
+            f"it has >= min_query_tokens={plan.min_query_tokens} query tokens, and its work (query tokens x "
+            f"tokens they see) reaches {work}; other chunks run vLLM's dense attention")
+
+
 def cmd_plan(args) -> int:
     plan = _resolve(args)
     print(f"plan for {plan.model} from {plan.source}")
     print(f"block_size={plan.block_size} dense_below={plan.dense_below} decode={plan.decode} "
           f"q_heads={plan.num_q_heads} kv_heads={plan.num_kv_heads}")
+    print(describe_chunk_rule(plan))
     if plan.is_sparse_decode:
         summaries = sum(layer.needs_summaries for layer in plan.layers)
         print(f"decode: block_tokens={plan.decode_block_tokens} dense_below={plan.decode_dense_below} "

@@ -16,7 +16,14 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "dense_below": 8192,
     "union_tile": None,
     "min_query_tokens": 16,
+    "min_chunk_work": "auto",
 }
+# `min_chunk_work: auto` by the device the engine runs on (token pairs: query tokens x tokens they see).
+# CUDA: below this a sparse chunk-layer's fixed costs (estimation, selection and table launches, FA3 per
+# KV head) exceed what reading fewer blocks saves (benchmarks/RESULTS.md, "The serving workload").
+# CPU: 0: the CPU path is the exact torch reference, a correctness vehicle that is never faster than
+# vLLM's own kernel, so no floor would make it win; its tests exercise every chunk.
+AUTO_MIN_CHUNK_WORK = {"cuda": 96 * 2**20, "cpu": 0}
 DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
 DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
 DEFAULT_ESTIMATOR = ("sink_local", {})
@@ -141,6 +148,7 @@ class SparsePlan:
     notes: tuple[str, ...] = field(default=())
     union_tile: int | None = None  # query blocks per union; None = the whole chunk
     min_query_tokens: int = 16  # prefill chunks with fewer query tokens stay dense
+    min_chunk_work: int | None = None  # prefill chunks with less work stay dense; None: auto (by device)
     decode_block_tokens: int = DECODE_BLOCK_TOKENS
     decode_dense_below: int = DECODE_DENSE_BELOW
 
@@ -173,6 +181,12 @@ class SparsePlan:
 
     def layer(self, index: int) -> LayerPlan:
         return self.layers[index]
+
+    def chunk_work_floor(self, device_type: str) -> int:
+        """Token pairs (query tokens x the tokens they see) a prefill chunk needs to go sparse on a device."""
+        if self.min_chunk_work is not None:
+            return self.min_chunk_work
+        return AUTO_MIN_CHUNK_WORK.get(device_type, AUTO_MIN_CHUNK_WORK["cuda"])
 
     @classmethod
     def dense(cls, shape: ModelShape, source: str, reason: str) -> SparsePlan:
@@ -302,7 +316,8 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
     )
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), layers_out,
                       shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
-                      setting("min_query_tokens"), block_tokens, decode_below)
+                      setting("min_query_tokens"), None if setting("min_chunk_work") == "auto" else
+                      setting("min_chunk_work"), block_tokens, decode_below)
 
 
 

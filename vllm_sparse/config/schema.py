@@ -37,6 +37,25 @@ _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d*)\s*$")  # "4-10", or "4-" (to the las
 LAYER_KEYWORDS = ("all", "full_attention")
 
 
+_WORK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*$", re.IGNORECASE)
+
+
+def parse_work(v: Any) -> int | str | None:
+    """`min_chunk_work`: None, "auto", or token pairs as an int >= 0 or "96M" / "1.5G" / "512K"."""
+    if v is None or v == "auto":
+        return v
+    if isinstance(v, bool):
+        raise ValueError("give token pairs (e.g. 96M), 0 (off) or auto")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"{v} is negative: give token pairs (e.g. 96M), 0 (off) or auto")
+        return v
+    m = _WORK.match(str(v))
+    if not m:
+        raise ValueError(f"{v!r} is not a work size: give token pairs (e.g. 96M, 100000000), 0 (off) or auto")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
+
+
 def _check_selector_item(item: Any, keywords: tuple[str, ...]) -> Any:
     if isinstance(item, bool):
         raise ValueError(f"expected an index, a range 'a-b' or 'a-', or one of {', '.join(keywords)}; got {item!r}")
@@ -250,6 +269,11 @@ def _build_models():
         min_query_tokens: int | None = Field(
             None, ge=2, description="prefill chunks with fewer query tokens stay dense, however long the context "
             "(a speculative verify step, a short suffix after a prefix-cache hit); default 16")
+        min_chunk_work: int | str | None = Field(
+            None, description="prefill chunks whose attention work (query tokens x the tokens they see, "
+            "causal) is below this many token pairs stay dense: their sparse step's fixed costs would exceed "
+            "what it saves. An integer, with an optional K/M/G suffix (\"96M\"), 0 (off), or \"auto\" (the "
+            "default): the measured break-even of the device, `vllm-sparse plan` prints it")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
 
@@ -262,6 +286,11 @@ def _build_models():
         @classmethod
         def _block(cls, v):
             return _check_block(v, "block_size")
+
+        @field_validator("min_chunk_work", mode="before")
+        @classmethod
+        def _work(cls, v):
+            return parse_work(v)
 
     class ModelMatch(StrictModel):
         architectures: list[str] = Field(default_factory=list, description="HF architectures, e.g. LlamaForCausalLM")
