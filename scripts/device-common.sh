@@ -8,7 +8,7 @@ left() { echo $((budget - ($(date +%s) - start))); }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "${DONE_DIR:?}"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-if [ ! -f /tmp/site/.pydantic-installed ]; then
+if [ -d .whl ] && [ ! -f /tmp/site/.pydantic-installed ]; then  # (the staged vLLM 0.26 brings pydantic 2.14)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.pydantic-installed || { echo "pydantic wheels: install failed"; exit 1; }
 fi

@@ -1,0 +1,360 @@
+"""The serving workload, dense vs SPARSE in one run: every class of turn a long-context server sees.
+
+Each engine (dense, then each sparse plan) runs in its own process with vLLM's defaults for serving
+(prefix caching on, chunked prefill), and gets the same traffic, driven through the engine's own
+add_request/step loop so every request's time to first token (TTFT) is its own:
+
+  first:N        a fresh N-token prompt (nothing cached), 1 token out; the first of  (--first)
+                 each length reported apart, the rest are the class (--first-repeats)
+  follow:D+n     n new tokens after a cached D-token document (a prefix-cache hit), (--docs x --follow)
+                 1 token out: turn 1 is reported apart (`first_s`); the class's
+                 median and p90 are over turns 2.. (steady state, --follow-repeats)
+  chats+long:N   --chats short prompts (--chat-tokens, --chat-out tokens out) arriving with one fresh
+                 N-token prompt: TTFT of the chats and of the long prompt, chat tokens/s
+  concurrent:BxN B fresh N-token prompts at once, --concurrent-out tokens each: TTFT of each,
+                 throughput (prompt + generated tokens / wall time)
+
+Every class also records the prefill tokens its engine sent down the sparse and the dense path (the
+plugin's own counters), so a table row says which rule decided it. Results stream out as they are
+measured (a line per measurement; the JSON is rewritten after each), so an engine killed by the
+time limit keeps what it finished. The table, last, gives per class dense and sparse median and p90
+TTFT and the ratio dense / sparse (above 1: sparse is faster).
+
+    python benchmarks/workload.py --out $OUT/workload.json [--graphs] \
+        [--config benchmarks/configs/llama-3-8b-antidiagonal-10.yaml] [--extra-config PLAN ...]
+
+The model is the Llama-3.1-8B shape with dummy weights (`e2e.py`) unless --model names a directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import build_model  # noqa: E402  (the 8B-shaped dummy model and its tokenizer)
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = "WORKLOAD_ROW "
+DEFAULT_PLAN = REPO / "benchmarks/configs/llama-3-8b-antidiagonal-10.yaml"
+
+
+def prompt(n: int, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {"prompt_token_ids": torch.randint(3, 500, (n,), generator=g).tolist()}
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def drive(engine, requests: list[tuple[dict, object]], tag: str) -> list[dict]:
+    """Add every (prompt, params) at once, step until all finish -> per request: TTFT and finish time
+    from the moment they were added (s), tokens out, prompt tokens the prefix cache served."""
+    sync()
+    t0 = time.perf_counter()
+    ids = []
+    for i, (p, params) in enumerate(requests):
+        ids.append(f"{tag}-{i}")
+        engine.add_request(ids[-1], p, params)
+    first: dict[str, float] = {}
+    done: dict[str, dict] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter() - t0
+            if out.outputs and out.outputs[0].token_ids and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                done[out.request_id] = {"ttft_s": first.get(out.request_id, now), "finish_s": now,
+                                        "tokens_out": len(out.outputs[0].token_ids),
+                                        "cached_tokens": getattr(out, "num_cached_tokens", None) or 0}
+    return [done[i] for i in ids]
+
+
+def path_counts(worker) -> dict:
+    """The plugin's prefill-token counters in this process: {"sparse": n, "dense": n, "chunks": n}."""
+    from vllm_sparse.metrics import worker as wm
+
+    out = {"sparse": 0, "dense": 0, "chunks": 0}
+    for m in wm._METRICS.values():
+        if m is not None:
+            out["sparse"] += m.tokens["sparse"]
+            out["dense"] += m.tokens["dense"]
+            out["chunks"] += m.chunks
+    return out
+
+
+def summary(values: list[float]) -> dict:
+    s = sorted(values)
+    p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+    return {"median": statistics.median(s), "p90": p90, "n": len(s)}
+
+
+def worker(spec: dict) -> None:
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its counters too
+    from vllm import LLM, SamplingParams
+
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    longest = max([*spec["first"], *(d + max(spec["follow"] or [0]) for d in spec["docs"]),
+                   spec["beside"] or 0, spec["concurrent_len"] or 0])
+    kw = dict(model=spec["model"], dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
+              max_model_len=longest + 256, max_num_batched_tokens=spec["chunk"], enable_chunked_prefill=True,
+              enable_prefix_caching=True, max_num_seqs=max(32, spec["chats"] + 1, spec["concurrent"]))
+    if spec["dummy"]:
+        kw["load_format"] = "dummy"
+    kw.update(spec.get("engine", {}))
+    if spec["config"]:
+        kw.update(attention_backend="sparse", additional_config={"sparse": {"config": spec["config"]}})
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    emit({"class": "startup", "seconds": time.perf_counter() - t0})
+    engine = llm.llm_engine
+    seed = iter(range(1000, 10**6))  # every prompt its own ids: nothing is cached by accident
+    drive(engine, [(prompt(min(4096, longest), next(seed)), one)], "warmup")
+
+    def measure(cls: str, requests, **extra) -> list[dict]:
+        before = llm.collective_rpc(path_counts)[0]
+        t = time.perf_counter()
+        rows = drive(engine, requests, cls)
+        wall = time.perf_counter() - t
+        after = llm.collective_rpc(path_counts)[0]
+        paths = {k: after[k] - before[k] for k in after}
+        emit({"class": cls, "requests": rows, "wall_s": wall, "paths": paths, **extra})
+        return rows
+
+    for n in spec["first"]:
+        for turn in range(spec["first_repeats"]):
+            measure(f"first:{n}", [(prompt(n, next(seed)), one)], turn=turn)
+    for d in spec["docs"]:
+        doc = prompt(d, next(seed))["prompt_token_ids"]
+        measure(f"doc:{d}", [({"prompt_token_ids": doc}, one)])  # fills the prefix cache
+        for n in spec["follow"]:
+            for turn in range(1 + spec["follow_repeats"]):
+                ids = doc + prompt(n, next(seed))["prompt_token_ids"]
+                measure(f"follow:{d}+{n}", [({"prompt_token_ids": ids}, one)], turn=turn)
+            if spec.get("profile") == f"follow:{d}+{n}":  # one more turn, under the profiler
+                ids = doc + prompt(n, next(seed))["prompt_token_ids"]
+                emit({"class": "profile", "of": spec["profile"],
+                      **profile_turn(engine, [({"prompt_token_ids": ids}, one)], spec["profile_out"])})
+    if spec["beside"]:
+        chat = SamplingParams(temperature=0.0, max_tokens=spec["chat_out"], ignore_eos=True, detokenize=False)
+        for rep in range(2):  # the first pass warms the mixed step's shapes; both are reported
+            reqs = [(prompt(spec["beside"], next(seed)), one)] + [
+                (prompt(spec["chat_tokens"], next(seed)), chat) for _ in range(spec["chats"])]
+            measure(f"chats+long:{spec['beside']}", reqs, turn=rep)
+    if spec["concurrent"]:
+        out = SamplingParams(temperature=0.0, max_tokens=spec["concurrent_out"], ignore_eos=True, detokenize=False)
+        reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
+        measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs)
+
+
+def profile_turn(engine, requests, out: str) -> dict:
+    """One turn under the torch profiler (host and GPU): tables by self CPU and self GPU time to `out`,
+    and where the host waited for the GPU (`e2e.host_waits`) -> wall, GPU kernel time, launches."""
+    import torch
+    from e2e import host_waits
+    from torch.autograd.profiler_util import EventList
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        drive(engine, requests, "profile")
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = EventList([e for e in prof.key_averages() if ".py(" not in e.key and not e.key.startswith("<built-in")])
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    waits = host_waits(prof)
+    Path(out).write_text(events.table(sort_by="self_cpu_time_total", row_limit=50, max_name_column_width=70)
+                         + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+                         + "\n\nwhere the host waits for the GPU:\n"
+                         + "\n".join(f"{w['name']}: {w['calls']} calls, {w['ms']:.1f} ms at "
+                                     f"{' < '.join(w['stack'][:4])}" for w in waits))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return {"wall_ms": wall * 1e3, "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+            "kernel_launches": launches, "table": out,
+            "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
+
+
+def emit(row: dict) -> None:
+    print(ROW + json.dumps(row), flush=True)
+
+
+def run(spec: dict, label: str, on_row) -> str | None:
+    """One engine in its own process; each measurement goes to on_row as it comes. -> error or None."""
+    proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    tail: list[str] = []
+    deadline = time.monotonic() + spec["timeout"]
+    try:
+        for line in proc.stdout:
+            if line.startswith(ROW):
+                on_row(json.loads(line[len(ROW):]))
+            else:
+                tail = (tail + [line])[-40:]
+                if not line.startswith(("INFO", "DEBUG", "(EngineCore")) or "Error" in line:
+                    print(f"[{label}] {line}", end="", flush=True)
+            if time.monotonic() > deadline:
+                proc.kill()
+                return f"killed after {spec['timeout']} s"
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode:
+        sys.stderr.write("".join(tail[-20:]))
+        return f"exit {proc.returncode}"
+    return None
+
+
+def classes(rows: list[dict]) -> dict[str, dict]:
+    """Measurement rows -> per class: TTFT summary, throughput, prefill tokens by path. Where a class
+    ran more than one turn, turn 0 (one-time costs: a new shape's first run) is reported apart as
+    `first_s` and the summary is over the later turns (steady state)."""
+    out: dict[str, dict] = {}
+    steady = {r["class"] for r in rows if r.get("turn", 0) > 0}
+    for r in rows:
+        cls = r.get("class")
+        if cls in (None, "startup", "profile") or cls.startswith("doc:"):
+            continue
+        c = out.setdefault(cls, {"ttft": [], "wall_s": 0.0, "tokens": 0, "paths": {"sparse": 0, "dense": 0}})
+        reqs = r["requests"]
+        if cls in steady and r.get("turn", 0) == 0:
+            c["first_s"] = reqs[0]["ttft_s"]
+            continue
+        if cls.startswith("chats+long:"):
+            c["long_ttft_s"] = reqs[0]["ttft_s"]
+            chats = reqs[1:]
+            c["ttft"] += [q["ttft_s"] for q in chats]
+            c["chat_tok_s"] = sum(q["tokens_out"] for q in chats) / max(q["finish_s"] for q in chats)
+        else:
+            c["ttft"] += [q["ttft_s"] for q in reqs]
+        c["wall_s"] += r["wall_s"]
+        c["tokens"] += sum(q["tokens_out"] for q in reqs)
+        c["cached_tokens"] = max(c.get("cached_tokens", 0), max(q["cached_tokens"] for q in reqs))
+        for k in ("sparse", "dense"):
+            c["paths"][k] += r["paths"][k]
+    for c in out.values():
+        c["ttft_summary"] = summary(c["ttft"]) if c["ttft"] else None
+    return out
+
+
+def table(results: dict) -> str:
+    dense = classes(results["engines"].get("dense", {}).get("rows", []))
+    lines = []
+    for plan, eng in results["engines"].items():
+        if plan == "dense":
+            continue
+        sparse = classes(eng.get("rows", []))
+        lines.append(f"\n{plan}" + (f"  ({eng['error']})" if eng.get("error") else ""))
+        lines.append(f"  {'class':<26} {'dense med':>9} {'p90':>7} {'sparse med':>10} {'p90':>7} {'ratio':>6}"
+                     f" {'sparse path':>11}  note")
+        for cls, s in sparse.items():
+            d = dense.get(cls)
+            if not d or not d["ttft_summary"] or not s["ttft_summary"]:
+                continue
+            dm, sm = d["ttft_summary"]["median"], s["ttft_summary"]["median"]
+            share = s["paths"]["sparse"] / max(1, s["paths"]["sparse"] + s["paths"]["dense"])
+            note = ""
+            if "first_s" in s and "first_s" in d:
+                note = f"turn 1: {d['first_s'] * 1e3:.0f} / {s['first_s'] * 1e3:.0f} ms"
+            if cls.startswith("follow:"):
+                note += f"; cached {s.get('cached_tokens', 0)}"
+            if "long_ttft_s" in s:
+                note = (f"long TTFT {d['long_ttft_s']:.2f} / {s['long_ttft_s']:.2f} s; chat tok/s "
+                        f"{d['chat_tok_s']:.0f} / {s['chat_tok_s']:.0f}")
+            if cls.startswith("concurrent:"):
+                note = f"wall {d['wall_s']:.2f} / {s['wall_s']:.2f} s ({d['wall_s'] / s['wall_s']:.2f}x)"
+            lines.append(f"  {cls:<26} {dm * 1e3:>8.1f}ms {d['ttft_summary']['p90'] * 1e3:>6.0f} {sm * 1e3:>9.1f}ms "
+                         f"{s['ttft_summary']['p90'] * 1e3:>6.0f} {dm / sm:>5.2f}x {share:>10.0%}  {note}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--config", default=str(DEFAULT_PLAN), help="the sparse plan")
+    ap.add_argument("--extra-config", action="append", default=[], help="more sparse plans in the same run")
+    ap.add_argument("--model", help="a model directory (default: the Llama-3.1-8B shape, dummy weights)")
+    ap.add_argument("--first", type=ints, default=ints("32768,65536,131072"))
+    ap.add_argument("--first-repeats", type=int, default=2, help="fresh prompts per length (turn 1 reported apart)")
+    ap.add_argument("--docs", type=ints, default=ints("32768,131072"), help="cached document lengths")
+    ap.add_argument("--follow", type=ints, default=ints("8,256,2048,8192"), help="new tokens per follow-up turn")
+    ap.add_argument("--follow-repeats", type=int, default=3, help="steady-state turns after the first, per size")
+    ap.add_argument("--beside", type=int, default=131072, help="the long prompt the chats arrive with (0: none)")
+    ap.add_argument("--chats", type=int, default=16)
+    ap.add_argument("--chat-tokens", type=int, default=512)
+    ap.add_argument("--chat-out", type=int, default=64)
+    ap.add_argument("--concurrent", type=int, default=12, help="long prompts at once (0: none)")
+    ap.add_argument("--concurrent-len", type=int, default=32768)
+    ap.add_argument("--concurrent-out", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
+    ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
+    ap.add_argument("--engine", default="{}", help="JSON of more LLM(...) arguments")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per engine")
+    ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
+    ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine")
+    ap.add_argument("--out", default="workload.json")
+    ap.add_argument("--worker")
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    model = args.model or str(build_model(Path(tempfile.mkdtemp(prefix="workload-"))))
+    base = {"model": model, "dummy": args.model is None, "first": args.first, "first_repeats": args.first_repeats,
+            "docs": args.docs, "follow": args.follow, "follow_repeats": args.follow_repeats, "beside": args.beside,
+            "chats": args.chats, "chat_tokens": args.chat_tokens, "chat_out": args.chat_out,
+            "concurrent": args.concurrent, "concurrent_len": args.concurrent_len,
+            "concurrent_out": args.concurrent_out, "chunk": args.chunk, "eager": not args.graphs,
+            "engine": json.loads(args.engine), "timeout": args.timeout, "profile": args.profile}
+    import torch
+    import vllm
+
+    results = {"meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                        "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv,
+                        "graphs": args.graphs, "spec": base},
+               "engines": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    engines = [("dense", None)] + [(p, p) for p in [args.config, *args.extra_config]]
+    if args.only:
+        engines = engines[:1] if args.only == "dense" else engines[1:]
+    for label, cfg in engines:
+        eng = results["engines"][label] = {"rows": []}
+
+        def on_row(row, eng=eng, label=label):
+            eng["rows"].append(row)
+            brief = {k: v for k, v in row.items() if k != "requests"}
+            if "requests" in row:
+                brief["ttft_ms"] = [round(q["ttft_s"] * 1e3, 1) for q in row["requests"]][:4]
+            print(f"[{label}] {json.dumps(brief)}", flush=True)
+            out.write_text(json.dumps(results, indent=1))
+
+        profile_out = str(out.with_suffix("")) + f".profile-{Path(cfg).stem if cfg else 'dense'}.txt"
+        err = run({**base, "config": cfg, "profile_out": profile_out}, label, on_row)
+        if err:
+            eng["error"] = err
+        out.write_text(json.dumps(results, indent=1))
+    m = results["meta"]
+    print(f"\n{m['device']}  vLLM {m['vllm']}  torch {m['torch']}  "
+          f"{'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}; ratio = dense / sparse TTFT")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

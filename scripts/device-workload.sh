@@ -1,0 +1,33 @@
+#!/bin/bash
+# Issue 26 (the serving workload) on one GPU, once vLLM 0.26.0 is staged in /tmp/site
+# (../shared/device/README.md).
+#
+#   bash scripts/device-workload.sh SECONDS STEP...     (run from the checkout's root)
+#
+# Steps, each run once per warm machine and skipped when fewer seconds are left than it needs:
+#   wl     benchmarks/workload.py, enforce_eager: dense, then each plan in PLANS (default: the 10% antidiagonal
+#          plan with the work floor `auto`, then the same plan with it off), the same traffic to each; one
+#          follow-up turn (PROFILE, default follow:32768+256) profiled in every engine
+#   wlg    the same with CUDA graphs (--graphs)
+# WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short).
+set -o pipefail
+budget=${1:?seconds}; shift
+DONE_DIR=/tmp/workload-done
+source scripts/device-common.sh
+
+PLANS=${PLANS:-"antidiagonal-10 antidiagonal-10-every-chunk"}
+plan_args() {  # --config the first plan, --extra-config the others
+  local flag=--config p
+  for p in $PLANS; do printf '%s benchmarks/configs/llama-3-8b-%s.yaml ' $flag "$p"; flag=--extra-config; done
+}
+workload() {  # workload OUT_NAME [--graphs]
+  local name=$1; shift
+  local n; n=$(wc -w <<< "dense $PLANS")
+  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py "$@" $(plan_args) --profile "${PROFILE:-follow:32768+256}" \
+    --timeout $(( ($(left) - 15) / n )) ${WL_ARGS:-} --out "$OUT/$name.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log"
+}
+wl() { workload workload_eager; }
+wlg() { workload workload_graphs --graphs; }
+
+run_steps "wl:300 wlg:300" "$@"
