@@ -96,6 +96,10 @@ def path_counts(worker) -> dict:
     return out
 
 
+def longest_prompt(first, docs, follow, beside, concurrent_len) -> int:
+    return max([*first, *(d + max(follow or [0]) for d in docs), beside, concurrent_len, 1])
+
+
 def summary(values: list[float]) -> dict:
     s = sorted(values)
     p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
@@ -109,8 +113,8 @@ def worker(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
-    longest = max([*spec["first"], *(d + max(spec["follow"] or [0]) for d in spec["docs"]),
-                   spec["beside"] or 0, spec["concurrent_len"] or 0])
+    longest = longest_prompt(spec["first"], spec["docs"], spec["follow"], spec["beside"],
+                             spec["concurrent_len"] if spec["concurrent"] else 0)
     kw = dict(model=spec["model"], dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
               max_model_len=longest + 256, max_num_batched_tokens=spec["chunk"], enable_chunked_prefill=True,
               enable_prefix_caching=True, max_num_seqs=max(32, spec["chats"] + 1, spec["concurrent"]))
@@ -305,7 +309,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
     ap.add_argument("--engine", default="{}", help="JSON of more LLM(...) arguments")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per engine")
+    ap.add_argument("--timeout", type=int, default=1800,
+                    help="seconds for the whole run: an engine may use what is left less --reserve per engine after it")
+    ap.add_argument("--dense-again", action="store_true",
+                    help="a second dense engine last: its ratio to the first is the engine-to-engine spread")
+    ap.add_argument("--reserve", type=int, default=150, help="seconds kept for each engine still to run")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
     ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine")
     ap.add_argument("--out", default="workload.json")
@@ -314,7 +322,15 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker))
         return
-    model = args.model or str(build_model(Path(tempfile.mkdtemp(prefix="workload-"))))
+    model = args.model
+    if model is None:  # the 8B shape, its positions long enough for the longest document plus a follow-up
+        model = build_model(Path(tempfile.mkdtemp(prefix="workload-")))
+        cfg = json.loads((model / "config.json").read_text())
+        longest = longest_prompt(args.first, args.docs, args.follow, args.beside,
+                                 args.concurrent_len if args.concurrent else 0)
+        cfg["max_position_embeddings"] = max(cfg["max_position_embeddings"], longest + 512)
+        (model / "config.json").write_text(json.dumps(cfg, indent=1))
+        model = str(model)
     base = {"model": model, "dummy": args.model is None, "first": args.first, "first_repeats": args.first_repeats,
             "docs": args.docs, "follow": args.follow, "follow_repeats": args.follow_repeats, "beside": args.beside,
             "chats": args.chats, "chat_tokens": args.chat_tokens, "chat_out": args.chat_out,
@@ -334,8 +350,12 @@ def main() -> None:
     engines = [("dense", None)] + [(p, p) for p in [args.config, *args.extra_config]]
     if args.only:
         engines = engines[:1] if args.only == "dense" else engines[1:]
-    for label, cfg in engines:
+    if args.dense_again:
+        engines.append(("dense-again", None))
+    deadline = time.monotonic() + args.timeout
+    for i, (label, cfg) in enumerate(engines):
         eng = results["engines"][label] = {"rows": []}
+        base["timeout"] = max(30, int(deadline - time.monotonic()) - args.reserve * (len(engines) - 1 - i))
 
         def on_row(row, eng=eng, label=label):
             eng["rows"].append(row)
@@ -345,14 +365,15 @@ def main() -> None:
             print(f"[{label}] {json.dumps(brief)}", flush=True)
             out.write_text(json.dumps(results, indent=1))
 
-        profile_out = str(out.with_suffix("")) + f".profile-{Path(cfg).stem if cfg else 'dense'}.txt"
+        profile_out = str(out.with_suffix("")) + f".profile-{Path(cfg).stem if cfg else label}.txt"
         err = run({**base, "config": cfg, "profile_out": profile_out}, label, on_row)
         if err:
             eng["error"] = err
         out.write_text(json.dumps(results, indent=1))
     m = results["meta"]
     print(f"\n{m['device']}  vLLM {m['vllm']}  torch {m['torch']}  "
-          f"{'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}; ratio = dense / sparse TTFT")
+          f"{'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}; ratio = dense / sparse TTFT"
+          + ("; dense-again: a second dense engine, the spread between engines" if args.dense_again else ""))
     print(table(results))
 
 

@@ -9,22 +9,23 @@
 #          plan with the work floor `auto`, then the same plan with it off), the same traffic to each; one
 #          follow-up turn (PROFILE, default follow:32768+256) profiled in every engine
 #   wlg    the same with CUDA graphs (--graphs)
-# WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short).
+# WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
+# second dense engine last (the spread between two engines of the same kind).
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/workload-done
 source scripts/device-common.sh
 
 PLANS=${PLANS:-"antidiagonal-10 antidiagonal-10-every-chunk"}
+DENSE_AGAIN=${DENSE_AGAIN:+--dense-again}
 plan_args() {  # --config the first plan, --extra-config the others
   local flag=--config p
   for p in $PLANS; do printf '%s benchmarks/configs/llama-3-8b-%s.yaml ' $flag "$p"; flag=--extra-config; done
 }
 workload() {  # workload OUT_NAME [--graphs]
   local name=$1; shift
-  local n; n=$(wc -w <<< "dense $PLANS")
-  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py "$@" $(plan_args) --profile "${PROFILE:-follow:32768+256}" \
-    --timeout $(( ($(left) - 15) / n )) ${WL_ARGS:-} --out "$OUT/$name.json" 2>&1 \
+  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py "$@" $(plan_args) --profile "${PROFILE:-follow:32768+256}" $DENSE_AGAIN \
+    --timeout $(( $(left) - 15 )) ${WL_ARGS:-} --out "$OUT/$name.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log"
 }
 wl() { workload workload_eager; }

@@ -59,9 +59,9 @@ def test_chunks_with_too_little_work_stay_dense():
     assert [c.req for c in chunks] == [1] and reqs.tolist() == [0, 2, 3]
 
 
-def test_the_work_floor_is_the_devices_unless_the_plan_sets_it():
+def test_the_floors_are_the_devices_unless_the_plan_sets_them():
     from vllm_sparse.config.loader import parse_config
-    from vllm_sparse.config.plan import AUTO_MIN_CHUNK_WORK, ModelShape, resolve_plan
+    from vllm_sparse.config.plan import AUTO_MIN_CHUNK_WORK, AUTO_MIN_QUERY_TOKENS, ModelShape, resolve_plan
 
     shape = ModelShape("m", ("LlamaForCausalLM",), 2, 4, 2)
 
@@ -71,10 +71,13 @@ def test_the_work_floor_is_the_devices_unless_the_plan_sets_it():
             "layers": [{"layers": "all", "estimator": {"name": "sink_local"}}]}]}, "test"), shape, "test")
 
     auto = plan()
-    assert auto.min_chunk_work is None
+    assert auto.min_chunk_work is None and auto.min_query_tokens is None
     assert auto.chunk_work_floor("cuda") == AUTO_MIN_CHUNK_WORK["cuda"] > 0
-    assert auto.chunk_work_floor("cpu") == 0  # the CPU path is the reference: its tests take every chunk
+    assert auto.query_token_floor("cuda") == AUTO_MIN_QUERY_TOKENS["cuda"] > 16
+    # The CPU path is the reference: its tests take every chunk of 16+ tokens.
+    assert (auto.chunk_work_floor("cpu"), auto.query_token_floor("cpu")) == (0, 16)
     assert plan(min_chunk_work="96M").chunk_work_floor("cuda") == 96 * 2**20
+    assert plan(min_chunk_work=0, min_query_tokens=16).query_token_floor("cuda") == 16
     assert plan(min_chunk_work=0).chunk_work_floor("cuda") == 0
     assert plan(min_chunk_work="1.5g").chunk_work_floor("cpu") == 3 * 2**29
 

@@ -190,6 +190,12 @@ def test_bad_min_chunk_work_names_the_field(value):
     assert path == "models[0].min_chunk_work" and "auto" in msg
 
 
+@pytest.mark.parametrize("value", [1, "many", True, -3])
+def test_bad_min_query_tokens_names_the_field(value):
+    (path, msg), = problems_of(entry(min_query_tokens=value))
+    assert path == "models[0].min_query_tokens" and "auto" in msg
+
+
 def test_min_chunk_work_sizes():
     for given, pairs in ((0, 0), (123, 123), ("96M", 96 * 2**20), ("512k", 512 * 2**10), ("auto", None)):
         assert plan_of(entry(min_chunk_work=given)).min_chunk_work == pairs

@@ -35,10 +35,10 @@ def _prompts(model: Path) -> list[dict]:
 
 def _config(tmp: Path, name: str, rule: dict) -> str:
     path = tmp / f"{name}.yaml"
-    # min_chunk_work 0: these prompts' chunks are far below the floor `auto` gives on CUDA (the GPU twin
-    # runs this too), and they are here to reach the sparse path.
+    # min_chunk_work 0, min_query_tokens 16: these prompts' chunks are far below the floors `auto` gives on
+    # CUDA (the GPU twin runs this too), and they are here to reach the sparse path.
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "block_size": 64,
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16, "block_size": 64,
         "dense_below": DENSE_BELOW, "layers": [dict(layers="all", **rule)]}]}))
     return str(path)
 

@@ -47,7 +47,7 @@ def _split_group_config(tmp) -> str:
     budget = {"top_k": 3, "sink_blocks": 1, "local_blocks": 1}
     path = tmp / "split_groups.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0,
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
         "block_size": 64, "dense_below": DENSE_BELOW,
         "layers": [
             {"layers": 0, "estimator": {"name": "pooled", "share": "group"}, "budget": budget},

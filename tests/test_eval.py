@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
     config = tmp_path / "sparse.yaml"
     config.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0,
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
         "block_size": 64, "dense_below": 256, "union_tile": 2,
         "layers": [{"layers": "all", "estimator": {"name": "pooled"}, "budget": {"top_k": 3}}]}]}))
     out = tmp_path / "eval.json"

@@ -19,7 +19,8 @@ SERVE = ["--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--max-m
 
 def _config(path, layers):
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "block_size": 64, "dense_below": 300,
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
+        "block_size": 64, "dense_below": 300,
         "layers": layers}]}))
     return json.dumps({"sparse": {"config": str(path)}})
 

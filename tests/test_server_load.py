@@ -36,7 +36,8 @@ def _text(tokens_wanted: int, offset: int) -> str:
 def test_concurrent_mixed_streamed_dropped_and_bad_requests(tiny_llama, tmp_path):
     config = tmp_path / "sparse.yaml"
     config.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "block_size": 64, "dense_below": 300,
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
+        "block_size": 64, "dense_below": 300,
         "layers": [{"layers": "all", "estimator": {"name": "sink_local"}, "budget": {"top_k": 4}}]}]}))
     model, log = str(tiny_llama), tmp_path / "server.log"
     extra = json.dumps({"sparse": {"config": str(config)}})

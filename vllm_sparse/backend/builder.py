@@ -78,7 +78,8 @@ class SparseBuilderMixin:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._plan = plan_for(vllm_config)
         self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
-        self._min_work = self._plan.chunk_work_floor(torch.device(device).type)
+        kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
+        self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         if self._has_sparse_layer:
             check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
@@ -133,7 +134,7 @@ class SparseBuilderMixin:
         chunks, dense_reqs, dense_tokens = [], None, None
         if self._has_sparse_layer:
             chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
-                                                        self._plan.min_query_tokens, self._min_work)
+                                                        self._min_query, self._min_work)
         if self._metrics is not None:
             count_step_tokens(self._metrics, common_attn_metadata, chunks,
                               decode_rows.host_sparse if decode_rows is not None else 0)

@@ -74,19 +74,18 @@ def _fewest_new_tokens(work: int, cached: int) -> int:
 
 def describe_chunk_rule(plan) -> str:
     """Which prefill chunks go sparse, in words (the builder's `classify`, decided from host data)."""
-    def floor(device: str) -> str:
-        w = plan.chunk_work_floor(device)
-        if not w:
-            return "0 (off)"
-        ex = ", ".join(f">= {_fewest_new_tokens(w, c):,} new tokens after {c // 1024}K cached"
-                       for c in (32768, 131072))
-        return f"{_pairs(w)} token pairs ({ex})"
+    def floors(device: str) -> str:
+        q, w = plan.query_token_floor(device), plan.chunk_work_floor(device)
+        fewest = ", ".join(f"{max(q, _fewest_new_tokens(w, c)):,} after {c // 1024}K cached" for c in (32768, 131072))
+        return (f">= {q} query tokens and work >= {_pairs(w) + ' token pairs' if w else '0 (off)'} "
+                f"(the fewest new tokens: {fewest})")
 
-    work = (f"min_chunk_work={floor('cuda')}" if plan.min_chunk_work is not None else
-            f"min_chunk_work=auto: on CUDA {floor('cuda')}; on CPU {floor('cpu')}")
-    return (f"a prefill chunk goes sparse when its request's context reaches dense_below={plan.dense_below}, "
-            f"it has >= min_query_tokens={plan.min_query_tokens} query tokens, and its work (query tokens x "
-            f"tokens they see) reaches {work}; other chunks run vLLM's dense attention")
+    auto = plan.min_query_tokens is None or plan.min_chunk_work is None
+    rule = f"on CUDA {floors('cuda')}; on CPU {floors('cpu')}" if auto else floors("cuda")
+    return (f"a prefill chunk goes sparse when its request's context reaches dense_below={plan.dense_below} and "
+            f"it has {rule} (min_query_tokens={plan.min_query_tokens or 'auto'}, "
+            f"min_chunk_work={'auto' if plan.min_chunk_work is None else _pairs(plan.min_chunk_work)}; work: query "
+            f"tokens x the tokens they see); other chunks run vLLM's dense attention")
 
 
 def cmd_plan(args) -> int:

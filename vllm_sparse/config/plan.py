@@ -15,15 +15,20 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "block_size": 128,
     "dense_below": 8192,
     "union_tile": None,
-    "min_query_tokens": 16,
+    "min_query_tokens": "auto",
     "min_chunk_work": "auto",
 }
-# `min_chunk_work: auto` by the device the engine runs on (token pairs: query tokens x tokens they see).
-# CUDA: below this a sparse chunk-layer's fixed costs (estimation, selection and table launches, FA3 per
-# KV head) exceed what reading fewer blocks saves (benchmarks/RESULTS.md, "The serving workload").
-# CPU: 0: the CPU path is the exact torch reference, a correctness vehicle that is never faster than
-# vLLM's own kernel, so no floor would make it win; its tests exercise every chunk.
-AUTO_MIN_CHUNK_WORK = {"cuda": 96 * 2**20, "cpu": 0}
+# Which prefill chunks can win sparse, by the device the engine runs on (`auto` of `min_query_tokens`
+# and `min_chunk_work`; work in token pairs: query tokens x the tokens they see). On CUDA (H200, vLLM
+# 0.26, Llama-3.1-8B shape, 10% antidiagonal plan, benchmarks/RESULTS.md "The serving workload") a
+# sparse chunk-layer has a fixed cost that grows with the context (estimation, selection, tables, FA3
+# per KV head): with every chunk sparse, follow-up turns lost up to 4x (256 new tokens after 32K
+# cached), broke even near 2.8K new tokens after 32K and 1.3K after 128K, and won 1.7x-2.6x above
+# them. Both floors keep a margin over those break-evens. On CPU the path is the exact torch
+# reference, a correctness vehicle never faster than vLLM's own kernel, so no floor would make it win;
+# its tests exercise every chunk.
+AUTO_MIN_QUERY_TOKENS = {"cuda": 2048, "cpu": 16}
+AUTO_MIN_CHUNK_WORK = {"cuda": 128 * 2**20, "cpu": 0}
 DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
 DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
 DEFAULT_ESTIMATOR = ("sink_local", {})
@@ -147,7 +152,7 @@ class SparsePlan:
     num_kv_heads: int
     notes: tuple[str, ...] = field(default=())
     union_tile: int | None = None  # query blocks per union; None = the whole chunk
-    min_query_tokens: int = 16  # prefill chunks with fewer query tokens stay dense
+    min_query_tokens: int | None = None  # prefill chunks with fewer query tokens stay dense; None: auto
     min_chunk_work: int | None = None  # prefill chunks with less work stay dense; None: auto (by device)
     decode_block_tokens: int = DECODE_BLOCK_TOKENS
     decode_dense_below: int = DECODE_DENSE_BELOW
@@ -187,6 +192,12 @@ class SparsePlan:
         if self.min_chunk_work is not None:
             return self.min_chunk_work
         return AUTO_MIN_CHUNK_WORK.get(device_type, AUTO_MIN_CHUNK_WORK["cuda"])
+
+    def query_token_floor(self, device_type: str) -> int:
+        """Query tokens a prefill chunk needs to go sparse on a device."""
+        if self.min_query_tokens is not None:
+            return self.min_query_tokens
+        return AUTO_MIN_QUERY_TOKENS.get(device_type, AUTO_MIN_QUERY_TOKENS["cuda"])
 
     @classmethod
     def dense(cls, shape: ModelShape, source: str, reason: str) -> SparsePlan:
@@ -316,8 +327,8 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
     )
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), layers_out,
                       shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
-                      setting("min_query_tokens"), None if setting("min_chunk_work") == "auto" else
-                      setting("min_chunk_work"), block_tokens, decode_below)
+                      *(None if setting(k) == "auto" else setting(k) for k in ("min_query_tokens", "min_chunk_work")),
+                      block_tokens, decode_below)
 
 
 

@@ -41,18 +41,18 @@ _WORK = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*$", re.IGNORECASE)
 
 
 def parse_work(v: Any) -> int | str | None:
-    """`min_chunk_work`: None, "auto", or token pairs as an int >= 0 or "96M" / "1.5G" / "512K"."""
+    """`min_chunk_work`: None, "auto", or token pairs as an int >= 0 or "128M" / "1.5G" / "512K"."""
     if v is None or v == "auto":
         return v
     if isinstance(v, bool):
-        raise ValueError("give token pairs (e.g. 96M), 0 (off) or auto")
+        raise ValueError("give token pairs (e.g. 128M), 0 (off) or auto")
     if isinstance(v, int):
         if v < 0:
-            raise ValueError(f"{v} is negative: give token pairs (e.g. 96M), 0 (off) or auto")
+            raise ValueError(f"{v} is negative: give token pairs (e.g. 128M), 0 (off) or auto")
         return v
     m = _WORK.match(str(v))
     if not m:
-        raise ValueError(f"{v!r} is not a work size: give token pairs (e.g. 96M, 100000000), 0 (off) or auto")
+        raise ValueError(f"{v!r} is not a work size: give token pairs (e.g. 128M, 100000000), 0 (off) or auto")
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
 
 
@@ -266,13 +266,14 @@ def _build_models():
             None, description="decode page selection (Quest), or `dense` (the default): vLLM's own decode")
         union_tile: int | None = Field(
             None, ge=1, description="query blocks per block union (default: one union per prefill chunk)")
-        min_query_tokens: int | None = Field(
-            None, ge=2, description="prefill chunks with fewer query tokens stay dense, however long the context "
-            "(a speculative verify step, a short suffix after a prefix-cache hit); default 16")
+        min_query_tokens: int | str | None = Field(
+            None, description="prefill chunks with fewer query tokens stay dense, however long the context "
+            "(a speculative verify step, a short suffix after a prefix-cache hit): an integer >= 2, or \"auto\" "
+            "(the default): what the device needs for a sparse chunk to win, `vllm-sparse plan` prints it")
         min_chunk_work: int | str | None = Field(
             None, description="prefill chunks whose attention work (query tokens x the tokens they see, "
             "causal) is below this many token pairs stay dense: their sparse step's fixed costs would exceed "
-            "what it saves. An integer, with an optional K/M/G suffix (\"96M\"), 0 (off), or \"auto\" (the "
+            "what it saves. An integer, with an optional K/M/G suffix (\"128M\"), 0 (off), or \"auto\" (the "
             "default): the measured break-even of the device, `vllm-sparse plan` prints it")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
@@ -291,6 +292,13 @@ def _build_models():
         @classmethod
         def _work(cls, v):
             return parse_work(v)
+
+        @field_validator("min_query_tokens", mode="before")
+        @classmethod
+        def _query_tokens(cls, v):
+            if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 2):
+                return v
+            raise ValueError(f"{v!r}: give an integer >= 2 (query tokens) or auto")
 
     class ModelMatch(StrictModel):
         architectures: list[str] = Field(default_factory=list, description="HF architectures, e.g. LlamaForCausalLM")
