@@ -95,6 +95,13 @@ def test_requests_with_bidirectional_multimodal_ranges_stay_dense_and_keep_their
     assert sub.mm_req_doc_ranges == {1: [(0, 10)]}  # request 2 is the subset's request 1
 
 
+def test_every_batch_metadata_field_of_this_vllm_has_a_rule_and_an_unknown_one_stops_the_start():
+    compat.check_common_metadata()  # the installed vLLM: every field classified
+    cls = dataclasses.make_dataclass("Batch", [("seq_lens", object), ("new_per_request_thing", object)])
+    with pytest.raises(RuntimeError, match="new_per_request_thing"):
+        compat.check_common_metadata(cls)
+
+
 def test_dense_subset_metadata():
     cm = _common()
     _, reqs, tokens = classify(cm, dense_below=300)

@@ -161,12 +161,49 @@ def with_seq_lens(cm, seq_lens: torch.Tensor):
 _DERIVED_FIELDS: dict[type, list[str]] = {}
 
 
-_PER_TOKEN_FIELDS = ("slot_mapping", "positions")
+# How the dense sub-batch of a sparse step takes each field of vLLM's CommonAttentionMetadata, for every
+# field of the releases run here (0.26 on CUDA; 0.27 and 0.32 on CPU), as vLLM's own `unpadded()` lists
+# them. A field not listed is an error at engine start (`check_common_metadata`), never a guess mid-request.
+_RECOMPUTED_FIELDS = frozenset({"query_start_loc", "query_start_loc_cpu", "num_reqs", "num_actual_tokens",
+                                "max_query_len", "max_seq_len"})
+_PER_REQUEST_FIELDS = frozenset({
+    "seq_lens", "block_table_tensor", "encoder_seq_lens", "encoder_seq_lens_cpu", "dcp_local_seq_lens",
+    "dcp_local_seq_lens_cpu", "dcp_local_seq_lens_cpu_upper_bound", "is_prefilling", "seq_lens_cpu_upper_bound",
+    "req_idx", "rswa_prefix_lens", "replayssm_decode_base_cpu", "_seq_lens_cpu", "_num_computed_tokens_cpu",
+    "causal",  # a bool, or a tensor with a row per request
+})
+_PER_TOKEN_FIELDS = frozenset({"slot_mapping", "positions"})
+_RENUMBERED_FIELDS = frozenset({"mm_req_doc_ranges"})  # request index -> ranges
+# Caches derived from the whole batch (rebuilt on demand from the subset's own fields), and the logits
+# indices of fast prefill, which only KV-sharing models use (refused with a sparse plan at start).
+_DROPPED_FIELDS = frozenset({"_num_computed_tokens_cache", "_token_to_req_indices_cache", "logits_indices_padded",
+                             "num_logits_indices", "max_logits_per_req"})
+_KNOWN_FIELDS = _RECOMPUTED_FIELDS | _PER_REQUEST_FIELDS | _PER_TOKEN_FIELDS | _RENUMBERED_FIELDS | _DROPPED_FIELDS
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "?")
+
+
+def check_common_metadata(cls=None) -> None:
+    """Raise, naming them, if this vLLM's CommonAttentionMetadata has fields the sparse step's split does
+    not know (called when a builder with sparse layers starts)."""
+    if cls is None:
+        from vllm.v1.attention.backend import CommonAttentionMetadata as cls
+    unknown = sorted(f.name for f in dataclasses.fields(cls) if f.name not in _KNOWN_FIELDS)
+    if unknown:
+        raise RuntimeError(
+            f"vllm-sparse: vLLM {vllm_version()}'s CommonAttentionMetadata has field(s) {', '.join(unknown)}, which "
+            "the sparse step does not know how to split between its sparse chunks and the requests that stay "
+            "dense (vllm_sparse/compat.py lists the fields of the vLLM releases it runs with); use one of those "
+            "releases (README, Install)")
 
 
 def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
-    """CommonAttentionMetadata for a subset of requests (`reqs`, host indices) and their tokens."""
-    num_reqs = cm.num_reqs
+    """CommonAttentionMetadata for a subset of requests (`reqs`, host indices) and their tokens, field by
+    field as the tables above say."""
     qsl_cpu = cm.query_start_loc_cpu
     q_lens = (qsl_cpu[1:] - qsl_cpu[:-1])[reqs]
     new_qsl_cpu = torch.zeros(len(reqs) + 1, dtype=qsl_cpu.dtype)
@@ -174,7 +211,7 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
     seq_cpu = seq_lens_cpu(cm)[reqs]
     dev_reqs = to_device(reqs, cm.seq_lens.device)
     dev_tokens = to_device(tokens, cm.seq_lens.device)
-    special = {
+    changes = {
         "query_start_loc": to_device(new_qsl_cpu, cm.query_start_loc.device),
         "query_start_loc_cpu": new_qsl_cpu,
         "num_reqs": len(reqs),
@@ -182,26 +219,24 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
         "max_query_len": int(q_lens.max()) if len(reqs) else 0,
         "max_seq_len": int(seq_cpu.max()) if len(reqs) else 0,
     }
-    changes = {}
     for f in dataclasses.fields(cm):
-        name = f.name
-        if name in special:
-            changes[name] = special[name]
+        name, value = f.name, getattr(cm, f.name)
+        if name in _RECOMPUTED_FIELDS or value is None:
             continue
-        value = getattr(cm, name)
-        if name == "mm_req_doc_ranges":  # request index -> ranges: renumbered for the subset
-            kept = {new: value[int(old)] for new, old in enumerate(reqs.tolist()) if value and int(old) in value}
+        if name in _PER_REQUEST_FIELDS:
+            if isinstance(value, torch.Tensor):
+                changes[name] = value[dev_reqs.to(value.device)] if value.dim() else value
+            elif hasattr(value, "ndim"):  # numpy, on the host
+                changes[name] = value[reqs.numpy()]
+        elif name in _PER_TOKEN_FIELDS:
+            changes[name] = value[dev_tokens.to(value.device)]
+        elif name in _RENUMBERED_FIELDS:
+            kept = {new: value[int(old)] for new, old in enumerate(reqs.tolist()) if int(old) in value}
             changes[name] = kept or None
-        elif name.startswith("_") or name in ("logits_indices_padded", "num_logits_indices"):
-            changes[name] = None if value is not None else value
-        elif isinstance(value, torch.Tensor) and value.dim() > 0 and name != "causal":
-            if name in _PER_TOKEN_FIELDS:
-                changes[name] = value[dev_tokens.to(value.device)]
-            elif value.shape[0] == num_reqs:
-                changes[name] = value[dev_reqs.to(value.device)]
-            # else: not per-request (shared by all rows): keep
-        elif hasattr(value, "shape") and getattr(value, "ndim", 0) > 0 and len(value) == num_reqs:  # numpy
-            changes[name] = value[reqs.numpy()]
+        elif name in _DROPPED_FIELDS:
+            changes[name] = None
+        else:  # (check_common_metadata refused this vLLM at start)
+            raise RuntimeError(f"vllm-sparse: unknown CommonAttentionMetadata field {name!r}")
     return dataclasses.replace(cm, **changes)
 
 
