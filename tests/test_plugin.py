@@ -155,12 +155,40 @@ def test_layers_the_sparse_path_cannot_take_are_named_at_start(caplog):
         object.__setattr__(a, "impl", SimpleNamespace(unsupported=unsupported_features(attention_args)))
         return a
 
-    names = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn", "model.layers.2.self_attn.attn"]
-    context = dict(zip(names, [layer(sliding_window=512), layer(), layer(alibi_slopes=[1.0])]))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    context = dict(zip(names, [layer(sliding_window=512), layer(), layer(alibi_slopes=[1.0]),
+                               layer(kv_sharing_target_layer_name="model.layers.1.self_attn.attn")]))
     vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=context))
-    plan = SimpleNamespace(layer=lambda i: SimpleNamespace(is_sparse=i < 2))  # layer 2 is dense anyway
+    plan = SimpleNamespace(layer=lambda i: SimpleNamespace(is_sparse=i != 2))  # layer 2 is dense anyway
     with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
         warn_dense_layers(vllm_config, names, plan)
     lines = [r.getMessage() for r in caplog.records if "sparse path does not support" in r.getMessage()]
     assert lines == ["vllm-sparse: layer 0 (model.layers.0.self_attn.attn) has sliding window, which the sparse "
-                     "path does not support: it runs dense"]
+                     "path does not support: it runs dense",
+                     "vllm-sparse: layer 3 (model.layers.3.self_attn.attn) has KV shared with another layer, which "
+                     "the sparse path does not support: it runs dense"]
+
+
+def test_kv_caches_the_sparse_paths_cannot_read_are_refused_at_start():
+    """A quantized (fp8) KV cache; KV connectors and offloading, which move pages outside the attention's
+    writes; context parallelism, which shards a request's KV by token across ranks. The sparse path and
+    decode's page summaries read and follow one rank's own unquantized cache, so with a sparse plan
+    (prefill or decode alike) these stop the engine at start, each named."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend.checks import kv_problems
+
+    def config(kv_transfer=None, dtype="auto", **parallel):
+        sizes = {"decode_context_parallel_size": 1, "prefill_context_parallel_size": 1, **parallel}
+        return SimpleNamespace(kv_transfer_config=kv_transfer, parallel_config=SimpleNamespace(**sizes),
+                               cache_config=SimpleNamespace(cache_dtype=dtype))
+
+    assert kv_problems(config()) == [] and kv_problems(config(dtype="bfloat16")) == []
+    (setting, why), = kv_problems(config(dtype="fp8"))
+    assert setting == "kv_cache_dtype" and "kv_cache_dtype=fp8" in why and "--kv-cache-dtype auto" in why
+    problems = kv_problems(config(kv_transfer=object()))
+    assert [p for p, _ in problems] == ["kv_transfer_config"] and "--kv-offloading-size" in problems[0][1]
+    problems = kv_problems(config(decode_context_parallel_size=2))
+    assert [p for p, _ in problems] == ["decode_context_parallel_size"] and "=2 shards" in problems[0][1]
+    both = kv_problems(config(kv_transfer=object(), prefill_context_parallel_size=4))
+    assert [p for p, _ in both] == ["kv_transfer_config", "prefill_context_parallel_size"]

@@ -19,7 +19,7 @@ from vllm_sparse.backend.checks import (
     check_block_size,
     check_decode,
     check_decode_layers,
-    kv_cache_problem,
+    kv_problems,
     layer_index,
     layer_span,
     warn_dense_layers,
@@ -80,11 +80,16 @@ class SparseBuilderMixin:
         self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
         kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
         self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
+        if self._has_sparse_layer or any(self._plan.layer(layer_index(n)).is_sparse_decode for n in layer_names):
+            problems = kv_problems(vllm_config)  # one rule for prefill and decode, at start
+            if problems:
+                raise SparseConfigError(self._plan.source, problems)
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         if self._has_sparse_layer:
+            compat.check_common_metadata()  # the step's split knows every field of this vLLM's batch metadata
             check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
             check_kernel_choice(torch.device(device))  # VLLM_SPARSE_KERNEL, checked before any request
-            why = kv_cache_problem(vllm_config) or self.prepare_sparse_layers(layer_names)
+            why = self.prepare_sparse_layers(layer_names)
             if why:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
                 self._has_sparse_layer = False
@@ -107,9 +112,6 @@ class SparseBuilderMixin:
             return None
         check_decode(self._plan, kv_cache_spec.block_size, vllm_config.model_config.max_model_len)
         check_decode_layers(vllm_config, layer_names, self._plan)
-        why = kv_cache_problem(vllm_config)
-        if why:
-            raise SparseConfigError(self._plan.source, [("decode", f"decode selection is set, but {why}")])
         pages = vllm_config.cache_config.num_gpu_blocks
         summary_layers = [n for n in decode_layers if self._plan.layer(layer_index(n)).needs_summaries]
         allocate_summaries(summary_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,

@@ -40,10 +40,36 @@ def check_block_size(block_size: int, page_size: int, source: str) -> None:
 
 
 def kv_cache_problem(vllm_config) -> str | None:
+    """Why the sparse paths cannot read this engine's KV cache (quantized: fp8), or None."""
     dtype = vllm_config.cache_config.cache_dtype
     if dtype not in ("auto", None) and not str(dtype).startswith(("bfloat16", "float16", "half")):
         return f"the sparse path reads unquantized KV caches only, not kv_cache_dtype={dtype}"
     return None
+
+
+def kv_problems(vllm_config) -> list[tuple[str, str]]:
+    """(setting, why) for every way this engine's KV cache is one the sparse paths cannot read: quantized,
+    or not all in this rank's paged cache, written there by the layer's own attention (the sparse path
+    reads pages in place and decode's page summaries follow the writes). With a plan that has sparse
+    prefill or decode layers they stop the engine at start (`SparseBuilderMixin`): one rule for both."""
+    problems = []
+    why = kv_cache_problem(vllm_config)
+    if why:
+        problems.append(("kv_cache_dtype", f"{why}: use --kv-cache-dtype auto, or a plan that keeps every layer "
+                         "dense"))
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append(("kv_transfer_config", (
+            "a KV connector or KV offloading (--kv-transfer-config, --kv-offloading-size) loads and stores KV "
+            "pages outside the attention's own writes, which the sparse path and decode page selection do not "
+            "follow: run without it, or with a plan that keeps every layer dense")))
+    parallel = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        size = getattr(parallel, name, 1) or 1
+        if size > 1:
+            problems.append((name, (
+                f"{name}={size} shards each request's KV across ranks by token, and the sparse path selects "
+                "and reads blocks of one rank's whole context: use 1, or a plan that keeps every layer dense")))
+    return problems
 
 
 def check_head_size(plan, head_size: int) -> None:

@@ -32,6 +32,8 @@ def unsupported_features(arguments: dict) -> list[str]:
         ("ALiBi", a.get("alibi_slopes") is not None),
         ("logit soft-capping", a.get("logits_soft_cap") not in (None, 0, 0.0)),
         ("attention sinks", a.get("sinks") is not None),
+        # Its keys are another layer's (vLLM writes none for it): the page summaries never see them.
+        ("KV shared with another layer", a.get("kv_sharing_target_layer_name") is not None),
         ("non-decoder attention", str(getattr(a.get("attn_type"), "value", a.get("attn_type")))
          not in ("decoder", "None")),
     ) if bad]
