@@ -85,15 +85,10 @@ def drive(engine, requests: list[tuple[dict, object]], tag: str) -> list[dict]:
 
 def path_counts(worker) -> dict:
     """The plugin's prefill-token counters in this process: {"sparse": n, "dense": n, "chunks": n}."""
-    from vllm_sparse.metrics import worker as wm
+    from vllm_sparse.metrics.worker import process_counts
 
-    out = {"sparse": 0, "dense": 0, "chunks": 0}
-    for m in wm._METRICS.values():
-        if m is not None:
-            out["sparse"] += m.tokens["sparse"]
-            out["dense"] += m.tokens["dense"]
-            out["chunks"] += m.chunks
-    return out
+    counts = process_counts()
+    return {**counts["prefill"], "chunks": counts["chunks"]}
 
 
 def longest_prompt(first, docs, follow, beside, concurrent_len) -> int:

@@ -8,7 +8,7 @@ well), and so start-up failures are seen the way a user sees them.
                                     "audit": false}'
 
 "stats" reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
-attention (VLLM_SPARSE_AUDIT).
+attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens by path.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ RESULT_MARK = "ENGINE_RESULT "  # vLLM logs to stdout too; the result line carri
 def main(spec: dict) -> dict:
     import os
 
-    if spec.get("stats"):  # the sparse path's counters, read back from the workers after generating
-        os.environ["VLLM_SPARSE_STATS"] = "1"
+    if spec.get("stats") or spec.get("counters"):  # read back from the workers after generating
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
+    if spec.get("stats"):  # the sparse path's densities
+        os.environ["VLLM_SPARSE_STATS"] = "1"
         if spec.get("audit"):
             os.environ["VLLM_SPARSE_AUDIT"] = "1"
     from vllm import LLM, SamplingParams
@@ -55,8 +56,13 @@ def main(spec: dict) -> dict:
         gen = o.outputs[0]
         sampled = [d[t].logprob for d, t in zip(gen.logprobs, gen.token_ids)] if gen.logprobs else None
         results.append({"prompt_tokens": len(o.prompt_token_ids), "token_ids": list(gen.token_ids),
-                        "text": gen.text, "prompt_logprobs": lp, "logprobs": sampled})
+                        "text": gen.text, "prompt_logprobs": lp, "logprobs": sampled,
+                        "cached_tokens": getattr(o, "num_cached_tokens", None)})
     out = {"startup_s": startup, "generate_s": elapsed, "results": results}
+    if spec.get("counters"):  # the plugin's token counters by path (rank 0), as /metrics exports them
+        from vllm_sparse.metrics.worker import process_counts
+
+        out["counters"] = llm.collective_rpc(process_counts)[0]
     if spec.get("stats"):
         from vllm_sparse.eval.harness import read_stats
 

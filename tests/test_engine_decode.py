@@ -57,8 +57,9 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
     if prefix_hit:  # (on CPU the summary check below covers prefix hits, with one engine fewer)
         # The same long prompt twice, one after the other: the second reads the first's pages from the
         # prefix cache, and their summaries must be the ones its own prefill would have written.
+        # No prompt log-probabilities: vLLM reads no prefix cache for a request that asks for them.
         specs["prefix_hit"] = {
-            "prompts": [prompts[0], prompts[0]], "backend": "sparse", "sequential": True,
+            "prompts": [prompts[0], prompts[0]], "backend": "sparse", "sequential": True, "prompt_logprobs": False,
             "engine": {**engine, "enable_prefix_caching": True},
             "config": _config(tmp, "prefix", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})}
     return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
@@ -127,6 +128,26 @@ def test_page_summaries_match_the_cache_through_preemption_and_prefix_hits(tiny_
     batch = _run(tiny_llama, config, four, tight, ["batch"], max_tokens=250, env=check)["batch"]
     assert batch["preempted"], "the cache was meant to be too small for the batch"
     assert all(len(r["token_ids"]) == 250 for r in batch["runs"].values())
+
+
+def test_a_one_token_prefill_after_a_full_prefix_hit_is_a_decode_step(tiny_llama, tmp_path):
+    """A prompt sent again whose every whole page is cached leaves one token to prefill (vLLM recomputes
+    the last one): a single query over a long cached context, which is what a decode step is. The
+    plugin treats it as one: it selects pages like every later token of the request (decided here, and
+    in the README), from the summaries the first request's prefill wrote (checked against the cache)."""
+    ids = [t for p in _prompts(tiny_llama)[:2] for t in p["prompt_token_ids"]]
+    prompt = {"prompt_token_ids": ids[:34 * 32 + 1]}  # 34 whole 32-token pages, then one token
+    config = _config(tmp_path, "full_hit", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})
+    result, _ = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": config, "prompts": [prompt] * 2,
+                            "sequential": True, "engine": {**ENGINE, "enable_prefix_caching": True}, "max_tokens": 4,
+                            "ignore_eos": True, "prompt_logprobs": False, "logprobs": True, "counters": True},
+                           env={"VLLM_SPARSE_CHECK_SUMMARIES": "1"})
+    first, second = result["results"]
+    assert (first["cached_tokens"], second["cached_tokens"]) == (0, 34 * 32)
+    assert all(math.isfinite(x) for r in (first, second) for x in r["logprobs"]) and len(second["token_ids"]) == 4
+    # Sparse decode rows: the first request's 3 decode steps, the second's 1-token prefill and its 3.
+    assert result["counters"]["decode"] == {"sparse": 3 + 4, "dense": 0}
+    assert result["counters"]["prefill"] == {"sparse": 0, "dense": 34 * 32 + 1}  # the plan has no prefill layers
 
 
 def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, tmp_path):

@@ -69,5 +69,7 @@ def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs):
 
 def test_prefix_cache_hit_decodes_like_its_own_prefill(runs):
     first, second = runs["prefix_hit"]["results"]
+    page = ENGINE["block_size"]  # a hit of every whole page but the one holding the last token
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] == (first["prompt_tokens"] - 1) // page * page
     assert second["token_ids"][:4] == first["token_ids"][:4]
     assert _mean(first["logprobs"][:4], second["logprobs"][:4]) < 5e-2

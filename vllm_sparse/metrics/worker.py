@@ -206,3 +206,18 @@ def worker_metrics(device: torch.device, num_layers: int) -> WorkerMetrics | Non
 
             _METRICS[device] = WorkerMetrics(device, num_layers, compat.tensor_parallel_rank())
         return _METRICS[device]
+
+
+def process_counts(worker=None) -> dict:
+    """This process's token counters, summed over its devices: {"prefill": {"sparse", "dense"}, "decode":
+    {"sparse", "dense"}, "chunks"} (host numbers; `worker` lets `collective_rpc` call it)."""
+    out = {"prefill": {"sparse": 0, "dense": 0}, "decode": {"sparse": 0, "dense": 0}, "chunks": 0}
+    with _METRICS_LOCK:
+        metrics = list(_METRICS.values())
+    for m in metrics:
+        with m._lock:
+            for path in ("sparse", "dense"):
+                out["prefill"][path] += m.tokens[path]
+                out["decode"][path] += m.decode_tokens[path]
+            out["chunks"] += m.chunks
+    return out
