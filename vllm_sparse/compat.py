@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from vllm_sparse.backend.transfer import to_device
+from vllm_sparse.transfer import to_device
 
 BACKEND_NAME = "SPARSE"
 BACKEND_PATH = "vllm_sparse.backend.selected.SparseAttentionBackend"
@@ -179,6 +179,48 @@ _RENUMBERED_FIELDS = frozenset({"mm_req_doc_ranges"})  # request index -> ranges
 _DROPPED_FIELDS = frozenset({"_num_computed_tokens_cache", "_token_to_req_indices_cache", "logits_indices_padded",
                              "num_logits_indices", "max_logits_per_req"})
 _KNOWN_FIELDS = _RECOMPUTED_FIELDS | _PER_REQUEST_FIELDS | _PER_TOKEN_FIELDS | _RENUMBERED_FIELDS | _DROPPED_FIELDS
+
+
+def max_cudagraph_capture_size(vllm_config) -> int:
+    """The largest batch vLLM captures CUDA graphs for (0 where this vLLM's config has no such field)."""
+    return getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+
+
+def kv_cache_memory_bytes(cache_config) -> int | None:
+    """The KV cache size the user set in bytes (`kv_cache_memory_bytes`), None where unset or unknown."""
+    return getattr(cache_config, "kv_cache_memory_bytes", None)
+
+
+def kv_transfer_config(vllm_config):
+    """The KV connector / offloading config, None without one."""
+    return getattr(vllm_config, "kv_transfer_config", None)
+
+
+def context_parallel_sizes(parallel_config) -> dict[str, int]:
+    """{setting: size} of the context-parallel dimensions this vLLM has (decode, prefill)."""
+    return {name: getattr(parallel_config, name, 1) or 1
+            for name in ("decode_context_parallel_size", "prefill_context_parallel_size")}
+
+
+def bidirectional_ranges(cm) -> dict:
+    """Request index -> multimodal token ranges that attend bidirectionally (PrefixLM); {} without any."""
+    return getattr(cm, "mm_req_doc_ranges", None) or {}
+
+
+def set_cpu_attention_isa(builder, isa: str, layer_names: list[str]) -> None:
+    """Make vLLM's CPU attention builder (and its layers) use another KV page layout."""
+    builder.isa = isa
+    builder._set_isa_to_layers(layer_names)
+
+
+def flash_cache_keys_values(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) views [pages, kv_heads, page_size, head_dim] of vLLM's FlashAttention KV cache:
+    vLLM 0.26 packs K|V as [pages, kv_heads, page_size, 2*head_dim] (logical shape; stored NHD); older
+    releases use [2, pages, page_size, kv_heads, head_dim]."""
+    if kv_cache.dim() == 4:
+        d = kv_cache.shape[-1] // 2
+        return kv_cache[..., :d], kv_cache[..., d:]
+    return kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2)
 
 
 def vllm_version() -> str:

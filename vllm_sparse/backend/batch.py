@@ -60,7 +60,7 @@ def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0
         sparse &= chunk_work(q_lens, seq_lens) >= min_work
     # Requests with multimodal tokens that attend bidirectionally (PrefixLM) stay on the dense path,
     # which keeps their ranges; the sparse path is causal only.
-    for r in getattr(cm, "mm_req_doc_ranges", None) or {}:
+    for r in compat.bidirectional_ranges(cm):
         if r < len(sparse):
             sparse[r] = False
     if not bool(sparse.any()):  # every decode step, and short prompts: nothing more to build

@@ -27,13 +27,13 @@ from vllm_sparse.backend.checks import (
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
 from vllm_sparse.backend.kernel_choice import check_kernel_choice
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.transfer import to_device
 from vllm_sparse.backend.warmup import warm_up
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.decode.memory import allocate_summaries, drop_summaries
 from vllm_sparse.decode.step import decode_row_limit
 from vllm_sparse.log import logger
 from vllm_sparse.metrics.worker import worker_metrics
+from vllm_sparse.transfer import to_device
 
 # VLLM_SPARSE_LOG_STEPS=1: one log line per step (per layer group) that sends chunks to the sparse path,
 # from host data the builder has anyway: a way to see that a request went sparse.

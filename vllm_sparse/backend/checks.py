@@ -57,14 +57,12 @@ def kv_problems(vllm_config) -> list[tuple[str, str]]:
     if why:
         problems.append(("kv_cache_dtype", f"{why}: use --kv-cache-dtype auto, or a plan that keeps every layer "
                          "dense"))
-    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+    if compat.kv_transfer_config(vllm_config) is not None:
         problems.append(("kv_transfer_config", (
             "a KV connector or KV offloading (--kv-transfer-config, --kv-offloading-size) loads and stores KV "
             "pages outside the attention's own writes, which the sparse path and decode page selection do not "
             "follow: run without it, or with a plan that keeps every layer dense")))
-    parallel = vllm_config.parallel_config
-    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        size = getattr(parallel, name, 1) or 1
+    for name, size in compat.context_parallel_sizes(vllm_config.parallel_config).items():
         if size > 1:
             problems.append((name, (
                 f"{name}={size} shards each request's KV across ranks by token, and the sparse path selects "

@@ -39,8 +39,7 @@ class SparseCPUAttentionMetadataBuilder(SparseBuilderMixin, CPUAttentionMetadata
         if current_platform.get_cpu_architecture() != CpuArchEnum.X86:
             return f"the CPU sparse path does not read the {self.isa!r} KV page layout"
         logger.info("vllm-sparse: using the 'vec' CPU attention layout instead of %r for sparse layers", self.isa)
-        self.isa = "vec"
-        self._set_isa_to_layers(layer_names)
+        compat.set_cpu_attention_isa(self, "vec", layer_names)
         return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparse import compat
 from vllm_sparse.decode.attention import split_slots
 from vllm_sparse.decode.select import candidate_width
 from vllm_sparse.decode.summaries import PageSummaries
@@ -36,7 +37,7 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
     kv_bytes = sum(2 * page * num_kv_heads * head_size * elem for lp in plan.layers if lp.full_attention)
     sum_bytes = sum(PageSummaries.bytes_per_page(num_kv_heads, head_size, dtype)
                     for lp in plan.layers if lp.needs_summaries)
-    explicit = getattr(cache, "kv_cache_memory_bytes", None)
+    explicit = compat.kv_cache_memory_bytes(cache)
     if explicit:
         share = int(explicit * sum_bytes / kv_bytes)
     else:

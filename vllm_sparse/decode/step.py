@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from vllm_sparse import compat
 from vllm_sparse.config.plan import DecodeHeadPlan
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
 from vllm_sparse.decode.memory import decode_workspace, reserve_at_load
@@ -86,8 +87,7 @@ def check_row_blocks(max_model_len: int, block_tokens: int) -> str | None:
 
 def decode_row_limit(vllm_config) -> int:
     """Most rows a step can have: requests, or a captured graph's padded batch."""
-    capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
-    return max(vllm_config.scheduler_config.max_num_seqs, capture)
+    return max(vllm_config.scheduler_config.max_num_seqs, compat.max_cudagraph_capture_size(vllm_config))
 
 
 def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: int) -> None:

@@ -51,9 +51,8 @@ class PagedKV:
 
     @classmethod
     def from_flash_cache(cls, kv_cache: torch.Tensor) -> PagedKV:
-        """FlashAttention cache: vLLM 0.26 packs K|V as [pages, kv_heads, page_size, 2*head_dim]
-        (logical shape; stored NHD); older releases use [2, pages, page_size, kv_heads, head_dim]."""
-        if kv_cache.dim() == 4:
-            d = kv_cache.shape[-1] // 2
-            return cls(key=kv_cache[..., :d], value=kv_cache[..., d:])
-        return cls(key=kv_cache[0].transpose(1, 2), value=kv_cache[1].transpose(1, 2))
+        """vLLM's FlashAttention cache, whose layout is the release's (`compat.flash_cache_keys_values`)."""
+        from vllm_sparse import compat
+
+        key, value = compat.flash_cache_keys_values(kv_cache)
+        return cls(key=key, value=value)
