@@ -134,7 +134,7 @@ def test_a_one_token_prefill_after_a_full_prefix_hit_is_a_decode_step(tiny_llama
     """A prompt sent again whose every whole page is cached leaves one token to prefill (vLLM recomputes
     the last one): a single query over a long cached context, which is what a decode step is. The
     plugin treats it as one: it selects pages like every later token of the request (decided here, and
-    in the README), from the summaries the first request's prefill wrote (checked against the cache)."""
+    in docs/decode.md), from the summaries the first request's prefill wrote (checked against the cache)."""
     ids = [t for p in _prompts(tiny_llama)[:2] for t in p["prompt_token_ids"]]
     prompt = {"prompt_token_ids": ids[:34 * 32 + 1]}  # 34 whole 32-token pages, then one token
     config = _config(tmp_path, "full_hit", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})

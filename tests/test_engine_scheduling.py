@@ -107,7 +107,7 @@ def test_preemption_under_kv_pressure_keeps_what_was_generated(setup):
     sparse path. Every request completes; the ones never preempted get their tokens alone; a
     preempted one keeps every token it had before the preemption. (After it, its generated tokens
     were attended densely as decodes before and sparsely in the recompute, so what follows may
-    differ from an unpreempted run: README, "Limits".)"""
+    differ from an unpreempted run: docs/config.md, "Limits".)"""
     model, config, prompts, _ = setup
     ids = [t for name in ("long_a", "long_b") for t in prompts[name]]
     four = {f"p{i}": ids[i * 450: i * 450 + 400] for i in range(4)}

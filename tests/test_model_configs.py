@@ -1,7 +1,7 @@
 """The shipped plans against real models' shapes: each model's published config.json (the values that shape a
 plan, as the model cards' files give them), read by transformers as vLLM reads it, then `vllm-sparse plan`
 and discovery. Llama 3.1 and Gemma 3 have shipped plans; Qwen 2.5, Qwen 3 and Mistral do not (no published
-setting this plugin's estimators reproduce: README, "Shipped plans"), so discovery leaves them dense."""
+setting this plugin's estimators reproduce: docs/config.md, "Shipped plans"), so discovery leaves them dense."""
 
 from __future__ import annotations
 

@@ -240,7 +240,7 @@ def check_common_metadata(cls=None) -> None:
             f"vllm-sparse: vLLM {vllm_version()}'s CommonAttentionMetadata has field(s) {', '.join(unknown)}, which "
             "the sparse step does not know how to split between its sparse chunks and the requests that stay "
             "dense (vllm_sparse/compat.py lists the fields of the vLLM releases it runs with); use one of those "
-            "releases (README, Install)")
+            "releases (docs/versions.md)")
 
 
 def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
