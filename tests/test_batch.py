@@ -187,3 +187,47 @@ def test_decode_selection_refuses_dual_batch_overlap():
                              compilation_config=SimpleNamespace(static_forward_context={}))
     with pytest.raises(SparseConfigError, match="enable_dbo: decode selection keeps each step's chosen blocks"):
         check_decode_layers(config, [], plan)
+
+
+def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(monkeypatch):
+    """vLLM's FlashAttention builder keeps persistent buffers (FA3's scheduler metadata under CUDA graphs)
+    and returns views into them. The step's whole-batch metadata (which the layers a plan keeps dense
+    read) must not change when the dense sub-batch is built: that build goes to a second builder."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend import builder as builder_mod
+
+    class Metadata:
+        pass
+
+    class PersistentBufferBuilder:  # as FlashAttentionMetadataBuilder._store_scheduler_metadata does
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+            self.buffer = torch.zeros(8, dtype=torch.int32)
+
+        def build(self, common_prefix_len, cm):
+            self.buffer[: cm.num_reqs] = cm.seq_lens
+            md = Metadata()
+            md.seq_lens_view = self.buffer[: cm.num_reqs]
+            return md
+
+    class SparseMetadata(Metadata):
+        sparse_batch = None
+
+    class Builder(builder_mod.SparseBuilderMixin, PersistentBufferBuilder):
+        metadata_cls = SparseMetadata
+
+    sparse_layer = SimpleNamespace(is_sparse=True, is_sparse_decode=False)
+    plan = SimpleNamespace(layer=lambda i: sparse_layer, layers=[sparse_layer], source="x.yaml", block_size=64,
+                           dense_below=300, min_query_tokens=2, min_chunk_work=0,
+                           query_token_floor=lambda kind: 2, chunk_work_floor=lambda kind: 0)
+    monkeypatch.setattr(builder_mod, "plan_for", lambda vllm_config: plan)
+    monkeypatch.setattr(builder_mod, "worker_metrics", lambda *a: None)
+    vllm_config = SimpleNamespace(
+        cache_config=SimpleNamespace(cache_dtype="auto"), kv_transfer_config=None,
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1),
+        compilation_config=SimpleNamespace(static_forward_context={}))
+    b = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
+    md = b.build(0, _common())
+    assert md.sparse_batch.chunks == (SparseChunk(req=1, q_start=1, q_end=101, context_len=300),)
+    assert md.seq_lens_view.tolist() == SEQ_LENS  # the whole batch's, after the sub-batch was built
+    assert md.sparse_batch.dense_metadata.seq_lens_view.tolist() == [50, 30, 700]

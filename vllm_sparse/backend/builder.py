@@ -74,10 +74,23 @@ class SparseBuilderMixin:
         """Adapt this builder to what the sparse path reads; return why it cannot (those layers run dense)."""
         return None
 
+    def match_dense_builder(self, dense_builder) -> None:
+        """Give the sub-batch builder what `prepare_sparse_layers` changed on this one (same KV layout)."""
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._plan = plan_for(vllm_config)
         self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
+        # A sparse step's dense requests get their metadata from a builder of their own. The dense builder
+        # keeps persistent buffers (FA3's scheduler metadata under CUDA graphs, R-SWA prefix lengths,
+        # multimodal ranges) that the step's whole-batch metadata points into, which the layers this plan
+        # keeps dense read: a second build on this builder would overwrite them. Made now, before
+        # `prepare_sparse_layers` (a CPU builder's start sets its layers' KV layout).
+        self._dense_builder = None
+        if self._has_sparse_layer:
+            mro = type(self).__mro__
+            dense_cls = mro[mro.index(SparseBuilderMixin) + 1]
+            self._dense_builder = dense_cls(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
         self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
         if self._has_sparse_layer or any(self._plan.layer(layer_index(n)).is_sparse_decode for n in layer_names):
@@ -94,6 +107,7 @@ class SparseBuilderMixin:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
                 self._has_sparse_layer = False
             else:
+                self.match_dense_builder(self._dense_builder)
                 warn_dense_layers(vllm_config, layer_names, self._plan)
         if self._has_sparse_layer and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
@@ -149,6 +163,6 @@ class SparseBuilderMixin:
         dense_md = None
         if len(dense_reqs):
             sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
-            dense_md = super().build(0, sub, *args, **kwargs)
+            dense_md = self._dense_builder.build(0, sub, *args, **kwargs)  # (its own buffers: see __init__)
         dense_idx = to_device(dense_tokens, common_attn_metadata.query_start_loc.device) if len(dense_reqs) else None
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows))

@@ -42,6 +42,9 @@ class SparseCPUAttentionMetadataBuilder(SparseBuilderMixin, CPUAttentionMetadata
         compat.set_cpu_attention_isa(self, "vec", layer_names)
         return None
 
+    def match_dense_builder(self, dense_builder) -> None:
+        dense_builder.isa = self.isa  # the sparse layers' group's KV layout (its layers were set above)
+
 
 class SparseCPUAttentionImpl(SparseImplMixin, CPUAttentionBackendImpl):
     kv_view = staticmethod(PagedKV.from_cpu_cache)
