@@ -35,6 +35,10 @@ class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):
 
 
 class SparseFlashAttentionBackend(FlashAttentionBackend):
+    # vLLM 0.33 lets a model write the KV cache with its own fused op when the backend allows it, skipping
+    # `do_kv_cache_update`, where decode's page summaries follow the writes: not allowed here.
+    supports_kv_cache_update_bypass = False
+
     @staticmethod
     def get_name() -> str:
         return compat.BACKEND_NAME
