@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_sparse import compat
+from vllm_sparse.config.plan import chunk_work
 from vllm_sparse.decode.step import DecodeRows
 
 
@@ -33,13 +34,6 @@ class SparseBatch:
     decode: DecodeRows | None = None  # the step's rows, for layers that select pages at decode
 
 
-def chunk_work(q_lens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    """Causal attention work of prefill chunks, in token pairs: each of a chunk's q_len query tokens sees
-    the request's tokens before it and itself. int64, host."""
-    q, s = q_lens.long(), seq_lens.long()
-    return q * (s - q) + q * (q + 1) // 2
-
-
 def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0
              ) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
@@ -57,7 +51,7 @@ def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0
     q_lens = qsl[1:] - qsl[:-1]
     sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= dense_below)
     if min_work > 0:
-        sparse &= chunk_work(q_lens, seq_lens) >= min_work
+        sparse &= chunk_work(q_lens.long(), seq_lens.long()) >= min_work
     # Requests with multimodal tokens that attend bidirectionally (PrefixLM) stay on the dense path,
     # which keeps their ranges; the sparse path is causal only.
     for r in compat.bidirectional_ranges(cm):

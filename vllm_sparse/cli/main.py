@@ -62,13 +62,15 @@ def _pairs(n: int) -> str:
 
 def _fewest_new_tokens(work: int, cached: int) -> int:
     """The fewest new tokens after `cached` ones whose chunk reaches `work` token pairs."""
+    from vllm_sparse.config.plan import chunk_work
+
     q = 1
-    while q * cached + q * (q + 1) // 2 < work:
+    while chunk_work(q, cached + q) < work:
         q *= 2
     lo, hi = q // 2, q
     while lo + 1 < hi:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if mid * cached + mid * (mid + 1) // 2 < work else (lo, mid)
+        lo, hi = (mid, hi) if chunk_work(mid, cached + mid) < work else (lo, mid)
     return hi
 
 

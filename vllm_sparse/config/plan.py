@@ -28,6 +28,12 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 # reference, a correctness vehicle never faster than vLLM's own kernel, so no floor would make it win;
 # its tests exercise every chunk.
 AUTO_MIN_QUERY_TOKENS = {"cuda": 2048, "cpu": 16}
+
+
+def chunk_work(q_len, seq_len):
+    """Causal attention work of a prefill chunk in token pairs: each of its q_len query tokens sees the
+    request's tokens before it and itself (ints, or int64 tensors of chunks)."""
+    return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
 AUTO_MIN_CHUNK_WORK = {"cuda": 128 * 2**20, "cpu": 0}
 DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
 DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
