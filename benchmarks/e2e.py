@@ -292,7 +292,6 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
     tables to `out`, and per step: wall time, builder host time (outermost build: SPARSE's where it
     runs, else FlashAttention's), GPU kernel time."""
     import torch
-    from torch.autograd.profiler_util import EventList
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.llm_engine
@@ -317,8 +316,22 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     clock["on"] = False
-    events = EventList([e for e in prof.key_averages() if ".py(" not in e.key and not e.key.startswith("<built-in")])
+    events, waits = write_profile(prof, out)
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    outer = "sparse" if clock.get("sparse", [0])[0] else "flash_attn"
+    calls, secs = clock.get(outer, [0, 0.0])
+    return {"steps": n, "wall_ms_per_step": 1e3 * wall / max(n, 1), "gpu_ms_per_step": gpu_us / 1e3 / max(n, 1),
+            "builder": outer, "builder_calls_per_step": calls / max(n, 1),
+            "builder_ms_per_step": 1e3 * secs / max(n, 1), "table": out,
+            "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
+
+
+def write_profile(prof, out: str):
+    """A profile's tables to `out` (ops by self CPU time, by self GPU time, and where the host waited for
+    the GPU) -> (the ops without Python frames, the host waits)."""
+    from torch.autograd.profiler_util import EventList
+
+    events = EventList([e for e in prof.key_averages() if ".py(" not in e.key and not e.key.startswith("<built-in")])
     waits = host_waits(prof)
     Path(out).write_text(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
                          + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40,
@@ -326,12 +339,7 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
                          + "\n\nwhere the host waits for the GPU (calls that block, by Python stack):\n"
                          + "\n\n".join(f"{w['name']}: {w['calls']} calls, {w['ms']:.1f} ms\n  "
                                        + "\n  ".join(w["stack"]) for w in waits))
-    outer = "sparse" if clock.get("sparse", [0])[0] else "flash_attn"
-    calls, secs = clock.get(outer, [0, 0.0])
-    return {"steps": n, "wall_ms_per_step": 1e3 * wall / max(n, 1), "gpu_ms_per_step": gpu_us / 1e3 / max(n, 1),
-            "builder": outer, "builder_calls_per_step": calls / max(n, 1),
-            "builder_ms_per_step": 1e3 * secs / max(n, 1), "table": out,
-            "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
+    return events, waits
 
 
 _BLOCKING = ("cudaMemcpyAsync", "cudaMemcpy", "cudaStreamSynchronize", "cudaEventSynchronize",

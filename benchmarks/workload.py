@@ -162,11 +162,10 @@ def worker(spec: dict) -> None:
 
 
 def profile_turn(engine, requests, out: str) -> dict:
-    """One turn under the torch profiler (host and GPU): tables by self CPU and self GPU time to `out`,
-    and where the host waited for the GPU (`e2e.host_waits`) -> wall, GPU kernel time, launches."""
+    """One turn under the torch profiler (host and GPU), its tables to `out` (`e2e.write_profile`) ->
+    wall, GPU kernel time, kernel launches, where the host waited for the GPU."""
     import torch
-    from e2e import host_waits
-    from torch.autograd.profiler_util import EventList
+    from e2e import write_profile
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -175,17 +174,10 @@ def profile_turn(engine, requests, out: str) -> dict:
         drive(engine, requests, "profile")
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    events = EventList([e for e in prof.key_averages() if ".py(" not in e.key and not e.key.startswith("<built-in")])
-    kernels = [e for e in events if e.device_type.name == "CUDA"]
-    waits = host_waits(prof)
-    Path(out).write_text(events.table(sort_by="self_cpu_time_total", row_limit=50, max_name_column_width=70)
-                         + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
-                         + "\n\nwhere the host waits for the GPU:\n"
-                         + "\n".join(f"{w['name']}: {w['calls']} calls, {w['ms']:.1f} ms at "
-                                     f"{' < '.join(w['stack'][:4])}" for w in waits))
+    events, waits = write_profile(prof, out)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    return {"wall_ms": wall * 1e3, "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
-            "kernel_launches": launches, "table": out,
+    return {"wall_ms": wall * 1e3, "kernel_launches": launches, "table": out,
+            "gpu_ms": sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3,
             "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
 
 
