@@ -94,7 +94,7 @@ def worker(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     llm.generate([{"prompt_token_ids": torch.randint(3, 500, (4096,), generator=g).tolist()}], params,
                  use_tqdm=False)  # warm-up
-    ttft, runs = {}, {}
+    ttft, runs, stages = {}, {}, {}
     for n in spec["lengths"]:
         ids = torch_randint(n)
         times = []
@@ -105,15 +105,21 @@ def worker(spec: dict) -> dict:
             times.append(time.perf_counter() - t0)
         ttft[n], runs[n] = min(times), times  # the first run of a length would show any compile wait
         print(f"{'sparse' if spec['config'] else 'dense'} {n}: {times}", flush=True)
-        if spec.get("profile") == n:
+        if n in spec.get("profile", ()):
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
                 llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+                wall = time.perf_counter() - t0
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
-            Path(spec["profile_out"]).write_text(table)
-            print(table[:6000], flush=True)
+            label = Path(spec["config"]).stem if spec["config"] else "dense"
+            Path(f"{spec['profile_base']}.profile-{label}-{n}.txt").write_text(table)
+            stages[n] = {"wall_ms": wall * 1e3, **gpu_time_by_stage(prof)}
+            print(f"stages {n}: {json.dumps(stages[n])}", flush=True)
     result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs, "tensor_parallel_size": tp}
+    if stages:
+        result["stages_ms"] = stages
     if tp == 1:  # the workers run in this process: its allocator saw everything
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:  # each rank is a process of its own: ask each allocator
@@ -326,6 +332,36 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
             "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
 
 
+# Where a prefill's GPU time goes, by kernel name: the plugin's own Triton kernels by their function names.
+STAGES = (
+    ("estimation", ("_row_block_lse", "_block_mass_kernel", "_line_mass_kernel", "_block_key_means_kernel")),
+    ("selection and tables", ("_select_blocks_kernel", "_tile_tables_kernel")),
+    ("attention", ("flash", "fmha", "_sparse_paged_attention_kernel")),
+    ("linear layers", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+)
+
+
+def stage_of(kernel: str) -> str:
+    name = kernel.lower()
+    for stage, marks in STAGES:
+        if any(m.lower() in name for m in marks):
+            return stage
+    return "the rest"
+
+
+def gpu_time_by_stage(prof) -> dict[str, float]:
+    """GPU kernel time of a profile, ms per stage (`STAGES`; everything else is "the rest")."""
+    from torch.autograd import DeviceType
+
+    out = {stage: 0.0 for stage, _ in STAGES} | {"the rest": 0.0}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            out[stage_of(e.name)] += e.self_device_time_total / 1e3 if hasattr(e, "self_device_time_total") \
+                else e.cuda_time_total / 1e3
+    out["gpu_total"] = sum(out.values())
+    return out
+
+
 def write_profile(prof, out: str):
     """A profile's tables to `out` (ops by self CPU time, by self GPU time, and where the host waited for
     the GPU) -> (the ops without Python frames, the host waits)."""
@@ -405,6 +441,20 @@ def run_meta(args) -> dict:
     return meta
 
 
+def print_stages(results: dict) -> None:
+    """Where each profiled prefill's GPU time went, per engine: ms per stage and its share."""
+    engines = [("dense", results["dense"]), *((Path(c).stem, r) for c, r in results["sparse"].items())]
+    names = [stage for stage, _ in STAGES] + ["the rest"]
+    if not any(r.get("stages_ms") for _, r in engines):
+        return
+    print("\nwhere the prefill's GPU time goes (ms, share of GPU kernel time; wall = the profiled request)")
+    print(f"{'prompt':>8} {'engine':>28} {'wall':>8} {'GPU':>8} " + " ".join(f"{n[:18]:>18}" for n in names))
+    for name, r in engines:
+        for n, st in sorted(r.get("stages_ms", {}).items(), key=lambda kv: int(kv[0])):
+            cells = " ".join(f"{st[k]:>9.0f} ({st[k] / max(st['gpu_total'], 1e-9):>4.0%})" for k in names)
+            print(f"{n:>8} {name[:28]:>28} {st['wall_ms']:>8.0f} {st['gpu_total']:>8.0f} {cells}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,65536,131072")
@@ -419,7 +469,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-cases", help="BATCHxCONTEXT,... decode runs (instead of --decode-batch/-context)")
     ap.add_argument("--out", default="e2e.json")
-    ap.add_argument("--profile", type=int, help="also profile the sparse run at this length")
+    ap.add_argument("--profile", default="", help="lengths (comma-separated) whose prefill is also profiled, in "
+                    "every engine: GPU time per stage in the JSON and the table, op tables beside --out")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
     ap.add_argument("--profile-decode", help="BATCHxCONTEXT: also profile that decode case in every engine")
     ap.add_argument("--plot", action="store_true", help="also plot TTFT vs prompt length beside --out (PNG)")
@@ -440,7 +491,8 @@ def main() -> None:
             "decode_profile_base": str(Path(args.out).with_suffix(""))}
     if args.tensor_parallel_size > 1:
         base["tensor_parallel_size"] = args.tensor_parallel_size
-    prof = {"profile": args.profile, "profile_out": str(Path(args.out).with_suffix(".profile.txt"))}
+    prof = {"profile": [int(x) for x in args.profile.split(",") if x],
+            "profile_base": str(Path(args.out).with_suffix(""))}
     if args.only:
         result = run({**base, **prof, "config": None if args.only == "dense" else args.config})
         print(json.dumps(result))
@@ -454,13 +506,13 @@ def main() -> None:
     def save():  # after every engine: a command killed at its limit keeps what finished
         Path(args.out).write_text(json.dumps(results, indent=1))
 
-    results["dense"] = run({**base, "config": None})
+    results["dense"] = run({**base, **prof, "config": None})
     save()
     plans = [args.config, *args.extra_config]
     results["sparse"] = {}
-    for i, cfg in enumerate(plans):
+    for cfg in plans:
         try:
-            results["sparse"][cfg] = run({**base, **(prof if i == 0 else {}), "config": cfg})
+            results["sparse"][cfg] = run({**base, **prof, "config": cfg})
         except SystemExit as e:  # one plan failing leaves the others' figures
             results["sparse"][cfg] = {"error": str(e)}
         save()
@@ -497,6 +549,7 @@ def main() -> None:
             share = decode_read_share(cfg, int(case.split("x")[1]))
             sparse.setdefault("decode_read_share", {})[case] = share
             print(f"  {case:>14} {d:>12.1f} {s:>13.1f} {s / d:>6.2f}x {'-' if share is None else f'{share:.1%}':>6}")
+    print_stages(results)
     save()
 
     if args.plot:

@@ -40,8 +40,9 @@ def make_cache(ctx: int, gen: torch.Generator):
     return packed, kv, table
 
 
-def make_segments(ctx: int, q_len: int, tile: int, density: float, gen: torch.Generator):
-    """Union tiles of the last q_len queries; per (tile, kv head) a kept-block mask."""
+def make_segments(ctx: int, q_len: int, tile: int, density: float, gen: torch.Generator, lists: int = HKV):
+    """Union tiles of the last q_len queries; per (tile, list) a kept-block mask (a list per KV head, or
+    per q head with lists=HQ)."""
     n_seg = q_len // tile
     seg_end = ctx - q_len + tile * torch.arange(1, n_seg + 1, device="cuda")  # exclusive
     seg_start = seg_end - tile
@@ -50,16 +51,22 @@ def make_segments(ctx: int, q_len: int, tile: int, density: float, gen: torch.Ge
     causal = blk[None, :] * BLOCK < seg_end[:, None]  # [seg, blocks]
     forced = (blk[None, :] == 0) | (blk[None, :] >= seg_start[:, None] // BLOCK)  # sink + diagonal
     forced &= causal
-    score = torch.rand(n_seg, HKV, n_blocks, generator=gen, device="cuda")
+    score = torch.rand(n_seg, lists, n_blocks, generator=gen, device="cuda")
     score = torch.where(forced[:, None], 2.0, torch.where(causal[:, None], score, -1.0))
     want = torch.clamp((density * causal.sum(1)).ceil(), min=1)  # blocks per row
     want = torch.maximum(want, forced.sum(1).to(want.dtype))[:, None, None]
     rank = score.argsort(-1, descending=True).argsort(-1)
     mask = (rank < want) & causal[:, None]
-    num_pages = ((seg_end + PAGE - 1) // PAGE).repeat_interleave(HKV)
-    indptr, indices = block_mask_to_page_csr(mask.reshape(n_seg * HKV, n_blocks), BLOCK, PAGE, num_pages)
+    indptr, indices = mask_csr(mask, seg_end)
     qsl = (torch.arange(n_seg + 1, device="cuda") * tile).to(torch.int32)
     return mask, causal, indptr, indices, qsl, seg_end.to(torch.int32)
+
+
+def mask_csr(mask, seg_end):
+    """[seg, lists, blocks] kept-block mask -> CSR page lists per (segment, list)."""
+    n_seg, lists, n_blocks = mask.shape
+    num_pages = ((seg_end + PAGE - 1) // PAGE).repeat_interleave(lists)
+    return block_mask_to_page_csr(mask.reshape(n_seg * lists, n_blocks), BLOCK, PAGE, num_pages)
 
 
 def pair_count(mask, seg_end, tile) -> tuple[float, float]:
@@ -117,6 +124,48 @@ def flashinfer_block_sparse(q, packed, table, mask, tile):
     return (lambda: wrapper.run(qh, k, v)), plan_ms
 
 
+def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -> dict:
+    """Issue 26's per-q-head target: the four q heads of each KV head keep *different* random blocks
+    (`union_heads: false`: a page list per q head) vs the *same* blocks (one list per KV head): FA3 over
+    compacted tables and the Triton kernel, with the union of the different lists beside them (what
+    `union_heads: true` reads). Per-head time / same time is the cost of heads disagreeing."""
+    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+
+    group = HQ // HKV
+    same, causal, *_, qsl, seg_end = make_segments(ctx, q_len, tile, density, gen)  # [seg, HKV, blocks]
+    own = make_segments(ctx, q_len, tile, density, gen, lists=HQ)[0]  # [seg, HQ, blocks]
+    union = own.view(own.shape[0], HKV, group, -1).any(2)
+    rows_bt = torch.zeros(qsl.numel() - 1, dtype=torch.int32, device="cuda")
+    cases = {"same": (same, False), "own": (own, True), "union": (union, False)}
+    row = dict(ctx=ctx, q_len=q_len, density=density, tile=tile)
+    outs = {}
+    for name, (mask, per_head) in cases.items():
+        kept_pairs, all_pairs = pair_count(mask, seg_end, tile)
+        row[f"{name}_kept_pairs_share"] = kept_pairs / all_pairs
+        indptr, indices = mask_csr(mask, seg_end)
+        tables, counts = compact_block_tables(table, rows_bt, indptr, indices, mask.shape[1], ctx // PAGE)
+        fa_out = torch.full_like(q, float("nan"))
+        run_fa = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables, counts, qsl, seg_end, tile,
+                                   D**-0.5, fa_out)
+        tri_out = torch.full_like(q, float("nan"))
+        run_tri = functools.partial(sparse_paged_attention, q, kv, table, qsl, seg_end, indptr, indices, D**-0.5,
+                                    out=tri_out, max_query_len=tile, block_table_rows=rows_bt,
+                                    lists_per_q_head=per_head)
+        run_fa()
+        run_tri()
+        row[f"{name}_unwritten"] = bool(fa_out.isnan().any() or tri_out.isnan().any())
+        row[f"{name}_fa3_vs_triton_err"] = float((fa_out.float() - tri_out.float()).norm() / tri_out.float().norm())
+        row[f"{name}_fa3_ms"], row[f"{name}_triton_ms"] = bench(run_fa), bench(run_tri)
+        outs[name] = fa_out
+    row["own_vs_union_output_diff"] = float((outs["own"].float() - outs["union"].float()).norm()
+                                           / outs["union"].float().norm())
+    for k in ("fa3", "triton"):
+        row[f"{k}_own_over_same"] = row[f"own_{k}_ms"] / row[f"same_{k}_ms"]
+        row[f"{k}_union_over_same"] = row[f"union_{k}_ms"] / row[f"same_{k}_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="32768,131072")
@@ -127,6 +176,8 @@ def main() -> None:
     ap.add_argument("--out", default="kernels.json")
     ap.add_argument("--configs", default="", help="BLOCK_M:BLOCK_N:warps:stages;... to sweep")
     ap.add_argument("--flashinfer", default="", help="densities at which to time FlashInfer (whole prompt)")
+    ap.add_argument("--head-lists", default="", help="densities at which to compare a page list per q head "
+                    "(different blocks per head) with one per KV head (same blocks): issue 26's target")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     try:
@@ -135,7 +186,7 @@ def main() -> None:
     except ImportError:
         have_fa3 = False
     sweep = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(";") if c] or [None]
-    rows = []
+    rows, head_rows = [], []
     for ctx in (int(c) for c in args.contexts.split(",")):
         packed, kv, table = make_cache(ctx, gen)
         k_cache = packed[..., :D].contiguous()  # FA3 reads separate K and V caches [pages, page, heads, D]
@@ -149,7 +200,7 @@ def main() -> None:
                 run, fa_out = fa3_dense(q, k_cache, v_cache, table, ctx, q_len)
                 dense_ms = bench(run)
                 dense_tflops = 4 * D * HQ * causal_pairs / dense_ms / 1e9
-            for density in (float(x) for x in args.densities.split(",")):
+            for density in (float(x) for x in args.densities.split(",") if x):
                 mask, causal, indptr, indices, qsl, seg_end = make_segments(ctx, q_len, args.tile, density, gen)
                 kept_pairs, all_pairs = pair_count(mask, seg_end, args.tile)
                 kept_blocks = float((mask.sum() / (causal.sum() * HKV)).item())
@@ -204,6 +255,8 @@ def main() -> None:
                     except Exception as e:  # reported, not fatal: the baseline is optional
                         rows[-1].update(flashinfer_error=repr(e)[:300])
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("flashinfer")}), flush=True)
+            for density in (float(x) for x in args.head_lists.split(",") if x and have_fa3):
+                head_rows.append(head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, args.tile, density, gen))
         packed = kv = k_cache = v_cache = q = None
         torch.cuda.empty_cache()
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
@@ -213,7 +266,7 @@ def main() -> None:
         import vllm
         meta["vllm"] = vllm.__version__
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, head_lists=head_rows), indent=1))
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  vllm {meta.get('vllm')}")
     print(f"{'ctx':>7} {'mode':>6} {'dens':>5} {'kept':>6} {'cfg':>14} {'ours ms':>8} {'TF/s':>6} "
           f"{'FA3 ms':>8} {'FA3 TF/s':>8} {'x FA3':>6} {'err':>8} bad")
@@ -230,6 +283,18 @@ def main() -> None:
         if "flashinfer_ms" in r:
             print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
                   f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")
+
+    if head_rows:
+        print("\npage list per q head (4 q heads per KV head keep different blocks) vs per KV head (same blocks); "
+              "ms, and the ratio to 'same'")
+        print(f"{'ctx':>7} {'q_len':>7} {'dens':>5} {'union kept':>10} {'kernel':>7} {'same':>8} {'own':>8} "
+              f"{'union':>8} {'own/same':>8} {'union/same':>10} {'err':>8}")
+        for r in head_rows:
+            for k in ("fa3", "triton"):
+                print(f"{r['ctx']:>7} {r['q_len']:>7} {r['density']:>5.2f} {r['union_kept_pairs_share']:>10.3f} "
+                      f"{k:>7} {r[f'same_{k}_ms']:8.2f} {r[f'own_{k}_ms']:8.2f} {r[f'union_{k}_ms']:8.2f} "
+                      f"{r[f'{k}_own_over_same']:8.2f} {r[f'{k}_union_over_same']:10.2f} "
+                      f"{r['own_fa3_vs_triton_err']:8.1e}")
 
 
 if __name__ == "__main__":

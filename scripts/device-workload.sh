@@ -9,6 +9,11 @@
 #          plan with the work floor `auto`, then the same plan with it off), the same traffic to each; one
 #          follow-up turn (PROFILE, default follow:32768+256) profiled in every engine
 #   wlg    the same with CUDA graphs (--graphs)
+#   ktest  the sparse attention kernels' tests, compiled (FA3 and Triton, a page list per KV head and per q head)
+#   kern   benchmarks/kernels.py --head-lists: a page list per q head, heads keeping different blocks, vs the
+#          same blocks (deliverable 4's target), 128K prompt and a 16K chunk after 112K
+#   stages benchmarks/e2e.py with CUDA graphs at 32K/64K/128K, dense and PLANS' first plan, every prefill
+#          profiled: time to first token and where its GPU time goes (linear, estimation, selection, attention)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
 # second dense engine last (the spread between two engines of the same kind).
 set -o pipefail
@@ -30,5 +35,17 @@ workload() {  # workload OUT_NAME [--graphs]
 }
 wl() { workload workload_eager; }
 wlg() { workload workload_graphs --graphs; }
+ktest() { timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_sparse_kernel.py 2>&1 | tail -15; }
+kern() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 131072 --modes prompt,chunk --densities "" \
+    --head-lists 0.1,0.05 --out "$OUT/kernels_head_lists.json" 2>&1 | tail -12
+}
+stages() {
+  local first=${PLANS%% *}
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
+    --lengths 32768,65536,131072 --profile 32768,65536,131072 --config "benchmarks/configs/llama-3-8b-$first.yaml" \
+    --out "$OUT/e2e_stages.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "^stages " \
+    | tee "$OUT/e2e_stages.log" | tail -30
+}
 
-run_steps "wl:300 wlg:300" "$@"
+run_steps "wl:300 wlg:300 ktest:60 kern:60 stages:300" "$@"

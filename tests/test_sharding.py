@@ -259,6 +259,16 @@ def test_a_layout_that_cannot_be_sharded_stops_the_engine_at_start(monkeypatch):
     with pytest.raises(SparseConfigError, match="tensor_parallel_size=2 give 6 / 2"):
         rank_shard(plan, 4, 1)  # e.g. a draft model's layer: not this plan's heads
     assert rank_shard(SparsePlan.dense(shape, "x", "dense"), 4, 1) is None
+    # A list per q head cannot be honoured where a rank holds part of a group that reads one union.
+    per_head = resolve_plan(parse_config({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                                    "union_heads": False,
+                                                                    "layers": [{"layers": "all"}]}]}, "x.yaml"),
+                            shape, "x.yaml")
+    assert rank_shard(per_head, 6, 2).q_heads == range(0, 6)  # groups whole: fine
+    monkeypatch.setattr(compat, "tensor_parallel_size", lambda: 12)  # 3 ranks per KV head
+    assert rank_shard(plan, 1, 1).q_heads == range(0, 1)
+    with pytest.raises(SparseConfigError, match="union_heads: union_heads: false .* tensor_parallel_size=12"):
+        rank_shard(per_head, 1, 1)
 
 
 def test_stats_on_a_rank_of_a_split_group_count_what_one_device_counts_for_its_kv_head():

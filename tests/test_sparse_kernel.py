@@ -53,18 +53,19 @@ def _flash_layout(kv: PagedKV) -> PagedKV:
     return PagedKV.from_flash_cache(packed)
 
 
-def _run_both(b, lists, scale, dtype, flash):
+def _run_both(b, lists, scale, dtype, flash, per_q_head=False):
     indptr, idx = _csr(lists, DEVICE)
     q = b.q.to(DEVICE)
     kv = PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
     kv = _flash_layout(kv) if flash else kv
     bt, qsl, lens = b.block_table.to(DEVICE), b.query_start_loc.to(DEVICE, torch.int32), b.seq_lens.to(DEVICE)
     out = torch.full_like(q, float("nan"))  # poison: every row must be written
-    got, lse = sparse_paged_attention(q, kv, bt, qsl, lens, indptr, idx, scale, out=out, return_lse=True)
+    got, lse = sparse_paged_attention(q, kv, bt, qsl, lens, indptr, idx, scale, out=out, return_lse=True,
+                                      lists_per_q_head=per_q_head)
     assert got is out
     ref, ref_lse = sparse_paged_attention_ref(q.cpu(), PagedKV(b.kv.key, b.kv.value), b.block_table,
                                               b.query_start_loc, b.seq_lens, indptr.cpu(), idx.cpu().long(),
-                                              scale, return_lse=True)
+                                              scale, return_lse=True, lists_per_q_head=per_q_head)
     return got.cpu(), lse.cpu(), ref, ref_lse
 
 
@@ -92,6 +93,29 @@ def test_kernel_matches_reference(case, dtype, density):
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse)), f"rows with no visible key differ (seed {seed})"
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] != c[3]])  # the cases whose KV heads serve a group
+@pytest.mark.parametrize("density", [1.0, 0.4])
+def test_kernel_with_a_page_list_per_q_head_matches_reference(case, density):
+    """`union_heads: false`: each q head attends to its own pages, not its group's union. The reference's
+    per-q-head mode is itself checked against each head run alone, as a one-head group over its KV head."""
+    seq_lens, q_lens, hq, hkv, d, page = case
+    seed = 5000 + 100 * CASES.index(case) + int(density * 10)
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.float16, seed=seed)
+    lists = _random_lists(seq_lens, hq, page, density, seed)  # a list per (sequence, q head)
+    got, lse, ref, ref_lse = _run_both(b, lists, d**-0.5, torch.float16, flash=True, per_q_head=True)
+    assert not got.isnan().any(), f"unwritten rows (seed {seed})"
+    assert _rel_err(got, ref) < _tol(torch.float16), f"seed {seed}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=5e-3, rtol=5e-3)
+    for h in range(hq):
+        g = h // (hq // hkv)
+        indptr, idx = _csr([lists[s * hq + h] for s in range(len(seq_lens))], "cpu")
+        alone = sparse_paged_attention_ref(b.q[:, h:h + 1], PagedKV(b.kv.key[:, g:g + 1], b.kv.value[:, g:g + 1]),
+                                           b.block_table, b.query_start_loc, b.seq_lens, indptr, idx.long(), d**-0.5)
+        torch.testing.assert_close(ref[:, h:h + 1], alone)
 
 
 def test_kernel_reads_flash_layout_and_skips_rows_without_keys():
@@ -155,56 +179,61 @@ def _bottom_right_causal(q, k, v, scale, used):
     return torch.einsum("gtk,kd->tgd", logits.masked_fill(~ok, float("-inf")).softmax(-1), v[:used].double())
 
 
+@pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", CASES[:2])
-def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case):
-    """CPU twin of the FA3 path: compacted block tables + FA's causal rule give the reference's output."""
+def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, per_q_head):
+    """CPU twin of the FA3 path: compacted block tables + FA's causal rule give the reference's output,
+    with a list per KV head (its q heads read the union) or per q head (each its own)."""
     from vllm_sparse.kernels.fa3_compact import compact_block_tables
 
     seq_lens, q_lens, hq, hkv, d, page = case
+    n_lists = hq if per_q_head else hkv
+    pack, group = hq // n_lists, hq // hkv
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=11)
-    lists = _tail_complete_lists(seq_lens, q_lens, hkv, page, 0.4, seed=12)
+    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=12)
     indptr, idx = _csr(lists, "cpu")
     rows = torch.arange(len(seq_lens), dtype=torch.int32)
     max_pages = max((s + page - 1) // page for s in seq_lens)
-    tables, counts = compact_block_tables(b.block_table, rows, indptr, idx, hkv, max_pages)
+    tables, counts = compact_block_tables(b.block_table, rows, indptr, idx, n_lists, max_pages)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr, idx.long(),
-                                     d**-0.5)
-    group = hq // hkv
+                                     d**-0.5, lists_per_q_head=per_q_head)
     for s, length in enumerate(seq_lens):
         q0, q1 = int(b.query_start_loc[s]), int(b.query_start_loc[s + 1])
         last = length - ((length - 1) // page) * page
-        for h in range(hkv):
-            n = int(counts[h, s])
-            pages = tables[h, s, :n].long()
-            assert torch.equal(pages, b.block_table[s, lists[s * hkv + h]].long())
+        for i in range(n_lists):
+            n, h, heads = int(counts[i, s]), i * pack // group, slice(i * pack, (i + 1) * pack)
+            pages = tables[i, s, :n].long()
+            assert torch.equal(pages, b.block_table[s, lists[s * n_lists + i]].long())
             k = b.kv.key[pages, h].reshape(-1, d)
             v = b.kv.value[pages, h].reshape(-1, d)
-            got = _bottom_right_causal(b.q[q0:q1, h * group:(h + 1) * group], k, v, d**-0.5, (n - 1) * page + last)
-            torch.testing.assert_close(got.float(), ref[q0:q1, h * group:(h + 1) * group], atol=1e-4, rtol=1e-4)
+            got = _bottom_right_causal(b.q[q0:q1, heads], k, v, d**-0.5, (n - 1) * page + last)
+            torch.testing.assert_close(got.float(), ref[q0:q1, heads], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="FlashAttention 3 needs a Hopper GPU")
+@pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
-def test_fa3_over_compacted_tables_matches_reference(case):
+def test_fa3_over_compacted_tables_matches_reference(case, per_q_head):
     pytest.importorskip("vllm.vllm_flash_attn")
     from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
 
     seq_lens, q_lens, hq, hkv, d, page = case
+    n_lists = hq if per_q_head else hkv
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=13)
-    lists = _tail_complete_lists(seq_lens, q_lens, hkv, page, 0.4, seed=14)
+    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=14)
     indptr, idx = _csr(lists, DEVICE)
     packed = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
     k_cache, v_cache = packed.key.transpose(1, 2), packed.value.transpose(1, 2)  # [pages, page, heads, D]
     bt = b.block_table.to(DEVICE)
     rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
-    tables, counts = compact_block_tables(bt, rows, indptr, idx, hkv, bt.shape[1])
+    tables, counts = compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
     out = torch.full_like(b.q, float("nan")).to(DEVICE)
     sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, counts,
                          b.query_start_loc.to(DEVICE, torch.int32), b.seq_lens.to(DEVICE, torch.int32),
                          max(q_lens), d**-0.5, out)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
-                                     idx.cpu().long(), d**-0.5)
+                                     idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
     assert not out.isnan().any()
     err = _rel_err(out.cpu(), ref)
     assert err < 2e-2
@@ -244,6 +273,45 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
                          kernel=kernel)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("union_tile", [None, 1])
+@pytest.mark.parametrize("kernel", ["reference", "triton"] + (["fa3"] if GPU else []))
+def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_tile):
+    """`union_heads: false` through the backend's sparse step: every q head's output is what that head
+    gets when it is alone in its group (a one-head union is its own blocks), on each path; and it is not
+    the group union's output (the heads keep different blocks, so reading the union would differ)."""
+    from vllm_sparse.backend.batch import SparseChunk
+    from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+    from vllm_sparse.config.plan import HeadPlan
+    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.selection.budget import Budget
+
+    if kernel == "fa3":
+        pytest.importorskip("vllm.vllm_flash_attn")
+    hq, hkv, d, bs = 8, 2, 32, 32
+    b = random_paged_batch((300, 200), (120, 200), hq, hkv, d, 16, dtype=torch.float16, seed=23)
+    plan = HeadPlan("pooled", get_estimator("pooled").params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))
+    chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
+                               int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
+                   for s in range(2))
+    q, kv, bt = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)), b.block_table.to(DEVICE)
+    kv = _flash_layout(kv) if kernel == "fa3" else kv
+
+    def run(q, kv, heads, union_heads):
+        out = torch.full_like(q, float("nan"))
+        attend_sparse_chunks(q, out, kv, bt, chunks, [plan] * heads, bs, d**-0.5, union_tile=union_tile,
+                             union_heads=union_heads, kernel=kernel)
+        assert not out.isnan().any()
+        return out.cpu().float()
+
+    own = run(q, kv, hq, False)
+    for h in range(hq):
+        g = h // (hq // hkv)
+        alone = run(q[:, h:h + 1].contiguous(), PagedKV(kv.key[:, g:g + 1], kv.value[:, g:g + 1]), 1, True)
+        torch.testing.assert_close(own[:, h:h + 1], alone, atol=5e-3, rtol=5e-3)
+    union = run(q, kv, hq, True)
+    assert (own - union).abs().amax() > 1e-2
 
 
 @pytest.mark.parametrize("kernel", ["triton"] + (["fa3"] if GPU else []))

@@ -3,7 +3,8 @@
 Both take the chunk's kept-block mask (a row per q head, or per KV head when a GQA group selected
 together; where tensor parallelism splits a GQA group, a row per q head of the whole group) and its
 union tiles: each tile's union over its rows and over the q heads of a KV head is
-the page list the tile's queries attend to.
+the page list the tile's queries attend to. Without the union over heads (`union_heads: false`), each
+q head's union over the tile's rows is its own page list: the work follows each head's kept blocks.
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ def mask_kv_heads(mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return torch.arange(rows, device=mask.device) // (rows // num_kv_heads)
 
 
+def page_lists_per_q_head(mask: torch.Tensor, q_heads: int, union_heads: bool) -> bool:
+    """Whether each q head attends to its own page list: the plan asks it (`union_heads: false`) and the
+    mask has a row per q head of this rank (a group that selected together has one list anyway)."""
+    return not union_heads and mask.shape[0] == q_heads
+
+
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
-                             output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
+                             union_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
-    Returns (KV pages read, causal KV pages) summed over the tiles and KV heads, on the device.
+    Returns (KV pages read, causal KV pages) summed over the tiles and page lists, on the device.
 
     Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
     tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
@@ -42,8 +49,10 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
     n_tiles = -(-rows // tile)
+    per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
+    lists = mask.shape[0] if per_head else num_kv
     bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len, dev)
-    union = tile_unions(mask, tile, num_kv) if STATS.enabled or kernel != "fa3" else None
+    union = tile_unions(mask, tile, lists) if STATS.enabled or kernel != "fa3" else None
     if STATS.enabled:  # eval counters: host syncs are acceptable there
         # Every tile's union, repeated for each of its rows: the whole chunk counted at once.
         record_density(layer, ctx, mask, tile_unions_per_row(union, tile, rows), slice(0, rows), n_tiles)
@@ -51,44 +60,48 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     max_q = min(tile * bs, ctx.q_len)
     if kernel == "fa3":
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
-        tables, counts = tile_tables_triton(mask, num_kv, tile, seq_lens, bs, kv.page_size, block_table[c.req],
+        tables, counts = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
                                             max_pages)
         sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
                              max_q, ctx.scale, out)
-        return counts.sum(), ((seq_lens + kv.page_size - 1) // kv.page_size).sum() * num_kv
-    num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(num_kv)
-    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv, nkb), bs,
+        return counts.sum(), ((seq_lens + kv.page_size - 1) // kv.page_size).sum() * lists
+    num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
+    indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,
                                              kv.page_size, num_pages)
     rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
     sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
-                           max_query_len=max_q, block_table_rows=rows_bt)
+                           max_query_len=max_q, block_table_rows=rows_bt, lists_per_q_head=per_head)
     return indptr[-1], num_pages.sum()
 
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
-                           output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0
-                           ) -> tuple[int, int]:
+                           output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0,
+                           union_heads: bool = True) -> tuple[int, int]:
     """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows
     after the first `dense_rows`, those past dense_below, per head). Returns (KV pages read, causal KV
-    pages) summed over the tiles and KV heads."""
+    pages) summed over the tiles and page lists."""
     kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
-    num_kv = kv.num_kv_heads
+    per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
+    lists = mask.shape[0] if per_head else kv.num_kv_heads
+    list_of_row = mask_kv_heads(mask, lists)
     kept = causal = 0
     for r0 in range(0, ctx.num_query_blocks, tile):
         rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
-        union = union_blocks(mask[:, rows], mask_kv_heads(mask, num_kv), num_kv)
+        union = union_blocks(mask[:, rows], list_of_row, lists)
         # The tile's query tokens: its rows' positions that lie in this chunk.
         t0 = max((ctx.first_query_block + rows.start) * block_size - c.context_len, 0)
         t1 = min((ctx.first_query_block + rows.stop) * block_size - c.context_len, c.q_end - c.q_start)
         tokens = slice(c.q_start + t0, c.q_start + t1)
         seq_len = c.context_len + t1
         page_lists = [blocks_to_pages(torch.nonzero(union[h]).flatten(), block_size, kv.page_size, seq_len)
-                      for h in range(num_kv)]
+                      for h in range(lists)]
         indptr = torch.tensor([0] + [len(p) for p in page_lists]).cumsum(0)
         kept += int(indptr[-1])
-        causal += num_kv * -(-seq_len // kv.page_size)
+        causal += lists * -(-seq_len // kv.page_size)
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
-        sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale, out=output[tokens])
+        sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale, out=output[tokens],
+                                   lists_per_q_head=per_head)
         if STATS.enabled:
-            record_with_audit(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows)
+            record_with_audit(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows,
+                              torch.arange(lists, device=mask.device) if per_head else None)
     return kept, causal

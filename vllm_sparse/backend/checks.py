@@ -104,6 +104,11 @@ def rank_shard(plan, num_heads: int, num_kv_heads: int):
             f"an attention layer has {num_heads} query / {num_kv_heads} KV heads on this rank, but the model's "
             f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
             f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
+    if shard.splits_groups and not plan.union_heads and any(layer.is_sparse for layer in plan.layers):
+        raise SparseConfigError(plan.source, [("union_heads", (
+            f"union_heads: false gives each q head its own page list, and tensor_parallel_size={tp} splits the "
+            f"model's {plan.num_kv_heads} KV head(s) across ranks, where every rank reads its group's union: use a "
+            f"tensor_parallel_size of at most {plan.num_kv_heads}, or union_heads: true"))])
     return shard
 
 

@@ -145,6 +145,7 @@ def attend_sparse_chunks(
     block_size: int,
     scale: float,
     union_tile: int | None = None,  # query blocks per union; None: one union for the whole chunk
+    union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
@@ -173,8 +174,8 @@ def attend_sparse_chunks(
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
             pages = attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer,
-                                           dense_rows(ctx, dense_below))
+                                           dense_rows(ctx, dense_below), union_heads)
         else:
-            pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer)
+            pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads)
         if metrics is not None:
             metrics.record_density(layer, *pages)

@@ -32,19 +32,21 @@ def record_density(layer: int, ctx: ChunkContext, mask, union, rows, unions: int
 
 
 def record_with_audit(layer: int, ctx: ChunkContext, mask, union, rows: slice, tokens: slice, out,
-                      dense_rows: int = 0) -> None:
+                      dense_rows: int = 0, list_of_head: torch.Tensor | None = None) -> None:
     """Densities; with audit, also the distance from dense attention and the attention mass kept.
 
-    union [kv_heads, kv_blocks] is what the tile's `rows` (chunk-local `tokens`) read; `out` their sparse
-    output. Per union: relative error and mean kept mass over the tile's queries and heads. Per head:
-    mass kept and cells read, over the rows past the first `dense_rows` (those past dense_below)."""
+    union [lists, kv_blocks] is what the tile's `rows` (chunk-local `tokens`) read, a page list per KV
+    head, or per q head where `list_of_head` maps each q head to its own; `out` their sparse output.
+    Per union: relative error and mean kept mass over the tile's queries and heads. Per head: mass kept
+    and cells read, over the rows past the first `dense_rows` (those past dense_below)."""
     record_density(layer, ctx, mask, union, rows)
     st = STATS.layers[layer]
     if STATS.audit:
         dense, mass = dense_attention_mass(ctx, tokens)
         rel = float((out.float() - dense).norm() / dense.norm().clamp_min(1e-30))
         read = union[:, None, :].expand(-1, ctx.num_query_blocks, -1)
-        kept = read_mass(mass, read, ctx.kv_head_of)  # only the tile's rows hold mass
+        list_of_head = ctx.kv_head_of if list_of_head is None else list_of_head
+        kept = read_mass(mass, read, list_of_head)  # only the tile's rows hold mass
         st.audit.append((rel, float(kept.sum()) / max(1, (tokens.stop - tokens.start) * mass.shape[0])))
         past = slice(max(rows.start, dense_rows), rows.stop)
         if past.start < past.stop:
@@ -52,5 +54,5 @@ def record_with_audit(layer: int, ctx: ChunkContext, mask, union, rows: slice, t
             first = ctx.context_len + tokens.start, (ctx.first_query_block + past.start) * ctx.block_size
             n_tokens = min(ctx.context_len + tokens.stop, (ctx.first_query_block + past.stop) * ctx.block_size) \
                 - max(first)
-            st.add_heads(read_mass(mass[:, past], read[:, past], ctx.kv_head_of).tolist(), n_tokens,
+            st.add_heads(read_mass(mass[:, past], read[:, past], list_of_head).tolist(), n_tokens,
                          read_cells(read[:, past], causal).tolist(), int(causal.sum()))

@@ -15,6 +15,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "block_size": 128,
     "dense_below": 8192,
     "union_tile": None,
+    "union_heads": True,
     "min_query_tokens": "auto",
     "min_chunk_work": "auto",
 }
@@ -162,6 +163,7 @@ class SparsePlan:
     min_chunk_work: int | None = None  # prefill chunks with less work stay dense; None: auto (by device)
     decode_block_tokens: int = DECODE_BLOCK_TOKENS
     decode_dense_below: int = DECODE_DENSE_BELOW
+    union_heads: bool = True  # q heads of a KV head attend to their blocks' union; False: each to its own
 
     @property
     def is_sparse(self) -> bool:
@@ -334,7 +336,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) ->
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), layers_out,
                       shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
                       *(None if setting(k) == "auto" else setting(k) for k in ("min_query_tokens", "min_chunk_work")),
-                      block_tokens, decode_below)
+                      block_tokens, decode_below, union_heads=setting("union_heads"))
 
 
 

@@ -266,6 +266,11 @@ def _build_models():
             None, description="decode page selection (Quest), or `dense` (the default): vLLM's own decode")
         union_tile: int | None = Field(
             None, ge=1, description="query blocks per block union (default: one union per prefill chunk)")
+        union_heads: bool | None = Field(
+            None, description="true (the default): the q heads of a KV head attend to the union of their kept "
+            "blocks (one page list per KV head, its pages read once per group); false: each q head attends only "
+            "to its own kept blocks, so attention work follows each head's blocks, not their union (fewer "
+            "blocks read, a different output: a plan's fidelity is measured with the setting it ships)")
         min_query_tokens: int | str | None = Field(
             None, description="prefill chunks with fewer query tokens stay dense, however long the context "
             "(a speculative verify step, a short suffix after a prefix-cache hit): an integer >= 2, or \"auto\" "

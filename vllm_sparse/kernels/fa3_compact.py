@@ -7,8 +7,10 @@ with every page from the segment's first query to its last (the selection always
 local/diagonal blocks, so it does): FA3 aligns causal masks bottom-right, and bottom-right in
 the compacted list is the segment's own tail. Pages before that tail are wholly in the past.
 
-FA3 takes one block table for all heads of a sequence, so this runs one call per KV head, each
-on a strided view of that head's q heads, K/V pages and output (no copies).
+FA3 takes one block table for all heads of a sequence, so this runs one call per page list, each
+on a strided view of the list's q heads, K/V pages and output (no copies): a list per KV head
+(its q heads attend to their union), or a list per q head (each attends only to its own pages,
+so the work follows each head's kept blocks, not their union).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def sparse_attention_fa3(
     q: torch.Tensor,  # [tokens, q_heads, D]
     k_cache: torch.Tensor,  # [pages, page_size, kv_heads, D] (FlashAttention layout; may be a view)
     v_cache: torch.Tensor,
-    tables: torch.Tensor,  # from compact_block_tables
-    counts: torch.Tensor,
+    tables: torch.Tensor,  # [lists, segments, max_pages] from compact_block_tables; lists = KV or q heads
+    counts: torch.Tensor,  # [lists, segments]
     query_start_loc: torch.Tensor,  # [segments + 1] int32
     seq_lens: torch.Tensor,  # [segments] tokens up to each segment's last query
     max_query_len: int,
@@ -52,13 +54,16 @@ def sparse_attention_fa3(
     page = k_cache.shape[1]
     kv_heads = k_cache.shape[2]
     group = q.shape[1] // kv_heads
+    pack = 1 if tables.shape[0] == q.shape[1] else group  # q heads per list
+    if tables.shape[0] * pack != q.shape[1]:
+        raise ValueError(f"{tables.shape[0]} page lists for {q.shape[1]} q heads over {kv_heads} KV heads")
     last_page_tokens = seq_lens - ((seq_lens - 1) // page) * page
     used = torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
     max_k = tables.shape[-1] * page
-    for h in range(kv_heads):
-        heads = slice(h * group, (h + 1) * group)
+    for i in range(tables.shape[0]):
+        heads, h = slice(i * pack, (i + 1) * pack), i * pack // group
         flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
-                               seqused_k=used[h], softmax_scale=scale, causal=True, block_table=tables[h],
+                               seqused_k=used[i], softmax_scale=scale, causal=True, block_table=tables[i],
                                out=out[:, heads], fa_version=3)
     return out

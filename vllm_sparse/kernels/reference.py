@@ -3,7 +3,8 @@
 Inputs follow the layout the kernels use: the queries of one or more prefill chunks packed
 varlen (`query_start_loc`), vLLM's paged cache read in place through each sequence's block
 table, and per (sequence, KV head) a sorted list of *logical* page indices (CSR:
-`page_indptr[seq * num_kv_heads + kv_head]` .. next) into that sequence's block table.
+`page_indptr[seq * num_kv_heads + kv_head]` .. next) into that sequence's block table; or, with
+`lists_per_q_head`, one list per (sequence, q head), `page_indptr[seq * num_q_heads + q_head]`.
 Within the chunk attention is causal: query at absolute position p sees keys at positions <= p.
 """
 
@@ -25,6 +26,7 @@ def sparse_paged_attention_ref(
     scale: float,
     out: torch.Tensor | None = None,  # written in place when given
     return_lse: bool = False,
+    lists_per_q_head: bool = False,  # a page list per q head (each attends to its own), not per KV head
 ):
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page = kv.num_kv_heads, kv.page_size
@@ -39,10 +41,12 @@ def sparse_paged_attention_ref(
         if q1 == q0:
             continue
         q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=q.device)
-        for h in range(num_kv_heads):
-            r = s * num_kv_heads + h
+        lists = num_q_heads if lists_per_q_head else num_kv_heads
+        for i in range(lists):
+            r = s * lists + i
             logical = page_indices[indptr[r] : indptr[r + 1]].to(q.device, torch.long)
-            heads = slice(h * group, (h + 1) * group)
+            h = i // group if lists_per_q_head else i  # the list's KV head
+            heads = slice(i, i + 1) if lists_per_q_head else slice(h * group, (h + 1) * group)
             if logical.numel() == 0:  # nothing selected: no key visible, as a fully masked row
                 out[q0:q1, heads] = 0
                 continue
@@ -50,7 +54,7 @@ def sparse_paged_attention_ref(
             phys = block_table[s].to(q.device)[logical].long()
             k = kv.key[phys, h].reshape(-1, head_dim).float()  # [n_pages*page, D]
             v = kv.value[phys, h].reshape(-1, kv.value.shape[-1]).float()
-            qs = q[q0:q1, heads].float()  # [T, group, D]
+            qs = q[q0:q1, heads].float()  # [T, heads of the list, D]
             logits = torch.einsum("tgd,kd->tgk", qs, k) * scale
             visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
             logits = logits.masked_fill(~visible[:, None, :], float("-inf"))

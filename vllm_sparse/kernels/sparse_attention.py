@@ -1,12 +1,14 @@
 """Block-sparse chunked-prefill attention over vLLM's paged KV cache, in place (Triton).
 
 Same contract as `reference.sparse_paged_attention_ref`: varlen queries, pages read through
-the block table, per (segment, KV head) a sorted CSR list of logical pages, causal inside the
-chunk. A segment is a sequence's chunk, or a tile of it when selection is unioned per query
-tile: `block_table_rows` maps segments to block-table rows.
+the block table, per (segment, KV head) a sorted CSR list of logical pages (or per (segment, q
+head) with `lists_per_q_head`), causal inside the chunk. A segment is a sequence's chunk, or a
+tile of it when selection is unioned per query tile: `block_table_rows` maps segments to
+block-table rows.
 
-One program = BLOCK_M query tokens x all q heads of one KV head (GQA packing: the tile's rows
-are token-major, head-minor), so every selected page is read once per group. Two binary searches
+One program = BLOCK_M query tokens x the q heads of one page list: all q heads of a KV head (GQA
+packing: the tile's rows are token-major, head-minor), so every selected page is read once per
+group; or, with a list per q head, that one head, so its work follows its own pages. Two binary searches
 over the page list split it into pages every row sees (no mask) and pages that cross the
 diagonal (causal mask); pages past the tile's last query are never visited. Nothing here syncs
 with the host when `max_query_len` is given.
@@ -73,14 +75,17 @@ def _sparse_paged_attention_kernel(
     Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
     stride_ot, stride_oh, stride_bt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, PACK_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_ITERS: tl.constexpr,
     HAS_BT_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     # Later segments (union tiles of one chunk) see more pages: start them first.
     seg = tl.num_programs(1) - 1 - tl.program_id(1)
-    kv_head = tl.program_id(2)
+    # Page list of this program: per KV head (PACK = GROUP q heads read it) or per q head (PACK = 1).
+    lst = tl.program_id(2)
+    kv_head = lst * PACK // GROUP
     q0 = tl.load(QSL + seg)
     q_len = tl.load(QSL + seg + 1) - q0
     # Tiles run last-first: the ones near the diagonal see the most pages, start them early.
@@ -94,18 +99,18 @@ def _sparse_paged_attention_kernel(
     else:
         bt_row = BT + seg.to(tl.int64) * stride_bt
 
-    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
-    tok = m_tile * BLOCK_M + rows // GROUP_PAD
-    slot = rows % GROUP_PAD
-    head = kv_head * GROUP + slot
-    row_ok = (tok < q_len) & (slot < GROUP)
+    rows = tl.arange(0, BLOCK_M * PACK_PAD)
+    tok = m_tile * BLOCK_M + rows // PACK_PAD
+    slot = rows % PACK_PAD
+    head = lst * PACK + slot
+    row_ok = (tok < q_len) & (slot < PACK)
     q_pos = context + tok
     d = tl.arange(0, HEAD_D)
     q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
 
-    lo = tl.load(INDPTR + seg * NUM_KV_HEADS + kv_head)
-    hi = tl.load(INDPTR + seg * NUM_KV_HEADS + kv_head + 1)
+    lo = tl.load(INDPTR + seg * tl.num_programs(2) + lst)
+    hi = tl.load(INDPTR + seg * tl.num_programs(2) + lst + 1)
     q_min = context + m_tile * BLOCK_M
     q_max = tl.minimum(q_min + BLOCK_M, seq_len) - 1
     # Pages [lo, full) end at or before q_min: every row sees all of them.
@@ -116,9 +121,9 @@ def _sparse_paged_attention_kernel(
     n_seen = (seen - lo) * PAGE
     n_unmasked = (n_full // BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M * GROUP_PAD], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_D], tl.float32)
+    m_i = tl.full([BLOCK_M * PACK_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M * PACK_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M * PACK_PAD, HEAD_D], tl.float32)
     for start in range(0, n_unmasked, BLOCK_N):
         acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, K, V, INDICES, bt_row, lo, start, n_seen, kv_head,
                                      q_pos, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
@@ -134,7 +139,7 @@ def _sparse_paged_attention_kernel(
     tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-        tl.store(LSE + (q0 + tok).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head, lse, mask=row_ok)
+        tl.store(LSE + (q0 + tok).to(tl.int64) * NUM_Q_HEADS + head, lse, mask=row_ok)
 
 
 def _tile_config(group_pad: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -153,8 +158,8 @@ def sparse_paged_attention(
     block_table: torch.Tensor,  # [rows, max_pages] physical page ids (int32)
     query_start_loc: torch.Tensor,  # [num_segments + 1] int32
     seq_lens: torch.Tensor,  # [num_segments] tokens in the cache up to each segment's last query
-    page_indptr: torch.Tensor,  # [num_segments * num_kv_heads + 1]
-    page_indices: torch.Tensor,  # logical page ids, sorted per (segment, kv head)
+    page_indptr: torch.Tensor,  # [num_segments * num_kv_heads + 1] ([.. * num_q_heads + 1] per q head)
+    page_indices: torch.Tensor,  # logical page ids, sorted per (segment, list)
     scale: float,
     out: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -164,6 +169,7 @@ def sparse_paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    lists_per_q_head: bool = False,  # a page list per q head (each attends to its own), not per KV head
 ):
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page = kv.num_kv_heads, kv.page_size
@@ -180,8 +186,15 @@ def sparse_paged_attention(
         raise RuntimeError("sparse_paged_attention on CPU tensors needs Triton's interpreter: "
                            "set TRITON_INTERPRET=1 before triton is imported")
     group = num_q_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    cfg_m, cfg_n, cfg_w, cfg_s = _tile_config(group_pad, head_dim)
+    pack = 1 if lists_per_q_head else group
+    pack_pad = triton.next_power_of_2(pack)
+    lists = num_q_heads if lists_per_q_head else num_kv_heads
+    if page_indptr.numel() != seq_lens.shape[0] * lists + 1:
+        raise ValueError(f"page_indptr has {page_indptr.numel()} entries; {seq_lens.shape[0]} segments x {lists} "
+                         f"lists + 1 expected")
+    cfg_m, cfg_n, cfg_w, cfg_s = _tile_config(pack_pad, head_dim)
+    # A program's rows beyond the longest segment would idle (a q head's own list packs no group).
+    cfg_m = max(min(cfg_m, triton.next_power_of_2(max_query_len or 1)), 16 // pack_pad, 1)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     num_warps, num_stages = num_warps or cfg_w, num_stages or cfg_s
     if out is None:
@@ -195,7 +208,7 @@ def sparse_paged_attention(
     if num_segments == 0 or max_query_len == 0:
         return (out, lse) if return_lse else out
     search_iters = max(1, math.ceil(math.log2(page_indices.numel() + 1)))
-    grid = (triton.cdiv(max_query_len, block_m), num_segments, num_kv_heads)
+    grid = (triton.cdiv(max_query_len, block_m), num_segments, lists)
     _sparse_paged_attention_kernel[grid](
         q, kv.key, kv.value, out, lse, block_table,
         block_table_rows if block_table_rows is not None else query_start_loc,
@@ -203,7 +216,7 @@ def sparse_paged_attention(
         q.stride(0), q.stride(1), kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
         kv.value.stride(0), kv.value.stride(1), kv.value.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad, PAGE=page, HEAD_D=head_dim,
+        NUM_Q_HEADS=num_q_heads, GROUP=group, PACK=pack, PACK_PAD=pack_pad, PAGE=page, HEAD_D=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, SEARCH_ITERS=search_iters,
         HAS_BT_ROWS=block_table_rows is not None, WRITE_LSE=return_lse,
         num_warps=num_warps, num_stages=num_stages,
