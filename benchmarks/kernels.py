@@ -40,10 +40,10 @@ def make_cache(ctx: int, gen: torch.Generator):
     return packed, kv, table
 
 
-def make_segments(ctx: int, q_len: int, tile: int, density: float, gen: torch.Generator, lists: int = HKV):
+def make_segments(ctx: int, q_len: int, tile: int, density: float, gen: torch.Generator, lists: int | None = None):
     """Union tiles of the last q_len queries; per (tile, list) a kept-block mask (a list per KV head, or
     per q head with lists=HQ)."""
-    n_seg = q_len // tile
+    n_seg, lists = q_len // tile, lists or HKV
     seg_end = ctx - q_len + tile * torch.arange(1, n_seg + 1, device="cuda")  # exclusive
     seg_start = seg_end - tile
     n_blocks = ctx // BLOCK
