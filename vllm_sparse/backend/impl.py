@@ -54,6 +54,9 @@ class SparseImplMixin:
         # Resolve (and validate) the plan now, at engine start, not on the first request.
         vllm_config = self._vllm_config = compat.current_vllm_config()  # (not set while a step runs)
         self._plan = plan_for(vllm_config)
+        # Read on every KV write: a property that walks every layer and head would cost the step ~2 ms of
+        # host time (32 layers x 1,024 heads; seen in a follow-up turn's profile, H200).
+        self._needs_summaries = self._plan.needs_summaries
         # Layers the sparse path does not take run dense and need no shard; for the others a head
         # layout the plan cannot map is an error now.
         self._shard = None if self.unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
@@ -101,7 +104,7 @@ class SparseImplMixin:
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
         """Where vLLM writes keys, the page summaries follow (prefill, decode, recompute)."""
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
-        if self._plan.needs_summaries and slot_mapping is not None:
+        if self._needs_summaries and slot_mapping is not None:
             summaries = summaries_for(layer.layer_name)  # (None for a layer that keeps none)
             if summaries is not None:
                 summaries.update(key, slot_mapping)

@@ -145,12 +145,12 @@ def attend_sparse_chunks(
     block_size: int,
     scale: float,
     union_tile: int | None = None,  # query blocks per union; None: one union for the whole chunk
-    union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
     split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
+    union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)

@@ -87,7 +87,8 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         for heads in dict.fromkeys(head_sets):
             q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
             attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),),
-                                 list(heads), bs, head_dim**-0.5, plan.union_tile, plan.union_heads)
+                                 list(heads), bs, head_dim**-0.5, plan.union_tile,
+                                 union_heads=plan.union_heads)
     finally:
         STATS.enabled, STATS.audit, STATS.candidates = saved
     if device.type == "cuda":
