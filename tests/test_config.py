@@ -348,3 +348,20 @@ def test_discovery_applies_only_measured_or_published_plans(tmp_path, monkeypatc
     assert plan.is_sparse and "a-calibrated.yaml" in plan.source
     monkeypatch.setattr(discovery, "shipped_configs", lambda: [plans["a-calibrated.yaml"]])
     assert find_config(None, LLAMA) == (None, "none")
+
+
+def test_every_environment_variable_is_declared_in_envs():
+    """One place declares what the package reads from the environment (vllm_sparse/envs.py): every
+    `VLLM_SPARSE_*` name in the source is there, and reading an undeclared one is an error."""
+    import os
+    import re
+
+    from vllm_sparse import envs
+
+    used = set()
+    for path in (REPO / "vllm_sparse").rglob("*.py"):
+        used |= set(re.findall(r"VLLM_SPARSE_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    assert used - set(envs.VARIABLES) == set()
+    assert envs.get("VLLM_SPARSE_WORKSPACE_MIB") == (os.environ.get("VLLM_SPARSE_WORKSPACE_MIB") or "512")
+    with pytest.raises(KeyError, match="VLLM_SPARSE_WORKSPACE_MB is not a declared"):
+        envs.get("VLLM_SPARSE_WORKSPACE_MB")

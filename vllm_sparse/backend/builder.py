@@ -8,12 +8,10 @@ and the dense backend's own metadata for the requests that stay dense.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from vllm_sparse import compat
+from vllm_sparse import compat, envs
 from vllm_sparse.backend.batch import SparseBatch, classify
 from vllm_sparse.backend.checks import (
     check_block_size,
@@ -37,7 +35,7 @@ from vllm_sparse.transfer import to_device
 
 # VLLM_SPARSE_LOG_STEPS=1: one log line per step (per layer group) that sends chunks to the sparse path,
 # from host data the builder has anyway: a way to see that a request went sparse.
-_LOG_STEPS = os.environ.get("VLLM_SPARSE_LOG_STEPS", "0") == "1"
+_LOG_STEPS = envs.flag("VLLM_SPARSE_LOG_STEPS")
 
 
 def with_sparse_batch(metadata_cls: type, dense_md, batch: SparseBatch):

@@ -14,6 +14,7 @@ import torch
 
 from vllm_sparse import compat
 from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
+from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
@@ -60,6 +61,9 @@ class SparseImplMixin:
         # Layers the sparse path does not take run dense and need no shard; for the others a head
         # layout the plan cannot map is an error now.
         self._shard = None if self.unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
+        # The sparse chunks' attention kernel, chosen once (VLLM_SPARSE_KERNEL or by device), not per call.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self._kernel = selected_kernel(device) if self._shard is not None else None
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)
             # While vLLM loads the model: counted with the weights, before the KV cache is sized.
@@ -140,5 +144,6 @@ class SparseImplMixin:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
                              head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
-                             union_heads=self._plan.union_heads, dense_below=self._plan.dense_below,
+                             kernel=self._kernel, union_heads=self._plan.union_heads,
+                             dense_below=self._plan.dense_below,
                              split=self._split, metrics=self._metrics)

@@ -8,9 +8,10 @@ kernels, or a kernel that cannot run on the engine's device, stops the engine at
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from vllm_sparse import envs
 
 KERNELS = ("fa3", "triton", "reference")
 ENV_VAR = "VLLM_SPARSE_KERNEL"
@@ -18,7 +19,7 @@ ENV_VAR = "VLLM_SPARSE_KERNEL"
 
 def selected_kernel(device: torch.device) -> str:
     """The kernel for chunks on `device`: the override if set (validated), else by device."""
-    forced = os.environ.get(ENV_VAR)
+    forced = envs.get(ENV_VAR)
     if forced:
         return check_kernel_choice(device)
     if device.type != "cuda":
@@ -29,7 +30,7 @@ def selected_kernel(device: torch.device) -> str:
 def check_kernel_choice(device: torch.device) -> str:
     """The kernel `selected_kernel` gives on `device`, or a ValueError naming the setting and why it
     cannot be honoured there (called when the engine starts)."""
-    forced = os.environ.get(ENV_VAR)
+    forced = envs.get(ENV_VAR)
     if not forced:
         return selected_kernel(device)
     if forced not in KERNELS:

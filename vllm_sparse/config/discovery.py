@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
+from vllm_sparse import envs
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import match_entry
@@ -37,8 +37,8 @@ def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str
         raise SparseConfigError("--additional-config", [("sparse", 'expected {"config": PATH}')])
     if sparse.get("config"):
         return Path(sparse["config"]), "--additional-config"
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]), ENV_VAR
+    if envs.get(ENV_VAR):
+        return Path(envs.get(ENV_VAR)), ENV_VAR
     for path in shipped_configs():
         cfg = load_config(path)
         idx = match_entry(cfg, shape)

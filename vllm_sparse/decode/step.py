@@ -10,13 +10,12 @@ batch; on CPU the torch reference runs row by row.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from vllm_sparse import compat
+from vllm_sparse import compat, envs
 from vllm_sparse.config.plan import DecodeHeadPlan
 from vllm_sparse.decode.attention import decode_attention, reference_decode_attention
 from vllm_sparse.decode.memory import decode_workspace, reserve_at_load
@@ -32,7 +31,7 @@ from vllm_sparse.decode.tidal import tidal_choices
 from vllm_sparse.kernels.paged import PagedKV
 
 # Debug: on the CPU path, check every sparse decode row's page summaries against its keys in the cache.
-CHECK_SUMMARIES = os.environ.get("VLLM_SPARSE_CHECK_SUMMARIES", "0") == "1"
+CHECK_SUMMARIES = envs.flag("VLLM_SPARSE_CHECK_SUMMARIES")
 
 
 @dataclass(frozen=True)

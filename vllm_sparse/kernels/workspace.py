@@ -11,17 +11,16 @@ call allocates what it needs, up to the same cap.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from vllm_sparse import envs
 from vllm_sparse.log import logger
 
 DEFAULT_CAP_MIB = 512
 
 
 def cap_bytes() -> int:
-    raw = os.environ.get("VLLM_SPARSE_WORKSPACE_MIB", str(DEFAULT_CAP_MIB))
+    raw = envs.get("VLLM_SPARSE_WORKSPACE_MIB")
     try:
         mib = int(raw)
     except ValueError:

@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+from vllm_sparse import envs
+
 DIR_ENV = "VLLM_SPARSE_METRICS_DIR"
 DENSITY_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # share of causal pages
 ESTIMATION_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)  # seconds
@@ -24,7 +26,7 @@ def claim_metrics_dir() -> bool:
     rather than its parent's. True when this process made it (it serves the metrics and removes
     the directory)."""
     global _claimed_by
-    if _claimed_by == os.getpid() or (multiprocessing.parent_process() is not None and os.environ.get(DIR_ENV)):
+    if _claimed_by == os.getpid() or (multiprocessing.parent_process() is not None and envs.get(DIR_ENV)):
         return False
     _claimed_by = os.getpid()
     path = tempfile.mkdtemp(prefix="vllm-sparse-metrics-")
@@ -35,6 +37,6 @@ def claim_metrics_dir() -> bool:
 
 
 def metrics_dir() -> str:
-    path = os.environ.get(DIR_ENV) or (claim_metrics_dir() and os.environ[DIR_ENV])
+    path = envs.get(DIR_ENV) or (claim_metrics_dir() and envs.get(DIR_ENV))
     os.makedirs(path, exist_ok=True)
     return path

@@ -18,10 +18,11 @@ import time
 
 import torch
 
+from vllm_sparse import envs
 from vllm_sparse.metrics.paths import DENSITY_BUCKETS, ESTIMATION_BUCKETS, LAYER_GROUP, metrics_dir
 
-ENABLED = os.environ.get("VLLM_SPARSE_METRICS", "1") != "0"
-INTERVAL_S = float(os.environ.get("VLLM_SPARSE_METRICS_INTERVAL_S", "1"))
+ENABLED = envs.get("VLLM_SPARSE_METRICS") != "0"
+INTERVAL_S = float(envs.get("VLLM_SPARSE_METRICS_INTERVAL_S"))
 MAX_PENDING_TIMINGS = 4096  # event pairs waiting to be read; more are not timed (the thread is behind)
 
 

@@ -15,11 +15,12 @@ selects for, and unions over, all of them), so a rank's densities are one device
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+
+from vllm_sparse import envs
 
 
 @dataclass
@@ -87,11 +88,11 @@ class CalibrationStats:
 
 class SparseStats:
     def __init__(self):
-        self.enabled = os.environ.get("VLLM_SPARSE_STATS", "0") == "1"
-        self.audit = os.environ.get("VLLM_SPARSE_AUDIT", "0") == "1"
+        self.enabled = envs.flag("VLLM_SPARSE_STATS")
+        self.audit = envs.flag("VLLM_SPARSE_AUDIT")
         self.layers: dict[int, LayerStats] = defaultdict(LayerStats)
         # [{"estimator": {"name": ..., params}, "budget": {...}}, ...] while calibrating, else None
-        self.candidates: list[dict] | None = json.loads(os.environ.get("VLLM_SPARSE_CALIBRATE") or "null")
+        self.candidates: list[dict] | None = json.loads(envs.get("VLLM_SPARSE_CALIBRATE") or "null")
         self.calibration: dict[int, CalibrationStats] = {}
 
     def enable(self, audit: bool = False) -> None:

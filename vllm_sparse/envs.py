@@ -1,0 +1,36 @@
+"""Every environment variable vllm-sparse reads, declared in one place (as vLLM's own `envs.py`):
+its name, default and what it does. Modules read them through `get` / `flag`, which refuse a name
+not declared here, so a typo fails at once and `vllm-sparse env` (docs) lists them all."""
+
+from __future__ import annotations
+
+import os
+
+VARIABLES: dict[str, tuple[str, str]] = {
+    # name: (default, what it does)
+    "VLLM_SPARSE_CONFIG": ("", "the sparse-attention config file for engines given none in --additional-config"),
+    "VLLM_SPARSE_KERNEL": ("", "force the sparse chunks' attention kernel: fa3, triton or reference (checked at "
+                               "engine start; default: by device)"),
+    "VLLM_SPARSE_WORKSPACE_MIB": ("512", "cap on the estimators' workspace reserved at start, MiB; a chunk that "
+                                         "needs more is scored in slabs"),
+    "VLLM_SPARSE_METRICS": ("1", "0 turns off the workers' /metrics counters"),
+    "VLLM_SPARSE_METRICS_INTERVAL_S": ("1", "seconds between a worker's metrics snapshots"),
+    "VLLM_SPARSE_METRICS_DIR": ("", "where workers write metrics snapshots (set by the process that serves them)"),
+    "VLLM_SPARSE_LOG_STEPS": ("0", "1 logs every step that takes the sparse path (debug)"),
+    "VLLM_SPARSE_CHECK_SUMMARIES": ("0", "1 checks decode page summaries against the cache on the CPU path (debug)"),
+    "VLLM_SPARSE_STATS": ("0", "1: `vllm-sparse eval` counters (densities; host syncs) in the workers"),
+    "VLLM_SPARSE_AUDIT": ("0", "1: with STATS, the eval's dense audit (the sparse chunks run the torch reference)"),
+    "VLLM_SPARSE_CALIBRATE": ("", "JSON list of candidate plans `vllm-sparse calibrate` measures (attends densely)"),
+}
+
+
+def get(name: str) -> str:
+    """The variable's value, or its declared default."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not a declared vllm-sparse environment variable (vllm_sparse/envs.py)")
+    return os.environ.get(name) or VARIABLES[name][0]
+
+
+def flag(name: str) -> bool:
+    """A 0/1 variable."""
+    return get(name) == "1"
