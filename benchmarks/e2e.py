@@ -23,6 +23,11 @@ engine (torch profiler, host and GPU): the tables go beside --out (.decode-profi
 each engine's result gets the host time its attention metadata builder spends per step
 (`builder_ms_per_step`), so a gap between dense and sparse decode can be split into GPU and host work.
 
+--profile LENGTHS (comma-separated) also runs each of those prompts once more under the torch profiler,
+in every engine: its GPU kernel time by stage (estimation, selection and tables, attention, linear
+layers, the rest; `STAGES`) goes to the JSON (`stages_ms`) and a table printed last, the op tables
+beside --out (.profile-<engine>-<length>.txt).
+
 --tensor-parallel-size N runs every engine at tensor_parallel_size N (N GPUs; default 1). The
 engine core stays in this process, but at N > 1 vLLM's workers are processes of their own, so the
 peak GPU memory is read from each rank's torch allocator (`peak_gib_per_rank`; `peak_gib` is their
