@@ -16,8 +16,6 @@ import torch
 from vllm_sparse import envs
 from vllm_sparse.log import logger
 
-DEFAULT_CAP_MIB = 512
-
 
 def cap_bytes() -> int:
     raw = envs.get("VLLM_SPARSE_WORKSPACE_MIB")
