@@ -8,7 +8,8 @@ one union per query block. Each estimator runs two ways:
 - "kernels": what the backend runs on GPUs: the fused row scorers (`estimators/row_scores.py`),
   `select_blocks_triton`, `tile_tables_triton`.
 Per path: median ms of the whole step, ms of the scoring alone, peak GPU memory above the inputs
-(`torch.cuda.max_memory_allocated`), the kept share of causal pages after union, and whether any
+(`torch.cuda.max_memory_allocated`) beside the bound the engine counts for it in vLLM's memory profile
+(`backend/reserve.py`; "bound"), the kept share of causal pages after union, and whether any
 host sync happened (CUDA's sync check armed over one run). `--sweep` also times the fused scorer's
 tile configurations. Table last; JSON to --out.
 
@@ -28,6 +29,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_sparse.backend.reserve import chunk_temporaries_bytes  # noqa: E402
 from vllm_sparse.backend.sparse_path import plan_scores  # noqa: E402
 from vllm_sparse.config.plan import HeadPlan  # noqa: E402
 from vllm_sparse.estimators import row_scores  # noqa: E402
@@ -145,6 +147,10 @@ def main() -> None:
                     lambda c=c, name=name, params=params: get_estimator(name).score(c, params), warmup=2, rep=20,
                     return_mode="median")
                 row[f"{path}_peak_gib"] = peak_above(run)
+                # What the engine counts in vLLM's memory profile for this chunk (`backend/reserve.py`): one
+                # union per query block, a page list per KV head, as `step` builds.
+                row["bound_gib"] = chunk_temporaries_bytes(HQ, HKV, args.chunk, args.ctx, args.block, PAGE, 1, True,
+                                                           name == "vertical_slash") / 2**30
                 row[f"{path}_sync_free"] = sync_free(run)
             except torch.OutOfMemoryError as e:
                 row[f"{path}_ms"], row["error"] = None, f"{path} OOM: {str(e)[:120]}"
@@ -174,13 +180,14 @@ def main() -> None:
     print(f"\nestimation+selection+union per layer: ctx {args.ctx}, chunk {args.chunk}, block {args.block}, "
           f"{args.budget} per {args.share}  ({meta['device']}, workspace {meta['workspace_mib']:.0f} MiB)")
     print(f"{'estimator':>17} {'torch ms':>9} {'(score)':>8} {'GiB':>6} {'kernels ms':>11} {'(score)':>8} {'GiB':>6} "
-          f"{'kept':>6} {'agree':>6} sync-free")
+          f"{'bound':>6} {'kept':>6} {'agree':>6} sync-free")
     fmt = lambda v, f: format(v, f) if isinstance(v, float) else "-"  # noqa: E731
     for r in rows:
         sync = all(r.get(f"{p}_sync_free", True) is True for p in ("torch", "kernels"))
         print(f"{r['estimator']:>17} {fmt(r.get('torch_ms'), '9.2f')} {fmt(r.get('torch_score_ms'), '8.2f')} "
               f"{fmt(r.get('torch_peak_gib'), '6.2f')} {fmt(r.get('kernels_ms'), '11.2f')} "
               f"{fmt(r.get('kernels_score_ms'), '8.2f')} {fmt(r.get('kernels_peak_gib'), '6.2f')} "
+              f"{fmt(r.get('bound_gib'), '6.2f')} "
               f"{fmt(r.get('kernels_kept_after_union'), '6.3f')} {fmt(r.get('mask_agreement'), '6.3f')} "
               f"{'yes' if sync else 'NO'}  {r['error'] or ''}")
         for cfg, ms in r.get("sweep", {}).items():

@@ -14,6 +14,10 @@
 #          same blocks (deliverable 4's target), 128K prompt and a 16K chunk after 112K
 #   stages benchmarks/e2e.py with CUDA graphs at 32K/64K/128K, dense and PLANS' first plan, every prefill
 #          profiled: time to first token and where its GPU time goes (linear, estimation, selection, attention)
+#   gtest  the GPU engine tests (tests/test_engine_gpu.py, tests/test_engine_decode_gpu.py): chats beside a sparse
+#          prefill with CUDA graphs, prefix-cache hits, sparse decode, against the stock backend
+#   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
+#          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
 # second dense engine last (the spread between two engines of the same kind).
 set -o pipefail
@@ -48,4 +52,17 @@ stages() {
     | tee "$OUT/e2e_stages.log" | tail -30
 }
 
-run_steps "wl:300 wlg:300 ktest:60 kern:60 stages:300" "$@"
+gtest() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
+    tests/test_engine_decode_gpu.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -15
+}
+temps() {
+  local ctx
+  for ctx in 131072 262144 524288 1048576; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --block 128 --budget keep:0.1 \
+      --only antidiagonal_s8,vertical_slash --skip-torch antidiagonal_s8,vertical_slash \
+      --out "$OUT/temporaries_$ctx.json" 2>&1 | tail -3
+  done
+}
+
+run_steps "wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"

@@ -59,6 +59,37 @@ def run_plans(model: Path, tmp: Path, engine: dict) -> dict:
     return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
 
 
+def run_chats_beside(model: Path, tmp: Path, engine: dict) -> dict:
+    """Two short chats submitted before a long prompt, through the stock backend and through SPARSE with
+    layer 0 dense and layer 1 sparse (one KV cache group): the chats decode in the steps that prefill the
+    long prompt's sparse chunks, so those steps build the chats' metadata apart from the whole batch's,
+    which the dense layer reads (the GPU twin runs this with CUDA graphs on)."""
+    long, _, chat = _prompts(model)
+    other = {"prompt_token_ids": long["prompt_token_ids"][500:560]}
+    base = {"model": str(model), "prompts": [chat, other, long], "engine": engine, "max_tokens": 12,
+            "prompt_logprobs": False, "counters": True}
+    path = tmp / "layer1_sparse.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
+        "block_size": 64, "dense_below": DENSE_BELOW, "layers": [
+            {"layers": [0], "dense": True},
+            {"layers": [1], "estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
+             "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}]}]}))
+    return {"stock": run_engine(base)[0], "sparse": run_engine({**base, "backend": "sparse", "config": str(path)})[0]}
+
+
+def check_chats_beside(runs: dict) -> None:
+    stock, sparse = runs["stock"]["results"], runs["sparse"]["results"]
+    assert [r["prompt_tokens"] for r in stock] == [40, 60, 1100]
+    assert runs["sparse"]["counters"]["prefill"]["sparse"] > 0  # the long prompt's later chunks went sparse
+    for name, s, o in zip(("chat", "other chat"), stock, sparse):
+        assert o["token_ids"] == s["token_ids"], name
+
+
+def test_chats_beside_a_sparse_prefill_decode_as_stock(tiny_llama, tmp_path):
+    check_chats_beside(run_chats_beside(tiny_llama, tmp_path, ENGINE))
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
     return run_plans(tiny_llama, tmp_path_factory.mktemp("configs"), ENGINE)

@@ -39,7 +39,8 @@ def _tidal_config(tmp: Path, name: str, decode: dict) -> str:
     return _config(tmp, name, decode, [{"layers": 0, "dense": True, "decode": {**decode, "selector": True}}])
 
 
-def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False) -> dict:
+def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False,
+                     only: tuple[str, ...] | None = None) -> dict:
     prompts = _prompts(model)  # 1100, 420 and 40 tokens
     base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
             "ignore_eos": True}
@@ -62,7 +63,7 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
             "prompts": [prompts[0], prompts[0]], "backend": "sparse", "sequential": True, "prompt_logprobs": False,
             "engine": {**engine, "enable_prefix_caching": True},
             "config": _config(tmp, "prefix", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})}
-    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
+    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items() if only is None or name in only}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, run_plans
+from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, check_chats_beside, run_chats_beside, run_plans
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -58,3 +58,13 @@ def test_sparse_plan_runs_and_changes_only_long_prompts(runs):
     assert _max_logprob_diff(stock[0], sparse[0]) > 1e-1
     assert sparse[2]["prompt_logprobs"] == stock[2]["prompt_logprobs"]
     assert sparse[0]["prompt_logprobs"][:255] == stock[0]["prompt_logprobs"][:255]
+
+
+def test_chats_beside_a_sparse_prefill_decode_as_stock_with_cuda_graphs(model_cache, tmp_path):
+    """Issue 27, item 1: with CUDA graphs on (decode-only steps replay full graphs; the dense layer reads
+    the whole batch's FA3 metadata, persistent buffers included), chats decoding beside a sparse prefill
+    give the stock engine's greedy tokens."""
+    from tests.fixtures.tiny_llama import build_tiny_llama
+
+    check_chats_beside(run_chats_beside(build_tiny_llama(model_cache, head_dim=64), tmp_path,
+                                        {**ENGINE, "enforce_eager": False}))

@@ -213,3 +213,38 @@ def test_workspace_reserved_on_cuda_serves_cuda_and_cuda_index(monkeypatch):
     head = WORKSPACE.floats(1024, torch.device("cuda"))
     assert head.data_ptr() == WORKSPACE.floats(1024, torch.empty(1, device="cuda").device).data_ptr()
     assert WORKSPACE.capacity(torch.device("cuda")) == (8 << 20) // 4
+
+
+def test_step_temporaries_bound_covers_the_measured_peaks_and_scales_with_the_context():
+    """The bound the engine counts in vLLM's memory profile (`reserve.py`) covers what one chunk-layer
+    allocated on an H200 from 128K to 1M tokens (benchmarks/results/temporaries_h200.json, recomputed here
+    from today's formula), and follows the plan: nothing for a dense plan, a table per q head without
+    the union over heads, the line sums for vertical_slash only."""
+    import json
+    from pathlib import Path
+
+    from vllm_sparse.backend.reserve import chunk_temporaries_bytes, step_temporaries_bytes
+    from vllm_sparse.config.loader import load_config, parse_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    measured = json.loads((Path(__file__).parents[1] / "benchmarks/results/temporaries_h200.json").read_text())
+    for row in measured["rows"]:
+        lines = row["estimator"] == "vertical_slash"
+        bound = chunk_temporaries_bytes(32, 8, 16384, row["ctx"], 128, 16, 1, True, lines)
+        assert bound >= row["kernels_peak_gib"] * 2**30, (row["estimator"], row["ctx"])
+
+    at = lambda ctx, **kw: chunk_temporaries_bytes(32, 8, 16384, ctx, 128, 16, 1, **{  # noqa: E731
+        "union_heads": True, "line_sums": False, **kw})
+    assert 1.9 < at(1 << 20) / at(1 << 19) < 2.1  # linear in the context
+    assert at(1 << 20, line_sums=True) - at(1 << 20) == 32 * (1 << 20) * 32
+    own = at(1 << 20, union_heads=False) - at(1 << 20)
+    assert own == (32 - 8) * 129 * ((1 << 20) // 16 * 4 + (1 << 20) // 128)  # a table per q head, not per KV head
+
+    llama = ModelShape("llama-3.1-8b", ("LlamaForCausalLM",), 32, 32, 8)
+    plan = resolve_plan(load_config("configs/llama-3.yaml"), llama, "shipped")
+    assert step_temporaries_bytes(plan, 32, 8, 16384, 1 << 20, 16) == chunk_temporaries_bytes(
+        32, 8, 16384, 1 << 20, plan.block_size, 16, plan.union_tile, plan.union_heads, False)
+    raw = {"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                     "layers": [{"layers": "all", "dense": True}]}]}
+    dense = resolve_plan(parse_config(raw, "test"), llama, "test")
+    assert step_temporaries_bytes(dense, 32, 8, 16384, 1 << 20, 16) == 0

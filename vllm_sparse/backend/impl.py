@@ -16,7 +16,7 @@ from vllm_sparse import compat
 from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.reserve import reserve_estimator_workspace
+from vllm_sparse.backend.reserve import reserve_estimator_workspace, step_temporaries_bytes, touch_step_temporaries
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
@@ -64,6 +64,7 @@ class SparseImplMixin:
         # The sparse chunks' attention kernel, chosen once (VLLM_SPARSE_KERNEL or by device), not per call.
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._kernel = selected_kernel(device) if self._shard is not None else None
+        self._temporaries = 0  # bytes of one sparse chunk-layer's temporaries at the longest context (CUDA)
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)
             # While vLLM loads the model: counted with the weights, before the KV cache is sized.
@@ -71,6 +72,11 @@ class SparseImplMixin:
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
+            # The temporaries of one sparse chunk-layer at the longest context, touched in vLLM's profiling
+            # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
+            self._temporaries = step_temporaries_bytes(
+                self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
+                vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size)
             if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
                 reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
@@ -114,6 +120,8 @@ class SparseImplMixin:
                 summaries.update(key, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        if attn_metadata is None and self._temporaries and not capturing(query):  # vLLM's profiling forward
+            touch_step_temporaries(self._temporaries, query.device)
         batch = getattr(attn_metadata, "sparse_batch", None)  # set only on the sparse metadata class
         head_plans = self._head_plans(layer) if batch is not None and batch.chunks else None
         if head_plans is None:

@@ -1,7 +1,16 @@
-"""What the sparse path reserves at engine start: the fused estimators' workspace.
+"""What the sparse path holds at engine start, and how the rest of its memory is counted.
 
-Called while vLLM builds the model, so the reservation counts with the weights before vLLM
-sizes the KV cache; nothing the sparse path needs later grows with the context on its own.
+Two kinds of device memory grow with the chunk and the context:
+- the fused estimators' workspace (a float per scored row and KV block between their two kernels):
+  reserved once while vLLM builds the model, counted with the weights, capped at
+  VLLM_SPARSE_WORKSPACE_MIB; a larger chunk is scored in slabs;
+- each sparse chunk-layer's temporaries: block scores and the kept-block mask ([q heads, query blocks,
+  KV blocks]), the per-token line sums of `vertical_slash`, the FA3 page tables ([page lists, union
+  tiles, context pages]). They live for one layer and are freed before the next. At 1M tokens they reach
+  hundreds of MiB (benchmarks/RESULTS.md, "Temporaries at long contexts"), so they are counted in vLLM's
+  memory profile: during vLLM's profiling forward (no attention metadata) every sparse layer allocates
+  their bound for the largest chunk at max_model_len and frees it, so the KV cache is sized around them
+  and a long request cannot run the engine out of memory.
 """
 
 from __future__ import annotations
@@ -12,6 +21,16 @@ from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels.workspace import WORKSPACE
 
+# Upper bounds per element, from what the path allocates (checked against torch.cuda's peak on an H200 up
+# to 1M tokens by benchmarks/estimators.py, whose table prints this bound beside the measured peak):
+# per (q head, query block, KV block): the scores (fp32), up to four fp32 intermediates of the estimators
+# and of a GQA group's mean, the kept mask (bool), rounded up;
+SCORE_ELEMENT_BYTES = 24
+# per (q head, context token): `vertical_slash`'s column and diagonal sums, their top-k copies, prefix sums;
+LINE_ELEMENT_BYTES = 32
+# per (page list, union tile, context page): the FA3 page table (int32) and the tile's union (bool, by block).
+TABLE_ELEMENT_BYTES = 4
+
 
 def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int) -> int:
     """Bytes the largest chunk (`max_chunk_tokens` queries at `max_model_len`) needs between the fused
@@ -19,7 +38,7 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
     estimator; at least one query block's rows (the smallest slab)."""
     kv_blocks = -(-max_model_len // plan.block_size)
     need = 0
-    for hp in {hp for lp in plan.layers for hp in lp.heads if hp is not None}:
+    for hp in _head_plans(plan):
         est = get_estimator(hp.estimator)
         rows = est.workspace_rows(hp.params, max_chunk_tokens)
         if rows:
@@ -28,8 +47,44 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
     return need
 
 
+def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_chunk_tokens: int,
+                           max_model_len: int, page_size: int) -> int:
+    """An upper bound on one sparse chunk-layer's temporaries (outside the workspace) for the largest chunk
+    at `max_model_len`: what vLLM's memory profile must leave room for."""
+    head_plans = _head_plans(plan)
+    if not head_plans:
+        return 0
+    return chunk_temporaries_bytes(local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size,
+                                   page_size, plan.union_tile, plan.union_heads,
+                                   any(hp.estimator == "vertical_slash" for hp in head_plans))
+
+
+def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,
+                            page_size: int, union_tile: int | None, union_heads: bool, line_sums: bool) -> int:
+    """The bound of `step_temporaries_bytes` for one chunk of `chunk_tokens` queries ending at `seq_len`."""
+    query_blocks = -(-chunk_tokens // block_size) + 1  # a chunk that starts mid-block spans one more
+    kv_blocks = -(-seq_len // block_size)
+    tiles = -(-query_blocks // (union_tile or query_blocks))
+    lists = kv_heads if union_heads else q_heads
+    pages = -(-seq_len // page_size)
+    return (q_heads * query_blocks * kv_blocks * SCORE_ELEMENT_BYTES
+            + (q_heads * seq_len * LINE_ELEMENT_BYTES if line_sums else 0)
+            + lists * tiles * (pages * TABLE_ELEMENT_BYTES + kv_blocks))
+
+
+def _head_plans(plan: SparsePlan):
+    return {hp for lp in plan.layers for hp in lp.heads if hp is not None}
+
+
 def reserve_estimator_workspace(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
                                 device: torch.device) -> int:
     """Reserve it on `device` (capped by VLLM_SPARSE_WORKSPACE_MIB; larger chunks run in slabs). -> bytes held."""
     need = estimator_workspace_bytes(plan, local_q_heads, max_chunk_tokens, max_model_len)
     return WORKSPACE.reserve(need, device) if need else 0
+
+
+def touch_step_temporaries(nbytes: int, device: torch.device) -> None:
+    """Allocate and free `nbytes` on `device`: called from vLLM's profiling forward, whose peak of torch
+    allocations sizes the KV cache (so that peak includes the sparse path's temporaries)."""
+    if nbytes:
+        torch.empty(nbytes, dtype=torch.uint8, device=device)  # freed at once: only the peak matters
