@@ -20,6 +20,7 @@ import torch
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels.workspace import WORKSPACE
+from vllm_sparse.log import logger
 
 # Upper bounds per element, from what the path allocates (checked against torch.cuda's peak on an H200 up
 # to 1M tokens by benchmarks/estimators.py, whose table prints this bound beside the measured peak):
@@ -83,8 +84,16 @@ def reserve_estimator_workspace(plan: SparsePlan, local_q_heads: int, max_chunk_
     return WORKSPACE.reserve(need, device) if need else 0
 
 
+_TOUCHED: set[int] = set()  # sizes already logged in this process
+
+
 def touch_step_temporaries(nbytes: int, device: torch.device) -> None:
     """Allocate and free `nbytes` on `device`: called from vLLM's profiling forward, whose peak of torch
     allocations sizes the KV cache (so that peak includes the sparse path's temporaries)."""
-    if nbytes:
-        torch.empty(nbytes, dtype=torch.uint8, device=device)  # freed at once: only the peak matters
+    if not nbytes:
+        return
+    torch.empty(nbytes, dtype=torch.uint8, device=device)  # freed at once: only the peak matters
+    if nbytes not in _TOUCHED:  # once per process, not once per layer
+        _TOUCHED.add(nbytes)
+        logger.info("vllm-sparse: %.1f MiB of sparse-chunk temporaries (the largest chunk at max_model_len) "
+                    "counted in vLLM's memory profile", nbytes / 2**20)
