@@ -192,3 +192,21 @@ def test_kv_caches_the_sparse_paths_cannot_read_are_refused_at_start():
     assert [p for p, _ in problems] == ["decode_context_parallel_size"] and "=2 shards" in problems[0][1]
     both = kv_problems(config(kv_transfer=object(), prefill_context_parallel_size=4))
     assert [p for p, _ in both] == ["kv_transfer_config", "prefill_context_parallel_size"]
+
+
+def test_sparse_declares_what_it_cannot_serve_on_its_classes():
+    """Where vLLM asks the classes: no device/host query-length mismatch (chunks are planned from host
+    lengths), no metadata reuse across KV cache groups (each group's builder builds its own step), no
+    fused KV write past `do_kv_cache_update`; the dense backend's answers elsewhere."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from vllm_sparse.backend.cpu import SparseCPUAttentionBackend, SparseCPUAttentionMetadataBuilder
+
+    assert SparseCPUAttentionBackend.supports_device_cpu_query_lens_mismatch() is False
+    assert SparseCPUAttentionMetadataBuilder.supports_update_block_table is False
+    assert SparseCPUAttentionBackend.supports_kv_cache_update_bypass is False
+    assert SparseCPUAttentionBackend.supports_sliding_window() == CPUAttentionBackend.supports_sliding_window()
+    from vllm_sparse.backend.cuda import SparseFlashAttentionBackend, SparseFlashAttentionMetadataBuilder
+
+    assert SparseFlashAttentionBackend.supports_device_cpu_query_lens_mismatch() is False
+    assert SparseFlashAttentionMetadataBuilder.supports_update_block_table is False

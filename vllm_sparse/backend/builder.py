@@ -13,6 +13,7 @@ import torch
 
 from vllm_sparse import compat, envs
 from vllm_sparse.backend.batch import SparseBatch, classify
+from vllm_sparse.backend.capabilities import SparseBuilderCapabilities
 from vllm_sparse.backend.checks import (
     check_block_size,
     check_decode,
@@ -62,7 +63,7 @@ def count_step_tokens(metrics, cm, chunks, sparse_decodes: int) -> None:
         metrics.count_decode(sparse_decodes, decodes - sparse_decodes)
 
 
-class SparseBuilderMixin:
+class SparseBuilderMixin(SparseBuilderCapabilities):
     """Put in front of a dense `AttentionMetadataBuilder`. Subclasses set `metadata_cls` and may
     override `prepare_sparse_layers`."""
 

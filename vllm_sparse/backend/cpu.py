@@ -15,6 +15,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch
 from vllm_sparse.backend.builder import SparseBuilderMixin
+from vllm_sparse.backend.capabilities import SparseBackendCapabilities
 from vllm_sparse.backend.checks import check_kv_written_before_forward
 from vllm_sparse.backend.impl import SparseImplMixin
 from vllm_sparse.kernels.paged import PagedKV
@@ -50,7 +51,7 @@ class SparseCPUAttentionImpl(SparseImplMixin, CPUAttentionBackendImpl):
     kv_view = staticmethod(PagedKV.from_cpu_cache)
 
 
-class SparseCPUAttentionBackend(CPUAttentionBackend):
+class SparseCPUAttentionBackend(SparseBackendCapabilities, CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return compat.BACKEND_NAME

@@ -14,6 +14,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm_sparse import compat
 from vllm_sparse.backend.batch import SparseBatch
 from vllm_sparse.backend.builder import SparseBuilderMixin
+from vllm_sparse.backend.capabilities import SparseBackendCapabilities
 from vllm_sparse.backend.checks import check_kv_written_before_forward
 from vllm_sparse.backend.impl import SparseImplMixin
 from vllm_sparse.kernels.paged import PagedKV
@@ -34,11 +35,7 @@ class SparseFlashAttentionImpl(SparseImplMixin, FlashAttentionImpl):
     kv_view = staticmethod(PagedKV.from_flash_cache)
 
 
-class SparseFlashAttentionBackend(FlashAttentionBackend):
-    # vLLM 0.33 lets a model write the KV cache with its own fused op when the backend allows it, skipping
-    # `do_kv_cache_update`, where decode's page summaries follow the writes: not allowed here.
-    supports_kv_cache_update_bypass = False
-
+class SparseFlashAttentionBackend(SparseBackendCapabilities, FlashAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return compat.BACKEND_NAME
