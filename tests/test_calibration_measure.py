@@ -10,7 +10,7 @@ import torch
 from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.backend.attention_mass import RECALL_BINS
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.calibrate.choose import histogram_quantile
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.registry import get_estimator
@@ -35,7 +35,7 @@ def _plan(cand: dict) -> HeadPlan:
 
 def _run(b, plans, chunk, tile):
     out = torch.full_like(b.q, float("nan"))
-    attend_sparse_chunks(b.q, out, b.kv, b.block_table, (chunk,), plans, BLOCK, SCALE, union_tile=tile, layer=0,
+    attend_observed(b.q, out, b.kv, b.block_table, (chunk,), plans, BLOCK, SCALE, union_tile=tile, layer=0,
                          dense_below=DENSE_BELOW)
     return out
 
@@ -111,7 +111,7 @@ def test_final_query_block_of_each_chunk_is_kept_by_its_end():
     b = random_paged_batch([1000], [400], 4, 2, 16, 16, seed=5)
     STATS.calibrate(CANDIDATES[:2])
     try:
-        attend_sparse_chunks(b.q, torch.empty_like(b.q), b.kv, b.block_table,
+        attend_observed(b.q, torch.empty_like(b.q), b.kv, b.block_table,
                              (SparseChunk(0, 0, 200, 600), SparseChunk(0, 200, 400, 800)), [None] * 4, BLOCK, SCALE,
                              union_tile=1, layer=0, dense_below=DENSE_BELOW)
         final = STATS.calibration[0].raw()["final_block"]
@@ -141,7 +141,7 @@ def test_warm_up_and_unnumbered_layers_add_nothing():
     STATS.calibrate(CANDIDATES)
     try:
         out = torch.empty_like(b.q)
-        attend_sparse_chunks(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 640, 384),), [None] * 4, BLOCK, SCALE)
+        attend_observed(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 640, 384),), [None] * 4, BLOCK, SCALE)
         assert STATS.calibration == {}
         torch.testing.assert_close(out, dense_causal_attention_ref(b.q, b.keys[0], b.values[0], SCALE),
                                    atol=1e-5, rtol=1e-5)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks, chunk_block_mask
+from vllm_sparse.backend.instrumented import attend_observed
+from vllm_sparse.backend.sparse_path import chunk_block_mask
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
@@ -149,7 +150,7 @@ def _run_path(b, head_plans, block):
     chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
                                int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
                    for s in range(len(b.seq_lens)))
-    attend_sparse_chunks(b.q, out, b.kv, b.block_table, chunks, head_plans, block, 0.25)
+    attend_observed(b.q, out, b.kv, b.block_table, chunks, head_plans, block, 0.25)
     return out
 
 
@@ -190,7 +191,7 @@ def test_union_tile_of_one_row_attends_each_row_to_its_own_blocks():
     plan = HeadPlan("sink_local", est.params(sink_blocks=1, local_blocks=1), Budget(top_k=2, local_blocks=1))
     out = torch.full_like(b.q, float("nan"))
     chunk = SparseChunk(0, 0, 256, 768)
-    attend_sparse_chunks(b.q, out, b.kv, b.block_table, (chunk,), [plan, plan], 128, 0.25, union_tile=1)
+    attend_observed(b.q, out, b.kv, b.block_table, (chunk,), [plan, plan], 128, 0.25, union_tile=1)
     k, v = b.keys[0][:, 0].double(), b.values[0][:, 0].double()
     for pos in (768, 800, 895, 896, 1023):
         qb = pos // 128
@@ -233,7 +234,7 @@ def test_stats_count_requested_and_union_density_and_audit():
     STATS.reset()
     try:
         out = torch.empty_like(b.q)
-        attend_sparse_chunks(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 512, 512),), [plan] * 4, 128, 0.25,
+        attend_observed(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 512, 512),), [plan] * 4, 128, 0.25,
                              layer=3)
         st = STATS.snapshot()[3]
     finally:

@@ -12,7 +12,8 @@ import torch
 
 from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks, kept_blocks
+from vllm_sparse.backend.instrumented import attend_observed
+from vllm_sparse.backend.sparse_path import kept_blocks
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.loader import parse_config
@@ -126,7 +127,7 @@ def _run_ranks(b, plans, num_q, num_kv, tp, chunks):
         q, kv = _rank_view(b, s)
         heads, split = rank_layer(layer, s, all_gather)
         part = torch.full_like(q, float("nan"))
-        attend_sparse_chunks(q, part, kv, b.block_table, chunks, heads or [None] * q.shape[1], 32, 32**-0.5,
+        attend_observed(q, part, kv, b.block_table, chunks, heads or [None] * q.shape[1], 32, 32**-0.5,
                              union_tile=2, split=split)
         return part
 
@@ -135,7 +136,7 @@ def _run_ranks(b, plans, num_q, num_kv, tp, chunks):
 
 def _one_device(b, plans, chunks):
     out = torch.full_like(b.q, float("nan"))
-    attend_sparse_chunks(b.q, out, b.kv, b.block_table, chunks, plans, 32, 32**-0.5, union_tile=2)
+    attend_observed(b.q, out, b.kv, b.block_table, chunks, plans, 32, 32**-0.5, union_tile=2)
     return out
 
 
@@ -222,7 +223,7 @@ def test_split_groups_need_the_exchange():
         s = head_shard(num_q, num_kv, r, tp)
         q, kv = _rank_view(b, s)
         part = torch.full_like(q, float("nan"))
-        attend_sparse_chunks(q, part, kv, b.block_table, chunks, plans[s.q_heads.start:s.q_heads.stop], 32,
+        attend_observed(q, part, kv, b.block_table, chunks, plans[s.q_heads.start:s.q_heads.stop], 32,
                              32**-0.5, union_tile=2)
         alone.append(part)
     assert (torch.cat(alone, 1) - _one_device(b, plans, chunks)).abs().max() > 1e-2

@@ -248,7 +248,7 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
     per-head plan on one KV head and the other dense, and with one group-shared plan on every head
     (selected once per KV head)."""
     from vllm_sparse.backend.batch import SparseChunk
-    from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+    from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
@@ -264,12 +264,12 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
                                int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
                    for s in range(2))
     ref = torch.full_like(b.q, float("nan"))
-    attend_sparse_chunks(b.q, ref, b.kv, b.block_table, chunks, plans, 32, d_scale := 32**-0.5,
+    attend_observed(b.q, ref, b.kv, b.block_table, chunks, plans, 32, d_scale := 32**-0.5,
                          union_tile=union_tile, kernel="reference")
     q, kv = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
     kv = _flash_layout(kv) if kernel == "fa3" else kv
     got = torch.full_like(q, float("nan"))
-    attend_sparse_chunks(q, got, kv, b.block_table.to(DEVICE), chunks, plans, 32, d_scale, union_tile=union_tile,
+    attend_observed(q, got, kv, b.block_table.to(DEVICE), chunks, plans, 32, d_scale, union_tile=union_tile,
                          kernel=kernel)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
@@ -282,7 +282,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
     gets when it is alone in its group (a one-head union is its own blocks), on each path; and it is not
     the group union's output (the heads keep different blocks, so reading the union would differ)."""
     from vllm_sparse.backend.batch import SparseChunk
-    from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+    from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
@@ -300,7 +300,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
 
     def run(q, kv, heads, union_heads):
         out = torch.full_like(q, float("nan"))
-        attend_sparse_chunks(q, out, kv, bt, chunks, [plan] * heads, bs, d**-0.5, union_tile=union_tile,
+        attend_observed(q, out, kv, bt, chunks, [plan] * heads, bs, d**-0.5, union_tile=union_tile,
                              union_heads=union_heads, kernel=kernel)
         assert not out.isnan().any()
         return out.cpu().float()
@@ -318,7 +318,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
 def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
     """`vllm-sparse eval` reads kept densities from the kernel path on GPUs: same counts as the reference."""
     from vllm_sparse.backend.batch import SparseChunk
-    from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+    from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
@@ -341,7 +341,7 @@ def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
             STATS.enable(audit=audit)
             STATS.reset()
             out = torch.full_like(qq, float("nan"))
-            attend_sparse_chunks(qq, out, kk, bt, chunk, plans, 32, 32**-0.5, union_tile=2, layer=7,
+            attend_observed(qq, out, kk, bt, chunk, plans, 32, 32**-0.5, union_tile=2, layer=7,
                                  kernel="reference" if name == "reference" else kernel)
             assert not out.isnan().any()
             st = STATS.snapshot()[7]
@@ -364,8 +364,8 @@ def test_sparse_step_captures_in_a_cuda_graph_and_replays_on_new_inputs():
     so a whole sparse step captures in a CUDA graph; a replay on new queries and keys gives what an
     eager step gives on them."""
     from vllm_sparse.backend.batch import SparseChunk
+    from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.backend.kernel_choice import selected_kernel
-    from vllm_sparse.backend.sparse_path import attend_sparse_chunks
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
@@ -381,7 +381,7 @@ def test_sparse_step_captures_in_a_cuda_graph_and_replays_on_new_inputs():
     q = b.q.to(DEVICE)
 
     def step(out):
-        attend_sparse_chunks(q, out, kv, bt, chunk, plans, 32, 64**-0.5, union_tile=1, kernel=kernel)
+        attend_observed(q, out, kv, bt, chunk, plans, 32, 64**-0.5, union_tile=1, kernel=kernel)
 
     out = torch.full_like(q, float("nan"))
     side = torch.cuda.Stream()

@@ -12,14 +12,12 @@ from __future__ import annotations
 import torch
 
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.stats_record import record_density, record_with_audit
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
-from vllm_sparse.selection.stats import STATS
-from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions, tile_unions_per_row
+from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
@@ -38,7 +36,7 @@ def page_lists_per_q_head(mask: torch.Tensor, q_heads: int, union_heads: bool) -
 
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
-                             union_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                             union_heads: bool = True, observer=None) -> tuple[torch.Tensor, torch.Tensor]:
     """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
     Returns (KV pages read, causal KV pages) summed over the tiles and page lists, on the device.
 
@@ -52,10 +50,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else num_kv
     bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len, dev)
-    union = tile_unions(mask, tile, lists) if STATS.enabled or kernel != "fa3" else None
-    if STATS.enabled:  # eval counters: host syncs are acceptable there
-        # Every tile's union, repeated for each of its rows: the whole chunk counted at once.
-        record_density(layer, ctx, mask, tile_unions_per_row(union, tile, rows), slice(0, rows), n_tiles)
+    union = tile_unions(mask, tile, lists) if observer is not None or kernel != "fa3" else None
+    if observer is not None:  # eval counters (`instrumented.py`)
+        observer.chunk(layer, ctx, mask, union, tile, n_tiles)
     q, out = ctx.q, output[c.q_start:c.q_end]
     max_q = min(tile * bs, ctx.q_len)
     if kernel == "fa3":
@@ -76,7 +73,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
                            output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0,
-                           union_heads: bool = True) -> tuple[int, int]:
+                           union_heads: bool = True, observer=None) -> tuple[int, int]:
     """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows
     after the first `dense_rows`, those past dense_below, per head). Returns (KV pages read, causal KV
     pages) summed over the tiles and page lists."""
@@ -101,7 +98,7 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
         sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale, out=output[tokens],
                                    lists_per_q_head=per_head)
-        if STATS.enabled:
-            record_with_audit(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows,
-                              torch.arange(lists, device=mask.device) if per_head else None)
+        if observer is not None:  # eval counters and the dense audit (`instrumented.py`)
+            observer.tile(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows,
+                          torch.arange(lists, device=mask.device) if per_head else None)
     return kept, causal

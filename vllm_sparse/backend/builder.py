@@ -13,7 +13,6 @@ import torch
 
 from vllm_sparse import compat, envs
 from vllm_sparse.backend.batch import SparseBatch, classify
-from vllm_sparse.backend.capabilities import SparseBuilderCapabilities
 from vllm_sparse.backend.checks import (
     check_block_size,
     check_decode,
@@ -24,7 +23,6 @@ from vllm_sparse.backend.checks import (
     warn_dense_layers,
 )
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
-from vllm_sparse.backend.kernel_choice import check_kernel_choice
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up
 from vllm_sparse.config.errors import SparseConfigError
@@ -63,10 +61,14 @@ def count_step_tokens(metrics, cm, chunks, sparse_decodes: int) -> None:
         metrics.count_decode(sparse_decodes, decodes - sparse_decodes)
 
 
-class SparseBuilderMixin(SparseBuilderCapabilities):
+class SparseBuilderMixin:
     """Put in front of a dense `AttentionMetadataBuilder`. Subclasses set `metadata_cls` and may
     override `prepare_sparse_layers`."""
 
+    # vLLM may reuse one KV cache group's metadata for another of the same spec by swapping its block
+    # table: each group here builds its own step (its layers' sparse chunks, its dense requests' metadata
+    # over its own table). See `capabilities.py`.
+    supports_update_block_table = False
     metadata_cls: type
 
     def prepare_sparse_layers(self, layer_names: list[str]) -> str | None:
@@ -100,7 +102,6 @@ class SparseBuilderMixin(SparseBuilderCapabilities):
         if self._has_sparse_layer:
             compat.check_common_metadata()  # the step's split knows every field of this vLLM's batch metadata
             check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
-            check_kernel_choice(torch.device(device))  # VLLM_SPARSE_KERNEL, checked before any request
             why = self.prepare_sparse_layers(layer_names)
             if why:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))

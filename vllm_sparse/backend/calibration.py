@@ -25,6 +25,7 @@ from vllm_sparse.backend.attention_mass import (
     row_recall_histogram,
     row_unions,
 )
+from vllm_sparse.backend.sparse_path import budget_masks, dense_rows_below
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.selection.budget import Budget
 from vllm_sparse.selection.stats import STATS, CalibrationStats
@@ -51,8 +52,6 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
     read (per q head), cells read (per KV head) and per-row recall histogram (per q head), over the rows
     past dense_below, to STATS.calibration; and, by the chunk's end, the mass read in its final query
     block (where the chunk ends the prompt: the rows that produce the answer)."""
-    from vllm_sparse.backend.sparse_path import budget_masks, dense_rows_below
-
     dense, mass = dense_attention_mass(ctx)
     out.copy_(dense.to(out.dtype))
     first = dense_rows(ctx, dense_below)

@@ -1,5 +1,6 @@
 """What SPARSE declares to vLLM, on the backend and builder classes, where vLLM's selection, validation and
-model runner read it. Put in front of a dense backend's classes (`cuda.py`, `cpu.py`).
+model runner read it: `SparseBackendCapabilities` goes in front of a dense backend class (`cuda.py`,
+`cpu.py`); the builder's declaration is on `builder.SparseBuilderMixin`.
 
 SPARSE serves every layer: the ones its plan makes sparse through the sparse path, the others (and every
 layer feature the sparse path lacks: sliding window, sinks, ALiBi, soft-capping, bidirectional
@@ -30,9 +31,3 @@ class SparseBackendCapabilities:
     @classmethod
     def supports_device_cpu_query_lens_mismatch(cls) -> bool:
         return False
-
-
-class SparseBuilderCapabilities:
-    """Put in front of the dense metadata builder class."""
-
-    supports_update_block_table = False

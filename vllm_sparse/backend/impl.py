@@ -14,10 +14,10 @@ import torch
 
 from vllm_sparse import compat
 from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
+from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace, step_temporaries_bytes, touch_step_temporaries
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
@@ -63,7 +63,7 @@ class SparseImplMixin:
         self._shard = None if self.unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
         # The sparse chunks' attention kernel, chosen once (VLLM_SPARSE_KERNEL or by device), not per call.
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self._kernel = selected_kernel(device) if self._shard is not None else None
+        self._kernel = selected_kernel(device) if self._shard is not None and self._plan.is_sparse else None
         self._temporaries = 0  # bytes of one sparse chunk-layer's temporaries at the longest context (CUDA)
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)
@@ -150,7 +150,7 @@ class SparseImplMixin:
             output[idx] = sub_out
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
-        attend_sparse_chunks(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
+        attend_observed(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
                              head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
                              kernel=self._kernel, union_heads=self._plan.union_heads,
                              dense_below=self._plan.dense_below,

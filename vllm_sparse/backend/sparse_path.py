@@ -1,7 +1,8 @@
 """estimate -> select -> union -> attend, for the sparse prefill chunks of one layer.
 
 This module orchestrates; the attention over kept blocks is `attend.py`, the kernel choice
-`kernel_choice.py`, the eval counters `stats_record.py`, calibration's measurement `calibration.py`.
+`kernel_choice.py`. Evaluation and calibration wrap it (`instrumented.py`): they reach it only through
+the `observer` argument, None while serving.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import WorkerMetrics
 from vllm_sparse.selection.budget import Budget, select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
-from vllm_sparse.selection.stats import STATS
 
 
 def plan_scores(chunk: ChunkContext, plan: HeadPlan) -> torch.Tensor:
@@ -151,21 +151,20 @@ def attend_sparse_chunks(
     split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
     union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
+    observer=None,  # eval / calibration hooks (`instrumented.StatsObserver`); None while serving
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
     kv_head_ids = tuple(h // (num_q // num_kv) for h in range(num_q))
     kernel = kernel or selected_kernel(query.device)
     fused = kernel != "reference"  # the estimators' Triton kernels go with the attention kernel's choice
-    # The dense audit compares against the exact reference path; density counts work on either.
-    kernel = "reference" if STATS.audit else kernel
+    if observer is not None:
+        kernel = observer.kernel(kernel)
     for c in chunks:
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
-        if STATS.candidates is not None:  # `vllm-sparse calibrate`: attend densely, measure the candidates
-            from vllm_sparse.backend.calibration import calibrate_chunk
-
-            calibrate_chunk(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)
+        if observer is not None and observer.calibrating():  # attend densely, measure the candidates
+            observer.calibrate(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)
             continue
         timer = metrics.start_timer() if metrics is not None else None
         mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below)
@@ -174,8 +173,9 @@ def attend_sparse_chunks(
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
             pages = attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer,
-                                           dense_rows(ctx, dense_below), union_heads)
+                                           dense_rows(ctx, dense_below), union_heads, observer)
         else:
-            pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads)
+            pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
+                                             observer)
         if metrics is not None:
             metrics.record_density(layer, *pages)

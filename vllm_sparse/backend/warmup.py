@@ -68,7 +68,6 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     stay off for it."""
     from vllm_sparse.backend.batch import SparseChunk
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
-    from vllm_sparse.selection.stats import STATS
 
     sparse = [lp for lp in plan.layers if lp.is_sparse]
     head_sets = [lp.heads_for(shard) for lp in sparse]
@@ -80,17 +79,10 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
     kv = PagedKV.from_flash_cache(cache)
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
-    saved = STATS.enabled, STATS.audit, STATS.candidates
-    STATS.enabled = STATS.audit = False
-    STATS.candidates = None
-    try:
-        for heads in dict.fromkeys(head_sets):
-            q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
-            attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),),
-                                 list(heads), bs, head_dim**-0.5, plan.union_tile,
-                                 union_heads=plan.union_heads)
-    finally:
-        STATS.enabled, STATS.audit, STATS.candidates = saved
+    for heads in dict.fromkeys(head_sets):  # (no observer: the eval's counters and calibration see none of it)
+        q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
+        attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),),
+                             list(heads), bs, head_dim**-0.5, plan.union_tile, union_heads=plan.union_heads)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
