@@ -219,7 +219,7 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
 
     sparse_layer = SimpleNamespace(is_sparse=True, is_sparse_decode=False)
     plan = SimpleNamespace(layer=lambda i: sparse_layer, layers=[sparse_layer], source="x.yaml", block_size=64,
-                           dense_below=300, min_query_tokens=2, min_chunk_work=0,
+                           union_tile=None, dense_below=300, min_query_tokens=2, min_chunk_work=0,
                            query_token_floor=lambda kind: 2, chunk_work_floor=lambda kind: 0)
     monkeypatch.setattr(builder_mod, "plan_for", lambda vllm_config: plan)
     monkeypatch.setattr(builder_mod, "worker_metrics", lambda *a: None)
@@ -232,3 +232,28 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     assert md.sparse_batch.chunks == (SparseChunk(req=1, q_start=1, q_end=101, context_len=300),)
     assert md.seq_lens_view.tolist() == SEQ_LENS  # the whole batch's, after the sub-batch was built
     assert md.sparse_batch.dense_metadata.seq_lens_view.tolist() == [50, 30, 700]
+
+
+def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
+    """The builder's per-step tile geometry (one host->device copy for every chunk, shared by the layers)
+    is what `tile_seq_lens` builds per chunk and layer: chunks on and off block boundaries, one union
+    per chunk or per few query blocks."""
+    import random
+
+    from vllm_sparse.backend.batch import SparseChunk, tile_geometry
+    from vllm_sparse.selection.tile_tables import tile_seq_lens
+
+    rng = random.Random(7)
+    for block_size, union_tile in ((64, None), (64, 1), (128, 2), (32, 3)):
+        chunks, start = [], 0
+        for req in range(5):
+            context, q_len = rng.randrange(0, 5000), rng.randrange(1, 3000)
+            chunks.append(SparseChunk(req, start, start + q_len, context))
+            start += q_len
+        for c, (bounds, seq_lens) in zip(chunks, tile_geometry(chunks, block_size, union_tile, torch.device("cpu"))):
+            first = c.context_len // block_size
+            n_blocks = (c.seq_len - 1) // block_size + 1 - first
+            tile = union_tile or n_blocks
+            want = tile_seq_lens(first, -(-n_blocks // tile), tile, block_size, c.context_len, c.q_end - c.q_start,
+                                 torch.device("cpu"))
+            assert torch.equal(bounds, want[0]) and torch.equal(seq_lens, want[1]), (block_size, union_tile, c)

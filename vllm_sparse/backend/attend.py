@@ -36,7 +36,9 @@ def page_lists_per_q_head(mask: torch.Tensor, q_heads: int, union_heads: bool) -
 
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
-                             union_heads: bool = True, observer=None) -> tuple[torch.Tensor, torch.Tensor]:
+                             union_heads: bool = True, observer=None,
+                             tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
     Returns (KV pages read, causal KV pages) summed over the tiles and page lists, on the device.
 
@@ -49,7 +51,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     n_tiles = -(-rows // tile)
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else num_kv
-    bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len, dev)
+    # The tiles' query ranges and lengths: the builder's, made once per step (`batch.tile_geometry`), or now.
+    bounds, seq_lens = tiles or tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len,
+                                              dev)
     union = tile_unions(mask, tile, lists) if observer is not None or kernel != "fa3" else None
     if observer is not None:  # eval counters (`instrumented.py`)
         observer.chunk(layer, ctx, mask, union, tile, n_tiles)

@@ -12,6 +12,8 @@ import torch
 from vllm_sparse import compat
 from vllm_sparse.config.plan import chunk_work
 from vllm_sparse.decode.step import DecodeRows
+from vllm_sparse.selection.tile_tables import chunk_tile_bounds
+from vllm_sparse.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,24 @@ class SparseBatch:
     dense_tokens: torch.Tensor | None  # token indices of the dense requests (None when there are none)
     dense_metadata: object | None  # the dense backend's metadata for those requests alone
     decode: DecodeRows | None = None  # the step's rows, for layers that select pages at decode
+    # Per chunk, its union tiles' (query_start_loc, seq_lens) on the device (`tile_geometry`), built once
+    # per step for every layer; None where the caller builds them per call (`tile_seq_lens`).
+    tiles: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+
+def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | None, device: torch.device
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Each chunk's union tiles as the attention kernels take them, (query_start_loc [tiles + 1], seq_lens
+    [tiles]) int32, from host lengths: one copy to the device per step instead of a few launches per
+    chunk and layer."""
+    bounds = [chunk_tile_bounds(c.context_len, c.q_end - c.q_start, block_size, union_tile) for c in chunks]
+    flat = [x for b in bounds for x in b] + [c.context_len + x for c, b in zip(chunks, bounds) for x in b[1:]]
+    dev = to_device(torch.tensor(flat, dtype=torch.int32), device)
+    out, at, lens_at = [], 0, sum(len(b) for b in bounds)
+    for b in bounds:
+        out.append((dev[at:at + len(b)], dev[lens_at:lens_at + len(b) - 1]))
+        at, lens_at = at + len(b), lens_at + len(b) - 1
+    return tuple(out)
 
 
 def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vllm_sparse import compat, envs
-from vllm_sparse.backend.batch import SparseBatch, classify
+from vllm_sparse.backend.batch import SparseBatch, classify, tile_geometry
 from vllm_sparse.backend.checks import (
     check_block_size,
     check_decode,
@@ -164,5 +164,8 @@ class SparseBuilderMixin:
         if len(dense_reqs):
             sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens)
             dense_md = self._dense_builder.build(0, sub, *args, **kwargs)  # (its own buffers: see __init__)
-        dense_idx = to_device(dense_tokens, common_attn_metadata.query_start_loc.device) if len(dense_reqs) else None
-        return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows))
+        device = common_attn_metadata.query_start_loc.device
+        dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
+        tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device)
+        return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows,
+                                                                    tiles))

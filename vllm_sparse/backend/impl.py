@@ -154,4 +154,4 @@ class SparseImplMixin:
                              head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
                              kernel=self._kernel, union_heads=self._plan.union_heads,
                              dense_below=self._plan.dense_below,
-                             split=self._split, metrics=self._metrics)
+                             split=self._split, metrics=self._metrics, tiles=batch.tiles)

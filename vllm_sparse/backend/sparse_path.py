@@ -7,6 +7,7 @@ the `observer` argument, None while serving.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -24,6 +25,12 @@ from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import WorkerMetrics
 from vllm_sparse.selection.budget import Budget, select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
+
+
+@functools.lru_cache(maxsize=16)
+def kv_head_map(num_q: int, num_kv: int, device: torch.device) -> torch.Tensor:
+    """[num_q] the KV head of each q head (consecutive GQA groups), made once per shape and device."""
+    return torch.arange(num_q, device=device) // (num_q // num_kv)
 
 
 def plan_scores(chunk: ChunkContext, plan: HeadPlan) -> torch.Tensor:
@@ -152,15 +159,16 @@ def attend_sparse_chunks(
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
     union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
     observer=None,  # eval / calibration hooks (`instrumented.StatsObserver`); None while serving
+    tiles: tuple | None = None,  # per chunk, the builder's tile geometry (`batch.tile_geometry`); None: made here
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
-    kv_head_of = torch.arange(num_q, device=query.device) // (num_q // num_kv)
+    kv_head_of = kv_head_map(num_q, num_kv, query.device)
     kv_head_ids = tuple(h // (num_q // num_kv) for h in range(num_q))
     kernel = kernel or selected_kernel(query.device)
     fused = kernel != "reference"  # the estimators' Triton kernels go with the attention kernel's choice
     if observer is not None:
         kernel = observer.kernel(kernel)
-    for c in chunks:
+    for i, c in enumerate(chunks):
         ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
                            block_size, scale, kv_head_ids, fused)
         if observer is not None and observer.calibrating():  # attend densely, measure the candidates
@@ -176,6 +184,6 @@ def attend_sparse_chunks(
                                            dense_rows(ctx, dense_below), union_heads, observer)
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
-                                             observer)
+                                             observer, tiles[i] if tiles is not None else None)
         if metrics is not None:
             metrics.record_density(layer, *pages)

@@ -43,6 +43,15 @@ def tile_seq_lens(first_query_block: int, n_tiles: int, tile: int, block_size: i
     return bounds, (context_len + bounds[1:]).to(torch.int32)
 
 
+def chunk_tile_bounds(context_len: int, q_len: int, block_size: int, union_tile: int | None) -> list[int]:
+    """`tile_seq_lens`'s query_start_loc of one chunk, on the host (the builder's per-step geometry)."""
+    first = context_len // block_size
+    n_blocks = (context_len + q_len - 1) // block_size + 1 - first
+    tile = union_tile or n_blocks
+    n_tiles = -(-n_blocks // tile)
+    return [min(max((first + i * tile) * block_size - context_len, 0), q_len) for i in range(n_tiles + 1)]
+
+
 def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
                     page_size: int, block_table_row: torch.Tensor, max_pages: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
