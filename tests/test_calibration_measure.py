@@ -36,7 +36,7 @@ def _plan(cand: dict) -> HeadPlan:
 def _run(b, plans, chunk, tile):
     out = torch.full_like(b.q, float("nan"))
     attend_observed(b.q, out, b.kv, b.block_table, (chunk,), plans, BLOCK, SCALE, union_tile=tile, layer=0,
-                         dense_below=DENSE_BELOW)
+                    dense_below=DENSE_BELOW)
     return out
 
 
@@ -112,8 +112,8 @@ def test_final_query_block_of_each_chunk_is_kept_by_its_end():
     STATS.calibrate(CANDIDATES[:2])
     try:
         attend_observed(b.q, torch.empty_like(b.q), b.kv, b.block_table,
-                             (SparseChunk(0, 0, 200, 600), SparseChunk(0, 200, 400, 800)), [None] * 4, BLOCK, SCALE,
-                             union_tile=1, layer=0, dense_below=DENSE_BELOW)
+                        (SparseChunk(0, 0, 200, 600), SparseChunk(0, 200, 400, 800)), [None] * 4, BLOCK, SCALE,
+                        union_tile=1, layer=0, dense_below=DENSE_BELOW)
         final = STATS.calibration[0].raw()["final_block"]
     finally:
         STATS.calibrate(None)

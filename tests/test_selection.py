@@ -235,7 +235,7 @@ def test_stats_count_requested_and_union_density_and_audit():
     try:
         out = torch.empty_like(b.q)
         attend_observed(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 512, 512),), [plan] * 4, 128, 0.25,
-                             layer=3)
+                        layer=3)
         st = STATS.snapshot()[3]
     finally:
         STATS.enabled = STATS.audit = False

@@ -128,7 +128,7 @@ def _run_ranks(b, plans, num_q, num_kv, tp, chunks):
         heads, split = rank_layer(layer, s, all_gather)
         part = torch.full_like(q, float("nan"))
         attend_observed(q, part, kv, b.block_table, chunks, heads or [None] * q.shape[1], 32, 32**-0.5,
-                             union_tile=2, split=split)
+                        union_tile=2, split=split)
         return part
 
     return torch.cat(_on_ranks(tp, rank), dim=1)
@@ -224,7 +224,7 @@ def test_split_groups_need_the_exchange():
         q, kv = _rank_view(b, s)
         part = torch.full_like(q, float("nan"))
         attend_observed(q, part, kv, b.block_table, chunks, plans[s.q_heads.start:s.q_heads.stop], 32,
-                             32**-0.5, union_tile=2)
+                        32**-0.5, union_tile=2)
         alone.append(part)
     assert (torch.cat(alone, 1) - _one_device(b, plans, chunks)).abs().max() > 1e-2
 

@@ -246,8 +246,8 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
     """The backend's sparse step through the kernel (one launch per chunk, unions per tile built on
     the device) gives what the reference path gives, for chunks with and without context: with a
     per-head plan on one KV head and the other dense, and with one group-shared plan on every head
-    (selected once per KV head)."""
-    from vllm_sparse.backend.batch import SparseChunk
+    (selected once per KV head). The kernel path takes the builder's per-step tile geometry."""
+    from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.registry import get_estimator
@@ -265,12 +265,13 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
                    for s in range(2))
     ref = torch.full_like(b.q, float("nan"))
     attend_observed(b.q, ref, b.kv, b.block_table, chunks, plans, 32, d_scale := 32**-0.5,
-                         union_tile=union_tile, kernel="reference")
+                    union_tile=union_tile, kernel="reference")
     q, kv = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
     kv = _flash_layout(kv) if kernel == "fa3" else kv
     got = torch.full_like(q, float("nan"))
+    tiles = tile_geometry(list(chunks), 32, union_tile, torch.device(DEVICE))  # as the builder gives them
     attend_observed(q, got, kv, b.block_table.to(DEVICE), chunks, plans, 32, d_scale, union_tile=union_tile,
-                         kernel=kernel)
+                    kernel=kernel, tiles=tiles)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
 
@@ -301,7 +302,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
     def run(q, kv, heads, union_heads):
         out = torch.full_like(q, float("nan"))
         attend_observed(q, out, kv, bt, chunks, [plan] * heads, bs, d**-0.5, union_tile=union_tile,
-                             union_heads=union_heads, kernel=kernel)
+                        union_heads=union_heads, kernel=kernel)
         assert not out.isnan().any()
         return out.cpu().float()
 
@@ -342,7 +343,7 @@ def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
             STATS.reset()
             out = torch.full_like(qq, float("nan"))
             attend_observed(qq, out, kk, bt, chunk, plans, 32, 32**-0.5, union_tile=2, layer=7,
-                                 kernel="reference" if name == "reference" else kernel)
+                            kernel="reference" if name == "reference" else kernel)
             assert not out.isnan().any()
             st = STATS.snapshot()[7]
             counts[name] = (st.unions, st.requested_kept, st.requested_total, st.union_kept, st.union_total)
