@@ -5,9 +5,7 @@ model runner read it: `SparseBackendCapabilities` goes in front of a dense backe
 SPARSE serves every layer: the ones its plan makes sparse through the sparse path, the others (and every
 layer feature the sparse path lacks: sliding window, sinks, ALiBi, soft-capping, bidirectional
 multimodal ranges, non-decoder attention) through the dense backend it wraps. So those capabilities
-stay the dense backend's. What differs is declared here:
-
-Declared "no" here:
+stay the dense backend's. Declared "no" here:
 - device query lengths that disagree with the host's (vLLM's adaptive verification): the builder plans
   each step's sparse chunks from the host query lengths;
 - one KV cache group's metadata reused for another by swapping its block table: each group builds its

@@ -151,7 +151,6 @@ class SparseImplMixin:
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_observed(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
-                             head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
-                             kernel=self._kernel, union_heads=self._plan.union_heads,
-                             dense_below=self._plan.dense_below,
-                             split=self._split, metrics=self._metrics, tiles=batch.tiles)
+                        head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
+                        kernel=self._kernel, union_heads=self._plan.union_heads, dense_below=self._plan.dense_below,
+                        split=self._split, metrics=self._metrics, tiles=batch.tiles)
