@@ -46,6 +46,11 @@ def _config(tmp: Path, name: str, rule: dict) -> str:
 def run_plans(model: Path, tmp: Path, engine: dict) -> dict:
     """The same prompts through the stock backend and through SPARSE with a dense plan, a keep-all
     plan and a real sparse plan (the GPU twin runs this too)."""
+    return {name: run_engine(spec)[0] for name, spec in plan_specs(model, tmp, engine).items()}
+
+
+def plan_specs(model: Path, tmp: Path, engine: dict) -> dict[str, dict]:
+    """`run_plans`' engines, as tests/engine_runner.py specs."""
     base = {"model": str(model), "prompts": _prompts(model), "engine": engine, "max_tokens": 6}
     sink_local = {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2}
     specs = {
@@ -56,7 +61,7 @@ def run_plans(model: Path, tmp: Path, engine: dict) -> dict:
         "sparse": {"backend": "sparse", "config": _config(tmp, "sparse", {
             "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}})},
     }
-    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items()}
+    return {name: {**base, **spec} for name, spec in specs.items()}
 
 
 def run_chats_beside(model: Path, tmp: Path, engine: dict) -> dict:
