@@ -331,7 +331,7 @@ def test_discovery_applies_only_measured_or_published_plans(tmp_path, monkeypatc
     for name, prov in (("a-calibrated.yaml", {"kind": "calibrated", "source": "s", "command": "vllm-sparse calibrate"}),
                        ("b-none.yaml", None),
                        ("c-published.yaml", {"kind": "published", "source": "paper, table 1"})):
-        data = entry(layers=[{"layers": "all"}])
+        data = entry(layers=[{"layers": "all"}], match={"architectures": ["LlamaForCausalLM"], "names": ["*llama-3*"]})
         if prov:
             data["models"][0]["provenance"] = prov
         plans[name] = tmp_path / name
@@ -348,6 +348,42 @@ def test_discovery_applies_only_measured_or_published_plans(tmp_path, monkeypatc
     assert plan.is_sparse and "a-calibrated.yaml" in plan.source
     monkeypatch.setattr(discovery, "shipped_configs", lambda: [plans["a-calibrated.yaml"]])
     assert find_config(None, LLAMA) == (None, "none")
+
+
+def test_shipped_plans_apply_to_the_families_they_name(monkeypatch, capsys, tmp_path, caplog):
+    """Issue 28, item 5: a shipped plan applies to a model its names match (and whose architecture, where it
+    names some, it lists), not to every model of an architecture; a model no shipped plan names runs dense
+    with one note that says how to get a plan; `vllm-sparse plan --model M` says which plan applied and why."""
+    import json
+
+    from vllm_sparse.cli.main import main
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    llama_31 = ModelShape("meta-llama/Llama-3.1-8B-Instruct", ("LlamaForCausalLM",), 32, 32, 8)
+    assert find_config(None, llama_31)[0].name == "llama-3.yaml"
+    for other in ("01-ai/Yi-9B-200K", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "codellama/CodeLlama-7b-hf"):
+        shape = ModelShape(other, ("LlamaForCausalLM",), 32, 32, 8)
+        assert find_config(None, shape) == (None, "none"), other
+        plan = build_plan(None, shape)
+        assert not plan.is_sparse and len(plan.notes) == 1
+        assert "no shipped plan names" in plan.notes[0] and "import minference" in plan.notes[0] \
+            and "calibrate" in plan.notes[0]
+    # A name the plan gives, on an architecture it does not list: not its family either.
+    assert find_config(None, ModelShape("someone/llama-3-moe", ("MixtralForCausalLM",), 32, 32, 8)) == (None, "none")
+
+    model = tmp_path / "Meta-Llama-3.1-8B-Instruct"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "vocab_size": 128256}))
+    assert main(["plan", "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "shipped plan llama-3.yaml applies: its name glob '*Llama-3*' matches" in out and "published" in out
+    yi = tmp_path / "Yi-9B-200K"
+    yi.mkdir()
+    (yi / "config.json").write_text((model / "config.json").read_text())
+    assert main(["plan", "--model", str(yi)]) == 0
+    assert "no shipped plan names" in capsys.readouterr().out
 
 
 def test_every_environment_variable_is_declared_in_envs():

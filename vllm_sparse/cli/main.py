@@ -22,7 +22,26 @@ def _resolve(args):
     from vllm_sparse.config.loader import load_config
     from vllm_sparse.config.plan import resolve_plan
 
+    if args.config is None:  # `plan --model M`: what discovery gives the model, and why
+        return _discovered(_shape(args.model))
     return resolve_plan(load_config(args.config), _shape(args.model), str(args.config), explicit=True)
+
+
+def _discovered(shape):
+    from vllm_sparse.config.build import build_plan
+    from vllm_sparse.config.discovery import find_config
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import match_entry, name_glob
+
+    path, how = find_config(None, shape)
+    if how == "shipped config":
+        cfg = load_config(path)
+        entry = cfg.models[match_entry(cfg, shape, by_name=True)]
+        print(f"shipped plan {path.name} applies: its name glob {name_glob(entry, shape)!r} matches {shape.name}"
+              f" ({entry.provenance.kind}: {entry.provenance.source})")
+    elif how != "none":
+        print(f"{path} applies (from {how})")
+    return build_plan(None, shape)
 
 
 def _ints(text: str) -> list[int]:
@@ -275,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     v.add_argument("--model", help="model directory or name with a config.json")
     v.set_defaults(func=cmd_validate)
-    pl = sub.add_parser("plan", help="print the layer x head plan a config gives a model")
-    pl.add_argument("config")
+    pl = sub.add_parser("plan", help="print the layer x head plan a config gives a model (without a config: the "
+                        "shipped plan that names the model, and why, or that none does)")
+    pl.add_argument("config", nargs="?")
     pl.add_argument("--model", required=True)
     pl.set_defaults(func=cmd_plan)
     s = sub.add_parser("schema", help="print the config's JSON schema")

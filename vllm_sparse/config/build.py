@@ -11,15 +11,11 @@ from vllm_sparse.log import logger
 def build_plan(additional_config: dict | None, shape: ModelShape) -> SparsePlan:
     path, how = find_config(additional_config, shape)
     if path is None:
-        plan = SparsePlan.dense(
-            shape, "none",
-            f"no sparse config given (--additional-config '{{\"sparse\": {{\"config\": PATH}}}}' or "
-            f"VLLM_SPARSE_CONFIG) and no shipped config matches {', '.join(shape.architectures) or shape.name}: "
-            "every layer runs dense",
-        )
+        plan = SparsePlan.dense(shape, "none", no_plan_note(shape))
     else:
         # A config the user named must fit the model; only discovery may fall back to dense.
-        plan = resolve_plan(load_config(path), shape, f"{path} (from {how})", explicit=how != "shipped config")
+        shipped = how == "shipped config"
+        plan = resolve_plan(load_config(path), shape, f"{path} (from {how})", explicit=not shipped, by_name=shipped)
     for note in plan.notes:
         logger.warning("vllm-sparse: %s", note)
     if plan.is_sparse:
@@ -27,3 +23,13 @@ def build_plan(additional_config: dict | None, shape: ModelShape) -> SparsePlan:
         logger.info("vllm-sparse: plan from %s: %d of %d layers sparse, block %d, dense below %d tokens",
                     plan.source, n, len(plan.layers), plan.block_size, plan.dense_below)
     return plan
+
+
+def no_plan_note(shape: ModelShape) -> str:
+    """What a user whose model no shipped plan names reads: it runs dense, and how to get a plan."""
+    return (f"no sparse config given and no shipped plan names {shape.name} ({', '.join(shape.architectures) or '-'}); "
+            "shipped plans apply to the model families they name (`vllm-sparse plan --model MODEL` shows which), so "
+            "every layer runs dense. To get a plan: `vllm-sparse import minference FILE.json --model MODEL --out "
+            "PLAN.yaml` (MInference's published per-head settings, where it has them for this model) or "
+            "`vllm-sparse calibrate --model MODEL --out PLAN.yaml`, then --additional-config "
+            "'{\"sparse\": {\"config\": \"PLAN.yaml\"}}'")

@@ -27,7 +27,8 @@ def shipped_configs() -> list[Path]:
 
 
 def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str]:
-    """-> (path or None, how it was found). Order: --additional-config, env var, shipped by architecture.
+    """-> (path or None, how it was found). Order: --additional-config, env var, a shipped plan that names
+    the model (a name glob; `plan.match_entry(by_name=True)`).
 
     A shipped config applies on its own only where its matching entry's provenance is measured or
     published; one that matches but is calibrated (or says nothing of what backs it) is skipped with one
@@ -41,7 +42,7 @@ def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str
         return Path(envs.get(ENV_VAR)), ENV_VAR
     for path in shipped_configs():
         cfg = load_config(path)
-        idx = match_entry(cfg, shape)
+        idx = match_entry(cfg, shape, by_name=True)  # the families a shipped plan names, not its architecture
         if idx is None:
             continue
         provenance = cfg.models[idx].provenance

@@ -218,15 +218,25 @@ class SparsePlan:
         )
 
 
-def match_entry(cfg, shape: ModelShape) -> int | None:
-    """Index of the first model entry that matches by architecture or name glob."""
+def match_entry(cfg, shape: ModelShape, by_name: bool = False) -> int | None:
+    """Index of the first model entry that matches by architecture or name glob. `by_name` (shipped plans,
+    found by discovery): only an entry whose names match the model's, and whose architectures, where it
+    gives some, include the model's: a plan applies to the family it names, not to every model of an
+    architecture."""
     for i, entry in enumerate(cfg.models):
-        if set(entry.match.architectures) & set(shape.architectures):
-            return i
-        if any(fnmatch.fnmatch(shape.name, pat) or fnmatch.fnmatch(shape.name.rstrip("/").split("/")[-1], pat)
-               for pat in entry.match.names):
+        archs = set(entry.match.architectures) & set(shape.architectures)
+        if by_name:
+            if name_glob(entry, shape) and (archs or not entry.match.architectures):
+                return i
+        elif archs or name_glob(entry, shape):
             return i
     return None
+
+
+def name_glob(entry, shape: ModelShape) -> str | None:
+    """The first of the entry's name globs that the model's name or path (or its last part) matches."""
+    last = shape.name.rstrip("/").split("/")[-1]
+    return next((p for p in entry.match.names if fnmatch.fnmatch(shape.name, p) or fnmatch.fnmatch(last, p)), None)
 
 
 def _expand(selector, limit: int, what: str, shape: ModelShape | None) -> list[int]:
@@ -249,13 +259,14 @@ def _expand(selector, limit: int, what: str, shape: ModelShape | None) -> list[i
     return sorted(out)
 
 
-def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False) -> SparsePlan:
+def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by_name: bool = False) -> SparsePlan:
     """Validated config file + model shape -> SparsePlan. Raises SparseConfigError listing every problem.
 
     A config the user named (`explicit`) must have an entry for the model; one found by discovery
-    that matches nothing gives a dense plan (with a note).
+    that matches nothing gives a dense plan (with a note). `by_name`: match as discovery does
+    (`match_entry`).
     """
-    idx = match_entry(cfg, shape)
+    idx = match_entry(cfg, shape, by_name)
     if idx is None:
         what = f"{shape.name} ({', '.join(shape.architectures) or 'no architecture'})"
         if explicit:
