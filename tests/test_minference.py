@@ -160,3 +160,34 @@ def test_import_names_the_layer_and_head_it_cannot_map(tmp_path, capsys, edit, m
     assert main(["import", "minference", str(src), "--model", str(_model_dir(tmp_path)), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "fused"])
+def test_heads_with_their_own_sizes_score_in_one_call_as_each_alone(kernels):
+    """An imported layer gives its heads different sizes: the sparse path scores them in one call (one pass of
+    line sums over the context), and each head keeps what its own plan alone keeps."""
+    import dataclasses
+
+    from vllm_sparse.backend.sparse_path import chunk_block_mask, scoring_groups
+    from vllm_sparse.config.plan import HeadPlan
+
+    n, block, heads = 1500, 64, 8
+    b = random_paged_batch([n], [512], heads, 2, 32, 16, seed=5)
+    chunk = ChunkContext(b.q, torch.arange(heads) // 4, b.kv, b.block_table[0], n - 512, block, 32**-0.5,
+                         tuple(h // 4 for h in range(heads)), kernels)
+    est = get_estimator("vertical_slash")
+    budget = Budget(top_p=1.0, sink_blocks=0, local_blocks=1)
+    sizes = [(40, 104), (30, 120), (40, 104), (60, 110), (30, 120), (45, 101), (40, 104), (30, 120)]
+    plans = [HeadPlan("vertical_slash", est.params(vertical_size=v, slash_size=s, sink_columns=30,
+                                                   local_diagonals=100, blocks="crossed"), budget) for v, s in sizes]
+    plans[5] = None  # a dense head stays out of the call
+    groups = scoring_groups({p: [h for h, q in enumerate(plans) if q == p] for p in dict.fromkeys(plans)})
+    assert len(groups) == 1 and groups[0][1] == [0, 1, 2, 3, 4, 6, 7]
+    mask = chunk_block_mask(chunk, plans)
+    for h, plan in enumerate(plans):
+        if plan is None:
+            assert torch.equal(mask[h], chunk.causal_block_mask())
+            continue
+        alone = dataclasses.replace(chunk, q=chunk.q[:, h:h + 1], kv_head_of=chunk.kv_head_of[h:h + 1],
+                                    kv_head_ids=(chunk.kv_head_ids[h],))
+        assert torch.equal(mask[h], select_blocks(est.score(alone, plan.params), budget, chunk.first_query_block)[0]), h

@@ -88,20 +88,45 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)
     causal = chunk.causal_block_mask()
     mask = causal[None].repeat(len(head_plans), 1, 1)
-    for plan, heads in heads_of.items():
-        if plan is None:
-            continue
+    for plan, heads, per_head in scoring_groups(heads_of):
         idx = torch.tensor(heads, device=chunk.q.device)
         kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
                            chunk.context_len, chunk.block_size, chunk.scale, kv_ids, chunk.kernels)
-        scores = get_estimator(plan.estimator).score(sub, plan.params)
+        estimator = get_estimator(plan.estimator)
+        scores = estimator.score(sub, plan.params) if per_head is None else estimator.score_heads(sub, per_head)
         if plan.budget.share == "group":
             mask[idx] = select_per_kv_head(scores, sub.host_kv_head_ids(), plan.budget, select,
                                            chunk.first_query_block)
         else:
             mask[idx] = select(scores, plan.budget, chunk.first_query_block)
     return mask
+
+
+def scoring_groups(heads_of: dict) -> list[tuple[HeadPlan, list[int], list | None]]:
+    """The chunk's scoring calls: (plan, its heads, None) per distinct plan, except that heads whose plans
+    differ only in settings their estimator takes per head (`per_head_fields`, e.g. MInference's sizes) and
+    that select per head are scored in one call: (first plan, their heads, each head's parameters)."""
+    calls: dict = {}
+    for plan, heads in heads_of.items():
+        if plan is None:
+            continue
+        est = get_estimator(plan.estimator)
+        if est.score_heads is None or plan.budget.share != "head":
+            calls[plan] = (plan, list(heads), None)
+            continue
+        shared = plan.params.model_copy(update={f: None for f in est.per_head_fields})
+        key = (plan.estimator, shared.model_dump_json(), plan.budget)
+        first, all_heads, per_head = calls.get(key, (plan, [], []))
+        calls[key] = (first, all_heads + list(heads), per_head + [plan.params] * len(heads))
+    out = []
+    for plan, heads, per_head in calls.values():
+        if per_head is None or len(set(map(id, per_head))) == 1:  # one plan: its estimator's own call
+            out.append((plan, heads, None))
+        else:  # heads in order, so the fused scorers pack each GQA group's q heads together
+            order = sorted(range(len(heads)), key=heads.__getitem__)
+            out.append((plan, [heads[i] for i in order], [per_head[i] for i in order]))
+    return out
 
 
 def select_per_kv_head(scores: torch.Tensor, kv_ids: list[int], budget, select, first_query_block: int

@@ -31,6 +31,11 @@ class Estimator:
     # (params, chunk tokens) -> query rows scored per chunk through the fused row scorers, whose
     # workspace holds a float per (head, row, KV block): the backend reserves it at start
     workspace_rows: Callable[[EstimatorParams, int], int] = lambda params, chunk_tokens: 0
+    # Settings that may differ between the heads of one scoring call: heads whose plans differ only there
+    # are scored together by `score_heads(chunk, params per head)` (one pass over the context, not one per
+    # setting: MInference's plans give every head its own sizes)
+    per_head_fields: tuple[str, ...] = ()
+    score_heads: Callable[..., torch.Tensor] | None = None
 
 
 _REGISTRY: dict[str, Estimator] = {}
@@ -39,12 +44,14 @@ _REGISTRY: dict[str, Estimator] = {}
 def register_estimator(name: str, params: type[EstimatorParams], summary: str, keeps_all: bool = False,
                        same_in_group: Callable[[EstimatorParams], bool] | None = None,
                        reads_group: Callable[[EstimatorParams], bool] | None = None,
-                       workspace_rows: Callable[[EstimatorParams, int], int] | None = None):
+                       workspace_rows: Callable[[EstimatorParams, int], int] | None = None,
+                       per_head_fields: tuple[str, ...] = (), score_heads: Callable[..., torch.Tensor] | None = None):
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"estimator {name!r} registered twice")
         extra = {k: v for k, v in (("same_in_group", same_in_group), ("reads_group", reads_group),
-                                   ("workspace_rows", workspace_rows)) if v}
+                                   ("workspace_rows", workspace_rows), ("per_head_fields", per_head_fields),
+                                   ("score_heads", score_heads)) if v}
         _REGISTRY[name] = Estimator(name, params, fn, summary, keeps_all, **extra)
         return fn
 

@@ -59,14 +59,25 @@ def line_masses_ref(chunk: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Te
     return probs.sum(1), slash
 
 
-@register_estimator("vertical_slash", VerticalSlashParams, "top vertical columns and slash diagonals (MInference)",
-                    workspace_rows=lambda p, tokens: min(p.last_q, tokens))
-def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> torch.Tensor:
+def _keep_lines(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tensor:
+    """`_topk_only` with each head's own k: one top-k per distinct size."""
+    if len(set(sizes)) == 1:
+        return _topk_only(x, sizes[0], always)
+    keep = torch.empty_like(x, dtype=torch.bool)
+    for k in dict.fromkeys(sizes):
+        idx = torch.tensor([h for h, size in enumerate(sizes) if size == k], device=x.device)
+        keep[idx] = _topk_only(x[idx], k, always)
+    return keep
+
+
+def score_vertical_slash_heads(chunk: ChunkContext, per_head: list[VerticalSlashParams]) -> torch.Tensor:
+    """Scores of heads whose parameters differ only in their sizes, from one pass of line sums."""
+    params = per_head[0]
     n = min(params.last_q, chunk.q_len)
     # On GPUs the line sums come from the cache in two Triton launches, without [heads, n, seq] logits.
     vertical, slash = (line_masses if chunk.use_kernels else line_masses_ref)(chunk, n)
-    keep_v = _topk_only(vertical, params.vertical_size, params.sink_columns)  # [h, seq] by key position
-    keep_s = _topk_only(slash, params.slash_size, params.local_diagonals)  # [h, seq] by offset
+    keep_v = _keep_lines(vertical, [p.vertical_size for p in per_head], params.sink_columns)  # [h, seq] by key
+    keep_s = _keep_lines(slash, [p.slash_size for p in per_head], params.local_diagonals)  # [h, seq] by offset
     if params.blocks == "crossed":  # count the kept lines crossing each block, not their mass
         vertical, slash = keep_v.float(), keep_s.float()
     else:
@@ -89,3 +100,10 @@ def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> to
     if params.blocks == "crossed":  # a kept line crosses it (0) or none does (-inf): top_p 1.0 keeps the first
         return chunk.mask_noncausal(torch.where(mass > 0, 0.0, float("-inf")))
     return chunk.mask_noncausal(torch.log(mass.clamp_min(1e-30)))
+
+
+@register_estimator("vertical_slash", VerticalSlashParams, "top vertical columns and slash diagonals (MInference)",
+                    workspace_rows=lambda p, tokens: min(p.last_q, tokens),
+                    per_head_fields=("vertical_size", "slash_size"), score_heads=score_vertical_slash_heads)
+def score_vertical_slash(chunk: ChunkContext, params: VerticalSlashParams) -> torch.Tensor:
+    return score_vertical_slash_heads(chunk, [params] * chunk.q.shape[1])
