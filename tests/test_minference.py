@@ -144,7 +144,7 @@ def test_import_writes_a_published_plan_whose_heads_carry_their_sizes(tmp_path, 
     (lambda d: d[5].pop("12"), "layer 5: no setting for q heads [12]"),
     (lambda d: d[2].__setitem__("40", ["vertical_and_slash", 100, 800, 0.9]), "layer 2 head 40: not a q head"),
     (lambda d: d[9].__setitem__("3", ["block_sparse", 100, 800, 0.9]),
-     "layer 9 head 3: pattern 'block_sparse': only 'vertical_and_slash' is imported"),
+     "layer 9 head 3: pattern 'block_sparse': only 'vertical_and_slash' and 'stream_llm' are imported"),
     (lambda d: d[0].__setitem__("1", ["vertical_and_slash", -4, 800, 0.9]), "layer 0 head 1: sizes must be"),
 ])
 def test_import_names_the_layer_and_head_it_cannot_map(tmp_path, capsys, edit, message):
@@ -191,3 +191,65 @@ def test_heads_with_their_own_sizes_score_in_one_call_as_each_alone(kernels):
         alone = dataclasses.replace(chunk, q=chunk.q[:, h:h + 1], kv_head_of=chunk.kv_head_of[h:h + 1],
                                     kv_head_ids=(chunk.kv_head_ids[h],))
         assert torch.equal(mask[h], select_blocks(est.score(alone, plan.params), budget, chunk.first_query_block)[0]), h
+
+
+def _family_shapes():
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "fixtures/model_shapes.json").read_text())["models"]
+
+
+@pytest.mark.parametrize("model", _family_shapes(), ids=lambda m: m["name"].split("/")[-1])
+def test_import_fits_every_family_minference_publishes_for(tmp_path, model):
+    """Each model MInference publishes settings for, by its public config.json shape: a file of that shape
+    imports into a plan that resolves for the model, every layer and q head carrying its sizes; one with a
+    layer fewer is refused."""
+    import json
+
+    import yaml
+
+    from vllm_sparse.cli.main import main
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    cfg = model["config"]
+    directory = _model_dir(tmp_path, model["name"].split("/")[-1], cfg)
+    data = _settings(cfg["num_hidden_layers"], cfg["num_attention_heads"], seed=len(model["name"]))
+    src = tmp_path / model["minference_files"][0]
+    src.write_text(json.dumps(data))
+    out = tmp_path / "plan.yaml"
+    assert main(["import", "minference", str(src), "--model", str(directory), "--out", str(out)]) == 0
+    shape = ModelShape.from_pretrained(str(directory))
+    assert (shape.num_layers, shape.num_q_heads, shape.num_kv_heads) == (
+        cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    plan = resolve_plan(load_config(out), shape, str(out), explicit=True)
+    assert all(hp is not None and hp.params.vertical_size == max(data[i][str(h)][1], 30)
+               for i, layer in enumerate(plan.layers) for h, hp in enumerate(layer.heads))
+    assert yaml.safe_load(out.read_text())["models"][0]["match"]["names"] == [f"*{directory.name}*"]
+    src.write_text(json.dumps(data[:-1]))
+    assert main(["import", "minference", str(src), "--model", str(directory), "--out", str(tmp_path / "x.yaml")]) == 2
+
+
+@pytest.mark.parametrize("n_init,n_local,block", [(100, 800, 64), (30, 200, 32), (64, 65, 64)])
+def test_stream_llm_keeps_the_blocks_of_minferences_a_shape(n_init, n_local, block):
+    """MInference's `stream_llm` heads attend to the first n_init tokens and an n_local-token window
+    (minference/ops/streaming_kernel.py, `streaming_forward`): imported as sink_local over every block holding
+    such a key for some query of the query block, and no other."""
+    from vllm_sparse.config.minference import _head_setting
+
+    n = 3000
+    setting = _head_setting(("stream_llm", n_init, n_local), block)
+    est = get_estimator("sink_local")
+    budget = Budget(**setting["budget"])
+    b = random_paged_batch([n], [n], 1, 1, 32, 16, seed=3)
+    chunk = ChunkContext(b.q, torch.tensor([0]), b.kv, b.block_table[0], 0, block, 32**-0.5, (0,))
+    got = select_blocks(est.score(chunk, est.params(**{k: v for k, v in setting["estimator"].items() if k != "name"})),
+                        budget, 0)[0]
+    rows = -(-n // block)
+    want = torch.zeros(rows, rows, dtype=torch.bool)
+    for q in range(n):
+        keys = torch.arange(q + 1)
+        seen = (keys < n_init) | (keys > q - n_local)
+        want[q // block, (keys[seen] // block).unique()] = True
+    assert torch.equal(got, want)

@@ -6,7 +6,8 @@ Each file is a list with one entry per layer, mapping each q head ("0", "1", ...
 `vertical_size` key columns and the `slash_size` diagonals (query - key offsets) its prompt's last 64
 queries attend to most, the first 30 columns and the 100 nearest diagonals always among them (it raises
 the sizes to at least 30 and 50), and attends to those tokens. `score` is the search's objective, not a
-setting: it is kept in the provenance only.
+setting. `["stream_llm", n_init, n_local, score]` (MInference's A-shape: the first n_init tokens and
+an n_local-token window) becomes `sink_local` over the blocks holding them.
 
 In blocks: a kept column keeps the KV block that holds it, for every query block that sees it; a kept
 diagonal keeps every KV block it crosses within a query block. That is the `vertical_slash` estimator with
@@ -24,6 +25,7 @@ from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.plan import ModelShape
 
 PATTERN = "vertical_and_slash"
+STREAM = "stream_llm"  # MInference's A-shape: the first `vertical_size` tokens and a `slash_size`-token window
 SINK_COLUMNS, LOCAL_DIAGONALS = 30, 100  # MInference's always-kept lines
 MIN_VERTICAL, MIN_SLASH = 30, 50  # and its floors on the sizes
 LAST_Q = 64
@@ -52,14 +54,16 @@ def plan_from_minference(data, shape: ModelShape, source: str, names: list[str],
                 problems.append((f"layer {i} head {key}",
                                  f"[pattern, vertical_size, slash_size, score], not {setting!r}"))
                 continue
-            if setting[0] != PATTERN:
-                problems.append((f"layer {i} head {key}", f"pattern {setting[0]!r}: only {PATTERN!r} is imported"))
+            if setting[0] not in (PATTERN, STREAM):
+                problems.append((f"layer {i} head {key}", f"pattern {setting[0]!r}: only {PATTERN!r} and {STREAM!r} "
+                                 "are imported"))
                 continue
             v, s = setting[1], setting[2]
             if not all(isinstance(x, int) and x >= 1 for x in (v, s)):
                 problems.append((f"layer {i} head {key}", f"sizes must be whole numbers >= 1, not {v!r}, {s!r}"))
                 continue
-            heads[int(key)] = (max(v, MIN_VERTICAL), max(s, MIN_SLASH))
+            heads[int(key)] = (STREAM, v, s) if setting[0] == STREAM else (PATTERN, max(v, MIN_VERTICAL),
+                                                                          max(s, MIN_SLASH))
         missing = sorted(set(range(shape.num_q_heads)) - {int(k) for k in entry if str(k).isdigit()})
         if missing:
             problems.append((f"layer {i}", f"no setting for q heads {missing} (the model has {shape.num_q_heads})"))
@@ -73,8 +77,8 @@ def plan_from_minference(data, shape: ModelShape, source: str, names: list[str],
         for h, sizes in sorted(heads.items()):
             by_size[sizes].append(h)
         common = max(by_size, key=lambda k: len(by_size[k]))  # the layer's estimator; other sizes per head
-        rule = {"layers": i, "estimator": _estimator(*common)}
-        rule["heads"] = [{"heads": hs, "estimator": _estimator(*sizes)}
+        rule = {"layers": i, **_head_setting(common, block_size)}
+        rule["heads"] = [{"heads": hs, **_head_setting(sizes, block_size)}
                          for sizes, hs in by_size.items() if sizes != common]
         if not rule["heads"]:
             del rule["heads"]
@@ -89,6 +93,14 @@ def plan_from_minference(data, shape: ModelShape, source: str, names: list[str],
     }]}
 
 
-def _estimator(vertical: int, slash: int) -> dict:
-    return {"name": "vertical_slash", "last_q": LAST_Q, "vertical_size": vertical, "slash_size": slash,
-            "sink_columns": SINK_COLUMNS, "local_diagonals": LOCAL_DIAGONALS, "blocks": "crossed"}
+def _head_setting(setting: tuple, block_size: int) -> dict:
+    """A rule's estimator (and, for the A-shape, budget) for one of MInference's settings."""
+    pattern, vertical, slash = setting
+    if pattern == STREAM:  # the blocks holding the first `vertical` tokens, and every block a query's
+        # `slash`-token window reaches: from the query block's first token back slash - 1 tokens
+        return {"estimator": {"name": "sink_local", "sink_blocks": -(-vertical // block_size),
+                              "local_blocks": 1 + -(-(slash - 1) // block_size)},
+                "budget": {"top_k": 1, "sink_blocks": -(-vertical // block_size),
+                           "local_blocks": 1 + -(-(slash - 1) // block_size)}}
+    return {"estimator": {"name": "vertical_slash", "last_q": LAST_Q, "vertical_size": vertical, "slash_size": slash,
+                          "sink_columns": SINK_COLUMNS, "local_diagonals": LOCAL_DIAGONALS, "blocks": "crossed"}}
