@@ -65,3 +65,22 @@ def test_kept_over_full_layers_counts_dense_layers_as_read_whole():
     assert kept_over_full_layers(layers, [5, 17]) == pytest.approx(0.5)
     assert kept_over_full_layers({}, [5, 11]) == 1.0
     assert kept_over_full_layers(layers, []) is None
+
+
+def test_passkey_depths_sweeps_the_needle_through_the_second_half(tiny_llama):
+    """`passkey_depths`: each sample its own key, at its own depth in the same repetitive filler, most of
+    them past the middle of the haystack, every prompt within the length asked."""
+    from transformers import AutoTokenizer
+
+    from vllm_sparse.eval.tasks import NEEDLE, TASKS
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    seen = []
+    for i in range(12):
+        prompt, key = TASKS["passkey_depths"](tok, 3000, i, seed=i)
+        assert len(tok.encode(prompt)) <= 3000 and TASKS["passkey_depths"].check(f" {key}.", key)
+        needle = prompt.index(NEEDLE.format(key=key))
+        hay_start, hay_end = prompt.index("\n\n") + 2, prompt.rindex("\n\n")
+        seen.append(round((needle - hay_start) / (hay_end - hay_start), 2))
+    assert seen == sorted(seen[:9]) + seen[9:]  # the sweep, then three shallower checks
+    assert sum(d > 0.5 for d in seen) == 9 and len({s for s in seen}) == 12

@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", required=True, help="the sparse config to evaluate")
     ev.add_argument("--lengths", type=_ints, default=[8192, 16384], help="prompt lengths, e.g. 8192,16384")
     ev.add_argument("--tasks", type=_tasks, default=["passkey", "multikey", "vt"],
-                    help="comma-separated: passkey, multikey, vt; 'none' runs only --operator-check")
+                    help="comma-separated: passkey, passkey_depths (the needle swept through the second half), "
+                    "multikey, vt; 'none' runs only --operator-check")
     ev.add_argument("--samples", type=int, default=5, help="prompts per (length, task)")
     ev.add_argument("--operator-check", type=int, metavar="TOKENS",
                     help="also compare sparse vs dense attention per layer on this many tokens of real text")

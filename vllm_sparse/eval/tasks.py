@@ -141,10 +141,15 @@ class Task:
 
 
 _DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.8)  # gemma-3-270m itself misses some at 0.9+ (dense)
+# The same repetitive filler with the needle swept finely through the second half, where a sparse plan
+# lost a key at three quarters of a 14K prompt (issue 28): each sample its own depth and key.
+_FINE_DEPTHS = (0.55, 0.6, 0.65, 0.7, 0.72, 0.75, 0.78, 0.8, 0.85, 0.5, 0.4, 0.25)
 
 TASKS: dict[str, Task] = {
     # Passkey samples walk through the depths.
     "passkey": Task(lambda tok, n, i, seed: passkey_prompt(tok, n, _DEPTHS[i % len(_DEPTHS)], seed), passkey_correct),
+    "passkey_depths": Task(lambda tok, n, i, seed: passkey_prompt(tok, n, _FINE_DEPTHS[i % len(_FINE_DEPTHS)], seed),
+                           passkey_correct),
     "multikey": Task(multikey_prompt, passkey_correct),
     "vt": Task(variable_tracking_prompt, names_correct),
 }
