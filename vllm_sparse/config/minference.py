@@ -98,9 +98,7 @@ def _head_setting(setting: tuple, block_size: int) -> dict:
     pattern, vertical, slash = setting
     if pattern == STREAM:  # the blocks holding the first `vertical` tokens, and every block a query's
         # `slash`-token window reaches: from the query block's first token back slash - 1 tokens
-        return {"estimator": {"name": "sink_local", "sink_blocks": -(-vertical // block_size),
-                              "local_blocks": 1 + -(-(slash - 1) // block_size)},
-                "budget": {"top_k": 1, "sink_blocks": -(-vertical // block_size),
-                           "local_blocks": 1 + -(-(slash - 1) // block_size)}}
+        blocks = {"sink_blocks": -(-vertical // block_size), "local_blocks": 1 + -(-(slash - 1) // block_size)}
+        return {"estimator": {"name": "sink_local", **blocks}, "budget": {"top_k": 1, **blocks}}
     return {"estimator": {"name": "vertical_slash", "last_q": LAST_Q, "vertical_size": vertical, "slash_size": slash,
                           "sink_columns": SINK_COLUMNS, "local_diagonals": LOCAL_DIAGONALS, "blocks": "crossed"}}

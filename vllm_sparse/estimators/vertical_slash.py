@@ -40,8 +40,10 @@ def _topk_only(x: torch.Tensor, k: int, always: int = 0) -> torch.Tensor:
     """A [h, n] mask of the k largest entries of each row of x, the first `always` entries counted among
     them whatever their value (k at most n)."""
     k = min(k, x.shape[-1])
-    rank = x.clone()
-    rank[:, :always] = float("inf")
+    rank = x
+    if always:  # (a copy only then: the line sums themselves stay as they are)
+        rank = x.clone()
+        rank[:, :always] = float("inf")
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, rank.topk(k, dim=-1).indices, True)
 
 
