@@ -1,7 +1,7 @@
 """Time to first token, dense vs SPARSE, in vLLM on one GPU or several (same run, same vLLM).
 
-A Llama-3.1-8B-shaped model with dummy weights (config written here; a small locally trained
-tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enforce_eager unless
+A Llama-3.1-8B-shaped model (or Qwen2.5-7B's, --shape) with dummy weights (config written here; a
+small locally trained tokenizer), one request per prompt length, chunked prefill of 16384 tokens, enforce_eager unless
 --graphs. The sparse plan is the shipped `configs/llama-3.yaml` unless --config names another;
 --extra-config adds plans to the same run. Each engine runs in its own process (vLLM engines do
 not share one well); prompts are random token ids, the same for all. After the timed runs each
@@ -59,15 +59,28 @@ LLAMA_8B = {
     "hidden_act": "silu",
 }
 
+# Qwen2.5-7B-Instruct's public shape (config.json on the hub), its 128K context without YaRN (dummy weights).
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "max_position_embeddings": 132096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "use_sliding_window": False,
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "hidden_act": "silu", "attention_dropout": 0.0,
+}
+# --shape: the model directory's name (an imported plan matches by name) and its config.
+SHAPES = {"llama-3.1-8b": ("Llama-3.1-8B-Instruct-shape-dummy", LLAMA_8B),
+          "qwen2.5-7b": ("Qwen2.5-7B-Instruct-shape-dummy", QWEN25_7B)}
 
-def build_model(root: Path) -> Path:
+
+def build_model(root: Path, shape: str = "llama-3.1-8b") -> Path:
     sys.path.insert(0, str(REPO))
     from tests.fixtures.tiny_llama import _train_tokenizer
 
-    model = root / "llama-3.1-8b-dummy"
+    name, config = SHAPES[shape]
+    model = root / name
     model.mkdir(parents=True, exist_ok=True)
     _train_tokenizer(model, 512)
-    (model / "config.json").write_text(json.dumps(LLAMA_8B, indent=1))
+    (model / "config.json").write_text(json.dumps(config, indent=1))
     (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return model
 
@@ -164,8 +177,9 @@ def decode_read_share(config: str | None, context: int) -> float | None:
     from vllm_sparse.config.loader import load_config
     from vllm_sparse.config.plan import ModelShape, resolve_plan
 
-    shape = ModelShape("llama-3.1-8b-dummy", tuple(LLAMA_8B["architectures"]), LLAMA_8B["num_hidden_layers"],
-                       LLAMA_8B["num_attention_heads"], LLAMA_8B["num_key_value_heads"])
+    name, config = SHAPES["llama-3.1-8b"]  # (the decode plans are timed on the Llama shape)
+    shape = ModelShape(name, tuple(config["architectures"]), config["num_hidden_layers"],
+                       config["num_attention_heads"], config["num_key_value_heads"])
     plan = resolve_plan(load_config(config), shape, config)
     if not plan.is_sparse_decode or context < plan.decode_dense_below:
         return 1.0 if plan.is_sparse_decode else None
@@ -439,7 +453,8 @@ def run_meta(args) -> dict:
     import vllm
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
-            "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config}
+            "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config,
+            "shape": args.shape}
     meta["tensor_parallel_size"] = args.tensor_parallel_size
     if args.tensor_parallel_size > 1:
         meta["devices"] = [torch.cuda.get_device_name(i) for i in range(args.tensor_parallel_size)]
@@ -465,6 +480,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,65536,131072")
     ap.add_argument("--config", default=str(REPO / "configs/llama-3.yaml"), help="the sparse plan (default: shipped)")
     ap.add_argument("--extra-config", action="append", default=[], help="more sparse plans for the same run")
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES),
+                    help="the public model shape of the dummy-weight model")
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: enforce_eager)")
@@ -488,7 +505,7 @@ def main() -> None:
         from vllm_sparse.plot import require_matplotlib
         require_matplotlib()
     root = Path(tempfile.mkdtemp(prefix="e2e-"))
-    model = build_model(root)
+    model = build_model(root, args.shape)
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",") if x], "chunk": args.chunk,
             "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
             "decode_context": args.decode_context, "decode_tokens": args.decode_tokens,

@@ -49,6 +49,7 @@ ESTIMATORS = {
     "pooled": ("pooled", {"share": "group"}),
     "lowbit_pooled": ("lowbit", {"bits": 8, "rows": "pooled"}),
     "antidiagonal_s8": ("antidiagonal", {"stride": 8}),
+    "antidiagonal_s8_int8": ("antidiagonal", {"stride": 8, "bits": 8}),
     "antidiagonal_s16": ("antidiagonal", {"stride": 16}),
     "lowbit_s16": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 16}),
     "lowbit_s64": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 64}),
@@ -56,12 +57,17 @@ ESTIMATORS = {
 }
 FUSED = {"antidiagonal", "vertical_slash", "lowbit"}
 
-# (rows per head in a tile, key columns per tile, num_warps, num_stages, head-dim step); with 4 q heads
+# A quantized estimator's kept blocks beside those of the estimator it approximates (same run).
+BASELINE = {"antidiagonal_s8_int8": "antidiagonal_s8"}
+
+# (rows per head in a tile, key columns per tile, num_warps, num_stages, reduction step); with 4 q heads
 # per KV head a tile packs rows x 4 query rows
 SWEEP = {
-    "antidiagonal": [(32, 256, 8, 2, 128), (64, 128, 8, 3, 128), (32, 128, 8, 3, 128), (16, 64, 4, 3, 128),
+    "antidiagonal_s8_int8": [(32, 256, 8, 3, 128), (32, 256, 8, 2, 128), (32, 256, 8, 4, 128), (32, 256, 8, 3, 256),
+                             (32, 256, 8, 2, 256), (64, 128, 8, 3, 128), (32, 128, 4, 3, 128), (16, 256, 8, 3, 128)],
+    "antidiagonal_s8": [(32, 256, 8, 2, 128), (64, 128, 8, 3, 128), (32, 128, 8, 3, 128), (16, 64, 4, 3, 128),
                      (32, 256, 8, 4, 64), (64, 128, 8, 4, 64)],
-    "lowbit": [(16, 128, 4, 4, 128), (16, 128, 4, 3, 128), (32, 128, 4, 3, 128), (8, 128, 4, 2, 128)],
+    "lowbit_s16": [(16, 128, 4, 4, 128), (16, 128, 4, 3, 128), (32, 128, 4, 3, 128), (8, 128, 4, 2, 128)],
 }
 
 
@@ -127,7 +133,7 @@ def main() -> None:
     WORKSPACE.reserve(1 << 40, torch.device(DEV))  # the cap (VLLM_SPARSE_WORKSPACE_MIB), as an engine reserves
     budget = parse_budget(args.budget, args.share)
     total_pages = float(((ctx.query_block_ids() + 1) * args.block // PAGE).sum() * HKV)
-    rows = []
+    rows, kernel_masks = [], {}
     for label, (name, raw) in ESTIMATORS.items():
         if args.only and label not in args.only.split(","):
             continue
@@ -149,20 +155,29 @@ def main() -> None:
                 row[f"{path}_peak_gib"] = peak_above(run)
                 # What the engine counts in vLLM's memory profile for this chunk (`backend/reserve.py`): one
                 # union per query block, a page list per KV head, as `step` builds.
-                row["bound_gib"] = chunk_temporaries_bytes(HQ, HKV, args.chunk, args.ctx, args.block, PAGE, 1, True,
-                                                           name == "vertical_slash") / 2**30
+                row["bound_gib"] = chunk_temporaries_bytes(
+                    HQ, HKV, args.chunk, args.ctx, args.block, PAGE, 1, True, name == "vertical_slash",
+                    quantized_head_dim=D if name == "antidiagonal" and raw.get("bits") else 0) / 2**30
                 row[f"{path}_sync_free"] = sync_free(run)
             except torch.OutOfMemoryError as e:
                 row[f"{path}_ms"], row["error"] = None, f"{path} OOM: {str(e)[:120]}"
             torch.cuda.empty_cache()
         if len(masks) == 2:  # scores differ by float rounding: compare the kept blocks
             row["mask_agreement"] = float((masks["kernels"] == masks["torch"]).float().mean())
-        if args.sweep and name in SWEEP:
+        if "kernels" in masks:
+            kernel_masks[label] = masks["kernels"]
+        base = kernel_masks.get(BASELINE.get(label))
+        if base is not None:  # what quantizing changed: the same blocks, and how many of the baseline's are kept
+            mine = kernel_masks[label]
+            row["baseline"] = BASELINE[label]
+            row["baseline_agreement"] = float((mine == base).float().mean())
+            row["baseline_kept_recall"] = float((mine & base).sum() / base.sum().clamp_min(1))
+        if args.sweep and label in SWEEP:
             row["sweep"] = {}
             original = row_scores._tile_config
             c = dataclasses.replace(ctx, kernels=True)
-            for cfg in SWEEP[name]:
-                row_scores._tile_config = lambda group_pad, bits, head_dim, cfg=cfg: cfg
+            for cfg in SWEEP[label]:
+                row_scores._tile_config = lambda group_pad, bits, head_dim, strided=False, cfg=cfg: cfg
                 try:
                     row["sweep"][str(cfg)] = triton.testing.do_bench(
                         lambda c=c, name=name, params=params: get_estimator(name).score(c, params), warmup=2,
@@ -190,6 +205,9 @@ def main() -> None:
               f"{fmt(r.get('bound_gib'), '6.2f')} "
               f"{fmt(r.get('kernels_kept_after_union'), '6.3f')} {fmt(r.get('mask_agreement'), '6.3f')} "
               f"{'yes' if sync else 'NO'}  {r['error'] or ''}")
+        if "baseline" in r:
+            print(f"{'':>17}   vs {r['baseline']}: {r['baseline_agreement']:.4f} of the blocks agree, "
+                  f"{r['baseline_kept_recall']:.4f} of its kept blocks kept")
         for cfg, ms in r.get("sweep", {}).items():
             print(f"{'':>17}   tiles {cfg}: {ms if isinstance(ms, str) else f'{ms:.2f} ms'}")
 

@@ -32,6 +32,8 @@ CASES = [
     ("antidiagonal", {"stride": 8}, 64),
     ("antidiagonal", {"stride": 4}, 32),
     ("antidiagonal", {"stride": 1}, 128),  # a block spans two column tiles
+    ("antidiagonal", {"stride": 8, "bits": 8}, 64),  # int8 rows and key columns quantized before the product
+    ("antidiagonal", {"stride": 4, "bits": 4}, 32),
     ("lowbit", {"sample_stride": 8}, 64),
     ("lowbit", {"sample_stride": 5, "bits": 4}, 64),
     ("lowbit", {"sample_stride": 16}, 256),  # wider than a tile: the in-tile quantizing kernel
@@ -80,7 +82,8 @@ def test_fused_scores_match_torch(case, shape):
         assert _compare(chunk, name, raw) < 2e-4, dtype
 
 
-@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 4}), ("lowbit", {"sample_stride": 7}),
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 4}), ("antidiagonal", {"stride": 4, "bits": 8}),
+                                      ("lowbit", {"sample_stride": 7}),
                                       ("vertical_slash", {"last_q": 20, "vertical_size": 30, "slash_size": 30})])
 @pytest.mark.parametrize("heads", [[0, 3, 5], [3, 4, 5], [1]], ids=str)
 def test_fused_scores_on_head_subsets(name, raw, heads):
@@ -88,7 +91,8 @@ def test_fused_scores_on_head_subsets(name, raw, heads):
     assert _compare(_chunk(705, 303, 64, torch.float32, seed=len(heads), heads=heads), name, raw) < 2e-4
 
 
-@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 2}), ("lowbit", {"sample_stride": 3})])
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 2}), ("antidiagonal", {"stride": 2, "bits": 8}),
+                                      ("lowbit", {"sample_stride": 3})])
 def test_fused_scores_in_slabs_when_the_workspace_is_small(name, raw, monkeypatch):
     # 24 KiB holds a few query blocks' rows: the chunk runs in many slabs, none allocating.
     monkeypatch.setattr(WORKSPACE, "_buffers", {})
@@ -114,7 +118,8 @@ def test_fused_lowbit_quantizes_like_the_reference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
-@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("lowbit", {"sample_stride": 16})])
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("antidiagonal", {"stride": 8, "bits": 8}),
+                                      ("lowbit", {"sample_stride": 16})])
 def test_fused_scores_stay_within_the_workspace_at_32k(name, raw):
     """32K context, 8K chunk, Llama-8B heads: the torch path holds [32, rows, 32K] fp32 logits (0.5-2 GiB);
     the fused path's peak beyond its inputs (and the reserved workspace) is a small share of that."""
@@ -136,8 +141,11 @@ def test_fused_scores_stay_within_the_workspace_at_32k(name, raw):
     extra = torch.cuda.max_memory_allocated() - base
     stride = raw.get("stride", 1)
     logits_bytes = hq * est.workspace_rows(params, q_len) * (seq // stride) * 4  # the torch path's [h, rows, ctx]
-    # antidiagonal: the scores alone (its rows' workspace, 1/16 of the logits, comes from the reservation)
-    assert extra < logits_bytes / 16, f"{extra / 2**20:.0f} MiB beyond the inputs ({logits_bytes / 2**20:.0f} MiB)"
+    # antidiagonal: the scores alone (its rows' workspace, 1/16 of the logits, comes from the reservation), and
+    # with bits the int8 copies of the chunk's queries and of one KV head's keys
+    quantized = (q_len * hq + seq) * d if name == "antidiagonal" and raw.get("bits") else 0
+    assert extra < logits_bytes / 16 + quantized, \
+        f"{extra / 2**20:.0f} MiB beyond the inputs ({logits_bytes / 2**20:.0f} MiB)"
     ref = est.score(dataclasses.replace(chunk, kernels=False), params)
     finite = torch.isfinite(ref)
     assert torch.equal(finite, torch.isfinite(got))
@@ -147,7 +155,8 @@ def test_fused_scores_stay_within_the_workspace_at_32k(name, raw):
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
 @pytest.mark.parametrize("head_dim,hq,hkv", [(64, 8, 2), (128, 32, 8), (256, 4, 1)], ids=lambda v: str(v))
-@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("lowbit", {"sample_stride": 16}),
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("antidiagonal", {"stride": 8, "bits": 8}),
+                                      ("lowbit", {"sample_stride": 16}),
                                       ("vertical_slash", {"last_q": 64, "vertical_size": 256, "slash_size": 512})])
 def test_fused_scores_compiled_for_each_head_dim(name, raw, head_dim, hq, hkv):
     """The launch configurations per head size (Llama 64/128, Gemma 3's 256) compile and agree with torch,
@@ -237,6 +246,8 @@ def test_step_temporaries_bound_covers_the_measured_peaks_and_scales_with_the_co
         "union_heads": True, "line_sums": False, **kw})
     assert 1.9 < at(1 << 20) / at(1 << 19) < 2.1  # linear in the context
     assert at(1 << 20, line_sums=True) - at(1 << 20) == 32 * (1 << 20) * 32
+    # quantized antidiagonal: int8 queries of the chunk and one KV head's keys, with their scales
+    assert at(1 << 20, quantized_head_dim=128) - at(1 << 20) == (32 * (16384 + 256) + (1 << 20) + 128) * 132
     own = at(1 << 20, union_heads=False) - at(1 << 20)
     assert own == (32 - 8) * 129 * ((1 << 20) // 16 * 4 + (1 << 20) // 128)  # a table per q head, not per KV head
 
@@ -246,5 +257,10 @@ def test_step_temporaries_bound_covers_the_measured_peaks_and_scales_with_the_co
         32, 8, 16384, 1 << 20, plan.block_size, 16, plan.union_tile, plan.union_heads, False)
     raw = {"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
                                      "layers": [{"layers": "all", "dense": True}]}]}
+    int8 = dataclasses.replace(plan, layers=tuple(dataclasses.replace(lp, heads=tuple(
+        dataclasses.replace(hp, params=hp.params.model_copy(update={"bits": 8})) if hp else hp for hp in lp.heads))
+        for lp in plan.layers))
+    assert step_temporaries_bytes(int8, 32, 8, 16384, 1 << 20, 16, 128) == chunk_temporaries_bytes(
+        32, 8, 16384, 1 << 20, plan.block_size, 16, plan.union_tile, plan.union_heads, False, quantized_head_dim=128)
     dense = resolve_plan(parse_config(raw, "test"), llama, "test")
     assert step_temporaries_bytes(dense, 32, 8, 16384, 1 << 20, 16) == 0

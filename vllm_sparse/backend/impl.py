@@ -76,7 +76,7 @@ class SparseImplMixin:
             # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
             self._temporaries = step_temporaries_bytes(
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
-                vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size)
+                vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size)
             if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
                 reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use

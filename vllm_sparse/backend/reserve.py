@@ -6,7 +6,8 @@ Two kinds of device memory grow with the chunk and the context:
   VLLM_SPARSE_WORKSPACE_MIB; a larger chunk is scored in slabs;
 - each sparse chunk-layer's temporaries: block scores and the kept-block mask ([q heads, query blocks,
   KV blocks]), the per-token line sums of `vertical_slash`, the FA3 page tables ([page lists, union
-  tiles, context pages]). They live for one layer and are freed before the next. At 1M tokens they reach
+  tiles, context pages]), quantized `antidiagonal`'s int8 copies of the chunk's queries and of one KV
+  head's keys. They live for one layer and are freed before the next. At 1M tokens they reach
   hundreds of MiB (benchmarks/RESULTS.md, "Temporaries of a sparse chunk-layer at 128K-1M tokens"), so
   they are counted in vLLM's memory profile: during vLLM's profiling forward (no attention metadata)
   every sparse layer allocates their bound for the largest chunk at max_model_len and frees it, so the
@@ -49,28 +50,36 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
 
 
 def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_chunk_tokens: int,
-                           max_model_len: int, page_size: int) -> int:
+                           max_model_len: int, page_size: int, head_dim: int = 0) -> int:
     """An upper bound on one sparse chunk-layer's temporaries (outside the workspace) for the largest chunk
     at `max_model_len`: what vLLM's memory profile must leave room for."""
     head_plans = _head_plans(plan)
     if not head_plans:
         return 0
+    quantized = any(hp.estimator == "antidiagonal" and hp.params.bits for hp in head_plans)
     return chunk_temporaries_bytes(local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size,
                                    page_size, plan.union_tile, plan.union_heads,
-                                   any(hp.estimator == "vertical_slash" for hp in head_plans))
+                                   any(hp.estimator == "vertical_slash" for hp in head_plans),
+                                   quantized_head_dim=head_dim if quantized else 0)
 
 
 def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,
-                            page_size: int, union_tile: int | None, union_heads: bool, line_sums: bool) -> int:
-    """The bound of `step_temporaries_bytes` for one chunk of `chunk_tokens` queries ending at `seq_len`."""
+                            page_size: int, union_tile: int | None, union_heads: bool, line_sums: bool,
+                            quantized_head_dim: int = 0) -> int:
+    """The bound of `step_temporaries_bytes` for one chunk of `chunk_tokens` queries ending at `seq_len`
+    (`quantized_head_dim`: the head size where an estimator quantizes strided rows, else 0)."""
     query_blocks = -(-chunk_tokens // block_size) + 1  # a chunk that starts mid-block spans one more
     kv_blocks = -(-seq_len // block_size)
     tiles = -(-query_blocks // (union_tile or query_blocks))
     lists = kv_heads if union_heads else q_heads
     pages = -(-seq_len // page_size)
+    # int8 rows of S tokens x head_dim (with a stride group begun before the chunk and one past its end) and one
+    # KV head's key columns, a fp32 scale each (at most one per token)
+    quantized = (q_heads * (chunk_tokens + 2 * block_size) + seq_len + block_size) * (quantized_head_dim + 4)
     return (q_heads * query_blocks * kv_blocks * SCORE_ELEMENT_BYTES
             + (q_heads * seq_len * LINE_ELEMENT_BYTES if line_sums else 0)
-            + lists * tiles * (pages * TABLE_ELEMENT_BYTES + kv_blocks))
+            + lists * tiles * (pages * TABLE_ELEMENT_BYTES + kv_blocks)
+            + (quantized if quantized_head_dim else 0))
 
 
 def _head_plans(plan: SparsePlan):

@@ -17,6 +17,11 @@ Triton launches that hold at most a tile of logits, in registers:
    blocks (its softmax normaliser), then exp(block lse - row lse) averaged over the query block's
    rows, written as log-mass scores [heads, query blocks, kv blocks] (as the torch path).
 
+`antidiagonal` with `bits` quantizes its strided rows and key columns first (`_quantize_rows_kernel`,
+`_quantize_columns_kernel`: int8 per row / column of S x head_dim, as `quant.quantize_symmetric`), so
+the first kernel's product reads half the bytes and runs on the int8 tensor cores; the keys are
+quantized one KV head at a time, so their copy is one head's context in int8.
+
 Between them is one float per (head, row, KV block), taken from the workspace reserved at engine
 start (`kernels/workspace.py`); a chunk that needs more than it holds runs in slabs of whole query
 blocks. `vertical_slash` uses the first kernel for its rows' normalisers, then
@@ -136,6 +141,71 @@ def _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, s
 
 
 @triton.jit
+def _quantized_logit_tile(QI, stride_qt, stride_qh, qrow, head, row_ok, q_scale, KI, stride_kc, KS, q_end, n_cols, c0,
+                          S: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Logits (log2 units) of pre-quantized strided rows against one KV head's pre-quantized key columns
+    c0..: int8 products over S x head_dim with int32 sums, -inf where not causal."""
+    c = c0 + tl.arange(0, BLOCK_N)
+    col_ok = c < n_cols
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, S * HEAD_D, BLOCK_D):
+        q = tl.load(QI + qrow[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + (k0 + dd)[None, :],
+                    mask=row_ok[:, None], other=0)
+        k = tl.load(KI + c[:, None].to(tl.int64) * stride_kc + (k0 + dd)[None, :], mask=col_ok[:, None], other=0)
+        acc = tl.dot(q, tl.trans(k), acc, out_dtype=tl.int32)
+    k_scale = tl.load(KS + c, mask=col_ok, other=0.0)
+    s = acc.to(tl.float32) * q_scale[:, None] * k_scale[None, :]  # q_scale holds the logit scale
+    causal = (c[None, :] * S <= q_end[:, None]) & col_ok[None, :]
+    return tl.where(causal, s, float("-inf"))
+
+
+@triton.jit(do_not_specialize=["context_len", "seq_len", "row_first", "n_rows"])
+def _quantize_rows_kernel(
+    Q, stride_qt, stride_qh,  # the chunk's queries [q_len, q_heads, D]
+    QI, stride_ir, stride_ih,  # out: [rows, q_heads, S * D] int8, row j = tokens row_first + j*S .., reversed
+    QS, stride_sr,  # out: [rows, q_heads] fp32 scales times the logit scale
+    context_len, seq_len, row_first, n_rows, logit_scale,
+    S: tl.constexpr, HEAD_D: tl.constexpr, ROWS: tl.constexpr, QMAX: tl.constexpr,
+):
+    """Strided antidiagonal rows (tokens outside the chunk are zero), quantized per row as quantize_symmetric."""
+    j = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    h = tl.program_id(1)
+    e = tl.arange(0, S * HEAD_D)
+    tok = row_first + j[:, None] * S + (S - 1 - e // HEAD_D)[None, :]
+    live = (j < n_rows)[:, None] & (tok >= context_len) & (tok < seq_len)
+    x = tl.load(Q + (tok - context_len).to(tl.int64) * stride_qt + h * stride_qh + (e % HEAD_D)[None, :],
+                mask=live, other=0.0).to(tl.float32)
+    qi, scale = _quantize(x, QMAX)
+    ok = j < n_rows
+    tl.store(QI + j[:, None].to(tl.int64) * stride_ir + h * stride_ih + e[None, :], qi, mask=ok[:, None])
+    tl.store(QS + j * stride_sr + h, scale * logit_scale, mask=ok)
+
+
+@triton.jit(do_not_specialize=["bt_offset", "kv", "seq_len", "n_cols"])
+def _quantize_columns_kernel(
+    K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv,  # one KV head of the paged cache
+    KI, stride_kc,  # out: [n_cols, S * D] int8, column c = keys c*S .. c*S + S - 1
+    KS,  # out: [n_cols] fp32 scales
+    seq_len, n_cols,
+    S: tl.constexpr, HEAD_D: tl.constexpr, COLS: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
+):
+    """Key columns of S consecutive keys (past the end: zero), quantized per column as quantize_symmetric."""
+    c = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    e = tl.arange(0, S * HEAD_D)
+    tok = c[:, None] * S + (e // HEAD_D)[None, :]
+    live = tok < seq_len
+    phys = tl.load(BT + bt_offset + tok // PAGE, mask=live, other=0).to(tl.int64)
+    x = tl.load(K + phys * stride_kp + kv * stride_kh + (tok % PAGE) * stride_kt + (e % HEAD_D)[None, :],
+                mask=live, other=0.0).to(tl.float32)
+    ki, scale = _quantize(x, QMAX)
+    ok = c < n_cols
+    tl.store(KI + c[:, None].to(tl.int64) * stride_kc + e[None, :], ki, mask=ok[:, None])
+    tl.store(KS + c, scale, mask=ok)
+
+
+@triton.jit
 def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT: tl.constexpr, CPB: tl.constexpr):
     """A tile of logits [BLOCK_M, BPT * CPB] (log2 units) -> each row's log2-sum-exp2 of each of its BPT blocks."""
     s3 = tl.reshape(s, [BLOCK_M, BPT, CPB])
@@ -150,18 +220,19 @@ def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT
 # vectorise), and Q and K come as tensors (16-byte aligned whatever the chunk); quantities that
 # change with the chunk or the request are not specialised, so no request compiles a variant.
 @triton.jit(do_not_specialize=["stride_qsr", "bt_offset", "stride_oh", "stride_or", "context_len", "seq_len",
-                               "row_first", "row_step", "row0", "n_rows", "n_cols"])
+                               "row_first", "row_step", "row0", "n_rows", "n_cols", "head0"])
 def _row_block_lse_kernel(
     Q, stride_qt, stride_qh,  # float: the chunk's queries [q_len, q_heads, D]; int: quantized rows
     QS, stride_qsr,  # int: per-row scales [rows, q_heads] fp32 (unused for float)
-    K, stride_kp, stride_kh, stride_kt,  # keys [pages, kv_heads, page, D], D contiguous
+    K, stride_kp, stride_kh, stride_kt,  # keys [pages, kv_heads, page, D], D contiguous (PRE: [n_cols, S * D] int8)
+    KS,  # PRE: the key columns' scales [n_cols] (else unused)
     BT, bt_offset,  # the request's block table row (int32)
     KV_OF,  # [groups] KV head of each group of GROUP consecutive q heads
     OUT, stride_oh, stride_or,  # [q_heads, slab rows, kv_blocks] fp32: log2-sum-exp2 of each block
-    context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale,
+    context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale, head0,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CPB: tl.constexpr, SUB_TILES: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
-    IN_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    IN_PREC: tl.constexpr, BLOCK_D: tl.constexpr, PRE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = ROWS * GROUP_PAD
     COLS: tl.constexpr = BLOCK_N * SUB_TILES
@@ -170,7 +241,7 @@ def _row_block_lse_kernel(
     r = tl.arange(0, BLOCK_M)
     j = tl.program_id(1) * ROWS + r // GROUP_PAD  # row within the slab; rows are row-major, head-minor
     slot = r % GROUP_PAD
-    head = tl.program_id(2) * GROUP + slot
+    head = head0 + tl.program_id(2) * GROUP + slot
     row_ok = (j < n_rows) & (slot < GROUP)
     row_pos = row_first + (row0 + j) * row_step
     q_end = tl.minimum(row_pos + S - 1, seq_len - 1)
@@ -179,7 +250,10 @@ def _row_block_lse_kernel(
         return  # above every row's diagonal: nothing causal (the mass kernel never reads it)
 
     d = tl.arange(0, HEAD_D)
-    if QMAX > 0:
+    if PRE:  # quantized strided rows: their scales here, their values tile by tile
+        qi = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.int8)
+        q_scale = tl.load(QS + (row0 + j) * stride_qsr + head, mask=row_ok, other=0.0)
+    elif QMAX > 0:
         qi = tl.load(Q + (row0 + j)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
                      mask=row_ok[:, None], other=0)
         q_scale = tl.load(QS + (row0 + j) * stride_qsr + head, mask=row_ok, other=0.0)
@@ -190,18 +264,27 @@ def _row_block_lse_kernel(
     out_rows = OUT + head[:, None].to(tl.int64) * stride_oh + j[:, None] * stride_or
     if SUB_TILES == 1:
         # The tile holds COLS // CPB whole blocks: reduce each to its log-sum-exp.
-        s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv,
-                        head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0, logit_scale, S, HEAD_D,
-                        BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M, BLOCK_D)
+        if PRE:
+            s = _quantized_logit_tile(Q, stride_qt, stride_qh, row0 + j, head, row_ok, q_scale, K, stride_kp, KS,
+                                      q_end, n_cols, c0, S, HEAD_D, BLOCK_N, BLOCK_M, BLOCK_D)
+        else:
+            s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT, bt_offset,
+                            kv, head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0, logit_scale, S,
+                            HEAD_D, BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M, BLOCK_D)
         _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M, BLOCK_N // CPB, CPB)
     else:
         # A block spans SUB_TILES tiles: merge their sums online.
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         acc = tl.zeros([BLOCK_M], tl.float32)
         for t in range(SUB_TILES):
-            s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT, bt_offset,
-                            kv, head, row_ok, row_pos, q_end, context_len, seq_len, n_cols, c0 + t * BLOCK_N,
-                            logit_scale, S, HEAD_D, BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M, BLOCK_D)
+            if PRE:
+                s = _quantized_logit_tile(Q, stride_qt, stride_qh, row0 + j, head, row_ok, q_scale, K, stride_kp, KS,
+                                          q_end, n_cols, c0 + t * BLOCK_N, S, HEAD_D, BLOCK_N, BLOCK_M, BLOCK_D)
+            else:
+                s = _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, stride_kt, BT,
+                                bt_offset, kv, head, row_ok, row_pos, q_end, context_len, seq_len, n_cols,
+                                c0 + t * BLOCK_N, logit_scale, S, HEAD_D, BLOCK_N, PAGE, QMAX, IN_PREC, BLOCK_M,
+                                BLOCK_D)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             acc = acc * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
@@ -302,13 +385,17 @@ def _block_mass_kernel(
         tl.store(out + kb, score, mask=kb < n_kv_blocks)
 
 
-def _tile_config(group_pad: int, bits: int | None, head_dim: int) -> tuple[int, int, int, int, int]:
-    """(rows per head in a tile, key columns per tile, num_warps, num_stages, head-dim step).
+def _tile_config(group_pad: int, bits: int | None, head_dim: int, strided: bool = False
+                 ) -> tuple[int, int, int, int, int]:
+    """(rows per head in a tile, key columns per tile, num_warps, num_stages, reduction step).
 
     Picked by `benchmarks/estimators.py --sweep` on an H100 at 128K (benchmarks/RESULTS.md): antidiagonal
     tiles of 128 packed rows x 256 key columns, two stages, a head-dim step of up to 128; quantized rows
-    in tiles of 64 packed rows x 128 keys, four warps, four stages.
+    in tiles of 64 packed rows x 128 keys, four warps, four stages. Quantized antidiagonal rows (int8
+    operands over S x head_dim) take the antidiagonal tile with 128-byte reduction steps.
     """
+    if bits and strided:
+        return max(1, 128 // group_pad), 256, 8, 3, 128
     if bits:  # a head_dim past 128 holds twice the quantized keys in registers: twice the warps
         return max(1, 64 // group_pad), 128, 4 if head_dim <= 128 else 8, 4 if head_dim <= 128 else 2, head_dim
     return max(1, 128 // group_pad), 256, 8, 2, min(head_dim, 128)
@@ -334,18 +421,32 @@ class _RowLse:
             raise ValueError("the fused estimators need head_dim contiguous in the queries and the cache")
         if chunk.block_size % rows.stride:
             raise ValueError(f"stride {rows.stride} must divide the block size {chunk.block_size}")
-        if bits is not None and rows.stride != 1:
-            raise ValueError("quantized scoring takes single-token rows")
+        # Quantized strided rows (antidiagonal with bits): rows and key columns quantized before the product.
+        self.pre = bits is not None and rows.stride > 1
+        if self.pre and (rows.step != rows.stride or rows.stride & (rows.stride - 1)):
+            raise ValueError(f"quantized strided rows need a power-of-two stride equal to the row step, not "
+                             f"stride {rows.stride}, step {rows.step}")
         if d & (d - 1) or d < 16:
             raise ValueError(f"the fused estimators need a power-of-two head_dim >= 16, not {d}")
         self.chunk, self.rows, self.bits = chunk, rows, bits
         self.n_cols = (chunk.seq_len - 1) // rows.stride + 1
         self.group_pad = triton.next_power_of_2(self.group)
-        self.tile_rows, self.block_n, self.warps, self.stages, self.block_d = _tile_config(self.group_pad, bits, d)
+        self.tile_rows, self.block_n, self.warps, self.stages, self.block_d = _tile_config(
+            self.group_pad, bits, d, strided=self.pre)
+        if self.pre:  # the reduction runs over S x head_dim: its step must not pass a row's end
+            self.block_d = min(self.block_d, rows.stride * d)
         self.cpb = chunk.block_size // rows.stride  # key columns per KV block (powers of two)
         self.sub_tiles = max(1, self.cpb // self.block_n)  # a block wider than a tile spans several
         self.logit_scale = logit_scale * _LOG2E  # log2 units
-        if bits:
+        self.qmax = 2 ** (bits - 1) - 1 if bits else 0
+        if self.pre:
+            self._quantize_rows(q)
+            # The keys' int8 copy holds one KV head at a time (quantized when its group's turn comes).
+            self.k_in = torch.empty(self.n_cols, rows.stride * d, dtype=torch.int8, device=q.device)
+            self.k_scale = torch.empty(self.n_cols, dtype=torch.float32, device=q.device)
+            self.kv_ids = chunk._groups[0] if chunk._groups is not None else chunk.host_kv_head_ids()
+            self._quantized_kv = None  # the KV head whose columns k_in holds
+        elif bits:
             idx = rows.first - chunk.context_len + torch.arange(rows.count, device=q.device) * rows.step
             qi, qs = quantize_symmetric(q[idx].float(), bits)  # [rows, heads, D], [rows, heads, 1]
             self.q_in, self.q_scale = qi.to(torch.int8), (qs[..., 0] * self.logit_scale).contiguous()
@@ -355,9 +456,33 @@ class _RowLse:
         # The block table row's offset changes with the request: passed apart from an aligned base.
         self.bt_base, self.bt_off = storage_base(chunk.block_table)
 
+    def _quantize_rows(self, q: torch.Tensor) -> None:
+        """Every scored strided row of the chunk, int8 [rows, heads, S * D], scales [rows, heads] (log2 units)."""
+        c, rows, d = self.chunk, self.rows, q.shape[-1]
+        self.q_in = torch.empty(rows.count, self.heads, rows.stride * d, dtype=torch.int8, device=q.device)
+        self.q_scale = torch.empty(rows.count, self.heads, dtype=torch.float32, device=q.device)
+        tile = 4
+        _quantize_rows_kernel[(triton.cdiv(rows.count, tile), self.heads)](
+            q, q.stride(0), q.stride(1), self.q_in, self.q_in.stride(0), self.q_in.stride(1),
+            self.q_scale, self.q_scale.stride(0), c.context_len, c.seq_len, rows.first, rows.count, self.logit_scale,
+            S=rows.stride, HEAD_D=d, ROWS=tile, QMAX=self.qmax, num_warps=4,
+        )
+        self.logit_scale = 1.0  # folded into the rows' scales
+
+    def _quantize_columns(self, kv: int) -> None:
+        c, key, tile = self.chunk, self.chunk.kv.key, 4
+        _quantize_columns_kernel[(triton.cdiv(self.n_cols, tile),)](
+            key, key.stride(0), key.stride(1), key.stride(2), self.bt_base, self.bt_off, kv,
+            self.k_in, self.k_in.stride(0), self.k_scale, c.seq_len, self.n_cols,
+            S=self.rows.stride, HEAD_D=c.q.shape[-1], COLS=tile, PAGE=c.kv.page_size, QMAX=self.qmax, num_warps=4,
+        )
+
     def launch(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
         """Rows [r0, r0 + n_rows) -> ws [heads, n_rows, kv_blocks]: log2-sum-exp2 of each causal block."""
         c, rows, key = self.chunk, self.rows, self.chunk.kv.key
+        if self.pre:
+            self._launch_quantized(r0, n_rows, ws)
+            return
         if self.bits and self.sub_tiles == 1:
             _row_block_lse_int_kernel[(triton.cdiv(self.n_cols, self.block_n), self.kv_of.shape[0])](
                 self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
@@ -373,15 +498,34 @@ class _RowLse:
                 self.kv_of.shape[0])
         _row_block_lse_kernel[grid](
             self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
-            key, key.stride(0), key.stride(1), key.stride(2), self.bt_base, self.bt_off,
+            key, key.stride(0), key.stride(1), key.stride(2), self.q_scale, self.bt_base, self.bt_off,
             self.kv_of, ws, ws.stride(0), ws.stride(1),
-            c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, self.logit_scale,
+            c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, self.logit_scale, 0,
             GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride, HEAD_D=c.q.shape[-1],
-            BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles, PAGE=c.kv.page_size,
-            QMAX=2 ** (self.bits - 1) - 1 if self.bits else 0,
-            IN_PREC="ieee" if c.q.dtype == torch.float32 else "tf32", BLOCK_D=self.block_d, num_warps=self.warps,
-            num_stages=self.stages,
+            BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles, PAGE=c.kv.page_size, QMAX=self.qmax,
+            IN_PREC="ieee" if c.q.dtype == torch.float32 else "tf32", BLOCK_D=self.block_d, PRE=False,
+            num_warps=self.warps, num_stages=self.stages,
         )
+
+    def _launch_quantized(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
+        """One launch per GQA group over its KV head's quantized key columns (quantized here, or kept from
+        the last group when both read one KV head)."""
+        c, rows = self.chunk, self.rows
+        grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows), 1)
+        for g, kv in enumerate(self.kv_ids):
+            if kv != self._quantized_kv:
+                self._quantize_columns(kv)
+                self._quantized_kv = kv
+            _row_block_lse_kernel[grid](
+                self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
+                self.k_in, self.k_in.stride(0), 0, 0, self.k_scale, self.bt_base, self.bt_off,
+                self.kv_of, ws, ws.stride(0), ws.stride(1),
+                c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, 1.0, g * self.group,
+                GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride,
+                HEAD_D=c.q.shape[-1], BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles,
+                PAGE=c.kv.page_size, QMAX=self.qmax, IN_PREC="ieee", BLOCK_D=self.block_d, PRE=True,
+                num_warps=self.warps, num_stages=self.stages,
+            )
 
 
 def row_block_scores(chunk, rows: ScoredRows, logit_scale: float, bits: int | None = None) -> torch.Tensor:
