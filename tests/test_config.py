@@ -288,9 +288,10 @@ def test_speculative_decoding_with_a_sparse_plan_is_refused_at_start(tmp_path):
 
     from vllm_sparse.backend import plan_cache
 
+    # (a 4-layer Llama 3: the shipped plan's general entry; its 8B entry names 32-layer models)
     hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=2)
-    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, model="org/llama-3-8b"),
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, model="org/llama-3-tiny"),
                              additional_config={"sparse": {"config": str(REPO / "configs/llama-3.yaml")}},
                              speculative_config=object())
     with pytest.raises(SparseConfigError, match="speculative_config: speculative decoding"):
@@ -378,7 +379,13 @@ def test_shipped_plans_apply_to_the_families_they_name(monkeypatch, capsys, tmp_
         "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "vocab_size": 128256}))
     assert main(["plan", "--model", str(model)]) == 0
     out = capsys.readouterr().out
-    assert "shipped plan llama-3.yaml applies: its name glob '*Llama-3*' matches" in out and "published" in out
+    # The 8B entry (TidalDecode's published selection layers are the 8B model's) before the family's entry.
+    assert "shipped plan llama-3.yaml applies: its name glob '*Llama-3.1-8B*' matches" in out and "published" in out
+    assert "decode=tidal" in out
+    seventy = ModelShape("meta-llama/Llama-3.1-70B-Instruct", ("LlamaForCausalLM",), 80, 64, 8)
+    plan = build_plan(None, seventy)
+    assert plan.is_sparse and not plan.is_sparse_decode  # no selection layers published for 70B: dense decode
+    assert find_config(None, seventy)[0].name == "llama-3.yaml"
     yi = tmp_path / "Yi-9B-200K"
     yi.mkdir()
     (yi / "config.json").write_text((model / "config.json").read_text())

@@ -88,7 +88,7 @@ class HeadPlan:
     budget: Budget
 
     def describe(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.params.model_dump().items())
+        args = ",".join(f"{k}={v}" for k, v in self.params.model_dump(exclude_none=True).items())
         return f"{self.estimator}({args})"
 
 
