@@ -157,3 +157,28 @@ def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, t
                                  "engine": ENGINE}, expect_ok=False)
     assert result is None
     assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in output
+
+
+def test_sparse_prefill_and_tidal_decode_in_one_plan(tiny_llama, tmp_path):
+    """A plan like the shipped Llama 3 8B one (issue 28, item 4): every layer's prefill sparse, decode by
+    TidalDecode (layer 0 selects, layer 1 reads). Both paths run in one engine: the long prompt's later chunks
+    go sparse and its decode steps select; the short prompt is the stock backend's, bit for bit."""
+    prefill = {"estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
+               "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}
+    path = tmp_path / "prefill_and_tidal.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]}, "block_size": 64, "dense_below": DENSE_BELOW,
+        "min_query_tokens": 16, "min_chunk_work": 0,
+        "decode": {"block_tokens": 32, "dense_below": DENSE_BELOW, **TIDAL},
+        "layers": [{"layers": 0, **prefill, "decode": {**TIDAL, "selector": True}}, {"layers": 1, **prefill}]}]}))
+    prompts = _prompts(tiny_llama)  # 1100, 420 and 40 tokens
+    base = {"model": str(tiny_llama), "engine": {**ENGINE, "max_num_batched_tokens": 256}, "max_tokens": MAX_TOKENS,
+            "logprobs": True, "ignore_eos": True, "prompts": prompts}
+    stock = run_engine(base)[0]["results"]
+    both = run_engine({**base, "backend": "sparse", "config": str(path), "counters": True})[0]
+    counters, ours = both["counters"], both["results"]
+    assert counters["prefill"]["sparse"] > 0 and counters["decode"]["sparse"] > 0
+    for s, o in zip(stock, ours):
+        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
+    assert _diff(stock[0]["prompt_logprobs"], ours[0]["prompt_logprobs"]) > 1e-3  # sparse prefill moved them
+    assert ours[2]["token_ids"] == stock[2]["token_ids"] and ours[2]["logprobs"] == stock[2]["logprobs"]
