@@ -177,9 +177,9 @@ def decode_read_share(config: str | None, context: int) -> float | None:
     from vllm_sparse.config.loader import load_config
     from vllm_sparse.config.plan import ModelShape, resolve_plan
 
-    name, config = SHAPES["llama-3.1-8b"]  # (the decode plans are timed on the Llama shape)
-    shape = ModelShape(name, tuple(config["architectures"]), config["num_hidden_layers"],
-                       config["num_attention_heads"], config["num_key_value_heads"])
+    name, hf = SHAPES["llama-3.1-8b"]  # (the decode plans are timed on the Llama shape)
+    shape = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
+                       hf["num_key_value_heads"])
     plan = resolve_plan(load_config(config), shape, config)
     if not plan.is_sparse_decode or context < plan.decode_dense_below:
         return 1.0 if plan.is_sparse_decode else None

@@ -65,9 +65,9 @@ BASELINE = {"antidiagonal_s8_int8": "antidiagonal_s8"}
 SWEEP = {
     "antidiagonal_s8_int8": [(32, 256, 8, 3, 128), (32, 256, 8, 2, 128), (32, 256, 8, 4, 128), (32, 256, 8, 3, 256),
                              (32, 256, 8, 2, 256), (64, 128, 8, 3, 128), (32, 128, 4, 3, 128), (16, 256, 8, 3, 128)],
-    "antidiagonal_s8": [(32, 256, 8, 2, 128), (64, 128, 8, 3, 128), (32, 128, 8, 3, 128), (16, 64, 4, 3, 128),
+    "antidiagonal": [(32, 256, 8, 2, 128), (64, 128, 8, 3, 128), (32, 128, 8, 3, 128), (16, 64, 4, 3, 128),
                      (32, 256, 8, 4, 64), (64, 128, 8, 4, 64)],
-    "lowbit_s16": [(16, 128, 4, 4, 128), (16, 128, 4, 3, 128), (32, 128, 4, 3, 128), (8, 128, 4, 2, 128)],
+    "lowbit": [(16, 128, 4, 4, 128), (16, 128, 4, 3, 128), (32, 128, 4, 3, 128), (8, 128, 4, 2, 128)],
 }
 
 
@@ -172,11 +172,12 @@ def main() -> None:
             row["baseline"] = BASELINE[label]
             row["baseline_agreement"] = float((mine == base).float().mean())
             row["baseline_kept_recall"] = float((mine & base).sum() / base.sum().clamp_min(1))
-        if args.sweep and label in SWEEP:
+        configs = SWEEP.get(label, SWEEP.get(name))  # a variant's own tiles, else its estimator's
+        if args.sweep and configs:
             row["sweep"] = {}
             original = row_scores._tile_config
             c = dataclasses.replace(ctx, kernels=True)
-            for cfg in SWEEP[label]:
+            for cfg in configs:
                 row_scores._tile_config = lambda group_pad, bits, head_dim, strided=False, cfg=cfg: cfg
                 try:
                     row["sweep"][str(cfg)] = triton.testing.do_bench(

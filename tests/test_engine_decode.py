@@ -178,7 +178,8 @@ def test_sparse_prefill_and_tidal_decode_in_one_plan(tiny_llama, tmp_path):
     both = run_engine({**base, "backend": "sparse", "config": str(path), "counters": True})[0]
     counters, ours = both["counters"], both["results"]
     assert counters["prefill"]["sparse"] > 0 and counters["decode"]["sparse"] > 0
-    for s, o in zip(stock, ours):
+    assert len(ours) == len(stock)
+    for o in ours:
         assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
     assert _diff(stock[0]["prompt_logprobs"], ours[0]["prompt_logprobs"]) > 1e-3  # sparse prefill moved them
     assert ours[2]["token_ids"] == stock[2]["token_ids"] and ours[2]["logprobs"] == stock[2]["logprobs"]
