@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,9 +69,19 @@ QWEN25_7B = {
     "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "hidden_act": "silu", "attention_dropout": 0.0,
 }
+# Qwen2.5-7B-Instruct-1M's public shape: Qwen2.5-7B's layers with rope_theta 1e7. Its config says 1,010,000
+# positions and dual-chunk attention, which vLLM V1 no longer has; a dummy-weight model needs neither, so the
+# positions here are 2^20 (+ the 64 tokens e2e adds), the `--max-model-len 1048576` a user asks for.
+QWEN25_7B_1M = {**QWEN25_7B, "rope_theta": 10000000.0, "max_position_embeddings": 1048576 + 64}
+# Llama-3-8B's shape with a 1M context (as the 1M-context fine-tunes of it, e.g. Gradient's, ship it): 128 KiB of
+# bf16 KV per token, so a 1M-token request fits one H200 only with an fp8 KV cache (--kv-cache-dtype fp8).
+LLAMA_8B_1M = {**LLAMA_8B, "rope_theta": 3580165449.0, "max_position_embeddings": 1048576 + 64}
+LLAMA_8B_1M.pop("rope_scaling", None)
 # --shape: the model directory's name (an imported plan matches by name) and its config.
 SHAPES = {"llama-3.1-8b": ("Llama-3.1-8B-Instruct-shape-dummy", LLAMA_8B),
-          "qwen2.5-7b": ("Qwen2.5-7B-Instruct-shape-dummy", QWEN25_7B)}
+          "qwen2.5-7b": ("Qwen2.5-7B-Instruct-shape-dummy", QWEN25_7B),
+          "qwen2.5-7b-1m": ("Qwen2.5-7B-Instruct-1M-shape-dummy", QWEN25_7B_1M),
+          "llama-3-8b-1m": ("Llama-3-8B-Instruct-1M-shape-dummy", LLAMA_8B_1M)}
 
 
 def build_model(root: Path, shape: str = "llama-3.1-8b") -> Path:
@@ -98,8 +110,11 @@ def worker(spec: dict) -> dict:
     longest = max([*spec["lengths"], *(c + spec["decode_tokens"] for _, c in cases)])
     kw = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
               max_model_len=longest + 64, max_num_batched_tokens=spec["chunk"],
-              enable_chunked_prefill=True, enable_prefix_caching=False, gpu_memory_utilization=0.85,
+              enable_chunked_prefill=True, enable_prefix_caching=False,
+              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
               max_num_seqs=max([8, *(b for b, _ in cases)]))
+    if spec.get("kv_cache_dtype"):
+        kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
     tp = spec.get("tensor_parallel_size", 1)
     if tp > 1:  # the workers become processes of their own (collective_rpc pickles the functions below)
         kw["tensor_parallel_size"] = tp
@@ -122,7 +137,7 @@ def worker(spec: dict) -> dict:
             llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
             times.append(time.perf_counter() - t0)
         ttft[n], runs[n] = min(times), times  # the first run of a length would show any compile wait
-        print(f"{'sparse' if spec['config'] else 'dense'} {n}: {times}", flush=True)
+        print(f"{'sparse' if spec['config'] else 'dense'} {n}: {times}", flush=True)  # (run() reads it back)
         if n in spec.get("profile", ()):
             from torch.profiler import ProfilerActivity, profile
 
@@ -135,7 +150,8 @@ def worker(spec: dict) -> dict:
             Path(f"{spec['profile_base']}.profile-{label}-{n}.txt").write_text(table)
             stages[n] = {"wall_ms": wall * 1e3, **gpu_time_by_stage(prof)}
             print(f"stages {n}: {json.dumps(stages[n])}", flush=True)
-    result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs, "tensor_parallel_size": tp}
+    result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs, "tensor_parallel_size": tp,
+              "kv_cache_tokens": kv_cache_tokens(llm)}
     if stages:
         result["stages_ms"] = stages
     if tp == 1:  # the workers run in this process: its allocator saw everything
@@ -158,6 +174,14 @@ def worker(spec: dict) -> dict:
     if spec.get("decode_batch") and not spec.get("decode_cases"):
         result["decode_tok_s"] = result["decode"][f"{spec['decode_batch']}x{spec['decode_context']}"]
     return result
+
+
+def kv_cache_tokens(llm) -> int | None:
+    """Tokens of KV cache the engine allocated after its memory profile (blocks x block size): with the
+    same model and memory share, dense minus sparse is what the plugin's reservations cost in context."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    blocks = getattr(cache, "num_gpu_blocks", None)
+    return int(blocks) * int(cache.block_size) if blocks else None
 
 
 def decode_cases(spec: dict) -> list[tuple[int, int]]:
@@ -428,23 +452,32 @@ def run(spec: dict) -> dict:
     label = Path(spec["config"]).stem if spec["config"] else "dense"
     proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    result, tail = None, []
+    result, tail, partial = None, [], {}
+    timer = threading.Timer(spec["timeout"], proc.kill) if spec.get("timeout") else None
+    if timer:
+        timer.start()
     try:
         for line in proc.stdout:
             if line.startswith(MARK):
                 result = json.loads(line[len(MARK):])
                 continue
+            m = re.match(r"(dense|sparse) (\d+): (\[.*\])$", line.strip())
+            if m:  # a length measured: kept if the engine is cut short later
+                partial[m.group(2)] = min(json.loads(m.group(3)))
             tail = (tail + [line])[-60:]
             quiet = line.startswith(("INFO", "DEBUG", "(EngineCore")) or (
                 line.startswith("(Worker") and (" INFO " in line or " DEBUG " in line))  # TP > 1: worker processes
             if not quiet or "Error" in line:
                 print(f"[{label}] {line}", end="", flush=True)
-        proc.wait(timeout=spec.get("timeout"))
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
     if result is not None:
         return result
     sys.stderr.write("".join(tail))
+    if partial:  # the lengths it finished, and why the rest are missing
+        return {"error": f"engine cut short ({label}), exit {proc.returncode}", "ttft_s": partial}
     raise SystemExit(f"engine failed ({label}), exit {proc.returncode}")
 
 
@@ -454,11 +487,21 @@ def run_meta(args) -> dict:
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
             "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config,
-            "shape": args.shape}
+            "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype or "auto",
+            "gpu_memory_utilization": args.gpu_memory_utilization}
     meta["tensor_parallel_size"] = args.tensor_parallel_size
     if args.tensor_parallel_size > 1:
         meta["devices"] = [torch.cuda.get_device_name(i) for i in range(args.tensor_parallel_size)]
     return meta
+
+
+def engine_line(r: dict, peak: str) -> str:
+    """Start-up, peak memory and KV cache of one engine, or why it has none."""
+    if "startup_s" not in r:
+        return f"failed: {r.get('error')}"
+    kv = r.get("kv_cache_tokens")
+    return (f"start-up {r['startup_s']:.1f} s, {peak} {r['peak_gib']:.1f} GiB, KV cache "
+            f"{'-' if kv is None else f'{kv:,} tokens'}" + (f" ({r['error']})" if "error" in r else ""))
 
 
 def print_stages(results: dict) -> None:
@@ -496,6 +539,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one backend (with --profile)")
     ap.add_argument("--profile-decode", help="BATCHxCONTEXT: also profile that decode case in every engine")
     ap.add_argument("--plot", action="store_true", help="also plot TTFT vs prompt length beside --out (PNG)")
+    ap.add_argument("--kv-cache-dtype", help="vLLM's kv_cache_dtype (e.g. fp8), every engine")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--engine-timeout", type=float, help="seconds per engine: one cut short keeps the lengths it "
+                    "finished (TTFT only) and the next engine runs")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
@@ -513,6 +560,9 @@ def main() -> None:
             "decode_profile_base": str(Path(args.out).with_suffix(""))}
     if args.tensor_parallel_size > 1:
         base["tensor_parallel_size"] = args.tensor_parallel_size
+    base.update(gpu_memory_utilization=args.gpu_memory_utilization, timeout=args.engine_timeout)
+    if args.kv_cache_dtype:
+        base["kv_cache_dtype"] = args.kv_cache_dtype
     prof = {"profile": [int(x) for x in args.profile.split(",") if x],
             "profile_base": str(Path(args.out).with_suffix(""))}
     if args.only:
@@ -528,7 +578,10 @@ def main() -> None:
     def save():  # after every engine: a command killed at its limit keeps what finished
         Path(args.out).write_text(json.dumps(results, indent=1))
 
-    results["dense"] = run({**base, **prof, "config": None})
+    try:
+        results["dense"] = run({**base, **prof, "config": None})
+    except SystemExit as e:  # the sparse engines still run: their figures stand alone
+        results["dense"] = {"error": str(e)}
     save()
     plans = [args.config, *args.extra_config]
     results["sparse"] = {}
@@ -551,23 +604,21 @@ def main() -> None:
     print(f"\n{meta['device']}{f' x{tp}, tensor_parallel_size {tp}' if tp > 1 else ''}  vLLM {meta['vllm']}  "
           f"torch {meta['torch']}  {'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
     peak = "peak" if tp == 1 else "peak (largest rank)"
-    print(f"dense: start-up {dense['startup_s']:.1f} s, {peak} {dense['peak_gib']:.1f} GiB")
+    print(f"dense: {engine_line(dense, peak)}")
     for cfg, sparse in results["sparse"].items():
-        print(f"\n{cfg}")
-        if "error" in sparse:
-            print(f"  failed: {sparse['error']}")
-            continue
-        print(f"  start-up {sparse['startup_s']:.1f} s, {peak} {sparse['peak_gib']:.1f} GiB")
+        print(f"\n{cfg}\n  {engine_line(sparse, peak)}")
         if base["lengths"]:
             print(f"  {'prompt':>8} {'dense TTFT':>11} {'sparse TTFT':>12} {'speed-up':>9} {'kept':>6}")
         for n in base["lengths"]:
-            d, s = dense["ttft_s"][str(n)], sparse["ttft_s"][str(n)]
+            d, s = dense.get("ttft_s", {}).get(str(n)), sparse.get("ttft_s", {}).get(str(n))
             kept = sparse.get("kept", {}).get(str(n), {}).get("union_mean")
-            print(f"  {n:>8} {d:>10.2f}s {s:>11.2f}s {d / s:>8.2f}x {'-' if kept is None else f'{kept:.1%}':>6}")
+            cell = lambda t: f"{t:>10.2f}s" if t else f"{'-':>11}"  # noqa: E731
+            ratio = f"{d / s:>8.2f}x" if d and s else f"{'-':>9}"
+            print(f"  {n:>8} {cell(d)} {cell(s):>12} {ratio} {'-' if kept is None else f'{kept:.1%}':>6}")
         if sparse.get("decode"):
             print(f"  {'decode':>14} {'dense tok/s':>12} {'sparse tok/s':>13} {'ratio':>7} {'read':>6}")
         for case, s in sparse.get("decode", {}).items():
-            d = dense["decode"][case]
+            d = dense.get("decode", {}).get(case, float("nan"))
             share = decode_read_share(cfg, int(case.split("x")[1]))
             sparse.setdefault("decode_read_share", {})[case] = share
             print(f"  {case:>14} {d:>12.1f} {s:>13.1f} {s / d:>6.2f}x {'-' if share is None else f'{share:.1%}':>6}")

@@ -51,6 +51,7 @@ ESTIMATORS = {
     "antidiagonal_s8": ("antidiagonal", {"stride": 8}),
     "antidiagonal_s8_int8": ("antidiagonal", {"stride": 8, "bits": 8}),
     "antidiagonal_s16": ("antidiagonal", {"stride": 16}),
+    "antidiagonal_s16_int8": ("antidiagonal", {"stride": 16, "bits": 8}),
     "lowbit_s16": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 16}),
     "lowbit_s64": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 64}),
     "vertical_slash": ("vertical_slash", {"last_q": 64, "vertical_size": 1024, "slash_size": 2048}),
@@ -58,13 +59,15 @@ ESTIMATORS = {
 FUSED = {"antidiagonal", "vertical_slash", "lowbit"}
 
 # A quantized estimator's kept blocks beside those of the estimator it approximates (same run).
-BASELINE = {"antidiagonal_s8_int8": "antidiagonal_s8"}
+BASELINE = {"antidiagonal_s8_int8": "antidiagonal_s8", "antidiagonal_s16": "antidiagonal_s8",
+            "antidiagonal_s16_int8": "antidiagonal_s8"}
 
 # (rows per head in a tile, key columns per tile, num_warps, num_stages, reduction step); with 4 q heads
 # per KV head a tile packs rows x 4 query rows
 SWEEP = {
     "antidiagonal_s8_int8": [(32, 256, 8, 3, 128), (32, 256, 8, 2, 128), (32, 256, 8, 4, 128), (32, 256, 8, 3, 256),
                              (32, 256, 8, 2, 256), (64, 128, 8, 3, 128), (32, 128, 4, 3, 128), (16, 256, 8, 3, 128)],
+    "antidiagonal_s16_int8": [(16, 256, 8, 3, 128), (16, 128, 4, 3, 128), (16, 256, 8, 3, 256), (32, 128, 8, 3, 128)],
     "antidiagonal": [(32, 256, 8, 2, 128), (64, 128, 8, 3, 128), (32, 128, 8, 3, 128), (16, 64, 4, 3, 128),
                      (32, 256, 8, 4, 64), (64, 128, 8, 4, 64)],
     "lowbit": [(16, 128, 4, 4, 128), (16, 128, 4, 3, 128), (32, 128, 4, 3, 128), (8, 128, 4, 2, 128)],

@@ -34,6 +34,7 @@ CASES = [
     ("antidiagonal", {"stride": 1}, 128),  # a block spans two column tiles
     ("antidiagonal", {"stride": 8, "bits": 8}, 64),  # int8 rows and key columns quantized before the product
     ("antidiagonal", {"stride": 4, "bits": 4}, 32),
+    ("antidiagonal", {"stride": 16, "bits": 8}, 128),  # XAttention's other stride: 16 x head_dim bytes per row
     ("lowbit", {"sample_stride": 8}, 64),
     ("lowbit", {"sample_stride": 5, "bits": 4}, 64),
     ("lowbit", {"sample_stride": 16}, 256),  # wider than a tile: the in-tile quantizing kernel
@@ -156,7 +157,7 @@ def test_fused_scores_stay_within_the_workspace_at_32k(name, raw):
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
 @pytest.mark.parametrize("head_dim,hq,hkv", [(64, 8, 2), (128, 32, 8), (256, 4, 1)], ids=lambda v: str(v))
 @pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8}), ("antidiagonal", {"stride": 8, "bits": 8}),
-                                      ("lowbit", {"sample_stride": 16}),
+                                      ("antidiagonal", {"stride": 16, "bits": 8}), ("lowbit", {"sample_stride": 16}),
                                       ("vertical_slash", {"last_q": 64, "vertical_size": 256, "slash_size": 512})])
 def test_fused_scores_compiled_for_each_head_dim(name, raw, head_dim, hq, hkv):
     """The launch configurations per head size (Llama 64/128, Gemma 3's 256) compile and agree with torch,

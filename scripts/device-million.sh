@@ -1,0 +1,47 @@
+#!/bin/bash
+# Issue 29 (a million tokens on one GPU) and issue 26's stride-16 estimator, on one GPU, once vLLM 0.26.0 is
+# staged in /tmp/site (../shared/device/README.md).
+#
+#   bash scripts/device-million.sh SECONDS STEP...     (run from the checkout's root)
+#
+# Steps, each run once per warm machine and skipped when fewer seconds are left than it needs:
+#   est    benchmarks/estimators.py, one 16K chunk-layer, 32 q / 8 KV heads: antidiagonal at stride 8 (bf16, int8)
+#          and stride 16 (int8), kept blocks against stride 8 bf16, at 128K; then stride 16 int8 alone at
+#          256K, 512K and 1M (its time per chunk-layer: the estimator's share at long contexts)
+#   ktest  the fused estimators' tests compiled (stride 16 int8 included) and the engine oracle test
+#   fid    gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the stride-16
+#          int8 estimator with the 10% budget and with tau 0.9
+#   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
+#          0.9: dense and the 10% stride-16 int8 plan at 256K and 512K (LONG_LENGTHS), each engine in a timeout
+set -o pipefail
+budget=${1:?seconds}; shift
+DONE_DIR=/tmp/million-done
+source scripts/device-common.sh
+
+est() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --only antidiagonal_s8,antidiagonal_s8_int8,antidiagonal_s16_int8 \
+    --skip-torch antidiagonal_s8,antidiagonal_s8_int8,antidiagonal_s16_int8 --sweep --out "$OUT/est_s16.json" 2>&1 | tail -20
+  local ctx
+  for ctx in 262144 524288 1048576; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --only antidiagonal_s16_int8 \
+      --skip-torch antidiagonal_s16_int8 --out "$OUT/est_s16_$ctx.json" 2>&1 | tail -3
+  done
+}
+ktest() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -rfE -p no:cacheprovider tests/test_row_scores.py \
+    "tests/test_engine_gpu.py::test_sparse_engine_equals_its_torch_reference_path" 2>&1 | tail -15
+}
+fid() {
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \
+    benchmarks/configs/gemma-3-antidiagonal-10-s16-int8.yaml benchmarks/configs/gemma-3-antidiagonal-tau90-s16-int8.yaml \
+    -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
+}
+long() {
+  local t=$(( $(left) - 10 ))
+  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
+    --lengths "${LONG_LENGTHS:-262144,524288}" --gpu-memory-utilization 0.9 --engine-timeout $(( t / 2 - 5 )) \
+    --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_long.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_long.log" | tail -30
+}
+
+run_steps "est:80 ktest:120 fid:240 long:300" "$@"
