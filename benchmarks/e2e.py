@@ -123,6 +123,7 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
+    print(f"kv_cache_tokens {kv_cache_tokens(llm)}", flush=True)  # (run() reads it back)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     llm.generate([{"prompt_token_ids": torch.randint(3, 500, (4096,), generator=g).tolist()}], params,
@@ -463,7 +464,9 @@ def run(spec: dict) -> dict:
                 continue
             m = re.match(r"(dense|sparse) (\d+): (\[.*\])$", line.strip())
             if m:  # a length measured: kept if the engine is cut short later
-                partial[m.group(2)] = min(json.loads(m.group(3)))
+                partial.setdefault("ttft_s", {})[m.group(2)] = min(json.loads(m.group(3)))
+            if line.startswith("kv_cache_tokens "):
+                partial["kv_cache_tokens"] = json.loads(line.split()[1])
             tail = (tail + [line])[-60:]
             quiet = line.startswith(("INFO", "DEBUG", "(EngineCore")) or (
                 line.startswith("(Worker") and (" INFO " in line or " DEBUG " in line))  # TP > 1: worker processes
@@ -477,7 +480,7 @@ def run(spec: dict) -> dict:
         return result
     sys.stderr.write("".join(tail))
     if partial:  # the lengths it finished, and why the rest are missing
-        return {"error": f"engine cut short ({label}), exit {proc.returncode}", "ttft_s": partial}
+        return {"error": f"engine cut short ({label}), exit {proc.returncode}", **partial}
     raise SystemExit(f"engine failed ({label}), exit {proc.returncode}")
 
 

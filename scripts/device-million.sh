@@ -13,6 +13,9 @@
 #          int8 estimator with the 10% budget and with tau 0.9
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
 #          0.9: dense and the 10% stride-16 int8 plan at 256K and 512K (LONG_LENGTHS), each engine in a timeout
+#   longd  the same shape, the dense engine alone (a dense 512K prefill takes minutes: a call of its own)
+#   longs  the same shape, each plan in LONG_PLANS alone (default: the 10% stride-16 int8 plan with a union per KV
+#          head and with a page list per q head)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -44,4 +47,18 @@ long() {
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_long.log" | tail -30
 }
 
-run_steps "est:80 ktest:120 fid:240 long:300" "$@"
+long_one() {  # long_one NAME E2E_ARGS...: one engine of the long-context shape, its own JSON and log
+  local name=$1 t=$(( $(left) - 10 )); shift
+  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
+    --lengths "${LONG_LENGTHS:-262144,524288}" --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) "$@" \
+    --out "$OUT/$name.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log" | tail -12
+}
+longd() { long_one e2e_long_dense --only dense; }
+longs() {
+  local p
+  for p in ${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8 qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads}; do
+    long_one "e2e_long_$p" --only sparse --config "benchmarks/configs/$p.yaml"
+  done
+}
+
+run_steps "est:80 ktest:120 fid:240 long:300 longd:300 longs:240" "$@"

@@ -1,0 +1,118 @@
+"""The largest context one GPU holds, with and without the plugin, per model shape and KV cache dtype.
+
+    python benchmarks/memory_table.py [--util 0.9] [--out memory_table.json]
+
+Computed, not run: vLLM sizes its KV cache as `util` x the GPU's memory less what its start-up profile
+measured (weights, peak activation of the largest chunk, non-torch memory, CUDA graphs). Those figures are
+taken from the start-up logs of engines run on an H200 (NON_KV below names each run); a KV token costs
+2 x layers x KV heads x head_dim x the dtype's bytes. With the plugin, vLLM's profile also holds what the
+plugin reserves at start (`backend/reserve.py`): the estimators' workspace (capped, 512 MiB by default) and
+the bound on one sparse chunk-layer's temporaries at `max_model_len`, which grows with the context, so the
+largest context with the plugin is the largest L whose KV plus reservations at L fit. The reservations are
+counted on top of the activation peak (vLLM measures one peak; the temporaries live inside one layer of
+it), so the "with plugin" column is a lower bound. One request of that length fits; shorter ones share it.
+With an fp8 KV cache the plugin today stops the engine at start when its plan has sparse layers (the sparse
+paths read unquantized caches only): those rows say what the reservations would cost once they read fp8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from e2e import SHAPES  # noqa: E402
+
+from vllm_sparse.backend.reserve import estimator_workspace_bytes, step_temporaries_bytes  # noqa: E402
+from vllm_sparse.config.loader import load_config  # noqa: E402
+from vllm_sparse.config.plan import ModelShape, resolve_plan  # noqa: E402
+from vllm_sparse.kernels.workspace import cap_bytes  # noqa: E402
+
+GIB = 2**30
+H200_GIB = 139.8  # what vLLM 0.26 reports as the H200's total ("Free memory on device (139.29/139.8 GiB)")
+PAGE = 16  # vLLM's KV block (tokens)
+CHUNK = 16384  # max_num_batched_tokens of the measured engines
+# Per shape: GiB of weights, peak activation (16K-token chunk), non-torch memory and CUDA graphs, from the
+# start-up log of a dense engine on an H200 (vLLM 0.26.0), and the run it comes from.
+NON_KV = {
+    "qwen2.5-7b-1m": (14.53, 2.15, 0.22, 0.13, "benchmarks/results/e2e_long_qwen1m_h200.log (2026-12-02, util 0.9)"),
+    "llama-3-8b-1m": (15.27, 1.78, 0.22, 0.16,
+                      "benchmarks/results/workload_h200_graphs_run3.log (2026-12-02, Llama-3.1-8B)"),
+}
+DTYPE_BYTES = {"bf16": 2, "fp8": 1}
+PLANS = {  # the plan each shape is timed with
+    "qwen2.5-7b-1m": "benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8.yaml",
+    "llama-3-8b-1m": "benchmarks/configs/llama-3-8b-antidiagonal-10-int8.yaml",
+}
+
+
+def kv_bytes_per_token(hf: dict, dtype: str) -> int:
+    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    return 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * DTYPE_BYTES[dtype]
+
+
+def plugin_bytes(plan, hf: dict, max_model_len: int) -> tuple[int, int]:
+    """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len."""
+    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    hq, hkv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len), cap_bytes())
+    return ws, step_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim)
+
+
+def largest_context(available: int, per_token: int, reserve=None) -> int:
+    """The largest L (a multiple of the KV block) with L x per_token + reserve(L) <= available."""
+    lo, hi = 0, available // per_token // PAGE  # in KV blocks
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        need = mid * PAGE * per_token + (sum(reserve(mid * PAGE)) if reserve else 0)
+        lo, hi = (mid, hi) if need <= available else (lo, mid - 1)
+    return lo * PAGE
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for shape, (weights, act, non_torch, graphs, source) in NON_KV.items():
+        name, hf = SHAPES[shape]
+        plan_path = REPO / PLANS[shape]
+        ms = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
+                        hf["num_key_value_heads"])
+        plan = resolve_plan(load_config(str(plan_path)), ms, str(plan_path))
+        available = int((args.util * H200_GIB - weights - act - non_torch - graphs) * GIB)
+        for dtype in DTYPE_BYTES:
+            per_token = kv_bytes_per_token(hf, dtype)
+            dense = largest_context(available, per_token)
+            sparse = largest_context(available, per_token, lambda n, p=plan, c=hf: plugin_bytes(p, c, n))
+            ws, temps = plugin_bytes(plan, hf, sparse)
+            rows.append({"shape": shape, "kv_dtype": dtype, "kv_kib_per_token": per_token / 1024,
+                         "kv_gib_available": available / GIB, "dense_tokens": dense, "sparse_tokens": sparse,
+                         "workspace_mib": ws / 2**20, "temporaries_mib": temps / 2**20,
+                         "fits_1m_dense": dense >= 2**20, "fits_1m_sparse": sparse >= 2**20,
+                         "sparse_starts": dtype == "bf16",  # (backend/checks.py: fp8 caches stop sparse plans)
+                         "plan": PLANS[shape], "non_kv_source": source})
+    print(f"H200 ({H200_GIB} GiB), gpu_memory_utilization {args.util}, chunk {CHUNK}: the largest context "
+          "(tokens) one request can hold; computed from measured start-up profiles\n")
+    print(f"{'shape':>15} {'KV':>5} {'KiB/token':>9} {'KV GiB':>7} {'dense':>11} {'with plugin':>12} "
+          f"{'workspace':>10} {'temporaries':>12} {'1M fits':>8}")
+    for r in rows:
+        fits = "yes" if r["fits_1m_sparse"] else ("dense only" if r["fits_1m_dense"] else "no")
+        fits += "" if r["sparse_starts"] else " *"
+        print(f"{r['shape']:>15} {r['kv_dtype']:>5} {r['kv_kib_per_token']:>9.0f} {r['kv_gib_available']:>7.1f} "
+              f"{r['dense_tokens']:>11,} {r['sparse_tokens']:>12,} {r['workspace_mib']:>7.0f} MiB "
+              f"{r['temporaries_mib']:>8.0f} MiB {fits:>8}")
+    print("\n* the plugin refuses fp8 KV caches at start today (sparse paths read bf16/fp16 caches only)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"util": args.util, "gpu_gib": H200_GIB, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
