@@ -51,15 +51,22 @@ PLANS = {  # the plan each shape is timed with
 }
 
 
-def kv_bytes_per_token(hf: dict, dtype: str) -> int:
+def kv_bytes_per_token(hf: dict, dtype: str, tp: int = 1) -> int:
+    """KV bytes per token on one rank."""
     head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-    return 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * DTYPE_BYTES[dtype]
+    return 2 * hf["num_hidden_layers"] * local_heads(hf, tp)[1] * head_dim * DTYPE_BYTES[dtype]
 
 
-def plugin_bytes(plan, hf: dict, max_model_len: int) -> tuple[int, int]:
-    """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len."""
+def local_heads(hf: dict, tp: int) -> tuple[int, int]:
+    """(q heads, KV heads) on one rank at tensor parallelism tp: vLLM splits the q heads and the KV heads,
+    and where there are fewer KV heads than ranks each rank holds a copy of one."""
+    return hf["num_attention_heads"] // tp, max(1, hf["num_key_value_heads"] // tp)
+
+
+def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1) -> tuple[int, int]:
+    """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len, on one rank."""
     head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-    hq, hkv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    hq, hkv = local_heads(hf, tp)
     ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len), cap_bytes())
     return ws, step_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim)
 
@@ -77,38 +84,46 @@ def largest_context(available: int, per_token: int, reserve=None) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization")
+    ap.add_argument("--tp", default="1", help="tensor-parallel sizes, comma-separated (past 1: on paper, see below)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
-    for shape, (weights, act, non_torch, graphs, source) in NON_KV.items():
+    for tp, (shape, (weights, act, non_torch, graphs, source)) in (
+            (int(t), item) for t in args.tp.split(",") for item in NON_KV.items()):
         name, hf = SHAPES[shape]
         plan_path = REPO / PLANS[shape]
         ms = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
                         hf["num_key_value_heads"])
         plan = resolve_plan(load_config(str(plan_path)), ms, str(plan_path))
-        available = int((args.util * H200_GIB - weights - act - non_torch - graphs) * GIB)
+        # Past one rank the weights and the activation peak are split tp ways (on paper: vLLM replicates the
+        # norms and the hidden states, so a rank holds a little more); non-torch memory and graphs per rank.
+        available = int((args.util * H200_GIB - (weights + act) / tp - non_torch - graphs) * GIB)
         for dtype in DTYPE_BYTES:
-            per_token = kv_bytes_per_token(hf, dtype)
+            per_token = kv_bytes_per_token(hf, dtype, tp)
             dense = largest_context(available, per_token)
-            sparse = largest_context(available, per_token, lambda n, p=plan, c=hf: plugin_bytes(p, c, n))
-            ws, temps = plugin_bytes(plan, hf, sparse)
-            rows.append({"shape": shape, "kv_dtype": dtype, "kv_kib_per_token": per_token / 1024,
+            sparse = largest_context(available, per_token, lambda n, p=plan, c=hf, t=tp: plugin_bytes(p, c, n, t))
+            ws, temps = plugin_bytes(plan, hf, 2**20, tp)  # what a 1M max_model_len reserves
+            rows.append({"shape": shape, "tp": tp, "kv_heads_per_rank": local_heads(hf, tp)[1], "kv_dtype": dtype,
+                         "kv_kib_per_token": per_token / 1024,
                          "kv_gib_available": available / GIB, "dense_tokens": dense, "sparse_tokens": sparse,
-                         "workspace_mib": ws / 2**20, "temporaries_mib": temps / 2**20,
+                         "workspace_mib": ws / 2**20, "temporaries_mib_at_1m": temps / 2**20,
                          "fits_1m_dense": dense >= 2**20, "fits_1m_sparse": sparse >= 2**20,
                          "sparse_starts": dtype == "bf16",  # (backend/checks.py: fp8 caches stop sparse plans)
                          "plan": PLANS[shape], "non_kv_source": source})
     print(f"H200 ({H200_GIB} GiB), gpu_memory_utilization {args.util}, chunk {CHUNK}: the largest context "
           "(tokens) one request can hold; computed from measured start-up profiles\n")
-    print(f"{'shape':>15} {'KV':>5} {'KiB/token':>9} {'KV GiB':>7} {'dense':>11} {'with plugin':>12} "
-          f"{'workspace':>10} {'temporaries':>12} {'1M fits':>8}")
+    print(f"{'shape':>15} {'TP':>3} {'KV heads':>8} {'KV':>5} {'KiB/token':>9} {'KV GiB':>7} {'dense':>11} "
+          f"{'with plugin':>12} {'workspace':>10} {'temps at 1M':>12} {'1M fits':>8}   (per rank)")
     for r in rows:
         fits = "yes" if r["fits_1m_sparse"] else ("dense only" if r["fits_1m_dense"] else "no")
         fits += "" if r["sparse_starts"] else " *"
-        print(f"{r['shape']:>15} {r['kv_dtype']:>5} {r['kv_kib_per_token']:>9.0f} {r['kv_gib_available']:>7.1f} "
+        print(f"{r['shape']:>15} {r['tp']:>3} {r['kv_heads_per_rank']:>8} {r['kv_dtype']:>5} "
+              f"{r['kv_kib_per_token']:>9.0f} {r['kv_gib_available']:>7.1f} "
               f"{r['dense_tokens']:>11,} {r['sparse_tokens']:>12,} {r['workspace_mib']:>7.0f} MiB "
-              f"{r['temporaries_mib']:>8.0f} MiB {fits:>8}")
+              f"{r['temporaries_mib_at_1m']:>8.0f} MiB {fits:>8}")
     print("\n* the plugin refuses fp8 KV caches at start today (sparse paths read bf16/fp16 caches only)")
+    if any(r["tp"] > 1 for r in rows):
+        print("TP > 1: on paper (weights and activations split evenly; not run on several GPUs)")
     if args.out:
         Path(args.out).write_text(json.dumps({"util": args.util, "gpu_gib": H200_GIB, "rows": rows}, indent=1))
     return 0
