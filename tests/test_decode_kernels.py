@@ -9,6 +9,8 @@ in bf16 too, at a 128K context.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,7 +84,7 @@ class Case:
     def to(self, device):
         for name in ("block_table", "qsl", "query"):
             setattr(self, name, getattr(self, name).to(device))
-        self.paged = PagedKV(self.paged.key.to(device), self.paged.value.to(device))
+        self.paged = dataclasses.replace(self.paged, key=self.paged.key.to(device), value=self.paged.value.to(device))
         self.summ.mins, self.summ.maxs = self.summ.mins.to(device), self.summ.maxs.to(device)
         self.heads = DecodeHeads.build(self.plans, device)
         return self
@@ -483,3 +485,28 @@ def test_tidal_selector_at_128k():
         for h, chosen in enumerate(reference_select(got.cpu(), case.heads.kept.cpu())):
             assert torch.equal(selected[r, h, : int(counts[r, h])].cpu().long(), chosen)
     assert torch.isnan(scores[2]).all()  # under dense_below
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decode_kernels_read_fp8_caches(seed, few_splits):
+    """An fp8 KV cache (e4m3, per-tensor scales as vLLM's): a tidal selector's exact block scores and its
+    attention, and a reader's attention over the chosen blocks, equal the references over the dequantized
+    cache (the kernels fold k_scale into the logit scale and v_scale into the output)."""
+    from tests.fixtures.paged import to_fp8
+
+    plans = [DecodeHeadPlan("tidal", 2, 1, 1, selector=True), DecodeHeadPlan("tidal", 1, 0, 2, selector=True)]
+    case = _seq_case(seed, torch.float16, plans=plans, block=32)
+    case.paged = to_fp8(case.paged)
+    assert case.paged.quantized and case.paged.k_scale != 1.0
+    case = case.to(DEVICE)
+    out, scores, selected, counts = _tidal_select(case)
+    assert case.sparse_rows()
+    for r in case.sparse_rows():
+        tok, s = int(case.qsl[r]), case.seq_lens[r]
+        k, _ = case.paged.gather(_pages(case, r), s)  # dequantized
+        want = reference_exact_block_scores(case.query[tok].cpu(), k.cpu(), s, case.block, case.heads.sink.cpu(),
+                                            case.heads.local.cpu(), 0.3)
+        assert torch.allclose(scores[r, :, : want.shape[1]].cpu(), want, rtol=1e-3, atol=1e-2)
+        dense = reference_decode_attention(case.query[tok], case.paged, _pages(case, r), s, [None, None], case.block,
+                                           0.3)
+        assert torch.allclose(out[tok].float(), dense, atol=2e-3, rtol=2e-3)

@@ -20,6 +20,7 @@ from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.estimators.row_scores import ScoredRows, query_block_slabs
+from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
 
 GPU = torch.cuda.is_available()
@@ -265,3 +266,41 @@ def test_step_temporaries_bound_covers_the_measured_peaks_and_scales_with_the_co
         32, 8, 16384, 1 << 20, plan.block_size, 16, plan.union_tile, plan.union_heads, False, quantized_head_dim=128)
     dense = resolve_plan(parse_config(raw, "test"), llama, "test")
     assert step_temporaries_bytes(dense, 32, 8, 16384, 1 << 20, 16) == 0
+
+
+FP8_CASES = [
+    ("antidiagonal", {"stride": 8}, 64),
+    ("antidiagonal", {"stride": 8, "bits": 8}, 64),  # key columns quantized from fp8 pages
+    ("lowbit", {"sample_stride": 8}, 64),
+    ("vertical_slash", {"last_q": 40, "vertical_size": 50, "slash_size": 60}, 64),
+    ("pooled", {}, 64),  # block-mean keys (the block_means kernel)
+]
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}{v}' for k, v in c[1].items())}")
+def test_estimators_read_fp8_caches(case):
+    """An fp8 KV cache (e4m3, per-tensor scale as vLLM's): the torch path scores what it scores on the
+    dequantized cache, and the kernels agree with it (the scale folded into their logit scale)."""
+    from tests.fixtures.paged import dequantized, to_fp8
+
+    name, raw, bs = case
+    chunk = _chunk(705, 303, bs, torch.float16 if DEVICE == "cpu" else torch.bfloat16, seed=23)
+    kv8 = to_fp8(PagedKV(chunk.kv.key.cpu(), chunk.kv.value.cpu()))
+    fp8 = dataclasses.replace(chunk, kv=PagedKV(kv8.key.to(DEVICE), kv8.value.to(DEVICE), kv8.k_scale, kv8.v_scale))
+    plain = dataclasses.replace(chunk, kv=PagedKV(*(t.to(DEVICE) for t in (dequantized(kv8).key,
+                                                                           dequantized(kv8).value))))
+    est = get_estimator(name)
+    params = est.params(**raw)
+    ref = est.score(dataclasses.replace(plain, kernels=False), params)
+    ref8 = est.score(dataclasses.replace(fp8, kernels=False), params)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(ref8))
+    assert float((ref[finite] - ref8[finite]).abs().max()) < 1e-4
+    if name in ("antidiagonal", "lowbit", "vertical_slash"):  # the fused kernels
+        assert _compare(fp8, name, raw) < 1e-2
+    else:  # the block means' kernel (used on GPUs) against the torch means of the dequantized cache
+        from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton
+
+        got = block_key_means_triton(fp8.kv, fp8.block_table, fp8.seq_len, bs)
+        want = block_key_means_ref(plain.kv, plain.block_table, plain.seq_len, bs)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)

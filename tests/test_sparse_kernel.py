@@ -421,3 +421,30 @@ def test_kernel_setting_is_checked_at_start(monkeypatch):
         check_kernel_choice(cpu)
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", "reference")
     assert check_kernel_choice(cpu) == "reference"
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:], ids=lambda c: f"seqs{c[0]}-q{c[2]}-kv{c[3]}-d{c[4]}-p{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if GPU else []), ids=str)
+def test_fp8_cache_matches_the_dequantized_reference(case, dtype):
+    """An fp8 KV cache (e4m3, per-tensor scales as vLLM's): the kernel converts pages to the queries' type and
+    applies the scales, and matches exact attention over the dequantized cache."""
+    from tests.fixtures.paged import dequantized, to_fp8
+
+    seq_lens, q_lens, hq, hkv, d, page = case
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=dtype, seed=11)
+    kv8 = to_fp8(b.kv)
+    assert kv8.quantized and kv8.k_scale != 1.0 and kv8.v_scale != kv8.k_scale
+    indptr, idx = _csr(_random_lists(seq_lens, hkv, page, 0.6, seed=5), DEVICE)
+    q = b.q.to(DEVICE)
+    bt, qsl, lens = b.block_table.to(DEVICE), b.query_start_loc.to(DEVICE, torch.int32), b.seq_lens.to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    got, lse = sparse_paged_attention(q, PagedKV(kv8.key.to(DEVICE), kv8.value.to(DEVICE), kv8.k_scale, kv8.v_scale),
+                                      bt, qsl, lens, indptr, idx, d**-0.5, out=out, return_lse=True)
+    args = (b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(), idx.cpu().long(), d**-0.5)
+    ref, ref_lse = sparse_paged_attention_ref(q.cpu(), dequantized(kv8), *args, return_lse=True)
+    ref8 = sparse_paged_attention_ref(q.cpu(), kv8, *args)  # the reference reads fp8 pages itself
+    assert torch.equal(ref8, ref)
+    assert _rel_err(got.cpu(), ref) < _tol(dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse.cpu()))
+    assert torch.allclose(lse.cpu()[finite], ref_lse[finite], atol=1e-2)

@@ -43,7 +43,7 @@ def reference_decode_attention(q: torch.Tensor, paged: PagedKV, pages: torch.Ten
 def _decode_split_kernel(
     q_ptr, sq_t, sq_h, k_ptr, v_ptr, sk_p, sk_h, sk_t, sv_p, sv_h, sv_t, bt_ptr, s_bt, qsl_ptr, seq_ptr,
     sel_ptr, ssel_b, ssel_h, cnt_ptr, dense_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h,
-    sc_ptr, ssc_b, ssc_h, sink_ptr, local_ptr, scale, dense_below,
+    sc_ptr, ssc_b, ssc_h, sink_ptr, local_ptr, scale, v_scale, dense_below,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PS: tl.constexpr, BT: tl.constexpr, TT: tl.constexpr,
     U: tl.constexpr, SPLITS: tl.constexpr, HKV: tl.constexpr, SCORE: tl.constexpr,
 ):
@@ -97,6 +97,7 @@ def _decode_split_kernel(
                         other=0.0)
             v = tl.load(v_ptr + (phys * sv_p + h * sv_h + slot * sv_t)[:, None] + d[None, :], mask=tval[:, None],
                         other=0.0)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # (an fp8 cache: exact; its scales are in scale and v_scale)
             qk = tl.dot(q, tl.trans(k)) * scale
             qk = tl.where(tval[None, :], qk, float("-inf"))
             if SCORE:
@@ -118,7 +119,8 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         qh = h * G + g
-        tl.store(po_ptr + b * spo_b + qh[:, None] * spo_h + s * spo_s + d[None, :], acc, mask=gmask[:, None])
+        tl.store(po_ptr + b * spo_b + qh[:, None] * spo_h + s * spo_s + d[None, :], acc * v_scale,
+                 mask=gmask[:, None])
         tl.store(pml_ptr + b * spml_b + qh * spml_h + s * 2, m_i, mask=gmask)
         tl.store(pml_ptr + b * spml_b + qh * spml_h + s * 2 + 1, l_i, mask=gmask)
 
@@ -189,7 +191,7 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
         value.stride(0), value.stride(1), value.stride(2), block_table, block_table.stride(0), query_start_loc,
         seq_lens, selected, selected.stride(0), selected.stride(1), counts, heads.dense, po, po.stride(0),
         po.stride(1), po.stride(2), pml, pml.stride(0), pml.stride(1), sc, sc.stride(0), sc.stride(1), sh.sink,
-        sh.local, scale, dense_below,
+        sh.local, scale * paged.k_scale, paged.v_scale, dense_below,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
         TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads, SCORE=score,
         num_warps=SPLIT_WARPS,

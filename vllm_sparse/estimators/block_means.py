@@ -23,8 +23,8 @@ def block_key_means_ref(kv: PagedKV, block_table_row: torch.Tensor, seq_len: int
     pages = block_table_row[:n_pages].long()
     full = n_pages - 1  # the last page may be partly filled: sum only its tokens
     tail = seq_len - full * page
-    sums = torch.cat([kv.key[pages[:full]].sum(dim=2, dtype=torch.float32),
-                      kv.key[pages[full:], :, :tail].sum(dim=2, dtype=torch.float32)])  # [pages, kv, D]
+    sums = torch.cat([kv.key[pages[:full]].float().sum(dim=2),
+                      kv.key[pages[full:], :, :tail].float().sum(dim=2)]) * kv.k_scale  # [pages, kv, D]
     per_block = block_size // page
     sums = torch.nn.functional.pad(sums, (0, 0, 0, 0, 0, n_blocks * per_block - n_pages))
     block_sums = sums.view(n_blocks, per_block, *sums.shape[1:]).sum(1)  # [blocks, kv, D]
@@ -72,4 +72,4 @@ def block_key_means_triton(kv: PagedKV, block_table_row: torch.Tensor, seq_len: 
         k_base, k_offset, key.stride(0), key.stride(1), key.stride(2), bt, bt_offset, out, seq_len, n_blocks,
         PER_BLOCK=block_size // page, PAGE=page, HEAD_D=d, D_POW2=triton.next_power_of_2(d), num_warps=4,
     )
-    return out
+    return out * kv.k_scale if kv.quantized else out

@@ -134,7 +134,7 @@ def _logit_tile(Q, stride_qt, stride_qh, qi, q_scale, K, stride_kp, stride_kh, s
                         mask=q_ok[:, None], other=0.0)
             kt = c * S + i
             k = _key_rows(K + d0, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv, kt, kt < seq_len, dd, PAGE)
-            acc = tl.dot(q, tl.trans(k), acc, input_precision=IN_PREC)
+            acc = tl.dot(q, tl.trans(k.to(q.dtype)), acc, input_precision=IN_PREC)  # (fp8 caches: exact)
         s = acc * logit_scale
     causal = (c[None, :] * S <= q_end[:, None]) & (c[None, :] < n_cols)
     return tl.where(causal, s, float("-inf"))
@@ -438,7 +438,7 @@ class _RowLse:
             self.block_d = min(self.block_d, rows.stride * d)
         self.cpb = chunk.block_size // rows.stride  # key columns per KV block (powers of two)
         self.sub_tiles = max(1, self.cpb // self.block_n)  # a block wider than a tile spans several
-        self.logit_scale = logit_scale * _LOG2E  # log2 units
+        self.logit_scale = logit_scale * _LOG2E * kv.k_scale  # log2 units; an fp8 cache's key scale
         self.qmax = 2 ** (bits - 1) - 1 if bits else 0
         if self.pre:
             self._quantize_rows(q)
@@ -586,6 +586,7 @@ def _line_mass_kernel(
     live = c < seq_len
     d = tl.arange(0, HEAD_D)
     k = _key_rows(K, stride_kp, stride_kh, stride_kt, BT, bt_offset, tl.load(KV_OF + h), c, live, d, PAGE)
+    k = k.to(Q.dtype.element_ty)  # (fp8 caches: exact; their scale is in logit_scale)
     vert = tl.zeros([BLOCK_N], tl.float32)
     first = seq_len - n_rows
     for i0 in range(0, n_rows, ROWS):
@@ -617,7 +618,7 @@ def line_masses(chunk, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     _line_mass_kernel[(triton.cdiv(seq, block_n), heads)](
         q, q.stride(0), q.stride(1), kv.key, kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
         bt_base, bt_off, chunk.kv_head_of, norms, norms.stride(0), vert, slash, vert.stride(0),
-        chunk.context_len, seq, n, chunk.scale * _LOG2E,
+        chunk.context_len, seq, n, chunk.scale * kv.k_scale * _LOG2E,
         HEAD_D=q.shape[-1], BLOCK_N=block_n, ROWS=64, PAGE=kv.page_size,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )

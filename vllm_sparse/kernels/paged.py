@@ -12,11 +12,22 @@ from dataclasses import dataclass
 
 import torch
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 @dataclass(frozen=True)
 class PagedKV:
     key: torch.Tensor  # [num_pages, num_kv_heads, page_size, head_dim] (a view; may be strided)
     value: torch.Tensor  # same shape as key
+    # An fp8 cache stores key / k_scale and value / v_scale (vLLM's per-tensor scales, `layer._k_scale_float`):
+    # every reader multiplies them back, the kernels by folding them into their logit and output scales.
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    @property
+    def quantized(self) -> bool:
+        """An fp8 cache: values to dequantize (times k_scale / v_scale) when read."""
+        return self.key.dtype in FP8_DTYPES
 
     @property
     def page_size(self) -> int:
@@ -29,11 +40,13 @@ class PagedKV:
     def gather(self, pages: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first `num_tokens` tokens stored in `pages` (physical ids, in order).
 
-        Returns [num_tokens, num_kv_heads, head_dim] each.
+        Returns [num_tokens, num_kv_heads, head_dim] each: the cache's dtype, or fp32 dequantized for fp8.
         """
-        k = self.key[pages].permute(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.key.shape[-1])
-        v = self.value[pages].permute(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.value.shape[-1])
-        return k[:num_tokens], v[:num_tokens]
+        k = self.key[pages].permute(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.key.shape[-1])[:num_tokens]
+        v = self.value[pages].permute(0, 2, 1, 3).reshape(-1, self.num_kv_heads, self.value.shape[-1])[:num_tokens]
+        if self.quantized:
+            return k.float() * self.k_scale, v.float() * self.v_scale
+        return k, v
 
     @classmethod
     def from_cpu_cache(cls, kv_cache: torch.Tensor) -> PagedKV:

@@ -52,8 +52,8 @@ def sparse_paged_attention_ref(
                 continue
             k_pos = (logical[:, None] * page + offsets[None, :]).reshape(-1)
             phys = block_table[s].to(q.device)[logical].long()
-            k = kv.key[phys, h].reshape(-1, head_dim).float()  # [n_pages*page, D]
-            v = kv.value[phys, h].reshape(-1, kv.value.shape[-1]).float()
+            k = kv.key[phys, h].reshape(-1, head_dim).float() * kv.k_scale  # [n_pages*page, D]
+            v = kv.value[phys, h].reshape(-1, kv.value.shape[-1]).float() * kv.v_scale
             qs = q[q0:q1, heads].float()  # [T, heads of the list, D]
             logits = torch.einsum("tgd,kd->tgk", qs, k) * scale
             visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)

@@ -55,8 +55,10 @@ def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_h
     phys = tl.load(BT_ROW + logical).to(tl.int64)
     within = j % PAGE
     d = tl.arange(0, HEAD_D)
+    # (an fp8 cache converts exactly to the queries' 16-bit type; its scales are in qk_scale and v_scale)
     k = tl.load(K + phys[:, None] * stride_kp + kv_head * stride_kh + within[:, None] * stride_kt + d[None, :])
     v = tl.load(V + phys[:, None] * stride_vp + kv_head * stride_vh + within[:, None] * stride_vt + d[None, :])
+    k, v = k.to(q.dtype), v.to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
     if MASKED:
         k_pos = logical * PAGE + within
@@ -72,7 +74,7 @@ def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_h
 
 @triton.jit
 def _sparse_paged_attention_kernel(
-    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale,
+    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale, v_scale,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
     stride_ot, stride_oh, stride_bt,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, PACK_PAD: tl.constexpr,
@@ -134,7 +136,7 @@ def _sparse_paged_attention_kernel(
                                      qk_scale, PAGE, HEAD_D, BLOCK_N, True)
 
     empty = l_i == 0.0  # a row that sees no selected key: output 0, lse -inf (as the reference)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
     o_off = (q0 + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
@@ -212,7 +214,7 @@ def sparse_paged_attention(
     _sparse_paged_attention_kernel[grid](
         q, kv.key, kv.value, out, lse, block_table,
         block_table_rows if block_table_rows is not None else query_start_loc,
-        query_start_loc, seq_lens, page_indptr, page_indices, scale * _LOG2E,
+        query_start_loc, seq_lens, page_indptr, page_indices, scale * kv.k_scale * _LOG2E, kv.v_scale,
         q.stride(0), q.stride(1), kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
         kv.value.stride(0), kv.value.stride(1), kv.value.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0),
