@@ -183,3 +183,58 @@ def test_union_tiles_share_a_block_table_row():
         alone, _ = column_attention_ref(b.q[32 * t:32 * (t + 1)], b.kv, b.block_table, torch.tensor([0, 32]),
                                         lens[t:t + 1], i, p, d**-0.5)
         torch.testing.assert_close(ref[32 * t:32 * (t + 1)], alone)
+
+
+def test_shared_padded_lists_with_blocks_excluded():
+    """Segments sharing one padded list per (list) through (starts, ends), entries past a segment's length
+    skipped, and the columns a segment's kept blocks hold skipped (`exclude`): as the reference, and the
+    merge with the block pass is attention over the union."""
+    hq, hkv, d, page, ctx = 4, 2, 32, 16, 64
+    n = ctx + 64
+    b = random_paged_batch((n,), (64,), hq, hkv, d, page, dtype=torch.float32, seed=17)
+    qsl, lens, rows = torch.tensor([0, 32, 64], dtype=torch.int32), torch.tensor([ctx + 32, n]), torch.zeros(2).int()
+    g = torch.Generator().manual_seed(17)
+    width = 40
+    table = torch.full((hkv, width), 10**6, dtype=torch.int32)  # padding: past every length
+    for h in range(hkv):
+        cols = torch.randperm(n, generator=g)[:30].sort().values
+        table[h, :30] = cols.int()
+    starts = (torch.arange(hkv) * width).repeat(2).int()
+    ends = starts + width
+    blocks = -(-n // page)
+    pages = [torch.nonzero(torch.rand(blocks, generator=g) < 0.4).flatten() for _ in range(2 * hkv)]
+    for t in range(2):  # each tile keeps its own diagonal pages
+        for h in range(hkv):
+            own = torch.arange((ctx + 32 * t) // page, -(-(ctx + 32 * (t + 1)) // page))
+            pages[t * hkv + h] = torch.unique(torch.cat([pages[t * hkv + h], own]))
+    exclude = torch.zeros(hkv, 2, blocks, dtype=torch.uint8)
+    for t in range(2):
+        for h in range(hkv):
+            exclude[h, t, pages[t * hkv + h]] = 1
+    args = (b.block_table, qsl, lens, (starts, ends), table.flatten(), d**-0.5)
+    got, got_lse = column_attention(b.q.to(DEVICE), _on(b)[1], *(a.to(DEVICE) if torch.is_tensor(a) else
+                                    tuple(x.to(DEVICE) for x in a) if isinstance(a, tuple) else a for a in args),
+                                    32, block_table_rows=rows.to(DEVICE), exclude=exclude.to(DEVICE),
+                                    exclude_block=page)
+    ref, ref_lse = column_attention_ref(b.q, b.kv, *args, block_table_rows=rows, exclude=exclude, exclude_block=page)
+    torch.testing.assert_close(got.cpu(), ref, atol=2e-3, rtol=2e-3)
+    p_indptr, p_idx = _csr(pages, "cpu")
+    o_blk, lse_blk = sparse_paged_attention_ref(b.q, b.kv, b.block_table.repeat(2, 1), qsl, lens, p_indptr,
+                                                p_idx.long(), d**-0.5, return_lse=True)  # (a row per tile)
+    merged, _ = merge_attention(o_blk, lse_blk, got.cpu(), got_lse.cpu())
+    for t in range(2):
+        q0, q1, seq = 32 * t, 32 * (t + 1), int(lens[t])
+        for h in range(hkv):
+            keys = torch.zeros(seq, dtype=torch.bool)
+            for p in pages[t * hkv + h].tolist():
+                keys[p * page:(p + 1) * page] = True
+            cols = table[h][table[h] < seq].long()
+            keys[cols] = True
+            q_pos = torch.arange(seq - 32, seq)
+            seen = keys[None, :] & (torch.arange(seq)[None, :] <= q_pos[:, None])
+            group = hq // hkv
+            logits = torch.einsum("tgd,kd->tgk", b.q[q0:q1, h * group:(h + 1) * group].float(),
+                                  b.keys[0][:seq, h].float()) * d**-0.5
+            want = torch.nan_to_num(torch.einsum("tgk,kd->tgd", logits.masked_fill(~seen[:, None], float("-inf"))
+                                                 .softmax(-1), b.values[0][:seq, h].float()))
+            torch.testing.assert_close(merged[q0:q1, h * group:(h + 1) * group], want, atol=2e-3, rtol=2e-3)

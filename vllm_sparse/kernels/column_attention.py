@@ -27,8 +27,9 @@ _LOG2E = 1.4426950408889634
 
 
 def column_attention_ref(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, query_start_loc: torch.Tensor,
-                         seq_lens: torch.Tensor, col_indptr: torch.Tensor, col_indices: torch.Tensor, scale: float,
-                         lists_per_q_head: bool = False, block_table_rows: torch.Tensor | None = None
+                         seq_lens: torch.Tensor, col_indptr, col_indices: torch.Tensor, scale: float,
+                         lists_per_q_head: bool = False, block_table_rows: torch.Tensor | None = None,
+                         exclude: torch.Tensor | None = None, exclude_block: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each segment's queries over its lists' key columns (fp32 math).
     -> (out [tokens, q heads, D] in q's dtype, lse [tokens, q heads] fp32; 0 and -inf where no column is seen)."""
@@ -37,7 +38,8 @@ def column_attention_ref(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor
     lists = num_q_heads if lists_per_q_head else kv.num_kv_heads
     out = torch.zeros(q.shape[0], num_q_heads, kv.value.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((q.shape[0], num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    qsl, lens, indptr = query_start_loc.tolist(), seq_lens.tolist(), col_indptr.tolist()
+    starts, ends = col_indptr if isinstance(col_indptr, tuple) else (col_indptr[:-1], col_indptr[1:])
+    qsl, lens, starts, ends = query_start_loc.tolist(), seq_lens.tolist(), starts.tolist(), ends.tolist()
     bt_rows = block_table_rows.tolist() if block_table_rows is not None else list(range(len(lens)))
     for s, seq_len in enumerate(lens):
         q0, q1 = qsl[s], qsl[s + 1]
@@ -46,7 +48,10 @@ def column_attention_ref(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor
         q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=q.device)
         row = block_table[bt_rows[s]].to(q.device).long()
         for i in range(lists):
-            cols = col_indices[indptr[s * lists + i]:indptr[s * lists + i + 1]].to(q.device, torch.long)
+            cols = col_indices[starts[s * lists + i]:ends[s * lists + i]].to(q.device, torch.long)
+            cols = cols[cols < seq_len]  # (padding)
+            if exclude is not None:  # held by a kept block of this segment's list
+                cols = cols[~exclude[i, s].to(q.device, torch.bool)[cols // exclude_block]]
             if cols.numel() == 0:
                 continue
             h = i // group if lists_per_q_head else i
@@ -84,14 +89,17 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
 
 @triton.jit
 def _column_attention_kernel(
-    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale, v_scale,
+    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, STARTS, ENDS, INDICES, EXCL, qk_scale, v_scale,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
-    stride_ot, stride_oh, stride_bt,
+    stride_ot, stride_oh, stride_bt, stride_el, stride_es,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, PACK_PAD: tl.constexpr, PAGE: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BT_ROWS: tl.constexpr,
+    HAS_EXCL: tl.constexpr, EXCL_BLOCK: tl.constexpr,
 ):
     """Program (query tile, segment, page list): the tile's rows of the list's q heads over its columns,
-    BLOCK_N columns at a time (gathered through the block table), causal, fp32 online softmax."""
+    BLOCK_N columns at a time (gathered through the block table), causal, fp32 online softmax. Entries
+    at or past the segment's length (padding) and, with EXCL, columns in a block the segment's list keeps
+    (EXCL [lists, segments, blocks] of EXCL_BLOCK tokens) are skipped."""
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     lst = tl.program_id(2)
@@ -117,8 +125,8 @@ def _column_attention_kernel(
     q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
 
-    lo = tl.load(INDPTR + seg * tl.num_programs(2) + lst)
-    hi = tl.load(INDPTR + seg * tl.num_programs(2) + lst + 1)
+    lo = tl.load(STARTS + seg * tl.num_programs(2) + lst)
+    hi = tl.load(ENDS + seg * tl.num_programs(2) + lst)
     m_i = tl.full([BLOCK_M * PACK_PAD], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M * PACK_PAD], tl.float32)
     acc = tl.zeros([BLOCK_M * PACK_PAD, HEAD_D], tl.float32)
@@ -126,6 +134,10 @@ def _column_attention_kernel(
         j = start + tl.arange(0, BLOCK_N)
         live = j < hi
         col = tl.load(INDICES + j, mask=live, other=0)
+        live = live & (col < seq_len)
+        if HAS_EXCL:  # held by a kept block: the block pass attends to it
+            held = tl.load(EXCL + lst * stride_el + seg * stride_es + col // EXCL_BLOCK, mask=live, other=0)
+            live = live & (held == 0)
         phys = tl.load(bt_row + col // PAGE, mask=live, other=0).to(tl.int64)
         within = col % PAGE
         k = tl.load(K + phys[:, None] * stride_kp + kv_head * stride_kh + within[:, None] * stride_kt + d[None, :],
@@ -151,11 +163,17 @@ def _column_attention_kernel(
 
 
 def column_attention(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, query_start_loc: torch.Tensor,
-                     seq_lens: torch.Tensor, col_indptr: torch.Tensor, col_indices: torch.Tensor, scale: float,
+                     seq_lens: torch.Tensor, col_indptr, col_indices: torch.Tensor, scale: float,
                      max_query_len: int, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                      lists_per_q_head: bool = False, block_table_rows: torch.Tensor | None = None,
+                     exclude: torch.Tensor | None = None, exclude_block: int = 1,
                      block_m: int | None = None, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """`column_attention_ref` in one Triton launch, no host sync (`max_query_len`: vLLM's, a host int)."""
+    """`column_attention_ref` in one Triton launch, no host sync (`max_query_len`: vLLM's, a host int).
+
+    col_indptr: CSR offsets [segments * lists + 1], or (starts, ends) [segments * lists] each, so that
+    segments can share one padded list (entries >= the segment's length are skipped). exclude: uint8/bool
+    [lists, segments, blocks], a column whose `exclude_block`-token block is set there is skipped (the
+    block pass holds it)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = kv.num_kv_heads
     if num_q_heads % num_kv_heads or head_dim & (head_dim - 1) or kv.value.shape[-1] != head_dim:
@@ -170,9 +188,9 @@ def column_attention(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, qu
     pack = 1 if lists_per_q_head else group
     pack_pad = triton.next_power_of_2(pack)
     lists = num_q_heads if lists_per_q_head else num_kv_heads
-    if col_indptr.numel() != seq_lens.shape[0] * lists + 1:
-        raise ValueError(f"col_indptr has {col_indptr.numel()} entries; {seq_lens.shape[0]} segments x {lists} "
-                         "lists + 1 expected")
+    starts, ends = col_indptr if isinstance(col_indptr, tuple) else (col_indptr[:-1], col_indptr[1:])
+    if starts.numel() != seq_lens.shape[0] * lists or ends.numel() != starts.numel():
+        raise ValueError(f"column lists: {starts.numel()} starts for {seq_lens.shape[0]} segments x {lists} lists")
     block_m = block_m or max(128 // pack_pad, 16 // pack_pad, 1)
     block_m = max(min(block_m, triton.next_power_of_2(max(max_query_len, 1))), 16 // pack_pad, 1)
     out = torch.empty_like(q) if out is None else out
@@ -183,12 +201,14 @@ def column_attention(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, qu
     _column_attention_kernel[grid](
         q, kv.key, kv.value, out, lse, block_table,
         block_table_rows if block_table_rows is not None else query_start_loc,
-        query_start_loc, seq_lens, col_indptr, col_indices, scale * kv.k_scale * _LOG2E, kv.v_scale,
+        query_start_loc, seq_lens, starts, ends, col_indices, exclude if exclude is not None else starts,
+        scale * kv.k_scale * _LOG2E, kv.v_scale,
         q.stride(0), q.stride(1), kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
         kv.value.stride(0), kv.value.stride(1), kv.value.stride(2), out.stride(0), out.stride(1),
-        block_table.stride(0),
+        block_table.stride(0), *(exclude.stride()[:2] if exclude is not None else (0, 0)),
         NUM_Q_HEADS=num_q_heads, GROUP=group, PACK=pack, PACK_PAD=pack_pad, PAGE=kv.page_size, HEAD_D=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_BT_ROWS=block_table_rows is not None,
+        HAS_EXCL=exclude is not None, EXCL_BLOCK=exclude_block,
         num_warps=4 if block_m * pack_pad <= 64 else 8, num_stages=2,
     )
     return out, lse
