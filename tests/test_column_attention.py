@@ -238,3 +238,23 @@ def test_shared_padded_lists_with_blocks_excluded():
             want = torch.nan_to_num(torch.einsum("tgk,kd->tgd", logits.masked_fill(~seen[:, None], float("-inf"))
                                                  .softmax(-1), b.values[0][:seq, h].float()))
             torch.testing.assert_close(merged[q0:q1, h * group:(h + 1) * group], want, atol=2e-3, rtol=2e-3)
+
+
+def test_merge_in_the_kernel_equals_merge_attention():
+    """merge=True: the kernel joins the block pass's output and lse in place, as `merge_attention` does."""
+    seq_lens, q_lens, hq, hkv, d, page = (200, 90), (64, 90), 4, 1, 64, 32
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.float16, seed=21)
+    indptr, idx = _csr(_random_columns(seq_lens, hkv, 0.2, 21))
+    q, kv, bt, qsl, lens = _on(b)
+    o_blk = torch.randn(q.shape, device=DEVICE).to(q.dtype)
+    lse_blk = torch.randn(q.shape[:2], device=DEVICE)
+    lse_blk[::7] = float("-inf")  # rows whose block pass saw nothing
+    o_blk[::7] = 0
+    o_col, lse_col = column_attention(q, kv, bt, qsl, lens, indptr, idx, d**-0.5, 90)
+    want, want_lse = merge_attention(o_blk, lse_blk, o_col, lse_col)
+    out, lse = o_blk.clone(), lse_blk.clone()
+    column_attention(q, kv, bt, qsl, lens, indptr, idx, d**-0.5, 90, out=out, lse=lse, merge=True)
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-3, rtol=3e-3)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=1e-4, rtol=1e-4)

@@ -60,6 +60,11 @@ def plan_specs(model: Path, tmp: Path, engine: dict) -> dict[str, dict]:
             "estimator": sink_local, "budget": {"keep_ratio": 1.0}})},
         "sparse": {"backend": "sparse", "config": _config(tmp, "sparse", {
             "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}})},
+        # MInference's lines with every key a kept column, read token by token beside the diagonals' blocks
+        "columns_all": {"backend": "sparse", "config": _config(tmp, "columns_all", {
+            "estimator": {"name": "vertical_slash", "last_q": 64, "vertical_size": 100_000, "slash_size": 50,
+                          "blocks": "columns"}, "budget": {"top_p": 1.0, "sink_blocks": 0, "local_blocks": 1}}),
+                        "counters": True},
     }
     return {name: {**base, **spec} for name, spec in specs.items()}
 
@@ -118,6 +123,15 @@ def test_keep_all_budget_equals_dense(runs):
     for stock, ours in zip(runs["stock"]["results"], runs["keep_all"]["results"]):
         assert ours["token_ids"] == stock["token_ids"]
         assert _max_logprob_diff(stock, ours) < 1e-3
+
+
+def test_every_column_kept_token_by_token_equals_dense(runs):
+    """`vertical_slash` with `blocks: columns` and every key among the kept columns: the column pass reads
+    every key the diagonals' blocks do not hold, and the two joined are dense attention."""
+    for stock, ours in zip(runs["stock"]["results"], runs["columns_all"]["results"]):
+        assert ours["token_ids"] == stock["token_ids"]
+        assert _max_logprob_diff(stock, ours) < 1e-3
+    assert runs["columns_all"]["counters"]["prefill"]["sparse"] > 0  # the long prompt's later chunks went sparse
 
 
 def test_sparse_plan_runs_and_changes_only_long_prompts(runs):

@@ -78,6 +78,26 @@ def test_vertical_slash_crossed_keeps_the_blocks_minferences_lines_cover(n, bloc
         assert 0.1 < want.sum() / torch.ones_like(want).tril().sum() < 0.8, "a case that keeps all or nothing"
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "fused"])
+def test_vertical_slash_columns_keeps_minferences_columns_as_tokens(kernels):
+    """`blocks: columns`: the kept columns are MInference's own, as token positions (read one by one), and the
+    blocks kept are only those its kept diagonals cross."""
+    n, block, heads = 1500, 64, 2
+    b = random_paged_batch([n], [n], heads, heads, 32, 16, seed=n + 1)
+    est = get_estimator("vertical_slash")
+    budget = Budget(top_p=1.0, sink_blocks=0, local_blocks=1)
+    for h, (v, s) in enumerate(((45, 104), (60, 120))):
+        chunk = ChunkContext(b.q[:, h:h + 1], torch.tensor([h]), b.kv, b.block_table[0], 0, block, 32**-0.5,
+                             (h,), kernels)
+        params = est.params(last_q=64, vertical_size=v, slash_size=s, sink_columns=30, local_diagonals=100,
+                            blocks="columns")
+        got = select_blocks(est.score(chunk, params), budget, 0)[0]
+        columns, offsets = minference_lines(b.q[:, h], b.keys[0][:, h], v, s)
+        assert chunk.extras["columns"].shape == (1, v)
+        assert torch.equal(chunk.extras["columns"][0].long(), columns.sort().values)
+        assert torch.equal(got, blocks_of_lines(columns[:0], offsets, n, block))
+
+
 LLAMA_31_8B = {  # config.json of meta-llama/Llama-3.1-8B-Instruct: the fields the shape reads (public facts)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336,
@@ -137,6 +157,13 @@ def test_import_writes_a_published_plan_whose_heads_carry_their_sizes(tmp_path, 
             assert (hp.params.sink_columns, hp.params.local_diagonals, hp.params.blocks) == (30, 100, "crossed")
             assert hp.budget.top_p == 1.0 and hp.budget.sink_blocks == 0
     assert plan.block_size == 64 and plan.union_tile == 1
+    # --columns token: the same sizes, the columns read token by token
+    out2 = tmp_path / "plan-columns.yaml"
+    assert main(["import", "minference", str(src), "--model", str(model), "--out", str(out2),
+                 "--names", "*Llama-3.1-8B*", "--columns", "token"]) == 0
+    raw2 = yaml.safe_load(out2.read_text())
+    assert raw2["models"][0]["layers"][3]["estimator"]["blocks"] == "columns"
+    assert out2.read_text().count("blocks: columns") == out.read_text().count("blocks: crossed") > 0
 
 
 @pytest.mark.parametrize("edit,message", [

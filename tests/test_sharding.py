@@ -270,6 +270,16 @@ def test_a_layout_that_cannot_be_sharded_stops_the_engine_at_start(monkeypatch):
     assert rank_shard(plan, 1, 1).q_heads == range(0, 1)
     with pytest.raises(SparseConfigError, match="union_heads: union_heads: false .* tensor_parallel_size=12"):
         rank_shard(per_head, 1, 1)
+    # Columns read token by token likewise: a rank of a split group reads its group's union of blocks only.
+    columns = resolve_plan(parse_config({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                                   "budget": {"top_p": 1.0},
+                                                                   "layers": [{"layers": [1], "estimator": {
+                                                                       "name": "vertical_slash", "blocks": "columns"}}]
+                                                                   }]}, "x.yaml"), shape, "x.yaml")
+    with pytest.raises(SparseConfigError, match=r"estimator.blocks: layers \[1\] keep key columns .* at most 4"):
+        rank_shard(columns, 1, 1)
+    monkeypatch.setattr(compat, "tensor_parallel_size", lambda: 2)
+    assert rank_shard(columns, 6, 2).q_heads == range(0, 6)
 
 
 def test_stats_on_a_rank_of_a_split_group_count_what_one_device_counts_for_its_kv_head():

@@ -5,6 +5,10 @@ together; where tensor parallelism splits a GQA group, a row per q head of the w
 union tiles: each tile's union over its rows and over the q heads of a KV head is
 the page list the tile's queries attend to. Without the union over heads (`union_heads: false`), each
 q head's union over the tile's rows is its own page list: the work follows each head's kept blocks.
+
+A plan that keeps key columns token by token (`vertical_slash` with `blocks: columns`) adds a second pass
+(`kernels/column_attention.py`): each page list's columns (its q heads' union), less those its tile's kept
+blocks hold, joined to the block pass by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
+from vllm_sparse.kernels.column_attention import column_attention, column_attention_ref, merge_attention
 from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
@@ -34,6 +39,24 @@ def page_lists_per_q_head(mask: torch.Tensor, q_heads: int, union_heads: bool) -
     return not union_heads and mask.shape[0] == q_heads
 
 
+def column_lists(columns: torch.Tensor, lists: int) -> torch.Tensor:
+    """Kept columns [q_heads, K] (sorted, COLUMN_PAD-padded) -> one sorted list per page list [lists, K']: a
+    q head's own, or the union of a KV head's q heads (duplicates become padding). No host sync."""
+    per = columns.shape[0] // lists
+    if per == 1:
+        return columns
+    merged = columns.reshape(lists, per * columns.shape[1]).sort(-1).values
+    dup = torch.zeros_like(merged, dtype=torch.bool)
+    dup[:, 1:] = merged[:, 1:] == merged[:, :-1]
+    return merged.masked_fill(dup, COLUMN_PAD).sort(-1).values
+
+
+def shared_column_ranges(lists: int, width: int, segments: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, ends) per (segment, list) into `column_lists(...).flatten()`: every segment reads its list's row."""
+    starts = (torch.arange(lists, device=device, dtype=torch.int32) * width).repeat(segments)
+    return starts, starts + width
+
+
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
                              union_heads: bool = True, observer=None,
@@ -48,6 +71,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     """
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
+    columns = ctx.extras.get("columns")
+    if columns is not None and kernel == "fa3":
+        kernel = "triton"  # the column pass joins the block pass by its log-sum-exp, which the Triton kernel writes
     n_tiles = -(-rows // tile)
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else num_kv
@@ -70,8 +96,14 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,
                                              kv.page_size, num_pages)
     rows_bt = torch.full((n_tiles,), c.req, dtype=torch.int32, device=dev)
-    sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
-                           max_query_len=max_q, block_table_rows=rows_bt, lists_per_q_head=per_head)
+    attended = sparse_paged_attention(q, kv, block_table, bounds, seq_lens, indptr, indices, ctx.scale, out=out,
+                                      max_query_len=max_q, block_table_rows=rows_bt, lists_per_q_head=per_head,
+                                      return_lse=columns is not None)
+    if columns is not None:  # the kept columns outside each tile's kept blocks, joined in place
+        cols = column_lists(columns, lists)
+        column_attention(q, kv, block_table, bounds, seq_lens, shared_column_ranges(lists, cols.shape[1], n_tiles, dev),
+                         cols.flatten(), ctx.scale, max_q, out=out, lse=attended[1], lists_per_q_head=per_head,
+                         block_table_rows=rows_bt, exclude=union.view(torch.uint8), exclude_block=bs, merge=True)
     return indptr[-1], num_pages.sum()
 
 
@@ -85,6 +117,8 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else kv.num_kv_heads
     list_of_row = mask_kv_heads(mask, lists)
+    columns = ctx.extras.get("columns")
+    cols = column_lists(columns, lists) if columns is not None else None
     kept = causal = 0
     for r0 in range(0, ctx.num_query_blocks, tile):
         rows = slice(r0, min(r0 + tile, ctx.num_query_blocks))
@@ -100,8 +134,13 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
         kept += int(indptr[-1])
         causal += lists * -(-seq_len // kv.page_size)
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
-        sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale, out=output[tokens],
-                                   lists_per_q_head=per_head)
+        _, lse = sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale,
+                                            out=output[tokens], return_lse=True, lists_per_q_head=per_head)
+        if cols is not None:  # the kept columns outside this tile's kept blocks, joined by log-sum-exp
+            ranges = shared_column_ranges(lists, cols.shape[1], 1, cols.device)
+            oc, lse_c = column_attention_ref(query[tokens], *args, ranges, cols.flatten(), scale, per_head,
+                                             exclude=union[:, None, :], exclude_block=block_size)
+            merge_attention(output[tokens], lse, oc, lse_c, out=output[tokens])
         if observer is not None:  # eval counters and the dense audit (`instrumented.py`)
             observer.tile(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows,
                           torch.arange(lists, device=mask.device) if per_head else None)

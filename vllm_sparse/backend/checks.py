@@ -109,7 +109,19 @@ def rank_shard(plan, num_heads: int, num_kv_heads: int):
             f"union_heads: false gives each q head its own page list, and tensor_parallel_size={tp} splits the "
             f"model's {plan.num_kv_heads} KV head(s) across ranks, where every rank reads its group's union: use a "
             f"tensor_parallel_size of at most {plan.num_kv_heads}, or union_heads: true"))])
+    if shard.splits_groups and column_layers(plan):
+        raise SparseConfigError(plan.source, [("estimator.blocks", (
+            f"layers {column_layers(plan)} keep key columns token by token (vertical_slash blocks: columns), and "
+            f"tensor_parallel_size={tp} splits the model's {plan.num_kv_heads} KV head(s) across ranks, where every "
+            f"rank reads its group's union of blocks only: use a tensor_parallel_size of at most "
+            f"{plan.num_kv_heads}, or blocks: crossed"))])
     return shard
+
+
+def column_layers(plan) -> list[int]:
+    """The layers whose plan reads kept key columns token by token (`vertical_slash` with `blocks: columns`)."""
+    return [i for i, layer in enumerate(plan.layers)
+            if any(h is not None and getattr(h.params, "blocks", None) == "columns" for h in layer.heads)]
 
 
 def check_decode(plan, page_size: int, max_model_len: int) -> None:

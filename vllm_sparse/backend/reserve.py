@@ -32,6 +32,9 @@ SCORE_ELEMENT_BYTES = 24
 LINE_ELEMENT_BYTES = 32
 # per (page list, union tile, context page): the FA3 page table (int32) and the tile's union (bool, by block).
 TABLE_ELEMENT_BYTES = 4
+# per (q head, kept column) of a plan that reads columns token by token: the positions (int32), their union per
+# KV head sorted twice, and the top-k's indices (int64).
+COLUMN_ELEMENT_BYTES = 24
 
 
 def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int) -> int:
@@ -57,17 +60,20 @@ def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads:
     if not head_plans:
         return 0
     quantized = any(hp.estimator == "antidiagonal" and hp.params.bits for hp in head_plans)
+    columns = max((hp.params.vertical_size for hp in head_plans
+                   if hp.estimator == "vertical_slash" and hp.params.blocks == "columns"), default=0)
     return chunk_temporaries_bytes(local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size,
                                    page_size, plan.union_tile, plan.union_heads,
                                    any(hp.estimator == "vertical_slash" for hp in head_plans),
-                                   quantized_head_dim=head_dim if quantized else 0)
+                                   quantized_head_dim=head_dim if quantized else 0, kept_columns=columns)
 
 
 def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,
                             page_size: int, union_tile: int | None, union_heads: bool, line_sums: bool,
-                            quantized_head_dim: int = 0) -> int:
+                            quantized_head_dim: int = 0, kept_columns: int = 0) -> int:
     """The bound of `step_temporaries_bytes` for one chunk of `chunk_tokens` queries ending at `seq_len`
-    (`quantized_head_dim`: the head size where an estimator quantizes strided rows, else 0)."""
+    (`quantized_head_dim`: the head size where an estimator quantizes strided rows, else 0; `kept_columns`:
+    the most columns a head keeps token by token, else 0)."""
     query_blocks = -(-chunk_tokens // block_size) + 1  # a chunk that starts mid-block spans one more
     kv_blocks = -(-seq_len // block_size)
     tiles = -(-query_blocks // (union_tile or query_blocks))
@@ -76,7 +82,9 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
     # int8 rows of S tokens x head_dim (with a stride group begun before the chunk and one past its end) and one
     # KV head's key columns, a fp32 scale each (at most one per token)
     quantized = (q_heads * (chunk_tokens + 2 * block_size) + seq_len + block_size) * (quantized_head_dim + 4)
-    return (q_heads * query_blocks * kv_blocks * SCORE_ELEMENT_BYTES
+    # columns read token by token: their lists, and the block pass's log-sum-exp the column pass joins (fp32)
+    columns = q_heads * (min(kept_columns, seq_len) * COLUMN_ELEMENT_BYTES + chunk_tokens * 4) if kept_columns else 0
+    return (columns + q_heads * query_blocks * kv_blocks * SCORE_ELEMENT_BYTES
             + (q_heads * seq_len * LINE_ELEMENT_BYTES if line_sums else 0)
             + lists * tiles * (pages * TABLE_ELEMENT_BYTES + kv_blocks)
             + (quantized if quantized_head_dim else 0))

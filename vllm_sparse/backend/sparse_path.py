@@ -19,7 +19,7 @@ from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.split_groups import SplitGroup, per_q_head
 from vllm_sparse.config.plan import HeadPlan
-from vllm_sparse.estimators.base import ChunkContext
+from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
 from vllm_sparse.estimators.registry import Estimator, EstimatorParams, get_estimator
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import WorkerMetrics
@@ -88,6 +88,7 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
         return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)
     causal = chunk.causal_block_mask()
     mask = causal[None].repeat(len(head_plans), 1, 1)
+    columns = []  # (heads, their kept columns) from the scoring calls that keep columns token by token
     for plan, heads, per_head in scoring_groups(heads_of):
         idx = torch.tensor(heads, device=chunk.q.device)
         kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
@@ -100,6 +101,14 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
                                            chunk.first_query_block)
         else:
             mask[idx] = select(scores, plan.budget, chunk.first_query_block)
+        if "columns" in sub.extras:
+            columns.append((idx, sub.extras["columns"]))
+    if columns:  # a row per q head of the chunk; heads that keep none hold only padding
+        width = max(c.shape[1] for _, c in columns)
+        full = torch.full((len(head_plans), width), COLUMN_PAD, dtype=torch.int32, device=chunk.q.device)
+        for idx, c in columns:
+            full[idx, :c.shape[1]] = c
+        chunk.extras["columns"] = full
     return mask
 
 

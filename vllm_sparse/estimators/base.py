@@ -8,13 +8,15 @@ causal for that row iff kb <= first_query_block + j.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton
 from vllm_sparse.kernels.paged import PagedKV
+
+COLUMN_PAD = 2**31 - 1  # pads a head's kept-column list: past every sequence, so never read
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class ChunkContext:
     scale: float
     kv_head_ids: tuple[int, ...] | None = None  # kv_head_of on the host (saves a device sync)
     kernels: bool | None = None  # fused Triton estimators; None: on CUDA tensors (True on CPU: interpreter)
+    # What an estimator finds besides block scores, for the attention: "columns", the key columns a
+    # `vertical_slash` plan with `blocks: columns` keeps token by token ([scored heads, K] int32, sorted,
+    # padded with COLUMN_PAD).
+    extras: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def use_kernels(self) -> bool:

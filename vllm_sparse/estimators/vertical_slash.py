@@ -7,7 +7,9 @@ periodic structure). The top `vertical_size` columns and top `slash_size` diagon
 and each block is scored by the attention mass of the kept lines that cross it; blocks no kept
 line crosses score lowest. With `blocks: crossed` every crossed block scores alike and the others not at
 all, so a `top_p: 1.0` budget keeps exactly the crossed blocks: MInference's selection in blocks
-(`config/minference.py`).
+(`config/minference.py`). With `blocks: columns` the blocks are those the kept diagonals cross, and the
+kept columns go to the attention as token positions (`chunk.extras["columns"]`), read one by one
+(`kernels/column_attention.py`): MInference's selection without rounding columns up to blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vllm_sparse.estimators.base import ChunkContext, _sum_last_dim_in_blocks
+from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext, _sum_last_dim_in_blocks
 from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
 from vllm_sparse.estimators.row_scores import line_masses
 
@@ -30,10 +32,12 @@ class VerticalSlashParams(EstimatorParams):
                               "(MInference keeps 30)")
     local_diagonals: int = Field(0, ge=0, description="the diagonals nearest the query (offsets 0..n-1), always "
                                  "among the kept ones (MInference keeps 100)")
-    blocks: Literal["mass", "crossed"] = Field(
+    blocks: Literal["mass", "crossed", "columns"] = Field(
         "mass", description="mass: each block scores the attention mass of the kept lines crossing it, and the "
         "budget chooses; crossed: every block a kept line crosses scores alike, the others not at all, so a "
-        "top_p: 1.0 budget keeps exactly the blocks the kept lines cross (MInference's selection in blocks)")
+        "top_p: 1.0 budget keeps exactly the blocks the kept lines cross (MInference's selection in blocks); "
+        "columns: as crossed for the diagonals only, and the kept columns are read token by token beside the "
+        "kept blocks (MInference's selection, not rounded up to blocks)")
 
 
 def _topk_only(x: torch.Tensor, k: int, always: int = 0) -> torch.Tensor:
@@ -61,6 +65,22 @@ def line_masses_ref(chunk: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Te
     return probs.sum(1), slash
 
 
+def _kept_columns(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tensor:
+    """Each head's kept lines as positions: [h, max size] int32, sorted, padded with COLUMN_PAD (the same
+    choice as `_keep_lines`)."""
+    width = min(max(sizes), x.shape[-1])
+    out = torch.full((x.shape[0], width), COLUMN_PAD, dtype=torch.int32, device=x.device)
+    rank = x
+    if always:
+        rank = x.clone()
+        rank[:, :always] = float("inf")
+    for k in dict.fromkeys(sizes):
+        idx = torch.tensor([h for h, size in enumerate(sizes) if size == k], device=x.device)
+        k = min(k, x.shape[-1])
+        out[idx, :k] = rank[idx].topk(k, dim=-1).indices.sort(-1).values.int()
+    return out
+
+
 def _keep_lines(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tensor:
     """`_topk_only` with each head's own k: one top-k per distinct size."""
     if len(set(sizes)) == 1:
@@ -78,12 +98,16 @@ def score_vertical_slash_heads(chunk: ChunkContext, per_head: list[VerticalSlash
     n = min(params.last_q, chunk.q_len)
     # On GPUs the line sums come from the cache in two Triton launches, without [heads, n, seq] logits.
     vertical, slash = (line_masses if chunk.use_kernels else line_masses_ref)(chunk, n)
-    keep_v = _keep_lines(vertical, [p.vertical_size for p in per_head], params.sink_columns)  # [h, seq] by key
     keep_s = _keep_lines(slash, [p.slash_size for p in per_head], params.local_diagonals)  # [h, seq] by offset
-    if params.blocks == "crossed":  # count the kept lines crossing each block, not their mass
-        vertical, slash = keep_v.float(), keep_s.float()
+    if params.blocks == "columns":  # the columns go to the attention as positions; the blocks hold the diagonals
+        chunk.extras["columns"] = _kept_columns(vertical, [p.vertical_size for p in per_head], params.sink_columns)
+        vertical, slash = torch.zeros_like(vertical), keep_s.float()
     else:
-        vertical, slash = vertical * keep_v, slash * keep_s
+        keep_v = _keep_lines(vertical, [p.vertical_size for p in per_head], params.sink_columns)  # [h, seq] by key
+        if params.blocks == "crossed":  # count the kept lines crossing each block, not their mass
+            vertical, slash = keep_v.float(), keep_s.float()
+        else:
+            vertical, slash = vertical * keep_v, slash * keep_s
 
     bs, heads, dev = chunk.block_size, vertical.shape[0], vertical.device
     # Vertical mass per KV block; slash mass crossing (row, block) from prefix sums over offsets.
@@ -99,7 +123,7 @@ def score_vertical_slash_heads(chunk: ChunkContext, per_head: list[VerticalSlash
     flat = lambda idx: prefix.gather(1, idx.reshape(1, -1).expand(heads, -1)).view(heads, *idx.shape)  # noqa: E731
     s_block = (flat(o_hi) - flat(o_lo)).clamp_min(0)
     mass = v_block[:, None, :] + s_block
-    if params.blocks == "crossed":  # a kept line crosses it (0) or none does (-inf): top_p 1.0 keeps the first
+    if params.blocks != "mass":  # a kept line crosses it (0) or none does (-inf): top_p 1.0 keeps the first
         return chunk.mask_noncausal(torch.where(mass > 0, 0.0, float("-inf")))
     return chunk.mask_noncausal(torch.log(mass.clamp_min(1e-30)))
 

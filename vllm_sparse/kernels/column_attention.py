@@ -94,12 +94,13 @@ def _column_attention_kernel(
     stride_ot, stride_oh, stride_bt, stride_el, stride_es,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, PACK_PAD: tl.constexpr, PAGE: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BT_ROWS: tl.constexpr,
-    HAS_EXCL: tl.constexpr, EXCL_BLOCK: tl.constexpr,
+    HAS_EXCL: tl.constexpr, EXCL_BLOCK: tl.constexpr, MERGE: tl.constexpr,
 ):
     """Program (query tile, segment, page list): the tile's rows of the list's q heads over its columns,
     BLOCK_N columns at a time (gathered through the block table), causal, fp32 online softmax. Entries
     at or past the segment's length (padding) and, with EXCL, columns in a block the segment's list keeps
-    (EXCL [lists, segments, blocks] of EXCL_BLOCK tokens) are skipped."""
+    (EXCL [lists, segments, blocks] of EXCL_BLOCK tokens) are skipped. With MERGE, OUT and LSE hold the block
+    pass's output and log-sum-exp and get the two joined, in place (no output-sized temporary)."""
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     lst = tl.program_id(2)
@@ -157,23 +158,34 @@ def _column_attention_kernel(
     empty = l_i == 0.0
     out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
     o_off = (q0 + tok).to(tl.int64) * stride_ot + head * stride_oh
-    tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    lse_ptr = LSE + (q0 + tok).to(tl.int64) * NUM_Q_HEADS + head
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(LSE + (q0 + tok).to(tl.int64) * NUM_Q_HEADS + head, lse, mask=row_ok)
+    if MERGE:  # join the block pass's (output, lse): each weighted by its share of the total mass
+        lse_b = tl.load(lse_ptr, mask=row_ok, other=float("-inf"))
+        out_b = tl.load(OUT + o_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        top = tl.maximum(lse, lse_b)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_c, w_b = tl.exp(lse - top), tl.exp(lse_b - top)
+        total = w_c + w_b
+        out = (out * w_c[:, None] + out_b * w_b[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+        lse = tl.where(total > 0, top + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr, lse, mask=row_ok)
 
 
 def column_attention(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, query_start_loc: torch.Tensor,
                      seq_lens: torch.Tensor, col_indptr, col_indices: torch.Tensor, scale: float,
                      max_query_len: int, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                      lists_per_q_head: bool = False, block_table_rows: torch.Tensor | None = None,
-                     exclude: torch.Tensor | None = None, exclude_block: int = 1,
+                     exclude: torch.Tensor | None = None, exclude_block: int = 1, merge: bool = False,
                      block_m: int | None = None, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """`column_attention_ref` in one Triton launch, no host sync (`max_query_len`: vLLM's, a host int).
 
     col_indptr: CSR offsets [segments * lists + 1], or (starts, ends) [segments * lists] each, so that
     segments can share one padded list (entries >= the segment's length are skipped). exclude: uint8/bool
     [lists, segments, blocks], a column whose `exclude_block`-token block is set there is skipped (the
-    block pass holds it)."""
+    block pass holds it). merge: `out` and `lse` come holding the block pass's output and log-sum-exp (for
+    these segments' rows) and leave holding the two joined (`merge_attention`), written in place."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = kv.num_kv_heads
     if num_q_heads % num_kv_heads or head_dim & (head_dim - 1) or kv.value.shape[-1] != head_dim:
@@ -193,8 +205,12 @@ def column_attention(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, qu
         raise ValueError(f"column lists: {starts.numel()} starts for {seq_lens.shape[0]} segments x {lists} lists")
     block_m = block_m or max(128 // pack_pad, 16 // pack_pad, 1)
     block_m = max(min(block_m, triton.next_power_of_2(max(max_query_len, 1))), 16 // pack_pad, 1)
+    if merge and (out is None or lse is None):
+        raise ValueError("merge needs the block pass's out and lse")
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(num_tokens, num_q_heads, dtype=torch.float32, device=q.device) if lse is None else lse
+    if lse.stride(1) != 1 or lse.stride(0) != num_q_heads:
+        raise ValueError("lse must be a contiguous [tokens, q heads] tensor")
     if seq_lens.shape[0] == 0 or max_query_len == 0:
         return out, lse
     grid = (triton.cdiv(max_query_len, block_m), seq_lens.shape[0], lists)
@@ -208,7 +224,7 @@ def column_attention(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, qu
         block_table.stride(0), *(exclude.stride()[:2] if exclude is not None else (0, 0)),
         NUM_Q_HEADS=num_q_heads, GROUP=group, PACK=pack, PACK_PAD=pack_pad, PAGE=kv.page_size, HEAD_D=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_BT_ROWS=block_table_rows is not None,
-        HAS_EXCL=exclude is not None, EXCL_BLOCK=exclude_block,
+        HAS_EXCL=exclude is not None, EXCL_BLOCK=exclude_block, MERGE=merge,
         num_warps=4 if block_m * pack_pad <= 64 else 8, num_stages=2,
     )
     return out, lse
