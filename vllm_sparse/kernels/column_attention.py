@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.kernels.sparse_attention import _block_table_row, _query_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -110,21 +111,9 @@ def _column_attention_kernel(
     if pid_m * BLOCK_M >= q_len:
         return
     seq_len = tl.load(SEQ_LENS + seg)
-    context = seq_len - q_len
-    if HAS_BT_ROWS:
-        bt_row = BT + tl.load(BT_ROWS + seg).to(tl.int64) * stride_bt
-    else:
-        bt_row = BT + seg.to(tl.int64) * stride_bt
-
-    rows = tl.arange(0, BLOCK_M * PACK_PAD)
-    tok = pid_m * BLOCK_M + rows // PACK_PAD
-    slot = rows % PACK_PAD
-    head = lst * PACK + slot
-    row_ok = (tok < q_len) & (slot < PACK)
-    q_pos = context + tok
-    d = tl.arange(0, HEAD_D)
-    q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    bt_row = _block_table_row(BT, BT_ROWS, seg, stride_bt, HAS_BT_ROWS)
+    q, tok, head, row_ok, q_pos, d = _query_tile(Q, stride_qt, stride_qh, q0, q_len, seq_len - q_len, pid_m, lst, PACK,
+                                                 PACK_PAD, BLOCK_M, HEAD_D)
 
     lo = tl.load(STARTS + seg * tl.num_programs(2) + lst)
     hi = tl.load(ENDS + seg * tl.num_programs(2) + lst)

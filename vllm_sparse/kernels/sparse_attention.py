@@ -43,6 +43,30 @@ def _lower_bound(IDX, lo, hi, target, ITERS: tl.constexpr):
 
 
 @triton.jit
+def _block_table_row(BT, BT_ROWS, seg, stride_bt, HAS_BT_ROWS: tl.constexpr):
+    """The block-table row a segment reads: its own, or the one BT_ROWS names (union tiles of one chunk)."""
+    if HAS_BT_ROWS:
+        return BT + tl.load(BT_ROWS + seg).to(tl.int64) * stride_bt
+    return BT + seg.to(tl.int64) * stride_bt
+
+
+@triton.jit
+def _query_tile(Q, stride_qt, stride_qh, q0, q_len, context, m_tile, lst, PACK: tl.constexpr, PACK_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
+    """A program's queries: BLOCK_M tokens x the PACK q heads of page list `lst` (token-major, head-minor rows).
+    -> (q, token in segment, q head, row valid, absolute position, head-dim range)."""
+    rows = tl.arange(0, BLOCK_M * PACK_PAD)
+    tok = m_tile * BLOCK_M + rows // PACK_PAD
+    slot = rows % PACK_PAD
+    head = lst * PACK + slot
+    row_ok = (tok < q_len) & (slot < PACK)
+    d = tl.arange(0, HEAD_D)
+    q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    return q, tok, head, row_ok, context + tok, d
+
+
+@triton.jit
 def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_head, q_pos,
                  stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, qk_scale,
                  PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
@@ -96,20 +120,9 @@ def _sparse_paged_attention_kernel(
         return
     seq_len = tl.load(SEQ_LENS + seg)
     context = seq_len - q_len
-    if HAS_BT_ROWS:
-        bt_row = BT + tl.load(BT_ROWS + seg).to(tl.int64) * stride_bt
-    else:
-        bt_row = BT + seg.to(tl.int64) * stride_bt
-
-    rows = tl.arange(0, BLOCK_M * PACK_PAD)
-    tok = m_tile * BLOCK_M + rows // PACK_PAD
-    slot = rows % PACK_PAD
-    head = lst * PACK + slot
-    row_ok = (tok < q_len) & (slot < PACK)
-    q_pos = context + tok
-    d = tl.arange(0, HEAD_D)
-    q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    bt_row = _block_table_row(BT, BT_ROWS, seg, stride_bt, HAS_BT_ROWS)
+    q, tok, head, row_ok, q_pos, d = _query_tile(Q, stride_qt, stride_qh, q0, q_len, context, m_tile, lst, PACK,
+                                                 PACK_PAD, BLOCK_M, HEAD_D)
 
     lo = tl.load(INDPTR + seg * tl.num_programs(2) + lst)
     hi = tl.load(INDPTR + seg * tl.num_programs(2) + lst + 1)
