@@ -64,6 +64,13 @@ def test_keep_all_budget_equals_dense(runs):
     assert _mean_diff(stock[0], sparse[0]) > 4 * _mean_diff(stock[0], keep_all[0])
 
 
+def test_every_column_kept_token_by_token_equals_dense(runs):
+    """The CPU test's twin: every key a kept column, read by the column kernel beside the diagonals' blocks
+    (the Triton block pass and the in-kernel merge), gives stock's answers within bf16."""
+    assert_same_within_bf16(runs["stock"]["results"], runs["columns_all"]["results"])
+    assert runs["columns_all"]["counters"]["prefill"]["sparse"] > 0
+
+
 def test_sparse_plan_runs_and_changes_only_long_prompts(runs):
     stock, sparse = runs["stock"]["results"], runs["sparse"]["results"]
     for o in sparse:
