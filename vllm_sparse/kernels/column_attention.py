@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from vllm_sparse.kernels.paged import PagedKV
-from vllm_sparse.kernels.sparse_attention import _block_table_row, _query_tile
+from vllm_sparse.kernels.sparse_attention import _block_table_row, _query_tile, _softmax_finish, _softmax_step
 
 _LOG2E = 1.4426950408889634
 
@@ -136,19 +136,11 @@ def _column_attention_kernel(
                     mask=live[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
         seen = live[None, :] & (col[None, :] <= q_pos[:, None])
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, tl.where(seen, s, float("-inf")), v)
 
-    empty = l_i == 0.0
-    out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
+    out, lse = _softmax_finish(acc, m_i, l_i, v_scale)
     o_off = (q0 + tok).to(tl.int64) * stride_ot + head * stride_oh
     lse_ptr = LSE + (q0 + tok).to(tl.int64) * NUM_Q_HEADS + head
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     if MERGE:  # join the block pass's (output, lse): each weighted by its share of the total mass
         lse_b = tl.load(lse_ptr, mask=row_ok, other=float("-inf"))
         out_b = tl.load(OUT + o_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)

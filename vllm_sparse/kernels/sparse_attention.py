@@ -67,6 +67,26 @@ def _query_tile(Q, stride_qt, stride_qh, q0, q_len, context, m_tile, lst, PACK: 
 
 
 @triton.jit
+def _softmax_step(acc, m_i, l_i, s, v):
+    """One step of the online softmax: logits s (log2 units, -inf where unseen) against values v."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i, v_scale):
+    """(output, natural-log lse) of the rows; a row that saw no key: output 0, lse -inf (as the references)."""
+    empty = l_i == 0.0
+    out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    return out, lse
+
+
+@triton.jit
 def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_head, q_pos,
                  stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt, qk_scale,
                  PAGE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
@@ -88,12 +108,7 @@ def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_h
         k_pos = logical * PAGE + within
         ok = in_list[None, :] & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return _softmax_step(acc, m_i, l_i, s, v)
 
 
 @triton.jit
@@ -148,12 +163,10 @@ def _sparse_paged_attention_kernel(
                                      q_pos, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
                                      qk_scale, PAGE, HEAD_D, BLOCK_N, True)
 
-    empty = l_i == 0.0  # a row that sees no selected key: output 0, lse -inf (as the reference)
-    out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
+    out, lse = _softmax_finish(acc, m_i, l_i, v_scale)
     o_off = (q0 + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
         tl.store(LSE + (q0 + tok).to(tl.int64) * NUM_Q_HEADS + head, lse, mask=row_ok)
 
 
