@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.kernels.reference import attend_visible
 from vllm_sparse.kernels.sparse_attention import _block_table_row, _query_tile, _softmax_finish, _softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -60,15 +61,8 @@ def column_attention_ref(q: torch.Tensor, kv: PagedKV, block_table: torch.Tensor
             phys, within = row[cols // kv.page_size], cols % kv.page_size
             k = kv.key[phys, h, within].float() * kv.k_scale  # [n, D]
             v = kv.value[phys, h, within].float() * kv.v_scale
-            logits = torch.einsum("tgd,kd->tgk", q[q0:q1, heads].float(), k) * scale
-            seen = cols[None, :] <= q_pos[:, None]
-            logits = logits.masked_fill(~seen[:, None, :], float("-inf"))
-            m = logits.amax(-1, keepdim=True)
-            safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(logits - safe)
-            denom = p.sum(-1, keepdim=True)
-            out[q0:q1, heads] = (torch.einsum("tgk,kd->tgd", p, v) / denom.clamp_min(1e-30)).to(q.dtype)
-            lse[q0:q1, heads] = torch.where(denom > 0, safe + torch.log(denom), float("-inf")).squeeze(-1)
+            o, lse[q0:q1, heads] = attend_visible(q[q0:q1, heads], k, v, cols[None, :] <= q_pos[:, None], scale)
+            out[q0:q1, heads] = o.to(q.dtype)
     return out, lse
 
 

@@ -15,6 +15,20 @@ import torch
 from vllm_sparse.kernels.paged import PagedKV
 
 
+def attend_visible(qs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of queries qs [T, heads, D] over keys k, v [n, D] where visible [T, n] (fp32 math).
+    -> (out [T, heads, Dv] fp32, lse [T, heads]); a row that sees no key: 0 and -inf."""
+    logits = torch.einsum("tgd,kd->tgk", qs.float(), k) * scale
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    m = logits.amax(dim=-1, keepdim=True)
+    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - safe_m)
+    denom = p.sum(dim=-1, keepdim=True)
+    o = torch.einsum("tgk,kd->tgd", p, v) / denom.clamp_min(1e-30)
+    return o, (safe_m + torch.log(denom)).squeeze(-1)
+
+
 def sparse_paged_attention_ref(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
     kv: PagedKV,
@@ -54,17 +68,9 @@ def sparse_paged_attention_ref(
             phys = block_table[s].to(q.device)[logical].long()
             k = kv.key[phys, h].reshape(-1, head_dim).float() * kv.k_scale  # [n_pages*page, D]
             v = kv.value[phys, h].reshape(-1, kv.value.shape[-1]).float() * kv.v_scale
-            qs = q[q0:q1, heads].float()  # [T, heads of the list, D]
-            logits = torch.einsum("tgd,kd->tgk", qs, k) * scale
             visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
-            logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
-            m = logits.amax(dim=-1, keepdim=True)
-            safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(logits - safe_m)
-            denom = p.sum(dim=-1, keepdim=True)
-            o = torch.einsum("tgk,kd->tgd", p, v) / denom.clamp_min(1e-30)
+            o, lse[q0:q1, heads] = attend_visible(q[q0:q1, heads], k, v, visible, scale)
             out[q0:q1, heads] = o.to(out.dtype)
-            lse[q0:q1, heads] = (safe_m + torch.log(denom)).squeeze(-1)
     return (out, lse) if return_lse else out
 
 
