@@ -121,7 +121,7 @@ def rank_shard(plan, num_heads: int, num_kv_heads: int):
 def column_layers(plan) -> list[int]:
     """The layers whose plan reads kept key columns token by token (`vertical_slash` with `blocks: columns`)."""
     return [i for i, layer in enumerate(plan.layers)
-            if any(h is not None and getattr(h.params, "blocks", None) == "columns" for h in layer.heads)]
+            if any(h is not None and h.reads_columns for h in layer.heads)]
 
 
 def check_decode(plan, page_size: int, max_model_len: int) -> None:

@@ -60,8 +60,7 @@ def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads:
     if not head_plans:
         return 0
     quantized = any(hp.estimator == "antidiagonal" and hp.params.bits for hp in head_plans)
-    columns = max((hp.params.vertical_size for hp in head_plans
-                   if hp.estimator == "vertical_slash" and hp.params.blocks == "columns"), default=0)
+    columns = max((hp.params.vertical_size for hp in head_plans if hp.reads_columns), default=0)
     return chunk_temporaries_bytes(local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size,
                                    page_size, plan.union_tile, plan.union_heads,
                                    any(hp.estimator == "vertical_slash" for hp in head_plans),

@@ -87,6 +87,11 @@ class HeadPlan:
     params: EstimatorParams
     budget: Budget
 
+    @property
+    def reads_columns(self) -> bool:
+        """Keeps key columns token by token beside its blocks (`vertical_slash` with `blocks: columns`)."""
+        return self.estimator == "vertical_slash" and self.params.blocks == "columns"
+
     def describe(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in self.params.model_dump(exclude_none=True).items())
         return f"{self.estimator}({args})"

@@ -40,15 +40,20 @@ class VerticalSlashParams(EstimatorParams):
         "kept blocks (MInference's selection, not rounded up to blocks)")
 
 
+def _ranked(x: torch.Tensor, always: int) -> torch.Tensor:
+    """x with its first `always` entries ranked first (a copy only then: the line sums stay as they are)."""
+    if not always:
+        return x
+    rank = x.clone()
+    rank[:, :always] = float("inf")
+    return rank
+
+
 def _topk_only(x: torch.Tensor, k: int, always: int = 0) -> torch.Tensor:
     """A [h, n] mask of the k largest entries of each row of x, the first `always` entries counted among
     them whatever their value (k at most n)."""
     k = min(k, x.shape[-1])
-    rank = x
-    if always:  # (a copy only then: the line sums themselves stay as they are)
-        rank = x.clone()
-        rank[:, :always] = float("inf")
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, rank.topk(k, dim=-1).indices, True)
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, _ranked(x, always).topk(k, dim=-1).indices, True)
 
 
 def line_masses_ref(chunk: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,10 +75,7 @@ def _kept_columns(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tenso
     choice as `_keep_lines`)."""
     width = min(max(sizes), x.shape[-1])
     out = torch.full((x.shape[0], width), COLUMN_PAD, dtype=torch.int32, device=x.device)
-    rank = x
-    if always:
-        rank = x.clone()
-        rank[:, :always] = float("inf")
+    rank = _ranked(x, always)
     for k in dict.fromkeys(sizes):
         idx = torch.tensor([h for h, size in enumerate(sizes) if size == k], device=x.device)
         k = min(k, x.shape[-1])
