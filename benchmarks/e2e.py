@@ -123,7 +123,8 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup = time.perf_counter() - t0
-    print(f"kv_cache_tokens {kv_cache_tokens(llm)}", flush=True)  # (run() reads it back)
+    kv_tokens = kv_cache_tokens(llm)
+    print(f"kv_cache_tokens {kv_tokens}", flush=True)  # (run() reads it back)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     llm.generate([{"prompt_token_ids": torch.randint(3, 500, (4096,), generator=g).tolist()}], params,
@@ -152,7 +153,7 @@ def worker(spec: dict) -> dict:
             stages[n] = {"wall_ms": wall * 1e3, **gpu_time_by_stage(prof)}
             print(f"stages {n}: {json.dumps(stages[n])}", flush=True)
     result = {"startup_s": startup, "ttft_s": ttft, "ttft_runs_s": runs, "tensor_parallel_size": tp,
-              "kv_cache_tokens": kv_cache_tokens(llm)}
+              "kv_cache_tokens": kv_tokens}
     if stages:
         result["stages_ms"] = stages
     if tp == 1:  # the workers run in this process: its allocator saw everything
