@@ -35,7 +35,7 @@ ktest() {  # (the oracle engine test last: it starts an engine)
   timeout $(( $(left) - 5 )) python3 -m pytest -q -rfE -p no:cacheprovider tests/test_row_scores.py \
     "tests/test_sparse_kernel.py::test_fp8_cache_matches_the_dequantized_reference" \
     "tests/test_decode_kernels.py::test_decode_kernels_read_fp8_caches" tests/test_column_attention.py \
-    "tests/test_engine_gpu.py::test_sparse_engine_equals_its_torch_reference_path" 2>&1 | tail -15
+    tests/test_compile_log.py "tests/test_engine_gpu.py::test_sparse_engine_equals_its_torch_reference_path" 2>&1 | tail -15
 }
 fid() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \

@@ -17,6 +17,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "VLLM_SPARSE_METRICS_INTERVAL_S": ("1", "seconds between a worker's metrics snapshots"),
     "VLLM_SPARSE_METRICS_DIR": ("", "where workers write metrics snapshots (set by the process that serves them)"),
     "VLLM_SPARSE_LOG_STEPS": ("0", "1 logs every step that takes the sparse path (debug)"),
+    "VLLM_SPARSE_LOG_COMPILES": ("0", "1 logs every Triton kernel a process compiles or loads, with its "
+                                      "specialisation: which variant a request waited for (debug)"),
     "VLLM_SPARSE_CHECK_SUMMARIES": ("0", "1 checks decode page summaries against the cache on the CPU path (debug)"),
     "VLLM_SPARSE_STATS": ("0", "1: `vllm-sparse eval` counters (densities; host syncs) in the workers"),
     "VLLM_SPARSE_AUDIT": ("0", "1: with STATS, the eval's dense audit (the sparse chunks run the torch reference)"),

@@ -8,11 +8,12 @@ def register() -> None:
     (the API server) also serves the sparse path's metrics, which its workers write."""
     import os
 
-    from vllm_sparse import compat
+    from vllm_sparse import compat, compile_log
     from vllm_sparse.metrics.paths import DIR_ENV, claim_metrics_dir
 
     compat.register_attention_backend()
     compat.install_cpu_platform_hook()
+    compile_log.install()
     if claim_metrics_dir():
         from vllm_sparse.metrics.collector import register_collector
 

@@ -25,7 +25,10 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 # sparse chunk-layer has a fixed cost that grows with the context (estimation, selection, tables, FA3
 # per KV head): with every chunk sparse, follow-up turns lost up to 4x (256 new tokens after 32K
 # cached), broke even near 2.8K new tokens after 32K and 1.3K after 128K, and won 1.7x-2.6x above
-# them. Both floors keep a margin over those break-evens. On CPU the path is the exact torch
+# them. The work floor, 96M pairs, is that 32K break-even, measured with the stride-8 bf16 estimator in
+# eager mode; the stride-16 int8 estimator costs a quarter of it, and a fresh prompt's first chunk of
+# 16,383 tokens (134M pairs; vLLM's first chunk when one request is already decoding) goes sparse, which
+# a 128M floor kept dense. On CPU the path is the exact torch
 # reference, a correctness vehicle never faster than vLLM's own kernel, so no floor would make it win;
 # its tests exercise every chunk.
 AUTO_MIN_QUERY_TOKENS = {"cuda": 2048, "cpu": 16}
@@ -35,7 +38,7 @@ def chunk_work(q_len, seq_len):
     """Causal attention work of a prefill chunk in token pairs: each of its q_len query tokens sees the
     request's tokens before it and itself (ints, or int64 tensors of chunks)."""
     return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
-AUTO_MIN_CHUNK_WORK = {"cuda": 128 * 2**20, "cpu": 0}
+AUTO_MIN_CHUNK_WORK = {"cuda": 96 * 2**20, "cpu": 0}
 DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
 DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
 DEFAULT_ESTIMATOR = ("sink_local", {})
