@@ -31,7 +31,7 @@ def test_off_by_default(monkeypatch, hook_restored):
 def test_logs_the_kernel_and_lets_triton_compile(monkeypatch, hook_restored, caplog):
     monkeypatch.setenv("VLLM_SPARSE_LOG_COMPILES", "1")
     assert compile_log.install() is True
-    caplog.set_level(logging.INFO, logger="vllm.sparse")
+    caplog.set_level(logging.WARNING, logger="vllm.sparse")
     # Triton's call (runtime/jit.py `_call_hook`): keywords only; a truthy return would skip the compile.
     ret = knobs.runtime.jit_cache_hook(key=("k",), repr="_select_blocks_kernel[num_warps=4](n_kv_blocks: i32)",
                                        fn=SimpleNamespace(module="vllm_sparse.selection.select_kernel",
@@ -54,7 +54,7 @@ def test_a_real_compile_is_logged(monkeypatch, hook_restored, caplog):
 
     monkeypatch.setenv("VLLM_SPARSE_LOG_COMPILES", "1")
     compile_log.install()
-    caplog.set_level(logging.INFO, logger="vllm.sparse")
+    caplog.set_level(logging.WARNING, logger="vllm.sparse")
     x = torch.randn(10, device="cuda")
     want = x + 1
     _add_one[(1,)](x, 10, BLOCK=16)

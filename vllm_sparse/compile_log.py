@@ -3,10 +3,12 @@ Triton's disk cache into memory, with its specialisation, so that a request that
 which kernel variant the engine's start did not cover (`backend/warmup.py`, `kernels/launch.py`).
 
 Triton calls `knobs.runtime.jit_cache_hook` on each in-memory cache miss, before it compiles; the hook
-only logs (it returns None, so Triton goes on as without it). A debug aid: off by default."""
+only logs (it returns None, so Triton goes on as without it). Warnings, since vLLM's workers may log
+nothing below that; a debug aid, off by default."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from vllm_sparse import envs
@@ -18,7 +20,7 @@ def _log_compile(*, key=None, repr=None, fn=None, **_) -> None:  # noqa: A002 (T
     from vllm_sparse.log import logger
 
     name = f"{getattr(fn, 'module', '?')}.{getattr(fn, 'name', '?')}"
-    logger.info("vllm-sparse: Triton kernel %s compiled at %.1f s after the plugin loaded: %s",
+    logger.warning("vllm-sparse: Triton kernel %s compiled at %.1f s after the plugin loaded: %s",
                 name, time.monotonic() - _T0, repr)
     return None
 
@@ -32,4 +34,8 @@ def install() -> bool:
     except ImportError:  # (no Triton: nothing compiles)
         return False
     knobs.runtime.jit_cache_hook = _log_compile
+    from vllm_sparse.log import logger
+
+    # (a warning, as the lines it asks for: vLLM's workers may log nothing below that)
+    logger.warning("vllm-sparse: logging every Triton compile in process %d (VLLM_SPARSE_LOG_COMPILES)", os.getpid())
     return True
