@@ -18,6 +18,10 @@
 #          prefill with CUDA graphs, prefix-cache hits, sparse decode, against the stock backend
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
+#   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
+#          tokens on a cached 128K document (the first 128K + 2048 turn took 457 ms against 170-240 ms later): which
+#          Triton kernel, if any, a turn waited for
+#   sstages the first plan's prefills at 32K and 64K profiled, the sparse engine alone: where its time goes
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
 # second dense engine last (the spread between two engines of the same kind).
 set -o pipefail
@@ -52,6 +56,17 @@ stages() {
     | tee "$OUT/e2e_stages.log" | tail -30
 }
 
+probe() {
+  VLLM_SPARSE_LOG_COMPILES=1 timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs --only sparse \
+    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first 32768 --first-repeats 1 --docs 131072 \
+    --follow 2048,3072 --follow-repeats 2 --beside 0 --concurrent 0 --timeout $(( $(left) - 15 )) \
+    --out "$OUT/probe.json" 2>&1 | grep -v "Capturing CUDA" | tee "$OUT/probe.log" | grep -v '^\[.*\] {' | tail -40
+}
+sstages() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --only sparse \
+    --lengths 32768,65536 --profile 32768,65536 --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" \
+    --out "$OUT/e2e_sstages.json" 2>&1 | grep -v "Capturing CUDA" | tee "$OUT/e2e_sstages.log" | tail -30
+}
 gtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
     tests/test_engine_decode_gpu.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -15
@@ -65,4 +80,4 @@ temps() {
   done
 }
 
-run_steps "wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"
+run_steps "probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"
