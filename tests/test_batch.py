@@ -257,3 +257,6 @@ def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
             want = tile_seq_lens(first, -(-n_blocks // tile), tile, block_size, c.context_len, c.q_end - c.q_start,
                                  torch.device("cpu"))
             assert torch.equal(bounds, want[0]) and torch.equal(seq_lens, want[1]), (block_size, union_tile, c)
+            # Each array starts 16-byte aligned, as fresh allocations do: Triton specialises on a pointer's
+            # alignment, and a slice at another offset compiled a new kernel variant mid-request.
+            assert bounds.data_ptr() % 16 == 0 and seq_lens.data_ptr() % 16 == 0, (block_size, union_tile, c)

@@ -66,7 +66,7 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     (whose masks, and scoring when the ranks exchange queries, cover the whole group: other kernel
     variants); without the exchange itself. Statistics (and calibration's sums)
     stay off for it."""
-    from vllm_sparse.backend.batch import SparseChunk
+    from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 
     sparse = [lp for lp in plan.layers if lp.is_sparse]
@@ -79,10 +79,12 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
     kv = PagedKV.from_flash_cache(cache)
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
+    chunks = (SparseChunk(0, 0, bs, 2 * bs),)
+    tiles = tile_geometry(list(chunks), bs, plan.union_tile, device)  # (as the builder makes them for a step)
     for heads in dict.fromkeys(head_sets):  # (no observer: the eval's counters and calibration see none of it)
         q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
-        attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, (SparseChunk(0, 0, bs, 2 * bs),),
-                             list(heads), bs, head_dim**-0.5, plan.union_tile, union_heads=plan.union_heads)
+        attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, chunks, list(heads), bs, head_dim**-0.5,
+                             plan.union_tile, union_heads=plan.union_heads, tiles=tiles)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

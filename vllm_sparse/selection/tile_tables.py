@@ -65,11 +65,12 @@ def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: 
     return compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
 
 
-@triton.jit(do_not_specialize=["stride_mh", "stride_mr", "bt_offset", "rows", "n_kv_blocks", "n_tiles", "tile",
-                               "max_pages"])
+@triton.jit(do_not_specialize=["m_offset", "stride_mh", "stride_mr", "s_offset", "bt_offset", "rows", "n_kv_blocks",
+                               "n_tiles", "tile", "max_pages"])
 def _tile_tables_kernel(
-    MASK, stride_mh, stride_mr,  # bool/uint8 [q_heads, rows, kv_blocks], last dim contiguous
-    SEQ_LENS,  # [n_tiles] int32
+    MASK, m_offset, stride_mh, stride_mr,  # bool/uint8 [q_heads, rows, kv_blocks] at MASK + m_offset, last dim
+    # contiguous
+    SEQ_LENS, s_offset,  # [n_tiles] int32 at SEQ_LENS + s_offset
     BT, bt_offset,  # int32: the request's block table row starts at BT + bt_offset
     TABLES, COUNTS,  # [kv_heads, n_tiles, max_pages] (zeroed), [kv_heads, n_tiles]
     rows, n_kv_blocks, n_tiles, tile, max_pages,
@@ -78,6 +79,8 @@ def _tile_tables_kernel(
     kv = tl.program_id(0)
     t = tl.program_id(1)
     kb = tl.arange(0, BLOCK_N)
+    MASK += m_offset
+    SEQ_LENS += s_offset
     in_range = kb < n_kv_blocks
     union = tl.zeros([BLOCK_N], dtype=tl.int32)
     r_end = tl.minimum(t * tile + tile, rows)
@@ -114,9 +117,12 @@ def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_len
     if n_tiles == 0:
         return tables, counts
     block_n = row_bucket(nkb, mask.device)
+    # Inputs that may be slices go as their allocation's base and an offset (`kernels/launch.py`).
+    m, m_offset = storage_base(mask.view(torch.uint8))
+    sl, s_offset = storage_base(seq_lens)
     bt, bt_offset = storage_base(block_table_row)
     _tile_tables_kernel[(num_kv_heads, n_tiles)](
-        mask.view(torch.uint8), mask.stride(0), mask.stride(1), seq_lens, bt, bt_offset, tables, counts,
+        m, m_offset, mask.stride(0), mask.stride(1), sl, s_offset, bt, bt_offset, tables, counts,
         rows, nkb, n_tiles, tile, max_pages,
         GROUP=heads // num_kv_heads, PER_BLOCK=block_size // page_size, PAGE=page_size, BLOCK_N=block_n,
         num_warps=max(1, min(8, block_n // 256)),
