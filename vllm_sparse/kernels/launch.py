@@ -4,7 +4,9 @@ Triton specialises a kernel on each integer argument (== 1, divisible by 16) and
 pointer's 16-byte alignment, and our row-sized kernels take the row length as a constexpr.
 A new combination compiles for a second or more, which a request would wait for. So: integer
 arguments are marked `do_not_specialize`, pointers are passed as their allocation's base with an
-element offset, and row lengths are rounded up to a few buckets the engine compiles at start.
+element offset (or, for the step's tile geometry, which several kernels take as slices of one copy, each
+slice starts 16-byte aligned: `backend/batch.tile_geometry`), and row lengths are rounded up to a few buckets
+the engine compiles at start. `VLLM_SPARSE_LOG_COMPILES=1` shows any compile that still happens in a request.
 """
 
 from __future__ import annotations
