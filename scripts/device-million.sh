@@ -9,7 +9,8 @@
 #          and stride 16 (int8), kept blocks against stride 8 bf16, at 128K; then stride 16 int8 alone at
 #          256K, 512K and 1M (its time per chunk-layer: the estimator's share at long contexts)
 #   ktest  the fused estimators' tests compiled (stride 16 int8 and fp8 caches included), the fp8 tests of the
-#          prefill and decode kernels, the column-attention kernel, and the engine oracle test
+#          prefill and decode kernels, the column-attention kernel, the compile log, no compile after the warm-up,
+#          and the engine oracle test
 #   fid    gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the stride-16
 #          int8 estimator with the 10% budget and with tau 0.9
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
@@ -35,7 +36,7 @@ ktest() {  # (the oracle engine test last: it starts an engine)
   timeout $(( $(left) - 5 )) python3 -m pytest -q -rfE -p no:cacheprovider tests/test_row_scores.py \
     "tests/test_sparse_kernel.py::test_fp8_cache_matches_the_dequantized_reference" \
     "tests/test_decode_kernels.py::test_decode_kernels_read_fp8_caches" tests/test_column_attention.py \
-    tests/test_compile_log.py "tests/test_engine_gpu.py::test_sparse_engine_equals_its_torch_reference_path" 2>&1 | tail -15
+    tests/test_compile_log.py tests/test_warmup_gpu.py "tests/test_engine_gpu.py::test_sparse_engine_equals_its_torch_reference_path" 2>&1 | tail -15
 }
 fid() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid" 16384,29696 \

@@ -12,17 +12,15 @@ import os
 import time
 
 from vllm_sparse import envs
+from vllm_sparse.log import logger
 
 _T0 = time.monotonic()
 
 
-def _log_compile(*, key=None, repr=None, fn=None, **_) -> None:  # noqa: A002 (Triton's keyword)
-    from vllm_sparse.log import logger
-
+def _log_compile(*, repr=None, fn=None, **_) -> None:  # noqa: A002 (Triton's keyword)
     name = f"{getattr(fn, 'module', '?')}.{getattr(fn, 'name', '?')}"
     logger.warning("vllm-sparse: Triton kernel %s compiled at %.1f s after the plugin loaded: %s",
-                name, time.monotonic() - _T0, repr)
-    return None
+                   name, time.monotonic() - _T0, repr)
 
 
 def install() -> bool:
@@ -34,8 +32,6 @@ def install() -> bool:
     except ImportError:  # (no Triton: nothing compiles)
         return False
     knobs.runtime.jit_cache_hook = _log_compile
-    from vllm_sparse.log import logger
-
     # (a warning, as the lines it asks for: vLLM's workers may log nothing below that)
     logger.warning("vllm-sparse: logging every Triton compile in process %d (VLLM_SPARSE_LOG_COMPILES)", os.getpid())
     return True

@@ -68,8 +68,7 @@ def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: 
 @triton.jit(do_not_specialize=["m_offset", "stride_mh", "stride_mr", "s_offset", "bt_offset", "rows", "n_kv_blocks",
                                "n_tiles", "tile", "max_pages"])
 def _tile_tables_kernel(
-    MASK, m_offset, stride_mh, stride_mr,  # bool/uint8 [q_heads, rows, kv_blocks] at MASK + m_offset, last dim
-    # contiguous
+    MASK, m_offset, stride_mh, stride_mr,  # uint8 [q_heads, rows, kv_blocks] at MASK + m_offset, rows contiguous
     SEQ_LENS, s_offset,  # [n_tiles] int32 at SEQ_LENS + s_offset
     BT, bt_offset,  # int32: the request's block table row starts at BT + bt_offset
     TABLES, COUNTS,  # [kv_heads, n_tiles, max_pages] (zeroed), [kv_heads, n_tiles]
