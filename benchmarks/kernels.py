@@ -84,6 +84,16 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def peak_mib(fn) -> float:
+    """MiB the call allocates above what is allocated before it (its temporaries, e.g. FA3's split-KV partials)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def fa3_dense(q, k_cache, v_cache, table, ctx, q_len):
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -230,6 +240,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                 if have_fa3:
                     # The same lists through FA3's paged kernel over compacted block tables.
+                    from vllm_sparse.kernels import fa3_compact
                     from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
                     tri_out = out.clone()
                     compact = functools.partial(compact_block_tables, table, rows_bt, indptr, indices, HKV,
@@ -243,7 +254,17 @@ def main() -> None:
                     fc_ms, compact_ms = bench(run_fc), bench(compact)
                     rows[-1].update(fa3_compact_ms=fc_ms, fa3_compact_tables_ms=compact_ms,
                                     fa3_compact_err_vs_ours=fc_err,
-                                    fa3_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9)
+                                    fa3_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9,
+                                    fa3_compact_splits=fa3_compact.fa3_num_splits(n_seg, args.tile, HQ // HKV,
+                                                                                  q.device),
+                                    fa3_compact_peak_mib=peak_mib(run_fc))
+                    # The same call under FA3's own split-KV heuristic (num_splits=0), for comparison.
+                    rule, fa3_compact.fa3_num_splits = fa3_compact.fa3_num_splits, lambda *a: 0
+                    try:
+                        rows[-1].update(fa3_compact_heuristic_ms=bench(run_fc),
+                                        fa3_compact_heuristic_peak_mib=peak_mib(run_fc))
+                    finally:
+                        fa3_compact.fa3_num_splits = rule
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("fa3_compact")}), flush=True)
                     tables = counts = fa_sparse_out = tri_out = None
                 if mode == "prompt" and str(density) in args.flashinfer.split(","):
@@ -280,6 +301,9 @@ def main() -> None:
             print(f"{'':>21} FA3 over compacted tables: {r['fa3_compact_ms']:.2f} ms "
                   f"({r['fa3_compact_tflops']:.0f} TF/s, x FA3 dense {r['fa3_ms'] / r['fa3_compact_ms']:.2f}; "
                   f"tables {r['fa3_compact_tables_ms']:.2f} ms; err vs ours {r['fa3_compact_err_vs_ours']:.1e})")
+            print(f"{'':>21} num_splits {r['fa3_compact_splits']} (rule): {r['fa3_compact_ms']:.2f} ms, "
+                  f"{r['fa3_compact_peak_mib']:.0f} MiB temporaries; FA3's heuristic (0): "
+                  f"{r['fa3_compact_heuristic_ms']:.2f} ms, {r['fa3_compact_heuristic_peak_mib']:.0f} MiB")
         if "flashinfer_ms" in r:
             print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
                   f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")

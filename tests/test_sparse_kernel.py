@@ -212,11 +212,16 @@ def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="FlashAttention 3 needs a Hopper GPU")
+@pytest.mark.parametrize("splits", [0, 1], ids=["fa3-splits", "one-split"])
 @pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
-def test_fa3_over_compacted_tables_matches_reference(case, per_q_head):
+def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits, monkeypatch):
     pytest.importorskip("vllm.vllm_flash_attn")
+    from vllm_sparse.kernels import fa3_compact
     from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+
+    # Both of the rule's answers (`fa3_num_splits`): FA3's split-KV heuristic (small calls), one split (large).
+    monkeypatch.setattr(fa3_compact, "fa3_num_splits", lambda *a: splits)
 
     seq_lens, q_lens, hq, hkv, d, page = case
     n_lists = hq if per_q_head else hkv
@@ -237,6 +242,20 @@ def test_fa3_over_compacted_tables_matches_reference(case, per_q_head):
     assert not out.isnan().any()
     err = _rel_err(out.cpu(), ref)
     assert err < 2e-2
+
+
+def test_fa3_splits_kv_only_while_its_query_tiles_leave_the_gpu_idle(monkeypatch):
+    """The host rule for FA3's num_splits: one split once a call's query tiles (segments x 128-row tiles
+    of the packed q heads) fill the SMs; below that, FA3's own split-KV heuristic (0)."""
+    from vllm_sparse.kernels import fa3_compact
+
+    monkeypatch.setattr(fa3_compact, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert fa3_compact.fa3_num_splits(128, 128, 4, cpu) == 1  # a 16K-token chunk in 128-token tiles, GQA 4
+    assert fa3_compact.fa3_num_splits(33, 128, 4, cpu) == 1  # 132 tiles: just full
+    assert fa3_compact.fa3_num_splits(32, 128, 4, cpu) == 0  # a 4K-token follow-up: FA3 may split
+    assert fa3_compact.fa3_num_splits(128, 128, 1, cpu) == 0  # a list per q head: 128 tiles
+    assert fa3_compact.fa3_num_splits(1, 16384, 4, cpu) == 1  # one segment of 16K queries
 
 
 @pytest.mark.parametrize("share", ["head", "group"])

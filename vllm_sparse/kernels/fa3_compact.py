@@ -15,7 +15,26 @@ so the work follows each head's kept blocks, not their union).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+FA3_BLOCK_M = 128  # FA3's query tile for head dims up to 128 (Hopper)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fa3_num_splits(segments: int, max_query_len: int, q_heads_per_list: int, device: torch.device) -> int:
+    """FA3's num_splits for one call over `segments` compacted segments, from host data: 1 (no split-KV)
+    once the call's query tiles fill the GPU; 0 (FA3's heuristic) below that. FA3 sizes its split
+    heuristic by one segment's query tiles (a varlen batch counts as one), so a 16K-token chunk in
+    128-token segments looked like decode to it: up to ~33 splits, an fp32 partial output of
+    splits x tokens x heads x dim (about 1 GiB per call at 16K) and a combine kernel per call."""
+    tiles = segments * -(-max_query_len * q_heads_per_list // FA3_BLOCK_M)
+    return 1 if tiles >= _num_sms(device) else 0
 
 
 def compact_block_tables(
@@ -60,10 +79,11 @@ def sparse_attention_fa3(
     last_page_tokens = seq_lens - ((seq_lens - 1) // page) * page
     used = torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
     max_k = tables.shape[-1] * page
+    splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device)
     for i in range(tables.shape[0]):
         heads, h = slice(i * pack, (i + 1) * pack), i * pack // group
         flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
                                seqused_k=used[i], softmax_scale=scale, causal=True, block_table=tables[i],
-                               out=out[:, heads], fa_version=3)
+                               out=out[:, heads], fa_version=3, num_splits=splits)
     return out

@@ -2,11 +2,15 @@
 
 The torch reference (`budget.select_blocks`) ranks a row's blocks with an argsort and scatters
 the ranks back: about twenty launches of [heads, rows, kv_blocks] temporaries per layer. Here
-each program loads its row of scores, packs every block into one int64 key (the score's bits
-made order-preserving, above the block id), sorts the keys in registers and keeps the keys at
-or above the count-th: the same order as the reference (forced blocks first, then by score,
-ties to the later block), so the same blocks. Padding past the row's last block sorts below
-every real block. No host sync; output shape fixed by the input's.
+each program loads its row of scores and finds the kept set without sorting it: the blocks rank
+by (score, block id) (forced blocks first, ties to the later block, as in the reference), and
+halving over the scores' order-preserving integer images finds the score level of the count-th
+block (33 masked counts of the row); the blocks above that level are kept, and of those at it,
+the latest ones up to the count. The top-p count comes the same way: the lowest level whose
+blocks above hold less than top_p of the free mass (33 masked sums), and the share of the
+blocks at that level that the reference's running sum would still admit. A bitonic sort of
+the row took ~0.47 ms per 16K chunk and layer at 64K (H200); the counts are a few microseconds.
+No host sync; output shape fixed by the input's.
 """
 
 from __future__ import annotations
@@ -18,24 +22,53 @@ import triton.language as tl
 from vllm_sparse.kernels.launch import row_bucket, storage_base
 from vllm_sparse.selection.budget import Budget, rule_counts
 
-_INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
-_INT64_MAX: tl.constexpr = tl.constexpr(2**63 - 1)
+# Order-preserving images of float32 scores lie in (-2**31, 2**31): 33 halvings of [-2**31 - 1, 2**31].
+_LEVEL_LO: tl.constexpr = tl.constexpr(-(2**31) - 1)
+_LEVEL_HI: tl.constexpr = tl.constexpr(2**31)
+_HALVINGS: tl.constexpr = tl.constexpr(33)
 
 
 @triton.jit
-def _order_key(s, kb):
-    """Float score + block id -> int64 key whose signed order is (score, block id)."""
-    bits = (s + 0.0).to(tl.int32, bitcast=True).to(tl.int64)  # + 0.0: -0 becomes +0, as equal as in torch
-    ordered = tl.where(bits >= 0, bits, -1 - (bits + 2147483648))  # negatives: larger magnitude, lower
-    return ordered * 4294967296 + kb.to(tl.int64)
+def _ordered(s):
+    """Float scores -> int64 whose order is the scores' order (-0 as +0, as equal as in torch)."""
+    bits = (s + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(bits >= 0, bits, -1 - (bits + 2147483648))  # negatives: larger magnitude, lower
 
 
 @triton.jit
-def _key_score(key):
-    """Inverse of `_order_key` for the score part."""
-    ordered = key >> 32
-    bits = tl.where(ordered >= 0, ordered, -1 - ordered - 2147483648)
-    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+def _level_of_kth(level, live, k):
+    """The largest level v with at least k live entries at or above it (1 <= k <= live entries)."""
+    lo = tl.full([], _LEVEL_LO, tl.int64)  # every live entry is above lo, none reaches hi
+    hi = tl.full([], _LEVEL_HI, tl.int64)
+    for _ in range(_HALVINGS):
+        mid = (lo + hi) >> 1
+        enough = tl.sum((live & (level >= mid)).to(tl.int32), axis=0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    return lo
+
+
+@triton.jit
+def _top_p_free_count(level, p, top_p):
+    """Free blocks the reference's top-p rule keeps: those whose mass ranked before them (in (score, block)
+    order) is below top_p. Ranked before a block: every block of a higher level, and the later blocks of its
+    own level, which all have its mass; so the kept blocks are every block above the lowest level v whose
+    higher levels hold less than top_p, and at v, the first ceil((top_p - mass above v) / mass of one)."""
+    pos = p > 0
+    lo = tl.full([], _LEVEL_LO, tl.int64)  # mass above lo may reach top_p; mass above hi is 0 < top_p
+    hi = tl.full([], _LEVEL_HI, tl.int64)
+    for _ in range(_HALVINGS):
+        mid = (lo + hi) >> 1
+        below = tl.sum(tl.where(pos & (level > mid), p, 0.0), axis=0) < top_p
+        lo = tl.where(below, lo, mid)
+        hi = tl.where(below, mid, hi)
+    above = tl.sum((pos & (level > hi)).to(tl.int32), axis=0)
+    mass_above = tl.sum(tl.where(pos & (level > hi), p, 0.0), axis=0)
+    at = pos & (level == hi)
+    ties = tl.sum(at.to(tl.int32), axis=0)
+    one = tl.max(tl.where(at, p, 0.0), axis=0)
+    share = tl.ceil((top_p - mass_above) / tl.maximum(one, 1e-38)).to(tl.int32)
+    return above + tl.where(ties > 0, tl.minimum(share, ties), 0)
 
 
 @triton.jit(do_not_specialize=["s_offset", "stride_sh", "stride_sr", "stride_oh", "stride_or", "n_kv_blocks",
@@ -58,21 +91,15 @@ def _select_blocks_kernel(
     s = tl.load(S + s_offset + h * stride_sh + r * stride_sr + kb, mask=causal, other=float("-inf"))
     s = s.to(tl.float32)
 
-    key = _order_key(tl.where(forced, float("inf"), s), kb)
-    key = tl.where(kb < n_kv_blocks, key, _INT64_MIN)
-    ranked = tl.sort(key, descending=True)
-
     if TOP_P:
         # Blocks (by score) to reach top_p of the softmax mass of the free (non-forced) blocks.
         free = causal & ~forced
         m = tl.max(tl.where(free, s, float("-inf")), axis=0)
-        z = tl.sum(tl.where(free & (s > float("-inf")), tl.exp(s - m), 0.0), axis=0)
-        rs = _key_score(ranked)
-        live = (rs > float("-inf")) & (rs < float("inf"))  # free blocks with a score (then z >= 1)
-        p = tl.where(live, tl.exp(rs - m) / z, 0.0)
+        live = free & (s > float("-inf"))  # free blocks with a score (then z >= 1)
+        z = tl.sum(tl.where(live, tl.exp(s - m), 0.0), axis=0)
+        p = tl.where(live, tl.exp(s - m) / z, 0.0)
         p = p / tl.maximum(tl.sum(p, axis=0), 1e-30)
-        before = tl.cumsum(p, axis=0) - p
-        count = n_forced + tl.sum(((before < top_p) & (p > 0)).to(tl.int32), axis=0)
+        count = n_forced + _top_p_free_count(_ordered(s), p, top_p)
     else:
         count = tl.load(ROW_COUNT + r).to(tl.int32)
     count = tl.maximum(tl.maximum(count, n_forced), min_blocks)
@@ -80,9 +107,16 @@ def _select_blocks_kernel(
         count = tl.minimum(count, tl.maximum(n_forced, max_blocks))
     count = tl.minimum(count, n_causal)
 
-    threshold = tl.max(tl.where(kb == count - 1, ranked, _INT64_MIN), axis=0)
-    threshold = tl.where(count > 0, threshold, _INT64_MAX)  # keys never reach it: nothing kept
-    kept = causal & (key >= threshold)
+    # The count-th block's level; above it every block is kept, at it the latest ones up to the count. As in
+    # the reference, the row's blocks past the diagonal rank too, at -inf (ahead of earlier -inf blocks), and
+    # are then dropped.
+    in_row = kb < n_kv_blocks
+    level = _ordered(tl.where(forced, float("inf"), s))
+    v = _level_of_kth(level, in_row, tl.maximum(count, 1))
+    need = count - tl.sum((in_row & (level > v)).to(tl.int32), axis=0)
+    at = in_row & (level == v)
+    later_ties = tl.cumsum(at.to(tl.int32), axis=0, reverse=True)  # ties at this block or later
+    kept = causal & ((level > v) | (at & (later_ties <= need))) & (count > 0)
     tl.store(OUT + h * stride_oh + r * stride_or + kb, kept, mask=kb < n_kv_blocks)
 
 
