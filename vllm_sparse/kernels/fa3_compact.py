@@ -31,8 +31,8 @@ def fa3_num_splits(segments: int, max_query_len: int, q_heads_per_list: int, dev
     """FA3's num_splits for one call over `segments` compacted segments, from host data: 1 (no split-KV)
     once the call's query tiles fill the GPU; 0 (FA3's heuristic) below that. FA3 sizes its split
     heuristic by one segment's query tiles (a varlen batch counts as one), so a 16K-token chunk in
-    128-token segments looked like decode to it: up to ~33 splits, an fp32 partial output of
-    splits x tokens x heads x dim (about 1 GiB per call at 16K) and a combine kernel per call."""
+    128-token segments looked like decode to it: split-KV, an fp32 partial output per split and a
+    combine kernel per call (`benchmarks/kernels.py` times both choices and their temporaries)."""
     tiles = segments * -(-max_query_len * q_heads_per_list // FA3_BLOCK_M)
     return 1 if tiles >= _num_sms(device) else 0
 
