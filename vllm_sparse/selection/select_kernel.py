@@ -8,9 +8,9 @@ halving over the scores' order-preserving integer images finds the score level o
 block (33 masked counts of the row); the blocks above that level are kept, and of those at it,
 the latest ones up to the count. The top-p count comes the same way: the lowest level whose
 blocks above hold less than top_p of the free mass (33 masked sums), and the share of the
-blocks at that level that the reference's running sum would still admit. A bitonic sort of
-the row took ~0.47 ms per 16K chunk and layer at 64K (H200); the counts are a few microseconds.
-No host sync; output shape fixed by the input's.
+blocks at that level that the reference's running sum would still admit. (A bitonic sort of
+each row took 0.47 ms per 16K chunk and layer at 64K on an H200; this takes 0.10 ms for 8K
+queries at 136K, rows of 1,088 blocks.) No host sync; output shape fixed by the input's.
 """
 
 from __future__ import annotations
