@@ -47,6 +47,22 @@ def test_select_blocks_kernel_matches_reference(budget, seed):
     assert torch.equal(got.cpu(), select_blocks(scores.cpu(), budget, first))
 
 
+@pytest.mark.parametrize("budget", BUDGETS + [Budget(keep_ratio=1.0), Budget(top_k=1, sink_blocks=0, local_blocks=0,
+                                                                       min_blocks=0)], ids=lambda b: b.describe())
+def test_select_blocks_kernel_ranks_unscored_blocks_as_the_reference(budget):
+    """Causal blocks an estimator left unscored (-inf) rank below every scored one, by block id, and the row's
+    blocks past the diagonal rank among them (the reference ranks them, then drops them): a count reaching
+    into the -inf blocks keeps the same ones. Near-uniform scores make long runs of equal mass for top-p."""
+    g = torch.Generator().manual_seed(5)
+    heads, rows, first = 2, 4, 37
+    scores = (torch.randn(heads, rows, first + rows, generator=g) * 0.01).round(decimals=2)
+    scores[..., ::3] = float("-inf")
+    scores = scores.to(DEVICE)
+    out = torch.ones(heads, rows, first + rows, dtype=torch.bool, device=DEVICE)
+    got = select_blocks_triton(scores, budget, first, out=out)
+    assert torch.equal(got.cpu(), select_blocks(scores.cpu(), budget, first))
+
+
 @pytest.mark.skipif(not GPU, reason="a 128K-context shape is too slow for Triton's interpreter")
 @pytest.mark.parametrize("budget", [BUDGETS[1], BUDGETS[3]], ids=lambda b: b.describe())
 def test_select_blocks_kernel_matches_reference_at_128k(budget):
