@@ -9,6 +9,10 @@ well), and so start-up failures are seen the way a user sees them.
 
 "stats" reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
 attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens by path.
+
+A JSON list of specs runs their engines one after the other in this one process (each shut down before
+the next starts, as `vllm-sparse eval` runs its engines), which pays vLLM's import once: each engine's
+output starts after a line `ENGINE_SPEC <i>`, and each result is printed as it is done.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import sys
 import time
 
 RESULT_MARK = "ENGINE_RESULT "  # vLLM logs to stdout too; the result line carries this mark
+SPEC_MARK = "ENGINE_SPEC "  # before each engine of a list of specs
 
 
-def main(spec: dict) -> dict:
+def main(spec: dict, close: bool = False) -> dict:
+    """`close`: shut the engine down before returning (another one follows in this process)."""
+    import gc
     import os
 
     if spec.get("stats") or spec.get("counters"):  # read back from the workers after generating
@@ -67,8 +74,22 @@ def main(spec: dict) -> dict:
         from vllm_sparse.eval.harness import read_stats
 
         out["stats"] = llm.collective_rpc(read_stats)[0]  # layer -> unions and densities (rank 0)
+    if close:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
     return out
 
 
 if __name__ == "__main__":
-    print(RESULT_MARK + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    arg = json.loads(sys.argv[1])
+    if isinstance(arg, list):
+        assert not any(s.get("stats") for s in arg), "stats switch on process-wide settings: one engine a process"
+        # The plugin counts steps in the first sparse engine's metadata builder of a process only.
+        sparse = [s for s in arg if s.get("backend") == "sparse"]
+        assert not any(s.get("counters") for s in sparse[1:]), "counters: only the first sparse engine here counts"
+        for i, one in enumerate(arg):
+            print(f"{SPEC_MARK}{i}", flush=True)
+            print(RESULT_MARK + json.dumps(main(one, close=True)), flush=True)
+    else:
+        print(RESULT_MARK + json.dumps(main(arg)), flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine
+from tests.engines import run_engine, run_specs
 from tests.test_engine_cpu import _prompts
 
 pytestmark = pytest.mark.engine
@@ -40,7 +40,10 @@ def _tidal_config(tmp: Path, name: str, decode: dict) -> str:
 
 
 def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False,
-                     only: tuple[str, ...] | None = None) -> dict:
+                     only: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
+                     one_process: bool = False) -> dict:
+    """The decode plans' engines (`only` those named), after any `extra` specs; `one_process`: one after the
+    other in one process (tests/engines.py), else a process each."""
     prompts = _prompts(model)  # 1100, 420 and 40 tokens
     base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
             "ignore_eos": True}
@@ -63,12 +66,17 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
             "prompts": [prompts[0], prompts[0]], "backend": "sparse", "sequential": True, "prompt_logprobs": False,
             "engine": {**engine, "enable_prefix_caching": True},
             "config": _config(tmp, "prefix", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})}
-    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items() if only is None or name in only}
+    specs = {name: {**base, **spec} for name, spec in specs.items() if only is None or name in only}
+    return run_specs({**(extra or {}), **specs}, one_process)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
-    return run_decode_plans(tiny_llama, tmp_path_factory.mktemp("configs"), ENGINE)
+    """The prefill-and-TidalDecode plan's two engines (its counters: the first sparse engine of the process),
+    then the decode plans', in one process."""
+    tmp = tmp_path_factory.mktemp("configs")
+    return run_decode_plans(tiny_llama, tmp, ENGINE, extra=_prefill_and_tidal_specs(tiny_llama, tmp),
+                            one_process=True)
 
 
 def _diff(a, b) -> float:
@@ -159,23 +167,29 @@ def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, t
     assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in output
 
 
-def test_sparse_prefill_and_tidal_decode_in_one_plan(tiny_llama, tmp_path):
+def _prefill_and_tidal_specs(model: Path, tmp: Path) -> dict[str, dict]:
     """A plan like the shipped Llama 3 8B one (issue 28, item 4): every layer's prefill sparse, decode by
-    TidalDecode (layer 0 selects, layer 1 reads). Both paths run in one engine: the long prompt's later chunks
-    go sparse and its decode steps select; the short prompt is the stock backend's, bit for bit."""
+    TidalDecode (layer 0 selects, layer 1 reads); and the stock backend, prefilling in the same chunks."""
     prefill = {"estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
                "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}
-    path = tmp_path / "prefill_and_tidal.yaml"
+    path = tmp / "prefill_and_tidal.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
         "match": {"architectures": ["LlamaForCausalLM"]}, "block_size": 64, "dense_below": DENSE_BELOW,
         "min_query_tokens": 16, "min_chunk_work": 0,
         "decode": {"block_tokens": 32, "dense_below": DENSE_BELOW, **TIDAL},
         "layers": [{"layers": 0, **prefill, "decode": {**TIDAL, "selector": True}}, {"layers": 1, **prefill}]}]}))
-    prompts = _prompts(tiny_llama)  # 1100, 420 and 40 tokens
-    base = {"model": str(tiny_llama), "engine": {**ENGINE, "max_num_batched_tokens": 256}, "max_tokens": MAX_TOKENS,
+    prompts = _prompts(model)  # 1100, 420 and 40 tokens
+    base = {"model": str(model), "engine": {**ENGINE, "max_num_batched_tokens": 256}, "max_tokens": MAX_TOKENS,
             "logprobs": True, "ignore_eos": True, "prompts": prompts}
-    stock = run_engine(base)[0]["results"]
-    both = run_engine({**base, "backend": "sparse", "config": str(path), "counters": True})[0]
+    return {"prefill_and_tidal_stock": base,
+            "prefill_and_tidal": {**base, "backend": "sparse", "config": str(path), "counters": True}}
+
+
+def test_sparse_prefill_and_tidal_decode_in_one_plan(runs):
+    """Both paths of `_prefill_and_tidal_specs`' plan run in one engine: the long prompt's later chunks go sparse
+    and its decode steps select; the short prompt is the stock backend's, bit for bit."""
+    stock = runs["prefill_and_tidal_stock"]["results"]
+    both = runs["prefill_and_tidal"]
     counters, ours = both["counters"], both["results"]
     assert counters["prefill"]["sparse"] > 0 and counters["decode"]["sparse"] > 0
     assert len(ours) == len(stock)
