@@ -40,9 +40,9 @@ def _prompts(model: Path) -> dict[str, list[int]]:
 
 
 def _run(model: Path, config: str, prompts: dict, engine: dict, scenarios: list[str], max_tokens: int = 6,
-         env: dict | None = None) -> dict:
+         env: dict | None = None, fresh_prefix_cache: bool = False) -> dict:
     spec = {"model": str(model), "config": config, "engine": engine, "prompts": prompts, "scenarios": scenarios,
-            "max_tokens": max_tokens}
+            "max_tokens": max_tokens, "fresh_prefix_cache": fresh_prefix_cache}
     proc = subprocess.run([sys.executable, "-m", "tests.engine_scenarios", json.dumps(spec)], cwd=REPO,
                           capture_output=True, text=True, timeout=900,
                           env={**engine_env(), **IN_PROCESS, **(env or {})})
@@ -65,6 +65,14 @@ def setup(tiny_llama, tmp_path_factory):
     return tiny_llama, str(config), prompts, plain
 
 
+@pytest.fixture(scope="module")
+def cached(setup):
+    """The prefix-cache and abort scenarios in one engine with prefix caching, the cache emptied between them."""
+    model, config, prompts, _ = setup
+    return _run(model, config, prompts, {**ENGINE, "enable_prefix_caching": True}, ["prefix", "abort"],
+                fresh_prefix_cache=True)
+
+
 def _same_tokens(got: dict, want: dict) -> None:
     for name, run in got.items():
         assert run["token_ids"] == want[name]["token_ids"], name
@@ -80,9 +88,8 @@ def test_long_prefills_sharing_steps_with_decodes_give_each_request_its_own_toke
         assert sorted(stats) == ["0", "1"] and all(s["unions"] > 0 and s["union_density"] < 1 for s in stats.values())
 
 
-def test_prefix_cache_hits_with_short_and_long_suffixes(setup):
-    model, config, prompts, plain = setup
-    run = _run(model, config, prompts, {**ENGINE, "enable_prefix_caching": True}, ["prefix"])["prefix"]
+def test_prefix_cache_hits_with_short_and_long_suffixes(setup, cached):
+    plain, run = setup[3], cached["prefix"]
     runs, stats = run["runs"], run["stats"]
     assert runs["long_a"]["cached_tokens"] == 0
     for name in ("long_a_short_suffix", "long_a_long_suffix"):
@@ -94,9 +101,8 @@ def test_prefix_cache_hits_with_short_and_long_suffixes(setup):
         assert sorted(stats[name]) == ["0", "1"] and all(s["unions"] > 0 for s in stats[name].values()), name
 
 
-def test_a_request_aborted_mid_prefill_leaves_the_engine_serving(setup):
-    model, config, prompts, plain = setup
-    run = _run(model, config, prompts, {**ENGINE, "enable_prefix_caching": True}, ["abort"])["abort"]
+def test_a_request_aborted_mid_prefill_leaves_the_engine_serving(setup, cached):
+    plain, run = setup[3], cached["abort"]
     _same_tokens(run["runs"], plain["alone"]["runs"])
 
 
@@ -111,10 +117,12 @@ def test_preemption_under_kv_pressure_keeps_what_was_generated(setup):
     model, config, prompts, _ = setup
     ids = [t for name in ("long_a", "long_b") for t in prompts[name]]
     four = {f"p{i}": ids[i * 450: i * 450 + 400] for i in range(4)}
-    alone = _run(model, config, four, {**ENGINE, "max_model_len": 1536}, ["alone"], max_tokens=250)["alone"]
-    # 32 KiB a page: 2 layers x K and V x 2 KV heads x 32 dims x 32 tokens x fp32.
+    # 32 KiB a page: 2 layers x K and V x 2 KV heads x 32 dims x 32 tokens x fp32. One request alone fits
+    # (21 pages): the same engine gives each its tokens alone first, then runs the four at once.
     tight = {**ENGINE, "kv_cache_memory_bytes": 52 * 32768, "max_model_len": 1536}
-    batch = _run(model, config, four, tight, ["batch"], max_tokens=250)["batch"]
+    runs = _run(model, config, four, tight, ["alone", "batch"], max_tokens=250)
+    alone, batch = runs["alone"], runs["batch"]
+    assert not alone["preempted"]
     preempted = dict(batch["preempted"])  # name -> tokens generated when (first) preempted
     assert preempted, "the cache was meant to be too small for the batch"
     assert all(s["unions"] > 0 for s in batch["stats"].values())
