@@ -12,7 +12,9 @@ attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens
 
 A JSON list of specs runs their engines one after the other in this one process (each shut down before
 the next starts, as `vllm-sparse eval` runs its engines), which pays vLLM's import once: each engine's
-output starts after a line `ENGINE_SPEC <i>`, and each result is printed as it is done.
+output starts after a line `ENGINE_SPEC <i>`, and each result is printed as it is done. A spec with
+"expect_error" must fail to start (last in its list: nothing runs after it): its traceback is printed
+and its result is null.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 
 RESULT_MARK = "ENGINE_RESULT "  # vLLM logs to stdout too; the result line carries this mark
 SPEC_MARK = "ENGINE_SPEC "  # before each engine of a list of specs
@@ -88,8 +91,17 @@ if __name__ == "__main__":
         # The plugin counts steps in the first sparse engine's metadata builder of a process only.
         sparse = [s for s in arg if s.get("backend") == "sparse"]
         assert not any(s.get("counters") for s in sparse[1:]), "counters: only the first sparse engine here counts"
+        assert not any(s.get("expect_error") for s in arg[:-1]), "a spec that must fail comes last"
         for i, one in enumerate(arg):
             print(f"{SPEC_MARK}{i}", flush=True)
+            if one.get("expect_error"):
+                try:
+                    main(one, close=True)
+                except Exception:
+                    traceback.print_exc(file=sys.stdout)
+                    print(RESULT_MARK + "null", flush=True)
+                    continue
+                raise SystemExit(f"spec {i} was meant to fail to start, and started")
             print(RESULT_MARK + json.dumps(main(one, close=True)), flush=True)
     else:
         print(RESULT_MARK + json.dumps(main(arg)), flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine, run_specs
+from tests.engines import run_each, run_specs
 
 pytestmark = pytest.mark.engine
 
@@ -109,7 +109,15 @@ def runs(tiny_llama, tmp_path_factory):
     plans = plan_specs(tiny_llama, tmp, ENGINE)
     plans = {"columns_all": plans.pop("columns_all"), **plans}
     chats = {f"chats_{name}": spec for name, spec in chats_specs(tiny_llama, tmp, ENGINE).items()}
-    return {**run_specs(plans, one_process=True), **run_specs(chats, one_process=True)}
+    bad = tmp / "bad.yaml"  # test_bad_config_stops_engine_start's: last, it must not start
+    bad.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]},
+        "layers": [{"layers": [0, 5], "estimator": {"name": "sink_local"}}]}]}))
+    chats["bad"] = {"model": str(tiny_llama), "backend": "sparse", "config": str(bad), "prompts": ["hi"],
+                    "engine": ENGINE, "expect_error": True}
+    done = run_each(chats, one_process=True)
+    return {**run_specs(plans, one_process=True), **{name: r for name, (r, _) in done.items()},
+            "bad_output": (str(bad), done["bad"][1])}
 
 
 def test_chats_beside_a_sparse_prefill_decode_as_stock(runs):
@@ -158,13 +166,8 @@ def test_sparse_plan_runs_and_changes_only_long_prompts(runs):
     assert sparse[0]["prompt_logprobs"][255:] != stock[0]["prompt_logprobs"][255:]
 
 
-def test_bad_config_stops_engine_start(tiny_llama, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]},
-        "layers": [{"layers": [0, 5], "estimator": {"name": "sink_local"}}]}]}))
-    result, output = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": str(bad),
-                                 "prompts": ["hi"], "engine": ENGINE}, expect_ok=False)
-    assert result is None
+def test_bad_config_stops_engine_start(runs):
+    bad, output = runs["bad_output"]
+    assert runs["bad"] is None
     assert f"invalid sparse-attention config {bad}" in output
     assert "models[0].layers[0].layers: layer 5 is beyond the model, which has 2 layers (0-1)" in output

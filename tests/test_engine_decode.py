@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine, run_specs
+from tests.engines import run_each, run_engine
 from tests.test_engine_cpu import _prompts
 
 pytestmark = pytest.mark.engine
@@ -41,9 +41,10 @@ def _tidal_config(tmp: Path, name: str, decode: dict) -> str:
 
 def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False,
                      only: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
-                     one_process: bool = False) -> dict:
-    """The decode plans' engines (`only` those named), after any `extra` specs; `one_process`: one after the
-    other in one process (tests/engines.py), else a process each."""
+                     last: dict[str, dict] | None = None, one_process: bool = False, outputs: bool = False) -> dict:
+    """The decode plans' engines (`only` those named), after any `extra` specs and before any `last` ones;
+    `one_process`: one after the other in one process (tests/engines.py), else a process each; `outputs`:
+    name -> (result, output) rather than name -> result."""
     prompts = _prompts(model)  # 1100, 420 and 40 tokens
     base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
             "ignore_eos": True}
@@ -67,7 +68,8 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
             "engine": {**engine, "enable_prefix_caching": True},
             "config": _config(tmp, "prefix", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})}
     specs = {name: {**base, **spec} for name, spec in specs.items() if only is None or name in only}
-    return run_specs({**(extra or {}), **specs}, one_process)
+    done = run_each({**(extra or {}), **specs, **(last or {})}, one_process)
+    return done if outputs else {name: result for name, (result, _) in done.items()}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,12 @@ def runs(tiny_llama, tmp_path_factory):
     """The prefill-and-TidalDecode plan's two engines (its counters: the first sparse engine of the process),
     then the decode plans', in one process."""
     tmp = tmp_path_factory.mktemp("configs")
-    return run_decode_plans(tiny_llama, tmp, ENGINE, extra=_prefill_and_tidal_specs(tiny_llama, tmp),
-                            one_process=True)
+    # Last, test_decode_settings_the_engine_cannot_honour_stop_it_at_start's engine, which must not start.
+    bad = {"model": str(tiny_llama), "backend": "sparse", "prompts": ["hi"], "engine": ENGINE, "expect_error": True,
+           "config": _config(tmp, "bad", {"top_k_tokens": 64, "block_tokens": 16})}  # pages are 32 tokens
+    done = run_decode_plans(tiny_llama, tmp, ENGINE, extra=_prefill_and_tidal_specs(tiny_llama, tmp), last={"bad": bad},
+                            one_process=True, outputs=True)
+    return {name: result for name, (result, _) in done.items()} | {"bad_output": done["bad"][1]}
 
 
 def _diff(a, b) -> float:
@@ -159,12 +165,10 @@ def test_a_one_token_prefill_after_a_full_prefix_hit_is_a_decode_step(tiny_llama
     assert result["counters"]["prefill"] == {"sparse": 0, "dense": 34 * 32 + 1}  # the plan has no prefill layers
 
 
-def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, tmp_path):
-    bad = _config(tmp_path, "bad", {"top_k_tokens": 64, "block_tokens": 16})  # pages are 32 tokens
-    result, output = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": bad, "prompts": ["hi"],
-                                 "engine": ENGINE}, expect_ok=False)
-    assert result is None
-    assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in output
+def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(runs):
+    assert runs["bad"] is None
+    assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in runs[
+        "bad_output"]
 
 
 def _prefill_and_tidal_specs(model: Path, tmp: Path) -> dict[str, dict]:
