@@ -61,16 +61,11 @@ def setup(tiny_llama, tmp_path_factory):
         "layers": [{"layers": "all", "estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
                     "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}]}]}))
     prompts = _prompts(tiny_llama)
-    plain = _run(tiny_llama, str(config), prompts, ENGINE, ["alone", "batch"])
-    return tiny_llama, str(config), prompts, plain
-
-
-@pytest.fixture(scope="module")
-def cached(setup):
-    """The prefix-cache and abort scenarios in one engine with prefix caching, the cache emptied between them."""
-    model, config, prompts, _ = setup
-    return _run(model, config, prompts, {**ENGINE, "enable_prefix_caching": True}, ["prefix", "abort"],
-                fresh_prefix_cache=True)
+    # One engine with prefix caching for the four scenarios, its cache emptied before each: "alone" and "batch"
+    # ask for prompt log-probs, for which vLLM reads no prefix cache; "prefix" and "abort" read it.
+    runs = _run(tiny_llama, str(config), prompts, {**ENGINE, "enable_prefix_caching": True},
+                ["alone", "batch", "prefix", "abort"], fresh_prefix_cache=True)
+    return tiny_llama, str(config), prompts, runs
 
 
 def _same_tokens(got: dict, want: dict) -> None:
@@ -82,14 +77,16 @@ def test_long_prefills_sharing_steps_with_decodes_give_each_request_its_own_toke
     _, _, _, plain = setup
     alone, batch = plain["alone"]["runs"], plain["batch"]["runs"]
     _same_tokens(batch, alone)
+    # Prefix caching is on in this engine, but requests that ask for prompt log-probs read none of it.
+    assert all(run["cached_tokens"] == 0 for runs in (alone, batch) for run in runs.values())
     for name, run in batch.items():  # fp32: only the order of sums differs with the batch around
         assert max(abs(a - b) for a, b in zip(run["prompt_logprobs"], alone[name]["prompt_logprobs"])) < 1e-3
     for stats in (plain["alone"]["stats"], plain["batch"]["stats"]):
         assert sorted(stats) == ["0", "1"] and all(s["unions"] > 0 and s["union_density"] < 1 for s in stats.values())
 
 
-def test_prefix_cache_hits_with_short_and_long_suffixes(setup, cached):
-    plain, run = setup[3], cached["prefix"]
+def test_prefix_cache_hits_with_short_and_long_suffixes(setup):
+    plain, run = setup[3], setup[3]["prefix"]
     runs, stats = run["runs"], run["stats"]
     assert runs["long_a"]["cached_tokens"] == 0
     for name in ("long_a_short_suffix", "long_a_long_suffix"):
@@ -101,8 +98,8 @@ def test_prefix_cache_hits_with_short_and_long_suffixes(setup, cached):
         assert sorted(stats[name]) == ["0", "1"] and all(s["unions"] > 0 for s in stats[name].values()), name
 
 
-def test_a_request_aborted_mid_prefill_leaves_the_engine_serving(setup, cached):
-    plain, run = setup[3], cached["abort"]
+def test_a_request_aborted_mid_prefill_leaves_the_engine_serving(setup):
+    plain, run = setup[3], setup[3]["abort"]
     _same_tokens(run["runs"], plain["alone"]["runs"])
 
 
