@@ -1,7 +1,7 @@
 """Run one vLLM engine in its own process and print what it generated as JSON (the stdout line marked ENGINE_RESULT).
 
-Tests start engines through this so each gets a fresh process (vLLM engines do not share one
-well), and so start-up failures are seen the way a user sees them.
+Tests start engines through this so each gets a fresh process, or a list of them one after the other
+in one (below), and so start-up failures are seen the way a user sees them.
 
     python -m tests.engine_runner '{"model": ..., "backend": "sparse"|null, "config": PATH|null,
                                     "prompts": [...], "max_tokens": 6, "engine": {...}, "stats": false,
