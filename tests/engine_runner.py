@@ -1,7 +1,7 @@
 """Run one vLLM engine in its own process and print what it generated as JSON (the stdout line marked ENGINE_RESULT).
 
-Tests start engines through this so each gets a fresh process (vLLM engines do not share one
-well), and so start-up failures are seen the way a user sees them.
+Tests start engines through this so each gets a fresh process, or a list of them one after the other
+in one (below), and so start-up failures are seen the way a user sees them.
 
     python -m tests.engine_runner '{"model": ..., "backend": "sparse"|null, "config": PATH|null,
                                     "prompts": [...], "max_tokens": 6, "engine": {...}, "stats": false,
@@ -9,6 +9,12 @@ well), and so start-up failures are seen the way a user sees them.
 
 "stats" reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
 attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens by path.
+
+A JSON list of specs runs their engines one after the other in this one process (each shut down before
+the next starts, as `vllm-sparse eval` runs its engines), which pays vLLM's import once: each engine's
+output starts after a line `ENGINE_SPEC <i>`, and each result is printed as it is done. A spec with
+"expect_error" must fail to start (last in its list: nothing runs after it): its traceback is printed
+and its result is null.
 """
 
 from __future__ import annotations
@@ -16,11 +22,15 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 
 RESULT_MARK = "ENGINE_RESULT "  # vLLM logs to stdout too; the result line carries this mark
+SPEC_MARK = "ENGINE_SPEC "  # before each engine of a list of specs
 
 
-def main(spec: dict) -> dict:
+def main(spec: dict, close: bool = False) -> dict:
+    """`close`: shut the engine down before returning (another one follows in this process)."""
+    import gc
     import os
 
     if spec.get("stats") or spec.get("counters"):  # read back from the workers after generating
@@ -67,8 +77,31 @@ def main(spec: dict) -> dict:
         from vllm_sparse.eval.harness import read_stats
 
         out["stats"] = llm.collective_rpc(read_stats)[0]  # layer -> unions and densities (rank 0)
+    if close:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
     return out
 
 
 if __name__ == "__main__":
-    print(RESULT_MARK + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    arg = json.loads(sys.argv[1])
+    if isinstance(arg, list):
+        assert not any(s.get("stats") for s in arg), "stats switch on process-wide settings: one engine a process"
+        # The plugin counts steps in the first sparse engine's metadata builder of a process only.
+        sparse = [s for s in arg if s.get("backend") == "sparse"]
+        assert not any(s.get("counters") for s in sparse[1:]), "counters: only the first sparse engine here counts"
+        assert not any(s.get("expect_error") for s in arg[:-1]), "a spec that must fail comes last"
+        for i, one in enumerate(arg):
+            print(f"{SPEC_MARK}{i}", flush=True)
+            if one.get("expect_error"):
+                try:
+                    main(one, close=True)
+                except Exception:
+                    traceback.print_exc(file=sys.stdout)
+                    print(RESULT_MARK + "null", flush=True)
+                    continue
+                raise SystemExit(f"spec {i} was meant to fail to start, and started")
+            print(RESULT_MARK + json.dumps(main(one, close=True)), flush=True)
+    else:
+        print(RESULT_MARK + json.dumps(main(arg)), flush=True)

@@ -5,7 +5,8 @@
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the scenario can step it by
 hand, abort a request between steps, and count the scheduler's preemptions. Prints one JSON line
-marked SCENARIO_RESULT: per scenario, each request's generated token ids (and prompt log-probs where
+marked SCENARIO_RESULT: per scenario (each after the last with an empty prefix cache when the spec asks
+"fresh_prefix_cache"), each request's generated token ids (and prompt log-probs where
 prefix caching does not skip them), the sparse path's counters (which layers ran sparse, how much
 they kept) and each preemption (which request, after how many generated tokens).
 """
@@ -71,7 +72,9 @@ def main(spec: dict) -> dict:
         return {n: _result(o) for n, o in zip(names, outs)}
 
     result = {}
-    for scenario in spec["scenarios"]:
+    for i, scenario in enumerate(spec["scenarios"]):
+        if i and spec.get("fresh_prefix_cache"):  # as in an engine of its own: nothing cached by the last scenario
+            assert llm.reset_prefix_cache(), "the prefix cache could not be reset"
         STATS.reset()
         PREEMPTED.clear()
         if scenario == "alone":  # every request on its own

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.engine_runner import RESULT_MARK
+from tests.engine_runner import RESULT_MARK, SPEC_MARK
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +40,38 @@ def run_engine(spec: dict, timeout: int = 600, expect_ok: bool = True,
         return None, output
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_MARK))
     return json.loads(line[len(RESULT_MARK):]), output
+
+
+def run_engines(specs: dict[str, dict], timeout: int = 900,
+                env: dict[str, str] | None = None) -> dict[str, tuple[dict, str]]:
+    """Several engines one after the other in one process (vLLM imported once; tests/engine_runner.py):
+    name -> (result, that engine's output). Raises with the output if any failed."""
+    names = list(specs)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.engine_runner", json.dumps([specs[n] for n in names])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        env={**engine_env(), **IN_PROCESS, **(env or {})},
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"engines failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}")
+    parts = ("\n" + proc.stdout).split("\n" + SPEC_MARK)[1:]  # each engine's output, after its mark
+    assert len(parts) == len(names), proc.stdout[-6000:]
+    out = {}
+    for name, part in zip(names, parts):
+        line = next(x for x in reversed(part.splitlines()) if x.startswith(RESULT_MARK))
+        out[name] = json.loads(line[len(RESULT_MARK):]), part  # null for a spec that was to fail, and did
+    return out
+
+
+def run_each(specs: dict[str, dict], one_process: bool,
+             env: dict[str, str] | None = None) -> dict[str, tuple[dict, str]]:
+    """name -> (result, output): the engines one after the other in one process (`run_engines`), or a
+    process each (`run_engine`; what the GPU twins do)."""
+    if one_process:
+        return run_engines(specs, env=env)
+    return {name: run_engine(spec, env=env) for name, spec in specs.items()}
+
+
+def run_specs(specs: dict[str, dict], one_process: bool) -> dict[str, dict]:
+    """name -> result (`run_each`)."""
+    return {name: result for name, (result, _) in run_each(specs, one_process).items()}

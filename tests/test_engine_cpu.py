@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine
+from tests.engines import run_each, run_specs
 
 pytestmark = pytest.mark.engine
 
@@ -45,8 +45,8 @@ def _config(tmp: Path, name: str, rule: dict) -> str:
 
 def run_plans(model: Path, tmp: Path, engine: dict) -> dict:
     """The same prompts through the stock backend and through SPARSE with a dense plan, a keep-all
-    plan and a real sparse plan (the GPU twin runs this too)."""
-    return {name: run_engine(spec)[0] for name, spec in plan_specs(model, tmp, engine).items()}
+    plan and a real sparse plan (the GPU twin runs this too), a process each."""
+    return run_specs(plan_specs(model, tmp, engine), one_process=False)
 
 
 def plan_specs(model: Path, tmp: Path, engine: dict) -> dict[str, dict]:
@@ -74,6 +74,11 @@ def run_chats_beside(model: Path, tmp: Path, engine: dict) -> dict:
     layer 0 dense and layer 1 sparse (one KV cache group): the chats decode in the steps that prefill the
     long prompt's sparse chunks, so those steps build the chats' metadata apart from the whole batch's,
     which the dense layer reads (the GPU twin runs this with CUDA graphs on)."""
+    return run_specs(chats_specs(model, tmp, engine), one_process=False)
+
+
+def chats_specs(model: Path, tmp: Path, engine: dict) -> dict[str, dict]:
+    """`run_chats_beside`'s engines, as tests/engine_runner.py specs."""
     long, _, chat = _prompts(model)
     other = {"prompt_token_ids": long["prompt_token_ids"][500:560]}
     base = {"model": str(model), "prompts": [chat, other, long], "engine": engine, "max_tokens": 12,
@@ -85,7 +90,7 @@ def run_chats_beside(model: Path, tmp: Path, engine: dict) -> dict:
             {"layers": [0], "dense": True},
             {"layers": [1], "estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
              "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}]}]}))
-    return {"stock": run_engine(base)[0], "sparse": run_engine({**base, "backend": "sparse", "config": str(path)})[0]}
+    return {"stock": base, "sparse": {**base, "backend": "sparse", "config": str(path)}}
 
 
 def check_chats_beside(runs: dict) -> None:
@@ -96,13 +101,27 @@ def check_chats_beside(runs: dict) -> None:
         assert o["token_ids"] == s["token_ids"], name
 
 
-def test_chats_beside_a_sparse_prefill_decode_as_stock(tiny_llama, tmp_path):
-    check_chats_beside(run_chats_beside(tiny_llama, tmp_path, ENGINE))
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
-    return run_plans(tiny_llama, tmp_path_factory.mktemp("configs"), ENGINE)
+    """`run_plans`' engines, then `run_chats_beside`'s, each set one after the other in one process (vLLM
+    imported once); an engine that reads the plugin's counters first among the sparse ones of its process."""
+    tmp = tmp_path_factory.mktemp("configs")
+    plans = plan_specs(tiny_llama, tmp, ENGINE)
+    plans = {"columns_all": plans.pop("columns_all"), **plans}
+    chats = {f"chats_{name}": spec for name, spec in chats_specs(tiny_llama, tmp, ENGINE).items()}
+    bad = tmp / "bad.yaml"  # test_bad_config_stops_engine_start's: last, it must not start
+    bad.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]},
+        "layers": [{"layers": [0, 5], "estimator": {"name": "sink_local"}}]}]}))
+    chats["bad"] = {"model": str(tiny_llama), "backend": "sparse", "config": str(bad), "prompts": ["hi"],
+                    "engine": ENGINE, "expect_error": True}
+    done = run_each(chats, one_process=True)
+    return {**run_specs(plans, one_process=True), **{name: r for name, (r, _) in done.items()},
+            "bad_output": (str(bad), done["bad"][1])}
+
+
+def test_chats_beside_a_sparse_prefill_decode_as_stock(runs):
+    check_chats_beside({"stock": runs["chats_stock"], "sparse": runs["chats_sparse"]})
 
 
 def _max_logprob_diff(a: dict, b: dict) -> float:
@@ -147,13 +166,8 @@ def test_sparse_plan_runs_and_changes_only_long_prompts(runs):
     assert sparse[0]["prompt_logprobs"][255:] != stock[0]["prompt_logprobs"][255:]
 
 
-def test_bad_config_stops_engine_start(tiny_llama, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"version": 1, "models": [{
-        "match": {"architectures": ["LlamaForCausalLM"]},
-        "layers": [{"layers": [0, 5], "estimator": {"name": "sink_local"}}]}]}))
-    result, output = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": str(bad),
-                                 "prompts": ["hi"], "engine": ENGINE}, expect_ok=False)
-    assert result is None
+def test_bad_config_stops_engine_start(runs):
+    bad, output = runs["bad_output"]
+    assert runs["bad"] is None
     assert f"invalid sparse-attention config {bad}" in output
     assert "models[0].layers[0].layers: layer 5 is beyond the model, which has 2 layers (0-1)" in output

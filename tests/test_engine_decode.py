@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine
+from tests.engines import run_each, run_engine
 from tests.test_engine_cpu import _prompts
 
 pytestmark = pytest.mark.engine
@@ -40,7 +40,11 @@ def _tidal_config(tmp: Path, name: str, decode: dict) -> str:
 
 
 def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False,
-                     only: tuple[str, ...] | None = None) -> dict:
+                     only: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
+                     last: dict[str, dict] | None = None, one_process: bool = False, outputs: bool = False) -> dict:
+    """The decode plans' engines (`only` those named), after any `extra` specs and before any `last` ones;
+    `one_process`: one after the other in one process (tests/engines.py), else a process each; `outputs`:
+    name -> (result, output) rather than name -> result."""
     prompts = _prompts(model)  # 1100, 420 and 40 tokens
     base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
             "ignore_eos": True}
@@ -63,12 +67,22 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
             "prompts": [prompts[0], prompts[0]], "backend": "sparse", "sequential": True, "prompt_logprobs": False,
             "engine": {**engine, "enable_prefix_caching": True},
             "config": _config(tmp, "prefix", {"top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})}
-    return {name: run_engine({**base, **spec})[0] for name, spec in specs.items() if only is None or name in only}
+    specs = {name: {**base, **spec} for name, spec in specs.items() if only is None or name in only}
+    done = run_each({**(extra or {}), **specs, **(last or {})}, one_process)
+    return done if outputs else {name: result for name, (result, _) in done.items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
-    return run_decode_plans(tiny_llama, tmp_path_factory.mktemp("configs"), ENGINE)
+    """The prefill-and-TidalDecode plan's two engines (its counters: the first sparse engine of the process),
+    then the decode plans', in one process."""
+    tmp = tmp_path_factory.mktemp("configs")
+    # Last, test_decode_settings_the_engine_cannot_honour_stop_it_at_start's engine, which must not start.
+    bad = {"model": str(tiny_llama), "backend": "sparse", "prompts": ["hi"], "engine": ENGINE, "expect_error": True,
+           "config": _config(tmp, "bad", {"top_k_tokens": 64, "block_tokens": 16})}  # pages are 32 tokens
+    done = run_decode_plans(tiny_llama, tmp, ENGINE, extra=_prefill_and_tidal_specs(tiny_llama, tmp), last={"bad": bad},
+                            one_process=True, outputs=True)
+    return {name: result for name, (result, _) in done.items()} | {"bad_output": done["bad"][1]}
 
 
 def _diff(a, b) -> float:
@@ -151,31 +165,35 @@ def test_a_one_token_prefill_after_a_full_prefix_hit_is_a_decode_step(tiny_llama
     assert result["counters"]["prefill"] == {"sparse": 0, "dense": 34 * 32 + 1}  # the plan has no prefill layers
 
 
-def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(tiny_llama, tmp_path):
-    bad = _config(tmp_path, "bad", {"top_k_tokens": 64, "block_tokens": 16})  # pages are 32 tokens
-    result, output = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": bad, "prompts": ["hi"],
-                                 "engine": ENGINE}, expect_ok=False)
-    assert result is None
-    assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in output
+def test_decode_settings_the_engine_cannot_honour_stop_it_at_start(runs):
+    assert runs["bad"] is None
+    assert "decode.block_tokens: decode block_tokens 16 must be a multiple of the KV cache block size 32" in runs[
+        "bad_output"]
 
 
-def test_sparse_prefill_and_tidal_decode_in_one_plan(tiny_llama, tmp_path):
+def _prefill_and_tidal_specs(model: Path, tmp: Path) -> dict[str, dict]:
     """A plan like the shipped Llama 3 8B one (issue 28, item 4): every layer's prefill sparse, decode by
-    TidalDecode (layer 0 selects, layer 1 reads). Both paths run in one engine: the long prompt's later chunks
-    go sparse and its decode steps select; the short prompt is the stock backend's, bit for bit."""
+    TidalDecode (layer 0 selects, layer 1 reads); and the stock backend, prefilling in the same chunks."""
     prefill = {"estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
                "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}
-    path = tmp_path / "prefill_and_tidal.yaml"
+    path = tmp / "prefill_and_tidal.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
         "match": {"architectures": ["LlamaForCausalLM"]}, "block_size": 64, "dense_below": DENSE_BELOW,
         "min_query_tokens": 16, "min_chunk_work": 0,
         "decode": {"block_tokens": 32, "dense_below": DENSE_BELOW, **TIDAL},
         "layers": [{"layers": 0, **prefill, "decode": {**TIDAL, "selector": True}}, {"layers": 1, **prefill}]}]}))
-    prompts = _prompts(tiny_llama)  # 1100, 420 and 40 tokens
-    base = {"model": str(tiny_llama), "engine": {**ENGINE, "max_num_batched_tokens": 256}, "max_tokens": MAX_TOKENS,
+    prompts = _prompts(model)  # 1100, 420 and 40 tokens
+    base = {"model": str(model), "engine": {**ENGINE, "max_num_batched_tokens": 256}, "max_tokens": MAX_TOKENS,
             "logprobs": True, "ignore_eos": True, "prompts": prompts}
-    stock = run_engine(base)[0]["results"]
-    both = run_engine({**base, "backend": "sparse", "config": str(path), "counters": True})[0]
+    return {"prefill_and_tidal_stock": base,
+            "prefill_and_tidal": {**base, "backend": "sparse", "config": str(path), "counters": True}}
+
+
+def test_sparse_prefill_and_tidal_decode_in_one_plan(runs):
+    """Both paths of `_prefill_and_tidal_specs`' plan run in one engine: the long prompt's later chunks go sparse
+    and its decode steps select; the short prompt is the stock backend's, bit for bit."""
+    stock = runs["prefill_and_tidal_stock"]["results"]
+    both = runs["prefill_and_tidal"]
     counters, ours = both["counters"], both["results"]
     assert counters["prefill"]["sparse"] > 0 and counters["decode"]["sparse"] > 0
     assert len(ours) == len(stock)

@@ -40,9 +40,9 @@ def _prompts(model: Path) -> dict[str, list[int]]:
 
 
 def _run(model: Path, config: str, prompts: dict, engine: dict, scenarios: list[str], max_tokens: int = 6,
-         env: dict | None = None) -> dict:
+         env: dict | None = None, fresh_prefix_cache: bool = False) -> dict:
     spec = {"model": str(model), "config": config, "engine": engine, "prompts": prompts, "scenarios": scenarios,
-            "max_tokens": max_tokens}
+            "max_tokens": max_tokens, "fresh_prefix_cache": fresh_prefix_cache}
     proc = subprocess.run([sys.executable, "-m", "tests.engine_scenarios", json.dumps(spec)], cwd=REPO,
                           capture_output=True, text=True, timeout=900,
                           env={**engine_env(), **IN_PROCESS, **(env or {})})
@@ -61,8 +61,11 @@ def setup(tiny_llama, tmp_path_factory):
         "layers": [{"layers": "all", "estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2},
                     "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}}]}]}))
     prompts = _prompts(tiny_llama)
-    plain = _run(tiny_llama, str(config), prompts, ENGINE, ["alone", "batch"])
-    return tiny_llama, str(config), prompts, plain
+    # One engine with prefix caching for the four scenarios, its cache emptied before each: "alone" and "batch"
+    # ask for prompt log-probs, for which vLLM reads no prefix cache; "prefix" and "abort" read it.
+    runs = _run(tiny_llama, str(config), prompts, {**ENGINE, "enable_prefix_caching": True},
+                ["alone", "batch", "prefix", "abort"], fresh_prefix_cache=True)
+    return tiny_llama, str(config), prompts, runs
 
 
 def _same_tokens(got: dict, want: dict) -> None:
@@ -74,6 +77,8 @@ def test_long_prefills_sharing_steps_with_decodes_give_each_request_its_own_toke
     _, _, _, plain = setup
     alone, batch = plain["alone"]["runs"], plain["batch"]["runs"]
     _same_tokens(batch, alone)
+    # Prefix caching is on in this engine, but requests that ask for prompt log-probs read none of it.
+    assert all(run["cached_tokens"] == 0 for runs in (alone, batch) for run in runs.values())
     for name, run in batch.items():  # fp32: only the order of sums differs with the batch around
         assert max(abs(a - b) for a, b in zip(run["prompt_logprobs"], alone[name]["prompt_logprobs"])) < 1e-3
     for stats in (plain["alone"]["stats"], plain["batch"]["stats"]):
@@ -81,8 +86,7 @@ def test_long_prefills_sharing_steps_with_decodes_give_each_request_its_own_toke
 
 
 def test_prefix_cache_hits_with_short_and_long_suffixes(setup):
-    model, config, prompts, plain = setup
-    run = _run(model, config, prompts, {**ENGINE, "enable_prefix_caching": True}, ["prefix"])["prefix"]
+    plain, run = setup[3], setup[3]["prefix"]
     runs, stats = run["runs"], run["stats"]
     assert runs["long_a"]["cached_tokens"] == 0
     for name in ("long_a_short_suffix", "long_a_long_suffix"):
@@ -95,8 +99,7 @@ def test_prefix_cache_hits_with_short_and_long_suffixes(setup):
 
 
 def test_a_request_aborted_mid_prefill_leaves_the_engine_serving(setup):
-    model, config, prompts, plain = setup
-    run = _run(model, config, prompts, {**ENGINE, "enable_prefix_caching": True}, ["abort"])["abort"]
+    plain, run = setup[3], setup[3]["abort"]
     _same_tokens(run["runs"], plain["alone"]["runs"])
 
 
@@ -111,10 +114,12 @@ def test_preemption_under_kv_pressure_keeps_what_was_generated(setup):
     model, config, prompts, _ = setup
     ids = [t for name in ("long_a", "long_b") for t in prompts[name]]
     four = {f"p{i}": ids[i * 450: i * 450 + 400] for i in range(4)}
-    alone = _run(model, config, four, {**ENGINE, "max_model_len": 1536}, ["alone"], max_tokens=250)["alone"]
-    # 32 KiB a page: 2 layers x K and V x 2 KV heads x 32 dims x 32 tokens x fp32.
+    # 32 KiB a page: 2 layers x K and V x 2 KV heads x 32 dims x 32 tokens x fp32. One request alone fits
+    # (21 pages): the same engine gives each its tokens alone first, then runs the four at once.
     tight = {**ENGINE, "kv_cache_memory_bytes": 52 * 32768, "max_model_len": 1536}
-    batch = _run(model, config, four, tight, ["batch"], max_tokens=250)["batch"]
+    runs = _run(model, config, four, tight, ["alone", "batch"], max_tokens=250)
+    alone, batch = runs["alone"], runs["batch"]
+    assert not alone["preempted"]
     preempted = dict(batch["preempted"])  # name -> tokens generated when (first) preempted
     assert preempted, "the cache was meant to be too small for the batch"
     assert all(s["unions"] > 0 for s in batch["stats"].values())

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.engines import run_engine
+from tests.engines import run_each
 from tests.test_engine_cpu import DENSE_BELOW, LENGTHS, _config, _max_logprob_diff, _prompts
 from tests.test_engine_gpu import _mean_diff
 
@@ -69,17 +69,22 @@ def runs(model_cache, tmp_path_factory):
         1: (build_tiny_llama(model_cache, head_dim=head_dim, num_kv_heads=1), _split_group_config(tmp)),
     }
     runs = {}
-    for kv, name, tp in ((2, "sparse", 1), (2, "sparse", 2), (2, "stock", 2),
-                         (1, "sparse", 1), (1, "sparse", 2), (1, "stock", 2)):
-        model, config = layouts[kv]
-        spec = {"model": str(model), "prompts": _prompts(model), "max_tokens": 6,
-                "engine": {**ENGINE, "tensor_parallel_size": tp}}
-        if name == "sparse":
-            spec.update(backend="sparse", config=config)
-        result, output = run_engine(spec, env=_env(tp))
-        runs[kv, name, tp] = dict(result, output=output)
-        print(f"{kv} KV head(s), {name} TP={tp}: start-up {result['startup_s']:.1f} s, "
-              f"generate {result['generate_s']:.1f} s", flush=True)  # shown with -s
+    for tp in (1, 2):  # on CPU the engines of one TP size one after the other in one process (vLLM imported once)
+        specs = {}
+        for kv, name in ((2, "sparse"), (2, "stock"), (1, "sparse"), (1, "stock")):
+            if name == "stock" and tp == 1:
+                continue
+            model, config = layouts[kv]
+            spec = {"model": str(model), "prompts": _prompts(model), "max_tokens": 6,
+                    "engine": {**ENGINE, "tensor_parallel_size": tp}}
+            if name == "sparse":
+                spec.update(backend="sparse", config=config)
+            specs[f"{kv}-{name}"] = spec
+        for key, (result, output) in run_each(specs, one_process=not GPU, env=_env(tp)).items():
+            kv, name = key.split("-")
+            runs[int(kv), name, tp] = dict(result, output=output)
+            print(f"{kv} KV head(s), {name} TP={tp}: start-up {result['startup_s']:.1f} s, "
+                  f"generate {result['generate_s']:.1f} s", flush=True)  # shown with -s
     return runs
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine
+from tests.engines import run_engine, run_engines
 from vllm_sparse.eval.tasks import passkey_correct, passkey_prompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,19 +55,24 @@ def long_cases(gemma3_270m):
 
 
 @pytest.fixture(scope="module")
-def dense(gemma3_270m, cases):
-    return _run(gemma3_270m, cases, None)[0]
+def at_2k(gemma3_270m, cases):
+    """The 2K prompts through the stock backend, then through SPARSE with no config named (the shipped one is
+    found by architecture), one after the other in one process (vLLM imported once): name -> (result, output)."""
+    spec = {"model": str(gemma3_270m), "prompts": [p for p, _ in cases], "engine": ENGINE, "max_tokens": 8,
+            "prompt_logprobs": False}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VLLM_SPARSE_CONFIG", raising=False)
+        return run_engines({"dense": spec, "sparse": {**spec, "backend": "sparse"}})
 
 
-def test_dense_gemma_retrieves_passkey_at_2k(dense, cases):
-    for r, (_, answer) in zip(dense["results"], cases):
+def test_dense_gemma_retrieves_passkey_at_2k(at_2k, cases):
+    for r, (_, answer) in zip(at_2k["dense"][0]["results"], cases):
         assert 1800 <= r["prompt_tokens"] <= 2200
         assert passkey_correct(r["text"], answer), f"wanted {answer}, got {r['text']!r}"
 
 
-def test_sparse_backend_with_shipped_config_matches_dense(gemma3_270m, cases, dense, monkeypatch):
-    monkeypatch.delenv("VLLM_SPARSE_CONFIG", raising=False)
-    sparse, output = _run(gemma3_270m, cases, "sparse")
+def test_sparse_backend_with_shipped_config_matches_dense(at_2k, cases):
+    dense, (sparse, output) = at_2k["dense"][0], at_2k["sparse"]
     assert "configs/gemma-3.yaml (from shipped config)" in output
     for d, s, (_, answer) in zip(dense["results"], sparse["results"], cases):
         assert passkey_correct(s["text"], answer)

@@ -96,11 +96,12 @@ def test_fused_scores_on_head_subsets(name, raw, heads):
 @pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 2}), ("antidiagonal", {"stride": 2, "bits": 8}),
                                       ("lowbit", {"sample_stride": 3})])
 def test_fused_scores_in_slabs_when_the_workspace_is_small(name, raw, monkeypatch):
-    # 24 KiB holds a few query blocks' rows: the chunk runs in many slabs, none allocating.
+    # 16 KiB holds two or three query blocks' rows: the chunk (23 query blocks, its context unaligned to
+    # them) runs in many slabs, none allocating.
     monkeypatch.setattr(WORKSPACE, "_buffers", {})
-    WORKSPACE.reserve(24 << 10, torch.device(DEVICE))
-    WORKSPACE.floats(6 << 10, torch.device(DEVICE)).fill_(float("nan"))
-    chunk = _chunk(1200, 900, 16, torch.float32, seed=5)
+    WORKSPACE.reserve(16 << 10, torch.device(DEVICE))
+    WORKSPACE.floats(4 << 10, torch.device(DEVICE)).fill_(float("nan"))
+    chunk = _chunk(480, 360, 16, torch.float32, seed=5)
     per_qb = HQ * chunk.num_kv_blocks * -(-16 // raw.get("stride", raw.get("sample_stride", 1)))
     assert WORKSPACE.capacity(torch.device(DEVICE)) < chunk.num_query_blocks * per_qb  # several slabs
     assert _compare(chunk, name, raw) < 2e-4
