@@ -258,11 +258,17 @@ def main() -> None:
                                     fa3_compact_splits=fa3_compact.fa3_num_splits(n_seg, args.tile, HQ // HKV,
                                                                                   q.device),
                                     fa3_compact_peak_mib=peak_mib(run_fc))
-                    # The same call under FA3's own split-KV heuristic (num_splits=0), for comparison.
-                    rule, fa3_compact.fa3_num_splits = fa3_compact.fa3_num_splits, lambda *a: 0
+                    # The same call under FA3's own split-KV heuristic (num_splits=0), and with the split count
+                    # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries).
+                    tiles = n_seg * -(-args.tile * (HQ // HKV) // fa3_compact.FA3_BLOCK_M)
+                    cap = -(-2 * torch.cuda.get_device_properties(q.device).multi_processor_count // tiles)
+                    rule = fa3_compact.fa3_num_splits
                     try:
-                        rows[-1].update(fa3_compact_heuristic_ms=bench(run_fc),
-                                        fa3_compact_heuristic_peak_mib=peak_mib(run_fc))
+                        for name, splits in (("heuristic", 0), ("capped", cap)):
+                            fa3_compact.fa3_num_splits = lambda *a, n=splits: n
+                            rows[-1].update({f"fa3_compact_{name}_ms": bench(run_fc),
+                                             f"fa3_compact_{name}_peak_mib": peak_mib(run_fc)})
+                        rows[-1]["fa3_compact_cap"] = cap
                     finally:
                         fa3_compact.fa3_num_splits = rule
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("fa3_compact")}), flush=True)
@@ -303,7 +309,9 @@ def main() -> None:
                   f"tables {r['fa3_compact_tables_ms']:.2f} ms; err vs ours {r['fa3_compact_err_vs_ours']:.1e})")
             print(f"{'':>21} num_splits {r['fa3_compact_splits']} (rule): {r['fa3_compact_ms']:.2f} ms, "
                   f"{r['fa3_compact_peak_mib']:.0f} MiB temporaries; FA3's heuristic (0): "
-                  f"{r['fa3_compact_heuristic_ms']:.2f} ms, {r['fa3_compact_heuristic_peak_mib']:.0f} MiB")
+                  f"{r['fa3_compact_heuristic_ms']:.2f} ms, {r['fa3_compact_heuristic_peak_mib']:.0f} MiB; capped at "
+                  f"{r['fa3_compact_cap']}: {r['fa3_compact_capped_ms']:.2f} ms, "
+                  f"{r['fa3_compact_capped_peak_mib']:.0f} MiB")
         if "flashinfer_ms" in r:
             print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
                   f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")

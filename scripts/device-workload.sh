@@ -23,8 +23,8 @@
 #          Triton kernel, if any, a turn waited for
 #   sstages the first plan's prefills at 32K and 64K profiled, the sparse engine alone: where its time goes
 #   seltest the selection kernels' and FA3-compact tests compiled, and no kernel compiles after the warm-up
-#   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic: time and temporaries
-#          (a 16K chunk at 64K and 128K, 10% of blocks)
+#   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
+#          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
 # second dense engine last (the spread between two engines of the same kind).
 set -o pipefail
@@ -75,8 +75,11 @@ seltest() {
     tests/test_sparse_kernel.py tests/test_warmup_gpu.py 2>&1 | tee "$OUT/seltest.log" | tail -15
 }
 splits() {
-  timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 65536,131072 --modes chunk --densities 0.1 \
-    --out "$OUT/kernels_splits.json" 2>&1 | tee "$OUT/kernels_splits.log" | tail -8
+  local chunk
+  for chunk in 16384 4096 2048; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 65536,131072 --modes chunk --densities 0.1 \
+      --chunk $chunk --out "$OUT/kernels_splits_$chunk.json" 2>&1 | tee "$OUT/kernels_splits_$chunk.log" | tail -6
+  done
 }
 gtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
@@ -91,4 +94,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:40 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"
