@@ -260,8 +260,8 @@ def main() -> None:
                                     fa3_compact_peak_mib=peak_mib(run_fc))
                     # The same call under FA3's own split-KV heuristic (num_splits=0), and with the split count
                     # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries).
-                    tiles = n_seg * -(-args.tile * (HQ // HKV) // fa3_compact.FA3_BLOCK_M)
-                    cap = -(-2 * torch.cuda.get_device_properties(q.device).multi_processor_count // tiles)
+                    tiles = fa3_compact.fa3_query_tiles(n_seg, args.tile, HQ // HKV)
+                    cap = -(-2 * fa3_compact.num_sms(q.device) // tiles)
                     rule = fa3_compact.fa3_num_splits
                     try:
                         for name, splits in (("heuristic", 0), ("capped", cap)):

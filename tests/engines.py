@@ -25,14 +25,21 @@ def engine_env() -> dict[str, str]:
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+def _runner(arg, timeout: int, env: dict[str, str] | None, one_stream: bool) -> subprocess.CompletedProcess:
+    """tests/engine_runner.py on one spec or a list of them; `one_stream`: stderr into stdout, in order (so a
+    list's output splits by engine), else apart."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.engine_runner", json.dumps(arg)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if one_stream else subprocess.PIPE, text=True,
+        timeout=timeout, env={**engine_env(), **IN_PROCESS, **(env or {})},
+    )
+
+
 def run_engine(spec: dict, timeout: int = 600, expect_ok: bool = True,
                env: dict[str, str] | None = None) -> tuple[dict | None, str]:
     """-> (result or None, combined output). Raises with the engine's output if expect_ok and it failed.
     `env`: variables set for this engine only."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine_runner", json.dumps(spec)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**engine_env(), **IN_PROCESS, **(env or {})},
-    )
+    proc = _runner(spec, timeout, env, one_stream=False)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         if expect_ok:
@@ -47,11 +54,7 @@ def run_engines(specs: dict[str, dict], timeout: int = 900,
     """Several engines one after the other in one process (vLLM imported once; tests/engine_runner.py):
     name -> (result, that engine's output). Raises with the output if any failed."""
     names = list(specs)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.engine_runner", json.dumps([specs[n] for n in names])],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-        env={**engine_env(), **IN_PROCESS, **(env or {})},
-    )
+    proc = _runner([specs[n] for n in names], timeout, env, one_stream=True)
     if proc.returncode != 0:
         raise AssertionError(f"engines failed (rc={proc.returncode}):\n{proc.stdout[-6000:]}")
     parts = ("\n" + proc.stdout).split("\n" + SPEC_MARK)[1:]  # each engine's output, after its mark

@@ -249,7 +249,7 @@ def test_fa3_splits_kv_only_while_its_query_tiles_leave_the_gpu_idle(monkeypatch
     of the packed q heads) fill the SMs; below that, FA3's own split-KV heuristic (0)."""
     from vllm_sparse.kernels import fa3_compact
 
-    monkeypatch.setattr(fa3_compact, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(fa3_compact, "num_sms", lambda device: 132)
     cpu = torch.device("cpu")
     assert fa3_compact.fa3_num_splits(128, 128, 4, cpu) == 1  # a 16K-token chunk in 128-token tiles, GQA 4
     assert fa3_compact.fa3_num_splits(33, 128, 4, cpu) == 1  # 132 tiles: just full

@@ -23,8 +23,13 @@ FA3_BLOCK_M = 128  # FA3's query tile for head dims up to 128 (Hopper)
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fa3_query_tiles(segments: int, max_query_len: int, q_heads_per_list: int) -> int:
+    """FA3's query tiles in one call over `segments` segments (q heads of a list packed, as FA3 packs GQA)."""
+    return segments * -(-max_query_len * q_heads_per_list // FA3_BLOCK_M)
 
 
 def fa3_num_splits(segments: int, max_query_len: int, q_heads_per_list: int, device: torch.device) -> int:
@@ -33,8 +38,7 @@ def fa3_num_splits(segments: int, max_query_len: int, q_heads_per_list: int, dev
     heuristic by one segment's query tiles (a varlen batch counts as one), so a 16K-token chunk in
     128-token segments looked like decode to it: split-KV, an fp32 partial output per split and a
     combine kernel per call (`benchmarks/kernels.py` times both choices and their temporaries)."""
-    tiles = segments * -(-max_query_len * q_heads_per_list // FA3_BLOCK_M)
-    return 1 if tiles >= _num_sms(device) else 0
+    return 1 if fa3_query_tiles(segments, max_query_len, q_heads_per_list) >= num_sms(device) else 0
 
 
 def compact_block_tables(
