@@ -67,7 +67,9 @@ BASELINE = {"antidiagonal_s8_int8": "antidiagonal_s8", "antidiagonal_s16": "anti
 SWEEP = {
     "antidiagonal_s8_int8": [(32, 256, 8, 3, 128), (32, 256, 8, 2, 128), (32, 256, 8, 4, 128), (32, 256, 8, 3, 256),
                              (32, 256, 8, 2, 256), (64, 128, 8, 3, 128), (32, 128, 4, 3, 128), (16, 256, 8, 3, 128)],
-    "antidiagonal_s16_int8": [(16, 256, 8, 3, 128), (16, 128, 4, 3, 128), (16, 256, 8, 3, 256), (32, 128, 8, 3, 128)],
+    "antidiagonal_s16_int8": [(32, 128, 4, 3, 128), (64, 128, 8, 3, 128), (32, 256, 8, 3, 128), (64, 128, 8, 2, 256),
+                              (32, 128, 4, 2, 256), (32, 128, 4, 4, 128), (64, 64, 4, 3, 128), (64, 128, 8, 4, 64),
+                              (16, 256, 8, 3, 128), (64, 256, 8, 2, 128)],
     "antidiagonal": [(32, 256, 8, 2, 128), (64, 128, 8, 3, 128), (32, 128, 8, 3, 128), (16, 64, 4, 3, 128),
                      (32, 256, 8, 4, 64), (64, 128, 8, 4, 64)],
     "lowbit": [(16, 128, 4, 4, 128), (16, 128, 4, 3, 128), (32, 128, 4, 3, 128), (8, 128, 4, 2, 128)],
@@ -101,6 +103,23 @@ def peak_above(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def kernel_times(fn, repeats: int = 5) -> dict[str, float]:
+    """GPU microseconds per call of each kernel `fn` launches (torch profiler, mean of `repeats` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name[:60]] = times.get(e.name[:60], 0.0) + e.device_time / repeats
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def sync_free(fn) -> bool | str:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -123,6 +142,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--skip-torch", default="", help="estimators whose torch path is not run (too slow/large)")
     ap.add_argument("--sweep", action="store_true", help="also time the fused scorer's tile configurations")
+    ap.add_argument("--kernel-times", action="store_true", help="also each kernel's GPU time per call (profiler)")
     ap.add_argument("--out", default="estimators.json")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -162,6 +182,8 @@ def main() -> None:
                     HQ, HKV, args.chunk, args.ctx, args.block, PAGE, 1, True, name == "vertical_slash",
                     quantized_head_dim=D if name == "antidiagonal" and raw.get("bits") else 0) / 2**30
                 row[f"{path}_sync_free"] = sync_free(run)
+                if path == "kernels" and args.kernel_times:
+                    row["kernel_us"] = kernel_times(run)
             except torch.OutOfMemoryError as e:
                 row[f"{path}_ms"], row["error"] = None, f"{path} OOM: {str(e)[:120]}"
             torch.cuda.empty_cache()
@@ -212,6 +234,8 @@ def main() -> None:
         if "baseline" in r:
             print(f"{'':>17}   vs {r['baseline']}: {r['baseline_agreement']:.4f} of the blocks agree, "
                   f"{r['baseline_kept_recall']:.4f} of its kept blocks kept")
+        for kernel, us in list(r.get("kernel_us", {}).items())[:8]:
+            print(f"{'':>17}   {kernel}: {us:.1f} us")
         for cfg, ms in r.get("sweep", {}).items():
             print(f"{'':>17}   tiles {cfg}: {ms if isinstance(ms, str) else f'{ms:.2f} ms'}")
 

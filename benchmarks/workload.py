@@ -85,10 +85,16 @@ def drive(engine, requests: list[tuple[dict, object]], tag: str) -> list[dict]:
 
 def path_counts(worker) -> dict:
     """The plugin's prefill-token counters in this process: {"sparse": n, "dense": n, "chunks": n}."""
+    import torch
+
     from vllm_sparse.metrics.worker import process_counts
 
     counts = process_counts()
-    return {**counts["prefill"], "chunks": counts["chunks"]}
+    # The caching allocator's growth and its out-of-memory retries (each frees every cached block and
+    # synchronises): a turn slower than its class's others that shows them waited on the allocator.
+    mem = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    alloc = {k: mem.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+    return {**counts["prefill"], "chunks": counts["chunks"], **alloc}
 
 
 def longest_prompt(first, docs, follow, beside, concurrent_len) -> int:
@@ -131,11 +137,15 @@ def worker(spec: dict) -> None:
         rows = drive(engine, requests, cls)
         wall = time.perf_counter() - t
         after = llm.collective_rpc(path_counts)[0]
-        paths = {k: after[k] - before[k] for k in after}
-        emit({"class": cls, "requests": rows, "wall_s": wall, "paths": paths, **extra})
+        delta = {k: after[k] - before[k] for k in after}
+        paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
+        emit({"class": cls, "requests": rows, "wall_s": wall, "paths": paths, "allocator": delta, **extra})
         return rows
 
     for n in spec["first"]:
+        if spec.get("profile") == f"first:{n}":  # the first prompt of this length, under the profiler, apart
+            emit({"class": "profile", "of": spec["profile"],
+                  **profile_turn(engine, [(prompt(n, next(seed)), one)], spec["profile_out"])})
         for turn in range(spec["first_repeats"]):
             measure(f"first:{n}", [(prompt(n, next(seed)), one)], turn=turn)
     for d in spec["docs"]:
@@ -224,6 +234,9 @@ def classes(rows: list[dict]) -> dict[str, dict]:
             continue
         c = out.setdefault(cls, {"ttft": [], "wall_s": 0.0, "tokens": 0, "paths": {"sparse": 0, "dense": 0}})
         reqs = r["requests"]
+        for k, v in r.get("allocator", {}).items():  # every turn's, the first too
+            c.setdefault("allocator", {}).setdefault(k, 0)
+            c["allocator"][k] += v
         if cls in steady and r.get("turn", 0) == 0:
             c["first_s"] = reqs[0]["ttft_s"]
             continue
@@ -270,6 +283,9 @@ def table(results: dict) -> str:
                         f"{d['chat_tok_s']:.0f} / {s['chat_tok_s']:.0f}")
             if cls.startswith("concurrent:"):
                 note = f"wall {d['wall_s']:.2f} / {s['wall_s']:.2f} s ({d['wall_s'] / s['wall_s']:.2f}x)"
+            retries = [x.get("allocator", {}).get("num_alloc_retries", 0) for x in (d, s)]
+            if any(retries):  # the caching allocator freed its cache and retried: a slow, synchronising step
+                note += f"; allocator retries {retries[0]} / {retries[1]}"
             lines.append(f"  {cls:<26} {dm * 1e3:>8.1f}ms {d['ttft_summary']['p90'] * 1e3:>6.0f} {sm * 1e3:>9.1f}ms "
                          f"{s['ttft_summary']['p90'] * 1e3:>6.0f} {dm / sm:>5.2f}x {share:>10.0%}  {note}")
     return "\n".join(lines)
@@ -302,7 +318,8 @@ def main() -> None:
                     help="a second dense engine last: its ratio to the first is the engine-to-engine spread")
     ap.add_argument("--reserve", type=int, default=150, help="seconds kept for each engine still to run")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
-    ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine")
+    ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine; "
+                    "first:N: the first N-token prompt under the profiler, before that class's measured turns")
     ap.add_argument("--out", default="workload.json")
     ap.add_argument("--worker")
     args = ap.parse_args()

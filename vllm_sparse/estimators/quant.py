@@ -12,10 +12,11 @@ def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     below 2**24.
     """
     qmax = 2 ** (bits - 1) - 1
-    # Times the fp32 reciprocal, not divided by qmax: CUDA's torch divides by a scalar that way, and
-    # the fused kernels (row_scores) do the same, so every path rounds to the same integers.
+    # Times fp32 reciprocals, not divided: CUDA's torch divides by a scalar that way (the scale from
+    # qmax), and a multiply is what the fused kernels (row_scores) can afford per element (the scale's
+    # reciprocal, once per vector), so every path rounds the same products to the same integers.
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) * (1.0 / qmax)
-    return torch.round(x / scale).clamp(-qmax, qmax), scale
+    return torch.round(x * (1.0 / scale)).clamp(-qmax, qmax), scale
 
 
 def lowbit_logits(q: torch.Tensor, k: torch.Tensor, bits: int, scale: float, chunk=None) -> torch.Tensor:
