@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import build_model  # noqa: E402  (the 8B-shaped dummy model and its tokenizer)
+from e2e import build_model, kill_session  # noqa: E402  (the 8B-shaped dummy model and its tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = "WORKLOAD_ROW "
@@ -197,8 +197,9 @@ def emit(row: dict) -> None:
 
 def run(spec: dict, label: str, on_row) -> str | None:
     """One engine in its own process; each measurement goes to on_row as it comes. -> error or None."""
+    # A session of its own, killed whole at the end (`e2e.kill_session`).
     proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     tail: list[str] = []
     deadline = time.monotonic() + spec["timeout"]
     try:
@@ -210,12 +211,10 @@ def run(spec: dict, label: str, on_row) -> str | None:
                 if not line.startswith(("INFO", "DEBUG", "(EngineCore")) or "Error" in line:
                     print(f"[{label}] {line}", end="", flush=True)
             if time.monotonic() > deadline:
-                proc.kill()
                 return f"killed after {spec['timeout']} s"
         proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_session(proc.pid)
     if proc.returncode:
         sys.stderr.write("".join(tail[-20:]))
         return f"exit {proc.returncode}"
