@@ -60,19 +60,26 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def drive(engine, requests: list[tuple[dict, object]], tag: str) -> list[dict]:
+def drive(engine, requests: list[tuple[dict, object]], tag: str, timeline: list | None = None) -> list[dict]:
     """Add every (prompt, params) at once, step until all finish -> per request: TTFT and finish time
-    from the moment they were added (s), tokens out, prompt tokens the prefix cache served."""
+    from the moment they were added (s), tokens out, prompt tokens the prefix cache served. `timeline`, if
+    given, gets when the requests were all added and when each of the first 24 steps returned (s): where
+    a turn's time went, step by step."""
     sync()
     t0 = time.perf_counter()
     ids = []
     for i, (p, params) in enumerate(requests):
         ids.append(f"{tag}-{i}")
         engine.add_request(ids[-1], p, params)
+    if timeline is not None:
+        timeline.append(time.perf_counter() - t0)
     first: dict[str, float] = {}
     done: dict[str, dict] = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        outputs = engine.step()
+        if timeline is not None and len(timeline) <= 24:
+            timeline.append(time.perf_counter() - t0)
+        for out in outputs:
             now = time.perf_counter() - t0
             if out.outputs and out.outputs[0].token_ids and out.request_id not in first:
                 first[out.request_id] = now
@@ -133,13 +140,14 @@ def worker(spec: dict) -> None:
 
     def measure(cls: str, requests, **extra) -> list[dict]:
         before = llm.collective_rpc(path_counts)[0]
-        t = time.perf_counter()
-        rows = drive(engine, requests, cls)
+        t, steps = time.perf_counter(), []
+        rows = drive(engine, requests, cls, steps)
         wall = time.perf_counter() - t
         after = llm.collective_rpc(path_counts)[0]
         delta = {k: after[k] - before[k] for k in after}
         paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
-        emit({"class": cls, "requests": rows, "wall_s": wall, "paths": paths, "allocator": delta, **extra})
+        emit({"class": cls, "requests": rows, "wall_s": wall, "paths": paths, "allocator": delta,
+              "timeline_s": [round(x, 4) for x in steps], **extra})
         return rows
 
     for n in spec["first"]:
