@@ -264,6 +264,12 @@ def classes(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def median_gap(ttfts: list[float]) -> float | None:
+    """The median time between consecutive first tokens of one batch (None for fewer than 3)."""
+    t = sorted(ttfts)
+    return statistics.median(b - a for a, b in zip(t, t[1:])) if len(t) > 2 else None
+
+
 def table(results: dict) -> str:
     dense = classes(results["engines"].get("dense", {}).get("rows", []))
     lines = []
@@ -290,6 +296,9 @@ def table(results: dict) -> str:
                         f"{d['chat_tok_s']:.0f} / {s['chat_tok_s']:.0f}")
             if cls.startswith("concurrent:"):
                 note = f"wall {d['wall_s']:.2f} / {s['wall_s']:.2f} s ({d['wall_s'] / s['wall_s']:.2f}x)"
+                gd, gs = median_gap(d["ttft"]), median_gap(s["ttft"])
+                if gd and gs:  # prompts one after another: the steady rate, apart from the batch's start
+                    note += f"; first tokens {gd * 1e3:.0f} / {gs * 1e3:.0f} ms apart ({gd / gs:.2f}x)"
             retries = [x.get("allocator", {}).get("num_alloc_retries", 0) for x in (d, s)]
             if any(retries):  # the caching allocator freed its cache and retried: a slow, synchronising step
                 note += f"; allocator retries {retries[0]} / {retries[1]}"
