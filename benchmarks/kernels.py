@@ -25,6 +25,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimators import peak_above  # noqa: E402  (GiB above what was allocated before the call)
+
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention  # noqa: E402
 from vllm_sparse.selection.pages import block_mask_to_page_csr  # noqa: E402
@@ -86,12 +89,7 @@ def bench(fn) -> float:
 
 def peak_mib(fn) -> float:
     """MiB the call allocates above what is allocated before it (its temporaries, e.g. FA3's split-KV partials)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_above(fn) * 1024
 
 
 def fa3_dense(q, k_cache, v_cache, table, ctx, q_len):
@@ -262,15 +260,11 @@ def main() -> None:
                     # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries).
                     tiles = fa3_compact.fa3_query_tiles(n_seg, args.tile, HQ // HKV)
                     cap = -(-2 * fa3_compact.num_sms(q.device) // tiles)
-                    rule = fa3_compact.fa3_num_splits
-                    try:
-                        for name, splits in (("heuristic", 0), ("capped", cap)):
-                            fa3_compact.fa3_num_splits = lambda *a, n=splits: n
-                            rows[-1].update({f"fa3_compact_{name}_ms": bench(run_fc),
-                                             f"fa3_compact_{name}_peak_mib": peak_mib(run_fc)})
-                        rows[-1]["fa3_compact_cap"] = cap
-                    finally:
-                        fa3_compact.fa3_num_splits = rule
+                    for name, splits in (("heuristic", 0), ("capped", cap)):
+                        run = functools.partial(run_fc, num_splits=splits)
+                        rows[-1].update({f"fa3_compact_{name}_ms": bench(run),
+                                         f"fa3_compact_{name}_peak_mib": peak_mib(run)})
+                    rows[-1]["fa3_compact_cap"] = cap
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("fa3_compact")}), flush=True)
                     tables = counts = fa_sparse_out = tri_out = None
                 if mode == "prompt" and str(density) in args.flashinfer.split(","):

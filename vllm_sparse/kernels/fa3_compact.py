@@ -71,6 +71,7 @@ def sparse_attention_fa3(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
+    num_splits: int | None = None,  # FA3's num_splits; None: `fa3_num_splits` (benchmarks pass others)
 ) -> torch.Tensor:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -83,7 +84,8 @@ def sparse_attention_fa3(
     last_page_tokens = seq_lens - ((seq_lens - 1) // page) * page
     used = torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
     max_k = tables.shape[-1] * page
-    splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device)
+    splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
+        if num_splits is None else num_splits
     for i in range(tables.shape[0]):
         heads, h = slice(i * pack, (i + 1) * pack), i * pack // group
         flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
