@@ -137,7 +137,7 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -
     (`union_heads: false`: a page list per q head) vs the *same* blocks (one list per KV head): FA3 over
     compacted tables and the Triton kernel, with the union of the different lists beside them (what
     `union_heads: true` reads). Per-head time / same time is the cost of heads disagreeing."""
-    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
 
     group = HQ // HKV
     same, causal, *_, qsl, seg_end = make_segments(ctx, q_len, tile, density, gen)  # [seg, HKV, blocks]
@@ -153,8 +153,8 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -
         indptr, indices = mask_csr(mask, seg_end)
         tables, counts = compact_block_tables(table, rows_bt, indptr, indices, mask.shape[1], ctx // PAGE)
         fa_out = torch.full_like(q, float("nan"))
-        run_fa = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables, counts, qsl, seg_end, tile,
-                                   D**-0.5, fa_out)
+        run_fa = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables,
+                                   used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, fa_out)
         tri_out = torch.full_like(q, float("nan"))
         run_tri = functools.partial(sparse_paged_attention, q, kv, table, qsl, seg_end, indptr, indices, D**-0.5,
                                     out=tri_out, max_query_len=tile, block_table_rows=rows_bt,
@@ -239,14 +239,15 @@ def main() -> None:
                 if have_fa3:
                     # The same lists through FA3's paged kernel over compacted block tables.
                     from vllm_sparse.kernels import fa3_compact
-                    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+                    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
                     tri_out = out.clone()
                     compact = functools.partial(compact_block_tables, table, rows_bt, indptr, indices, HKV,
                                                 ctx // PAGE)
                     tables, counts = compact()
                     fa_sparse_out = torch.full_like(q, float("nan"))
-                    run_fc = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables, counts, qsl,
-                                               seg_end, args.tile, D**-0.5, fa_sparse_out)
+                    run_fc = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables,
+                                               used_tokens(counts, seg_end, PAGE), qsl, seg_end, args.tile, D**-0.5,
+                                               fa_sparse_out)
                     run_fc()
                     fc_err = float((fa_sparse_out.float() - tri_out.float()).norm() / tri_out.float().norm())
                     fc_ms, compact_ms = bench(run_fc), bench(compact)

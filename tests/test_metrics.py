@@ -53,7 +53,7 @@ def test_worker_counters_reach_the_collector(metrics_dir, device):
     m.count_decode(sparse_tokens=5, dense_tokens=3)
     m.count_decode(sparse_tokens=0, dense_tokens=2)
     # Densities from device numbers (the kernels' page counts) and host ones (the reference path).
-    m.record_density(3, torch.tensor(5, device=device), torch.tensor(10, device=device))  # 0.5, layers 0-7
+    m.record_density(3, torch.tensor([[1, 2], [2, 0]], device=device, dtype=torch.int32), 10)  # 0.5, layers 0-7
     m.record_density(9, 1, 100)  # 0.01, layers 8-15
     m.record_density(19, 7, 7)  # 1.0, layers 16-19
     for _ in range(3):
@@ -120,3 +120,21 @@ def test_a_top_level_process_serves_and_its_workers_write(monkeypatch):
     child.start()
     assert queue.get(timeout=120) == (False, made)
     child.join()
+
+
+@pytest.mark.parametrize("case", [(7, 100), (1, 3), (2, 40), (5, 5), (0, 9), (2**20 + 3, 2**21)])
+def test_density_kernel_records_as_the_torch_ops(case, metrics_dir):
+    """The one-launch density record (CUDA's path; here in Triton's interpreter) gives the torch path's
+    buckets and sums, for page counts of any shape, bucket bounds included (0.02 of 100, 1.0)."""
+    kept, total = case
+    device = torch.device("cuda" if GPU else "cpu")
+    accs = []
+    for use_kernel in (False, True):
+        m = worker.WorkerMetrics(device, num_layers=20, rank=0)
+        m.use_kernel = use_kernel
+        m._acc.copy_(torch.arange(m._acc.numel(), dtype=torch.float64, device=device) * 0.5)  # earlier records
+        parts = torch.tensor([kept // 3, kept // 3, kept - 2 * (kept // 3)], dtype=torch.int32, device=device)
+        m.record_density(11, parts.view(3, 1), total)
+        m.record_density(0, parts[:1], total)
+        accs.append(m._acc.cpu())
+    assert torch.equal(accs[0], accs[1])

@@ -104,14 +104,14 @@ def test_tile_tables_kernel_matches_reference(case, tile):
     assert int(bounds[-1]) == q_len
     want = tile_tables_ref(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
     got = tile_tables_triton(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     # The same inputs as slices at odd offsets of larger allocations (as a step's shared tensors hand them over).
     mask_in = torch.ones(mask.numel() + 3, dtype=torch.bool, device=DEVICE)
     mask_in[3:] = mask.flatten()
     lens_in = torch.full((seq_lens.numel() + 1,), -1, dtype=torch.int32, device=DEVICE)
     lens_in[1:] = seq_lens
     sliced = tile_tables_triton(mask_in[3:].view_as(mask), kv, tile, lens_in[1:], bs, page, block_table, max_pages)
-    assert torch.equal(sliced[0], want[0]) and torch.equal(sliced[1], want[1])
+    assert all(torch.equal(g, w) for g, w in zip(sliced, want, strict=True))
     # Every tile's list ends with the page holding its last query (FA3's causal alignment needs it).
     last_page = block_table[(seq_lens - 1) // page]
     idx = (got[1] - 1).clamp_min(0).long()

@@ -217,7 +217,7 @@ def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, 
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
 def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits):
     pytest.importorskip("vllm.vllm_flash_attn")
-    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3
+    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
 
     # Both of the rule's answers (`fa3_num_splits`): FA3's split-KV heuristic (small calls), one split (large).
     seq_lens, q_lens, hq, hkv, d, page = case
@@ -231,9 +231,10 @@ def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits):
     rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
     tables, counts = compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
     out = torch.full_like(b.q, float("nan")).to(DEVICE)
-    sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, counts,
-                         b.query_start_loc.to(DEVICE, torch.int32), b.seq_lens.to(DEVICE, torch.int32),
-                         max(q_lens), d**-0.5, out, num_splits=splits)
+    seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
+    sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, used_tokens(counts, seq_lens_dev, page),
+                         b.query_start_loc.to(DEVICE, torch.int32), seq_lens_dev, max(q_lens), d**-0.5, out,
+                         num_splits=splits)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
                                      idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
     assert not out.isnan().any()

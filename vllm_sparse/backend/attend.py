@@ -22,7 +22,7 @@ from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
-from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_triton, tile_unions
+from vllm_sparse.selection.tile_tables import chunk_causal_pages, tile_seq_lens, tile_tables_triton, tile_unions
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
@@ -61,9 +61,10 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
                              union_heads: bool = True, observer=None,
                              tiles: tuple[torch.Tensor, torch.Tensor] | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             ) -> tuple[torch.Tensor, int]:
     """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
-    Returns (KV pages read, causal KV pages) summed over the tiles and page lists, on the device.
+    Returns (KV pages read: device counts to sum, causal KV pages: a host number) over the tiles and page
+    lists.
 
     Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
     tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
@@ -85,13 +86,14 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
         observer.chunk(layer, ctx, mask, union, tile, n_tiles)
     q, out = ctx.q, output[c.q_start:c.q_end]
     max_q = min(tile * bs, ctx.q_len)
+    causal = chunk_causal_pages(ctx.context_len, ctx.q_len, bs, tile, kv.page_size) * lists
     if kernel == "fa3":
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
-        tables, counts = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
-                                            max_pages)
-        sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, counts, bounds, seq_lens,
+        tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
+                                                  max_pages)
+        sparse_attention_fa3(q, kv.key.transpose(1, 2), kv.value.transpose(1, 2), tables, used, bounds, seq_lens,
                              max_q, ctx.scale, out)
-        return counts.sum(), ((seq_lens + kv.page_size - 1) // kv.page_size).sum() * lists
+        return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,
                                              kv.page_size, num_pages)
@@ -104,7 +106,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
         column_attention(q, kv, block_table, bounds, seq_lens, shared_column_ranges(lists, cols.shape[1], n_tiles, dev),
                          cols.flatten(), ctx.scale, max_q, out=out, lse=attended[1], lists_per_q_head=per_head,
                          block_table_rows=rows_bt, exclude=union.view(torch.uint8), exclude_block=bs, merge=True)
-    return indptr[-1], num_pages.sum()
+    return indptr[-1:], causal
 
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,

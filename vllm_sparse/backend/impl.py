@@ -22,6 +22,7 @@ from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
 from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.metrics.worker import worker_metrics
 
 
@@ -74,6 +75,8 @@ class SparseImplMixin:
                                         torch.device("cuda", torch.cuda.current_device()))
             # The temporaries of one sparse chunk-layer at the longest context, touched in vLLM's profiling
             # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
+            WORKSPACE.count_key_columns(vllm_config.model_config.max_model_len,
+                                        torch.device("cuda", torch.cuda.current_device()))
             self._temporaries = step_temporaries_bytes(
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size)

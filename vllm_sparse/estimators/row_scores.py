@@ -190,17 +190,20 @@ def _quantize_rows_kernel(
     tl.store(QS + j * stride_sr + h, scale * logit_scale, mask=ok)
 
 
-@triton.jit(do_not_specialize=["bt_offset", "kv", "seq_len", "n_cols"])
+@triton.jit(do_not_specialize=["bt_offset", "kv0", "seq_len", "n_cols"])
 def _quantize_columns_kernel(
-    K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv,  # one KV head of the paged cache
-    KI, stride_kc,  # out: [n_cols, S * D] int8, column c = keys c*S .. c*S + S - 1
-    KS,  # out: [n_cols] fp32 scales
+    K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv0,  # KV heads kv0 + program_id(1) of the paged cache
+    KI, stride_kh_out, stride_kc,  # out: [heads, n_cols, S * D] int8, column c = keys c*S .. c*S + S - 1
+    KS,  # out: [heads, n_cols] fp32 scales
     seq_len, n_cols,
     S: tl.constexpr, HEAD_D: tl.constexpr, COLS: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
 ):
     """Key columns of S consecutive keys (past the end: zero), quantized per column as quantize_symmetric.
     Held as [COLS, S, D]: one block-table lookup per key, and each key's head_dim read as vectors."""
     c = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    kv = kv0 + tl.program_id(1)
+    KI += tl.program_id(1).to(tl.int64) * stride_kh_out
+    KS += tl.program_id(1) * n_cols
     i = tl.arange(0, S)
     d = tl.arange(0, HEAD_D)
     tok = c[:, None] * S + i[None, :]  # [COLS, S]
@@ -235,10 +238,11 @@ def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT
 def _row_block_lse_kernel(
     Q, stride_qt, stride_qh,  # float: the chunk's queries [q_len, q_heads, D]; int: quantized rows
     QS, stride_qsr,  # int: per-row scales [rows, q_heads] fp32 (unused for float)
-    K, stride_kp, stride_kh, stride_kt,  # keys [pages, kv_heads, page, D], D contiguous (PRE: [n_cols, S * D] int8)
-    KS,  # PRE: the key columns' scales [n_cols] (else unused)
+    K, stride_kp, stride_kh, stride_kt,  # keys [pages, kv_heads, page, D], D contiguous (PRE: int8 key columns
+    # [launch's KV heads, n_cols, S * D]: stride_kp the column's, stride_kh the head's, stride_kt the scales' head)
+    KS,  # PRE: the key columns' scales [launch's KV heads, n_cols] (else unused)
     BT, bt_offset,  # the request's block table row (int32)
-    KV_OF,  # [groups] KV head of each group of GROUP consecutive q heads
+    KV_OF,  # [groups] KV head of each group of GROUP consecutive q heads (PRE: unused, group z reads columns z)
     OUT, stride_oh, stride_or,  # [q_heads, slab rows, kv_blocks] fp32: log2-sum-exp2 of each block
     context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale, head0,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, HEAD_D: tl.constexpr,
@@ -248,7 +252,12 @@ def _row_block_lse_kernel(
     BLOCK_M: tl.constexpr = ROWS * GROUP_PAD
     COLS: tl.constexpr = BLOCK_N * SUB_TILES
     ct = tl.program_id(0)
-    kv = tl.load(KV_OF + tl.program_id(2))
+    if PRE:
+        kv = 0
+        K += tl.program_id(2).to(tl.int64) * stride_kh
+        KS += tl.program_id(2) * stride_kt
+    else:
+        kv = tl.load(KV_OF + tl.program_id(2))
     r = tl.arange(0, BLOCK_M)
     j = tl.program_id(1) * ROWS + r // GROUP_PAD  # row within the slab; rows are row-major, head-minor
     slot = r % GROUP_PAD
@@ -428,7 +437,6 @@ class _RowLse:
         # GQA packing: each program's rows are one KV head's q heads (consecutive, as the backend orders
         # them); heads in any other order are scored one per group.
         self.group = chunk._groups[1] if chunk._groups is not None else 1
-        self.kv_of = chunk.kv_head_of[::self.group].contiguous()
         if kv.key.stride(-1) != 1 or q.stride(-1) != 1:
             raise ValueError("the fused estimators need head_dim contiguous in the queries and the cache")
         if chunk.block_size % rows.stride:
@@ -453,20 +461,36 @@ class _RowLse:
         self.qmax = 2 ** (bits - 1) - 1 if bits else 0
         if self.pre:
             self._quantize_rows(q)
-            # The keys' int8 copy holds one KV head at a time (quantized when its group's turn comes).
-            self.k_in = torch.empty(self.n_cols, rows.stride * d, dtype=torch.int8, device=q.device)
-            self.k_scale = torch.empty(self.n_cols, dtype=torch.float32, device=q.device)
-            self.kv_ids = chunk._groups[0] if chunk._groups is not None else chunk.host_kv_head_ids()
-            self._quantized_kv = None  # the KV head whose columns k_in holds
-        elif bits:
+            self.passes = self._column_passes(chunk, d)
+            # The keys' int8 copy holds one pass's KV heads at a time (quantized when the pass comes).
+            heads = max(n for _, n, _ in self.passes)
+            self.k_in = torch.empty(heads, self.n_cols, rows.stride * d, dtype=torch.int8, device=q.device)
+            self.k_scale = torch.empty(heads, self.n_cols, dtype=torch.float32, device=q.device)
+            self._quantized = None  # the (first KV head, heads) whose columns k_in holds
+            return
+        self.kv_of = chunk.kv_head_of[::self.group].contiguous()
+        if bits:
             idx = rows.first - chunk.context_len + torch.arange(rows.count, device=q.device) * rows.step
             qi, qs = quantize_symmetric(q[idx].float(), bits)  # [rows, heads, D], [rows, heads, 1]
             self.q_in, self.q_scale = qi.to(torch.int8), (qs[..., 0] * self.logit_scale).contiguous()
             self.logit_scale = 1.0  # folded into the rows' scales
         else:
             self.q_in, self.q_scale = q, torch.empty(1, 1, device=q.device)  # scale unused
-        # The block table row's offset changes with the request: passed apart from an aligned base.
-        self.bt_base, self.bt_off = storage_base(chunk.block_table)
+
+    def _column_passes(self, chunk, d: int) -> list[tuple[int, int, int]]:
+        """(first group, groups, first KV head) of each launch over quantized key columns. Where each group is
+        one KV head in order (the backend's layout), a launch takes as many KV heads as their int8 copy may
+        hold (`Workspace.key_column_heads`): at 32K of a 128K engine, every launch four; else one per group."""
+        kv_ids = chunk._groups[0] if chunk._groups is not None else chunk.host_kv_head_ids()
+        if kv_ids != list(range(len(kv_ids))):
+            return [(g, 1, kv) for g, kv in enumerate(kv_ids)]
+        n = WORKSPACE.key_column_heads(len(kv_ids), chunk.seq_len, d + 4, chunk.q.device)
+        return [(g, min(n, len(kv_ids) - g), g) for g in range(0, len(kv_ids), n)]
+
+    @property
+    def bt(self) -> tuple[torch.Tensor, int]:
+        """The block table row as an aligned base and an offset (the offset changes with the request)."""
+        return storage_base(self.chunk.block_table)
 
     def _quantize_rows(self, q: torch.Tensor) -> None:
         """Every scored strided row of the chunk, int8 [rows, heads, S * D], scales [rows, heads] (log2 units)."""
@@ -481,11 +505,11 @@ class _RowLse:
         )
         self.logit_scale = 1.0  # folded into the rows' scales
 
-    def _quantize_columns(self, kv: int) -> None:
+    def _quantize_columns(self, kv0: int, heads: int) -> None:
         c, key, tile = self.chunk, self.chunk.kv.key, 4
-        _quantize_columns_kernel[(triton.cdiv(self.n_cols, tile),)](
-            key, key.stride(0), key.stride(1), key.stride(2), self.bt_base, self.bt_off, kv,
-            self.k_in, self.k_in.stride(0), self.k_scale, c.seq_len, self.n_cols,
+        _quantize_columns_kernel[(triton.cdiv(self.n_cols, tile), heads)](
+            key, key.stride(0), key.stride(1), key.stride(2), *self.bt, kv0,
+            self.k_in, self.k_in.stride(0), self.k_in.stride(1), self.k_scale, c.seq_len, self.n_cols,
             S=self.rows.stride, HEAD_D=c.q.shape[-1], COLS=tile, PAGE=c.kv.page_size, QMAX=self.qmax, num_warps=4,
         )
 
@@ -498,7 +522,7 @@ class _RowLse:
         if self.bits and self.sub_tiles == 1:
             _row_block_lse_int_kernel[(triton.cdiv(self.n_cols, self.block_n), self.kv_of.shape[0])](
                 self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
-                key, key.stride(0), key.stride(1), key.stride(2), self.bt_base, self.bt_off,
+                key, key.stride(0), key.stride(1), key.stride(2), *self.bt,
                 self.kv_of, ws, ws.stride(0), ws.stride(1),
                 c.seq_len, rows.first, rows.step, r0, n_rows,
                 GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, HEAD_D=c.q.shape[-1],
@@ -510,7 +534,7 @@ class _RowLse:
                 self.kv_of.shape[0])
         _row_block_lse_kernel[grid](
             self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
-            key, key.stride(0), key.stride(1), key.stride(2), self.q_scale, self.bt_base, self.bt_off,
+            key, key.stride(0), key.stride(1), key.stride(2), self.q_scale, *self.bt,
             self.kv_of, ws, ws.stride(0), ws.stride(1),
             c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, self.logit_scale, 0,
             GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride, HEAD_D=c.q.shape[-1],
@@ -520,19 +544,20 @@ class _RowLse:
         )
 
     def _launch_quantized(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
-        """One launch per GQA group over its KV head's quantized key columns (quantized here, or kept from
-        the last group when both read one KV head)."""
-        c, rows = self.chunk, self.rows
-        grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows), 1)
-        for g, kv in enumerate(self.kv_ids):
-            if kv != self._quantized_kv:
-                self._quantize_columns(kv)
-                self._quantized_kv = kv
+        """One launch per pass (`_column_passes`) over its KV heads' quantized key columns (quantized here, or
+        kept from the last pass when both read the same heads)."""
+        c, rows, k = self.chunk, self.rows, self.k_in
+        for g0, heads, kv0 in self.passes:
+            if (kv0, heads) != self._quantized:
+                self._quantize_columns(kv0, heads)
+                self._quantized = (kv0, heads)
+            grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows),
+                    heads)
             _row_block_lse_kernel[grid](
                 self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
-                self.k_in, self.k_in.stride(0), 0, 0, self.k_scale, self.bt_base, self.bt_off,
-                self.kv_of, ws, ws.stride(0), ws.stride(1),
-                c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, 1.0, g * self.group,
+                k, k.stride(1), k.stride(0), self.k_scale.stride(0), self.k_scale, *self.bt,
+                self.k_scale, ws, ws.stride(0), ws.stride(1),
+                c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, 1.0, g0 * self.group,
                 GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride,
                 HEAD_D=c.q.shape[-1], BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles,
                 PAGE=c.kv.page_size, QMAX=self.qmax, IN_PREC="ieee", BLOCK_D=self.block_d, PRE=True,

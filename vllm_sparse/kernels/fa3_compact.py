@@ -60,12 +60,19 @@ def compact_block_tables(
     return torch.where(live, phys, 0).to(torch.int32), counts
 
 
+def used_tokens(counts: torch.Tensor, seq_lens: torch.Tensor, page: int) -> torch.Tensor:
+    """FA3's seqused_k of each compacted list [lists, segments] int32: its pages' tokens, the last page (the
+    segment's own) holding only the tokens up to the segment's last query."""
+    last_page_tokens = seq_lens - ((seq_lens - 1) // page) * page
+    return torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
+
+
 def sparse_attention_fa3(
     q: torch.Tensor,  # [tokens, q_heads, D]
     k_cache: torch.Tensor,  # [pages, page_size, kv_heads, D] (FlashAttention layout; may be a view)
     v_cache: torch.Tensor,
     tables: torch.Tensor,  # [lists, segments, max_pages] from compact_block_tables; lists = KV or q heads
-    counts: torch.Tensor,  # [lists, segments]
+    used: torch.Tensor,  # [lists, segments] int32: each list's tokens (`used_tokens`)
     query_start_loc: torch.Tensor,  # [segments + 1] int32
     seq_lens: torch.Tensor,  # [segments] tokens up to each segment's last query
     max_query_len: int,
@@ -81,8 +88,6 @@ def sparse_attention_fa3(
     pack = 1 if tables.shape[0] == q.shape[1] else group  # q heads per list
     if tables.shape[0] * pack != q.shape[1]:
         raise ValueError(f"{tables.shape[0]} page lists for {q.shape[1]} q heads over {kv_heads} KV heads")
-    last_page_tokens = seq_lens - ((seq_lens - 1) // page) * page
-    used = torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
     max_k = tables.shape[-1] * page
     splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
         if num_splits is None else num_splits

@@ -41,6 +41,19 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._key_tokens: dict[torch.device, int] = {}
+
+    def count_key_columns(self, tokens: int, device: torch.device) -> None:
+        """vLLM's memory profile counted one KV head's int8 key columns at `tokens` of context (`reserve.py`)."""
+        self._key_tokens[_key(device)] = tokens
+
+    def key_column_heads(self, kv_heads: int, seq_len: int, bytes_per_token: int, device: torch.device) -> int:
+        """KV heads whose int8 key columns one launch may hold at `seq_len`: as many as the bytes counted for
+        one head at the longest context cover (at 32K of a 128K engine, four), else as many as the cap holds
+        (tests, benchmarks); one at least."""
+        counted = self._key_tokens.get(_key(device))
+        fit = counted // max(seq_len, 1) if counted else cap_bytes() // max(seq_len * bytes_per_token, 1)
+        return max(1, min(kv_heads, fit))
 
     def reserve(self, nbytes: int, device: torch.device) -> int:
         """Reserve min(nbytes, cap) on `device` (once; a larger later request grows it). -> bytes held."""

@@ -19,6 +19,7 @@ import time
 import torch
 
 from vllm_sparse import envs
+from vllm_sparse.metrics.density_kernel import record_density_kernel
 from vllm_sparse.metrics.paths import DENSITY_BUCKETS, ESTIMATION_BUCKETS, LAYER_GROUP, metrics_dir
 
 ENABLED = envs.get("VLLM_SPARSE_METRICS") != "0"
@@ -52,6 +53,7 @@ class WorkerMetrics:
         self._last_acc = [0.0] * self._acc.numel()
         self._written: dict | None = None
         self._cuda = device.type == "cuda"
+        self.use_kernel = self._cuda  # record densities with one launch (tests set it on CPU, interpreted)
         if self._cuda:
             self._side = torch.cuda.Stream(device)
             self._main = None  # the stream the layers ran on, learnt at the first record
@@ -78,13 +80,22 @@ class WorkerMetrics:
             self.decode_tokens["sparse"] += sparse_tokens
             self.decode_tokens["dense"] += dense_tokens
 
-    def record_density(self, layer: int, kept, total) -> None:
-        """One chunk-layer's share of causal KV pages read (device or host numbers)."""
-        share = torch.as_tensor(kept, device=self.device, dtype=torch.float32) / total
+    def record_density(self, layer: int, kept, total: int) -> None:
+        """One chunk-layer's share of causal KV pages read: `kept` pages (a host number, or device page counts
+        of any shape, summed here) of `total` (a host number). On CUDA one launch (`density_kernel.py`)."""
         group = layer // LAYER_GROUP if layer >= 0 else 0
+        if self.use_kernel and isinstance(kept, torch.Tensor):
+            record_density_kernel(kept.contiguous(), total, self._bounds, self._acc, group * self._nb,
+                                  self._groups * self._nb + group)
+            self._mark_dirty()
+            return
+        share = torch.as_tensor(kept, device=self.device).sum().float() / total
         slot = torch.bucketize(share.reshape(1), self._bounds) + group * self._nb
         self._acc.index_put_((slot,), self._one, accumulate=True)
         self._acc.narrow(0, self._groups * self._nb + group, 1).add_(share.reshape(1))
+        self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
         if self._cuda and self._main is None:
             self._main = torch.cuda.current_stream(self.device)
         self._dirty = True

@@ -75,7 +75,7 @@ def _top_p_free_count(level, p, top_p):
                                "first_block", "min_blocks", "max_blocks", "sink", "local"])
 def _select_blocks_kernel(
     S, s_offset, stride_sh, stride_sr,  # scores [heads, rows, kv_blocks] at S + s_offset, last dim contiguous
-    ROW_COUNT,  # [rows] int64: the top-k / keep-ratio count (unused for top-p)
+    ROW_COUNT,  # int64, by the row's block (its causal blocks less one): the top-k / keep-ratio count (unused for top-p)
     OUT, stride_oh, stride_or,  # bool [heads, rows, kv_blocks]
     n_kv_blocks, first_block, top_p, min_blocks, max_blocks, sink, local,
     TOP_P: tl.constexpr, HAS_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -101,7 +101,7 @@ def _select_blocks_kernel(
         p = p / tl.maximum(tl.sum(p, axis=0), 1e-30)
         count = n_forced + _top_p_free_count(_ordered(s), p, top_p)
     else:
-        count = tl.load(ROW_COUNT + r).to(tl.int32)
+        count = tl.load(ROW_COUNT + row_block).to(tl.int32)
     count = tl.maximum(tl.maximum(count, n_forced), min_blocks)
     if HAS_MAX:
         count = tl.minimum(count, tl.maximum(n_forced, max_blocks))
@@ -120,6 +120,20 @@ def _select_blocks_kernel(
     tl.store(OUT + h * stride_oh + r * stride_or + kb, kept, mask=kb < n_kv_blocks)
 
 
+_RULE_COUNTS: dict[tuple, torch.Tensor] = {}
+
+
+def rule_count_table(budget: Budget, rows: int, device: torch.device) -> torch.Tensor:
+    """`rule_counts` of rows 0.. (row b has b + 1 causal blocks), at least `rows` of them: made once per rule
+    and device and grown by doubling, so a chunk launches no ops to count (a few KiB at 1M tokens)."""
+    key = (budget.top_k, budget.keep_ratio, torch.device(device))
+    table = _RULE_COUNTS.get(key)
+    if table is None or table.numel() < rows:
+        n = triton.next_power_of_2(max(rows, 1024))
+        table = _RULE_COUNTS[key] = rule_counts(budget, torch.arange(1, n + 1, device=device))
+    return table
+
+
 def select_blocks_triton(scores: torch.Tensor, budget: Budget, first_query_block: int,
                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `budget.select_blocks`: scores [heads, rows, kv_blocks] -> bool kept mask
@@ -135,8 +149,7 @@ def select_blocks_triton(scores: torch.Tensor, budget: Budget, first_query_block
     if top_p:
         row_count = out  # any pointer: not read
     else:
-        n_causal = torch.arange(first_query_block + 1, first_query_block + rows + 1, device=scores.device)
-        row_count = rule_counts(budget, n_causal)
+        row_count = rule_count_table(budget, first_query_block + rows, scores.device)
     block_n = row_bucket(nkb, scores.device)
     base, offset = storage_base(scores)
     _select_blocks_kernel[(heads, rows)](

@@ -11,11 +11,13 @@ the backend lays them out) and every row's diagonal block kept (the budget force
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from vllm_sparse.kernels.fa3_compact import compact_block_tables
+from vllm_sparse.kernels.fa3_compact import compact_block_tables, used_tokens
 from vllm_sparse.kernels.launch import row_bucket, storage_base
 from vllm_sparse.selection.pages import block_mask_to_page_csr
 
@@ -52,17 +54,27 @@ def chunk_tile_bounds(context_len: int, q_len: int, block_size: int, union_tile:
     return [min(max((first + i * tile) * block_size - context_len, 0), q_len) for i in range(n_tiles + 1)]
 
 
+@functools.lru_cache(maxsize=256)
+def chunk_causal_pages(context_len: int, q_len: int, block_size: int, union_tile: int | None, page_size: int) -> int:
+    """KV pages a chunk's union tiles would read densely, per page list: each tile's pages up to its last
+    query (the density metric's denominator), on the host, once per chunk shape (every layer asks)."""
+    bounds = chunk_tile_bounds(context_len, q_len, block_size, union_tile)
+    return sum(-(-(context_len + b) // page_size) for b in bounds[1:])
+
+
 def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
                     page_size: int, block_table_row: torch.Tensor, max_pages: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tables [kv_heads, n_tiles, max_pages] int32 physical ids, 0 past the count; counts [kv_heads, n_tiles])."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tables [kv_heads, n_tiles, max_pages] int32 physical ids, 0 past the count; counts [kv_heads, n_tiles];
+    FA3's seqused_k of each table, `used_tokens`)."""
     union = tile_unions(mask, tile, num_kv_heads)  # [kv, n_tiles, nkb]
     n_tiles, nkb = union.shape[1:]
     num_pages = ((seq_lens + page_size - 1) // page_size).repeat_interleave(num_kv_heads)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * num_kv_heads, nkb),
                                              block_size, page_size, num_pages)
     rows = torch.zeros(n_tiles, dtype=torch.int32, device=mask.device)
-    return compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
+    tables, counts = compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
+    return tables, counts, used_tokens(counts, seq_lens, page_size)
 
 
 @triton.jit(do_not_specialize=["m_offset", "stride_mh", "stride_mr", "s_offset", "bt_offset", "rows", "n_kv_blocks",
@@ -71,7 +83,7 @@ def _tile_tables_kernel(
     MASK, m_offset, stride_mh, stride_mr,  # uint8 [q_heads, rows, kv_blocks] at MASK + m_offset, rows contiguous
     SEQ_LENS, s_offset,  # [n_tiles] int32 at SEQ_LENS + s_offset
     BT, bt_offset,  # int32: the request's block table row starts at BT + bt_offset
-    TABLES, COUNTS,  # [kv_heads, n_tiles, max_pages] (zeroed), [kv_heads, n_tiles]
+    TABLES, COUNTS, USED,  # [kv_heads, n_tiles, max_pages], [kv_heads, n_tiles] pages and tokens
     rows, n_kv_blocks, n_tiles, tile, max_pages,
     GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -87,7 +99,8 @@ def _tile_tables_kernel(
         for g in tl.static_range(GROUP):
             row = tl.load(MASK + (kv * GROUP + g) * stride_mh + r * stride_mr + kb, mask=in_range, other=0)
             union = tl.maximum(union, row.to(tl.int32))
-    num_pages = (tl.load(SEQ_LENS + t) + PAGE - 1) // PAGE
+    seq_len = tl.load(SEQ_LENS + t)
+    num_pages = (seq_len + PAGE - 1) // PAGE
     BT += bt_offset
     # Kept block i goes to positions [i * PER_BLOCK, (i + 1) * PER_BLOCK); only the last kept block (the
     # tile's diagonal) can reach past the tile's pages, so the positions stay dense.
@@ -98,12 +111,18 @@ def _tile_tables_kernel(
         live = (union > 0) & (page < num_pages)
         tl.store(out + slot * PER_BLOCK + j, tl.load(BT + page, mask=live, other=0), mask=live)
     pages_of_block = tl.minimum(tl.maximum(num_pages - kb * PER_BLOCK, 0), PER_BLOCK)
-    tl.store(COUNTS + kv * n_tiles + t, tl.sum(union * pages_of_block, axis=0))
+    count = tl.sum(union * pages_of_block, axis=0)
+    tl.store(COUNTS + kv * n_tiles + t, count)
+    # FA3's seqused_k: whole pages, then the last (the tile's own) up to its last query.
+    tl.store(USED + kv * n_tiles + t, tl.where(count > 0, (count - 1) * PAGE + seq_len - (num_pages - 1) * PAGE, 0))
+    for p0 in range(0, max_pages, BLOCK_N):  # past the count: zeros (no separate launch to clear the table)
+        p = p0 + kb
+        tl.store(out + p, tl.zeros([BLOCK_N], dtype=tl.int32), mask=(p >= count) & (p < max_pages))
 
 
 def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
                        page_size: int, block_table_row: torch.Tensor, max_pages: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as `tile_tables_ref`, one launch."""
     heads, rows, nkb = mask.shape
     if block_size % page_size:
@@ -111,19 +130,20 @@ def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_len
     if mask.stride(-1) != 1:
         mask = mask.contiguous()
     n_tiles = -(-rows // tile)
-    tables = torch.zeros(num_kv_heads, n_tiles, max_pages, dtype=torch.int32, device=mask.device)
+    tables = torch.empty(num_kv_heads, n_tiles, max_pages, dtype=torch.int32, device=mask.device)
     counts = torch.empty(num_kv_heads, n_tiles, dtype=torch.int32, device=mask.device)
+    used = torch.empty_like(counts)
     if n_tiles == 0:
-        return tables, counts
+        return tables, counts, used
     block_n = row_bucket(nkb, mask.device)
     # Inputs that may be slices go as their allocation's base and an offset (`kernels/launch.py`).
     m, m_offset = storage_base(mask.view(torch.uint8))
     sl, s_offset = storage_base(seq_lens)
     bt, bt_offset = storage_base(block_table_row)
     _tile_tables_kernel[(num_kv_heads, n_tiles)](
-        m, m_offset, mask.stride(0), mask.stride(1), sl, s_offset, bt, bt_offset, tables, counts,
+        m, m_offset, mask.stride(0), mask.stride(1), sl, s_offset, bt, bt_offset, tables, counts, used,
         rows, nkb, n_tiles, tile, max_pages,
         GROUP=heads // num_kv_heads, PER_BLOCK=block_size // page_size, PAGE=page_size, BLOCK_N=block_n,
         num_warps=max(1, min(8, block_n // 256)),
     )
-    return tables, counts
+    return tables, counts, used

@@ -1,0 +1,38 @@
+"""One chunk-layer's kept density into the device histogram, in one launch.
+
+The torch way (sum the page counts, divide, bucketize, two accumulating adds) is six launches per
+sparse chunk-layer: at 32 layers a fifth of a step's glue launches, each a queue entry that keeps the
+host behind the GPU. This kernel does the same arithmetic in one program: the share is the fp32
+quotient of the kept and causal pages (as torch divides a float32 tensor by a number), its bucket
+the count of bounds below it (`torch.bucketize`, right=False).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["n_kept", "total", "bucket0", "sum_slot"])
+def _record_density_kernel(KEPT, n_kept, total, BOUNDS, ACC, bucket0, sum_slot,
+                           N_BOUNDS: tl.constexpr, BLOCK: tl.constexpr, BOUNDS_PAD: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.int64)
+    for i0 in range(0, n_kept, BLOCK):
+        acc += tl.load(KEPT + i0 + i, mask=i0 + i < n_kept, other=0).to(tl.int64)
+    share = tl.math.div_rn(tl.sum(acc, axis=0).to(tl.float32), total.to(tl.float32))
+    b = tl.arange(0, BOUNDS_PAD)
+    bounds = tl.load(BOUNDS + b, mask=b < N_BOUNDS, other=float("inf"))
+    slot = bucket0 + tl.sum((bounds < share).to(tl.int32), axis=0)
+    tl.store(ACC + slot, tl.load(ACC + slot) + 1.0)
+    tl.store(ACC + sum_slot, tl.load(ACC + sum_slot) + share.to(tl.float64))
+
+
+def record_density_kernel(kept: torch.Tensor, total: int, bounds: torch.Tensor, acc: torch.Tensor, bucket0: int,
+                          sum_slot: int) -> None:
+    """acc[bucket0 + bucket of kept.sum() / total] += 1 and acc[sum_slot] += that share (kept: integer pages,
+    contiguous, any shape; bounds fp32; acc fp64; all on one device)."""
+    _record_density_kernel[(1,)](kept, kept.numel(), int(total), bounds, acc, bucket0, sum_slot,
+                                 N_BOUNDS=bounds.numel(), BLOCK=1024,
+                                 BOUNDS_PAD=triton.next_power_of_2(bounds.numel()), num_warps=4)
