@@ -75,7 +75,7 @@ def _top_p_free_count(level, p, top_p):
                                "first_block", "min_blocks", "max_blocks", "sink", "local"])
 def _select_blocks_kernel(
     S, s_offset, stride_sh, stride_sr,  # scores [heads, rows, kv_blocks] at S + s_offset, last dim contiguous
-    ROW_COUNT,  # int64, by the row's block (its causal blocks less one): the top-k / keep-ratio count (unused for top-p)
+    ROW_COUNT,  # int64 by row block (causal blocks less one): the top-k / keep-ratio count (unused for top-p)
     OUT, stride_oh, stride_or,  # bool [heads, rows, kv_blocks]
     n_kv_blocks, first_block, top_p, min_blocks, max_blocks, sink, local,
     TOP_P: tl.constexpr, HAS_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
