@@ -7,11 +7,12 @@ Two kinds of device memory grow with the chunk and the context:
 - each sparse chunk-layer's temporaries: block scores and the kept-block mask ([q heads, query blocks,
   KV blocks]), the per-token line sums of `vertical_slash`, the FA3 page tables ([page lists, union
   tiles, context pages]), quantized `antidiagonal`'s int8 copies of the chunk's queries and of one KV
-  head's keys. They live for one layer and are freed before the next. At 1M tokens they reach
-  hundreds of MiB (benchmarks/RESULTS.md, "Temporaries of a sparse chunk-layer at 128K-1M tokens"), so
-  they are counted in vLLM's memory profile: during vLLM's profiling forward (no attention metadata)
-  every sparse layer allocates their bound for the largest chunk at max_model_len and frees it, so the
-  KV cache is sized around them and a long request cannot run the engine out of memory.
+  head's keys at the longest context (at shorter ones, of as many heads as that covers). They live for
+  one layer and are freed before the next. At 1M tokens they reach hundreds of MiB
+  (benchmarks/RESULTS.md, "Temporaries of a sparse chunk-layer at 128K-1M tokens"), so they are counted
+  in vLLM's memory profile: during vLLM's profiling forward (no attention metadata) every sparse layer
+  allocates their bound for the largest chunk at max_model_len and frees it, so the KV cache is sized
+  around them and a long request cannot run the engine out of memory.
 """
 
 from __future__ import annotations

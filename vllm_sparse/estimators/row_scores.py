@@ -20,7 +20,8 @@ Triton launches that hold at most a tile of logits, in registers:
 `antidiagonal` with `bits` quantizes its strided rows and key columns first (`_quantize_rows_kernel`,
 `_quantize_columns_kernel`: int8 per row / column of S x head_dim, as `quant.quantize_symmetric`), so
 the first kernel's product reads half the bytes and runs on the int8 tensor cores; the keys are
-quantized one KV head at a time, so their copy is one head's context in int8.
+quantized for as many KV heads per launch as the memory counted for one head's copy at the longest
+context covers (`Workspace.key_column_heads`: all of them at short contexts, one at max_model_len).
 
 Between them is one float per (head, row, KV block), taken from the workspace reserved at engine
 start (`kernels/workspace.py`); a chunk that needs more than it holds runs in slabs of whole query
