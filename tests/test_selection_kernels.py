@@ -15,7 +15,7 @@ from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_me
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.selection.budget import Budget, select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
-from vllm_sparse.selection.tile_tables import tile_seq_lens, tile_tables_ref, tile_tables_triton
+from vllm_sparse.selection.tile_tables import chunk_causal_pages, tile_seq_lens, tile_tables_ref, tile_tables_triton
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -208,3 +208,14 @@ def test_dummy_sparse_step_runs_every_head_plan_set_and_leaves_stats_alone():
     finally:
         sparse_path.attend_sparse_chunks = original
     assert calls == [True, True]
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+@pytest.mark.parametrize("tile", [1, 2, 3, None])
+def test_chunk_causal_pages_on_the_host_match_the_tiles(case, tile):
+    """The density metric's denominator, from host lengths, is the tiles' causal pages the device path summed."""
+    kv, group, bs, page, ctx, q_len = case
+    first, nkb = ctx // bs, (ctx + q_len - 1) // bs + 1
+    rows = nkb - first
+    _, seq_lens = tile_seq_lens(first, -(-rows // (tile or rows)), tile or rows, bs, ctx, q_len, torch.device("cpu"))
+    assert chunk_causal_pages(ctx, q_len, bs, tile or rows, page) == int(((seq_lens + page - 1) // page).sum())
