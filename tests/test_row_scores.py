@@ -117,13 +117,15 @@ def test_quantized_key_columns_of_many_kv_heads_per_launch(counted, monkeypatch)
     chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 260, 64, D**-0.5,
                          tuple(kv_of.tolist()))
     fused = dataclasses.replace(chunk, kernels=True)
-    monkeypatch.setattr(WORKSPACE, "_key_tokens", {} if counted is None else {torch.device(DEVICE): counted * 520})
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
+    if counted:
+        WORKSPACE.count_key_columns(counted * 520, torch.device(DEVICE))
     assert WORKSPACE.key_column_heads(5, 520, D + 4, torch.device(DEVICE)) == (counted or 5)
     _poison_workspace()
     assert _compare(chunk, "antidiagonal", {"stride": 8, "bits": 8}) < 2e-4
     est = get_estimator("antidiagonal")
     got = est.score(fused, est.params(stride=8, bits=8))
-    monkeypatch.setattr(WORKSPACE, "_key_tokens", {torch.device(DEVICE): 520})  # one head per launch
+    WORKSPACE.count_key_columns(520, torch.device(DEVICE))  # one head per launch
     assert torch.equal(got, est.score(fused, est.params(stride=8, bits=8)))
 
 

@@ -16,7 +16,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
 
 
-def test_no_sparse_kernel_compiles_after_warm_up():
+def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch):
     from triton import knobs
 
     from vllm_sparse.backend import warmup
@@ -26,6 +26,8 @@ def test_no_sparse_kernel_compiles_after_warm_up():
     from vllm_sparse.config.plan import ModelShape, resolve_plan
     from vllm_sparse.config.sharding import head_shard
     from vllm_sparse.kernels.paged import PagedKV
+    from vllm_sparse.metrics import paths
+    from vllm_sparse.metrics.worker import WorkerMetrics
 
     dev, dtype, page, d, q_heads, kv_heads = torch.device("cuda"), torch.bfloat16, 16, 128, 32, 8
     shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), num_layers=2, num_q_heads=q_heads,
@@ -38,6 +40,8 @@ def test_no_sparse_kernel_compiles_after_warm_up():
     warmup.warm_up_selection_kernels(plan, q_heads // kv_heads, page, d, dtype, max_model_len, dev, with_tables=True)
     warmup.run_dummy_sparse_steps(plan, head_shard(q_heads, kv_heads, 0, 1, "llama"), kv_heads, d, page, dtype, dev)
 
+    monkeypatch.setenv(paths.DIR_ENV, str(tmp_path))
+    metrics = WorkerMetrics(dev, 2, 0)  # the kept-density record, as serving has it
     compiled = []
 
     def hook(*, fn=None, **_):
@@ -65,7 +69,7 @@ def test_no_sparse_kernel_compiles_after_warm_up():
             q = torch.randn(n_tok, q_heads, d, device=dev, dtype=dtype)
             out = torch.full_like(q, float("nan"))
             attend_sparse_chunks(q, out, kv, block_table, tuple(chunks), list(heads), plan.block_size, d**-0.5,
-                                 plan.union_tile, union_heads=plan.union_heads,
+                                 plan.union_tile, union_heads=plan.union_heads, metrics=metrics, layer=1,
                                  tiles=tile_geometry(chunks, plan.block_size, plan.union_tile, dev))
             torch.cuda.synchronize()
             assert out.isfinite().all(), step

@@ -19,6 +19,8 @@ from vllm_sparse.estimators.block_means import block_key_means_triton
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET, row_buckets
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
+from vllm_sparse.metrics.density_kernel import record_density_kernel
+from vllm_sparse.metrics.paths import DENSITY_BUCKETS
 from vllm_sparse.selection.budget import Budget
 from vllm_sparse.selection.select_kernel import select_blocks_triton
 from vllm_sparse.selection.tile_tables import tile_tables_triton
@@ -54,6 +56,10 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
                                    nkb * (block_size // page_size))
     cache = torch.randn(2, 1, page_size, 2 * head_dim, device=dev).to(kv_dtype)
     block_key_means_triton(PagedKV.from_flash_cache(cache), block_table, 1, block_size)
+    # The kept-density metric's kernel (`metrics/density_kernel.py`), on scratch accumulators.
+    record_density_kernel(block_table[:2], 4, torch.tensor(DENSITY_BUCKETS, device=dev),
+                          torch.zeros(len(DENSITY_BUCKETS) + 2, dtype=torch.float64, device=dev), 0,
+                          len(DENSITY_BUCKETS) + 1)
     torch.cuda.synchronize(dev)
     logger.info("vllm-sparse: selection kernels ready (%.1f s; compiled once, then loaded from Triton's cache)",
                 time.perf_counter() - t0)

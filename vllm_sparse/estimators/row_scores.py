@@ -195,7 +195,7 @@ def _quantize_rows_kernel(
 def _quantize_columns_kernel(
     K, stride_kp, stride_kh, stride_kt, BT, bt_offset, kv0,  # KV heads kv0 + program_id(1) of the paged cache
     KI, stride_kh_out, stride_kc,  # out: [heads, n_cols, S * D] int8, column c = keys c*S .. c*S + S - 1
-    KS,  # out: [heads, n_cols] fp32 scales
+    KS, stride_ks,  # out: [heads, n_cols] fp32 scales (rows padded to 16 floats: one compiled variant)
     seq_len, n_cols,
     S: tl.constexpr, HEAD_D: tl.constexpr, COLS: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
 ):
@@ -204,7 +204,7 @@ def _quantize_columns_kernel(
     c = tl.program_id(0) * COLS + tl.arange(0, COLS)
     kv = kv0 + tl.program_id(1)
     KI += tl.program_id(1).to(tl.int64) * stride_kh_out
-    KS += tl.program_id(1) * n_cols
+    KS += tl.program_id(1) * stride_ks
     i = tl.arange(0, S)
     d = tl.arange(0, HEAD_D)
     tok = c[:, None] * S + i[None, :]  # [COLS, S]
@@ -466,7 +466,9 @@ class _RowLse:
             # The keys' int8 copy holds one pass's KV heads at a time (quantized when the pass comes).
             heads = max(n for _, n, _ in self.passes)
             self.k_in = torch.empty(heads, self.n_cols, rows.stride * d, dtype=torch.int8, device=q.device)
-            self.k_scale = torch.empty(heads, self.n_cols, dtype=torch.float32, device=q.device)
+            # Scale rows padded to a multiple of 16 floats: their stride reaches the kernels, which Triton
+            # specialises on divisibility by 16 (an unpadded stride would compile a variant mid-request).
+            self.k_scale = torch.empty(heads, -(-self.n_cols // 16) * 16, dtype=torch.float32, device=q.device)
             self._quantized = None  # the (first KV head, heads) whose columns k_in holds
             return
         self.kv_of = chunk.kv_head_of[::self.group].contiguous()
@@ -510,7 +512,8 @@ class _RowLse:
         c, key, tile = self.chunk, self.chunk.kv.key, 4
         _quantize_columns_kernel[(triton.cdiv(self.n_cols, tile), heads)](
             key, key.stride(0), key.stride(1), key.stride(2), *self.bt, kv0,
-            self.k_in, self.k_in.stride(0), self.k_in.stride(1), self.k_scale, c.seq_len, self.n_cols,
+            self.k_in, self.k_in.stride(0), self.k_in.stride(1), self.k_scale, self.k_scale.stride(0), c.seq_len,
+            self.n_cols,
             S=self.rows.stride, HEAD_D=c.q.shape[-1], COLS=tile, PAGE=c.kv.page_size, QMAX=self.qmax, num_warps=4,
         )
 

@@ -13,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_sparse.kernels.launch import storage_base
 
-@triton.jit(do_not_specialize=["n_kept", "total", "bucket0", "sum_slot"])
-def _record_density_kernel(KEPT, n_kept, total, BOUNDS, ACC, bucket0, sum_slot,
+
+@triton.jit(do_not_specialize=["kept_offset", "n_kept", "total", "bucket0", "sum_slot"])
+def _record_density_kernel(KEPT, kept_offset, n_kept, total, BOUNDS, ACC, bucket0, sum_slot,
                            N_BOUNDS: tl.constexpr, BLOCK: tl.constexpr, BOUNDS_PAD: tl.constexpr):
+    KEPT += kept_offset
     i = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.int64)
     for i0 in range(0, n_kept, BLOCK):
@@ -31,8 +34,9 @@ def _record_density_kernel(KEPT, n_kept, total, BOUNDS, ACC, bucket0, sum_slot,
 
 def record_density_kernel(kept: torch.Tensor, total: int, bounds: torch.Tensor, acc: torch.Tensor, bucket0: int,
                           sum_slot: int) -> None:
-    """acc[bucket0 + bucket of kept.sum() / total] += 1 and acc[sum_slot] += that share (kept: integer pages,
-    contiguous, any shape; bounds fp32; acc fp64; all on one device)."""
-    _record_density_kernel[(1,)](kept, kept.numel(), int(total), bounds, acc, bucket0, sum_slot,
+    """acc[bucket0 + bucket of kept.sum() / total] += 1 and acc[sum_slot] += that share (kept: int32 pages,
+    contiguous, any shape, e.g. a slice of a CSR indptr; bounds fp32; acc fp64; all on one device)."""
+    base, offset = storage_base(kept)  # (a slice at any offset: one compiled variant, `kernels/launch.py`)
+    _record_density_kernel[(1,)](base, offset, kept.numel(), int(total), bounds, acc, bucket0, sum_slot,
                                  N_BOUNDS=bounds.numel(), BLOCK=1024,
                                  BOUNDS_PAD=triton.next_power_of_2(bounds.numel()), num_warps=4)

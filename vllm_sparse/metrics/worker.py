@@ -85,7 +85,7 @@ class WorkerMetrics:
         of any shape, summed here) of `total` (a host number). On CUDA one launch (`density_kernel.py`)."""
         group = layer // LAYER_GROUP if layer >= 0 else 0
         if self.use_kernel and isinstance(kept, torch.Tensor):
-            record_density_kernel(kept.contiguous(), total, self._bounds, self._acc, group * self._nb,
+            record_density_kernel(kept.contiguous().to(torch.int32), total, self._bounds, self._acc, group * self._nb,
                                   self._groups * self._nb + group)
             self._mark_dirty()
             return
