@@ -154,6 +154,7 @@ def main() -> None:
     ctx = ChunkContext(q, torch.arange(HQ, device=DEV) // (HQ // HKV), kv, table, args.ctx - args.chunk,
                        args.block, D**-0.5, tuple(h // (HQ // HKV) for h in range(HQ)))
     WORKSPACE.reserve(1 << 40, torch.device(DEV))  # the cap (VLLM_SPARSE_WORKSPACE_MIB), as an engine reserves
+    WORKSPACE.count_key_columns(args.ctx, torch.device(DEV))  # int8 key columns: as an engine of this context
     budget = parse_budget(args.budget, args.share)
     total_pages = float(((ctx.query_block_ids() + 1) * args.block // PAGE).sum() * HKV)
     rows, kernel_masks = [], {}
@@ -168,7 +169,7 @@ def main() -> None:
                 continue
             run = lambda path=path, name=name, params=params: step(ctx, name, params, budget, path)  # noqa: E731
             try:
-                (tables, counts), masks[path] = run()
+                (tables, counts, _), masks[path] = run()
                 row[f"{path}_kept_after_union"] = float(counts.sum()) / total_pages
                 row[f"{path}_ms"] = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
                 c = dataclasses.replace(ctx, kernels=path == "kernels")

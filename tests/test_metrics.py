@@ -122,7 +122,7 @@ def test_a_top_level_process_serves_and_its_workers_write(monkeypatch):
     child.join()
 
 
-@pytest.mark.parametrize("case", [(7, 100), (1, 3), (2, 40), (5, 5), (0, 9), (2**20 + 3, 2**21)])
+@pytest.mark.parametrize("case", [(7, 100), (1, 3), (2, 40), (5, 5), (0, 9), (9, 10), (3, 30), (2**20 + 3, 2**21)])
 def test_density_kernel_records_as_the_torch_ops(case, metrics_dir):
     """The one-launch density record (CUDA's path; here in Triton's interpreter) gives the torch path's
     buckets and sums, for page counts of any shape, bucket bounds included (0.02 of 100, 1.0)."""

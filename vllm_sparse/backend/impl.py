@@ -73,10 +73,11 @@ class SparseImplMixin:
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
-            # The temporaries of one sparse chunk-layer at the longest context, touched in vLLM's profiling
-            # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
+            # The int8 key columns one launch may hold: one KV head's at the longest context, as counted below.
             WORKSPACE.count_key_columns(vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
+            # The temporaries of one sparse chunk-layer at the longest context, touched in vLLM's profiling
+            # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
             self._temporaries = step_temporaries_bytes(
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size)

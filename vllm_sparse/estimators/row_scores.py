@@ -232,8 +232,10 @@ def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT
 
 
 # Strides are left to Triton's specialisation (fixed by the model; a multiple of 16 lets loads
-# vectorise), and Q and K come as tensors (16-byte aligned whatever the chunk); quantities that
-# change with the chunk or the request are not specialised, so no request compiles a variant.
+# vectorise; the int8 key columns' head strides change with the context but are multiples of 16 by
+# construction: S x head_dim bytes a column, scale rows padded to 16), and Q and K come as tensors
+# (16-byte aligned whatever the chunk); quantities that change with the chunk or the request are not
+# specialised, so no request compiles a variant.
 @triton.jit(do_not_specialize=["stride_qsr", "bt_offset", "stride_oh", "stride_or", "context_len", "seq_len",
                                "row_first", "row_step", "row0", "n_rows", "n_cols", "head0"])
 def _row_block_lse_kernel(
@@ -470,6 +472,7 @@ class _RowLse:
             # specialises on divisibility by 16 (an unpadded stride would compile a variant mid-request).
             self.k_scale = torch.empty(heads, -(-self.n_cols // 16) * 16, dtype=torch.float32, device=q.device)
             self._quantized = None  # the (first KV head, heads) whose columns k_in holds
+            self.bt = storage_base(chunk.block_table)
             return
         self.kv_of = chunk.kv_head_of[::self.group].contiguous()
         if bits:
@@ -479,6 +482,8 @@ class _RowLse:
             self.logit_scale = 1.0  # folded into the rows' scales
         else:
             self.q_in, self.q_scale = q, torch.empty(1, 1, device=q.device)  # scale unused
+        # The block table row as an aligned base and an offset (the offset changes with the request).
+        self.bt = storage_base(chunk.block_table)
 
     def _column_passes(self, chunk, d: int) -> list[tuple[int, int, int]]:
         """(first group, groups, first KV head) of each launch over quantized key columns. Where each group is
@@ -489,11 +494,6 @@ class _RowLse:
             return [(g, 1, kv) for g, kv in enumerate(kv_ids)]
         n = WORKSPACE.key_column_heads(len(kv_ids), chunk.seq_len, d + 4, chunk.q.device)
         return [(g, min(n, len(kv_ids) - g), g) for g in range(0, len(kv_ids), n)]
-
-    @property
-    def bt(self) -> tuple[torch.Tensor, int]:
-        """The block table row as an aligned base and an offset (the offset changes with the request)."""
-        return storage_base(self.chunk.block_table)
 
     def _quantize_rows(self, q: torch.Tensor) -> None:
         """Every scored strided row of the chunk, int8 [rows, heads, S * D], scales [rows, heads] (log2 units)."""

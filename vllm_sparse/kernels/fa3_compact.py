@@ -98,3 +98,86 @@ def sparse_attention_fa3(
                                seqused_k=used[i], softmax_scale=scale, causal=True, block_table=tables[i],
                                out=out[:, heads], fa_version=3, num_splits=splits)
     return out
+
+
+# One call for every page list of a chunk (`VLLM_SPARSE_FA3_ONE_CALL=1`, not yet measured). FA3 takes one block
+# table per sequence for all of its heads, so the lists become sequences of their own: the KV cache is viewed
+# as pages of one KV head (pseudo page `page * mul + head`, no copy), the queries are permuted so that each
+# list's rows are contiguous, and the output is permuted back: two copies of the chunk's queries in place of
+# 2 x (lists - 1) launches (a call and FA3's scheduler kernel per list).
+
+
+@functools.lru_cache(maxsize=1)
+def one_call_enabled() -> bool:
+    from vllm_sparse import envs
+
+    return envs.flag("VLLM_SPARSE_FA3_ONE_CALL")
+
+
+def head_page_stride(cache: torch.Tensor) -> int | None:
+    """`mul` of the one-head pages of a cache viewed [pages, page_size, kv_heads, D]: with a page's start a
+    multiple of the head stride, head h of page p starts at (p * mul + h) head strides. That holds for vLLM's
+    layouts (heads D apart, 2D with K|V packed, or a page apart with heads outermost); None where it does not
+    (or the ids would pass int32), which keeps a call per list."""
+    unit = cache.stride(2)
+    if cache.stride(-1) != 1 or unit < cache.shape[-1] or cache.stride(0) % unit:
+        return None
+    mul = cache.stride(0) // unit
+    return mul if (cache.shape[0] - 1) * mul + cache.shape[2] < 2**31 else None
+
+
+def one_call_pages(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int | None:
+    """`mul` for FA3's one call over every list when it is asked for and both caches allow it; else None (the
+    call per list), said once in the log where it was asked for."""
+    if not one_call_enabled():
+        return None
+    mul = head_page_stride(k_cache)
+    if mul is None or head_page_stride(v_cache) != mul:
+        _layout_refused(tuple(k_cache.stride()), tuple(v_cache.stride()))
+        return None
+    return mul
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_refused(k_strides: tuple, v_strides: tuple) -> None:
+    from vllm_sparse.log import logger
+
+    logger.warning("vllm-sparse: VLLM_SPARSE_FA3_ONE_CALL=1, but this KV cache (key strides %s, value strides %s) "
+                   "has no one-head page view: FA3 runs a call per page list", k_strides, v_strides)
+
+
+def pages_by_head(cache: torch.Tensor, mul: int) -> torch.Tensor:
+    """The cache as pages of one KV head, [n, page_size, 1, D] over the same memory: pseudo page p * mul + h is
+    head h of page p (rows keep the cache's stride). Pseudo pages overlap; FA3 only reads them."""
+    pages, page, heads, d = cache.shape
+    unit = cache.stride(2)
+    return cache.as_strided(((pages - 1) * mul + heads, page, 1, d), (unit, cache.stride(1), unit, 1),
+                            cache.storage_offset())
+
+
+def sparse_attention_fa3_one_call(
+    q: torch.Tensor,  # [tokens, q_heads, D]
+    k_pages: torch.Tensor,  # `pages_by_head` views of the key and value caches
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,  # [lists, segments, max_pages] int32 pseudo page ids (`tile_tables_triton(page_mul=...)`)
+    used: torch.Tensor,  # [lists, segments] int32 tokens of each list (`used_tokens`)
+    cu_lists: torch.Tensor,  # [lists * segments + 1] int32: list i's segment t starts at row i * tokens + start_t
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,  # [tokens, q_heads, Dv]
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    lists, segments = used.shape
+    tokens, q_heads, d = q.shape
+    pack = q_heads // lists
+    q_lists = q.view(tokens, lists, pack, d).transpose(0, 1).reshape(lists * tokens, pack, d)  # one copy
+    out_lists = torch.empty((lists * tokens, pack, out.shape[-1]), dtype=out.dtype, device=out.device)
+    splits = fa3_num_splits(lists * segments, max_query_len, pack, q.device) if num_splits is None else num_splits
+    flash_attn_varlen_func(q_lists, k_pages, v_pages, max_seqlen_q=max_query_len, cu_seqlens_q=cu_lists,
+                           max_seqlen_k=tables.shape[-1] * k_pages.shape[1], seqused_k=used.view(-1),
+                           softmax_scale=scale, causal=True, block_table=tables.view(lists * segments, -1),
+                           out=out_lists, fa_version=3, num_splits=splits)
+    out.view(tokens, lists, pack, -1).copy_(out_lists.view(lists, tokens, pack, -1).transpose(0, 1))
+    return out

@@ -2,8 +2,9 @@
 
 The torch way (sum the page counts, divide, bucketize, two accumulating adds) is six launches per
 sparse chunk-layer: at 32 layers a fifth of a step's glue launches, each a queue entry that keeps the
-host behind the GPU. This kernel does the same arithmetic in one program: the share is the fp32
-quotient of the kept and causal pages (as torch divides a float32 tensor by a number), its bucket
+host behind the GPU. This kernel does the same arithmetic in one program: the share is the correctly
+rounded fp32 quotient of the kept and causal pages (the torch path divides by a tensor for the same
+quotient: CUDA's division by a number multiplies by its reciprocal, one ulp off at 9/10), its bucket
 the count of bounds below it (`torch.bucketize`, right=False).
 """
 
@@ -24,7 +25,7 @@ def _record_density_kernel(KEPT, kept_offset, n_kept, total, BOUNDS, ACC, bucket
     acc = tl.zeros([BLOCK], dtype=tl.int64)
     for i0 in range(0, n_kept, BLOCK):
         acc += tl.load(KEPT + i0 + i, mask=i0 + i < n_kept, other=0).to(tl.int64)
-    share = tl.math.div_rn(tl.sum(acc, axis=0).to(tl.float32), total.to(tl.float32))
+    share = tl.math.div_rn(tl.sum(acc, axis=0).to(tl.float32), total)
     b = tl.arange(0, BOUNDS_PAD)
     bounds = tl.load(BOUNDS + b, mask=b < N_BOUNDS, other=float("inf"))
     slot = bucket0 + tl.sum((bounds < share).to(tl.int32), axis=0)
@@ -37,6 +38,6 @@ def record_density_kernel(kept: torch.Tensor, total: int, bounds: torch.Tensor, 
     """acc[bucket0 + bucket of kept.sum() / total] += 1 and acc[sum_slot] += that share (kept: int32 pages,
     contiguous, any shape, e.g. a slice of a CSR indptr; bounds fp32; acc fp64; all on one device)."""
     base, offset = storage_base(kept)  # (a slice at any offset: one compiled variant, `kernels/launch.py`)
-    _record_density_kernel[(1,)](base, offset, kept.numel(), int(total), bounds, acc, bucket0, sum_slot,
+    _record_density_kernel[(1,)](base, offset, kept.numel(), float(total), bounds, acc, bucket0, sum_slot,
                                  N_BOUNDS=bounds.numel(), BLOCK=1024,
                                  BOUNDS_PAD=triton.next_power_of_2(bounds.numel()), num_warps=4)

@@ -89,7 +89,8 @@ class WorkerMetrics:
                                   self._groups * self._nb + group)
             self._mark_dirty()
             return
-        share = torch.as_tensor(kept, device=self.device).sum().float() / total
+        kept = torch.as_tensor(kept, device=self.device).sum().float()
+        share = kept / torch.full_like(kept, float(total))  # a true division, as the kernel's (one ulp apart else)
         slot = torch.bucketize(share.reshape(1), self._bounds) + group * self._nb
         self._acc.index_put_((slot,), self._one, accumulate=True)
         self._acc.narrow(0, self._groups * self._nb + group, 1).add_(share.reshape(1))
