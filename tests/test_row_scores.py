@@ -111,21 +111,24 @@ def test_fused_scores_in_slabs_when_the_workspace_is_small(name, raw, monkeypatc
 def test_quantized_key_columns_of_many_kv_heads_per_launch(counted, monkeypatch):
     # Five KV heads: key columns of all of them in one launch (no count: the cap holds them), one per launch,
     # or two per launch (the count covers twice the context: passes of 2, 2 and 1). Scores are the same.
-    b = random_paged_batch([520], [260], 10, 5, D, PAGE, dtype=torch.float32, seed=11)
+    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=11)
     kv_of = torch.arange(10) // 2
     kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
-    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 260, 64, D**-0.5,
+    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, 64, D**-0.5,
                          tuple(kv_of.tolist()))
     fused = dataclasses.replace(chunk, kernels=True)
     monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
     if counted:
-        WORKSPACE.count_key_columns(counted * 520, torch.device(DEVICE))
-    assert WORKSPACE.key_column_heads(5, 520, D + 4, torch.device(DEVICE)) == (counted or 5)
+        WORKSPACE.count_key_columns(counted * 300, torch.device(DEVICE))
+    assert WORKSPACE.key_column_heads(5, 300, D + 4, torch.device(DEVICE)) == (counted or 5)
     _poison_workspace()
     assert _compare(chunk, "antidiagonal", {"stride": 8, "bits": 8}) < 2e-4
     est = get_estimator("antidiagonal")
     got = est.score(fused, est.params(stride=8, bits=8))
-    WORKSPACE.count_key_columns(520, torch.device(DEVICE))  # one head per launch
+    # Against the other extreme: every head in one launch for the one-head case, one head a launch for the others.
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
+    if counted != 1:
+        WORKSPACE.count_key_columns(300, torch.device(DEVICE))
     assert torch.equal(got, est.score(fused, est.params(stride=8, bits=8)))
 
 
