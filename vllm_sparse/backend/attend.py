@@ -67,7 +67,8 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
                              union_heads: bool = True, observer=None,
                              tiles: tuple[torch.Tensor, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, int]:
-    """All union tiles of one chunk in one kernel launch (one per KV head with FA3), no host sync.
+    """All union tiles of one chunk in one kernel launch (FA3: a call per page list, or one for every list with
+    VLLM_SPARSE_FA3_ONE_CALL=1), no host sync.
     Returns (KV pages read: device counts to sum, causal KV pages: a host number) over the tiles and page
     lists.
 
