@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.fixtures.paged import random_paged_batch
+from tests.test_sparse_kernel import _bottom_right_causal
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 from vllm_sparse.config.plan import HeadPlan
@@ -31,7 +32,7 @@ def fa3_model(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, s
     """flash_attn_varlen_func's paged path, in torch: sequence b's queries are rows cu[b]:cu[b + 1], its keys the
     first seqused_k[b] tokens of its pages in block_table[b], causal aligned bottom-right, GQA by head groups."""
     assert causal and fa_version == 3 and k.stride(-1) == 1 and block_table.dtype == torch.int32
-    page, hk, d = k.shape[1], k.shape[2], k.shape[3]
+    page, hk = k.shape[1], k.shape[2]
     group = q.shape[1] // hk
     for b in range(cu_seqlens_q.numel() - 1):
         q0, q1, n = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seqused_k[b])
@@ -39,12 +40,10 @@ def fa3_model(q, k, v, *, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k, s
         if q1 == q0:
             continue
         pages = block_table[b, :-(-n // page)].long()
-        kk = k[pages].reshape(-1, hk, d)[:n].float().repeat_interleave(group, 1)
-        vv = v[pages].reshape(-1, hk, v.shape[-1])[:n].float().repeat_interleave(group, 1)
-        logits = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), kk) * softmax_scale
-        rows = n - (q1 - q0) + torch.arange(q1 - q0)
-        logits.masked_fill_(torch.arange(n)[None, None] > rows[None, :, None], float("-inf"))
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", logits.softmax(-1), vv).to(out.dtype)
+        for h in range(hk):  # each KV head's group of q heads, by FA's causal rule on the list
+            heads = slice(h * group, (h + 1) * group)
+            kk, vv = k[pages, :, h].reshape(-1, k.shape[-1]), v[pages, :, h].reshape(-1, v.shape[-1])
+            out[q0:q1, heads] = _bottom_right_causal(q[q0:q1, heads], kk, vv, softmax_scale, n).to(out.dtype)
     return out
 
 

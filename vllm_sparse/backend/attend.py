@@ -96,19 +96,16 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     if kernel == "fa3":
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
         k_cache, v_cache = kv.key.transpose(1, 2), kv.value.transpose(1, 2)  # [pages, page_size, kv_heads, D]
-        mul = one_call_pages(k_cache, v_cache)
-        if mul is not None:  # every list in one FA3 call (`VLLM_SPARSE_FA3_ONE_CALL`)
-            cu = torch.empty(lists * n_tiles + 1, dtype=torch.int32, device=dev)
-            tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
-                                                      block_table[c.req], max_pages, page_mul=mul,
-                                                      lists_per_kv=lists // num_kv, bounds=bounds, cu_out=cu,
-                                                      q_len=ctx.q_len)
+        mul = one_call_pages(k_cache, v_cache)  # every list in one FA3 call (`VLLM_SPARSE_FA3_ONE_CALL`), or None
+        cu = torch.empty(lists * n_tiles + 1, dtype=torch.int32, device=dev) if mul else None
+        tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
+                                                  max_pages, page_mul=mul or 0, lists_per_kv=lists // num_kv,
+                                                  bounds=bounds, cu_out=cu, q_len=ctx.q_len)
+        if mul:
             sparse_attention_fa3_one_call(q, pages_by_head(k_cache, mul), pages_by_head(v_cache, mul), tables, used,
                                           cu, max_q, ctx.scale, out)
-            return counts, causal
-        tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
-                                                  max_pages)
-        sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out)
+        else:
+            sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out)
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,

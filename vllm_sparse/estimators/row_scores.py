@@ -462,6 +462,8 @@ class _RowLse:
         self.sub_tiles = max(1, self.cpb // self.block_n)  # a block wider than a tile spans several
         self.logit_scale = logit_scale * _LOG2E * kv.k_scale  # log2 units; an fp8 cache's key scale
         self.qmax = 2 ** (bits - 1) - 1 if bits else 0
+        # The block table row as an aligned base and an offset (the offset changes with the request).
+        self.bt = storage_base(chunk.block_table)
         if self.pre:
             self._quantize_rows(q)
             self.passes = self._column_passes(chunk, d)
@@ -472,7 +474,6 @@ class _RowLse:
             # specialises on divisibility by 16 (an unpadded stride would compile a variant mid-request).
             self.k_scale = torch.empty(heads, -(-self.n_cols // 16) * 16, dtype=torch.float32, device=q.device)
             self._quantized = None  # the (first KV head, heads) whose columns k_in holds
-            self.bt = storage_base(chunk.block_table)
             return
         self.kv_of = chunk.kv_head_of[::self.group].contiguous()
         if bits:
@@ -482,8 +483,6 @@ class _RowLse:
             self.logit_scale = 1.0  # folded into the rows' scales
         else:
             self.q_in, self.q_scale = q, torch.empty(1, 1, device=q.device)  # scale unused
-        # The block table row as an aligned base and an offset (the offset changes with the request).
-        self.bt = storage_base(chunk.block_table)
 
     def _column_passes(self, chunk, d: int) -> list[tuple[int, int, int]]:
         """(first group, groups, first KV head) of each launch over quantized key columns. Where each group is
