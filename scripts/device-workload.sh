@@ -23,8 +23,6 @@
 #          Triton kernel, if any, a turn waited for
 #   sstages the first plan's prefills at 32K and 64K profiled, the sparse engine alone: where its time goes
 #   seltest the selection kernels' and FA3-compact tests compiled, and no kernel compiles after the warm-up
-#   onecall FA3 in one call for every page list of a chunk (VLLM_SPARSE_FA3_ONE_CALL=1) against a call per list: the
-#          GPU test, then the sparse engine alone with each (first 32K and 128K turns, 12 x 32K)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
@@ -87,19 +85,6 @@ gtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
     tests/test_engine_decode_gpu.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -15
 }
-onecall() {  # FA3 in one call for every page list (VLLM_SPARSE_FA3_ONE_CALL=1) vs a call per list: its GPU test, then
-  # the sparse engine alone with each, the same traffic (first 32K / 128K turns, 12 x 32K)
-  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_sparse_kernel.py -k fa3_over_compacted \
-    2>&1 | tail -4
-  local v t
-  for v in 1 0; do
-    t=$(( $(left) / (1 + v) - 5 ))  # the first engine half of what is left
-    VLLM_SPARSE_FA3_ONE_CALL=$v timeout $t python3 benchmarks/workload.py --graphs --only sparse \
-      --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first 32768,131072 --first-repeats 2 --docs= \
-      --beside 0 --concurrent 12 --reserve 30 --timeout $(( t - 10 )) --out "$OUT/onecall_$v.json" 2>&1 \
-      | grep -v "Capturing CUDA" | tee "$OUT/onecall_$v.log" | tail -8
-  done
-}
 temps() {
   local ctx
   for ctx in 131072 262144 524288 1048576; do
@@ -109,4 +94,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60 onecall:400" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"

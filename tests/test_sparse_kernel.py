@@ -212,20 +212,12 @@ def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="FlashAttention 3 needs a Hopper GPU")
-@pytest.mark.parametrize("one_call", [False, True], ids=["call-per-list", "one-call"])
 @pytest.mark.parametrize("splits", [0, 1], ids=["fa3-splits", "one-split"])
 @pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
-def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits, one_call):
+def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits):
     pytest.importorskip("vllm.vllm_flash_attn")
-    from vllm_sparse.kernels.fa3_compact import (
-        compact_block_tables,
-        head_page_stride,
-        pages_by_head,
-        sparse_attention_fa3,
-        sparse_attention_fa3_one_call,
-        used_tokens,
-    )
+    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
 
     # Both of the rule's answers (`fa3_num_splits`): FA3's split-KV heuristic (small calls), one split (large).
     seq_lens, q_lens, hq, hkv, d, page = case
@@ -241,17 +233,8 @@ def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits, o
     out = torch.full_like(b.q, float("nan")).to(DEVICE)
     seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
     used, qsl = used_tokens(counts, seq_lens_dev, page), b.query_start_loc.to(DEVICE, torch.int32)
-    if one_call:  # every list one sequence of FA3's, over one-KV-head pages (`VLLM_SPARSE_FA3_ONE_CALL`)
-        mul = head_page_stride(k_cache)
-        head = torch.arange(n_lists, device=DEVICE, dtype=torch.int32) // (n_lists // hkv)
-        cu = torch.cat([(qsl[:-1][None] + head.new_tensor(range(n_lists))[:, None] * qsl[-1]).flatten(),
-                        (qsl[-1] * n_lists).reshape(1)]).to(torch.int32)
-        sparse_attention_fa3_one_call(b.q.to(DEVICE), pages_by_head(k_cache, mul), pages_by_head(v_cache, mul),
-                                      tables * mul + head[:, None, None], used, cu, max(q_lens), d**-0.5, out,
-                                      num_splits=splits)
-    else:
-        sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev, max(q_lens),
-                             d**-0.5, out, num_splits=splits)
+    sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev, max(q_lens), d**-0.5,
+                         out, num_splits=splits)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
                                      idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
     assert not out.isnan().any()

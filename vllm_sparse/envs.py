@@ -13,9 +13,6 @@ VARIABLES: dict[str, tuple[str, str]] = {
                                "engine start; default: by device)"),
     "VLLM_SPARSE_WORKSPACE_MIB": ("512", "cap on the estimators' workspace reserved at start, MiB; a chunk that "
                                          "needs more is scored in slabs"),
-    "VLLM_SPARSE_FA3_ONE_CALL": ("0", "1: FA3 over compacted tables in one call for all page lists of a chunk (the "
-                                      "queries and outputs permuted around it) instead of a call per list; only "
-                                      "where the KV cache holds a page's heads contiguously (not yet measured)"),
     "VLLM_SPARSE_METRICS": ("1", "0 turns off the workers' /metrics counters"),
     "VLLM_SPARSE_METRICS_INTERVAL_S": ("1", "seconds between a worker's metrics snapshots"),
     "VLLM_SPARSE_METRICS_DIR": ("", "where workers write metrics snapshots (set by the process that serves them)"),

@@ -18,12 +18,7 @@ import torch
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
 from vllm_sparse.kernels.column_attention import column_attention, column_attention_ref, merge_attention
-from vllm_sparse.kernels.fa3_compact import (
-    one_call_pages,
-    pages_by_head,
-    sparse_attention_fa3,
-    sparse_attention_fa3_one_call,
-)
+from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
@@ -67,8 +62,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
                              union_heads: bool = True, observer=None,
                              tiles: tuple[torch.Tensor, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, int]:
-    """All union tiles of one chunk in one kernel launch (FA3: a call per page list, or one for every list with
-    VLLM_SPARSE_FA3_ONE_CALL=1), no host sync.
+    """All union tiles of one chunk in one kernel launch (FA3: a call per page list), no host sync.
     Returns (KV pages read: device counts to sum, causal KV pages: a host number) over the tiles and page
     lists.
 
@@ -96,16 +90,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     if kernel == "fa3":
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
         k_cache, v_cache = kv.key.transpose(1, 2), kv.value.transpose(1, 2)  # [pages, page_size, kv_heads, D]
-        mul = one_call_pages(k_cache, v_cache)  # every list in one FA3 call (`VLLM_SPARSE_FA3_ONE_CALL`), or None
-        cu = torch.empty(lists * n_tiles + 1, dtype=torch.int32, device=dev) if mul else None
         tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
-                                                  max_pages, page_mul=mul or 0, lists_per_kv=lists // num_kv,
-                                                  bounds=bounds, cu_out=cu, q_len=ctx.q_len)
-        if mul:
-            sparse_attention_fa3_one_call(q, pages_by_head(k_cache, mul), pages_by_head(v_cache, mul), tables, used,
-                                          cu, max_q, ctx.scale, out)
-        else:
-            sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out)
+                                                  max_pages)
+        sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out)
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,

@@ -21,7 +21,6 @@ import torch
 
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
-from vllm_sparse.kernels.fa3_compact import one_call_enabled
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.log import logger
 
@@ -63,12 +62,10 @@ def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads:
         return 0
     quantized = any(hp.estimator == "antidiagonal" and hp.params.bits for hp in head_plans)
     columns = max((hp.params.vertical_size for hp in head_plans if hp.reads_columns), default=0)
-    # FA3's one call for every page list permutes the chunk's queries and outputs (16-bit, FA3's dtypes).
-    permuted = 2 * max_chunk_tokens * local_q_heads * head_dim * 2 if one_call_enabled() else 0
-    return permuted + chunk_temporaries_bytes(
-        local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size, page_size, plan.union_tile,
-        plan.union_heads, any(hp.estimator == "vertical_slash" for hp in head_plans),
-        quantized_head_dim=head_dim if quantized else 0, kept_columns=columns)
+    return chunk_temporaries_bytes(local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size,
+                                   page_size, plan.union_tile, plan.union_heads,
+                                   any(hp.estimator == "vertical_slash" for hp in head_plans),
+                                   quantized_head_dim=head_dim if quantized else 0, kept_columns=columns)
 
 
 def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,

@@ -78,17 +78,14 @@ def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: 
 
 
 @triton.jit(do_not_specialize=["m_offset", "stride_mh", "stride_mr", "s_offset", "bt_offset", "rows", "n_kv_blocks",
-                               "n_tiles", "tile", "max_pages", "page_mul", "b_offset", "q_len"])
+                               "n_tiles", "tile", "max_pages"])
 def _tile_tables_kernel(
     MASK, m_offset, stride_mh, stride_mr,  # uint8 [q_heads, rows, kv_blocks] at MASK + m_offset, rows contiguous
     SEQ_LENS, s_offset,  # [n_tiles] int32 at SEQ_LENS + s_offset
     BT, bt_offset,  # int32: the request's block table row starts at BT + bt_offset
     TABLES, COUNTS, USED,  # [kv_heads, n_tiles, max_pages], [kv_heads, n_tiles] pages and tokens
     rows, n_kv_blocks, n_tiles, tile, max_pages,
-    page_mul,  # table entries are page * page_mul + the list's KV head (LISTS_PER_KV > 0), else page ids
-    BOUNDS, b_offset, CU, q_len,  # with CU: list kv's tile t starts at row kv * q_len + BOUNDS[t] of CU
     GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    LISTS_PER_KV: tl.constexpr, WRITE_CU: tl.constexpr,
 ):
     kv = tl.program_id(0)
     t = tl.program_id(1)
@@ -109,19 +106,10 @@ def _tile_tables_kernel(
     # tile's diagonal) can reach past the tile's pages, so the positions stay dense.
     slot = tl.cumsum(union, axis=0) - union
     out = TABLES + (kv * n_tiles + t) * max_pages
-    if LISTS_PER_KV > 0:  # one-KV-head page ids
-        head = kv // LISTS_PER_KV
-    else:
-        head = 0
     for j in tl.static_range(PER_BLOCK):
         page = kb * PER_BLOCK + j
         live = (union > 0) & (page < num_pages)
-        phys = tl.load(BT + page, mask=live, other=0)
-        tl.store(out + slot * PER_BLOCK + j, phys * page_mul + head, mask=live)
-    if WRITE_CU:
-        tl.store(CU + kv * n_tiles + t, kv * q_len + tl.load(BOUNDS + b_offset + t))
-        if (kv == tl.num_programs(0) - 1) & (t == n_tiles - 1):
-            tl.store(CU + tl.num_programs(0) * n_tiles, tl.num_programs(0) * q_len)
+        tl.store(out + slot * PER_BLOCK + j, tl.load(BT + page, mask=live, other=0), mask=live)
     pages_of_block = tl.minimum(tl.maximum(num_pages - kb * PER_BLOCK, 0), PER_BLOCK)
     count = tl.sum(union * pages_of_block, axis=0)
     tl.store(COUNTS + kv * n_tiles + t, count)
@@ -133,14 +121,9 @@ def _tile_tables_kernel(
 
 
 def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
-                       page_size: int, block_table_row: torch.Tensor, max_pages: int, page_mul: int = 0,
-                       lists_per_kv: int = 1, bounds: torch.Tensor | None = None, cu_out: torch.Tensor | None = None,
-                       q_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as `tile_tables_ref`, one launch. For FA3's one call over every list
-    (`fa3_compact.sparse_attention_fa3_one_call`): `page_mul` > 0 writes one-KV-head page ids (page *
-    page_mul + the list's KV head, `lists_per_kv` lists a KV head), and `cu_out` [lists * tiles + 1] gets each
-    (list, tile)'s first row in the list-major queries, from the tiles' `bounds` (query_start_loc) and the
-    chunk's `q_len` tokens."""
+                       page_size: int, block_table_row: torch.Tensor, max_pages: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as `tile_tables_ref`, one launch."""
     heads, rows, nkb = mask.shape
     if block_size % page_size:
         raise ValueError(f"selection block {block_size} is not a multiple of the KV page size {page_size}")
@@ -157,13 +140,10 @@ def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_len
     m, m_offset = storage_base(mask.view(torch.uint8))
     sl, s_offset = storage_base(seq_lens)
     bt, bt_offset = storage_base(block_table_row)
-    b, b_offset = storage_base(bounds) if cu_out is not None else (counts, 0)
     _tile_tables_kernel[(num_kv_heads, n_tiles)](
         m, m_offset, mask.stride(0), mask.stride(1), sl, s_offset, bt, bt_offset, tables, counts, used,
-        rows, nkb, n_tiles, tile, max_pages, max(page_mul, 1), b, b_offset,
-        cu_out if cu_out is not None else counts, q_len,
+        rows, nkb, n_tiles, tile, max_pages,
         GROUP=heads // num_kv_heads, PER_BLOCK=block_size // page_size, PAGE=page_size, BLOCK_N=block_n,
-        LISTS_PER_KV=lists_per_kv if page_mul > 0 else 0, WRITE_CU=cu_out is not None,
         num_warps=max(1, min(8, block_n // 256)),
     )
     return tables, counts, used
