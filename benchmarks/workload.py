@@ -332,6 +332,9 @@ def main() -> None:
                     help="seconds for the whole run: an engine may use what is left less --reserve per engine after it")
     ap.add_argument("--dense-again", action="store_true",
                     help="a second dense engine last: its ratio to the first is the engine-to-engine spread")
+    ap.add_argument("--sparse-first", action="store_true",
+                    help="the plans' engines before the dense one (an engine started second may run its host work "
+                    "slower: host-bound turns read the order)")
     ap.add_argument("--reserve", type=int, default=150, help="seconds kept for each engine still to run")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
     ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine; "
@@ -370,6 +373,8 @@ def main() -> None:
     engines = [("dense", None)] + [(p, p) for p in [args.config, *args.extra_config]]
     if args.only:
         engines = engines[:1] if args.only == "dense" else engines[1:]
+    if args.sparse_first:
+        engines = engines[1:] + engines[:1]
     if args.dense_again:
         engines.append(("dense-again", None))
     deadline = time.monotonic() + args.timeout

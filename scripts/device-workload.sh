@@ -14,8 +14,9 @@
 #          same blocks (deliverable 4's target), 128K prompt and a 16K chunk after 112K
 #   stages benchmarks/e2e.py with CUDA graphs at 32K/64K/128K, dense and PLANS' first plan, every prefill
 #          profiled: time to first token and where its GPU time goes (linear, estimation, selection, attention)
-#   gtest  the GPU engine tests (tests/test_engine_gpu.py, tests/test_engine_decode_gpu.py): chats beside a sparse
-#          prefill with CUDA graphs, prefix-cache hits, sparse decode, against the stock backend
+#   gtest  the GPU engine tests (tests/test_engine_gpu.py): chats beside a sparse prefill with CUDA graphs, keep-all
+#          and dense plans against the stock backend, the sparse engine against its torch reference (~300 s)
+#   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 #   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
@@ -26,7 +27,8 @@
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
-# second dense engine last (the spread between two engines of the same kind).
+# second dense engine last (the spread between two engines of the same kind); SPARSE_FIRST=1: the plans' engines
+# before the dense one.
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/workload-done
@@ -34,13 +36,14 @@ source scripts/device-common.sh
 
 PLANS=${PLANS:-"antidiagonal-10 antidiagonal-10-every-chunk"}
 DENSE_AGAIN=${DENSE_AGAIN:+--dense-again}
+SPARSE_FIRST=${SPARSE_FIRST:+--sparse-first}
 plan_args() {  # --config the first plan, --extra-config the others
   local flag=--config p
   for p in $PLANS; do printf '%s benchmarks/configs/llama-3-8b-%s.yaml ' $flag "$p"; flag=--extra-config; done
 }
 workload() {  # workload OUT_NAME [--graphs]
   local name=$1; shift
-  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py "$@" $(plan_args) --profile "${PROFILE:-follow:32768+256}" $DENSE_AGAIN \
+  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py "$@" $(plan_args) --profile "${PROFILE:-follow:32768+256}" $DENSE_AGAIN $SPARSE_FIRST \
     --timeout $(( $(left) - 15 )) ${WL_ARGS:-} --out "$OUT/$name.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log"
 }
@@ -82,8 +85,12 @@ splits() {
   done
 }
 gtest() {
-  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
-    tests/test_engine_decode_gpu.py 2>&1 | tee "$OUT/gpu_engine_tests.log" | tail -15
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_gpu.py 2>&1 \
+    | tee "$OUT/gpu_engine_tests.log" | tail -15
+}
+dtest() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_decode_gpu.py 2>&1 \
+    | tee "$OUT/gpu_engine_decode_tests.log" | tail -15
 }
 temps() {
   local ctx
@@ -94,4 +101,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:200 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 temps:60" "$@"
