@@ -19,6 +19,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (README's `-n 2 --dist loadfile`) each worker takes its own share of the cores: the engines it
+# starts bind their OpenMP threads there and its own torch ops use that many threads, so the workers never run
+# more threads than cores (OpenMP teams spinning on shared cores crawl). Tests that bind cores themselves (the
+# CPU tensor-parallel test: a core per rank) still see every core.
+_WORKER, _WORKERS = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKER and _WORKERS > 1 and not torch.cuda.is_available():
+    _cores = sorted(os.sched_getaffinity(0))
+    _per = max(1, len(_cores) // _WORKERS)
+    _mine = [_cores[(int(_WORKER.removeprefix("gw")) * _per + i) % len(_cores)] for i in range(_per)]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, _mine)))
+    torch.set_num_threads(_per)
+
+# The longest files first (each ~2-5 minutes on 2 cores): with a file per worker at a time, one started last
+# would keep a single worker busy alone at the end.
+SLOW_FILES = ("test_gemma_passkey.py", "test_engine_tp.py", "test_eval.py", "test_engine_decode.py",
+              "test_engine_cpu.py", "test_server.py", "test_engine_scheduling.py", "test_server_load.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
 MODEL_CACHE = Path(os.environ.get("VLLM_SPARSE_MODEL_CACHE", Path.home() / ".cache" / "vllm-sparse" / "models"))
 
 
