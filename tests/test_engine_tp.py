@@ -69,10 +69,12 @@ def runs(model_cache, tmp_path_factory):
         1: (build_tiny_llama(model_cache, head_dim=head_dim, num_kv_heads=1), _split_group_config(tmp)),
     }
     runs = {}
+    # The stock engines at TP=1 (cheaper to start than TP=2 engines): what they give is compared with TP=2 within
+    # the reduction-order noise the tests below bound.
     for tp in (1, 2):  # on CPU the engines of one TP size one after the other in one process (vLLM imported once)
         specs = {}
         for kv, name in ((2, "sparse"), (2, "stock"), (1, "sparse"), (1, "stock")):
-            if name == "stock" and tp == 1:
+            if name == "stock" and tp == 2:
                 continue
             model, config = layouts[kv]
             spec = {"model": str(model), "prompts": _prompts(model), "max_tokens": 6,
@@ -93,7 +95,7 @@ KV_LAYOUTS = pytest.mark.parametrize("kv", [2, 1], ids=["groups whole", "groups 
 
 @KV_LAYOUTS
 def test_tp2_sparse_gives_tp1_sparse_tokens(runs, kv):
-    stock2 = runs[kv, "stock", 2]["results"]
+    stock = runs[kv, "stock", 1]["results"]
     sparse1, sparse2 = runs[kv, "sparse", 1]["results"], runs[kv, "sparse", 2]["results"]
     assert [r["prompt_tokens"] for r in sparse2] == list(LENGTHS)
     for a, b in zip(sparse1, sparse2):
@@ -102,15 +104,20 @@ def test_tp2_sparse_gives_tp1_sparse_tokens(runs, kv):
         # 2x H200), so the first token there, and the prompt logprobs below for the rest.
         assert (a["token_ids"][:1] == b["token_ids"][:1]) if GPU else (a["token_ids"] == b["token_ids"])
     # TP=2 sums the heads' outputs in another order: small next to what the plan itself moves.
-    tp_diff, plan_diff = _mean_diff(sparse1[0], sparse2[0]), _mean_diff(stock2[0], sparse2[0])
-    print(f"{kv} KV head(s), long prompt, mean |logprob diff|: sparse TP=2 vs TP=1 {tp_diff:.3e}; sparse vs "
-          f"stock at TP=2 {plan_diff:.3e}")
+    tp_diff, plan_diff = _mean_diff(sparse1[0], sparse2[0]), _mean_diff(stock[0], sparse2[0])
+    print(f"{kv} KV head(s), long prompt, mean |logprob diff|: sparse TP=2 vs TP=1 {tp_diff:.3e}; sparse TP=2 vs "
+          f"stock {plan_diff:.3e}")
     assert tp_diff < 5e-2 and tp_diff < 0.25 * plan_diff
 
 
 @KV_LAYOUTS
 def test_tp2_plan_acts_on_every_rank_and_long_prompts_only(runs, kv):
-    stock, sparse2 = runs[kv, "stock", 2]["results"], runs[kv, "sparse", 2]["results"]
+    stock, sparse2 = runs[kv, "stock", 1]["results"], runs[kv, "sparse", 2]["results"]
     assert "run dense" not in runs[kv, "sparse", 2]["output"] and "runs dense" not in runs[kv, "sparse", 2]["output"]
     assert _max_logprob_diff(stock[0], sparse2[0]) > 1e-1
-    assert sparse2[2]["prompt_logprobs"] == stock[2]["prompt_logprobs"]  # 40 tokens: dense on both
+    # 40 tokens: dense at TP=2, so stock's within reduction-order noise (fp32 on CPU; bf16 on GPUs, as above)
+    assert sparse2[2]["token_ids"][:1] == stock[2]["token_ids"][:1]
+    if GPU:
+        assert _mean_diff(stock[2], sparse2[2]) < 5e-2
+    else:
+        assert sparse2[2]["token_ids"] == stock[2]["token_ids"] and _max_logprob_diff(stock[2], sparse2[2]) < 1e-3
