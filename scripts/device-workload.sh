@@ -17,6 +17,10 @@
 #   gtest  the GPU engine tests (tests/test_engine_gpu.py): chats beside a sparse prefill with CUDA graphs, keep-all
 #          and dense plans against the stock backend, the sparse engine against its torch reference (~300 s)
 #   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
+#   fp8    an fp8 KV cache through the sparse paths (issue 29): the fp8 tests against the torch reference (FA3 with
+#          vLLM's descales included), no compile after the warm-up with fp8 pages, the engine tests with
+#          kv_cache_dtype fp8 (tests/test_engine_fp8_gpu.py) (~300 s)
+#   fp8e2e benchmarks/e2e.py with --kv-cache-dtype fp8 at 32K and 128K, dense and PLANS' first plan, CUDA graphs
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 #   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
@@ -92,6 +96,15 @@ dtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_decode_gpu.py 2>&1 \
     | tee "$OUT/gpu_engine_decode_tests.log" | tail -15
 }
+fp8() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fp8_path.py tests/test_warmup_gpu.py \
+    tests/test_engine_fp8_gpu.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
+}
+fp8e2e() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --kv-cache-dtype fp8 \
+    --lengths 32768,131072 --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --out "$OUT/e2e_fp8.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_fp8.log" | tail -20
+}
 temps() {
   local ctx
   for ctx in 131072 262144 524288 1048576; do
@@ -101,4 +114,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 fp8:300 fp8e2e:240 temps:60" "$@"

@@ -16,7 +16,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
 
 
-def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype):
+    """An fp8 cache (issue 29) too: fp8 pages and queries, as vLLM gives them to the sparse path."""
     from triton import knobs
 
     from vllm_sparse.backend import warmup
@@ -37,8 +39,11 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch):
                         "test", explicit=True)
     context = 131072
     max_model_len = context + 16384
-    warmup.warm_up_selection_kernels(plan, q_heads // kv_heads, page, d, dtype, max_model_len, dev, with_tables=True)
-    warmup.run_dummy_sparse_steps(plan, head_shard(q_heads, kv_heads, 0, 1, "llama"), kv_heads, d, page, dtype, dev)
+    fp8 = kv_dtype != dtype
+    warmup.warm_up_selection_kernels(plan, q_heads // kv_heads, page, d, kv_dtype, max_model_len, dev,
+                                     with_tables=True)
+    warmup.run_dummy_sparse_steps(plan, head_shard(q_heads, kv_heads, 0, 1, "llama"), kv_heads, d, page, kv_dtype,
+                                  dev, q_dtype=dtype)
 
     monkeypatch.setenv(paths.DIR_ENV, str(tmp_path))
     metrics = WorkerMetrics(dev, 2, 0)  # the kept-density record, as serving has it
@@ -53,8 +58,11 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch):
     knobs.runtime.jit_cache_hook = hook
     try:
         pages = (max_model_len + 2 * 16384) // page
-        cache = torch.randn(2, pages, page, kv_heads, d, device=dev, dtype=dtype)
+        cache = torch.randn(2, pages, page, kv_heads, d, device=dev, dtype=dtype).to(kv_dtype)
         kv = PagedKV.from_flash_cache(cache)
+        scale = torch.full((1,), 0.5, device=dev)
+        if fp8:  # per-tensor scales, as vLLM's layers hold them
+            kv = PagedKV(kv.key, kv.value, 0.5, 0.5, scale, scale)
         heads = plan.layer(0).heads_for(head_shard(q_heads, kv_heads, 0, 1, "llama"))
         # Steps as the builder makes them: a fresh prompt's first chunk, a chunk after 112K, several chunks of
         # one step at odd offsets, a short follow-up after 128K (past the 1,024-block row bucket).
@@ -68,9 +76,10 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch):
                 at += q_len
             q = torch.randn(n_tok, q_heads, d, device=dev, dtype=dtype)
             out = torch.full_like(q, float("nan"))
-            attend_sparse_chunks(q, out, kv, block_table, tuple(chunks), list(heads), plan.block_size, d**-0.5,
-                                 plan.union_tile, union_heads=plan.union_heads, metrics=metrics, layer=1,
-                                 tiles=tile_geometry(chunks, plan.block_size, plan.union_tile, dev))
+            attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, tuple(chunks), list(heads),
+                                 plan.block_size, d**-0.5, plan.union_tile, union_heads=plan.union_heads,
+                                 metrics=metrics, layer=1, tiles=tile_geometry(chunks, plan.block_size, plan.union_tile,
+                                                                               dev), q_scale=scale if fp8 else None)
             torch.cuda.synchronize()
             assert out.isfinite().all(), step
     finally:

@@ -223,6 +223,13 @@ def flash_cache_keys_values(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch
     return kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2)
 
 
+def fp8_dtype() -> torch.dtype:
+    """The fp8 type vLLM stores an fp8 KV cache in on this platform (e4m3fn on CUDA; e4m3fnuz on some ROCm)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.fp8_dtype()
+
+
 def vllm_version() -> str:
     import vllm
 

@@ -60,7 +60,8 @@ def shared_column_ranges(lists: int, width: int, segments: int, device) -> tuple
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
                              union_heads: bool = True, observer=None,
-                             tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+                             tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             fa3_query: tuple[torch.Tensor, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, int]:
     """All union tiles of one chunk in one kernel launch (FA3: a call per page list), no host sync.
     Returns (KV pages read: device counts to sum, causal KV pages: a host number) over the tiles and page
@@ -69,6 +70,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
     tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
     (each row keeps its diagonal block), which the FA3 path relies on.
+
+    `fa3_query`: (fp8 queries, their scale [1]) where vLLM quantized them for an fp8 cache: FA3 takes fp8
+    queries with fp8 pages only, and reads them as vLLM's dense FA3 call does; `ctx.q` holds them dequantized.
     """
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
@@ -92,7 +96,13 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
         k_cache, v_cache = kv.key.transpose(1, 2), kv.value.transpose(1, 2)  # [pages, page_size, kv_heads, D]
         tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
                                                   max_pages)
-        sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out)
+        descales = None
+        if kv.quantized:
+            if fa3_query is None:
+                raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
+            q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
+        sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,
+                             descales=descales)
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,
@@ -109,7 +119,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     return indptr[-1:], causal
 
 
-def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk, query: torch.Tensor,
+def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                            output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0,
                            union_heads: bool = True, observer=None) -> tuple[int, int]:
     """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows
@@ -136,11 +146,11 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
         kept += int(indptr[-1])
         causal += lists * -(-seq_len // kv.page_size)
         args = (kv, block_table[c.req: c.req + 1], torch.tensor([0, t1 - t0]), torch.tensor([seq_len]))
-        _, lse = sparse_paged_attention_ref(query[tokens], *args, indptr, torch.cat(page_lists), scale,
+        _, lse = sparse_paged_attention_ref(ctx.q[t0:t1], *args, indptr, torch.cat(page_lists), scale,
                                             out=output[tokens], return_lse=True, lists_per_q_head=per_head)
         if cols is not None:  # the kept columns outside this tile's kept blocks, joined by log-sum-exp
             ranges = shared_column_ranges(lists, cols.shape[1], 1, cols.device)
-            oc, lse_c = column_attention_ref(query[tokens], *args, ranges, cols.flatten(), scale, per_head,
+            oc, lse_c = column_attention_ref(ctx.q[t0:t1], *args, ranges, cols.flatten(), scale, per_head,
                                              exclude=union[:, None, :], exclude_block=block_size)
             merge_attention(output[tokens], lse, oc, lse_c, out=output[tokens])
         if observer is not None:  # eval counters and the dense audit (`instrumented.py`)

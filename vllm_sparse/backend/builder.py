@@ -17,6 +17,7 @@ from vllm_sparse.backend.checks import (
     check_block_size,
     check_decode,
     check_decode_layers,
+    check_fp8_scales,
     kv_problems,
     layer_index,
     layer_span,
@@ -98,6 +99,8 @@ class SparseBuilderMixin:
             problems = kv_problems(vllm_config)  # one rule for prefill and decode, at start
             if problems:
                 raise SparseConfigError(self._plan.source, problems)
+            if str(vllm_config.cache_config.cache_dtype).startswith("fp8"):
+                check_fp8_scales(vllm_config, layer_names, self._plan)
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         if self._has_sparse_layer:
             compat.check_common_metadata()  # the step's split knows every field of this vLLM's batch metadata
@@ -128,8 +131,10 @@ class SparseBuilderMixin:
         check_decode_layers(vllm_config, layer_names, self._plan)
         pages = vllm_config.cache_config.num_gpu_blocks
         summary_layers = [n for n in decode_layers if self._plan.layer(layer_index(n)).needs_summaries]
+        # In the model's dtype, as reserved at load: summaries follow the keys vLLM writes (before an fp8 cache's
+        # quantization; its spec dtype is bytes).
         allocate_summaries(summary_layers, pages, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
-                           kv_cache_spec.block_size, kv_cache_spec.dtype, device)
+                           kv_cache_spec.block_size, vllm_config.model_config.dtype, device)
         return DecodeRowsBuilder(self._plan.decode_dense_below, decode_row_limit(vllm_config), device)
 
     @classmethod

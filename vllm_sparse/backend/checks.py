@@ -3,6 +3,8 @@ sparse path cannot honour, while vLLM builds the model and its attention metadat
 
 from __future__ import annotations
 
+import torch
+
 from vllm_sparse import compat
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.sharding import head_shard
@@ -39,12 +41,43 @@ def check_block_size(block_size: int, page_size: int, source: str) -> None:
         )])
 
 
-def kv_cache_problem(vllm_config) -> str | None:
-    """Why the sparse paths cannot read this engine's KV cache (quantized: fp8), or None."""
-    dtype = vllm_config.cache_config.cache_dtype
-    if dtype not in ("auto", None) and not str(dtype).startswith(("bfloat16", "float16", "half")):
-        return f"the sparse path reads unquantized KV caches only, not kv_cache_dtype={dtype}"
-    return None
+# The fp8 caches the sparse CUDA path reads: those vLLM's FlashAttention backend (FA3) reads, e4m3 with per-tensor
+# scales, with the queries vLLM quantizes for it (FA3 takes fp8 queries with fp8 pages).
+FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def kv_cache_problem(vllm_config, cuda: bool | None = None) -> str | None:
+    """Why the sparse paths cannot read this engine's KV cache, or None: unquantized caches everywhere, fp8
+    (e4m3, per-tensor scales) on CUDA. `cuda`: the engine's device (default: whether this process has one)."""
+    dtype = str(vllm_config.cache_config.cache_dtype or "auto")
+    if dtype == "auto" or dtype.startswith(("bfloat16", "float16", "half")):
+        return None
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and dtype in FP8_CACHE_DTYPES:
+        return None
+    if cuda:
+        return (f"the sparse path reads 16-bit and fp8 e4m3 KV caches ({', '.join(FP8_CACHE_DTYPES)}), not "
+                f"kv_cache_dtype={dtype}")
+    return f"the sparse path on CPU reads unquantized KV caches only, not kv_cache_dtype={dtype}"
+
+
+def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
+    """An fp8 cache's scales must be per tensor (one k, v and q scale per layer), which the sparse kernels fold
+    into their logit and output scales: a checkpoint with per-head scales stops the engine at start, naming the
+    layer, where the plan makes it sparse (prefill or decode)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
+        lp = plan.layer(layer_index(name))
+        if not (lp.is_sparse or lp.is_sparse_decode):
+            continue
+        per_head = [s for s in ("_q_scale", "_k_scale", "_v_scale") if getattr(layer, s).numel() != 1]
+        if per_head:
+            raise SparseConfigError(plan.source, [("kv_cache_dtype", (
+                f"layer {lp.index} ({name}) has per-head fp8 scales ({', '.join(per_head)}); the sparse path reads "
+                "fp8 caches with per-tensor scales: use --kv-cache-dtype auto, or a plan that keeps this layer "
+                "dense"))])
 
 
 def kv_problems(vllm_config) -> list[tuple[str, str]]:

@@ -18,10 +18,11 @@ from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import reserve_estimator_workspace, step_temporaries_bytes, touch_step_temporaries
+from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
-from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.kernels.paged import FP8_DTYPES, PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.metrics.worker import worker_metrics
 
@@ -65,6 +66,8 @@ class SparseImplMixin:
         # The sparse chunks' attention kernel, chosen once (VLLM_SPARSE_KERNEL or by device), not per call.
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._kernel = selected_kernel(device) if self._shard is not None and self._plan.is_sparse else None
+        # An fp8 cache (`checks.kv_cache_problem`): vLLM quantizes the queries for FA3, the sparse path reads both.
+        self._fp8_cache = str(getattr(self, "kv_cache_dtype", "auto")).startswith("fp8")
         self._temporaries = 0  # bytes of one sparse chunk-layer's temporaries at the longest context (CUDA)
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)
@@ -80,7 +83,8 @@ class SparseImplMixin:
             # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
             self._temporaries = step_temporaries_bytes(
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
-                vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size)
+                vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
+                vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0)
             if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
                 reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
@@ -139,9 +143,17 @@ class SparseImplMixin:
             # skip rows that are not sparse decode rows on the device).
             if decode is not None and (batch.decode.any_sparse or capturing(query)):
                 q = query.view(-1, self.num_heads, self.head_size)
-                decode.attend(q, output.view(-1, self.num_heads, self.head_size), self.kv_view(kv_cache),
+                if q.dtype in FP8_DTYPES:  # (vLLM quantized the queries for FA3 over an fp8 cache)
+                    q = dequantize_queries(q, layer._q_scale, output.dtype)
+                decode.attend(q, output.view(-1, self.num_heads, self.head_size), self._paged_kv(layer, kv_cache),
                               attn_metadata.block_table, batch.decode, self.scale)
         return output
+
+    def _paged_kv(self, layer, kv_cache: torch.Tensor) -> PagedKV:
+        """The layer's cache as pages; an fp8 cache (vLLM stores it as bytes) as fp8 values with the layer's
+        scales, read now (vLLM may compute them at run time, `calculate_kv_scales`)."""
+        kv = self.kv_view(kv_cache)
+        return kv.as_fp8(compat.fp8_dtype(), layer) if self._fp8_cache else kv
 
     def _forward_sparse_chunks(self, layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
                                *args, **kwargs):
@@ -154,7 +166,8 @@ class SparseImplMixin:
             output[idx] = sub_out
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
-        attend_observed(query, output, self.kv_view(kv_cache), attn_metadata.block_table, batch.chunks,
+        attend_observed(query, output, self._paged_kv(layer, kv_cache), attn_metadata.block_table, batch.chunks,
                         head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
                         kernel=self._kernel, union_heads=self._plan.union_heads, dense_below=self._plan.dense_below,
-                        split=self._split, metrics=self._metrics, tiles=batch.tiles)
+                        split=self._split, metrics=self._metrics, tiles=batch.tiles,
+                        q_scale=layer._q_scale if query.dtype in FP8_DTYPES else None)

@@ -54,18 +54,20 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
 
 
 def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_chunk_tokens: int,
-                           max_model_len: int, page_size: int, head_dim: int = 0) -> int:
+                           max_model_len: int, page_size: int, head_dim: int = 0, query_itemsize: int = 0) -> int:
     """An upper bound on one sparse chunk-layer's temporaries (outside the workspace) for the largest chunk
-    at `max_model_len`: what vLLM's memory profile must leave room for."""
+    at `max_model_len`: what vLLM's memory profile must leave room for. `query_itemsize`: with an fp8 cache
+    (fp8 queries), the bytes of a dequantized query element (the model's dtype), else 0."""
     head_plans = _head_plans(plan)
     if not head_plans:
         return 0
+    dequantized = local_q_heads * max_chunk_tokens * head_dim * query_itemsize  # `sparse_path.dequantize_queries`
     quantized = any(hp.estimator == "antidiagonal" and hp.params.bits for hp in head_plans)
     columns = max((hp.params.vertical_size for hp in head_plans if hp.reads_columns), default=0)
-    return chunk_temporaries_bytes(local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size,
-                                   page_size, plan.union_tile, plan.union_heads,
-                                   any(hp.estimator == "vertical_slash" for hp in head_plans),
-                                   quantized_head_dim=head_dim if quantized else 0, kept_columns=columns)
+    return dequantized + chunk_temporaries_bytes(
+        local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size, page_size, plan.union_tile,
+        plan.union_heads, any(hp.estimator == "vertical_slash" for hp in head_plans),
+        quantized_head_dim=head_dim if quantized else 0, kept_columns=columns)
 
 
 def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,

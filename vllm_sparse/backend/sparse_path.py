@@ -176,6 +176,12 @@ def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) ->
     return mask
 
 
+def dequantize_queries(q: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 queries (vLLM's per-tensor static quantization, `layer._q_scale`) as `dtype` values: a chunk's worth,
+    counted in the step's temporaries (`reserve.step_temporaries_bytes`). No host sync."""
+    return q.to(dtype) * q_scale.reshape(()).to(dtype)
+
+
 def attend_sparse_chunks(
     query: torch.Tensor,  # [num_tokens, q_heads, D] whole batch
     output: torch.Tensor,  # [num_tokens, q_heads, Dv] written for the chunks' tokens
@@ -194,6 +200,7 @@ def attend_sparse_chunks(
     union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
     observer=None,  # eval / calibration hooks (`instrumented.StatsObserver`); None while serving
     tiles: tuple | None = None,  # per chunk, the builder's tile geometry (`batch.tile_geometry`); None: made here
+    q_scale: torch.Tensor | None = None,  # fp8 queries (vLLM quantized them for an fp8 cache): their scale, [1]
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = kv_head_map(num_q, num_kv, query.device)
@@ -203,8 +210,10 @@ def attend_sparse_chunks(
     if observer is not None:
         kernel = observer.kernel(kernel)
     for i, c in enumerate(chunks):
-        ctx = ChunkContext(query[c.q_start:c.q_end], kv_head_of, kv, block_table[c.req], c.context_len,
-                           block_size, scale, kv_head_ids, fused)
+        q, fa3_query = query[c.q_start:c.q_end], None
+        if q_scale is not None:  # FA3 reads the fp8 queries with their descale; the estimators the 16-bit values
+            fa3_query, q = (q, q_scale), dequantize_queries(q, q_scale, output.dtype)
+        ctx = ChunkContext(q, kv_head_of, kv, block_table[c.req], c.context_len, block_size, scale, kv_head_ids, fused)
         if observer is not None and observer.calibrating():  # attend densely, measure the candidates
             observer.calibrate(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)
             continue
@@ -214,10 +223,10 @@ def attend_sparse_chunks(
             metrics.stop_timer(timer)
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
-            pages = attend_chunk_reference(ctx, mask, tile, c, query, output, block_table, layer,
+            pages = attend_chunk_reference(ctx, mask, tile, c, output, block_table, layer,
                                            dense_rows(ctx, dense_below), union_heads, observer)
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
-                                             observer, tiles[i] if tiles is not None else None)
+                                             observer, tiles[i] if tiles is not None else None, fa3_query)
         if metrics is not None:
             metrics.record_density(layer, *pages)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from vllm_sparse import compat
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.block_means import block_key_means_triton
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET, row_buckets
@@ -66,12 +67,13 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
 
 
 def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim: int, page_size: int,
-                           kv_dtype: torch.dtype, device: torch.device) -> None:
+                           kv_dtype: torch.dtype, device: torch.device, q_dtype: torch.dtype | None = None) -> None:
     """One sparse chunk (two blocks of context, one of queries) through `attend_sparse_chunks` per
     distinct set of this rank's head plans, and, where its GQA group spans ranks, of its group's
     (whose masks, and scoring when the ranks exchange queries, cover the whole group: other kernel
     variants); without the exchange itself. Statistics (and calibration's sums)
-    stay off for it."""
+    stay off for it. An fp8 `kv_dtype` (the model's queries in `q_dtype`) runs the fp8 path as serving does: fp8
+    queries with their scale, fp8 pages with theirs."""
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 
@@ -84,13 +86,20 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     pages = 3 * bs // page_size
     cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
     kv = PagedKV.from_flash_cache(cache)
+    fp8 = kv.quantized
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    if fp8:
+        kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
+    q_dtype = q_dtype or kv_dtype
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
     chunks = (SparseChunk(0, 0, bs, 2 * bs),)
     tiles = tile_geometry(list(chunks), bs, plan.union_tile, device)  # (as the builder makes them for a step)
     for heads in dict.fromkeys(head_sets):  # (no observer: the eval's counters and calibration see none of it)
-        q = torch.randn(bs, len(heads), head_dim, device=device).to(kv_dtype)
-        attend_sparse_chunks(q, torch.empty_like(q), kv, block_table, chunks, list(heads), bs, head_dim**-0.5,
-                             plan.union_tile, union_heads=plan.union_heads, tiles=tiles)
+        q = torch.randn(bs, len(heads), head_dim, device=device).to(q_dtype)
+        out = torch.empty_like(q)
+        attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, chunks, list(heads), bs,
+                             head_dim**-0.5, plan.union_tile, union_heads=plan.union_heads, tiles=tiles,
+                             q_scale=one if fp8 else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -105,8 +114,11 @@ def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device) 
         return
     local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     spec = kv_cache_spec
-    warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, spec.dtype,
+    # An fp8 cache comes as bytes (vLLM's spec dtype uint8): the kernels read it as fp8 values.
+    kv_dtype = compat.fp8_dtype() if str(vllm_config.cache_config.cache_dtype).startswith("fp8") else spec.dtype
+    warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, kv_dtype,
                               vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
     shard = rank_shard(plan, local_q_heads, spec.num_kv_heads)
     if shard is not None:
-        run_dummy_sparse_steps(plan, shard, spec.num_kv_heads, spec.head_size, spec.block_size, spec.dtype, device)
+        run_dummy_sparse_steps(plan, shard, spec.num_kv_heads, spec.head_size, spec.block_size, kv_dtype, device,
+                               q_dtype=vllm_config.model_config.dtype)

@@ -79,6 +79,7 @@ def sparse_attention_fa3(
     scale: float,
     out: torch.Tensor,
     num_splits: int | None = None,  # FA3's num_splits; None: `fa3_num_splits` (benchmarks pass others)
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v: [1] float32 each
 ) -> torch.Tensor:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -91,10 +92,14 @@ def sparse_attention_fa3(
     max_k = tables.shape[-1] * page
     splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
         if num_splits is None else num_splits
+    # fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as
+    # vLLM's FlashAttention backend gives it, expanded from the per-tensor scales (no copy).
+    scale_args = {} if descales is None else dict(zip(
+        ("q_descale", "k_descale", "v_descale"), (d.expand(query_start_loc.shape[0] - 1, 1) for d in descales)))
     for i in range(tables.shape[0]):
         heads, h = slice(i * pack, (i + 1) * pack), i * pack // group
         flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
                                seqused_k=used[i], softmax_scale=scale, causal=True, block_table=tables[i],
-                               out=out[:, heads], fa_version=3, num_splits=splits)
+                               out=out[:, heads], fa_version=3, num_splits=splits, **scale_args)
     return out

@@ -23,6 +23,10 @@ class PagedKV:
     # every reader multiplies them back, the kernels by folding them into their logit and output scales.
     k_scale: float = 1.0
     v_scale: float = 1.0
+    # The same scales as device tensors (vLLM's `layer._k_scale`, [1] float32), for FA3's k/v descales: read on
+    # the device, so a scale vLLM computes at run time (`calculate_kv_scales`) needs no host copy.
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
 
     @property
     def quantized(self) -> bool:
@@ -47,6 +51,12 @@ class PagedKV:
         if self.quantized:
             return k.float() * self.k_scale, v.float() * self.v_scale
         return k, v
+
+    def as_fp8(self, dtype: torch.dtype, layer) -> PagedKV:
+        """This view of an fp8 cache (vLLM allocates it as bytes) as `dtype` values with `layer`'s per-tensor
+        scales (`_k_scale_float`, `_k_scale`; the same for values)."""
+        return PagedKV(self.key.view(dtype), self.value.view(dtype), layer._k_scale_float, layer._v_scale_float,
+                       layer._k_scale, layer._v_scale)
 
     @classmethod
     def from_cpu_cache(cls, kv_cache: torch.Tensor) -> PagedKV:

@@ -1,0 +1,79 @@
+"""An fp8 KV cache through the sparse paths (issue 29, item 3), in vLLM on CUDA with CUDA graphs on.
+
+With `kv_cache_dtype: fp8` vLLM stores keys and values in e4m3 with per-tensor scales and quantizes the queries
+for FA3. The sparse prefill path scores the dequantized queries against the fp8 pages (their scales folded into
+the estimators' logit scales), and FA3 over the compacted tables reads the fp8 queries and pages with vLLM's
+descales; decode page selection and attention read the fp8 pages. Against the stock backend with the same fp8
+cache. The kernels' fp8 tests against the torch reference: tests/test_fp8_path.py (CPU and GPU) and
+tests/test_sparse_kernel.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.engines import run_each
+from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, _prompts
+from tests.test_engine_cpu import _config as prefill_config
+from tests.test_engine_decode import MAX_TOKENS
+from tests.test_engine_decode import _config as decode_config
+from tests.test_engine_gpu import _mean_diff, assert_same_within_bf16
+
+pytestmark = [pytest.mark.engine, pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ENGINE = {"dtype": "bfloat16", "kv_cache_dtype": "fp8", "max_model_len": 4096, "block_size": 16,
+          "max_num_batched_tokens": 256, "max_num_seqs": 8, "gpu_memory_utilization": 0.3, "enforce_eager": False}
+
+
+@pytest.fixture(scope="module")
+def runs(model_cache, tmp_path_factory):
+    from tests.fixtures.tiny_llama import build_tiny_llama
+
+    model = build_tiny_llama(model_cache, head_dim=64)
+    tmp = tmp_path_factory.mktemp("configs")
+    sink_local = {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2}
+    base = {"model": str(model), "prompts": _prompts(model), "engine": ENGINE, "max_tokens": MAX_TOKENS,
+            "logprobs": True, "ignore_eos": True}
+    specs = {
+        "stock": {},
+        "keep_all": {"backend": "sparse", "config": prefill_config(tmp, "keep_all", {
+            "estimator": sink_local, "budget": {"keep_ratio": 1.0}})},
+        "sparse": {"backend": "sparse", "config": prefill_config(tmp, "sparse", {
+            "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}})},
+        "sparse_decode": {"backend": "sparse", "config": decode_config(tmp, "decode", {
+            "top_k_tokens": 64, "sink_blocks": 1, "local_blocks": 1})},
+    }
+    return {name: result for name, (result, _) in run_each({k: {**base, **v} for k, v in specs.items()},
+                                                             one_process=False).items()}
+
+
+def test_keep_all_prefill_over_an_fp8_cache_equals_dense(runs):
+    """Every block kept: FA3 over the compacted tables with vLLM's descales gives the stock fp8 answers."""
+    stock, keep_all, sparse = (runs[k]["results"] for k in ("stock", "keep_all", "sparse"))
+    assert [r["prompt_tokens"] for r in stock] == list(LENGTHS)
+    assert_same_within_bf16(stock, keep_all)
+    print(f"fp8 cache, mean |logprob diff| on the long prompt: keep-all {_mean_diff(stock[0], keep_all[0]):.3e}, "
+          f"sparse {_mean_diff(stock[0], sparse[0]):.3e}")
+    assert _mean_diff(stock[0], sparse[0]) > 4 * _mean_diff(stock[0], keep_all[0])
+
+
+def test_sparse_prefill_over_an_fp8_cache_changes_only_long_prompts(runs):
+    stock, sparse = runs["stock"]["results"], runs["sparse"]["results"]
+    for o in sparse:
+        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["prompt_logprobs"])
+    assert _max_logprob_diff(stock[0], sparse[0]) > 1e-1
+    assert sparse[2]["prompt_logprobs"] == stock[2]["prompt_logprobs"]  # 40 tokens: dense, the same FA3 call
+    assert sparse[0]["prompt_logprobs"][:255] == stock[0]["prompt_logprobs"][:255]  # the first chunk: dense
+
+
+def test_sparse_decode_over_an_fp8_cache_selects_pages_for_long_contexts_only(runs):
+    stock, sparse = runs["stock"]["results"], runs["sparse_decode"]["results"]
+    for s, o in zip(stock, sparse):
+        assert o["prompt_logprobs"] == s["prompt_logprobs"]  # a decode plan leaves prefill alone
+        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
+    assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], sparse[0]["logprobs"])) > 1e-2
+    assert sparse[2]["token_ids"] == stock[2]["token_ids"] and sparse[2]["logprobs"] == stock[2]["logprobs"]
