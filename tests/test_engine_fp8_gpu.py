@@ -20,13 +20,25 @@ from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, _prompts
 from tests.test_engine_cpu import _config as prefill_config
 from tests.test_engine_decode import MAX_TOKENS
 from tests.test_engine_decode import _config as decode_config
-from tests.test_engine_gpu import _mean_diff, assert_same_within_bf16
+from tests.test_engine_gpu import _mean_diff
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+# Eager, as the bf16 twins' prefill tests: with CUDA graphs the stock engine replays full graphs for prefill steps
+# too (FA3 with its graph-time split settings) while an engine with a sparse prefill plan runs them piecewise, so
+# even its dense chunks would differ from stock by FA3's split order (seen on an H200 with fp8, 2026-12-03).
 ENGINE = {"dtype": "bfloat16", "kv_cache_dtype": "fp8", "max_model_len": 4096, "block_size": 16,
-          "max_num_batched_tokens": 256, "max_num_seqs": 8, "gpu_memory_utilization": 0.3, "enforce_eager": False}
+          "max_num_batched_tokens": 256, "max_num_seqs": 8, "gpu_memory_utilization": 0.3}
+
+
+def assert_same_within_fp8(a: list[dict], b: list[dict]) -> None:
+    """The same greedy tokens, and prompt log-probs as close as two FA3 fp8 paths over the same pages get: FA3
+    rounds the softmax probabilities to e4m3 for the PV product, per tile, so a call per KV head and per union tile
+    rounds other groups than vLLM's one call (looser than `assert_same_within_bf16`)."""
+    for x, y in zip(a, b):
+        assert x["token_ids"] == y["token_ids"]
+        assert _mean_diff(x, y) < 1e-1 and _max_logprob_diff(x, y) < 1.0
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +67,11 @@ def test_keep_all_prefill_over_an_fp8_cache_equals_dense(runs):
     """Every block kept: FA3 over the compacted tables with vLLM's descales gives the stock fp8 answers."""
     stock, keep_all, sparse = (runs[k]["results"] for k in ("stock", "keep_all", "sparse"))
     assert [r["prompt_tokens"] for r in stock] == list(LENGTHS)
-    assert_same_within_bf16(stock, keep_all)
-    print(f"fp8 cache, mean |logprob diff| on the long prompt: keep-all {_mean_diff(stock[0], keep_all[0]):.3e}, "
-          f"sparse {_mean_diff(stock[0], sparse[0]):.3e}")
+    for i in range(len(LENGTHS)):  # (shown with -s, before the checks)
+        print(f"fp8 cache, prompt {i}, mean / max |logprob diff| from stock: keep-all "
+              f"{_mean_diff(stock[i], keep_all[i]):.3e} / {_max_logprob_diff(stock[i], keep_all[i]):.3e}, sparse "
+              f"{_mean_diff(stock[i], sparse[i]):.3e}")
+    assert_same_within_fp8(stock, keep_all)
     assert _mean_diff(stock[0], sparse[0]) > 4 * _mean_diff(stock[0], keep_all[0])
 
 

@@ -73,7 +73,10 @@ def test_every_block_kept_over_fp8_is_dense_attention_over_the_dequantized_value
     q8, q_scale, kv8, q, _, b = _quantized_case(seed=5)
     got = _attend(q8, kv8, b, _plan(Budget(keep_ratio=1.0)), kernel, q_scale)
     want = _dense(q.float(), dequantized(kv8), b)
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    # FA3's fp8 path rounds the softmax probabilities to e4m3 for the PV product (one element of 61,440 was 0.022
+    # off on an H200); the Triton and torch paths keep them in 16 / 32 bits.
+    tol = 4e-2 if kernel == "fa3" else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("bits", [None, 8], ids=["bf16-scores", "int8-scores"])
