@@ -11,8 +11,8 @@ the bound on one sparse chunk-layer's temporaries at `max_model_len`, which grow
 largest context with the plugin is the largest L whose KV plus reservations at L fit. The reservations are
 counted on top of the activation peak (vLLM measures one peak; the temporaries live inside one layer of
 it), so the "with plugin" column is a lower bound. One request of that length fits; shorter ones share it.
-With an fp8 KV cache the plugin today stops the engine at start when its plan has sparse layers (the sparse
-paths read unquantized caches only): those rows say what the reservations would cost once they read fp8.
+With an fp8 KV cache (e4m3, read by the sparse paths on CUDA since 2026-12-03) the temporaries also hold one
+chunk's queries dequantized from the fp8 queries vLLM gives FA3 (bf16: 128 MiB for a 16K chunk of 32 q heads).
 """
 
 from __future__ import annotations
@@ -63,12 +63,14 @@ def local_heads(hf: dict, tp: int) -> tuple[int, int]:
     return hf["num_attention_heads"] // tp, max(1, hf["num_key_value_heads"] // tp)
 
 
-def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1) -> tuple[int, int]:
-    """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len, on one rank."""
+def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1, dtype: str = "bf16") -> tuple[int, int]:
+    """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len, on one rank;
+    `dtype`: the KV cache's (fp8: the chunk's queries dequantized to the model's bf16 are counted too)."""
     head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
     hq, hkv = local_heads(hf, tp)
     ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len), cap_bytes())
-    return ws, step_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim)
+    return ws, step_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim,
+                                      query_itemsize=2 if dtype == "fp8" else 0)
 
 
 def largest_context(available: int, per_token: int, reserve=None) -> int:
@@ -101,14 +103,14 @@ def main() -> int:
         for dtype in DTYPE_BYTES:
             per_token = kv_bytes_per_token(hf, dtype, tp)
             dense = largest_context(available, per_token)
-            sparse = largest_context(available, per_token, lambda n, p=plan, c=hf, t=tp: plugin_bytes(p, c, n, t))
-            ws, temps = plugin_bytes(plan, hf, 2**20, tp)  # what a 1M max_model_len reserves
+            sparse = largest_context(available, per_token,
+                                     lambda n, p=plan, c=hf, t=tp, d=dtype: plugin_bytes(p, c, n, t, d))
+            ws, temps = plugin_bytes(plan, hf, 2**20, tp, dtype)  # what a 1M max_model_len reserves
             rows.append({"shape": shape, "tp": tp, "kv_heads_per_rank": local_heads(hf, tp)[1], "kv_dtype": dtype,
                          "kv_kib_per_token": per_token / 1024,
                          "kv_gib_available": available / GIB, "dense_tokens": dense, "sparse_tokens": sparse,
                          "workspace_mib": ws / 2**20, "temporaries_mib_at_1m": temps / 2**20,
                          "fits_1m_dense": dense >= 2**20, "fits_1m_sparse": sparse >= 2**20,
-                         "sparse_starts": dtype == "bf16",  # (backend/checks.py: fp8 caches stop sparse plans)
                          "plan": PLANS[shape], "non_kv_source": source})
     print(f"H200 ({H200_GIB} GiB), gpu_memory_utilization {args.util}, chunk {CHUNK}: the largest context "
           "(tokens) one request can hold; computed from measured start-up profiles\n")
@@ -116,12 +118,10 @@ def main() -> int:
           f"{'with plugin':>12} {'workspace':>10} {'temps at 1M':>12} {'1M fits':>8}   (per rank)")
     for r in rows:
         fits = "yes" if r["fits_1m_sparse"] else ("dense only" if r["fits_1m_dense"] else "no")
-        fits += "" if r["sparse_starts"] else " *"
         print(f"{r['shape']:>15} {r['tp']:>3} {r['kv_heads_per_rank']:>8} {r['kv_dtype']:>5} "
               f"{r['kv_kib_per_token']:>9.0f} {r['kv_gib_available']:>7.1f} "
               f"{r['dense_tokens']:>11,} {r['sparse_tokens']:>12,} {r['workspace_mib']:>7.0f} MiB "
               f"{r['temporaries_mib_at_1m']:>8.0f} MiB {fits:>8}")
-    print("\n* the plugin refuses fp8 KV caches at start today (sparse paths read bf16/fp16 caches only)")
     if any(r["tp"] > 1 for r in rows):
         print("TP > 1: on paper (weights and activations split evenly; not run on several GPUs)")
     if args.out:

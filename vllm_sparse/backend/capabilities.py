@@ -13,9 +13,9 @@ stay the dense backend's. Declared "no" here:
 - a model's fused KV write that skips `do_kv_cache_update` (vLLM 0.33): decode's page summaries follow
   the writes there.
 
-Settings the sparse path cannot read but a plan that keeps every layer dense can (a quantized KV cache,
-KV connectors and offloading, context parallelism) are refused at start by the builder when the plan has
-sparse layers (`checks.kv_problems`), each naming its setting.
+Settings the sparse path cannot read but a plan that keeps every layer dense can (a quantized KV cache other
+than fp8 e4m3 with per-tensor scales on CUDA, KV connectors and offloading, context parallelism) are refused
+at start by the builder when the plan has sparse layers (`checks.kv_problems`), each naming its setting.
 """
 
 from __future__ import annotations

@@ -81,10 +81,11 @@ def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
 
 
 def kv_problems(vllm_config) -> list[tuple[str, str]]:
-    """(setting, why) for every way this engine's KV cache is one the sparse paths cannot read: quantized,
-    or not all in this rank's paged cache, written there by the layer's own attention (the sparse path
-    reads pages in place and decode's page summaries follow the writes). With a plan that has sparse
-    prefill or decode layers they stop the engine at start (`SparseBuilderMixin`): one rule for both."""
+    """(setting, why) for every way this engine's KV cache is one the sparse paths cannot read: quantized other
+    than as they read it (`kv_cache_problem`), or not all in this rank's paged cache, written there by the
+    layer's own attention (the sparse path reads pages in place and decode's page summaries follow the writes).
+    With a plan that has sparse prefill or decode layers they stop the engine at start (`SparseBuilderMixin`):
+    one rule for both."""
     problems = []
     why = kv_cache_problem(vllm_config)
     if why:
