@@ -138,3 +138,13 @@ def test_fp8_queries_dequantized_are_counted_in_the_step_temporaries():
     plain = step_temporaries_bytes(plan, 32, 8, 16384, 1 << 17, 16, 128)
     fp8 = step_temporaries_bytes(plan, 32, 8, 16384, 1 << 17, 16, 128, query_itemsize=2)
     assert fp8 == plain + 32 * 16384 * 128 * 2
+
+
+def test_eval_and_calibrate_pass_the_kv_cache_dtype_to_their_engines():
+    """`vllm-sparse eval --kv-cache-dtype fp8` (gemma's fp8 fidelity against fp8 dense) sets both engines' cache."""
+    from vllm_sparse.cli.main import _engine_args, build_parser
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--config", "c.yaml", "--kv-cache-dtype", "fp8"])
+    assert _engine_args(args)["kv_cache_dtype"] == "fp8"
+    args = build_parser().parse_args(["eval", "--model", "m", "--config", "c.yaml"])
+    assert "kv_cache_dtype" not in _engine_args(args)

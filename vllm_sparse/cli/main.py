@@ -160,6 +160,8 @@ def _engine_args(args) -> dict:
         engine["block_size"] = args.block_size
     if args.gpu_memory_utilization:
         engine["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.kv_cache_dtype:
+        engine["kv_cache_dtype"] = args.kv_cache_dtype
     return engine
 
 
@@ -253,6 +255,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=4)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    p.add_argument("--kv-cache-dtype", help="vLLM's kv_cache_dtype for both engines (e.g. fp8: the sparse path "
+                   "reads fp8 e4m3 caches on CUDA)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="share of GPU memory each engine may take (lower it to run several side by side)")
 
