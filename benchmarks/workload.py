@@ -24,6 +24,10 @@ TTFT and the ratio dense / sparse (above 1: sparse is faster).
         [--config benchmarks/configs/llama-3-8b-antidiagonal-10.yaml] [--extra-config PLAN ...]
 
 The model is the Llama-3.1-8B shape with dummy weights (`e2e.py`) unless --model names a directory.
+
+`--paired` runs only the follow-up classes, with the dense engine and the plan's alive in one process and each
+turn run on both back to back (alternating which goes first): turns that are mostly host time (a few new
+tokens on a long cached document) then compare the engines under the same host conditions.
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def worker(spec: dict) -> None:
     if spec["dummy"]:
         kw["load_format"] = "dummy"
     kw.update(spec.get("engine", {}))
+    if spec.get("paired"):
+        return paired_worker(spec, kw, one, longest)
     if spec["config"]:
         kw.update(attention_backend="sparse", additional_config={"sparse": {"config": spec["config"]}})
     t0 = time.perf_counter()
@@ -177,6 +183,48 @@ def worker(spec: dict) -> None:
         out = SamplingParams(temperature=0.0, max_tokens=spec["concurrent_out"], ignore_eos=True, detokenize=False)
         reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
         measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs)
+
+
+def paired_worker(spec: dict, kw: dict, one, longest: int) -> None:
+    """`--paired`: the dense engine and the plan's in this one process, both alive, and each follow-up turn run
+    on both back to back, in alternating order (dense first on even turns): the two engines' turns then share
+    the process's host speed and its drift, which separate processes do not (host-bound turns read it)."""
+    from vllm import LLM
+
+    llms = {}
+    for name in ("dense", "sparse"):
+        extra = {"attention_backend": "sparse", "additional_config": {"sparse": {"config": spec["config"]}}} \
+            if name == "sparse" else {}
+        t0 = time.perf_counter()
+        llms[name] = LLM(**kw, **extra)
+        emit({"engine": name, "class": "startup", "seconds": time.perf_counter() - t0})
+    seed = iter(range(1000, 10**6))
+    for llm in llms.values():
+        drive(llm.llm_engine, [(prompt(min(4096, longest), next(seed)), one)], "warmup")
+
+    def measure(name: str, cls: str, requests, **extra) -> None:
+        llm = llms[name]
+        before = llm.collective_rpc(path_counts)[0]
+        t, steps = time.perf_counter(), []
+        rows = drive(llm.llm_engine, requests, cls, steps)
+        wall = time.perf_counter() - t
+        after = llm.collective_rpc(path_counts)[0]  # (the process's counters: only the SPARSE engine moves them)
+        delta = {k: after[k] - before[k] for k in after}
+        paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
+        if name == "dense":
+            paths = {"sparse": 0, "dense": 0, "chunks": 0}
+        emit({"engine": name, "class": cls, "requests": rows, "wall_s": wall, "paths": paths, "allocator": delta,
+              "timeline_s": [round(x, 4) for x in steps], **extra})
+
+    for d in spec["docs"]:
+        doc = prompt(d, next(seed))["prompt_token_ids"]
+        for name in llms:
+            measure(name, f"doc:{d}", [({"prompt_token_ids": doc}, one)])  # fills each engine's prefix cache
+        for n in spec["follow"]:
+            for turn in range(1 + spec["follow_repeats"]):
+                ids = doc + prompt(n, next(seed))["prompt_token_ids"]  # the same new tokens to both engines
+                for name in (("dense", "sparse") if turn % 2 == 0 else ("sparse", "dense")):
+                    measure(name, f"follow:{d}+{n}", [({"prompt_token_ids": ids}, one)], turn=turn)
 
 
 def profile_turn(engine, requests, out: str) -> dict:
@@ -335,6 +383,11 @@ def main() -> None:
     ap.add_argument("--sparse-first", action="store_true",
                     help="the plans' engines before the dense one (an engine started second may run its host work "
                     "slower: host-bound turns read the order)")
+    ap.add_argument("--paired", action="store_true",
+                    help="the follow-up classes only, dense and the plan's engine alive in one process, each turn run "
+                    "on both back to back in alternating order (host-bound turns then share the host's drift); "
+                    "give --first= --beside 0 --concurrent 0 and, on a GPU, each engine's kv_cache_memory_bytes in "
+                    "--engine")
     ap.add_argument("--reserve", type=int, default=150, help="seconds kept for each engine still to run")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
     ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine; "
@@ -370,7 +423,14 @@ def main() -> None:
                "engines": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.paired and (args.first or args.beside or args.concurrent or args.extra_config or args.only
+                        or args.dense_again or args.sparse_first or args.profile):
+        ap.error("--paired runs the follow-up classes of one plan: give --first= --beside 0 --concurrent 0, and "
+                 "none of --extra-config, --only, --dense-again, --sparse-first, --profile")
     engines = [("dense", None)] + [(p, p) for p in [args.config, *args.extra_config]]
+    if args.paired:  # one process runs both: its rows say which engine they are from
+        engines = [("paired", args.config)]
+        results["engines"] = {"dense": {"rows": []}, args.config: {"rows": []}}
     if args.only:
         engines = engines[:1] if args.only == "dense" else engines[1:]
     if args.sparse_first:
@@ -379,10 +439,13 @@ def main() -> None:
         engines.append(("dense-again", None))
     deadline = time.monotonic() + args.timeout
     for i, (label, cfg) in enumerate(engines):
-        eng = results["engines"][label] = {"rows": []}
+        eng = results["engines"].setdefault(label, {"rows": []}) if not args.paired else None
         base["timeout"] = max(30, int(deadline - time.monotonic()) - args.reserve * (len(engines) - 1 - i))
 
         def on_row(row, eng=eng, label=label):
+            if args.paired:
+                label = "dense" if row.pop("engine") == "dense" else args.config
+                eng = results["engines"][label]
             eng["rows"].append(row)
             brief = {k: v for k, v in row.items() if k != "requests"}
             if "requests" in row:
@@ -391,9 +454,10 @@ def main() -> None:
             out.write_text(json.dumps(results, indent=1))
 
         profile_out = str(out.with_suffix("")) + f".profile-{Path(cfg).stem if cfg else label}.txt"
-        err = run({**base, "config": cfg, "profile_out": profile_out}, label, on_row)
+        err = run({**base, "config": cfg, "profile_out": profile_out, "paired": args.paired}, label, on_row)
         if err:
-            eng["error"] = err
+            for e in ([eng] if eng is not None else results["engines"].values()):
+                e["error"] = err
         out.write_text(json.dumps(results, indent=1))
     m = results["meta"]
     print(f"\n{m['device']}  vLLM {m['vllm']}  torch {m['torch']}  "

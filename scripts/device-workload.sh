@@ -17,6 +17,9 @@
 #   gtest  the GPU engine tests (tests/test_engine_gpu.py): chats beside a sparse prefill with CUDA graphs, keep-all
 #          and dense plans against the stock backend, the sparse engine against its torch reference (~300 s)
 #   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
+#   pair   128K + 8 and + 256 follow-ups with `--paired`: dense and the first plan's engine alive in one process,
+#          each turn on both back to back in alternating order, 11 steady turns each (host-bound turns then share
+#          the host's drift, which two processes do not)
 #   fp8    an fp8 KV cache through the sparse paths (issue 29): the fp8 tests against the torch reference (FA3 with
 #          vLLM's descales included), no compile after the warm-up with fp8 pages, the engine tests with
 #          kv_cache_dtype fp8 (tests/test_engine_fp8_gpu.py) (~300 s)
@@ -96,6 +99,13 @@ dtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_decode_gpu.py 2>&1 \
     | tee "$OUT/gpu_engine_decode_tests.log" | tail -15
 }
+pair() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs --paired \
+    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 131072 --follow 8,256 \
+    --follow-repeats 11 --beside 0 --concurrent 0 --engine '{"kv_cache_memory_bytes": 25769803776, "gpu_memory_utilization": 0.45}' \
+    --timeout $(( $(left) - 15 )) --out "$OUT/workload_paired.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_paired.log" | tail -12
+}
 fp8() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fp8_path.py tests/test_warmup_gpu.py \
     tests/test_engine_fp8_gpu.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
@@ -114,4 +124,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 fp8:300 fp8e2e:240 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8e2e:240 temps:60" "$@"
