@@ -46,10 +46,11 @@ def _quantized_case(seed: int):
     q_scale = float(b.q.abs().max()) / (torch.finfo(FP8).max * 0.5)
     q8 = (b.q / q_scale).to(FP8).to(DEVICE)
     kv8 = _flash_layout(to_fp8(b.kv))
-    scales = torch.tensor([kv8.k_scale, kv8.v_scale, q_scale], dtype=torch.float32, device=DEVICE)
-    kv8 = PagedKV(kv8.key, kv8.value, kv8.k_scale, kv8.v_scale, scales[0:1], scales[1:2])
+    # 0-dim device scales, as vLLM's layers register them (`_k_scale`, `_v_scale`, `_q_scale`)
+    k_s, v_s, q_s = (torch.tensor(x, dtype=torch.float32, device=DEVICE) for x in (kv8.k_scale, kv8.v_scale, q_scale))
+    kv8 = PagedKV(kv8.key, kv8.value, kv8.k_scale, kv8.v_scale, k_s, v_s)
     plain = PagedKV(*(t.to(DTYPE) for t in (lambda d: (d.key, d.value))(dequantized(kv8))))
-    return q8, scales[2:3], kv8, dequantize_queries(q8, scales[2:3], DTYPE), plain, b
+    return q8, (q_s, float(q_s)), kv8, dequantize_queries(q8, float(q_s), DTYPE), plain, b
 
 
 def _attend(q, kv, b, plan, kernel, q_scale=None):
@@ -70,9 +71,9 @@ def _dense(q, kv, b) -> torch.Tensor:
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_every_block_kept_over_fp8_is_dense_attention_over_the_dequantized_values(kernel):
     """Density 1.0: the fp8 path's output is dense attention over the dequantized queries and pages."""
-    q8, q_scale, kv8, q, _, b = _quantized_case(seed=5)
+    q8, q_scale, kv8, _, _, b = _quantized_case(seed=5)
     got = _attend(q8, kv8, b, _plan(Budget(keep_ratio=1.0)), kernel, q_scale)
-    want = _dense(q.float(), dequantized(kv8), b)
+    want = _dense(q8.float() * q_scale[1], dequantized(kv8), b)  # (the exact fp32 values FA3 reads)
     # FA3's fp8 path rounds the softmax probabilities to e4m3 for the PV product (one element of 61,440 was 0.022
     # off on an H200); the Triton and torch paths keep them in 16 / 32 bits.
     tol = 4e-2 if kernel == "fa3" else 2e-2
@@ -95,10 +96,11 @@ def test_sparse_path_over_fp8_equals_it_over_the_dequantized_values(kernel, bits
 
 def test_dequantized_queries_are_the_fp8_values_times_their_scale():
     q8 = (torch.randn(5, 4, 8) * 40).to(FP8)
-    scale = torch.tensor([0.03125])
-    got = dequantize_queries(q8, scale, torch.float16)
-    assert got.dtype == torch.float16 and got.shape == q8.shape
-    torch.testing.assert_close(got, (q8.float() * 0.03125).half(), atol=0, rtol=0)
+    scale = 0.0137  # not a power of two: one rounding, of the fp32 product (not of a 16-bit scale first)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = dequantize_queries(q8, scale, dtype)
+        assert got.dtype == dtype and got.shape == q8.shape
+        torch.testing.assert_close(got, (q8.float() * scale).to(dtype), atol=0, rtol=0)
 
 
 def test_an_fp8_cache_viewed_from_bytes_carries_its_layers_scales():

@@ -78,8 +78,9 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype
             out = torch.full_like(q, float("nan"))
             attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, tuple(chunks), list(heads),
                                  plan.block_size, d**-0.5, plan.union_tile, union_heads=plan.union_heads,
-                                 metrics=metrics, layer=1, tiles=tile_geometry(chunks, plan.block_size, plan.union_tile,
-                                                                               dev), q_scale=scale if fp8 else None)
+                                 metrics=metrics, layer=1,
+                                 tiles=tile_geometry(chunks, plan.block_size, plan.union_tile, dev),
+                                 q_scale=(scale, 0.5) if fp8 else None)
             torch.cuda.synchronize()
             assert out.isfinite().all(), step
     finally:

@@ -71,7 +71,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
     (each row keeps its diagonal block), which the FA3 path relies on.
 
-    `fa3_query`: (fp8 queries, their scale [1]) where vLLM quantized them for an fp8 cache: FA3 takes fp8
+    `fa3_query`: (fp8 queries, their 0-dim scale tensor) where vLLM quantized them for an fp8 cache: FA3 takes fp8
     queries with fp8 pages only, and reads them as vLLM's dense FA3 call does; `ctx.q` holds them dequantized.
     """
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv

@@ -53,6 +53,8 @@ def kv_cache_problem(vllm_config, cuda: bool | None = None) -> str | None:
     if dtype == "auto" or dtype.startswith(("bfloat16", "float16", "half")):
         return None
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and torch.version.hip is not None and dtype.startswith("fp8"):  # (ROCm's fp8 may be e4m3fnuz)
+        return f"the sparse path reads fp8 KV caches on NVIDIA GPUs only, not kv_cache_dtype={dtype} on ROCm"
     if cuda and dtype in FP8_CACHE_DTYPES:
         return None
     if cuda:
@@ -68,9 +70,12 @@ def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
+    # Where some layer of the group selects pages at decode, every layer of it runs the decode path.
+    decode_group = any(plan.layer(layer_index(n)).is_sparse_decode for n in layer_names)
     for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
         lp = plan.layer(layer_index(name))
-        if not (lp.is_sparse or lp.is_sparse_decode):
+        prefill = lp.is_sparse and not getattr(layer.impl, "unsupported", None)  # (else the layer runs dense)
+        if not (prefill or decode_group):
             continue
         per_head = [s for s in ("_q_scale", "_k_scale", "_v_scale") if getattr(layer, s).numel() != 1]
         if per_head:

@@ -85,6 +85,9 @@ class SparseImplMixin:
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
                 vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0)
+            if self._fp8_cache and self._plan.is_sparse_decode:  # decode dequantizes the step's fp8 queries
+                self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
+                                        * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)
             if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
                 reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
@@ -144,7 +147,7 @@ class SparseImplMixin:
             if decode is not None and (batch.decode.any_sparse or capturing(query)):
                 q = query.view(-1, self.num_heads, self.head_size)
                 if q.dtype in FP8_DTYPES:  # (vLLM quantized the queries for FA3 over an fp8 cache)
-                    q = dequantize_queries(q, layer._q_scale, output.dtype)
+                    q = dequantize_queries(q, layer._q_scale_float, output.dtype)
                 decode.attend(q, output.view(-1, self.num_heads, self.head_size), self._paged_kv(layer, kv_cache),
                               attn_metadata.block_table, batch.decode, self.scale)
         return output
@@ -170,4 +173,4 @@ class SparseImplMixin:
                         head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
                         kernel=self._kernel, union_heads=self._plan.union_heads, dense_below=self._plan.dense_below,
                         split=self._split, metrics=self._metrics, tiles=batch.tiles,
-                        q_scale=layer._q_scale if query.dtype in FP8_DTYPES else None)
+                        q_scale=(layer._q_scale, layer._q_scale_float) if query.dtype in FP8_DTYPES else None)

@@ -176,10 +176,12 @@ def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) ->
     return mask
 
 
-def dequantize_queries(q: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 queries (vLLM's per-tensor static quantization, `layer._q_scale`) as `dtype` values: a chunk's worth,
-    counted in the step's temporaries (`reserve.step_temporaries_bytes`). No host sync."""
-    return q.to(dtype) * q_scale.reshape(()).to(dtype)
+def dequantize_queries(q: torch.Tensor, q_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 queries (vLLM's per-tensor static quantization: q / `layer._q_scale`) as `dtype` values: a chunk's
+    worth, counted in the step's temporaries (`reserve.step_temporaries_bytes`). The scale as a host number is
+    applied in fp32 with one rounding (a scale rounded to bf16 first would bias every logit by up to 2^-8, where
+    FA3 applies the exact fp32 descale). No host sync."""
+    return q.to(dtype).mul_(q_scale)
 
 
 def attend_sparse_chunks(
@@ -200,7 +202,8 @@ def attend_sparse_chunks(
     union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
     observer=None,  # eval / calibration hooks (`instrumented.StatsObserver`); None while serving
     tiles: tuple | None = None,  # per chunk, the builder's tile geometry (`batch.tile_geometry`); None: made here
-    q_scale: torch.Tensor | None = None,  # fp8 queries (vLLM quantized them for an fp8 cache): their scale, [1]
+    # fp8 queries (vLLM quantized them for an fp8 cache): their per-tensor scale, (device tensor, host float)
+    q_scale: tuple[torch.Tensor, float] | None = None,
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = kv_head_map(num_q, num_kv, query.device)
@@ -212,7 +215,7 @@ def attend_sparse_chunks(
     for i, c in enumerate(chunks):
         q, fa3_query = query[c.q_start:c.q_end], None
         if q_scale is not None:  # FA3 reads the fp8 queries with their descale; the estimators the 16-bit values
-            fa3_query, q = (q, q_scale), dequantize_queries(q, q_scale, output.dtype)
+            fa3_query, q = (q, q_scale[0]), dequantize_queries(q, q_scale[1], output.dtype)
         ctx = ChunkContext(q, kv_head_of, kv, block_table[c.req], c.context_len, block_size, scale, kv_head_ids, fused)
         if observer is not None and observer.calibrating():  # attend densely, measure the candidates
             observer.calibrate(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)

@@ -99,7 +99,7 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         out = torch.empty_like(q)
         attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, chunks, list(heads), bs,
                              head_dim**-0.5, plan.union_tile, union_heads=plan.union_heads, tiles=tiles,
-                             q_scale=one if fp8 else None)
+                             q_scale=(one, 1.0) if fp8 else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

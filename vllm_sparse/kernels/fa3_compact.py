@@ -79,7 +79,7 @@ def sparse_attention_fa3(
     scale: float,
     out: torch.Tensor,
     num_splits: int | None = None,  # FA3's num_splits; None: `fa3_num_splits` (benchmarks pass others)
-    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v: [1] float32 each
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v scales (0-dim or [1])
 ) -> torch.Tensor:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 

@@ -23,7 +23,7 @@ class PagedKV:
     # every reader multiplies them back, the kernels by folding them into their logit and output scales.
     k_scale: float = 1.0
     v_scale: float = 1.0
-    # The same scales as device tensors (vLLM's `layer._k_scale`, [1] float32), for FA3's k/v descales: read on
+    # The same scales as device tensors (vLLM's `layer._k_scale`, 0-dim float32), for FA3's k/v descales: read on
     # the device, so a scale vLLM computes at run time (`calculate_kv_scales`) needs no host copy.
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
