@@ -145,16 +145,7 @@ def worker(spec: dict) -> None:
     drive(engine, [(prompt(min(4096, longest), next(seed)), one)], "warmup")
 
     def measure(cls: str, requests, **extra) -> list[dict]:
-        before = llm.collective_rpc(path_counts)[0]
-        t, steps = time.perf_counter(), []
-        rows = drive(engine, requests, cls, steps)
-        wall = time.perf_counter() - t
-        after = llm.collective_rpc(path_counts)[0]
-        delta = {k: after[k] - before[k] for k in after}
-        paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
-        emit({"class": cls, "requests": rows, "wall_s": wall, "paths": paths, "allocator": delta,
-              "timeline_s": [round(x, 4) for x in steps], **extra})
-        return rows
+        return measure_turn(llm, cls, requests, **extra)
 
     for n in spec["first"]:
         if spec.get("profile") == f"first:{n}":  # the first prompt of this length, under the profiler, apart
@@ -185,6 +176,21 @@ def worker(spec: dict) -> None:
         measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs)
 
 
+def measure_turn(llm, cls: str, requests, **extra) -> list[dict]:
+    """One turn of `cls` through `llm`, emitted as a row: each request's times, the wall time, the prefill tokens
+    by path (the plugin's counters) and the allocator's activity during it, and the step timeline."""
+    before = llm.collective_rpc(path_counts)[0]
+    t, steps = time.perf_counter(), []
+    rows = drive(llm.llm_engine, requests, cls, steps)
+    wall = time.perf_counter() - t
+    after = llm.collective_rpc(path_counts)[0]
+    delta = {k: after[k] - before[k] for k in after}
+    paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
+    emit({**({"engine": extra.pop("engine")} if "engine" in extra else {}), "class": cls, "requests": rows,
+          "wall_s": wall, "paths": paths, "allocator": delta, "timeline_s": [round(x, 4) for x in steps], **extra})
+    return rows
+
+
 def paired_worker(spec: dict, kw: dict, one, longest: int) -> None:
     """`--paired`: the dense engine and the plan's in this one process, both alive, and each follow-up turn run
     on both back to back, in alternating order (dense first on even turns): the two engines' turns then share
@@ -203,18 +209,8 @@ def paired_worker(spec: dict, kw: dict, one, longest: int) -> None:
         drive(llm.llm_engine, [(prompt(min(4096, longest), next(seed)), one)], "warmup")
 
     def measure(name: str, cls: str, requests, **extra) -> None:
-        llm = llms[name]
-        before = llm.collective_rpc(path_counts)[0]
-        t, steps = time.perf_counter(), []
-        rows = drive(llm.llm_engine, requests, cls, steps)
-        wall = time.perf_counter() - t
-        after = llm.collective_rpc(path_counts)[0]  # (the process's counters: only the SPARSE engine moves them)
-        delta = {k: after[k] - before[k] for k in after}
-        paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
-        if name == "dense":
-            paths = {"sparse": 0, "dense": 0, "chunks": 0}
-        emit({"engine": name, "class": cls, "requests": rows, "wall_s": wall, "paths": paths, "allocator": delta,
-              "timeline_s": [round(x, 4) for x in steps], **extra})
+        # (the plugin's counters are the process's; only the SPARSE engine's steps move them)
+        measure_turn(llms[name], cls, requests, engine=name, **extra)
 
     for d in spec["docs"]:
         doc = prompt(d, next(seed))["prompt_token_ids"]

@@ -18,6 +18,7 @@ from vllm_sparse.backend.checks import (
     check_decode,
     check_decode_layers,
     check_fp8_scales,
+    fp8_cache,
     kv_problems,
     layer_index,
     layer_span,
@@ -99,7 +100,7 @@ class SparseBuilderMixin:
             problems = kv_problems(vllm_config)  # one rule for prefill and decode, at start
             if problems:
                 raise SparseConfigError(self._plan.source, problems)
-            if str(vllm_config.cache_config.cache_dtype).startswith("fp8"):
+            if fp8_cache(vllm_config.cache_config.cache_dtype):
                 check_fp8_scales(vllm_config, layer_names, self._plan)
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         if self._has_sparse_layer:

@@ -46,6 +46,12 @@ def check_block_size(block_size: int, page_size: int, source: str) -> None:
 FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
+def fp8_cache(cache_dtype) -> bool:
+    """Whether vLLM's kv_cache_dtype setting stores the cache in fp8 (as bytes; `kv_cache_problem` says which
+    ones the sparse path reads)."""
+    return str(cache_dtype).startswith("fp8")
+
+
 def kv_cache_problem(vllm_config, cuda: bool | None = None) -> str | None:
     """Why the sparse paths cannot read this engine's KV cache, or None: unquantized caches everywhere, fp8
     (e4m3, per-tensor scales) on CUDA. `cuda`: the engine's device (default: whether this process has one)."""
@@ -53,7 +59,7 @@ def kv_cache_problem(vllm_config, cuda: bool | None = None) -> str | None:
     if dtype == "auto" or dtype.startswith(("bfloat16", "float16", "half")):
         return None
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda and torch.version.hip is not None and dtype.startswith("fp8"):  # (ROCm's fp8 may be e4m3fnuz)
+    if cuda and torch.version.hip is not None and fp8_cache(dtype):  # (ROCm's fp8 may be e4m3fnuz)
         return f"the sparse path reads fp8 KV caches on NVIDIA GPUs only, not kv_cache_dtype={dtype} on ROCm"
     if cuda and dtype in FP8_CACHE_DTYPES:
         return None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from vllm_sparse import compat
-from vllm_sparse.backend.checks import check_head_size, layer_index, rank_shard
+from vllm_sparse.backend.checks import check_head_size, fp8_cache, layer_index, rank_shard
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
@@ -67,7 +67,8 @@ class SparseImplMixin:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._kernel = selected_kernel(device) if self._shard is not None and self._plan.is_sparse else None
         # An fp8 cache (`checks.kv_cache_problem`): vLLM quantizes the queries for FA3, the sparse path reads both.
-        self._fp8_cache = str(getattr(self, "kv_cache_dtype", "auto")).startswith("fp8")
+        self._fp8_cache = fp8_cache(getattr(self, "kv_cache_dtype", "auto"))
+        self._fp8_dtype = compat.fp8_dtype() if self._fp8_cache else None  # (resolved once, not per forward)
         self._temporaries = 0  # bytes of one sparse chunk-layer's temporaries at the longest context (CUDA)
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)
@@ -156,7 +157,7 @@ class SparseImplMixin:
         """The layer's cache as pages; an fp8 cache (vLLM stores it as bytes) as fp8 values with the layer's
         scales, read now (vLLM may compute them at run time, `calculate_kv_scales`)."""
         kv = self.kv_view(kv_cache)
-        return kv.as_fp8(compat.fp8_dtype(), layer) if self._fp8_cache else kv
+        return kv.as_fp8(self._fp8_dtype, layer) if self._fp8_cache else kv
 
     def _forward_sparse_chunks(self, layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
                                *args, **kwargs):

@@ -106,7 +106,7 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
 
 def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device) -> None:
     """Compile the selection kernels this engine can launch, now rather than on the first long prompt."""
-    from vllm_sparse.backend.checks import rank_shard
+    from vllm_sparse.backend.checks import fp8_cache, rank_shard
     from vllm_sparse.backend.kernel_choice import selected_kernel
 
     kernel = selected_kernel(device)
@@ -115,7 +115,7 @@ def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device) 
     local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     spec = kv_cache_spec
     # An fp8 cache comes as bytes (vLLM's spec dtype uint8): the kernels read it as fp8 values.
-    kv_dtype = compat.fp8_dtype() if str(vllm_config.cache_config.cache_dtype).startswith("fp8") else spec.dtype
+    kv_dtype = compat.fp8_dtype() if fp8_cache(vllm_config.cache_config.cache_dtype) else spec.dtype
     warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, kv_dtype,
                               vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
     shard = rank_shard(plan, local_q_heads, spec.num_kv_heads)
