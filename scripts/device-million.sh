@@ -13,6 +13,9 @@
 #          and the engine oracle test
 #   fid    gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the stride-16
 #          int8 estimator with the 10% budget and with tau 0.9
+#   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
+#          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
+#          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
 #          0.9: dense and the 10% stride-16 int8 plan at 256K and 512K (LONG_LENGTHS), each engine in a timeout
 #   longd  the same shape, the dense engine alone (a dense 512K prefill takes minutes: a call of its own)
@@ -43,6 +46,11 @@ fid() {
     benchmarks/configs/gemma-3-antidiagonal-10-s16-int8.yaml benchmarks/configs/gemma-3-antidiagonal-tau90-s16-int8.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
+fidfp8() {
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidfp8" 16384,29696 \
+    configs/gemma-3.yaml benchmarks/configs/gemma-3-decode-tidal-4k.yaml \
+    -- --kv-cache-dtype fp8 --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
+}
 long() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
@@ -65,4 +73,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 long:300 longd:300 longs:240" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 long:300 longd:300 longs:240" "$@"

@@ -24,6 +24,8 @@
 #          vLLM's descales included), no compile after the warm-up with fp8 pages, the engine tests with
 #          kv_cache_dtype fp8 (tests/test_engine_fp8_gpu.py) (~300 s)
 #   fp8e2e benchmarks/e2e.py with --kv-cache-dtype fp8 at 32K and 128K, dense and PLANS' first plan, CUDA graphs
+#   conc   12 concurrent 32K prompts alone, CUDA graphs, with CUDA_SCALE_LAUNCH_QUEUES=4x (a deeper launch queue: the
+#          batch's first tokens waited behind a sparse step's ~1,000 launches), dense and PLANS' first plan
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 #   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
@@ -115,6 +117,12 @@ fp8e2e() {
     --lengths 32768,131072 --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --out "$OUT/e2e_fp8.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_fp8.log" | tail -20
 }
+conc() {
+  CUDA_SCALE_LAUNCH_QUEUES=4x timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs \
+    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs= --follow= --beside 0 --concurrent 12 \
+    --concurrent-len 32768 --timeout $(( $(left) - 15 )) --out "$OUT/workload_conc_queues4x.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_queues4x.log" | tail -12
+}
 temps() {
   local ctx
   for ctx in 131072 262144 524288 1048576; do
@@ -124,4 +132,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8e2e:240 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8e2e:240 conc:240 temps:60" "$@"
