@@ -129,6 +129,56 @@ def test_fp8_caches_are_read_on_cuda_and_refused_elsewhere_at_start():
     assert kv_cache_problem(config("auto"), cuda=False) is None
 
 
+def test_a_kv_cache_groups_dtype_is_its_layers_not_the_global_setting():
+    """`--kv-cache-dtype-skip-layers` keeps some layers in 16 bits under a global fp8 setting (vLLM resolves it per
+    layer, and those layers form their own KV-cache group): the builder's checks and the warm-up read the group's
+    layers. Their refusals follow the group's dtype too."""
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_sparse.backend.checks import group_cache_dtype, kv_cache_problem
+
+    def layer(dtype):
+        a = Attention.__new__(Attention)  # (only the attribute vLLM resolves per layer is read)
+        a.__dict__["kv_cache_dtype"] = dtype
+        return a
+
+    layers = {"model.layers.0.self_attn.attn": layer("auto"), "model.layers.1.self_attn.attn": layer("fp8"),
+              "model.layers.2.self_attn.attn": layer("fp8")}
+    config = SimpleNamespace(cache_config=SimpleNamespace(cache_dtype="fp8"),
+                             compilation_config=SimpleNamespace(static_forward_context=layers))
+    skipped, quantized = ["model.layers.0.self_attn.attn"], ["model.layers.1.self_attn.attn",
+                                                               "model.layers.2.self_attn.attn"]
+    assert group_cache_dtype(config, skipped) == "auto" and group_cache_dtype(config, quantized) == "fp8"
+    assert group_cache_dtype(config, ["not.a.layer"]) == "fp8"  # no layer says: the engine's setting
+    assert kv_cache_problem(config, cuda=False, cache_dtype="auto") is None  # (fp8 is refused on CPU)
+    assert "on CPU" in kv_cache_problem(config, cuda=False, cache_dtype="fp8")
+
+
+def test_fa3_over_an_fp8_cache_without_quantized_queries_stops_the_engine_at_start():
+    from tests.test_config import entry, plan_of
+    from vllm_sparse.backend.checks import check_fp8_query_input
+    from vllm_sparse.config.errors import SparseConfigError
+
+    plan = plan_of(entry(layers=[{"layers": "all", "estimator": {"name": "sink_local"},
+                                  "budget": {"keep_ratio": 0.5}}]))
+    check_fp8_query_input(plan, "fa3", "fp8", quantizes_queries=True)
+    check_fp8_query_input(plan, "triton", "fp8", quantizes_queries=False)  # (Triton reads 16-bit queries)
+    check_fp8_query_input(plan, "fa3", "auto", quantizes_queries=False)
+    with pytest.raises(SparseConfigError, match="kv_cache_dtype.*supports_quant_query_input is false"):
+        check_fp8_query_input(plan, "fa3", "fp8_e4m3", quantizes_queries=False)
+
+
+def test_the_warm_up_over_fp8_pages_needs_the_models_query_dtype():
+    from tests.test_config import entry, plan_of
+    from vllm_sparse.backend.checks import rank_shard
+    from vllm_sparse.backend.warmup import run_dummy_sparse_steps
+
+    plan = plan_of(entry(layers=[{"layers": "all", "estimator": {"name": "sink_local"},
+                                  "budget": {"keep_ratio": 0.5}}]))
+    with pytest.raises(ValueError, match="fp8 kv_dtype needs the model's q_dtype"):
+        run_dummy_sparse_steps(plan, rank_shard(plan, 8, 2), 2, 16, 16, FP8, torch.device("cpu"))
+
+
 def test_fp8_queries_dequantized_are_counted_in_the_step_temporaries():
     """The dequantized chunk queries (the model's dtype) are part of the bound vLLM's memory profile reserves."""
     from vllm_sparse.backend.reserve import step_temporaries_bytes

@@ -19,6 +19,7 @@ from vllm_sparse.backend.checks import (
     check_decode_layers,
     check_fp8_scales,
     fp8_cache,
+    group_cache_dtype,
     kv_problems,
     layer_index,
     layer_span,
@@ -94,13 +95,14 @@ class SparseBuilderMixin:
             mro = type(self).__mro__
             dense_cls = mro[mro.index(SparseBuilderMixin) + 1]
             self._dense_builder = dense_cls(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
+        self._cache_dtype = group_cache_dtype(vllm_config, layer_names)  # (this group's: skip layers keep 16 bits)
         kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
         self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
         if self._has_sparse_layer or any(self._plan.layer(layer_index(n)).is_sparse_decode for n in layer_names):
-            problems = kv_problems(vllm_config)  # one rule for prefill and decode, at start
+            problems = kv_problems(vllm_config, self._cache_dtype)  # one rule for prefill and decode, at start
             if problems:
                 raise SparseConfigError(self._plan.source, problems)
-            if fp8_cache(vllm_config.cache_config.cache_dtype):
+            if fp8_cache(self._cache_dtype):
                 check_fp8_scales(vllm_config, layer_names, self._plan)
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         if self._has_sparse_layer:
@@ -114,7 +116,7 @@ class SparseBuilderMixin:
                 self.match_dense_builder(self._dense_builder)
                 warn_dense_layers(vllm_config, layer_names, self._plan)
         if self._has_sparse_layer and torch.device(device).type == "cuda":
-            warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device))
+            warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device), self._cache_dtype)
         # One builder per process counts prefill tokens (a model with several KV cache groups builds
         # each step once per group).
         counted = self._has_sparse_layer or self._decode is not None

@@ -52,10 +52,25 @@ def fp8_cache(cache_dtype) -> bool:
     return str(cache_dtype).startswith("fp8")
 
 
-def kv_cache_problem(vllm_config, cuda: bool | None = None) -> str | None:
+def group_cache_dtype(vllm_config, layer_names: list[str]) -> str:
+    """The kv_cache_dtype of one KV-cache group's layers: vLLM resolves it per layer (`--kv-cache-dtype-skip-layers`
+    keeps some layers in the model's dtype under a global fp8 setting, in their own group), so the group's layers
+    say it, not the global setting; that one where no layer does."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    dtypes = {str(getattr(layer, "kv_cache_dtype", None) or "auto")
+              for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()}
+    if not dtypes:
+        return str(vllm_config.cache_config.cache_dtype or "auto")
+    return next((d for d in sorted(dtypes) if d != "auto"), "auto")  # (a group's layers share one cache layout)
+
+
+def kv_cache_problem(vllm_config, cuda: bool | None = None, cache_dtype: str | None = None) -> str | None:
     """Why the sparse paths cannot read this engine's KV cache, or None: unquantized caches everywhere, fp8
-    (e4m3, per-tensor scales) on CUDA. `cuda`: the engine's device (default: whether this process has one)."""
-    dtype = str(vllm_config.cache_config.cache_dtype or "auto")
+    (e4m3, per-tensor scales) on CUDA. `cuda`: the engine's device (default: whether this process has one);
+    `cache_dtype`: one group's (`group_cache_dtype`; default: the engine's setting)."""
+    dtype = str(cache_dtype or vllm_config.cache_config.cache_dtype or "auto")
     if dtype == "auto" or dtype.startswith(("bfloat16", "float16", "half")):
         return None
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -91,14 +106,25 @@ def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
                 "dense"))])
 
 
-def kv_problems(vllm_config) -> list[tuple[str, str]]:
+def check_fp8_query_input(plan, kernel: str | None, cache_dtype: str, quantizes_queries: bool) -> None:
+    """FA3 takes fp8 pages with fp8 queries only. vLLM quantizes them where its FlashAttention says it takes them
+    (`supports_quant_query_input`); where it does not, the first sparse chunk over an fp8 cache would fail
+    mid-request: stop the engine at start instead (the Triton kernel reads 16-bit queries over fp8 pages)."""
+    if kernel == "fa3" and fp8_cache(cache_dtype) and not quantizes_queries:
+        raise SparseConfigError(plan.source, [("kv_cache_dtype", (
+            f"kv_cache_dtype={cache_dtype}: FA3 over the compacted tables reads an fp8 cache with fp8 queries, "
+            "and this vLLM's FlashAttention does not quantize them (supports_quant_query_input is false): use "
+            "VLLM_SPARSE_KERNEL=triton, or --kv-cache-dtype auto"))])
+
+
+def kv_problems(vllm_config, cache_dtype: str | None = None) -> list[tuple[str, str]]:
     """(setting, why) for every way this engine's KV cache is one the sparse paths cannot read: quantized other
     than as they read it (`kv_cache_problem`), or not all in this rank's paged cache, written there by the
     layer's own attention (the sparse path reads pages in place and decode's page summaries follow the writes).
     With a plan that has sparse prefill or decode layers they stop the engine at start (`SparseBuilderMixin`):
-    one rule for both."""
+    one rule for both. `cache_dtype`: the group's (`group_cache_dtype`; default: the engine's setting)."""
     problems = []
-    why = kv_cache_problem(vllm_config)
+    why = kv_cache_problem(vllm_config, cache_dtype=cache_dtype)
     if why:
         problems.append(("kv_cache_dtype", f"{why}: use --kv-cache-dtype auto, or a plan that keeps every layer "
                          "dense"))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from vllm_sparse import compat
-from vllm_sparse.backend.checks import check_head_size, fp8_cache, layer_index, rank_shard
+from vllm_sparse.backend.checks import check_fp8_query_input, check_head_size, fp8_cache, layer_index, rank_shard
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
@@ -69,6 +69,8 @@ class SparseImplMixin:
         # An fp8 cache (`checks.kv_cache_problem`): vLLM quantizes the queries for FA3, the sparse path reads both.
         self._fp8_cache = fp8_cache(getattr(self, "kv_cache_dtype", "auto"))
         self._fp8_dtype = compat.fp8_dtype() if self._fp8_cache else None  # (resolved once, not per forward)
+        check_fp8_query_input(self._plan, self._kernel, getattr(self, "kv_cache_dtype", "auto"),
+                              getattr(self, "supports_quant_query_input", False))
         self._temporaries = 0  # bytes of one sparse chunk-layer's temporaries at the longest context (CUDA)
         if self._shard is not None and torch.cuda.is_available():
             check_head_size(self._plan, self.head_size)

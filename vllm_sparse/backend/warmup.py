@@ -90,6 +90,8 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     one = torch.ones(1, dtype=torch.float32, device=device)
     if fp8:
         kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
+    if fp8 and q_dtype is None:  # (fp8 is the cache's dtype, not the model's: its queries come dequantized)
+        raise ValueError("run_dummy_sparse_steps: an fp8 kv_dtype needs the model's q_dtype")
     q_dtype = q_dtype or kv_dtype
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
     chunks = (SparseChunk(0, 0, bs, 2 * bs),)
@@ -104,8 +106,9 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         torch.cuda.synchronize(device)
 
 
-def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device) -> None:
-    """Compile the selection kernels this engine can launch, now rather than on the first long prompt."""
+def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device, cache_dtype: str = "auto") -> None:
+    """Compile the selection kernels this engine can launch, now rather than on the first long prompt.
+    `cache_dtype`: the KV-cache group's kv_cache_dtype (`checks.group_cache_dtype`)."""
     from vllm_sparse.backend.checks import fp8_cache, rank_shard
     from vllm_sparse.backend.kernel_choice import selected_kernel
 
@@ -115,7 +118,7 @@ def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device) 
     local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     spec = kv_cache_spec
     # An fp8 cache comes as bytes (vLLM's spec dtype uint8): the kernels read it as fp8 values.
-    kv_dtype = compat.fp8_dtype() if fp8_cache(vllm_config.cache_config.cache_dtype) else spec.dtype
+    kv_dtype = compat.fp8_dtype() if fp8_cache(cache_dtype) else spec.dtype
     warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, kv_dtype,
                               vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
     shard = rank_shard(plan, local_q_heads, spec.num_kv_heads)
