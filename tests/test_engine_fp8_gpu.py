@@ -50,9 +50,10 @@ def runs(model_cache, tmp_path_factory):
     sink_local = {"name": "sink_local", "sink_blocks": 1, "local_blocks": 2}
     # One request at a time: in a step that mixes requests, the sparse engine attends the dense-routed ones in a
     # FA3 call of their own, whose split heuristics see a smaller batch than stock's one call. Over an fp8 cache
-    # that moves log-probs by FA3's e4m3 rounding of the probabilities (0.064 mean on the 420-token prompt, enough
-    # to flip a near-tie greedy token of this random model; H200, 2026-12-03); in bf16 it is ~1e-3 (the mixed
-    # steps are tested by the bf16 twins, tests/test_engine_gpu.py).
+    # that moves log-probs by FA3's e4m3 rounding of the probabilities. Seen on an H200 (2026-12-03): the
+    # 420-token prompt 0.064 off stock in the keep-all AND the sparse engine alike (so not from its sparse chunk),
+    # the 1100-token one exactly equal, and a near-tie greedy token of this random model flipped. In bf16 such a
+    # split difference is ~1e-3; the mixed steps are tested by the bf16 twins (tests/test_engine_gpu.py).
     base = {"model": str(model), "prompts": _prompts(model), "engine": ENGINE, "max_tokens": MAX_TOKENS,
             "logprobs": True, "ignore_eos": True, "sequential": True}
     specs = {
