@@ -21,6 +21,12 @@
 #   longd  the same shape, the dense engine alone (a dense 512K prefill takes minutes: a call of its own)
 #   longs  the same shape, each plan in LONG_PLANS alone (default: the 10% stride-16 int8 plan with a union per KV
 #          head and with a page list per q head)
+#   m1d    the Qwen2.5-7B-1M shape, dense alone, one 1,048,576-token prompt (whole: ~400 s expected from 512K's
+#          99.6 s; a call of its own)
+#   m1s    the same prompt, each plan in LONG_PLANS alone (default: the page list per q head)
+#   l1m    the Llama-3-8B shape with 1M positions and an fp8 KV cache (the only way 1M fits it on one H200): the 10%
+#          stride-16 int8 plan alone at 1M (a dense 1M prefill of this shape is ~2x Qwen's: its per-chunk times come
+#          from m1d's method at 256K and 512K, LLAMA_DENSE_LENGTHS, in the same call when time is left)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -66,6 +72,26 @@ long_one() {  # long_one NAME E2E_ARGS...: one engine of the long-context shape,
     --out "$OUT/$name.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log" | tail -12
 }
 longd() { long_one e2e_long_dense --only dense; }
+m1d() { LONG_LENGTHS=1048576 long_one e2e_1m_dense --only dense; }
+m1s() {
+  local p
+  for p in ${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads}; do
+    LONG_LENGTHS=1048576 long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
+  done
+}
+l1m() {
+  local t=$(( $(left) - 10 ))
+  timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
+    --lengths 1048576 --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only sparse \
+    --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_1m_llama_fp8.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_1m_llama_fp8.log" | grep -v '"layers"' | tail -12
+  [ -n "${LLAMA_DENSE_LENGTHS:-}" ] || return 0
+  t=$(( $(left) - 10 ))
+  timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
+    --lengths "$LLAMA_DENSE_LENGTHS" --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only dense \
+    --out "$OUT/e2e_llama1m_fp8_dense.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' \
+    | tee "$OUT/e2e_llama1m_fp8_dense.log" | tail -6
+}
 longs() {
   local p
   for p in ${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8 qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads}; do
@@ -73,4 +99,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 long:300 longd:300 longs:240" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300" "$@"

@@ -23,6 +23,8 @@
 #   fp8    an fp8 KV cache through the sparse paths (issue 29): the fp8 tests against the torch reference (FA3 with
 #          vLLM's descales included), no compile after the warm-up with fp8 pages, the engine tests with
 #          kv_cache_dtype fp8 (tests/test_engine_fp8_gpu.py) (~300 s)
+#   fp8b   the fp8 engine tests left out of `fp8`: scales vLLM computes from the data (calculate_kv_scales, vLLM 0.26)
+#          and the fp8 decode path in CUDA graphs (tests/test_engine_fp8_scales_graphs_gpu.py, four engines, ~300 s)
 #   fp8e2e benchmarks/e2e.py with --kv-cache-dtype fp8 at 32K and 128K, dense and PLANS' first plan, CUDA graphs
 #   conc   12 concurrent 32K prompts alone, CUDA graphs, with CUDA_SCALE_LAUNCH_QUEUES=4x (a deeper launch queue: the
 #          batch's first tokens waited behind a sparse step's ~1,000 launches), dense and PLANS' first plan
@@ -112,6 +114,10 @@ fp8() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fp8_path.py tests/test_warmup_gpu.py \
     tests/test_engine_fp8_gpu.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -15
 }
+fp8b() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -s -p no:cacheprovider -rfE tests/test_engine_fp8_scales_graphs_gpu.py 2>&1 \
+    | grep -v "^\[\|Capturing CUDA" | tee "$OUT/fp8b_tests.log" | tail -15
+}
 fp8e2e() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --kv-cache-dtype fp8 \
     --lengths 32768,131072 --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --out "$OUT/e2e_fp8.json" 2>&1 \
@@ -132,4 +138,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8e2e:240 conc:240 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:300 fp8e2e:240 conc:240 temps:60" "$@"
