@@ -167,7 +167,8 @@ def worker(spec: dict) -> dict:
         result["kept"] = kept_density(llm, spec["lengths"], params)
     result["decode"] = {}
     for batch, context in cases:
-        tok_s = decode_throughput(llm, batch, context, spec["decode_tokens"], spec["repeats"])
+        tok_s = decode_throughput(llm, batch, context, spec["decode_tokens"],
+                                  spec.get("decode_repeats") or max(spec["repeats"], 2))
         result["decode"][f"{batch}x{context}"] = tok_s
         print(f"{'sparse' if spec['config'] else 'dense'} decode {batch}x{context}: {tok_s:.1f} tok/s", flush=True)
         if spec.get("profile_decode") == f"{batch}x{context}":
@@ -287,13 +288,13 @@ def decode_batch(batch: int, context: int, tokens: int, seed: int):
 def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) -> float:
     """Decode tokens/s of `batch` requests of `context` prompt tokens, pure decode steps only: the
     engine is stepped by hand and the clock starts once every request has its first token (all
-    prefills done), so no prefill chunk rides along. Best of `repeats` (at least 2)."""
+    prefills done), so no prefill chunk rides along. Best of `repeats` (each prefills its batch again)."""
     import torch
 
     engine = llm.llm_engine
     prompts, params = decode_batch(batch, context, tokens, seed=1)
     best = 0.0
-    for rep in range(max(repeats, 2)):
+    for rep in range(repeats):
         for i, p in enumerate(prompts):
             engine.add_request(f"decode-{rep}-{i}", p, params)
         produced: dict[str, int] = {}
@@ -552,6 +553,11 @@ def main() -> None:
     ap.add_argument("--decode-context", type=int, default=8192)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-cases", help="BATCHxCONTEXT,... decode runs (instead of --decode-batch/-context)")
+    ap.add_argument("--decode-repeats", type=int, help="decode runs per case, best taken (default: --repeats, at "
+                    "least 2; 1 where a case's prefill takes minutes, e.g. 1M)")
+    ap.add_argument("--dense-config", help="run the dense side as SPARSE with this plan instead of the stock backend: "
+                    "a decode baseline whose long prefills are sparse too (a dense 1M prefill takes minutes); its "
+                    "plan should have no decode section. Its TTFT is then that plan's, not dense")
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--profile", default="", help="lengths (comma-separated) whose prefill is also profiled, in "
                     "every engine: GPU time per stage in the JSON and the table, op tables beside --out")
@@ -575,7 +581,8 @@ def main() -> None:
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",") if x], "chunk": args.chunk,
             "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
             "decode_context": args.decode_context, "decode_tokens": args.decode_tokens,
-            "decode_cases": args.decode_cases, "profile_decode": args.profile_decode,
+            "decode_cases": args.decode_cases, "decode_repeats": args.decode_repeats,
+            "profile_decode": args.profile_decode,
             "decode_profile_base": str(Path(args.out).with_suffix(""))}
     if args.tensor_parallel_size > 1:
         base["tensor_parallel_size"] = args.tensor_parallel_size
@@ -585,7 +592,7 @@ def main() -> None:
     prof = {"profile": [int(x) for x in args.profile.split(",") if x],
             "profile_base": str(Path(args.out).with_suffix(""))}
     if args.only:
-        result = run({**base, **prof, "config": None if args.only == "dense" else args.config})
+        result = run({**base, **prof, "config": args.dense_config if args.only == "dense" else args.config})
         print(json.dumps(result))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": run_meta(args), args.only: result}, indent=1))
@@ -598,7 +605,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
     try:
-        results["dense"] = run({**base, **prof, "config": None})
+        results["dense"] = run({**base, **prof, "config": args.dense_config})
     except SystemExit as e:  # the sparse engines still run: their figures stand alone
         results["dense"] = {"error": str(e)}
     save()
@@ -623,6 +630,8 @@ def main() -> None:
     print(f"\n{meta['device']}{f' x{tp}, tensor_parallel_size {tp}' if tp > 1 else ''}  vLLM {meta['vllm']}  "
           f"torch {meta['torch']}  {'CUDA graphs' if args.graphs else 'enforce_eager'}, chunk {args.chunk}")
     peak = "peak" if tp == 1 else "peak (largest rank)"
+    if args.dense_config:  # (the "dense" columns below are this engine's)
+        print(f"dense side: SPARSE with {args.dense_config} (its prefill sparse, its decode vLLM's)")
     print(f"dense: {engine_line(dense, peak)}")
     for cfg, sparse in results["sparse"].items():
         print(f"\n{cfg}\n  {engine_line(sparse, peak)}")

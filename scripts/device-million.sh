@@ -27,6 +27,11 @@
 #   l1m    the Llama-3-8B shape with 1M positions and an fp8 KV cache (the only way 1M fits it on one H200): the 10%
 #          stride-16 int8 plan alone at 1M (a dense 1M prefill of this shape is ~2x Qwen's: its per-chunk times come
 #          from m1d's method at 256K and 512K, LLAMA_DENSE_LENGTHS, in the same call when time is left)
+#   d1m    decode at 1M (issue 29, item 4), Qwen2.5-7B-1M shape: Quest 4K decode vs vLLM's decode over the same cache,
+#          both engines prefilled by the page-list-per-q-head plan (`e2e.py --dense-config`), one 1M request and one
+#          4K request (the budget's length: how close the sparse step is to its limit), 64 tokens each, one
+#          repeat. D1M_CASES overrides the cases (batch 4 x 1M needs 4.2M tokens of KV: more than one H200 holds
+#          even in fp8, 3.9M with the plugin; e.g. D1M_CASES=2x1048576 D1M_KV=fp8)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -79,6 +84,14 @@ m1s() {
     LONG_LENGTHS=1048576 long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
   done
 }
+d1m() {
+  local t=$(( $(left) - 10 ))
+  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --lengths "" --decode-cases "${D1M_CASES:-1x1048576,1x4096}" \
+    --decode-tokens 64 --decode-repeats 1 --gpu-memory-utilization 0.9 --engine-timeout $(( t / 2 - 5 )) \
+    ${D1M_KV:+--kv-cache-dtype $D1M_KV} --config benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-quest-4k.yaml \
+    --dense-config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml --out "$OUT/e2e_decode_1m.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_decode_1m.log" | tail -14
+}
 l1m() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
@@ -99,4 +112,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300 d1m:450" "$@"
