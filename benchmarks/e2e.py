@@ -73,11 +73,13 @@ QWEN25_7B = {
 }
 # Qwen2.5-7B-Instruct-1M's public shape: Qwen2.5-7B's layers with rope_theta 1e7. Its config says 1,010,000
 # positions and dual-chunk attention, which vLLM V1 no longer has; a dummy-weight model needs neither, so the
-# positions here are 2^20 (+ the 64 tokens e2e adds), the `--max-model-len 1048576` a user asks for.
-QWEN25_7B_1M = {**QWEN25_7B, "rope_theta": 10000000.0, "max_position_embeddings": 1048576 + 64}
+# positions here are 2^20, the `--max-model-len 1048576` a user asks for, with room for the 64 tokens e2e adds and
+# the tokens a decode case generates (vLLM refuses a max_model_len past the model's positions).
+ROOM_1M = 1024
+QWEN25_7B_1M = {**QWEN25_7B, "rope_theta": 10000000.0, "max_position_embeddings": 1048576 + ROOM_1M}
 # Llama-3-8B's shape with a 1M context (as the 1M-context fine-tunes of it, e.g. Gradient's, ship it): 128 KiB of
 # bf16 KV per token, so a 1M-token request fits one H200 only with an fp8 KV cache (--kv-cache-dtype fp8).
-LLAMA_8B_1M = {**LLAMA_8B, "rope_theta": 3580165449.0, "max_position_embeddings": 1048576 + 64}
+LLAMA_8B_1M = {**LLAMA_8B, "rope_theta": 3580165449.0, "max_position_embeddings": 1048576 + ROOM_1M}
 LLAMA_8B_1M.pop("rope_scaling", None)
 # --shape: the model directory's name (an imported plan matches by name) and its config.
 SHAPES = {"llama-3.1-8b": ("Llama-3.1-8B-Instruct-shape-dummy", LLAMA_8B),
@@ -150,7 +152,7 @@ def worker(spec: dict) -> dict:
                 llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
                 wall = time.perf_counter() - t0
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
-            label = Path(spec["config"]).stem if spec["config"] else "dense"
+            label = engine_label(spec)
             Path(f"{spec['profile_base']}.profile-{label}-{n}.txt").write_text(table)
             stages[n] = {"wall_ms": wall * 1e3, **gpu_time_by_stage(prof)}
             print(f"stages {n}: {json.dumps(stages[n])}", flush=True)
@@ -172,7 +174,7 @@ def worker(spec: dict) -> dict:
         result["decode"][f"{batch}x{context}"] = tok_s
         print(f"{'sparse' if spec['config'] else 'dense'} decode {batch}x{context}: {tok_s:.1f} tok/s", flush=True)
         if spec.get("profile_decode") == f"{batch}x{context}":
-            label = Path(spec["config"]).stem if spec["config"] else "dense"
+            label = engine_label(spec)
             out = f"{spec['decode_profile_base']}.decode-profile-{label}.txt"
             result["decode_profile"] = profile_decode(llm, batch, context, out, build_clock)
             print(f"decode profile {batch}x{context}: {json.dumps(result['decode_profile'])}", flush=True)
@@ -196,7 +198,7 @@ def decode_cases(spec: dict) -> list[tuple[int, int]]:
     return [(spec["decode_batch"], spec["decode_context"])] if spec.get("decode_batch") else []
 
 
-def decode_read_share(config: str | None, context: int) -> float | None:
+def decode_read_share(config: str | None, context: int, shape: str = "llama-3.1-8b") -> float | None:
     """Share of a context's blocks one decode step reads under the plan's decode selection, mean over the
     layers (each (row, KV head) of a selecting layer reads min(kept, context blocks); a dense layer and
     a TidalDecode selector read every block); None: dense decode."""
@@ -206,7 +208,7 @@ def decode_read_share(config: str | None, context: int) -> float | None:
     from vllm_sparse.config.loader import load_config
     from vllm_sparse.config.plan import ModelShape, resolve_plan
 
-    name, hf = SHAPES["llama-3.1-8b"]  # (the decode plans are timed on the Llama shape)
+    name, hf = SHAPES[shape]
     shape = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
                        hf["num_key_value_heads"])
     plan = resolve_plan(load_config(config), shape, config)
@@ -220,6 +222,21 @@ def decode_read_share(config: str | None, context: int) -> float | None:
 
     layers = [lp for lp in plan.layers if lp.full_attention]
     return sum(layer_share(lp) for lp in layers) / len(layers)
+
+
+def engine_label(spec: dict) -> str:
+    """The engine's name in its log lines and file names: the plan's, "dense", or for a --dense-config engine
+    "dense-" and its plan's (apart from the compared plan's, which may share the name)."""
+    if not spec["config"]:
+        return "dense"
+    return f"dense-{Path(spec['config']).stem}" if spec.get("dense_side") else Path(spec["config"]).stem
+
+
+def check_decode_baseline(config: str, shape: str) -> None:
+    """--dense-config stands for vLLM's decode: a plan that selects pages at decode cannot."""
+    if decode_read_share(config, 1 << 30, shape) is not None:
+        raise SystemExit(f"--dense-config {config}: the plan has a decode section (sparse decode on {shape}); the "
+                         "decode baseline needs vLLM's decode: use a plan without one")
 
 
 def _peak_bytes(worker) -> int:
@@ -466,7 +483,7 @@ def kill_session(pid: int) -> None:
 def run(spec: dict) -> dict:
     """One engine in its own process (and session: `kill_session`); its output streams through (a stall
     shows where it is)."""
-    label = Path(spec["config"]).stem if spec["config"] else "dense"
+    label = engine_label(spec)
     proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     result, tail, partial = None, [], {}
@@ -483,6 +500,9 @@ def run(spec: dict) -> dict:
                 partial.setdefault("ttft_s", {})[m.group(2)] = min(json.loads(m.group(3)))
             if line.startswith("kv_cache_tokens "):
                 partial["kv_cache_tokens"] = json.loads(line.split()[1])
+            m = re.match(r"(?:dense|sparse) decode (\d+x\d+): ([\d.]+) tok/s$", line.strip())
+            if m:  # a decode case measured: kept as well (a 1M case's prefill takes minutes)
+                partial.setdefault("decode", {})[m.group(1)] = float(m.group(2))
             tail = (tail + [line])[-60:]
             quiet = line.startswith(("INFO", "DEBUG", "(EngineCore")) or (
                 line.startswith("(Worker") and (" INFO " in line or " DEBUG " in line))  # TP > 1: worker processes
@@ -570,6 +590,8 @@ def main() -> None:
                     "finished (TTFT only) and the next engine runs")
     ap.add_argument("--worker")
     args = ap.parse_args()
+    if args.dense_config and not args.worker:
+        check_decode_baseline(args.dense_config, args.shape)
     if args.worker:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -592,7 +614,8 @@ def main() -> None:
     prof = {"profile": [int(x) for x in args.profile.split(",") if x],
             "profile_base": str(Path(args.out).with_suffix(""))}
     if args.only:
-        result = run({**base, **prof, "config": args.dense_config if args.only == "dense" else args.config})
+        dense_side = {"config": args.dense_config, "dense_side": True}
+        result = run({**base, **prof, **(dense_side if args.only == "dense" else {"config": args.config})})
         print(json.dumps(result))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": run_meta(args), args.only: result}, indent=1))
@@ -605,7 +628,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
     try:
-        results["dense"] = run({**base, **prof, "config": args.dense_config})
+        results["dense"] = run({**base, **prof, "config": args.dense_config, "dense_side": True})
     except SystemExit as e:  # the sparse engines still run: their figures stand alone
         results["dense"] = {"error": str(e)}
     save()
@@ -647,7 +670,7 @@ def main() -> None:
             print(f"  {'decode':>14} {'dense tok/s':>12} {'sparse tok/s':>13} {'ratio':>7} {'read':>6}")
         for case, s in sparse.get("decode", {}).items():
             d = dense.get("decode", {}).get(case, float("nan"))
-            share = decode_read_share(cfg, int(case.split("x")[1]))
+            share = decode_read_share(cfg, int(case.split("x")[1]), args.shape)
             sparse.setdefault("decode_read_share", {})[case] = share
             print(f"  {case:>14} {d:>12.1f} {s:>13.1f} {s / d:>6.2f}x {'-' if share is None else f'{share:.1%}':>6}")
     print_stages(results)

@@ -16,6 +16,8 @@
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
+#   fidq64 gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, 16K and 29K: Quest 4K decode in 64-token blocks (the
+#          block size decode at 1M needs) against dense decode
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
 #          0.9: dense and the 10% stride-16 int8 plan at 256K and 512K (LONG_LENGTHS), each engine in a timeout
 #   longd  the same shape, the dense engine alone (a dense 512K prefill takes minutes: a call of its own)
@@ -27,11 +29,14 @@
 #   l1m    the Llama-3-8B shape with 1M positions and an fp8 KV cache (the only way 1M fits it on one H200): the 10%
 #          stride-16 int8 plan alone at 1M (a dense 1M prefill of this shape is ~2x Qwen's: its per-chunk times come
 #          from m1d's method at 256K and 512K, LLAMA_DENSE_LENGTHS, in the same call when time is left)
-#   d1m    decode at 1M (issue 29, item 4), Qwen2.5-7B-1M shape: Quest 4K decode vs vLLM's decode over the same cache,
-#          both engines prefilled by the page-list-per-q-head plan (`e2e.py --dense-config`), one 1M request and one
-#          4K request (the budget's length: how close the sparse step is to its limit), 64 tokens each, one
-#          repeat. D1M_CASES overrides the cases (batch 4 x 1M needs 4.2M tokens of KV: more than one H200 holds
-#          even in fp8, 3.9M with the plugin; e.g. D1M_CASES=2x1048576 D1M_KV=fp8)
+#   d1md   decode at 1M (issue 29, item 4), Qwen2.5-7B-1M shape, the baseline engine alone: vLLM's decode over a cache
+#          filled by the page-list-per-q-head plan (`e2e.py --only dense --dense-config`: a dense 1M prefill takes
+#          ~7 minutes), one 1,048,448-token request (the longest whose max_model_len stays within 16,384 decode
+#          blocks of 64) and one 4,096-token request (dense decode at the Quest budget's length: the issue's "within
+#          15%" reference), 64 tokens each, one repeat
+#   d1ms   the same cases, the Quest 4K plan's engine alone (its 4K request decodes densely: under dense_below).
+#          D1M_CASES overrides the cases (batch 4 x 1M needs 4.2M tokens of KV: more than one H200 holds even in
+#          fp8, 3.9M with the plugin; e.g. D1M_CASES=2x1048448 D1M_KV=fp8)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -62,6 +67,11 @@ fidfp8() {
     configs/gemma-3.yaml benchmarks/configs/gemma-3-decode-tidal-4k.yaml \
     -- --kv-cache-dtype fp8 --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
+fidq64() {
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidq64" 16384,29696 \
+    benchmarks/configs/gemma-3-decode-quest-4k-b64.yaml \
+    -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -30
+}
 long() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
@@ -84,14 +94,17 @@ m1s() {
     LONG_LENGTHS=1048576 long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
   done
 }
-d1m() {
-  local t=$(( $(left) - 10 ))
-  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --lengths "" --decode-cases "${D1M_CASES:-1x1048576,1x4096}" \
-    --decode-tokens 64 --decode-repeats 1 --gpu-memory-utilization 0.9 --engine-timeout $(( t / 2 - 5 )) \
-    ${D1M_KV:+--kv-cache-dtype $D1M_KV} --config benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-quest-4k.yaml \
-    --dense-config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml --out "$OUT/e2e_decode_1m.json" 2>&1 \
-    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_decode_1m.log" | tail -14
+decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comparison
+  local name=$1 t=$(( $(left) - 10 )); shift
+  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --lengths "" \
+    --decode-cases "${D1M_CASES:-1x1048448,1x4096}" --decode-tokens 64 --decode-repeats 1 --gpu-memory-utilization 0.9 \
+    --engine-timeout $(( t - 5 )) ${D1M_KV:+--kv-cache-dtype $D1M_KV} \
+    --dense-config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
+    --config benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-quest-4k.yaml "$@" --out "$OUT/$name.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -8
 }
+d1md() { decode_1m e2e_decode_1m_baseline --only dense; }
+d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
 l1m() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
@@ -112,4 +125,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300 d1m:450" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300 d1md:300 d1ms:300" "$@"

@@ -131,8 +131,8 @@ def test_fp8_caches_are_read_on_cuda_and_refused_elsewhere_at_start():
 
 def test_a_kv_cache_groups_dtype_is_its_layers_not_the_global_setting():
     """`--kv-cache-dtype-skip-layers` keeps some layers in 16 bits under a global fp8 setting (vLLM resolves it per
-    layer, and those layers form their own KV-cache group): the builder's checks and the warm-up read the group's
-    layers. Their refusals follow the group's dtype too."""
+    layer and builds metadata per layer spec, dtype included): the builder's checks and the warm-up read its own
+    layers' dtype. Their refusals follow it too."""
     from vllm.model_executor.layers.attention import Attention
 
     from vllm_sparse.backend.checks import group_cache_dtype, kv_cache_problem
@@ -200,3 +200,21 @@ def test_eval_and_calibrate_pass_the_kv_cache_dtype_to_their_engines():
     assert _engine_args(args)["kv_cache_dtype"] == "fp8"
     args = build_parser().parse_args(["eval", "--model", "m", "--config", "c.yaml"])
     assert "kv_cache_dtype" not in _engine_args(args)
+
+
+def test_decode_page_summaries_reserve_their_share_of_an_fp8_cache():
+    """Quest's page summaries stay in the model's dtype (2 x head_size values per KV head and 16-token page):
+    beside a bf16 cache they are 1/16 of its bytes, beside an fp8 cache 1/8. The reservation vLLM's memory
+    profile sees must follow the cache's element size, or the summaries allocated after it overshoot the
+    profile (by ~5 GiB for a 1M-token Qwen2.5-7B cache)."""
+    from tests.test_config import entry, plan_of
+    from vllm_sparse.decode.memory import summaries_share
+
+    plan = plan_of(entry(decode={"estimator": "quest", "top_k_tokens": 4096, "block_tokens": 16}))
+    memory = 100 * 2**30
+    bf16 = summaries_share(plan, 16, 2, 128, torch.bfloat16, 2, memory, explicit=False)
+    fp8 = summaries_share(plan, 16, 2, 128, torch.bfloat16, 1, memory, explicit=False)
+    assert bf16 == int(memory * 1 / 17) and fp8 == int(memory * 2 / 18)  # (share of cache + summaries)
+    assert summaries_share(plan, 16, 2, 128, torch.bfloat16, 1, memory, explicit=True) == int(memory / 8)
+    dense = plan_of(entry())
+    assert summaries_share(dense, 16, 2, 128, torch.bfloat16, 1, memory, explicit=False) == 0

@@ -53,9 +53,9 @@ def fp8_cache(cache_dtype) -> bool:
 
 
 def group_cache_dtype(vllm_config, layer_names: list[str]) -> str:
-    """The kv_cache_dtype of one KV-cache group's layers: vLLM resolves it per layer (`--kv-cache-dtype-skip-layers`
-    keeps some layers in the model's dtype under a global fp8 setting, in their own group), so the group's layers
-    say it, not the global setting; that one where no layer does."""
+    """The kv_cache_dtype of one metadata builder's layers: vLLM resolves it per layer (`--kv-cache-dtype-skip-layers`
+    keeps some layers in the model's dtype under a global fp8 setting) and gives each layer spec, dtype included, a
+    builder of its own, so a builder's layers say it, not the global setting; that one where no layer does."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 

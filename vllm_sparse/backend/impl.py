@@ -92,7 +92,8 @@ class SparseImplMixin:
                 self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
                                         * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)
             if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
-                reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size)
+                reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size,
+                               1 if self._fp8_cache else None)  # (fp8 pages: the summaries' share doubles)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
         self._heads = None  # this layer's per-local-head plans, bound on first use
         self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step

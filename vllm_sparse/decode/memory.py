@@ -23,27 +23,38 @@ _summaries: dict[str, PageSummaries] = {}
 _reservation: dict[str, object] = {}
 
 
+def summaries_share(plan, page_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                    cache_itemsize: int, memory: int, explicit: bool) -> int:
+    """Bytes the page summaries take of `memory`: the KV cache's memory when `explicit` (kv_cache_memory_bytes),
+    else the memory that cache and summaries share. Every full-attention layer holds a KV page per block of
+    `cache_itemsize`-byte elements (1 for an fp8 cache: summaries are kept in the model's `dtype` and so take
+    twice the share they take beside a bf16 cache); each Quest layer adds a summary (tidal layers need none)."""
+    kv_bytes = sum(2 * page_size * num_kv_heads * head_size * cache_itemsize
+                   for lp in plan.layers if lp.full_attention)
+    sum_bytes = sum(PageSummaries.bytes_per_page(num_kv_heads, head_size, dtype)
+                    for lp in plan.layers if lp.needs_summaries)
+    if explicit:
+        return int(memory * sum_bytes / kv_bytes)
+    return max(0, int(memory * sum_bytes / (kv_bytes + sum_bytes)))
+
+
 def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                    device: torch.device) -> None:
+                    device: torch.device, cache_itemsize: int | None = None) -> None:
     """Once per process, while vLLM builds the model: hold the page summaries' share of the most memory
     the KV cache could get (an explicit kv_cache_memory_bytes, else gpu_memory_utilization of the GPU
-    less what is in use now). Every full-attention layer holds a KV page per block; each Quest layer adds
-    a summary (tidal layers need none)."""
+    less what is in use now). `cache_itemsize`: bytes per cached element (default: the model's dtype's)."""
     if "tensor" in _reservation or device.type != "cuda":
         return
     cache = vllm_config.cache_config
-    page = cache.block_size
-    elem = torch.empty(0, dtype=dtype).element_size()
-    kv_bytes = sum(2 * page * num_kv_heads * head_size * elem for lp in plan.layers if lp.full_attention)
-    sum_bytes = sum(PageSummaries.bytes_per_page(num_kv_heads, head_size, dtype)
-                    for lp in plan.layers if lp.needs_summaries)
+    itemsize = cache_itemsize or torch.empty(0, dtype=dtype).element_size()
     explicit = compat.kv_cache_memory_bytes(cache)
     if explicit:
-        share = int(explicit * sum_bytes / kv_bytes)
+        memory = explicit
     else:
         _, total = torch.cuda.mem_get_info(device)
-        most = cache.gpu_memory_utilization * total - torch.cuda.memory_reserved(device)
-        share = max(0, int(most * sum_bytes / (kv_bytes + sum_bytes)))
+        memory = cache.gpu_memory_utilization * total - torch.cuda.memory_reserved(device)
+    share = summaries_share(plan, cache.block_size, num_kv_heads, head_size, dtype, itemsize, memory,
+                            bool(explicit))
     _reservation["tensor"] = torch.empty(share, dtype=torch.uint8, device=device)
     _reservation["bytes"] = share
     logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries before vLLM sizes the KV cache",

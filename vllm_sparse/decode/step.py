@@ -89,14 +89,16 @@ def decode_row_limit(vllm_config) -> int:
     return max(vllm_config.scheduler_config.max_num_seqs, compat.max_cudagraph_capture_size(vllm_config))
 
 
-def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: int) -> None:
+def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: int,
+                   cache_itemsize: int | None = None) -> None:
     """While vLLM builds the model (counted with the weights): the decode workspace for the plan's
-    largest budget at this engine's row limit and context, and the page summaries' reservation."""
+    largest budget at this engine's row limit and context, and the page summaries' reservation.
+    `cache_itemsize`: bytes per cached element (1 for an fp8 cache; default: the model's dtype's)."""
     device = torch.device("cuda", torch.cuda.current_device())
     kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
     decode_workspace(decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
                      row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, device)
-    reserve_at_load(vllm_config, plan, kv_heads, head_size, vllm_config.model_config.dtype, device)
+    reserve_at_load(vllm_config, plan, kv_heads, head_size, vllm_config.model_config.dtype, device, cache_itemsize)
 
 
 class DecodeLayer:
