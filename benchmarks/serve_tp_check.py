@@ -15,6 +15,13 @@ and reads its log: vLLM 0.26 prefixes each worker's lines with "(Worker_TP<rank>
 the plugin logs "vllm-sparse: step goes sparse for ..." per step on each rank. Passes when the
 answer is HTTP 200 with the prompt's token count, every rank logged sparse steps, no rank said it
 runs dense, and the log has no traceback. JSON summary to --out; exit status 1 if it did not pass.
+
+The same check at a million tokens on one GPU (issue 29, item 1), with a plan, CUDA graphs, prefix caching on
+(vLLM's default) and a follow-up turn on the cached prompt:
+
+    python benchmarks/serve_tp_check.py --tp 1 --shape qwen2.5-7b-1m --max-model-len 1048576 --tokens 1048000 \
+        --graphs --follow 8 --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
+        --serve-arg=--gpu-memory-utilization=0.9
 """
 
 from __future__ import annotations
@@ -114,14 +121,22 @@ def main() -> int:
     ap.add_argument("--out", default="serve_tp_check.json")
     ap.add_argument("--log", default="serve_tp_check.log")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)")
+    ap.add_argument("--shape", default="llama-3.1-8b", help="the dummy-weight model's shape (e2e.py's SHAPES)")
+    ap.add_argument("--max-model-len", type=int, default=131072)
+    ap.add_argument("--graphs", action="store_true", help="CUDA graphs on (default: --enforce-eager)")
+    ap.add_argument("--config", help="a plan (--additional-config); default: the one discovery finds")
+    ap.add_argument("--follow", type=int, default=0,
+                    help="then a second turn: the same prompt and this many new tokens (a prefix-cache hit)")
     args = ap.parse_args()
 
-    model = build_model(Path(tempfile.mkdtemp(prefix="serve-tp-")))
+    model = build_model(Path(tempfile.mkdtemp(prefix="serve-tp-")), args.shape)
     port = free_port()
     serve = ["serve", str(model), "--tensor-parallel-size", str(args.tp), "--attention-backend", "sparse",
-             "--load-format", "dummy", "--max-model-len", "131072", "--enable-chunked-prefill",
-             "--max-num-batched-tokens", "16384", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-             *args.serve_arg]
+             "--load-format", "dummy", "--max-model-len", str(args.max_model_len), "--enable-chunked-prefill",
+             "--max-num-batched-tokens", "16384", *([] if args.graphs else ["--enforce-eager"]),
+             *(["--additional-config", json.dumps({"sparse": {"config": str(Path(args.config).resolve())}})]
+               if args.config else []),
+             "--host", "127.0.0.1", "--port", str(port), *args.serve_arg]
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", *serve]  # what the `vllm` command runs
     env = {**os.environ, "VLLM_SPARSE_LOG_STEPS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("VLLM_SPARSE_CONFIG", None)  # discovery: the shipped plan
@@ -187,6 +202,21 @@ def main() -> int:
                 summary["response_head"] = text[:2000]
             print(f"completion: HTTP {status} in {summary['request_s']:.2f} s, usage {summary.get('usage')}",
                   flush=True)
+            save()
+            if args.follow and status == 200:  # the same prompt and new tokens: served from the prefix cache
+                body["prompt"] = ids + [rng.randrange(3, 500) for _ in range(args.follow)]
+                t1 = time.perf_counter()
+                try:
+                    status2, text2 = http(url + "/v1/completions", body, timeout=args.request_timeout)
+                except OSError as e:
+                    status2, text2 = None, repr(e)
+                summary["follow_s"] = time.perf_counter() - t1
+                summary["follow_http_status"] = status2
+                try:
+                    summary["follow_usage"] = json.loads(text2).get("usage")
+                except (ValueError, AttributeError):
+                    summary["follow_response_head"] = text2[:2000]
+                print(f"follow-up (+{args.follow}): HTTP {status2} in {summary['follow_s']:.2f} s", flush=True)
             time.sleep(2)  # let the workers' log lines (and metric snapshots, ~1 s) reach their files
             summary["metrics"] = scrape_sparse_metrics(url)
     finally:
@@ -217,11 +247,13 @@ def main() -> int:
             (summary.get("metrics") or {}).get("samples", {}).get(
                 f'vllm_sparse:prefill_tokens_total{{path="sparse",rank="{r}"}}', 0) > 0 for r in range(args.tp)),
     }
+    if args.follow:
+        checks["follow_http_200"] = summary.get("follow_http_status") == 200
     summary["checks"] = checks
     summary["passed"] = all(checks.values())
     save()
     print(json.dumps({k: summary.get(k) for k in ("checks", "sparse_steps_per_process", "startup_s", "request_s",
-                                                   "http_status", "usage", "passed")}, indent=1))
+                                                   "http_status", "usage", "follow_s", "passed")}, indent=1))
     return 0 if summary["passed"] else 1
 
 

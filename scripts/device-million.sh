@@ -29,6 +29,10 @@
 #   l1m    the Llama-3-8B shape with 1M positions and an fp8 KV cache (the only way 1M fits it on one H200): the 10%
 #          stride-16 int8 plan alone at 1M (a dense 1M prefill of this shape is ~2x Qwen's: its per-chunk times come
 #          from m1d's method at 256K and 512K, LLAMA_DENSE_LENGTHS, in the same call when time is left)
+#   s1m    `vllm serve` at 1M (issue 29, item 1): Qwen2.5-7B-1M shape, --max-model-len 1048576, CUDA graphs, prefix
+#          caching on, --gpu-memory-utilization 0.9, the page-list plan; one 1,048,000-token completion through the
+#          OpenAI API, then the same prompt + 8 tokens (served from the prefix cache); the log checked for
+#          tracebacks and out-of-memory (benchmarks/serve_tp_check.py --tp 1)
 #   d1md   decode at 1M (issue 29, item 4), Qwen2.5-7B-1M shape, the baseline engine alone: vLLM's decode over a cache
 #          filled by the page-list-per-q-head plan (`e2e.py --only dense --dense-config`: a dense 1M prefill takes
 #          ~7 minutes), one 1,048,448-token request (the longest whose max_model_len stays within 16,384 decode
@@ -94,6 +98,13 @@ m1s() {
     LONG_LENGTHS=1048576 long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
   done
 }
+s1m() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 1 --shape qwen2.5-7b-1m --max-model-len 1048576 \
+    --tokens 1048000 --graphs --follow 8 --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
+    --serve-arg=--gpu-memory-utilization=0.9 --startup-timeout 300 --request-timeout 300 \
+    --out "$OUT/serve_1m.json" --log "$OUT/serve_1m.log" 2>&1 | tail -25
+  grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m.log"
+}
 decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comparison
   local name=$1 t=$(( $(left) - 10 )); shift
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --lengths "" \
@@ -125,4 +136,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300 d1md:300 d1ms:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300 s1m:360 d1md:300 d1ms:300" "$@"
