@@ -52,6 +52,7 @@ ESTIMATORS = {
     "antidiagonal_s8_int8": ("antidiagonal", {"stride": 8, "bits": 8}),
     "antidiagonal_s16": ("antidiagonal", {"stride": 16}),
     "antidiagonal_s16_int8": ("antidiagonal", {"stride": 16, "bits": 8}),
+    "antidiagonal_s32_int8": ("antidiagonal", {"stride": 32, "bits": 8}),
     "lowbit_s16": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 16}),
     "lowbit_s64": ("lowbit", {"bits": 8, "rows": "sampled", "sample_stride": 64}),
     "vertical_slash": ("vertical_slash", {"last_q": 64, "vertical_size": 1024, "slash_size": 2048}),
@@ -60,7 +61,7 @@ FUSED = {"antidiagonal", "vertical_slash", "lowbit"}
 
 # A quantized estimator's kept blocks beside those of the estimator it approximates (same run).
 BASELINE = {"antidiagonal_s8_int8": "antidiagonal_s8", "antidiagonal_s16": "antidiagonal_s8",
-            "antidiagonal_s16_int8": "antidiagonal_s8"}
+            "antidiagonal_s16_int8": "antidiagonal_s8", "antidiagonal_s32_int8": "antidiagonal_s8"}
 
 # (rows per head in a tile, key columns per tile, num_warps, num_stages, reduction step); with 4 q heads
 # per KV head a tile packs rows x 4 query rows

@@ -16,6 +16,10 @@
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
+#   fid1m  gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the fidelity twins of
+#          the 1M timing plans (10%, int8, a page list per q head, stride 16 and stride 32)
+#   est32  the estimator at stride 32 (int8) beside stride 16, one 16K chunk-layer at 128K, 256K, 512K and 1M: its
+#          time per chunk-layer (the estimator's share of a 1M prefill) and the blocks it keeps against stride 8
 #   fidq64 gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, 16K and 29K: Quest 4K decode in 64-token blocks (the
 #          block size decode at 1M needs) against dense decode
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
@@ -25,7 +29,8 @@
 #          head and with a page list per q head)
 #   m1d    the Qwen2.5-7B-1M shape, dense alone, one 1,048,576-token prompt (whole: ~400 s expected from 512K's
 #          99.6 s; a call of its own)
-#   m1s    the same prompt, each plan in LONG_PLANS alone (default: the page list per q head)
+#   m1s    the same prompt, each plan in LONG_PLANS alone (default: the page list per q head at stride 16, then at
+#          stride 32), the call's time split between them
 #   l1m    the Llama-3-8B shape with 1M positions and an fp8 KV cache (the only way 1M fits it on one H200): the 10%
 #          stride-16 int8 plan alone at 1M (a dense 1M prefill of this shape is ~2x Qwen's: its per-chunk times come
 #          from m1d's method at 256K and 512K, LLAMA_DENSE_LENGTHS, in the same call when time is left)
@@ -71,6 +76,20 @@ fidfp8() {
     configs/gemma-3.yaml benchmarks/configs/gemma-3-decode-tidal-4k.yaml \
     -- --kv-cache-dtype fp8 --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
+fid1m() {
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fid1m" 16384,29696 \
+    benchmarks/configs/gemma-3-antidiagonal-10-s16-int8-own-heads.yaml benchmarks/configs/gemma-3-antidiagonal-10-s32-int8-own-heads.yaml \
+    -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
+}
+est32() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --only antidiagonal_s8,antidiagonal_s16_int8,antidiagonal_s32_int8 \
+    --skip-torch antidiagonal_s8,antidiagonal_s16_int8,antidiagonal_s32_int8 --out "$OUT/est_s32.json" 2>&1 | tail -12
+  local ctx
+  for ctx in 262144 524288 1048576; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --only antidiagonal_s16_int8,antidiagonal_s32_int8 \
+      --skip-torch antidiagonal_s16_int8,antidiagonal_s32_int8 --out "$OUT/est_s32_$ctx.json" 2>&1 | tail -4
+  done
+}
 fidq64() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidq64" 16384,29696 \
     benchmarks/configs/gemma-3-decode-quest-4k-b64.yaml \
@@ -92,10 +111,12 @@ long_one() {  # long_one NAME E2E_ARGS...: one engine of the long-context shape,
 }
 longd() { long_one e2e_long_dense --only dense; }
 m1d() { LONG_LENGTHS=1048576 long_one e2e_1m_dense --only dense; }
-m1s() {
-  local p
-  for p in ${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads}; do
-    LONG_LENGTHS=1048576 long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
+m1s() {  # each plan alone at 1M, the call's time split between them
+  local p plans=(${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads qwen2.5-7b-1m-antidiagonal-10-s32-int8-own-heads})
+  local n=${#plans[@]} share
+  for p in "${plans[@]}"; do
+    share=$(( ($(left) - 10) / n )); n=$(( n - 1 ))
+    LONG_LENGTHS=1048576 budget=$(( $(date +%s) - start + share + 10 )) long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
   done
 }
 s1m() {
@@ -136,4 +157,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 long:300 longd:300 longs:240 m1d:500 m1s:300 l1m:300 s1m:360 d1md:300 d1ms:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 fid1m:240 est32:120 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300" "$@"

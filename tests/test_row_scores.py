@@ -36,6 +36,7 @@ CASES = [
     ("antidiagonal", {"stride": 8, "bits": 8}, 64),  # int8 rows and key columns quantized before the product
     ("antidiagonal", {"stride": 4, "bits": 4}, 32),
     ("antidiagonal", {"stride": 16, "bits": 8}, 128),  # XAttention's other stride: 16 x head_dim bytes per row
+    ("antidiagonal", {"stride": 32, "bits": 8}, 128),  # half stride 16's work: an estimator that bounds 1M's share
     ("lowbit", {"sample_stride": 8}, 64),
     ("lowbit", {"sample_stride": 5, "bits": 4}, 64),
     ("lowbit", {"sample_stride": 16}, 256),  # wider than a tile: the in-tile quantizing kernel
