@@ -19,7 +19,8 @@
 #   fid1m  gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the fidelity twins of
 #          the 1M timing plans (10%, int8, a page list per q head, stride 16 and stride 32)
 #   est32  the estimator at stride 32 (int8) beside stride 16, one 16K chunk-layer at 128K, 256K, 512K and 1M: its
-#          time per chunk-layer (the estimator's share of a 1M prefill) and the blocks it keeps against stride 8
+#          time per chunk-layer (the estimator's share of a 1M prefill) and the blocks it keeps against stride 8;
+#          then stride 16 at 1M under a 2 GiB workspace cap (one slab) against the default 512 MiB (slabs)
 #   fidq64 gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, 16K and 29K: Quest 4K decode in 64-token blocks (the
 #          block size decode at 1M needs) against dense decode
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
@@ -89,6 +90,10 @@ est32() {
     timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --only antidiagonal_s16_int8,antidiagonal_s32_int8 \
       --skip-torch antidiagonal_s16_int8,antidiagonal_s32_int8 --out "$OUT/est_s32_$ctx.json" 2>&1 | tail -4
   done
+  # the workspace cap's effect at 1M: stride 16's 16K-row chunk needs ~1 GiB of block scores (two or three slabs
+  # under the default 512 MiB), the same in one slab under a 2 GiB cap
+  VLLM_SPARSE_WORKSPACE_MIB=2048 timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx 1048576 \
+    --only antidiagonal_s16_int8 --skip-torch antidiagonal_s16_int8 --out "$OUT/est_s16_1m_ws2048.json" 2>&1 | tail -3
 }
 fidq64() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidq64" 16384,29696 \
@@ -157,4 +162,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 fid1m:240 est32:120 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300" "$@"
