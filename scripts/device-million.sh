@@ -20,7 +20,8 @@
 #          the 1M timing plans (10%, int8, a page list per q head, stride 16 and stride 32)
 #   est32  the estimator at stride 32 (int8) beside stride 16, one 16K chunk-layer at 128K, 256K, 512K and 1M: its
 #          time per chunk-layer (the estimator's share of a 1M prefill) and the blocks it keeps against stride 8;
-#          then stride 16 at 1M under a 2 GiB workspace cap (one slab) against the default 512 MiB (slabs)
+#          then stride 16 at 1M under a 2 GiB workspace cap (one slab) against the default 512 MiB (slabs); per-kernel
+#          times in the JSON (where selection, union and tables spend their 8 ms a chunk-layer at 1M)
 #   fidq64 gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, 16K and 29K: Quest 4K decode in 64-token blocks (the
 #          block size decode at 1M needs) against dense decode
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
@@ -88,7 +89,7 @@ est32() {
   local ctx
   for ctx in 262144 524288 1048576; do
     timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --only antidiagonal_s16_int8,antidiagonal_s32_int8 \
-      --skip-torch antidiagonal_s16_int8,antidiagonal_s32_int8 --out "$OUT/est_s32_$ctx.json" 2>&1 | tail -4
+      --skip-torch antidiagonal_s16_int8,antidiagonal_s32_int8 --kernel-times --out "$OUT/est_s32_$ctx.json" 2>&1 | tail -4
   done
   # the workspace cap's effect at 1M: stride 16's 16K-row chunk needs ~1 GiB of block scores (two or three slabs
   # under the default 512 MiB), the same in one slab under a 2 GiB cap
