@@ -111,6 +111,25 @@ def scrape_sparse_metrics(url: str) -> dict:
     return {"http_status": status, "samples": samples}
 
 
+def complete(url: str, body: dict, timeout: float, summary: dict, prefix: str) -> int | None:
+    """One completion: its time, HTTP status, usage and text into `summary` (keys after `prefix`)."""
+    t1 = time.perf_counter()
+    try:
+        status, text = http(url + "/v1/completions", body, timeout=timeout)
+    except OSError as e:
+        status, text = None, repr(e)
+    summary[prefix + "request_s"] = time.perf_counter() - t1
+    summary[prefix + "http_status"] = status
+    try:
+        answer = json.loads(text)
+        choice = (answer.get("choices") or [{}])[0]
+        summary.update({prefix + "usage": answer.get("usage"), prefix + "completion_text": choice.get("text"),
+                        prefix + "finish_reason": choice.get("finish_reason")})
+    except (ValueError, AttributeError):
+        summary[prefix + "response_head"] = text[:2000]
+    return status
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, default=2, help="--tensor-parallel-size")
@@ -186,37 +205,14 @@ def main() -> int:
             ids = [rng.randrange(3, 500) for _ in range(args.tokens)]
             body = {"model": str(model), "prompt": ids, "max_tokens": args.max_tokens, "temperature": 0,
                     "ignore_eos": True}
-            t1 = time.perf_counter()
-            try:
-                status, text = http(url + "/v1/completions", body, timeout=args.request_timeout)
-            except OSError as e:
-                status, text = None, repr(e)
-            summary["request_s"] = time.perf_counter() - t1
-            summary["http_status"] = status
-            try:
-                answer = json.loads(text)
-                summary["usage"] = answer.get("usage")
-                summary["completion_text"] = (answer.get("choices") or [{}])[0].get("text")
-                summary["finish_reason"] = (answer.get("choices") or [{}])[0].get("finish_reason")
-            except (ValueError, AttributeError):
-                summary["response_head"] = text[:2000]
+            status = complete(url, body, args.request_timeout, summary, "")
             print(f"completion: HTTP {status} in {summary['request_s']:.2f} s, usage {summary.get('usage')}",
                   flush=True)
             save()
             if args.follow and status == 200:  # the same prompt and new tokens: served from the prefix cache
                 body["prompt"] = ids + [rng.randrange(3, 500) for _ in range(args.follow)]
-                t1 = time.perf_counter()
-                try:
-                    status2, text2 = http(url + "/v1/completions", body, timeout=args.request_timeout)
-                except OSError as e:
-                    status2, text2 = None, repr(e)
-                summary["follow_s"] = time.perf_counter() - t1
-                summary["follow_http_status"] = status2
-                try:
-                    summary["follow_usage"] = json.loads(text2).get("usage")
-                except (ValueError, AttributeError):
-                    summary["follow_response_head"] = text2[:2000]
-                print(f"follow-up (+{args.follow}): HTTP {status2} in {summary['follow_s']:.2f} s", flush=True)
+                status = complete(url, body, args.request_timeout, summary, "follow_")
+                print(f"follow-up (+{args.follow}): HTTP {status} in {summary['follow_request_s']:.2f} s", flush=True)
             time.sleep(2)  # let the workers' log lines (and metric snapshots, ~1 s) reach their files
             summary["metrics"] = scrape_sparse_metrics(url)
     finally:
@@ -253,7 +249,7 @@ def main() -> int:
     summary["passed"] = all(checks.values())
     save()
     print(json.dumps({k: summary.get(k) for k in ("checks", "sparse_steps_per_process", "startup_s", "request_s",
-                                                   "http_status", "usage", "follow_s", "passed")}, indent=1))
+                                                   "http_status", "usage", "follow_request_s", "passed")}, indent=1))
     return 0 if summary["passed"] else 1
 
 
