@@ -28,6 +28,9 @@
 #   fp8e2e benchmarks/e2e.py with --kv-cache-dtype fp8 at 32K and 128K, dense and PLANS' first plan, CUDA graphs
 #   conc   12 concurrent 32K prompts alone, CUDA graphs, with CUDA_SCALE_LAUNCH_QUEUES=4x (a deeper launch queue: the
 #          batch's first tokens waited behind a sparse step's ~1,000 launches), dense and PLANS' first plan
+#   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
+#          stride-16 int8 scores) at 64K, 128K and 1M: run on main, then on the branch select-multiway (a 16-way level
+#          search instead of 33 halvings, not yet measured), and compare `_select_blocks_kernel`
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 #   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
@@ -129,6 +132,14 @@ conc() {
     --concurrent-len 32768 --timeout $(( $(left) - 15 )) --out "$OUT/workload_conc_queues4x.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_queues4x.log" | tail -12
 }
+selcmp() {
+  local ctx
+  for ctx in 65536 131072 1048576; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --only antidiagonal_s16_int8 \
+      --skip-torch antidiagonal_s16_int8 --kernel-times --out "$OUT/selcmp_$ctx.json" 2>&1 | tail -2
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; print($ctx, 'kernels ms', round(r['kernels_ms'],3), {k: round(v,1) for k, v in r.get('kernel_us', {}).items() if 'select' in k or 'table' in k or 'union' in k})" "$OUT/selcmp_$ctx.json"
+  done
+}
 temps() {
   local ctx
   for ctx in 131072 262144 524288 1048576; do
@@ -138,4 +149,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:300 fp8e2e:240 conc:240 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:300 fp8e2e:240 conc:240 selcmp:120 temps:60" "$@"
