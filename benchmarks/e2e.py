@@ -165,7 +165,7 @@ def worker(spec: dict) -> dict:
     else:  # each rank is a process of its own: ask each allocator
         result["peak_gib_per_rank"] = [b / 2**30 for b in llm.collective_rpc(_peak_bytes)]
         result["peak_gib"] = max(result["peak_gib_per_rank"])
-    if spec["config"] and spec["lengths"]:
+    if spec["config"] and spec["lengths"] and not spec.get("no_kept"):
         result["kept"] = kept_density(llm, spec["lengths"], params)
     result["decode"] = {}
     for batch, context in cases:
@@ -578,6 +578,8 @@ def main() -> None:
     ap.add_argument("--dense-config", help="run the dense side as SPARSE with this plan instead of the stock backend: "
                     "a decode baseline whose long prefills are sparse too (a dense 1M prefill takes minutes); its "
                     "plan should have no decode section. Its TTFT is then that plan's, not dense")
+    ap.add_argument("--no-kept", action="store_true", help="skip the kept-density pass (a second prefill of every "
+                    "length with the counters on: minutes at 1M, where a fixed keep ratio says the density anyway)")
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--profile", default="", help="lengths (comma-separated) whose prefill is also profiled, in "
                     "every engine: GPU time per stage in the JSON and the table, op tables beside --out")
@@ -603,7 +605,7 @@ def main() -> None:
     base = {"model": str(model), "lengths": [int(x) for x in args.lengths.split(",") if x], "chunk": args.chunk,
             "repeats": args.repeats, "eager": not args.graphs, "decode_batch": args.decode_batch,
             "decode_context": args.decode_context, "decode_tokens": args.decode_tokens,
-            "decode_cases": args.decode_cases, "decode_repeats": args.decode_repeats,
+            "decode_cases": args.decode_cases, "decode_repeats": args.decode_repeats, "no_kept": args.no_kept,
             "profile_decode": args.profile_decode,
             "decode_profile_base": str(Path(args.out).with_suffix(""))}
     if args.tensor_parallel_size > 1:

@@ -21,7 +21,7 @@ The same check at a million tokens on one GPU (issue 29, item 1), with a plan, C
 
     python benchmarks/serve_tp_check.py --tp 1 --shape qwen2.5-7b-1m --max-model-len 1048576 --tokens 1048000 \
         --graphs --follow 8 --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
-        --serve-arg=--gpu-memory-utilization=0.9
+        --serve-arg=--gpu-memory-utilization=0.9 --serve-arg=--enable-prompt-tokens-details
 """
 
 from __future__ import annotations
@@ -147,6 +147,9 @@ def main() -> int:
     ap.add_argument("--follow", type=int, default=0,
                     help="then a second turn: the same prompt and this many new tokens (a prefix-cache hit)")
     args = ap.parse_args()
+    # The server runs in a session of its own: a `timeout` around this script signals only this process, so
+    # SIGTERM unwinds through the `finally` below that stops the server (else it would keep the GPU's memory).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     model = build_model(Path(tempfile.mkdtemp(prefix="serve-tp-")), args.shape)
     port = free_port()
@@ -245,11 +248,18 @@ def main() -> int:
     }
     if args.follow:
         checks["follow_http_200"] = summary.get("follow_http_status") == 200
+        # Served from the prefix cache (vLLM reports it with --enable-prompt-tokens-details): all but the last
+        # partial page of the first prompt.
+        details = (summary.get("follow_usage") or {}).get("prompt_tokens_details") or {}
+        summary["follow_cached_tokens"] = details.get("cached_tokens")
+        if "--enable-prompt-tokens-details" in args.serve_arg:
+            checks["follow_from_prefix_cache"] = (details.get("cached_tokens") or 0) >= args.tokens - 16
     summary["checks"] = checks
     summary["passed"] = all(checks.values())
     save()
     print(json.dumps({k: summary.get(k) for k in ("checks", "sparse_steps_per_process", "startup_s", "request_s",
-                                                   "http_status", "usage", "follow_request_s", "passed")}, indent=1))
+                                                   "http_status", "usage", "follow_request_s", "follow_cached_tokens",
+                                                   "passed")}, indent=1))
     return 0 if summary["passed"] else 1
 
 

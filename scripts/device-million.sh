@@ -112,25 +112,26 @@ long() {
 long_one() {  # long_one NAME E2E_ARGS...: one engine of the long-context shape, its own JSON and log
   local name=$1 t=$(( $(left) - 10 )); shift
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
-    --lengths "${LONG_LENGTHS:-262144,524288}" --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) "$@" \
+    --lengths "${LONG_LENGTHS:-262144,524288}" --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) ${NO_KEPT:+--no-kept} "$@" \
     --out "$OUT/$name.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log" | tail -12
 }
 longd() { long_one e2e_long_dense --only dense; }
-m1d() { LONG_LENGTHS=1048576 long_one e2e_1m_dense --only dense; }
+m1d() { LONG_LENGTHS=1048576 long_one e2e_1m_dense --only dense; }  # (a call of its own: timeout_s 590 or more)
 m1s() {  # each plan alone at 1M, the call's time split between them
   local p plans=(${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads qwen2.5-7b-1m-antidiagonal-10-s32-int8-own-heads})
   local n=${#plans[@]} share
   for p in "${plans[@]}"; do
     share=$(( ($(left) - 10) / n )); n=$(( n - 1 ))
-    LONG_LENGTHS=1048576 budget=$(( $(date +%s) - start + share + 10 )) long_one "e2e_1m_$p" --only sparse --config "benchmarks/configs/$p.yaml"
+    NO_KEPT=1 LONG_LENGTHS=1048576 budget=$(( $(date +%s) - start + share + 10 )) long_one "e2e_1m_$p" --only sparse \
+      --config "benchmarks/configs/$p.yaml"  # (no second 1M prefill for the kept density: 10% by the plan's rule)
   done
 }
 s1m() {
   timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 1 --shape qwen2.5-7b-1m --max-model-len 1048576 \
     --tokens 1048000 --graphs --follow 8 --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
-    --serve-arg=--gpu-memory-utilization=0.9 --startup-timeout 300 --request-timeout 300 \
-    --out "$OUT/serve_1m.json" --log "$OUT/serve_1m.log" 2>&1 | tail -25
-  grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m.log"
+    --serve-arg=--gpu-memory-utilization=0.9 --serve-arg=--enable-prompt-tokens-details --serve-arg=--max-num-seqs=8 \
+    --startup-timeout 240 --request-timeout 200 --out "$OUT/serve_1m.json" --log "$OUT/serve_1m.log" 2>&1 | tail -25
+  echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m.log" || true)"
 }
 decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comparison
   local name=$1 t=$(( $(left) - 10 )); shift
@@ -146,7 +147,7 @@ d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
 l1m() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
-    --lengths 1048576 --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only sparse \
+    --lengths 1048576 --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only sparse --no-kept \
     --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_1m_llama_fp8.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_1m_llama_fp8.log" | grep -v '"layers"' | tail -12
   [ -n "${LLAMA_DENSE_LENGTHS:-}" ] || return 0

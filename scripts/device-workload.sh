@@ -30,7 +30,9 @@
 #          batch's first tokens waited behind a sparse step's ~1,000 launches), dense and PLANS' first plan
 #   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
 #          stride-16 int8 scores) at 64K, 128K and 1M: run on main, then on the branch select-multiway (a 16-way level
-#          search instead of 33 halvings, not yet measured), and compare `_select_blocks_kernel`
+#          search instead of 33 halvings, not yet measured), and compare `_select_blocks_kernel` (on the same warm
+#          machine the second run needs `rm -f /tmp/workload-done/selcmp` first: a step runs once per machine).
+#          Tables here are the Llama layout (a list per KV head, 4 q heads unioned)
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 #   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
@@ -149,4 +151,4 @@ temps() {
   done
 }
 
-run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:300 fp8e2e:240 conc:240 selcmp:120 temps:60" "$@"
+run_steps "seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60" "$@"
