@@ -176,9 +176,10 @@ def worker(spec: dict) -> None:
         measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs)
 
 
-def measure_turn(llm, cls: str, requests, **extra) -> list[dict]:
+def measure_turn(llm, cls: str, requests, engine: str | None = None, **extra) -> list[dict]:
     """One turn of `cls` through `llm`, emitted as a row: each request's times, the wall time, the prefill tokens
-    by path (the plugin's counters) and the allocator's activity during it, and the step timeline."""
+    by path (the plugin's counters) and the allocator's activity during it, and the step timeline. `engine`:
+    which of the paired engines ran it (a row's first field)."""
     before = llm.collective_rpc(path_counts)[0]
     t, steps = time.perf_counter(), []
     rows = drive(llm.llm_engine, requests, cls, steps)
@@ -186,7 +187,7 @@ def measure_turn(llm, cls: str, requests, **extra) -> list[dict]:
     after = llm.collective_rpc(path_counts)[0]
     delta = {k: after[k] - before[k] for k in after}
     paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
-    emit({**({"engine": extra.pop("engine")} if "engine" in extra else {}), "class": cls, "requests": rows,
+    emit({**({"engine": engine} if engine else {}), "class": cls, "requests": rows,
           "wall_s": wall, "paths": paths, "allocator": delta, "timeline_s": [round(x, 4) for x in steps], **extra})
     return rows
 

@@ -67,13 +67,18 @@ def test_sparse_decode_selects_pages_for_long_contexts_only(runs):
     assert sparse[2]["logprobs"] == stock[2]["logprobs"]
 
 
-def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs):
-    stock, tidal = runs["stock"]["results"], runs["tidal"]["results"]
-    for s, o in zip(stock, tidal):
-        assert o["prompt_logprobs"] == s["prompt_logprobs"]
+def assert_decode_plan_selects_for_long_contexts_only(stock: list[dict], sparse: list[dict]) -> None:
+    """A decode plan against stock on the three prompts: the same prefill, finite decode log-probs, decode
+    changed on the long prompt and untouched on the 40-token one (under dense_below)."""
+    for s, o in zip(stock, sparse):
+        assert o["prompt_logprobs"] == s["prompt_logprobs"]  # a decode plan leaves prefill alone
         assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
-    assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], tidal[0]["logprobs"])) > 1e-2
-    assert tidal[2]["token_ids"] == stock[2]["token_ids"] and tidal[2]["logprobs"] == stock[2]["logprobs"]
+    assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], sparse[0]["logprobs"])) > 1e-2
+    assert sparse[2]["token_ids"] == stock[2]["token_ids"] and sparse[2]["logprobs"] == stock[2]["logprobs"]
+
+
+def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs):
+    assert_decode_plan_selects_for_long_contexts_only(runs["stock"]["results"], runs["tidal"]["results"])
 
 
 def test_prefix_cache_hit_decodes_like_its_own_prefill(prefix_run):

@@ -20,6 +20,7 @@ from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, _prompts
 from tests.test_engine_cpu import _config as prefill_config
 from tests.test_engine_decode import MAX_TOKENS
 from tests.test_engine_decode import _config as decode_config
+from tests.test_engine_decode_gpu import assert_decode_plan_selects_for_long_contexts_only
 from tests.test_engine_gpu import _mean_diff
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
@@ -92,9 +93,4 @@ def test_sparse_prefill_over_an_fp8_cache_changes_only_long_prompts(runs):
 
 
 def test_sparse_decode_over_an_fp8_cache_selects_pages_for_long_contexts_only(runs):
-    stock, sparse = runs["stock"]["results"], runs["sparse_decode"]["results"]
-    for s, o in zip(stock, sparse):
-        assert o["prompt_logprobs"] == s["prompt_logprobs"]  # a decode plan leaves prefill alone
-        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
-    assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], sparse[0]["logprobs"])) > 1e-2
-    assert sparse[2]["token_ids"] == stock[2]["token_ids"] and sparse[2]["logprobs"] == stock[2]["logprobs"]
+    assert_decode_plan_selects_for_long_contexts_only(runs["stock"]["results"], runs["sparse_decode"]["results"])

@@ -8,7 +8,6 @@ cache; its kernels' CPU twins are in tests/test_fp8_path.py).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from tests.test_engine_cpu import LENGTHS, _max_logprob_diff, _prompts
 from tests.test_engine_cpu import _config as prefill_config
 from tests.test_engine_decode import MAX_TOKENS
 from tests.test_engine_decode import _config as decode_config
+from tests.test_engine_decode_gpu import assert_decode_plan_selects_for_long_contexts_only
 from tests.test_engine_fp8_gpu import ENGINE, assert_same_within_fp8
 from tests.test_engine_gpu import _mean_diff
 
@@ -73,9 +73,5 @@ def test_keep_all_prefill_with_scales_vllm_computes_equals_dense(runs):
 def test_fp8_sparse_decode_in_cuda_graphs_selects_pages_for_long_contexts_only(runs):
     """The fp8 decode path captured and replayed: stock's prefill exactly (a decode plan's graphs are stock's),
     finite decode log-probs, pages selected on the long prompt only."""
-    stock, sparse = runs["stock_graphs"]["results"], runs["decode_graphs"]["results"]
-    for s, o in zip(stock, sparse):
-        assert o["prompt_logprobs"] == s["prompt_logprobs"]
-        assert len(o["token_ids"]) == MAX_TOKENS and all(math.isfinite(x) for x in o["logprobs"])
-    assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], sparse[0]["logprobs"])) > 1e-2
-    assert sparse[2]["token_ids"] == stock[2]["token_ids"] and sparse[2]["logprobs"] == stock[2]["logprobs"]
+    assert_decode_plan_selects_for_long_contexts_only(runs["stock_graphs"]["results"],
+                                                      runs["decode_graphs"]["results"])
