@@ -198,20 +198,25 @@ def decode_cases(spec: dict) -> list[tuple[int, int]]:
     return [(spec["decode_batch"], spec["decode_context"])] if spec.get("decode_batch") else []
 
 
+def plan_on_shape(config: str, shape: str):
+    """The plan `config` gives the dummy model of `shape` (SHAPES)."""
+    sys.path.insert(0, str(REPO))
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    name, hf = SHAPES[shape]
+    model = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
+                       hf["num_key_value_heads"])
+    return resolve_plan(load_config(config), model, config)
+
+
 def decode_read_share(config: str | None, context: int, shape: str = "llama-3.1-8b") -> float | None:
     """Share of a context's blocks one decode step reads under the plan's decode selection, mean over the
     layers (each (row, KV head) of a selecting layer reads min(kept, context blocks); a dense layer and
     a TidalDecode selector read every block); None: dense decode."""
     if not config:
         return None
-    sys.path.insert(0, str(REPO))
-    from vllm_sparse.config.loader import load_config
-    from vllm_sparse.config.plan import ModelShape, resolve_plan
-
-    name, hf = SHAPES[shape]
-    shape = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
-                       hf["num_key_value_heads"])
-    plan = resolve_plan(load_config(config), shape, config)
+    plan = plan_on_shape(config, shape)
     if not plan.is_sparse_decode or context < plan.decode_dense_below:
         return 1.0 if plan.is_sparse_decode else None
     blocks = -(-context // plan.decode_block_tokens)
@@ -234,7 +239,7 @@ def engine_label(spec: dict) -> str:
 
 def check_decode_baseline(config: str, shape: str) -> None:
     """--dense-config stands for vLLM's decode: a plan that selects pages at decode cannot."""
-    if decode_read_share(config, 1 << 30, shape) is not None:
+    if plan_on_shape(config, shape).is_sparse_decode:
         raise SystemExit(f"--dense-config {config}: the plan has a decode section (sparse decode on {shape}); the "
                          "decode baseline needs vLLM's decode: use a plan without one")
 
