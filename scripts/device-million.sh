@@ -22,8 +22,8 @@
 #          time per chunk-layer (the estimator's share of a 1M prefill) and the blocks it keeps against stride 8;
 #          then stride 16 at 1M under a 2 GiB workspace cap (one slab) against the default 512 MiB (slabs); per-kernel
 #          times in the JSON (where selection, union and tables spend their 8 ms a chunk-layer at 1M)
-#   fidq64 gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, 16K and 29K: Quest 4K decode in 64-token blocks (the
-#          block size decode at 1M needs) against dense decode
+#   fidq64 gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, 16K and 29K: Quest 4K and TidalDecode 4K decode in
+#          64-token blocks (the block size decode at 1M needs) against dense decode
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
 #          0.9: dense and the 10% stride-16 int8 plan at 256K and 512K (LONG_LENGTHS), each engine in a timeout
 #   longd  the same shape, the dense engine alone (a dense 512K prefill takes minutes: a call of its own)
@@ -48,6 +48,8 @@
 #   d1ms   the same cases, the Quest 4K plan's engine alone (its 4K request decodes densely: under dense_below).
 #          D1M_CASES overrides the cases (batch 4 x 1M needs 4.2M tokens of KV: more than one H200 holds even in
 #          fp8, 3.9M with the plugin; e.g. D1M_CASES=2x1048448 D1M_KV=fp8)
+#   d1mt   the same cases, the TidalDecode 4K plan's engine alone (64-token blocks; layers 0-1 dense, 2 and 13 select,
+#          the rest read: no page summaries read; Quest measured 1.95x dense at 1M, 2026-12-04)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -98,7 +100,7 @@ est32() {
 }
 fidq64() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidq64" 16384,29696 \
-    benchmarks/configs/gemma-3-decode-quest-4k-b64.yaml \
+    benchmarks/configs/gemma-3-decode-quest-4k-b64.yaml benchmarks/configs/gemma-3-decode-tidal-4k-b64.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -30
 }
 long() {
@@ -139,11 +141,12 @@ decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comp
     --decode-cases "${D1M_CASES:-1x1048448,1x4096}" --decode-tokens 64 --decode-repeats 1 --gpu-memory-utilization 0.9 \
     --engine-timeout $(( t - 5 )) ${D1M_KV:+--kv-cache-dtype $D1M_KV} \
     --dense-config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
-    --config benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-quest-4k.yaml "$@" --out "$OUT/$name.json" 2>&1 \
+    --config "benchmarks/configs/${D1M_CONFIG:-qwen2.5-7b-1m-own-heads-decode-quest-4k}.yaml" "$@" --out "$OUT/$name.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -8
 }
 d1md() { decode_1m e2e_decode_1m_baseline --only dense; }
 d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
+d1mt() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k decode_1m e2e_decode_1m_tidal --only sparse; }
 l1m() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
@@ -164,4 +167,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:200 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300" "$@"

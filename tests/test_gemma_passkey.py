@@ -2,7 +2,7 @@
 from a ~2K-token prompt, with the stock backend and with SPARSE and the shipped config found by
 architecture (dense at this length); and from ~8K-token prompts with the shipped plan made sparse from
 1K tokens, where the sparse path must run, skip blocks, move the attention output, and still find every
-key (dense answers all three at 8K too). 8K, not 2K: at 2K (16 blocks) the union of gemma's 4 q heads'
+key (dense answers them at 8K too). 8K, not 2K: at 2K (16 blocks) the union of gemma's 4 q heads'
 tau-0.9 choices covers 99.8% of layer 5's blocks on an AVX-512 CPU and 100% on an AMX one (bf16 rounds
 differently there); at 8K it is 70-90% per layer, on both."""
 
@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.engine
 
 DEPTHS = (0.1, 0.5, 0.8)  # the Q4 model itself misses some needles at depth 0.9+ (dense too)
+# At 8K, the needles far from both the sink and the local blocks, where selection must find them (each 8K prompt
+# is ~70 s of the CI's 2-core budget on one core: the third, near the start, is covered at 2K).
+LONG_DEPTHS = (0.5, 0.8)
 # fp32 compute over the bf16 checkpoint: 2.4x faster than bf16 on CPUs without native bf16 (a 2-core AMD EPYC
 # without AVX-512: this file 271 s vs 642 s, 2026-12-03), where the CPU emulates bf16 matmuls.
 ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "max_num_batched_tokens": 2048,
@@ -31,7 +34,8 @@ LONG_TOKENS = 8000
 # 0.709-0.712; the mean relative error of the sparse attention output against dense 0.0037 / 0.0157 / 0.0164,
 # where a keep-all plan (top_p 1.0: every block read) gives 0.0016-0.0017, the bf16 rounding of the output. In
 # fp32 (as now, 2026-12-03, AMD EPYC): 0.904 / 0.768 / 0.708 and 0.0030 / 0.0157 / 0.0158; a keep-all plan's
-# error is fp32 rounding there, far under the bf16 floor kept below.
+# error is fp32 rounding there, far under the bf16 floor kept below. With the two 8K prompts of LONG_DEPTHS (fp32, AMD
+# EPYC, 2026-12-04): 0.900 / 0.777 / 0.697 and 0.0029 / 0.0148 / 0.0150.
 UNION_CEILING = 0.95
 READ_EVERYTHING_REL_ERR = 0.0017
 
@@ -55,7 +59,7 @@ def long_cases(gemma3_270m):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gemma3_270m)
-    return [passkey_prompt(tok, LONG_TOKENS, depth=d, seed=i) for i, d in enumerate(DEPTHS)]
+    return [passkey_prompt(tok, LONG_TOKENS, depth=d, seed=i) for i, d in enumerate(LONG_DEPTHS, start=1)]
 
 
 @pytest.fixture(scope="module")
