@@ -29,9 +29,9 @@
 #   conc   12 concurrent 32K prompts alone, CUDA graphs, with CUDA_SCALE_LAUNCH_QUEUES=4x (a deeper launch queue: the
 #          batch's first tokens waited behind a sparse step's ~1,000 launches), dense and PLANS' first plan
 #   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
-#          stride-16 int8 scores) at 64K, 128K and 1M: run on main, then on the branch select-multiway (a 16-way level
-#          search instead of 33 halvings, not yet measured), and compare `_select_blocks_kernel` (on the same warm
-#          machine the second run needs `rm -f /tmp/workload-done/selcmp` first: a step runs once per machine).
+#          stride-16 int8 scores) at 64K, 128K and 1M (2026-12-04: 76.6 us at 64K and 128K, 846 us at 1M: ~0.5% of a
+#          64K prefill, so the branch select-multiway, a 16-way level search, cannot move 32K or 64K; it ran with
+#          the checkout's package, which the benchmark puts first on sys.path).
 #          Tables here are the Llama layout (a list per KV head, 4 q heads unioned)
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
