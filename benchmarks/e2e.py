@@ -198,16 +198,23 @@ def decode_cases(spec: dict) -> list[tuple[int, int]]:
     return [(spec["decode_batch"], spec["decode_context"])] if spec.get("decode_batch") else []
 
 
+def model_shape(shape: str):
+    """What a plan sees of the dummy model of `shape` (SHAPES): a `ModelShape` of its directory's name and config."""
+    sys.path.insert(0, str(REPO))
+    from vllm_sparse.config.plan import ModelShape
+
+    name, hf = SHAPES[shape]
+    return ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
+                      hf["num_key_value_heads"])
+
+
 def plan_on_shape(config: str, shape: str):
     """The plan `config` gives the dummy model of `shape` (SHAPES)."""
     sys.path.insert(0, str(REPO))
     from vllm_sparse.config.loader import load_config
-    from vllm_sparse.config.plan import ModelShape, resolve_plan
+    from vllm_sparse.config.plan import resolve_plan
 
-    name, hf = SHAPES[shape]
-    model = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
-                       hf["num_key_value_heads"])
-    return resolve_plan(load_config(config), model, config)
+    return resolve_plan(load_config(config), model_shape(shape), config)
 
 
 def decode_read_share(config: str | None, context: int, shape: str = "llama-3.1-8b") -> float | None:

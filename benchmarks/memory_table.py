@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from e2e import SHAPES  # noqa: E402
+from e2e import SHAPES, model_shape  # noqa: E402
 
 from vllm_sparse.backend.reserve import estimator_workspace_bytes, step_temporaries_bytes  # noqa: E402
 from vllm_sparse.config.loader import load_config  # noqa: E402
-from vllm_sparse.config.plan import ModelShape, resolve_plan  # noqa: E402
+from vllm_sparse.config.plan import resolve_plan  # noqa: E402
 from vllm_sparse.kernels.workspace import cap_bytes  # noqa: E402
 
 GIB = 2**30
@@ -92,11 +92,9 @@ def main() -> int:
     rows = []
     for tp, (shape, (weights, act, non_torch, graphs, source)) in (
             (int(t), item) for t in args.tp.split(",") for item in NON_KV.items()):
-        name, hf = SHAPES[shape]
+        _, hf = SHAPES[shape]
         plan_path = REPO / PLANS[shape]
-        ms = ModelShape(name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
-                        hf["num_key_value_heads"])
-        plan = resolve_plan(load_config(str(plan_path)), ms, str(plan_path))
+        plan = resolve_plan(load_config(str(plan_path)), model_shape(shape), str(plan_path))
         # Past one rank the weights and the activation peak are split tp ways (on paper: vLLM replicates the
         # norms and the hidden states, so a rank holds a little more); non-torch memory and graphs per rank.
         available = int((args.util * H200_GIB - (weights + act) / tp - non_torch - graphs) * GIB)

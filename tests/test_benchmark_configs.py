@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_config import GEMMA
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import ModelShape, resolve_plan
 from vllm_sparse.decode.step import check_row_blocks
@@ -17,10 +18,6 @@ from vllm_sparse.decode.step import check_row_blocks
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "benchmarks/configs").rglob("*.yaml"))
 
-GEMMA = ModelShape(
-    "gemma-3-270m-bf16", ("Gemma3ForCausalLM",), num_layers=18, num_q_heads=4, num_kv_heads=1,
-    layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)),
-)
 TINY_LLAMA = ModelShape("tiny-llama-v512-s0", ("LlamaForCausalLM",), num_layers=2, num_q_heads=4, num_kv_heads=2)
 
 
@@ -36,21 +33,16 @@ E2E = _e2e()
 
 def shape_of(name: str) -> tuple[ModelShape, int]:
     """(the shape a benchmark plan is written for, by its file name; the longest context it is run at)."""
-    def bench(key: str, longest: int) -> tuple[ModelShape, int]:
-        dir_name, hf = E2E.SHAPES[key]
-        return (ModelShape(dir_name, tuple(hf["architectures"]), hf["num_hidden_layers"], hf["num_attention_heads"],
-                           hf["num_key_value_heads"]), longest)
-
     if name.startswith("gemma-3"):
         return GEMMA, 32768
     if name.startswith("tiny-llama"):
         return TINY_LLAMA, 16384
     if name.startswith("qwen2.5-7b-1m"):
-        return bench("qwen2.5-7b-1m", 1 << 20)  # (the decode runs' max_model_len stays within 2^20)
+        return E2E.model_shape("qwen2.5-7b-1m"), 1 << 20  # (the decode runs' max_model_len stays within 2^20)
     if name.startswith("qwen2.5-7b"):
-        return bench("qwen2.5-7b", 131072)
+        return E2E.model_shape("qwen2.5-7b"), 131072
     if name.startswith(("llama-3-8b", "llama-3.1-8b")):
-        return bench("llama-3.1-8b", 131072)
+        return E2E.model_shape("llama-3.1-8b"), 131072
     raise AssertionError(f"{name}: no shape for this benchmark plan's name: add it to shape_of")
 
 
@@ -70,9 +62,9 @@ def test_the_1m_decode_plans_take_the_same_budget_in_the_same_blocks():
     plans = {name: resolve_plan(load_config(REPO / f"benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-{name}.yaml"),
                                 shape, name, explicit=True) for name in ("quest-4k", "tidal-4k")}
     for name, plan in plans.items():
-        budgets = {(d.estimator, d.kept_blocks * plan.decode_block_tokens, plan.decode_block_tokens)
+        budgets = {(d.kept_blocks * plan.decode_block_tokens, plan.decode_block_tokens)
                    for layer in plan.layers for d in layer.decode if d}
-        assert {(b[1], b[2]) for b in budgets} == {(4096 + 3 * 64, 64)}, (name, budgets)
+        assert budgets == {(4096 + 3 * 64, 64)}, (name, budgets)
         assert check_row_blocks(longest, plan.decode_block_tokens) is None
     tidal = plans["tidal-4k"]
     selectors = [layer.index for layer in tidal.layers if any(d and d.selector for d in layer.decode)]
