@@ -378,7 +378,9 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.llm_engine
-    prompts, params = decode_batch(batch, context, steps, seed=2)
+    # The timed decode's prompts (seed 1): their prefill comes from the prefix cache, so a profile at 1M does not
+    # prefill a second 1M prompt (~80 s sparse, ~380 s dense; a d1mp call was cut short by one, 2026-12-04).
+    prompts, params = decode_batch(batch, context, steps, seed=1)
     for i, p in enumerate(prompts):
         engine.add_request(f"profile-{i}", p, params)
     produced: dict[str, int] = {}

@@ -50,8 +50,10 @@
 #          fp8, 3.9M with the plugin; e.g. D1M_CASES=2x1048448 D1M_KV=fp8)
 #   d1mt   the same cases, the TidalDecode 4K plan's engine alone (64-token blocks; layers 0-1 dense, 2 and 13 select,
 #          the rest read: no page summaries read; Quest measured 1.95x dense at 1M, 2026-12-04)
-#   d1mp   the Quest engine's decode at 1M under the torch profiler (--profile-decode): where its 4.7 ms a token
-#          above a 4K step go (scoring the page summaries, the two selection stages, attention)
+#   d1mp   the Quest engine's decode at 1M under the torch profiler (--profile-decode; D1M_CONFIG=...-tidal-4k for
+#          TidalDecode's): where its time above a 4K step goes (scoring the page summaries or the selectors' full
+#          passes, the two selection stages, attention). The profiled steps decode the timed request's prompt again
+#          (prefix cache: no second 1M prefill)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -149,7 +151,9 @@ decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comp
 d1md() { decode_1m e2e_decode_1m_baseline --only dense; }
 d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
 d1mt() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k decode_1m e2e_decode_1m_tidal --only sparse; }
-d1mp() { D1M_CASES=1x1048448 decode_1m e2e_decode_1m_quest_profiled --only sparse --profile-decode 1x1048448; }
+d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
+  D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
+}
 l1m() {
   local t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
