@@ -7,8 +7,15 @@ local blocks (benchmarks/configs/llama-3-8b-decode-quest-4k.yaml). Table last, t
 device time (torch profiler); JSON to --out. --sweep instead times kernel settings (the module
 constants in SWEEP) one stage at a time.
 
+--tidal: a TidalDecode selector layer of the Qwen2.5-7B-1M shape (4 KV heads, 28 q heads, 64-token blocks,
+4,096 tokens kept) at long contexts, batch 1 by default: the selector's full pass with exact block scores, the
+same kernel's full pass without scores, the selection, a reader layer over the kept blocks, and vLLM's FA3 decode
+over the same pages where vLLM is importable (the dense layer it replaces); with --sweep, the split-K settings of
+the full pass (TIDAL_SWEEP).
+
     python benchmarks/decode_kernels.py --out $OUT/decode_kernels.json
     python benchmarks/decode_kernels.py --sweep --out $OUT/decode_kernels_sweep.json
+    python benchmarks/decode_kernels.py --tidal [--sweep] --cases 1x1048576,1x262144 --out $OUT/decode_tidal.json
 """
 
 from __future__ import annotations
@@ -179,13 +186,132 @@ def sweep(cases: list[tuple[int, int]], max_model_len: int) -> list[dict]:
     return rows_out
 
 
+# --tidal: the Qwen2.5-7B-1M layout and the 1M decode plan's budget (qwen2.5-7b-1m-own-heads-decode-tidal-4k.yaml)
+T_KV, T_G, T_BLOCK = 4, 7, 64
+T_PLAN = DecodeHeadPlan("tidal", 4096 // T_BLOCK, 1, 2, selector=True)
+
+
+def tidal_stages(rows: int, context: int) -> dict:
+    """One tidal selector layer's inputs at `context` tokens per row -> closures: the selector's pass (attention and
+    exact block scores), the same pass without scores, the selection, a reader over the kept blocks, FA3's decode."""
+    from vllm_sparse.decode.select import select_top_blocks
+
+    dev = torch.device("cuda")
+    max_model_len = context + 256
+    pages_per = -(-context // PAGE)
+    num_pages = rows * pages_per + 1
+    cache = torch.randn(2, num_pages, PAGE, T_KV, D, device=dev, dtype=torch.bfloat16)
+    paged = PagedKV(cache[0].transpose(1, 2), cache[1].transpose(1, 2))
+    bt = torch.randperm(num_pages - 1, device=dev, dtype=torch.int32)[: rows * pages_per].view(rows, pages_per)
+    table = torch.zeros(rows, -(-max_model_len // PAGE), dtype=torch.int32, device=dev)
+    table[:, :pages_per] = bt
+    seq = torch.full((rows,), context, dtype=torch.int32, device=dev)
+    qsl = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+    q = torch.randn(rows, T_KV * T_G, D, device=dev, dtype=torch.bfloat16)
+    score_heads = DecodeHeads.build((T_PLAN,) * T_KV, dev)
+    dense_heads = DecodeHeads.build((None,) * T_KV, dev)
+    readers = DecodeHeads.build((DecodeHeadPlan("tidal", T_PLAN.top_k_blocks, 1, 2),) * T_KV, dev)
+    nbp = row_blocks(max_model_len, T_BLOCK)
+    scores = torch.empty(rows, T_KV, nbp, device=dev)
+    sel = torch.zeros(rows, T_KV, T_PLAN.kept_blocks, dtype=torch.int32, device=dev)
+    cand = torch.zeros(2, rows, T_KV, candidate_width(nbp, T_PLAN.kept_blocks), dtype=torch.int32, device=dev)
+    cnt = torch.zeros(rows, T_KV, dtype=torch.int32, device=dev)
+    ws_slots = split_slots(ROW_LIMIT, T_KV) * T_KV * T_G
+    po = torch.empty(ws_slots, D, device=dev)
+    pml = torch.empty(ws_slots, 2, device=dev)
+    out = torch.empty_like(q)
+    unused = torch.zeros(rows, T_KV, 1, dtype=torch.int32, device=dev)
+    scale = D ** -0.5
+
+    def selector():
+        decode_attention(q, paged, table, qsl, seq, dense_heads, unused, unused[..., 0], po, pml, out,
+                         block_tokens=T_BLOCK, scale=scale, dense_below=BELOW, scores=scores, score_heads=score_heads)
+
+    def full_pass():
+        decode_attention(q, paged, table, qsl, seq, dense_heads, unused, unused[..., 0], po, pml, out,
+                         block_tokens=T_BLOCK, scale=scale, dense_below=BELOW)
+
+    def select():
+        select_top_blocks(scores, cand, qsl, seq, score_heads, sel, cnt, block_tokens=T_BLOCK, dense_below=BELOW)
+
+    def reader():
+        decode_attention(q, paged, table, qsl, seq, readers, sel, cnt, po, pml, out, block_tokens=T_BLOCK,
+                         scale=scale, dense_below=BELOW)
+
+    st = {"selector": selector, "full_pass": full_pass, "select": select, "reader": reader}
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:  # (the bare GPU image: no vLLM staged)
+        return st
+    fa_out = torch.empty_like(q)
+
+    def fa3():
+        flash_attn_varlen_func(q, cache[0], cache[1], max_seqlen_q=1, cu_seqlens_q=qsl, max_seqlen_k=context,
+                               seqused_k=seq, softmax_scale=scale, causal=True, block_table=table, out=fa_out,
+                               fa_version=3)
+
+    st["fa3"] = fa3
+    return st
+
+
+TIDAL_SWEEP = _grid(MAX_SPLITS=(64, 128, 256), TILE_TOKENS=(64, 128), SPLIT_WARPS=(4, 8))
+
+
+def tidal_main(args) -> None:
+    import vllm_sparse.decode.attention as attention_mod
+
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    results = {"device": torch.cuda.get_device_name(), "plan": "tidal, 64-token blocks, 64+1+2 kept, 4 KV x 7 q heads",
+               "cases": {}, "sweep": []}
+    for rows, ctx in cases:
+        st = tidal_stages(rows, ctx)
+        st["selector"]()  # (the selection reads a selector's scores)
+        key = f"{rows}x{ctx}"
+        results["cases"][key] = {name: timed(fn) for name, fn in st.items()}
+        results["cases"][key]["kv_gb_per_layer"] = rows * ctx * T_KV * D * 2 * 2 / 1e9
+        print(key, json.dumps(results["cases"][key]), flush=True)
+        if not args.sweep:
+            continue
+        for knobs in TIDAL_SWEEP:
+            base = {k: getattr(attention_mod, k) for k in knobs}
+            for k, v in knobs.items():
+                setattr(attention_mod, k, v)
+            try:
+                row = {"case": key, "knobs": knobs, "selector_us": timed(st["selector"]),
+                       "full_pass_us": timed(st["full_pass"])}
+            except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
+                row = {"case": key, "knobs": knobs, "error": str(e)[-200:]}
+            finally:
+                for k, v in base.items():
+                    setattr(attention_mod, k, v)
+            results["sweep"].append(row)
+            print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\n{results['device']}, one tidal selector layer (Qwen2.5-7B-1M layout), us per call")
+    names = ["selector", "full_pass", "select", "reader", "fa3"]
+    print(f"{'case':>12} " + " ".join(f"{n:>10}" for n in names) + f" {'KV GB':>6} {'sel GB/s':>8}")
+    for key, r in results["cases"].items():
+        cells = " ".join(f"{r[n]:>10.1f}" if n in r else f"{'-':>10}" for n in names)
+        print(f"{key:>12} {cells} {r['kv_gb_per_layer']:>6.2f} {r['kv_gb_per_layer'] * 1e6 / r['selector']:>8.0f}")
+    for row in results["sweep"]:
+        knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
+        cell = row.get("error") or f"selector {row['selector_us']:.1f} us, full pass {row['full_pass_us']:.1f} us"
+        print(f"{row['case']:>12} {knobs:<44} {cell}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="2x131072,16x32768,32x8192")
     ap.add_argument("--max-model-len", type=int, default=131072 + 256)
     ap.add_argument("--out", default="decode_kernels.json")
     ap.add_argument("--sweep", action="store_true", help="time kernel settings one at a time (per-kernel device time)")
+    ap.add_argument("--tidal", action="store_true", help="a TidalDecode selector layer at long contexts (batch 1)")
     args = ap.parse_args()
+    if args.tidal:
+        if args.cases == ap.get_default("cases"):
+            args.cases = "1x1048576,1x262144"
+        tidal_main(args)
+        return
     if args.sweep:
         cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
         res = sweep(cases, args.max_model_len)

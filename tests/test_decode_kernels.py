@@ -379,6 +379,33 @@ def test_tidal_selector_and_reader_kernels_match_reference(seed, dtype, block, f
         assert torch.allclose(out[tok].float(), want, atol=tol, rtol=tol)
 
 
+def test_merge_of_more_than_64_splits(monkeypatch):
+    """A long row at batch 1 may take more splits than the merge reads at once (64): the merge walks them in
+    pieces, splits with no blocks (a short row over many splits) weigh nothing, and the selector's output and
+    exact scores stay the reference's."""
+    from vllm_sparse.decode import attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "MAX_SPLITS", 256)
+    monkeypatch.setattr(attention_mod, "SPLIT_PROGRAMS", 512)
+    plans = [DecodeHeadPlan("tidal", 2, 1, 1, selector=True)] * 2
+    case = Case(0, DTYPES[0], [500, 40], [1, 1], kv_heads=2, group=3, d=32, page=16, block=16, plans=plans,
+                dense_below=64).to(DEVICE)
+    rows, kv = len(case.seq_lens), 2
+    room = split_slots(rows, kv) // rows
+    splits = min(attention_mod.MAX_SPLITS, attention_mod.pow2_floor(attention_mod.SPLIT_PROGRAMS // (rows * kv)),
+                 attention_mod.pow2_floor(room))
+    assert splits == 128  # two pieces for the merge; 32 blocks of 16 tokens over 128 splits: most read nothing
+    out, scores, _, _ = _tidal_select(case)
+    tok, s = int(case.qsl[0]), case.seq_lens[0]
+    k, _ = case.paged.gather(_pages(case, 0), s)
+    want = reference_exact_block_scores(case.query[tok].cpu(), k.cpu(), s, case.block, case.heads.sink.cpu(),
+                                        case.heads.local.cpu(), 0.3)
+    assert torch.allclose(scores[0, :, : want.shape[1]].cpu(), want, rtol=1e-3, atol=1e-2)
+    dense = reference_decode_attention(case.query[tok], case.paged, _pages(case, 0), s, [None, None], case.block, 0.3)
+    assert torch.allclose(out[tok].float(), dense, atol=2e-3, rtol=2e-3)
+    assert torch.isnan(out[int(case.qsl[1])]).all()  # under dense_below: the dense backend's row
+
+
 def test_tidal_keep_all_reads_every_block(few_splits):
     """A budget that covers the context: the selector keeps every block, so its readers attend densely."""
     plans = [DecodeHeadPlan("tidal", 50, 1, 1, selector=True)] * 2

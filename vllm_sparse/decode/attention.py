@@ -130,25 +130,33 @@ def _decode_merge_kernel(
     out_ptr, so_t, so_h, qsl_ptr, seq_ptr, po_ptr, spo_b, spo_h, spo_s, pml_ptr, spml_b, spml_h, dense_below,
     D: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """Program per (row, q head): the splits' partial outputs, weighted by their softmax sums."""
+    """Program per (row, q head): the splits' partial outputs, weighted by their softmax sums, MERGE
+    splits at a time (a [SPLITS, D] tile in registers would spill past 64 splits)."""
     b = tl.program_id(0)
     qh = tl.program_id(1)
     sparse, seq = _row_is_sparse_decode(qsl_ptr, seq_ptr, b, dense_below)
     if sparse:
-        sp = tl.arange(0, SPLITS)
+        MERGE: tl.constexpr = SPLITS if SPLITS < 64 else 64
         d = tl.arange(0, D)
         q0 = tl.load(qsl_ptr + b)
-        m = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2)
-        l_s = tl.load(pml_ptr + b * spml_b + qh * spml_h + sp * 2 + 1)
-        w = tl.exp(m - tl.max(m, 0))
-        o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
-        res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)
-        tl.store(out_ptr + q0 * so_t + qh * so_h + d, res.to(out_ptr.dtype.element_ty))
+        ml = pml_ptr + b * spml_b + qh * spml_h
+        m_max = tl.max(tl.load(ml + tl.arange(0, MERGE) * 2), 0)
+        for c in range(MERGE, SPLITS, MERGE):
+            m_max = tl.maximum(m_max, tl.max(tl.load(ml + (c + tl.arange(0, MERGE)) * 2), 0))
+        acc = tl.zeros((D,), tl.float32)
+        den = tl.sum(tl.zeros((MERGE,), tl.float32), 0)
+        for c in range(0, SPLITS, MERGE):
+            sp = c + tl.arange(0, MERGE)
+            w = tl.exp(tl.load(ml + sp * 2) - m_max)
+            o = tl.load(po_ptr + b * spo_b + qh * spo_h + sp[:, None] * spo_s + d[None, :])
+            acc += tl.sum(w[:, None] * o, 0)
+            den += tl.sum(w * tl.load(ml + sp * 2 + 1), 0)
+        tl.store(out_ptr + q0 * so_t + qh * so_h + d, (acc / den).to(out_ptr.dtype.element_ty))
 
 
 TILE_TOKENS = 64  # tokens per attention tile: several small blocks, or a piece of a large one
 SPLIT_PROGRAMS = 1024  # split-K programs per step at most (fewer splits per row for large batches)
-MAX_SPLITS = 64
+MAX_SPLITS = 64  # splits per (row, KV head) at most (the merge reads 64 at a time)
 SPLIT_WARPS = 4
 SPLITS_AT_ROW_LIMIT = 16  # split slots per (row, q head) the workspace holds at its row limit
 
