@@ -72,22 +72,30 @@ def kernel_times(fn, iters: int = 20) -> dict[str, float]:
     return out
 
 
-def stages(rows: int, context: int, max_model_len: int) -> dict:
-    """One layer's inputs (random pages and summaries) -> the stages as closures: update, select, attend."""
-    dev = torch.device("cuda")
+def decode_rows(rows: int, context: int, max_model_len: int, kv: int, group: int, dev) -> tuple:
+    """`rows` decode rows of `context` tokens in a random paged cache (pages in random order) ->
+    (cache [2, pages, PAGE, kv, D], paged view, block table, seq_lens, query_start_loc, queries)."""
     pages_per = -(-context // PAGE)
     num_pages = rows * pages_per + 1
-    cache = torch.randn(2, num_pages, PAGE, KV, D, device=dev, dtype=torch.bfloat16)
+    cache = torch.randn(2, num_pages, PAGE, kv, D, device=dev, dtype=torch.bfloat16)
     paged = PagedKV(cache[0].transpose(1, 2), cache[1].transpose(1, 2))
     bt = torch.randperm(num_pages - 1, device=dev, dtype=torch.int32)[: rows * pages_per].view(rows, pages_per)
     table = torch.zeros(rows, -(-max_model_len // PAGE), dtype=torch.int32, device=dev)
     table[:, :pages_per] = bt
-    summ = PageSummaries(num_pages, KV, D, PAGE, torch.bfloat16, dev)
-    summ.mins.copy_(torch.randn_like(summ.mins))
-    summ.maxs.copy_(summ.mins + torch.rand_like(summ.mins))
     seq = torch.full((rows,), context, dtype=torch.int32, device=dev)
     qsl = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-    q = torch.randn(rows, KV * G, D, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(rows, kv * group, D, device=dev, dtype=torch.bfloat16)
+    return cache, paged, table, seq, qsl, q
+
+
+def stages(rows: int, context: int, max_model_len: int) -> dict:
+    """One layer's inputs (random pages and summaries) -> the stages as closures: update, select, attend."""
+    dev = torch.device("cuda")
+    cache, paged, table, seq, qsl, q = decode_rows(rows, context, max_model_len, KV, G, dev)
+    bt = table[:, : -(-context // PAGE)]
+    summ = PageSummaries(cache.shape[1], KV, D, PAGE, torch.bfloat16, dev)
+    summ.mins.copy_(torch.randn_like(summ.mins))
+    summ.maxs.copy_(summ.mins + torch.rand_like(summ.mins))
     key = torch.randn(rows, KV, D, device=dev, dtype=torch.bfloat16)
     slots = (bt[:, -1].long() * PAGE + (context - 1) % PAGE).to(torch.int64)
     heads = DecodeHeads.build((PLAN,) * KV, dev)
@@ -198,16 +206,7 @@ def tidal_stages(rows: int, context: int) -> dict:
 
     dev = torch.device("cuda")
     max_model_len = context + 256
-    pages_per = -(-context // PAGE)
-    num_pages = rows * pages_per + 1
-    cache = torch.randn(2, num_pages, PAGE, T_KV, D, device=dev, dtype=torch.bfloat16)
-    paged = PagedKV(cache[0].transpose(1, 2), cache[1].transpose(1, 2))
-    bt = torch.randperm(num_pages - 1, device=dev, dtype=torch.int32)[: rows * pages_per].view(rows, pages_per)
-    table = torch.zeros(rows, -(-max_model_len // PAGE), dtype=torch.int32, device=dev)
-    table[:, :pages_per] = bt
-    seq = torch.full((rows,), context, dtype=torch.int32, device=dev)
-    qsl = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-    q = torch.randn(rows, T_KV * T_G, D, device=dev, dtype=torch.bfloat16)
+    cache, paged, table, seq, qsl, q = decode_rows(rows, context, max_model_len, T_KV, T_G, dev)
     score_heads = DecodeHeads.build((T_PLAN,) * T_KV, dev)
     dense_heads = DecodeHeads.build((None,) * T_KV, dev)
     readers = DecodeHeads.build((DecodeHeadPlan("tidal", T_PLAN.top_k_blocks, 1, 2),) * T_KV, dev)
