@@ -56,7 +56,7 @@
 #          (prefix cache: no second 1M prefill)
 #   tsel   one TidalDecode selector layer of the Qwen layout at 1M and 256K, batch 1 (benchmarks/decode_kernels.py
 #          --tidal --sweep): the selector's full pass with exact scores against the same pass without them and
-#          against FA3's decode over the same pages, the selection, a reader; the split-K settings swept (the
+#          against FA3's decode over the same pages, the selection, a reader; the split-K settings swept at 1M (the
 #          selectors' ~1.1 ms each at 1M, derived from the engine's steps, against FA3's ~0.49 ms a layer)
 set -o pipefail
 budget=${1:?seconds}; shift
@@ -182,4 +182,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1mp:300 tsel:120" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1mp:300 tsel:240" "$@"

@@ -158,6 +158,7 @@ TILE_TOKENS = 64  # tokens per attention tile: several small blocks, or a piece 
 SPLIT_PROGRAMS = 1024  # split-K programs per step at most (fewer splits per row for large batches)
 MAX_SPLITS = 64  # splits per (row, KV head) at most (the merge reads 64 at a time)
 SPLIT_WARPS = 4
+SPLIT_STAGES = None  # software-pipelining stages of the split kernel's loop (None: Triton's default)
 SPLITS_AT_ROW_LIMIT = 16  # split slots per (row, q head) the workspace holds at its row limit
 
 
@@ -202,7 +203,7 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
         sh.local, scale * paged.k_scale, paged.v_scale, dense_below,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
         TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads, SCORE=score,
-        num_warps=SPLIT_WARPS,
+        num_warps=SPLIT_WARPS, **({} if SPLIT_STAGES is None else {"num_stages": SPLIT_STAGES}),
     )
     _decode_merge_kernel[(rows, q_heads)](
         output, output.stride(0), output.stride(1), query_start_loc, seq_lens, po, po.stride(0), po.stride(1),
