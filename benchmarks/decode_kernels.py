@@ -11,7 +11,7 @@ constants in SWEEP) one stage at a time.
 4,096 tokens kept) at long contexts, batch 1 by default: the selector's full pass with exact block scores, the
 same kernel's full pass without scores, the selection, a reader layer over the kept blocks, and vLLM's FA3 decode
 over the same pages where vLLM is importable (the dense layer it replaces); with --sweep, the split-K settings of
-the full pass (TIDAL_SWEEP).
+the full pass and the reader (TIDAL_SWEEP).
 
     python benchmarks/decode_kernels.py --out $OUT/decode_kernels.json
     python benchmarks/decode_kernels.py --sweep --out $OUT/decode_kernels_sweep.json
@@ -277,7 +277,7 @@ def tidal_main(args) -> None:
                 setattr(attention_mod, k, v)
             try:
                 row = {"case": key, "knobs": knobs, "selector_us": timed(st["selector"]),
-                       "full_pass_us": timed(st["full_pass"])}
+                       "full_pass_us": timed(st["full_pass"]), "reader_us": timed(st["reader"])}
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
                 row = {"case": key, "knobs": knobs, "error": str(e)[-200:]}
             finally:
@@ -294,7 +294,8 @@ def tidal_main(args) -> None:
         print(f"{key:>12} {cells} {r['kv_gb_per_layer']:>6.2f} {r['kv_gb_per_layer'] * 1e6 / r['selector']:>8.0f}")
     for row in results["sweep"]:
         knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
-        cell = row.get("error") or f"selector {row['selector_us']:.1f} us, full pass {row['full_pass_us']:.1f} us"
+        cell = row.get("error") or (f"selector {row['selector_us']:.1f} us, full pass {row['full_pass_us']:.1f} us, "
+                                    f"reader {row['reader_us']:.1f} us")
         print(f"{row['case']:>12} {knobs:<44} {cell}")
 
 
