@@ -10,6 +10,11 @@
 #   serve  benchmarks/serve_tp_check.py: vllm serve at TP=2, a 64K completion, both ranks sparse
 #   e2e2   benchmarks/e2e.py at --tensor-parallel-size 2 (dense, shipped plan, 10% plan)
 #   e2e1   the same at --tensor-parallel-size 1 (GPU 0)
+#   tp1m   issue 29, item 6: the Qwen2.5-7B-1M shape at TP=2 (2 KV heads a rank, each rank's estimator workspace and
+#          temporaries sized by its own heads): the page-list-per-q-head plan at 256K and 1M, then dense at 256K;
+#          TP=1 figures of the same plan and shape: RESULTS.md (one H200: 256K 8.85 s / 27.61 s dense, 1M 76.28 s)
+#   tps1m  `vllm serve --tensor-parallel-size 2 --max-model-len 1048576` with that plan: a 1,048,000-token completion,
+#          then the same + 8 tokens from the prefix cache; both ranks sparse, no out-of-memory
 # Logs and JSON go to $OUT (tee'd, so a killed command still returns them).
 set -o pipefail
 budget=${1:?seconds}; shift
@@ -75,10 +80,30 @@ e2e1par() {  # TP=1 on the same machine: dense on GPU 0 beside the 10% plan on G
     --lengths 32768,65536,131072 --out "$OUT/e2e_tp1_dense.json" 2>&1 | tee "$OUT/e2e_tp1_dense.log"
   wait; cp /tmp/e2e_tp1_sparse.log "$OUT/"; tail -5 /tmp/e2e_tp1_sparse.log
 }
+Q1M=benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml
+tp1m() {
+  local t=$(( $(left) - 10 ))
+  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --tensor-parallel-size 2 --decode-batch 0 \
+    --repeats 1 --lengths 262144,1048576 --gpu-memory-utilization 0.9 --engine-timeout $(( t * 2 / 3 )) --only sparse \
+    --no-kept --config $Q1M --out "$OUT/e2e_tp2_1m_sparse.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" \
+    | tee "$OUT/e2e_tp2_1m_sparse.log" | tail -8
+  t=$(( $(left) - 10 ))
+  timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --tensor-parallel-size 2 --decode-batch 0 \
+    --repeats 1 --lengths 262144 --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only dense \
+    --out "$OUT/e2e_tp2_256k_dense.json" 2>&1 | grep -v "^\[.*\] \(WARNING\|INFO\)" \
+    | tee "$OUT/e2e_tp2_256k_dense.log" | tail -6
+}
+tps1m() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 2 --shape qwen2.5-7b-1m --max-model-len 1048576 \
+    --tokens 1048000 --graphs --follow 8 --config $Q1M --serve-arg=--gpu-memory-utilization=0.9 \
+    --serve-arg=--enable-prompt-tokens-details --serve-arg=--max-num-seqs=8 --startup-timeout 300 --request-timeout 200 \
+    --out "$OUT/serve_tp2_1m.json" --log "$OUT/serve_tp2_1m.log" 2>&1 | tail -25
+  echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/serve_tp2_1m.log" || true)"
+}
 metricstest() {
   CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -rfE tests/test_metrics.py tests/test_plugin.py 2>&1 \
     | tee "$OUT/gpu_metrics_tests.log"
 }
 e2e2() { e2e 2; }
 
-run_steps "tests:300 tptest:150 gputest:120 e2equick:150 serve:150 e2e2:280 e2e1:240 e2e2q:170 e2e1par:110 metricstest:60" "$@"
+run_steps "tests:300 tptest:150 gputest:120 e2equick:150 serve:150 e2e2:280 e2e1:240 e2e2q:170 e2e1par:110 metricstest:60 tp1m:420 tps1m:420" "$@"
