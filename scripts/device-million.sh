@@ -56,10 +56,11 @@
 #          TidalDecode's): where its time above a 4K step goes (scoring the page summaries or the selectors' full
 #          passes, the two selection stages, attention). The profiled steps decode the timed request's prompt again
 #          (prefix cache: no second 1M prefill)
-#   tsel   one TidalDecode selector layer of the Qwen layout at 1M and 256K, batch 1 (benchmarks/decode_kernels.py
-#          --tidal --sweep): the selector's full pass with exact scores against the same pass without them and
-#          against FA3's decode over the same pages, the selection, a reader; the split-K settings swept at 1M (the
-#          selectors' ~1.1 ms each at 1M, derived from the engine's steps, against FA3's ~0.49 ms a layer)
+#   tsel   tests/test_decode_kernels.py, then one TidalDecode selector layer of the Qwen layout at 1M and 256K,
+#          batch 1 (benchmarks/decode_kernels.py --tidal --sweep): the selector's full pass with exact scores against
+#          the same pass without them and against FA3's decode over the same pages (with vLLM staged), the selection,
+#          a reader; the split-K settings swept at 1M (the selectors' ~1.1 ms each at 1M, derived from the engine's
+#          steps, against FA3's ~0.49 ms a layer)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -161,7 +162,9 @@ d1m0() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-l0 decode_1m e2e_dec
 d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
   D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
 }
-tsel() {
+tsel() {  # (the decode kernel tests first: the split merge changed since they last ran on a GPU)
+  timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_decode_kernels.py 2>&1 \
+    | tee "$OUT/decode_kernel_tests.log" | tail -4
   timeout $(( $(left) - 5 )) python3 benchmarks/decode_kernels.py --tidal --sweep --cases 1x1048576,1x262144 \
     --out "$OUT/decode_tidal.json" 2>&1 | tail -32
 }
@@ -185,4 +188,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:240" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:300" "$@"
