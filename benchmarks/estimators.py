@@ -1,6 +1,7 @@
 """Estimation + selection + union + FA3 tables per layer on one GPU, torch path vs kernels.
 
-One 16K-query prefill chunk at the end of a 128K context, Llama-3.1-8B heads (32 q / 8 kv, d=128),
+One 16K-query prefill chunk at the end of a 128K context, Llama-3.1-8B heads (32 q / 8 kv, d=128; --heads 28/4
+for Qwen2.5-7B's),
 bf16 paged cache (vLLM 0.26 FlashAttention layout, page 16, pages shuffled), selection block 128,
 one union per query block. Each estimator runs two ways:
 - "torch": the estimator's torch path (per-row scorers build [heads, rows, context] logits), the
@@ -134,6 +135,7 @@ def sync_free(fn) -> bool | str:
 
 
 def main() -> None:
+    global HQ, HKV  # (--heads sets the layout every helper reads)
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=16384)
@@ -144,8 +146,10 @@ def main() -> None:
     ap.add_argument("--skip-torch", default="", help="estimators whose torch path is not run (too slow/large)")
     ap.add_argument("--sweep", action="store_true", help="also time the fused scorer's tile configurations")
     ap.add_argument("--kernel-times", action="store_true", help="also each kernel's GPU time per call (profiler)")
+    ap.add_argument("--heads", default=f"{HQ}/{HKV}", help="Q/KV heads (28/4: Qwen2.5-7B's 7 q heads per KV head)")
     ap.add_argument("--out", default="estimators.json")
     args = ap.parse_args()
+    HQ, HKV = (int(x) for x in args.heads.split("/"))
     gen = torch.Generator(device=DEV).manual_seed(0)
     pages = args.ctx // PAGE
     packed = torch.randn(pages, PAGE, HKV, 2 * D, generator=gen, device=DEV, dtype=torch.bfloat16)

@@ -56,6 +56,9 @@
 #          TidalDecode's): where its time above a 4K step goes (scoring the page summaries or the selectors' full
 #          passes, the two selection stages, attention). The profiled steps decode the timed request's prompt again
 #          (prefix cache: no second 1M prefill)
+#   est7   the scorer with 7 q heads per KV head (Qwen2.5-7B: 28/4) beside 8 (32/4), stride 16 int8, one 16K chunk-layer
+#          at 128K and 1M: its (row, q head) pairs are no longer padded to 8 per row, so 28/4 should take ~7/8 of
+#          32/4's product time (it took the same before); tests/test_row_scores.py compiled first
 #   tsel   tests/test_decode_kernels.py, then one TidalDecode selector layer of the Qwen layout at 1M and 256K,
 #          batch 1 (benchmarks/decode_kernels.py --tidal --sweep): the selector's full pass with exact scores against
 #          the same pass without them and against FA3's decode over the same pages (with vLLM staged), the selection,
@@ -162,6 +165,17 @@ d1m0() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-l0 decode_1m e2e_dec
 d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
   D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
 }
+est7() {
+  timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_row_scores.py 2>&1 \
+    | tee "$OUT/row_scores_tests.log" | tail -4
+  local ctx heads
+  for ctx in 131072 1048576; do
+    for heads in 28/4 32/4; do
+      timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx $ctx --heads $heads --only antidiagonal_s16_int8 \
+        --skip-torch antidiagonal_s16_int8 --kernel-times --out "$OUT/est_s16_${ctx}_heads${heads/\//x}.json" 2>&1 | tail -3
+    done
+  done
+}
 tsel() {  # (the decode kernel tests first: the split merge changed since they last ran on a GPU)
   timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_decode_kernels.py 2>&1 \
     | tee "$OUT/decode_kernel_tests.log" | tail -4
@@ -188,4 +202,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:300 est7:240" "$@"

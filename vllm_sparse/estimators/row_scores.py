@@ -7,12 +7,13 @@ rows, context] tensor of logits and another of probabilities: gigabytes at 128K.
 Triton launches that hold at most a tile of logits, in registers:
 
 1. `_row_block_lse_kernel` is a GEMM with a reducing epilogue. One program per (column tile, row
-   tile, KV head) computes a [rows, columns] tile of logits (GQA-packed: the q heads of a KV head
-   share every key load; keys are read from vLLM's paged cache in place) and writes, per (row, KV
-   block), the log-sum-exp of the block's logits. Tiles are independent: no row state, no
-   second pass over the keys. Antidiagonal rows are S query tokens, reversed, against S
-   consecutive keys per column, so the product reduces over S x head_dim; `lowbit` rows and keys
-   are quantized to int8 (or int4 in int8) and multiplied on the tensor cores with int32 sums.
+   tile, KV head) computes a [rows, columns] tile of logits (GQA-packed: the tile's rows are (row,
+   q head) pairs of one KV head, unpadded, so its q heads share every key load; keys are read from
+   vLLM's paged cache in place) and writes, per (row, KV block), the log-sum-exp of the block's
+   logits. Tiles are independent: no row state, no second pass over the keys. Antidiagonal rows
+   are S query tokens, reversed, against S consecutive keys per column, so the product reduces over
+   S x head_dim; `lowbit` rows and keys are quantized to int8 (or int4 in int8) and multiplied on
+   the tensor cores with int32 sums.
 2. `_block_mass_kernel`, per (q head, query block): each row's log-sum-exp over its causal
    blocks (its softmax normaliser), then exp(block lse - row lse) averaged over the query block's
    rows, written as log-mass scores [heads, query blocks, kv blocks] (as the torch path).
@@ -262,10 +263,14 @@ def _row_block_lse_kernel(
     else:
         kv = tl.load(KV_OF + tl.program_id(2))
     r = tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * ROWS + r // GROUP_PAD  # row within the slab; rows are row-major, head-minor
-    slot = r % GROUP_PAD
+    # The group's (row, q head) pairs numbered row-major, head-minor, without padding: a tile holds BLOCK_M of
+    # them, so a group of 7 q heads does 7/8 of the products and key loads that padding it to 8 did (a tile's
+    # rows need not be whole: every pair is scored and stored on its own).
+    f = tl.program_id(1) * BLOCK_M + r
+    j = f // GROUP  # row within the slab
+    slot = f % GROUP
     head = head0 + tl.program_id(2) * GROUP + slot
-    row_ok = (j < n_rows) & (slot < GROUP)
+    row_ok = j < n_rows
     row_pos = row_first + (row0 + j) * row_step
     q_end = tl.minimum(row_pos + S - 1, seq_len - 1)
     c0 = ct * COLS
@@ -340,13 +345,13 @@ def _row_block_lse_int_kernel(
     kt = tl.trans(ki)
     c_last = tl.minimum(ct * BLOCK_N + BLOCK_N, seq_len) - 1
     r = tl.arange(0, BLOCK_M)
-    slot = r % GROUP_PAD
-    head = tl.program_id(1) * GROUP + slot
     # Rows (in position order) before the first that sees column c0 need not be visited.
     first = tl.maximum((ct * BLOCK_N - row_first + row_step - 1) // row_step - row0, 0)
-    for rt in range(first // ROWS, tl.cdiv(n_rows, ROWS)):
-        j = rt * ROWS + r // GROUP_PAD
-        row_ok = (j < n_rows) & (slot < GROUP)
+    for rt in range(first * GROUP // BLOCK_M, tl.cdiv(n_rows * GROUP, BLOCK_M)):
+        f = rt * BLOCK_M + r  # (row, q head) pairs without padding, as in _row_block_lse_kernel
+        j = f // GROUP
+        head = tl.program_id(1) * GROUP + f % GROUP
+        row_ok = j < n_rows
         q_end = tl.minimum(row_first + (row0 + j) * row_step, seq_len - 1)
         qi = tl.load(QI + (row0 + j)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
                      mask=row_ok[:, None], other=0)
@@ -516,6 +521,10 @@ class _RowLse:
             S=self.rows.stride, HEAD_D=c.q.shape[-1], COLS=tile, PAGE=c.kv.page_size, QMAX=self.qmax, num_warps=4,
         )
 
+    def _pair_tiles(self, n_rows: int) -> int:
+        """Row tiles of the product kernel: its tiles hold tile_rows x group_pad (row, q head) pairs, unpadded."""
+        return triton.cdiv(n_rows * self.group, self.tile_rows * self.group_pad)
+
     def launch(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
         """Rows [r0, r0 + n_rows) -> ws [heads, n_rows, kv_blocks]: log2-sum-exp2 of each causal block."""
         c, rows, key = self.chunk, self.rows, self.chunk.kv.key
@@ -533,7 +542,7 @@ class _RowLse:
                 num_warps=self.warps, num_stages=self.stages,
             )
             return
-        grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows),
+        grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), self._pair_tiles(n_rows),
                 self.kv_of.shape[0])
         _row_block_lse_kernel[grid](
             self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
@@ -554,8 +563,7 @@ class _RowLse:
             if (kv0, heads) != self._quantized:
                 self._quantize_columns(kv0, heads)
                 self._quantized = (kv0, heads)
-            grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), triton.cdiv(n_rows, self.tile_rows),
-                    heads)
+            grid = (triton.cdiv(self.n_cols, self.block_n * self.sub_tiles), self._pair_tiles(n_rows), heads)
             _row_block_lse_kernel[grid](
                 self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
                 k, k.stride(1), k.stride(0), self.k_scale.stride(0), self.k_scale, *self.bt,
