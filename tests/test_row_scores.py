@@ -133,6 +133,29 @@ def test_quantized_key_columns_of_many_kv_heads_per_launch(counted, monkeypatch)
     assert torch.equal(got, est.score(fused, est.params(stride=8, bits=8)))
 
 
+def test_passes_over_key_columns_quantize_once_through_many_slabs(monkeypatch):
+    # One KV head's key columns a launch (the count covers one head at this context) and a workspace that holds
+    # two or three query blocks' rows: each pass runs through every slab before the next, so each KV head's keys
+    # are quantized once (not once a slab), and the scores are the torch path's.
+    from vllm_sparse.estimators import row_scores
+
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
+    WORKSPACE.reserve(16 << 10, torch.device(DEVICE))
+    WORKSPACE.floats(4 << 10, torch.device(DEVICE)).fill_(float("nan"))
+    chunk = _chunk(480, 360, 16, torch.float32, seed=6)
+    WORKSPACE.count_key_columns(chunk.seq_len, torch.device(DEVICE))
+    assert WORKSPACE.key_column_heads(HKV, chunk.seq_len, D + 4, torch.device(DEVICE)) == 1
+    per_qb = (HQ // HKV) * chunk.num_kv_blocks * 16 // 2  # one pass's heads, stride 2
+    assert WORKSPACE.capacity(torch.device(DEVICE)) < chunk.num_query_blocks * per_qb  # several slabs a pass
+    quantized = []
+    original = row_scores._RowLse._quantize_columns
+    monkeypatch.setattr(row_scores._RowLse, "_quantize_columns",
+                        lambda self, kv0, heads: (quantized.append((kv0, heads)), original(self, kv0, heads))[1])
+    assert _compare(chunk, "antidiagonal", {"stride": 2, "bits": 8}) < 2e-4
+    assert quantized == [(kv, 1) for kv in range(HKV)]
+
+
 def test_fused_lowbit_quantizes_like_the_reference():
     """Keys quantized in the kernel equal quantize_symmetric's (ties to even, per-key scales): the
     int8 scores match exactly-computed reference scores far tighter than a float product would."""

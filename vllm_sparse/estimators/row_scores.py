@@ -238,7 +238,7 @@ def _store_block_lse(s, out_rows, row_ok, ct, n_cols, BLOCK_M: tl.constexpr, BPT
 # (16-byte aligned whatever the chunk); quantities that change with the chunk or the request are not
 # specialised, so no request compiles a variant.
 @triton.jit(do_not_specialize=["stride_qsr", "bt_offset", "stride_oh", "stride_or", "context_len", "seq_len",
-                               "row_first", "row_step", "row0", "n_rows", "n_cols", "head0"])
+                               "row_first", "row_step", "row0", "n_rows", "n_cols", "head0", "out_head0"])
 def _row_block_lse_kernel(
     Q, stride_qt, stride_qh,  # float: the chunk's queries [q_len, q_heads, D]; int: quantized rows
     QS, stride_qsr,  # int: per-row scales [rows, q_heads] fp32 (unused for float)
@@ -247,8 +247,8 @@ def _row_block_lse_kernel(
     KS,  # PRE: the key columns' scales [launch's KV heads, n_cols] (else unused)
     BT, bt_offset,  # the request's block table row (int32)
     KV_OF,  # [groups] KV head of each group of GROUP consecutive q heads (PRE: unused, group z reads columns z)
-    OUT, stride_oh, stride_or,  # [q_heads, slab rows, kv_blocks] fp32: log2-sum-exp2 of each block
-    context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale, head0,
+    OUT, stride_oh, stride_or,  # [q_heads from out_head0, slab rows, kv_blocks] fp32: log2-sum-exp2 of each block
+    context_len, seq_len, row_first, row_step, row0, n_rows, n_cols, logit_scale, head0, out_head0,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, S: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CPB: tl.constexpr, SUB_TILES: tl.constexpr, PAGE: tl.constexpr, QMAX: tl.constexpr,
     IN_PREC: tl.constexpr, BLOCK_D: tl.constexpr, PRE: tl.constexpr,
@@ -289,7 +289,7 @@ def _row_block_lse_kernel(
         qi = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.int8)
         q_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    out_rows = OUT + head[:, None].to(tl.int64) * stride_oh + j[:, None] * stride_or
+    out_rows = OUT + (head - out_head0)[:, None].to(tl.int64) * stride_oh + j[:, None] * stride_or
     if SUB_TILES == 1:
         # The tile holds COLS // CPB whole blocks: reduce each to its log-sum-exp.
         if PRE:
@@ -375,11 +375,13 @@ def _rows_before(pos, row_first, row_step, n_total, S: tl.constexpr):
 
 @triton.jit(do_not_specialize=["stride_bh", "stride_br", "stride_oh", "stride_or", "seq_len", "row_first",
                                "row_step", "row0", "n_total", "n_kv_blocks", "first_query_block", "qb0",
-                               "block_size"])
+                               "block_size", "out_head0"])
 def _block_mass_kernel(
-    BLSE, stride_bh, stride_br,  # [q_heads, slab rows, kv_blocks] log2 units (from _row_block_lse_kernel)
+    BLSE, stride_bh, stride_br,  # [run's q heads, slab rows, kv_blocks] log2 units (from _row_block_lse_kernel)
     OUT, stride_oh, stride_or,  # [q_heads, query blocks, kv_blocks] fp32 log-mass, -inf past the diagonal
     seq_len, row_first, row_step, row0, n_total, n_kv_blocks, first_query_block, qb0, block_size,
+    out_head0,  # the run's first q head in OUT (OUT itself stays the tensor's base: an offset view would
+    # change the pointer's alignment, which Triton specialises on, and compile a variant mid-request)
     S: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_KB: tl.constexpr,
 ):
     qb = qb0 + tl.program_id(0)  # query block row of the chunk
@@ -403,7 +405,7 @@ def _block_mass_kernel(
     lse = tl.where(m == float("-inf"), 0.0, m) + tl.log2(tl.where(live, acc, 1.0))
     # Pass 2: the mean over rows of each block's share of its row's mass.
     n = tl.maximum(j_hi - j_lo, 1).to(tl.float32)
-    out = OUT + h.to(tl.int64) * stride_oh + qb * stride_or
+    out = OUT + (out_head0 + h).to(tl.int64) * stride_oh + qb * stride_or
     for kb0 in range(0, n_kv_blocks, BLOCK_KB):
         kb = kb0 + tl.arange(0, BLOCK_KB)
         causal = kb <= qb_abs
@@ -521,16 +523,25 @@ class _RowLse:
             S=self.rows.stride, HEAD_D=c.q.shape[-1], COLS=tile, PAGE=c.kv.page_size, QMAX=self.qmax, num_warps=4,
         )
 
+    def head_runs(self) -> list[tuple[int, int]]:
+        """[first q head, end) of the runs scored one after another through every slab: one per pass over
+        quantized key columns (so each pass's keys are quantized once, not once a slab), else all heads."""
+        if self.pre:
+            return [(g0 * self.group, (g0 + n) * self.group) for g0, n, _ in self.passes]
+        return [(0, self.heads)]
+
     def _pair_tiles(self, n_rows: int) -> int:
         """Row tiles of the product kernel: its tiles hold tile_rows x group_pad (row, q head) pairs, unpadded."""
         return triton.cdiv(n_rows * self.group, self.tile_rows * self.group_pad)
 
-    def launch(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
-        """Rows [r0, r0 + n_rows) -> ws [heads, n_rows, kv_blocks]: log2-sum-exp2 of each causal block."""
+    def launch(self, r0: int, n_rows: int, ws: torch.Tensor, heads: tuple[int, int] | None = None) -> None:
+        """Rows [r0, r0 + n_rows) of q heads [h0, h1) (default: all; a run of `head_runs` else) -> ws
+        [h1 - h0, n_rows, kv_blocks]: log2-sum-exp2 of each causal block."""
         c, rows, key = self.chunk, self.rows, self.chunk.kv.key
         if self.pre:
-            self._launch_quantized(r0, n_rows, ws)
+            self._launch_quantized(r0, n_rows, ws, heads or (0, self.heads))
             return
+        assert heads in (None, (0, self.heads)), "head runs are passes over quantized key columns"
         if self.bits and self.sub_tiles == 1:
             _row_block_lse_int_kernel[(triton.cdiv(self.n_cols, self.block_n), self.kv_of.shape[0])](
                 self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
@@ -548,18 +559,20 @@ class _RowLse:
             self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
             key, key.stride(0), key.stride(1), key.stride(2), self.q_scale, *self.bt,
             self.kv_of, ws, ws.stride(0), ws.stride(1),
-            c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, self.logit_scale, 0,
+            c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, self.logit_scale, 0, 0,
             GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride, HEAD_D=c.q.shape[-1],
             BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles, PAGE=c.kv.page_size, QMAX=self.qmax,
             IN_PREC="ieee" if c.q.dtype == torch.float32 else "tf32", BLOCK_D=self.block_d, PRE=False,
             num_warps=self.warps, num_stages=self.stages,
         )
 
-    def _launch_quantized(self, r0: int, n_rows: int, ws: torch.Tensor) -> None:
-        """One launch per pass (`_column_passes`) over its KV heads' quantized key columns (quantized here, or
-        kept from the last pass when both read the same heads)."""
+    def _launch_quantized(self, r0: int, n_rows: int, ws: torch.Tensor, run: tuple[int, int]) -> None:
+        """One launch per pass (`_column_passes`) of the run's q heads over its KV heads' quantized key columns
+        (quantized here, or kept from the last pass when both read the same heads)."""
         c, rows, k = self.chunk, self.rows, self.k_in
         for g0, heads, kv0 in self.passes:
+            if not run[0] <= g0 * self.group < run[1]:
+                continue
             if (kv0, heads) != self._quantized:
                 self._quantize_columns(kv0, heads)
                 self._quantized = (kv0, heads)
@@ -569,7 +582,7 @@ class _RowLse:
                 k, k.stride(1), k.stride(0), self.k_scale.stride(0), self.k_scale, *self.bt,
                 self.k_scale, ws, ws.stride(0), ws.stride(1),
                 c.context_len, c.seq_len, rows.first, rows.step, r0, n_rows, self.n_cols, 1.0, g0 * self.group,
-                GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride,
+                run[0], GROUP=self.group, GROUP_PAD=self.group_pad, ROWS=self.tile_rows, S=rows.stride,
                 HEAD_D=c.q.shape[-1], BLOCK_N=self.block_n, CPB=self.cpb, SUB_TILES=self.sub_tiles,
                 PAGE=c.kv.page_size, QMAX=self.qmax, IN_PREC="ieee", BLOCK_D=self.block_d, PRE=True,
                 num_warps=self.warps, num_stages=self.stages,
@@ -582,20 +595,23 @@ def row_block_scores(chunk, rows: ScoredRows, logit_scale: float, bits: int | No
     the quantized product of `quant.lowbit_logits`), without a [heads, rows, context] tensor. On CUDA
     tensors, or on CPU ones in Triton's interpreter."""
     lse = _RowLse(chunk, rows, logit_scale, bits)
-    heads, nkb, n_qb, bs = lse.heads, chunk.num_kv_blocks, chunk.num_query_blocks, chunk.block_size
-    out = torch.empty(heads, n_qb, nkb, dtype=torch.float32, device=chunk.q.device)
+    nkb, n_qb, bs = chunk.num_kv_blocks, chunk.num_query_blocks, chunk.block_size
+    out = torch.empty(lse.heads, n_qb, nkb, dtype=torch.float32, device=chunk.q.device)
     rows_per_qb = -(-bs // rows.step)
-    # Slabs of whole query blocks whose rows' workspace fits.
-    for qa, qz, r0, n_rows in query_block_slabs(rows, chunk, WORKSPACE.capacity(chunk.q.device) // (heads * nkb)):
-        ws = WORKSPACE.floats(heads * max(n_rows, 1) * nkb, chunk.q.device).view(heads, max(n_rows, 1), nkb)
-        if n_rows:
-            lse.launch(r0, n_rows, ws)
-        _block_mass_kernel[(qz - qa, heads)](
-            ws, ws.stride(0), ws.stride(1), out, out.stride(0), out.stride(1),
-            chunk.seq_len, rows.first, rows.step, r0, rows.count, nkb, chunk.first_query_block, qa, bs,
-            S=rows.stride, ROWS_PAD=triton.next_power_of_2(rows_per_qb), BLOCK_KB=_kv_block_tile(nkb, out.device),
-            num_warps=4,
-        )
+    # Per run of heads (every head, or one pass over quantized key columns), slabs of whole query blocks whose
+    # rows' workspace fits: a pass's keys are quantized once, and its slabs hold only its heads' rows.
+    for h0, h1 in lse.head_runs():
+        heads = h1 - h0
+        for qa, qz, r0, n_rows in query_block_slabs(rows, chunk, WORKSPACE.capacity(chunk.q.device) // (heads * nkb)):
+            ws = WORKSPACE.floats(heads * max(n_rows, 1) * nkb, chunk.q.device).view(heads, max(n_rows, 1), nkb)
+            if n_rows:
+                lse.launch(r0, n_rows, ws, (h0, h1))
+            _block_mass_kernel[(qz - qa, heads)](
+                ws, ws.stride(0), ws.stride(1), out, out.stride(0), out.stride(1),
+                chunk.seq_len, rows.first, rows.step, r0, rows.count, nkb, chunk.first_query_block, qa, bs, h0,
+                S=rows.stride, ROWS_PAD=triton.next_power_of_2(rows_per_qb),
+                BLOCK_KB=_kv_block_tile(nkb, out.device), num_warps=4,
+            )
     return out
 
 
