@@ -58,7 +58,8 @@
 #          (prefix cache: no second 1M prefill)
 #   est7   the scorer with 7 q heads per KV head (Qwen2.5-7B: 28/4) beside 8 (32/4), stride 16 int8, one 16K chunk-layer
 #          at 128K and 1M: its (row, q head) pairs are no longer padded to 8 per row, so 28/4 should take ~7/8 of
-#          32/4's product time (it took the same before); tests/test_row_scores.py compiled first
+#          32/4's product time (it took the same before); then 28/4 at 1M under a 2 GiB cap (one slab) against the
+#          default 512 MiB (slabs, each KV head's key columns now quantized once); tests/test_row_scores.py first
 #   tsel   tests/test_decode_kernels.py, then one TidalDecode selector layer of the Qwen layout at 1M and 256K,
 #          batch 1 (benchmarks/decode_kernels.py --tidal --sweep): the selector's full pass with exact scores against
 #          the same pass without them and against FA3's decode over the same pages (with vLLM staged), the selection,
@@ -175,6 +176,10 @@ est7() {
         --skip-torch antidiagonal_s16_int8 --kernel-times --out "$OUT/est_s16_${ctx}_heads${heads/\//x}.json" 2>&1 | tail -3
     done
   done
+  # the slabs' cost at 1M now that each KV head's key columns are quantized once (was 7%: 15.20 vs 14.09 ms)
+  VLLM_SPARSE_WORKSPACE_MIB=2048 timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx 1048576 --heads 28/4 \
+    --only antidiagonal_s16_int8 --skip-torch antidiagonal_s16_int8 --kernel-times \
+    --out "$OUT/est_s16_1048576_heads28x4_ws2048.json" 2>&1 | tail -3
 }
 tsel() {  # (the decode kernel tests first: the split merge changed since they last ran on a GPU)
   timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_decode_kernels.py 2>&1 \
