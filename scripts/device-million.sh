@@ -46,8 +46,10 @@
 #          blocks of 64) and one 4,096-token request (dense decode at the Quest budget's length: the issue's "within
 #          15%" reference), 64 tokens each, one repeat
 #   d1ms   the same cases, the Quest 4K plan's engine alone (its 4K request decodes densely: under dense_below).
-#          D1M_CASES overrides the cases (batch 4 x 1M needs 4.2M tokens of KV: more than one H200 holds even in
-#          fp8, 3.9M with the plugin; e.g. D1M_CASES=2x1048448 D1M_KV=fp8)
+#          D1M_CASES overrides the cases, D1M_KV the KV dtype, D1M_UTIL the memory share (0.9). Batch 4 x 1M needs
+#          4.19M tokens of KV: in fp8 at 0.97 the plugin leaves ~4.27M (benchmarks/memory_table.py --util 0.97; 3.92M
+#          at 0.9): D1M_CASES=4x1048448 D1M_KV=fp8 D1M_UTIL=0.97, each engine a call of its own (4 x 1M of sparse
+#          prefill, ~5 minutes, before the decode)
 #   d1mt   the same cases, the TidalDecode 4K plan's engine alone (64-token blocks; layers 0-1 dense, 2 and 13 select,
 #          the rest read: no page summaries read; Quest measured 1.95x dense at 1M, 2026-12-04)
 #   d1m0   the same cases, TidalDecode with no dense decode layers (layers 0 and 13 select: the whole context read in
@@ -153,7 +155,8 @@ s1m() {
 decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comparison
   local name=$1 t=$(( $(left) - 10 )); shift
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --lengths "" \
-    --decode-cases "${D1M_CASES:-1x1048448,1x4096}" --decode-tokens 64 --decode-repeats 1 --gpu-memory-utilization 0.9 \
+    --decode-cases "${D1M_CASES:-1x1048448,1x4096}" --decode-tokens 64 --decode-repeats 1 \
+    --gpu-memory-utilization "${D1M_UTIL:-0.9}" \
     --engine-timeout $(( t - 5 )) ${D1M_KV:+--kv-cache-dtype $D1M_KV} \
     --dense-config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
     --config "benchmarks/configs/${D1M_CONFIG:-qwen2.5-7b-1m-own-heads-decode-quest-4k}.yaml" "$@" --out "$OUT/$name.json" 2>&1 \
