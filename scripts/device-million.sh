@@ -61,7 +61,8 @@
 #   est7   the scorer with 7 q heads per KV head (Qwen2.5-7B: 28/4) beside 8 (32/4), stride 16 int8, one 16K chunk-layer
 #          at 128K and 1M: its (row, q head) pairs are no longer padded to 8 per row, so 28/4 should take ~7/8 of
 #          32/4's product time (it took the same before); then 28/4 at 1M under a 2 GiB cap (one slab) against the
-#          default 512 MiB (slabs, each KV head's key columns now quantized once); tests/test_row_scores.py first
+#          default 512 MiB (slabs, each KV head's key columns now quantized once); first the tests of the row
+#          scorer and of the Triton attention kernel (both pack unpadded (row, q head) pairs since 2026-12-04)
 #   tsel   tests/test_decode_kernels.py, then one TidalDecode selector layer of the Qwen layout at 1M and 256K,
 #          batch 1 (benchmarks/decode_kernels.py --tidal --sweep): the selector's full pass with exact scores against
 #          the same pass without them and against FA3's decode over the same pages (with vLLM staged), the selection,
@@ -170,8 +171,8 @@ d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
   D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
 }
 est7() {
-  timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_row_scores.py 2>&1 \
-    | tee "$OUT/row_scores_tests.log" | tail -4
+  timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_row_scores.py \
+    tests/test_sparse_kernel.py 2>&1 | tee "$OUT/row_scores_tests.log" | tail -4
   local ctx heads
   for ctx in 131072 1048576; do
     for heads in 28/4 32/4; do

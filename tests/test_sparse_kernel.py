@@ -24,7 +24,8 @@ CASES = [
     ((70, 150, 9), (70, 41, 1), 8, 2, 32, 16),  # whole prompt, chunk with context, a single row
     ((200,), (64,), 4, 1, 64, 32),  # MQA (gemma-3), page-aligned chunk
     ((90, 33), (90, 33), 6, 6, 16, 16),  # MHA
-    ((130,), (50,), 6, 2, 16, 64),  # group of 3 (padded to 4), page larger than a key step
+    ((130,), (50,), 6, 2, 16, 64),  # group of 3, page larger than a key step
+    ((150, 61), (120, 61), 14, 2, 16, 16),  # group of 7 (Qwen2.5-7B's): tiles of (token, head) pairs cut tokens
 ]
 
 

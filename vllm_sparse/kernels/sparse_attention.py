@@ -6,9 +6,10 @@ head) with `lists_per_q_head`), causal inside the chunk. A segment is a sequence
 tile of it when selection is unioned per query tile: `block_table_rows` maps segments to
 block-table rows.
 
-One program = BLOCK_M query tokens x the q heads of one page list: all q heads of a KV head (GQA
-packing: the tile's rows are token-major, head-minor), so every selected page is read once per
-group; or, with a list per q head, that one head, so its work follows its own pages. Two binary searches
+One program = BLOCK_M x PACK_PAD (token, q head) rows of one page list: all q heads of a KV head (GQA
+packing: the tile's rows are token-major, head-minor, unpadded, so a group of 7 fills a tile as a group of
+8 would and its tiles cover 8/7 as many tokens), so every selected page is read once per group; or, with a
+list per q head, that one head, so its work follows its own pages. Two binary searches
 over the page list split it into pages every row sees (no mask) and pages that cross the
 diagonal (causal mask); pages past the tile's last query are never visited. Nothing here syncs
 with the host when `max_query_len` is given.
@@ -53,13 +54,13 @@ def _block_table_row(BT, BT_ROWS, seg, stride_bt, HAS_BT_ROWS: tl.constexpr):
 @triton.jit
 def _query_tile(Q, stride_qt, stride_qh, q0, q_len, context, m_tile, lst, PACK: tl.constexpr, PACK_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr):
-    """A program's queries: BLOCK_M tokens x the PACK q heads of page list `lst` (token-major, head-minor rows).
-    -> (q, token in segment, q head, row valid, absolute position, head-dim range)."""
-    rows = tl.arange(0, BLOCK_M * PACK_PAD)
-    tok = m_tile * BLOCK_M + rows // PACK_PAD
-    slot = rows % PACK_PAD
-    head = lst * PACK + slot
-    row_ok = (tok < q_len) & (slot < PACK)
+    """A program's queries: tile m_tile of the (token, q head) pairs of page list `lst`'s PACK q heads, numbered
+    token-major, head-minor, BLOCK_M x PACK_PAD a tile. -> (q, token in segment, q head, row valid, absolute
+    position, head-dim range)."""
+    f = m_tile * (BLOCK_M * PACK_PAD) + tl.arange(0, BLOCK_M * PACK_PAD)
+    tok = f // PACK
+    head = lst * PACK + f % PACK
+    row_ok = tok < q_len
     d = tl.arange(0, HEAD_D)
     q_off = (q0 + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -130,7 +131,7 @@ def _sparse_paged_attention_kernel(
     q0 = tl.load(QSL + seg)
     q_len = tl.load(QSL + seg + 1) - q0
     # Tiles run last-first: the ones near the diagonal see the most pages, start them early.
-    m_tile = tl.cdiv(q_len, BLOCK_M) - 1 - pid_m
+    m_tile = tl.cdiv(q_len * PACK, BLOCK_M * PACK_PAD) - 1 - pid_m
     if m_tile < 0:
         return
     seq_len = tl.load(SEQ_LENS + seg)
@@ -141,8 +142,8 @@ def _sparse_paged_attention_kernel(
 
     lo = tl.load(INDPTR + seg * tl.num_programs(2) + lst)
     hi = tl.load(INDPTR + seg * tl.num_programs(2) + lst + 1)
-    q_min = context + m_tile * BLOCK_M
-    q_max = tl.minimum(q_min + BLOCK_M, seq_len) - 1
+    q_min = context + m_tile * (BLOCK_M * PACK_PAD) // PACK  # the tile's first and last tokens
+    q_max = tl.minimum(context + ((m_tile + 1) * (BLOCK_M * PACK_PAD) - 1) // PACK, seq_len - 1)
     # Pages [lo, full) end at or before q_min: every row sees all of them.
     full = _lower_bound(INDICES, lo, hi, (q_min + 1) // PAGE, SEARCH_ITERS)
     # Pages [full, seen) start at or before q_max: some row sees part of them.
@@ -236,7 +237,7 @@ def sparse_paged_attention(
     if num_segments == 0 or max_query_len == 0:
         return (out, lse) if return_lse else out
     search_iters = max(1, math.ceil(math.log2(page_indices.numel() + 1)))
-    grid = (triton.cdiv(max_query_len, block_m), num_segments, lists)
+    grid = (triton.cdiv(max_query_len * pack, block_m * pack_pad), num_segments, lists)
     _sparse_paged_attention_kernel[grid](
         q, kv.key, kv.value, out, lse, block_table,
         block_table_rows if block_table_rows is not None else query_start_loc,
