@@ -175,6 +175,7 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -
 
 
 def main() -> None:
+    global HQ, HKV  # (--heads sets the layout every helper reads)
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--chunk", type=int, default=16384, help="query tokens of the 'chunk' mode")
@@ -186,7 +187,9 @@ def main() -> None:
     ap.add_argument("--flashinfer", default="", help="densities at which to time FlashInfer (whole prompt)")
     ap.add_argument("--head-lists", default="", help="densities at which to compare a page list per q head "
                     "(different blocks per head) with one per KV head (same blocks): issue 26's target")
+    ap.add_argument("--heads", default=f"{HQ}/{HKV}", help="Q/KV heads (28/4: Qwen2.5-7B's 7 q heads per KV head)")
     args = ap.parse_args()
+    HQ, HKV = (int(x) for x in args.heads.split("/"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     try:
         import vllm  # noqa: F401

@@ -62,7 +62,8 @@
 #          at 128K and 1M: its (row, q head) pairs are no longer padded to 8 per row, so 28/4 should take ~7/8 of
 #          32/4's product time (it took the same before); then 28/4 at 1M under a 2 GiB cap (one slab) against the
 #          default 512 MiB (slabs, each KV head's key columns now quantized once); first the tests of the row
-#          scorer and of the Triton attention kernel (both pack unpadded (row, q head) pairs since 2026-12-04)
+#          scorer and of the Triton attention kernel (both pack unpadded (row, q head) pairs since 2026-12-04); then
+#          the Triton attention kernel at 28/4 and 32/4 (benchmarks/kernels.py, 10% of a 16K chunk at 128K)
 #   tsel   tests/test_decode_kernels.py, then one TidalDecode selector layer of the Qwen layout at 1M and 256K,
 #          batch 1 (benchmarks/decode_kernels.py --tidal --sweep): the selector's full pass with exact scores against
 #          the same pass without them and against FA3's decode over the same pages (with vLLM staged), the selection,
@@ -184,6 +185,11 @@ est7() {
   VLLM_SPARSE_WORKSPACE_MIB=2048 timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --ctx 1048576 --heads 28/4 \
     --only antidiagonal_s16_int8 --skip-torch antidiagonal_s16_int8 --kernel-times \
     --out "$OUT/est_s16_1048576_heads28x4_ws2048.json" 2>&1 | tail -3
+  # the Triton attention kernel's unpadded (token, q head) tiles: 28/4 against 32/4, 10% of a 16K chunk at 128K
+  for heads in 28/4 32/4; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 131072 --modes chunk --densities 0.1 \
+      --heads $heads --out "$OUT/kernels_128k_heads${heads/\//x}.json" 2>&1 | tail -4
+  done
 }
 tsel() {  # (the decode kernel tests first: the split merge changed since they last ran on a GPU)
   timeout $(( $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_decode_kernels.py 2>&1 \
@@ -211,4 +217,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:300 est7:240" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:300 est7:300" "$@"
