@@ -167,6 +167,26 @@ SWEEP = {
 }
 
 
+def with_knobs(mod, knobs: dict, fn, *args):
+    """fn(*args) with the module constants `knobs` set on `mod`, restored after; {"error": ...} where a setting
+    fails (one the compiler rejects, e.g. out of shared memory)."""
+    base = {k: getattr(mod, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(mod, k, v)
+    try:
+        return fn(*args)
+    except Exception as e:
+        return {"error": str(e)[-200:]}
+    finally:
+        for k, v in base.items():
+            setattr(mod, k, v)
+
+
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    """"ROWSxCONTEXT,..." -> [(rows, context)]."""
+    return [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
+
+
 def sweep(cases: list[tuple[int, int]], max_model_len: int) -> list[dict]:
     import vllm_sparse.decode.attention as attention_mod
     import vllm_sparse.decode.select as select_mod
@@ -178,16 +198,7 @@ def sweep(cases: list[tuple[int, int]], max_model_len: int) -> list[dict]:
         for stage, settings in SWEEP.items():
             mod = modules[stage]
             for knobs in settings:
-                base = {k: getattr(mod, k) for k in knobs}
-                for k, v in knobs.items():
-                    setattr(mod, k, v)
-                try:
-                    t = kernel_times(st[stage])
-                except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
-                    t = {"error": str(e)[-200:]}
-                finally:
-                    for k, v in base.items():
-                        setattr(mod, k, v)
+                t = with_knobs(mod, knobs, kernel_times, st[stage])
                 row = {"case": f"{rows}x{ctx}", "stage": stage, "knobs": knobs, "kernels_us": t}
                 rows_out.append(row)
                 print(json.dumps(row), flush=True)
@@ -253,36 +264,30 @@ def tidal_stages(rows: int, context: int) -> dict:
     return st
 
 
+def time_passes(st: dict) -> dict:
+    """us per call of the passes the split-K settings move: the selector's, the plain full pass, a reader's."""
+    return {f"{n}_us": timed(st[n]) for n in ("selector", "full_pass", "reader")}
+
+
 TIDAL_SWEEP = _grid(MAX_SPLITS=(64, 128, 256), TILE_TOKENS=(64, 128), SPLIT_WARPS=(4, 8), SPLIT_STAGES=(None, 2, 4))
 
 
 def tidal_main(args) -> None:
     import vllm_sparse.decode.attention as attention_mod
 
-    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     results = {"device": torch.cuda.get_device_name(), "plan": "tidal, 64-token blocks, 64+1+2 kept, 4 KV x 7 q heads",
                "cases": {}, "sweep": []}
-    for rows, ctx in cases:
+    for i, (rows, ctx) in enumerate(parse_cases(args.cases)):
         st = tidal_stages(rows, ctx)
         st["selector"]()  # (the selection reads a selector's scores)
         key = f"{rows}x{ctx}"
         results["cases"][key] = {name: timed(fn) for name, fn in st.items()}
         results["cases"][key]["kv_gb_per_layer"] = rows * ctx * T_KV * D * 2 * 2 / 1e9
         print(key, json.dumps(results["cases"][key]), flush=True)
-        if not args.sweep or key != args.cases.split(",")[0]:  # (the sweep at the first case only: ~36 compiles)
+        if not args.sweep or i:  # (the sweep at the first case only: ~36 compiles)
             continue
         for knobs in TIDAL_SWEEP:
-            base = {k: getattr(attention_mod, k) for k in knobs}
-            for k, v in knobs.items():
-                setattr(attention_mod, k, v)
-            try:
-                row = {"case": key, "knobs": knobs, "selector_us": timed(st["selector"]),
-                       "full_pass_us": timed(st["full_pass"]), "reader_us": timed(st["reader"])}
-            except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory)
-                row = {"case": key, "knobs": knobs, "error": str(e)[-200:]}
-            finally:
-                for k, v in base.items():
-                    setattr(attention_mod, k, v)
+            row = {"case": key, "knobs": knobs, **with_knobs(attention_mod, knobs, time_passes, st)}
             results["sweep"].append(row)
             print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -313,8 +318,7 @@ def main() -> None:
         tidal_main(args)
         return
     if args.sweep:
-        cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
-        res = sweep(cases, args.max_model_len)
+        res = sweep(parse_cases(args.cases), args.max_model_len)
         Path(args.out).write_text(json.dumps(res, indent=1))
         print(f"\n{torch.cuda.get_device_name()}: device time per kernel (us), one setting changed at a time")
         for r in res:
