@@ -534,14 +534,14 @@ class _RowLse:
         """Row tiles of the product kernel: its tiles hold tile_rows x group_pad (row, q head) pairs, unpadded."""
         return triton.cdiv(n_rows * self.group, self.tile_rows * self.group_pad)
 
-    def launch(self, r0: int, n_rows: int, ws: torch.Tensor, heads: tuple[int, int] | None = None) -> None:
-        """Rows [r0, r0 + n_rows) of q heads [h0, h1) (default: all; a run of `head_runs` else) -> ws
-        [h1 - h0, n_rows, kv_blocks]: log2-sum-exp2 of each causal block."""
+    def launch(self, r0: int, n_rows: int, ws: torch.Tensor, run: tuple[int, int]) -> None:
+        """Rows [r0, r0 + n_rows) of the q heads [h0, h1) of `run`, one of `head_runs` -> ws [h1 - h0, n_rows,
+        kv_blocks]: log2-sum-exp2 of each causal block."""
         c, rows, key = self.chunk, self.rows, self.chunk.kv.key
         if self.pre:
-            self._launch_quantized(r0, n_rows, ws, heads or (0, self.heads))
+            self._launch_quantized(r0, n_rows, ws, run)
             return
-        assert heads in (None, (0, self.heads)), "head runs are passes over quantized key columns"
+        assert run == (0, self.heads), "head runs are passes over quantized key columns"
         if self.bits and self.sub_tiles == 1:
             _row_block_lse_int_kernel[(triton.cdiv(self.n_cols, self.block_n), self.kv_of.shape[0])](
                 self.q_in, self.q_in.stride(0), self.q_in.stride(1), self.q_scale, self.q_scale.stride(0),
@@ -625,7 +625,7 @@ def row_log_normalisers(chunk, rows: ScoredRows, logit_scale: float) -> torch.Te
     for r0 in range(0, rows.count, per_slab):
         n = min(per_slab, rows.count - r0)
         ws = WORKSPACE.floats(heads * n * nkb, chunk.q.device).view(heads, n, nkb)
-        lse.launch(r0, n, ws)
+        lse.launch(r0, n, ws, (0, heads))  # (float rows: one run of every head)
         ends = torch.clamp(rows.first + (r0 + torch.arange(n, device=kb.device)) * rows.step + rows.stride - 1,
                            max=chunk.seq_len - 1)
         seen = kb[None, :] <= (ends // chunk.block_size)[:, None]
