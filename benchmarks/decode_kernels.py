@@ -269,7 +269,8 @@ def time_passes(st: dict) -> dict:
     return {f"{n}_us": timed(st[n]) for n in ("selector", "full_pass", "reader")}
 
 
-TIDAL_SWEEP = _grid(MAX_SPLITS=(64, 128, 256), TILE_TOKENS=(64, 128), SPLIT_WARPS=(4, 8), SPLIT_STAGES=(None, 2, 4))
+TIDAL_SWEEP = _grid(MAX_SPLITS=(64, 128, 256), WIDE_TILE_TOKENS=(64, 128), SPLIT_WARPS=(4, 8),
+                    SPLIT_STAGES=(None, 2, 4))
 
 
 def tidal_main(args) -> None:

@@ -332,7 +332,7 @@ def few_splits(monkeypatch):
         monkeypatch.setattr(attention_mod, "SPLIT_PROGRAMS", 48)
 
 
-@pytest.mark.parametrize("block", [32, 128], ids=["blocks-in-a-tile", "tiles-in-a-block"])
+@pytest.mark.parametrize("block", [32, 64, 256], ids=["blocks-in-a-tile", "blocks-in-a-wide-tile", "tiles-in-a-block"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_tidal_selector_and_reader_kernels_match_reference(seed, dtype, block, few_splits):

@@ -154,7 +154,11 @@ def _decode_merge_kernel(
         tl.store(out_ptr + q0 * so_t + qh * so_h + d, (acc / den).to(out_ptr.dtype.element_ty))
 
 
-TILE_TOKENS = 64  # tokens per attention tile: several small blocks, or a piece of a large one
+# Tokens per attention tile: several small blocks, or a piece of a large one. Each width is its block size's
+# measured best on an H200 (benchmarks/decode_kernels.py sweeps): 64 with 16-token pages (32 within 6%), 128 with
+# 64-token blocks (a TidalDecode selector's full pass over 1M tokens 628 -> 507 us, FA3's decode 503 us).
+TILE_TOKENS = 64
+WIDE_TILE_TOKENS = 128  # blocks of 64 tokens or more
 SPLIT_PROGRAMS = 1024  # split-K programs per step at most (fewer splits per row for large batches)
 MAX_SPLITS = 64  # splits per (row, KV head) at most (the merge reads 64 at a time)
 SPLIT_WARPS = 4
@@ -166,6 +170,10 @@ def split_slots(max_rows: int, kv_heads: int) -> int:
     """Split slots per q head in the workspace: 16 per row at the row limit, and at least enough for
     SPLIT_PROGRAMS programs (a small row limit still spreads a long row)."""
     return max(max_rows * SPLITS_AT_ROW_LIMIT, SPLIT_PROGRAMS // kv_heads)
+
+
+def tile_tokens(block_tokens: int) -> int:
+    return WIDE_TILE_TOKENS if block_tokens >= 64 else TILE_TOKENS
 
 
 def pow2_floor(n: int) -> int:
@@ -195,6 +203,7 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
     score = scores is not None
     sc = scores if score else po  # (unread without SCORE)
     sh = score_heads if score else heads
+    tile = tile_tokens(block_tokens)
     _decode_split_kernel[(rows, kv_heads, splits)](
         query, query.stride(0), query.stride(1), key, value, key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), block_table, block_table.stride(0), query_start_loc,
@@ -202,7 +211,7 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
         po.stride(1), po.stride(2), pml, pml.stride(0), pml.stride(1), sc, sc.stride(0), sc.stride(1), sh.sink,
         sh.local, scale * paged.k_scale, paged.v_scale, dense_below,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=d, PS=paged.page_size, BT=block_tokens,
-        TT=TILE_TOKENS, U=min(block_tokens, TILE_TOKENS), SPLITS=splits, HKV=kv_heads, SCORE=score,
+        TT=tile, U=min(block_tokens, tile), SPLITS=splits, HKV=kv_heads, SCORE=score,
         num_warps=SPLIT_WARPS, **({} if SPLIT_STAGES is None else {"num_stages": SPLIT_STAGES}),
     )
     _decode_merge_kernel[(rows, q_heads)](
