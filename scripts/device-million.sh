@@ -54,6 +54,9 @@
 #          the rest read: no page summaries read; Quest measured 1.95x dense at 1M, 2026-12-04)
 #   d1m0   the same cases, TidalDecode with no dense decode layers (layers 0 and 13 select: the whole context read in
 #          two of 28 layers instead of four; a timing plan, see its config)
+#   d1m1   the same cases, TidalDecode with one selector (layer 0 selects, the 27 layers after it read: the whole context
+#          read in one layer of 28; the gemma twin's shape, one selector and no re-selection; a timing plan, see its
+#          config)
 #   d1mp   the Quest engine's decode at 1M under the torch profiler (--profile-decode; D1M_CONFIG=...-tidal-4k for
 #          TidalDecode's): where its time above a 4K step goes (scoring the page summaries or the selectors' full
 #          passes, the two selection stages, attention). The profiled steps decode the timed request's prompt again
@@ -168,6 +171,7 @@ d1md() { decode_1m e2e_decode_1m_baseline --only dense; }
 d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
 d1mt() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k decode_1m e2e_decode_1m_tidal --only sparse; }
 d1m0() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-l0 decode_1m e2e_decode_1m_tidal_l0 --only sparse; }
+d1m1() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-one decode_1m e2e_decode_1m_tidal_one --only sparse; }
 d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
   D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
 }
@@ -217,4 +221,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1mp:300 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 tsel:300 est7:300" "$@"

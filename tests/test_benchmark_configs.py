@@ -57,17 +57,18 @@ def test_benchmark_plan_resolves_on_its_shape(path):
 
 
 def test_the_1m_decode_plans_take_the_same_budget_in_the_same_blocks():
-    """Quest and TidalDecode (TidalDecode's recipe, and one without dense layers) at 1M are compared on one budget:
-    4,096 tokens per KV head in 64-token blocks."""
+    """Quest and TidalDecode (TidalDecode's recipe, one without dense layers, one with a single selector) at 1M are
+    compared on one budget: 4,096 tokens per KV head in 64-token blocks."""
     shape, longest = shape_of("qwen2.5-7b-1m")
     plans = {name: resolve_plan(load_config(REPO / f"benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-{name}.yaml"),
-                                shape, name, explicit=True) for name in ("quest-4k", "tidal-4k", "tidal-4k-l0")}
+                                shape, name, explicit=True) for name in ("quest-4k", "tidal-4k", "tidal-4k-l0", "tidal-4k-one")}
     for name, plan in plans.items():
         budgets = {(d.kept_blocks * plan.decode_block_tokens, plan.decode_block_tokens)
                    for layer in plan.layers for d in layer.decode if d}
         assert budgets == {(4096 + 3 * 64, 64)}, (name, budgets)
         assert check_row_blocks(longest, plan.decode_block_tokens) is None
-    for name, want_selectors, want_dense in (("tidal-4k", [2, 13], [0, 1]), ("tidal-4k-l0", [0, 13], [])):
+    for name, want_selectors, want_dense in (("tidal-4k", [2, 13], [0, 1]), ("tidal-4k-l0", [0, 13], []),
+                                             ("tidal-4k-one", [0], [])):
         tidal = plans[name]
         selectors = [layer.index for layer in tidal.layers if any(d and d.selector for d in layer.decode)]
         dense = [layer.index for layer in tidal.layers if not any(layer.decode)]
