@@ -10,8 +10,11 @@ constants in SWEEP) one stage at a time.
 --tidal: a TidalDecode selector layer of the Qwen2.5-7B-1M shape (4 KV heads, 28 q heads, 64-token blocks,
 4,096 tokens kept) at long contexts, batch 1 by default: the selector's full pass with exact block scores, the
 same kernel's full pass without scores, the selection, a reader layer over the kept blocks, and vLLM's FA3 decode
-over the same pages where vLLM is importable (the dense layer it replaces); with --sweep, the split-K settings of
-the full pass and the reader (TIDAL_SWEEP).
+over the same pages where vLLM is importable (the dense layer it replaces) and over as many tokens as a reader
+reads (a reader's floor: dense decode at the budget's length); with --sweep, the split-K settings of
+the full pass and the reader (TIDAL_SWEEP). Times are of eager calls; the selection's and the reader's device time
+per kernel (profiler) beside them (and FA3's over a reader's tokens), as their launches from Python outweigh their
+work.
 
     python benchmarks/decode_kernels.py --out $OUT/decode_kernels.json
     python benchmarks/decode_kernels.py --sweep --out $OUT/decode_kernels_sweep.json
@@ -260,7 +263,16 @@ def tidal_stages(rows: int, context: int) -> dict:
                                seqused_k=seq, softmax_scale=scale, causal=True, block_table=table, out=fa_out,
                                fa_version=3)
 
+    kept = T_PLAN.kept_blocks * T_BLOCK  # (the tokens a reader attends to: dense decode over as many)
+    seq_kept = torch.full_like(seq, kept)
+
+    def fa3_kept():
+        flash_attn_varlen_func(q, cache[0], cache[1], max_seqlen_q=1, cu_seqlens_q=qsl, max_seqlen_k=kept,
+                               seqused_k=seq_kept, softmax_scale=scale, causal=True, block_table=table, out=fa_out,
+                               fa_version=3)
+
     st["fa3"] = fa3
+    st["fa3_kept"] = fa3_kept
     return st
 
 
@@ -284,6 +296,10 @@ def tidal_main(args) -> None:
         key = f"{rows}x{ctx}"
         results["cases"][key] = {name: timed(fn) for name, fn in st.items()}
         results["cases"][key]["kv_gb_per_layer"] = rows * ctx * T_KV * D * 2 * 2 / 1e9
+        # (timed() is eager: the selection's and a reader's few microseconds of work sit under their launches from
+        # Python, which an engine's CUDA graph does not pay; their device time, kernel by kernel, from the profiler)
+        results["cases"][key]["device_us"] = {name: kernel_times(st[name]) for name in ("select", "reader", "fa3_kept")
+                                              if name in st}
         print(key, json.dumps(results["cases"][key]), flush=True)
         if not args.sweep or i:  # (the sweep at the first case only: ~36 compiles)
             continue
@@ -293,11 +309,14 @@ def tidal_main(args) -> None:
             print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\n{results['device']}, one tidal selector layer (Qwen2.5-7B-1M layout), us per call")
-    names = ["selector", "full_pass", "select", "reader", "fa3"]
+    names = ["selector", "full_pass", "select", "reader", "fa3", "fa3_kept"]
     print(f"{'case':>12} " + " ".join(f"{n:>10}" for n in names) + f" {'KV GB':>6} {'sel GB/s':>8}")
     for key, r in results["cases"].items():
         cells = " ".join(f"{r[n]:>10.1f}" if n in r else f"{'-':>10}" for n in names)
         print(f"{key:>12} {cells} {r['kv_gb_per_layer']:>6.2f} {r['kv_gb_per_layer'] * 1e6 / r['selector']:>8.0f}")
+        for name, kernels in r["device_us"].items():
+            print(f"{'':>12} {name} device time: {sum(kernels.values()):.1f} us (" +
+                  ", ".join(f"{k.strip('_').replace('_kernel', '')} {v}" for k, v in kernels.items()) + ")")
     for row in results["sweep"]:
         knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
         cell = row.get("error") or (f"selector {row['selector_us']:.1f} us, full pass {row['full_pass_us']:.1f} us, "
