@@ -60,8 +60,9 @@ def test_the_1m_decode_plans_take_the_same_budget_in_the_same_blocks():
     """Quest and TidalDecode (TidalDecode's recipe, one without dense layers, one with a single selector) at 1M are
     compared on one budget: 4,096 tokens per KV head in 64-token blocks."""
     shape, longest = shape_of("qwen2.5-7b-1m")
+    names = ("quest-4k", "tidal-4k", "tidal-4k-l0", "tidal-4k-one")
     plans = {name: resolve_plan(load_config(REPO / f"benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-{name}.yaml"),
-                                shape, name, explicit=True) for name in ("quest-4k", "tidal-4k", "tidal-4k-l0", "tidal-4k-one")}
+                                shape, name, explicit=True) for name in names}
     for name, plan in plans.items():
         budgets = {(d.kept_blocks * plan.decode_block_tokens, plan.decode_block_tokens)
                    for layer in plan.layers for d in layer.decode if d}
