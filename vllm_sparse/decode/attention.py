@@ -156,7 +156,7 @@ def _decode_merge_kernel(
 
 # Tokens per attention tile: several small blocks, or a piece of a large one. Each width is its block size's
 # measured best on an H200 (benchmarks/decode_kernels.py sweeps): 64 with 16-token pages (32 within 6%), 128 with
-# 64-token blocks (a TidalDecode selector's full pass over 1M tokens 628 -> 507 us, FA3's decode 503 us).
+# 64-token blocks (a TidalDecode selector's full pass over 1M tokens 628 -> 514 us, FA3's decode 503 us).
 TILE_TOKENS = 64
 WIDE_TILE_TOKENS = 128  # blocks of 64 tokens or more
 SPLIT_PROGRAMS = 1024  # split-K programs per step at most (fewer splits per row for large batches)
