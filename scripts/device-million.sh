@@ -40,6 +40,8 @@
 #          caching on, --gpu-memory-utilization 0.9, the page-list plan; one 1,048,000-token completion through the
 #          OpenAI API, then the same prompt + 8 tokens (served from the prefix cache); the log checked for
 #          tracebacks and out-of-memory (benchmarks/serve_tp_check.py --tp 1)
+#   s1ml   the same through `vllm serve` for the Llama-3-8B shape with 1M positions and an fp8 KV cache (item 1's second
+#          shape; its e2e run: l1m), the 10% stride-16 int8 plan with a union per KV head
 #   d1md   decode at 1M (issue 29, item 4), Qwen2.5-7B-1M shape, the baseline engine alone: vLLM's decode over a cache
 #          filled by the page-list-per-q-head plan (`e2e.py --only dense --dense-config`: a dense 1M prefill takes
 #          ~7 minutes), one 1,048,448-token request (the longest whose max_model_len stays within 16,384 decode
@@ -157,6 +159,14 @@ s1m() {
     --startup-timeout 240 --request-timeout 200 --out "$OUT/serve_1m.json" --log "$OUT/serve_1m.log" 2>&1 | tail -25
   echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m.log" || true)"
 }
+s1ml() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 1 --shape llama-3-8b-1m --max-model-len 1048576 \
+    --tokens 1048000 --graphs --follow 8 --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml \
+    --serve-arg=--kv-cache-dtype=fp8 --serve-arg=--gpu-memory-utilization=0.9 --serve-arg=--enable-prompt-tokens-details \
+    --serve-arg=--max-num-seqs=8 --startup-timeout 240 --request-timeout 200 --out "$OUT/serve_1m_llama_fp8.json" \
+    --log "$OUT/serve_1m_llama_fp8.log" 2>&1 | tail -25
+  echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m_llama_fp8.log" || true)"
+}
 decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comparison
   local name=$1 t=$(( $(left) - 10 )); shift
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --lengths "" \
@@ -221,4 +231,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 tsel:300 est7:300" "$@"
