@@ -1,7 +1,8 @@
 """GPU twin of test_engine_decode.py: sparse decode in vLLM on CUDA with CUDA graphs on (decode
 steps replay full graphs that hold the Quest and TidalDecode kernels), against the stock FlashAttention backend.
 
-bf16 and head_dim 64, as FlashAttention 3 needs; 16-token pages, 32-token selection blocks.
+bf16 and head_dim 64, as FlashAttention 3 needs; 16-token pages, 32-token selection blocks (and 64-token ones for
+TidalDecode: the kernels' wide tiles).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import math
 import pytest
 import torch
 
-from tests.test_engine_decode import MAX_TOKENS, run_decode_plans
+from tests.test_engine_cpu import _prompts
+from tests.test_engine_decode import MAX_TOKENS, TIDAL, _tidal_config, run_decode_plans
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -24,8 +26,15 @@ ENGINE = {"dtype": "bfloat16", "max_model_len": 4096, "block_size": 16, "max_num
 def runs(model_cache, tmp_path_factory):
     from tests.fixtures.tiny_llama import build_tiny_llama
 
-    return run_decode_plans(build_tiny_llama(model_cache, head_dim=64), tmp_path_factory.mktemp("configs"), ENGINE,
-                            only=("stock", "keep_all", "sparse", "tidal", "tidal_keep_all"))
+    model = build_tiny_llama(model_cache, head_dim=64)
+    tmp = tmp_path_factory.mktemp("configs")
+    # TidalDecode in 64-token blocks as well: the decode kernels' wide tiles (128 tokens, blocks of 64 or more).
+    base = {"model": str(model), "engine": ENGINE, "max_tokens": MAX_TOKENS, "logprobs": True, "ignore_eos": True,
+            "prompts": _prompts(model), "backend": "sparse"}
+    wide = {name: {**base, "config": _tidal_config(tmp, name, {**TIDAL, "block_tokens": 64, **budget})}
+            for name, budget in (("tidal_b64", {}), ("tidal_keep_all_b64", {"top_k_tokens": 4096}))}
+    return run_decode_plans(model, tmp, ENGINE, only=("stock", "keep_all", "sparse", "tidal", "tidal_keep_all"),
+                            last=wide)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,7 @@ def test_prefill_is_untouched_by_a_decode_plan(runs):
         assert ours["prompt_logprobs"] == stock["prompt_logprobs"]
 
 
-@pytest.mark.parametrize("plan", ["keep_all", "tidal_keep_all"])
+@pytest.mark.parametrize("plan", ["keep_all", "tidal_keep_all", "tidal_keep_all_b64"])
 def test_keep_all_budget_equals_dense_decode(runs, plan):
     # bf16: the split-K kernel sums in another order than FlashAttention; the first tokens agree.
     stock, keep_all, sparse = (runs[k]["results"] for k in ("stock", plan, "sparse"))
@@ -77,8 +86,9 @@ def assert_decode_plan_selects_for_long_contexts_only(stock: list[dict], sparse:
     assert sparse[2]["token_ids"] == stock[2]["token_ids"] and sparse[2]["logprobs"] == stock[2]["logprobs"]
 
 
-def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs):
-    assert_decode_plan_selects_for_long_contexts_only(runs["stock"]["results"], runs["tidal"]["results"])
+@pytest.mark.parametrize("plan", ["tidal", "tidal_b64"])
+def test_tidal_decode_reuses_a_selection_for_long_contexts_only(runs, plan):
+    assert_decode_plan_selects_for_long_contexts_only(runs["stock"]["results"], runs[plan]["results"])
 
 
 def test_prefix_cache_hit_decodes_like_its_own_prefill(prefix_run):
