@@ -39,6 +39,11 @@ def _tidal_config(tmp: Path, name: str, decode: dict) -> str:
     return _config(tmp, name, decode, [{"layers": 0, "dense": True, "decode": {**decode, "selector": True}}])
 
 
+def base_spec(model: Path, engine: dict) -> dict:
+    """What every decode-plan engine of these tests shares: the model, the engine, greedy tokens with log-probs."""
+    return {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True, "ignore_eos": True}
+
+
 def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = False,
                      only: tuple[str, ...] | None = None, extra: dict[str, dict] | None = None,
                      last: dict[str, dict] | None = None, one_process: bool = False, outputs: bool = False) -> dict:
@@ -46,8 +51,7 @@ def run_decode_plans(model: Path, tmp: Path, engine: dict, prefix_hit: bool = Fa
     `one_process`: one after the other in one process (tests/engines.py), else a process each; `outputs`:
     name -> (result, output) rather than name -> result."""
     prompts = _prompts(model)  # 1100, 420 and 40 tokens
-    base = {"model": str(model), "engine": engine, "max_tokens": MAX_TOKENS, "logprobs": True,
-            "ignore_eos": True}
+    base = base_spec(model, engine)
     specs = {
         "stock": {"prompts": prompts},
         "keep_all": {"prompts": prompts, "backend": "sparse",

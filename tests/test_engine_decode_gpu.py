@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.test_engine_cpu import _prompts
-from tests.test_engine_decode import MAX_TOKENS, TIDAL, _tidal_config, run_decode_plans
+from tests.test_engine_decode import MAX_TOKENS, TIDAL, _tidal_config, base_spec, run_decode_plans
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,8 +29,7 @@ def runs(model_cache, tmp_path_factory):
     model = build_tiny_llama(model_cache, head_dim=64)
     tmp = tmp_path_factory.mktemp("configs")
     # TidalDecode in 64-token blocks as well: the decode kernels' wide tiles (128 tokens, blocks of 64 or more).
-    base = {"model": str(model), "engine": ENGINE, "max_tokens": MAX_TOKENS, "logprobs": True, "ignore_eos": True,
-            "prompts": _prompts(model), "backend": "sparse"}
+    base = {**base_spec(model, ENGINE), "prompts": _prompts(model), "backend": "sparse"}
     wide = {name: {**base, "config": _tidal_config(tmp, name, {**TIDAL, "block_tokens": 64, **budget})}
             for name, budget in (("tidal_b64", {}), ("tidal_keep_all_b64", {"top_k_tokens": 4096}))}
     return run_decode_plans(model, tmp, ENGINE, only=("stock", "keep_all", "sparse", "tidal", "tidal_keep_all"),
