@@ -391,9 +391,7 @@ def test_merge_of_more_than_64_splits(monkeypatch):
     case = Case(0, DTYPES[0], [500, 40], [1, 1], kv_heads=2, group=3, d=32, page=16, block=16, plans=plans,
                 dense_below=64).to(DEVICE)
     rows, kv = len(case.seq_lens), 2
-    room = split_slots(rows, kv) // rows
-    splits = min(attention_mod.MAX_SPLITS, attention_mod.pow2_floor(attention_mod.SPLIT_PROGRAMS // (rows * kv)),
-                 attention_mod.pow2_floor(room))
+    splits = attention_mod.split_count(rows, kv, split_slots(rows, kv) // rows)  # (_tidal_select's workspace)
     assert splits == 128  # two pieces for the merge; 32 blocks of 16 tokens over 128 splits: most read nothing
     out, scores, _, _ = _tidal_select(case)
     tok, s = int(case.qsl[0]), case.seq_lens[0]

@@ -180,6 +180,12 @@ def pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def split_count(rows: int, kv_heads: int, room: int) -> int:
+    """Splits per (row, KV head): up to MAX_SPLITS and SPLIT_PROGRAMS programs in all, as many as `room` (split
+    slots per (row, q head) in the workspace) holds; powers of two."""
+    return min(MAX_SPLITS, pow2_floor(SPLIT_PROGRAMS // (rows * kv_heads)), pow2_floor(room))
+
+
 def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_lens, heads, selected, counts,
                      partial_out, partial_ml, output, *, block_tokens: int, scale: float, dense_below: int,
                      scores: torch.Tensor | None = None, score_heads=None) -> None:
@@ -195,7 +201,7 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
     group = q_heads // kv_heads
     room = min(partial_ml.numel() // 2, partial_out.numel() // d) // (rows * q_heads)
     assert room >= 1, "the decode workspace holds no split for this batch"
-    splits = min(MAX_SPLITS, pow2_floor(SPLIT_PROGRAMS // (rows * kv_heads)), pow2_floor(room))
+    splits = split_count(rows, kv_heads, room)
     po = partial_out.view(-1)[: rows * q_heads * splits * d].view(rows, q_heads, splits, d)
     pml = partial_ml.view(-1)[: rows * q_heads * splits * 2].view(rows, q_heads, splits, 2)
     key, value = paged.key, paged.value
