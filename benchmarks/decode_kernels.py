@@ -258,21 +258,15 @@ def tidal_stages(rows: int, context: int) -> dict:
         return st
     fa_out = torch.empty_like(q)
 
-    def fa3():
-        flash_attn_varlen_func(q, cache[0], cache[1], max_seqlen_q=1, cu_seqlens_q=qsl, max_seqlen_k=context,
-                               seqused_k=seq, softmax_scale=scale, causal=True, block_table=table, out=fa_out,
-                               fa_version=3)
+    def fa3_over(tokens: int):
+        """FA3's decode over each row's first `tokens` tokens of the same pages."""
+        lens = torch.full_like(seq, tokens)
+        return lambda: flash_attn_varlen_func(q, cache[0], cache[1], max_seqlen_q=1, cu_seqlens_q=qsl,
+                                              max_seqlen_k=tokens, seqused_k=lens, softmax_scale=scale, causal=True,
+                                              block_table=table, out=fa_out, fa_version=3)
 
-    kept = T_PLAN.kept_blocks * T_BLOCK  # (the tokens a reader attends to: dense decode over as many)
-    seq_kept = torch.full_like(seq, kept)
-
-    def fa3_kept():
-        flash_attn_varlen_func(q, cache[0], cache[1], max_seqlen_q=1, cu_seqlens_q=qsl, max_seqlen_k=kept,
-                               seqused_k=seq_kept, softmax_scale=scale, causal=True, block_table=table, out=fa_out,
-                               fa_version=3)
-
-    st["fa3"] = fa3
-    st["fa3_kept"] = fa3_kept
+    st["fa3"] = fa3_over(context)
+    st["fa3_kept"] = fa3_over(T_PLAN.kept_blocks * T_BLOCK)  # (a reader's tokens: dense decode over as many)
     return st
 
 
