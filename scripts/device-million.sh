@@ -152,20 +152,17 @@ m1s() {  # each plan alone at 1M, the call's time split between them
       --config "benchmarks/configs/$p.yaml"  # (no second 1M prefill for the kept density: 10% by the plan's rule)
   done
 }
-s1m() {
-  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 1 --shape qwen2.5-7b-1m --max-model-len 1048576 \
-    --tokens 1048000 --graphs --follow 8 --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
+serve_1m() {  # serve_1m NAME SHAPE PLAN [SERVE_CHECK_ARGS...]: `vllm serve` at 1M, one completion and a cached follow-up
+  local name=$1 shape=$2 plan=$3; shift 3
+  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 1 --shape "$shape" --max-model-len 1048576 \
+    --tokens 1048000 --graphs --follow 8 --config "benchmarks/configs/$plan.yaml" "$@" \
     --serve-arg=--gpu-memory-utilization=0.9 --serve-arg=--enable-prompt-tokens-details --serve-arg=--max-num-seqs=8 \
-    --startup-timeout 240 --request-timeout 200 --out "$OUT/serve_1m.json" --log "$OUT/serve_1m.log" 2>&1 | tail -25
-  echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m.log" || true)"
+    --startup-timeout 240 --request-timeout 200 --out "$OUT/$name.json" --log "$OUT/$name.log" 2>&1 | tail -25
+  echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/$name.log" || true)"
 }
+s1m() { serve_1m serve_1m qwen2.5-7b-1m qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads; }
 s1ml() {
-  timeout $(( $(left) - 5 )) python3 benchmarks/serve_tp_check.py --tp 1 --shape llama-3-8b-1m --max-model-len 1048576 \
-    --tokens 1048000 --graphs --follow 8 --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml \
-    --serve-arg=--kv-cache-dtype=fp8 --serve-arg=--gpu-memory-utilization=0.9 --serve-arg=--enable-prompt-tokens-details \
-    --serve-arg=--max-num-seqs=8 --startup-timeout 240 --request-timeout 200 --out "$OUT/serve_1m_llama_fp8.json" \
-    --log "$OUT/serve_1m_llama_fp8.log" 2>&1 | tail -25
-  echo "out-of-memory lines: $(grep -c "OutOfMemory\|out of memory" "$OUT/serve_1m_llama_fp8.log" || true)"
+  serve_1m serve_1m_llama_fp8 llama-3-8b-1m llama-3-8b-antidiagonal-10-s16-int8 --serve-arg=--kv-cache-dtype=fp8
 }
 decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comparison
   local name=$1 t=$(( $(left) - 10 )); shift
