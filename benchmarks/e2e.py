@@ -14,7 +14,12 @@ JSON to --out.
 
 Also decode tokens/s for a batch of 32 requests at 8K tokens of context (--decode-batch 0 skips it), or
 for each of --decode-cases BATCHxCONTEXT,... (e.g. 2x131072,16x32768,32x8192): pure decode steps, no
-detokenizing, best of --repeats (at least 2); with a plan that selects pages at decode, the table
+detokenizing, best of --repeats (at least 2). A case ending in `s` (e.g. 4x1048448s) is one document
+read by every request: the prompts share all but their last 64 tokens (each request's own question),
+so the document is prefilled once and the rest come from the prefix cache; its decode still reads the
+whole context for every request. Engines without TTFT runs (--lengths "") have prefix caching on (the
+profiled decode and shared documents reuse prefills); with TTFT runs it is off, since they repeat one
+prompt; with a plan that selects pages at decode, the table
 gives the share of each context's blocks a decode step reads (the plan's kept blocks over the
 context's, per KV head: the kernels read exactly that many). --lengths "" skips the TTFT runs.
 
@@ -111,12 +116,14 @@ def worker(spec: dict) -> dict:
 
     cases = decode_cases(spec)
     build_clock = time_builders() if spec.get("profile_decode") else None
-    longest = max([*spec["lengths"], *(c + spec["decode_tokens"] for _, c in cases)])
+    longest = max([*spec["lengths"], *(c + spec["decode_tokens"] for _, c, _ in cases)])
     kw = dict(model=spec["model"], load_format="dummy", dtype="bfloat16", seed=0, enforce_eager=spec["eager"],
               max_model_len=longest + 64, max_num_batched_tokens=spec["chunk"],
-              enable_chunked_prefill=True, enable_prefix_caching=False,
+              enable_chunked_prefill=True,
+              # TTFT runs repeat one prompt, which a prefix cache would answer; decode-only engines reuse prefills.
+              enable_prefix_caching=not spec["lengths"],
               gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
-              max_num_seqs=max([8, *(b for b, _ in cases)]))
+              max_num_seqs=max([8, *(b for b, _, _ in cases)]))
     if spec.get("kv_cache_dtype"):
         kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
     tp = spec.get("tensor_parallel_size", 1)
@@ -168,16 +175,17 @@ def worker(spec: dict) -> dict:
     if spec["config"] and spec["lengths"] and not spec.get("no_kept"):
         result["kept"] = kept_density(llm, spec["lengths"], params)
     result["decode"] = {}
-    for batch, context in cases:
+    for batch, context, shared in cases:
+        name = case_name(batch, context, shared)
         tok_s = decode_throughput(llm, batch, context, spec["decode_tokens"],
-                                  spec.get("decode_repeats") or max(spec["repeats"], 2))
-        result["decode"][f"{batch}x{context}"] = tok_s
-        print(f"{'sparse' if spec['config'] else 'dense'} decode {batch}x{context}: {tok_s:.1f} tok/s", flush=True)
-        if spec.get("profile_decode") == f"{batch}x{context}":
+                                  spec.get("decode_repeats") or max(spec["repeats"], 2), shared)
+        result["decode"][name] = tok_s
+        print(f"{'sparse' if spec['config'] else 'dense'} decode {name}: {tok_s:.1f} tok/s", flush=True)
+        if spec.get("profile_decode") == name:
             label = engine_label(spec)
             out = f"{spec['decode_profile_base']}.decode-profile-{label}.txt"
-            result["decode_profile"] = profile_decode(llm, batch, context, out, build_clock)
-            print(f"decode profile {batch}x{context}: {json.dumps(result['decode_profile'])}", flush=True)
+            result["decode_profile"] = profile_decode(llm, batch, context, out, build_clock, shared)
+            print(f"decode profile {name}: {json.dumps(result['decode_profile'])}", flush=True)
     if spec.get("decode_batch") and not spec.get("decode_cases"):
         result["decode_tok_s"] = result["decode"][f"{spec['decode_batch']}x{spec['decode_context']}"]
     return result
@@ -191,11 +199,26 @@ def kv_cache_tokens(llm) -> int | None:
     return int(blocks) * int(cache.block_size) if blocks else None
 
 
-def decode_cases(spec: dict) -> list[tuple[int, int]]:
-    """[(batch, context)] of the decode runs: --decode-cases, else --decode-batch at --decode-context."""
+def decode_cases(spec: dict) -> list[tuple[int, int, bool]]:
+    """[(batch, context, shared)] of the decode runs: --decode-cases, else --decode-batch at --decode-context."""
     if spec.get("decode_cases"):
-        return [tuple(int(x) for x in c.split("x")) for c in spec["decode_cases"].split(",")]
-    return [(spec["decode_batch"], spec["decode_context"])] if spec.get("decode_batch") else []
+        return [parse_case(c) for c in spec["decode_cases"].split(",")]
+    return [(spec["decode_batch"], spec["decode_context"], False)] if spec.get("decode_batch") else []
+
+
+def parse_case(text: str) -> tuple[int, int, bool]:
+    """"4x1048448" -> (4, 1048448, False); a trailing "s" (one shared document) -> True."""
+    m = re.fullmatch(r"(\d+)x(\d+)(s?)", text.strip())
+    if not m:
+        raise SystemExit(f"decode case {text!r}: expected BATCHxCONTEXT, or BATCHxCONTEXTs for one shared document")
+    batch, context = int(m.group(1)), int(m.group(2))
+    if m.group(3) and context <= SHARED_SUFFIX:
+        raise SystemExit(f"decode case {text!r}: a shared document needs more than {SHARED_SUFFIX} tokens of context")
+    return batch, context, bool(m.group(3))
+
+
+def case_name(batch: int, context: int, shared: bool) -> str:
+    return f"{batch}x{context}{'s' if shared else ''}"
 
 
 def model_shape(shape: str):
@@ -303,25 +326,35 @@ def torch_randint(n: int) -> list[int]:
     return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
 
 
-def decode_batch(batch: int, context: int, tokens: int, seed: int):
+SHARED_SUFFIX = 64  # each request's own tokens after a shared document (a question about it)
+
+
+def decode_batch(batch: int, context: int, tokens: int, seed: int, shared: bool = False):
     """`batch` random prompts of `context` tokens and greedy sampling of 1 + `tokens` tokens, without
-    detokenizing (its host work would be timed with the GPU's)."""
+    detokenizing (its host work would be timed with the GPU's). `shared`: the prompts are one document of
+    context - SHARED_SUFFIX tokens, each followed by its own SHARED_SUFFIX tokens."""
     import torch
     from vllm import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [{"prompt_token_ids": torch.randint(3, 500, (context,), generator=g).tolist()} for _ in range(batch)]
+    if shared:
+        doc = torch.randint(3, 500, (context - SHARED_SUFFIX,), generator=g).tolist()
+        prompts = [{"prompt_token_ids": doc + torch.randint(3, 500, (SHARED_SUFFIX,), generator=g).tolist()}
+                   for _ in range(batch)]
+    else:
+        prompts = [{"prompt_token_ids": torch.randint(3, 500, (context,), generator=g).tolist()}
+                   for _ in range(batch)]
     return prompts, SamplingParams(temperature=0.0, max_tokens=1 + tokens, ignore_eos=True, detokenize=False)
 
 
-def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int) -> float:
+def decode_throughput(llm, batch: int, context: int, tokens: int, repeats: int, shared: bool = False) -> float:
     """Decode tokens/s of `batch` requests of `context` prompt tokens, pure decode steps only: the
     engine is stepped by hand and the clock starts once every request has its first token (all
     prefills done), so no prefill chunk rides along. Best of `repeats` (each prefills its batch again)."""
     import torch
 
     engine = llm.llm_engine
-    prompts, params = decode_batch(batch, context, tokens, seed=1)
+    prompts, params = decode_batch(batch, context, tokens, seed=1, shared=shared)
     best = 0.0
     for rep in range(repeats):
         for i, p in enumerate(prompts):
@@ -370,7 +403,8 @@ def time_builders() -> dict:
     return clock
 
 
-def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: int = 32) -> dict:
+def profile_decode(llm, batch: int, context: int, out: str, clock: dict, shared: bool = False,
+                   steps: int = 32) -> dict:
     """`steps` pure decode steps of `batch` requests under the torch profiler (host and GPU) -> the
     tables to `out`, and per step: wall time, builder host time (outermost build: SPARSE's where it
     runs, else FlashAttention's), GPU kernel time."""
@@ -380,7 +414,7 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, steps: 
     engine = llm.llm_engine
     # The timed decode's prompts (seed 1): their prefill comes from the prefix cache, so a profile at 1M does not
     # prefill a second 1M prompt (~80 s sparse, ~380 s dense; a d1mp call was cut short by one, 2026-12-04).
-    prompts, params = decode_batch(batch, context, steps, seed=1)
+    prompts, params = decode_batch(batch, context, steps, seed=1, shared=shared)
     for i, p in enumerate(prompts):
         engine.add_request(f"profile-{i}", p, params)
     produced: dict[str, int] = {}
@@ -514,7 +548,7 @@ def run(spec: dict) -> dict:
                 partial.setdefault("ttft_s", {})[m.group(2)] = min(json.loads(m.group(3)))
             if line.startswith("kv_cache_tokens "):
                 partial["kv_cache_tokens"] = json.loads(line.split()[1])
-            m = re.match(r"(?:dense|sparse) decode (\d+x\d+): ([\d.]+) tok/s$", line.strip())
+            m = re.match(r"(?:dense|sparse) decode (\d+x\d+s?): ([\d.]+) tok/s$", line.strip())
             if m:  # a decode case measured: kept as well (a 1M case's prefill takes minutes)
                 partial.setdefault("decode", {})[m.group(1)] = float(m.group(2))
             tail = (tail + [line])[-60:]
@@ -608,6 +642,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.dense_config and not args.worker:
         check_decode_baseline(args.dense_config, args.shape)
+    if not args.worker and args.lengths and any(shared for *_, shared in decode_cases(vars(args))):
+        raise SystemExit("--decode-cases: a shared document needs the prefix cache, which engines with TTFT runs keep "
+                         'off: run it with --lengths ""')
     if args.worker:
         print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -686,7 +723,7 @@ def main() -> None:
             print(f"  {'decode':>14} {'dense tok/s':>12} {'sparse tok/s':>13} {'ratio':>7} {'read':>6}")
         for case, s in sparse.get("decode", {}).items():
             d = dense.get("decode", {}).get(case, float("nan"))
-            share = decode_read_share(cfg, int(case.split("x")[1]), args.shape)
+            share = decode_read_share(cfg, parse_case(case)[1], args.shape)
             sparse.setdefault("decode_read_share", {})[case] = share
             print(f"  {case:>14} {d:>12.1f} {s:>13.1f} {s / d:>6.2f}x {'-' if share is None else f'{share:.1%}':>6}")
     print_stages(results)

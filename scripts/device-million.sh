@@ -74,6 +74,12 @@
 #          the same pass without them and against FA3's decode over the same pages (with vLLM staged), the selection,
 #          a reader; the split-K settings swept at 1M (the selectors' ~1.1 ms each at 1M, derived from the engine's
 #          steps, against FA3's ~0.49 ms a layer)
+#   d4md   batch 4 at 1M over one shared document (cases 1x1048448s,4x1048448s: the prompts share all but their last
+#          64 tokens, so the 1M prefill runs once and the prefix cache serves the rest, in bf16 KV at 0.9; every
+#          request's decode still reads the whole 1M), the baseline engine, with dense decode at 1 and 4 x 4K
+#   d4mt   the same shared cases, TidalDecode's recipe (64-token blocks; layers 0-1 dense, 2 and 13 select)
+#   d4m1   the same shared cases, the one-selector timing plan; its batch-1 decode also under the torch profiler
+#          (where the step's time above a 4K step goes)
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -179,6 +185,15 @@ d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
 d1mt() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k decode_1m e2e_decode_1m_tidal --only sparse; }
 d1m0() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-l0 decode_1m e2e_decode_1m_tidal_l0 --only sparse; }
 d1m1() { D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-one decode_1m e2e_decode_1m_tidal_one --only sparse; }
+SHARED_1M=1x1048448s,4x1048448s
+d4md() { D1M_CASES=$SHARED_1M,1x4096,4x4096 decode_1m e2e_decode_1m_shared_baseline --only dense; }
+d4mt() {
+  D1M_CASES=$SHARED_1M D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k decode_1m e2e_decode_1m_shared_tidal --only sparse
+}
+d4m1() {
+  D1M_CASES=$SHARED_1M D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-one \
+    decode_1m e2e_decode_1m_shared_tidal_one --only sparse --profile-decode 1x1048448s
+}
 d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
   D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
 }
@@ -228,4 +243,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 tsel:300 est7:300" "$@"

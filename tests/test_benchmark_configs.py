@@ -74,3 +74,22 @@ def test_the_1m_decode_plans_take_the_same_budget_in_the_same_blocks():
         selectors = [layer.index for layer in tidal.layers if any(d and d.selector for d in layer.decode)]
         dense = [layer.index for layer in tidal.layers if not any(layer.decode)]
         assert selectors == want_selectors and dense == want_dense, name
+
+
+def test_decode_cases_parse_and_a_shared_document_differs_only_in_its_questions():
+    assert E2E.parse_case("4x1048448") == (4, 1048448, False)
+    assert E2E.parse_case("4x1048448s") == (4, 1048448, True)
+    for bad in ("4x", "x4096", "4x4096t", f"2x{E2E.SHARED_SUFFIX}s"):
+        with pytest.raises(SystemExit, match="decode case"):
+            E2E.parse_case(bad)
+    assert E2E.case_name(*E2E.parse_case("2x640s")) == "2x640s"
+    prompts, params = E2E.decode_batch(3, 640, 8, seed=1, shared=True)
+    ids = [p["prompt_token_ids"] for p in prompts]
+    doc = 640 - E2E.SHARED_SUFFIX
+    assert all(len(x) == 640 for x in ids) and params.max_tokens == 9
+    assert ids[0][:doc] == ids[1][:doc] == ids[2][:doc]  # one document, prefilled once through the prefix cache
+    assert len({tuple(x[doc:]) for x in ids}) == 3  # each request asks its own question
+    # The profile decodes the timed prompts again: the same seed gives the same ids, so they come from the cache.
+    assert [p["prompt_token_ids"] for p in E2E.decode_batch(3, 640, 32, seed=1, shared=True)[0]] == ids
+    distinct = [p["prompt_token_ids"] for p in E2E.decode_batch(2, 640, 8, seed=1)[0]]
+    assert distinct[0][:doc] != distinct[1][:doc]
