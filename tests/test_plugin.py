@@ -210,3 +210,38 @@ def test_sparse_declares_what_it_cannot_serve_on_its_classes():
 
     assert SparseFlashAttentionBackend.supports_device_cpu_query_lens_mismatch() is False
     assert SparseFlashAttentionMetadataBuilder.supports_update_block_table is False
+
+
+def _scheduler(model: str, backend: str | None, **model_kw):
+    """vLLM's scheduler as its engine core builds it (the class from SchedulerConfig), prefix caching on."""
+    from vllm.config import AttentionConfig, CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    config = VllmConfig(
+        model_config=ModelConfig(model=model, dtype="float32", skip_tokenizer_init=True, max_model_len=4096,
+                                 **model_kw),
+        scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=4096,
+                                         is_encoder_decoder=False),
+        cache_config=CacheConfig(block_size=16, enable_prefix_caching=True),
+        attention_config=AttentionConfig(backend=backend))
+    config.cache_config.num_gpu_blocks = 1024
+    kv = KVCacheConfig(num_blocks=1024, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["model.layers.0.self_attn.attn"],
+                         FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32))])
+    cls = config.scheduler_config.get_scheduler_cls()
+    return cls(vllm_config=config, kv_cache_config=kv, log_stats=False,
+               structured_output_manager=StructuredOutputManager(config), block_size=16)
+
+
+def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
+    """vLLM 0.26 walks the first running request's every block per step for cascade attention's common prefix
+    (~3.5 ms a step at 1M tokens); with cascade attention off nothing reads it, so SPARSE engines answer 0."""
+    register()
+    register()  # (once per process, however often vLLM loads the plugin)
+    sparse = _scheduler(str(tiny_llama), "sparse")
+    get = sparse.kv_cache_manager.get_num_common_prefix_blocks
+    assert getattr(get, "_vllm_sparse_hook", False) and get("any-request") == [0]
+    for stock in (_scheduler(str(tiny_llama), None),  # another backend: vLLM's own method
+                  _scheduler(str(tiny_llama), "sparse", disable_cascade_attn=False)):  # cascade asked for
+        assert not getattr(stock.kv_cache_manager.get_num_common_prefix_blocks, "_vllm_sparse_hook", False)

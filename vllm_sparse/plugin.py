@@ -13,6 +13,7 @@ def register() -> None:
 
     compat.register_attention_backend()
     compat.install_cpu_platform_hook()
+    compat.install_scheduler_hook()
     compile_log.install()
     if claim_metrics_dir():
         from vllm_sparse.metrics.collector import register_collector
