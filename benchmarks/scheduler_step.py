@@ -1,0 +1,152 @@
+"""Host time of vLLM's scheduler per decode step at long contexts, stock vs an engine on SPARSE (no GPU).
+
+Builds vLLM's own scheduler (the class its engine core asks SchedulerConfig for) with prefix caching on, adds
+BATCH requests of CONTEXT prompt tokens (--shared: one document, each request its own last 64 tokens), drives
+their prefills with made-up model outputs, then times --steps pure decode steps: schedule() + update_from_output()
+in async scheduling's order (a step's outputs are applied after the next step is scheduled). vLLM 0.26's scheduler
+walks a running request's every block per step for cascade attention's common prefix (`get_num_common_prefix_blocks`);
+the plugin skips that walk on SPARSE engines with cascade attention off (`compat.install_scheduler_hook`). Under
+async scheduling this host time overlaps the GPU's step until it is longer: then it is the step.
+
+    python benchmarks/scheduler_step.py --contexts 4096,131072,1048576 --batches 1,4 --out $OUT/scheduler_step.json
+    # another release's Python code, on a machine without a GPU: PYTHONPATH=<its site-packages> ... --cpu-platform
+
+Table last; JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SUFFIX = 64  # each request's own tokens after a shared document
+
+
+def model_dir() -> str:
+    """A config.json is all ModelConfig reads with skip_tokenizer_init (no weights, no tokenizer)."""
+    root = Path(tempfile.mkdtemp(prefix="scheduler-step-"))
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+        "max_position_embeddings": 1 << 22, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16"}))
+    return str(root)
+
+
+def build(model: str, backend: str | None, max_len: int, blocks: int):
+    import torch
+    from vllm.config import AttentionConfig, CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    config = VllmConfig(
+        model_config=ModelConfig(model=model, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len),
+        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16384, max_model_len=max_len,
+                                         enable_chunked_prefill=True, is_encoder_decoder=False),
+        cache_config=CacheConfig(block_size=16, enable_prefix_caching=True),
+        attention_config=AttentionConfig(backend=backend))
+    config.cache_config.num_gpu_blocks = blocks
+    # What a GPU engine resolves the default to (a config without an executor here resolves it off).
+    config.scheduler_config.async_scheduling = True
+    kv = KVCacheConfig(num_blocks=blocks, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=1,
+                                                      dtype=torch.float32))])
+    cls = config.scheduler_config.get_scheduler_cls()
+    scheduler = cls(vllm_config=config, kv_cache_config=kv, log_stats=True,
+                    structured_output_manager=StructuredOutputManager(config), block_size=16)
+    return config, scheduler
+
+
+def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, steps: int, model: str) -> dict:
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    max_len = context + 4096
+    config, scheduler = build(model, backend, max_len, blocks=batch * max_len // 16 + 1024)
+    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    hasher = get_request_block_hasher(16, hash_fn)
+    rng = random.Random(0)
+    doc = [rng.randrange(3, 500) for _ in range(context - SUFFIX)]
+    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0.0)
+    for i in range(batch):
+        head = doc if shared or i == 0 else [rng.randrange(3, 500) for _ in range(context - SUFFIX)]
+        ids = head + [rng.randrange(3, 500) for _ in range(SUFFIX)]
+        scheduler.add_request(Request(request_id=str(i), prompt_token_ids=ids, sampling_params=params,
+                                      pooling_params=None, block_hasher=hasher))
+    pending = None
+
+    def step():
+        nonlocal pending
+        out = scheduler.schedule()
+        ids = list(out.num_scheduled_tokens)
+        done = [scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_prompt_tokens for r in ids]
+        result = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                   sampled_token_ids=[[7] if d else [] for d in done])
+        if pending is not None:  # async scheduling's order: the last step's outputs after this one is scheduled
+            scheduler.update_from_output(*pending)
+        pending = (out, result)
+        return out
+
+    while any(scheduler.requests[str(i)].num_output_tokens < 2 for i in range(batch)):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = step()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if out.total_num_scheduled_tokens != batch:
+            raise SystemExit(f"a step scheduled {out.total_num_scheduled_tokens} tokens, not {batch} decode tokens")
+    walk = scheduler.kv_cache_manager.get_num_common_prefix_blocks
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.mean(times),
+            "scheduler": type(scheduler).__name__, "hooked": bool(getattr(walk, "_vllm_sparse_hook", False))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="4096,131072,1048576")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--cpu-platform", action="store_true",
+                    help="make vLLM's current platform its CPU platform (a release built for CUDA, without a GPU)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.cpu_platform:
+        import vllm.platforms
+        from vllm.platforms.cpu import CpuPlatform
+
+        vllm.platforms._current_platform = CpuPlatform()
+    from vllm import __version__
+
+    from vllm_sparse.plugin import register
+
+    register()  # as vLLM's engine core does before it asks for its scheduler class
+    model = model_dir()
+    rows = []
+    for context in (int(x) for x in args.contexts.split(",")):
+        for batch in (int(x) for x in args.batches.split(",")):
+            for shared in ([False, True] if batch > 1 else [False]):
+                row = {"context": context, "batch": batch, "shared": shared}
+                for name, backend in (("stock", None), ("sparse", "sparse")):
+                    row[name] = decode_step_ms(backend, context, batch, shared, args.steps, model)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"vllm": __version__, "argv": sys.argv, "rows": rows}, indent=1))
+    print(f"\nvLLM {__version__}: scheduler host ms per decode step (median), prefix caching on")
+    print(f"{'context':>9} {'batch':>5} {'prompts':>9} {'stock':>8} {'SPARSE':>8}")
+    for r in rows:
+        print(f"{r['context']:>9} {r['batch']:>5} {'shared' if r['shared'] else 'distinct':>9} "
+              f"{r['stock']['median_ms']:>8.3f} {r['sparse']['median_ms']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
