@@ -80,6 +80,9 @@
 #   d4mt   the same shared cases, TidalDecode's recipe (64-token blocks; layers 0-1 dense, 2 and 13 select)
 #   d4m1   the same shared cases, the one-selector timing plan; its batch-1 decode also under the torch profiler
 #          (where the step's time above a 4K step goes)
+#   sched  vLLM's scheduler host time per decode step at 4K-1M on this machine's CPU, stock vs SPARSE (no GPU work:
+#          the per-step common-prefix walk the plugin skips since 2026-12-04, benchmarks/scheduler_step.py); run it
+#          before d4mt/d4m1, which re-measure 1M decode without the walk
 set -o pipefail
 budget=${1:?seconds}; shift
 DONE_DIR=/tmp/million-done
@@ -194,6 +197,9 @@ d4m1() {
   D1M_CASES=$SHARED_1M D1M_CONFIG=qwen2.5-7b-1m-own-heads-decode-tidal-4k-one \
     decode_1m e2e_decode_1m_shared_tidal_one --only sparse --profile-decode 1x1048448s
 }
+sched() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/scheduler_step.py --out "$OUT/scheduler_step_h200.json" 2>&1 | tail -11
+}
 d1mp() {  # (D1M_CONFIG picks the plan, as for d1ms)
   D1M_CASES=1x1048448 decode_1m "e2e_decode_1m_profiled_${D1M_CONFIG:-quest}" --only sparse --profile-decode 1x1048448
 }
@@ -243,4 +249,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
