@@ -100,8 +100,10 @@ def install_scheduler_hook() -> None:
     is ~5 ms (sparse decode at 1M). Only cascade attention reads the count, and it is off unless asked for
     (`disable_cascade_attn`, vLLM's default); 0.32 no longer computes it. Hooked where vLLM asks for its
     scheduler class, so no process imports the scheduler for the plugin's sake."""
-    from vllm.config.scheduler import SchedulerConfig
-
+    try:
+        from vllm.config.scheduler import SchedulerConfig
+    except ImportError:  # (a release without that module: its scheduler is not the one measured)
+        return
     original = SchedulerConfig.get_scheduler_cls
     if getattr(original, "_vllm_sparse_hook", False):
         return
