@@ -1,12 +1,13 @@
 """Host time of vLLM's scheduler per decode step at long contexts, stock vs an engine on SPARSE (no GPU).
 
 Builds vLLM's own scheduler (the class its engine core asks SchedulerConfig for) with prefix caching on, adds
-BATCH requests of CONTEXT prompt tokens (--shared: one document, each request its own last 64 tokens), drives
-their prefills with made-up model outputs, then times --steps pure decode steps: schedule() + update_from_output()
-in async scheduling's order (a step's outputs are applied after the next step is scheduled). vLLM 0.26's scheduler
-walks a running request's every block per step for cascade attention's common prefix (`get_num_common_prefix_blocks`);
-the plugin skips that walk on SPARSE engines with cascade attention off (`compat.install_scheduler_hook`). Under
-async scheduling this host time overlaps the GPU's step until it is longer: then it is the step.
+BATCH requests of CONTEXT prompt tokens (distinct prompts, and for batches above 1 also one document with each
+request's own last 64 tokens), drives their prefills with made-up model outputs, then times --steps pure decode
+steps: schedule() + update_from_output() in async scheduling's order (a step's outputs are applied after the next
+step is scheduled). vLLM 0.26's scheduler walks a running request's every block per step for cascade attention's
+common prefix (`get_num_common_prefix_blocks`); the plugin skips that walk on SPARSE engines with cascade attention
+off (`compat.install_scheduler_hook`). Under async scheduling this host time overlaps the GPU's step until it is
+longer: then it is the step.
 
     python benchmarks/scheduler_step.py --contexts 4096,131072,1048576 --batches 1,4 --out $OUT/scheduler_step.json
     # another release's Python code, on a machine without a GPU: PYTHONPATH=<its site-packages> ... --cpu-platform

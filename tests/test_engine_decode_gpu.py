@@ -39,14 +39,22 @@ def runs(model_cache, tmp_path_factory):
 
 
 class LazyRuns(dict):
-    """A dict that runs an engine for a name it does not hold yet."""
+    """A dict that runs an engine for a name it does not hold yet; an engine that failed fails every later read
+    at once (not another start of up to its timeout)."""
 
     def __init__(self, run):
         super().__init__()
         self._run = run
+        self._failed: dict[str, BaseException] = {}
 
     def __missing__(self, name):
-        self[name] = self._run(name)
+        if name in self._failed:
+            raise self._failed[name]
+        try:
+            self[name] = self._run(name)
+        except BaseException as e:
+            self._failed[name] = e
+            raise
         return self[name]
 
 
