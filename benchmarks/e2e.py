@@ -437,9 +437,14 @@ def profile_decode(llm, batch: int, context: int, out: str, clock: dict, shared:
     clock["on"] = False
     events, waits = write_profile(prof, out)
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    # Forward passes: one graph replay each under CUDA graphs. Engine steps can outnumber them (under async
+    # scheduling the last step only returns the previous forward's tokens).
+    forwards = sum(e.count for e in events if e.key == "cudaGraphLaunch")
     outer = "sparse" if clock.get("sparse", [0])[0] else "flash_attn"
     calls, secs = clock.get(outer, [0, 0.0])
-    return {"steps": n, "wall_ms_per_step": 1e3 * wall / max(n, 1), "gpu_ms_per_step": gpu_us / 1e3 / max(n, 1),
+    return {"steps": n, "forwards": forwards, "wall_ms_per_step": 1e3 * wall / max(n, 1),
+            "gpu_ms_per_step": gpu_us / 1e3 / max(n, 1),
+            "gpu_ms_per_forward": gpu_us / 1e3 / forwards if forwards else None,
             "builder": outer, "builder_calls_per_step": calls / max(n, 1),
             "builder_ms_per_step": 1e3 * secs / max(n, 1), "table": out,
             "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
