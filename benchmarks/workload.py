@@ -13,7 +13,7 @@ add_request/step loop so every request's time to first token (TTFT) is its own:
                  N-token prompt: TTFT of the chats and of the long prompt, chat tokens/s
   concurrent:BxN B fresh N-token prompts at once, --concurrent-out tokens each: TTFT of each,
                  throughput (prompt + generated tokens / wall time); two rounds of fresh prompts, the
-                 first (one-time costs of the first steps that mix prefill and decode) reported apart
+                 first (an engine's first steps that mix prefill and decode) reported apart
 
 Every class also records the prefill tokens its engine sent down the sparse and the dense path (the
 plugin's own counters), so a table row says which rule decided it. Results stream out as they are
@@ -173,7 +173,9 @@ def worker(spec: dict) -> None:
             measure(f"chats+long:{spec['beside']}", reqs, turn=rep)
     if spec["concurrent"]:
         out = SamplingParams(temperature=0.0, max_tokens=spec["concurrent_out"], ignore_eos=True, detokenize=False)
-        for rep in range(2):  # the first round pays the mixed steps' one-time costs (~0.4 s an engine at 12 x 32K)
+        # Two rounds: the first holds an engine's first mixed prefill + decode steps. (The second request's extra
+        # ~0.4 s at 12 x 32K recurs in both: chunk alignment, its last tokens share a step with the next prefill.)
+        for rep in range(2):
             reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
             measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs, turn=rep)
 

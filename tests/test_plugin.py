@@ -213,25 +213,15 @@ def test_sparse_declares_what_it_cannot_serve_on_its_classes():
 
 
 def _scheduler(model: str, backend: str | None, **model_kw):
-    """vLLM's scheduler as its engine core builds it (the class from SchedulerConfig), prefix caching on."""
-    from vllm.config import AttentionConfig, CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
+    """vLLM's scheduler as its engine core builds it, prefix caching on (benchmarks/scheduler_step.py's builder)."""
+    import importlib.util
+    from pathlib import Path
 
-    config = VllmConfig(
-        model_config=ModelConfig(model=model, dtype="float32", skip_tokenizer_init=True, max_model_len=4096,
-                                 **model_kw),
-        scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=4096,
-                                         is_encoder_decoder=False),
-        cache_config=CacheConfig(block_size=16, enable_prefix_caching=True),
-        attention_config=AttentionConfig(backend=backend))
-    config.cache_config.num_gpu_blocks = 1024
-    kv = KVCacheConfig(num_blocks=1024, kv_cache_tensors=[], kv_cache_groups=[
-        KVCacheGroupSpec(["model.layers.0.self_attn.attn"],
-                         FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32))])
-    cls = config.scheduler_config.get_scheduler_cls()
-    return cls(vllm_config=config, kv_cache_config=kv, log_stats=False,
-               structured_output_manager=StructuredOutputManager(config), block_size=16)
+    path = Path(__file__).resolve().parents[1] / "benchmarks/scheduler_step.py"
+    spec = importlib.util.spec_from_file_location("bench_scheduler_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.build(model, backend, 4096, 1024, **model_kw)[1]
 
 
 def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
