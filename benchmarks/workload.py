@@ -34,7 +34,9 @@ tokens on a long cached document) then compare the engines under the same host c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import pickle
 import statistics
 import subprocess
 import sys
@@ -180,19 +182,62 @@ def worker(spec: dict) -> None:
             measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs, turn=rep)
 
 
+_PROBE_TOKENS = list(range(3, 131075))
+
+
+def host_probe() -> float:
+    """This process's host speed now (ms): 131,072 tokens hashed in 16-token blocks as vLLM's prefix cache
+    hashes a prompt (sha256 of each pickled (parent, tokens) pair). A dense-routed follow-up turn on a long cached
+    prompt is mostly such host work (the GPU's share of 128K + 8 is ~9 of 65-110 ms), so two engines' turns
+    compare only where their processes' probes agree."""
+    t0, parent = time.perf_counter(), b""
+    for i in range(0, len(_PROBE_TOKENS), 16):
+        parent = hashlib.sha256(pickle.dumps((parent, tuple(_PROBE_TOKENS[i:i + 16]), None))).digest()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def other_threads_cpu_ms() -> tuple[int, float] | None:
+    """(threads, CPU ms they have used) of this process's threads other than the calling one, from /proc (None
+    off Linux): a thread that spins while a turn runs on the host takes CPU time from it."""
+    import os
+    import threading
+
+    me, ticks, n = threading.get_native_id(), 0, 0
+    try:
+        tids = os.listdir("/proc/self/task")
+        if len(tids) < threading.active_count():  # (a sandbox's /proc that lists no threads but one)
+            return None
+        for tid in tids:
+            if int(tid) == me:
+                continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks, n = ticks + int(fields[11]) + int(fields[12]), n + 1  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return n, ticks * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
 def measure_turn(llm, cls: str, requests, engine: str | None = None, **extra) -> list[dict]:
     """One turn of `cls` through `llm`, emitted as a row: each request's times, the wall time, the prefill tokens
-    by path (the plugin's counters) and the allocator's activity during it, and the step timeline. `engine`:
-    which of the paired engines ran it (a row's first field)."""
+    by path (the plugin's counters) and the allocator's activity during it, the step timeline, the process's
+    host speed just before it (`host_probe`) and its other threads' CPU time during it. `engine`: which of the
+    paired engines ran it (a row's first field)."""
+    probe = host_probe()
     before = llm.collective_rpc(path_counts)[0]
+    threads0 = other_threads_cpu_ms()
     t, steps = time.perf_counter(), []
     rows = drive(llm.llm_engine, requests, cls, steps)
     wall = time.perf_counter() - t
+    threads1 = other_threads_cpu_ms()
+    if threads0 and threads1:  # (threads alive now, CPU ms the others used during the turn)
+        extra["other_threads"] = [threads1[0], round(threads1[1] - threads0[1], 1)]
     after = llm.collective_rpc(path_counts)[0]
     delta = {k: after[k] - before[k] for k in after}
     paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}
     emit({**({"engine": engine} if engine else {}), "class": cls, "requests": rows,
-          "wall_s": wall, "paths": paths, "allocator": delta, "timeline_s": [round(x, 4) for x in steps], **extra})
+          "wall_s": wall, "paths": paths, "allocator": delta, "timeline_s": [round(x, 4) for x in steps],
+          "host_probe_ms": round(probe, 2), **extra})
     return rows
 
 
@@ -304,6 +349,10 @@ def classes(rows: list[dict]) -> dict[str, dict]:
         else:
             c["ttft"] += [q["ttft_s"] for q in reqs]
         c["wall_s"] += r["wall_s"]
+        if "host_probe_ms" in r:
+            c.setdefault("host_probe_ms", []).append(r["host_probe_ms"])
+        if "other_threads" in r:
+            c.setdefault("other_threads_ms", []).append(r["other_threads"][1])
         c["tokens"] += sum(q["tokens_out"] for q in reqs)
         c["cached_tokens"] = max(c.get("cached_tokens", 0), max(q["cached_tokens"] for q in reqs))
         for k in ("sparse", "dense"):
@@ -348,6 +397,12 @@ def table(results: dict) -> str:
                 gd, gs = median_gap(d["ttft"]), median_gap(s["ttft"])
                 if gd and gs:  # prompts one after another: the steady rate, apart from the batch's start
                     note += f"; first tokens {gd * 1e3:.0f} / {gs * 1e3:.0f} ms apart ({gd / gs:.2f}x)"
+            if d.get("host_probe_ms") and s.get("host_probe_ms"):  # (see host_probe)
+                note += (f"; host probe {statistics.median(d['host_probe_ms']):.1f} / "
+                         f"{statistics.median(s['host_probe_ms']):.1f} ms")
+            if d.get("other_threads_ms") and s.get("other_threads_ms"):  # CPU the other threads used in a turn
+                note += (f"; other threads {statistics.median(d['other_threads_ms']):.0f} / "
+                         f"{statistics.median(s['other_threads_ms']):.0f} ms")
             retries = [x.get("allocator", {}).get("num_alloc_retries", 0) for x in (d, s)]
             if any(retries):  # the caching allocator freed its cache and retried: a slow, synchronising step
                 note += f"; allocator retries {retries[0]} / {retries[1]}"
