@@ -142,7 +142,7 @@ def worker(spec: dict) -> None:
         kw.update(attention_backend="sparse", additional_config={"sparse": {"config": spec["config"]}})
     t0 = time.perf_counter()
     llm = LLM(**kw)
-    emit({"class": "startup", "seconds": time.perf_counter() - t0})
+    emit({"class": "startup", "seconds": time.perf_counter() - t0, "host": process_host()})
     engine = llm.llm_engine
     seed = iter(range(1000, 10**6))  # every prompt its own ids: nothing is cached by accident
     drive(engine, [(prompt(min(4096, longest), next(seed)), one)], "warmup")
@@ -218,6 +218,26 @@ def other_threads_cpu_ms() -> tuple[int, float] | None:
     return n, ticks * 1e3 / os.sysconf("SC_CLK_TCK")
 
 
+def process_host() -> dict:
+    """Where this process runs on the host, at an engine's start: CPUs it may use, the machine's NUMA nodes, its
+    resident memory and threads (Linux; {} elsewhere). Host-bound turns differ between processes (RESULTS.md,
+    twelfth session): these say whether two engines' processes sat alike."""
+    import glob
+    import os
+
+    out = {}
+    try:
+        out["cpus"] = len(os.sched_getaffinity(0))
+        out["numa_nodes"] = len(glob.glob("/sys/devices/system/node/node[0-9]*"))
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        out["rss_mib"] = int(status["VmRSS"].split()[0]) // 1024
+        out["threads"] = int(status["Threads"])
+    except (OSError, KeyError, ValueError, AttributeError):
+        pass
+    return out
+
+
 def measure_turn(llm, cls: str, requests, engine: str | None = None, **extra) -> list[dict]:
     """One turn of `cls` through `llm`, emitted as a row: each request's times, the wall time, the prefill tokens
     by path (the plugin's counters) and the allocator's activity during it, the step timeline, the process's
@@ -253,7 +273,7 @@ def paired_worker(spec: dict, kw: dict, one, longest: int) -> None:
             if name == "sparse" else {}
         t0 = time.perf_counter()
         llms[name] = LLM(**kw, **extra)
-        emit({"engine": name, "class": "startup", "seconds": time.perf_counter() - t0})
+        emit({"engine": name, "class": "startup", "seconds": time.perf_counter() - t0, "host": process_host()})
     seed = iter(range(1000, 10**6))
     for llm in llms.values():
         drive(llm.llm_engine, [(prompt(min(4096, longest), next(seed)), one)], "warmup")
