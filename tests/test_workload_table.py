@@ -1,0 +1,81 @@
+"""benchmarks/workload.py's reading of its rows: steady-state medians per class, and the host probes that say
+whether two engines' host-bound turns ran on equally fast processes."""
+
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wl():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("workload", ROOT / "benchmarks/workload.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(ttfts_ms, probes_ms, threads_ms, dense_tokens):
+    return [{"class": "startup", "seconds": 1.0, "host": {"cpus": 2}}] + [
+        {"class": "follow:131072+8", "turn": turn, "wall_s": t / 1e3,
+         "requests": [{"ttft_s": t / 1e3, "finish_s": t / 1e3, "tokens_out": 1, "cached_tokens": 131072}],
+         "paths": {"sparse": 0, "dense": dense_tokens, "chunks": 0}, "host_probe_ms": p, "other_threads": [40, th]}
+        for turn, (t, p, th) in enumerate(zip(ttfts_ms, probes_ms, threads_ms))]
+
+
+def test_the_table_sets_each_engines_host_probe_beside_its_turns(wl):
+    # turn 0 is one-time cost and reported apart; the medians are over turns 1-3
+    dense = _rows([90.0, 72.0, 74.0, 73.0], [50.0, 8.0, 8.5, 8.2], [0.0, 1.0, 2.0, 1.0], 0)
+    sparse = _rows([120.0, 107.0, 105.0, 108.0], [50.0, 12.0, 12.6, 12.4], [0.0, 30.0, 40.0, 50.0], 8)
+    classes = wl.classes(sparse)
+    assert classes["follow:131072+8"]["host_probe_ms"] == [12.0, 12.6, 12.4]
+    assert classes["follow:131072+8"]["first_s"] == pytest.approx(0.120)
+    table = wl.table({"engines": {"dense": {"rows": dense}, "plan.yaml": {"rows": sparse}}})
+    line = next(x for x in table.splitlines() if "follow:131072+8" in x)
+    assert "73.0ms" in line and "107.0ms" in line and "0.68x" in line, line
+    assert "host probe 8.2 / 12.4 ms" in line and "other threads 1 / 40 ms" in line, line
+
+
+def test_rows_without_probes_print_no_probe(wl):
+    rows = _rows([10.0, 11.0, 12.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 0)
+    for r in rows:
+        r.pop("host_probe_ms", None)
+        r.pop("other_threads", None)
+    table = wl.table({"engines": {"dense": {"rows": rows}, "plan.yaml": {"rows": rows}}})
+    assert "follow:131072+8" in table and "host probe" not in table and "other threads" not in table
+
+
+def test_the_host_probe_times_real_work(wl):
+    ms = wl.host_probe()
+    assert 0.5 < ms < 5000  # 8,192 sha256 hashes of pickled pairs: milliseconds, never zero
+
+
+def test_other_threads_cpu_time_counts_a_busy_thread(wl):
+    before = wl.other_threads_cpu_ms()
+    if before is None:
+        pytest.skip("this machine's /proc lists no threads (the GPU machines' does)")
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(1000))
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        import time
+
+        time.sleep(0.3)
+        during = wl.other_threads_cpu_ms()
+    finally:
+        stop.set()
+        t.join()
+    if during is None:
+        pytest.skip("this machine's /proc lists no threads (the GPU machines' does)")
+    assert during[0] >= before[0] + 1
+    assert during[1] - before[1] > 20  # a spinning thread took CPU (ticks are 10 ms)
