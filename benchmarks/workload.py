@@ -196,26 +196,34 @@ def host_probe() -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def other_threads_cpu_ms() -> tuple[int, float] | None:
-    """(threads, CPU ms they have used) of this process's threads other than the calling one, from /proc (None
-    off Linux): a thread that spins while a turn runs on the host takes CPU time from it."""
+def other_threads_cpu_ms() -> dict[int, float] | None:
+    """CPU ms each of this process's threads other than the calling one has used (by thread id), from /proc
+    (None off Linux): a thread that spins while a turn runs on the host takes CPU time from it."""
     import os
     import threading
 
-    me, ticks, n = threading.get_native_id(), 0, 0
+    me, out = threading.get_native_id(), {}
     try:
         tids = os.listdir("/proc/self/task")
         if len(tids) < threading.active_count():  # (a sandbox's /proc that lists no threads but one)
             return None
-        for tid in tids:
-            if int(tid) == me:
+        for tid in map(int, tids):
+            if tid == me:
                 continue
             with open(f"/proc/self/task/{tid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ticks, n = ticks + int(fields[11]) + int(fields[12]), n + 1  # utime, stime
+            out[tid] = (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except FileNotFoundError:  # a thread ended while being read: read again
+        return other_threads_cpu_ms()
     except (OSError, ValueError, IndexError):
         return None
-    return n, ticks * 1e3 / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def threads_cpu_delta(before: dict[int, float], after: dict[int, float]) -> list:
+    """[threads alive after, CPU ms the other threads used between the two reads] (a thread started in between
+    counts whole, one that ended does not)."""
+    return [len(after), round(sum(ms - before.get(tid, 0.0) for tid, ms in after.items()), 1)]
 
 
 def process_host() -> dict:
@@ -250,8 +258,8 @@ def measure_turn(llm, cls: str, requests, engine: str | None = None, **extra) ->
     rows = drive(llm.llm_engine, requests, cls, steps)
     wall = time.perf_counter() - t
     threads1 = other_threads_cpu_ms()
-    if threads0 and threads1:  # (threads alive now, CPU ms the others used during the turn)
-        extra["other_threads"] = [threads1[0], round(threads1[1] - threads0[1], 1)]
+    if threads0 is not None and threads1 is not None:
+        extra["other_threads"] = threads_cpu_delta(threads0, threads1)
     after = llm.collective_rpc(path_counts)[0]
     delta = {k: after[k] - before[k] for k in after}
     paths = {k: delta.pop(k) for k in ("sparse", "dense", "chunks")}

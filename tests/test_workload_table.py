@@ -77,5 +77,10 @@ def test_other_threads_cpu_time_counts_a_busy_thread(wl):
         t.join()
     if during is None:
         pytest.skip("this machine's /proc lists no threads (the GPU machines' does)")
-    assert during[0] >= before[0] + 1
-    assert during[1] - before[1] > 20  # a spinning thread took CPU (ticks are 10 ms)
+    threads, ms = wl.threads_cpu_delta(before, during)
+    assert threads >= len(before) + 1
+    assert ms > 20  # the spinning thread took CPU (ticks are 10 ms)
+
+
+def test_thread_deltas_count_new_threads_whole_and_ended_ones_not(wl):
+    assert wl.threads_cpu_delta({1: 100.0, 2: 50.0}, {1: 130.0, 3: 20.0}) == [2, 50.0]
