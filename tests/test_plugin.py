@@ -213,7 +213,8 @@ def test_sparse_declares_what_it_cannot_serve_on_its_classes():
 
 
 def _scheduler(model: str, backend: str | None, **model_kw):
-    """vLLM's scheduler as its engine core builds it, prefix caching on (benchmarks/scheduler_step.py's builder)."""
+    """(VllmConfig, vLLM's scheduler as its engine core builds it), prefix caching on
+    (benchmarks/scheduler_step.py's builder)."""
     import importlib.util
     from pathlib import Path
 
@@ -221,17 +222,32 @@ def _scheduler(model: str, backend: str | None, **model_kw):
     spec = importlib.util.spec_from_file_location("bench_scheduler_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return bench.build(model, backend, 4096, 1024, **model_kw)[1]
+    return bench.build(model, backend, 4096, 1024, **model_kw)
+
+
+def _hooked(scheduler) -> bool:
+    return getattr(scheduler.kv_cache_manager.get_num_common_prefix_blocks, "_vllm_sparse_hook", False)
 
 
 def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
     """vLLM 0.26 walks the first running request's every block per step for cascade attention's common prefix
     (~3.5 ms a step at 1M tokens); with cascade attention off nothing reads it, so SPARSE engines answer 0."""
+    from types import SimpleNamespace
+
+    from vllm_sparse import compat
+
     register()
     register()  # (once per process, however often vLLM loads the plugin)
-    sparse = _scheduler(str(tiny_llama), "sparse")
+    _, sparse = _scheduler(str(tiny_llama), "sparse")
     get = sparse.kv_cache_manager.get_num_common_prefix_blocks
-    assert getattr(get, "_vllm_sparse_hook", False) and get("any-request") == [0]
-    for stock in (_scheduler(str(tiny_llama), None),  # another backend: vLLM's own method
-                  _scheduler(str(tiny_llama), "sparse", disable_cascade_attn=False)):  # cascade asked for
-        assert not getattr(stock.kv_cache_manager.get_num_common_prefix_blocks, "_vllm_sparse_hook", False)
+    assert _hooked(sparse) and get("any-request") == [0]
+    _, stock = _scheduler(str(tiny_llama), None)  # another backend: vLLM's own method
+    assert not _hooked(stock)
+    # Cascade attention asked for: vLLM's own count stays, unless vLLM turned cascade off for this engine itself
+    # (its CPU platform does in 0.26-0.31), when nothing reads the count.
+    config, asked = _scheduler(str(tiny_llama), "sparse", disable_cascade_attn=False)
+    assert _hooked(asked) == config.model_config.disable_cascade_attn
+    for cascade_off in (True, False):  # the rule itself, on every release
+        cfg = SimpleNamespace(model_config=SimpleNamespace(disable_cascade_attn=cascade_off),
+                              attention_config=config.attention_config)
+        assert compat.skips_common_prefix_walk(cfg) is cascade_off
