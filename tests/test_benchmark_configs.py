@@ -5,11 +5,11 @@ borrowed GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tests.benchmark_modules import load_benchmark
 from tests.test_config import GEMMA
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import ModelShape, resolve_plan
@@ -21,14 +21,7 @@ CONFIGS = sorted((REPO / "benchmarks/configs").rglob("*.yaml"))
 TINY_LLAMA = ModelShape("tiny-llama-v512-s0", ("LlamaForCausalLM",), num_layers=2, num_q_heads=4, num_kv_heads=2)
 
 
-def _e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", REPO / "benchmarks/e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-E2E = _e2e()
+E2E = load_benchmark("e2e")
 
 
 def shape_of(name: str) -> tuple[ModelShape, int]:

@@ -1,22 +1,18 @@
 """benchmarks/memory_table.py: the largest context per shape and KV dtype, computed from measured start-up
 profiles, checked against what vLLM itself allocated on an H200 and against its own definition."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmark_modules import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def mt():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "benchmarks/memory_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory_table")
 
 
 def _plan(mt, shape):

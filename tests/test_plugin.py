@@ -215,14 +215,9 @@ def test_sparse_declares_what_it_cannot_serve_on_its_classes():
 def _scheduler(model: str, backend: str | None, **model_kw):
     """(VllmConfig, vLLM's scheduler as its engine core builds it), prefix caching on
     (benchmarks/scheduler_step.py's builder)."""
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmark_modules import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks/scheduler_step.py"
-    spec = importlib.util.spec_from_file_location("bench_scheduler_step", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.build(model, backend, 4096, 1024, **model_kw)
+    return load_benchmark("scheduler_step").build(model, backend, 4096, 1024, **model_kw)
 
 
 def _hooked(scheduler) -> bool:

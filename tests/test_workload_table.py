@@ -1,23 +1,16 @@
 """benchmarks/workload.py's reading of its rows: steady-state medians per class, and the host probes that say
 whether two engines' host-bound turns ran on equally fast processes."""
 
-import importlib.util
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def wl():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("workload", ROOT / "benchmarks/workload.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("workload")
 
 
 def _rows(ttfts_ms, probes_ms, threads_ms, dense_tokens):
