@@ -196,9 +196,9 @@ def host_probe() -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def other_threads_cpu_ms() -> dict[int, float] | None:
-    """CPU ms each of this process's threads other than the calling one has used (by thread id), from /proc
-    (None off Linux): a thread that spins while a turn runs on the host takes CPU time from it."""
+def other_threads_cpu_ms() -> dict[int, tuple[str, float]] | None:
+    """Name and CPU ms used so far of each of this process's threads other than the calling one, by thread id,
+    from /proc (None off Linux): a thread that spins while a turn runs on the host takes CPU time from it."""
     import os
     import threading
 
@@ -211,8 +211,9 @@ def other_threads_cpu_ms() -> dict[int, float] | None:
             if tid == me:
                 continue
             with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[tid] = (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")  # utime + stime
+                stat = f.read()
+            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+            out[tid] = name, (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")  # utime + stime
     except FileNotFoundError:  # a thread ended while being read: read again
         return other_threads_cpu_ms()
     except (OSError, ValueError, IndexError):
@@ -220,10 +221,12 @@ def other_threads_cpu_ms() -> dict[int, float] | None:
     return out
 
 
-def threads_cpu_delta(before: dict[int, float], after: dict[int, float]) -> list:
-    """[threads alive after, CPU ms the other threads used between the two reads] (a thread started in between
-    counts whole, one that ended does not)."""
-    return [len(after), round(sum(ms - before.get(tid, 0.0) for tid, ms in after.items()), 1)]
+def threads_cpu_delta(before: dict, after: dict) -> list:
+    """[threads alive after, CPU ms the other threads used between the two reads, the busiest one's name, its ms]
+    (a thread started in between counts whole, one that ended does not)."""
+    used = {tid: (name, ms - before.get(tid, (name, 0.0))[1]) for tid, (name, ms) in after.items()}
+    busiest = max(used.values(), key=lambda x: x[1], default=("-", 0.0))
+    return [len(after), round(sum(ms for _, ms in used.values()), 1), busiest[0], round(busiest[1], 1)]
 
 
 def process_host() -> dict:
@@ -381,6 +384,7 @@ def classes(rows: list[dict]) -> dict[str, dict]:
             c.setdefault("host_probe_ms", []).append(r["host_probe_ms"])
         if "other_threads" in r:
             c.setdefault("other_threads_ms", []).append(r["other_threads"][1])
+            c.setdefault("busiest_thread", []).append(tuple(r["other_threads"][2:4]))  # (name, ms)
         c["tokens"] += sum(q["tokens_out"] for q in reqs)
         c["cached_tokens"] = max(c.get("cached_tokens", 0), max(q["cached_tokens"] for q in reqs))
         for k in ("sparse", "dense"):
@@ -429,8 +433,9 @@ def table(results: dict) -> str:
                 note += (f"; host probe {statistics.median(d['host_probe_ms']):.1f} / "
                          f"{statistics.median(s['host_probe_ms']):.1f} ms")
             if d.get("other_threads_ms") and s.get("other_threads_ms"):  # CPU the other threads used in a turn
+                busiest = [max(x["busiest_thread"], key=lambda b: b[1])[0] for x in (d, s)]
                 note += (f"; other threads {statistics.median(d['other_threads_ms']):.0f} / "
-                         f"{statistics.median(s['other_threads_ms']):.0f} ms")
+                         f"{statistics.median(s['other_threads_ms']):.0f} ms (busiest {busiest[0]} / {busiest[1]})")
             retries = [x.get("allocator", {}).get("num_alloc_retries", 0) for x in (d, s)]
             if any(retries):  # the caching allocator freed its cache and retried: a slow, synchronising step
                 note += f"; allocator retries {retries[0]} / {retries[1]}"

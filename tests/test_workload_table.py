@@ -13,25 +13,28 @@ def wl():
     return load_benchmark("workload")
 
 
-def _rows(ttfts_ms, probes_ms, threads_ms, dense_tokens):
+def _rows(ttfts_ms, probes_ms, threads_ms, dense_tokens, thread="python3"):
     return [{"class": "startup", "seconds": 1.0, "host": {"cpus": 2}}] + [
         {"class": "follow:131072+8", "turn": turn, "wall_s": t / 1e3,
          "requests": [{"ttft_s": t / 1e3, "finish_s": t / 1e3, "tokens_out": 1, "cached_tokens": 131072}],
-         "paths": {"sparse": 0, "dense": dense_tokens, "chunks": 0}, "host_probe_ms": p, "other_threads": [40, th]}
+         "paths": {"sparse": 0, "dense": dense_tokens, "chunks": 0}, "host_probe_ms": p,
+         "other_threads": [40, th, thread, th]}
         for turn, (t, p, th) in enumerate(zip(ttfts_ms, probes_ms, threads_ms))]
 
 
 def test_the_table_sets_each_engines_host_probe_beside_its_turns(wl):
     # turn 0 is one-time cost and reported apart; the medians are over turns 1-3
     dense = _rows([90.0, 72.0, 74.0, 73.0], [50.0, 8.0, 8.5, 8.2], [0.0, 1.0, 2.0, 1.0], 0)
-    sparse = _rows([120.0, 107.0, 105.0, 108.0], [50.0, 12.0, 12.6, 12.4], [0.0, 30.0, 40.0, 50.0], 8)
+    sparse = _rows([120.0, 107.0, 105.0, 108.0], [50.0, 12.0, 12.6, 12.4], [0.0, 30.0, 40.0, 50.0], 8,
+                   thread="vllm-sparse-met")
     classes = wl.classes(sparse)
     assert classes["follow:131072+8"]["host_probe_ms"] == [12.0, 12.6, 12.4]
     assert classes["follow:131072+8"]["first_s"] == pytest.approx(0.120)
     table = wl.table({"engines": {"dense": {"rows": dense}, "plan.yaml": {"rows": sparse}}})
     line = next(x for x in table.splitlines() if "follow:131072+8" in x)
     assert "73.0ms" in line and "107.0ms" in line and "0.68x" in line, line
-    assert "host probe 8.2 / 12.4 ms" in line and "other threads 1 / 40 ms" in line, line
+    assert "host probe 8.2 / 12.4 ms" in line, line
+    assert "other threads 1 / 40 ms (busiest python3 / vllm-sparse-met)" in line, line
 
 
 def test_rows_without_probes_print_no_probe(wl):
@@ -70,10 +73,14 @@ def test_other_threads_cpu_time_counts_a_busy_thread(wl):
         t.join()
     if during is None:
         pytest.skip("this machine's /proc lists no threads (the GPU machines' does)")
-    threads, ms = wl.threads_cpu_delta(before, during)
+    threads, ms, busiest, busiest_ms = wl.threads_cpu_delta(before, during)
     assert threads >= len(before) + 1
-    assert ms > 20  # the spinning thread took CPU (ticks are 10 ms)
+    assert ms > 20 and busiest_ms > 20  # the spinning thread took CPU (ticks are 10 ms)
+    assert busiest == during[t.native_id][0]  # and it is the one named
 
 
 def test_thread_deltas_count_new_threads_whole_and_ended_ones_not(wl):
-    assert wl.threads_cpu_delta({1: 100.0, 2: 50.0}, {1: 130.0, 3: 20.0}) == [2, 50.0]
+    before = {1: ("main-ish", 100.0), 2: ("gone", 50.0)}
+    after = {1: ("main-ish", 130.0), 3: ("new", 20.0)}
+    assert wl.threads_cpu_delta(before, after) == [2, 50.0, "main-ish", 30.0]
+    assert wl.threads_cpu_delta({}, {}) == [0, 0.0, "-", 0.0]
