@@ -226,7 +226,8 @@ def threads_cpu_delta(before: dict, after: dict) -> list:
     (a thread started in between counts whole, one that ended does not)."""
     used = {tid: (name, ms - before.get(tid, (name, 0.0))[1]) for tid, (name, ms) in after.items()}
     busiest = max(used.values(), key=lambda x: x[1], default=("-", 0.0))
-    return [len(after), round(sum(ms for _, ms in used.values()), 1), busiest[0], round(busiest[1], 1)]
+    name = busiest[0] if busiest[1] > 0 else "-"  # (none used a tick)
+    return [len(after), round(sum(ms for _, ms in used.values()), 1), name, round(busiest[1], 1)]
 
 
 def process_host() -> dict:

@@ -84,3 +84,4 @@ def test_thread_deltas_count_new_threads_whole_and_ended_ones_not(wl):
     after = {1: ("main-ish", 130.0), 3: ("new", 20.0)}
     assert wl.threads_cpu_delta(before, after) == [2, 50.0, "main-ish", 30.0]
     assert wl.threads_cpu_delta({}, {}) == [0, 0.0, "-", 0.0]
+    assert wl.threads_cpu_delta(before, {1: ("idle", 100.0)}) == [1, 0.0, "-", 0.0]
