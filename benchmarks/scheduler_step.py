@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SUFFIX = 64  # each request's own tokens after a shared document
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import SHARED_SUFFIX as SUFFIX  # noqa: E402  (the shared-document cases of e2e.py's decode runs)
 
 
 def model_dir() -> str:
