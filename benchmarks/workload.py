@@ -230,6 +230,50 @@ def threads_cpu_delta(before: dict, after: dict) -> list:
     return [len(after), round(sum(ms for _, ms in used.values()), 1), name, round(busiest[1], 1)]
 
 
+def main_thread_sched() -> list[float] | None:
+    """This thread's scheduler counters so far (Linux; None elsewhere): [ms on a CPU, ms runnable but waiting for
+    one, involuntary context switches, the CPU it last ran on]. Over a host-bound turn, waiting time says another
+    thread or process took its CPU; equal waits but more time on the CPU say the CPU ran this thread slower."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+        with open("/proc/thread-self/status") as f:
+            invol = next(int(line.split()[1]) for line in f if line.startswith("nonvoluntary_ctxt_switches"))
+        with open("/proc/thread-self/stat") as f:
+            cpu = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39, `processor`
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return [int(run_ns) / 1e6, int(wait_ns) / 1e6, invol, cpu]
+
+
+class GcTimer:
+    """Python's garbage collections while it is installed: [count, ms] per generation (gc.callbacks). A process
+    holding more tracked objects pays more for each full collection."""
+
+    def __init__(self):
+        self.by_gen = [[0, 0.0] for _ in range(3)]
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            g = self.by_gen[min(info.get("generation", 0), 2)]
+            g[0] += 1
+            g[1] = round(g[1] + (time.perf_counter() - self._t) * 1e3, 2)
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self)
+
+
 def process_host() -> dict:
     """Where this process runs on the host, at an engine's start: CPUs it may use, the machine's NUMA nodes, its
     resident memory and threads (Linux; {} elsewhere). Host-bound turns differ between processes (RESULTS.md,
@@ -245,6 +289,10 @@ def process_host() -> dict:
             status = dict(line.split(":", 1) for line in f if ":" in line)
         out["rss_mib"] = int(status["VmRSS"].split()[0]) // 1024
         out["threads"] = int(status["Threads"])
+        import gc
+
+        out["gc_tracked"] = len(gc.get_objects())  # what a full collection walks
+        out["gc_frozen"] = gc.get_freeze_count()
     except (OSError, KeyError, ValueError, AttributeError):
         pass
     return out
@@ -257,11 +305,15 @@ def measure_turn(llm, cls: str, requests, engine: str | None = None, **extra) ->
     paired engines ran it (a row's first field)."""
     probe = host_probe()
     before = llm.collective_rpc(path_counts)[0]
-    threads0 = other_threads_cpu_ms()
+    threads0, sched0 = other_threads_cpu_ms(), main_thread_sched()
     t, steps = time.perf_counter(), []
-    rows = drive(llm.llm_engine, requests, cls, steps)
+    with GcTimer() as gc_timer:
+        rows = drive(llm.llm_engine, requests, cls, steps)
     wall = time.perf_counter() - t
-    threads1 = other_threads_cpu_ms()
+    threads1, sched1 = other_threads_cpu_ms(), main_thread_sched()
+    if sched0 is not None and sched1 is not None:  # [run ms, wait ms, involuntary switches] in the turn, CPU at end
+        extra["main_thread"] = [round(b - a, 2) for a, b in zip(sched0[:3], sched1[:3])] + [sched1[3]]
+    extra["gc"] = gc_timer.by_gen
     if threads0 is not None and threads1 is not None:
         extra["other_threads"] = threads_cpu_delta(threads0, threads1)
     after = llm.collective_rpc(path_counts)[0]
@@ -386,6 +438,11 @@ def classes(rows: list[dict]) -> dict[str, dict]:
         if "other_threads" in r:
             c.setdefault("other_threads_ms", []).append(r["other_threads"][1])
             c.setdefault("busiest_thread", []).append(tuple(r["other_threads"][2:4]))  # (name, ms)
+        if "main_thread" in r:  # (see main_thread_sched)
+            c.setdefault("main_run_ms", []).append(r["main_thread"][0])
+            c.setdefault("main_wait_ms", []).append(r["main_thread"][1])
+        if "gc" in r:
+            c.setdefault("gc_ms", []).append(sum(ms for _, ms in r["gc"]))
         c["tokens"] += sum(q["tokens_out"] for q in reqs)
         c["cached_tokens"] = max(c.get("cached_tokens", 0), max(q["cached_tokens"] for q in reqs))
         for k in ("sparse", "dense"):
@@ -437,6 +494,12 @@ def table(results: dict) -> str:
                 busiest = [max(x["busiest_thread"], key=lambda b: b[1])[0] for x in (d, s)]
                 note += (f"; other threads {statistics.median(d['other_threads_ms']):.0f} / "
                          f"{statistics.median(s['other_threads_ms']):.0f} ms (busiest {busiest[0]} / {busiest[1]})")
+            if d.get("main_run_ms") and s.get("main_run_ms"):  # the turn's thread: on a CPU / waiting for one
+                med = {k: [statistics.median(x[k]) for x in (d, s)] for k in ("main_run_ms", "main_wait_ms")}
+                note += (f"; main thread on CPU {med['main_run_ms'][0]:.0f} / {med['main_run_ms'][1]:.0f} ms, "
+                         f"waiting {med['main_wait_ms'][0]:.1f} / {med['main_wait_ms'][1]:.1f} ms")
+            if d.get("gc_ms") and s.get("gc_ms"):
+                note += f"; gc {statistics.median(d['gc_ms']):.1f} / {statistics.median(s['gc_ms']):.1f} ms"
             retries = [x.get("allocator", {}).get("num_alloc_retries", 0) for x in (d, s)]
             if any(retries):  # the caching allocator freed its cache and retried: a slow, synchronising step
                 note += f"; allocator retries {retries[0]} / {retries[1]}"

@@ -44,7 +44,9 @@
 #          again), 5 steady turns each, with workload.py's host probes: each process's host speed before every turn,
 #          its other threads' CPU time during it, its CPUs, NUMA nodes and memory (2026-12-04: SPARSE processes added a
 #          131K-token request in 40-50 ms against dense's 29-30, 0.68-0.84x; one process: 1.00x). On a machine with
-#          more than one NUMA node and numactl, the same again with every engine bound to node 0
+#          more than one NUMA node and numactl, the same again with every engine bound to node 0. Between the two, the
+#          plan's engine alone with VLLM_SPARSE_METRICS=0 (no metrics thread). Each turn's row also has the turn's
+#          thread's time on a CPU and waiting for one, and Python's garbage collections
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
@@ -159,13 +161,15 @@ hostgap() {
   local pass nodes
   nodes=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)
   echo "NUMA nodes: $nodes; numactl: $(command -v numactl || echo absent)"
-  for pass in all node0; do
-    local pin=()
-    if [ $pass = node0 ]; then
+  for pass in all nometrics node0; do
+    local pin=() engines=--dense-again
+    if [ $pass = nometrics ]; then  # the plan's engine alone, without the plugin's metrics thread
+      pin=(env VLLM_SPARSE_METRICS=0) engines="--only sparse"
+    elif [ $pass = node0 ]; then
       [ "$nodes" -gt 1 ] && command -v numactl > /dev/null || break
       pin=(numactl --cpunodebind=0 --membind=0)
     fi
-    timeout $(( $(left) - 5 )) "${pin[@]}" python3 benchmarks/workload.py --graphs --dense-again \
+    timeout $(( $(left) - 5 )) "${pin[@]}" python3 benchmarks/workload.py --graphs $engines \
       --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 131072 --follow 8,256 \
       --follow-repeats 5 --beside 0 --concurrent 0 --timeout $(( $(left) - 15 )) --out "$OUT/workload_hostgap_$pass.json" \
       2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" \

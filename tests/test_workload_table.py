@@ -85,3 +85,40 @@ def test_thread_deltas_count_new_threads_whole_and_ended_ones_not(wl):
     assert wl.threads_cpu_delta(before, after) == [2, 50.0, "main-ish", 30.0]
     assert wl.threads_cpu_delta({}, {}) == [0, 0.0, "-", 0.0]
     assert wl.threads_cpu_delta(before, {1: ("idle", 100.0)}) == [1, 0.0, "-", 0.0]
+
+
+def test_main_thread_counters_grow_with_work_on_this_thread(wl):
+    before = wl.main_thread_sched()
+    if before is None:
+        pytest.skip("this machine's /proc has no per-thread scheduler counters")
+    t = __import__("time").perf_counter()
+    while __import__("time").perf_counter() - t < 0.2:
+        sum(range(1000))
+    after = wl.main_thread_sched()
+    run_ms, wait_ms, switches = (b - a for a, b in zip(before[:3], after[:3]))
+    assert run_ms > 100  # 0.2 s of work on this thread, most of it on a CPU
+    assert wait_ms >= 0 and switches >= 0 and after[3] >= 0
+
+
+def test_the_gc_timer_counts_collections_by_generation(wl):
+    import gc
+
+    with wl.GcTimer() as timer:
+        gc.collect(0)
+        gc.collect(2)
+    assert timer.by_gen[0][0] >= 1 and timer.by_gen[2][0] >= 1
+    assert timer.by_gen[2][1] > 0  # a full collection takes time
+    assert timer not in gc.callbacks  # removed on exit
+
+
+def test_the_table_sets_the_turns_thread_and_gc_beside_them(wl):
+    dense = _rows([90.0, 72.0, 74.0, 73.0], [8.0] * 4, [0.0] * 4, 0)
+    sparse = _rows([120.0, 107.0, 105.0, 108.0], [8.0] * 4, [0.0] * 4, 8)
+    for rows, run, wait, gc_ms in ((dense, 60.0, 0.5, 1.0), (sparse, 95.0, 0.7, 2.0)):
+        for r in rows[1:]:
+            r["main_thread"] = [run, wait, 1, 3]
+            r["gc"] = [[2, gc_ms / 2], [0, 0.0], [1, gc_ms / 2]]
+    table = wl.table({"engines": {"dense": {"rows": dense}, "plan.yaml": {"rows": sparse}}})
+    line = next(x for x in table.splitlines() if "follow:131072+8" in x)
+    assert "main thread on CPU 60 / 95 ms, waiting 0.5 / 0.7 ms" in line, line
+    assert "gc 1.0 / 2.0 ms" in line, line
