@@ -41,12 +41,11 @@
 #   sstages the first plan's prefills at 32K and 64K profiled, the sparse engine alone: where its time goes
 #   seltest the selection kernels' and FA3-compact tests compiled, and no kernel compiles after the warm-up
 #   hostgap dense-routed 128K + 8 and + 256 follow-ups, each engine in its own process (dense, PLANS' first plan, dense
-#          again), 5 steady turns each, with workload.py's host probes: each process's host speed before every turn,
-#          its other threads' CPU time during it, its CPUs, NUMA nodes and memory (2026-12-04: SPARSE processes added a
-#          131K-token request in 40-50 ms against dense's 29-30, 0.68-0.84x; one process: 1.00x). On a machine with
-#          more than one NUMA node and numactl, the same again with every engine bound to node 0. Between the two, the
-#          plan's engine alone with VLLM_SPARSE_METRICS=0 (no metrics thread). Each turn's row also has the turn's
-#          thread's time on a CPU and waiting for one, and Python's garbage collections
+#          again), 5 steady turns each, with workload.py's host probes (each turn's host speed, its thread's time on a
+#          CPU and waiting, other threads' CPU, Python's collections); then the host's speed alone (host_speed.py) and
+#          the turns compared at equal probe times (host_matched.py). 2026-12-04: two dense processes differed by
+#          0.74x, the probe alone by 2x on one idle CPU; at equal probe times SPARSE 0.96-0.99x (+8), 0.99-1.04x
+#          (+256). On a machine with more than one NUMA node and numactl, the engines again bound to node 0
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
@@ -158,23 +157,25 @@ temps() {
   done
 }
 hostgap() {
-  local pass nodes
+  local pass nodes runs=()
   nodes=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)
   echo "NUMA nodes: $nodes; numactl: $(command -v numactl || echo absent)"
-  for pass in all nometrics node0; do
-    local pin=() engines=--dense-again
-    if [ $pass = nometrics ]; then  # the plan's engine alone, without the plugin's metrics thread
-      pin=(env VLLM_SPARSE_METRICS=0) engines="--only sparse"
-    elif [ $pass = node0 ]; then
+  for pass in all node0; do
+    local pin=()
+    if [ $pass = node0 ]; then
       [ "$nodes" -gt 1 ] && command -v numactl > /dev/null || break
       pin=(numactl --cpunodebind=0 --membind=0)
     fi
-    timeout $(( $(left) - 5 )) "${pin[@]}" python3 benchmarks/workload.py --graphs $engines \
+    # (--reserve 75: a warm engine here starts in 20-55 s and runs its turns in ~15 s; the first, cold, in >100 s)
+    timeout $(( $(left) - 40 )) "${pin[@]}" python3 benchmarks/workload.py --graphs --dense-again --reserve 75 \
       --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 131072 --follow 8,256 \
-      --follow-repeats 5 --beside 0 --concurrent 0 --timeout $(( $(left) - 15 )) --out "$OUT/workload_hostgap_$pass.json" \
+      --follow-repeats 5 --beside 0 --concurrent 0 --timeout $(( $(left) - 50 )) --out "$OUT/workload_hostgap_$pass.json" \
       2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" \
-      | tee "$OUT/workload_hostgap_$pass.log" | grep -v '^\[.*\] {"class": "follow' | tail -14
+      | tee "$OUT/workload_hostgap_$pass.log" | grep -v '^\[.*\] {"class": "follow' | tail -8
+    runs+=("$OUT/workload_hostgap_$pass.json")
   done
+  timeout 30 python3 benchmarks/host_speed.py --probes 300 --out "$OUT/host_speed.json"
+  python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
-run_steps "hostgap:330 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60" "$@"
+run_steps "hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60" "$@"
