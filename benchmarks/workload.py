@@ -26,6 +26,12 @@ TTFT and the ratio dense / sparse (above 1: sparse is faster).
 
 The model is the Llama-3.1-8B shape with dummy weights (`e2e.py`) unless --model names a directory.
 
+Turns that are mostly host work (a few new tokens on a long cached document) follow the host's speed, and the
+GPU machines' hosts run at two speeds (RESULTS.md, thirteenth session: two dense processes 0.74x apart). Each
+turn's row carries a host probe timed just before it, the turn's thread's time on a CPU and waiting for one, the
+other threads' CPU time and Python's collections; the table flags classes whose engines' probes differ, and
+`host_matched.py` compares such turns across runs at equal probe times.
+
 `--paired` runs only the follow-up classes, with the dense engine and the plan's alive in one process and each
 turn run on both back to back (alternating which goes first): turns that are mostly host time (a few new
 tokens on a long cached document) then compare the engines under the same host conditions.
@@ -183,6 +189,7 @@ def worker(spec: dict) -> None:
 
 
 _PROBE_TOKENS = list(range(3, 131075))
+HOST_SPEED_APART = 1.2  # two engines' probe medians further apart than this ran on hosts of different speed
 
 
 def host_probe() -> float:
@@ -488,8 +495,10 @@ def table(results: dict) -> str:
                 if gd and gs:  # prompts one after another: the steady rate, apart from the batch's start
                     note += f"; first tokens {gd * 1e3:.0f} / {gs * 1e3:.0f} ms apart ({gd / gs:.2f}x)"
             if d.get("host_probe_ms") and s.get("host_probe_ms"):  # (see host_probe)
-                note += (f"; host probe {statistics.median(d['host_probe_ms']):.1f} / "
-                         f"{statistics.median(s['host_probe_ms']):.1f} ms")
+                pd, ps = statistics.median(d["host_probe_ms"]), statistics.median(s["host_probe_ms"])
+                note += f"; host probe {pd:.1f} / {ps:.1f} ms"
+                if max(pd, ps) > HOST_SPEED_APART * min(pd, ps):  # the GPU machines' hosts run at two speeds
+                    note += " (unequal host speeds: compare at equal probes, host_matched.py)"
             if d.get("other_threads_ms") and s.get("other_threads_ms"):  # CPU the other threads used in a turn
                 busiest = [max(x["busiest_thread"], key=lambda b: b[1])[0] for x in (d, s)]
                 note += (f"; other threads {statistics.median(d['other_threads_ms']):.0f} / "

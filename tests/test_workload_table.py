@@ -33,7 +33,7 @@ def test_the_table_sets_each_engines_host_probe_beside_its_turns(wl):
     table = wl.table({"engines": {"dense": {"rows": dense}, "plan.yaml": {"rows": sparse}}})
     line = next(x for x in table.splitlines() if "follow:131072+8" in x)
     assert "73.0ms" in line and "107.0ms" in line and "0.68x" in line, line
-    assert "host probe 8.2 / 12.4 ms" in line, line
+    assert "host probe 8.2 / 12.4 ms (unequal host speeds: compare at equal probes, host_matched.py)" in line, line
     assert "other threads 1 / 40 ms (busiest python3 / vllm-sparse-met)" in line, line
 
 
@@ -122,3 +122,11 @@ def test_the_table_sets_the_turns_thread_and_gc_beside_them(wl):
     line = next(x for x in table.splitlines() if "follow:131072+8" in x)
     assert "main thread on CPU 60 / 95 ms, waiting 0.5 / 0.7 ms" in line, line
     assert "gc 1.0 / 2.0 ms" in line, line
+
+
+def test_equal_host_speeds_carry_no_warning(wl):
+    dense = _rows([90.0, 72.0, 74.0, 73.0], [8.0, 8.0, 8.5, 8.2], [0.0] * 4, 0)
+    sparse = _rows([90.0, 73.0, 74.0, 75.0], [8.0, 8.8, 8.4, 8.6], [0.0] * 4, 8)
+    table = wl.table({"engines": {"dense": {"rows": dense}, "plan.yaml": {"rows": sparse}}})
+    line = next(x for x in table.splitlines() if "follow:131072+8" in x)
+    assert "host probe 8.2 / 8.6 ms" in line and "unequal" not in line, line
