@@ -260,3 +260,19 @@ def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
             # Each array starts 16-byte aligned, as fresh allocations do: Triton specialises on a pointer's
             # alignment, and a slice at another offset compiled a new kernel variant mid-request.
             assert bounds.data_ptr() % 16 == 0 and seq_lens.data_ptr() % 16 == 0, (block_size, union_tile, c)
+
+
+def test_the_dense_subset_indexes_host_fields_on_the_host():
+    """Host copies of per-request fields (`seq_lens_cpu_upper_bound`, ...) are sliced by the host indices: a copy
+    of device indices back to the host would wait for the GPU's queued work every sparse step. Device fields on
+    the meta device stand in for a GPU's: any copy from them to the host fails."""
+    cm = _common()
+    meta = {f: getattr(cm, f).to("meta") for f in ("query_start_loc", "seq_lens", "block_table_tensor",
+                                                    "slot_mapping", "positions")}
+    cm = dataclasses.replace(cm, **meta)
+    _, reqs, tokens = classify(cm, dense_below=300)
+    sub = compat.slice_common_metadata(cm, reqs, tokens)
+    assert sub.seq_lens_cpu_upper_bound.tolist() == [SEQ_LENS[0], SEQ_LENS[2], SEQ_LENS[3]]
+    assert sub.query_start_loc_cpu.tolist() == [0, 1, 31, 32]
+    assert sub.seq_lens.device.type == "meta" and sub.seq_lens.shape == (3,)
+    assert sub.slot_mapping.device.type == "meta" and sub.slot_mapping.shape == (32,)

@@ -331,12 +331,13 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor):
         if name in _RECOMPUTED_FIELDS or value is None:
             continue
         if name in _PER_REQUEST_FIELDS:
-            if isinstance(value, torch.Tensor):
-                changes[name] = value[dev_reqs.to(value.device)] if value.dim() else value
+            if isinstance(value, torch.Tensor):  # host fields by host indices: no copy back that waits for the GPU
+                changes[name] = (value[reqs if value.device.type == "cpu" else dev_reqs.to(value.device)]
+                                 if value.dim() else value)
             elif hasattr(value, "ndim"):  # numpy, on the host
                 changes[name] = value[reqs.numpy()]
         elif name in _PER_TOKEN_FIELDS:
-            changes[name] = value[dev_tokens.to(value.device)]
+            changes[name] = value[tokens if value.device.type == "cpu" else dev_tokens.to(value.device)]
         elif name in _RENUMBERED_FIELDS:
             kept = {new: value[int(old)] for new, old in enumerate(reqs.tolist()) if int(old) in value}
             changes[name] = kept or None
