@@ -276,3 +276,13 @@ def test_the_dense_subset_indexes_host_fields_on_the_host():
     assert sub.query_start_loc_cpu.tolist() == [0, 1, 31, 32]
     assert sub.seq_lens.device.type == "meta" and sub.seq_lens.shape == (3,)
     assert sub.slot_mapping.device.type == "meta" and sub.slot_mapping.shape == (32,)
+
+
+def test_plan_constants_are_made_once_per_device():
+    from vllm_sparse.transfer import constant_on
+
+    a = constant_on([0, 2, 3], torch.device("cpu"))
+    assert a.tolist() == [0, 2, 3] and a.dtype == torch.long
+    assert constant_on((0, 2, 3), torch.device("cpu")) is a  # the per-layer paths reuse it: no copy per call
+    mask = constant_on([True, False], torch.device("cpu"), torch.bool)
+    assert mask.dtype == torch.bool and mask.tolist() == [True, False]

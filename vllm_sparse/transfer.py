@@ -15,3 +15,17 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant_on(values: tuple, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small constant of the plan (head numbers, a head mask) on `device`, made once per process and reused:
+    the per-layer paths index with these, and `torch.tensor(values, device=cuda)` copies from pageable memory
+    (see above). A plan has a bounded set of them (its head groups), so the cache stays small."""
+    key = (tuple(values), torch.device(device), dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = to_device(torch.tensor(key[0], dtype=dtype), key[1])
+    return t

@@ -25,6 +25,7 @@ from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics.worker import WorkerMetrics
 from vllm_sparse.selection.budget import Budget, select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
+from vllm_sparse.transfer import constant_on
 
 
 @functools.lru_cache(maxsize=16)
@@ -90,7 +91,7 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     mask = causal[None].repeat(len(head_plans), 1, 1)
     columns = []  # (heads, their kept columns) from the scoring calls that keep columns token by token
     for plan, heads, per_head in scoring_groups(heads_of):
-        idx = torch.tensor(heads, device=chunk.q.device)
+        idx = constant_on(heads, chunk.q.device)
         kv_ids = tuple(chunk.kv_head_ids[h] for h in heads) if chunk.kv_head_ids is not None else None
         sub = ChunkContext(chunk.q[:, idx], chunk.kv_head_of[idx], chunk.kv, chunk.block_table,
                            chunk.context_len, chunk.block_size, chunk.scale, kv_ids, chunk.kernels)
@@ -149,7 +150,7 @@ def select_per_kv_head(scores: torch.Tensor, kv_ids: list[int], budget, select, 
         return select(group_mean_scores(scores, n), budget, first_query_block).repeat_interleave(n, 0)
     mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     for m in members:
-        idx = torch.tensor(m, device=scores.device)
+        idx = constant_on(m, scores.device)
         mask[idx] = select(group_mean_scores(scores[idx], len(m)), budget, first_query_block).expand(len(m), -1, -1)
     return mask
 

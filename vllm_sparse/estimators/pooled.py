@@ -20,6 +20,7 @@ from pydantic import Field
 
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
+from vllm_sparse.transfer import constant_on
 
 
 class PooledParams(EstimatorParams):
@@ -34,9 +35,7 @@ def proxy_mask(chunk: ChunkContext, n: int) -> torch.Tensor:
     for g in dict.fromkeys(ids):
         members = [h for h, k in enumerate(ids) if k == g]
         picked += [members[i] for i in torch.linspace(0, len(members) - 1, min(n, len(members))).round().long()]
-    mask = torch.zeros(len(ids), dtype=torch.bool)
-    mask[picked] = True
-    return mask.to(chunk.q.device)
+    return constant_on([h in picked for h in range(len(ids))], chunk.q.device, torch.bool)
 
 
 @register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)",

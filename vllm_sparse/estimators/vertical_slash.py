@@ -22,6 +22,7 @@ from pydantic import Field
 from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext, _sum_last_dim_in_blocks
 from vllm_sparse.estimators.registry import EstimatorParams, register_estimator
 from vllm_sparse.estimators.row_scores import line_masses
+from vllm_sparse.transfer import constant_on
 
 
 class VerticalSlashParams(EstimatorParams):
@@ -77,7 +78,7 @@ def _kept_columns(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tenso
     out = torch.full((x.shape[0], width), COLUMN_PAD, dtype=torch.int32, device=x.device)
     rank = _ranked(x, always)
     for k in dict.fromkeys(sizes):
-        idx = torch.tensor([h for h, size in enumerate(sizes) if size == k], device=x.device)
+        idx = constant_on([h for h, size in enumerate(sizes) if size == k], x.device)
         k = min(k, x.shape[-1])
         out[idx, :k] = rank[idx].topk(k, dim=-1).indices.sort(-1).values.int()
     return out
@@ -89,7 +90,7 @@ def _keep_lines(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tensor:
         return _topk_only(x, sizes[0], always)
     keep = torch.empty_like(x, dtype=torch.bool)
     for k in dict.fromkeys(sizes):
-        idx = torch.tensor([h for h, size in enumerate(sizes) if size == k], device=x.device)
+        idx = constant_on([h for h, size in enumerate(sizes) if size == k], x.device)
         keep[idx] = _topk_only(x[idx], k, always)
     return keep
 
