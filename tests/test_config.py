@@ -408,3 +408,33 @@ def test_every_environment_variable_is_declared_in_envs():
     assert envs.get("VLLM_SPARSE_WORKSPACE_MIB") == (os.environ.get("VLLM_SPARSE_WORKSPACE_MIB") or "512")
     with pytest.raises(KeyError, match="VLLM_SPARSE_WORKSPACE_MB is not a declared"):
         envs.get("VLLM_SPARSE_WORKSPACE_MB")
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    f = tmp_path / "twice.yaml"
+    f.write_text("version: 1\nmodels:\n  - match: {architectures: [LlamaForCausalLM]}\n"
+                 "    layers:\n      - {layers: all, estimator: {name: sink_local}}\n"
+                 "    layers:\n      - {layers: 0, dense: true}\n")
+    with pytest.raises(SparseConfigError) as e:
+        load_config(f)
+    assert "'layers' appears twice" in str(e.value) and "first at line 4" in str(e.value) and "line 6" in str(e.value)
+
+
+def test_an_open_range_starting_beyond_the_model_is_an_error():
+    (path, msg), = problems_of(entry(layers=[{"layers": "7-"}]))
+    assert path == "models[0].layers[0].layers" and "layer 7 is beyond the model" in msg
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "heads": [{"heads": "9-"}]}]))
+    assert path == "models[0].layers[0].heads[0].heads" and "head 9 is beyond the model" in msg
+    assert resolve_plan(parse_config(entry(layers=[{"layers": "2-", "estimator": {"name": "sink_local"}}]), "t"),
+                        LLAMA, "t").layers[3].is_sparse  # (an open range still runs to the last layer)
+
+
+def test_an_antidiagonal_stride_that_does_not_divide_the_block_is_refused_at_start():
+    cfg = entry(defaults={"block_size": 64}, layers=[
+        {"layers": 0, "estimator": {"name": "antidiagonal", "stride": 16}},
+        {"layers": 1, "heads": [{"heads": "0-3", "estimator": {"name": "antidiagonal", "stride": 32}},
+                                {"heads": "4-7", "estimator": {"name": "antidiagonal", "stride": 3}}]}])
+    cfg["defaults"] = cfg["models"][0].pop("defaults")
+    (path, msg), = problems_of(cfg)
+    assert path == "models[0].layers[1].heads[1].estimator"
+    assert "layer 1 head 4: antidiagonal stride 3 must divide the block size 64" in msg

@@ -260,7 +260,8 @@ def _expand(selector, limit: int, what: str, shape: ModelShape | None) -> list[i
             out.add(item)
         else:
             lo, hi = item.split("-")
-            out.update(range(int(lo), int(hi) + 1 if hi else limit))
+            # (an open range that starts beyond the model keeps its start, so that the check below names it)
+            out.update(range(int(lo), int(hi) + 1 if hi else max(limit, int(lo) + 1)))
     bad = sorted(i for i in out if i >= limit)
     if bad:
         raise ValueError(f"{what} {bad[0]} is beyond the model, which has {limit} {what}s (0-{limit - 1})")
@@ -341,7 +342,14 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
                 continue
             for q in range(shape.num_q_heads):
                 hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
-                heads[layer][q] = _head_plan(hrule, rule, entry, cfg)
+                hp = heads[layer][q] = _head_plan(hrule, rule, entry, cfg)
+                stride = getattr(hp.params, "stride", None) if hp is not None else None
+                if stride and setting("block_size") % stride:  # (the kernels would refuse it mid-request)
+                    hpath = f"{rpath}.heads[{head_rule_of[q]}]" if hrule is not None else rpath
+                    if all(p != f"{hpath}.estimator" for p, _ in problems):
+                        problems.append((f"{hpath}.estimator", (
+                            f"layer {layer} head {q}: {hp.estimator} stride {stride} must divide the block size "
+                            f"{setting('block_size')}")))
                 if hrule is not None and hrule.decode is not None:
                     decode[layer][q] = (hrule.decode, f"{rpath}.heads[{head_rule_of[q]}].decode")
                 elif rule.decode is not None:
