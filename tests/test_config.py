@@ -438,3 +438,17 @@ def test_an_antidiagonal_stride_that_does_not_divide_the_block_is_refused_at_sta
     (path, msg), = problems_of(cfg)
     assert path == "models[0].layers[1].heads[1].estimator"
     assert "layer 1 head 4: antidiagonal stride 3 must divide the block size 64" in msg
+
+
+@pytest.mark.parametrize("sparse, needle", [
+    ({"confg": "plan.yaml"}, "sparse.confg: unknown key 'confg'"),
+    ({"config": ""}, "sparse.config: expected the path of a plan (YAML), got ''"),
+    ({"config": 123}, "sparse.config: expected the path of a plan (YAML), got 123"),
+    ({}, "sparse.config: expected the path of a plan (YAML), got None"),
+    ("plan.yaml", "sparse: expected {\"config\": PATH}, got str"),
+])
+def test_an_unusable_additional_config_is_an_error_not_discovery(sparse, needle, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(SparseConfigError) as e:
+        find_config({"sparse": sparse}, LLAMA)
+    assert needle in str(e.value) and "--additional-config" in str(e.value)

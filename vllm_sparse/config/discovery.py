@@ -33,10 +33,19 @@ def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str
     A shipped config applies on its own only where its matching entry's provenance is measured or
     published; one that matches but is calibrated (or says nothing of what backs it) is skipped with one
     log line: such a plan is applied only when named by path."""
-    sparse = (additional_config or {}).get("sparse") or {}
-    if not isinstance(sparse, dict):
-        raise SparseConfigError("--additional-config", [("sparse", 'expected {"config": PATH}')])
-    if sparse.get("config"):
+    sparse = (additional_config or {}).get("sparse")
+    if sparse is not None:  # an explicit setting: refused when it cannot be read, never passed over for discovery
+        problems = []
+        if not isinstance(sparse, dict):
+            problems.append(("sparse", f'expected {{"config": PATH}}, got {type(sparse).__name__}'))
+        else:
+            problems += [(f"sparse.{k}", f"unknown key {k!r}; the only key is 'config' (a plan's path)")
+                         for k in sparse if k != "config"]
+            path = sparse.get("config")
+            if not isinstance(path, str) or not path.strip():
+                problems.append(("sparse.config", f"expected the path of a plan (YAML), got {path!r}"))
+        if problems:
+            raise SparseConfigError("--additional-config", problems)
         return Path(sparse["config"]), "--additional-config"
     if envs.get(ENV_VAR):
         return Path(envs.get(ENV_VAR)), ENV_VAR
