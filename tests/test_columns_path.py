@@ -83,3 +83,26 @@ def test_columns_read_token_by_token_equal_masked_attention(kernel):
     # The same plan in blocks (`crossed`) reads every block a column lies in: more than the columns alone.
     crossed = chunk_block_mask(ctx, [_plan(12, 16, "crossed")] * HQ)
     assert int(crossed.sum()) > int(mask.sum())
+
+
+def test_fa3_forced_with_column_layers_is_refused_at_start(monkeypatch):
+    from vllm_sparse.backend.checks import check_forced_kernel
+    from vllm_sparse.config.errors import SparseConfigError
+    from vllm_sparse.config.loader import parse_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    shape = ModelShape("m", ("LlamaForCausalLM",), 3, 4, 2)
+
+    def plan(blocks):
+        est = {"name": "vertical_slash", "vertical_size": 64, "slash_size": 64, "blocks": blocks}
+        return resolve_plan(parse_config({"version": 1, "models": [{
+            "match": {"architectures": ["LlamaForCausalLM"]},
+            "layers": [{"layers": "1-2", "estimator": est, "budget": {"top_p": 1.0}}]}]}, "t.yaml"), shape, "t.yaml")
+
+    monkeypatch.setenv("VLLM_SPARSE_KERNEL", "fa3")
+    with pytest.raises(SparseConfigError) as e:
+        check_forced_kernel(plan("columns"), "fa3")
+    assert "VLLM_SPARSE_KERNEL=fa3, but layers [1, 2] keep key columns token by token" in str(e.value)
+    check_forced_kernel(plan("crossed"), "fa3")  # blocks only: FA3 runs them
+    monkeypatch.delenv("VLLM_SPARSE_KERNEL")
+    check_forced_kernel(plan("columns"), "fa3")  # chosen by device: the column layers go to Triton, as designed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sparse import compat
+from vllm_sparse import compat, envs
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.sharding import head_shard
 from vllm_sparse.log import logger
@@ -104,6 +104,19 @@ def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
                 f"layer {lp.index} ({name}) has per-head fp8 scales ({', '.join(per_head)}); the sparse path reads "
                 "fp8 caches with per-tensor scales: use --kv-cache-dtype auto, or a plan that keeps this layer "
                 "dense"))])
+
+
+def check_forced_kernel(plan, kernel: str | None) -> None:
+    """`VLLM_SPARSE_KERNEL=fa3` with layers that keep key columns token by token: their chunks need the Triton
+    kernel (the column pass joins the block pass by the log-sum-exp it writes), so the setting cannot be honoured
+    there: stop at start rather than run Triton in its place. (Chosen by device, FA3 leaves them to Triton.)"""
+    from vllm_sparse.backend.kernel_choice import ENV_VAR
+
+    if kernel == "fa3" and envs.get(ENV_VAR) == "fa3" and column_layers(plan):
+        raise SparseConfigError(plan.source, [(ENV_VAR, (
+            f"{ENV_VAR}=fa3, but layers {column_layers(plan)} keep key columns token by token (vertical_slash "
+            "blocks: columns), which only the Triton kernel attends: unset it (FA3 then runs the other layers), "
+            "or use blocks: crossed"))])
 
 
 def check_fp8_query_input(plan, kernel: str | None, cache_dtype: str, quantizes_queries: bool) -> None:

@@ -13,7 +13,14 @@ from collections.abc import Callable
 import torch
 
 from vllm_sparse import compat
-from vllm_sparse.backend.checks import check_fp8_query_input, check_head_size, fp8_cache, layer_index, rank_shard
+from vllm_sparse.backend.checks import (
+    check_forced_kernel,
+    check_fp8_query_input,
+    check_head_size,
+    fp8_cache,
+    layer_index,
+    rank_shard,
+)
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
@@ -66,6 +73,7 @@ class SparseImplMixin:
         # The sparse chunks' attention kernel, chosen once (VLLM_SPARSE_KERNEL or by device), not per call.
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._kernel = selected_kernel(device) if self._shard is not None and self._plan.is_sparse else None
+        check_forced_kernel(self._plan, self._kernel)
         # An fp8 cache (`checks.kv_cache_problem`): vLLM quantizes the queries for FA3, the sparse path reads both.
         self._fp8_cache = fp8_cache(getattr(self, "kv_cache_dtype", "auto"))
         self._fp8_dtype = compat.fp8_dtype() if self._fp8_cache else None  # (resolved once, not per forward)
