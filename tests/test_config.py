@@ -452,3 +452,31 @@ def test_an_unusable_additional_config_is_an_error_not_discovery(sparse, needle,
     with pytest.raises(SparseConfigError) as e:
         find_config({"sparse": sparse}, LLAMA)
     assert needle in str(e.value) and "--additional-config" in str(e.value)
+
+
+def test_decode_selection_is_off_on_an_engine_shorter_than_its_threshold(tmp_path, caplog):
+    """A plan's decode selection starts at decode.dense_below tokens of context: on an engine whose max_model_len is
+    shorter it could never run, so the engine's plan keeps decode on vLLM's attention (no page summaries, no
+    workspace) and says so once."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend import plan_cache
+
+    f = tmp_path / "decode.yaml"
+    f.write_text(yaml.safe_dump(entry(decode={"estimator": "quest", "top_k_tokens": 1024, "dense_below": 8192},
+                                      layers=[{"layers": "all", "estimator": {"name": "sink_local"}}])))
+    hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2)
+
+    def engine(max_len):
+        return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, model="org/llama-3-tiny",
+                                                            max_model_len=max_len),
+                               additional_config={"sparse": {"config": str(f)}}, speculative_config=None)
+
+    caplog.set_level("INFO", logger="vllm.sparse")
+    short = plan_cache.plan_for(engine(4096))
+    assert not short.is_sparse_decode and not short.needs_summaries and short.is_sparse  # prefill stays sparse
+    said = [r.getMessage() for r in caplog.records if "decode selection" in r.getMessage()]
+    assert len(said) == 1 and "(quest, from 8192 tokens of context) is off on this engine: max_model_len 4096" \
+        in said[0]
+    assert plan_cache.plan_for(engine(8192)).decode == "quest"  # reached at 8192: on

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vllm_sparse.config.build import build_plan
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.plan import ModelShape, SparsePlan
+from vllm_sparse.log import logger
 
 _cache: dict[int, tuple[object, SparsePlan]] = {}
 
@@ -27,5 +28,13 @@ def plan_for(vllm_config) -> SparsePlan:
         raise SparseConfigError(plan.source, [("speculative_config", (
             "speculative decoding (--speculative-config) is not supported with a sparse plan; run without it, "
             "or with a config whose layers are all dense for this model"))])
+    max_len = getattr(getattr(vllm_config, "model_config", None), "max_model_len", None)
+    if plan.is_sparse_decode and max_len is not None and max_len < plan.decode_dense_below:
+        # Decode selection starts at decode.dense_below tokens of context, which this engine never reaches: its
+        # page summaries and workspace would take memory for nothing.
+        logger.info("vllm-sparse: decode selection (%s, from %d tokens of context) is off on this engine: "
+                    "max_model_len %d is shorter; its decode runs on vLLM's attention", plan.decode,
+                    plan.decode_dense_below, max_len)
+        plan = plan.without_decode()
     _cache[key] = (vllm_config, plan)
     return plan

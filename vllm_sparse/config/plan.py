@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,10 @@ class SparsePlan:
     @property
     def needs_summaries(self) -> bool:
         return any(layer.needs_summaries for layer in self.layers)
+
+    def without_decode(self) -> SparsePlan:
+        """The same plan with every layer's decode on vLLM's attention."""
+        return dataclasses.replace(self, layers=tuple(dataclasses.replace(lp, decode=()) for lp in self.layers))
 
     def tidal_selector_of(self, index: int) -> int | None:
         """For a layer that reuses a tidal selection: the selector layer it reads (else None)."""
