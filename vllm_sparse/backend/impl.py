@@ -17,6 +17,7 @@ from vllm_sparse.backend.checks import (
     check_forced_kernel,
     check_fp8_query_input,
     check_head_size,
+    column_layers,
     fp8_cache,
     layer_index,
     rank_shard,
@@ -95,7 +96,8 @@ class SparseImplMixin:
             self._temporaries = step_temporaries_bytes(
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
-                vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0)
+                vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0,
+                page_csr=self._kernel != "fa3" or bool(column_layers(self._plan)))
             if self._fp8_cache and self._plan.is_sparse_decode:  # decode dequantizes the step's fp8 queries
                 self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
                                         * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)

@@ -33,6 +33,10 @@ SCORE_ELEMENT_BYTES = 24
 LINE_ELEMENT_BYTES = 32
 # per (page list, union tile, context page): the FA3 page table (int32) and the tile's union (bool, by block).
 TABLE_ELEMENT_BYTES = 4
+# the same for the Triton kernel's page lists (`selection.pages.block_mask_to_page_csr`): the kept pages (bool),
+# their destinations (int64, twice while they are masked), the page ids they scatter (int32) and the output (int32);
+# tests/test_reserve_csr.py measures its peak on CPU.
+CSR_ELEMENT_BYTES = 25
 # per (q head, kept column) of a plan that reads columns token by token: the positions (int32), their union per
 # KV head sorted twice, and the top-k's indices (int64).
 COLUMN_ELEMENT_BYTES = 24
@@ -54,10 +58,12 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
 
 
 def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_chunk_tokens: int,
-                           max_model_len: int, page_size: int, head_dim: int = 0, query_itemsize: int = 0) -> int:
+                           max_model_len: int, page_size: int, head_dim: int = 0, query_itemsize: int = 0,
+                           page_csr: bool = False) -> int:
     """An upper bound on one sparse chunk-layer's temporaries (outside the workspace) for the largest chunk
     at `max_model_len`: what vLLM's memory profile must leave room for. `query_itemsize`: with an fp8 cache
-    (fp8 queries), the bytes of a dequantized query element (the model's dtype), else 0."""
+    (fp8 queries), the bytes of a dequantized query element (the model's dtype), else 0. `page_csr`: chunks go
+    through the Triton kernel's page lists (no FA3, or layers that keep columns), not FA3's tables."""
     head_plans = _head_plans(plan)
     if not head_plans:
         return 0
@@ -67,12 +73,12 @@ def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads:
     return dequantized + chunk_temporaries_bytes(
         local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size, page_size, plan.union_tile,
         plan.union_heads, any(hp.estimator == "vertical_slash" for hp in head_plans),
-        quantized_head_dim=head_dim if quantized else 0, kept_columns=columns)
+        quantized_head_dim=head_dim if quantized else 0, kept_columns=columns, page_csr=page_csr)
 
 
 def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,
                             page_size: int, union_tile: int | None, union_heads: bool, line_sums: bool,
-                            quantized_head_dim: int = 0, kept_columns: int = 0) -> int:
+                            quantized_head_dim: int = 0, kept_columns: int = 0, page_csr: bool = False) -> int:
     """The bound of `step_temporaries_bytes` for one chunk of `chunk_tokens` queries ending at `seq_len`
     (`quantized_head_dim`: the head size where an estimator quantizes strided rows, else 0; `kept_columns`:
     the most columns a head keeps token by token, else 0)."""
@@ -88,7 +94,7 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
     columns = q_heads * (min(kept_columns, seq_len) * COLUMN_ELEMENT_BYTES + chunk_tokens * 4) if kept_columns else 0
     return (columns + q_heads * query_blocks * kv_blocks * SCORE_ELEMENT_BYTES
             + (q_heads * seq_len * LINE_ELEMENT_BYTES if line_sums else 0)
-            + lists * tiles * (pages * TABLE_ELEMENT_BYTES + kv_blocks)
+            + lists * tiles * (pages * (CSR_ELEMENT_BYTES if page_csr else TABLE_ELEMENT_BYTES) + kv_blocks)
             + (quantized if quantized_head_dim else 0))
 
 
