@@ -35,8 +35,12 @@ LINE_ELEMENT_BYTES = 32
 TABLE_ELEMENT_BYTES = 4
 # the same for the Triton kernel's page lists (`selection.pages.block_mask_to_page_csr`): the kept pages (bool),
 # their destinations (int64, twice while they are masked), the page ids they scatter (int32) and the output (int32);
-# tests/test_reserve_csr.py measures its peak on CPU.
+# tests/test_reserve_measured.py measures its peak on CPU.
 CSR_ELEMENT_BYTES = 25
+# per (q head, KV block, head dim) of an estimator that scores pooled keys (`pooled`, `lowbit` with rows: pooled):
+# the block means (fp32, per KV head), their copy per q head (fp32), the low-bit copies and scales; measured up
+# to 11.7 on CPU (tests/test_reserve_measured.py).
+POOLED_ELEMENT_BYTES = 16
 # per (q head, kept column) of a plan that reads columns token by token: the positions (int32), their union per
 # KV head sorted twice, and the top-k's indices (int64).
 COLUMN_ELEMENT_BYTES = 24
@@ -69,19 +73,24 @@ def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads:
         return 0
     dequantized = local_q_heads * max_chunk_tokens * head_dim * query_itemsize  # `sparse_path.dequantize_queries`
     quantized = any(hp.estimator == "antidiagonal" and hp.params.bits for hp in head_plans)
+    pooled = any(hp.estimator == "pooled" or (hp.estimator == "lowbit" and hp.params.rows == "pooled")
+                 for hp in head_plans)
     columns = max((hp.params.vertical_size for hp in head_plans if hp.reads_columns), default=0)
     return dequantized + chunk_temporaries_bytes(
         local_q_heads, local_kv_heads, max_chunk_tokens, max_model_len, plan.block_size, page_size, plan.union_tile,
         plan.union_heads, any(hp.estimator == "vertical_slash" for hp in head_plans),
-        quantized_head_dim=head_dim if quantized else 0, kept_columns=columns, page_csr=page_csr)
+        quantized_head_dim=head_dim if quantized else 0, kept_columns=columns, page_csr=page_csr,
+        pooled_head_dim=head_dim if pooled else 0)
 
 
 def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_len: int, block_size: int,
                             page_size: int, union_tile: int | None, union_heads: bool, line_sums: bool,
-                            quantized_head_dim: int = 0, kept_columns: int = 0, page_csr: bool = False) -> int:
+                            quantized_head_dim: int = 0, kept_columns: int = 0, page_csr: bool = False,
+                            pooled_head_dim: int = 0) -> int:
     """The bound of `step_temporaries_bytes` for one chunk of `chunk_tokens` queries ending at `seq_len`
     (`quantized_head_dim`: the head size where an estimator quantizes strided rows, else 0; `kept_columns`:
-    the most columns a head keeps token by token, else 0)."""
+    the most columns a head keeps token by token, else 0; `pooled_head_dim`: the head size where an estimator
+    scores pooled keys, else 0)."""
     query_blocks = -(-chunk_tokens // block_size) + 1  # a chunk that starts mid-block spans one more
     kv_blocks = -(-seq_len // block_size)
     tiles = -(-query_blocks // (union_tile or query_blocks))
@@ -95,7 +104,8 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
     return (columns + q_heads * query_blocks * kv_blocks * SCORE_ELEMENT_BYTES
             + (q_heads * seq_len * LINE_ELEMENT_BYTES if line_sums else 0)
             + lists * tiles * (pages * (CSR_ELEMENT_BYTES if page_csr else TABLE_ELEMENT_BYTES) + kv_blocks)
-            + (quantized if quantized_head_dim else 0))
+            + (quantized if quantized_head_dim else 0)
+            + q_heads * kv_blocks * pooled_head_dim * POOLED_ELEMENT_BYTES)
 
 
 def _head_plans(plan: SparsePlan):
