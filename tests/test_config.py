@@ -480,3 +480,17 @@ def test_decode_selection_is_off_on_an_engine_shorter_than_its_threshold(tmp_pat
     assert len(said) == 1 and "(quest, from 8192 tokens of context) is off on this engine: max_model_len 4096" \
         in said[0]
     assert plan_cache.plan_for(engine(8192)).decode == "quest"  # reached at 8192: on
+
+
+@pytest.mark.parametrize("rule, needle", [
+    ({"layers": 0, "dense": True, "estimator": {"name": "sink_local"}}, "dense: true keeps these layers' prefill"),
+    ({"layers": 0, "heads": [{"heads": 1, "dense": True, "budget": {"top_k": 2}}]},
+     "dense: true keeps these heads' prefill"),
+    ({"layers": 0, "dense": True, "heads": [{"heads": 0}, {"heads": 1, "estimator": {"name": "sink_local"}}]},
+     "heads[1] sets an estimator or budget, but the layer rule says dense: true"),
+])
+def test_dense_beside_an_estimator_or_budget_is_an_error(rule, needle):
+    (path, msg), = problems_of(entry(layers=[rule]))
+    assert path.startswith("models[0].layers[0]") and needle in msg, (path, msg)
+    # dense prefill with a decode setting stays allowed
+    assert plan_of(entry(layers=[{"layers": 0, "dense": True, "decode": "dense"}]))

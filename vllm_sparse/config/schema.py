@@ -217,6 +217,14 @@ class Provenance(StrictModel):
         return self
 
 
+def _refuse_dense_with_prefill(rule, what: str) -> None:
+    """`dense: true` keeps the rule's prefill on vLLM's attention: an estimator or budget beside it would be
+    ignored without a word. (`decode` beside it is fine: decode has its own setting.)"""
+    if rule.dense and (rule.estimator is not None or rule.budget is not None):
+        raise ValueError(f"dense: true keeps {what}' prefill dense, so their estimator and budget would be ignored: "
+                         "drop one of them")
+
+
 def _build_models():
     spec = estimator_spec_type()
 
@@ -238,6 +246,11 @@ def _build_models():
         def _heads(cls, v):
             return _check_selector(v, ("all",))
 
+        @model_validator(mode="after")
+        def _dense_sets_no_prefill(self):
+            _refuse_dense_with_prefill(self, "these heads")
+            return self
+
     class LayerRule(StrictModel):
         layers: Selector = Field(
             description="layer index, range 'a-b' or 'a-' (to the last), list, 'all' or 'full_attention'")
@@ -256,6 +269,16 @@ def _build_models():
         @classmethod
         def _layers(cls, v):
             return _check_selector(v, LAYER_KEYWORDS)
+
+        @model_validator(mode="after")
+        def _dense_sets_no_prefill(self):
+            _refuse_dense_with_prefill(self, "these layers")
+            if self.dense:  # (a head rule under a dense layer would be ignored: say so instead)
+                for i, h in enumerate(self.heads):
+                    if not h.dense and (h.estimator is not None or h.budget is not None):
+                        raise ValueError(f"heads[{i}] sets an estimator or budget, but the layer rule says dense: "
+                                         "true (every head's prefill dense): drop one of them")
+            return self
 
     class Settings(StrictModel):
         block_size: int | None = Field(None, description="selection block in tokens: 16..1024, a power of two")
