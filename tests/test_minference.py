@@ -280,3 +280,25 @@ def test_stream_llm_keeps_the_blocks_of_minferences_a_shape(n_init, n_local, blo
         seen = (keys < n_init) | (keys > q - n_local)
         want[q // block, (keys[seen] // block).unique()] = True
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("text, needle", [('[{"0": ["vertical_and_slash", 10', "not JSON: "),
+                                          (None, "cannot read the file")])
+def test_an_unreadable_settings_file_is_a_clear_error(tmp_path, capsys, text, needle):
+    from vllm_sparse.cli.main import main
+
+    src = tmp_path / "settings.json"
+    if text is not None:
+        src.write_text(text)
+    out = tmp_path / "plan.yaml"
+    assert main(["import", "minference", str(src), "--model", str(_model_dir(tmp_path)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(src) in err and "Traceback" not in err
+
+
+def test_a_model_path_without_a_config_is_a_clear_error(tmp_path, capsys):
+    from vllm_sparse.cli.main import main
+
+    assert main(["plan", "configs/llama-3.yaml", "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "--model: cannot read the model's config.json" in err

@@ -277,7 +277,13 @@ def cmd_import(args) -> int:
     commit = f" at commit {args.commit}" if args.commit else " (commit not given)"
     source = f"MInference's per-head vertical-and-slash settings, github.com/microsoft/MInference " \
              f"minference/configs/{path.name}{commit}, imported by vllm-sparse import minference"
-    plan = plan_from_minference(json.loads(path.read_text()), shape, source, names, args.block_size, args.columns)
+    try:
+        settings = json.loads(path.read_text())
+    except OSError as e:
+        raise SparseConfigError(str(path), [("", f"cannot read the file: {e.strerror or e}")]) from None
+    except json.JSONDecodeError as e:
+        raise SparseConfigError(str(path), [("", f"not JSON: {e.msg} at line {e.lineno}, column {e.colno}")]) from None
+    plan = plan_from_minference(settings, shape, source, names, args.block_size, args.columns)
     # The written plan loads and fits the model (matched by its own name here: --names may name others).
     check = {**plan, "models": [{**plan["models"][0], "match": {"names": [*names, shape.name]}}]}
     resolve_plan(parse_config(check, args.out), shape, args.out, explicit=True)

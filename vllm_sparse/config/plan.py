@@ -66,7 +66,11 @@ class ModelShape:
         """The shape of a model directory or name, from its Hugging Face config (tools without an engine)."""
         from transformers import AutoConfig
 
-        return cls.from_hf_config(AutoConfig.from_pretrained(model), model)
+        try:
+            hf_config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:  # (no such directory, no config.json, an id with no hub to reach)
+            raise SparseConfigError(str(model), [("--model", f"cannot read the model's config.json: {e}")]) from None
+        return cls.from_hf_config(hf_config, model)
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, name: str) -> ModelShape:
