@@ -172,6 +172,10 @@ def test_every_problem_is_reported_at_once():
     ({"top_p": 1.5}, "less than or equal to 1"),
     ({"top_k": 4, "max_blocks": 2, "sink_blocks": 1, "local_blocks": 2}, "always kept"),
     ({"top_k": 4, "max_bloks": 2}, "allowed: keep_ratio, local_blocks, max_blocks"),
+    ({"top_p": float("nan")}, "finite number"),
+    ({"keep_ratio": float("inf")}, "finite number"),
+    ({"top_k": "8"}, "valid integer"),  # a string or a bool is not taken for a number
+    ({"top_k": True}, "valid integer"),
 ])
 def test_bad_budget(budget, needle):
     (path, msg), = problems_of(entry(budget=budget))

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: a string or a bool is not taken for a number ("8", true), nor a number for a bool; no NaN or inf.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
