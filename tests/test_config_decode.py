@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
-from tests.test_config import GEMMA, entry, plan_of, problems_of
+from tests.test_config import GEMMA, LLAMA, entry, plan_of, problems_of
 from vllm_sparse.config.loader import parse_config
-from vllm_sparse.config.plan import DecodeHeadPlan
+from vllm_sparse.config.plan import DecodeHeadPlan, resolve_plan
 from vllm_sparse.config.sharding import head_shard
 
 
@@ -127,3 +128,35 @@ def test_a_tidal_selector_on_a_sliding_window_layer_is_an_error():
                            GEMMA)
     assert problems == [("models[0].layers[1].decode", "layer 9 is a sliding-window layer: it cannot be a tidal "
                          "selector (its decode stays dense); choose a full-attention layer")]
+
+
+def test_a_builder_made_before_the_cache_has_pages_leaves_decode_to_the_real_one(monkeypatch):
+    """vLLM 0.32's CUDA-graph memory profile builds the attention builders over a minimal cache before it sets
+    `num_gpu_blocks`: decode selection then sits out (no page summaries sized for nothing) and joins in the
+    builders made for the real cache."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend import builder as builder_mod
+    from vllm_sparse.decode import memory
+
+    plan = resolve_plan(parse_config(entry(decode={"estimator": "quest", "top_k_tokens": 256, "dense_below": 1024},
+                                           layers=[{"layers": "all", "estimator": {"name": "sink_local"}}]), "t"),
+                        LLAMA, "t")
+    monkeypatch.setattr(builder_mod, "check_decode_layers", lambda *a: None)  # (reads a live engine's layers)
+    made = []
+    monkeypatch.setattr(builder_mod, "allocate_summaries", lambda *a: made.append(a))
+    spec = SimpleNamespace(block_size=16, num_kv_heads=2, head_size=64)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+
+    def engine(pages):
+        return SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=pages),
+                               model_config=SimpleNamespace(max_model_len=4096, dtype=torch.float16),
+                               scheduler_config=SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=512),
+                               compilation_config=SimpleNamespace(max_cudagraph_capture_size=8))
+
+    holder = SimpleNamespace(_plan=plan)
+    assert builder_mod.SparseBuilderMixin._prepare_decode(holder, spec, names, engine(None), torch.device("cpu")) \
+        is None and not made
+    rows = builder_mod.SparseBuilderMixin._prepare_decode(holder, spec, names, engine(64), torch.device("cpu"))
+    assert rows is not None and made and made[0][1] == 64  # the real cache's pages
+    assert memory.summaries_for(names[0]) is None  # (allocation stubbed: nothing left behind)

@@ -133,6 +133,8 @@ class SparseBuilderMixin:
         check_decode(self._plan, kv_cache_spec.block_size, vllm_config.model_config.max_model_len)
         check_decode_layers(vllm_config, layer_names, self._plan)
         pages = vllm_config.cache_config.num_gpu_blocks
+        if pages is None:  # vLLM 0.32's CUDA-graph memory profile builds builders over a minimal cache before it
+            return None  # sets the page count: decode selection joins when the real cache's builders are made
         summary_layers = [n for n in decode_layers if self._plan.layer(layer_index(n)).needs_summaries]
         # In the model's dtype, as reserved at load: summaries follow the keys vLLM writes (before an fp8 cache's
         # quantization; its spec dtype is bytes).
