@@ -160,3 +160,26 @@ def test_a_builder_made_before_the_cache_has_pages_leaves_decode_to_the_real_one
     rows = builder_mod.SparseBuilderMixin._prepare_decode(holder, spec, names, engine(64), torch.device("cpu"))
     assert rows is not None and made and made[0][1] == 64  # the real cache's pages
     assert memory.summaries_for(names[0]) is None  # (allocation stubbed: nothing left behind)
+
+
+def test_quest_summaries_under_pipeline_parallelism_are_refused_at_start():
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend.checks import check_summaries_pipeline
+    from vllm_sparse.config.errors import SparseConfigError
+
+    def plan(estimator):
+        spec = {"estimator": estimator, "top_k_tokens": 256, "dense_below": 1024}
+        if estimator == "tidal":
+            return resolve_plan(parse_config(entry(decode=spec, layers=[
+                {"layers": 0, "decode": {**spec, "selector": True}}]), "t"), LLAMA, "t")
+        return resolve_plan(parse_config(entry(decode=spec), "t"), LLAMA, "t")
+
+    def engine(pp):
+        return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pp))
+
+    with pytest.raises(SparseConfigError, match=r"quest decode on layers \[0, 1, 2, 3\] keeps page summaries, "
+                       r"which are not supported with pipeline_parallel_size=2"):
+        check_summaries_pipeline(plan("quest"), engine(2))
+    check_summaries_pipeline(plan("quest"), engine(1))
+    check_summaries_pipeline(plan("tidal"), engine(2))  # tidal keeps no summaries

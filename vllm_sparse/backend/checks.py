@@ -106,6 +106,18 @@ def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
                 "dense"))])
 
 
+def check_summaries_pipeline(plan, vllm_config) -> None:
+    """Quest's page summaries are reserved at load as a share of the KV cache computed over the model's layers;
+    under pipeline parallelism each rank's cache holds its own layers, whose share may be larger (and a rank
+    with none keeps the reservation): not supported, so stop at start rather than risk memory mid-request."""
+    pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1) or 1
+    if pp > 1 and plan.needs_summaries:
+        layers = [lp.index for lp in plan.layers if lp.needs_summaries]
+        raise SparseConfigError(plan.source, [("decode.estimator", (
+            f"quest decode on layers {layers} keeps page summaries, which are not supported with "
+            f"pipeline_parallel_size={pp}: use tidal decode (no summaries), or no pipeline parallelism"))])
+
+
 def check_forced_kernel(plan, kernel: str | None) -> None:
     """`VLLM_SPARSE_KERNEL=fa3` with layers that keep key columns token by token: their chunks need the Triton
     kernel (the column pass joins the block pass by the log-sum-exp it writes), so the setting cannot be honoured
