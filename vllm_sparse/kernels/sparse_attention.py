@@ -30,9 +30,10 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _lower_bound(IDX, lo, hi, target, ITERS: tl.constexpr):
-    """First position in the sorted IDX[lo:hi] whose value is >= target (branch-free)."""
-    for _ in tl.static_range(ITERS):
+def _lower_bound(IDX, lo, hi, target, iters):
+    """First position in the sorted IDX[lo:hi] whose value is >= target (branch-free; `iters` a runtime bound, so
+    that longer page lists reuse the compiled kernel instead of compiling one per power of two mid-request)."""
+    for _ in range(iters):
         live = lo < hi
         mid = (lo + hi) // 2
         v = tl.load(IDX + mid, mask=live, other=0)
@@ -112,14 +113,14 @@ def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_h
     return _softmax_step(acc, m_i, l_i, s, v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["search_iters"])
 def _sparse_paged_attention_kernel(
-    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale, v_scale,
+    Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale, v_scale, search_iters,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
     stride_ot, stride_oh, stride_bt,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, PACK_PAD: tl.constexpr,
     PAGE: tl.constexpr,
-    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_ITERS: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BT_ROWS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -145,9 +146,9 @@ def _sparse_paged_attention_kernel(
     q_min = context + m_tile * (BLOCK_M * PACK_PAD) // PACK  # the tile's first and last tokens
     q_max = tl.minimum(context + ((m_tile + 1) * (BLOCK_M * PACK_PAD) - 1) // PACK, seq_len - 1)
     # Pages [lo, full) end at or before q_min: every row sees all of them.
-    full = _lower_bound(INDICES, lo, hi, (q_min + 1) // PAGE, SEARCH_ITERS)
+    full = _lower_bound(INDICES, lo, hi, (q_min + 1) // PAGE, search_iters)
     # Pages [full, seen) start at or before q_max: some row sees part of them.
-    seen = _lower_bound(INDICES, full, hi, q_max // PAGE + 1, SEARCH_ITERS)
+    seen = _lower_bound(INDICES, full, hi, q_max // PAGE + 1, search_iters)
     n_full = (full - lo) * PAGE
     n_seen = (seen - lo) * PAGE
     n_unmasked = (n_full // BLOCK_N) * BLOCK_N
@@ -241,12 +242,12 @@ def sparse_paged_attention(
     _sparse_paged_attention_kernel[grid](
         q, kv.key, kv.value, out, lse, block_table,
         block_table_rows if block_table_rows is not None else query_start_loc,
-        query_start_loc, seq_lens, page_indptr, page_indices, scale * kv.k_scale * _LOG2E, kv.v_scale,
+        query_start_loc, seq_lens, page_indptr, page_indices, scale * kv.k_scale * _LOG2E, kv.v_scale, search_iters,
         q.stride(0), q.stride(1), kv.key.stride(0), kv.key.stride(1), kv.key.stride(2),
         kv.value.stride(0), kv.value.stride(1), kv.value.stride(2),
         out.stride(0), out.stride(1), block_table.stride(0),
         NUM_Q_HEADS=num_q_heads, GROUP=group, PACK=pack, PACK_PAD=pack_pad, PAGE=page, HEAD_D=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, SEARCH_ITERS=search_iters,
+        BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_BT_ROWS=block_table_rows is not None, WRITE_LSE=return_lse,
         num_warps=num_warps, num_stages=num_stages,
     )
