@@ -114,7 +114,8 @@ class SparseBuilderMixin:
                 self._has_sparse_layer = False
             else:
                 self.match_dense_builder(self._dense_builder)
-                warn_dense_layers(vllm_config, layer_names, self._plan)
+                # (a group whose sparse layers all run dense splits no step: no per-step classify and sub-build)
+                self._has_sparse_layer = warn_dense_layers(vllm_config, layer_names, self._plan) > 0
         if self._has_sparse_layer and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device), self._cache_dtype)
         # One builder per process counts prefill tokens (a model with several KV cache groups builds

@@ -174,17 +174,21 @@ def check_head_size(plan, head_size: int) -> None:
             "run this model with a config that keeps its layers dense"))])
 
 
-def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> None:
+def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> int:
     """At start, one line per layer the plan makes sparse whose attention has features the sparse path
-    lacks (sliding window, ALiBi, ...): those layers run dense."""
+    lacks (sliding window, ALiBi, ...): those layers run dense. -> how many of the group's layers the plan
+    makes sparse that do run sparse (0: the group's steps need no sparse split)."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
+    sparse = {name for name in layer_names if plan.layer(layer_index(name)).is_sparse}
     for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
         why = getattr(layer.impl, "unsupported", None)
-        if why and plan.layer(layer_index(name)).is_sparse:
+        if why and name in sparse:
             logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not support: it "
                            "runs dense", layer_index(name), name, ", ".join(why))
+            sparse.discard(name)
+    return len(sparse)
 
 
 def rank_shard(plan, num_heads: int, num_kv_heads: int):
