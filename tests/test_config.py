@@ -498,3 +498,11 @@ def test_dense_beside_an_estimator_or_budget_is_an_error(rule, needle):
     assert path.startswith("models[0].layers[0]") and needle in msg, (path, msg)
     # dense prefill with a decode setting stays allowed
     assert plan_of(entry(layers=[{"layers": 0, "dense": True, "decode": "dense"}]))
+
+
+def test_vertical_slash_crossed_or_columns_needs_a_top_p_one_budget():
+    est = {"name": "vertical_slash", "vertical_size": 64, "slash_size": 64, "blocks": "crossed"}
+    (path, msg), = problems_of(entry(layers=[{"layers": "all", "estimator": est, "budget": {"keep_ratio": 0.2}}]))
+    assert path == "models[0].layers[0].budget" and "layer 0 head 0: vertical_slash blocks: crossed" in msg
+    assert "top_p: 1.0" in msg
+    assert plan_of(entry(layers=[{"layers": "all", "estimator": est, "budget": {"top_p": 1.0}}])).layers[0].is_sparse

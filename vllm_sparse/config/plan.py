@@ -352,13 +352,12 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
             for q in range(shape.num_q_heads):
                 hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
                 hp = heads[layer][q] = _head_plan(hrule, rule, entry, cfg)
-                stride = getattr(hp.params, "stride", None) if hp is not None else None
-                if stride and setting("block_size") % stride:  # (the kernels would refuse it mid-request)
-                    hpath = f"{rpath}.heads[{head_rule_of[q]}]" if hrule is not None else rpath
-                    if all(p != f"{hpath}.estimator" for p, _ in problems):
-                        problems.append((f"{hpath}.estimator", (
-                            f"layer {layer} head {q}: {hp.estimator} stride {stride} must divide the block size "
-                            f"{setting('block_size')}")))
+                wrong = _head_plan_problem(hp, setting("block_size")) if hp is not None else None
+                if wrong:  # (one line per rule, naming the first layer and head it reaches)
+                    field, why = wrong
+                    hpath = f"{rpath}.heads[{head_rule_of[q]}].{field}" if hrule is not None else f"{rpath}.{field}"
+                    if all(p != hpath for p, _ in problems):
+                        problems.append((hpath, f"layer {layer} head {q}: {why}"))
                 if hrule is not None and hrule.decode is not None:
                     decode[layer][q] = (hrule.decode, f"{rpath}.heads[{head_rule_of[q]}].decode")
                 elif rule.decode is not None:
@@ -448,6 +447,18 @@ def _check_tidal(plans: list[tuple], decode, problems: list) -> None:
                 f"layer {layer} reads the blocks selector layer {selector[0]} chose, so its budget must be that "
                 f"layer's: top_k {plan.top_k_blocks}, sink {plan.sink_blocks}, local {plan.local_blocks} blocks "
                 f"vs {selector[1].top_k_blocks}, {selector[1].sink_blocks}, {selector[1].local_blocks}")))
+
+
+def _head_plan_problem(hp: HeadPlan, block_size: int) -> tuple[str, str] | None:
+    """(field, why) where an estimator's settings cannot run as written with this block size and budget."""
+    stride = getattr(hp.params, "stride", None)
+    if stride and block_size % stride:  # (the kernels would refuse it mid-request)
+        return "estimator", f"{hp.estimator} stride {stride} must divide the block size {block_size}"
+    blocks = getattr(hp.params, "blocks", None)
+    if blocks in ("crossed", "columns") and hp.budget.top_p != 1.0:  # (every crossed block scores alike)
+        return "budget", (f"{hp.estimator} blocks: {blocks} keeps the blocks its kept lines cross, which only a "
+                          "top_p: 1.0 budget keeps exactly (any other choice among them is arbitrary)")
+    return None
 
 
 def _head_plan(hrule, rule, entry, cfg) -> HeadPlan | None:
