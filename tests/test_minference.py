@@ -173,6 +173,9 @@ def test_import_writes_a_published_plan_whose_heads_carry_their_sizes(tmp_path, 
     (lambda d: d[9].__setitem__("3", ["block_sparse", 100, 800, 0.9]),
      "layer 9 head 3: pattern 'block_sparse': only 'vertical_and_slash' and 'stream_llm' are imported"),
     (lambda d: d[0].__setitem__("1", ["vertical_and_slash", -4, 800, 0.9]), "layer 0 head 1: sizes must be"),
+    (lambda d: d[0].__setitem__("1", ["vertical_and_slash", True, 800, 0.9]), "layer 0 head 1: sizes must be"),
+    (lambda d: d[4].__setitem__("07", ["vertical_and_slash", 100, 800, 0.9]),
+     "layer 4 head 07: q head 7 is given twice"),
 ])
 def test_import_names_the_layer_and_head_it_cannot_map(tmp_path, capsys, edit, message):
     import json

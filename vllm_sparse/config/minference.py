@@ -61,8 +61,11 @@ def plan_from_minference(data, shape: ModelShape, source: str, names: list[str],
                                  "are imported"))
                 continue
             v, s = setting[1], setting[2]
-            if not all(isinstance(x, int) and x >= 1 for x in (v, s)):
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (v, s)):
                 problems.append((f"layer {i} head {key}", f"sizes must be whole numbers >= 1, not {v!r}, {s!r}"))
+                continue
+            if int(key) in heads:  # ("1" and "01": one head given twice)
+                problems.append((f"layer {i} head {key}", f"q head {int(key)} is given twice"))
                 continue
             heads[int(key)] = (STREAM, v, s) if setting[0] == STREAM else (PATTERN, max(v, MIN_VERTICAL),
                                                                           max(s, MIN_SLASH))
