@@ -94,6 +94,11 @@ def test_explicit_sliding_layer_stays_dense_with_a_note():
     plan = plan_of(data, GEMMA)
     assert [layer.index for layer in plan.layers if layer.is_sparse] == [5]
     assert any("layer 0" in n and "sliding" in n for n in plan.notes)
+    # named beside `full_attention`, a sliding layer gets its note too; the keyword's own layers none
+    data["models"][0]["layers"] = [{"layers": ["full_attention", 3]}]
+    plan = plan_of(data, GEMMA)
+    assert [layer.index for layer in plan.layers if layer.is_sparse] == [5, 11, 17]
+    assert [n for n in plan.notes if "sliding" in n] == [n for n in plan.notes if "layer 3 " in n] and plan.notes
 
 
 def test_full_attention_on_non_hybrid_model_is_every_layer():

@@ -337,9 +337,13 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
                                  f"selected by {rpath}.heads[{head_rule_of[hclash[0]]}]"))
                 continue
             head_rule_of.update({i: h for i in hs})
-        explicit = not any(s in ("all", "full_attention") for s in
-                           (rule.layers if isinstance(rule.layers, list) else [rule.layers]))
+        # The layers the rule names by index or range (not by `all` / `full_attention`): a sliding-window one
+        # among them is worth a note (or, as a tidal selector, an error).
+        items = rule.layers if isinstance(rule.layers, list) else [rule.layers]
+        named = set(_expand([x for x in items if x not in ("all", "full_attention")], shape.num_layers, "layer",
+                            shape)) if any(x not in ("all", "full_attention") for x in items) else set()
         for layer in layers:
+            explicit = layer in named
             if not shape.is_full_attention(layer):
                 selector = [d for d in [rule.decode] + [h.decode for h in rule.heads]
                             if d is not None and d.estimator == "tidal" and d.selector]
