@@ -183,3 +183,23 @@ def test_quest_summaries_under_pipeline_parallelism_are_refused_at_start():
         check_summaries_pipeline(plan("quest"), engine(2))
     check_summaries_pipeline(plan("quest"), engine(1))
     check_summaries_pipeline(plan("tidal"), engine(2))  # tidal keeps no summaries
+
+
+def test_plan_prints_where_decode_selection_runs(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from vllm_sparse.cli.main import main
+
+    model = tmp_path / "llama-3-tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 512}))
+    cfg = tmp_path / "decode.yaml"
+    cfg.write_text(yaml.safe_dump(entry(decode={"estimator": "quest", "top_k_tokens": 256, "dense_below": 8192})))
+    assert main(["plan", str(cfg), "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "decode: block_tokens=64 dense_below=8192" in out  # (the default decode block)
+    assert "an engine whose max_model_len is under 8192 decodes on vLLM's attention and keeps no summaries" in out

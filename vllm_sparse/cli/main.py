@@ -118,7 +118,8 @@ def cmd_plan(args) -> int:
     if plan.is_sparse_decode:
         summaries = sum(layer.needs_summaries for layer in plan.layers)
         print(f"decode: block_tokens={plan.decode_block_tokens} dense_below={plan.decode_dense_below} "
-              f"(page summaries: 1/page_size of the KV cache of each of {summaries} Quest layer(s))")
+              f"(page summaries: 1/page_size of the KV cache of each of {summaries} Quest layer(s)); an engine whose "
+              f"max_model_len is under {plan.decode_dense_below} decodes on vLLM's attention and keeps no summaries")
     for note in plan.notes:
         print(f"note: {note}")
     rows = [("layer", "kind", "heads", "estimator", "budget", "decode")]
