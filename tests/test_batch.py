@@ -286,21 +286,3 @@ def test_plan_constants_are_made_once_per_device():
     assert constant_on((0, 2, 3), torch.device("cpu")) is a  # the per-layer paths reuse it: no copy per call
     mask = constant_on([True, False], torch.device("cpu"), torch.bool)
     assert mask.dtype == torch.bool and mask.tolist() == [True, False]
-
-
-@pytest.mark.parametrize("dense_below, first_block, rows, expect", [
-    (8192, 0, 80, 63),   # row 63's last token sees 8,192 tokens: not fewer, so it is a sparse row
-    (8193, 0, 80, 64),   # ... and with one more token of threshold, row 63 sees fewer throughout
-    (300, 0, 10, 4),     # rows 0-3 end by token 255; row 4 ends at 319, past 300
-    (8192, 60, 10, 3),   # a chunk starting at row 60: rows 60-62
-    (8192, 70, 10, 0),   # a chunk past the threshold: none
-    (8192, 0, 20, 20),   # a short chunk: all its rows
-])
-def test_dense_rows_are_the_rows_whose_tokens_all_see_fewer_than_dense_below(dense_below, first_block, rows, expect):
-    from types import SimpleNamespace
-
-    from vllm_sparse.backend.attention_mass import dense_rows
-
-    ctx = SimpleNamespace(block_size=128 if dense_below != 300 else 64, first_query_block=first_block,
-                          num_query_blocks=rows)
-    assert dense_rows(ctx, dense_below) == expect

@@ -50,9 +50,8 @@ def dense_attention_mass(ctx: ChunkContext, tokens: slice | None = None, max_ele
 
 
 def dense_rows(ctx: ChunkContext, dense_below: int) -> int:
-    """Query block rows at the chunk's start whose tokens all see fewer than `dense_below` tokens (row r's last
-    token sees (r + 1) x block_size tokens: fewer while r + 1 <= (dense_below - 1) // block_size)."""
-    return min(max((dense_below - 1) // ctx.block_size - ctx.first_query_block, 0), ctx.num_query_blocks)
+    """Query block rows at the chunk's start whose tokens all see fewer than `dense_below` tokens."""
+    return min(max(dense_below // ctx.block_size - ctx.first_query_block, 0), ctx.num_query_blocks)
 
 
 def row_unions(mask: torch.Tensor, tile: int, num_kv_heads: int) -> torch.Tensor:
