@@ -50,7 +50,8 @@ def dense_attention_mass(ctx: ChunkContext, tokens: slice | None = None, max_ele
 
 
 def dense_rows(ctx: ChunkContext, dense_below: int) -> int:
-    """Query block rows at the chunk's start whose tokens all see fewer than `dense_below` tokens."""
+    """Query block rows at the chunk's start whose tokens all lie before position `dense_below` (each sees at most
+    `dense_below` tokens): the rows that attend densely."""
     return min(max(dense_below // ctx.block_size - ctx.first_query_block, 0), ctx.num_query_blocks)
 
 
