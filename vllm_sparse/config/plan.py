@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_sparse.config.errors import SparseConfigError
-from vllm_sparse.config.schema import BudgetSpec, estimator_params
+from vllm_sparse.config.schema import LAYER_KEYWORDS, BudgetSpec, estimator_params
 from vllm_sparse.estimators.registry import EstimatorParams, get_estimator
 from vllm_sparse.selection.budget import Budget
 
@@ -340,8 +340,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
         # The layers the rule names by index or range (not by `all` / `full_attention`): a sliding-window one
         # among them is worth a note (or, as a tidal selector, an error).
         items = rule.layers if isinstance(rule.layers, list) else [rule.layers]
-        named = set(_expand([x for x in items if x not in ("all", "full_attention")], shape.num_layers, "layer",
-                            shape)) if any(x not in ("all", "full_attention") for x in items) else set()
+        named = set(_expand([x for x in items if x not in LAYER_KEYWORDS], shape.num_layers, "layer", shape))
         for layer in layers:
             explicit = layer in named
             if not shape.is_full_attention(layer):
