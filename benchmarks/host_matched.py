@@ -41,13 +41,11 @@ def line_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """Least squares y = a + b x -> (a, b); None for fewer than 3 points or one x."""
     if len(points) < 3:
         return None
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
+    try:
+        slope, intercept = statistics.linear_regression([p[0] for p in points], [p[1] for p in points])
+    except statistics.StatisticsError:  # (every x the same)
         return None
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b
+    return intercept, slope
 
 
 def compare(points: dict[str, list], bins: list[float]) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import host_probe, main_thread_sched  # noqa: E402
+from workload import summary as summary_of  # noqa: E402  (median, p90, n)
 
 KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
@@ -47,8 +48,7 @@ def sample(probes: int, pause_s: float) -> list[dict]:
 
 def summary(rows: list[dict], slow_ms: float) -> dict:
     ms = sorted(r["probe_ms"] for r in rows)
-    q = lambda f: ms[min(len(ms) - 1, int(f * len(ms)))]  # noqa: E731
-    out = {"n": len(ms), "min": ms[0], "median": q(0.5), "p90": q(0.9), "max": ms[-1],
+    out = {**summary_of(ms), "min": ms[0], "max": ms[-1],
            "slow_share": sum(m >= slow_ms for m in ms) / len(ms), "cpus": sorted({r["cpu"] for r in rows} - {None})}
     ticks = [r["ticks"] for r in rows if "ticks" in r]
     if ticks:
