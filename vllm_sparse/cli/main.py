@@ -268,7 +268,7 @@ def cmd_import(args) -> int:
 
     import yaml
 
-    from vllm_sparse.config.loader import parse_config
+    from vllm_sparse.config.loader import parse_config, read_text
     from vllm_sparse.config.minference import plan_from_minference
     from vllm_sparse.config.plan import ModelShape, resolve_plan
 
@@ -279,9 +279,7 @@ def cmd_import(args) -> int:
     source = f"MInference's per-head vertical-and-slash settings, github.com/microsoft/MInference " \
              f"minference/configs/{path.name}{commit}, imported by vllm-sparse import minference"
     try:
-        settings = json.loads(path.read_text())
-    except OSError as e:
-        raise SparseConfigError(str(path), [("", f"cannot read the file: {e.strerror or e}")]) from None
+        settings = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise SparseConfigError(str(path), [("", f"not JSON: {e.msg} at line {e.lineno}, column {e.colno}")]) from None
     plan = plan_from_minference(settings, shape, source, names, args.block_size, args.columns)

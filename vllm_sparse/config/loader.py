@@ -32,13 +32,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path):
-    path = Path(path)
-    source = str(path)
+def read_text(path: str | Path) -> str:
+    """A config-stage input file's text; an unreadable one is a SparseConfigError naming it."""
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as e:
-        raise SparseConfigError(source, [("", f"cannot read the file: {e.strerror or e}")]) from None
+        raise SparseConfigError(str(path), [("", f"cannot read the file: {e.strerror or e}")]) from None
+
+
+def load_config(path: str | Path):
+    source = str(path)
+    text = read_text(path)
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as e:
