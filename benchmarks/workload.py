@@ -217,15 +217,20 @@ def other_threads_cpu_ms() -> dict[int, tuple[str, float]] | None:
         for tid in map(int, tids):
             if tid == me:
                 continue
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                stat = f.read()
-            name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+            name, fields = proc_stat(f"/proc/self/task/{tid}/stat")
             out[tid] = name, (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")  # utime + stime
     except FileNotFoundError:  # a thread ended while being read: read again
         return other_threads_cpu_ms()
     except (OSError, ValueError, IndexError):
         return None
     return out
+
+
+def proc_stat(path: str) -> tuple[str, list[str]]:
+    """A /proc .../stat file: the thread's name and the fields after it (field 3 on; a name may hold spaces)."""
+    with open(path) as f:
+        stat = f.read()
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
 
 
 def threads_cpu_delta(before: dict, after: dict) -> list:
@@ -246,8 +251,7 @@ def main_thread_sched() -> list[float] | None:
             run_ns, wait_ns, _ = f.read().split()
         with open("/proc/thread-self/status") as f:
             invol = next(int(line.split()[1]) for line in f if line.startswith("nonvoluntary_ctxt_switches"))
-        with open("/proc/thread-self/stat") as f:
-            cpu = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39, `processor`
+        cpu = int(proc_stat("/proc/thread-self/stat")[1][36])  # field 39, `processor`
     except (OSError, ValueError, IndexError, StopIteration):
         return None
     return [int(run_ns) / 1e6, int(wait_ns) / 1e6, invol, cpu]
