@@ -86,3 +86,77 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype
     finally:
         knobs.runtime.jit_cache_hook = before
     assert compiled == [], f"compiled after the warm-up: {compiled}"
+
+
+@pytest.mark.parametrize("config", ["llama-3-8b-decode-quest-4k", "llama-3-8b-decode-tidal-4k"])
+def test_no_decode_kernel_compiles_after_warm_up(monkeypatch, config):
+    """Decode steps after `warm_up_decode` (the builder's, at engine start) compile nothing: batches of 1 to 40
+    rows at 16K-32K contexts over vLLM 0.26's block table, every layer kind of the plan, and page-summary
+    updates of decode batches and prefill chunks. Its CPU twin (`test_decode_warmup.py`) checks the same by
+    compile keys, for every batch size up to the row limit."""
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from vllm_sparse.backend import warmup
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+    from vllm_sparse.config.sharding import head_shard
+    from vllm_sparse.decode import step
+    from vllm_sparse.decode.summaries import PageSummaries
+    from vllm_sparse.kernels.paged import PagedKV
+
+    dev, dtype, page, d, q_heads, kv_heads, rows_limit = torch.device("cuda"), torch.bfloat16, 16, 128, 32, 8, 40
+    max_model_len = 32768 + 48  # (a block table width that is not a multiple of 16)
+    shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), num_layers=32, num_q_heads=q_heads,
+                       num_kv_heads=kv_heads)
+    plan = resolve_plan(load_config(Path(__file__).parents[1] / f"benchmarks/configs/{config}.yaml"), shape, "test",
+                        explicit=True)
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=max_model_len, dtype=dtype,
+                                     get_num_attention_heads=lambda parallel: q_heads),
+        parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=rows_limit),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=0))
+    spec = SimpleNamespace(num_kv_heads=kv_heads, head_size=d, block_size=page, dtype=dtype)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(shape.num_layers)]
+    warmup.warm_up_decode(plan, names, spec, vllm_config, dev)
+
+    compiled = []
+
+    def hook(*, fn=None, **_):
+        if str(getattr(fn, "module", "")).startswith("vllm_sparse"):
+            compiled.append(fn.name)
+        return None
+
+    shard = head_shard(q_heads, kv_heads, 0, 1, "llama")
+    pages = 4096
+    cache = torch.randn(2, pages, page, kv_heads, d, device=dev, dtype=dtype)
+    kv = PagedKV.from_flash_cache(cache)
+    summ = PageSummaries(pages, kv_heads, d, page, dtype, dev)
+    summ.update(cache[0].flatten(0, 1), torch.arange(pages * page, device=dev))
+    width = -(-max_model_len // page)  # vLLM 0.26's block table width
+    table = torch.randint(0, pages, (rows_limit, width), dtype=torch.int32, device=dev)
+    before = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        layers = [step.DecodeLayer(plan.layer(i).decode_for(shard), summ if plan.layer(i).needs_summaries else None,
+                                   plan.decode_block_tokens, plan.decode_dense_below, rows_limit, max_model_len,
+                                   q_heads, d, dev, i, plan.tidal_selector_of(i)) for i in range(shape.num_layers)]
+        for rows in (1, 2, 3, 5, 8, 13, 21, 40):
+            qsl = torch.arange(rows + 1, dtype=torch.int32, device=dev)
+            seq_lens = torch.randint(16384, 32768, (rows,), dtype=torch.int32, device=dev)
+            decode_rows = step.DecodeRows(qsl, seq_lens, rows)
+            for layer in layers:
+                q = torch.randn(rows, q_heads, d, device=dev, dtype=dtype)
+                out = torch.full_like(q, float("nan"))
+                layer.attend(q, out, kv, table[:rows], decode_rows, d**-0.5)
+            torch.cuda.synchronize()
+            assert out.isfinite().all(), rows
+        if plan.needs_summaries:
+            for n in (1, 7, 16, 100, 16384):
+                summ.update(torch.randn(n, kv_heads, d, device=dev, dtype=dtype),
+                            torch.randint(0, pages * page, (n,), device=dev))
+            torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_cache_hook = before
+    assert compiled == [], f"compiled after the decode warm-up: {compiled}"

@@ -27,7 +27,7 @@ from vllm_sparse.backend.checks import (
 )
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.warmup import warm_up
+from vllm_sparse.backend.warmup import warm_up, warm_up_decode
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.decode.memory import allocate_summaries, drop_summaries
 from vllm_sparse.decode.step import decode_row_limit
@@ -118,6 +118,9 @@ class SparseBuilderMixin:
                 self._has_sparse_layer = warn_dense_layers(vllm_config, layer_names, self._plan) > 0
         if self._has_sparse_layer and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device), self._cache_dtype)
+        if self._decode is not None and torch.device(device).type == "cuda":
+            warm_up_decode(self._plan, layer_names, kv_cache_spec, vllm_config, torch.device(device),
+                           self._cache_dtype)
         # One builder per process counts prefill tokens (a model with several KV cache groups builds
         # each step once per group).
         counted = self._has_sparse_layer or self._decode is not None

@@ -106,6 +106,82 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         torch.cuda.synchronize(device)
 
 
+def decode_layer_kinds(plan: SparsePlan, layer_names: list[str], shard) -> dict[tuple[bool, bool, bool], int]:
+    """{(Quest heads, tidal selector, tidal reader): a layer index of that kind} over a KV cache group's layers
+    (each kind launches its own decode kernels; a layer with no decode heads is the kind of three Falses)."""
+    from vllm_sparse.backend.checks import layer_index
+
+    kinds: dict[tuple[bool, bool, bool], int] = {}
+    for name in layer_names:
+        idx = layer_index(name)
+        plans = [p for p in plan.layer(idx).decode_for(shard) if p is not None]
+        key = (any(p.estimator == "quest" for p in plans), any(p.estimator == "tidal" and p.selector for p in plans),
+               any(p.estimator == "tidal" and not p.selector for p in plans))
+        kinds.setdefault(key, idx)
+    return kinds
+
+
+def decode_row_counts(workspace, q_heads: int, kv_heads: int, head_size: int) -> list[int]:
+    """One batch size per split count the decode attention kernel takes for batches up to the workspace's rows."""
+    from vllm_sparse.decode.attention import attention_splits
+
+    counts: dict[int, int] = {}
+    for rows in range(1, workspace.rows + 1):
+        counts.setdefault(attention_splits(rows, q_heads, kv_heads, head_size, workspace.partial_out,
+                                           workspace.partial_ml), rows)
+    return list(counts.values())
+
+
+SUMMARY_TOKEN_COUNTS = (1, 16, 3)  # token counts Triton compiles apart: 1, a multiple of 16, another
+
+
+def warm_up_decode(plan: SparsePlan, layer_names: list[str], kv_cache_spec, vllm_config, device: torch.device,
+                   cache_dtype: str = "auto") -> None:
+    """Compile this KV cache group's decode kernels now, not in the first long decode step. Each kind of layer
+    (`decode_layer_kinds`) runs its decode path once per split count (`decode_row_counts`), on rows shorter than
+    the decode `dense_below` (the kernels launch and leave them alone) and a block table whose row stride falls
+    in the class Triton specializes vLLM's in (a multiple of 16 or not); Quest's page-summary update runs at
+    each of SUMMARY_TOKEN_COUNTS. CUDA-graph capture launches most of these anyway; an eager engine
+    (`enforce_eager`) launched none before its first long decode. `cache_dtype`: the group's kv_cache_dtype."""
+    from vllm_sparse.backend.checks import fp8_cache, rank_shard
+    from vllm_sparse.decode.step import DecodeLayer, DecodeRows, decode_row_limit
+    from vllm_sparse.decode.summaries import PageSummaries
+
+    spec, model = kv_cache_spec, vllm_config.model_config
+    q_heads = model.get_num_attention_heads(vllm_config.parallel_config)
+    kv_heads, d, page = spec.num_kv_heads, spec.head_size, spec.block_size
+    shard = rank_shard(plan, q_heads, kv_heads)
+    if shard is None:
+        return
+    t0 = time.perf_counter()
+    kv_dtype = compat.fp8_dtype() if fp8_cache(cache_dtype) else spec.dtype
+    kv = PagedKV.from_flash_cache(torch.randn(2, 2, page, kv_heads, d, device=device).to(kv_dtype))
+    if kv.quantized:
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
+    width = compat.block_table_width(model.max_model_len, page)
+    width = 16 + width % 16  # (only its class matters: rows this short read no page past the first)
+    for (quest, _, _), idx in decode_layer_kinds(plan, layer_names, shard).items():
+        summaries = PageSummaries(2, kv_heads, d, page, model.dtype, device) if quest else None
+        layer = DecodeLayer(plan.layer(idx).decode_for(shard), summaries, plan.decode_block_tokens,
+                            plan.decode_dense_below, decode_row_limit(vllm_config), model.max_model_len, q_heads, d,
+                            device, idx, plan.tidal_selector_of(idx))
+        for rows in decode_row_counts(layer.workspace, q_heads, kv_heads, d):
+            q = torch.randn(rows, q_heads, d, device=device).to(model.dtype)  # (fp8 queries come dequantized)
+            qsl = torch.arange(rows + 1, dtype=torch.int32, device=device)
+            seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
+            block_table = torch.zeros(rows, width, dtype=torch.int32, device=device)
+            layer.attend(q, torch.empty_like(q), kv, block_table, DecodeRows(qsl, seq_lens, host_sparse=rows),
+                         d**-0.5)
+        if summaries is not None:
+            for n in SUMMARY_TOKEN_COUNTS:  # (vLLM's slot mapping is int64)
+                summaries.update_kernel(torch.randn(n, kv_heads, d, device=device).to(model.dtype),
+                                        torch.arange(n, dtype=torch.int64, device=device))
+    torch.cuda.synchronize(device)
+    logger.info("vllm-sparse: decode kernels ready (%.1f s; compiled once, then loaded from Triton's cache)",
+                time.perf_counter() - t0)
+
+
 def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device, cache_dtype: str = "auto") -> None:
     """Compile the selection kernels this engine can launch, now rather than on the first long prompt.
     `cache_dtype`: the KV-cache group's kv_cache_dtype (`checks.group_cache_dtype`)."""

@@ -186,6 +186,15 @@ def split_count(rows: int, kv_heads: int, room: int) -> int:
     return min(MAX_SPLITS, pow2_floor(SPLIT_PROGRAMS // (rows * kv_heads)), pow2_floor(room))
 
 
+def attention_splits(rows: int, q_heads: int, kv_heads: int, head_size: int, partial_out: torch.Tensor,
+                     partial_ml: torch.Tensor) -> int:
+    """Splits per (row, KV head) for a batch of `rows`: as many as the split workspace holds for it (a
+    constexpr of the split kernel: the engine-start warm-up compiles one variant per value)."""
+    room = min(partial_ml.numel() // 2, partial_out.numel() // head_size) // (rows * q_heads)
+    assert room >= 1, "the decode workspace holds no split for this batch"
+    return split_count(rows, kv_heads, room)
+
+
 def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_lens, heads, selected, counts,
                      partial_out, partial_ml, output, *, block_tokens: int, scale: float, dense_below: int,
                      scores: torch.Tensor | None = None, score_heads=None) -> None:
@@ -199,9 +208,7 @@ def decode_attention(query, paged: PagedKV, block_table, query_start_loc, seq_le
     kv_heads = paged.num_kv_heads
     q_heads, d = query.shape[1], query.shape[2]
     group = q_heads // kv_heads
-    room = min(partial_ml.numel() // 2, partial_out.numel() // d) // (rows * q_heads)
-    assert room >= 1, "the decode workspace holds no split for this batch"
-    splits = split_count(rows, kv_heads, room)
+    splits = attention_splits(rows, q_heads, kv_heads, d, partial_out, partial_ml)
     po = partial_out.view(-1)[: rows * q_heads * splits * d].view(rows, q_heads, splits, d)
     pml = partial_ml.view(-1)[: rows * q_heads * splits * 2].view(rows, q_heads, splits, 2)
     key, value = paged.key, paged.value

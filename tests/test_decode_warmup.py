@@ -1,0 +1,124 @@
+"""The engine-start decode warm-up launches every decode kernel variant serving can launch (CPU twin of
+`test_warmup_gpu.py::test_no_decode_kernel_compiles_after_warm_up`).
+
+Triton compiles a kernel once per set of constexprs and per class of each integer argument (1, a multiple
+of 16, another) and pointer dtype. Here the kernels are recorders of exactly that key: the warm-up's keys
+must include those of decode steps at every batch size up to the row limit, over a block table as wide as
+vLLM's, and those of page-summary updates at any token count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_sparse.backend import warmup
+from vllm_sparse.config.loader import load_config
+from vllm_sparse.config.plan import ModelShape, resolve_plan
+from vllm_sparse.config.sharding import head_shard
+from vllm_sparse.decode import attention, select, step, summaries
+from vllm_sparse.decode.memory import decode_workspace
+from vllm_sparse.kernels.paged import PagedKV
+
+ROOT = Path(__file__).parents[1]
+KERNELS = [(attention, "_decode_split_kernel"), (attention, "_decode_merge_kernel"), (select, "_quest_scores_kernel"),
+           (select, "_segment_select_kernel"), (select, "_merge_select_kernel"), (summaries, "_update_kernel")]
+
+
+def compile_key(name, args, kwargs):
+    """What Triton compiles a launch apart by (pointer alignment aside: every tensor here starts a storage)."""
+    def cls(a):
+        if isinstance(a, torch.Tensor):
+            return str(a.dtype)
+        if isinstance(a, bool) or not isinstance(a, int):
+            return type(a).__name__
+        return "1" if a == 1 else "16" if a % 16 == 0 else "n"
+    return name, tuple(cls(a) for a in args), tuple(sorted(kwargs.items()))
+
+
+class Recorder:
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.add(compile_key(self.name, args, kwargs))
+
+
+class KernelPathLayer(step.DecodeLayer):
+    """A DecodeLayer that takes its CUDA path on CPU tensors (the kernels are recorders)."""
+
+    def __init__(self, plans, summ, block_tokens, dense_below, max_rows, max_model_len, q_heads, head_size, device,
+                 *args, **kwargs):
+        super().__init__(plans, summ, block_tokens, dense_below, max_rows, max_model_len, q_heads, head_size, device,
+                         *args, **kwargs)
+        kept = max((p.kept_blocks for p in plans if p), default=1)
+        self.workspace = decode_workspace(max_rows, q_heads, len(plans), head_size,
+                                          step.row_blocks(max_model_len, block_tokens), kept, device)
+
+    def attend(self, *args):
+        self._attend_kernels(*args)
+
+
+def engine(max_model_len, max_num_seqs, capture):
+    q_heads, kv_heads, d, page = 32, 8, 128, 16
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=max_model_len, dtype=torch.float16,
+                                     get_num_attention_heads=lambda parallel: q_heads),
+        parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+        compilation_config=SimpleNamespace(max_cudagraph_capture_size=capture))
+    spec = SimpleNamespace(num_kv_heads=kv_heads, head_size=d, block_size=page, dtype=torch.float16)
+    return vllm_config, spec
+
+
+@pytest.mark.parametrize("config", ["llama-3-8b-decode-quest-4k", "llama-3-8b-decode-tidal-4k"])
+@pytest.mark.parametrize("max_model_len", [131072, 131072 + 48], ids=["width-of-16s", "odd-width"])
+def test_decode_warm_up_launches_what_serving_launches(monkeypatch, config, max_model_len):
+    shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), num_layers=32, num_q_heads=32,
+                       num_kv_heads=8)
+    plan = resolve_plan(load_config(ROOT / f"benchmarks/configs/{config}.yaml"), shape, "test", explicit=True)
+    vllm_config, spec = engine(max_model_len, max_num_seqs=40, capture=0)
+    warmed, served = set(), set()
+    monkeypatch.setattr(step, "DecodeLayer", KernelPathLayer)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, Recorder(name, warmed))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(shape.num_layers)]
+    cpu = torch.device("cpu")
+    warmup.warm_up_decode(plan, names, spec, vllm_config, cpu)
+    assert any(k[0] == "_decode_split_kernel" for k in warmed)
+
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, Recorder(name, served))
+    shard = head_shard(32, 8, 0, 1, "llama")
+    kv_heads, d, page = spec.num_kv_heads, spec.head_size, spec.block_size
+    cache = torch.randn(2, 4, page, kv_heads, d, dtype=spec.dtype)
+    kv = PagedKV.from_flash_cache(cache)
+    width = -(-max_model_len // page)  # vLLM 0.26's block table: a row per request, a column per page
+    summ = summaries.PageSummaries(64, kv_heads, d, page, spec.dtype, cpu)
+    for i in range(len(names)):  # every layer, as serving runs them
+        lp = plan.layer(i)
+        layer = KernelPathLayer(lp.decode_for(shard), summ if lp.needs_summaries else None, plan.decode_block_tokens,
+                                plan.decode_dense_below, 40, max_model_len, 32, d, cpu, i, plan.tidal_selector_of(i))
+        for rows in range(1, 41):
+            q = torch.randn(rows, 32, d, dtype=spec.dtype)
+            qsl = torch.arange(rows + 1, dtype=torch.int32)
+            seq_lens = torch.full((rows,), max_model_len - 5, dtype=torch.int32)
+            block_table = torch.zeros(rows, width, dtype=torch.int32)
+            layer.attend(q, torch.empty_like(q), kv, block_table[:rows], step.DecodeRows(qsl, seq_lens, rows),
+                         d**-0.5)
+        if layer.summaries is not None:
+            for n in (1, 2, 7, 16, 17, 32, 100, 4096):  # decode batches and prefill chunks
+                summ.update_kernel(torch.randn(n, kv_heads, d, dtype=spec.dtype), torch.arange(n) % 1024)
+    assert served, "the serving steps launched no decode kernel"
+    assert served <= warmed, f"launched in serving, not at start: {sorted(served - warmed)}"
+
+
+def test_decode_row_counts_cover_every_split_count():
+    ws = decode_workspace(300, 32, 8, 128, 1024, 256, torch.device("cpu"))
+    counts = warmup.decode_row_counts(ws, 32, 8, 128)
+    splits = {attention.attention_splits(r, 32, 8, 128, ws.partial_out, ws.partial_ml) for r in range(1, 301)}
+    assert len(counts) == len(splits) > 1
+    assert {attention.attention_splits(r, 32, 8, 128, ws.partial_out, ws.partial_ml) for r in counts} == splits
