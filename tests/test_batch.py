@@ -32,7 +32,7 @@ def _common():
 
 
 def test_classify_sends_long_prefill_chunks_sparse():
-    chunks, dense_reqs, dense_tokens = classify(_common(), dense_below=300)
+    chunks, dense_reqs, dense_tokens = classify(_common(), min_context=300)
     assert chunks == [SparseChunk(req=1, q_start=1, q_end=101, context_len=300)]
     assert chunks[0].seq_len == 400
     assert dense_reqs.tolist() == [0, 2, 3]  # decodes stay dense however long; so do short prompts
@@ -42,9 +42,9 @@ def test_classify_sends_long_prefill_chunks_sparse():
 def test_chunks_shorter_than_a_block_stay_dense():
     """A few query tokens over a long cached context (a speculative verify step, a short suffix after
     a prefix-cache hit) read the cache like a decode: dense, however long the context."""
-    chunks, _, _ = classify(_common(), dense_below=300, min_query_len=128)
+    chunks, _, _ = classify(_common(), min_context=300, min_query_len=128)
     assert chunks == []  # the whole step keeps vLLM's own metadata
-    chunks, _, _ = classify(_common(), dense_below=300, min_query_len=100)
+    chunks, _, _ = classify(_common(), min_context=300, min_query_len=100)
     assert [c.req for c in chunks] == [1]
 
 
@@ -54,9 +54,9 @@ def test_chunks_with_too_little_work_stay_dense():
     work = 100 * 300 + 100 * 101 // 2
     assert chunk_work(torch.tensor(Q_LENS), torch.tensor(SEQ_LENS))[1] == work
     assert chunk_work(torch.tensor([1]), torch.tensor([50])).tolist() == [50]  # a decode row sees its context
-    chunks, reqs, _ = classify(_common(), dense_below=300, min_work=work + 1)
+    chunks, reqs, _ = classify(_common(), min_context=300, min_work=work + 1)
     assert chunks == []
-    chunks, reqs, _ = classify(_common(), dense_below=300, min_work=work)
+    chunks, reqs, _ = classify(_common(), min_context=300, min_work=work)
     assert [c.req for c in chunks] == [1] and reqs.tolist() == [0, 2, 3]
 
 
@@ -87,10 +87,10 @@ def test_requests_with_bidirectional_multimodal_ranges_stay_dense_and_keep_their
     import dataclasses
 
     cm = dataclasses.replace(_common(), mm_req_doc_ranges={1: [(310, 340)], 2: [(0, 10)]})
-    chunks, reqs, tokens = classify(cm, dense_below=300)
+    chunks, reqs, tokens = classify(cm, min_context=300)
     assert chunks == []  # the only long prefill has image tokens: the whole step stays dense
     cm = dataclasses.replace(_common(), mm_req_doc_ranges={2: [(0, 10)]})
-    chunks, reqs, tokens = classify(cm, dense_below=300)
+    chunks, reqs, tokens = classify(cm, min_context=300)
     assert [c.req for c in chunks] == [1] and reqs.tolist() == [0, 2, 3]
     sub = compat.slice_common_metadata(cm, reqs, tokens)
     assert sub.mm_req_doc_ranges == {1: [(0, 10)]}  # request 2 is the subset's request 1
@@ -105,7 +105,7 @@ def test_every_batch_metadata_field_of_this_vllm_has_a_rule_and_an_unknown_one_s
 
 def test_dense_subset_metadata():
     cm = _common()
-    _, reqs, tokens = classify(cm, dense_below=300)
+    _, reqs, tokens = classify(cm, min_context=300)
     sub = compat.slice_common_metadata(cm, reqs, tokens)
     assert sub.num_reqs == 3 and sub.num_actual_tokens == 32 and sub.max_query_len == 30 and sub.max_seq_len == 700
     assert sub.query_start_loc_cpu.tolist() == [0, 1, 31, 32] and sub.query_start_loc.tolist() == [0, 1, 31, 32]
@@ -219,8 +219,8 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
 
     sparse_layer = SimpleNamespace(is_sparse=True, is_sparse_decode=False)
     plan = SimpleNamespace(layer=lambda i: sparse_layer, layers=[sparse_layer], source="x.yaml", block_size=64,
-                           union_tile=None, dense_below=300, min_query_tokens=2, min_chunk_work=0,
-                           query_token_floor=lambda kind: 2, chunk_work_floor=lambda kind: 0)
+                           union_tile=None, dense_below=300, sparse_context_floor=300, min_query_tokens=2,
+                           min_chunk_work=0, query_token_floor=lambda kind: 2, chunk_work_floor=lambda kind: 0)
     monkeypatch.setattr(builder_mod, "plan_for", lambda vllm_config: plan)
     monkeypatch.setattr(builder_mod, "worker_metrics", lambda *a: None)
     vllm_config = SimpleNamespace(
@@ -270,7 +270,7 @@ def test_the_dense_subset_indexes_host_fields_on_the_host():
     meta = {f: getattr(cm, f).to("meta") for f in ("query_start_loc", "seq_lens", "block_table_tensor",
                                                     "slot_mapping", "positions")}
     cm = dataclasses.replace(cm, **meta)
-    _, reqs, tokens = classify(cm, dense_below=300)
+    _, reqs, tokens = classify(cm, min_context=300)
     sub = compat.slice_common_metadata(cm, reqs, tokens)
     assert sub.seq_lens_cpu_upper_bound.tolist() == [SEQ_LENS[0], SEQ_LENS[2], SEQ_LENS[3]]
     assert sub.query_start_loc_cpu.tolist() == [0, 1, 31, 32]
@@ -286,3 +286,28 @@ def test_plan_constants_are_made_once_per_device():
     assert constant_on((0, 2, 3), torch.device("cpu")) is a  # the per-layer paths reuse it: no copy per call
     mask = constant_on([True, False], torch.device("cpu"), torch.bool)
     assert mask.dtype == torch.bool and mask.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("dense_below", [1024, 1000, 1152, 128, 0])
+def test_sparse_context_floor_is_the_first_context_with_a_row_past_the_dense_rows(dense_below):
+    """A chunk that goes sparse has a query block that does not attend densely (`dense_rows`); with a block-aligned
+    dense_below, every chunk that has one goes sparse. A chunk ending exactly at a block-aligned dense_below has
+    none, so it stays dense (it would estimate and select for rows that read every block)."""
+    from vllm_sparse.backend.attention_mass import dense_rows
+    from vllm_sparse.config.plan import SparsePlan
+    from vllm_sparse.estimators.base import ChunkContext
+
+    bs = 128
+    floor = SparsePlan("test", "m", bs, dense_below, (), 1, 1).sparse_context_floor
+    assert floor >= dense_below
+    for seq_len in range(max(1, floor - 2 * bs - 3), floor + 2 * bs + 3):
+        for q_len in {1, 2, 127, 128, 129, 300, seq_len}:
+            if q_len > seq_len:
+                continue
+            ctx = ChunkContext(torch.empty(q_len, 1, 1), torch.zeros(1, dtype=torch.long), None, torch.empty(0),
+                               seq_len - q_len, bs, 1.0)
+            has_sparse_row = dense_rows(ctx, dense_below) < ctx.num_query_blocks
+            if seq_len >= floor:
+                assert has_sparse_row, (seq_len, q_len)
+            elif dense_below % bs == 0:  # (else the block holding dense_below is partly before it: dense too)
+                assert not has_sparse_row, (seq_len, q_len)

@@ -63,12 +63,13 @@ def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | 
     return tuple(zip(views[0::2], views[1::2]))
 
 
-def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0
+def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
              ) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
 
     A chunk goes sparse when all of these hold:
-    - its request's context, this chunk included, reaches `dense_below` tokens;
+    - its request's context, this chunk included, reaches `min_context` tokens (the plan's
+      `sparse_context_floor`: some of its query blocks lie past those that attend densely);
     - it has at least `min_query_len` query tokens (the plan's `min_query_tokens`: a decode step, a
       speculative verify step or a short suffix after a prefix-cache hit reads the cache like a decode);
     - its attention work (`chunk_work`) reaches `min_work` token pairs (the plan's `min_chunk_work`):
@@ -78,7 +79,7 @@ def classify(cm, dense_below: int, min_query_len: int = 2, min_work: int = 0
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
     q_lens = qsl[1:] - qsl[:-1]
-    sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= dense_below)
+    sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= min_context)
     if min_work > 0:
         sparse &= chunk_work(q_lens.long(), seq_lens.long()) >= min_work
     # Requests with multimodal tokens that attend bidirectionally (PrefixLM) stay on the dense path,

@@ -98,6 +98,7 @@ class SparseBuilderMixin:
         self._cache_dtype = group_cache_dtype(vllm_config, layer_names)  # (this group's: skip layers keep 16 bits)
         kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
         self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
+        self._min_context = self._plan.sparse_context_floor
         if self._has_sparse_layer or any(self._plan.layer(layer_index(n)).is_sparse_decode for n in layer_names):
             problems = kv_problems(vllm_config, self._cache_dtype)  # one rule for prefill and decode, at start
             if problems:
@@ -163,7 +164,7 @@ class SparseBuilderMixin:
         md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
         chunks, dense_reqs, dense_tokens = [], None, None
         if self._has_sparse_layer:
-            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._plan.dense_below,
+            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._min_context,
                                                         self._min_query, self._min_work)
         if self._metrics is not None:
             count_step_tokens(self._metrics, common_attn_metadata, chunks,

@@ -218,6 +218,13 @@ class SparsePlan:
             return self.min_chunk_work
         return AUTO_MIN_CHUNK_WORK.get(device_type, AUTO_MIN_CHUNK_WORK["cuda"])
 
+    @property
+    def sparse_context_floor(self) -> int:
+        """The least context (a chunk's own tokens included) at which a chunk has a query block past the rows that
+        attend densely (`dense_rows`: those whose tokens all lie before dense_below). A chunk ending exactly at a
+        block-aligned dense_below has none: run sparse, it would estimate and select for rows that read every block."""
+        return max(self.dense_below, self.dense_below // self.block_size * self.block_size + 1)
+
     def query_token_floor(self, device_type: str) -> int:
         """Query tokens a prefill chunk needs to go sparse on a device."""
         if self.min_query_tokens is not None:
