@@ -19,7 +19,7 @@ from vllm_sparse.backend import warmup
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import ModelShape, resolve_plan
 from vllm_sparse.config.sharding import head_shard
-from vllm_sparse.decode import attention, select, step, summaries
+from vllm_sparse.decode import attention, memory, select, step, summaries
 from vllm_sparse.decode.memory import decode_workspace
 from vllm_sparse.kernels.paged import PagedKV
 
@@ -62,24 +62,33 @@ class KernelPathLayer(step.DecodeLayer):
         self._attend_kernels(*args)
 
 
-def engine(max_model_len, max_num_seqs, capture):
+def engine(max_model_len, max_num_seqs, capture, fp8):
     q_heads, kv_heads, d, page = 32, 8, 128, 16
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(max_model_len=max_model_len, dtype=torch.float16,
                                      get_num_attention_heads=lambda parallel: q_heads),
         parallel_config=None, scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=capture))
-    spec = SimpleNamespace(num_kv_heads=kv_heads, head_size=d, block_size=page, dtype=torch.float16)
+    # (vLLM's spec of an fp8 cache says bytes)
+    spec = SimpleNamespace(num_kv_heads=kv_heads, head_size=d, block_size=page,
+                           dtype=torch.uint8 if fp8 else torch.float16)
     return vllm_config, spec
 
 
+@pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("config", ["llama-3-8b-decode-quest-4k", "llama-3-8b-decode-tidal-4k"])
 @pytest.mark.parametrize("max_model_len", [131072, 131072 + 48], ids=["width-of-16s", "odd-width"])
-def test_decode_warm_up_launches_what_serving_launches(monkeypatch, config, max_model_len):
+def test_decode_warm_up_launches_what_serving_launches(monkeypatch, config, max_model_len, cache_dtype):
+    """Block tables as vLLM 0.26 makes them (a column per page: both stride classes over the two lengths); an fp8
+    cache as the attention layer reads it (fp8 pages with the layer's scales, queries dequantized to the model's
+    dtype); the decode workspace made as the engine makes it, once for the plan, before either side runs."""
+    fp8 = cache_dtype == "fp8"
     shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), num_layers=32, num_q_heads=32,
                        num_kv_heads=8)
     plan = resolve_plan(load_config(ROOT / f"benchmarks/configs/{config}.yaml"), shape, "test", explicit=True)
-    vllm_config, spec = engine(max_model_len, max_num_seqs=40, capture=0)
+    vllm_config, spec = engine(max_model_len, max_num_seqs=80, capture=0, fp8=fp8)
+    monkeypatch.setattr(memory, "_workspace", {})  # (this engine's, as reserved at load)
+    step.plan_workspace(vllm_config, plan, 32, spec.num_kv_heads, spec.head_size, torch.device("cpu"))
     warmed, served = set(), set()
     monkeypatch.setattr(step, "DecodeLayer", KernelPathLayer)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
@@ -87,23 +96,25 @@ def test_decode_warm_up_launches_what_serving_launches(monkeypatch, config, max_
         monkeypatch.setattr(module, name, Recorder(name, warmed))
     names = [f"model.layers.{i}.self_attn.attn" for i in range(shape.num_layers)]
     cpu = torch.device("cpu")
-    warmup.warm_up_decode(plan, names, spec, vllm_config, cpu)
+    warmup.warm_up_decode(plan, names, spec, vllm_config, cpu, cache_dtype)
     assert any(k[0] == "_decode_split_kernel" for k in warmed)
 
     for module, name in KERNELS:
         monkeypatch.setattr(module, name, Recorder(name, served))
     shard = head_shard(32, 8, 0, 1, "llama")
-    kv_heads, d, page = spec.num_kv_heads, spec.head_size, spec.block_size
-    cache = torch.randn(2, 4, page, kv_heads, d, dtype=spec.dtype)
-    kv = PagedKV.from_flash_cache(cache)
+    kv_heads, d, page, dtype = spec.num_kv_heads, spec.head_size, spec.block_size, torch.float16
+    kv = PagedKV.from_flash_cache(torch.randn(2, 4, page, kv_heads, d).to(torch.float8_e4m3fn if fp8 else dtype))
+    if fp8:
+        scale = torch.full((), 0.5)
+        kv = PagedKV(kv.key, kv.value, 0.5, 0.5, scale, scale)
     width = -(-max_model_len // page)  # vLLM 0.26's block table: a row per request, a column per page
-    summ = summaries.PageSummaries(64, kv_heads, d, page, spec.dtype, cpu)
+    summ = summaries.PageSummaries(64, kv_heads, d, page, dtype, cpu)  # (in the model's dtype: keys before fp8)
     for i in range(len(names)):  # every layer, as serving runs them
         lp = plan.layer(i)
         layer = KernelPathLayer(lp.decode_for(shard), summ if lp.needs_summaries else None, plan.decode_block_tokens,
-                                plan.decode_dense_below, 40, max_model_len, 32, d, cpu, i, plan.tidal_selector_of(i))
-        for rows in range(1, 41):
-            q = torch.randn(rows, 32, d, dtype=spec.dtype)
+                                plan.decode_dense_below, 80, max_model_len, 32, d, cpu, i, plan.tidal_selector_of(i))
+        for rows in range(1, 81):
+            q = torch.randn(rows, 32, d, dtype=dtype)
             qsl = torch.arange(rows + 1, dtype=torch.int32)
             seq_lens = torch.full((rows,), max_model_len - 5, dtype=torch.int32)
             block_table = torch.zeros(rows, width, dtype=torch.int32)
@@ -111,12 +122,13 @@ def test_decode_warm_up_launches_what_serving_launches(monkeypatch, config, max_
                          d**-0.5)
         if layer.summaries is not None:
             for n in (1, 2, 7, 16, 17, 32, 100, 4096):  # decode batches and prefill chunks
-                summ.update_kernel(torch.randn(n, kv_heads, d, dtype=spec.dtype), torch.arange(n) % 1024)
+                summ.update_kernel(torch.randn(n, kv_heads, d, dtype=dtype), torch.arange(n) % 1024)
     assert served, "the serving steps launched no decode kernel"
     assert served <= warmed, f"launched in serving, not at start: {sorted(served - warmed)}"
 
 
-def test_decode_row_counts_cover_every_split_count():
+def test_decode_row_counts_cover_every_split_count(monkeypatch):
+    monkeypatch.setattr(memory, "_workspace", {})
     ws = decode_workspace(300, 32, 8, 128, 1024, 256, torch.device("cpu"))
     counts = warmup.decode_row_counts(ws, 32, 8, 128)
     splits = {attention.attention_splits(r, 32, 8, 128, ws.partial_out, ws.partial_ml) for r in range(1, 301)}

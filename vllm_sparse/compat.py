@@ -244,17 +244,6 @@ def max_cudagraph_capture_size(vllm_config) -> int:
     return getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
 
 
-def block_table_width(max_model_len: int, block_size: int) -> int:
-    """Columns of vLLM's per-request block table: the pages of max_model_len (0.32 and later round them up to
-    128 tokens' worth, `get_block_table_width`; 0.26 does not)."""
-    pages = -(-max_model_len // block_size)
-    try:
-        from vllm.v1.worker.block_table import get_block_table_width
-    except ImportError:
-        return pages
-    return get_block_table_width(pages, block_size)
-
-
 def kv_cache_memory_bytes(cache_config) -> int | None:
     """The KV cache size the user set in bytes (`kv_cache_memory_bytes`), None where unset or unknown."""
     return getattr(cache_config, "kv_cache_memory_bytes", None)

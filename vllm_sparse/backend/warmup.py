@@ -132,19 +132,22 @@ def decode_row_counts(workspace, q_heads: int, kv_heads: int, head_size: int) ->
     return list(counts.values())
 
 
-SUMMARY_TOKEN_COUNTS = (1, 16, 3)  # token counts Triton compiles apart: 1, a multiple of 16, another
+# Token counts Triton compiles apart: 1, a multiple of 16, another. (vLLM's slot mappings start 16-byte aligned;
+# the V2 model runner's rows of a [groups, max_num_batched_tokens] buffer would not for an odd token budget.)
+SUMMARY_TOKEN_COUNTS = (1, 16, 3)
 
 
 def warm_up_decode(plan: SparsePlan, layer_names: list[str], kv_cache_spec, vllm_config, device: torch.device,
                    cache_dtype: str = "auto") -> None:
     """Compile this KV cache group's decode kernels now, not in the first long decode step. Each kind of layer
     (`decode_layer_kinds`) runs its decode path once per split count (`decode_row_counts`), on rows shorter than
-    the decode `dense_below` (the kernels launch and leave them alone) and a block table whose row stride falls
-    in the class Triton specializes vLLM's in (a multiple of 16 or not); Quest's page-summary update runs at
-    each of SUMMARY_TOKEN_COUNTS. CUDA-graph capture launches most of these anyway; an eager engine
-    (`enforce_eager`) launched none before its first long decode. `cache_dtype`: the group's kv_cache_dtype."""
+    the decode `dense_below` (the kernels launch and leave them alone) and block tables of both row-stride classes
+    Triton specializes by (a multiple of 16 or not: vLLM's width varies with its version, the page size and kernel
+    block splits); Quest's page-summary update runs at each of SUMMARY_TOKEN_COUNTS. CUDA-graph capture launches
+    most of these anyway; an eager engine (`enforce_eager`) launched none before its first long decode.
+    `cache_dtype`: the group's kv_cache_dtype. (Head counts as `warm_up` takes them.)"""
     from vllm_sparse.backend.checks import fp8_cache, rank_shard
-    from vllm_sparse.decode.step import DecodeLayer, DecodeRows, decode_row_limit
+    from vllm_sparse.decode.step import DecodeLayer, DecodeRows, decode_row_limit, plan_workspace
     from vllm_sparse.decode.summaries import PageSummaries
 
     spec, model = kv_cache_spec, vllm_config.model_config
@@ -159,8 +162,8 @@ def warm_up_decode(plan: SparsePlan, layer_names: list[str], kv_cache_spec, vllm
     if kv.quantized:
         one = torch.ones(1, dtype=torch.float32, device=device)
         kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
-    width = compat.block_table_width(model.max_model_len, page)
-    width = 16 + width % 16  # (only its class matters: rows this short read no page past the first)
+    # The workspace serving uses (its strides are kernel arguments), not one sized for a kind's own budget.
+    plan_workspace(vllm_config, plan, q_heads, kv_heads, d, device)
     for (quest, _, _), idx in decode_layer_kinds(plan, layer_names, shard).items():
         summaries = PageSummaries(2, kv_heads, d, page, model.dtype, device) if quest else None
         layer = DecodeLayer(plan.layer(idx).decode_for(shard), summaries, plan.decode_block_tokens,
@@ -170,9 +173,10 @@ def warm_up_decode(plan: SparsePlan, layer_names: list[str], kv_cache_spec, vllm
             q = torch.randn(rows, q_heads, d, device=device).to(model.dtype)  # (fp8 queries come dequantized)
             qsl = torch.arange(rows + 1, dtype=torch.int32, device=device)
             seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
-            block_table = torch.zeros(rows, width, dtype=torch.int32, device=device)
-            layer.attend(q, torch.empty_like(q), kv, block_table, DecodeRows(qsl, seq_lens, host_sparse=rows),
-                         d**-0.5)
+            for width in (16, 17):  # (rows this short read no page past the first)
+                block_table = torch.zeros(rows, width, dtype=torch.int32, device=device)
+                layer.attend(q, torch.empty_like(q), kv, block_table, DecodeRows(qsl, seq_lens, host_sparse=rows),
+                             d**-0.5)
         if summaries is not None:
             for n in SUMMARY_TOKEN_COUNTS:  # (vLLM's slot mapping is int64)
                 summaries.update_kernel(torch.randn(n, kv_heads, d, device=device).to(model.dtype),

@@ -95,10 +95,16 @@ def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: in
     largest budget at this engine's row limit and context, and the page summaries' reservation.
     `cache_itemsize`: bytes per cached element (1 for an fp8 cache; default: the model's dtype's)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
-    decode_workspace(decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
-                     row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, device)
+    plan_workspace(vllm_config, plan, q_heads, kv_heads, head_size, device)
     reserve_at_load(vllm_config, plan, kv_heads, head_size, vllm_config.model_config.dtype, device, cache_itemsize)
+
+
+def plan_workspace(vllm_config, plan, q_heads: int, kv_heads: int, head_size: int, device: torch.device):
+    """The process's decode workspace, sized for the plan's largest budget at this engine's row limit and context
+    (made while vLLM builds the model, `reserve_decode`; later calls get the same one)."""
+    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
+    return decode_workspace(decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
+                            row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, device)
 
 
 class DecodeLayer:
