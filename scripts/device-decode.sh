@@ -11,6 +11,9 @@
 #          wall, GPU kernel and builder host time, and the top host and GPU ops of each engine
 #   fid    gemma-3-270m, vllm-sparse eval with the same decode plan: passkey and multikey at 16K and 29K,
 #          8-token answers, dense vs sparse decode (GEMMA_WHEELS: the staged gemma wheels)
+#   eager  the first plan's engine alone, enforce_eager, VLLM_SPARSE_LOG_COMPILES=1: decode at 1 x 32K and 3 x 32K;
+#          the log's compiles after "decode kernels ready" are the variants a request waited for (none expected
+#          since warm_up_decode, 2026-12-04, not run on a GPU yet), then tests/test_warmup_gpu.py
 # PLANS (default quest-4k): the plans, by the name between llama-3-8b-decode-/gemma-3-decode- and .yaml in
 # benchmarks/configs; bench and prof run them all beside dense in one run, fid evaluates them side by side.
 set -o pipefail
@@ -50,4 +53,14 @@ fid() {  # the plans side by side on the GPU
     --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
 
-run_steps "tests:240 bench:300 prof:300 fid:200" "$@"
+eager() {
+  VLLM_SPARSE_LOG_COMPILES=1 timeout $(( $(left) - 60 )) python3 benchmarks/e2e.py --only sparse --lengths "" \
+    --decode-cases 1x32768,3x32768 --decode-tokens 16 --no-kept --config "benchmarks/configs/llama-3-8b-decode-${PLANS%% *}.yaml" \
+    --out "$OUT/e2e_decode_eager.json" 2>&1 | keep_log | tee "$OUT/e2e_decode_eager.log" \
+    | grep -E "decode kernels ready|compil|tok/s|Error" | tail -20
+  echo "compiles logged after the decode warm-up: $(sed -n '/decode kernels ready/,$p' "$OUT/e2e_decode_eager.log" \
+    | grep -c 'Triton kernel vllm_sparse')"
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_warmup_gpu.py 2>&1 | tail -4
+}
+
+run_steps "tests:240 bench:300 prof:300 fid:200 eager:240" "$@"
