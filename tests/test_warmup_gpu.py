@@ -4,7 +4,9 @@ A compile mid-request costs 0.2-0.5 s (H200, 2026-12-03: the first 32K prompt to
 after, and the first 2,048-token follow-up on a cached 128K document 0.62 s against 0.18 s, both waiting
 for `_tile_tables_kernel` variants the warm-up had not launched: its sequence lengths came as unaligned
 slices of the step's geometry tensor). The CPU twin of the cause is in `test_batch.py` (every geometry
-array 16-byte aligned) and `test_selection_kernels.py` (the table kernel on unaligned slices)."""
+array 16-byte aligned) and `test_selection_kernels.py` (the table kernel on unaligned slices); the CPU twin of the
+prefill check, by compile keys over every shipped plan and the benchmark plans' estimators with both attention
+kernels, is `test_prefill_warmup.py`."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import functools
 import time
 
 import torch
+import triton
 
 from vllm_sparse import compat
 from vllm_sparse.config.plan import SparsePlan
@@ -66,15 +67,39 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
                 time.perf_counter() - t0)
 
 
+# Tokens of the Triton attention kernels' longest query tile (`sparse_attention._tile_config`): a longer chunk
+# changes nothing they compile.
+LONGEST_QUERY_TILE = 256
+
+
+def dummy_query_lengths(plan: SparsePlan, kernel: str, device_type: str) -> list[int]:
+    """Query tokens of the dummy chunks: a block; and where the Triton attention kernels run (every kernel but FA3,
+    and FA3's plans that keep key columns), a chunk per power of two of their query tile, which they size to the
+    call's longest union tile (`union_tile` blocks, or the whole chunk), shorter in a chunk as short as the plan's
+    query floor lets go sparse (a compile mid-request for each, else)."""
+    from vllm_sparse.backend.checks import column_layers
+
+    bs = plan.block_size
+    if kernel == "reference" or (kernel == "fa3" and not column_layers(plan)):
+        return [bs]
+    longest = min(plan.union_tile * bs, LONGEST_QUERY_TILE) if plan.union_tile else LONGEST_QUERY_TILE
+    lengths, n = {bs}, triton.next_power_of_2(min(max(2, plan.query_token_floor(device_type)), longest))
+    while n < 2 * longest:  # (the last: `longest` itself, whose power of two the kernels round it to)
+        lengths.add(min(n, longest))
+        n *= 2
+    return sorted(lengths)
+
+
 def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim: int, page_size: int,
                            kv_dtype: torch.dtype, device: torch.device, q_dtype: torch.dtype | None = None) -> None:
-    """One sparse chunk (two blocks of context, one of queries) through `attend_sparse_chunks` per
+    """A sparse chunk (two blocks of context, `dummy_query_lengths` of queries) through `attend_sparse_chunks` per
     distinct set of this rank's head plans, and, where its GQA group spans ranks, of its group's
     (whose masks, and scoring when the ranks exchange queries, cover the whole group: other kernel
     variants); without the exchange itself. Statistics (and calibration's sums)
     stay off for it. An fp8 `kv_dtype` (the model's queries in `q_dtype`) runs the fp8 path as serving does: fp8
     queries with their scale, fp8 pages with theirs."""
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
+    from vllm_sparse.backend.kernel_choice import selected_kernel
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
 
     sparse = [lp for lp in plan.layers if lp.is_sparse]
@@ -83,7 +108,9 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         group = shard.group_q_heads
         head_sets += [lp.heads[group.start:group.stop] for lp in sparse]
     bs = plan.block_size
-    pages = 3 * bs // page_size
+    kernel = selected_kernel(device)
+    lengths = dummy_query_lengths(plan, kernel, device.type)
+    pages = -(-(2 * bs + max(lengths)) // page_size)
     cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
     kv = PagedKV.from_flash_cache(cache)
     fp8 = kv.quantized
@@ -94,14 +121,15 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         raise ValueError("run_dummy_sparse_steps: an fp8 kv_dtype needs the model's q_dtype")
     q_dtype = q_dtype or kv_dtype
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
-    chunks = (SparseChunk(0, 0, bs, 2 * bs),)
-    tiles = tile_geometry(list(chunks), bs, plan.union_tile, device)  # (as the builder makes them for a step)
-    for heads in dict.fromkeys(head_sets):  # (no observer: the eval's counters and calibration see none of it)
-        q = torch.randn(bs, len(heads), head_dim, device=device).to(q_dtype)
-        out = torch.empty_like(q)
-        attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, chunks, list(heads), bs,
-                             head_dim**-0.5, plan.union_tile, union_heads=plan.union_heads, tiles=tiles,
-                             q_scale=(one, 1.0) if fp8 else None)
+    for q_len in lengths:
+        chunks = (SparseChunk(0, 0, q_len, 2 * bs),)
+        tiles = tile_geometry(list(chunks), bs, plan.union_tile, device)  # (as the builder makes them for a step)
+        for heads in dict.fromkeys(head_sets):  # (no observer: the eval's counters and calibration see none of it)
+            q = torch.randn(q_len, len(heads), head_dim, device=device).to(q_dtype)
+            out = torch.empty_like(q)
+            attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, chunks, list(heads), bs,
+                                 head_dim**-0.5, plan.union_tile, kernel=kernel, union_heads=plan.union_heads,
+                                 tiles=tiles, q_scale=(one, 1.0) if fp8 else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

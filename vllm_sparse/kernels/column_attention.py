@@ -82,8 +82,9 @@ def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tenso
     return out, lse
 
 
-# The exclusion mask's strides follow the chunk's tile count: not specialised, so a new chunk size compiles nothing.
-@triton.jit(do_not_specialize=["stride_el", "stride_es"])
+# The exclusion mask's strides follow the chunk's tile count, and the block table's row stride the engine's
+# max_model_len: not specialised, so a new chunk size compiles nothing, nor does a table wider than the warm-up's.
+@triton.jit(do_not_specialize=["stride_el", "stride_es", "stride_bt"])
 def _column_attention_kernel(
     Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, STARTS, ENDS, INDICES, EXCL, qk_scale, v_scale,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,

@@ -113,7 +113,9 @@ def _attend_step(acc, m_i, l_i, q, K, V, INDICES, BT_ROW, lo, start, n_tok, kv_h
     return _softmax_step(acc, m_i, l_i, s, v)
 
 
-@triton.jit(do_not_specialize=["search_iters"])
+# The block table's row stride is the engine's (vLLM's width of max_model_len), not the model's: not specialised,
+# so the engine-start warm-up's dummy table compiles the variant serving launches.
+@triton.jit(do_not_specialize=["search_iters", "stride_bt"])
 def _sparse_paged_attention_kernel(
     Q, K, V, OUT, LSE, BT, BT_ROWS, QSL, SEQ_LENS, INDPTR, INDICES, qk_scale, v_scale, search_iters,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
