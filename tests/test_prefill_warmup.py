@@ -205,12 +205,12 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
     kv_dtype = compat.fp8_dtype() if fp8 else dtype
     # vLLM's cache ([pages, kv heads, page, 2 x head dim], stored page-major) and block table (a row per request, a
     # column per page of max_model_len): the recorders read no page, so a few pages serve every row.
-    cache = torch.zeros(8, PAGE, kv_heads, 2 * d, dtype=dtype).to(kv_dtype).permute(0, 2, 1, 3)
+    cache = torch.randn(8, PAGE, kv_heads, 2 * d, dtype=dtype).to(kv_dtype).permute(0, 2, 1, 3)
     kv = PagedKV.from_flash_cache(cache)
     scale = torch.full((1,), 0.5)
     if fp8:  # per-tensor scales, as vLLM's layers hold them
         kv = PagedKV(kv.key, kv.value, 0.5, 0.5, scale, scale)
-    width = compat.block_table_width(max_model_len, PAGE)
+    width = -(-max_model_len // PAGE)  # (vLLM 0.26's width; 0.32 rounds it to 128 tokens: the same class here)
     shard = head_shard(q_heads, kv_heads, 0, 1, "test")
     layers = {}  # a layer of each distinct `scoring_signature`: the others launch the same
     for lp in plan.layers:
