@@ -51,8 +51,9 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype
     if kernel == "fa3" and torch.cuda.get_device_capability(dev)[0] != 9:
         pytest.skip("FA3 runs on Hopper only")
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", kernel)
-    for name in ("kernels.sparse_attention", "kernels.column_attention", "estimators.row_scores",
-                 "estimators.block_means", "selection.select_kernel", "selection.tile_tables", "metrics.density_kernel"):
+    modules = ("kernels.sparse_attention", "kernels.column_attention", "estimators.row_scores",
+               "estimators.block_means", "selection.select_kernel", "selection.tile_tables", "metrics.density_kernel")
+    for name in modules:
         for fn in vars(importlib.import_module(f"vllm_sparse.{name}")).values():
             if isinstance(fn, JITFunction):
                 fn.device_caches.clear()
