@@ -54,13 +54,23 @@ fid() {  # the plans side by side on the GPU
 }
 
 eager() {
+  local log="$OUT/e2e_decode_eager.log" e2e rc
   VLLM_SPARSE_LOG_COMPILES=1 timeout $(( $(left) - 60 )) python3 benchmarks/e2e.py --only sparse --lengths "" \
-    --decode-cases 1x32768,3x32768 --decode-tokens 16 --no-kept --config "benchmarks/configs/llama-3-8b-decode-${PLANS%% *}.yaml" \
-    --out "$OUT/e2e_decode_eager.json" 2>&1 | keep_log | tee "$OUT/e2e_decode_eager.log" \
-    | grep -E "decode kernels ready|compil|tok/s|Error" | tail -20
-  echo "compiles logged after the decode warm-up: $(sed -n '/decode kernels ready/,$p' "$OUT/e2e_decode_eager.log" \
-    | grep -c 'Triton kernel vllm_sparse')"
+    --decode-cases 1x32768,3x32768 --decode-tokens 16 --no-kept \
+    --config "benchmarks/configs/llama-3-8b-decode-${PLANS%% *}.yaml" --out "$OUT/e2e_decode_eager.json" 2>&1 \
+    | keep_log > "$log"
+  e2e=${PIPESTATUS[0]}
+  grep -E "decode kernels ready|compiled at|tok/s|Error" "$log" | tail -20
+  if grep -q "decode kernels ready" "$log"; then
+    echo "compiles logged after the decode warm-up: $(sed -n '/decode kernels ready/,$p' "$log" \
+      | grep -c 'Triton kernel vllm_sparse')"
+  else
+    echo "no 'decode kernels ready' line: the decode warm-up did not run (e2e exit $e2e)"
+  fi
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_warmup_gpu.py 2>&1 | tail -4
+  rc=${PIPESTATUS[0]}
+  [ "$e2e" -eq 124 ] && return 124
+  return "$rc"
 }
 
 run_steps "tests:240 bench:300 prof:300 fid:200 eager:240" "$@"

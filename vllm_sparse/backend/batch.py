@@ -69,7 +69,7 @@ def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
 
     A chunk goes sparse when all of these hold:
     - its request's context, this chunk included, reaches `min_context` tokens (the plan's
-      `sparse_context_floor`: some of its query blocks lie past those that attend densely);
+      `sparse_context_floor`: then some of its query blocks lie past those that attend densely);
     - it has at least `min_query_len` query tokens (the plan's `min_query_tokens`: a decode step, a
       speculative verify step or a short suffix after a prefix-cache hit reads the cache like a decode);
     - its attention work (`chunk_work`) reaches `min_work` token pairs (the plan's `min_chunk_work`):

@@ -168,8 +168,8 @@ def kept_blocks(ctx: ChunkContext, head_plans: list[HeadPlan | None], split: Spl
 
 
 def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) -> torch.Tensor:
-    """Keep every causal block in the query blocks whose tokens all have fewer than `dense_below` tokens
-    of context (their own included): a token attends densely or sparsely by its position, not by
+    """Keep every causal block in the query blocks whose tokens all lie before position `dense_below` (each sees
+    at most `dense_below` tokens): a token attends densely or sparsely by its position, not by
     where the scheduler cut the chunk it came in."""
     n = dense_rows(ctx, dense_below)
     if n:
@@ -197,7 +197,7 @@ def attend_sparse_chunks(
     union_tile: int | None = None,  # query blocks per union; None: one union for the whole chunk
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
-    dense_below: int = 0,  # query blocks whose tokens all see fewer tokens than this attend densely
+    dense_below: int = 0,  # query blocks whose tokens all lie before this position attend densely
     split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
     union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks

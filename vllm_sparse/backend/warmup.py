@@ -73,17 +73,17 @@ LONGEST_QUERY_TILE = 256
 
 
 def dummy_query_lengths(plan: SparsePlan, kernel: str, device_type: str) -> list[int]:
-    """Query tokens of the dummy chunks: a block; and where the Triton attention kernels run (every kernel but FA3,
-    and FA3's plans that keep key columns), a chunk per power of two of their query tile, which they size to the
-    call's longest union tile (`union_tile` blocks, or the whole chunk), shorter in a chunk as short as the plan's
-    query floor lets go sparse (a compile mid-request for each, else)."""
+    """Query tokens of the dummy chunks: a block where FA3 attends; where the Triton attention kernels run (every
+    kernel but FA3, and FA3's plans that keep key columns), a chunk per power of two of their query tile, which they
+    size to the call's longest union tile (`union_tile` blocks, or the whole chunk), shorter in a chunk as short as
+    the plan's query floor lets go sparse (a compile mid-request for each, else); none shorter than that floor."""
     from vllm_sparse.backend.checks import column_layers
 
     bs = plan.block_size
     if kernel == "reference" or (kernel == "fa3" and not column_layers(plan)):
         return [bs]
     longest = min(plan.union_tile * bs, LONGEST_QUERY_TILE) if plan.union_tile else LONGEST_QUERY_TILE
-    lengths, n = {bs}, triton.next_power_of_2(min(max(2, plan.query_token_floor(device_type)), longest))
+    lengths, n = set(), triton.next_power_of_2(min(max(2, plan.query_token_floor(device_type)), longest))
     while n < 2 * longest:  # (the last: `longest` itself, whose power of two the kernels round it to)
         lengths.add(min(n, longest))
         n *= 2

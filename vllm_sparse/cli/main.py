@@ -104,7 +104,7 @@ def describe_chunk_rule(plan) -> str:
     auto = plan.min_query_tokens is None or plan.min_chunk_work is None
     rule = f"on CUDA {floors('cuda')}; on CPU {floors('cpu')}" if auto else floors("cuda")
     return (f"a prefill chunk goes sparse when its request's context passes the first {plan.sparse_context_floor - 1} "
-            f"tokens (dense_below={plan.dense_below}: query blocks before it attend densely) and "
+            f"tokens (dense_below={plan.dense_below}: query blocks whose tokens all lie before it attend densely) and "
             f"it has {rule} (min_query_tokens={plan.min_query_tokens or 'auto'}, "
             f"min_chunk_work={'auto' if plan.min_chunk_work is None else _pairs(plan.min_chunk_work)}; work: query "
             f"tokens x the tokens they see); other chunks run vLLM's dense attention")

@@ -221,9 +221,10 @@ class SparsePlan:
     @property
     def sparse_context_floor(self) -> int:
         """The least context (a chunk's own tokens included) at which a chunk has a query block past the rows that
-        attend densely (`dense_rows`: those whose tokens all lie before dense_below). A chunk ending exactly at a
-        block-aligned dense_below has none: run sparse, it would estimate and select for rows that read every block."""
-        return max(self.dense_below, self.dense_below // self.block_size * self.block_size + 1)
+        attend densely (`dense_rows`: those whose tokens all lie before position dense_below): a chunk that ends
+        before it has none, and run sparse would only estimate and select for rows that read every block (e.g. one
+        ending exactly at a block-aligned dense_below)."""
+        return self.dense_below // self.block_size * self.block_size + 1
 
     def query_token_floor(self, device_type: str) -> int:
         """Query tokens a prefill chunk needs to go sparse on a device."""

@@ -283,8 +283,8 @@ def _build_models():
     class Settings(StrictModel):
         block_size: int | None = Field(None, description="selection block in tokens: 16..1024, a power of two")
         dense_below: int | None = Field(
-            None, ge=0, description="a query block whose tokens see fewer tokens than this (their own included) "
-            "attends densely; chunks reach the sparse path once their context does")
+            None, ge=0, description="a query block whose tokens all lie before this position (each sees at most "
+            "this many tokens) attends densely; a prefill chunk goes sparse once it has a query block past it")
         decode: DecodeSpec | None = Field(
             None, description="decode page selection (Quest), or `dense` (the default): vLLM's own decode")
         union_tile: int | None = Field(
