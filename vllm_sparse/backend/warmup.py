@@ -90,6 +90,27 @@ def dummy_query_lengths(plan: SparsePlan, kernel: str, device_type: str) -> list
     return sorted(lengths)
 
 
+def dummy_cache(pages: int, page_size: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                device: torch.device) -> PagedKV:
+    """Random pages in vLLM's flash layout; fp8 ones with unit scales (host numbers and device tensors), as an fp8
+    layer's are read."""
+    kv = PagedKV.from_flash_cache(torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype))
+    if kv.quantized:
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
+    return kv
+
+
+def engine_heads(plan: SparsePlan, kv_cache_spec, vllm_config, cache_dtype: str):
+    """(this rank's q heads, its head shard (None for a dense plan), the dtype the kernels read the cache in: an fp8
+    cache comes as bytes, vLLM's spec dtype uint8)."""
+    from vllm_sparse.backend.checks import fp8_cache, rank_shard
+
+    q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    kv_dtype = compat.fp8_dtype() if fp8_cache(cache_dtype) else kv_cache_spec.dtype
+    return q_heads, rank_shard(plan, q_heads, kv_cache_spec.num_kv_heads), kv_dtype
+
+
 def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim: int, page_size: int,
                            kv_dtype: torch.dtype, device: torch.device, q_dtype: torch.dtype | None = None) -> None:
     """A sparse chunk (two blocks of context, `dummy_query_lengths` of queries) through `attend_sparse_chunks` per
@@ -111,12 +132,8 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
     kernel = selected_kernel(device)
     lengths = dummy_query_lengths(plan, kernel, device.type)
     pages = -(-(2 * bs + max(lengths)) // page_size)
-    cache = torch.randn(2, pages, page_size, num_kv_heads, head_dim, device=device).to(kv_dtype)
-    kv = PagedKV.from_flash_cache(cache)
+    kv = dummy_cache(pages, page_size, num_kv_heads, head_dim, kv_dtype, device)
     fp8 = kv.quantized
-    one = torch.ones(1, dtype=torch.float32, device=device)
-    if fp8:
-        kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
     if fp8 and q_dtype is None:  # (fp8 is the cache's dtype, not the model's: its queries come dequantized)
         raise ValueError("run_dummy_sparse_steps: an fp8 kv_dtype needs the model's q_dtype")
     q_dtype = q_dtype or kv_dtype
@@ -129,7 +146,7 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
             out = torch.empty_like(q)
             attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, chunks, list(heads), bs,
                                  head_dim**-0.5, plan.union_tile, kernel=kernel, union_heads=plan.union_heads,
-                                 tiles=tiles, q_scale=(one, 1.0) if fp8 else None)
+                                 tiles=tiles, q_scale=(kv.k_descale, 1.0) if fp8 else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -138,14 +155,12 @@ def decode_layer_kinds(plan: SparsePlan, layer_names: list[str], shard) -> dict[
     """{(Quest heads, tidal selector, tidal reader): a layer index of that kind} over a KV cache group's layers
     (each kind launches its own decode kernels; a layer with no decode heads is the kind of three Falses)."""
     from vllm_sparse.backend.checks import layer_index
+    from vllm_sparse.decode.step import decode_kind
 
     kinds: dict[tuple[bool, bool, bool], int] = {}
     for name in layer_names:
         idx = layer_index(name)
-        plans = [p for p in plan.layer(idx).decode_for(shard) if p is not None]
-        key = (any(p.estimator == "quest" for p in plans), any(p.estimator == "tidal" and p.selector for p in plans),
-               any(p.estimator == "tidal" and not p.selector for p in plans))
-        kinds.setdefault(key, idx)
+        kinds.setdefault(decode_kind(plan.layer(idx).decode_for(shard)), idx)
     return kinds
 
 
@@ -174,22 +189,16 @@ def warm_up_decode(plan: SparsePlan, layer_names: list[str], kv_cache_spec, vllm
     block splits); Quest's page-summary update runs at each of SUMMARY_TOKEN_COUNTS. CUDA-graph capture launches
     most of these anyway; an eager engine (`enforce_eager`) launched none before its first long decode.
     `cache_dtype`: the group's kv_cache_dtype. (Head counts as `warm_up` takes them.)"""
-    from vllm_sparse.backend.checks import fp8_cache, rank_shard
     from vllm_sparse.decode.step import DecodeLayer, DecodeRows, decode_row_limit, plan_workspace
     from vllm_sparse.decode.summaries import PageSummaries
 
     spec, model = kv_cache_spec, vllm_config.model_config
-    q_heads = model.get_num_attention_heads(vllm_config.parallel_config)
     kv_heads, d, page = spec.num_kv_heads, spec.head_size, spec.block_size
-    shard = rank_shard(plan, q_heads, kv_heads)
+    q_heads, shard, kv_dtype = engine_heads(plan, spec, vllm_config, cache_dtype)
     if shard is None:
         return
     t0 = time.perf_counter()
-    kv_dtype = compat.fp8_dtype() if fp8_cache(cache_dtype) else spec.dtype
-    kv = PagedKV.from_flash_cache(torch.randn(2, 2, page, kv_heads, d, device=device).to(kv_dtype))
-    if kv.quantized:
-        one = torch.ones(1, dtype=torch.float32, device=device)
-        kv = PagedKV(kv.key, kv.value, 1.0, 1.0, one, one)
+    kv = dummy_cache(2, page, kv_heads, d, kv_dtype, device)
     # The workspace serving uses (its strides are kernel arguments), not one sized for a kind's own budget.
     plan_workspace(vllm_config, plan, q_heads, kv_heads, d, device)
     for (quest, _, _), idx in decode_layer_kinds(plan, layer_names, shard).items():
@@ -217,19 +226,15 @@ def warm_up_decode(plan: SparsePlan, layer_names: list[str], kv_cache_spec, vllm
 def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device, cache_dtype: str = "auto") -> None:
     """Compile the selection kernels this engine can launch, now rather than on the first long prompt.
     `cache_dtype`: the KV-cache group's kv_cache_dtype (`checks.group_cache_dtype`)."""
-    from vllm_sparse.backend.checks import fp8_cache, rank_shard
     from vllm_sparse.backend.kernel_choice import selected_kernel
 
     kernel = selected_kernel(device)
     if kernel == "reference":
         return
-    local_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
     spec = kv_cache_spec
-    # An fp8 cache comes as bytes (vLLM's spec dtype uint8): the kernels read it as fp8 values.
-    kv_dtype = compat.fp8_dtype() if fp8_cache(cache_dtype) else spec.dtype
+    local_q_heads, shard, kv_dtype = engine_heads(plan, spec, vllm_config, cache_dtype)
     warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, kv_dtype,
                               vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
-    shard = rank_shard(plan, local_q_heads, spec.num_kv_heads)
     if shard is not None:
         run_dummy_sparse_steps(plan, shard, spec.num_kv_heads, spec.head_size, spec.block_size, kv_dtype, device,
                                q_dtype=vllm_config.model_config.dtype)

@@ -107,6 +107,13 @@ def plan_workspace(vllm_config, plan, q_heads: int, kv_heads: int, head_size: in
                             row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, device)
 
 
+def decode_kind(plans: tuple[DecodeHeadPlan | None, ...]) -> tuple[bool, bool, bool]:
+    """(Quest heads, a tidal selector, a tidal reader) among one layer's decode head plans: which kernels it runs."""
+    return (any(p is not None and p.estimator == "quest" for p in plans),
+            any(p is not None and p.estimator == "tidal" and p.selector for p in plans),
+            any(p is not None and p.estimator == "tidal" and not p.selector for p in plans))
+
+
 class DecodeLayer:
     """One attention layer's decode selection on one rank: Quest (score page summaries, select, attend),
     a tidal selector (attend to every block, writing exact block scores; select into the tidal
@@ -120,9 +127,7 @@ class DecodeLayer:
         self.selector = selector  # a tidal reader: the layer whose choice it reads
         self.block_tokens = block_tokens
         self.dense_below = dense_below
-        self.selects = any(p is not None and p.estimator == "tidal" and p.selector for p in plans)
-        self.reads_tidal = any(p is not None and p.estimator == "tidal" and not p.selector for p in plans)
-        quest = any(p is not None and p.estimator == "quest" for p in plans)
+        quest, self.selects, self.reads_tidal = decode_kind(plans)
         if (self.selects or self.reads_tidal) and quest:
             raise ValueError(f"layer {layer}: tidal and quest heads in one layer")
         self.summaries = summaries if quest else None  # Quest heads score their pages' key summaries

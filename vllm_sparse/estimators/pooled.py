@@ -13,6 +13,7 @@ MoBA (Lu et al., 2025) gates blocks by the query's affinity to mean-pooled keys;
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -30,12 +31,17 @@ class PooledParams(EstimatorParams):
 
 def proxy_mask(chunk: ChunkContext, n: int) -> torch.Tensor:
     """Which heads are proxies: n evenly spaced heads of each KV group (all of them if fewer)."""
-    ids = chunk.host_kv_head_ids()
-    picked = []
+    return constant_on(_proxy_heads(tuple(chunk.host_kv_head_ids()), n), chunk.q.device, torch.bool)
+
+
+@functools.cache
+def _proxy_heads(ids: tuple[int, ...], n: int) -> tuple[bool, ...]:
+    """Per head (its KV head in `ids`): a proxy or not. Worked out once per group layout, not per chunk-layer."""
+    picked = set()
     for g in dict.fromkeys(ids):
         members = [h for h, k in enumerate(ids) if k == g]
-        picked += [members[i] for i in torch.linspace(0, len(members) - 1, min(n, len(members))).round().long()]
-    return constant_on([h in picked for h in range(len(ids))], chunk.q.device, torch.bool)
+        picked.update(members[i] for i in torch.linspace(0, len(members) - 1, min(n, len(members))).round().long())
+    return tuple(h in picked for h in range(len(ids)))
 
 
 @register_estimator("pooled", PooledParams, "mean-pooled Q.K block scores (MoBA, FlexPrefill, ProxyAttn)",
