@@ -1,8 +1,7 @@
 """The engine-start decode warm-up launches every decode kernel variant serving can launch (CPU twin of
 `test_warmup_gpu.py::test_no_decode_kernel_compiles_after_warm_up`).
 
-Triton compiles a kernel once per set of constexprs and per class of each integer argument (1, a multiple
-of 16, another) and pointer dtype. Here the kernels are recorders of exactly that key: the warm-up's keys
+Triton compiles a kernel once per key (`compile_keys.py`); here the kernels are recorders of it: the warm-up's keys
 must include those of decode steps at every batch size up to the row limit, over a block table as wide as
 vLLM's, and those of page-summary updates at any token count.
 """
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.compile_keys import launch_key
 from vllm_sparse.backend import warmup
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import ModelShape, resolve_plan
@@ -26,17 +26,7 @@ from vllm_sparse.kernels.paged import PagedKV
 ROOT = Path(__file__).parents[1]
 KERNELS = [(attention, "_decode_split_kernel"), (attention, "_decode_merge_kernel"), (select, "_quest_scores_kernel"),
            (select, "_segment_select_kernel"), (select, "_merge_select_kernel"), (summaries, "_update_kernel")]
-
-
-def compile_key(name, args, kwargs):
-    """What Triton compiles a launch apart by (pointer alignment aside: every tensor here starts a storage)."""
-    def cls(a):
-        if isinstance(a, torch.Tensor):
-            return str(a.dtype)
-        if isinstance(a, bool) or not isinstance(a, int):
-            return type(a).__name__
-        return "1" if a == 1 else "16" if a % 16 == 0 else "n"
-    return name, tuple(cls(a) for a in args), tuple(sorted(kwargs.items()))
+ORIGINAL = {name: getattr(module, name) for module, name in KERNELS}
 
 
 class Recorder:
@@ -44,7 +34,7 @@ class Recorder:
         self.name, self.seen = name, seen
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.seen.add(compile_key(self.name, args, kwargs))
+        return lambda *args, **kwargs: self.seen.add(launch_key(ORIGINAL[self.name], self.name, args, kwargs)[0])
 
 
 class KernelPathLayer(step.DecodeLayer):

@@ -26,7 +26,6 @@ Not covered: vLLM's FA3 (not Triton), tensor-parallel ranks that split a GQA gro
 
 from __future__ import annotations
 
-import functools
 import importlib
 import pkgutil
 from pathlib import Path
@@ -34,8 +33,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
+from triton.runtime.jit import KernelInterface
 
+from tests.compile_keys import binder, launch_key
 from tests.test_benchmark_configs import shape_of
 from tests.test_config import GEMMA
 from vllm_sparse import compat
@@ -53,11 +53,6 @@ from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.metrics import density_kernel, paths
 from vllm_sparse.metrics.worker import WorkerMetrics
 from vllm_sparse.selection import select_kernel, tile_tables
-
-try:  # the specialisation Triton's CUDA backend computes (the same rules as the base backend's)
-    from triton.backends.nvidia.compiler import CUDABackend as BACKEND
-except ImportError:
-    from triton.backends.compiler import BaseBackend as BACKEND
 
 ROOT = Path(__file__).parents[1]
 KERNELS = [(density_kernel, "_record_density_kernel"), (sparse_attention, "_sparse_paged_attention_kernel"),
@@ -88,15 +83,6 @@ BENCHMARK = ["llama-3-8b-antidiagonal-10", "llama-3-8b-antidiagonal-10-int8", "l
 PLANS = [p.relative_to(ROOT) for p in SHIPPED] + [Path(f"benchmarks/configs/{n}.yaml") for n in BENCHMARK]
 
 
-@functools.cache
-def binder(name: str):
-    """Triton's own argument binder of a kernel (-> arguments by name, specialisation, launch options), and the
-    names of the key's components."""
-    kernel = ORIGINAL[name]
-    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)  # (interpreter)
-    return create_function_from_signature(jit.signature, jit.params, BACKEND), [p.name for p in jit.params]
-
-
 class Recorder:
     """A Triton kernel that records the key each launch would compile under (with where it came from), and
     launches nothing."""
@@ -106,8 +92,8 @@ class Recorder:
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
-            params, specialization, options = binder(self.name)[0](*args, **kwargs)
-            self.seen.setdefault((self.name, tuple(specialization), tuple(sorted(options.items()))), self.where[0])
+            key, params = launch_key(ORIGINAL[self.name], self.name, args, kwargs)
+            self.seen.setdefault(key, self.where[0])
             if self.name == "_select_blocks_kernel":  # every block kept: a mask the later steps can take
                 params["OUT"].fill_(True)
         return record
@@ -121,7 +107,7 @@ def record_into(monkeypatch, seen, where):
 def gap(key, served_at, warmed) -> str:
     """A key serving launched and the warm-up did not: where, and how it differs from the warm-up's nearest."""
     name, spec, options = key
-    names = binder(name)[1] + [k for k, _ in options]
+    names = binder(ORIGINAL[name])[1] + [k for k, _ in options]
     values = list(spec) + [v for _, v in options]
     diffs = []
     for other in warmed:

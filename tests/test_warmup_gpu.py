@@ -24,11 +24,9 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype
     """An fp8 cache (issue 29) too: fp8 pages and queries, as vLLM gives them to the sparse path. The Triton attention
     kernel (GPUs without FA3) as well as FA3's tables. Triton's in-memory caches of the plugin's kernels are emptied
     first, so what earlier tests in the process compiled cannot stand in for the warm-up."""
-    import importlib
-
     from triton import knobs
-    from triton.runtime.jit import JITFunction
 
+    from tests.compile_keys import forget_compiled
     from vllm_sparse.backend import warmup
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.sparse_path import attend_sparse_chunks
@@ -51,12 +49,9 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype
     if kernel == "fa3" and torch.cuda.get_device_capability(dev)[0] != 9:
         pytest.skip("FA3 runs on Hopper only")
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", kernel)
-    modules = ("kernels.sparse_attention", "kernels.column_attention", "estimators.row_scores",
-               "estimators.block_means", "selection.select_kernel", "selection.tile_tables", "metrics.density_kernel")
-    for name in modules:
-        for fn in vars(importlib.import_module(f"vllm_sparse.{name}")).values():
-            if isinstance(fn, JITFunction):
-                fn.device_caches.clear()
+    forget_compiled(*(f"vllm_sparse.{m}" for m in ("kernels.sparse_attention", "kernels.column_attention",
+                      "estimators.row_scores", "estimators.block_means", "selection.select_kernel",
+                      "selection.tile_tables", "metrics.density_kernel")))
     warmup._compile.cache_clear()
     warmup.warm_up_selection_kernels(plan, q_heads // kv_heads, page, d, kv_dtype, max_model_len, dev,
                                      with_tables=kernel == "fa3")
@@ -137,13 +132,12 @@ def test_no_decode_kernel_compiles_after_warm_up(monkeypatch, config):
         compilation_config=SimpleNamespace(max_cudagraph_capture_size=0))
     spec = SimpleNamespace(num_kv_heads=kv_heads, head_size=d, block_size=page, dtype=dtype)
     names = [f"model.layers.{i}.self_attn.attn" for i in range(shape.num_layers)]
-    from vllm_sparse.decode import attention, memory, select, summaries
+    from tests.compile_keys import forget_compiled
+    from vllm_sparse.decode import memory
 
     # Forget what earlier tests in this process compiled or loaded (Triton's in-memory kernel caches), and any
     # decode workspace they made: the warm-up alone must bring every variant in, over this engine's workspace.
-    for kernel in (attention._decode_split_kernel, attention._decode_merge_kernel, select._quest_scores_kernel,
-                   select._segment_select_kernel, select._merge_select_kernel, summaries._update_kernel):
-        kernel.device_caches.clear()
+    forget_compiled("vllm_sparse.decode.attention", "vllm_sparse.decode.select", "vllm_sparse.decode.summaries")
     monkeypatch.setattr(memory, "_workspace", {})
     step.plan_workspace(vllm_config, plan, q_heads, kv_heads, d, dev)  # (made at load, `reserve_decode`)
     warmup.warm_up_decode(plan, names, spec, vllm_config, dev)
