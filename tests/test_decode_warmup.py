@@ -3,7 +3,8 @@
 
 Triton compiles a kernel once per key (`compile_keys.py`); here the kernels are recorders of it: the warm-up's keys
 must include those of decode steps at every batch size up to the row limit, over a block table as wide as
-vLLM's, and those of page-summary updates at any token count.
+vLLM's, and those of page-summary updates at any token count. A second test runs the warm-up's launches
+through the real kernels in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Recorder:
 
 
 class KernelPathLayer(step.DecodeLayer):
-    """A DecodeLayer that takes its CUDA path on CPU tensors (the kernels are recorders)."""
+    """A DecodeLayer that takes its CUDA path on CPU tensors (its kernels: recorders, or the real ones in Triton's
+    interpreter)."""
 
     def __init__(self, plans, summ, block_tokens, dense_below, max_rows, max_model_len, q_heads, head_size, device,
                  *args, **kwargs):
@@ -115,6 +117,43 @@ def test_decode_warm_up_launches_what_serving_launches(monkeypatch, config, max_
                 summ.update_kernel(torch.randn(n, kv_heads, d, dtype=dtype), torch.arange(n) % 1024)
     assert served, "the serving steps launched no decode kernel"
     assert served <= warmed, f"launched in serving, not at start: {sorted(served - warmed)}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU twin; on a GPU test_warmup_gpu.py runs them compiled")
+@pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("config", ["llama-3-8b-decode-quest-4k", "llama-3-8b-decode-tidal-4k"])
+def test_decode_warm_up_runs_its_kernels(monkeypatch, config, cache_dtype):
+    """The warm-up's own launches (arguments, dummy cache, workspace slices, fp8 scales) execute: the real decode
+    kernels in Triton's interpreter, at a small head geometry (the compile-key test above replaces them)."""
+    q_heads, kv_heads, d = 8, 2, 32
+    shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), num_layers=32, num_q_heads=q_heads,
+                       num_kv_heads=kv_heads)
+    plan = resolve_plan(load_config(ROOT / f"benchmarks/configs/{config}.yaml"), shape, "test", explicit=True)
+    vllm_config, spec = engine(32768, max_num_seqs=3, capture=0, fp8=cache_dtype == "fp8")
+    vllm_config.model_config.get_num_attention_heads = lambda parallel: q_heads
+    spec.num_kv_heads, spec.head_size = kv_heads, d
+    monkeypatch.setattr(memory, "_workspace", {})
+    monkeypatch.setattr(step, "DecodeLayer", KernelPathLayer)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    launched = set()
+    for module, name in KERNELS:  # (count the launches, then run the kernel)
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, Counted(kernel, name, launched))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(shape.num_layers)]
+    warmup.warm_up_decode(plan, names, spec, vllm_config, torch.device("cpu"), cache_dtype)
+    quest = "quest" in config
+    assert {"_decode_split_kernel", "_decode_merge_kernel", "_segment_select_kernel",
+            "_merge_select_kernel"} <= launched
+    assert ({"_quest_scores_kernel", "_update_kernel"} <= launched) == quest
+
+
+class Counted:
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.add(self.name)
+        return self.kernel[grid]
 
 
 def test_decode_row_counts_cover_every_split_count(monkeypatch):

@@ -63,6 +63,23 @@ def test_select_blocks_kernel_ranks_unscored_blocks_as_the_reference(budget):
     assert torch.equal(got.cpu(), select_blocks(scores.cpu(), budget, first))
 
 
+@pytest.mark.parametrize("budget", [Budget(top_k=k, sink_blocks=0, local_blocks=0, min_blocks=0) for k in (1, 4, 9)]
+                         + [BUDGETS[3]], ids=lambda b: b.describe())
+def test_select_blocks_kernel_orders_the_whole_float_range(budget):
+    """The kernel ranks by int32 images of the scores' bits: extremes of either sign, subnormals, signed zeros
+    (equal, so they rank by block) and infinities must rank as torch compares them."""
+    g = torch.Generator().manual_seed(11)
+    values = torch.tensor([-3.4e38, -1e30, -1.0, -1e-40, -1e-45, -0.0, 0.0, 1e-45, 1e-40, 1.0, 1e30, 3.4e38,
+                           float("-inf"), -2.5, 2.5, 7e-39])
+    heads, rows, first = 3, 3, 13
+    scores = values[torch.randint(len(values), (heads, rows, first + rows), generator=g)]
+    if budget.top_p is not None:
+        scores = scores.clamp(-80, 80)  # (top_p takes a softmax: finite mass)
+    scores = scores.to(DEVICE)
+    got = select_blocks_triton(scores, budget, first, out=torch.ones(scores.shape, dtype=torch.bool, device=DEVICE))
+    assert torch.equal(got.cpu(), select_blocks(scores.cpu(), budget, first))
+
+
 @pytest.mark.skipif(not GPU, reason="a 128K-context shape is too slow for Triton's interpreter")
 @pytest.mark.parametrize("budget", [BUDGETS[1], BUDGETS[3]], ids=lambda b: b.describe())
 def test_select_blocks_kernel_matches_reference_at_128k(budget):
