@@ -31,7 +31,8 @@
 #   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
 #          stride-16 int8 scores) at 64K, 128K and 1M (2026-12-04: 76.6 us at 64K and 128K, 846 us at 1M: ~0.5% of a
 #          64K prefill, so the branch select-multiway, a 16-way level search, cannot move 32K or 64K; it ran with
-#          the checkout's package, which the benchmark puts first on sys.path).
+#          the checkout's package, which the benchmark puts first on sys.path). 2026-12-04 (fifteenth session, not
+#          timed yet): the kernel's score levels are int32 (were int64), 32 halvings (were 33).
 #          Tables here are the Llama layout (a list per KV head, 4 q heads unioned)
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
