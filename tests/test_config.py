@@ -511,3 +511,15 @@ def test_vertical_slash_crossed_or_columns_needs_a_top_p_one_budget():
     assert path == "models[0].layers[0].budget" and "layer 0 head 0: vertical_slash blocks: crossed" in msg
     assert "top_p: 1.0" in msg
     assert plan_of(entry(layers=[{"layers": "all", "estimator": est, "budget": {"top_p": 1.0}}])).layers[0].is_sparse
+
+
+def test_env_lists_every_variable_with_its_value_or_default(capsys, monkeypatch):
+    from vllm_sparse.cli.main import main
+    from vllm_sparse.envs import VARIABLES
+
+    monkeypatch.setenv("VLLM_SPARSE_WORKSPACE_MIB", "1024")
+    monkeypatch.delenv("VLLM_SPARSE_METRICS", raising=False)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}=" in out for name in VARIABLES)
+    assert "VLLM_SPARSE_WORKSPACE_MIB=1024\n" in out and "VLLM_SPARSE_METRICS=1  (default)" in out

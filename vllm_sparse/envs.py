@@ -1,6 +1,6 @@
 """Every environment variable vllm-sparse reads, declared in one place (as vLLM's own `envs.py`):
 its name, default and what it does. Modules read them through `get` / `flag`, which refuse a name
-not declared here, so a typo fails at once and `vllm-sparse env` (docs) lists them all."""
+not declared here, so a typo fails at once; `vllm-sparse env` lists them with their values."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -142,6 +143,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from vllm_sparse.envs import VARIABLES
+
+    for name, (default, meaning) in VARIABLES.items():
+        current = os.environ.get(name)
+        print(f"{name}={current if current is not None else default}"
+              f"{'' if current is not None else '  (default)'}\n    {meaning}")
+    return 0
+
+
 def cmd_schema(args) -> int:
     from vllm_sparse.config.schema import json_schema
 
@@ -256,7 +267,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, help="vLLM KV cache block size")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=4)
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=4 << 30,
+                   help="each engine's KV cache (default 4 GiB, which holds the longest eval prompt of a small model; "
+                   "an 8B model at 32K needs more: pass 0 to let vLLM size it from --gpu-memory-utilization)")
     p.add_argument("--kv-cache-dtype", help="vLLM's kv_cache_dtype for both engines (e.g. fp8: the sparse path "
                    "reads fp8 e4m3 caches on CUDA)")
     p.add_argument("--gpu-memory-utilization", type=float,
@@ -309,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", nargs="?")
     pl.add_argument("--model", required=True)
     pl.set_defaults(func=cmd_plan)
+    en = sub.add_parser("env", help="the environment variables vllm-sparse reads: value (or default) and meaning")
+    en.set_defaults(func=cmd_env)
     s = sub.add_parser("schema", help="print the config's JSON schema")
     s.add_argument("--output", "-o")
     s.set_defaults(func=cmd_schema)

@@ -101,8 +101,9 @@ class BudgetSpec(StrictModel):
     top_k: int | None = Field(None, ge=1, description="blocks kept per query block row")
     top_p: float | None = Field(None, gt=0, le=1, description="estimated attention mass kept per row")
     keep_ratio: float | None = Field(None, gt=0, le=1, description="fraction of the row's causal blocks kept")
-    min_blocks: int = Field(1, ge=1)
-    max_blocks: int | None = Field(None, ge=1)
+    min_blocks: int = Field(1, ge=1, description="fewest blocks a query block row keeps (its causal blocks at most)")
+    max_blocks: int | None = Field(None, ge=1, description="most blocks a row keeps, never fewer than its sink and "
+                                   "local blocks (default: no cap)")
     sink_blocks: int = Field(1, ge=0, description="first blocks always kept")
     local_blocks: int = Field(1, ge=1, description="blocks up to and including the diagonal, always kept")
     share: Literal["head", "group"] = Field(
@@ -130,8 +131,9 @@ DECODE_ESTIMATORS = ("quest", "tidal", "dense")
 
 class DecodeSpec(StrictModel):
     """Decode page selection: each decode step of a request whose context reaches `dense_below` reads,
-    per KV head, the `top_k_tokens` worth of blocks with the highest Quest upper bound, plus the first
-    `sink_blocks` and the last `local_blocks` blocks (the current token's included)."""
+    per KV head, the `top_k_tokens` worth of blocks with the highest Quest upper bound (or, for `tidal`, those its
+    selector layer chose from exact scores), plus the first `sink_blocks` and the last `local_blocks` blocks (the
+    current token's included)."""
 
     estimator: Literal["quest", "tidal", "dense"] = Field(
         "quest", description="quest: upper bound of q.k from each block's per-channel key min/max (Quest); "
@@ -286,7 +288,8 @@ def _build_models():
             None, ge=0, description="a query block whose tokens all lie before this position (each sees at most "
             "this many tokens) attends densely; a prefill chunk goes sparse once it has a query block past it")
         decode: DecodeSpec | None = Field(
-            None, description="decode page selection (Quest), or `dense` (the default): vLLM's own decode")
+            None, description="decode page selection (Quest or TidalDecode), or `dense` (the default): vLLM's own "
+            "decode")
         union_tile: int | None = Field(
             None, ge=1, description="query blocks per block union (default: one union per prefill chunk)")
         union_heads: bool | None = Field(
