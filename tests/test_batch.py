@@ -6,14 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
 
-pytest.importorskip("vllm")
-
-from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
-
-from vllm_sparse import compat  # noqa: E402
-from vllm_sparse.backend.batch import SparseChunk, classify  # noqa: E402
-from vllm_sparse.config.plan import chunk_work  # noqa: E402
+from vllm_sparse import compat
+from vllm_sparse.backend.batch import SparseChunk, classify
+from vllm_sparse.config.plan import chunk_work
 
 # decode (seq 50) | prefill chunk with context (100 tokens, seq 400) | short prompt (30) | decode (seq 700)
 Q_LENS, SEQ_LENS = [1, 100, 30, 1], [50, 400, 30, 700]

@@ -140,7 +140,7 @@ def test_warm_up_and_unnumbered_layers_add_nothing():
     b = random_paged_batch([1024], [640], 4, 2, 16, 16, seed=2)
     STATS.calibrate(CANDIDATES)
     try:
-        out = torch.empty_like(b.q)
+        out = torch.full_like(b.q, float("nan"))  # poison: every token written
         attend_observed(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, 640, 384),), [None] * 4, BLOCK, SCALE)
         assert STATS.calibration == {}
         torch.testing.assert_close(out, dense_causal_attention_ref(b.q, b.keys[0], b.values[0], SCALE),

@@ -56,6 +56,13 @@ def _on(b, kv=None):
 FP32_TOL = dict(atol=1e-2, rtol=1e-2) if GPU else dict(atol=2e-3, rtol=2e-3)
 
 
+def _poisoned(q: torch.Tensor) -> dict:
+    """out= and lse= for column_attention, NaN: every token and head must be written (0 and -inf where no
+    column is seen)."""
+    return {"out": torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE),
+            "lse": torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=DEVICE)}
+
+
 def _tol(dtype):
     return {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
 
@@ -108,7 +115,7 @@ def test_blocks_and_columns_merged_equal_attention_over_their_union(case):
     q, kv, bt, qsl, lens = _on(b)
     o_blk, lse_blk = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, p_indptr,
                                                 p_idx.long(), d**-0.5, return_lse=True)
-    o_col, lse_col = column_attention(q, kv, bt, qsl, lens, c_indptr, c_idx, d**-0.5, max(q_lens))
+    o_col, lse_col = column_attention(q, kv, bt, qsl, lens, c_indptr, c_idx, d**-0.5, max(q_lens), **_poisoned(q))
     merged, _ = merge_attention(o_blk.to(DEVICE), lse_blk.to(DEVICE), o_col, lse_col)
     group = hq // hkv
     for s, n in enumerate(seq_lens):
@@ -133,7 +140,7 @@ def test_every_column_kept_is_dense_attention():
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.float32, seed=3)
     indptr, idx = _csr([torch.arange(150)] * hkv)
     q, kv, bt, qsl, lens = _on(b)
-    got, _ = column_attention(q, kv, bt, qsl, lens, indptr, idx, d**-0.5, 41)
+    got, _ = column_attention(q, kv, bt, qsl, lens, indptr, idx, d**-0.5, 41, **_poisoned(q))
     want = dense_causal_attention_ref(b.q, b.keys[0], b.values[0], d**-0.5)
     torch.testing.assert_close(got.cpu(), want, **FP32_TOL)
 
@@ -145,11 +152,13 @@ def test_fp8_cache_matches_reference():
     kv8 = to_fp8(b.kv)
     indptr, idx = _csr(_random_columns(seq_lens, hkv, 0.3, 9))
     q, kv, bt, qsl, lens = _on(b, kv8)
-    got, got_lse = column_attention(q, kv, bt, qsl, lens, indptr, idx, d**-0.5, 90)
+    got, got_lse = column_attention(q, kv, bt, qsl, lens, indptr, idx, d**-0.5, 90, **_poisoned(q))
     ref, ref_lse = column_attention_ref(b.q, kv8, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
                                         idx.cpu(), d**-0.5)
+    assert not got.isnan().any() and not got_lse.isnan().any()
     assert (got.cpu().float() - ref.float()).norm() / ref.float().norm() < 5e-3
     finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(got_lse.cpu()), finite)  # the same rows see a column
     torch.testing.assert_close(got_lse.cpu()[finite], ref_lse[finite], atol=5e-3, rtol=5e-3)
 
 
@@ -177,7 +186,7 @@ def test_union_tiles_share_a_block_table_row():
     cols = _random_columns([ctx + 32, ctx + 64], hkv, 0.3, 13)
     indptr, idx = _csr(cols)
     got, lse = column_attention(b.q.to(DEVICE), _on(b)[1], b.block_table.to(DEVICE), qsl.to(DEVICE), lens.to(DEVICE),
-                                indptr, idx, d**-0.5, 32, block_table_rows=rows.to(DEVICE))
+                                indptr, idx, d**-0.5, 32, block_table_rows=rows.to(DEVICE), **_poisoned(b.q))
     ref, ref_lse = column_attention_ref(b.q, b.kv, b.block_table, qsl, lens, indptr.cpu(), idx.cpu(), d**-0.5,
                                         block_table_rows=rows)
     torch.testing.assert_close(got.cpu(), ref, **FP32_TOL)
@@ -218,7 +227,7 @@ def test_shared_padded_lists_with_blocks_excluded():
     got, got_lse = column_attention(b.q.to(DEVICE), _on(b)[1], *(a.to(DEVICE) if torch.is_tensor(a) else
                                     tuple(x.to(DEVICE) for x in a) if isinstance(a, tuple) else a for a in args),
                                     32, block_table_rows=rows.to(DEVICE), exclude=exclude.to(DEVICE),
-                                    exclude_block=page)
+                                    exclude_block=page, **_poisoned(b.q))
     ref, ref_lse = column_attention_ref(b.q, b.kv, *args, block_table_rows=rows, exclude=exclude, exclude_block=page)
     torch.testing.assert_close(got.cpu(), ref, **FP32_TOL)
     p_indptr, p_idx = _csr(pages, "cpu")

@@ -227,9 +227,10 @@ def _attend(case):
     rows = len(case.seq_lens)
     kv = case.paged.num_kv_heads
     nbp = row_blocks(case.block_table.shape[1] * case.page, case.block)
-    scores = torch.empty(rows, kv, nbp, device=DEVICE)
-    selected = torch.zeros(rows, kv, int(case.heads.kept.max()), dtype=torch.int32, device=DEVICE)
-    counts = torch.zeros(rows, kv, dtype=torch.int32, device=DEVICE)
+    # Poisoned: the selection must write every sparse row's blocks and counts (the attention reads them).
+    scores = torch.full((rows, kv, nbp), float("nan"), device=DEVICE)
+    selected = torch.full((rows, kv, int(case.heads.kept.max())), -7, dtype=torch.int32, device=DEVICE)
+    counts = torch.full((rows, kv), -1, dtype=torch.int32, device=DEVICE)
     seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
     cand = _candidates(rows, kv, nbp, int(case.heads.kept.max()))
     quest_select(case.query, case.summ.mins, case.summ.maxs, case.block_table, case.qsl, seq, case.heads, scores,
@@ -258,7 +259,9 @@ def test_decode_attention_kernel_matches_reference(seed, dtype):
             continue
         s = case.seq_lens[r]
         pages = case.block_table[r, : -(-s // case.page)].long()
-        blocks = [selected[r, 0, : int(counts[r, 0])].long(), None]
+        n = int(counts[r, 0])
+        assert 0 < n and 0 <= int(selected[r, 0, :n].min()) and int(selected[r, 0, :n].max()) < -(-s // case.block)
+        blocks = [selected[r, 0, :n].long(), None]
         want = reference_decode_attention(case.query[tok], case.paged, pages, s, blocks, case.block, 0.3)
         assert torch.allclose(out[tok].float(), want, atol=tol, rtol=tol)
 
@@ -367,7 +370,8 @@ def test_tidal_selector_and_reader_kernels_match_reference(seed, dtype, block, f
     out = torch.full_like(case.query, float("nan"))
     rows, kv = len(case.seq_lens), 2
     slots = split_slots(rows, kv) * case.q_heads
-    po, pml = torch.empty(slots, case.query.shape[2], device=DEVICE), torch.empty(slots, 2, device=DEVICE)
+    po = torch.full((slots, case.query.shape[2]), float("nan"), device=DEVICE)  # (poison: written before read)
+    pml = torch.full((slots, 2), float("nan"), device=DEVICE)
     seq = torch.tensor(case.seq_lens, dtype=torch.int32, device=DEVICE)
     decode_attention(case.query, case.paged, case.block_table, case.qsl, seq, DecodeHeads.build(readers, DEVICE),
                      selected, counts, po, pml, out, block_tokens=case.block, scale=0.3, dense_below=case.dense_below)

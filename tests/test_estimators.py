@@ -109,6 +109,23 @@ def test_pooled_proxy_heads_share_ranking_but_not_budget():
     assert (kept[1] <= kept[0]).all() and (kept[1] < kept[0]).any()  # the sharper head keeps fewer
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lowbit_logits_per_kv_head_are_each_q_heads_integer_product(bits):
+    """The GQA path (keys quantized once per KV head, each q head against its KV head's: the torch reference the
+    fused lowbit kernels are compared with) against the integer product written out head by head."""
+    from vllm_sparse.estimators.quant import lowbit_logits, quantize_symmetric
+
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randn(QLEN, HQ, D, generator=g)
+    chunk = _chunk(torch.randn(SEQ, HKV, D, generator=g), q)
+    qh, k_kv = q.permute(1, 0, 2), torch.randn(HKV, 40, D, generator=g)
+    got = lowbit_logits(qh, k_kv, bits, 0.7, chunk)
+    for h in range(HQ):
+        qi, qs = quantize_symmetric(qh[h], bits)
+        ki, ks = quantize_symmetric(k_kv[int(chunk.kv_head_of[h])], bits)
+        torch.testing.assert_close(got[h], (qi * qs) @ (ki * ks).T * 0.7, atol=1e-4, rtol=1e-5)
+
+
 def test_lowbit_int8_close_to_exact_and_int4_coarser():
     from vllm_sparse.estimators.quant import lowbit_logits
 

@@ -136,5 +136,8 @@ def test_density_kernel_records_as_the_torch_ops(case, metrics_dir):
         parts = torch.tensor([kept // 3, kept // 3, kept - 2 * (kept // 3)], dtype=torch.int32, device=device)
         m.record_density(11, parts.view(3, 1), total)
         m.record_density(0, parts[:1], total)
+        # As serving passes it: a slice of a CSR index array at an odd offset of a larger buffer.
+        csr = torch.randint(0, 50, (11,), dtype=torch.int32, generator=torch.Generator().manual_seed(kept))
+        m.record_density(7, csr.to(device)[3:7], max(total, 200))
         accs.append(m._acc.cpu())
     assert torch.equal(accs[0], accs[1])

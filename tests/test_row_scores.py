@@ -206,6 +206,20 @@ def test_fused_scores_stay_within_the_workspace_at_32k(name, raw, monkeypatch):
     assert float((ref[finite] - got[finite]).abs().max()) < 1e-3
 
 
+@pytest.mark.skipif(GPU, reason="CPU twin of test_fused_scores_compiled_for_each_head_dim")
+@pytest.mark.parametrize("head_dim,hq,hkv", [(128, 4, 2), (256, 2, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("name,raw", [("antidiagonal", {"stride": 8, "bits": 8}), ("lowbit", {"sample_stride": 16}),
+                                      ("vertical_slash", {"last_q": 32, "vertical_size": 40, "slash_size": 50})])
+def test_fused_scores_for_wide_heads_in_the_interpreter(name, raw, head_dim, hq, hkv):
+    """Llama's and Gemma 3's head sizes take their own tile settings: in Triton's interpreter at a short context."""
+    seq, q_len = 320, 128
+    _poison_workspace()
+    b = random_paged_batch([seq], [q_len], hq, hkv, head_dim, PAGE, dtype=torch.float16, seed=head_dim)
+    kv_of = torch.arange(hq) // (hq // hkv)
+    chunk = ChunkContext(b.q, kv_of, b.kv, b.block_table[0], seq - q_len, 64, head_dim**-0.5, tuple(kv_of.tolist()))
+    assert _compare(chunk, name, raw) < 2e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
 @pytest.mark.parametrize("head_dim,hq,hkv", [(64, 8, 2), (128, 32, 8), (256, 4, 1)], ids=lambda v: str(v))
