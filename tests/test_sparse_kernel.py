@@ -273,8 +273,7 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
 
-    if kernel == "fa3":
-        dtype = torch.float16
+    dtype = torch.float16
     b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=dtype, seed=21)
     pooled = get_estimator("pooled")
     plan = HeadPlan("pooled", pooled.params(share=share), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))
@@ -307,8 +306,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
 
-    if kernel == "fa3":
-        hq, hkv, d, bs = 8, 2, 32, 32
+    hq, hkv, d, bs = 8, 2, 32, 32
     b = random_paged_batch((300, 200), (120, 200), hq, hkv, d, 16, dtype=torch.float16, seed=23)
     plan = HeadPlan("pooled", get_estimator("pooled").params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))
     chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
@@ -343,8 +341,7 @@ def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
     from vllm_sparse.selection.budget import Budget
     from vllm_sparse.selection.stats import STATS
 
-    if kernel == "fa3":
-        b = random_paged_batch((400,), (300,), 8, 2, 32, 16, dtype=torch.float16, seed=5)
+    b = random_paged_batch((400,), (300,), 8, 2, 32, 16, dtype=torch.float16, seed=5)
     est = get_estimator("pooled")
     plans = [HeadPlan("pooled", est.params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))] * 8
     chunk = (SparseChunk(0, 0, 300, 100),)
