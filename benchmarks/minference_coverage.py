@@ -77,7 +77,7 @@ def reader_coverage(context_len: int, seq_len: int, block: int, cols: list[torch
             "causal_keys": (q_hi + 1).float(), "causal_blocks": (rb + 1).float(), "row_blocks": rb}
 
 
-def record_choices(records: list, layer_of_call: dict) -> None:
+def record_choices(records: list) -> None:
     """Wrap `vertical_slash`'s scoring so each call appends its kept lines to `records` (eval instrumentation: the
     serving code is not changed; the engine must run in this process)."""
     import inspect
@@ -89,6 +89,7 @@ def record_choices(records: list, layer_of_call: dict) -> None:
     attend, keep_lines, score_heads = instrumented.attend_sparse_chunks, vs._keep_lines, vs.score_vertical_slash_heads
     signature = inspect.signature(attend)
     kept: list[torch.Tensor] = []
+    layer_of_call: dict[str, int] = {}  # the attention call that runs the estimator names its layer
 
     def attend_recorded(*args, **kwargs):
         layer_of_call["layer"] = signature.bind_partial(*args, **kwargs).arguments.get("layer", -1)
@@ -178,7 +179,7 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
     samples = [int(n) for n in args.samples.split(",")]
     records: list = []
-    record_choices(records, {})
+    record_choices(records)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     # Pages of the plan's block: vLLM's default page (128 on CPU) would not divide a 64-token block.
     llm = LLM(model=args.model, seed=0, dtype=args.dtype, max_model_len=max(lengths) + 512, enforce_eager=True,

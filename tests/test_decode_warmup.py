@@ -54,8 +54,8 @@ class KernelPathLayer(step.DecodeLayer):
         self._attend_kernels(*args)
 
 
-def engine(max_model_len, max_num_seqs, capture, fp8):
-    q_heads, kv_heads, d, page = 32, 8, 128, 16
+def engine(max_model_len, max_num_seqs, capture, fp8, q_heads=32, kv_heads=8, d=128):
+    page = 16
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(max_model_len=max_model_len, dtype=torch.float16,
                                      get_num_attention_heads=lambda parallel: q_heads),
@@ -129,9 +129,8 @@ def test_decode_warm_up_runs_its_kernels(monkeypatch, config, cache_dtype):
     shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), num_layers=32, num_q_heads=q_heads,
                        num_kv_heads=kv_heads)
     plan = resolve_plan(load_config(ROOT / f"benchmarks/configs/{config}.yaml"), shape, "test", explicit=True)
-    vllm_config, spec = engine(32768, max_num_seqs=3, capture=0, fp8=cache_dtype == "fp8")
-    vllm_config.model_config.get_num_attention_heads = lambda parallel: q_heads
-    spec.num_kv_heads, spec.head_size = kv_heads, d
+    vllm_config, spec = engine(32768, max_num_seqs=3, capture=0, fp8=cache_dtype == "fp8", q_heads=q_heads,
+                               kv_heads=kv_heads, d=d)
     monkeypatch.setattr(memory, "_workspace", {})
     monkeypatch.setattr(step, "DecodeLayer", KernelPathLayer)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)

@@ -100,7 +100,7 @@ def _select_blocks_kernel(
         # Blocks (by score) to reach top_p of the softmax mass of the free (non-forced) blocks.
         free = causal & ~forced
         m = tl.max(tl.where(free, s, float("-inf")), axis=0)
-        live = free & (s > float("-inf"))  # free blocks with a score (then z >= 1)
+        live = free & (s > float("-inf"))  # free blocks with a score (then their exponentials sum to >= 1)
         e = tl.where(live, tl.exp(s - m), 0.0)
         p = tl.where(live, e / tl.sum(e, axis=0), 0.0)
         p = p / tl.maximum(tl.sum(p, axis=0), 1e-30)
