@@ -1,7 +1,8 @@
 """The key Triton compiles a kernel launch under (its constexprs, each integer argument's class unless
 `do_not_specialize`, each pointer's dtype and 16-byte alignment, num_warps / num_stages), as Triton's own argument
 binder computes it: for the tests that check the engine-start warm-ups against serving's launches
-(`test_prefill_warmup.py`, `test_decode_warmup.py`); and `forget_compiled`, for the GPU twins."""
+(`test_prefill_warmup.py`, `test_decode_warmup.py`) and for the GPU compile check that compiles their launches
+(`gpu_compile.py`); and `forget_compiled`, for the GPU twins."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ except ImportError:
     from triton.backends.compiler import BaseBackend as BACKEND
 
 _BINDERS: dict[int, tuple] = {}
+# When a dict: the first launch of each key, {key: (kernel, args, kwargs)}, kept for `gpu_compile.py` to compile.
+LAUNCHES: dict | None = None
 
 
 def binder(kernel):
@@ -30,7 +33,10 @@ def binder(kernel):
 def launch_key(kernel, name: str, args, kwargs) -> tuple[tuple, dict]:
     """-> (the key a launch of `kernel` (called `name`) compiles under, its arguments by name)."""
     params, specialization, options = binder(kernel)[0](*args, **kwargs)
-    return (name, tuple(specialization), tuple(sorted(options.items()))), params
+    key = (name, tuple(specialization), tuple(sorted(options.items())))
+    if LAUNCHES is not None:
+        LAUNCHES.setdefault(key, (kernel, args, kwargs))
+    return key, params
 
 
 def forget_compiled(*modules: str) -> None:

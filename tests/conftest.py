@@ -34,7 +34,8 @@ if _WORKER and _WORKERS > 1 and not torch.cuda.is_available():
 # The longest files first (each ~2-5 minutes on 2 cores): with a file per worker at a time, one started last
 # would keep a single worker busy alone at the end.
 SLOW_FILES = ("test_gemma_passkey.py", "test_engine_tp.py", "test_eval.py", "test_engine_decode.py",
-              "test_engine_cpu.py", "test_server.py", "test_engine_scheduling.py", "test_server_load.py")
+              "test_engine_cpu.py", "test_server.py", "test_engine_scheduling.py", "test_server_load.py",
+              "test_gpu_compile.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -99,6 +99,27 @@ def test_kernel_matches_reference(case, dtype, density):
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.parametrize("per_q_head", [False, True])
+def test_small_shared_memory_tiles_match_reference(monkeypatch, per_q_head):
+    """GPUs with 99 KiB of shared memory per block (sm_86, sm_89) take smaller tiles at head_dim 256 (the Hopper ones
+    do not fit there: `tests/gpu_compile.py`): those tiles, several per chunk, give the reference's output."""
+    from vllm_sparse.kernels import sparse_attention
+
+    dev = torch.device(DEVICE)
+    assert sparse_attention._tile_config(4, 256, dev)[:2] == (32, 32)  # (Hopper's: 128 packed rows)
+    monkeypatch.setattr(sparse_attention, "small_shared_memory", lambda device: True)
+    assert sparse_attention._tile_config(4, 256, dev) == (16, 32, 8, 2)  # 64 packed rows
+    seq_lens, q_lens, hq, hkv, d, page = (150, 40), (100, 40), 8, 2, 256, 16
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.float16, seed=71 + per_q_head)
+    lists = _random_lists(seq_lens, hq if per_q_head else hkv, page, 0.5, 71)
+    got, lse, ref, ref_lse = _run_both(b, lists, d**-0.5, torch.float16, flash=True, per_q_head=per_q_head)
+    assert not got.isnan().any()
+    assert _rel_err(got, ref) < _tol(torch.float16)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=5e-3, rtol=5e-3)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] != c[3]])  # the cases whose KV heads serve a group
 @pytest.mark.parametrize("density", [1.0, 0.4])
 def test_kernel_with_a_page_list_per_q_head_matches_reference(case, density):

@@ -11,6 +11,8 @@ the engine compiles at start. `VLLM_SPARSE_LOG_COMPILES=1` shows any compile tha
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -37,3 +39,27 @@ def storage_base(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(a 1-D tensor over t's whole allocation, t's element offset in it): an aligned pointer for Triton."""
     base = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
     return base, t.storage_offset()
+
+
+# Shared memory a block may opt into, by compute capability (CUDA C++ Programming Guide, technical specifications per
+# compute capability): where torch does not report it. More than a kernel's launch asks for, the GPU refuses it.
+OPTIN_SHARED_BYTES = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
+                      (10, 0): 232448, (12, 0): 101376}
+_SMALL_SHARED = 128 * 1024
+
+
+@functools.cache
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on `device` (CPU: Hopper's, so the interpreter takes CUDA's tiles)."""
+    if device.type != "cuda":
+        return OPTIN_SHARED_BYTES[(9, 0)]
+    props = torch.cuda.get_device_properties(device)
+    return (getattr(props, "shared_memory_per_block_optin", 0)
+            or OPTIN_SHARED_BYTES.get((props.major, props.minor), min(OPTIN_SHARED_BYTES.values())))
+
+
+def small_shared_memory(device: torch.device) -> bool:
+    """Whether `device` gives a block 128 KiB of shared memory or less (sm_86, sm_89: 99 KiB), where kernel tiles
+    sized on Hopper for head_dim > 128 do not fit: their kernels take smaller ones there (`tests/gpu_compile.py`
+    compiles every launch variant of the shipped and benchmark plans for sm_80, sm_86, sm_89 and sm_90)."""
+    return shared_memory_per_block(device) <= _SMALL_SHARED

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_sparse.kernels.launch import small_shared_memory
 from vllm_sparse.kernels.paged import PagedKV
 
 _LOG2E = 1.4426950408889634
@@ -174,10 +175,15 @@ def _sparse_paged_attention_kernel(
         tl.store(LSE + (q0 + tok).to(tl.int64) * NUM_Q_HEADS + head, lse, mask=row_ok)
 
 
-def _tile_config(group_pad: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M tokens, BLOCK_N keys, num_warps, num_stages) by GQA group and head size."""
+def _tile_config(group_pad: int, head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M tokens, BLOCK_N keys, num_warps, num_stages) by GQA group, head size and the device's shared memory."""
     # Measured on H100 (benchmarks/RESULTS.md): 256 packed rows, 64 keys per step, 16 warps, 3 stages
-    # is the fastest tried at d=128; d=256 halves the rows to keep the accumulator in registers.
+    # is the fastest tried at d=128; d=256 halves the rows to keep the accumulator in registers. GPUs with 99 KiB
+    # of shared memory per block cannot hold 128 rows of d=256 in 3 or 2 stages (sm_89, Triton 3.6: 106,752 and
+    # 106,624 bytes; one stage fits, spilling 2.9 KB): 64 rows, 8 warps, 2 stages there (69,760 bytes, no spills;
+    # compiled, not timed).
+    if head_dim > 128 and small_shared_memory(device):
+        return max(64 // group_pad, 1), 32, 8, 2
     rows = 128 if head_dim > 128 else 256
     block_m = max(rows // group_pad, 16 // group_pad, 1)
     block_n = 32 if head_dim > 128 else 64
@@ -224,7 +230,7 @@ def sparse_paged_attention(
     if page_indptr.numel() != seq_lens.shape[0] * lists + 1:
         raise ValueError(f"page_indptr has {page_indptr.numel()} entries; {seq_lens.shape[0]} segments x {lists} "
                          f"lists + 1 expected")
-    cfg_m, cfg_n, cfg_w, cfg_s = _tile_config(pack_pad, head_dim)
+    cfg_m, cfg_n, cfg_w, cfg_s = _tile_config(pack_pad, head_dim, q.device)
     # A program's rows beyond the longest segment would idle (a q head's own list packs no group).
     cfg_m = max(min(cfg_m, triton.next_power_of_2(max_query_len or 1)), 16 // pack_pad, 1)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
