@@ -16,7 +16,8 @@ except ImportError:
     from triton.backends.compiler import BaseBackend as BACKEND
 
 _BINDERS: dict[int, tuple] = {}
-# When a dict: the first launch of each key, {key: (kernel, args, kwargs)}, kept for `gpu_compile.py` to compile.
+# When a dict: the first launch of each key, `LAUNCHES.setdefault(key, (kernel, args, kwargs))`, kept for
+# `gpu_compile.py` to compile (its dict adds the test that launched it).
 LAUNCHES: dict | None = None
 
 

@@ -1,7 +1,7 @@
 """Compile every Triton kernel launch of the warm-up tests for real GPUs, on a machine without one (a pytest plugin).
 
     python -m pytest -p tests.gpu_compile --gpu-arch 89 tests/test_prefill_warmup.py tests/test_decode_warmup.py \\
-        -k "not runs_its_kernels"
+        -k "not runs_its_kernels and not fp8 and not fa3"
 
 The warm-up tests (`test_prefill_warmup.py`, `test_decode_warmup.py`) see every launch serving and the engine-start
 warm-ups make, over the shipped and benchmark plans, and record each launch's compile key (`compile_keys.py`). With
@@ -11,7 +11,8 @@ the target stands in); the launch choices that follow the device's shared memory
 take that architecture's. So GPU-only failures the interpreter cannot show become visible here: a kernel Triton
 cannot compile for the architecture, or one needing more shared memory per block than it has (the GPU refuses the
 launch: Triton's `OutOfResources` at engine start). Each variant's registers, spills and shared memory (ptxas's own
-report) go to `--gpu-compile-json`; a table by kernel is printed. The run fails if any variant does.
+report, from the ptxas run that built the cubin) go to `--gpu-compile-json`; a table by kernel is printed. The run
+fails if any variant does. One process only (no `-n`).
 
 Triton must be imported without its interpreter (this module sets `TRITON_INTERPRET=0` before conftest's default),
 so tests that run kernels in the interpreter cannot run beside it. `scripts/gpu-compile.sh` runs it under another
@@ -20,11 +21,11 @@ Triton release (the GPU image's); `test_gpu_compile.py` runs it in CI.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
-import subprocess
-import tempfile
 import time
 from collections import defaultdict
 
@@ -56,6 +57,9 @@ _LAUNCHES = _Launches()
 def _shared_bytes(arch: int) -> int:
     from vllm_sparse.kernels.launch import OPTIN_SHARED_BYTES
 
+    if divmod(arch, 10) not in OPTIN_SHARED_BYTES:
+        raise pytest.UsageError(f"--gpu-arch {arch}: no shared-memory limit known for it (kernels/launch.py "
+                                f"OPTIN_SHARED_BYTES: {sorted(a * 10 + b for a, b in OPTIN_SHARED_BYTES)})")
     return OPTIN_SHARED_BYTES[divmod(arch, 10)]
 
 
@@ -63,14 +67,16 @@ def pytest_configure(config):
     from tests import compile_keys
     from vllm_sparse.kernels import launch
 
+    if config.getoption("numprocesses", None):  # (each worker would compile its share and write the report)
+        raise pytest.UsageError("tests.gpu_compile runs in one process: drop -n")
     compile_keys.LAUNCHES = _LAUNCHES
     shared = _shared_bytes(config.getoption("--gpu-arch"))
     launch.shared_memory_per_block = lambda device: shared  # (for the whole session: this process only compiles)
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    _LAUNCHES.test = item.nodeid
+def pytest_runtest_protocol(item, nextitem):
+    _LAUNCHES.test = item.nodeid  # (setup, call and teardown)
     return (yield)
 
 
@@ -95,33 +101,36 @@ class _TargetDriver:
         return True
 
 
-def _ptxas_report(ptx: str, arch: int) -> dict:
-    """ptxas's resource report of a kernel's PTX (the ptxas Triton itself runs for this architecture)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v",
-                              "-o", os.devnull, f.name], capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+def _resources(ptxas_log: str) -> dict:
+    """Registers, stack and spills from ptxas's `-v` report."""
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
     if not regs or not frame:
-        raise RuntimeError(f"ptxas gave no resource report:\n{log}")
+        raise RuntimeError(f"ptxas gave no resource report:\n{ptxas_log[-2000:]}")
     return {"registers": int(regs.group(1)), "stack_bytes": int(frame.group(1)),
             "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3))}
 
 
-def compile_variant(kernel, args, kwargs, arch: int) -> dict:
-    """Compile one launch for `arch` (the active driver names it) -> its resources, or the error."""
+def compile_variant(kernel, name, args, kwargs, arch: int) -> dict:
+    """Compile one launch for `arch` (the active driver names it) -> its resources, or the error. The resources are
+    those of the cubin Triton builds: its own ptxas run, with its flags, reports them (compiled afresh, never loaded
+    from Triton's cache, which would skip ptxas)."""
     import triton
+    from triton import knobs
 
+    from tests.compile_keys import launch_key
+
+    key = launch_key(kernel, name, args, kwargs)[0]
+    log = io.StringIO()
     try:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        res = {"ok": True, "key": repr(key), "num_warps": compiled.metadata.num_warps,
+               "num_stages": compiled.metadata.num_stages, "shared_bytes": compiled.metadata.shared,
+               **_resources(log.getvalue())}
     except Exception as e:  # (reported per variant; the run fails below)
-        return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:600]}"}
-    res = {"ok": True, "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
-           "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)}
+        return {"ok": False, "key": repr(key), "error": f"{type(e).__name__}: {str(e)[:600]}"}
     limit = _shared_bytes(arch)
     if res["shared_bytes"] > limit:
         res.update(ok=False, error=f"needs {res['shared_bytes']} bytes of shared memory per block; sm_{arch} has "
@@ -156,8 +165,11 @@ def pytest_sessionfinish(session, exitstatus):
     driver.set_active(_TargetDriver(arch))
     for key, (kernel, args, kwargs, test) in _LAUNCHES.items():
         assert isinstance(kernel, JITFunction), f"{key[0]} is {type(kernel).__name__}: run with TRITON_INTERPRET=0"
-        rows.append({"arch": arch, "kernel": key[0], "key": repr(key), "first_launched_by": test,
-                     **compile_variant(kernel, args, kwargs, arch)})
+        row = {"arch": arch, "kernel": key[0], "first_launched_by": test,
+               **compile_variant(kernel, key[0], args, kwargs, arch)}
+        if row["key"] != repr(key):  # (an argument changed after its launch was recorded: not what was launched)
+            row.update(ok=False, error=f"the recorded launch's arguments no longer give its key {key!r}")
+        rows.append(row)
     failed = [r for r in rows if not r["ok"]]
     report = {"triton": triton.__version__, "arch": arch, "shared_bytes_per_block": _shared_bytes(arch),
               "variants": len(_LAUNCHES), "seconds": time.time() - start, "rows": rows}

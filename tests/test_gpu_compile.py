@@ -5,8 +5,8 @@ memory per block (sm_89: L40S, RTX 4090; sm_86 shares its limits), and fits ther
 backend; a kernel that needs more shared memory than the architecture has would be refused by the GPU at engine
 start. Here: the shipped plans with FA3's tables on sm_90, and with an fp8 cache (vLLM's FlashAttention takes fp8
 pages on Hopper only) both attention paths there, and TidalDecode's decode kernels; with the Triton attention kernel
-on sm_89 (no FA3 there). About 2 minutes on 2 cores. Every benchmark plan on sm_80, sm_86, sm_89 and
-sm_90, under the GPU image's Triton: `scripts/gpu-compile.sh`.
+on sm_89 (no FA3 there). About 90 s on 2 cores. Every benchmark plan on sm_80, sm_86, sm_89, sm_90
+and sm_100, under the GPU image's Triton: `scripts/gpu-compile.sh`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ROOT = Path(__file__).parents[1]
 # on both architectures (on sm_90 it runs plans that keep key columns, and `VLLM_SPARSE_KERNEL=triton`); FA3's page
 # tables and TidalDecode's decode on Hopper.
 KERNELS = {"_select_blocks_kernel", "_block_key_means_kernel", "_record_density_kernel", "_quantize_rows_kernel",
-           "_quantize_columns_kernel", "_block_mass_kernel", "_sparse_paged_attention_kernel"}
+           "_quantize_columns_kernel", "_row_block_lse_kernel", "_block_mass_kernel", "_sparse_paged_attention_kernel"}
 HOPPER_KERNELS = {"_tile_tables_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_segment_select_kernel",
                   "_merge_select_kernel"}
 SELECTIONS = {

@@ -106,8 +106,9 @@ def test_small_shared_memory_tiles_match_reference(monkeypatch, per_q_head):
     from vllm_sparse.kernels import sparse_attention
 
     dev = torch.device(DEVICE)
+    monkeypatch.setattr(sparse_attention, "needs_small_tiles", lambda head_dim, device: False)
     assert sparse_attention._tile_config(4, 256, dev)[:2] == (32, 32)  # (Hopper's: 128 packed rows)
-    monkeypatch.setattr(sparse_attention, "small_shared_memory", lambda device: True)
+    monkeypatch.setattr(sparse_attention, "needs_small_tiles", lambda head_dim, device: head_dim > 128)
     assert sparse_attention._tile_config(4, 256, dev) == (16, 32, 8, 2)  # 64 packed rows
     seq_lens, q_lens, hq, hkv, d, page = (150, 40), (100, 40), 8, 2, 256, 16
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.float16, seed=71 + per_q_head)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from vllm_sparse.estimators.quant import quantize_symmetric
-from vllm_sparse.kernels.launch import small_shared_memory, storage_base
+from vllm_sparse.kernels.launch import needs_small_tiles, storage_base
 from vllm_sparse.kernels.workspace import WORKSPACE
 
 _LOG2E = 1.4426950408889634
@@ -684,7 +684,7 @@ def line_masses(chunk, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk.context_len, seq, n, chunk.scale * kv.k_scale * _LOG2E,
         HEAD_D=q.shape[-1], BLOCK_N=block_n, ROWS=64, PAGE=kv.page_size,
         IN_PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
-        # (sm_89 holds three stages of d=256 in 114,688 bytes of its 101,376: two there)
-        num_stages=2 if q.shape[-1] > 128 and small_shared_memory(q.device) else 3,
+        # (three stages of d=256 need 114,688 bytes; sm_89 has 101,376: two there)
+        num_stages=2 if needs_small_tiles(q.shape[-1], q.device) else 3,
     )
     return vert, slash

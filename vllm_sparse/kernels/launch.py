@@ -54,12 +54,14 @@ def shared_memory_per_block(device: torch.device) -> int:
     if device.type != "cuda":
         return OPTIN_SHARED_BYTES[(9, 0)]
     props = torch.cuda.get_device_properties(device)
+    if torch.version.hip is not None:  # (ROCm: no opt-in figure, and its capabilities are not NVIDIA's)
+        return props.shared_memory_per_block
     return (getattr(props, "shared_memory_per_block_optin", 0)
             or OPTIN_SHARED_BYTES.get((props.major, props.minor), min(OPTIN_SHARED_BYTES.values())))
 
 
-def small_shared_memory(device: torch.device) -> bool:
-    """Whether `device` gives a block 128 KiB of shared memory or less (sm_86, sm_89: 99 KiB), where kernel tiles
-    sized on Hopper for head_dim > 128 do not fit: their kernels take smaller ones there (`tests/gpu_compile.py`
-    compiles every launch variant of the shipped and benchmark plans for sm_80, sm_86, sm_89 and sm_90)."""
-    return shared_memory_per_block(device) <= _SMALL_SHARED
+def needs_small_tiles(head_dim: int, device: torch.device) -> bool:
+    """Whether kernels whose tiles were sized on Hopper take smaller ones: head_dim > 128 on a GPU that gives a block
+    128 KiB of shared memory or less (sm_86, sm_89, sm_120: 99 KiB), where Hopper's do not fit. `tests/gpu_compile.py`
+    compiles every launch variant of the shipped and benchmark plans for sm_80, sm_86, sm_89, sm_90 and sm_100."""
+    return head_dim > 128 and shared_memory_per_block(device) <= _SMALL_SHARED

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_sparse.kernels.launch import small_shared_memory
+from vllm_sparse.kernels.launch import needs_small_tiles
 from vllm_sparse.kernels.paged import PagedKV
 
 _LOG2E = 1.4426950408889634
@@ -180,9 +180,9 @@ def _tile_config(group_pad: int, head_dim: int, device: torch.device) -> tuple[i
     # Measured on H100 (benchmarks/RESULTS.md): 256 packed rows, 64 keys per step, 16 warps, 3 stages
     # is the fastest tried at d=128; d=256 halves the rows to keep the accumulator in registers. GPUs with 99 KiB
     # of shared memory per block cannot hold 128 rows of d=256 in 3 or 2 stages (sm_89, Triton 3.6: 106,752 and
-    # 106,624 bytes; one stage fits, spilling 2.9 KB): 64 rows, 8 warps, 2 stages there (69,760 bytes, no spills;
-    # compiled, not timed).
-    if head_dim > 128 and small_shared_memory(device):
+    # 106,624 bytes; one stage fits, spilling 2.9 KB): 64 rows, 8 warps, 2 stages there (the shipped Gemma plan's:
+    # 69,760 bytes, no spills; compiled, not timed).
+    if needs_small_tiles(head_dim, device):
         return max(64 // group_pad, 1), 32, 8, 2
     rows = 128 if head_dim > 128 else 256
     block_m = max(rows // group_pad, 16 // group_pad, 1)
