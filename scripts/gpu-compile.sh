@@ -6,7 +6,7 @@
 # The CI subset (shipped plans, sm_90 and sm_89, the installed Triton) is tests/test_gpu_compile.py.
 #
 #   bash scripts/gpu-compile.sh [TRITON_VERSION] [ARCH...]
-#   bash scripts/gpu-compile.sh 3.6.0 90 89 86 80
+#   bash scripts/gpu-compile.sh 3.6.0 90 89 86 80 100
 #
 # fp8 caches are compiled for sm_90 and sm_100 only: vLLM's FlashAttention backend (whose kv-cache check SPARSE
 # inherits) takes fp8 pages on Hopper (FA3) and, from vLLM 0.32, Blackwell (FA4) only, and refuses them elsewhere
@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 version=${1:-3.6.0}; shift || true
-archs=("$@"); [ ${#archs[@]} -gt 0 ] || archs=(90 89 86 80)
+archs=("$@"); [ ${#archs[@]} -gt 0 ] || archs=(90 89 86 80 100)
 python=${PYTHON:-.venv/bin/python}
 site=.stage/triton-$version  # (git-ignored)
 if [ "$($python -c 'import triton; print(triton.__version__)')" != "$version" ]; then
