@@ -559,7 +559,8 @@ def run(spec: dict) -> dict:
             tail = (tail + [line])[-60:]
             quiet = line.startswith(("INFO", "DEBUG", "(EngineCore")) or (
                 line.startswith("(Worker") and (" INFO " in line or " DEBUG " in line))  # TP > 1: worker processes
-            if not quiet or "Error" in line:
+            # (the plugin's own INFO lines stay: its plan, reservations, warm-ups; scripts grep them)
+            if not quiet or "Error" in line or "vllm-sparse:" in line:
                 print(f"[{label}] {line}", end="", flush=True)
         proc.wait()
     finally:

@@ -65,7 +65,7 @@ eager() {
     echo "compiles logged after the decode warm-up: $(sed -n '/decode kernels ready/,$p' "$log" \
       | grep -c 'Triton kernel vllm_sparse')"
   else
-    echo "no 'decode kernels ready' line: the decode warm-up did not run (e2e exit $e2e)"
+    echo "no 'decode kernels ready' line: the decode warm-up did not run, or its line did not reach the log (e2e exit $e2e)"
   fi
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_warmup_gpu.py 2>&1 | tail -4
   rc=${PIPESTATUS[0]}
