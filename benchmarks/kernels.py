@@ -92,7 +92,7 @@ def peak_mib(fn) -> float:
     return peak_above(fn) * 1024
 
 
-def fa3_dense(q, k_cache, v_cache, table, ctx, q_len):
+def fa3_dense(q, k_cache, v_cache, table, ctx, q_len, fa_version=3):
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     cu_q = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
@@ -102,7 +102,7 @@ def fa3_dense(q, k_cache, v_cache, table, ctx, q_len):
     def run():
         flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=q_len, cu_seqlens_q=cu_q, max_seqlen_k=ctx,
                                seqused_k=seqused, softmax_scale=D**-0.5, causal=True, block_table=table,
-                               out=out, fa_version=3)
+                               out=out, fa_version=fa_version)
     return run, out
 
 
@@ -137,7 +137,7 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -
     (`union_heads: false`: a page list per q head) vs the *same* blocks (one list per KV head): FA3 over
     compacted tables and the Triton kernel, with the union of the different lists beside them (what
     `union_heads: true` reads). Per-head time / same time is the cost of heads disagreeing."""
-    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
+    from vllm_sparse.kernels.flash_compact import compact_block_tables, sparse_attention_flash, used_tokens
 
     group = HQ // HKV
     same, causal, *_, qsl, seg_end = make_segments(ctx, q_len, tile, density, gen)  # [seg, HKV, blocks]
@@ -153,7 +153,7 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -
         indptr, indices = mask_csr(mask, seg_end)
         tables, counts = compact_block_tables(table, rows_bt, indptr, indices, mask.shape[1], ctx // PAGE)
         fa_out = torch.full_like(q, float("nan"))
-        run_fa = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables,
+        run_fa = functools.partial(sparse_attention_flash, q, k_cache, v_cache, tables,
                                    used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, fa_out)
         tri_out = torch.full_like(q, float("nan"))
         run_tri = functools.partial(sparse_paged_attention, q, kv, table, qsl, seg_end, indptr, indices, D**-0.5,
@@ -188,6 +188,9 @@ def main() -> None:
     ap.add_argument("--head-lists", default="", help="densities at which to compare a page list per q head "
                     "(different blocks per head) with one per KV head (same blocks): issue 26's target")
     ap.add_argument("--heads", default=f"{HQ}/{HKV}", help="Q/KV heads (28/4: Qwen2.5-7B's 7 q heads per KV head)")
+    ap.add_argument("--fa-version", type=int, default=3, choices=(2, 3),
+                    help="FlashAttention version of the dense baseline and of the compacted-table path (2: what "
+                         "GPUs without FA3 run; the 'fa3_*' fields then hold FA2's times)")
     args = ap.parse_args()
     HQ, HKV = (int(x) for x in args.heads.split("/"))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -208,7 +211,7 @@ def main() -> None:
             dense_ms = dense_tflops = None
             causal_pairs = q_len * (ctx - q_len) + q_len * (q_len + 1) / 2
             if have_fa3:
-                run, fa_out = fa3_dense(q, k_cache, v_cache, table, ctx, q_len)
+                run, fa_out = fa3_dense(q, k_cache, v_cache, table, ctx, q_len, args.fa_version)
                 dense_ms = bench(run)
                 dense_tflops = 4 * D * HQ * causal_pairs / dense_ms / 1e9
             for density in (float(x) for x in args.densities.split(",") if x):
@@ -241,35 +244,39 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                 if have_fa3:
                     # The same lists through FA3's paged kernel over compacted block tables.
-                    from vllm_sparse.kernels import fa3_compact
-                    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
+                    from vllm_sparse.kernels import flash_compact
+                    from vllm_sparse.kernels.flash_compact import (
+                        compact_block_tables,
+                        sparse_attention_flash,
+                        used_tokens,
+                    )
                     tri_out = out.clone()
                     compact = functools.partial(compact_block_tables, table, rows_bt, indptr, indices, HKV,
                                                 ctx // PAGE)
                     tables, counts = compact()
                     fa_sparse_out = torch.full_like(q, float("nan"))
-                    run_fc = functools.partial(sparse_attention_fa3, q, k_cache, v_cache, tables,
+                    run_fc = functools.partial(sparse_attention_flash, q, k_cache, v_cache, tables,
                                                used_tokens(counts, seg_end, PAGE), qsl, seg_end, args.tile, D**-0.5,
-                                               fa_sparse_out)
+                                               fa_sparse_out, fa_version=args.fa_version)
                     run_fc()
                     fc_err = float((fa_sparse_out.float() - tri_out.float()).norm() / tri_out.float().norm())
                     fc_ms, compact_ms = bench(run_fc), bench(compact)
-                    rows[-1].update(fa3_compact_ms=fc_ms, fa3_compact_tables_ms=compact_ms,
-                                    fa3_compact_err_vs_ours=fc_err,
-                                    fa3_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9,
-                                    fa3_compact_splits=fa3_compact.fa3_num_splits(n_seg, args.tile, HQ // HKV,
+                    rows[-1].update(flash_compact_ms=fc_ms, flash_compact_tables_ms=compact_ms,
+                                    flash_compact_err_vs_ours=fc_err,
+                                    flash_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9,
+                                    flash_compact_splits=flash_compact.fa3_num_splits(n_seg, args.tile, HQ // HKV,
                                                                                   q.device),
-                                    fa3_compact_peak_mib=peak_mib(run_fc))
+                                    flash_compact_peak_mib=peak_mib(run_fc))
                     # The same call under FA3's own split-KV heuristic (num_splits=0), and with the split count
                     # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries).
-                    tiles = fa3_compact.fa3_query_tiles(n_seg, args.tile, HQ // HKV)
-                    cap = -(-2 * fa3_compact.num_sms(q.device) // tiles)
-                    for name, splits in (("heuristic", 0), ("capped", cap)):
+                    tiles = flash_compact.fa3_query_tiles(n_seg, args.tile, HQ // HKV)
+                    cap = -(-2 * flash_compact.num_sms(q.device) // tiles)
+                    for name, splits in (("heuristic", 0), ("capped", cap))[:2 if args.fa_version == 3 else 1]:
                         run = functools.partial(run_fc, num_splits=splits)
-                        rows[-1].update({f"fa3_compact_{name}_ms": bench(run),
-                                         f"fa3_compact_{name}_peak_mib": peak_mib(run)})
-                    rows[-1]["fa3_compact_cap"] = cap
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("fa3_compact")}), flush=True)
+                        rows[-1].update({f"flash_compact_{name}_ms": bench(run),
+                                         f"flash_compact_{name}_peak_mib": peak_mib(run)})
+                    rows[-1]["flash_compact_cap"] = cap
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("flash_compact")}), flush=True)
                     tables = counts = fa_sparse_out = tri_out = None
                 if mode == "prompt" and str(density) in args.flashinfer.split(","):
                     try:
@@ -286,7 +293,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                argv=sys.argv, tile=args.tile)
+                argv=sys.argv, tile=args.tile, fa_version=args.fa_version)
     if have_fa3:
         import vllm
         meta["vllm"] = vllm.__version__
@@ -301,15 +308,16 @@ def main() -> None:
         err = f"{r['rel_err_vs_fa3']:.1e}" if r["rel_err_vs_fa3"] is not None else "-"
         print(f"{r['ctx']:>7} {r['mode']:>6} {r['density']:>5.2f} {r['kept_blocks']:>6.3f} {cfg:>14} "
               f"{r['sparse_ms']:8.2f} {r['sparse_tflops']:6.0f} {fa} {err:>8} {int(r['unwritten'])}")
-        if "fa3_compact_ms" in r:
-            print(f"{'':>21} FA3 over compacted tables: {r['fa3_compact_ms']:.2f} ms "
-                  f"({r['fa3_compact_tflops']:.0f} TF/s, x FA3 dense {r['fa3_ms'] / r['fa3_compact_ms']:.2f}; "
-                  f"tables {r['fa3_compact_tables_ms']:.2f} ms; err vs ours {r['fa3_compact_err_vs_ours']:.1e})")
-            print(f"{'':>21} num_splits {r['fa3_compact_splits']} (rule): {r['fa3_compact_ms']:.2f} ms, "
-                  f"{r['fa3_compact_peak_mib']:.0f} MiB temporaries; FA3's heuristic (0): "
-                  f"{r['fa3_compact_heuristic_ms']:.2f} ms, {r['fa3_compact_heuristic_peak_mib']:.0f} MiB; capped at "
-                  f"{r['fa3_compact_cap']}: {r['fa3_compact_capped_ms']:.2f} ms, "
-                  f"{r['fa3_compact_capped_peak_mib']:.0f} MiB")
+        if "flash_compact_ms" in r:
+            print(f"{'':>21} FA3 over compacted tables: {r['flash_compact_ms']:.2f} ms "
+                  f"({r['flash_compact_tflops']:.0f} TF/s, x FA3 dense {r['fa3_ms'] / r['flash_compact_ms']:.2f}; "
+                  f"tables {r['flash_compact_tables_ms']:.2f} ms; err vs ours {r['flash_compact_err_vs_ours']:.1e})")
+            print(f"{'':>21} num_splits {r['flash_compact_splits']} (rule): {r['flash_compact_ms']:.2f} ms, "
+                  f"{r['flash_compact_peak_mib']:.0f} MiB temporaries; FA3's heuristic (0): "
+                  f"{r['flash_compact_heuristic_ms']:.2f} ms, {r['flash_compact_heuristic_peak_mib']:.0f} MiB; "
+                  "capped at "
+                  f"{r['flash_compact_cap']}: {r['flash_compact_capped_ms']:.2f} ms, "
+                  f"{r['flash_compact_capped_peak_mib']:.0f} MiB")
         if "flashinfer_ms" in r:
             print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
                   f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")

@@ -24,7 +24,7 @@ fi
 status=0
 for arch in "${archs[@]}"; do
   select="not runs_its_kernels"
-  # (FA3 runs on Hopper only: elsewhere the estimators' variants of the Triton attention path)
+  # (FA3 runs on Hopper only: elsewhere FA2's tables and the Triton attention path)
   [ "$arch" = 90 ] || select="$select and not fa3"
   case $arch in 90|100) ;; *) select="$select and not fp8" ;; esac
   out=benchmarks/results/gpu_compile_sm${arch}_triton${version}.json

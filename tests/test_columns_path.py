@@ -104,5 +104,9 @@ def test_fa3_forced_with_column_layers_is_refused_at_start(monkeypatch):
         check_forced_kernel(plan("columns"), "fa3")
     assert "VLLM_SPARSE_KERNEL=fa3, but layers [1, 2] keep key columns token by token" in str(e.value)
     check_forced_kernel(plan("crossed"), "fa3")  # blocks only: FA3 runs them
+    monkeypatch.setenv("VLLM_SPARSE_KERNEL", "fa2")
+    with pytest.raises(SparseConfigError, match="VLLM_SPARSE_KERNEL=fa2, but layers"):
+        check_forced_kernel(plan("columns"), "fa2")
     monkeypatch.delenv("VLLM_SPARSE_KERNEL")
     check_forced_kernel(plan("columns"), "fa3")  # chosen by device: the column layers go to Triton, as designed
+    check_forced_kernel(plan("columns"), "fa2")

@@ -166,6 +166,10 @@ def test_fa3_over_an_fp8_cache_without_quantized_queries_stops_the_engine_at_sta
     check_fp8_query_input(plan, "fa3", "auto", quantizes_queries=False)
     with pytest.raises(SparseConfigError, match="kv_cache_dtype.*supports_quant_query_input is false"):
         check_fp8_query_input(plan, "fa3", "fp8_e4m3", quantizes_queries=False)
+    # FA2 (GPUs without FA3, or VLLM_SPARSE_KERNEL=fa2) reads no fp8 pages, quantized queries or not.
+    check_fp8_query_input(plan, "fa2", "auto", quantizes_queries=False)
+    with pytest.raises(SparseConfigError, match="kv_cache_dtype=fp8: FA2 over the compacted tables reads no fp8"):
+        check_fp8_query_input(plan, "fa2", "fp8", quantizes_queries=True)
 
 
 def test_the_warm_up_over_fp8_pages_needs_the_models_query_dtype():

@@ -12,8 +12,9 @@ must include those of serving-like steps through `attend_sparse_chunks`, as `imp
 queries, cache and block table (`serving_steps`).
 
 On CPU the sparse path takes torch references where CUDA launches kernels; patched to the CUDA choices:
-- `selected_kernel`: "fa3" (Hopper; FA3 itself is vLLM's CUDA kernel, stubbed, over `_tile_tables_kernel`'s
-  tables) or "triton" (other GPUs, and plans that keep key columns on any GPU); the estimators' fused kernels
+- `selected_kernel`: "fa3" (Hopper) or "fa2" (other GPUs of compute capability 8.0 up; FlashAttention itself is
+  vLLM's CUDA kernel, stubbed, over `_tile_tables_kernel`'s tables) or "triton" (GPUs without vLLM's FlashAttention,
+  and plans that keep key columns on any GPU); the estimators' fused kernels
   follow the choice;
 - the selection (`select_blocks_triton`) and the block key means (`block_key_means_triton`), chosen by `q.is_cuda`;
 - `row_bucket` and the mass kernel's `_kv_block_tile`, whose CPU rule (no floor: the interpreter pays per
@@ -131,7 +132,7 @@ def on_cuda_path(monkeypatch, kernel):
     monkeypatch.setattr(row_scores, "_kv_block_tile", lambda n, device: kv_block_tile(n, cuda))
     for floors in (config_plan.AUTO_MIN_QUERY_TOKENS, config_plan.AUTO_MIN_CHUNK_WORK):  # (the warm-up reads them)
         monkeypatch.setitem(floors, "cpu", floors["cuda"])
-    monkeypatch.setattr(attend, "sparse_attention_fa3", lambda *args, **kwargs: None)
+    monkeypatch.setattr(attend, "sparse_attention_flash", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the attention wrappers' check for CPU tensors; nothing runs)
     warmup._compile.cache_clear()  # (once per engine and process: each test is an engine start)
@@ -229,7 +230,7 @@ def check(warmed, served):
     assert not gaps, "launched in serving, not at engine start:\n" + "\n".join(gaps)
 
 
-@pytest.mark.parametrize("kernel", ["fa3", "triton"])
+@pytest.mark.parametrize("kernel", ["fa3", "fa2", "triton"])
 @pytest.mark.parametrize("path", PLANS, ids=[str(p.with_suffix("")).removeprefix("benchmarks/configs/")
                                              for p in PLANS])
 def test_prefill_warm_up_launches_what_serving_launches(monkeypatch, tmp_path, path, kernel):

@@ -16,7 +16,18 @@ from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 
 GPU = torch.cuda.is_available()
-HOPPER = GPU and torch.cuda.get_device_capability()[0] == 9  # FA3 (vLLM's build) runs there only
+
+
+def _flash_kernels() -> list[str]:
+    """The FlashAttention versions vLLM's build runs on this machine's GPU (FA3: Hopper; FA2: capability 8.0 up)."""
+    if not GPU:
+        return []
+    from vllm_sparse.backend.kernel_choice import flash_attention_available
+
+    return [k for k, v in (("fa3", 3), ("fa2", 2)) if flash_attention_available(torch.device("cuda"), v)]
+
+
+FLASH = _flash_kernels()
 DEVICE = "cuda" if GPU else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if GPU else [])
 
@@ -210,7 +221,7 @@ def _bottom_right_causal(q, k, v, scale, used):
 def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, per_q_head):
     """CPU twin of the FA3 path: compacted block tables + FA's causal rule give the reference's output,
     with a list per KV head (its q heads read the union) or per q head (each its own)."""
-    from vllm_sparse.kernels.fa3_compact import compact_block_tables
+    from vllm_sparse.kernels.flash_compact import compact_block_tables
 
     seq_lens, q_lens, hq, hkv, d, page = case
     n_lists = hq if per_q_head else hkv
@@ -237,14 +248,17 @@ def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HOPPER, reason="FlashAttention 3 needs a Hopper GPU")
-@pytest.mark.parametrize("splits", [0, 1], ids=["fa3-splits", "one-split"])
+@pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
+@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
+@pytest.mark.parametrize("splits", [0, 1], ids=["fa-splits", "one-split"])
 @pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
-def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits):
-    from vllm_sparse.kernels.fa3_compact import compact_block_tables, sparse_attention_fa3, used_tokens
+def test_flash_attention_over_compacted_tables_matches_reference(case, per_q_head, splits, version):
+    from vllm_sparse.kernels.flash_compact import compact_block_tables, sparse_attention_flash, used_tokens
 
-    # Both of the rule's answers (`fa3_num_splits`): FA3's split-KV heuristic (small calls), one split (large).
+    if f"fa{version}" not in FLASH:
+        pytest.skip(f"vLLM's FlashAttention runs no FA{version} on this GPU")
+    # Both of the rule's answers (`fa3_num_splits`): the kernel's split-KV heuristic (small calls), one split (large).
     seq_lens, q_lens, hq, hkv, d, page = case
     n_lists = hq if per_q_head else hkv
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=13)
@@ -258,8 +272,8 @@ def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits):
     out = torch.full_like(b.q, float("nan")).to(DEVICE)
     seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
     used, qsl = used_tokens(counts, seq_lens_dev, page), b.query_start_loc.to(DEVICE, torch.int32)
-    sparse_attention_fa3(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev, max(q_lens), d**-0.5,
-                         out, num_splits=splits)
+    sparse_attention_flash(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev, max(q_lens), d**-0.5,
+                           out, num_splits=splits, fa_version=version)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
                                      idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
     assert not out.isnan().any()
@@ -270,20 +284,20 @@ def test_fa3_over_compacted_tables_matches_reference(case, per_q_head, splits):
 def test_fa3_splits_kv_only_while_its_query_tiles_leave_the_gpu_idle(monkeypatch):
     """The host rule for FA3's num_splits: one split once a call's query tiles (segments x 128-row tiles
     of the packed q heads) fill the SMs; below that, FA3's own split-KV heuristic (0)."""
-    from vllm_sparse.kernels import fa3_compact
+    from vllm_sparse.kernels import flash_compact
 
-    monkeypatch.setattr(fa3_compact, "num_sms", lambda device: 132)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
     cpu = torch.device("cpu")
-    assert fa3_compact.fa3_num_splits(128, 128, 4, cpu) == 1  # a 16K-token chunk in 128-token tiles, GQA 4
-    assert fa3_compact.fa3_num_splits(33, 128, 4, cpu) == 1  # 132 tiles: just full
-    assert fa3_compact.fa3_num_splits(32, 128, 4, cpu) == 0  # a 4K-token follow-up: FA3 may split
-    assert fa3_compact.fa3_num_splits(128, 128, 1, cpu) == 0  # a list per q head: 128 tiles
-    assert fa3_compact.fa3_num_splits(1, 16384, 4, cpu) == 1  # one segment of 16K queries
+    assert flash_compact.fa3_num_splits(128, 128, 4, cpu) == 1  # a 16K-token chunk in 128-token tiles, GQA 4
+    assert flash_compact.fa3_num_splits(33, 128, 4, cpu) == 1  # 132 tiles: just full
+    assert flash_compact.fa3_num_splits(32, 128, 4, cpu) == 0  # a 4K-token follow-up: FA3 may split
+    assert flash_compact.fa3_num_splits(128, 128, 1, cpu) == 0  # a list per q head: 128 tiles
+    assert flash_compact.fa3_num_splits(1, 16384, 4, cpu) == 1  # one segment of 16K queries
 
 
 @pytest.mark.parametrize("share", ["head", "group"])
 @pytest.mark.parametrize("union_tile", [None, 1, 2])
-@pytest.mark.parametrize("kernel", ["triton"] + (["fa3"] if HOPPER else []))
+@pytest.mark.parametrize("kernel", ["triton"] + FLASH)
 def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
     """The backend's sparse step through the kernel (one launch per chunk, unions per tile built on
     the device) gives what the reference path gives, for chunks with and without context: with a
@@ -307,7 +321,7 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
     attend_observed(b.q, ref, b.kv, b.block_table, chunks, plans, 32, d_scale := 32**-0.5,
                     union_tile=union_tile, kernel="reference")
     q, kv = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
-    kv = _flash_layout(kv) if kernel == "fa3" else kv
+    kv = _flash_layout(kv) if kernel in FLASH else kv
     got = torch.full_like(q, float("nan"))
     tiles = tile_geometry(list(chunks), 32, union_tile, torch.device(DEVICE))  # as the builder gives them
     attend_observed(q, got, kv, b.block_table.to(DEVICE), chunks, plans, 32, d_scale, union_tile=union_tile,
@@ -317,7 +331,7 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
 
 
 @pytest.mark.parametrize("union_tile", [None, 1])
-@pytest.mark.parametrize("kernel", ["reference", "triton"] + (["fa3"] if HOPPER else []))
+@pytest.mark.parametrize("kernel", ["reference", "triton"] + FLASH)
 def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_tile):
     """`union_heads: false` through the backend's sparse step: every q head's output is what that head
     gets when it is alone in its group (a one-head union is its own blocks), on each path; and it is not
@@ -335,7 +349,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
                                int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
                    for s in range(2))
     q, kv, bt = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)), b.block_table.to(DEVICE)
-    kv = _flash_layout(kv) if kernel == "fa3" else kv
+    kv = _flash_layout(kv) if kernel in FLASH else kv
 
     def run(q, kv, heads, union_heads):
         out = torch.full_like(q, float("nan"))
@@ -353,7 +367,7 @@ def test_union_heads_false_attends_each_q_head_to_its_own_blocks(kernel, union_t
     assert (own - union).abs().amax() > 1e-2
 
 
-@pytest.mark.parametrize("kernel", ["triton"] + (["fa3"] if HOPPER else []))
+@pytest.mark.parametrize("kernel", ["triton"] + FLASH)
 def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
     """`vllm-sparse eval` reads kept densities from the kernel path on GPUs: same counts as the reference."""
     from vllm_sparse.backend.batch import SparseChunk
@@ -368,7 +382,7 @@ def test_kernel_path_counts_the_same_densities_as_reference_path(kernel):
     plans = [HeadPlan("pooled", est.params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1))] * 8
     chunk = (SparseChunk(0, 0, 300, 100),)
     q, kv = b.q.to(DEVICE), PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE))
-    kv = _flash_layout(kv) if kernel == "fa3" else kv
+    kv = _flash_layout(kv) if kernel in FLASH else kv
     counts, audits = {}, {}
     runs = {"reference": (b.q, b.kv, b.block_table, False), kernel: (q, kv, b.block_table.to(DEVICE), False),
             # With the audit on, the kernel's device takes the reference path (and must run there).
@@ -450,13 +464,41 @@ def test_kernel_setting_is_checked_at_start(monkeypatch):
     monkeypatch.delenv("VLLM_SPARSE_KERNEL", raising=False)
     assert check_kernel_choice(cpu) == "reference"
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", "flash")
-    with pytest.raises(ValueError, match="VLLM_SPARSE_KERNEL='flash' is not a kernel; allowed: fa3, triton, reference"):
+    with pytest.raises(ValueError, match="VLLM_SPARSE_KERNEL='flash' is not a kernel; allowed: fa3, fa2, triton, ref"):
         check_kernel_choice(cpu)
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", "triton")
     with pytest.raises(ValueError, match="VLLM_SPARSE_KERNEL=triton needs a CUDA device"):
         check_kernel_choice(cpu)
+    monkeypatch.setenv("VLLM_SPARSE_KERNEL", "fa2")
+    with pytest.raises(ValueError, match="VLLM_SPARSE_KERNEL=fa2 needs a CUDA device"):
+        check_kernel_choice(cpu)
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", "reference")
     assert check_kernel_choice(cpu) == "reference"
+
+
+@pytest.mark.parametrize("versions, capability, expected", [
+    ({2, 3}, (9, 0), "fa3"),  # Hopper: FA3, as vLLM's FlashAttention backend
+    ({2}, (8, 0), "triton"),  # A100 (and sm_86 / sm_89): the Triton kernel; FA2 opt-in until run on a GPU
+    ({2}, (10, 0), "triton"),  # Blackwell
+    (set(), (8, 9), "triton"),  # no FlashAttention build
+])
+def test_the_kernel_follows_vllms_flash_attention_build(monkeypatch, versions, capability, expected):
+    """By device, sparse chunks run FA3 where vLLM's build has it, else the Triton kernel; `fa2` runs where vLLM's
+    build has FA2, and a forced version the GPU lacks stops the engine at start, naming the setting and the GPU."""
+    from vllm_sparse.backend import kernel_choice
+
+    monkeypatch.delenv("VLLM_SPARSE_KERNEL", raising=False)
+    monkeypatch.setattr(kernel_choice, "flash_attention_available", lambda device, version: version in versions)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{capability[0]}{capability[1]}")
+    cuda = torch.device("cuda", 0)
+    assert kernel_choice.selected_kernel(cuda) == expected
+    for forced in ("fa3", "fa2"):
+        monkeypatch.setenv("VLLM_SPARSE_KERNEL", forced)
+        if int(forced[2]) in versions:
+            assert kernel_choice.check_kernel_choice(cuda) == forced
+        else:
+            with pytest.raises(ValueError, match=f"VLLM_SPARSE_KERNEL={forced} needs .* GPU sm_{capability[0]}"):
+                kernel_choice.check_kernel_choice(cuda)
 
 
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:], ids=lambda c: f"seqs{c[0]}-q{c[2]}-kv{c[3]}-d{c[4]}-p{c[5]}")

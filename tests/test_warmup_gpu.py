@@ -18,12 +18,13 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles kernels only on a GPU")
 
 
-@pytest.mark.parametrize("kernel", ["fa3", "triton"])
+@pytest.mark.parametrize("kernel", ["fa3", "fa2", "triton"])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype, kernel):
     """An fp8 cache (issue 29) too: fp8 pages and queries, as vLLM gives them to the sparse path. The Triton attention
-    kernel (GPUs without FA3) as well as FA3's tables. Triton's in-memory caches of the plugin's kernels are emptied
-    first, so what earlier tests in the process compiled cannot stand in for the warm-up."""
+    kernel (GPUs without FA3) as well as FlashAttention's tables (FA3, and the opt-in FA2). Triton's in-memory caches
+    of the plugin's kernels are emptied first, so what earlier tests in the process compiled cannot stand in for the
+    warm-up."""
     from triton import knobs
 
     from tests.compile_keys import forget_compiled
@@ -46,15 +47,19 @@ def test_no_sparse_kernel_compiles_after_warm_up(tmp_path, monkeypatch, kv_dtype
     context = 131072
     max_model_len = context + 16384
     fp8 = kv_dtype != dtype
-    if kernel == "fa3" and torch.cuda.get_device_capability(dev)[0] != 9:
-        pytest.skip("FA3 runs on Hopper only")
+    from vllm_sparse.backend.kernel_choice import flash_attention_available
+
+    if kernel.startswith("fa") and not flash_attention_available(dev, int(kernel[2])):
+        pytest.skip(f"vLLM's FlashAttention runs no {kernel} on this GPU")
+    if kernel == "fa2" and fp8:
+        pytest.skip("FA2 reads no fp8 cache (the engine refuses the pair at start)")
     monkeypatch.setenv("VLLM_SPARSE_KERNEL", kernel)
     forget_compiled(*(f"vllm_sparse.{m}" for m in ("kernels.sparse_attention", "kernels.column_attention",
                       "estimators.row_scores", "estimators.block_means", "selection.select_kernel",
                       "selection.tile_tables", "metrics.density_kernel")))
     warmup._compile.cache_clear()
     warmup.warm_up_selection_kernels(plan, q_heads // kv_heads, page, d, kv_dtype, max_model_len, dev,
-                                     with_tables=kernel == "fa3")
+                                     with_tables=kernel != "triton")
     warmup.run_dummy_sparse_steps(plan, head_shard(q_heads, kv_heads, 0, 1, "llama"), kv_heads, d, page, kv_dtype,
                                   dev, q_dtype=dtype)
 

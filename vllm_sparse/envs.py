@@ -9,7 +9,7 @@ import os
 VARIABLES: dict[str, tuple[str, str]] = {
     # name: (default, what it does)
     "VLLM_SPARSE_CONFIG": ("", "the sparse-attention config file for engines given none in --additional-config"),
-    "VLLM_SPARSE_KERNEL": ("", "force the sparse chunks' attention kernel: fa3, triton or reference (checked at "
+    "VLLM_SPARSE_KERNEL": ("", "force the sparse chunks' attention kernel: fa3, fa2, triton or reference (checked at "
                                "engine start; default: by device)"),
     "VLLM_SPARSE_WORKSPACE_MIB": ("512", "cap on the estimators' workspace reserved at start, MiB; a chunk that "
                                          "needs more is scored in slabs"),

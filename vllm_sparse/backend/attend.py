@@ -18,7 +18,7 @@ import torch
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
 from vllm_sparse.kernels.column_attention import column_attention, column_attention_ref, merge_attention
-from vllm_sparse.kernels.fa3_compact import sparse_attention_fa3
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, sparse_attention_flash
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
@@ -63,13 +63,13 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
                              tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
                              fa3_query: tuple[torch.Tensor, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, int]:
-    """All union tiles of one chunk in one kernel launch (FA3: a call per page list), no host sync.
+    """All union tiles of one chunk in one kernel launch (FlashAttention: a call per page list), no host sync.
     Returns (KV pages read: device counts to sum, causal KV pages: a host number) over the tiles and page
     lists.
 
     Tile t's union of rows and of the q heads of each KV head becomes segment t's page list; the
     tile's query tokens attend to it, causally. Every tile's list ends with the tile's own blocks
-    (each row keeps its diagonal block), which the FA3 path relies on.
+    (each row keeps its diagonal block), which the FlashAttention path relies on.
 
     `fa3_query`: (fp8 queries, their 0-dim scale tensor) where vLLM quantized them for an fp8 cache: FA3 takes fp8
     queries with fp8 pages only, and reads them as vLLM's dense FA3 call does; `ctx.q` holds them dequantized.
@@ -77,7 +77,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
     columns = ctx.extras.get("columns")
-    if columns is not None and kernel == "fa3":
+    if columns is not None and kernel in FLASH_VERSIONS:
         kernel = "triton"  # the column pass joins the block pass by its log-sum-exp, which the Triton kernel writes
     n_tiles = -(-rows // tile)
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
@@ -85,13 +85,13 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     # The tiles' query ranges and lengths: the builder's, made once per step (`batch.tile_geometry`), or now.
     bounds, seq_lens = tiles or tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len,
                                               dev)
-    union = tile_unions(mask, tile, lists) if observer is not None or kernel != "fa3" else None
+    union = tile_unions(mask, tile, lists) if observer is not None or kernel not in FLASH_VERSIONS else None
     if observer is not None:  # eval counters (`instrumented.py`)
         observer.chunk(layer, ctx, mask, union, tile, n_tiles)
     q, out = ctx.q, output[c.q_start:c.q_end]
     max_q = min(tile * bs, ctx.q_len)
     causal = chunk_causal_pages(ctx.context_len, ctx.q_len, bs, tile, kv.page_size) * lists
-    if kernel == "fa3":
+    if kernel in FLASH_VERSIONS:
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
         k_cache, v_cache = kv.key.transpose(1, 2), kv.value.transpose(1, 2)  # [pages, page_size, kv_heads, D]
         tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
@@ -101,8 +101,8 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
-        sparse_attention_fa3(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,
-                             descales=descales)
+        sparse_attention_flash(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,
+                               descales=descales, fa_version=FLASH_VERSIONS[kernel])
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,

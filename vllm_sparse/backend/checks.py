@@ -8,6 +8,7 @@ import torch
 from vllm_sparse import compat, envs
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.sharding import head_shard
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.log import logger
 
 GPU_HEAD_SIZES = (16, 32, 64, 128, 256)  # the Triton kernels and the fused estimators (powers of two)
@@ -119,22 +120,28 @@ def check_summaries_pipeline(plan, vllm_config) -> None:
 
 
 def check_forced_kernel(plan, kernel: str | None) -> None:
-    """`VLLM_SPARSE_KERNEL=fa3` with layers that keep key columns token by token: their chunks need the Triton
-    kernel (the column pass joins the block pass by the log-sum-exp it writes), so the setting cannot be honoured
-    there: stop at start rather than run Triton in its place. (Chosen by device, FA3 leaves them to Triton.)"""
+    """`VLLM_SPARSE_KERNEL=fa3` (or fa2) with layers that keep key columns token by token: their chunks need the
+    Triton kernel (the column pass joins the block pass by the log-sum-exp it writes), so the setting cannot be
+    honoured there: stop at start rather than run Triton in its place. (Chosen by device, FlashAttention leaves
+    them to Triton.)"""
     from vllm_sparse.backend.kernel_choice import ENV_VAR
 
-    if kernel == "fa3" and envs.get(ENV_VAR) == "fa3" and column_layers(plan):
+    if kernel in FLASH_VERSIONS and envs.get(ENV_VAR) == kernel and column_layers(plan):
         raise SparseConfigError(plan.source, [(ENV_VAR, (
-            f"{ENV_VAR}=fa3, but layers {column_layers(plan)} keep key columns token by token (vertical_slash "
-            "blocks: columns), which only the Triton kernel attends: unset it (FA3 then runs the other layers), "
-            "or use blocks: crossed"))])
+            f"{ENV_VAR}={kernel}, but layers {column_layers(plan)} keep key columns token by token (vertical_slash "
+            f"blocks: columns), which only the Triton kernel attends: unset it ({kernel} then runs the other "
+            "layers), or use blocks: crossed"))])
 
 
 def check_fp8_query_input(plan, kernel: str | None, cache_dtype: str, quantizes_queries: bool) -> None:
     """FA3 takes fp8 pages with fp8 queries only. vLLM quantizes them where its FlashAttention says it takes them
     (`supports_quant_query_input`); where it does not, the first sparse chunk over an fp8 cache would fail
-    mid-request: stop the engine at start instead (the Triton kernel reads 16-bit queries over fp8 pages)."""
+    mid-request: stop the engine at start instead (the Triton kernel reads 16-bit queries over fp8 pages). FA2
+    reads no fp8 pages at all (vLLM's FlashAttention refuses an fp8 cache without FA3 before this)."""
+    if kernel == "fa2" and fp8_cache(cache_dtype):
+        raise SparseConfigError(plan.source, [("kv_cache_dtype", (
+            f"kv_cache_dtype={cache_dtype}: FA2 over the compacted tables reads no fp8 cache (FA3, on Hopper, "
+            "does): use VLLM_SPARSE_KERNEL=triton, or --kv-cache-dtype auto"))])
     if kernel == "fa3" and fp8_cache(cache_dtype) and not quantizes_queries:
         raise SparseConfigError(plan.source, [("kv_cache_dtype", (
             f"kv_cache_dtype={cache_dtype}: FA3 over the compacted tables reads an fp8 cache with fp8 queries, "

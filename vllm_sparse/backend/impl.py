@@ -31,6 +31,7 @@ from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.kernels.paged import FP8_DTYPES, PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.metrics.worker import worker_metrics
@@ -99,7 +100,7 @@ class SparseImplMixin:
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
                 vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0,
-                page_csr=self._kernel != "fa3" or bool(column_layers(self._plan)))
+                page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)))
             if self._fp8_cache and self._plan.is_sparse_decode:  # decode dequantizes the step's fp8 queries
                 self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
                                         * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)

@@ -67,7 +67,7 @@ def step_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads:
     """An upper bound on one sparse chunk-layer's temporaries (outside the workspace) for the largest chunk
     at `max_model_len`: what vLLM's memory profile must leave room for. `query_itemsize`: with an fp8 cache
     (fp8 queries), the bytes of a dequantized query element (the model's dtype), else 0. `page_csr`: chunks go
-    through the Triton kernel's page lists (no FA3, or layers that keep columns), not FA3's tables."""
+    through the Triton kernel's page lists (no FlashAttention, or layers that keep columns), not its tables."""
     head_plans = _head_plans(plan)
     if not head_plans:
         return 0

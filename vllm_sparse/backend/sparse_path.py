@@ -196,7 +196,7 @@ def attend_sparse_chunks(
     scale: float,
     union_tile: int | None = None,  # query blocks per union; None: one union for the whole chunk
     layer: int = -1,  # for the stats only
-    kernel: str | None = None,  # "triton" | "fa3" | "reference"; None: by device (selected_kernel)
+    kernel: str | None = None,  # "fa3" | "fa2" | "triton" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all lie before this position attend densely
     split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics

@@ -18,6 +18,7 @@ import triton
 from vllm_sparse import compat
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.block_means import block_key_means_triton
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET, row_buckets
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
@@ -73,14 +74,15 @@ LONGEST_QUERY_TILE = 256
 
 
 def dummy_query_lengths(plan: SparsePlan, kernel: str, device_type: str) -> list[int]:
-    """Query tokens of the dummy chunks: a block where FA3 attends; where the Triton attention kernels run (every
-    kernel but FA3, and FA3's plans that keep key columns), a chunk per power of two of their query tile, which they
-    size to the call's longest union tile (`union_tile` blocks, or the whole chunk), shorter in a chunk as short as
-    the plan's query floor lets go sparse (a compile mid-request for each, else); none shorter than that floor."""
+    """Query tokens of the dummy chunks: a block where FlashAttention attends; where the Triton attention kernels
+    run (every other kernel, and FlashAttention's plans that keep key columns), a chunk per power of two of their
+    query tile, which they size to the call's longest union tile (`union_tile` blocks, or the whole chunk),
+    shorter in a chunk as short as the plan's query floor lets go sparse (a compile mid-request for each, else);
+    none shorter than that floor."""
     from vllm_sparse.backend.checks import column_layers
 
     bs = plan.block_size
-    if kernel == "reference" or (kernel == "fa3" and not column_layers(plan)):
+    if kernel == "reference" or (kernel in FLASH_VERSIONS and not column_layers(plan)):
         return [bs]
     longest = min(plan.union_tile * bs, LONGEST_QUERY_TILE) if plan.union_tile else LONGEST_QUERY_TILE
     lengths, n = set(), triton.next_power_of_2(min(max(2, plan.query_token_floor(device_type)), longest))
@@ -234,7 +236,7 @@ def warm_up(plan: SparsePlan, kv_cache_spec, vllm_config, device: torch.device, 
     spec = kv_cache_spec
     local_q_heads, shard, kv_dtype = engine_heads(plan, spec, vllm_config, cache_dtype)
     warm_up_selection_kernels(plan, local_q_heads // spec.num_kv_heads, spec.block_size, spec.head_size, kv_dtype,
-                              vllm_config.model_config.max_model_len, device, with_tables=kernel == "fa3")
+                              vllm_config.model_config.max_model_len, device, with_tables=kernel in FLASH_VERSIONS)
     if shard is not None:
         run_dummy_sparse_steps(plan, shard, spec.num_kv_heads, spec.head_size, spec.block_size, kv_dtype, device,
                                q_dtype=vllm_config.model_config.dtype)

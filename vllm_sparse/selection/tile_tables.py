@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_sparse.kernels.fa3_compact import compact_block_tables, used_tokens
+from vllm_sparse.kernels.flash_compact import compact_block_tables, used_tokens
 from vllm_sparse.kernels.launch import row_bucket, storage_base
 from vllm_sparse.selection.pages import block_mask_to_page_csr
 

@@ -1,13 +1,15 @@
-"""Block-sparse prefill through FlashAttention 3's paged kernel, over compacted block tables.
+"""Block-sparse prefill through FlashAttention's paged kernel, over compacted block tables.
 
-A selected page list is itself a block table: give FA3, per (segment, KV head), the physical
+A selected page list is itself a block table: give FlashAttention, per (segment, KV head), the physical
 pages of the list in order and the list's token count as the sequence length, and it attends
-to exactly those pages, at FA3's speed. Causality survives the compaction when the list ends
+to exactly those pages, at FlashAttention's speed. Causality survives the compaction when the list ends
 with every page from the segment's first query to its last (the selection always keeps the
-local/diagonal blocks, so it does): FA3 aligns causal masks bottom-right, and bottom-right in
+local/diagonal blocks, so it does): FlashAttention aligns causal masks bottom-right, and bottom-right in
 the compacted list is the segment's own tail. Pages before that tail are wholly in the past.
 
-FA3 takes one block table for all heads of a sequence, so this runs one call per page list, each
+The version is the one vLLM's FlashAttention backend runs dense attention with: FA3 on Hopper, FA2 on the
+other GPUs it supports (compute capability 8.0 and up), so a sparse chunk runs the dense kernel over fewer pages.
+FlashAttention takes one block table for all heads of a sequence, so this runs one call per page list, each
 on a strided view of the list's q heads, K/V pages and output (no copies): a list per KV head
 (its q heads attend to their union), or a list per q head (each attends only to its own pages,
 so the work follows each head's kept blocks, not their union).
@@ -20,6 +22,7 @@ import functools
 import torch
 
 FA3_BLOCK_M = 128  # FA3's query tile for head dims up to 128 (Hopper)
+FLASH_VERSIONS = {"fa2": 2, "fa3": 3}  # the kernels of `backend.kernel_choice` that run through this module
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,7 +70,7 @@ def used_tokens(counts: torch.Tensor, seq_lens: torch.Tensor, page: int) -> torc
     return torch.where(counts > 0, (counts - 1) * page + last_page_tokens[None, :], 0).to(torch.int32).contiguous()
 
 
-def sparse_attention_fa3(
+def sparse_attention_flash(
     q: torch.Tensor,  # [tokens, q_heads, D]
     k_cache: torch.Tensor,  # [pages, page_size, kv_heads, D] (FlashAttention layout; may be a view)
     v_cache: torch.Tensor,
@@ -80,8 +83,12 @@ def sparse_attention_fa3(
     out: torch.Tensor,
     num_splits: int | None = None,  # FA3's num_splits; None: `fa3_num_splits` (benchmarks pass others)
     descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v scales (0-dim or [1])
+    fa_version: int = 3,  # 2: FA2 (no split-KV choice, no fp8), for GPUs without FA3
 ) -> torch.Tensor:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    if fa_version == 2 and descales is not None:
+        raise ValueError("FA2 reads no fp8 cache: an fp8 KV cache needs FA3 (Hopper)")
 
     page = k_cache.shape[1]
     kv_heads = k_cache.shape[2]
@@ -90,6 +97,7 @@ def sparse_attention_fa3(
     if tables.shape[0] * pack != q.shape[1]:
         raise ValueError(f"{tables.shape[0]} page lists for {q.shape[1]} q heads over {kv_heads} KV heads")
     max_k = tables.shape[-1] * page
+    # (0 or 1: FA2 takes no split count above 1, and counts a varlen call's sequences as its batch)
     splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
         if num_splits is None else num_splits
     # fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as
@@ -101,5 +109,5 @@ def sparse_attention_fa3(
         flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
                                seqused_k=used[i], softmax_scale=scale, causal=True, block_table=tables[i],
-                               out=out[:, heads], fa_version=3, num_splits=splits, **scale_args)
+                               out=out[:, heads], fa_version=fa_version, num_splits=splits, **scale_args)
     return out
