@@ -132,7 +132,7 @@ def flashinfer_block_sparse(q, packed, table, mask, tile):
     return (lambda: wrapper.run(qh, k, v)), plan_ms
 
 
-def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -> dict:
+def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen, fa_version=3) -> dict:
     """Issue 26's per-q-head target: the four q heads of each KV head keep *different* random blocks
     (`union_heads: false`: a page list per q head) vs the *same* blocks (one list per KV head): FA3 over
     compacted tables and the Triton kernel, with the union of the different lists beside them (what
@@ -154,7 +154,8 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen) -
         tables, counts = compact_block_tables(table, rows_bt, indptr, indices, mask.shape[1], ctx // PAGE)
         fa_out = torch.full_like(q, float("nan"))
         run_fa = functools.partial(sparse_attention_flash, q, k_cache, v_cache, tables,
-                                   used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, fa_out)
+                                   used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, fa_out,
+                                   fa_version=fa_version)
         tri_out = torch.full_like(q, float("nan"))
         run_tri = functools.partial(sparse_paged_attention, q, kv, table, qsl, seg_end, indptr, indices, D**-0.5,
                                     out=tri_out, max_query_len=tile, block_table_rows=rows_bt,
@@ -265,13 +266,16 @@ def main() -> None:
                                     flash_compact_err_vs_ours=fc_err,
                                     flash_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9,
                                     flash_compact_splits=flash_compact.fa3_num_splits(n_seg, args.tile, HQ // HKV,
-                                                                                  q.device),
+                                                                                  q.device)
+                                    if args.fa_version == 3 else 0,
                                     flash_compact_peak_mib=peak_mib(run_fc))
-                    # The same call under FA3's own split-KV heuristic (num_splits=0), and with the split count
-                    # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries).
+                    # FA3: the same call under its own split-KV heuristic (num_splits=0), and with the split count
+                    # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries). FA2: 0 (the
+                    # path's, as vLLM's FA2 call) and 1, which picks FA2's other key tile (it never splits a paged
+                    # call's keys by either).
                     tiles = flash_compact.fa3_query_tiles(n_seg, args.tile, HQ // HKV)
-                    cap = -(-2 * flash_compact.num_sms(q.device) // tiles)
-                    for name, splits in (("heuristic", 0), ("capped", cap))[:2 if args.fa_version == 3 else 1]:
+                    cap = -(-2 * flash_compact.num_sms(q.device) // tiles) if args.fa_version == 3 else 1
+                    for name, splits in (("heuristic", 0), ("capped", cap)):
                         run = functools.partial(run_fc, num_splits=splits)
                         rows[-1].update({f"flash_compact_{name}_ms": bench(run),
                                          f"flash_compact_{name}_peak_mib": peak_mib(run)})
@@ -288,7 +292,8 @@ def main() -> None:
                         rows[-1].update(flashinfer_error=repr(e)[:300])
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("flashinfer")}), flush=True)
             for density in (float(x) for x in args.head_lists.split(",") if x and have_fa3):
-                head_rows.append(head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, args.tile, density, gen))
+                head_rows.append(head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, args.tile, density, gen,
+                                            args.fa_version))
         packed = kv = k_cache = v_cache = q = None
         torch.cuda.empty_cache()
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
@@ -301,21 +306,22 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, head_lists=head_rows), indent=1))
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  vllm {meta.get('vllm')}")
     print(f"{'ctx':>7} {'mode':>6} {'dens':>5} {'kept':>6} {'cfg':>14} {'ours ms':>8} {'TF/s':>6} "
-          f"{'FA3 ms':>8} {'FA3 TF/s':>8} {'x FA3':>6} {'err':>8} bad")
+          f"{'dense ms':>8} {'TF/s':>8} {'x dense':>7} {'err':>8} bad   (dense: FA{args.fa_version})")
     for r in rows:
         cfg = "auto" if r["cfg"] is None else ":".join(map(str, r["cfg"]))
-        fa = f"{r['fa3_ms']:8.2f} {r['fa3_tflops']:8.0f} {r['speedup']:6.2f}" if r["fa3_ms"] else f"{'-':>8} " * 3
+        fa = f"{r['fa3_ms']:8.2f} {r['fa3_tflops']:8.0f} {r['speedup']:7.2f}" if r["fa3_ms"] else f"{'-':>8} " * 3
         err = f"{r['rel_err_vs_fa3']:.1e}" if r["rel_err_vs_fa3"] is not None else "-"
         print(f"{r['ctx']:>7} {r['mode']:>6} {r['density']:>5.2f} {r['kept_blocks']:>6.3f} {cfg:>14} "
               f"{r['sparse_ms']:8.2f} {r['sparse_tflops']:6.0f} {fa} {err:>8} {int(r['unwritten'])}")
         if "flash_compact_ms" in r:
-            print(f"{'':>21} FA3 over compacted tables: {r['flash_compact_ms']:.2f} ms "
-                  f"({r['flash_compact_tflops']:.0f} TF/s, x FA3 dense {r['fa3_ms'] / r['flash_compact_ms']:.2f}; "
+            fa = f"FA{args.fa_version}"
+            print(f"{'':>21} {fa} over compacted tables: {r['flash_compact_ms']:.2f} ms "
+                  f"({r['flash_compact_tflops']:.0f} TF/s, x {fa} dense {r['fa3_ms'] / r['flash_compact_ms']:.2f}; "
                   f"tables {r['flash_compact_tables_ms']:.2f} ms; err vs ours {r['flash_compact_err_vs_ours']:.1e})")
             print(f"{'':>21} num_splits {r['flash_compact_splits']} (rule): {r['flash_compact_ms']:.2f} ms, "
-                  f"{r['flash_compact_peak_mib']:.0f} MiB temporaries; FA3's heuristic (0): "
+                  f"{r['flash_compact_peak_mib']:.0f} MiB temporaries; {fa}'s heuristic (0): "
                   f"{r['flash_compact_heuristic_ms']:.2f} ms, {r['flash_compact_heuristic_peak_mib']:.0f} MiB; "
-                  "capped at "
+                  f"{'capped at' if args.fa_version == 3 else 'num_splits'} "
                   f"{r['flash_compact_cap']}: {r['flash_compact_capped_ms']:.2f} ms, "
                   f"{r['flash_compact_capped_peak_mib']:.0f} MiB")
         if "flashinfer_ms" in r:

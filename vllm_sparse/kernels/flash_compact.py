@@ -97,9 +97,12 @@ def sparse_attention_flash(
     if tables.shape[0] * pack != q.shape[1]:
         raise ValueError(f"{tables.shape[0]} page lists for {q.shape[1]} q heads over {kv_heads} KV heads")
     max_k = tables.shape[-1] * page
-    # (0 or 1: FA2 takes no split count above 1, and counts a varlen call's sequences as its batch)
-    splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
-        if num_splits is None else num_splits
+    if num_splits is not None:
+        splits = num_splits
+    elif fa_version == 2:  # 0, as vLLM's own FA2 prefill call passes (FA2 never splits a paged call's keys by it;
+        splits = 0  # the value picks its key tile: 0 and 1 both run in the GPU tests)
+    else:
+        splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device)
     # fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as
     # vLLM's FlashAttention backend gives it, expanded from the per-tensor scales (no copy).
     scale_args = {} if descales is None else dict(zip(
