@@ -126,6 +126,8 @@ def worker(spec: dict) -> dict:
               max_num_seqs=max([8, *(b for b, _, _ in cases)]))
     if spec.get("kv_cache_dtype"):
         kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
+    if spec.get("flash_attn_version"):  # vLLM's FlashAttention version, dense engines and SPARSE's dense work alike
+        kw["attention_config"] = {"flash_attn_version": spec["flash_attn_version"]}
     tp = spec.get("tensor_parallel_size", 1)
     if tp > 1:  # the workers become processes of their own (collective_rpc pickles the functions below)
         kw["tensor_parallel_size"] = tp
@@ -582,6 +584,7 @@ def run_meta(args) -> dict:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
             "vllm": vllm.__version__, "torch": torch.__version__, "argv": sys.argv, "config": args.config,
             "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype or "auto",
+            "flash_attn_version": args.flash_attn_version, "sparse_kernel": os.environ.get("VLLM_SPARSE_KERNEL", ""),
             "gpu_memory_utilization": args.gpu_memory_utilization}
     meta["tensor_parallel_size"] = args.tensor_parallel_size
     if args.tensor_parallel_size > 1:
@@ -641,6 +644,9 @@ def main() -> None:
     ap.add_argument("--profile-decode", help="BATCHxCONTEXT: also profile that decode case in every engine")
     ap.add_argument("--plot", action="store_true", help="also plot TTFT vs prompt length beside --out (PNG)")
     ap.add_argument("--kv-cache-dtype", help="vLLM's kv_cache_dtype (e.g. fp8), every engine")
+    ap.add_argument("--flash-attn-version", type=int, choices=(2, 3),
+                    help="vLLM's FlashAttention version, every engine (2 on a Hopper GPU: what Ampere and Ada run; "
+                         "pair with VLLM_SPARSE_KERNEL=fa2 for the sparse chunks)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--engine-timeout", type=float, help="seconds per engine: one cut short keeps the lengths it "
                     "finished (TTFT only) and the next engine runs")
@@ -670,6 +676,8 @@ def main() -> None:
     base.update(gpu_memory_utilization=args.gpu_memory_utilization, timeout=args.engine_timeout)
     if args.kv_cache_dtype:
         base["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.flash_attn_version:
+        base["flash_attn_version"] = args.flash_attn_version
     prof = {"profile": [int(x) for x in args.profile.split(",") if x],
             "profile_base": str(Path(args.out).with_suffix(""))}
     if args.only:

@@ -31,9 +31,13 @@
 #   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
 #          stride-16 int8 scores) at 64K, 128K and 1M (2026-12-04: 76.6 us at 64K and 128K, 846 us at 1M: ~0.5% of a
 #          64K prefill, so the branch select-multiway, a 16-way level search, cannot move 32K or 64K; it ran with
-#          the checkout's package, which the benchmark puts first on sys.path). 2026-12-04 (fifteenth session, not
-#          timed yet): the kernel's score levels are int32 (were int64), 32 halvings (were 33).
+#          the checkout's package, which the benchmark puts first on sys.path). Since 2026-12-04 (fifteenth session)
+#          the kernel's score levels are int32 (were int64): 55.4 / 55.7 / 714 us (H200, 2026-12-05).
 #          Tables here are the Llama layout (a list per KV head, 4 q heads unioned)
+#   fa2    the opt-in FA2 path (VLLM_SPARSE_KERNEL=fa2; written 2026-12-05, never run on a GPU): its tests against the
+#          torch reference and the warm-up's, then benchmarks/kernels.py --fa-version 2 (sparse FA2 over compacted
+#          tables vs dense FA2, a 16K chunk after 112K and the whole 128K prompt), then benchmarks/e2e.py with every
+#          engine on FA2 (--flash-attn-version 2) at 32K and 128K, dense and PLANS' first plan, CUDA graphs
 #   temps  benchmarks/estimators.py at 128K-1M contexts: one 16K chunk-layer's temporaries (peak GPU memory above
 #          the inputs) beside the bound the engine counts for them in vLLM's memory profile
 #   probe  the sparse engine alone with VLLM_SPARSE_LOG_COMPILES=1: a 32K prompt, then follow-ups of 2048 and 3072
@@ -149,6 +153,16 @@ selcmp() {
     python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; print($ctx, 'kernels ms', round(r['kernels_ms'],3), {k: round(v,1) for k, v in r.get('kernel_us', {}).items() if 'select' in k or 'table' in k or 'union' in k})" "$OUT/selcmp_$ctx.json"
   done
 }
+fa2() {
+  local first=${PLANS%% *}
+  timeout $(( $(left) / 4 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_sparse_kernel.py \
+    tests/test_warmup_gpu.py -k fa2 2>&1 | tee "$OUT/fa2_tests.log" | tail -6
+  timeout $(( $(left) / 3 )) python3 benchmarks/kernels.py --fa-version 2 --contexts 131072 --modes chunk,prompt \
+    --densities 0.1,1.0 --out "$OUT/kernels_fa2.json" 2>&1 | tail -10
+  VLLM_SPARSE_KERNEL=fa2 timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
+    --lengths 32768,131072 --flash-attn-version 2 --config "benchmarks/configs/llama-3-8b-$first.yaml" \
+    --out "$OUT/e2e_fa2.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_fa2.log" | tail -12
+}
 temps() {
   local ctx
   for ctx in 131072 262144 524288 1048576; do
@@ -179,4 +193,4 @@ hostgap() {
   python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
-run_steps "hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60" "$@"
+run_steps "hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:420" "$@"
