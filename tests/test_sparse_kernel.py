@@ -247,6 +247,87 @@ def test_compacted_tables_with_bottom_right_causal_equal_sparse_attention(case, 
             torch.testing.assert_close(got.float(), ref[q0:q1, heads], atol=1e-4, rtol=1e-4)
 
 
+def _flash_attn_varlen_twin(calls):
+    """A torch stand-in for `vllm.vllm_flash_attn.flash_attn_varlen_func` over a paged cache (exact attention with
+    FlashAttention's semantics: block table, seqused_k, bottom-right causal, GQA, written into `out`), which also
+    refuses what vLLM 0.26's FA2 / FA3 refuse or copy: a last dim that is not contiguous (the wrapper would copy
+    q/k/v, so a result meant for a view would miss it), pages not a multiple of 16 tokens, non-int32 or
+    non-contiguous tables and lengths, and for FA2 a split count above 1 or fp8 descales."""
+
+    def varlen(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, seqused_k=None, softmax_scale=None,
+               causal=False, block_table=None, out=None, fa_version=2, num_splits=0, q_descale=None,
+               k_descale=None, v_descale=None, **rest):
+        assert not rest, rest
+        assert causal and out is not None and block_table is not None and seqused_k is not None
+        assert all(t.stride(-1) == 1 for t in (q, k, v, out)), "FlashAttention copies a non-contiguous last dim"
+        assert k.shape[1] % 16 == 0, "FlashAttention's paged KV takes pages of a multiple of 16 tokens"
+        assert block_table.dtype == seqused_k.dtype == cu_seqlens_q.dtype == torch.int32
+        assert block_table.stride(-1) == 1 and seqused_k.is_contiguous() and cu_seqlens_q.is_contiguous()
+        assert q.shape[1] % k.shape[2] == 0
+        if fa_version == 2:
+            assert num_splits <= 1 and q_descale is None and k_descale is None and v_descale is None
+        calls.append((fa_version, num_splits, q.shape[1], k.shape[2]))
+        page, group = k.shape[1], q.shape[1] // k.shape[2]
+        for b in range(cu_seqlens_q.shape[0] - 1):
+            q0, q1, used = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seqused_k[b])
+            assert q1 - q0 <= max_seqlen_q and used <= max_seqlen_k
+            pages = block_table[b, :-(-used // page)].long()
+            keys, values = k[pages].flatten(0, 1)[:used], v[pages].flatten(0, 1)[:used]  # [used, kv_heads, D]
+            for h in range(q.shape[1]):
+                got = _bottom_right_causal(q[q0:q1, h:h + 1], keys[:, h // group], values[:, h // group],
+                                           softmax_scale, used)
+                out[q0:q1, h] = got[:, 0].to(out.dtype)
+        return out
+
+    return varlen
+
+
+@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
+@pytest.mark.parametrize("per_q_head", [False, True])
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] % 16 == 0])
+def test_flash_attention_call_over_compacted_tables_cpu_twin(monkeypatch, case, per_q_head, version):
+    """CPU twin of `sparse_attention_flash`: its calls, a page list at a time over strided views of the q heads,
+    K/V pages and output, give the reference's output when FlashAttention does what its API says (the stand-in
+    above, which also refuses arguments FA2 or FA3 would refuse); one call per list, FA2 with no split above 1."""
+    import sys
+    import types
+
+    from vllm_sparse.kernels import flash_compact
+
+    calls = []
+    module = types.ModuleType("vllm.vllm_flash_attn")
+    module.flash_attn_varlen_func = _flash_attn_varlen_twin(calls)
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", module)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    seq_lens, q_lens, hq, hkv, d, page = case
+    n_lists = hq if per_q_head else hkv
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=15)
+    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=16)
+    indptr, idx = _csr(lists, "cpu")
+    packed = _flash_layout(PagedKV(b.kv.key, b.kv.value))
+    k_cache, v_cache = packed.key.transpose(1, 2), packed.value.transpose(1, 2)  # [pages, page, heads, D] views
+    rows = torch.arange(len(seq_lens), dtype=torch.int32)
+    tables, counts = flash_compact.compact_block_tables(b.block_table, rows, indptr, idx, n_lists,
+                                                        b.block_table.shape[1])
+    seq_lens_t = b.seq_lens.to(torch.int32)
+    used, qsl = flash_compact.used_tokens(counts, seq_lens_t, page), b.query_start_loc.to(torch.int32)
+    out = torch.full_like(b.q, float("nan"))
+    flash_compact.sparse_attention_flash(b.q, k_cache, v_cache, tables, used, qsl, seq_lens_t, max(q_lens), d**-0.5,
+                                         out, fa_version=version)
+    ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr, idx.long(),
+                                     d**-0.5, lists_per_q_head=per_q_head)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-4, rtol=1e-4)
+    assert len(calls) == n_lists and {c[0] for c in calls} == {version}
+    assert all(c[2] == hq // n_lists and c[3] == 1 for c in calls)  # a list's q heads over its one KV head
+    if version == 2:
+        assert {c[1] for c in calls} == {0}  # as vLLM's own FA2 prefill call
+        one = torch.ones(1)
+        with pytest.raises(ValueError, match="FA2 reads no fp8 cache"):
+            flash_compact.sparse_attention_flash(b.q, k_cache, v_cache, tables, used, qsl, seq_lens_t, max(q_lens),
+                                                 d**-0.5, out, fa_version=2, descales=(one, one, one))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
 @pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
