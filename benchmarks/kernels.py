@@ -265,9 +265,8 @@ def main() -> None:
                     rows[-1].update(flash_compact_ms=fc_ms, flash_compact_tables_ms=compact_ms,
                                     flash_compact_err_vs_ours=fc_err,
                                     flash_compact_tflops=4 * D * kept_pairs * (HQ // HKV) / fc_ms / 1e9,
-                                    flash_compact_splits=flash_compact.fa3_num_splits(n_seg, args.tile, HQ // HKV,
-                                                                                  q.device)
-                                    if args.fa_version == 3 else 0,
+                                    flash_compact_splits=flash_compact.default_num_splits(
+                                        args.fa_version, n_seg, args.tile, HQ // HKV, q.device),
                                     flash_compact_peak_mib=peak_mib(run_fc))
                     # FA3: the same call under its own split-KV heuristic (num_splits=0), and with the split count
                     # capped at 2 x SMs / query tiles (a candidate bound for short chunks' temporaries). FA2: 0 (the

@@ -12,9 +12,9 @@ must include those of serving-like steps through `attend_sparse_chunks`, as `imp
 queries, cache and block table (`serving_steps`).
 
 On CPU the sparse path takes torch references where CUDA launches kernels; patched to the CUDA choices:
-- `selected_kernel`: "fa3" (Hopper) or "fa2" (other GPUs of compute capability 8.0 up; FlashAttention itself is
-  vLLM's CUDA kernel, stubbed, over `_tile_tables_kernel`'s tables) or "triton" (GPUs without vLLM's FlashAttention,
-  and plans that keep key columns on any GPU); the estimators' fused kernels
+- `selected_kernel`: "fa3" (Hopper) or "fa2" (opt-in from compute capability 8.0; FlashAttention itself is vLLM's
+  CUDA kernel, stubbed, over `_tile_tables_kernel`'s tables) or "triton" (GPUs without FA3, and plans that keep key
+  columns on any GPU); the estimators' fused kernels
   follow the choice;
 - the selection (`select_blocks_triton`) and the block key means (`block_key_means_triton`), chosen by `q.is_cuda`;
 - `row_bucket` and the mass kernel's `_kv_block_tile`, whose CPU rule (no floor: the interpreter pays per

@@ -7,8 +7,9 @@ with every page from the segment's first query to its last (the selection always
 local/diagonal blocks, so it does): FlashAttention aligns causal masks bottom-right, and bottom-right in
 the compacted list is the segment's own tail. Pages before that tail are wholly in the past.
 
-The version is the one vLLM's FlashAttention backend runs dense attention with: FA3 on Hopper, FA2 on the
-other GPUs it supports (compute capability 8.0 and up), so a sparse chunk runs the dense kernel over fewer pages.
+FA3 on Hopper; FA2 (opt-in, `VLLM_SPARSE_KERNEL=fa2`) on GPUs of compute capability 8.0 and up, the kernel vLLM's
+FlashAttention backend attends densely with on Ampere and Ada, so a sparse chunk runs the dense kernel over fewer
+pages.
 FlashAttention takes one block table for all heads of a sequence, so this runs one call per page list, each
 on a strided view of the list's q heads, K/V pages and output (no copies): a list per KV head
 (its q heads attend to their union), or a list per q head (each attends only to its own pages,
@@ -42,6 +43,13 @@ def fa3_num_splits(segments: int, max_query_len: int, q_heads_per_list: int, dev
     128-token segments looked like decode to it: split-KV, an fp32 partial output per split and a
     combine kernel per call (`benchmarks/kernels.py` times both choices and their temporaries)."""
     return 1 if fa3_query_tiles(segments, max_query_len, q_heads_per_list) >= num_sms(device) else 0
+
+
+def default_num_splits(fa_version: int, segments: int, max_query_len: int, q_heads_per_list: int,
+                       device: torch.device) -> int:
+    """The num_splits `sparse_attention_flash` passes unless told: FA3's by `fa3_num_splits`; FA2's 0, as vLLM's own
+    FA2 prefill call passes (FA2 never splits a paged call's keys by it: 0 or 1 picks its key tile)."""
+    return fa3_num_splits(segments, max_query_len, q_heads_per_list, device) if fa_version == 3 else 0
 
 
 def compact_block_tables(
@@ -81,7 +89,7 @@ def sparse_attention_flash(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
-    num_splits: int | None = None,  # FA3's num_splits; None: `fa3_num_splits` (benchmarks pass others)
+    num_splits: int | None = None,  # None: `default_num_splits` (benchmarks pass others)
     descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v scales (0-dim or [1])
     fa_version: int = 3,  # 2: FA2 (no split-KV choice, no fp8), for GPUs without FA3
 ) -> torch.Tensor:
@@ -97,12 +105,8 @@ def sparse_attention_flash(
     if tables.shape[0] * pack != q.shape[1]:
         raise ValueError(f"{tables.shape[0]} page lists for {q.shape[1]} q heads over {kv_heads} KV heads")
     max_k = tables.shape[-1] * page
-    if num_splits is not None:
-        splits = num_splits
-    elif fa_version == 2:  # 0, as vLLM's own FA2 prefill call passes (FA2 never splits a paged call's keys by it;
-        splits = 0  # the value picks its key tile: 0 and 1 both run in the GPU tests)
-    else:
-        splits = fa3_num_splits(query_start_loc.shape[0] - 1, max_query_len, pack, q.device)
+    splits = default_num_splits(fa_version, query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
+        if num_splits is None else num_splits
     # fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as
     # vLLM's FlashAttention backend gives it, expanded from the per-tensor scales (no copy).
     scale_args = {} if descales is None else dict(zip(
