@@ -156,6 +156,47 @@ def test_passes_over_key_columns_quantize_once_through_many_slabs(monkeypatch):
     assert quantized == [(kv, 1) for kv in range(HKV)]
 
 
+@pytest.mark.parametrize("slab_heads,runs", [(10, [10]), (4, [4, 4, 2]), (2, [2, 2, 2, 2, 2])],
+                         ids=["all", "two-passes", "one-pass"])
+def test_passes_over_key_columns_share_mass_launches_while_their_rows_fit_one_slab(slab_heads, runs, monkeypatch):
+    # Five KV heads of two q heads, one KV head's key columns a launch, and a workspace that holds the chunk's rows
+    # of `slab_heads` q heads: consecutive passes join one run while its rows fit one slab, and each run is one
+    # mass launch over its heads (a launch per pass would hold one GQA group's heads: too few programs for a GPU);
+    # each KV head's keys quantized once; the torch path's scores.
+    from vllm_sparse.estimators import row_scores
+
+    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=12)
+    kv_of = torch.arange(10) // 2
+    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
+    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, 16, D**-0.5,
+                         tuple(kv_of.tolist()))
+    n_rows = -(-chunk.q.shape[0] // 2) + 1  # stride-2 rows of the chunk (its context is even: one more at most)
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
+    WORKSPACE.reserve(slab_heads * n_rows * chunk.num_kv_blocks * 4, torch.device(DEVICE))
+    WORKSPACE.floats(WORKSPACE.reserved(torch.device(DEVICE)) // 4, torch.device(DEVICE)).fill_(float("nan"))
+    WORKSPACE.count_key_columns(chunk.seq_len, torch.device(DEVICE))
+    assert WORKSPACE.key_column_heads(5, chunk.seq_len, D + 4, torch.device(DEVICE)) == 1
+    quantized, grids = [], []
+    original_quantize, original_mass = row_scores._RowLse._quantize_columns, row_scores._block_mass_kernel
+
+    def _quantize(self, kv0, heads):
+        quantized.append((kv0, heads))
+        return original_quantize(self, kv0, heads)
+
+    class _Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return original_mass[grid]
+
+    monkeypatch.setattr(row_scores._RowLse, "_quantize_columns", _quantize)
+    monkeypatch.setattr(row_scores, "_block_mass_kernel", _Recorded())
+    assert _compare(chunk, "antidiagonal", {"stride": 2, "bits": 8}) < 2e-4
+    assert quantized == [(kv, 1) for kv in range(5)]
+    assert [h for _, h in grids] == runs
+    assert {qbs for qbs, _ in grids} == {chunk.num_query_blocks}  # each run in one slab
+
+
 def test_fused_lowbit_quantizes_like_the_reference():
     """Keys quantized in the kernel equal quantize_symmetric's (ties to even, per-key scales): the
     int8 scores match exactly-computed reference scores far tighter than a float product would."""

@@ -523,12 +523,23 @@ class _RowLse:
             S=self.rows.stride, HEAD_D=c.q.shape[-1], COLS=tile, PAGE=c.kv.page_size, QMAX=self.qmax, num_warps=4,
         )
 
-    def head_runs(self) -> list[tuple[int, int]]:
-        """[first q head, end) of the runs scored one after another through every slab: one per pass over
-        quantized key columns (so each pass's keys are quantized once, not once a slab), else all heads."""
-        if self.pre:
-            return [(g0 * self.group, (g0 + n) * self.group) for g0, n, _ in self.passes]
-        return [(0, self.heads)]
+    def head_runs(self, slab_floats: int) -> list[tuple[int, int]]:
+        """[first q head, end) of the runs scored one after another through every slab. With quantized key
+        columns, consecutive passes join one run while its heads' rows of the whole chunk fit one slab of
+        `slab_floats`: its passes fill the slab in turn and one mass launch reads them all (a mass launch per pass
+        holds one GQA group's heads: too few programs to fill a GPU). A pass whose rows need several slabs is a
+        run of its own, so its keys are quantized once, not once a slab. Float rows: one run of every head."""
+        if not self.pre:
+            return [(0, self.heads)]
+        per_head = self.rows.count * self.chunk.num_kv_blocks
+        runs: list[tuple[int, int]] = []
+        for g0, n, _ in self.passes:
+            h0, h1 = g0 * self.group, (g0 + n) * self.group
+            if runs and runs[-1][1] == h0 and (h1 - runs[-1][0]) * per_head <= slab_floats:
+                runs[-1] = (runs[-1][0], h1)
+            else:
+                runs.append((h0, h1))
+        return runs
 
     def _pair_tiles(self, n_rows: int) -> int:
         """Row tiles of the product kernel: its tiles hold tile_rows x group_pad (row, q head) pairs, unpadded."""
@@ -598,9 +609,10 @@ def row_block_scores(chunk, rows: ScoredRows, logit_scale: float, bits: int | No
     nkb, n_qb, bs = chunk.num_kv_blocks, chunk.num_query_blocks, chunk.block_size
     out = torch.empty(lse.heads, n_qb, nkb, dtype=torch.float32, device=chunk.q.device)
     rows_per_qb = -(-bs // rows.step)
-    # Per run of heads (every head, or one pass over quantized key columns), slabs of whole query blocks whose
-    # rows' workspace fits: a pass's keys are quantized once, and its slabs hold only its heads' rows.
-    for h0, h1 in lse.head_runs():
+    # Per run of heads (every head, or passes over quantized key columns as `head_runs` joins them), slabs of whole
+    # query blocks whose rows' workspace fits: a pass's keys are quantized once, and its slabs hold only its run's
+    # heads' rows.
+    for h0, h1 in lse.head_runs(WORKSPACE.capacity(chunk.q.device)):
         heads = h1 - h0
         for qa, qz, r0, n_rows in query_block_slabs(rows, chunk, WORKSPACE.capacity(chunk.q.device) // (heads * nkb)):
             ws = WORKSPACE.floats(heads * max(n_rows, 1) * nkb, chunk.q.device).view(heads, max(n_rows, 1), nkb)
