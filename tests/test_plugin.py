@@ -222,7 +222,8 @@ def _scheduler(model: str, backend: str | None, **model_kw):
 
 
 def _hooked(scheduler) -> bool:
-    return getattr(scheduler.kv_cache_manager.get_num_common_prefix_blocks, "_vllm_sparse_hook", False)
+    return getattr(getattr(scheduler.kv_cache_manager, "get_num_common_prefix_blocks", None), "_vllm_sparse_hook",
+                   False)
 
 
 def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
@@ -235,6 +236,9 @@ def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
     register()
     register()  # (once per process, however often vLLM loads the plugin)
     _, sparse = _scheduler(str(tiny_llama), "sparse")
+    if not hasattr(type(sparse.kv_cache_manager), "get_num_common_prefix_blocks"):  # vLLM 0.34: no walk to skip
+        assert not hasattr(sparse.kv_cache_manager, "get_num_common_prefix_blocks")
+        return
     get = sparse.kv_cache_manager.get_num_common_prefix_blocks
     assert _hooked(sparse) and get("any-request") == [0]
     _, stock = _scheduler(str(tiny_llama), None)  # another backend: vLLM's own method
@@ -247,3 +251,21 @@ def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
         cfg = SimpleNamespace(model_config=SimpleNamespace(disable_cascade_attn=cascade_off),
                               attention_config=config.attention_config)
         assert compat.skips_common_prefix_walk(cfg) is cascade_off
+
+
+def test_gpu_memory_utilization_is_read_as_each_release_holds_it():
+    """vLLM 0.34 leaves `gpu_memory_utilization` None unless set (its default resolved by the sizing mode):
+    the decode summaries' reservation multiplied None by the GPU's memory at start. Earlier releases hold the
+    default in the field; this vLLM's own config gives a number either way."""
+    from types import SimpleNamespace
+
+    from vllm.config import CacheConfig
+
+    from vllm_sparse import compat
+
+    assert compat.gpu_memory_utilization(SimpleNamespace(gpu_memory_utilization=0.9)) == 0.9  # 0.26-0.33
+    unset = SimpleNamespace(gpu_memory_utilization=None, resolved_gpu_memory_utilization=0.92)  # 0.34, unset
+    assert compat.gpu_memory_utilization(unset) == 0.92
+    asked = SimpleNamespace(gpu_memory_utilization=0.5, resolved_gpu_memory_utilization=0.5)
+    assert compat.gpu_memory_utilization(asked) == 0.5
+    assert 0 < compat.gpu_memory_utilization(CacheConfig()) <= 1

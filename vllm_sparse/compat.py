@@ -125,7 +125,8 @@ def _hook_scheduler_init() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         init(self, vllm_config, *args, **kwargs)
-        if skips_common_prefix_walk(vllm_config):
+        # (vLLM 0.34's manager has no such count: nothing to skip)
+        if skips_common_prefix_walk(vllm_config) and hasattr(self.kv_cache_manager, "get_num_common_prefix_blocks"):
             groups = len(self.kv_cache_config.kv_cache_groups)
             self.kv_cache_manager.get_num_common_prefix_blocks = no_common_prefix(groups)
 
@@ -247,6 +248,14 @@ def max_cudagraph_capture_size(vllm_config) -> int:
 def kv_cache_memory_bytes(cache_config) -> int | None:
     """The KV cache size the user set in bytes (`kv_cache_memory_bytes`), None where unset or unknown."""
     return getattr(cache_config, "kv_cache_memory_bytes", None)
+
+
+def gpu_memory_utilization(cache_config) -> float:
+    """The share of GPU memory vLLM may use. vLLM 0.34 leaves `gpu_memory_utilization` None unless set and
+    resolves its default by the sizing mode (`resolved_gpu_memory_utilization`: 0.92, or 1.0 with the extensible
+    KV cache); earlier releases hold the default in the field."""
+    resolved = getattr(cache_config, "resolved_gpu_memory_utilization", None)
+    return resolved if resolved is not None else cache_config.gpu_memory_utilization
 
 
 def kv_transfer_config(vllm_config):

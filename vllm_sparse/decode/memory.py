@@ -52,7 +52,7 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
         memory = explicit
     else:
         _, total = torch.cuda.mem_get_info(device)
-        memory = cache.gpu_memory_utilization * total - torch.cuda.memory_reserved(device)
+        memory = compat.gpu_memory_utilization(cache) * total - torch.cuda.memory_reserved(device)
     share = summaries_share(plan, cache.block_size, num_kv_heads, head_size, dtype, itemsize, memory,
                             bool(explicit))
     _reservation["tensor"] = torch.empty(share, dtype=torch.uint8, device=device)
