@@ -110,7 +110,7 @@ def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, 
         times.append((time.perf_counter() - t0) * 1e3)
         if out.total_num_scheduled_tokens != batch:
             raise SystemExit(f"a step scheduled {out.total_num_scheduled_tokens} tokens, not {batch} decode tokens")
-    walk = scheduler.kv_cache_manager.get_num_common_prefix_blocks
+    walk = getattr(scheduler.kv_cache_manager, "get_num_common_prefix_blocks", None)  # (none in vLLM 0.34)
     return {"median_ms": statistics.median(times), "mean_ms": statistics.mean(times),
             "scheduler": type(scheduler).__name__, "hooked": bool(getattr(walk, "_vllm_sparse_hook", False))}
 
