@@ -122,7 +122,9 @@ def test_quantized_key_columns_of_many_kv_heads_per_launch(counted, monkeypatch)
     if counted:
         WORKSPACE.count_key_columns(counted * 300, torch.device(DEVICE))
     assert WORKSPACE.key_column_heads(5, 300, D + 4, torch.device(DEVICE)) == (counted or 5)
-    _poison_workspace()
+    # A workspace that holds the chunk's rows and no more: the key columns go where the count says.
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    _poison_workspace(4 << 10)
     assert _compare(chunk, "antidiagonal", {"stride": 8, "bits": 8}) < 2e-4
     est = get_estimator("antidiagonal")
     got = est.score(fused, est.params(stride=8, bits=8))
@@ -131,6 +133,49 @@ def test_quantized_key_columns_of_many_kv_heads_per_launch(counted, monkeypatch)
     if counted != 1:
         WORKSPACE.count_key_columns(300, torch.device(DEVICE))
     assert torch.equal(got, est.score(fused, est.params(stride=8, bits=8)))
+
+
+def test_key_columns_of_every_kv_head_in_the_room_the_rows_leave(monkeypatch):
+    # One KV head's key columns counted at this context, and a reserved workspace with room beside the chunk's
+    # rows: the int8 copy of every KV head's columns lives in that room (no allocation), one pass quantizes and
+    # scores them all, and the scores are, bit for bit, those of one KV head a pass (the counted rule).
+    from vllm_sparse.estimators import row_scores
+
+    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=13)
+    kv_of = torch.arange(10) // 2
+    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
+    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, 64, D**-0.5,
+                         tuple(kv_of.tolist()))
+    fused = dataclasses.replace(chunk, kernels=True)
+    est = get_estimator("antidiagonal")
+    params = est.params(stride=8, bits=8)
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
+    WORKSPACE.count_key_columns(chunk.seq_len, torch.device(DEVICE))
+    quantized, placed = [], []
+    original_quantize, original_place = row_scores._RowLse._quantize_columns, row_scores._RowLse._place_key_columns
+
+    def _quantize(self, kv0, heads):
+        quantized.append((kv0, heads))
+        return original_quantize(self, kv0, heads)
+
+    def _place(self, *args):
+        original_place(self, *args)
+        placed.append(self.k_in.untyped_storage().data_ptr())
+
+    monkeypatch.setattr(row_scores._RowLse, "_quantize_columns", _quantize)
+    monkeypatch.setattr(row_scores._RowLse, "_place_key_columns", _place)
+    scores = {}
+    for room in (False, True):
+        monkeypatch.setattr(WORKSPACE, "_buffers", {})
+        _poison_workspace((64 << 10) if room else (4 << 10))  # the rows take ~3.6 KiB
+        quantized.clear(), placed.clear()
+        scores[room] = est.score(fused, params)
+        assert quantized == ([(0, 5)] if room else [(kv, 1) for kv in range(5)])
+        reserved = WORKSPACE._buffers[torch.device(DEVICE)].untyped_storage().data_ptr()
+        assert (placed == [reserved]) is room  # the copy: in the workspace, or allocated
+        assert not torch.isnan(scores[room]).any()
+    assert torch.equal(scores[True], scores[False])
+    assert _compare(chunk, "antidiagonal", {"stride": 8, "bits": 8}) < 2e-4
 
 
 def test_passes_over_key_columns_quantize_once_through_many_slabs(monkeypatch):

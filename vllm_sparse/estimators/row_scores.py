@@ -21,8 +21,9 @@ Triton launches that hold at most a tile of logits, in registers:
 `antidiagonal` with `bits` quantizes its strided rows and key columns first (`_quantize_rows_kernel`,
 `_quantize_columns_kernel`: int8 per row / column of S x head_dim, as `quant.quantize_symmetric`), so
 the first kernel's product reads half the bytes and runs on the int8 tensor cores; the keys are
-quantized for as many KV heads per launch as the memory counted for one head's copy at the longest
-context covers (`Workspace.key_column_heads`: all of them at short contexts, one at max_model_len).
+quantized for as many KV heads per launch as the workspace's room beside the chunk's rows holds (short
+chunks: every head), else as the memory counted for one head's copy at the longest context covers
+(`Workspace.key_column_heads`: all of them at short contexts, one at max_model_len).
 
 Between them is one float per (head, row, KV block), taken from the workspace reserved at engine
 start (`kernels/workspace.py`); a chunk that needs more than it holds runs in slabs of whole query
@@ -471,16 +472,11 @@ class _RowLse:
         self.qmax = 2 ** (bits - 1) - 1 if bits else 0
         # The block table row as an aligned base and an offset (the offset changes with the request).
         self.bt = storage_base(chunk.block_table)
+        # Floats the rows' slabs may take from the workspace (less where key columns take its tail).
+        self.slab_floats = WORKSPACE.capacity(q.device)
         if self.pre:
             self._quantize_rows(q)
-            self.passes = self._column_passes(chunk, d)
-            # The keys' int8 copy holds one pass's KV heads at a time (quantized when the pass comes).
-            heads = max(n for _, n, _ in self.passes)
-            self.k_in = torch.empty(heads, self.n_cols, rows.stride * d, dtype=torch.int8, device=q.device)
-            # Scale rows padded to a multiple of 16 floats: their stride reaches the kernels, which Triton
-            # specialises on divisibility by 16 (an unpadded stride would compile a variant mid-request).
-            self.k_scale = torch.empty(heads, -(-self.n_cols // 16) * 16, dtype=torch.float32, device=q.device)
-            self._quantized = None  # the (first KV head, heads) whose columns k_in holds
+            self._place_key_columns(chunk, d)
             return
         self.kv_of = chunk.kv_head_of[::self.group].contiguous()
         if bits:
@@ -491,15 +487,36 @@ class _RowLse:
         else:
             self.q_in, self.q_scale = q, torch.empty(1, 1, device=q.device)  # scale unused
 
-    def _column_passes(self, chunk, d: int) -> list[tuple[int, int, int]]:
-        """(first group, groups, first KV head) of each launch over quantized key columns. Where each group is
-        one KV head in order (the backend's layout), a launch takes as many KV heads as their int8 copy may
-        hold (`Workspace.key_column_heads`): at 32K of a 128K engine, every launch four; else one per group."""
+    def _place_key_columns(self, chunk, d: int) -> None:
+        """The passes over quantized key columns and the int8 copy [pass's KV heads, n_cols, S * D] (with its
+        scales) that holds one pass at a time. Where the chunk's rows of every head fit the reserved workspace
+        with room to spare (short chunks: a follow-up turn's 2K tokens take 17 MB of a 128K engine's 137 MiB),
+        the copy lives in that room, for as many KV heads as it holds; else it is allocated for as many as vLLM's
+        memory profile counted (`Workspace.key_column_heads`: one at max_model_len). Fewer passes, fewer launches:
+        the scores are the same whatever a pass holds."""
         kv_ids = chunk._groups[0] if chunk._groups is not None else chunk.host_kv_head_ids()
-        if kv_ids != list(range(len(kv_ids))):
-            return [(g, 1, kv) for g, kv in enumerate(kv_ids)]
-        n = WORKSPACE.key_column_heads(len(kv_ids), chunk.seq_len, d + 4, chunk.q.device)
-        return [(g, min(n, len(kv_ids) - g), g) for g in range(0, len(kv_ids), n)]
+        in_order = kv_ids == list(range(len(kv_ids)))
+        counted = WORKSPACE.key_column_heads(len(kv_ids), chunk.seq_len, d + 4, chunk.q.device) if in_order else 1
+        # Scale rows padded to a multiple of 16 floats: their stride reaches the kernels, which Triton
+        # specialises on divisibility by 16 (an unpadded stride would compile a variant mid-request).
+        col_bytes, scale_floats = self.n_cols * self.rows.stride * d, -(-self.n_cols // 16) * 16
+        rows_end = -(-max(self.rows.count, 1) * self.heads * self.chunk.num_kv_blocks // 64) * 64  # 256 B aligned
+        room = self.slab_floats - rows_end - 64
+        n = min(len(kv_ids), room // (col_bytes // 4 + scale_floats)) if in_order and room > 0 else 0
+        scales_at = rows_end + -(-n * col_bytes // 256) * 64
+        k_in = WORKSPACE.tail(rows_end, n * col_bytes // 4, chunk.q.device) if n > counted else None
+        if k_in is not None:  # (the scales end within the room: see `room`)
+            self.k_in = k_in.view(torch.int8).view(n, self.n_cols, self.rows.stride * d)
+            self.k_scale = WORKSPACE.tail(scales_at, n * scale_floats, chunk.q.device).view(n, scale_floats)
+            self.slab_floats = rows_end  # the rows' slabs stop where the key columns start
+        else:
+            n = counted
+            self.k_in = torch.empty(n, self.n_cols, self.rows.stride * d, dtype=torch.int8, device=chunk.q.device)
+            self.k_scale = torch.empty(n, scale_floats, dtype=torch.float32, device=chunk.q.device)
+        # (first group, groups, first KV head) of each launch; heads in another order: one group a launch.
+        self.passes = ([(g, min(n, len(kv_ids) - g), g) for g in range(0, len(kv_ids), n)] if in_order
+                       else [(g, 1, kv) for g, kv in enumerate(kv_ids)])
+        self._quantized = None  # the (first KV head, heads) whose columns k_in holds
 
     def _quantize_rows(self, q: torch.Tensor) -> None:
         """Every scored strided row of the chunk, int8 [rows, heads, S * D], scales [rows, heads] (log2 units)."""
@@ -578,7 +595,7 @@ class _RowLse:
         )
 
     def _launch_quantized(self, r0: int, n_rows: int, ws: torch.Tensor, run: tuple[int, int]) -> None:
-        """One launch per pass (`_column_passes`) of the run's q heads over its KV heads' quantized key columns
+        """One launch per pass (`_place_key_columns`) of the run's q heads over its KV heads' quantized key columns
         (quantized here, or kept from the last pass when both read the same heads)."""
         c, rows, k = self.chunk, self.rows, self.k_in
         for g0, heads, kv0 in self.passes:
@@ -612,9 +629,9 @@ def row_block_scores(chunk, rows: ScoredRows, logit_scale: float, bits: int | No
     # Per run of heads (every head, or passes over quantized key columns as `head_runs` joins them), slabs of whole
     # query blocks whose rows' workspace fits: a pass's keys are quantized once, and its slabs hold only its run's
     # heads' rows.
-    for h0, h1 in lse.head_runs(WORKSPACE.capacity(chunk.q.device)):
+    for h0, h1 in lse.head_runs(lse.slab_floats):
         heads = h1 - h0
-        for qa, qz, r0, n_rows in query_block_slabs(rows, chunk, WORKSPACE.capacity(chunk.q.device) // (heads * nkb)):
+        for qa, qz, r0, n_rows in query_block_slabs(rows, chunk, lse.slab_floats // (heads * nkb)):
             ws = WORKSPACE.floats(heads * max(n_rows, 1) * nkb, chunk.q.device).view(heads, max(n_rows, 1), nkb)
             if n_rows:
                 lse.launch(r0, n_rows, ws, (h0, h1))

@@ -76,6 +76,14 @@ class Workspace:
             return held[:numel]
         return torch.empty(numel, dtype=torch.float32, device=device)
 
+    def tail(self, offset: int, numel: int, device: torch.device) -> torch.Tensor | None:
+        """Floats [offset, offset + numel) of the reservation (offset 16-byte aligned by the caller), None where
+        there is no reservation or it ends sooner: room a chunk's rows leave for other temporaries."""
+        held = self._buffers.get(_key(device))
+        if held is None or held.numel() < offset + numel:
+            return None
+        return held[offset:offset + numel]
+
     def capacity(self, device: torch.device) -> int:
         """Floats one kernel pair may use on `device`: the reservation where there is one (a chunk
         that needs more runs in more slabs, never allocating), else the cap."""
