@@ -22,7 +22,7 @@ Triton launches that hold at most a tile of logits, in registers:
 `_quantize_columns_kernel`: int8 per row / column of S x head_dim, as `quant.quantize_symmetric`), so
 the first kernel's product reads half the bytes and runs on the int8 tensor cores; the keys are
 quantized for as many KV heads per launch as the workspace's room beside the chunk's rows holds (short
-chunks: every head), else as the memory counted for one head's copy at the longest context covers
+chunks: most or all heads), else as the memory counted for one head's copy at the longest context covers
 (`Workspace.key_column_heads`: all of them at short contexts, one at max_model_len).
 
 Between them is one float per (head, row, KV block), taken from the workspace reserved at engine
