@@ -111,10 +111,14 @@ def sparse_attention_flash(
     # vLLM's FlashAttention backend gives it, expanded from the per-tensor scales (no copy).
     scale_args = {} if descales is None else dict(zip(
         ("q_descale", "k_descale", "v_descale"), (d.expand(query_start_loc.shape[0] - 1, 1) for d in descales)))
-    for i in range(tables.shape[0]):
-        heads, h = slice(i * pack, (i + 1) * pack), i * pack // group
-        flash_attn_varlen_func(q[:, heads], k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1],
+    # Each list's views, taken by one split per tensor (a layer makes these calls for every list: Python per
+    # slice adds up on the host, where a follow-up turn's sparse chunk spends its time).
+    q_lists, out_lists = q.split(pack, dim=1), out.split(pack, dim=1)
+    k_heads, v_heads = k_cache.split(1, dim=2), v_cache.split(1, dim=2)
+    for i, (table, seqused) in enumerate(zip(tables.unbind(0), used.unbind(0))):
+        h = i * pack // group
+        flash_attn_varlen_func(q_lists[i], k_heads[h], v_heads[h],
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
-                               seqused_k=used[i], softmax_scale=scale, causal=True, block_table=tables[i],
-                               out=out[:, heads], fa_version=fa_version, num_splits=splits, **scale_args)
+                               seqused_k=seqused, softmax_scale=scale, causal=True, block_table=table,
+                               out=out_lists[i], fa_version=fa_version, num_splits=splits, **scale_args)
     return out
