@@ -12,7 +12,10 @@ so=vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so
 if [ "${1:-}" = --unpack ]; then  # on the GPU machine: put the library where vLLM 0.26 imports it from
   [ -f "/tmp/site/$so" ] && exit 0
   cat /tmp/stage/fa2.so.xz.* | xz -dc > "/tmp/site/$so.part"
-  echo "$(cat /tmp/stage/fa2.so.sha256)  /tmp/site/$so.part" | sha256sum -c - >/dev/null && mv "/tmp/site/$so.part" "/tmp/site/$so"
+  if ! echo "$(cat /tmp/stage/fa2.so.sha256)  /tmp/site/$so.part" | sha256sum -c - >/dev/null; then
+    rm -f "/tmp/site/$so.part"; echo "stage-fa2: the carried FA2 library fails its checksum (a chunk missing or cut)"; exit 1
+  fi
+  mv "/tmp/site/$so.part" "/tmp/site/$so"
   PYTHONPATH=/tmp/site python3 -c "from vllm.vllm_flash_attn import FA2_AVAILABLE; print('FA2_AVAILABLE', FA2_AVAILABLE)"
   exit 0
 fi

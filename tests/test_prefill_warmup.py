@@ -42,6 +42,7 @@ from tests.test_config import GEMMA
 from vllm_sparse import compat
 from vllm_sparse.backend import attend, kernel_choice, sparse_path, warmup
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry
+from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.config import plan as config_plan
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import chunk_work, resolve_plan
@@ -51,6 +52,7 @@ from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels import column_attention, launch, sparse_attention
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET
 from vllm_sparse.kernels.paged import PagedKV
+from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.metrics import density_kernel, paths
 from vllm_sparse.metrics.worker import WorkerMetrics
 from vllm_sparse.selection import select_kernel, tile_tables
@@ -65,6 +67,7 @@ KERNELS = [(density_kernel, "_record_density_kernel"), (sparse_attention, "_spar
 ORIGINAL = {name: getattr(module, name) for module, name in KERNELS}
 PREFILL_PACKAGES = ("vllm_sparse.kernels", "vllm_sparse.estimators", "vllm_sparse.selection", "vllm_sparse.metrics")
 MAX_MODEL_LEN = 131072 + 16384  # (the GPU test's; vLLM's block table then has 9,216 columns of 16-token pages)
+SERVING_CHUNK = 16384  # max_num_batched_tokens: the workspace is reserved for a chunk of it at max_model_len
 ODD_MAX_MODEL_LEN = MAX_MODEL_LEN + 128  # 9,224 columns: a row stride Triton does not see as a multiple of 16
 PAGE = 16
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -177,6 +180,13 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
     q_heads, kv_heads, dtype = shape.num_q_heads, shape.num_kv_heads, torch.bfloat16
     cpu = torch.device("cpu")
     on_cuda_path(monkeypatch, kernel)
+    # The estimators' workspace as the engine reserves it while loading the model, before its warm-up: short chunks
+    # then place their int8 key columns in its room, long ones allocate them; both paths must launch what the
+    # warm-up compiled.
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
+    reserve_estimator_workspace(plan, q_heads, SERVING_CHUNK, max_model_len, cpu)
+    WORKSPACE.count_key_columns(max_model_len, cpu)
     warmed, served, where = {}, {}, ["warm-up"]
     record_into(monkeypatch, warmed, where)
     vllm_config = SimpleNamespace(

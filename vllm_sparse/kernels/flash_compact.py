@@ -115,7 +115,7 @@ def sparse_attention_flash(
     # slice adds up on the host, where a follow-up turn's sparse chunk spends its time).
     q_lists, out_lists = q.split(pack, dim=1), out.split(pack, dim=1)
     k_heads, v_heads = k_cache.split(1, dim=2), v_cache.split(1, dim=2)
-    for i, (table, seqused) in enumerate(zip(tables.unbind(0), used.unbind(0))):
+    for i, (table, seqused) in enumerate(zip(tables.unbind(0), used.unbind(0), strict=True)):
         h = i * pack // group
         flash_attn_varlen_func(q_lists[i], k_heads[h], v_heads[h],
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
