@@ -275,6 +275,17 @@ def test_shipped_configs_resolve_for_their_models():
     assert (plan.estimator, plan.params.stride, plan.budget.top_p, llama.block_size) == ("antidiagonal", 8, 0.9, 128)
 
 
+def test_equal_head_plans_are_one_object():
+    """Every step groups a layer's heads by plan (`sparse_path.chunk_block_mask`); equal plans are interned at
+    resolution, so the common case, one plan for every head, is found by identity, not by pydantic equality."""
+    mixed = plan_of(entry(layers=[{"layers": "all", "heads": [{"heads": "0-1", "dense": True},
+                                                              {"heads": 7, "budget": {"keep_ratio": 0.5}}]}]))
+    heads = [hp for layer in mixed.layers for hp in layer.heads if hp is not None]
+    assert len(set(heads)) == 2 and len({id(hp) for hp in heads}) == 2  # two plans, two objects
+    llama = resolve_plan(load_config(REPO / "configs/llama-3.yaml"), LLAMA, "llama")
+    assert all(hp is llama.layers[0].heads[0] for layer in llama.layers for hp in layer.heads)
+
+
 def test_exported_schema_is_current():
     assert json.loads((REPO / "configs/schema.json").read_text()) == json_schema(), \
         "configs/schema.json is stale: run `vllm-sparse schema -o configs/schema.json`"

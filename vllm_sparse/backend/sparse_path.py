@@ -80,10 +80,13 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     per GQA group (`plan_scores`); `attend.mask_kv_heads` maps either to KV heads. Heads sharing one
     plan are scored together; a dense head (None) keeps every causal block.
     """
+    select = select_blocks_triton if chunk.q.is_cuda else select_blocks  # same blocks; one launch on GPUs
+    only = head_plans[0]
+    if only is not None and all(p is only for p in head_plans):  # one plan for every head (interned: the common
+        return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)  # case, without hashing)
     heads_of: dict[HeadPlan | None, list[int]] = defaultdict(list)
     for h, plan in enumerate(head_plans):
         heads_of[plan].append(h)
-    select = select_blocks_triton if chunk.q.is_cuda else select_blocks  # same blocks; one launch on GPUs
     only = next(iter(heads_of))
     if len(heads_of) == 1 and only is not None:  # one plan for every head: score the chunk as it is
         return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)
