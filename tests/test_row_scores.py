@@ -108,15 +108,20 @@ def test_fused_scores_in_slabs_when_the_workspace_is_small(name, raw, monkeypatc
     assert _compare(chunk, name, raw) < 2e-4
 
 
+def _five_kv_heads(seed: int, block_size: int) -> ChunkContext:
+    """A 140-token chunk after 160 of context, 10 q heads over 5 KV heads: passes of several KV heads."""
+    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=seed)
+    kv_of = torch.arange(10) // 2
+    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
+    return ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, block_size,
+                        D**-0.5, tuple(kv_of.tolist()))
+
+
 @pytest.mark.parametrize("counted", [None, 1, 2], ids=["cap", "one-head", "two-heads"])
 def test_quantized_key_columns_of_many_kv_heads_per_launch(counted, monkeypatch):
     # Five KV heads: key columns of all of them in one launch (no count: the cap holds them), one per launch,
     # or two per launch (the count covers twice the context: passes of 2, 2 and 1). Scores are the same.
-    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=11)
-    kv_of = torch.arange(10) // 2
-    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
-    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, 64, D**-0.5,
-                         tuple(kv_of.tolist()))
+    chunk = _five_kv_heads(11, 64)
     fused = dataclasses.replace(chunk, kernels=True)
     monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
     if counted:
@@ -141,11 +146,7 @@ def test_key_columns_of_every_kv_head_in_the_room_the_rows_leave(monkeypatch):
     # scores them all, and the scores are, bit for bit, those of one KV head a pass (the counted rule).
     from vllm_sparse.estimators import row_scores
 
-    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=13)
-    kv_of = torch.arange(10) // 2
-    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
-    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, 64, D**-0.5,
-                         tuple(kv_of.tolist()))
+    chunk = _five_kv_heads(13, 64)
     fused = dataclasses.replace(chunk, kernels=True)
     est = get_estimator("antidiagonal")
     params = est.params(stride=8, bits=8)
@@ -210,11 +211,7 @@ def test_passes_over_key_columns_share_mass_launches_while_their_rows_fit_one_sl
     # each KV head's keys quantized once; the torch path's scores.
     from vllm_sparse.estimators import row_scores
 
-    b = random_paged_batch([300], [140], 10, 5, D, PAGE, dtype=torch.float32, seed=12)
-    kv_of = torch.arange(10) // 2
-    kv = dataclasses.replace(b.kv, key=b.kv.key.to(DEVICE), value=b.kv.value.to(DEVICE))
-    chunk = ChunkContext(b.q.to(DEVICE), kv_of.to(DEVICE), kv, b.block_table[0].to(DEVICE), 160, 16, D**-0.5,
-                         tuple(kv_of.tolist()))
+    chunk = _five_kv_heads(12, 16)
     n_rows = -(-chunk.q.shape[0] // 2) + 1  # stride-2 rows of the chunk (its context is even: one more at most)
     monkeypatch.setattr(WORKSPACE, "_buffers", {})
     monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
