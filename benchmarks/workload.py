@@ -454,6 +454,8 @@ def classes(rows: list[dict]) -> dict[str, dict]:
             c.setdefault("main_wait_ms", []).append(r["main_thread"][1])
         if "gc" in r:
             c.setdefault("gc_ms", []).append(sum(ms for _, ms in r["gc"]))
+        if len(r.get("timeline_s", [])) > 1:  # the first step() back: scheduling and every launch of it, on the host
+            c.setdefault("first_step_ms", []).append((r["timeline_s"][1] - r["timeline_s"][0]) * 1e3)
         c["tokens"] += sum(q["tokens_out"] for q in reqs)
         c["cached_tokens"] = max(c.get("cached_tokens", 0), max(q["cached_tokens"] for q in reqs))
         for k in ("sparse", "dense"):
@@ -511,6 +513,10 @@ def table(results: dict) -> str:
                 med = {k: [statistics.median(x[k]) for x in (d, s)] for k in ("main_run_ms", "main_wait_ms")}
                 note += (f"; main thread on CPU {med['main_run_ms'][0]:.0f} / {med['main_run_ms'][1]:.0f} ms, "
                          f"waiting {med['main_wait_ms'][0]:.1f} / {med['main_wait_ms'][1]:.1f} ms")
+            if cls.startswith("follow:") and d.get("first_step_ms") and s.get("first_step_ms"):
+                # a one-step turn whose first step() comes back near its token was host-bound (2026-12-05)
+                note += (f"; first step() back after {statistics.median(d['first_step_ms']):.0f} / "
+                         f"{statistics.median(s['first_step_ms']):.0f} ms")
             if d.get("gc_ms") and s.get("gc_ms"):
                 note += f"; gc {statistics.median(d['gc_ms']):.1f} / {statistics.median(s['gc_ms']):.1f} ms"
             retries = [x.get("allocator", {}).get("num_alloc_retries", 0) for x in (d, s)]

@@ -130,6 +130,13 @@ def test_the_table_sets_the_turns_thread_and_gc_beside_them(wl):
     line = next(x for x in table.splitlines() if "follow:131072+8" in x)
     assert "main thread on CPU 60 / 95 ms, waiting 0.5 / 0.7 ms" in line, line
     assert "gc 1.0 / 2.0 ms" in line, line
+    assert "first step()" not in line  # (no timelines)
+    for rows, first_step in ((dense, [0.05, 0.06, 0.07]), (sparse, [0.10, 0.09, 0.11])):
+        for r, back in zip(rows[2:], first_step):  # steady turns: added at 4 ms, first step() back `back` later
+            r["timeline_s"] = [0.004, 0.004 + back, 0.2]
+    table = wl.table({"engines": {"dense": {"rows": dense}, "plan.yaml": {"rows": sparse}}})
+    line = next(x for x in table.splitlines() if "follow:131072+8" in x)
+    assert "first step() back after 60 / 100 ms" in line, line
 
 
 def test_equal_host_speeds_carry_no_warning(wl):
