@@ -82,14 +82,13 @@ def chunk_block_mask(chunk: ChunkContext, head_plans: list[HeadPlan | None]) -> 
     """
     select = select_blocks_triton if chunk.q.is_cuda else select_blocks  # same blocks; one launch on GPUs
     only = head_plans[0]
-    if only is not None and all(p is only for p in head_plans):  # one plan for every head (interned: the common
-        return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)  # case, without hashing)
+    # One plan for every head: score the chunk as it is. (Resolution interns equal plans, so identity answers
+    # first; equality only for plans built elsewhere.)
+    if only is not None and all(p is only or p == only for p in head_plans):
+        return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)
     heads_of: dict[HeadPlan | None, list[int]] = defaultdict(list)
     for h, plan in enumerate(head_plans):
         heads_of[plan].append(h)
-    only = next(iter(heads_of))
-    if len(heads_of) == 1 and only is not None:  # one plan for every head: score the chunk as it is
-        return select(plan_scores(chunk, only), only.budget, chunk.first_query_block)
     causal = chunk.causal_block_mask()
     mask = causal[None].repeat(len(head_plans), 1, 1)
     columns = []  # (heads, their kept columns) from the scoring calls that keep columns token by token

@@ -314,7 +314,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
     notes: list[str] = []
     heads: list[list[HeadPlan | None]] = [[None] * shape.num_q_heads for _ in range(shape.num_layers)]
     # Equal head plans as one object: a layer's heads then group by identity first (`chunk_block_mask`, every step).
-    interned: dict[HeadPlan, HeadPlan] = {}
+    interned: dict[HeadPlan | None, HeadPlan | None] = {}
     # Decode: the most specific `decode` wins (head rule, layer rule, model entry, defaults), on every
     # full-attention layer; (spec, path) per layer and q head.
     base_decode = ((entry.decode, f"{where}.decode") if entry.decode is not None
@@ -365,7 +365,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
             for q in range(shape.num_q_heads):
                 hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
                 hp = _head_plan(hrule, rule, entry, cfg)
-                hp = heads[layer][q] = interned.setdefault(hp, hp) if hp is not None else None
+                hp = heads[layer][q] = interned.setdefault(hp, hp)
                 wrong = _head_plan_problem(hp, setting("block_size")) if hp is not None else None
                 if wrong:  # (one line per rule, naming the first layer and head it reaches)
                     field, why = wrong
