@@ -11,17 +11,8 @@ fail); the selection kernel's recorder keeps every block, so the steps after it 
 must include those of serving-like steps through `attend_sparse_chunks`, as `impl.py` calls it, over vLLM's
 queries, cache and block table (`serving_steps`).
 
-On CPU the sparse path takes torch references where CUDA launches kernels; patched to the CUDA choices:
-- `selected_kernel`: "fa3" (Hopper) or "fa2" (opt-in from compute capability 8.0; FlashAttention itself is vLLM's
-  CUDA kernel, stubbed, over `_tile_tables_kernel`'s tables) or "triton" (GPUs without FA3, and plans that keep key
-  columns on any GPU); the estimators' fused kernels
-  follow the choice;
-- the selection (`select_blocks_triton`) and the block key means (`block_key_means_triton`), chosen by `q.is_cuda`;
-- `row_bucket` and the mass kernel's `_kv_block_tile`, whose CPU rule (no floor: the interpreter pays per
-  element) gives other constexprs than CUDA's;
-- the metrics' density kernel (`WorkerMetrics.use_kernel`, set on CUDA only);
-- the plans' `auto` floors of the chunks that go sparse (`AUTO_MIN_QUERY_TOKENS`, `AUTO_MIN_CHUNK_WORK`), by device:
-  CUDA's (the warm-up's dummy chunks go as short as they let a chunk go sparse).
+On CPU the sparse path takes torch references where CUDA launches kernels: `cuda_path_on_cpu.on_cuda_path` makes
+its choices as on CUDA (the metrics' density kernel too: `WorkerMetrics.use_kernel`).
 Not covered: vLLM's FA3 (not Triton), tensor-parallel ranks that split a GQA group.
 """
 
@@ -36,35 +27,25 @@ import pytest
 import torch
 from triton.runtime.jit import KernelInterface
 
-from tests.compile_keys import binder, launch_key
+from tests.compile_keys import binder
+from tests.cuda_path_on_cpu import KERNELS, ORIGINAL, on_cuda_path, record_into
 from tests.test_benchmark_configs import shape_of
 from tests.test_config import GEMMA
 from vllm_sparse import compat
-from vllm_sparse.backend import attend, kernel_choice, sparse_path, warmup
+from vllm_sparse.backend import sparse_path, warmup
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
-from vllm_sparse.config import plan as config_plan
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import chunk_work, resolve_plan
 from vllm_sparse.config.sharding import head_shard
-from vllm_sparse.estimators import base, block_means, row_scores
 from vllm_sparse.estimators.registry import get_estimator
-from vllm_sparse.kernels import column_attention, launch, sparse_attention
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
-from vllm_sparse.metrics import density_kernel, paths
+from vllm_sparse.metrics import paths
 from vllm_sparse.metrics.worker import WorkerMetrics
-from vllm_sparse.selection import select_kernel, tile_tables
 
 ROOT = Path(__file__).parents[1]
-KERNELS = [(density_kernel, "_record_density_kernel"), (sparse_attention, "_sparse_paged_attention_kernel"),
-           (column_attention, "_column_attention_kernel"), (block_means, "_block_key_means_kernel"),
-           (row_scores, "_quantize_rows_kernel"), (row_scores, "_quantize_columns_kernel"),
-           (row_scores, "_row_block_lse_int_kernel"), (row_scores, "_row_block_lse_kernel"),
-           (row_scores, "_block_mass_kernel"), (row_scores, "_line_mass_kernel"),
-           (select_kernel, "_select_blocks_kernel"), (tile_tables, "_tile_tables_kernel")]
-ORIGINAL = {name: getattr(module, name) for module, name in KERNELS}
 PREFILL_PACKAGES = ("vllm_sparse.kernels", "vllm_sparse.estimators", "vllm_sparse.selection", "vllm_sparse.metrics")
 MAX_MODEL_LEN = 131072 + 16384  # (the GPU test's; vLLM's block table then has 9,216 columns of 16-token pages)
 SERVING_CHUNK = 16384  # max_num_batched_tokens: the workspace is reserved for a chunk of it at max_model_len
@@ -87,27 +68,6 @@ BENCHMARK = ["llama-3-8b-antidiagonal-10", "llama-3-8b-antidiagonal-10-int8", "l
 PLANS = [p.relative_to(ROOT) for p in SHIPPED] + [Path(f"benchmarks/configs/{n}.yaml") for n in BENCHMARK]
 
 
-class Recorder:
-    """A Triton kernel that records the key each launch would compile under (with where it came from), and
-    launches nothing."""
-
-    def __init__(self, name, seen, where):
-        self.name, self.seen, self.where = name, seen, where
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            key, params = launch_key(ORIGINAL[self.name], self.name, args, kwargs)
-            self.seen.setdefault(key, self.where[0])
-            if self.name == "_select_blocks_kernel":  # every block kept: a mask the later steps can take
-                params["OUT"].fill_(True)
-        return record
-
-
-def record_into(monkeypatch, seen, where):
-    for module, name in KERNELS:
-        monkeypatch.setattr(module, name, Recorder(name, seen, where))
-
-
 def gap(key, served_at, warmed) -> str:
     """A key serving launched and the warm-up did not: where, and how it differs from the warm-up's nearest."""
     name, spec, options = key
@@ -120,25 +80,6 @@ def gap(key, served_at, warmed) -> str:
             diffs.append([f"{n} {a} (warm-up: {b})" for n, a, b in zip(names, values, theirs) if a != b])
     nearest = ", ".join(min(diffs, key=len)) if diffs else "no warm-up launch of it"
     return f"{name} at {served_at}: {nearest}"
-
-
-def on_cuda_path(monkeypatch, kernel):
-    """The CPU path's choices made as on CUDA (module docstring)."""
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(kernel_choice, "selected_kernel", lambda device: kernel)  # (warm_up's)
-    monkeypatch.setattr(sparse_path, "selected_kernel", lambda device: kernel)
-    monkeypatch.setattr(sparse_path, "select_blocks", select_kernel.select_blocks_triton)
-    monkeypatch.setattr(base, "block_key_means_ref", block_means.block_key_means_triton)
-    monkeypatch.setattr(select_kernel, "row_bucket", lambda n, device: launch.row_bucket(n, cuda))
-    monkeypatch.setattr(tile_tables, "row_bucket", lambda n, device: launch.row_bucket(n, cuda))
-    kv_block_tile = row_scores._kv_block_tile
-    monkeypatch.setattr(row_scores, "_kv_block_tile", lambda n, device: kv_block_tile(n, cuda))
-    for floors in (config_plan.AUTO_MIN_QUERY_TOKENS, config_plan.AUTO_MIN_CHUNK_WORK):  # (the warm-up reads them)
-        monkeypatch.setitem(floors, "cpu", floors["cuda"])
-    monkeypatch.setattr(attend, "sparse_attention_flash", lambda *args, **kwargs: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the attention wrappers' check for CPU tensors; nothing runs)
-    warmup._compile.cache_clear()  # (once per engine and process: each test is an engine start)
 
 
 def shortest_sparse_chunk(plan, context: int) -> int:

@@ -1,0 +1,282 @@
+"""The host time of a sparse chunk-layer: the Python and launch dispatch of the CUDA path, measured on CPU.
+
+A follow-up turn that sends one chunk sparse (a few thousand tokens after a long cached prompt) is host-bound on
+the GPU: its first `step()` returns after every layer's launches are queued, and a sparse layer queued ~3 ms of
+host work where a dense one queued ~0.17 ms (RESULTS.md, H100, 2026-12-05). This script runs the CUDA path's host
+code, `attend_sparse_chunks` as `impl.py` calls it for every sparse layer of a plan, on CPU tensors of the
+serving shapes, with every Triton kernel a recorder that runs Triton's own argument binder (the first part of a
+launch's dispatch) and launches nothing, and FlashAttention a counted no-op (`tests/cuda_path_on_cpu.py`). It
+prints per chunk-layer: host microseconds (median and min over the repeats), Triton launches, FlashAttention
+calls and torch operations (aten calls, from a separate counted pass), and writes JSON.
+
+What it leaves out: the GPU driver's part of each launch (a few microseconds each, on the GPU machine), Triton's
+dispatch after the binder (its kernel cache lookup and launcher), and CUDA's caching allocator where CPU allocates.
+So its microseconds are not the GPU machine's; its counts are, and two trees compared on one CPU show what a change
+saves.
+
+    python benchmarks/host_path.py [--plan benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml]
+        [--kernel fa3] [--cases 131072+2048,131072+8192,32768+8192,49152+16384] [--repeats 20] [--out host_path.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402  (its MonkeyPatch: the recorders and CUDA choices are undone after each case)
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from tests.cuda_path_on_cpu import on_cuda_path, record_into  # noqa: E402
+from tests.test_benchmark_configs import shape_of  # noqa: E402
+from vllm_sparse.backend import sparse_path  # noqa: E402
+from vllm_sparse.backend.batch import SparseChunk, tile_geometry  # noqa: E402
+from vllm_sparse.backend.reserve import reserve_estimator_workspace  # noqa: E402
+from vllm_sparse.config.loader import load_config  # noqa: E402
+from vllm_sparse.config.plan import resolve_plan  # noqa: E402
+from vllm_sparse.config.sharding import head_shard  # noqa: E402
+from vllm_sparse.kernels import flash_compact  # noqa: E402
+from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
+from vllm_sparse.kernels.workspace import WORKSPACE  # noqa: E402
+from vllm_sparse.metrics import paths  # noqa: E402
+from vllm_sparse.metrics.worker import WorkerMetrics  # noqa: E402
+
+PAGE = 16
+DEFAULT_PLAN = "benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml"
+DEFAULT_CASES = "131072+2048,131072+8192,32768+8192,49152+16384"
+H100_SMS = 132  # (FA3's split choice reads the GPU's SM count; CPU mode takes an H100's)
+# vLLM's FA3 op as a CPU stand-in for the recorded mode: the same arguments through torch's dispatcher (what the
+# real op's call costs the host before CUDA), computing nothing.
+FA3_SCHEMA = ("fwd(Tensor q, Tensor k, Tensor v, Tensor? k_new, Tensor? v_new, Tensor? q_v, Tensor? out, "
+              "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? cu_seqlens_k_new, Tensor? seqused_q, "
+              "Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, Tensor? page_table, Tensor? kv_batch_idx, "
+              "Tensor? leftpad_k, Tensor? rotary_cos, Tensor? rotary_sin, Tensor? seqlens_rotary, Tensor? q_descale, "
+              "Tensor? k_descale, Tensor? v_descale, float? softmax_scale, bool is_causal, int window_size_left, "
+              "int window_size_right, float softcap, bool is_rotary_interleaved, Tensor? scheduler_metadata, "
+              "int num_splits, bool? pack_gqa, int sm_margin, Tensor? s_aux, int cp_world_size, int cp_rank, "
+              "Tensor? cp_tot_seqused_k) -> (Tensor, Tensor, Tensor, Tensor)")
+_FA3_CALLS = [0]
+_FA3_LIBRARY = []
+
+
+def stand_in_fa3(mp) -> None:
+    """vLLM's FlashAttention interface over a CPU `torch.ops._vllm_fa3_C.fwd` that counts its calls and computes
+    nothing (registered once). The installed vLLM's `vllm.vllm_flash_attn` refuses to import without its CUDA
+    libraries: its interface module is loaded on its own and stands in for the package while `mp` lasts."""
+    path = Path(importlib.util.find_spec("vllm").submodule_search_locations[0]) / "vllm_flash_attn"
+    spec = importlib.util.spec_from_file_location("host_path_fa_interface", path / "flash_attn_interface.py")
+    interface = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(interface)
+    mp.setitem(sys.modules, "vllm.vllm_flash_attn",
+               SimpleNamespace(flash_attn_varlen_func=interface.flash_attn_varlen_func))
+    if _FA3_LIBRARY:
+        return
+    # (vLLM's CUDA library defines the op where it is installed: a CPU kernel is added to it)
+    defined = hasattr(torch.ops._vllm_fa3_C, "fwd")
+    lib = torch.library.Library("_vllm_fa3_C", "IMPL" if defined else "DEF")
+    if not defined:
+        lib.define(FA3_SCHEMA)
+
+    def fwd(q, *args):
+        _FA3_CALLS[0] += 1
+        empty = q.new_empty(0)
+        return empty, empty, empty, empty
+
+    lib.impl("fwd", fwd, "CPU")
+    _FA3_LIBRARY.append(lib)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    """"131072+2048,..." -> [(cached context, new tokens), ...]"""
+    out = []
+    for part in text.split(","):
+        ctx, _, q = part.partition("+")
+        out.append((int(ctx), int(q)))
+    return out
+
+
+def serving_inputs(shape, d: int, context: int, q_len: int, max_model_len: int, device: torch.device):
+    """(queries as a view of the qkv projection, output, vLLM's cache of one layer, its block table): on CPU a few
+    pages (the recorders read none); on CUDA every page of the request, in order."""
+    dtype, q_heads, kv_heads = torch.bfloat16, shape.num_q_heads, shape.num_kv_heads
+    pages = 8 if device.type == "cpu" else -(-(context + q_len) // PAGE)
+    cache = torch.randn(pages, PAGE, kv_heads, 2 * d, dtype=dtype, device=device).permute(0, 2, 1, 3)
+    block_table = torch.zeros(1, -(-max_model_len // PAGE), dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        block_table[0, :pages] = torch.arange(pages, dtype=torch.int32, device=device)
+    qkv = torch.randn(q_len, (q_heads + 2 * kv_heads) * d, dtype=dtype, device=device)
+    q = qkv[:, :q_heads * d].view(q_len, q_heads, d)
+    return q, torch.empty(q_len, q_heads, d, dtype=dtype, device=device), cache, block_table
+
+
+def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_model_len: int, chunk_tokens: int,
+            repeats: int, metrics_dir: str, device: torch.device) -> dict:
+    """One chunk of q_len tokens after `context` cached ones through every sparse layer of the plan, `repeats`
+    times: host time and counts per chunk-layer (CUDA: the real kernels, and dense FA3 over the same chunk)."""
+    launches: dict[str, int] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        if device.type == "cpu":
+            on_cuda_path(mp, kernel, flash_compact.sparse_attention_flash)
+            record_into(mp, {}, ["serving"], launches)
+            mp.setattr(flash_compact, "num_sms", lambda device: H100_SMS)
+            stand_in_fa3(mp)
+        # The estimators' workspace as the engine reserves it at load (`impl.py`).
+        mp.setattr(WORKSPACE, "_buffers", {})
+        mp.setattr(WORKSPACE, "_key_tokens", {})
+        reserve_estimator_workspace(plan, shape.num_q_heads, chunk_tokens, max_model_len, device)
+        WORKSPACE.count_key_columns(max_model_len, device)
+        mp.setenv(paths.DIR_ENV, metrics_dir)
+        metrics = WorkerMetrics(device, shape.num_layers, 0)
+        metrics.use_kernel = True  # (as on CUDA)
+        q, out, cache, block_table = serving_inputs(shape, d, context, q_len, max_model_len, device)
+        kv = PagedKV.from_flash_cache(cache)
+        chunks = (SparseChunk(0, 0, q_len, context),)
+        shard = head_shard(shape.num_q_heads, shape.num_kv_heads, 0, 1, "host_path")
+        layers = [(lp.index, list(lp.heads_for(shard))) for lp in plan.layers if lp.is_sparse]
+
+        def step():
+            # (the builder's once per step; the layers' loop is what the forward pays per layer)
+            tiles = tile_geometry(list(chunks), plan.block_size, plan.union_tile, device)
+            for index, heads in layers:
+                sparse_path.attend_sparse_chunks(
+                    q, out, kv, block_table, chunks, heads, plan.block_size, d ** -0.5, plan.union_tile, index,
+                    kernel=kernel, dense_below=plan.dense_below, metrics=metrics, union_heads=plan.union_heads,
+                    tiles=tiles)
+
+        row = {"context": context, "new_tokens": q_len, "layers": len(layers)}
+        step()  # (first call: lazy imports, caches; CUDA: compiles)
+        if device.type == "cuda":
+            row.update(cuda_times(step, len(layers), repeats, lambda: dense_step(q, out, cache, block_table, context,
+                                                                                  len(layers))))
+            return row
+        launches.clear()
+        _FA3_CALLS[0] = 0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) / len(layers))
+        per_layer = len(layers) * repeats
+        counted = {name: n / per_layer for name, n in sorted(launches.items())}
+        flash_per_layer = _FA3_CALLS[0] / per_layer
+        counter = OpCounter()
+        with counter:
+            step()
+    row.update({"host_us": {"median": statistics.median(times) * 1e6, "min": min(times) * 1e6},
+                "triton_launches": sum(counted.values()), "launches_by_kernel": counted,
+                "flash_calls": flash_per_layer, "torch_ops": counter.ops / len(layers)})
+    return row
+
+
+def dense_step(q, out, cache, block_table, context: int, layers: int):
+    """vLLM's dense prefill of the chunk, per layer: one FA3 call over the request's pages."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    kv = PagedKV.from_flash_cache(cache)
+    k_cache, v_cache = kv.key.transpose(1, 2), kv.value.transpose(1, 2)  # [pages, page_size, kv_heads, D]
+    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+    seq = torch.tensor([context + q.shape[0]], dtype=torch.int32, device=q.device)
+
+    def step():
+        for _ in range(layers):
+            flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=q.shape[0], cu_seqlens_q=cu,
+                                   max_seqlen_k=context + q.shape[0], seqused_k=seq, softmax_scale=q.shape[-1] ** -0.5,
+                                   causal=True, block_table=block_table, out=out, fa_version=3)
+    return step
+
+
+def cuda_times(sparse, layers: int, repeats: int, make_dense) -> dict:
+    """Per chunk-layer: the host's time to queue a step and the step's GPU time (events), sparse and dense, medians
+    of `repeats`; and the host syncs a step made (CUDA's sync debug mode warns on each: none is expected)."""
+    dense = make_dense()
+    dense()
+    out = {}
+    for name, step in (("sparse", sparse), ("dense", dense)):
+        host, gpu = [], []
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.set_sync_debug_mode("warn")
+                t0 = time.perf_counter()
+                start.record()
+                step()
+                end.record()
+                host.append((time.perf_counter() - t0) / layers)
+                torch.cuda.set_sync_debug_mode("default")
+                end.synchronize()
+                gpu.append(start.elapsed_time(end) / 1e3 / layers)
+        out[name] = {"host_us": statistics.median(host) * 1e6, "gpu_us": statistics.median(gpu) * 1e6,
+                     "syncs_per_step": sum("synchroniz" in str(w.message) for w in syncs) / repeats}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", default=DEFAULT_PLAN)
+    ap.add_argument("--kernel", default="fa3", choices=["fa3", "fa2", "triton"])
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="cached context + new tokens, comma-separated")
+    ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (the workspace's chunk)")
+    ap.add_argument("--max-model-len", type=int, default=131072 + 8192 + 256, help="(workload.py's engines')")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: kernels recorded, not run; cuda: the real kernels, and dense FA3 beside them")
+    ap.add_argument("--out", default="host_path.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    plan_path = REPO / args.plan
+    shape = shape_of(plan_path.name)[0]
+    plan = resolve_plan(load_config(plan_path), shape, str(plan_path), explicit=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as metrics_dir:
+        for context, q_len in parse_cases(args.cases):
+            rows.append(measure(plan, shape, args.head_dim, args.kernel, context, q_len, args.max_model_len, args.chunk,
+                                args.repeats, metrics_dir, device))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, kernels recorded"
+    print(f"plan {args.plan} on {shape.name}, kernel {args.kernel}, {where}, torch {torch.__version__}; "
+          f"per chunk-layer:")
+    if device.type == "cuda":
+        print(f"{'chunk':>16} | {'sparse host us':>14} | {'sparse GPU us':>13} | {'dense host us':>13} | "
+              f"{'dense GPU us':>12} | syncs a step (sparse / dense)")
+        for r in rows:
+            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {r['sparse']['host_us']:>14.0f} | "
+                  f"{r['sparse']['gpu_us']:>13.0f} | {r['dense']['host_us']:>13.0f} | {r['dense']['gpu_us']:>12.0f} | "
+                  f"{r['sparse']['syncs_per_step']:.1f} / {r['dense']['syncs_per_step']:.1f}")
+    else:
+        print(f"{'chunk':>16} | {'host us (median / min)':>22} | {'Triton':>6} | {'FA':>4} | {'torch ops':>9}")
+        for r in rows:
+            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {r['host_us']['median']:>10.0f} / "
+                  f"{r['host_us']['min']:<9.0f} | {r['triton_launches']:>6.1f} | {r['flash_calls']:>4.1f} | "
+                  f"{r['torch_ops']:>9.1f}")
+    Path(args.out).write_text(json.dumps({"plan": args.plan, "shape": shape.name, "kernel": args.kernel,
+                                          "device": where, "torch": torch.__version__, "repeats": args.repeats,
+                                          "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""`benchmarks/host_path.py`: the CUDA path's host code of a sparse chunk-layer, on CPU with its kernels recorded."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import torch
+
+from tests.benchmark_modules import load_benchmark
+from vllm_sparse.config.loader import load_config
+from vllm_sparse.config.plan import resolve_plan
+
+
+def test_recorded_chunk_layer_counts_what_the_cuda_path_launches():
+    host_path = load_benchmark("host_path")
+    path = host_path.REPO / host_path.DEFAULT_PLAN
+    shape = host_path.shape_of(path.name)[0]
+    plan = resolve_plan(load_config(path), shape, str(path), explicit=True)
+    before = sys.modules.get("vllm.vllm_flash_attn")
+    with tempfile.TemporaryDirectory() as metrics_dir:
+        row = host_path.measure(plan, shape, 128, "fa3", 32768, 2048, 65536, 16384, 2, metrics_dir,
+                                torch.device("cpu"))
+    assert sys.modules.get("vllm.vllm_flash_attn") is before  # (the stand-in interface is gone again)
+    assert row["layers"] == sum(lp.is_sparse for lp in plan.layers)
+    # FA3 once per page list (a list per KV head: the plan unions each KV head's q heads); one selection, one table
+    # build and one density record per chunk-layer; the estimator's quantizers, products and mass.
+    assert row["flash_calls"] == shape.num_kv_heads
+    by = row["launches_by_kernel"]
+    assert by["_select_blocks_kernel"] == by["_tile_tables_kernel"] == by["_record_density_kernel"] == 1
+    assert by["_quantize_rows_kernel"] == 1 and by["_block_mass_kernel"] >= 1
+    assert by["_row_block_lse_kernel"] == by["_quantize_columns_kernel"] >= 1
+    assert row["triton_launches"] == sum(by.values())
+    assert row["torch_ops"] > 0 and 0 < row["host_us"]["min"] <= row["host_us"]["median"]
