@@ -174,7 +174,7 @@ def main() -> None:
                 continue
             run = lambda path=path, name=name, params=params: step(ctx, name, params, budget, path)  # noqa: E731
             try:
-                (tables, counts, _), masks[path] = run()
+                (tables, counts, *_), masks[path] = run()
                 row[f"{path}_kept_after_union"] = float(counts.sum()) / total_pages
                 row[f"{path}_ms"] = triton.testing.do_bench(run, warmup=2, rep=20, return_mode="median")
                 c = dataclasses.replace(ctx, kernels=path == "kernels")

@@ -1,21 +1,24 @@
 """The host time of a sparse chunk-layer: the Python and launch dispatch of the CUDA path, measured on CPU.
 
 A follow-up turn that sends one chunk sparse (a few thousand tokens after a long cached prompt) is host-bound on
-the GPU: its first `step()` returns after every layer's launches are queued, and a sparse layer queued ~3 ms of
-host work where a dense one queued ~0.17 ms (RESULTS.md, H100, 2026-12-05). This script runs the CUDA path's host
-code, `attend_sparse_chunks` as `impl.py` calls it for every sparse layer of a plan, on CPU tensors of the
-serving shapes, with every Triton kernel a recorder that runs Triton's own argument binder (the first part of a
-launch's dispatch) and launches nothing, and FlashAttention a counted no-op (`tests/cuda_path_on_cpu.py`). It
-prints per chunk-layer: host microseconds (median and min over the repeats), Triton launches, FlashAttention
-calls and torch operations (aten calls, from a separate counted pass), and writes JSON.
+the GPU: its first `step()` returns after every layer's launches are queued, and a sparse step queued ~80-100 ms
+more host work than a dense one (RESULTS.md, H100, 2026-12-05). This script runs the CUDA path's host code,
+`attend_sparse_chunks` as `impl.py` calls it for every sparse layer of a plan, at the serving shapes, with every
+Triton kernel a recorder that runs Triton's own argument binder (the first part of a launch's dispatch) and
+launches nothing, vLLM's FlashAttention wrapper over a counted stand-in for its op, and every tensor on the meta
+device, so that a torch op costs its dispatch and no compute, as a launch does on a GPU host
+(`tests/cuda_path_on_cpu.py`). It prints per chunk-layer: host microseconds (median and min over the repeats),
+Triton launches, FlashAttention calls and torch operations (aten calls, from a separate counted pass), and writes
+JSON. `--pack-lists` compares one FlashAttention call for every page list (`VLLM_SPARSE_FA_PACK_LISTS`).
 
-What it leaves out: the GPU driver's part of each launch (a few microseconds each, on the GPU machine), Triton's
-dispatch after the binder (its kernel cache lookup and launcher), and CUDA's caching allocator where CPU allocates.
-So its microseconds are not the GPU machine's; its counts are, and two trees compared on one CPU show what a change
-saves.
+What it leaves out: the GPU driver's part of each launch, Triton's dispatch after the binder (its kernel cache
+lookup and launcher), CUDA's caching allocator. So its microseconds are not the GPU machine's; its counts are, and
+two trees or settings compared on one CPU show what a change saves. `--device cuda` runs the real kernels on a GPU
+instead and times the host's queueing and the GPU per chunk-layer, sparse and dense FA3 over the same chunk.
 
     python benchmarks/host_path.py [--plan benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml]
-        [--kernel fa3] [--cases 131072+2048,131072+8192,32768+8192,49152+16384] [--repeats 20] [--out host_path.json]
+        [--kernel fa3] [--cases 131072+2048,131072+8192,32768+8192,49152+16384] [--repeats 20]
+        [--pack-lists 0|1|both] [--device cpu|cuda] [--out host_path.json]
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def stand_in_fa3(mp) -> None:
         return empty, empty, empty, empty
 
     lib.impl("fwd", fwd, "CPU")
+    lib.impl("fwd", fwd, "Meta")
     _FA3_LIBRARY.append(lib)
 
 
@@ -119,10 +123,10 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 
 def serving_inputs(shape, d: int, context: int, q_len: int, max_model_len: int, device: torch.device):
-    """(queries as a view of the qkv projection, output, vLLM's cache of one layer, its block table): on CPU a few
-    pages (the recorders read none); on CUDA every page of the request, in order."""
+    """(queries as a view of the qkv projection, output, vLLM's cache of one layer, its block table): without data
+    on the meta device (the recorders read none); on CUDA every page of the request, in order."""
     dtype, q_heads, kv_heads = torch.bfloat16, shape.num_q_heads, shape.num_kv_heads
-    pages = 8 if device.type == "cpu" else -(-(context + q_len) // PAGE)
+    pages = -(-(context + q_len) // PAGE)
     cache = torch.randn(pages, PAGE, kv_heads, 2 * d, dtype=dtype, device=device).permute(0, 2, 1, 3)
     block_table = torch.zeros(1, -(-max_model_len // PAGE), dtype=torch.int32, device=device)
     if device.type == "cuda":
@@ -133,11 +137,15 @@ def serving_inputs(shape, d: int, context: int, q_len: int, max_model_len: int, 
 
 
 def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_model_len: int, chunk_tokens: int,
-            repeats: int, metrics_dir: str, device: torch.device) -> dict:
+            repeats: int, metrics_dir: str, device: torch.device, pack_lists: bool = False) -> dict:
     """One chunk of q_len tokens after `context` cached ones through every sparse layer of the plan, `repeats`
     times: host time and counts per chunk-layer (CUDA: the real kernels, and dense FA3 over the same chunk)."""
     launches: dict[str, int] = {}
+    # Recorded: every tensor on the meta device, so torch ops cost their dispatch and no compute (on a GPU host a
+    # copy of the chunk's queries is a launch, not a CPU memcpy).
+    where = torch.device("meta") if device.type == "cpu" else device
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flash_compact, "PACK_LISTS", pack_lists)  # (VLLM_SPARSE_FA_PACK_LISTS)
         if device.type == "cpu":
             on_cuda_path(mp, kernel, flash_compact.sparse_attention_flash)
             record_into(mp, {}, ["serving"], launches)
@@ -146,12 +154,14 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
         # The estimators' workspace as the engine reserves it at load (`impl.py`).
         mp.setattr(WORKSPACE, "_buffers", {})
         mp.setattr(WORKSPACE, "_key_tokens", {})
-        reserve_estimator_workspace(plan, shape.num_q_heads, chunk_tokens, max_model_len, device)
-        WORKSPACE.count_key_columns(max_model_len, device)
+        reserve_estimator_workspace(plan, shape.num_q_heads, chunk_tokens, max_model_len, where)
+        WORKSPACE.count_key_columns(max_model_len, where)
         mp.setenv(paths.DIR_ENV, metrics_dir)
-        metrics = WorkerMetrics(device, shape.num_layers, 0)
+        metrics = WorkerMetrics(where, shape.num_layers, 0)
         metrics.use_kernel = True  # (as on CUDA)
-        q, out, cache, block_table = serving_inputs(shape, d, context, q_len, max_model_len, device)
+        if where.type == "meta":  # (its reader thread would copy meta tensors to the host)
+            metrics._read_device = lambda: metrics._last_acc
+        q, out, cache, block_table = serving_inputs(shape, d, context, q_len, max_model_len, where)
         kv = PagedKV.from_flash_cache(cache)
         chunks = (SparseChunk(0, 0, q_len, context),)
         shard = head_shard(shape.num_q_heads, shape.num_kv_heads, 0, 1, "host_path")
@@ -159,14 +169,14 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
 
         def step():
             # (the builder's once per step; the layers' loop is what the forward pays per layer)
-            tiles = tile_geometry(list(chunks), plan.block_size, plan.union_tile, device)
+            tiles = tile_geometry(list(chunks), plan.block_size, plan.union_tile, where)
             for index, heads in layers:
                 sparse_path.attend_sparse_chunks(
                     q, out, kv, block_table, chunks, heads, plan.block_size, d ** -0.5, plan.union_tile, index,
                     kernel=kernel, dense_below=plan.dense_below, metrics=metrics, union_heads=plan.union_heads,
                     tiles=tiles)
 
-        row = {"context": context, "new_tokens": q_len, "layers": len(layers)}
+        row = {"context": context, "new_tokens": q_len, "layers": len(layers), "pack_lists": pack_lists}
         step()  # (first call: lazy imports, caches; CUDA: compiles)
         if device.type == "cuda":
             row.update(cuda_times(step, len(layers), repeats, lambda: dense_step(q, out, cache, block_table, context,
@@ -244,6 +254,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=131072 + 8192 + 256, help="(workload.py's engines')")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--pack-lists", default="0", choices=["0", "1", "both"],
+                    help="VLLM_SPARSE_FA_PACK_LISTS: one FlashAttention call for every page list of a short chunk")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu: kernels recorded, not run; cuda: the real kernels, and dense FA3 beside them")
     ap.add_argument("--out", default="host_path.json")
@@ -255,23 +267,27 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as metrics_dir:
         for context, q_len in parse_cases(args.cases):
-            rows.append(measure(plan, shape, args.head_dim, args.kernel, context, q_len, args.max_model_len, args.chunk,
-                                args.repeats, metrics_dir, device))
+            for pack in {"0": [False], "1": [True], "both": [False, True]}[args.pack_lists]:
+                rows.append(measure(plan, shape, args.head_dim, args.kernel, context, q_len, args.max_model_len,
+                                    args.chunk, args.repeats, metrics_dir, device, pack))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, kernels recorded"
     print(f"plan {args.plan} on {shape.name}, kernel {args.kernel}, {where}, torch {torch.__version__}; "
           f"per chunk-layer:")
     if device.type == "cuda":
-        print(f"{'chunk':>16} | {'sparse host us':>14} | {'sparse GPU us':>13} | {'dense host us':>13} | "
-              f"{'dense GPU us':>12} | syncs a step (sparse / dense)")
+        print(f"{'chunk':>16} | {'packed':>6} | {'sparse host us':>14} | {'sparse GPU us':>13} | "
+              f"{'dense host us':>13} | {'dense GPU us':>12} | syncs a step (sparse / dense)")
         for r in rows:
-            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {r['sparse']['host_us']:>14.0f} | "
-                  f"{r['sparse']['gpu_us']:>13.0f} | {r['dense']['host_us']:>13.0f} | {r['dense']['gpu_us']:>12.0f} | "
-                  f"{r['sparse']['syncs_per_step']:.1f} / {r['dense']['syncs_per_step']:.1f}")
+            sp, dn = r["sparse"], r["dense"]
+            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {str(r['pack_lists']):>6} | {sp['host_us']:>14.0f} | "
+                  f"{sp['gpu_us']:>13.0f} | {dn['host_us']:>13.0f} | {dn['gpu_us']:>12.0f} | "
+                  f"{sp['syncs_per_step']:.1f} / {dn['syncs_per_step']:.1f}")
     else:
-        print(f"{'chunk':>16} | {'host us (median / min)':>22} | {'Triton':>6} | {'FA':>4} | {'torch ops':>9}")
+        print(f"{'chunk':>16} | {'packed':>6} | {'host us (median / min)':>22} | {'Triton':>6} | {'FA':>4} | "
+              f"{'torch ops':>9}")
         for r in rows:
-            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {r['host_us']['median']:>10.0f} / "
-                  f"{r['host_us']['min']:<9.0f} | {r['triton_launches']:>6.1f} | {r['flash_calls']:>4.1f} | "
+            us = r["host_us"]
+            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {str(r['pack_lists']):>6} | {us['median']:>10.0f} / "
+                  f"{us['min']:<9.0f} | {r['triton_launches']:>6.1f} | {r['flash_calls']:>4.1f} | "
                   f"{r['torch_ops']:>9.1f}")
     Path(args.out).write_text(json.dumps({"plan": args.plan, "shape": shape.name, "kernel": args.kernel,
                                           "device": where, "torch": torch.__version__, "repeats": args.repeats,

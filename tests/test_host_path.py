@@ -32,3 +32,8 @@ def test_recorded_chunk_layer_counts_what_the_cuda_path_launches():
     assert by["_row_block_lse_kernel"] == by["_quantize_columns_kernel"] >= 1
     assert row["triton_launches"] == sum(by.values())
     assert row["torch_ops"] > 0 and 0 < row["host_us"]["min"] <= row["host_us"]["median"]
+    assert not row["pack_lists"]
+    with tempfile.TemporaryDirectory() as metrics_dir:  # a 2K-token chunk's 8 lists in one call where packed
+        packed = host_path.measure(plan, shape, 128, "fa3", 32768, 2048, 65536, 16384, 2, metrics_dir,
+                                   torch.device("cpu"), pack_lists=True)
+    assert packed["flash_calls"] == 1 and packed["launches_by_kernel"] == by

@@ -32,13 +32,15 @@ from tests.cuda_path_on_cpu import KERNELS, ORIGINAL, on_cuda_path, record_into
 from tests.test_benchmark_configs import shape_of
 from tests.test_config import GEMMA
 from vllm_sparse import compat
-from vllm_sparse.backend import sparse_path, warmup
+from vllm_sparse.backend import attend, sparse_path, warmup
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import chunk_work, resolve_plan
 from vllm_sparse.config.sharding import head_shard
 from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.kernels import flash_compact
+from vllm_sparse.kernels.flash_compact import list_packing
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
@@ -197,6 +199,24 @@ def test_prefill_warm_up_launches_what_serving_launches(monkeypatch, tmp_path, p
 def test_prefill_warm_up_at_other_engine_settings(monkeypatch, tmp_path, path, kernel, max_model_len, fp8):
     """An engine whose block table's row stride is not a multiple of 16, and one with an fp8 cache."""
     check(*warmed_and_served(monkeypatch, tmp_path, path, kernel, max_model_len, fp8))
+
+
+@pytest.mark.parametrize("kernel", ["fa3", "fa2"])
+def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_path, kernel):
+    """`VLLM_SPARSE_FA_PACK_LISTS=1`: serving's short chunks take one FlashAttention call for every page list, whose
+    tables the table kernel writes with the same compiled variant (its packing arguments are not specialised)."""
+    packed = []
+
+    def recorded(*args):
+        packing = list_packing(*args)
+        packed.append(packing is not None)
+        return packing
+
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)  # (an H100's)
+    monkeypatch.setattr(attend, "list_packing", recorded)
+    check(*warmed_and_served(monkeypatch, tmp_path, Path("configs/llama-3.yaml"), kernel, MAX_MODEL_LEN, fp8=False))
+    assert any(packed) and not all(packed)  # short chunks packed (the warm-up's among them), long ones not
 
 
 def test_every_prefill_kernel_is_recorded():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vllm_sparse.estimators.block_means import block_key_means_ref, block_key_means_triton
+from vllm_sparse.kernels.flash_compact import ListPacking
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.selection.budget import Budget, select_blocks
 from vllm_sparse.selection.select_kernel import select_blocks_triton
@@ -121,18 +122,53 @@ def test_tile_tables_kernel_matches_reference(case, tile):
     assert int(bounds[-1]) == q_len
     want = tile_tables_ref(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
     got = tile_tables_triton(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert got[3] is want[3] is None
+    assert all(torch.equal(g, w) for g, w in zip(got[:3], want[:3], strict=True))
     # The same inputs as slices at odd offsets of larger allocations (as a step's shared tensors hand them over).
     mask_in = torch.ones(mask.numel() + 3, dtype=torch.bool, device=DEVICE)
     mask_in[3:] = mask.flatten()
     lens_in = torch.full((seq_lens.numel() + 1,), -1, dtype=torch.int32, device=DEVICE)
     lens_in[1:] = seq_lens
     sliced = tile_tables_triton(mask_in[3:].view_as(mask), kv, tile, lens_in[1:], bs, page, block_table, max_pages)
-    assert all(torch.equal(g, w) for g, w in zip(sliced, want, strict=True))
+    assert all(torch.equal(g, w) for g, w in zip(sliced[:3], want[:3], strict=True))
     # Every tile's list ends with the page holding its last query (FA3's causal alignment needs it).
     last_page = block_table[(seq_lens - 1) // page]
     idx = (got[1] - 1).clamp_min(0).long()
     assert torch.equal(got[0].gather(2, idx[..., None])[..., 0], last_page[None].expand_as(idx))
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+@pytest.mark.parametrize("tile", [1, 3, None])
+@pytest.mark.parametrize("per_q_head", [False, True], ids=["list-per-kv-head", "list-per-q-head"])
+def test_tile_tables_kernel_writes_packed_tables_as_reference(case, tile, per_q_head):
+    """With `ListPacking` (one FlashAttention call for every list): the same counts and lengths, every kept page's
+    id in the heads-as-pages view (physical id * page ratio + the list's KV head; 0 past the count), and the packed
+    queries' start of each (list, tile) and their end, list after list."""
+    kv, group, bs, page, ctx, q_len = case
+    g = torch.Generator().manual_seed(sum(case) * 7 + (tile or 0))
+    seq = ctx + q_len
+    first, nkb = ctx // bs, (seq - 1) // bs + 1
+    rows = nkb - first
+    tile = tile or rows
+    scores = torch.randn(kv * group, rows, nkb, generator=g)
+    mask = select_blocks(scores, Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1), first).to(DEVICE)
+    max_pages = -(-seq // page)
+    block_table = torch.randperm(max_pages + 7, generator=g).to(torch.int32).to(DEVICE)
+    n_tiles = -(-rows // tile)
+    bounds, seq_lens = tile_seq_lens(first, n_tiles, tile, bs, ctx, q_len, torch.device(DEVICE))
+    lists = kv * group if per_q_head else kv
+    ratio = page * kv  # (vLLM 0.26's cache: a page's heads, each 2 x head_dim, over one head's stride)
+    packing = ListPacking(ratio, lists // kv, bounds, q_len)
+    plain = tile_tables_ref(mask, lists, tile, seq_lens, bs, page, block_table, max_pages)
+    want = tile_tables_ref(mask, lists, tile, seq_lens, bs, page, block_table, max_pages, packing)
+    got = tile_tables_triton(mask, lists, tile, seq_lens, bs, page, block_table, max_pages, packing)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
+    live = torch.arange(max_pages, device=DEVICE) < got[1][..., None]
+    heads = (torch.arange(lists, device=DEVICE) // (lists // kv))[:, None, None]
+    assert torch.equal(got[0], torch.where(live, plain[0] * ratio + heads, 0))
+    starts = [i * q_len + int(b) for i in range(lists) for b in bounds[:-1]]
+    assert got[3].tolist() == starts + [lists * q_len]
 
 
 @pytest.mark.parametrize("page,block,head_dim,kv_heads", [(16, 32, 32, 2), (16, 16, 64, 1), (8, 32, 24, 3)])

@@ -328,6 +328,131 @@ def test_flash_attention_call_over_compacted_tables_cpu_twin(monkeypatch, case, 
                                                  d**-0.5, out, fa_version=2, descales=(one, one, one))
 
 
+def _packed_inputs(b, lists, tables, counts, k_cache, device):
+    """The packed call's tables (heads-as-pages ids) and query starts, as `tile_tables` writes them for a
+    `ListPacking`, from a call's per-list tables; and a workspace reservation that holds its queries and output."""
+    from vllm_sparse.kernels.flash_compact import packed_bytes
+
+    hkv = b.kv.key.shape[1]
+    ratio = k_cache.stride(0) // k_cache.stride(2)  # (`ListPacking.page_ratio`)
+    live = torch.arange(tables.shape[-1], device=device) < counts[..., None]
+    heads = (torch.arange(lists, device=device) // (lists // hkv))[:, None, None]
+    packed = torch.where(live, tables * ratio + heads.to(torch.int32), 0).to(torch.int32)
+    tokens, qsl = b.q.shape[0], b.query_start_loc.to(device, torch.int32)
+    starts = (qsl[:-1][None, :] + tokens * torch.arange(lists, device=device)[:, None]).flatten()
+    packed_qsl = torch.cat([starts, torch.tensor([lists * tokens], device=device)]).to(torch.int32)
+    room = torch.empty(packed_bytes(b.q, b.q) // 4 + 64, dtype=torch.float32, device=device)
+    return packed, packed_qsl, room
+
+
+@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
+@pytest.mark.parametrize("per_q_head", [False, True])
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] % 16 == 0])
+def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, version):
+    """CPU twin of `sparse_attention_flash` with every list in one call (`ListPacking`): the queries copied
+    head-major, the cache seen through `heads_as_pages` (each (page, KV head) a page of one head), a sequence per
+    (list, segment): FlashAttention as its API says (the stand-in above) gives the reference's output, in one call
+    of a list's q heads over one KV head, and the poisoned output rows are all written."""
+    import sys
+    import types
+
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    calls = []
+    module = types.ModuleType("vllm.vllm_flash_attn")
+    module.flash_attn_varlen_func = _flash_attn_varlen_twin(calls)
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", module)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    seq_lens, q_lens, hq, hkv, d, page = case
+    n_lists = hq if per_q_head else hkv
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=25)
+    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=26)
+    indptr, idx = _csr(lists, "cpu")
+    packed_kv = _flash_layout(PagedKV(b.kv.key, b.kv.value))
+    k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)
+    rows = torch.arange(len(seq_lens), dtype=torch.int32)
+    tables, counts = flash_compact.compact_block_tables(b.block_table, rows, indptr, idx, n_lists,
+                                                        b.block_table.shape[1])
+    tables, packed_qsl, room = _packed_inputs(b, n_lists, tables, counts, k_cache, "cpu")
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): room})
+    seq_lens_t = b.seq_lens.to(torch.int32)
+    used, qsl = flash_compact.used_tokens(counts, seq_lens_t, page), b.query_start_loc.to(torch.int32)
+    out = torch.full_like(b.q, float("nan"))
+    flash_compact.sparse_attention_flash(b.q, k_cache, v_cache, tables, used, qsl, seq_lens_t, max(q_lens), d**-0.5,
+                                         out, fa_version=version, packed_qsl=packed_qsl)
+    ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr, idx.long(),
+                                     d**-0.5, lists_per_q_head=per_q_head)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-4, rtol=1e-4)
+    assert len(calls) == 1 and calls[0][2] == hq // n_lists and calls[0][3] == 1
+
+
+def test_lists_pack_only_where_a_list_call_leaves_the_gpu_idle_and_the_workspace_holds_them(monkeypatch):
+    """The host rule for one call over every list (`list_packing`): on with the setting, more than one list, a list's
+    call under the SM count in query tiles, the head-major copies within the reserved workspace."""
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
+    q = torch.empty(2048, 32, 128, dtype=torch.bfloat16)  # a 2K-token follow-up, Llama's heads
+    # vLLM 0.26's cache: [pages, kv heads, page, 2 x head dim], stored [pages, page, kv heads, 2 x head dim]
+    cache = torch.empty(100, 16, 8, 256, dtype=torch.bfloat16).permute(0, 2, 1, 3)
+    k_cache = cache[..., :128].transpose(1, 2)  # [pages, page, kv, D], as the backend hands it over
+    bounds = torch.arange(0, 2049, 128, dtype=torch.int32)  # 16 tiles of one 128-token block
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**25)})  # 128 MiB
+    packing = flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache)
+    assert packing is not None and packing.page_ratio == 16 * 8 and packing.lists_per_kv_head == 1  # page x heads
+    assert packing.q_tokens == 2048 and packing.query_start_loc is bounds
+    assert flash_compact.list_packing(32, 1, bounds, 128, q, q, k_cache).lists_per_kv_head == 4  # a list per q head
+    assert flash_compact.list_packing(1, 32, bounds, 128, q, q, k_cache) is None  # (one list: one call already)
+    long_bounds = torch.arange(0, 16385, 128, dtype=torch.int32)  # 16K tokens: 512 tiles a list fill the GPU
+    assert flash_compact.list_packing(8, 4, long_bounds, 128, torch.empty(16384, 32, 128), q, k_cache) is None
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**22)})  # 16 MiB: too small
+    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache) is None
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})  # no reservation: never allocates for it
+    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache) is None
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**25)})
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", False)
+    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
+@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
+@pytest.mark.parametrize("per_q_head", [False, True])
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
+def test_packed_flash_attention_call_matches_reference(monkeypatch, case, per_q_head, version):
+    """The packed call on the GPU: FlashAttention reads the heads-as-pages view and head-major queries."""
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    if f"fa{version}" not in FLASH:
+        pytest.skip(f"vLLM's FlashAttention runs no FA{version} on this GPU")
+    seq_lens, q_lens, hq, hkv, d, page = case
+    n_lists = hq if per_q_head else hkv
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=27)
+    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=28)
+    indptr, idx = _csr(lists, DEVICE)
+    packed_kv = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
+    k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)
+    bt = b.block_table.to(DEVICE)
+    rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
+    tables, counts = flash_compact.compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
+    tables, packed_qsl, room = _packed_inputs(b, n_lists, tables, counts, k_cache, DEVICE)
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device(DEVICE, torch.cuda.current_device()): room})
+    seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
+    used, qsl = flash_compact.used_tokens(counts, seq_lens_dev, page), b.query_start_loc.to(DEVICE, torch.int32)
+    out = torch.full_like(b.q, float("nan")).to(DEVICE)
+    flash_compact.sparse_attention_flash(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev,
+                                         max(q_lens), d**-0.5, out, fa_version=version, packed_qsl=packed_qsl)
+    ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
+                                     idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
+    assert not out.isnan().any()
+    assert _rel_err(out.cpu(), ref) < 2e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
 @pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
@@ -409,6 +534,51 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
                     kernel=kernel, tiles=tiles)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["call-per-list", "packed"])
+@pytest.mark.parametrize("union_heads", [True, False])
+@pytest.mark.parametrize("union_tile", [None, 1])
+def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monkeypatch, union_tile, union_heads, pack):
+    """CPU twin of the backend's FA3 path (`attend_chunk_with_kernel`: tables from `_tile_tables_kernel` in Triton's
+    interpreter, FlashAttention as its API says): the reference path's output, with a call per page list, or one
+    call for all of them where `VLLM_SPARSE_FA_PACK_LISTS` packs them (then one call per chunk)."""
+    import sys
+    import types
+
+    from vllm_sparse.backend.batch import SparseChunk, tile_geometry
+    from vllm_sparse.backend.instrumented import attend_observed
+    from vllm_sparse.config.plan import HeadPlan
+    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+    from vllm_sparse.selection.budget import Budget
+
+    calls = []
+    module = types.ModuleType("vllm.vllm_flash_attn")
+    module.flash_attn_varlen_func = _flash_attn_varlen_twin(calls)
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", module)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**18)})  # 1 MiB reserved
+    b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=torch.float16, seed=29)
+    plans = [HeadPlan("pooled", get_estimator("pooled").params(), Budget(keep_ratio=0.3, sink_blocks=1,
+                                                                          local_blocks=1))] * 8
+    chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
+                               int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))
+                   for s in range(2))
+    ref = torch.full_like(b.q, float("nan"))
+    attend_observed(b.q, ref, b.kv, b.block_table, chunks, plans, 32, 32**-0.5, union_tile=union_tile,
+                    kernel="reference", union_heads=union_heads)
+    got = torch.full_like(b.q, float("nan"))
+    tiles = tile_geometry(list(chunks), 32, union_tile, torch.device("cpu"))
+    attend_observed(b.q, got, _flash_layout(b.kv), b.block_table, chunks, plans, 32, 32**-0.5, union_tile=union_tile,
+                    kernel="fa3", tiles=tiles, union_heads=union_heads)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.float(), ref.float(), atol=5e-3, rtol=5e-3)
+    lists = 2 if union_heads else 8
+    assert len(calls) == (2 if pack else 2 * lists)  # two chunks
+    assert {c[2] for c in calls} == {8 // lists} and {c[3] for c in calls} == {1}
 
 
 @pytest.mark.parametrize("union_tile", [None, 1])

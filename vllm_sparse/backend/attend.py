@@ -18,7 +18,7 @@ import torch
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
 from vllm_sparse.kernels.column_attention import column_attention, column_attention_ref, merge_attention
-from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, sparse_attention_flash
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, list_packing, sparse_attention_flash
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
@@ -94,15 +94,17 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     if kernel in FLASH_VERSIONS:
         max_pages = -(-ctx.seq_len // kv.page_size)  # no list is longer than the chunk's pages
         k_cache, v_cache = kv.key.transpose(1, 2), kv.value.transpose(1, 2)  # [pages, page_size, kv_heads, D]
-        tables, counts, used = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size, block_table[c.req],
-                                                  max_pages)
         descales = None
         if kv.quantized:
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
+        # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
+        packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache)
+        tables, counts, used, packed_qsl = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
+                                                              block_table[c.req], max_pages, packing)
         sparse_attention_flash(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,
-                               descales=descales, fa_version=FLASH_VERSIONS[kernel])
+                               descales=descales, fa_version=FLASH_VERSIONS[kernel], packed_qsl=packed_qsl)
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,

@@ -14,16 +14,77 @@ FlashAttention takes one block table for all heads of a sequence, so this runs o
 on a strided view of the list's q heads, K/V pages and output (no copies): a list per KV head
 (its q heads attend to their union), or a list per q head (each attends only to its own pages,
 so the work follows each head's kept blocks, not their union).
+
+A short chunk's call per list leaves the GPU idle (a 2K-token follow-up: 64 query tiles of a list's 4 q heads
+on 132 SMs) and costs the host a call each (8 a layer for Llama's KV heads). With `VLLM_SPARSE_FA_PACK_LISTS=1`,
+such a chunk takes one call for every list (`ListPacking`): each list's queries become sequences of their own
+(copied head-major into the reserved workspace, the output copied back), and each list reads its KV head
+through one view of the cache that makes every (page, KV head) a page of one head (`heads_as_pages`), so one
+block table row per (list, tile) addresses any head. Opt-in until timed on a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
+from vllm_sparse import envs
+from vllm_sparse.kernels.workspace import WORKSPACE
+
 FA3_BLOCK_M = 128  # FA3's query tile for head dims up to 128 (Hopper)
 FLASH_VERSIONS = {"fa2": 2, "fa3": 3}  # the kernels of `backend.kernel_choice` that run through this module
+PACK_LISTS = envs.flag("VLLM_SPARSE_FA_PACK_LISTS")
+_ALIGN = 256  # bytes: where the packed output starts in the workspace, after the packed queries
+
+
+@dataclass(frozen=True, eq=False)
+class ListPacking:
+    """One FlashAttention call for every page list of a chunk (module docstring): what the table kernel needs to
+    write the packed call's tables and query starts (`selection.tile_tables`)."""
+
+    page_ratio: int  # ids of the heads-as-pages view per physical page (`heads_as_pages`)
+    lists_per_kv_head: int  # 1: a list per KV head; the GQA group: a list per q head
+    query_start_loc: torch.Tensor  # [tiles + 1] int32: the chunk's tiles' query starts
+    q_tokens: int  # the chunk's query tokens
+
+
+def heads_as_pages(cache: torch.Tensor) -> torch.Tensor:
+    """A cache view [pages, page_size, kv_heads, D] (any strides, D contiguous) as [N, page_size, 1, D], whose page
+    p * ratio + h (ratio = the page stride over the head stride: `ListPacking.page_ratio`) is KV head h of
+    physical page p. The views' pages overlap; FlashAttention reads each through its stride. No copy."""
+    sp, st, sh, _ = cache.stride()
+    n = (cache.shape[0] - 1) * (sp // sh) + cache.shape[2]  # (the last page's last head ends in the storage)
+    return cache.as_strided((n, cache.shape[1], 1, cache.shape[3]), (sh, st, sh, 1), cache.storage_offset())
+
+
+def _query_bytes(q: torch.Tensor) -> int:
+    """Workspace bytes of a packed call's head-major queries, to where its output starts."""
+    return -(-q.numel() * q.element_size() // _ALIGN) * _ALIGN
+
+
+def packed_bytes(q: torch.Tensor, out: torch.Tensor) -> int:
+    """Workspace bytes of a packed call's head-major queries and output."""
+    return _query_bytes(q) + out.numel() * out.element_size()
+
+
+def list_packing(lists: int, pack: int, query_start_loc: torch.Tensor, max_query_len: int, q: torch.Tensor,
+                 out: torch.Tensor, k_cache: torch.Tensor) -> ListPacking | None:
+    """Whether a chunk's page lists take one call (`VLLM_SPARSE_FA_PACK_LISTS`), from host data: more than one list,
+    one list's call too small to fill the GPU (`fa3_query_tiles` under the SM count), the packed queries and output
+    within the reserved workspace, and the view's page ids within int32."""
+    if not PACK_LISTS or lists == 1:
+        return None
+    segments = query_start_loc.shape[0] - 1
+    if fa3_query_tiles(segments, max_query_len, pack) >= num_sms(q.device):
+        return None
+    sp, sh = k_cache.stride(0), k_cache.stride(2)
+    if sp % sh or k_cache.shape[0] * (sp // sh) >= 2**31:
+        return None
+    if WORKSPACE.reserved(q.device) < packed_bytes(q, out):
+        return None
+    return ListPacking(sp // sh, lists // k_cache.shape[2], query_start_loc, q.shape[0])
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,6 +153,7 @@ def sparse_attention_flash(
     num_splits: int | None = None,  # None: `default_num_splits` (benchmarks pass others)
     descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v scales (0-dim or [1])
     fa_version: int = 3,  # 2: FA2 (no split-KV choice, no fp8), for GPUs without FA3
+    packed_qsl: torch.Tensor | None = None,  # one call for every list: the tables' `ListPacking` query starts
 ) -> torch.Tensor:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -111,6 +173,9 @@ def sparse_attention_flash(
     # vLLM's FlashAttention backend gives it, expanded from the per-tensor scales (no copy).
     scale_args = {} if descales is None else dict(zip(
         ("q_descale", "k_descale", "v_descale"), (d.expand(query_start_loc.shape[0] - 1, 1) for d in descales)))
+    if packed_qsl is not None:
+        return _packed_call(q, k_cache, v_cache, tables, used, query_start_loc.shape[0] - 1, max_query_len, max_k,
+                            scale, out, pack, fa_version, num_splits, descales, packed_qsl)
     # Each list's views, taken by one split per tensor (a layer makes these calls for every list: Python per
     # slice adds up on the host, where a follow-up turn's sparse chunk spends its time).
     q_lists, out_lists = q.split(pack, dim=1), out.split(pack, dim=1)
@@ -121,4 +186,31 @@ def sparse_attention_flash(
                                max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc, max_seqlen_k=max_k,
                                seqused_k=seqused, softmax_scale=scale, causal=True, block_table=table,
                                out=out_lists[i], fa_version=fa_version, num_splits=splits, **scale_args)
+    return out
+
+
+def _packed_call(q, k_cache, v_cache, tables, used, segments: int, max_query_len: int, max_k: int, scale: float, out,
+                 pack: int, fa_version: int, num_splits: int | None, descales, packed_qsl) -> torch.Tensor:
+    """`sparse_attention_flash` in one call for every list (`ListPacking`): sequence (list, tile) is the tile's
+    queries of the list's q heads, copied head-major into the workspace, over the list's KV head's pages."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    tokens, lists, d, dv = q.shape[0], tables.shape[0], q.shape[-1], out.shape[-1]
+    q_bytes = _query_bytes(q)
+    room = WORKSPACE.tail(0, -(-packed_bytes(q, out) // 4), q.device).view(torch.uint8)
+    q_lists = room[:q.numel() * q.element_size()].view(q.dtype).view(lists, tokens, pack, d)
+    out_lists = room[q_bytes:].view(out.dtype).view(lists, tokens, pack, dv)
+    q_lists.copy_(q.view(tokens, lists, pack, d).transpose(0, 1))
+    sequences = lists * segments
+    splits = default_num_splits(fa_version, sequences, max_query_len, pack, q.device) if num_splits is None \
+        else num_splits
+    scale_args = {} if descales is None else dict(zip(
+        ("q_descale", "k_descale", "v_descale"), (x.expand(sequences, 1) for x in descales)))
+    flash_attn_varlen_func(q_lists.view(lists * tokens, pack, d), heads_as_pages(k_cache), heads_as_pages(v_cache),
+                           max_seqlen_q=max_query_len, cu_seqlens_q=packed_qsl, max_seqlen_k=max_k,
+                           seqused_k=used.view(sequences), softmax_scale=scale, causal=True,
+                           block_table=tables.view(sequences, tables.shape[-1]),
+                           out=out_lists.view(lists * tokens, pack, dv), fa_version=fa_version, num_splits=splits,
+                           **scale_args)
+    out.view(tokens, lists, pack, dv).copy_(out_lists.transpose(0, 1))
     return out

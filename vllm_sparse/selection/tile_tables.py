@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_sparse.kernels.flash_compact import compact_block_tables, used_tokens
+from vllm_sparse.kernels.flash_compact import ListPacking, compact_block_tables, used_tokens
 from vllm_sparse.kernels.launch import row_bucket, storage_base
 from vllm_sparse.selection.pages import block_mask_to_page_csr
 
@@ -63,10 +63,12 @@ def chunk_causal_pages(context_len: int, q_len: int, block_size: int, union_tile
 
 
 def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
-                    page_size: int, block_table_row: torch.Tensor, max_pages: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    page_size: int, block_table_row: torch.Tensor, max_pages: int, packing: ListPacking | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(tables [kv_heads, n_tiles, max_pages] int32 physical ids, 0 past the count; counts [kv_heads, n_tiles];
-    FA3's seqused_k of each table, `used_tokens`)."""
+    FA3's seqused_k of each table, `used_tokens`; None). With `packing` (`flash_compact.ListPacking`: one
+    FlashAttention call for every list), the tables hold the heads-as-pages view's ids and the fourth item is the
+    packed queries' start of each (list, tile) and their end, [lists * n_tiles + 1]."""
     union = tile_unions(mask, tile, num_kv_heads)  # [kv, n_tiles, nkb]
     n_tiles, nkb = union.shape[1:]
     num_pages = ((seq_lens + page_size - 1) // page_size).repeat_interleave(num_kv_heads)
@@ -74,17 +76,30 @@ def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: 
                                              block_size, page_size, num_pages)
     rows = torch.zeros(n_tiles, dtype=torch.int32, device=mask.device)
     tables, counts = compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
-    return tables, counts, used_tokens(counts, seq_lens, page_size)
+    if packing is None:
+        return tables, counts, used_tokens(counts, seq_lens, page_size), None
+    lists = torch.arange(num_kv_heads, device=mask.device)
+    live = torch.arange(max_pages, device=mask.device) < counts[..., None]
+    ids = tables * packing.page_ratio + (lists // packing.lists_per_kv_head)[:, None, None].to(torch.int32)
+    starts = packing.query_start_loc[:-1][None, :] + lists[:, None] * packing.q_tokens
+    ends = torch.tensor([num_kv_heads * packing.q_tokens], device=mask.device)
+    return (torch.where(live, ids, 0).to(torch.int32), counts, used_tokens(counts, seq_lens, page_size),
+            torch.cat([starts.flatten(), ends]).to(torch.int32))
 
 
 @triton.jit(do_not_specialize=["m_offset", "stride_mh", "stride_mr", "s_offset", "bt_offset", "rows", "n_kv_blocks",
-                               "n_tiles", "tile", "max_pages"])
+                               "n_tiles", "tile", "max_pages", "q_offset", "packed", "page_ratio", "lists_per_kv_head",
+                               "q_tokens"])
 def _tile_tables_kernel(
     MASK, m_offset, stride_mh, stride_mr,  # uint8 [q_heads, rows, kv_blocks] at MASK + m_offset, rows contiguous
     SEQ_LENS, s_offset,  # [n_tiles] int32 at SEQ_LENS + s_offset
     BT, bt_offset,  # int32: the request's block table row starts at BT + bt_offset
     TABLES, COUNTS, USED,  # [kv_heads, n_tiles, max_pages], [kv_heads, n_tiles] pages and tokens
     rows, n_kv_blocks, n_tiles, tile, max_pages,
+    # packed != 0: one FlashAttention call for every list (`flash_compact.ListPacking`): page ids of the
+    # heads-as-pages view (physical id * page_ratio + the list's KV head) and PACKED_QSL [lists * n_tiles + 1], the
+    # packed queries' start of each (list, tile), from the tiles' QSL (at QSL + q_offset) and the chunk's q_tokens.
+    QSL, q_offset, PACKED_QSL, packed, page_ratio, lists_per_kv_head, q_tokens,
     GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     kv = tl.program_id(0)
@@ -109,7 +124,10 @@ def _tile_tables_kernel(
     for j in tl.static_range(PER_BLOCK):
         page = kb * PER_BLOCK + j
         live = (union > 0) & (page < num_pages)
-        tl.store(out + slot * PER_BLOCK + j, tl.load(BT + page, mask=live, other=0), mask=live)
+        phys = tl.load(BT + page, mask=live, other=0)
+        if packed:
+            phys = phys * page_ratio + kv // lists_per_kv_head
+        tl.store(out + slot * PER_BLOCK + j, phys, mask=live)
     pages_of_block = tl.minimum(tl.maximum(num_pages - kb * PER_BLOCK, 0), PER_BLOCK)
     count = tl.sum(union * pages_of_block, axis=0)
     tl.store(COUNTS + kv * n_tiles + t, count)
@@ -118,11 +136,16 @@ def _tile_tables_kernel(
     for p0 in range(0, max_pages, BLOCK_N):  # past the count: zeros (no separate launch to clear the table)
         p = p0 + kb
         tl.store(out + p, tl.zeros([BLOCK_N], dtype=tl.int32), mask=(p >= count) & (p < max_pages))
+    if packed:
+        tl.store(PACKED_QSL + kv * n_tiles + t, kv * q_tokens + tl.load(QSL + q_offset + t))
+        if (kv == tl.num_programs(0) - 1) & (t == n_tiles - 1):
+            tl.store(PACKED_QSL + tl.num_programs(0) * n_tiles, tl.num_programs(0) * q_tokens)
 
 
 def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: torch.Tensor, block_size: int,
-                       page_size: int, block_table_row: torch.Tensor, max_pages: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       page_size: int, block_table_row: torch.Tensor, max_pages: int,
+                       packing: ListPacking | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Same contract as `tile_tables_ref`, one launch."""
     heads, rows, nkb = mask.shape
     if block_size % page_size:
@@ -133,17 +156,23 @@ def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_len
     tables = torch.empty(num_kv_heads, n_tiles, max_pages, dtype=torch.int32, device=mask.device)
     counts = torch.empty(num_kv_heads, n_tiles, dtype=torch.int32, device=mask.device)
     used = torch.empty_like(counts)
+    packed_qsl = None if packing is None else torch.empty(num_kv_heads * n_tiles + 1, dtype=torch.int32,
+                                                          device=mask.device)
     if n_tiles == 0:
-        return tables, counts, used
+        return tables, counts, used, packed_qsl
     block_n = row_bucket(nkb, mask.device)
     # Inputs that may be slices go as their allocation's base and an offset (`kernels/launch.py`).
     m, m_offset = storage_base(mask.view(torch.uint8))
     sl, s_offset = storage_base(seq_lens)
     bt, bt_offset = storage_base(block_table_row)
+    qsl, q_offset = (sl, 0) if packing is None else storage_base(packing.query_start_loc)
     _tile_tables_kernel[(num_kv_heads, n_tiles)](
         m, m_offset, mask.stride(0), mask.stride(1), sl, s_offset, bt, bt_offset, tables, counts, used,
         rows, nkb, n_tiles, tile, max_pages,
+        qsl, q_offset, used if packed_qsl is None else packed_qsl, int(packing is not None),
+        packing.page_ratio if packing else 1, packing.lists_per_kv_head if packing else 1,
+        packing.q_tokens if packing else 0,
         GROUP=heads // num_kv_heads, PER_BLOCK=block_size // page_size, PAGE=page_size, BLOCK_N=block_n,
         num_warps=max(1, min(8, block_n // 256)),
     )
-    return tables, counts, used
+    return tables, counts, used, packed_qsl
