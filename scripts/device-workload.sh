@@ -52,6 +52,11 @@
 #          the turns compared at equal probe times (host_matched.py). 2026-12-04: two dense processes differed by
 #          0.74x, the probe alone by 2x on one idle CPU; at equal probe times SPARSE 0.96-0.99x (+8), 0.99-1.04x
 #          (+256). On a machine with more than one NUMA node and numactl, the engines again bound to node 0
+#   hostpath one sparse chunk-layer's host work and GPU time on the real kernels, a call per page list and one call
+#          for all (VLLM_SPARSE_FA_PACK_LISTS), dense FA3 over the same chunk beside (benchmarks/host_path.py --device
+#          cuda: 128K + 2048 and + 8192, 32K + 8192, 48K + 16K), then the packed call's GPU tests
+#   wlpack the follow-up classes 32K and 128K + 2048 and + 8192, CUDA graphs, dense and PLANS' first plan, with
+#          VLLM_SPARSE_FA_PACK_LISTS=1, then =0, in one call (two runs of two engines)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
@@ -179,6 +184,22 @@ temps() {
       --out "$OUT/temporaries_$ctx.json" 2>&1 | tail -3
   done
 }
+hostpath() {
+  timeout $(( $(left) / 2 )) python3 benchmarks/host_path.py --device cuda --pack-lists both --repeats 10 \
+    --out "$OUT/host_path_cuda.json" 2>&1 | tee "$OUT/host_path_cuda.log" | tail -12
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_sparse_kernel.py -k packed 2>&1 \
+    | tee "$OUT/packed_tests.log" | tail -4
+}
+wlpack() {
+  local flag
+  for flag in 1 0; do
+    VLLM_SPARSE_FA_PACK_LISTS=$flag timeout $(( $(left) / (flag + 1) - 5 )) python3 benchmarks/workload.py --graphs \
+      --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 32768,131072 --follow 2048,8192 \
+      --follow-repeats 4 --beside 0 --concurrent 0 --timeout $(( $(left) / (flag + 1) - 15 )) \
+      --out "$OUT/workload_pack$flag.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' \
+      | grep -v "Capturing CUDA" | tee "$OUT/workload_pack$flag.log" | grep -v '^\[.*\] {"class": "follow' | tail -14
+  done
+}
 hostgap() {
   local pass nodes runs=()
   nodes=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)
@@ -201,4 +222,4 @@ hostgap() {
   python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
-run_steps "hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:420" "$@"
+run_steps "hostpath:150 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:420" "$@"
