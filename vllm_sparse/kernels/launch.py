@@ -36,9 +36,13 @@ def row_buckets(max_n: int) -> list[int]:
 
 
 def storage_base(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(a 1-D tensor over t's whole allocation, t's element offset in it): an aligned pointer for Triton."""
-    base = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
-    return base, t.storage_offset()
+    """(a tensor whose pointer is t's allocation's, t's element offset in it): an aligned pointer for Triton. A
+    tensor at offset 0 is its own base (Triton reads only the pointer and dtype), so a fresh allocation costs no
+    op (a sparse chunk-layer passes six such tensors)."""
+    offset = t.storage_offset()
+    if offset == 0:
+        return t, 0
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage()), offset
 
 
 # Shared memory a block may opt into, by compute capability (CUDA C++ Programming Guide, technical specifications per
