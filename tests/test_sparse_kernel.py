@@ -266,6 +266,8 @@ def _flash_attn_varlen_twin(calls):
         assert q.shape[1] % k.shape[2] == 0
         if fa_version == 2:
             assert num_splits <= 1 and q_descale is None and k_descale is None and v_descale is None
+        for descale in (q_descale, k_descale, v_descale):  # FA3: one per (sequence, KV head), as vLLM passes them
+            assert descale is None or descale.shape == (cu_seqlens_q.shape[0] - 1, k.shape[2])
         calls.append((fa_version, num_splits, q.shape[1], k.shape[2]))
         page, group = k.shape[1], q.shape[1] // k.shape[2]
         for b in range(cu_seqlens_q.shape[0] - 1):
@@ -345,14 +347,17 @@ def _packed_inputs(b, lists, tables, counts, k_cache, device):
     return packed, packed_qsl, room
 
 
+@pytest.mark.parametrize("layout", ["vllm-0.26", "split"])
 @pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
 @pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", [c for c in CASES if c[5] % 16 == 0])
-def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, version):
+def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, version, layout):
     """CPU twin of `sparse_attention_flash` with every list in one call (`ListPacking`): the queries copied
     head-major, the cache seen through `heads_as_pages` (each (page, KV head) a page of one head), a sequence per
-    (list, segment): FlashAttention as its API says (the stand-in above) gives the reference's output, in one call
-    of a list's q heads over one KV head, and the poisoned output rows are all written."""
+    (list, segment): FlashAttention as its API says (the stand-in above, which also checks FA3's descale shapes)
+    gives the reference's output, in one call of a list's q heads over one KV head, for vLLM 0.26's K|V-packed
+    cache and the older split one (values at an offset), queries that are a view of the qkv projection and an
+    output that is a slice of the batch's; the poisoned output rows are all written."""
     import sys
     import types
 
@@ -369,8 +374,12 @@ def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, ver
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=25)
     lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=26)
     indptr, idx = _csr(lists, "cpu")
-    packed_kv = _flash_layout(PagedKV(b.kv.key, b.kv.value))
-    k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)
+    if layout == "split":  # [2, pages, page, kv heads, D]
+        both = torch.stack([b.kv.key.transpose(1, 2), b.kv.value.transpose(1, 2)])
+        k_cache, v_cache = both[0], both[1]
+    else:
+        packed_kv = _flash_layout(PagedKV(b.kv.key, b.kv.value))
+        k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)
     rows = torch.arange(len(seq_lens), dtype=torch.int32)
     tables, counts = flash_compact.compact_block_tables(b.block_table, rows, indptr, idx, n_lists,
                                                         b.block_table.shape[1])
@@ -378,19 +387,27 @@ def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, ver
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): room})
     seq_lens_t = b.seq_lens.to(torch.int32)
     used, qsl = flash_compact.used_tokens(counts, seq_lens_t, page), b.query_start_loc.to(torch.int32)
-    out = torch.full_like(b.q, float("nan"))
-    flash_compact.sparse_attention_flash(b.q, k_cache, v_cache, tables, used, qsl, seq_lens_t, max(q_lens), d**-0.5,
-                                         out, fa_version=version, packed_qsl=packed_qsl)
+    tokens = b.q.shape[0]
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d)
+    q = qkv[:, :hq * d].view(tokens, hq, d)  # (vLLM's queries: a view of the projection)
+    q.copy_(b.q)
+    batch_out = torch.full((tokens + 3, hq, d), float("nan"))
+    out = batch_out[3:]
+    one = torch.ones(())  # (FA3 reads fp8 with descales: the stand-in checks their shapes and ignores them)
+    flash_compact.sparse_attention_flash(q, k_cache, v_cache, tables, used, qsl, seq_lens_t, max(q_lens), d**-0.5,
+                                         out, fa_version=version, packed_qsl=packed_qsl,
+                                         descales=(one, one, one) if version == 3 else None)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr, idx.long(),
                                      d**-0.5, lists_per_q_head=per_q_head)
-    assert not out.isnan().any()
+    assert not out.isnan().any() and batch_out[:3].isnan().all()
     torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-4, rtol=1e-4)
     assert len(calls) == 1 and calls[0][2] == hq // n_lists and calls[0][3] == 1
 
 
 def test_lists_pack_only_where_a_list_call_leaves_the_gpu_idle_and_the_workspace_holds_them(monkeypatch):
     """The host rule for one call over every list (`list_packing`): on with the setting, more than one list, a list's
-    call under the SM count in query tiles, the head-major copies within the reserved workspace."""
+    call under the SM count in query tiles, the head-major copies within the reserved workspace, keys and values
+    of one layout whose page stride is whole head strides, page ids within int32, pages of at most 32 tokens."""
     from vllm_sparse.kernels import flash_compact
     from vllm_sparse.kernels.workspace import WORKSPACE
 
@@ -399,23 +416,36 @@ def test_lists_pack_only_where_a_list_call_leaves_the_gpu_idle_and_the_workspace
     q = torch.empty(2048, 32, 128, dtype=torch.bfloat16)  # a 2K-token follow-up, Llama's heads
     # vLLM 0.26's cache: [pages, kv heads, page, 2 x head dim], stored [pages, page, kv heads, 2 x head dim]
     cache = torch.empty(100, 16, 8, 256, dtype=torch.bfloat16).permute(0, 2, 1, 3)
-    k_cache = cache[..., :128].transpose(1, 2)  # [pages, page, kv, D], as the backend hands it over
+    kv = cache[..., :128].transpose(1, 2), cache[..., 128:].transpose(1, 2)  # [pages, page, kv, D], as handed over
     bounds = torch.arange(0, 2049, 128, dtype=torch.int32)  # 16 tiles of one 128-token block
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**25)})  # 128 MiB
-    packing = flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache)
-    assert packing is not None and packing.page_ratio == 16 * 8 and packing.lists_per_kv_head == 1  # page x heads
-    assert packing.q_tokens == 2048 and packing.query_start_loc is bounds
-    assert flash_compact.list_packing(32, 1, bounds, 128, q, q, k_cache).lists_per_kv_head == 4  # a list per q head
-    assert flash_compact.list_packing(1, 32, bounds, 128, q, q, k_cache) is None  # (one list: one call already)
+
+    def packing(lists=8, pack=4, qsl=bounds, queries=q, caches=kv):
+        return flash_compact.list_packing(lists, pack, qsl, 128, queries, q, *caches)
+
+    got = packing()
+    assert got is not None and got.page_ratio == 16 * 8 and got.lists_per_kv_head == 1  # page x heads
+    assert got.q_tokens == 2048 and got.query_start_loc is bounds
+    assert packing(32, 1).lists_per_kv_head == 4  # a list per q head
+    older = torch.empty(2, 100, 16, 8, 128, dtype=torch.bfloat16)  # vLLM's older layout: [2, pages, page, kv, D]
+    assert packing(caches=(older[0], older[1])).page_ratio == 16 * 8
+    assert packing(1, 32) is None  # (one list: one call already)
     long_bounds = torch.arange(0, 16385, 128, dtype=torch.int32)  # 16K tokens: 512 tiles a list fill the GPU
-    assert flash_compact.list_packing(8, 4, long_bounds, 128, torch.empty(16384, 32, 128), q, k_cache) is None
+    assert packing(qsl=long_bounds, queries=torch.empty(16384, 32, 128)) is None
+    assert packing(caches=(kv[0], older[1])) is None  # keys and values of two layouts: one view cannot serve both
+    odd = torch.empty(100 * (16 * 8 * 256 + 8)).as_strided((100, 16, 8, 128), (16 * 8 * 256 + 8, 8 * 256, 256, 1))
+    assert packing(caches=(odd, odd)) is None  # (a page stride of 8 elements more: no whole number of heads)
+    huge = torch.empty(2**24, 16, 8, 256, device="meta").transpose(1, 2)[..., :128].transpose(1, 2)  # 2^31 ids
+    assert packing(caches=(huge, huge)) is None
+    pages128 = torch.empty(13, 128, 8, 128, dtype=torch.bfloat16)  # FA3 may read pages of 128 tokens by TMA
+    assert packing(caches=(pages128, pages128)) is None
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**22)})  # 16 MiB: too small
-    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache) is None
+    assert packing() is None
     monkeypatch.setattr(WORKSPACE, "_buffers", {})  # no reservation: never allocates for it
-    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache) is None
+    assert packing() is None
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**25)})
     monkeypatch.setattr(flash_compact, "PACK_LISTS", False)
-    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, k_cache) is None
+    assert packing() is None
 
 
 @pytest.mark.gpu
@@ -539,10 +569,13 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
 @pytest.mark.parametrize("pack", [False, True], ids=["call-per-list", "packed"])
 @pytest.mark.parametrize("union_heads", [True, False])
 @pytest.mark.parametrize("union_tile", [None, 1])
-def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monkeypatch, union_tile, union_heads, pack):
+@pytest.mark.parametrize("estimator", ["pooled", "antidiagonal-int8"])
+def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monkeypatch, union_tile, union_heads, pack,
+                                                                           estimator):
     """CPU twin of the backend's FA3 path (`attend_chunk_with_kernel`: tables from `_tile_tables_kernel` in Triton's
     interpreter, FlashAttention as its API says): the reference path's output, with a call per page list, or one
-    call for all of them where `VLLM_SPARSE_FA_PACK_LISTS` packs them (then one call per chunk)."""
+    call for all of them where `VLLM_SPARSE_FA_PACK_LISTS` packs them (then one call per chunk). The int8
+    antidiagonal estimator keeps its rows and key columns in the workspace the packed call then takes over."""
     import sys
     import types
 
@@ -562,7 +595,8 @@ def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monk
     monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**18)})  # 1 MiB reserved
     b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=torch.float16, seed=29)
-    plans = [HeadPlan("pooled", get_estimator("pooled").params(), Budget(keep_ratio=0.3, sink_blocks=1,
+    name, params = ("pooled", {}) if estimator == "pooled" else ("antidiagonal", {"stride": 8, "bits": 8})
+    plans = [HeadPlan(name, get_estimator(name).params(**params), Budget(keep_ratio=0.3, sink_blocks=1,
                                                                           local_blocks=1))] * 8
     chunks = tuple(SparseChunk(s, int(b.query_start_loc[s]), int(b.query_start_loc[s + 1]),
                                int(b.seq_lens[s]) - int(b.query_start_loc[s + 1] - b.query_start_loc[s]))

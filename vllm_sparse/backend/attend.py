@@ -100,7 +100,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
-        packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache)
+        packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache, v_cache)
         tables, counts, used, packed_qsl = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
                                                               block_table[c.req], max_pages, packing)
         sparse_attention_flash(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,

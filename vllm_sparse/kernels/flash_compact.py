@@ -37,6 +37,7 @@ FA3_BLOCK_M = 128  # FA3's query tile for head dims up to 128 (Hopper)
 FLASH_VERSIONS = {"fa2": 2, "fa3": 3}  # the kernels of `backend.kernel_choice` that run through this module
 PACK_LISTS = envs.flag("VLLM_SPARSE_FA_PACK_LISTS")
 _ALIGN = 256  # bytes: where the packed output starts in the workspace, after the packed queries
+MAX_PACKED_PAGE = 32  # tokens: the page sizes the packed call was checked with (vLLM's default is 16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,17 +71,20 @@ def packed_bytes(q: torch.Tensor, out: torch.Tensor) -> int:
 
 
 def list_packing(lists: int, pack: int, query_start_loc: torch.Tensor, max_query_len: int, q: torch.Tensor,
-                 out: torch.Tensor, k_cache: torch.Tensor) -> ListPacking | None:
+                 out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> ListPacking | None:
     """Whether a chunk's page lists take one call (`VLLM_SPARSE_FA_PACK_LISTS`), from host data: more than one list,
     one list's call too small to fill the GPU (`fa3_query_tiles` under the SM count), the packed queries and output
-    within the reserved workspace, and the view's page ids within int32."""
+    within the reserved workspace, keys and values of one layout whose page stride is a whole number of head
+    strides, the view's page ids within int32, and pages under FA3's TMA tile (pages of 128 tokens or more may go
+    through FA3's TMA loads, which the overlapping view was never run through)."""
     if not PACK_LISTS or lists == 1:
         return None
     segments = query_start_loc.shape[0] - 1
     if fa3_query_tiles(segments, max_query_len, pack) >= num_sms(q.device):
         return None
     sp, sh = k_cache.stride(0), k_cache.stride(2)
-    if sp % sh or k_cache.shape[0] * (sp // sh) >= 2**31:
+    if k_cache.shape[1] > MAX_PACKED_PAGE or v_cache.stride() != k_cache.stride() or sp % sh \
+            or k_cache.shape[0] * (sp // sh) >= 2**31:
         return None
     if WORKSPACE.reserved(q.device) < packed_bytes(q, out):
         return None
@@ -167,15 +171,12 @@ def sparse_attention_flash(
     if tables.shape[0] * pack != q.shape[1]:
         raise ValueError(f"{tables.shape[0]} page lists for {q.shape[1]} q heads over {kv_heads} KV heads")
     max_k = tables.shape[-1] * page
-    splits = default_num_splits(fa_version, query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
-        if num_splits is None else num_splits
-    # fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as
-    # vLLM's FlashAttention backend gives it, expanded from the per-tensor scales (no copy).
-    scale_args = {} if descales is None else dict(zip(
-        ("q_descale", "k_descale", "v_descale"), (d.expand(query_start_loc.shape[0] - 1, 1) for d in descales)))
     if packed_qsl is not None:
         return _packed_call(q, k_cache, v_cache, tables, used, query_start_loc.shape[0] - 1, max_query_len, max_k,
                             scale, out, pack, fa_version, num_splits, descales, packed_qsl)
+    splits = default_num_splits(fa_version, query_start_loc.shape[0] - 1, max_query_len, pack, q.device) \
+        if num_splits is None else num_splits
+    scale_args = _descale_args(descales, query_start_loc.shape[0] - 1)
     # Each list's views, taken by one split per tensor (a layer makes these calls for every list: Python per
     # slice adds up on the host, where a follow-up turn's sparse chunk spends its time).
     q_lists, out_lists = q.split(pack, dim=1), out.split(pack, dim=1)
@@ -189,6 +190,13 @@ def sparse_attention_flash(
     return out
 
 
+def _descale_args(descales, sequences: int) -> dict:
+    """fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as vLLM's
+    FlashAttention backend gives it, expanded from the per-tensor scales (no copy)."""
+    return {} if descales is None else dict(zip(("q_descale", "k_descale", "v_descale"),
+                                                (x.expand(sequences, 1) for x in descales)))
+
+
 def _packed_call(q, k_cache, v_cache, tables, used, segments: int, max_query_len: int, max_k: int, scale: float, out,
                  pack: int, fa_version: int, num_splits: int | None, descales, packed_qsl) -> torch.Tensor:
     """`sparse_attention_flash` in one call for every list (`ListPacking`): sequence (list, tile) is the tile's
@@ -199,13 +207,12 @@ def _packed_call(q, k_cache, v_cache, tables, used, segments: int, max_query_len
     q_bytes = _query_bytes(q)
     room = WORKSPACE.tail(0, -(-packed_bytes(q, out) // 4), q.device).view(torch.uint8)
     q_lists = room[:q.numel() * q.element_size()].view(q.dtype).view(lists, tokens, pack, d)
-    out_lists = room[q_bytes:].view(out.dtype).view(lists, tokens, pack, dv)
+    out_lists = room[q_bytes:q_bytes + out.numel() * out.element_size()].view(out.dtype).view(lists, tokens, pack, dv)
     q_lists.copy_(q.view(tokens, lists, pack, d).transpose(0, 1))
     sequences = lists * segments
     splits = default_num_splits(fa_version, sequences, max_query_len, pack, q.device) if num_splits is None \
         else num_splits
-    scale_args = {} if descales is None else dict(zip(
-        ("q_descale", "k_descale", "v_descale"), (x.expand(sequences, 1) for x in descales)))
+    scale_args = _descale_args(descales, sequences)
     flash_attn_varlen_func(q_lists.view(lists * tokens, pack, d), heads_as_pages(k_cache), heads_as_pages(v_cache),
                            max_seqlen_q=max_query_len, cu_seqlens_q=packed_qsl, max_seqlen_k=max_k,
                            seqused_k=used.view(sequences), softmax_scale=scale, causal=True,

@@ -159,6 +159,8 @@ def tile_tables_triton(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_len
     packed_qsl = None if packing is None else torch.empty(num_kv_heads * n_tiles + 1, dtype=torch.int32,
                                                           device=mask.device)
     if n_tiles == 0:
+        if packed_qsl is not None:  # (only the end, as the reference gives it)
+            packed_qsl.fill_(num_kv_heads * packing.q_tokens)
         return tables, counts, used, packed_qsl
     block_n = row_bucket(nkb, mask.device)
     # Inputs that may be slices go as their allocation's base and an offset (`kernels/launch.py`).
