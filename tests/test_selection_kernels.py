@@ -104,11 +104,11 @@ TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", TILE_CASES)
-@pytest.mark.parametrize("tile", [1, 2, 3, None])
-def test_tile_tables_kernel_matches_reference(case, tile):
+def _tile_case(case, tile, seed: int):
+    """A chunk's kept-block mask (30% of each row's blocks, sink and diagonal kept) over a shuffled block table, and
+    its union tiles' bounds: (mask, block_table, max_pages, tile, bounds, seq_lens)."""
     kv, group, bs, page, ctx, q_len = case
-    g = torch.Generator().manual_seed(sum(case) * 10 + (tile or 0))
+    g = torch.Generator().manual_seed(seed)
     seq = ctx + q_len
     first, nkb = ctx // bs, (seq - 1) // bs + 1
     rows = nkb - first
@@ -117,8 +117,15 @@ def test_tile_tables_kernel_matches_reference(case, tile):
     mask = select_blocks(scores, Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1), first).to(DEVICE)
     max_pages = -(-seq // page)
     block_table = torch.randperm(max_pages + 7, generator=g).to(torch.int32).to(DEVICE)  # pages shuffled
-    n_tiles = -(-rows // tile)
-    bounds, seq_lens = tile_seq_lens(first, n_tiles, tile, bs, ctx, q_len, torch.device(DEVICE))
+    bounds, seq_lens = tile_seq_lens(first, -(-rows // tile), tile, bs, ctx, q_len, torch.device(DEVICE))
+    return mask, block_table, max_pages, tile, bounds, seq_lens
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+@pytest.mark.parametrize("tile", [1, 2, 3, None])
+def test_tile_tables_kernel_matches_reference(case, tile):
+    kv, group, bs, page, ctx, q_len = case
+    mask, block_table, max_pages, tile, bounds, seq_lens = _tile_case(case, tile, sum(case) * 10 + (tile or 0))
     assert int(bounds[-1]) == q_len
     want = tile_tables_ref(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
     got = tile_tables_triton(mask, kv, tile, seq_lens, bs, page, block_table, max_pages)
@@ -145,17 +152,7 @@ def test_tile_tables_kernel_writes_packed_tables_as_reference(case, tile, per_q_
     id in the heads-as-pages view (physical id * page ratio + the list's KV head; 0 past the count), and the packed
     queries' start of each (list, tile) and their end, list after list."""
     kv, group, bs, page, ctx, q_len = case
-    g = torch.Generator().manual_seed(sum(case) * 7 + (tile or 0))
-    seq = ctx + q_len
-    first, nkb = ctx // bs, (seq - 1) // bs + 1
-    rows = nkb - first
-    tile = tile or rows
-    scores = torch.randn(kv * group, rows, nkb, generator=g)
-    mask = select_blocks(scores, Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1), first).to(DEVICE)
-    max_pages = -(-seq // page)
-    block_table = torch.randperm(max_pages + 7, generator=g).to(torch.int32).to(DEVICE)
-    n_tiles = -(-rows // tile)
-    bounds, seq_lens = tile_seq_lens(first, n_tiles, tile, bs, ctx, q_len, torch.device(DEVICE))
+    mask, block_table, max_pages, tile, bounds, seq_lens = _tile_case(case, tile, sum(case) * 7 + (tile or 0))
     lists = kv * group if per_q_head else kv
     ratio = page * kv  # (vLLM 0.26's cache: a page's heads, each 2 x head_dim, over one head's stride)
     packing = ListPacking(ratio, lists // kv, bounds, q_len)

@@ -284,13 +284,8 @@ def _flash_attn_varlen_twin(calls):
     return varlen
 
 
-@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
-@pytest.mark.parametrize("per_q_head", [False, True])
-@pytest.mark.parametrize("case", [c for c in CASES if c[5] % 16 == 0])
-def test_flash_attention_call_over_compacted_tables_cpu_twin(monkeypatch, case, per_q_head, version):
-    """CPU twin of `sparse_attention_flash`: its calls, a page list at a time over strided views of the q heads,
-    K/V pages and output, give the reference's output when FlashAttention does what its API says (the stand-in
-    above, which also refuses arguments FA2 or FA3 would refuse); one call per list, FA2 with no split above 1."""
+def _flash_stand_in(monkeypatch) -> list:
+    """`vllm.vllm_flash_attn` as the torch stand-in above, on an H100's 132 SMs: -> the list its calls go to."""
     import sys
     import types
 
@@ -301,6 +296,19 @@ def test_flash_attention_call_over_compacted_tables_cpu_twin(monkeypatch, case, 
     module.flash_attn_varlen_func = _flash_attn_varlen_twin(calls)
     monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", module)
     monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    return calls
+
+
+@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
+@pytest.mark.parametrize("per_q_head", [False, True])
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] % 16 == 0])
+def test_flash_attention_call_over_compacted_tables_cpu_twin(monkeypatch, case, per_q_head, version):
+    """CPU twin of `sparse_attention_flash`: its calls, a page list at a time over strided views of the q heads,
+    K/V pages and output, give the reference's output when FlashAttention does what its API says (the stand-in
+    above, which also refuses arguments FA2 or FA3 would refuse); one call per list, FA2 with no split above 1."""
+    from vllm_sparse.kernels import flash_compact
+
+    calls = _flash_stand_in(monkeypatch)
     seq_lens, q_lens, hq, hkv, d, page = case
     n_lists = hq if per_q_head else hkv
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=15)
@@ -358,17 +366,10 @@ def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, ver
     gives the reference's output, in one call of a list's q heads over one KV head, for vLLM 0.26's K|V-packed
     cache and the older split one (values at an offset), queries that are a view of the qkv projection and an
     output that is a slice of the batch's; the poisoned output rows are all written."""
-    import sys
-    import types
-
     from vllm_sparse.kernels import flash_compact
     from vllm_sparse.kernels.workspace import WORKSPACE
 
-    calls = []
-    module = types.ModuleType("vllm.vllm_flash_attn")
-    module.flash_attn_varlen_func = _flash_attn_varlen_twin(calls)
-    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", module)
-    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    calls = _flash_stand_in(monkeypatch)
     seq_lens, q_lens, hq, hkv, d, page = case
     n_lists = hq if per_q_head else hkv
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=25)
@@ -450,47 +451,17 @@ def test_lists_pack_only_where_a_list_call_leaves_the_gpu_idle_and_the_workspace
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
-@pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
-@pytest.mark.parametrize("per_q_head", [False, True])
-@pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
-def test_packed_flash_attention_call_matches_reference(monkeypatch, case, per_q_head, version):
-    """The packed call on the GPU: FlashAttention reads the heads-as-pages view and head-major queries."""
-    from vllm_sparse.kernels import flash_compact
-    from vllm_sparse.kernels.workspace import WORKSPACE
-
-    if f"fa{version}" not in FLASH:
-        pytest.skip(f"vLLM's FlashAttention runs no FA{version} on this GPU")
-    seq_lens, q_lens, hq, hkv, d, page = case
-    n_lists = hq if per_q_head else hkv
-    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=27)
-    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=28)
-    indptr, idx = _csr(lists, DEVICE)
-    packed_kv = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
-    k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)
-    bt = b.block_table.to(DEVICE)
-    rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
-    tables, counts = flash_compact.compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
-    tables, packed_qsl, room = _packed_inputs(b, n_lists, tables, counts, k_cache, DEVICE)
-    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device(DEVICE, torch.cuda.current_device()): room})
-    seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
-    used, qsl = flash_compact.used_tokens(counts, seq_lens_dev, page), b.query_start_loc.to(DEVICE, torch.int32)
-    out = torch.full_like(b.q, float("nan")).to(DEVICE)
-    flash_compact.sparse_attention_flash(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev,
-                                         max(q_lens), d**-0.5, out, fa_version=version, packed_qsl=packed_qsl)
-    ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
-                                     idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
-    assert not out.isnan().any()
-    assert _rel_err(out.cpu(), ref) < 2e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
+@pytest.mark.parametrize("packed", [False, True], ids=["call-per-list", "packed"])
 @pytest.mark.parametrize("version", [3, 2], ids=["fa3", "fa2"])
 @pytest.mark.parametrize("splits", [0, 1], ids=["fa-splits", "one-split"])
 @pytest.mark.parametrize("per_q_head", [False, True])
 @pytest.mark.parametrize("case", [c for c in CASES if c[4] >= 32 and c[5] % 16 == 0])
-def test_flash_attention_over_compacted_tables_matches_reference(case, per_q_head, splits, version):
+def test_flash_attention_over_compacted_tables_matches_reference(monkeypatch, case, per_q_head, splits, version,
+                                                                 packed):
+    """FlashAttention over compacted tables, a call per list or (`packed`) one call for every list through the
+    heads-as-pages view of the cache and head-major queries in the workspace, against the torch reference."""
     from vllm_sparse.kernels.flash_compact import compact_block_tables, sparse_attention_flash, used_tokens
+    from vllm_sparse.kernels.workspace import WORKSPACE
 
     if f"fa{version}" not in FLASH:
         pytest.skip(f"vLLM's FlashAttention runs no FA{version} on this GPU")
@@ -500,16 +471,20 @@ def test_flash_attention_over_compacted_tables_matches_reference(case, per_q_hea
     b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=13)
     lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=14)
     indptr, idx = _csr(lists, DEVICE)
-    packed = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
-    k_cache, v_cache = packed.key.transpose(1, 2), packed.value.transpose(1, 2)  # [pages, page, heads, D]
+    packed_kv = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
+    k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)  # [pages, page, heads, D]
     bt = b.block_table.to(DEVICE)
     rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
     tables, counts = compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
+    packed_qsl = None
+    if packed:
+        tables, packed_qsl, room = _packed_inputs(b, n_lists, tables, counts, k_cache, DEVICE)
+        monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device(DEVICE, torch.cuda.current_device()): room})
     out = torch.full_like(b.q, float("nan")).to(DEVICE)
     seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
     used, qsl = used_tokens(counts, seq_lens_dev, page), b.query_start_loc.to(DEVICE, torch.int32)
     sparse_attention_flash(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev, max(q_lens), d**-0.5,
-                           out, num_splits=splits, fa_version=version)
+                           out, num_splits=splits, fa_version=version, packed_qsl=packed_qsl)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
                                      idx.cpu().long(), d**-0.5, lists_per_q_head=per_q_head)
     assert not out.isnan().any()
@@ -576,9 +551,6 @@ def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monk
     interpreter, FlashAttention as its API says): the reference path's output, with a call per page list, or one
     call for all of them where `VLLM_SPARSE_FA_PACK_LISTS` packs them (then one call per chunk). The int8
     antidiagonal estimator keeps its rows and key columns in the workspace the packed call then takes over."""
-    import sys
-    import types
-
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
@@ -587,11 +559,7 @@ def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monk
     from vllm_sparse.kernels.workspace import WORKSPACE
     from vllm_sparse.selection.budget import Budget
 
-    calls = []
-    module = types.ModuleType("vllm.vllm_flash_attn")
-    module.flash_attn_varlen_func = _flash_attn_varlen_twin(calls)
-    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", module)
-    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    calls = _flash_stand_in(monkeypatch)
     monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**18)})  # 1 MiB reserved
     b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=torch.float16, seed=29)
