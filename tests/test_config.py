@@ -430,6 +430,18 @@ def test_every_environment_variable_is_declared_in_envs():
         envs.get("VLLM_SPARSE_WORKSPACE_MB")
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False)])
+def test_a_flag_is_0_or_1_and_anything_else_an_error_naming_it(monkeypatch, value, on):
+    from vllm_sparse import envs
+
+    monkeypatch.setenv("VLLM_SPARSE_FA_PACK_LISTS", value)
+    assert envs.flag("VLLM_SPARSE_FA_PACK_LISTS") is on
+    for typo in ("true", "yes", "on", " 1"):
+        monkeypatch.setenv("VLLM_SPARSE_FA_PACK_LISTS", typo)
+        with pytest.raises(ValueError, match=f"VLLM_SPARSE_FA_PACK_LISTS={typo!r}: give 0 or 1"):
+            envs.flag("VLLM_SPARSE_FA_PACK_LISTS")
+
+
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     f = tmp_path / "twice.yaml"
     f.write_text("version: 1\nmodels:\n  - match: {architectures: [LlamaForCausalLM]}\n"

@@ -36,5 +36,8 @@ def get(name: str) -> str:
 
 
 def flag(name: str) -> bool:
-    """A 0/1 variable."""
-    return get(name) == "1"
+    """A 0/1 variable; anything else is an error naming it (a setting read as off would be ignored silently)."""
+    value = get(name)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: give 0 or 1")
+    return value == "1"
