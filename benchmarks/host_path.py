@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tests.cuda_path_on_cpu import on_cuda_path, record_into  # noqa: E402
 from tests.test_benchmark_configs import shape_of  # noqa: E402
-from vllm_sparse.backend import sparse_path  # noqa: E402
+from vllm_sparse.backend import attend, sparse_path  # noqa: E402
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry  # noqa: E402
 from vllm_sparse.backend.reserve import reserve_estimator_workspace  # noqa: E402
 from vllm_sparse.config.loader import load_config  # noqa: E402
@@ -159,8 +159,17 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
         mp.setenv(paths.DIR_ENV, metrics_dir)
         metrics = WorkerMetrics(where, shape.num_layers, 0)
         metrics.use_kernel = True  # (as on CUDA)
-        if where.type == "meta":  # (its reader thread would copy meta tensors to the host)
-            metrics._read_device = lambda: metrics._last_acc
+        # Its reader thread copies the counters to the host: meta tensors cannot be, and on CUDA its stream sync
+        # would show in the sync count of whatever step is running.
+        metrics._read_device = lambda: metrics._last_acc
+        packed = []  # per chunk-layer: whether its page lists took one FlashAttention call
+
+        def counted_packing(*args):
+            packing = flash_compact.list_packing(*args)
+            packed.append(packing is not None)
+            return packing
+
+        mp.setattr(attend, "list_packing", counted_packing)
         q, out, cache, block_table = serving_inputs(shape, d, context, q_len, max_model_len, where)
         kv = PagedKV.from_flash_cache(cache)
         chunks = (SparseChunk(0, 0, q_len, context),)
@@ -178,6 +187,7 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
 
         row = {"context": context, "new_tokens": q_len, "layers": len(layers), "pack_lists": pack_lists}
         step()  # (first call: lazy imports, caches; CUDA: compiles)
+        row["packed_share"] = sum(packed) / max(len(packed), 1)  # (FA paths only; 0 where none packed)
         if device.type == "cuda":
             row.update(cuda_times(step, len(layers), repeats, lambda: dense_step(q, out, cache, block_table, context,
                                                                                   len(layers))))
@@ -218,11 +228,25 @@ def dense_step(q, out, cache, block_table, context: int, layers: int):
     return step
 
 
+def gpu_sleep_cycles_per_ms() -> float:
+    """`torch.cuda._sleep`'s cycles per millisecond on this GPU (measured once)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
 def cuda_times(sparse, layers: int, repeats: int, make_dense) -> dict:
-    """Per chunk-layer: the host's time to queue a step and the step's GPU time (events), sparse and dense, medians
-    of `repeats`; and the host syncs a step made (CUDA's sync debug mode warns on each: none is expected)."""
+    """Per chunk-layer, sparse and dense, medians of `repeats`: the host's time to queue a step (nothing waits: a
+    host-bound step's GPU idles meanwhile), the host syncs a step made (CUDA's sync debug mode warns on each: none
+    is expected), and the step's GPU time with the whole step queued first (the GPU held by `torch.cuda._sleep`
+    for twice the host's time, so the events time the GPU's work, not the host's pace)."""
     dense = make_dense()
     dense()
+    cycles_per_ms = gpu_sleep_cycles_per_ms()
     out = {}
     for name, step in (("sparse", sparse), ("dense", dense)):
         host, gpu = [], []
@@ -230,19 +254,31 @@ def cuda_times(sparse, layers: int, repeats: int, make_dense) -> dict:
             warnings.simplefilter("always")
             for _ in range(repeats):
                 torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.set_sync_debug_mode("warn")
-                t0 = time.perf_counter()
-                start.record()
-                step()
-                end.record()
-                host.append((time.perf_counter() - t0) / layers)
-                torch.cuda.set_sync_debug_mode("default")
-                end.synchronize()
-                gpu.append(start.elapsed_time(end) / 1e3 / layers)
+                try:
+                    t0 = time.perf_counter()
+                    step()
+                    host.append((time.perf_counter() - t0) / layers)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        sync_count = sum("synchroniz" in str(w.message) for w in syncs)
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(int(2 * max(host) * layers * 1e3 * cycles_per_ms) + 1)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end) / 1e3 / layers)
         out[name] = {"host_us": statistics.median(host) * 1e6, "gpu_us": statistics.median(gpu) * 1e6,
-                     "syncs_per_step": sum("synchroniz" in str(w.message) for w in syncs) / repeats}
+                     "syncs_per_step": sync_count / repeats}
     return out
+
+
+def packing(row: dict) -> str:
+    """The row's setting and the share of its chunk-layers that packed: "on 1.00", "off 0.00"."""
+    return f"{'on' if row['pack_lists'] else 'off'} {row['packed_share']:.2f}"
 
 
 def main() -> None:
@@ -274,19 +310,19 @@ def main() -> None:
     print(f"plan {args.plan} on {shape.name}, kernel {args.kernel}, {where}, torch {torch.__version__}; "
           f"per chunk-layer:")
     if device.type == "cuda":
-        print(f"{'chunk':>16} | {'packed':>6} | {'sparse host us':>14} | {'sparse GPU us':>13} | "
+        print(f"{'chunk':>16} | {'packing':>8} | {'sparse host us':>14} | {'sparse GPU us':>13} | "
               f"{'dense host us':>13} | {'dense GPU us':>12} | syncs a step (sparse / dense)")
         for r in rows:
             sp, dn = r["sparse"], r["dense"]
-            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {str(r['pack_lists']):>6} | {sp['host_us']:>14.0f} | "
+            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {packing(r):>8} | {sp['host_us']:>14.0f} | "
                   f"{sp['gpu_us']:>13.0f} | {dn['host_us']:>13.0f} | {dn['gpu_us']:>12.0f} | "
                   f"{sp['syncs_per_step']:.1f} / {dn['syncs_per_step']:.1f}")
     else:
-        print(f"{'chunk':>16} | {'packed':>6} | {'host us (median / min)':>22} | {'Triton':>6} | {'FA':>4} | "
+        print(f"{'chunk':>16} | {'packing':>8} | {'host us (median / min)':>22} | {'Triton':>6} | {'FA':>4} | "
               f"{'torch ops':>9}")
         for r in rows:
             us = r["host_us"]
-            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {str(r['pack_lists']):>6} | {us['median']:>10.0f} / "
+            print(f"{r['context']:>9} + {r['new_tokens']:<5}| {packing(r):>8} | {us['median']:>10.0f} / "
                   f"{us['min']:<9.0f} | {r['triton_launches']:>6.1f} | {r['flash_calls']:>4.1f} | "
                   f"{r['torch_ops']:>9.1f}")
     Path(args.out).write_text(json.dumps({"plan": args.plan, "shape": shape.name, "kernel": args.kernel,

@@ -185,20 +185,24 @@ temps() {
   done
 }
 hostpath() {
+  local rc=0
   timeout $(( $(left) / 2 )) python3 benchmarks/host_path.py --device cuda --pack-lists both --repeats 10 \
-    --out "$OUT/host_path_cuda.json" 2>&1 | tee "$OUT/host_path_cuda.log" | tail -12
+    --out "$OUT/host_path_cuda.json" 2>&1 | tee "$OUT/host_path_cuda.log" | tail -12 || rc=$?
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_sparse_kernel.py -k packed 2>&1 \
-    | tee "$OUT/packed_tests.log" | tail -4
+    | tee "$OUT/packed_tests.log" | tail -4 || rc=$?
+  return $rc
 }
-wlpack() {
-  local flag
+wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARSE's times across runs)
+  local flag rc=0
   for flag in 1 0; do
     VLLM_SPARSE_FA_PACK_LISTS=$flag timeout $(( $(left) / (flag + 1) - 5 )) python3 benchmarks/workload.py --graphs \
       --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 32768,131072 --follow 2048,8192 \
-      --follow-repeats 4 --beside 0 --concurrent 0 --timeout $(( $(left) / (flag + 1) - 15 )) \
+      --follow-repeats 4 --beside 0 --concurrent 0 --reserve 75 --timeout $(( $(left) / (flag + 1) - 15 )) \
       --out "$OUT/workload_pack$flag.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' \
-      | grep -v "Capturing CUDA" | tee "$OUT/workload_pack$flag.log" | grep -v '^\[.*\] {"class": "follow' | tail -14
+      | grep -v "Capturing CUDA" | tee "$OUT/workload_pack$flag.log" | grep -v '^\[.*\] {"class": "follow' | tail -14 \
+      || rc=$?
   done
+  return $rc
 }
 hostgap() {
   local pass nodes runs=()
