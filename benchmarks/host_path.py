@@ -12,13 +12,16 @@ Triton launches, FlashAttention calls and torch operations (aten calls, from a s
 JSON. `--pack-lists` compares one FlashAttention call for every page list (`VLLM_SPARSE_FA_PACK_LISTS`).
 
 What it leaves out: the GPU driver's part of each launch, Triton's dispatch after the binder (its kernel cache
-lookup and launcher), CUDA's caching allocator. So its microseconds are not the GPU machine's; its counts are, and
-two trees or settings compared on one CPU show what a change saves. `--device cuda` runs the real kernels on a GPU
-instead and times the host's queueing and the GPU per chunk-layer, sparse and dense FA3 over the same chunk.
+lookup and launcher), CUDA's caching allocator. And the meta device runs some ops through torch's Python reference
+implementations (elementwise arithmetic, `empty_like`: tens of microseconds each, a few on CUDA), so plans heavy in
+torch arithmetic (pooled keys, MInference's lines) look slower here than they are. So its microseconds are not the
+GPU machine's; its counts are, and two trees or settings compared on one CPU show what a change saves.
+`--device cuda` runs the real kernels on a GPU instead and times the host's queueing and the GPU per chunk-layer,
+sparse and dense FA3 over the same chunk.
 
     python benchmarks/host_path.py [--plan benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml]
         [--kernel fa3] [--cases 131072+2048,131072+8192,32768+8192,49152+16384] [--repeats 20]
-        [--pack-lists 0|1|both] [--device cpu|cuda] [--out host_path.json]
+        [--pack-lists 0|1|both] [--device cpu|cuda] [--out host_path.json]    # (--plan configs/llama-3.yaml: shipped)
 """
 
 from __future__ import annotations
@@ -111,6 +114,15 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
+
+
+SHIPPED_SHAPES = {"llama-3.yaml": "llama-3.1-8b", "gemma-3.yaml": "gemma-3"}  # configs/: the shape each is for
+
+
+def plan_shape(path: Path):
+    """(the model shape a shipped or benchmark plan is written for, its head dim: Gemma 3's 256, the others' 128)."""
+    name = SHIPPED_SHAPES.get(path.name, path.name)
+    return shape_of(name)[0], 256 if name.startswith("gemma") else 128
 
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
@@ -288,7 +300,6 @@ def main() -> None:
     ap.add_argument("--cases", default=DEFAULT_CASES, help="cached context + new tokens, comma-separated")
     ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (the workspace's chunk)")
     ap.add_argument("--max-model-len", type=int, default=131072 + 8192 + 256, help="(workload.py's engines')")
-    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--pack-lists", default="0", choices=["0", "1", "both"],
                     help="VLLM_SPARSE_FA_PACK_LISTS: one FlashAttention call for every page list of a short chunk")
@@ -298,13 +309,13 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     plan_path = REPO / args.plan
-    shape = shape_of(plan_path.name)[0]
+    shape, head_dim = plan_shape(plan_path)
     plan = resolve_plan(load_config(plan_path), shape, str(plan_path), explicit=True)
     rows = []
     with tempfile.TemporaryDirectory() as metrics_dir:
         for context, q_len in parse_cases(args.cases):
             for pack in {"0": [False], "1": [True], "both": [False, True]}[args.pack_lists]:
-                rows.append(measure(plan, shape, args.head_dim, args.kernel, context, q_len, args.max_model_len,
+                rows.append(measure(plan, shape, head_dim, args.kernel, context, q_len, args.max_model_len,
                                     args.chunk, args.repeats, metrics_dir, device, pack))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, kernels recorded"
     print(f"plan {args.plan} on {shape.name}, kernel {args.kernel}, {where}, torch {torch.__version__}; "
