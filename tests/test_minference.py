@@ -223,6 +223,27 @@ def test_heads_with_their_own_sizes_score_in_one_call_as_each_alone(kernels):
         assert torch.equal(mask[h], select_blocks(est.score(alone, plan.params), budget, chunk.first_query_block)[0]), h
 
 
+@pytest.mark.parametrize("always", [0, 5])
+def test_per_head_line_counts_keep_each_heads_own_top_lines_from_one_top_k(always):
+    """`_keep_lines` and `_kept_columns` with a size per head (one top-k at the largest size, each head's prefix)
+    keep exactly each head's own top-k lines, the first `always` among them, as a top-k per size did."""
+    from vllm_sparse.estimators.base import COLUMN_PAD
+    from vllm_sparse.estimators.vertical_slash import _keep_lines, _kept_columns
+
+    g = torch.Generator().manual_seed(31 + always)
+    x = torch.rand(6, 500, generator=g)
+    sizes = [40, 7, 40, 120, 7, 600]  # (600: past the row, all 500 kept)
+    keep, columns = _keep_lines(x, sizes, always), _kept_columns(x, sizes, always)
+    assert columns.shape == (6, 500) and columns.dtype == torch.int32
+    for h, k in enumerate(sizes):
+        rank = x[h].clone()
+        rank[:always] = float("inf")
+        want = rank.topk(min(k, 500)).indices.sort().values
+        assert torch.equal(keep[h].nonzero().flatten(), want), h
+        assert torch.equal(columns[h, :len(want)].long(), want), h
+        assert (columns[h, len(want):] == COLUMN_PAD).all(), h
+
+
 def _family_shapes():
     import json
     from pathlib import Path

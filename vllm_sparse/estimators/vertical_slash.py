@@ -14,6 +14,7 @@ kept columns go to the attention as token positions (`chunk.extras["columns"]`),
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -71,28 +72,36 @@ def line_masses_ref(chunk: ChunkContext, n: int) -> tuple[torch.Tensor, torch.Te
     return probs.sum(1), slash
 
 
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    """[n] 0..n-1 on `device`, made once per length (each layer asks for its largest line count)."""
+    return torch.arange(n, device=device)
+
+
+def _top_lines(x: torch.Tensor, sizes: list[int], always: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's top-k positions for the largest k, by descending rank [h, k_max]; which of them each head keeps,
+    its own k first [h, k_max] bool): one top-k for every size. A head's prefix is a top-k of its own size: the
+    same lines a top-k at that size keeps, but where lines tie at its boundary."""
+    k_max = min(max(sizes), x.shape[-1])
+    top = _ranked(x, always).topk(k_max, dim=-1).indices
+    own = constant_on(tuple(min(k, x.shape[-1]) for k in sizes), x.device)
+    return top, _positions(k_max, x.device)[None, :] < own[:, None]
+
+
 def _kept_columns(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tensor:
     """Each head's kept lines as positions: [h, max size] int32, sorted, padded with COLUMN_PAD (the same
     choice as `_keep_lines`)."""
-    width = min(max(sizes), x.shape[-1])
-    out = torch.full((x.shape[0], width), COLUMN_PAD, dtype=torch.int32, device=x.device)
-    rank = _ranked(x, always)
-    for k in dict.fromkeys(sizes):
-        idx = constant_on([h for h, size in enumerate(sizes) if size == k], x.device)
-        k = min(k, x.shape[-1])
-        out[idx, :k] = rank[idx].topk(k, dim=-1).indices.sort(-1).values.int()
-    return out
+    top, kept = _top_lines(x, sizes, always)
+    return top.masked_fill(~kept, COLUMN_PAD).sort(-1).values.int()
 
 
 def _keep_lines(x: torch.Tensor, sizes: list[int], always: int) -> torch.Tensor:
-    """`_topk_only` with each head's own k: one top-k per distinct size."""
+    """`_topk_only` with each head's own k: one top-k at the largest (a top-k per distinct size was ~7 ops each,
+    ~200 a chunk-layer with MInference's published per-head sizes)."""
     if len(set(sizes)) == 1:
         return _topk_only(x, sizes[0], always)
-    keep = torch.empty_like(x, dtype=torch.bool)
-    for k in dict.fromkeys(sizes):
-        idx = constant_on([h for h, size in enumerate(sizes) if size == k], x.device)
-        keep[idx] = _topk_only(x[idx], k, always)
-    return keep
+    top, kept = _top_lines(x, sizes, always)
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top, kept)
 
 
 def score_vertical_slash_heads(chunk: ChunkContext, per_head: list[VerticalSlashParams]) -> torch.Tensor:
