@@ -68,7 +68,7 @@ def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1, dtype: str = "
     `dtype`: the KV cache's (fp8: the chunk's queries dequantized to the model's bf16 are counted too)."""
     head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
     hq, hkv = local_heads(hf, tp)
-    ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len), cap_bytes())
+    ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len, hkv, head_dim), cap_bytes())
     return ws, step_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim,
                                       query_itemsize=2 if dtype == "fp8" else 0)
 

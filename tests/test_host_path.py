@@ -37,3 +37,20 @@ def test_recorded_chunk_layer_counts_what_the_cuda_path_launches():
         packed = host_path.measure(plan, shape, 128, "fa3", 32768, 2048, 65536, 16384, 2, metrics_dir,
                                    torch.device("cpu"), pack_lists=True)
     assert packed["flash_calls"] == 1 and packed["launches_by_kernel"] == by
+
+
+def test_a_short_follow_up_at_128k_quantizes_every_kv_heads_key_columns_in_one_pass():
+    """With the workspace reserved as the engine does (KV heads and head dim given: room for a 4K chunk's rows beside
+    every KV head's int8 key columns at max_model_len), a 2K-token follow-up on a cached 128K prompt quantizes and
+    scores all eight of Llama's KV heads in one pass: one launch of each (was two: 7 heads, then 1)."""
+    host_path = load_benchmark("host_path")
+    path = host_path.REPO / host_path.DEFAULT_PLAN
+    shape = host_path.shape_of(path.name)[0]
+    plan = resolve_plan(load_config(path), shape, str(path), explicit=True)
+    with tempfile.TemporaryDirectory() as metrics_dir:
+        rows = [host_path.measure(plan, shape, 128, "fa3", 131072, q_len, 131072 + 8192 + 256, 16384, 1, metrics_dir,
+                                  torch.device("cpu")) for q_len in (2048, 4096, 8192)]
+    by = [r["launches_by_kernel"] for r in rows]
+    assert [b["_quantize_columns_kernel"] for b in by] == [1, 1, 2]  # (8K: rows fill the room, two passes)
+    assert [b["_row_block_lse_kernel"] for b in by] == [1, 1, 2]
+

@@ -351,6 +351,13 @@ def test_reserved_workspace_holds_the_largest_chunk_in_one_slab(monkeypatch):
     # antidiagonal stride 8: a float per (q head, 16K / 8 rows, 128K / 128 blocks)
     assert 32 * 2048 * 1024 * 4 <= need <= 32 * 2050 * 1024 * 4
     assert estimator_workspace_bytes(plan, 32, 16384, 1 << 20) > 1 << 30  # 1M context: slabs under the cap
+    assert estimator_workspace_bytes(plan, 32, 16384, 131072, 8, 128) == need  # (bf16 rows: no key columns)
+    int8 = resolve_plan(load_config("benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml"), llama, "bench")
+    rows_only = estimator_workspace_bytes(int8, 32, 16384, 131072)
+    # int8 rows: room for a 4K chunk's rows (258 rows of 16 tokens) beside 8 KV heads' key columns at 128K
+    columns = 8 * (8192 * 16 * 128 + 8192 * 4)
+    assert estimator_workspace_bytes(int8, 32, 16384, 131072, 8, 128) == max(rows_only, 32 * 259 * 1024 * 4
+                                                                           + columns + 4096)
     monkeypatch.setattr(WORKSPACE, "_buffers", {})
     held = reserve_estimator_workspace(plan, 32, 16384, 131072, torch.device("cpu"))
     assert held == WORKSPACE.reserved(torch.device("cpu")) >= need

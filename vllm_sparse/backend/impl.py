@@ -90,7 +90,8 @@ class SparseImplMixin:
             reserve_estimator_workspace(self._plan, self.num_heads,
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
-                                        torch.device("cuda", torch.cuda.current_device()))
+                                        torch.device("cuda", torch.cuda.current_device()), self.num_kv_heads,
+                                        self.head_size)
             # The int8 key columns one launch may hold: one KV head's at the longest context, as counted below.
             WORKSPACE.count_key_columns(vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))

@@ -46,10 +46,19 @@ POOLED_ELEMENT_BYTES = 16
 COLUMN_ELEMENT_BYTES = 24
 
 
-def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int) -> int:
+# A follow-up turn's few thousand new tokens: the chunks whose step the host sets (`flash_compact.list_packing`).
+SHORT_CHUNK_TOKENS = 4096
+
+
+def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
+                              local_kv_heads: int = 0, head_dim: int = 0) -> int:
     """Bytes the largest chunk (`max_chunk_tokens` queries at `max_model_len`) needs between the fused
     scorer's two kernels: a float per (q head, scored row, KV block), for the plan's most demanding
-    estimator; at least one query block's rows (the smallest slab)."""
+    estimator; at least one query block's rows (the smallest slab). With the KV heads and head dim given, also
+    room for a short chunk's rows (`SHORT_CHUNK_TOKENS`) beside every KV head's int8 key columns at
+    `max_model_len` where the plan quantizes strided rows (`row_scores._RowLse._place_key_columns`): such a chunk
+    then quantizes and scores every head in one pass (a 2K-token follow-up at 128K held 7 of Llama's 8 heads in
+    the rows' room: two passes, four launches)."""
     kv_blocks = -(-max_model_len // plan.block_size)
     need = 0
     for hp in _head_plans(plan):
@@ -58,6 +67,12 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
         if rows:
             one_block = est.workspace_rows(hp.params, plan.block_size) + 1
             need = max(need, local_q_heads * max(rows, one_block) * kv_blocks * 4)
+        stride = getattr(hp.params, "stride", 1)
+        if rows and local_kv_heads and head_dim and getattr(hp.params, "bits", None) and stride > 1:
+            short_rows = est.workspace_rows(hp.params, min(SHORT_CHUNK_TOKENS, max_chunk_tokens)) + 1
+            n_cols = -(-max_model_len // stride)
+            columns = local_kv_heads * (n_cols * stride * head_dim + -(-n_cols // 16) * 16 * 4)  # int8, fp32 scales
+            need = max(need, local_q_heads * short_rows * kv_blocks * 4 + columns + 4096)  # (alignment)
     return need
 
 
@@ -113,9 +128,9 @@ def _head_plans(plan: SparsePlan):
 
 
 def reserve_estimator_workspace(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
-                                device: torch.device) -> int:
+                                device: torch.device, local_kv_heads: int = 0, head_dim: int = 0) -> int:
     """Reserve it on `device` (capped by VLLM_SPARSE_WORKSPACE_MIB; larger chunks run in slabs). -> bytes held."""
-    need = estimator_workspace_bytes(plan, local_q_heads, max_chunk_tokens, max_model_len)
+    need = estimator_workspace_bytes(plan, local_q_heads, max_chunk_tokens, max_model_len, local_kv_heads, head_dim)
     return WORKSPACE.reserve(need, device) if need else 0
 
 
