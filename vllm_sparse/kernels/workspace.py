@@ -6,7 +6,9 @@ it is not allocated per request: the backend reserves one buffer while vLLM load
 counts it with the weights, before it sizes the KV cache), sized for the largest chunk at
 `max_model_len` and capped at `VLLM_SPARSE_WORKSPACE_MIB` (default 512); a chunk that needs more
 is scored in slabs of whole query blocks that fit. Without a reservation (tests, benchmarks) each
-call allocates what it needs, up to the same cap.
+call allocates what it needs, up to the same cap. Once a chunk is selected its scores are spent, so
+the same memory then holds the head-major queries and output of a packed FlashAttention call
+(`flash_compact.list_packing`, which packs only where a reservation holds them).
 """
 
 from __future__ import annotations
