@@ -508,17 +508,35 @@ def test_fa3_splits_kv_only_while_its_query_tiles_leave_the_gpu_idle(monkeypatch
 
 @pytest.mark.parametrize("share", ["head", "group"])
 @pytest.mark.parametrize("union_tile", [None, 1, 2])
-@pytest.mark.parametrize("kernel", ["triton"] + FLASH)
-def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
+@pytest.mark.parametrize("kernel", ["triton"] + FLASH + [f"{k}-packed" for k in FLASH])
+def test_sparse_path_kernel_equals_reference_path(monkeypatch, union_tile, kernel, share):
     """The backend's sparse step through the kernel (one launch per chunk, unions per tile built on
     the device) gives what the reference path gives, for chunks with and without context: with a
     per-head plan on one KV head and the other dense, and with one group-shared plan on every head
-    (selected once per KV head). The kernel path takes the builder's per-step tile geometry."""
+    (selected once per KV head). The kernel path takes the builder's per-step tile geometry. `-packed`:
+    FlashAttention in one call for every page list (`VLLM_SPARSE_FA_PACK_LISTS`), through a reserved workspace."""
+    from vllm_sparse.backend import attend
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
     from vllm_sparse.selection.budget import Budget
+
+    packed = []
+    if kernel.endswith("-packed"):
+        kernel = kernel.removesuffix("-packed")
+        monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
+        monkeypatch.setattr(WORKSPACE, "_buffers", {})
+        WORKSPACE.reserve(1 << 20, torch.device(DEVICE))
+
+        def counted(*args):
+            packing = flash_compact.list_packing(*args)
+            packed.append(packing is not None)
+            return packing
+
+        monkeypatch.setattr(attend, "list_packing", counted)
 
     dtype = torch.float16
     b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=dtype, seed=21)
@@ -539,8 +557,11 @@ def test_sparse_path_kernel_equals_reference_path(union_tile, kernel, share):
                     kernel=kernel, tiles=tiles)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
+    assert packed == ([True, True] if flash_compact.PACK_LISTS else [])  # (packed: both chunks in one call each)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin: Triton runs kernels on CPU tensors only in its "
+                    "interpreter, which a GPU host does not select (test_sparse_path_kernel_equals_reference_path there)")
 @pytest.mark.parametrize("pack", [False, True], ids=["call-per-list", "packed"])
 @pytest.mark.parametrize("union_heads", [True, False])
 @pytest.mark.parametrize("union_tile", [None, 1])
