@@ -561,7 +561,7 @@ def test_sparse_path_kernel_equals_reference_path(monkeypatch, union_tile, kerne
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin: Triton runs kernels on CPU tensors only in its "
-                    "interpreter, which a GPU host does not select (test_sparse_path_kernel_equals_reference_path there)")
+                    "interpreter, not selected on a GPU host (test_sparse_path_kernel_equals_reference_path there)")
 @pytest.mark.parametrize("pack", [False, True], ids=["call-per-list", "packed"])
 @pytest.mark.parametrize("union_heads", [True, False])
 @pytest.mark.parametrize("union_tile", [None, 1])
