@@ -21,6 +21,7 @@ import torch
 
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
+from vllm_sparse.estimators.row_scores import key_column_floats
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.log import logger
 
@@ -70,8 +71,7 @@ def estimator_workspace_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_to
         stride = getattr(hp.params, "stride", 1)
         if rows and local_kv_heads and head_dim and getattr(hp.params, "bits", None) and stride > 1:
             short_rows = est.workspace_rows(hp.params, min(SHORT_CHUNK_TOKENS, max_chunk_tokens)) + 1
-            n_cols = -(-max_model_len // stride)
-            columns = local_kv_heads * (n_cols * stride * head_dim + -(-n_cols // 16) * 16 * 4)  # int8, fp32 scales
+            columns = local_kv_heads * sum(key_column_floats(-(-max_model_len // stride), stride, head_dim)) * 4
             need = max(need, local_q_heads * short_rows * kv_blocks * 4 + columns + 4096)  # (alignment)
     return need
 

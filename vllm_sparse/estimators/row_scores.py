@@ -439,6 +439,13 @@ def _kv_block_tile(n_kv_blocks: int, device: torch.device) -> int:
     return triton.next_power_of_2(n_kv_blocks) if device.type == "cpu" else 256
 
 
+def key_column_floats(n_cols: int, stride: int, head_dim: int) -> tuple[int, int]:
+    """Workspace floats of one KV head's int8 key columns (`n_cols` of stride x head_dim values) and of their scale
+    row, padded to a multiple of 16 floats: its stride reaches the kernels, which Triton specialises on divisibility
+    by 16 (an unpadded stride would compile a variant mid-request)."""
+    return n_cols * stride * head_dim // 4, -(-n_cols // 16) * 16
+
+
 class _RowLse:
     """Launches `_row_block_lse_kernel` for slabs of one chunk's scored rows."""
 
@@ -497,14 +504,12 @@ class _RowLse:
         kv_ids = chunk._groups[0] if chunk._groups is not None else chunk.host_kv_head_ids()
         in_order = kv_ids == list(range(len(kv_ids)))
         counted = WORKSPACE.key_column_heads(len(kv_ids), chunk.seq_len, d + 4, chunk.q.device) if in_order else 1
-        # Scale rows padded to a multiple of 16 floats: their stride reaches the kernels, which Triton
-        # specialises on divisibility by 16 (an unpadded stride would compile a variant mid-request).
-        col_bytes, scale_floats = self.n_cols * self.rows.stride * d, -(-self.n_cols // 16) * 16
+        col_floats, scale_floats = key_column_floats(self.n_cols, self.rows.stride, d)
         rows_end = -(-max(self.rows.count, 1) * self.heads * self.chunk.num_kv_blocks // 64) * 64  # 256 B aligned
         room = self.slab_floats - rows_end - 64
-        n = min(len(kv_ids), room // (col_bytes // 4 + scale_floats)) if in_order and room > 0 else 0
-        scales_at = rows_end + -(-n * col_bytes // 256) * 64
-        k_in = WORKSPACE.tail(rows_end, n * col_bytes // 4, chunk.q.device) if n > counted else None
+        n = min(len(kv_ids), room // (col_floats + scale_floats)) if in_order and room > 0 else 0
+        scales_at = rows_end + -(-n * col_floats // 64) * 64
+        k_in = WORKSPACE.tail(rows_end, n * col_floats, chunk.q.device) if n > counted else None
         if k_in is not None:  # (the scales end within the room: see `room`)
             self.k_in = k_in.view(torch.int8).view(n, self.n_cols, self.rows.stride * d)
             self.k_scale = WORKSPACE.tail(scales_at, n * scale_floats, chunk.q.device).view(n, scale_floats)
