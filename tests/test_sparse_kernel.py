@@ -284,6 +284,24 @@ def _flash_attn_varlen_twin(calls):
     return varlen
 
 
+def _compacted(case, per_q_head: bool, seed: int, device="cpu", **batch):
+    """A random paged batch of `case` with tail-complete page lists (40% of the rest kept, a list per KV head or per
+    q head), compacted into FlashAttention's tables on `device`: (batch, lists, indptr, indices, tables, counts,
+    used tokens, query_start_loc and seq_lens as int32 on `device`)."""
+    from vllm_sparse.kernels.flash_compact import compact_block_tables, used_tokens
+
+    seq_lens, q_lens, hq, hkv, d, page = case
+    n_lists = hq if per_q_head else hkv
+    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=seed, **batch)
+    indptr, idx = _csr(_tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=seed + 1), device)
+    bt = b.block_table.to(device)
+    rows = torch.arange(len(seq_lens), dtype=torch.int32, device=device)
+    tables, counts = compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
+    seq_lens_t = b.seq_lens.to(device, torch.int32)
+    return (b, n_lists, indptr, idx, tables, counts, used_tokens(counts, seq_lens_t, page),
+            b.query_start_loc.to(device, torch.int32), seq_lens_t)
+
+
 def _flash_stand_in(monkeypatch) -> list:
     """`vllm.vllm_flash_attn` as the torch stand-in above, on an H100's 132 SMs: -> the list its calls go to."""
     import sys
@@ -310,17 +328,9 @@ def test_flash_attention_call_over_compacted_tables_cpu_twin(monkeypatch, case, 
 
     calls = _flash_stand_in(monkeypatch)
     seq_lens, q_lens, hq, hkv, d, page = case
-    n_lists = hq if per_q_head else hkv
-    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=15)
-    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=16)
-    indptr, idx = _csr(lists, "cpu")
+    b, n_lists, indptr, idx, tables, counts, used, qsl, seq_lens_t = _compacted(case, per_q_head, seed=15)
     packed = _flash_layout(PagedKV(b.kv.key, b.kv.value))
     k_cache, v_cache = packed.key.transpose(1, 2), packed.value.transpose(1, 2)  # [pages, page, heads, D] views
-    rows = torch.arange(len(seq_lens), dtype=torch.int32)
-    tables, counts = flash_compact.compact_block_tables(b.block_table, rows, indptr, idx, n_lists,
-                                                        b.block_table.shape[1])
-    seq_lens_t = b.seq_lens.to(torch.int32)
-    used, qsl = flash_compact.used_tokens(counts, seq_lens_t, page), b.query_start_loc.to(torch.int32)
     out = torch.full_like(b.q, float("nan"))
     flash_compact.sparse_attention_flash(b.q, k_cache, v_cache, tables, used, qsl, seq_lens_t, max(q_lens), d**-0.5,
                                          out, fa_version=version)
@@ -371,23 +381,15 @@ def test_packed_flash_attention_call_cpu_twin(monkeypatch, case, per_q_head, ver
 
     calls = _flash_stand_in(monkeypatch)
     seq_lens, q_lens, hq, hkv, d, page = case
-    n_lists = hq if per_q_head else hkv
-    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, seed=25)
-    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=26)
-    indptr, idx = _csr(lists, "cpu")
+    b, n_lists, indptr, idx, tables, counts, used, qsl, seq_lens_t = _compacted(case, per_q_head, seed=25)
     if layout == "split":  # [2, pages, page, kv heads, D]
         both = torch.stack([b.kv.key.transpose(1, 2), b.kv.value.transpose(1, 2)])
         k_cache, v_cache = both[0], both[1]
     else:
         packed_kv = _flash_layout(PagedKV(b.kv.key, b.kv.value))
         k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)
-    rows = torch.arange(len(seq_lens), dtype=torch.int32)
-    tables, counts = flash_compact.compact_block_tables(b.block_table, rows, indptr, idx, n_lists,
-                                                        b.block_table.shape[1])
     tables, packed_qsl, room = _packed_inputs(b, n_lists, tables, counts, k_cache, "cpu")
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): room})
-    seq_lens_t = b.seq_lens.to(torch.int32)
-    used, qsl = flash_compact.used_tokens(counts, seq_lens_t, page), b.query_start_loc.to(torch.int32)
     tokens = b.q.shape[0]
     qkv = torch.randn(tokens, (hq + 2 * hkv) * d)
     q = qkv[:, :hq * d].view(tokens, hq, d)  # (vLLM's queries: a view of the projection)
@@ -460,29 +462,22 @@ def test_flash_attention_over_compacted_tables_matches_reference(monkeypatch, ca
                                                                  packed):
     """FlashAttention over compacted tables, a call per list or (`packed`) one call for every list through the
     heads-as-pages view of the cache and head-major queries in the workspace, against the torch reference."""
-    from vllm_sparse.kernels.flash_compact import compact_block_tables, sparse_attention_flash, used_tokens
+    from vllm_sparse.kernels.flash_compact import sparse_attention_flash
     from vllm_sparse.kernels.workspace import WORKSPACE
 
     if f"fa{version}" not in FLASH:
         pytest.skip(f"vLLM's FlashAttention runs no FA{version} on this GPU")
     # Both of the rule's answers (`fa3_num_splits`): the kernel's split-KV heuristic (small calls), one split (large).
     seq_lens, q_lens, hq, hkv, d, page = case
-    n_lists = hq if per_q_head else hkv
-    b = random_paged_batch(seq_lens, q_lens, hq, hkv, d, page, dtype=torch.bfloat16, seed=13)
-    lists = _tail_complete_lists(seq_lens, q_lens, n_lists, page, 0.4, seed=14)
-    indptr, idx = _csr(lists, DEVICE)
+    b, n_lists, indptr, idx, tables, counts, used, qsl, seq_lens_dev = _compacted(case, per_q_head, 13, DEVICE,
+                                                                                   dtype=torch.bfloat16)
     packed_kv = _flash_layout(PagedKV(b.kv.key.to(DEVICE), b.kv.value.to(DEVICE)))
     k_cache, v_cache = packed_kv.key.transpose(1, 2), packed_kv.value.transpose(1, 2)  # [pages, page, heads, D]
-    bt = b.block_table.to(DEVICE)
-    rows = torch.arange(len(seq_lens), dtype=torch.int32, device=DEVICE)
-    tables, counts = compact_block_tables(bt, rows, indptr, idx, n_lists, bt.shape[1])
     packed_qsl = None
     if packed:
         tables, packed_qsl, room = _packed_inputs(b, n_lists, tables, counts, k_cache, DEVICE)
         monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device(DEVICE, torch.cuda.current_device()): room})
     out = torch.full_like(b.q, float("nan")).to(DEVICE)
-    seq_lens_dev = b.seq_lens.to(DEVICE, torch.int32)
-    used, qsl = used_tokens(counts, seq_lens_dev, page), b.query_start_loc.to(DEVICE, torch.int32)
     sparse_attention_flash(b.q.to(DEVICE), k_cache, v_cache, tables, used, qsl, seq_lens_dev, max(q_lens), d**-0.5,
                            out, num_splits=splits, fa_version=version, packed_qsl=packed_qsl)
     ref = sparse_paged_attention_ref(b.q, b.kv, b.block_table, b.query_start_loc, b.seq_lens, indptr.cpu(),
