@@ -528,11 +528,30 @@ def kill_session(pid: int) -> None:
     """Every process of an engine's session: its own and any it left behind. A cold start's compile
     workers otherwise outlive the engine, and the next engine's host work ran ~35% slower beside them
     (H200, 2026-12-03: one plan's dense-routed 32K + 8 follow-ups took 29 ms as the second engine of a
-    run, 21 ms as the first)."""
+    run, 21 ms as the first). Returns once none of them runs: SIGKILL is asynchronous, and an engine
+    started beside a dying EngineCore found 7 of 79 GiB free (H100, 2026-12-05)."""
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:  # all gone already
-        pass
+        return
+    deadline = time.monotonic() + 60
+    while _session_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _session_running(sid: int) -> bool:
+    """Any process of session `sid` not yet exited (a zombie has freed its memory: it does not count)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, session, ...
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            return True
+    return False
 
 
 def run(spec: dict) -> dict:
