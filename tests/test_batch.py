@@ -45,6 +45,18 @@ def test_chunks_shorter_than_a_block_stay_dense():
     assert [c.req for c in chunks] == [1]
 
 
+def test_a_step_whose_longest_query_is_under_the_floor_reads_no_tensor():
+    """Every decode step (and every short follow-up under `min_query_tokens`) is decided from the batch's host
+    `max_query_len` alone: no per-request tensor is read or built."""
+    decode = dataclasses.replace(_common(), max_query_len=1, query_start_loc_cpu=None, seq_lens_cpu_upper_bound=None)
+    chunks, reqs, tokens = classify(decode, min_context=0)
+    assert chunks == [] and len(reqs) == 0 and len(tokens) == 0
+    short = dataclasses.replace(_common(), query_start_loc_cpu=None, seq_lens_cpu_upper_bound=None)  # longest 100
+    assert classify(short, min_context=0, min_query_len=101)[0] == []
+    with pytest.raises(TypeError):  # at the floor the per-request lengths are read
+        classify(short, min_context=0, min_query_len=100)
+
+
 def test_chunks_with_too_little_work_stay_dense():
     """`min_chunk_work`: a chunk goes sparse only when its causal attention work (each query token x the
     tokens it sees) reaches the floor: the 100-token chunk after 300 cached tokens does 100 * 300 + 5050."""

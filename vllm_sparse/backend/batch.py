@@ -63,6 +63,9 @@ def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | 
     return tuple(zip(views[0::2], views[1::2]))
 
 
+_NO_INDICES = torch.empty(0, dtype=torch.long)  # (read only: callers build nothing from an all-dense step's)
+
+
 def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
              ) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
@@ -76,6 +79,8 @@ def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
       below it a sparse step's fixed costs exceed what it saves (a few new tokens on a cached document);
     - it has no multimodal tokens with bidirectional attention.
     """
+    if cm.max_query_len < max(2, min_query_len):  # every decode step: no chunk qualifies (a host int, no tensor op)
+        return [], _NO_INDICES, _NO_INDICES
     qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
     seq_lens = compat.seq_lens_cpu(cm)[: cm.num_reqs]
     q_lens = qsl[1:] - qsl[:-1]
@@ -87,8 +92,8 @@ def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
     for r in compat.bidirectional_ranges(cm):
         if r < len(sparse):
             sparse[r] = False
-    if not bool(sparse.any()):  # every decode step, and short prompts: nothing more to build
-        return [], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    if not bool(sparse.any()):  # short prompts, short follow-ups: nothing more to build
+        return [], _NO_INDICES, _NO_INDICES
     chunks = [
         SparseChunk(r, int(qsl[r]), int(qsl[r + 1]), int(seq_lens[r] - q_lens[r]))
         for r in torch.nonzero(sparse).flatten().tolist()
