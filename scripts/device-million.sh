@@ -27,6 +27,9 @@
 #   long   benchmarks/e2e.py, Qwen2.5-7B-Instruct-1M shape (dummy weights), CUDA graphs, --gpu-memory-utilization
 #          0.9: dense and the 10% stride-16 int8 plan at 256K and 512K (LONG_LENGTHS), each engine in a timeout
 #   longd  the same shape, the dense engine alone (a dense 512K prefill takes minutes: a call of its own)
+#   longpack the same shape at 256K (LONG_LENGTHS), the page list per q head plan alone, VLLM_SPARSE_FA_PACK_LISTS=1
+#          then =0 (one FlashAttention call for the chunk's 28 lists, then a call per list; benchmarks/host_path.py
+#          on CPU: 371 vs 1118 us of host time a chunk-layer)
 #   longs  the same shape, each plan in LONG_PLANS alone (default: the 10% stride-16 int8 plan with a union per KV
 #          head and with a page list per q head)
 #   m1d    the Qwen2.5-7B-1M shape, dense alone, one 1,048,576-token prompt (whole: ~400 s expected from 512K's
@@ -151,6 +154,15 @@ long_one() {  # long_one NAME E2E_ARGS...: one engine of the long-context shape,
     --out "$OUT/$name.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log" | tail -12
 }
 longd() { long_one e2e_long_dense --only dense; }
+longpack() {  # the page list per q head plan (28 lists a layer) at 256K: one FlashAttention call a chunk-layer, then 28
+  local flag n=2
+  for flag in 1 0; do
+    VLLM_SPARSE_FA_PACK_LISTS=$flag LONG_LENGTHS=${LONG_LENGTHS:-262144} \
+      budget=$(( $(date +%s) - start + ($(left) - 10) / n + 10 )) long_one "e2e_long_pack$flag" --only sparse \
+      --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml
+    n=1
+  done
+}
 m1d() { LONG_LENGTHS=1048576 long_one e2e_1m_dense --only dense; }  # (a call of its own: timeout_s 590 or more)
 m1s() {  # each plan alone at 1M, the call's time split between them
   local p plans=(${LONG_PLANS:-qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads qwen2.5-7b-1m-antidiagonal-10-s32-int8-own-heads})
@@ -249,4 +261,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
