@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -398,7 +399,15 @@ def run(spec: dict, label: str, on_row) -> str | None:
     proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
     tail: list[str] = []
-    deadline = time.monotonic() + spec["timeout"]
+    # The deadline from a timer, not between lines: an engine that hangs without printing is killed on time too.
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        kill_session(proc.pid)
+
+    timer = threading.Timer(spec["timeout"], expire)
+    timer.start()
     try:
         for line in proc.stdout:
             if line.startswith(ROW):
@@ -407,11 +416,12 @@ def run(spec: dict, label: str, on_row) -> str | None:
                 tail = (tail + [line])[-40:]
                 if not line.startswith(("INFO", "DEBUG", "(EngineCore")) or "Error" in line:
                     print(f"[{label}] {line}", end="", flush=True)
-            if time.monotonic() > deadline:
-                return f"killed after {spec['timeout']} s"
         proc.wait()
     finally:
+        timer.cancel()
         kill_session(proc.pid)
+    if expired.is_set():
+        return f"killed after {spec['timeout']} s"
     if proc.returncode:
         sys.stderr.write("".join(tail[-20:]))
         return f"exit {proc.returncode}"

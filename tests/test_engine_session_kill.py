@@ -30,3 +30,15 @@ def test_kill_session_returns_once_every_process_of_the_session_is_gone():
 
 def test_a_session_that_never_ran_is_not_running():
     assert not E2E._session_running(2**22 + 12345)
+
+
+def test_workload_kills_a_silent_engine_at_its_deadline(tmp_path, monkeypatch):
+    """The deadline comes from a timer: an engine that hangs without printing is killed on time too (it was
+    checked only when a line came)."""
+    workload = load_benchmark("workload")
+    silent = tmp_path / "silent_engine.py"
+    silent.write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(workload, "__file__", str(silent))  # (the worker process runs this module's file)
+    t0 = time.monotonic()
+    assert workload.run({"timeout": 1}, "silent", lambda row: None) == "killed after 1 s"
+    assert time.monotonic() - t0 < 10
