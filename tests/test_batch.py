@@ -105,6 +105,20 @@ def test_requests_with_bidirectional_multimodal_ranges_stay_dense_and_keep_their
     assert sub.mm_req_doc_ranges == {1: [(0, 10)]}  # request 2 is the subset's request 1
 
 
+def test_the_dense_subset_copies_only_the_block_table_columns_its_sequences_reach():
+    """A table row is `max_model_len` wide; the subset keeps the columns its longest sequence reaches at the
+    smallest page the width allows (here 30 columns for 480 tokens: 16-token pages), never fewer."""
+    cm = _common()
+    _, reqs, tokens = classify(cm, min_context=300)  # dense: the decodes (seq 50, 700) and the short prompt (30)
+    full = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 16)
+    assert torch.equal(full.block_table_tensor, cm.block_table_tensor[[0, 2, 3]])  # 700 tokens reach past 30 pages
+    wide = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 32)  # 32-token pages: 22 columns
+    assert torch.equal(wide.block_table_tensor, cm.block_table_tensor[[0, 2, 3], :22])
+    short_reqs = torch.tensor([0, 2])
+    short = compat.slice_common_metadata(cm, short_reqs, torch.tensor([0, *range(101, 131)]), max_model_len=30 * 16)
+    assert torch.equal(short.block_table_tensor, cm.block_table_tensor[[0, 2], :4])  # 50 tokens: 4 pages of 16
+
+
 def test_every_batch_metadata_field_of_this_vllm_has_a_rule_and_an_unknown_one_stops_the_start():
     compat.check_common_metadata()  # the installed vLLM: every field classified
     cls = dataclasses.make_dataclass("Batch", [("seq_lens", object), ("new_per_request_thing", object)])
@@ -218,6 +232,7 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
             self.buffer[: cm.num_reqs] = cm.seq_lens
             md = Metadata()
             md.seq_lens_view = self.buffer[: cm.num_reqs]
+            md.block_table = cm.block_table_tensor
             return md
 
     class SparseMetadata(Metadata):
@@ -235,12 +250,14 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     vllm_config = SimpleNamespace(
         cache_config=SimpleNamespace(cache_dtype="auto"), kv_transfer_config=None,
         parallel_config=SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1),
-        compilation_config=SimpleNamespace(static_forward_context={}))
+        compilation_config=SimpleNamespace(static_forward_context={}),
+        model_config=SimpleNamespace(max_model_len=30 * 32))  # (the table's 30 columns: 32-token pages)
     b = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
     md = b.build(0, _common())
     assert md.sparse_batch.chunks == (SparseChunk(req=1, q_start=1, q_end=101, context_len=300),)
     assert md.seq_lens_view.tolist() == SEQ_LENS  # the whole batch's, after the sub-batch was built
     assert md.sparse_batch.dense_metadata.seq_lens_view.tolist() == [50, 30, 700]
+    assert md.sparse_batch.dense_metadata.block_table.shape == (3, 22)  # the columns 700 tokens reach, of 30
 
 
 def test_tile_geometry_built_once_per_step_equals_the_per_call_one():

@@ -63,3 +63,48 @@ def test_pooled_key_estimators_stay_within_their_reserved_bytes(monkeypatch, seq
     bound = chunk_temporaries_bytes(hq, hkv, q_len, seq, block, page, None, True, False, pooled_head_dim=d)
     assert peak <= bound
     assert peak > chunk_temporaries_bytes(hq, hkv, q_len, seq, block, page, None, True, False)  # (needs the term)
+
+
+@pytest.mark.parametrize("seq, q_len", [(900, 600), (4000, 256)])
+def test_a_group_spread_over_ranks_stays_within_its_reserved_bytes(monkeypatch, seq, q_len):
+    """A GQA group over 4 ranks (8 q / 2 KV heads at TP=4) whose selection reads the group (`share: group`):
+    each rank gathers every rank's queries and scores its group's 4 q heads, not its own 2. One rank measured
+    (the all-gather a stand-in of the same shapes): within the bound with the exchange counted
+    (`reserve.split_group_bytes`), over the rank's own heads' bound, which missed it."""
+    from types import SimpleNamespace
+
+    import vllm_sparse.estimators.base as base
+    from tests.fixtures.paged import random_paged_batch
+    from vllm_sparse.backend.reserve import split_group_bytes
+    from vllm_sparse.backend.sparse_path import kept_blocks
+    from vllm_sparse.backend.split_groups import rank_layer
+    from vllm_sparse.config.plan import HeadPlan, LayerPlan
+    from vllm_sparse.config.sharding import head_shard
+    from vllm_sparse.estimators.base import ChunkContext
+    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.kernels.paged import PagedKV
+    from vllm_sparse.selection.budget import Budget
+
+    num_q, num_kv, tp, d, block = 8, 2, 4, 32, 32
+    monkeypatch.setattr(base, "block_key_means_ref", lambda kv, bt, seq_len, bs: torch.randn(
+        kv.num_kv_heads, -(-seq_len // bs), kv.key.shape[-1]))  # (the GPU kernel's output only, as above)
+    plan = HeadPlan("pooled", get_estimator("pooled").params(), Budget(keep_ratio=0.3, sink_blocks=1, local_blocks=1,
+                                                                       share="group"))
+    layer = LayerPlan(0, True, (plan,) * num_q)
+    b = random_paged_batch([seq], [q_len], num_q, num_kv, d, 16, seed=3)
+    shard = head_shard(num_q, num_kv, 0, tp)
+    heads, split = rank_layer(layer, shard, lambda t, dim: torch.cat([t] * tp, dim))
+    assert split is not None and split.share_queries
+    q = b.q[:, shard.q_heads.start:shard.q_heads.stop].contiguous()
+    own_kv = slice(shard.kv_heads.start, shard.kv_heads.stop)
+    kv = PagedKV(b.kv.key[:, own_kv], b.kv.value[:, own_kv])
+    ctx = ChunkContext(q, torch.zeros(q.shape[1], dtype=torch.long), kv, b.block_table[0], seq - q_len, block,
+                       d**-0.5, (0,) * q.shape[1], False)
+    peak = peak_bytes(lambda: kept_blocks(ctx, heads, split))
+
+    scored, exchange = split_group_bytes(SimpleNamespace(layers=[layer], block_size=block), shard, q_len, seq, d,
+                                         q.element_size())
+    assert scored == 4 and exchange > 0  # the group's q heads, and its gathered queries
+    args = (len(shard.kv_heads), q_len, seq, block, 16, 1, True, False)
+    own_heads = chunk_temporaries_bytes(len(shard.q_heads), *args, pooled_head_dim=d)
+    assert own_heads < peak <= exchange + chunk_temporaries_bytes(scored, *args, pooled_head_dim=d)

@@ -451,6 +451,32 @@ def test_lists_pack_only_where_a_list_call_leaves_the_gpu_idle_and_the_workspace
     assert packing() is None
 
 
+def test_the_setting_reserves_room_for_a_short_chunks_packed_copies(monkeypatch):
+    """With `VLLM_SPARSE_FA_PACK_LISTS=1` the engine reserves a 4K-token chunk's packed queries and output even for
+    a plan whose estimators use no workspace (pooled keys), so the setting is honoured, not a silent no-op."""
+    from vllm_sparse.backend.reserve import reserve_estimator_workspace
+    from vllm_sparse.config.loader import parse_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    llama = ModelShape("llama-3.1-8b", ("LlamaForCausalLM",), 32, 32, 8)
+    cfg = parse_config({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]}, "layers": [
+        {"layers": "all", "estimator": {"name": "pooled"}, "budget": {"keep_ratio": 0.1}}]}]}, "pooled.yaml")
+    plan = resolve_plan(cfg, llama, "pooled.yaml")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})
+    assert reserve_estimator_workspace(plan, 32, 16384, 131072, cpu, 8, 128) == 0  # (pooled keys: no workspace)
+    held = reserve_estimator_workspace(plan, 32, 16384, 131072, cpu, 8, 128, packed_lists_itemsize=2)
+    q = torch.empty(4096, 32, 128, dtype=torch.bfloat16)
+    assert held >= flash_compact.packed_bytes(q, q)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
+    cache = torch.empty(100, 16, 8, 128, dtype=torch.bfloat16)
+    bounds = torch.arange(0, 4097, 128, dtype=torch.int32)  # 32 tiles of 128 tokens x 4 q heads: 128 < 132 SMs
+    assert flash_compact.list_packing(8, 4, bounds, 128, q, q, cache, cache) is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not FLASH, reason="vLLM's FlashAttention (FA3 on Hopper, FA2 from compute capability 8.0)")
 @pytest.mark.parametrize("packed", [False, True], ids=["call-per-list", "packed"])

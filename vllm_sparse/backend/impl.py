@@ -26,12 +26,17 @@ from vllm_sparse.backend.checks import (
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.reserve import reserve_estimator_workspace, step_temporaries_bytes, touch_step_temporaries
+from vllm_sparse.backend.reserve import (
+    reserve_estimator_workspace,
+    split_group_bytes,
+    step_temporaries_bytes,
+    touch_step_temporaries,
+)
 from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
-from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, PACK_LISTS
 from vllm_sparse.kernels.paged import FP8_DTYPES, PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.metrics.worker import worker_metrics
@@ -91,14 +96,19 @@ class SparseImplMixin:
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()), self.num_kv_heads,
-                                        self.head_size)
+                                        self.head_size, vllm_config.model_config.dtype.itemsize
+                                        if PACK_LISTS and self._kernel in FLASH_VERSIONS else 0)
             # The int8 key columns one launch may hold: one KV head's at the longest context, as counted below.
             WORKSPACE.count_key_columns(vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
             # The temporaries of one sparse chunk-layer at the longest context, touched in vLLM's profiling
             # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
-            self._temporaries = step_temporaries_bytes(
-                self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
+            # (A GQA group spread over ranks scores and exchanges more than the rank's own heads.)
+            scored_heads, exchange = split_group_bytes(
+                self._plan, self._shard, vllm_config.scheduler_config.max_num_batched_tokens,
+                vllm_config.model_config.max_model_len, self.head_size, vllm_config.model_config.dtype.itemsize)
+            self._temporaries = exchange + step_temporaries_bytes(
+                self._plan, scored_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
                 vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0,
                 page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparse.backend.split_groups import split_group
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.estimators.row_scores import key_column_floats
@@ -123,14 +124,46 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
             + q_heads * kv_blocks * pooled_head_dim * POOLED_ELEMENT_BYTES)
 
 
+def split_group_bytes(plan: SparsePlan, shard, max_chunk_tokens: int, max_model_len: int, head_dim: int,
+                      query_itemsize: int) -> tuple[int, int]:
+    """Where a GQA group spans tensor-parallel ranks (`split_groups.py`): (the q heads a rank scores for a
+    chunk, the bytes its exchange adds to the chunk-layer's temporaries). A layer that exchanges queries
+    gathers every rank's (the all-gather is over the whole tensor-parallel group), keeps its group's copy and
+    scores the group's q heads; one that exchanges masks gathers every rank's fp16 kept-block mask and keeps
+    its group's as bool. Neither: (the rank's q heads, 0)."""
+    local = len(shard.q_heads)
+    splits = [s for s in (split_group(lp, shard) for lp in plan.layers) if s is not None]
+    if not splits:
+        return local, 0
+    group, ranks = len(shard.group_q_heads), shard.tp_size
+    query_blocks = -(-max_chunk_tokens // plan.block_size) + 1
+    kv_blocks = -(-max_model_len // plan.block_size)
+    queries = (ranks * local + group) * max_chunk_tokens * head_dim * query_itemsize
+    masks = (local * 2 + ranks * local * 2 + group) * query_blocks * kv_blocks  # fp16 sent, gathered; bool kept
+    share = any(s.share_queries for s in splits)
+    return (group if share else local), (queries if share else 0) + (masks if not all(
+        s.share_queries for s in splits) else 0)
+
+
 def _head_plans(plan: SparsePlan):
     return {hp for lp in plan.layers for hp in lp.heads if hp is not None}
 
 
+def packed_lists_bytes(local_q_heads: int, max_chunk_tokens: int, head_dim: int, itemsize: int) -> int:
+    """Room for a short chunk's queries and output, head-major, where `VLLM_SPARSE_FA_PACK_LISTS=1` packs its
+    page lists into one FlashAttention call (`flash_compact.list_packing`; with the alignment between them)."""
+    return 2 * min(SHORT_CHUNK_TOKENS, max_chunk_tokens) * local_q_heads * head_dim * itemsize + 256
+
+
 def reserve_estimator_workspace(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
-                                device: torch.device, local_kv_heads: int = 0, head_dim: int = 0) -> int:
-    """Reserve it on `device` (capped by VLLM_SPARSE_WORKSPACE_MIB; larger chunks run in slabs). -> bytes held."""
+                                device: torch.device, local_kv_heads: int = 0, head_dim: int = 0,
+                                packed_lists_itemsize: int = 0) -> int:
+    """Reserve it on `device` (capped by VLLM_SPARSE_WORKSPACE_MIB; larger chunks run in slabs). -> bytes held.
+    `packed_lists_itemsize`: the model dtype's, where page lists are packed (the setting on, FlashAttention's path):
+    a short chunk's packed copies fit even a plan whose estimators use no workspace."""
     need = estimator_workspace_bytes(plan, local_q_heads, max_chunk_tokens, max_model_len, local_kv_heads, head_dim)
+    if packed_lists_itemsize and _head_plans(plan):
+        need = max(need, packed_lists_bytes(local_q_heads, max_chunk_tokens, head_dim, packed_lists_itemsize))
     return WORKSPACE.reserve(need, device) if need else 0
 
 
