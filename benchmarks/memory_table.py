@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from e2e import SHAPES, model_shape  # noqa: E402
 
-from vllm_sparse.backend.reserve import estimator_workspace_bytes, step_temporaries_bytes  # noqa: E402
+from vllm_sparse.backend.reserve import estimator_workspace_bytes, layer_temporaries_bytes  # noqa: E402
 from vllm_sparse.config.loader import load_config  # noqa: E402
 from vllm_sparse.config.plan import resolve_plan  # noqa: E402
 from vllm_sparse.kernels.workspace import cap_bytes  # noqa: E402
@@ -69,8 +69,8 @@ def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1, dtype: str = "
     head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
     hq, hkv = local_heads(hf, tp)
     ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len, hkv, head_dim), cap_bytes())
-    return ws, step_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim,
-                                      query_itemsize=2 if dtype == "fp8" else 0)
+    return ws, layer_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim, 2,
+                                       fp8_queries=dtype == "fp8")  # (groups stay whole at these TP sizes)
 
 
 def largest_context(available: int, per_token: int, reserve=None) -> int:

@@ -108,3 +108,29 @@ def test_a_group_spread_over_ranks_stays_within_its_reserved_bytes(monkeypatch, 
     args = (len(shard.kv_heads), q_len, seq, block, 16, 1, True, False)
     own_heads = chunk_temporaries_bytes(len(shard.q_heads), *args, pooled_head_dim=d)
     assert own_heads < peak <= exchange + chunk_temporaries_bytes(scored, *args, pooled_head_dim=d)
+
+
+def test_a_sparse_steps_dense_tokens_stay_within_their_reserved_bytes():
+    """The step's dense requests run on copies of their tokens (`_forward_dense_tokens`); measured with the dense
+    backend's forward a stand-in that writes its output: within `dense_token_bytes`."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend.impl import SparseImplMixin
+    from vllm_sparse.backend.reserve import dense_token_bytes
+
+    class Dense:
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+            output.copy_(query)  # (q heads x head dim, as the output)
+
+    class Impl(SparseImplMixin, Dense):
+        def __init__(self):  # (the mixin's start needs an engine: only the method is measured)
+            pass
+
+    tokens, hq, hkv, d = 300, 8, 2, 64
+    query, output = torch.randn(tokens, hq, d), torch.full((tokens, hq, d), float("nan"))
+    key, value = torch.randn(tokens, hkv, d), torch.randn(tokens, hkv, d)
+    dense = torch.arange(0, tokens, 2)  # every other token's request stays dense
+    batch = SimpleNamespace(dense_tokens=dense, dense_metadata=object())
+    peak = peak_bytes(lambda: Impl()._forward_dense_tokens(None, query, key, value, None, output, batch))
+    assert 0 < peak <= dense_token_bytes(len(dense), hq, hkv, d, query.element_size())
+    assert torch.equal(output[dense], query[dense]) and output[1::2].isnan().all()

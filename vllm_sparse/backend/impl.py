@@ -26,12 +26,7 @@ from vllm_sparse.backend.checks import (
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.reserve import (
-    reserve_estimator_workspace,
-    split_group_bytes,
-    step_temporaries_bytes,
-    touch_step_temporaries,
-)
+from vllm_sparse.backend.reserve import layer_temporaries_bytes, reserve_estimator_workspace, touch_step_temporaries
 from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.decode.memory import summaries_for
@@ -101,17 +96,13 @@ class SparseImplMixin:
             # The int8 key columns one launch may hold: one KV head's at the longest context, as counted below.
             WORKSPACE.count_key_columns(vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))
-            # The temporaries of one sparse chunk-layer at the longest context, touched in vLLM's profiling
+            # What one sparse layer's forward may hold at the longest context, touched in vLLM's profiling
             # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
-            # (A GQA group spread over ranks scores and exchanges more than the rank's own heads.)
-            scored_heads, exchange = split_group_bytes(
-                self._plan, self._shard, vllm_config.scheduler_config.max_num_batched_tokens,
-                vllm_config.model_config.max_model_len, self.head_size, vllm_config.model_config.dtype.itemsize)
-            self._temporaries = exchange + step_temporaries_bytes(
-                self._plan, scored_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
+            self._temporaries = layer_temporaries_bytes(
+                self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
                 vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
-                vllm_config.model_config.dtype.itemsize if self._fp8_cache else 0,
-                page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)))
+                vllm_config.model_config.dtype.itemsize, fp8_queries=self._fp8_cache,
+                page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)), shard=self._shard)
             if self._fp8_cache and self._plan.is_sparse_decode:  # decode dequantizes the step's fp8 queries
                 self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
                                         * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)
@@ -186,15 +177,20 @@ class SparseImplMixin:
         kv = self.kv_view(kv_cache)
         return kv.as_fp8(self._fp8_dtype, layer) if self._fp8_cache else kv
 
+    def _forward_dense_tokens(self, layer, query, key, value, kv_cache, output, batch, *args, **kwargs):
+        """The step's dense requests through the dense backend, on copies of their tokens (counted in the
+        temporaries: `dense_token_bytes`), freed on return, before the sparse chunks' temporaries."""
+        idx = batch.dense_tokens
+        sub_out = output[idx]
+        super().forward(layer, query[idx], key[idx] if key is not None else None,
+                        value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
+                        sub_out, *args, **kwargs)
+        output[idx] = sub_out
+
     def _forward_sparse_chunks(self, layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
                                *args, **kwargs):
         if batch.dense_metadata is not None:
-            idx = batch.dense_tokens
-            sub_out = output[idx]
-            super().forward(layer, query[idx], key[idx] if key is not None else None,
-                            value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
-                            sub_out, *args, **kwargs)
-            output[idx] = sub_out
+            self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_observed(query, output, self._paged_kv(layer, kv_cache), attn_metadata.block_table, batch.chunks,

@@ -124,6 +124,27 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
             + q_heads * kv_blocks * pooled_head_dim * POOLED_ELEMENT_BYTES)
 
 
+def layer_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_step_tokens: int,
+                            max_model_len: int, page_size: int, head_dim: int, itemsize: int,
+                            fp8_queries: bool = False, page_csr: bool = False, shard=None) -> int:
+    """What one sparse layer's forward may hold at once outside the workspace, the most of: a sparse
+    chunk-layer's temporaries (`step_temporaries_bytes`; with a GQA group spread over ranks, its exchange and the
+    group's scored heads: `split_group_bytes`) and the step's dense requests' copies (`dense_token_bytes`, freed
+    before the sparse chunks run). `itemsize`: the model dtype's."""
+    scored, exchange = (split_group_bytes(plan, shard, max_step_tokens, max_model_len, head_dim, itemsize)
+                        if shard is not None else (local_q_heads, 0))
+    sparse = exchange + step_temporaries_bytes(plan, scored, local_kv_heads, max_step_tokens, max_model_len,
+                                               page_size, head_dim, itemsize if fp8_queries else 0, page_csr)
+    return max(sparse, dense_token_bytes(max_step_tokens, local_q_heads, local_kv_heads, head_dim, itemsize))
+
+
+def dense_token_bytes(max_step_tokens: int, local_q_heads: int, local_kv_heads: int, head_dim: int,
+                      itemsize: int) -> int:
+    """A sparse step's dense requests run on copies of their tokens' queries, keys, values and output
+    (`impl._forward_dense_tokens`): at most a step's tokens, freed before the sparse chunks' temporaries."""
+    return max_step_tokens * 2 * (local_q_heads + local_kv_heads) * head_dim * itemsize
+
+
 def split_group_bytes(plan: SparsePlan, shard, max_chunk_tokens: int, max_model_len: int, head_dim: int,
                       query_itemsize: int) -> tuple[int, int]:
     """Where a GQA group spans tensor-parallel ranks (`split_groups.py`): (the q heads a rank scores for a
