@@ -181,6 +181,10 @@ def test_every_problem_is_reported_at_once():
     ({"keep_ratio": float("inf")}, "finite number"),
     ({"top_k": "8"}, "valid integer"),  # a string or a bool is not taken for a number
     ({"top_k": True}, "valid integer"),
+    # counts the other settings would override (kept 5, 8 and 3 blocks where top_k asked 1, 2 and 8)
+    ({"top_k": 1, "sink_blocks": 2, "local_blocks": 3}, "top_k 1 < sink_blocks + local_blocks (5), which are always"),
+    ({"top_k": 2, "min_blocks": 8}, "top_k 2 < min_blocks 8: give one count"),
+    ({"top_k": 8, "max_blocks": 3}, "max_blocks 3 < top_k 8: give one count"),
 ])
 def test_bad_budget(budget, needle):
     (path, msg), = problems_of(entry(budget=budget))
@@ -193,7 +197,7 @@ def test_block_size_must_be_power_of_two():
     assert path == "models[0].block_size" and "power of two" in msg
 
 
-@pytest.mark.parametrize("value", [-5, "lots", True, "12X"])
+@pytest.mark.parametrize("value", [-5, "lots", True, "12X", "0.5", 0.5])  # (0.5 pairs read as 0: off)
 def test_bad_min_chunk_work_names_the_field(value):
     (path, msg), = problems_of(entry(min_chunk_work=value))
     assert path == "models[0].min_chunk_work" and "auto" in msg
@@ -442,6 +446,18 @@ def test_a_flag_is_0_or_1_and_anything_else_an_error_naming_it(monkeypatch, valu
             envs.flag("VLLM_SPARSE_FA_PACK_LISTS")
 
 
+def test_the_metrics_interval_is_a_finite_number_above_zero(monkeypatch):
+    """A negative or NaN interval made the metrics thread's sleep raise and the counters freeze, silently."""
+    from vllm_sparse import envs
+
+    monkeypatch.setenv("VLLM_SPARSE_METRICS_INTERVAL_S", "0.5")
+    assert envs.positive_float("VLLM_SPARSE_METRICS_INTERVAL_S") == 0.5
+    for bad in ("abc", "0", "-1", "nan", "inf"):
+        monkeypatch.setenv("VLLM_SPARSE_METRICS_INTERVAL_S", bad)
+        with pytest.raises(ValueError, match=f"VLLM_SPARSE_METRICS_INTERVAL_S={bad!r}: give"):
+            envs.positive_float("VLLM_SPARSE_METRICS_INTERVAL_S")
+
+
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     f = tmp_path / "twice.yaml"
     f.write_text("version: 1\nmodels:\n  - match: {architectures: [LlamaForCausalLM]}\n"
@@ -459,6 +475,17 @@ def test_an_open_range_starting_beyond_the_model_is_an_error():
     assert path == "models[0].layers[0].heads[0].heads" and "head 9 is beyond the model" in msg
     assert resolve_plan(parse_config(entry(layers=[{"layers": "2-", "estimator": {"name": "sink_local"}}]), "t"),
                         LLAMA, "t").layers[3].is_sparse  # (an open range still runs to the last layer)
+
+
+def test_a_budget_beside_an_estimator_that_keeps_every_block_is_an_error():
+    (path, msg), = problems_of(entry(layers=[{"layers": 0, "estimator": {"name": "dense"}, "budget": {"top_k": 4}}]))
+    assert path == "models[0].layers[0]" and "estimator dense keeps every block" in msg
+
+
+def test_lowbit_rows_sampled_more_sparsely_than_a_block_are_refused_at_start():
+    (path, msg), = problems_of(entry(block_size=64, layers=[
+        {"layers": 0, "estimator": {"name": "lowbit", "sample_stride": 128}}]))
+    assert path == "models[0].layers[0].estimator" and "sample_stride 128 exceeds the block size 64" in msg
 
 
 def test_an_antidiagonal_stride_that_does_not_divide_the_block_is_refused_at_start():
@@ -511,6 +538,7 @@ def test_decode_selection_is_off_on_an_engine_shorter_than_its_threshold(tmp_pat
     said = [r.getMessage() for r in caplog.records if "decode selection" in r.getMessage()]
     assert len(said) == 1 and "(quest, from 8192 tokens of context) is off on this engine: max_model_len 4096" \
         in said[0]
+    assert [r.levelname for r in caplog.records if "decode selection" in r.getMessage()] == ["WARNING"]
     assert plan_cache.plan_for(engine(8192)).decode == "quest"  # reached at 8192: on
 
 

@@ -41,3 +41,16 @@ def flag(name: str) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: give 0 or 1")
     return value == "1"
+
+
+def positive_float(name: str) -> float:
+    """A number of seconds (or the like) above zero and finite; anything else is an error naming the variable
+    (a negative or NaN interval would stop the thread that sleeps on it, silently)."""
+    value = get(name)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: give a number above 0") from None
+    if not 0 < number < float("inf"):
+        raise ValueError(f"{name}={value!r}: give a finite number above 0")
+    return number

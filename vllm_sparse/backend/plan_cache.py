@@ -32,7 +32,7 @@ def plan_for(vllm_config) -> SparsePlan:
     if plan.is_sparse_decode and max_len is not None and max_len < plan.decode_dense_below:
         # Decode selection starts at decode.dense_below tokens of context, which this engine never reaches: its
         # page summaries and workspace would take memory for nothing.
-        logger.info("vllm-sparse: decode selection (%s, from %d tokens of context) is off on this engine: "
+        logger.warning("vllm-sparse: decode selection (%s, from %d tokens of context) is off on this engine: "
                     "max_model_len %d is shorter; its decode runs on vLLM's attention", plan.decode,
                     plan.decode_dense_below, max_len)
         plan = plan.without_decode()

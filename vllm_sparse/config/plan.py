@@ -468,6 +468,10 @@ def _head_plan_problem(hp: HeadPlan, block_size: int) -> tuple[str, str] | None:
     stride = getattr(hp.params, "stride", None)
     if stride and block_size % stride:  # (the kernels would refuse it mid-request)
         return "estimator", f"{hp.estimator} stride {stride} must divide the block size {block_size}"
+    sample = getattr(hp.params, "sample_stride", None)
+    if sample and getattr(hp.params, "rows", None) == "sampled" and sample > block_size:
+        return "estimator", (f"{hp.estimator} sample_stride {sample} exceeds the block size {block_size}: some "
+                             "query blocks would be scored by no row")
     blocks = getattr(hp.params, "blocks", None)
     if blocks in ("crossed", "columns") and hp.budget.top_p != 1.0:  # (every crossed block scores alike)
         return "budget", (f"{hp.estimator} blocks: {blocks} keeps the blocks its kept lines cross, which only a "

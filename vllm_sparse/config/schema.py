@@ -53,7 +53,10 @@ def parse_work(v: Any) -> int | str | None:
     m = _WORK.match(str(v))
     if not m:
         raise ValueError(f"{v!r} is not a work size: give token pairs (e.g. 128M, 100000000), 0 (off) or auto")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()])
+    pairs = float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()]
+    if pairs != int(pairs):  # ("0.5" would read as 0: off)
+        raise ValueError(f"{v!r} is {pairs} token pairs: give a whole number (e.g. 128M), 0 (off) or auto")
+    return int(pairs)
 
 
 def _check_selector_item(item: Any, keywords: tuple[str, ...]) -> Any:
@@ -123,6 +126,14 @@ class BudgetSpec(StrictModel):
                     f"max_blocks {self.max_blocks} < sink_blocks + local_blocks "
                     f"({self.sink_blocks + self.local_blocks}), which are always kept"
                 )
+        always = self.sink_blocks + self.local_blocks
+        if self.top_k is not None:  # (a count the other settings would override: say so, not clamp)
+            if self.top_k < always:
+                raise ValueError(f"top_k {self.top_k} < sink_blocks + local_blocks ({always}), which are always kept")
+            if self.top_k < self.min_blocks:
+                raise ValueError(f"top_k {self.top_k} < min_blocks {self.min_blocks}: give one count")
+            if self.max_blocks is not None and self.max_blocks < self.top_k:
+                raise ValueError(f"max_blocks {self.max_blocks} < top_k {self.top_k}: give one count")
         return self
 
 
@@ -221,10 +232,14 @@ class Provenance(StrictModel):
 
 def _refuse_dense_with_prefill(rule, what: str) -> None:
     """`dense: true` keeps the rule's prefill on vLLM's attention: an estimator or budget beside it would be
-    ignored without a word. (`decode` beside it is fine: decode has its own setting.)"""
+    ignored without a word; so would a budget beside an estimator that keeps every block (`dense`). (`decode`
+    beside it is fine: decode has its own setting.)"""
     if rule.dense and (rule.estimator is not None or rule.budget is not None):
         raise ValueError(f"dense: true keeps {what}' prefill dense, so their estimator and budget would be ignored: "
                          "drop one of them")
+    if rule.estimator is not None and rule.budget is not None and get_estimator(rule.estimator.name).keeps_all:
+        raise ValueError(f"estimator {rule.estimator.name} keeps every block of {what}, so the budget beside it "
+                         "would be ignored: drop one of them")
 
 
 def _build_models():

@@ -23,7 +23,7 @@ from vllm_sparse.metrics.density_kernel import record_density_kernel
 from vllm_sparse.metrics.paths import DENSITY_BUCKETS, ESTIMATION_BUCKETS, LAYER_GROUP, metrics_dir
 
 ENABLED = envs.flag("VLLM_SPARSE_METRICS")
-INTERVAL_S = float(envs.get("VLLM_SPARSE_METRICS_INTERVAL_S"))
+INTERVAL_S = envs.positive_float("VLLM_SPARSE_METRICS_INTERVAL_S")
 MAX_PENDING_TIMINGS = 4096  # event pairs waiting to be read; more are not timed (the thread is behind)
 
 

@@ -92,7 +92,11 @@ class SparseStats:
         self.audit = envs.flag("VLLM_SPARSE_AUDIT")
         self.layers: dict[int, LayerStats] = defaultdict(LayerStats)
         # [{"estimator": {"name": ..., params}, "budget": {...}}, ...] while calibrating, else None
-        self.candidates: list[dict] | None = json.loads(envs.get("VLLM_SPARSE_CALIBRATE") or "null")
+        raw = envs.get("VLLM_SPARSE_CALIBRATE") or "null"
+        try:
+            self.candidates: list[dict] | None = json.loads(raw)
+        except json.JSONDecodeError as e:  # (set by `vllm-sparse calibrate`; by hand, a clear error at start)
+            raise ValueError(f"VLLM_SPARSE_CALIBRATE is not JSON ({e}): {raw[:80]!r}") from None
         self.calibration: dict[int, CalibrationStats] = {}
 
     def enable(self, audit: bool = False) -> None:
