@@ -268,6 +268,17 @@ def test_no_config_runs_dense_with_one_warning(caplog, monkeypatch):
     assert len(warnings) == 1 and "every layer runs dense" in warnings[0].getMessage()
 
 
+def test_a_named_config_that_keeps_every_layer_dense_says_so(caplog, tmp_path):
+    path = tmp_path / "no-rules.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                              "estimator": {"name": "sink_local"}}]}))
+    caplog.set_level("WARNING", logger="vllm.sparse")
+    plan = build_plan({"sparse": {"config": str(path)}}, LLAMA)
+    assert not plan.is_sparse
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "keeps every layer dense" in said[0] and "no-rules.yaml" in said[0]
+
+
 def test_shipped_configs_resolve_for_their_models():
     names = {p.name for p in shipped_configs()}
     assert {"gemma-3.yaml", "llama-3.yaml"} <= names

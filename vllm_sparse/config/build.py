@@ -18,6 +18,9 @@ def build_plan(additional_config: dict | None, shape: ModelShape) -> SparsePlan:
         plan = resolve_plan(load_config(path), shape, f"{path} (from {how})", explicit=not shipped, by_name=shipped)
     for note in plan.notes:
         logger.warning("vllm-sparse: %s", note)
+    if path is not None and not plan.is_sparse and not plan.is_sparse_decode:  # (named, yet nothing in it applies)
+        logger.warning("vllm-sparse: the plan from %s keeps every layer dense for %s (no layer rule gives a sparse "
+                       "estimator or a decode setting): the engine runs vLLM's attention", plan.source, shape.name)
     if plan.is_sparse:
         n = sum(layer.is_sparse for layer in plan.layers)
         logger.info("vllm-sparse: plan from %s: %d of %d layers sparse, block %d, dense below %d tokens",
