@@ -7,6 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.test_config import GEMMA, LLAMA, entry, plan_of, problems_of
+from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.loader import parse_config
 from vllm_sparse.config.plan import DecodeHeadPlan, resolve_plan
 from vllm_sparse.config.sharding import head_shard
@@ -185,6 +186,29 @@ def test_quest_summaries_under_pipeline_parallelism_are_refused_at_start():
     check_summaries_pipeline(plan("tidal"), engine(2))  # tidal keeps no summaries
 
 
+def test_quest_summaries_with_a_hybrid_models_page_copies_are_refused_at_start():
+    """A hybrid (Mamba) model's prefix hits may end mid-page: vLLM copies the page without the write the summaries
+    follow."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend.checks import check_summaries_prefix_copies
+
+    spec = {"estimator": "quest", "top_k_tokens": 256, "dense_below": 1024}
+    quest = resolve_plan(parse_config(entry(decode=spec), "t"), LLAMA, "t")
+    tidal = resolve_plan(parse_config(entry(decode={**spec, "estimator": "tidal"}, layers=[
+        {"layers": 0, "decode": {**spec, "estimator": "tidal", "selector": True}}]), "t"), LLAMA, "t")
+
+    def engine(prefix_caching, mode):
+        return SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching,
+                                                            mamba_cache_mode=mode))
+
+    with pytest.raises(SparseConfigError, match=r"mamba_cache_mode='align'\) copies partly hit pages"):
+        check_summaries_prefix_copies(quest, engine(True, "align"))
+    check_summaries_prefix_copies(quest, engine(False, "align"))
+    check_summaries_prefix_copies(quest, engine(True, "none"))  # (attention-only models: hits end on pages)
+    check_summaries_prefix_copies(tidal, engine(True, "align"))  # tidal keeps no summaries
+
+
 def test_plan_prints_where_decode_selection_runs(tmp_path, capsys):
     import json
 
@@ -203,3 +227,70 @@ def test_plan_prints_where_decode_selection_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "decode: block_tokens=64 dense_below=8192" in out  # (the default decode block)
     assert "an engine whose max_model_len is under 8192 decodes on vLLM's attention and keeps no summaries" in out
+
+
+def test_decode_selection_over_pages_the_plugin_cannot_read_is_refused_at_start(monkeypatch):
+    """A decode-only plan asks the builder for a KV layout it reads, as prefill does: a CPU builder on AMX switches
+    its layers to the vec layout; one that cannot (ARM's layout) stops the start, naming decode, instead of
+    sparse decode rows read from a layout the plugin does not know."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend import builder as builder_mod
+
+    plan = resolve_plan(parse_config(entry(decode={"estimator": "quest", "top_k_tokens": 256, "dense_below": 1024},
+                                           layers=[{"layers": "all", "dense": True}]), "t"), LLAMA, "t")
+    assert not any(layer.is_sparse for layer in plan.layers) and plan.is_sparse_decode  # (decode only)
+    monkeypatch.setattr(builder_mod, "plan_for", lambda vllm_config: plan)
+
+    class CPUBuilder:  # a dense builder: the CPU backend's, as far as the mixin asks
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+            self.isa = "amx"
+
+    asked = []
+
+    class Builder(builder_mod.SparseBuilderMixin, CPUBuilder):
+        metadata_cls = object
+
+        def _prepare_decode(self, *args):
+            return SimpleNamespace()  # (decode rows: summaries and checks are tested apart)
+
+        def prepare_sparse_layers(self, layer_names):
+            asked.append(self.isa)
+            return None if self.isa == "amx" else f"the CPU sparse path does not read the {self.isa!r} KV page layout"
+
+    vllm_config = SimpleNamespace(
+        cache_config=SimpleNamespace(cache_dtype="auto"), kv_transfer_config=None,
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1),
+        compilation_config=SimpleNamespace(static_forward_context={}), model_config=SimpleNamespace(max_model_len=4096))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    Builder(SimpleNamespace(block_size=16), names, vllm_config, "cpu")
+    assert asked == ["amx"]  # asked once, for decode alone (a layout it can switch: no error)
+    monkeypatch.setattr(CPUBuilder, "__init__", lambda self, *a: setattr(self, "isa", "neon"))
+    with pytest.raises(SparseConfigError, match=r"decode.*'neon' KV page layout: decode selection for layers 0-3"):
+        Builder(SimpleNamespace(block_size=16), names, vllm_config, "cpu")
+
+
+def test_summaries_that_do_not_cover_the_caches_pages_stop_before_the_first_write():
+    """Summaries are sized from vLLM's block count and page size; where vLLM splits its blocks into smaller kernel
+    pages the cache holds more, smaller pages, and the update would write past the summaries."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend.impl import SparseImplMixin
+    from vllm_sparse.decode.summaries import PageSummaries
+    from vllm_sparse.kernels.paged import PagedKV
+
+    def cache(pages, page):  # [pages, kv heads, page, head dim]
+        return PagedKV(torch.randn(pages, 2, page, 16), torch.randn(pages, 2, page, 16))
+
+    summaries = PageSummaries(64, 2, 16, 32, torch.float32, torch.device("cpu"))
+    layer = SimpleNamespace(layer_name="model.layers.3.self_attn.attn")
+    for kv, fits in ((cache(64, 32), True), (cache(40, 32), True), (cache(128, 16), False), (cache(65, 32), False)):
+        impl = SimpleNamespace(kv_view=lambda kv_cache: kv_cache, _plan=SimpleNamespace(source="t.yaml"),
+                               _summaries_cover_cache=False)
+        if fits:
+            SparseImplMixin._check_summaries_cover(impl, layer, summaries, kv)
+            assert impl._summaries_cover_cache
+        else:
+            with pytest.raises(SparseConfigError, match=r"layers.3.*summaries cover 64 pages of 32 tokens, the KV "
+                                                        rf"cache holds {kv.key.shape[0]} of {kv.page_size}"):
+                SparseImplMixin._check_summaries_cover(impl, layer, summaries, kv)

@@ -119,6 +119,20 @@ def check_summaries_pipeline(plan, vllm_config) -> None:
             f"pipeline_parallel_size={pp}: use tidal decode (no summaries), or no pipeline parallelism"))])
 
 
+def check_summaries_prefix_copies(plan, vllm_config) -> None:
+    """A hybrid model's prefix-cache hit may end inside an attention page; vLLM then copies that page for the
+    request (copy-on-write) without the cache write Quest's page summaries follow, and the copy's keys would be
+    bounded by another page's summary: refused at start."""
+    cache = getattr(vllm_config, "cache_config", None)
+    mode = getattr(cache, "mamba_cache_mode", "none") or "none"
+    if plan.needs_summaries and getattr(cache, "enable_prefix_caching", False) and mode != "none":
+        layers = [lp.index for lp in plan.layers if lp.needs_summaries]
+        raise SparseConfigError(plan.source, [("decode.estimator", (
+            f"quest decode on layers {layers} keeps page summaries, which follow the KV cache's writes, and prefix "
+            f"caching on this hybrid model (mamba_cache_mode={mode!r}) copies partly hit pages without one: use "
+            "tidal decode (no summaries) or --no-enable-prefix-caching"))])
+
+
 def check_forced_kernel(plan, kernel: str | None) -> None:
     """`VLLM_SPARSE_KERNEL=fa3` (or fa2) with layers that keep key columns token by token: their chunks need the
     Triton kernel (the column pass joins the block pass by the log-sum-exp it writes), so the setting cannot be

@@ -18,6 +18,7 @@ from vllm_sparse.backend.checks import (
     check_fp8_query_input,
     check_head_size,
     check_summaries_pipeline,
+    check_summaries_prefix_copies,
     column_layers,
     fp8_cache,
     layer_index,
@@ -29,6 +30,7 @@ from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.reserve import layer_temporaries_bytes, reserve_estimator_workspace, touch_step_temporaries
 from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
+from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.decode.memory import summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
 from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, PACK_LISTS
@@ -70,6 +72,7 @@ class SparseImplMixin:
         # Read on every KV write: a property that walks every layer and head would cost the step ~2 ms of
         # host time (32 layers x 1,024 heads; seen in a follow-up turn's profile, H200).
         self._needs_summaries = self._plan.needs_summaries
+        self._summaries_cover_cache = False  # checked at the layer's first cache write
         # Layers the sparse path does not take run dense and need no shard; for the others a head
         # layout the plan cannot map is an error now.
         self._shard = None if self.unsupported else rank_shard(self._plan, self.num_heads, self.num_kv_heads)
@@ -78,6 +81,7 @@ class SparseImplMixin:
         self._kernel = selected_kernel(device) if self._shard is not None and self._plan.is_sparse else None
         check_forced_kernel(self._plan, self._kernel)
         check_summaries_pipeline(self._plan, vllm_config)
+        check_summaries_prefix_copies(self._plan, vllm_config)
         # An fp8 cache (`checks.kv_cache_problem`): vLLM quantizes the queries for FA3, the sparse path reads both.
         self._fp8_cache = fp8_cache(getattr(self, "kv_cache_dtype", "auto"))
         self._fp8_dtype = compat.fp8_dtype() if self._fp8_cache else None  # (resolved once, not per forward)
@@ -147,7 +151,23 @@ class SparseImplMixin:
         if self._needs_summaries and slot_mapping is not None:
             summaries = summaries_for(layer.layer_name)  # (None for a layer that keeps none)
             if summaries is not None:
+                if not self._summaries_cover_cache:  # once per layer (CUDA: graph capture, at start)
+                    self._check_summaries_cover(layer, summaries, kv_cache)
                 summaries.update(key, slot_mapping)
+
+    def _check_summaries_cover(self, layer, summaries, kv_cache: torch.Tensor) -> None:
+        """The summaries were sized from vLLM's block count and page size; the cache's own pages are what the
+        slots index. Where vLLM splits its blocks into smaller kernel pages the two differ, and the summaries'
+        update would write past its pages: stop, naming the layer, before the first write."""
+        kv = self.kv_view(kv_cache)
+        pages = kv.key.shape[0]
+        if kv.page_size != summaries.page_size or pages > summaries.num_pages:
+            raise SparseConfigError(self._plan.source, [("decode.estimator", (
+                f"layer {layer.layer_name}: Quest's page summaries cover {summaries.num_pages} pages of "
+                f"{summaries.page_size} tokens, the KV cache holds {pages} of {kv.page_size} (vLLM's kernel block "
+                "size differs from its cache block size): use tidal decode (no summaries) or a --block-size its "
+                "attention kernel takes whole"))])
+        self._summaries_cover_cache = True
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if attn_metadata is None and self._temporaries and not capturing(query):  # vLLM's profiling forward

@@ -56,7 +56,8 @@ class PageSummaries:
         self.mins = torch.zeros(num_pages + 1, num_kv_heads, head_size, dtype=dtype, device=device)
         self.maxs = torch.zeros_like(self.mins)
         self.page_size = page_size
-        self._trash = num_pages
+        self.num_pages = num_pages
+        self._trash = num_pages  # (the row a padded slot's update goes to)
 
     @property
     def nbytes(self) -> int:
