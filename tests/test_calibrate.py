@@ -142,3 +142,15 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
                  str(tmp_path / "plan-no-model.yaml")]) == 0
     assert (tmp_path / "plan-no-model.yaml").read_text().split("version: 1")[1] == \
         (tmp_path / "plan-0.8.yaml").read_text().split("version: 1")[1].replace("plan-0.8", "plan-no-model")
+
+
+def test_every_candidate_is_checked_at_the_plans_block_size_before_the_sweep():
+    """Not only the candidate that sizes the probe engine's workspace: a stride that does not divide the block
+    stopped the sweep mid-run."""
+    from vllm_sparse.calibrate.candidates import candidates, check_candidates, parse_budgets, parse_estimators
+
+    cands = candidates(parse_estimators("antidiagonal:stride=32,lowbit"), parse_budgets("top_p=0.9"))
+    check_candidates(cands, 64)
+    with pytest.raises(ValueError, match=r"candidate antidiagonal\(stride=32\) top_p=0.9: antidiagonal stride 32 "
+                                         r"must divide the block size 16"):
+        check_candidates(cands, 16)

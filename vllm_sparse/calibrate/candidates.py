@@ -75,6 +75,22 @@ def candidates(estimators: list[dict], budgets: list[dict]) -> list[dict]:
     return [{"estimator": e, "budget": b} for e in estimators for b in budgets]
 
 
+def check_candidates(cands: list[dict], block_size: int) -> None:
+    """Every candidate runs as written at the plan's block size (a stride that does not divide it, ...), checked
+    before the engine starts, as a plan's heads are (`plan.head_plan_problem`): not one of them mid-sweep."""
+    from vllm_sparse.config.plan import HeadPlan, head_plan_problem
+    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.selection.budget import Budget
+
+    for c in cands:
+        args = dict(c["estimator"])
+        name = args.pop("name")
+        problem = head_plan_problem(HeadPlan(name, get_estimator(name).params(**args), Budget(**c["budget"])),
+                                    block_size)
+        if problem:
+            raise ValueError(f"candidate {label(c)}: {problem[1]}")
+
+
 def label(candidate: dict) -> str:
     """A short name: 'antidiagonal(stride=8) top_p=0.9'."""
     est = dict(candidate["estimator"])

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from vllm_sparse.calibrate.candidates import candidates as make_candidates
-from vllm_sparse.calibrate.candidates import label
+from vllm_sparse.calibrate.candidates import check_candidates, label
 from vllm_sparse.calibrate.choose import (
     LayerChoice,
     LayerTable,
@@ -229,6 +229,7 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     groups = [[p] for n in spec.lengths for p in prompts[n]]  # one prompt per group: sums read per prompt
     length_of = [n for n in spec.lengths for _ in prompts[n]]
     cands = make_candidates(spec.estimators, spec.budgets)
+    check_candidates(cands, spec.block_size)
     labels = [label(c) for c in cands]
     # No prefix caching: a prompt sharing another's start (the same text window at two lengths) would skip
     # those rows, and they would go unmeasured.

@@ -366,7 +366,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
                 hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
                 hp = _head_plan(hrule, rule, entry, cfg)
                 hp = heads[layer][q] = interned.setdefault(hp, hp)
-                wrong = _head_plan_problem(hp, setting("block_size")) if hp is not None else None
+                wrong = head_plan_problem(hp, setting("block_size")) if hp is not None else None
                 if wrong:  # (one line per rule, naming the first layer and head it reaches)
                     field, why = wrong
                     hpath = f"{rpath}.heads[{head_rule_of[q]}].{field}" if hrule is not None else f"{rpath}.{field}"
@@ -463,7 +463,7 @@ def _check_tidal(plans: list[tuple], decode, problems: list) -> None:
                 f"vs {selector[1].top_k_blocks}, {selector[1].sink_blocks}, {selector[1].local_blocks}")))
 
 
-def _head_plan_problem(hp: HeadPlan, block_size: int) -> tuple[str, str] | None:
+def head_plan_problem(hp: HeadPlan, block_size: int) -> tuple[str, str] | None:
     """(field, why) where an estimator's settings cannot run as written with this block size and budget."""
     stride = getattr(hp.params, "stride", None)
     if stride and block_size % stride:  # (the kernels would refuse it mid-request)
