@@ -148,6 +148,7 @@ def test_layers_the_sparse_path_cannot_take_are_named_at_start(caplog):
 
     from vllm_sparse.backend.checks import warn_dense_layers
     from vllm_sparse.backend.impl import unsupported_features
+    from vllm_sparse.config.errors import SparseConfigError
 
     def layer(**attention_args):
         a = Attention.__new__(Attention)  # only .impl is read
@@ -168,6 +169,13 @@ def test_layers_the_sparse_path_cannot_take_are_named_at_start(caplog):
                      "path does not support: it runs dense",
                      "vllm-sparse: layer 3 (model.layers.3.self_attn.attn) has KV shared with another layer, which "
                      "the sparse path does not support: it runs dense"]
+    # A config the user named: what it asks must run, so the start stops, naming every such layer.
+    named = SimpleNamespace(layer=plan.layer, explicit=True, source="mine.yaml")
+    with pytest.raises(SparseConfigError) as e:
+        warn_dense_layers(vllm_config, names, named)
+    assert [field for field, _ in e.value.problems] == ["layer 0", "layer 3"]
+    assert "layer 0 (model.layers.0.self_attn.attn) has sliding window, which the sparse path does not support: " \
+        "leave it out of the sparse layers" in e.value.problems[0][1]
 
 
 def test_kv_caches_the_sparse_paths_cannot_read_are_refused_at_start():

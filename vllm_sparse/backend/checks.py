@@ -196,19 +196,28 @@ def check_head_size(plan, head_size: int) -> None:
 
 
 def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> int:
-    """At start, one line per layer the plan makes sparse whose attention has features the sparse path
-    lacks (sliding window, ALiBi, ...): those layers run dense. -> how many of the group's layers the plan
+    """At start, the layers the plan makes sparse whose attention has features the sparse path lacks (sliding
+    window, ALiBi, ...): with a plan found by discovery one line each, and they run dense; with a config the
+    user named, an error listing them (what it asks must run). -> how many of the group's layers the plan
     makes sparse that do run sparse (0: the group's steps need no sparse split)."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
     sparse = {name for name in layer_names if plan.layer(layer_index(name)).is_sparse}
+    problems = []
     for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
         why = getattr(layer.impl, "unsupported", None)
         if why and name in sparse:
+            if getattr(plan, "explicit", False):
+                problems.append((f"layer {layer_index(name)}", (
+                    f"layer {layer_index(name)} ({name}) has {', '.join(why)}, which the sparse path does not "
+                    "support: leave it out of the sparse layers (e.g. `layers: full_attention`) or make it dense")))
+                continue
             logger.warning("vllm-sparse: layer %d (%s) has %s, which the sparse path does not support: it "
                            "runs dense", layer_index(name), name, ", ".join(why))
             sparse.discard(name)
+    if problems:
+        raise SparseConfigError(plan.source, problems)
     return len(sparse)
 
 

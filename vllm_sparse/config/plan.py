@@ -177,6 +177,7 @@ class SparsePlan:
     decode_block_tokens: int = DECODE_BLOCK_TOKENS
     decode_dense_below: int = DECODE_DENSE_BELOW
     union_heads: bool = True  # q heads of a KV head attend to their blocks' union; False: each to its own
+    explicit: bool = False  # from a config the user named (not discovery): what it asks must run, or stop the start
 
     @property
     def is_sparse(self) -> bool:
@@ -385,7 +386,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), layers_out,
                       shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
                       *(None if setting(k) == "auto" else setting(k) for k in ("min_query_tokens", "min_chunk_work")),
-                      block_tokens, decode_below, union_heads=setting("union_heads"))
+                      block_tokens, decode_below, union_heads=setting("union_heads"), explicit=explicit)
 
 
 
