@@ -111,8 +111,12 @@ class SparseImplMixin:
                 self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
                                         * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)
             if self._plan.is_sparse_decode:  # decode's workspace and page summaries, before the KV cache is sized
+                # fp8 pages: the summaries' share doubles. Reserved once, from the first layer built: an fp8 engine
+                # counts every layer as fp8 (a layer `--kv-cache-dtype-skip-layers` keeps in 16 bits then
+                # over-reserves its share, where counting all as 16-bit from a skipped first layer under-reserved).
+                fp8_pages = self._fp8_cache or fp8_cache(str(vllm_config.cache_config.cache_dtype or "auto"))
                 reserve_decode(vllm_config, self._plan, self.num_heads, self.num_kv_heads, self.head_size,
-                               1 if self._fp8_cache else None)  # (fp8 pages: the summaries' share doubles)
+                               1 if fp8_pages else None)
         self._decode_layer = False  # this layer's DecodeLayer (None: vLLM's decode), bound on first use
         self._heads = None  # this layer's per-local-head plans, bound on first use
         self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
