@@ -499,6 +499,15 @@ def test_lowbit_rows_sampled_more_sparsely_than_a_block_are_refused_at_start():
     assert path == "models[0].layers[0].estimator" and "sample_stride 128 exceeds the block size 64" in msg
 
 
+def test_a_setting_of_another_mode_is_an_error_not_ignored():
+    (path, msg), = problems_of(entry(layers=[
+        {"layers": 0, "estimator": {"name": "lowbit", "rows": "pooled", "sample_stride": 4}}]))
+    assert path == "models[0].layers[0].estimator" and "sample_stride applies to rows: sampled" in msg
+    (path, msg), = problems_of(entry(decode={"estimator": "dense", "top_k_tokens": 100, "block_tokens": 128}))
+    assert path == "models[0].decode" and "block_tokens, top_k_tokens would be ignored" in msg
+    plan_of(entry(decode="dense", layers=[{"layers": 0, "estimator": {"name": "lowbit", "rows": "pooled"}}]))
+
+
 def test_an_antidiagonal_stride_that_does_not_divide_the_block_is_refused_at_start():
     cfg = entry(defaults={"block_size": 64}, layers=[
         {"layers": 0, "estimator": {"name": "antidiagonal", "stride": 16}},

@@ -173,6 +173,9 @@ class DecodeSpec(StrictModel):
     def _selector_is_tidal(self):
         if self.selector and self.estimator != "tidal":
             raise ValueError(f"selector: true is a tidal setting; estimator is {self.estimator!r}")
+        ignored = sorted(self.model_fields_set - {"estimator"})
+        if self.estimator == "dense" and ignored:  # (the nearest decode setting applies whole: nothing inherits them)
+            raise ValueError(f"estimator dense reads every block, so {', '.join(ignored)} would be ignored: drop them")
         return self
 
 
@@ -205,7 +208,7 @@ def estimator_spec_type():
 def estimator_params(spec) -> tuple[str, Any]:
     """Split an estimator spec into (name, params instance of the estimator's own model)."""
     est = get_estimator(spec.name)
-    return spec.name, est.params(**spec.model_dump(exclude={"name"}))
+    return spec.name, est.params(**spec.model_dump(exclude={"name"}, exclude_unset=True))  # (defaults: the model's)
 
 
 PROVENANCE_KINDS = ("measured", "published", "calibrated")

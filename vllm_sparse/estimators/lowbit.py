@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.quant import lowbit_logits
@@ -26,6 +26,12 @@ class LowbitParams(EstimatorParams):
     bits: Literal[4, 8] = Field(8, description="integer width of the quantized Q and K")
     rows: Literal["pooled", "sampled"] = Field("sampled", description="which query rows are scored")
     sample_stride: int = Field(16, ge=1, le=1024, description="score every n-th query row (rows: sampled)")
+
+    @model_validator(mode="after")
+    def _stride_only_for_sampled_rows(self):
+        if self.rows == "pooled" and "sample_stride" in self.model_fields_set:
+            raise ValueError("sample_stride applies to rows: sampled; rows: pooled scores every query block's mean")
+        return self
 
 
 @register_estimator("lowbit", LowbitParams, "int8/int4 quantized Q.K of pooled or sampled rows (SALE)",
