@@ -259,6 +259,15 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     assert md.sparse_batch.dense_metadata.seq_lens_view.tolist() == [50, 30, 700]
     assert md.sparse_batch.dense_metadata.block_table.shape == (3, 22)  # the columns 700 tokens reach, of 30
 
+    # Every pipeline stage builds every step: only the first counts its tokens (the collector sums the workers).
+    claims = []
+    monkeypatch.setattr(builder_mod, "worker_metrics", lambda *a: SimpleNamespace(
+        claim_step_counting=lambda: claims.append(1) or True))
+    Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
+    monkeypatch.setattr(builder_mod.compat, "pipeline_parallel_rank", lambda: 1)
+    later_stage = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
+    assert len(claims) == 1 and later_stage._metrics is None
+
 
 def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
     """The builder's per-step tile geometry (one host->device copy for every chunk, shared by the layers)

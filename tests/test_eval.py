@@ -84,3 +84,18 @@ def test_passkey_depths_sweeps_the_needle_through_the_second_half(tiny_llama):
         seen.append(round((needle - hay_start) / (hay_end - hay_start), 2))
     assert seen == sorted(seen[:9]) + seen[9:]  # the sweep, then three shallower checks
     assert sum(d > 0.5 for d in seen) == 9 and len({s for s in seen}) == 12
+
+
+def test_eval_and_calibrate_refuse_bad_input_before_any_engine_runs(tiny_llama, tmp_path):
+    """A config that does not resolve for the model, or an output folder that does not exist, stops the command
+    at once (exit 2, one line naming it), not after the dense run."""
+    from vllm_sparse.cli.main import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                             "layers": [{"layers": 99}]}]}))
+    args = ["eval", "--model", str(tiny_llama), "--lengths", "500", "--tasks", "passkey", "--samples", "1"]
+    assert main([*args, "--config", str(bad)]) == 2  # (layer 99 of a 2-layer model: no engine started)
+    assert main([*args, "--config", str(bad), "--json", str(tmp_path / "no" / "such" / "eval.json")]) == 2
+    assert main(["schema", "-o", str(tmp_path / "no" / "x.json")]) == 2
+    assert main(["calibrate", "--from-json", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.yaml")]) == 2

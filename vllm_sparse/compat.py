@@ -173,6 +173,15 @@ def tensor_parallel_size() -> int:
         return 1
 
 
+def pipeline_parallel_rank() -> int:
+    try:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().rank_in_group
+    except (ImportError, AssertionError, RuntimeError):
+        return 0
+
+
 def micro_batches(parallel_config) -> int:
     """Micro-batches a step is split into (vLLM's dual-batch overlap runs two, layer by layer)."""
     n = getattr(parallel_config, "num_ubatches", None)

@@ -133,8 +133,8 @@ class SparseBuilderMixin:
             warm_up_decode(self._plan, layer_names, kv_cache_spec, vllm_config, torch.device(device),
                            self._cache_dtype)
         # One builder per process counts prefill tokens (a model with several KV cache groups builds
-        # each step once per group).
-        counted = self._has_sparse_layer or self._decode is not None
+        # each step once per group), on the first pipeline stage only (every stage builds every step).
+        counted = (self._has_sparse_layer or self._decode is not None) and compat.pipeline_parallel_rank() == 0
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting() else None
 

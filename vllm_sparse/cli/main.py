@@ -153,9 +153,29 @@ def cmd_env(args) -> int:
     return 0
 
 
+def _output_problem(path: str | Path) -> str | None:
+    """Why a file cannot be written at `path` (checked before a long run, not after it), or None."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        return f"{path}: its folder {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"{path}: its folder {parent} is not writable"
+    return None
+
+
+def _refuse_outputs(command: str, *paths) -> bool:
+    """Print why any of `paths` cannot be written (-> True: the command exits 2)."""
+    problems = [p for p in (_output_problem(path) for path in paths if path) if p]
+    for problem in problems:
+        print(f"vllm-sparse {command}: {problem}", file=sys.stderr)
+    return bool(problems)
+
+
 def cmd_schema(args) -> int:
     from vllm_sparse.config.schema import json_schema
 
+    if _refuse_outputs("schema", args.output):
+        return 2
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
@@ -181,6 +201,8 @@ def _engine_args(args) -> dict:
 def cmd_eval(args) -> int:
     from vllm_sparse.eval.harness import evaluate, format_report, save
 
+    if _refuse_outputs("eval", args.json):
+        return 2
     if args.plot:
         if not args.json:
             print("vllm-sparse eval: --plot writes the PNG beside the JSON: give --json PATH", file=sys.stderr)
@@ -206,6 +228,8 @@ def cmd_calibrate(args) -> int:
 
     out = Path(args.out)
     json_path = Path(args.json) if args.json else out.with_suffix(".json")
+    if _refuse_outputs("calibrate", out, json_path):
+        return 2
     if args.plot:
         from vllm_sparse.plot import require_matplotlib
 
@@ -215,7 +239,13 @@ def cmd_calibrate(args) -> int:
         print(f"vllm-sparse calibrate: --row-quantile must be in [0, 1), got {args.row_quantile}", file=sys.stderr)
         return 2
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
+        try:
+            saved = json.loads(Path(args.from_json).read_text())
+            if not isinstance(saved, dict) or "spec" not in saved:
+                raise ValueError("not a calibration's JSON (no \"spec\")")
+        except (OSError, ValueError) as e:
+            print(f"vllm-sparse calibrate: --from-json {args.from_json}: {e}", file=sys.stderr)
+            return 2
         try:
             result = rechoose(saved, args.target_recall, out, command, args.max_density,
                               None if args.per_head is None else args.per_head, args.row_quantile,

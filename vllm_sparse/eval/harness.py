@@ -107,6 +107,11 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
     from transformers import AutoTokenizer
 
+    from vllm_sparse.config.loader import load_config
+    from vllm_sparse.config.plan import ModelShape, resolve_plan
+
+    # The plan must resolve for this model before the dense run, not after it (a typo costs no engine run).
+    resolve_plan(load_config(config), ModelShape.from_pretrained(model), config, explicit=True)
     tok = AutoTokenizer.from_pretrained(model)
     # One prompt group per length, so kept densities are read per length.
     groups = [[(task, *TASKS[task](tok, n, i, seed + i)) for task in tasks for i in range(samples)] for n in lengths]
