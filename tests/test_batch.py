@@ -262,7 +262,7 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     # Every pipeline stage builds every step: only the first counts its tokens (the collector sums the workers).
     claims = []
     monkeypatch.setattr(builder_mod, "worker_metrics", lambda *a: SimpleNamespace(
-        claim_step_counting=lambda: claims.append(1) or True))
+        claim_step_counting=lambda builder: claims.append(builder) or True))
     Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
     monkeypatch.setattr(builder_mod.compat, "pipeline_parallel_rank", lambda: 1)
     later_stage = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")

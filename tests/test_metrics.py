@@ -141,3 +141,21 @@ def test_density_kernel_records_as_the_torch_ops(case, metrics_dir):
         m.record_density(7, csr.to(device)[3:7], max(total, 200))
         accs.append(m._acc.cpu())
     assert torch.equal(accs[0], accs[1])
+
+
+def test_a_builder_takes_over_step_counting_from_one_that_is_gone(metrics_dir):
+    """One builder per process counts each step; one vLLM threw away (a memory profile's, over a minimal cache)
+    must not keep the claim, or the real builders would count nothing."""
+    import gc
+
+    class Builder:
+        pass
+
+    m = worker.WorkerMetrics(torch.device("cpu"), num_layers=4, rank=0)
+    thrown_away, real, second_group = Builder(), Builder(), Builder()
+    assert m.claim_step_counting(thrown_away)
+    assert not m.claim_step_counting(real)  # (the first is alive: one counter per process)
+    del thrown_away
+    gc.collect()
+    assert m.claim_step_counting(real)  # the first is gone: the next to ask counts
+    assert not m.claim_step_counting(second_group)  # (another KV cache group's builder of the same engine)

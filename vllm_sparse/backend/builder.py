@@ -136,7 +136,7 @@ class SparseBuilderMixin:
         # each step once per group), on the first pipeline stage only (every stage builds every step).
         counted = (self._has_sparse_layer or self._decode is not None) and compat.pipeline_parallel_rank() == 0
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
-        self._metrics = metrics if metrics is not None and metrics.claim_step_counting() else None
+        self._metrics = metrics if metrics is not None and metrics.claim_step_counting(self) else None
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page

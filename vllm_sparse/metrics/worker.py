@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+import weakref
 
 import torch
 
@@ -60,11 +61,16 @@ class WorkerMetrics:
         self._path = os.path.join(metrics_dir(), f"worker-{os.getpid()}-{device.type}{device.index or 0}.json")
         threading.Thread(target=self._run, name="vllm-sparse-metrics", daemon=True).start()
 
-    def claim_step_counting(self) -> bool:
-        """True for the first metadata builder that asks: it alone counts each step's tokens."""
+    def claim_step_counting(self, builder=None) -> bool:
+        """True for the first metadata builder that asks: it alone counts each step's tokens. A builder that
+        asks after the claimer is gone takes over (vLLM may build throw-away builders first, e.g. for a memory
+        profile over a minimal cache)."""
         with self._lock:
-            first, self._step_counter_claimed = not self._step_counter_claimed, True
-        return first
+            holder = self._step_counter_claimed
+            if holder is False or (holder is not True and holder() is None):
+                self._step_counter_claimed = weakref.ref(builder) if builder is not None else True
+                return True
+        return False
 
     # -- hot path (no host sync) ---------------------------------------------------------------
     def count_step(self, sparse_tokens: int, dense_tokens: int, chunks: int) -> None:
