@@ -34,16 +34,13 @@ from vllm_sparse.selection.stats import STATS, CalibrationStats
 @lru_cache(maxsize=4)
 def _grouped(candidates_json: str) -> list[tuple[str, object, list[tuple[int, Budget]]]]:
     """Candidates grouped by estimator (name and parameters): each estimator scores a chunk once."""
-    from vllm_sparse.config.schema import BudgetSpec
-    from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.calibrate.candidates import head_plan_of
 
     groups: dict[str, tuple[str, object, list]] = {}
     for i, cand in enumerate(json.loads(candidates_json)):
-        spec = dict(cand["estimator"])
-        name = spec.pop("name")
-        params = get_estimator(name).params(**spec)
-        key = f"{name}:{params.model_dump_json()}"
-        groups.setdefault(key, (name, params, []))[2].append((i, Budget(**BudgetSpec(**cand["budget"]).model_dump())))
+        hp = head_plan_of(cand)
+        key = f"{hp.estimator}:{hp.params.model_dump_json()}"
+        groups.setdefault(key, (hp.estimator, hp.params, []))[2].append((i, hp.budget))
     return list(groups.values())
 
 

@@ -75,18 +75,26 @@ def candidates(estimators: list[dict], budgets: list[dict]) -> list[dict]:
     return [{"estimator": e, "budget": b} for e in estimators for b in budgets]
 
 
-def check_candidates(cands: list[dict], block_size: int) -> None:
-    """Every candidate runs as written at the plan's block size (a stride that does not divide it, ...), checked
-    before the engine starts, as a plan's heads are (`plan.head_plan_problem`): not one of them mid-sweep."""
-    from vllm_sparse.config.plan import HeadPlan, head_plan_problem
+def head_plan_of(candidate: dict):
+    """A candidate {"estimator": {"name": ..., params}, "budget": {...}} as the HeadPlan a plan would give it
+    (its params and budget through their models: the schema's checks and defaults)."""
+    from vllm_sparse.config.plan import HeadPlan
+    from vllm_sparse.config.schema import BudgetSpec
     from vllm_sparse.estimators.registry import get_estimator
     from vllm_sparse.selection.budget import Budget
 
+    args = dict(candidate["estimator"])
+    name = args.pop("name")
+    return HeadPlan(name, get_estimator(name).params(**args), Budget(**BudgetSpec(**candidate["budget"]).model_dump()))
+
+
+def check_candidates(cands: list[dict], block_size: int) -> None:
+    """Every candidate runs as written at the plan's block size (a stride that does not divide it, ...), checked
+    before the engine starts, as a plan's heads are (`plan.head_plan_problem`): not one of them mid-sweep."""
+    from vllm_sparse.config.plan import head_plan_problem
+
     for c in cands:
-        args = dict(c["estimator"])
-        name = args.pop("name")
-        problem = head_plan_problem(HeadPlan(name, get_estimator(name).params(**args), Budget(**c["budget"])),
-                                    block_size)
+        problem = head_plan_problem(head_plan_of(c), block_size)
         if problem:
             raise ValueError(f"candidate {label(c)}: {problem[1]}")
 

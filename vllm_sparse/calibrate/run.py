@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from vllm_sparse.calibrate.candidates import candidates as make_candidates
-from vllm_sparse.calibrate.candidates import check_candidates, label
+from vllm_sparse.calibrate.candidates import check_candidates, head_plan_of, label
 from vllm_sparse.calibrate.choose import (
     LayerChoice,
     LayerTable,
@@ -97,9 +97,8 @@ def probe_config(shape, spec: CalibrationSpec, path: Path) -> None:
     from vllm_sparse.estimators.registry import get_estimator
 
     def rows(c):
-        args = dict(c["estimator"])
-        est = get_estimator(args.pop("name"))
-        return est.workspace_rows(est.params(**args), spec.engine.get("max_num_batched_tokens", 4096))
+        hp = head_plan_of(c)
+        return get_estimator(hp.estimator).workspace_rows(hp.params, spec.engine.get("max_num_batched_tokens", 4096))
 
     first = max(make_candidates(spec.estimators, spec.budgets), key=rows)
     entry = {"match": {"architectures": list(shape.architectures), "names": ["*"]},
