@@ -56,8 +56,7 @@ class PageSummaries:
         self.mins = torch.zeros(num_pages + 1, num_kv_heads, head_size, dtype=dtype, device=device)
         self.maxs = torch.zeros_like(self.mins)
         self.page_size = page_size
-        self.num_pages = num_pages
-        self._trash = num_pages  # (the row a padded slot's update goes to)
+        self.num_pages = num_pages  # (row num_pages: where a padded slot's update goes)
 
     @property
     def nbytes(self) -> int:
@@ -91,8 +90,8 @@ class PageSummaries:
         key = key[:n]
         slots = slot_mapping.long()
         valid = slots >= 0
-        page = torch.where(valid, slots // self.page_size, self._trash)
-        fresh = torch.where(valid & (slots % self.page_size == 0), page, self._trash)
+        page = torch.where(valid, slots // self.page_size, self.num_pages)
+        fresh = torch.where(valid & (slots % self.page_size == 0), page, self.num_pages)
         self.mins.index_fill_(0, fresh, float("inf"))
         self.maxs.index_fill_(0, fresh, float("-inf"))
         idx = page.view(-1, 1, 1).expand_as(key)
