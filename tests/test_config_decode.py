@@ -166,7 +166,7 @@ def test_a_builder_made_before_the_cache_has_pages_leaves_decode_to_the_real_one
 def test_quest_summaries_under_pipeline_parallelism_are_refused_at_start():
     from types import SimpleNamespace
 
-    from vllm_sparse.backend.checks import check_summaries_pipeline
+    from vllm_sparse.backend.checks import check_summaries
     from vllm_sparse.config.errors import SparseConfigError
 
     def plan(estimator):
@@ -181,9 +181,9 @@ def test_quest_summaries_under_pipeline_parallelism_are_refused_at_start():
 
     with pytest.raises(SparseConfigError, match=r"quest decode on layers \[0, 1, 2, 3\] keeps page summaries, "
                        r"which are not supported with pipeline_parallel_size=2"):
-        check_summaries_pipeline(plan("quest"), engine(2))
-    check_summaries_pipeline(plan("quest"), engine(1))
-    check_summaries_pipeline(plan("tidal"), engine(2))  # tidal keeps no summaries
+        check_summaries(plan("quest"), engine(2))
+    check_summaries(plan("quest"), engine(1))
+    check_summaries(plan("tidal"), engine(2))  # tidal keeps no summaries
 
 
 def test_quest_summaries_with_a_hybrid_models_page_copies_are_refused_at_start():
@@ -191,7 +191,7 @@ def test_quest_summaries_with_a_hybrid_models_page_copies_are_refused_at_start()
     follow."""
     from types import SimpleNamespace
 
-    from vllm_sparse.backend.checks import check_summaries_prefix_copies
+    from vllm_sparse.backend.checks import check_summaries
 
     spec = {"estimator": "quest", "top_k_tokens": 256, "dense_below": 1024}
     quest = resolve_plan(parse_config(entry(decode=spec), "t"), LLAMA, "t")
@@ -203,10 +203,10 @@ def test_quest_summaries_with_a_hybrid_models_page_copies_are_refused_at_start()
                                                             mamba_cache_mode=mode))
 
     with pytest.raises(SparseConfigError, match=r"mamba_cache_mode='align'\) copies partly hit pages"):
-        check_summaries_prefix_copies(quest, engine(True, "align"))
-    check_summaries_prefix_copies(quest, engine(False, "align"))
-    check_summaries_prefix_copies(quest, engine(True, "none"))  # (attention-only models: hits end on pages)
-    check_summaries_prefix_copies(tidal, engine(True, "align"))  # tidal keeps no summaries
+        check_summaries(quest, engine(True, "align"))
+    check_summaries(quest, engine(False, "align"))
+    check_summaries(quest, engine(True, "none"))  # (attention-only models: hits end on pages)
+    check_summaries(tidal, engine(True, "align"))  # tidal keeps no summaries
 
 
 def test_plan_prints_where_decode_selection_runs(tmp_path, capsys):

@@ -107,30 +107,33 @@ def check_fp8_scales(vllm_config, layer_names: list[str], plan) -> None:
                 "dense"))])
 
 
-def check_summaries_pipeline(plan, vllm_config) -> None:
-    """Quest's page summaries are reserved at load as a share of the KV cache computed over the model's layers;
-    under pipeline parallelism each rank's cache holds its own layers, whose share may be larger (and a rank
-    with none keeps the reservation): not supported, so stop at start rather than risk memory mid-request."""
+def check_summaries(plan, vllm_config) -> None:
+    """Where Quest's page summaries cannot be kept right, stop at start rather than risk memory or wrong bounds
+    mid-request (each problem named):
+    - under pipeline parallelism: they are reserved at load as a share of the KV cache computed over the model's
+      layers; each rank's cache holds its own layers, whose share may be larger (and a rank with none keeps the
+      reservation);
+    - with prefix caching on a hybrid (Mamba) model: a prefix-cache hit may end inside an attention page, and vLLM
+      copies that page for the request (copy-on-write) without the cache write the summaries follow, so the copy's
+      keys would be bounded by another page's summary."""
+    if not plan.needs_summaries:
+        return
+    layers = [lp.index for lp in plan.layers if lp.needs_summaries]
+    problems = []
     pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1) or 1
-    if pp > 1 and plan.needs_summaries:
-        layers = [lp.index for lp in plan.layers if lp.needs_summaries]
-        raise SparseConfigError(plan.source, [("decode.estimator", (
+    if pp > 1:
+        problems.append(("decode.estimator", (
             f"quest decode on layers {layers} keeps page summaries, which are not supported with "
-            f"pipeline_parallel_size={pp}: use tidal decode (no summaries), or no pipeline parallelism"))])
-
-
-def check_summaries_prefix_copies(plan, vllm_config) -> None:
-    """A hybrid model's prefix-cache hit may end inside an attention page; vLLM then copies that page for the
-    request (copy-on-write) without the cache write Quest's page summaries follow, and the copy's keys would be
-    bounded by another page's summary: refused at start."""
+            f"pipeline_parallel_size={pp}: use tidal decode (no summaries), or no pipeline parallelism")))
     cache = getattr(vllm_config, "cache_config", None)
     mode = getattr(cache, "mamba_cache_mode", "none") or "none"
-    if plan.needs_summaries and getattr(cache, "enable_prefix_caching", False) and mode != "none":
-        layers = [lp.index for lp in plan.layers if lp.needs_summaries]
-        raise SparseConfigError(plan.source, [("decode.estimator", (
+    if getattr(cache, "enable_prefix_caching", False) and mode != "none":
+        problems.append(("decode.estimator", (
             f"quest decode on layers {layers} keeps page summaries, which follow the KV cache's writes, and prefix "
             f"caching on this hybrid model (mamba_cache_mode={mode!r}) copies partly hit pages without one: use "
-            "tidal decode (no summaries) or --no-enable-prefix-caching"))])
+            "tidal decode (no summaries) or --no-enable-prefix-caching")))
+    if problems:
+        raise SparseConfigError(plan.source, problems)
 
 
 def check_forced_kernel(plan, kernel: str | None) -> None:

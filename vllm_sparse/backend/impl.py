@@ -17,8 +17,7 @@ from vllm_sparse.backend.checks import (
     check_forced_kernel,
     check_fp8_query_input,
     check_head_size,
-    check_summaries_pipeline,
-    check_summaries_prefix_copies,
+    check_summaries,
     column_layers,
     fp8_cache,
     layer_index,
@@ -80,8 +79,7 @@ class SparseImplMixin:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._kernel = selected_kernel(device) if self._shard is not None and self._plan.is_sparse else None
         check_forced_kernel(self._plan, self._kernel)
-        check_summaries_pipeline(self._plan, vllm_config)
-        check_summaries_prefix_copies(self._plan, vllm_config)
+        check_summaries(self._plan, vllm_config)
         # An fp8 cache (`checks.kv_cache_problem`): vLLM quantizes the queries for FA3, the sparse path reads both.
         self._fp8_cache = fp8_cache(getattr(self, "kv_cache_dtype", "auto"))
         self._fp8_dtype = compat.fp8_dtype() if self._fp8_cache else None  # (resolved once, not per forward)
