@@ -161,9 +161,9 @@ def split_group_bytes(plan: SparsePlan, shard, max_chunk_tokens: int, max_model_
     kv_blocks = -(-max_model_len // plan.block_size)
     queries = (ranks * local + group) * max_chunk_tokens * head_dim * query_itemsize
     masks = (local * 2 + ranks * local * 2 + group) * query_blocks * kv_blocks  # fp16 sent, gathered; bool kept
-    share = any(s.share_queries for s in splits)
-    return (group if share else local), (queries if share else 0) + (masks if not all(
-        s.share_queries for s in splits) else 0)
+    share = any(s.share_queries for s in splits)  # some layer exchanges queries
+    gathers_masks = not all(s.share_queries for s in splits)  # some layer exchanges masks
+    return (group if share else local), (queries if share else 0) + (masks if gathers_masks else 0)
 
 
 def _head_plans(plan: SparsePlan):
