@@ -19,7 +19,9 @@
 #   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
 #   pair   128K + 8 and + 256 follow-ups with `--paired`: dense and the first plan's engine alive in one process,
 #          each turn on both back to back in alternating order, 11 steady turns each (host-bound turns then share
-#          the host's drift, which two processes do not); PAIR_DOCS / PAIR_FOLLOW: other cached lengths / new tokens
+#          the host's drift, which two processes do not); PAIR_DOCS / PAIR_FOLLOW: other cached lengths / new tokens;
+#          PAIR_KV_GIB: each engine's KV cache (default 24; two engines of 16 GB weights and 24 GiB fit an H200, not
+#          an H100: give 8 for 32K documents there)
 #   fp8    an fp8 KV cache through the sparse paths (issue 29): the fp8 tests against the torch reference (FA3 with
 #          vLLM's descales included), no compile after the warm-up with fp8 pages, the engine tests with
 #          kv_cache_dtype fp8 (tests/test_engine_fp8_gpu.py) (~300 s)
@@ -128,7 +130,7 @@ dtest() {
 pair() {
   timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs --paired \
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs "${PAIR_DOCS:-131072}" \
-    --follow "${PAIR_FOLLOW:-8,256}" --follow-repeats 11 --beside 0 --concurrent 0 --engine '{"kv_cache_memory_bytes": 25769803776, "gpu_memory_utilization": 0.45}' \
+    --follow "${PAIR_FOLLOW:-8,256}" --follow-repeats 11 --beside 0 --concurrent 0 --engine "{\"kv_cache_memory_bytes\": $(( ${PAIR_KV_GIB:-24} << 30 )), \"gpu_memory_utilization\": 0.45}" \
     --timeout $(( $(left) - 15 )) --out "$OUT/workload_paired.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_paired.log" | tail -12
 }
