@@ -107,16 +107,32 @@ def test_requests_with_bidirectional_multimodal_ranges_stay_dense_and_keep_their
 
 def test_the_dense_subset_copies_only_the_block_table_columns_its_sequences_reach():
     """A table row is `max_model_len` wide; the subset keeps the columns its longest sequence reaches at the
-    smallest page the width allows (here 30 columns for 480 tokens: 16-token pages), never fewer."""
+    smallest page the width and the spec's block size allow (here 30 columns for 480 tokens: 16-token pages),
+    never fewer."""
     cm = _common()
     _, reqs, tokens = classify(cm, min_context=300)  # dense: the decodes (seq 50, 700) and the short prompt (30)
-    full = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 16)
+    full = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 16, block_size=16)
     assert torch.equal(full.block_table_tensor, cm.block_table_tensor[[0, 2, 3]])  # 700 tokens reach past 30 pages
-    wide = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 32)  # 32-token pages: 22 columns
+    wide = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 32, block_size=32)  # 22 columns
     assert torch.equal(wide.block_table_tensor, cm.block_table_tensor[[0, 2, 3], :22])
+    split = compat.slice_common_metadata(cm, reqs, tokens, max_model_len=30 * 32, block_size=16)  # kernel pages 16
+    assert torch.equal(split.block_table_tensor, cm.block_table_tensor[[0, 2, 3]])
     short_reqs = torch.tensor([0, 2])
-    short = compat.slice_common_metadata(cm, short_reqs, torch.tensor([0, *range(101, 131)]), max_model_len=30 * 16)
+    short_tokens = torch.tensor([0, *range(101, 131)])
+    short = compat.slice_common_metadata(cm, short_reqs, short_tokens, max_model_len=30 * 16, block_size=16)
     assert torch.equal(short.block_table_tensor, cm.block_table_tensor[[0, 2], :4])  # 50 tokens: 4 pages of 16
+    unsliced = compat.slice_common_metadata(cm, short_reqs, short_tokens)
+    assert torch.equal(unsliced.block_table_tensor, cm.block_table_tensor[[0, 2]])
+
+
+def test_a_table_narrower_than_max_model_len_keeps_the_columns_of_the_specs_pages():
+    """vLLM's chunked local attention hands the builder virtual requests whose table is `attention_chunk_size`
+    wide, not `max_model_len`: the page the width implies (here 1,024 tokens) is not the cache's, and the
+    spec's 16-token pages decide (50 tokens: 4 columns, not 1)."""
+    cm = _common()
+    short = compat.slice_common_metadata(cm, torch.tensor([0, 2]), torch.tensor([0, *range(101, 131)]),
+                                         max_model_len=30 * 1024, block_size=16)
+    assert torch.equal(short.block_table_tensor, cm.block_table_tensor[[0, 2], :4])
 
 
 def test_every_batch_metadata_field_of_this_vllm_has_a_rule_and_an_unknown_one_stops_the_start():

@@ -326,11 +326,13 @@ def check_common_metadata(cls=None) -> None:
             "releases (docs/versions.md)")
 
 
-def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor, max_model_len: int | None = None):
+def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor, max_model_len: int | None = None,
+                          block_size: int | None = None):
     """CommonAttentionMetadata for a subset of requests (`reqs`, host indices) and their tokens, field by
-    field as the tables above say. With `max_model_len`, the block table keeps only the columns the subset's
-    longest sequence can reach: its rows are `max_model_len` wide (256 KiB a row at 1M), and a step's dense
-    decode rows would otherwise copy them whole (64 MiB for 256 rows at 1M, every sparse step)."""
+    field as the tables above say. With `max_model_len` and the builder's `block_size` (its KV cache spec's),
+    the block table keeps only the columns the subset's longest sequence can reach: its rows are
+    `max_model_len` wide (256 KiB a row at 1M), and a step's dense decode rows would otherwise copy them whole
+    (64 MiB for 256 rows at 1M, every sparse step)."""
     qsl_cpu = cm.query_start_loc_cpu
     q_lens = (qsl_cpu[1:] - qsl_cpu[:-1])[reqs]
     new_qsl_cpu = torch.zeros(len(reqs) + 1, dtype=qsl_cpu.dtype)
@@ -350,12 +352,15 @@ def slice_common_metadata(cm, reqs: torch.Tensor, tokens: torch.Tensor, max_mode
         name, value = f.name, getattr(cm, f.name)
         if name in _RECOMPUTED_FIELDS or value is None:
             continue
-        if name == "block_table_tensor" and max_model_len and len(reqs):
-            # Its page is at least max_model_len // width tokens (the table addresses max_model_len): the columns
-            # reached from that page size cover the subset's pages whatever the kernel's page is (host lengths,
-            # upper bounds for decode rows, so never short).
+        if name == "block_table_tensor" and max_model_len and block_size and len(reqs):
+            # The columns reached at a page no larger than the kernel's (host lengths, upper bounds for decode
+            # rows, so never short). A table that addresses max_model_len has pages of at least
+            # max_model_len // width tokens, whatever the kernel splits them into; a narrower table (vLLM's
+            # chunked local attention hands the builder virtual requests, `attention_chunk_size` wide) has the
+            # spec's pages.
             width = value.shape[1]
-            columns = min(width, -(-int(seq_cpu.max()) // max(1, max_model_len // width)))
+            page = max(1, min(block_size, max_model_len // width))
+            columns = min(width, -(-int(seq_cpu.max()) // page))
             changes[name] = value[dev_reqs.to(value.device), :columns]
         elif name in _PER_REQUEST_FIELDS:
             if isinstance(value, torch.Tensor):  # host fields by host indices: no copy back that waits for the GPU

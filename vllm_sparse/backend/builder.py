@@ -95,7 +95,8 @@ class SparseBuilderMixin:
             mro = type(self).__mro__
             dense_cls = mro[mro.index(SparseBuilderMixin) + 1]
             self._dense_builder = dense_cls(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
-        self._max_model_len = vllm_config.model_config.max_model_len  # (a step's dense rows copy the table's reach)
+        # (a step's dense rows copy only the columns they reach: `compat.slice_common_metadata`)
+        self._max_model_len, self._block_size = vllm_config.model_config.max_model_len, kv_cache_spec.block_size
         self._cache_dtype = group_cache_dtype(vllm_config, layer_names)  # (this group's: skip layers keep 16 bits)
         kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
         self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
@@ -187,7 +188,8 @@ class SparseBuilderMixin:
                 f"{c.q_end - c.q_start} tokens after {c.context_len}" for c in chunks))
         dense_md = None
         if len(dense_reqs):
-            sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens, self._max_model_len)
+            sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens, self._max_model_len,
+                                               self._block_size)
             dense_md = self._dense_builder.build(0, sub, *args, **kwargs)  # (its own buffers: see __init__)
         device = common_attn_metadata.query_start_loc.device
         dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
