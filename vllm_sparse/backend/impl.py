@@ -203,7 +203,7 @@ class SparseImplMixin:
         """The step's dense requests through the dense backend, on copies of their tokens (counted in the
         temporaries: `dense_token_bytes`), freed on return, before the sparse chunks' temporaries."""
         idx = batch.dense_tokens
-        sub_out = output[idx]
+        sub_out = output.new_empty((idx.shape[0], *output.shape[1:]))  # (written whole by the dense backend)
         super().forward(layer, query[idx], key[idx] if key is not None else None,
                         value[idx] if value is not None else None, kv_cache, batch.dense_metadata,
                         sub_out, *args, **kwargs)
