@@ -101,6 +101,18 @@ def test_explicit_sliding_layer_stays_dense_with_a_note():
     assert [n for n in plan.notes if "sliding" in n] == [n for n in plan.notes if "layer 3 " in n] and plan.notes
 
 
+def test_llama4s_chunked_local_layers_stay_dense_and_the_note_says_what_they_are():
+    """Llama 4's config names its local layers `chunked_attention` (vLLM builds them as ChunkedLocalAttention):
+    like sliding-window layers they stay dense, and the note calls them what they are."""
+    llama4 = ModelShape("org/llama-4-tiny", ("Llama4ForCausalLM",), num_layers=4, num_q_heads=8, num_kv_heads=2,
+                        layer_types=("chunked_attention",) * 3 + ("full_attention",))
+    data = {"version": 1, "models": [{"match": {"architectures": ["Llama4ForCausalLM"]},
+                                      "layers": [{"layers": [1, 3]}]}]}
+    plan = plan_of(data, llama4)
+    assert [layer.index for layer in plan.layers if layer.is_sparse] == [3]
+    assert plan.notes == ("layer 1 is a chunked local attention layer (models[0].layers[0]): it stays dense",)
+
+
 def test_full_attention_on_non_hybrid_model_is_every_layer():
     plan = plan_of(entry(layers=[{"layers": "full_attention"}]))
     assert all(layer.is_sparse for layer in plan.layers)

@@ -61,6 +61,12 @@ class ModelShape:
     def is_full_attention(self, layer: int) -> bool:
         return self.layer_types is None or self.layer_types[layer] == "full_attention"
 
+    def attention_kind(self, layer: int) -> str:
+        """A layer's attention in words (its `layer_types` entry; Llama 4 names its local layers "chunked")."""
+        kind = "full_attention" if self.layer_types is None else self.layer_types[layer]
+        return {"sliding_attention": "sliding-window", "chunked_attention": "chunked local attention"}.get(
+            kind, kind.replace("_", " "))
+
     @classmethod
     def from_pretrained(cls, model: str) -> ModelShape:
         """The shape of a model directory or name, from its Hugging Face config (tools without an engine)."""
@@ -358,10 +364,11 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
                 selector = [d for d in [rule.decode] + [h.decode for h in rule.heads]
                             if d is not None and d.estimator == "tidal" and d.selector]
                 if explicit and selector:  # (its readers would silently read an earlier selector's choice)
-                    problems.append((f"{rpath}.decode", f"layer {layer} is a sliding-window layer: it cannot be a "
-                                     "tidal selector (its decode stays dense); choose a full-attention layer"))
+                    problems.append((f"{rpath}.decode", f"layer {layer} is a {shape.attention_kind(layer)} layer: it "
+                                     "cannot be a tidal selector (its decode stays dense); choose a full-attention "
+                                     "layer"))
                 elif explicit:
-                    notes.append(f"layer {layer} is a sliding-window layer ({rpath}): it stays dense")
+                    notes.append(f"layer {layer} is a {shape.attention_kind(layer)} layer ({rpath}): it stays dense")
                 continue
             for q in range(shape.num_q_heads):
                 hrule = rule.heads[head_rule_of[q]] if q in head_rule_of else None
