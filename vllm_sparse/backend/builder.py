@@ -108,11 +108,13 @@ class SparseBuilderMixin:
             if fp8_cache(self._cache_dtype):
                 check_fp8_scales(vllm_config, layer_names, self._plan)
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
-        why = None  # why the plugin cannot read these layers' KV pages (asked once)
+        # Why the plugin cannot read these layers' KV pages, asked once for prefill and decode (a decode-only plan
+        # asks too: on a CPU with AMX the layout would otherwise stay one the plugin cannot read).
+        why = (self.prepare_sparse_layers(layer_names) if self._has_sparse_layer or self._decode is not None
+               else None)
         if self._has_sparse_layer:
             compat.check_common_metadata()  # the step's split knows every field of this vLLM's batch metadata
             check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
-            why = self.prepare_sparse_layers(layer_names)
             if why:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
                 self._has_sparse_layer = False
@@ -120,14 +122,10 @@ class SparseBuilderMixin:
                 self.match_dense_builder(self._dense_builder)
                 # (a group whose sparse layers all run dense splits no step: no per-step classify and sub-build)
                 self._has_sparse_layer = warn_dense_layers(vllm_config, layer_names, self._plan) > 0
-        if self._decode is not None:
-            # Decode selection reads the same pages (a decode-only plan asks here: on a CPU with AMX the layout
-            # would otherwise stay one the plugin cannot read, and sparse decode rows would read garbage).
-            why = why if why is not None else self.prepare_sparse_layers(layer_names)
-            if why:
-                raise SparseConfigError(self._plan.source, [("decode", (
-                    f"{why}: decode selection for layers {layer_span(layer_names)} reads those pages; run their "
-                    "decode dense (decode: dense)"))])
+        if self._decode is not None and why:  # (decode selection reads the same pages: it would read garbage)
+            raise SparseConfigError(self._plan.source, [("decode", (
+                f"{why}: decode selection for layers {layer_span(layer_names)} reads those pages; run their "
+                "decode dense (decode: dense)"))])
         if self._has_sparse_layer and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device), self._cache_dtype)
         if self._decode is not None and torch.device(device).type == "cuda":
