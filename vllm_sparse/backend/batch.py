@@ -37,6 +37,9 @@ class SparseBatch:
     # Per chunk, its union tiles' (query_start_loc, seq_lens) on the device (`tile_geometry`), built once
     # per step for every layer; None where the caller builds them per call (`tile_seq_lens`).
     tiles: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    # Layers that run dense in this step although it has sparse chunks: lately they kept more than the plan's
+    # `dense_above` of their blocks (`density_guard.py`).
+    dense_layers: frozenset[int] = frozenset()
 
 
 # Each array of `tile_geometry` starts at a multiple of this many int32s (16 bytes) in the step's one device

@@ -26,6 +26,7 @@ from vllm_sparse.backend.checks import (
     warn_dense_layers,
 )
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
+from vllm_sparse.backend.density_guard import density_guard
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up, warm_up_decode
 from vllm_sparse.config.errors import SparseConfigError
@@ -136,6 +137,10 @@ class SparseBuilderMixin:
         counted = (self._has_sparse_layer or self._decode is not None) and compat.pipeline_parallel_rank() == 0
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting(self) else None
+        # The plan's `dense_above` rule: one builder per process moves it on each step (`density_guard.py`).
+        self._guard = density_guard(torch.device(device), len(self._plan.layers), self._plan.dense_above_on(kind)) \
+            if self._has_sparse_layer else None
+        self._steps_guard = self._guard is not None and self._guard.claim(self)
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page
@@ -184,6 +189,9 @@ class SparseBuilderMixin:
         if _LOG_STEPS:
             logger.info("vllm-sparse: step goes sparse for %d chunk(s): %s", len(chunks), ", ".join(
                 f"{c.q_end - c.q_start} tokens after {c.context_len}" for c in chunks))
+        dense_layers = frozenset()
+        if self._guard is not None:
+            dense_layers = self._guard.begin_step() if self._steps_guard else self._guard.dense_layers
         dense_md = None
         if len(dense_reqs):
             sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens, self._max_model_len,
@@ -193,4 +201,4 @@ class SparseBuilderMixin:
         dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
         tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device)
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows,
-                                                                    tiles))
+                                                                    tiles, dense_layers))

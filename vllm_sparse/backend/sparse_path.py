@@ -207,6 +207,7 @@ def attend_sparse_chunks(
     tiles: tuple | None = None,  # per chunk, the builder's tile geometry (`batch.tile_geometry`); None: made here
     # fp8 queries (vLLM quantized them for an fp8 cache): their per-tensor scale, (device tensor, host float)
     q_scale: tuple[torch.Tensor, float] | None = None,
+    guard=None,  # the plan's `dense_above` rule (`density_guard.DensityGuard`): counts what each chunk-layer reads
 ) -> None:
     num_q, num_kv = query.shape[1], kv.num_kv_heads
     kv_head_of = kv_head_map(num_q, num_kv, query.device)
@@ -236,3 +237,5 @@ def attend_sparse_chunks(
                                              observer, tiles[i] if tiles is not None else None, fa3_query)
         if metrics is not None:
             metrics.record_density(layer, *pages)
+        if guard is not None and not dense_rows(ctx, dense_below):  # (rows below dense_below read all by rule)
+            guard.record(layer, *pages)

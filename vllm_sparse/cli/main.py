@@ -108,7 +108,23 @@ def describe_chunk_rule(plan) -> str:
             f"tokens (dense_below={plan.dense_below}: query blocks whose tokens all lie before it attend densely) and "
             f"it has {rule} (min_query_tokens={plan.min_query_tokens or 'auto'}, "
             f"min_chunk_work={'auto' if plan.min_chunk_work is None else _pairs(plan.min_chunk_work)}; work: query "
-            f"tokens x the tokens they see); other chunks run vLLM's dense attention")
+            f"tokens x the tokens they see); other chunks run vLLM's dense attention. "
+            + describe_dense_above(plan))
+
+
+def describe_dense_above(plan) -> str:
+    """The `dense_above` rule in words (`backend/density_guard.py`)."""
+    from vllm_sparse.config.plan import DENSE_ABOVE_PROBE_STEPS
+
+    def share(device: str) -> str:
+        above = plan.dense_above_on(device)
+        return f"{above:g}" if above < 1 else "off"
+
+    where = (f"on CUDA {share('cuda')}, on CPU {share('cpu')} (dense_above=auto)" if plan.dense_above is None
+             else f"dense_above={plan.dense_above:g}" + (" (off)" if plan.dense_above >= 1 else ""))
+    return (f"A layer whose sparse chunks (those with no rows below dense_below) read more than this share of their "
+            f"causal KV blocks, {where}, runs dense in the next {DENSE_ABOVE_PROBE_STEPS} steps with sparse chunks, "
+            "then sparse again to measure anew (counted as the layers run, read a step or two later without a sync)")
 
 
 def cmd_plan(args) -> int:

@@ -19,6 +19,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "union_heads": True,
     "min_query_tokens": "auto",
     "min_chunk_work": "auto",
+    "dense_above": "auto",
 }
 # Which prefill chunks can win sparse, by the device the engine runs on (`auto` of `min_query_tokens`
 # and `min_chunk_work`; work in token pairs: query tokens x the tokens they see). On CUDA (H200, vLLM
@@ -33,6 +34,15 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 # reference, a correctness vehicle never faster than vLLM's own kernel, so no floor would make it win;
 # its tests exercise every chunk.
 AUTO_MIN_QUERY_TOKENS = {"cuda": 2048, "cpu": 16}
+# `dense_above` (`backend/density_guard.py`): a layer whose sparse chunks read more than this share of their causal
+# KV blocks runs dense for a while. On CUDA a sparse chunk-layer pays estimation and selection (antidiagonal at
+# stride 8: 6-12% of a 16K chunk's dense attention at 128K, int8 / bf16 products, H200) on top of attention over
+# what it keeps, so it breaks even near 0.84-0.89 kept; 0.8 leaves a margin. On CPU the sparse path is the exact
+# torch reference, slower than dense at any density, and its tests exercise every chunk: off.
+AUTO_DENSE_ABOVE = {"cuda": 0.8, "cpu": 1.0}
+# Steps with sparse chunks a layer stays dense before it runs sparse to measure again (two or three of every ~35
+# such steps then measure: at a density near 1 they cost ~1% of the step more than dense).
+DENSE_ABOVE_PROBE_STEPS = 32
 
 
 def chunk_work(q_len, seq_len):
@@ -184,6 +194,9 @@ class SparsePlan:
     decode_dense_below: int = DECODE_DENSE_BELOW
     union_heads: bool = True  # q heads of a KV head attend to their blocks' union; False: each to its own
     explicit: bool = False  # from a config the user named (not discovery): what it asks must run, or stop the start
+    # A layer whose sparse chunks lately read more than this share of their causal blocks runs dense for a while
+    # (`backend/density_guard.py`); 1: never; None: auto (by device)
+    dense_above: float | None = None
 
     @property
     def is_sparse(self) -> bool:
@@ -232,6 +245,12 @@ class SparsePlan:
         before it has none, and run sparse would only estimate and select for rows that read every block (e.g. one
         ending exactly at a block-aligned dense_below)."""
         return self.dense_below // self.block_size * self.block_size + 1
+
+    def dense_above_on(self, device_type: str) -> float:
+        """The share of a layer's causal KV blocks above which it runs dense for a while, on a device (1: never)."""
+        if self.dense_above is not None:
+            return float(self.dense_above)
+        return AUTO_DENSE_ABOVE.get(device_type, AUTO_DENSE_ABOVE["cuda"])
 
     def query_token_floor(self, device_type: str) -> int:
         """Query tokens a prefill chunk needs to go sparse on a device."""
@@ -393,7 +412,8 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
     return SparsePlan(source, shape.name, setting("block_size"), setting("dense_below"), layers_out,
                       shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
                       *(None if setting(k) == "auto" else setting(k) for k in ("min_query_tokens", "min_chunk_work")),
-                      block_tokens, decode_below, union_heads=setting("union_heads"), explicit=explicit)
+                      block_tokens, decode_below, union_heads=setting("union_heads"), explicit=explicit,
+                      dense_above=None if setting("dense_above") == "auto" else setting("dense_above"))
 
 
 

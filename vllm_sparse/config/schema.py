@@ -324,6 +324,11 @@ def _build_models():
             "causal) is below this many token pairs stay dense: their sparse step's fixed costs would exceed "
             "what it saves. An integer, with an optional K/M/G suffix (\"128M\"), 0 (off), or \"auto\" (the "
             "default): the measured break-even of the device, `vllm-sparse plan` prints it")
+        dense_above: float | str | None = Field(
+            None, description="a layer whose sparse chunks lately read more than this share of their causal KV "
+            "blocks runs vLLM's dense attention in the next steps with sparse chunks, then sparse again to measure "
+            "anew: near a density of 1 the estimation costs more than the blocks left out save. A number in "
+            "(0, 1] (1: off), or \"auto\" (the default): 0.8 on CUDA, off on CPU, `vllm-sparse plan` prints it")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
 
@@ -341,6 +346,13 @@ def _build_models():
         @classmethod
         def _work(cls, v):
             return parse_work(v)
+
+        @field_validator("dense_above", mode="before")
+        @classmethod
+        def _dense_above(cls, v):
+            if v is None or v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
+                return v
+            raise ValueError(f"{v!r}: give a share of the causal KV blocks in (0, 1] (1: off) or auto")
 
         @field_validator("min_query_tokens", mode="before")
         @classmethod
