@@ -56,6 +56,7 @@ from vllm_sparse.kernels import flash_compact  # noqa: E402
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
 from vllm_sparse.kernels.workspace import WORKSPACE  # noqa: E402
 from vllm_sparse.metrics import paths  # noqa: E402
+from vllm_sparse.backend.density_guard import DensityGuard  # noqa: E402
 from vllm_sparse.metrics.worker import WorkerMetrics  # noqa: E402
 
 PAGE = 16
@@ -174,6 +175,11 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
         # Its reader thread copies the counters to the host: meta tensors cannot be, and on CUDA its stream sync
         # would show in the sync count of whatever step is running.
         metrics._read_device = lambda: metrics._last_acc
+        # The plan's `dense_above` count, as CUDA's `auto` runs it (layers counted, none routed dense here).
+        guard = DensityGuard(where, shape.num_layers, plan.dense_above_on("cuda")) \
+            if plan.dense_above_on("cuda") < 1 else None
+        if guard is not None:
+            guard.use_kernel = True
         packed = []  # per chunk-layer: whether its page lists took one FlashAttention call
 
         def counted_packing(*args):
@@ -195,7 +201,7 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
                 sparse_path.attend_sparse_chunks(
                     q, out, kv, block_table, chunks, heads, plan.block_size, d ** -0.5, plan.union_tile, index,
                     kernel=kernel, dense_below=plan.dense_below, metrics=metrics, union_heads=plan.union_heads,
-                    tiles=tiles)
+                    tiles=tiles, guard=guard)
 
         row = {"context": context, "new_tokens": q_len, "layers": len(layers), "pack_lists": pack_lists}
         step()  # (first call: lazy imports, caches; CUDA: compiles)

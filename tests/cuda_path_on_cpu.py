@@ -14,7 +14,8 @@ choices:
   element) gives other constexprs than CUDA's;
 - the plans' `auto` floors of the chunks that go sparse (`AUTO_MIN_QUERY_TOKENS`, `AUTO_MIN_CHUNK_WORK`), by device:
   CUDA's.
-The metrics' density kernel is chosen by `WorkerMetrics.use_kernel` (set on CUDA only): callers set it.
+The metrics' density kernel is chosen by `WorkerMetrics.use_kernel`, the `dense_above` count's by
+`DensityGuard.use_kernel` (set on CUDA only): callers set them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from tests.compile_keys import launch_key
 from vllm_sparse.backend import attend, kernel_choice, sparse_path, warmup
 from vllm_sparse.config import plan as config_plan
 from vllm_sparse.estimators import base, block_means, row_scores
-from vllm_sparse.kernels import column_attention, launch, sparse_attention
+from vllm_sparse.kernels import column_attention, launch, page_count, sparse_attention
 from vllm_sparse.metrics import density_kernel
 from vllm_sparse.selection import select_kernel, tile_tables
 
-KERNELS = [(density_kernel, "_record_density_kernel"), (sparse_attention, "_sparse_paged_attention_kernel"),
+KERNELS = [(density_kernel, "_record_density_kernel"), (page_count, "_add_page_count_kernel"),
+           (sparse_attention, "_sparse_paged_attention_kernel"),
            (column_attention, "_column_attention_kernel"), (block_means, "_block_key_means_kernel"),
            (row_scores, "_quantize_rows_kernel"), (row_scores, "_quantize_columns_kernel"),
            (row_scores, "_row_block_lse_int_kernel"), (row_scores, "_row_block_lse_kernel"),

@@ -285,6 +285,18 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     later_stage = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
     assert len(claims) == 1 and later_stage._metrics is None
 
+    # The `dense_above` rule: once every sparse layer of the group runs dense, the step is a dense step (vLLM's
+    # own metadata, its tokens counted dense); before the density is read, a sparse step as above.
+    from vllm_sparse.backend.density_guard import DensityGuard
+
+    guard = DensityGuard(torch.device("cpu"), 1, 0.5)
+    monkeypatch.setattr(builder_mod, "density_guard", lambda *a: guard)
+    guarded = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
+    guard.record(0, 9, 10)  # the layer's chunks read 90% of their blocks
+    assert guarded.build(0, _common()).sparse_batch.chunks  # the step that queues the count
+    md = guarded.build(0, _common())  # reads it: layer 0 runs dense, and it is the group's only sparse layer
+    assert getattr(md, "sparse_batch", None) is None and md.seq_lens_view.tolist() == SEQ_LENS
+
 
 def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
     """The builder's per-step tile geometry (one host->device copy for every chunk, shared by the layers)

@@ -12,7 +12,7 @@ must include those of serving-like steps through `attend_sparse_chunks`, as `imp
 queries, cache and block table (`serving_steps`).
 
 On CPU the sparse path takes torch references where CUDA launches kernels: `cuda_path_on_cpu.on_cuda_path` makes
-its choices as on CUDA (the metrics' density kernel too: `WorkerMetrics.use_kernel`).
+its choices as on CUDA (the metrics' density kernel and the `dense_above` count too: their `use_kernel`).
 Not covered: vLLM's FA3 (not Triton), tensor-parallel ranks that split a GQA group.
 """
 
@@ -34,6 +34,7 @@ from tests.test_config import GEMMA
 from vllm_sparse import compat
 from vllm_sparse.backend import attend, sparse_path, warmup
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry
+from vllm_sparse.backend.density_guard import DensityGuard
 from vllm_sparse.backend.reserve import reserve_estimator_workspace
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import chunk_work, resolve_plan
@@ -142,6 +143,8 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
     monkeypatch.setenv(paths.DIR_ENV, str(tmp_path))
     metrics = WorkerMetrics(cpu, shape.num_layers, 0)
     metrics.use_kernel = True  # (as on CUDA)
+    guard = DensityGuard(cpu, shape.num_layers, 0.8)  # the `dense_above` count, as CUDA's `auto` runs it
+    guard.use_kernel = True
     kv_dtype = compat.fp8_dtype() if fp8 else dtype
     # vLLM's cache ([pages, kv heads, page, 2 x head dim], stored page-major) and block table (a row per request, a
     # column per page of max_model_len): the recorders read no page, so a few pages serve every row.
@@ -173,7 +176,7 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
             sparse_path.attend_sparse_chunks(
                 q, out, kv, block_table, tuple(chunks), list(lp.heads_for(shard)), plan.block_size, d**-0.5,
                 plan.union_tile, lp.index, kernel=kernel, dense_below=plan.dense_below, metrics=metrics,
-                union_heads=plan.union_heads, tiles=tiles, q_scale=(scale, 0.5) if fp8 else None)
+                union_heads=plan.union_heads, tiles=tiles, q_scale=(scale, 0.5) if fp8 else None, guard=guard)
     return warmed, served
 
 

@@ -141,6 +141,7 @@ class SparseBuilderMixin:
         self._guard = density_guard(torch.device(device), len(self._plan.layers), self._plan.dense_above_on(kind)) \
             if self._has_sparse_layer else None
         self._steps_guard = self._guard is not None and self._guard.claim(self)
+        self._sparse_layers = frozenset(i for i in map(layer_index, layer_names) if self._plan.layer(i).is_sparse)
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page
@@ -177,9 +178,14 @@ class SparseBuilderMixin:
             common_attn_metadata, decode_rows = self._decode.shorten(common_attn_metadata)
         md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
         chunks, dense_reqs, dense_tokens = [], None, None
+        dense_layers = frozenset()
         if self._has_sparse_layer:
             chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._min_context,
                                                         self._min_query, self._min_work)
+            if chunks and self._guard is not None:  # (the `dense_above` rule: host numbers, a step or two late)
+                dense_layers = self._guard.begin_step() if self._steps_guard else self._guard.dense_layers
+                if self._sparse_layers <= dense_layers:  # every sparse layer runs dense: so does the step
+                    chunks = []
         if self._metrics is not None:
             count_step_tokens(self._metrics, common_attn_metadata, chunks,
                               decode_rows.host_sparse if decode_rows is not None else 0)
@@ -189,9 +195,6 @@ class SparseBuilderMixin:
         if _LOG_STEPS:
             logger.info("vllm-sparse: step goes sparse for %d chunk(s): %s", len(chunks), ", ".join(
                 f"{c.q_end - c.q_start} tokens after {c.context_len}" for c in chunks))
-        dense_layers = frozenset()
-        if self._guard is not None:
-            dense_layers = self._guard.begin_step() if self._steps_guard else self._guard.dense_layers
         dense_md = None
         if len(dense_reqs):
             sub = compat.slice_common_metadata(common_attn_metadata, dense_reqs, dense_tokens, self._max_model_len,

@@ -7,7 +7,7 @@ Threshold plans (`top_p`) keep that much where attention is spread out: the ship
 dummy-weight model and took 6% longer than dense at 128K (benchmarks/RESULTS.md, 2026-11-25).
 
 How, without a host sync: each sparse layer adds the KV pages its chunks read to a device counter (one
-launch; the causal pages are host numbers), counting only chunks with no rows below `dense_below` (those
+launch, `kernels/page_count.py`; the causal pages are host numbers), counting only chunks with no rows below `dense_below` (those
 attend densely by rule, whatever the layer selects). Once per step with sparse chunks, the metadata builder
 queues a copy of the counters to pinned host memory and reads the copy it queued before, once its event has
 completed: the density a step or two late. A layer that kept more than `dense_above` of its causal pages runs
@@ -23,22 +23,10 @@ import threading
 import weakref
 
 import torch
-import triton
-import triton.language as tl
 
 from vllm_sparse.config.plan import DENSE_ABOVE_PROBE_STEPS as PROBE_STEPS
-from vllm_sparse.kernels.launch import storage_base
+from vllm_sparse.kernels.page_count import add_page_count
 from vllm_sparse.log import logger
-
-
-@triton.jit(do_not_specialize=["kept_offset", "n_kept", "slot"])
-def _add_sum_kernel(KEPT, kept_offset, n_kept, ACC, slot, BLOCK: tl.constexpr):
-    KEPT += kept_offset
-    i = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.int64)
-    for i0 in range(0, n_kept, BLOCK):
-        acc += tl.load(KEPT + i0 + i, mask=i0 + i < n_kept, other=0).to(tl.int64)
-    tl.store(ACC + slot, tl.load(ACC + slot) + tl.sum(acc, axis=0))
 
 
 class DensityGuard:
@@ -66,9 +54,7 @@ class DensityGuard:
         """One chunk-layer: `kept` KV pages read (a host number, or device counts of any shape, summed here) of
         `causal` (a host number)."""
         if self.use_kernel and isinstance(kept, torch.Tensor):
-            kept = kept.contiguous()
-            base, offset = storage_base(kept)
-            _add_sum_kernel[(1,)](base, offset, kept.numel(), self._kept, layer, BLOCK=256, num_warps=1)
+            add_page_count(kept, self._kept, layer)
         elif isinstance(kept, torch.Tensor):
             self._kept[layer] += kept.sum().to(torch.int64)
         else:

@@ -22,6 +22,7 @@ from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET, row_buckets
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
+from vllm_sparse.kernels.page_count import add_page_count
 from vllm_sparse.metrics.density_kernel import record_density_kernel
 from vllm_sparse.metrics.paths import DENSITY_BUCKETS
 from vllm_sparse.selection.budget import Budget
@@ -63,6 +64,7 @@ def _compile(kinds, group: int, block_size: int, page_size: int, head_dim: int, 
     record_density_kernel(block_table[:2], 4, torch.tensor(DENSITY_BUCKETS, device=dev),
                           torch.zeros(len(DENSITY_BUCKETS) + 2, dtype=torch.float64, device=dev), 0,
                           len(DENSITY_BUCKETS) + 1)
+    add_page_count(block_table[:2], torch.zeros(2, dtype=torch.int64, device=dev), 1)  # (the `dense_above` count)
     torch.cuda.synchronize(dev)
     logger.info("vllm-sparse: selection kernels ready (%.1f s; compiled once, then loaded from Triton's cache)",
                 time.perf_counter() - t0)
