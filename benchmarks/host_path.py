@@ -48,6 +48,7 @@ from tests.cuda_path_on_cpu import on_cuda_path, record_into  # noqa: E402
 from tests.test_benchmark_configs import shape_of  # noqa: E402
 from vllm_sparse.backend import attend, sparse_path  # noqa: E402
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry  # noqa: E402
+from vllm_sparse.backend.density_guard import DensityGuard  # noqa: E402
 from vllm_sparse.backend.reserve import reserve_estimator_workspace  # noqa: E402
 from vllm_sparse.config.loader import load_config  # noqa: E402
 from vllm_sparse.config.plan import resolve_plan  # noqa: E402
@@ -56,7 +57,6 @@ from vllm_sparse.kernels import flash_compact  # noqa: E402
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
 from vllm_sparse.kernels.workspace import WORKSPACE  # noqa: E402
 from vllm_sparse.metrics import paths  # noqa: E402
-from vllm_sparse.backend.density_guard import DensityGuard  # noqa: E402
 from vllm_sparse.metrics.worker import WorkerMetrics  # noqa: E402
 
 PAGE = 16

@@ -1,20 +1,23 @@
 """Layers whose chunks keep most of their blocks run dense: the plan's `dense_above` rule, on host data.
 
-A sparse chunk-layer costs estimation and selection plus attention over the blocks it keeps. Near a density
-of 1 that is more than vLLM's dense attention: antidiagonal scoring at stride 8 costs 6-12% of a 16K chunk's
-dense attention at 128K (int8 / bf16 products, H200), so a layer that keeps ~90% of its causal blocks loses.
-Threshold plans (`top_p`) keep that much where attention is spread out: the shipped Llama plan kept 90% on a
-dummy-weight model and took 6% longer than dense at 128K (benchmarks/RESULTS.md, 2026-11-25).
+A sparse chunk-layer costs estimation and selection plus attention over the blocks it keeps. Near a density of
+1 that is more than vLLM's dense attention: antidiagonal scoring at stride 8 costs roughly 7-13% of a 16K
+chunk's dense attention at 128K (int8 / bf16 products: 3.75 / 7.13 ms on an H200 against ~54 ms of FA3), so a
+layer that keeps more than ~83-89% of its causal blocks loses (FA3 over compacted tables reads a kept block at
+~1.05x the dense cost). Threshold plans (`top_p`) keep that much where attention is spread out: the shipped
+Llama plan kept 90% on a dummy-weight model and took 6% longer than dense at 128K (benchmarks/RESULTS.md,
+2026-11-25).
 
-How, without a host sync: each sparse layer adds the KV pages its chunks read to a device counter (one
-launch, `kernels/page_count.py`; the causal pages are host numbers), counting only chunks with no rows below `dense_below` (those
-attend densely by rule, whatever the layer selects). Once per step with sparse chunks, the metadata builder
-queues a copy of the counters to pinned host memory and reads the copy it queued before, once its event has
-completed: the density a step or two late. A layer that kept more than `dense_above` of its causal pages runs
-vLLM's dense attention in the next PROBE_STEPS steps with sparse chunks, then sparse again to measure anew
-(a new document may be sparser). Dense is the plan's reference, so a layer routed dense is never less
-accurate than the plan. Layers whose GQA groups span tensor-parallel ranks are not guarded: their ranks select
-together, and they must take one path.
+How, without a host sync: each sparse layer adds the KV pages its chunks read to a device counter (one launch,
+`kernels/page_count.py`; the causal pages are host numbers), counting only chunks with no rows below
+`dense_below` (those attend densely by rule, whatever the layer selects). Once per step with sparse chunks,
+the metadata builder queues a copy of the counters to pinned host memory and reads the copy it queued before,
+once its event has completed: the density a step or two late. A layer that kept more than `dense_above` of its
+causal pages runs vLLM's dense attention in the next PROBE_STEPS steps with sparse chunks, then sparse again
+to measure anew (a new document may be sparser); a step whose every sparse layer runs dense is a dense step.
+Dense is the plan's reference: a layer routed dense moves its output towards dense, and the same request's
+output may then differ with the requests before it. Layers whose GQA groups span tensor-parallel ranks are not
+guarded: their ranks select together, and they must take one path.
 """
 
 from __future__ import annotations

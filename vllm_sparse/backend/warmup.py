@@ -20,9 +20,9 @@ from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.block_means import block_key_means_triton
 from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.kernels.launch import MIN_ROW_BUCKET, row_buckets
+from vllm_sparse.kernels.page_count import add_page_count
 from vllm_sparse.kernels.paged import PagedKV
 from vllm_sparse.log import logger
-from vllm_sparse.kernels.page_count import add_page_count
 from vllm_sparse.metrics.density_kernel import record_density_kernel
 from vllm_sparse.metrics.paths import DENSITY_BUCKETS
 from vllm_sparse.selection.budget import Budget

@@ -36,8 +36,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 AUTO_MIN_QUERY_TOKENS = {"cuda": 2048, "cpu": 16}
 # `dense_above` (`backend/density_guard.py`): a layer whose sparse chunks read more than this share of their causal
 # KV blocks runs dense for a while. On CUDA a sparse chunk-layer pays estimation and selection (antidiagonal at
-# stride 8: 6-12% of a 16K chunk's dense attention at 128K, int8 / bf16 products, H200) on top of attention over
-# what it keeps, so it breaks even near 0.84-0.89 kept; 0.8 leaves a margin. On CPU the sparse path is the exact
+# stride 8: roughly 7-13% of a 16K chunk's dense attention at 128K, int8 / bf16 products) on top of attention over
+# what it keeps, so it breaks even near 0.83-0.89 kept; 0.8 leaves a margin. On CPU the sparse path is the exact
 # torch reference, slower than dense at any density, and its tests exercise every chunk: off.
 AUTO_DENSE_ABOVE = {"cuda": 0.8, "cpu": 1.0}
 # Steps with sparse chunks a layer stays dense before it runs sparse to measure again (two or three of every ~35
