@@ -3,10 +3,10 @@
 A sparse chunk-layer costs estimation and selection plus attention over the blocks it keeps. Near a density of
 1 that is more than vLLM's dense attention: antidiagonal scoring at stride 8 costs roughly 7-13% of a 16K
 chunk's dense attention at 128K (int8 / bf16 products: 3.75 / 7.13 ms on an H200 against ~54 ms of FA3), so a
-layer that keeps more than ~83-89% of its causal blocks loses (FA3 over compacted tables reads a kept block at
-~1.05x the dense cost). Threshold plans (`top_p`) keep that much where attention is spread out: the shipped
-Llama plan kept 90% on a dummy-weight model and took 6% longer than dense at 128K (benchmarks/RESULTS.md,
-2026-11-25).
+layer that keeps more than ~83-89% of its causal blocks loses (FA3 over compacted tables costs 1.05-1.26x
+dense per kept block at 10% kept, H100). Threshold plans (`top_p`) keep that much where attention is spread
+out: the shipped Llama plan kept 90% on a dummy-weight model and took 6% longer than dense at 128K
+(benchmarks/RESULTS.md, 2026-11-25).
 
 How, without a host sync: each sparse layer adds the KV pages its chunks read to a device counter (one launch,
 `kernels/page_count.py`; the causal pages are host numbers), counting only chunks with no rows below
