@@ -289,10 +289,12 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     # own metadata, its tokens counted dense); before the density is read, a sparse step as above.
     from vllm_sparse.backend.density_guard import DensityGuard
 
-    guard = DensityGuard(torch.device("cpu"), 1, 0.5)
-    monkeypatch.setattr(builder_mod, "density_guard", lambda *a: guard)
+    plan.dense_above_on = lambda kind: 0.5
     guarded = Builder(SimpleNamespace(block_size=32), ["model.layers.0.self_attn.attn"], vllm_config, "cpu")
-    guard.record(0, 9, 10)  # the layer's chunks read 90% of their blocks
+    assert isinstance(guarded._guard, DensityGuard) and guarded._guard is not b._guard  # (one a builder)
+    md = guarded.build(0, _common())
+    assert md.sparse_batch.chunks and md.sparse_batch.guard is guarded._guard  # the layers count into it
+    md.sparse_batch.guard.record(0, 400, 9, 10)  # the layer's chunk (400 tokens) read 90% of its blocks
     assert guarded.build(0, _common()).sparse_batch.chunks  # the step that queues the count
     md = guarded.build(0, _common())  # reads it: layer 0 runs dense, and it is the group's only sparse layer
     assert getattr(md, "sparse_batch", None) is None and md.seq_lens_view.tolist() == SEQ_LENS

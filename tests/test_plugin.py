@@ -161,9 +161,9 @@ def test_layers_the_sparse_path_cannot_take_are_named_at_start(caplog):
     vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=context))
     plan = SimpleNamespace(layer=lambda i: SimpleNamespace(is_sparse=i != 2))  # layer 2 is dense anyway
     with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
-        assert warn_dense_layers(vllm_config, names, plan) == 1  # layer 1 alone runs sparse
+        assert warn_dense_layers(vllm_config, names, plan) == {1}  # layer 1 alone runs sparse
     # A group whose sparse layers all run dense: none left (its builder then splits no step).
-    assert warn_dense_layers(vllm_config, [names[0], names[2], names[3]], plan) == 0
+    assert warn_dense_layers(vllm_config, [names[0], names[2], names[3]], plan) == frozenset()
     lines = [r.getMessage() for r in caplog.records if "sparse path does not support" in r.getMessage()][:2]
     assert lines == ["vllm-sparse: layer 0 (model.layers.0.self_attn.attn) has sliding window, which the sparse "
                      "path does not support: it runs dense",

@@ -40,6 +40,7 @@ class SparseBatch:
     # Layers that run dense in this step although it has sparse chunks: lately they kept more than the plan's
     # `dense_above` of their blocks (`density_guard.py`).
     dense_layers: frozenset[int] = frozenset()
+    guard: object | None = None  # the builder's `density_guard.DensityGuard`, which the sparse layers count into
 
 
 # Each array of `tile_geometry` starts at a multiple of this many int32s (16 bytes) in the step's one device

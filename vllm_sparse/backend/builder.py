@@ -26,7 +26,7 @@ from vllm_sparse.backend.checks import (
     warn_dense_layers,
 )
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
-from vllm_sparse.backend.density_guard import density_guard
+from vllm_sparse.backend.density_guard import DensityGuard
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up, warm_up_decode
 from vllm_sparse.config.errors import SparseConfigError
@@ -86,6 +86,7 @@ class SparseBuilderMixin:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._plan = plan_for(vllm_config)
         self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
+        self._sparse_layers: frozenset[int] = frozenset()  # of this group, that run sparse (`warn_dense_layers`)
         # A sparse step's dense requests get their metadata from a builder of their own. The dense builder
         # keeps persistent buffers (FA3's scheduler metadata under CUDA graphs, R-SWA prefix lengths,
         # multimodal ranges) that the step's whole-batch metadata points into, which the layers this plan
@@ -122,7 +123,8 @@ class SparseBuilderMixin:
             else:
                 self.match_dense_builder(self._dense_builder)
                 # (a group whose sparse layers all run dense splits no step: no per-step classify and sub-build)
-                self._has_sparse_layer = warn_dense_layers(vllm_config, layer_names, self._plan) > 0
+                self._sparse_layers = warn_dense_layers(vllm_config, layer_names, self._plan)
+                self._has_sparse_layer = bool(self._sparse_layers)
         if self._decode is not None and why:  # (decode selection reads the same pages: it would read garbage)
             raise SparseConfigError(self._plan.source, [("decode", (
                 f"{why}: decode selection for layers {layer_span(layer_names)} reads those pages; run their "
@@ -137,11 +139,10 @@ class SparseBuilderMixin:
         counted = (self._has_sparse_layer or self._decode is not None) and compat.pipeline_parallel_rank() == 0
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting(self) else None
-        # The plan's `dense_above` rule: one builder per process moves it on each step (`density_guard.py`).
-        self._guard = density_guard(torch.device(device), len(self._plan.layers), self._plan.dense_above_on(kind)) \
-            if self._has_sparse_layer else None
-        self._steps_guard = self._guard is not None and self._guard.claim(self)
-        self._sparse_layers = frozenset(i for i in map(layer_index, layer_names) if self._plan.layer(i).is_sparse)
+        # The plan's `dense_above` rule for this group's layers (`density_guard.py`): counted by them, read here.
+        self._guard = None
+        if self._has_sparse_layer and self._plan.dense_above_on(kind) < 1:
+            self._guard = DensityGuard(torch.device(device), len(self._plan.layers), self._plan.dense_above_on(kind))
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page
@@ -183,7 +184,7 @@ class SparseBuilderMixin:
             chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._min_context,
                                                         self._min_query, self._min_work)
             if chunks and self._guard is not None:  # (the `dense_above` rule: host numbers, a step or two late)
-                dense_layers = self._guard.begin_step() if self._steps_guard else self._guard.dense_layers
+                dense_layers = self._guard.begin_step([c.seq_len for c in chunks])
                 if self._sparse_layers <= dense_layers:  # every sparse layer runs dense: so does the step
                     chunks = []
         if self._metrics is not None:
@@ -204,4 +205,4 @@ class SparseBuilderMixin:
         dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
         tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device)
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows,
-                                                                    tiles, dense_layers))
+                                                                    tiles, dense_layers, self._guard))

@@ -198,11 +198,11 @@ def check_head_size(plan, head_size: int) -> None:
             "run this model with a config that keeps its layers dense"))])
 
 
-def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> int:
+def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> frozenset[int]:
     """At start, the layers the plan makes sparse whose attention has features the sparse path lacks (sliding
     window, ALiBi, ...): with a plan found by discovery one line each, and they run dense; with a config the
-    user named, an error listing them (what it asks must run). -> how many of the group's layers the plan
-    makes sparse that do run sparse (0: the group's steps need no sparse split)."""
+    user named, an error listing them (what it asks must run). -> the indices of the group's layers the plan
+    makes sparse that do run sparse (none: the group's steps need no sparse split)."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
@@ -221,7 +221,7 @@ def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> int:
             sparse.discard(name)
     if problems:
         raise SparseConfigError(plan.source, problems)
-    return len(sparse)
+    return frozenset(layer_index(name) for name in sparse)
 
 
 def rank_shard(plan, num_heads: int, num_kv_heads: int):

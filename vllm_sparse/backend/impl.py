@@ -23,7 +23,6 @@ from vllm_sparse.backend.checks import (
     layer_index,
     rank_shard,
 )
-from vllm_sparse.backend.density_guard import guard_of
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
@@ -120,7 +119,6 @@ class SparseImplMixin:
         self._heads = None  # this layer's per-local-head plans, bound on first use
         self._metrics = False  # this process's WorkerMetrics (None: disabled), bound on first sparse step
         self._split = None  # this rank's part in a GQA group that spans ranks (`split_groups.py`)
-        self._guard = False  # the plan's `dense_above` rule (`density_guard.py`; None: off), bound on first use
 
     def _head_plans(self, layer) -> list | None:
         if self._heads is None:
@@ -219,11 +217,9 @@ class SparseImplMixin:
             self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
-        if self._guard is False:  # (a GQA group split over ranks selects on every rank together: not guarded)
-            self._guard = guard_of(query.device) if self._split is None else None
         attend_observed(query, output, self._paged_kv(layer, kv_cache), attn_metadata.block_table, batch.chunks,
                         head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
                         kernel=self._kernel, union_heads=self._plan.union_heads, dense_below=self._plan.dense_below,
                         split=self._split, metrics=self._metrics, tiles=batch.tiles,
                         q_scale=(layer._q_scale, layer._q_scale_float) if query.dtype in FP8_DTYPES else None,
-                        guard=self._guard)
+                        guard=batch.guard if self._split is None else None)  # (split groups: not guarded)

@@ -238,4 +238,4 @@ def attend_sparse_chunks(
         if metrics is not None:
             metrics.record_density(layer, *pages)
         if guard is not None and not dense_rows(ctx, dense_below):  # (rows below dense_below read all by rule)
-            guard.record(layer, *pages)
+            guard.record(layer, c.seq_len, *pages)

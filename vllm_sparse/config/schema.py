@@ -325,10 +325,11 @@ def _build_models():
             "what it saves. An integer, with an optional K/M/G suffix (\"128M\"), 0 (off), or \"auto\" (the "
             "default): the measured break-even of the device, `vllm-sparse plan` prints it")
         dense_above: float | str | None = Field(
-            None, description="a layer whose sparse chunks lately read more than this share of their causal KV "
-            "blocks runs vLLM's dense attention in the next steps with sparse chunks, then sparse again to measure "
-            "anew: near a density of 1 the estimation costs more than the blocks left out save. A number in "
-            "(0, 1] (1: off), or \"auto\" (the default): 0.8 on CUDA, off on CPU, `vllm-sparse plan` prints it")
+            None, description="a layer whose sparse chunks of a length (up to 16K, 32K, ..., 1M) lately read more "
+            "than this share of their causal KV blocks runs vLLM's dense attention for chunks of that length in the "
+            "next steps with sparse chunks, then sparse again to measure anew: near a density of 1 the estimation "
+            "costs more than the blocks left out save. A number in (0, 1] (1: off), or \"auto\" (the default): 0.8 "
+            "on CUDA, off on CPU, `vllm-sparse plan` prints it")
         estimator: spec | None = None  # type: ignore[valid-type]
         budget: BudgetSpec | None = None
 
