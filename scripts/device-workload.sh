@@ -61,6 +61,9 @@
 #          VLLM_SPARSE_FA_PACK_LISTS=1, then =0, in one call (two runs of two engines)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
+#   guard  the `dense_above` rule (2026-12-05, not yet run on a GPU engine): tests/test_density_guard.py on the GPU,
+#          then benchmarks/e2e.py with CUDA graphs at 32K and 128K: dense, the shipped configs/llama-3.yaml (its tau
+#          0.9 keeps ~90% of the blocks on dummy weights: the rule's case) and the same plan with dense_above 1 (off)
 # WL_ARGS: more workload.py arguments (e.g. a shorter traffic where one call's time is short); DENSE_AGAIN=1: a
 # second dense engine last (the spread between two engines of the same kind); SPARSE_FIRST=1: the plans' engines
 # before the dense one.
@@ -161,6 +164,14 @@ selcmp() {
     python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; print($ctx, 'kernels ms', round(r['kernels_ms'],3), {k: round(v,1) for k, v in r.get('kernel_us', {}).items() if 'select' in k or 'table' in k or 'union' in k})" "$OUT/selcmp_$ctx.json"
   done
 }
+guard() {
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_density_guard.py -k "not engine" 2>&1 | tail -3
+  python3 -c "import yaml; c = yaml.safe_load(open('configs/llama-3.yaml')); [m.update(dense_above=1) for m in c['models']]; yaml.safe_dump(c, open('/tmp/llama-3-dense-above-off.yaml', 'w'))"
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --no-kept \
+    --lengths 32768,131072 --config configs/llama-3.yaml --extra-config /tmp/llama-3-dense-above-off.yaml \
+    --out "$OUT/e2e_guard.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" \
+    | tee "$OUT/e2e_guard.log" | tail -20
+}
 fa2() {
   local first=${PLANS%% *}
   # The shared staging leaves FA2's library out (2026-12-05: this step's tests then skipped and its engines stopped
@@ -230,4 +241,4 @@ hostgap() {
   python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:420" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:420 guard:420" "$@"
