@@ -8,7 +8,8 @@ in one (below), and so start-up failures are seen the way a user sees them.
                                     "audit": false}'
 
 "stats" reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
-attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens by path.
+attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens by path; "kept_density" the
+/metrics histogram of the chunk-layers that ran sparse (counts per density bucket, per group of 8 layers).
 
 A JSON list of specs runs their engines one after the other in this one process (each shut down before
 the next starts, as `vllm-sparse eval` runs its engines), which pays vLLM's import once: each engine's
@@ -33,7 +34,7 @@ def main(spec: dict, close: bool = False) -> dict:
     import gc
     import os
 
-    if spec.get("stats") or spec.get("counters"):  # read back from the workers after generating
+    if spec.get("stats") or spec.get("counters") or spec.get("kept_density"):  # read back from the workers
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     if spec.get("stats"):  # the sparse path's densities
         os.environ["VLLM_SPARSE_STATS"] = "1"
@@ -73,6 +74,8 @@ def main(spec: dict, close: bool = False) -> dict:
         from vllm_sparse.metrics.worker import process_counts
 
         out["counters"] = llm.collective_rpc(process_counts)[0]
+    if spec.get("kept_density"):
+        out["kept_density"] = llm.collective_rpc(kept_density_counts)[0]
     if spec.get("stats"):
         from vllm_sparse.eval.harness import read_stats
 
@@ -81,6 +84,17 @@ def main(spec: dict, close: bool = False) -> dict:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+    return out
+
+
+def kept_density_counts(worker=None) -> dict:
+    """This worker's kept-density histogram as /metrics exports it: {layer group: counts per bucket}."""
+    from vllm_sparse.metrics import worker as metrics
+
+    out = {}
+    for m in list(metrics._METRICS.values()):
+        for layers, d in m.snapshot()["kept_density"].items():
+            out[layers] = d["counts"]
     return out
 
 

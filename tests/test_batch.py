@@ -298,6 +298,12 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
     assert guarded.build(0, _common()).sparse_batch.chunks  # the step that queues the count
     md = guarded.build(0, _common())  # reads it: layer 0 runs dense, and it is the group's only sparse layer
     assert getattr(md, "sparse_batch", None) is None and md.seq_lens_view.tolist() == SEQ_LENS
+    # While eval or calibration measure the plan, every chunk-layer runs sparse and nothing is counted.
+    from vllm_sparse.selection.stats import STATS
+
+    monkeypatch.setattr(STATS, "enabled", True)
+    md = guarded.build(0, _common())
+    assert md.sparse_batch.chunks and md.sparse_batch.dense_layers == frozenset() and md.sparse_batch.guard is None
 
 
 def test_tile_geometry_built_once_per_step_equals_the_per_call_one():

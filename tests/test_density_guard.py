@@ -64,6 +64,25 @@ def test_densities_are_kept_apart_by_the_chunks_length():
     assert g.begin_step([5_000]) == frozenset()  # a bucket nothing measured yet: sparse
 
 
+def test_a_chunk_is_measured_when_no_row_of_it_reads_every_block_by_rule():
+    """`measured` (the builder's, before a step) says what `attention_mass.dense_rows` (the layers') does: a chunk
+    with a query block whose tokens all lie before dense_below is not counted, and its length decides nothing."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend.attention_mass import dense_rows
+
+    for bs in (64, 128):
+        for dense_below in (0, 300, 8192, 8200):
+            for context in range(0, 9000, 37):
+                ctx = SimpleNamespace(block_size=bs, first_query_block=context // bs, num_query_blocks=4)
+                assert dg.measured(context, dense_below, bs) == (dense_rows(ctx, dense_below) == 0)
+    g = _guard(num_layers=1)
+    g.record(0, L, 9, 10)
+    g.begin_step([L])
+    _sync(g)
+    assert g.begin_step([L]) == {0} and g.begin_step([]) == frozenset()  # a step with no measured chunk: sparse
+
+
 def test_the_share_is_compared_with_the_pages_the_chunks_could_read():
     g = _guard(num_layers=3, dense_above=0.5)
     g.record(0, L, 50, 100)  # exactly the share: not above it
@@ -140,7 +159,7 @@ def test_auto_is_on_for_cuda_and_off_on_cpu_and_a_setting_is_checked(tmp_path):
 @pytest.mark.engine
 def test_an_engine_runs_a_layer_dense_once_its_chunks_read_most_blocks(tiny_llama, tmp_path):
     """In vLLM's CPU engine (two layers, one KV cache group): layer 0 keeps every block, layer 1 a few. With
-    `dense_above: 0.5` layer 0 runs sparse in the first steps with sparse chunks and dense once the builder has
+    `dense_above: 0.7` layer 0 runs sparse in the first steps with sparse chunks and dense once the builder has
     read its density, while layer 1 stays sparse in the same steps (a step with a layer routed dense and one
     sparse); with `dense_above: 1` both run sparse throughout. The same tokens (layer 0's keep-all equals dense).
     The long prompt's chunks: 256 tokens a step, sparse from the second (tests/test_engine_cpu.py's)."""
@@ -149,7 +168,7 @@ def test_an_engine_runs_a_layer_dense_once_its_chunks_read_most_blocks(tiny_llam
 
     sink_local = {"name": "sink_local", "sink_blocks": 1, "local_blocks": 1}
     out = {}
-    for above in (0.5, 1):
+    for above in (0.7, 1):
         path = tmp_path / f"guard_{above}.yaml"
         path.write_text(yaml.safe_dump({"version": 1, "models": [{
             "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
@@ -157,13 +176,19 @@ def test_an_engine_runs_a_layer_dense_once_its_chunks_read_most_blocks(tiny_llam
                 {"layers": [0], "estimator": sink_local, "budget": {"keep_ratio": 1.0}},
                 {"layers": [1], "estimator": sink_local, "budget": {"top_k": 2, "sink_blocks": 1, "local_blocks": 1}},
             ]}]}))
-        out[above] = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": str(path), "stats": True,
-                                 "prompts": _prompts(tiny_llama), "engine": ENGINE, "max_tokens": 4})[0]
-    guarded, unguarded = ({int(k): v["unions"] for k, v in out[a]["stats"].items()} for a in (0.5, 1))
-    print(f"union tiles run sparse per layer: dense_above 0.5 {guarded}, dense_above 1 {unguarded}")
-    assert sorted(guarded) == sorted(unguarded) == [0, 1]
-    # Layer 0 ran sparse only in the steps before its density was read; layer 1 (two blocks a query block: the
-    # first and its own, under half of what each sees) ran sparse in every step, as without the rule.
-    assert 0 < guarded[0] < unguarded[0] == unguarded[1] == guarded[1], (guarded, unguarded)
-    assert out[0.5]["stats"]["1"]["union_density"] <= 0.5
-    assert [r["token_ids"] for r in out[0.5]["results"]] == [r["token_ids"] for r in out[1]["results"]]
+        out[above] = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": str(path),
+                                 "kept_density": True, "prompts": _prompts(tiny_llama), "engine": ENGINE,
+                                 "max_tokens": 4})[0]
+    # The chunk-layers that ran sparse, by what they read (/metrics' histogram, layers 0-1 together; buckets up
+    # to 0.02, 0.05, ..., 0.9, 1.0, above): layer 0's at 100% (the 1.0 bucket), layer 1's at 60% or less (two
+    # blocks a query block: the first and its own; its pages are vLLM's 32 tokens).
+    from vllm_sparse.metrics.paths import DENSITY_BUCKETS
+
+    top = DENSITY_BUCKETS.index(1.0)
+    (guarded,), (unguarded,) = (list(out[a]["kept_density"].values()) for a in (0.7, 1))
+    assert sum(guarded[top - 3:top]) == sum(unguarded[top - 3:top]) == guarded[-1] == unguarded[-1] == 0
+    runs = {a: (int(c[top]), int(sum(c[:top]))) for a, c in ((0.7, guarded), (1, unguarded))}
+    print(f"chunk-layers run sparse (layer 0, layer 1): dense_above 0.7 {runs[0.7]}, dense_above 1 {runs[1]}")
+    # Layer 0 ran sparse only in the steps before its density was read; layer 1 in every step, as without the rule.
+    assert 0 < runs[0.7][0] < runs[1][0] and runs[0.7][1] == runs[1][1] > 0, runs
+    assert [r["token_ids"] for r in out[0.7]["results"]] == [r["token_ids"] for r in out[1]["results"]]

@@ -26,7 +26,8 @@ from vllm_sparse.backend.checks import (
     warn_dense_layers,
 )
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
-from vllm_sparse.backend.density_guard import DensityGuard
+from vllm_sparse.backend.density_guard import DensityGuard, measured
+from vllm_sparse.backend.instrumented import active_observer
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up, warm_up_decode
 from vllm_sparse.config.errors import SparseConfigError
@@ -179,12 +180,15 @@ class SparseBuilderMixin:
             common_attn_metadata, decode_rows = self._decode.shorten(common_attn_metadata)
         md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
         chunks, dense_reqs, dense_tokens = [], None, None
-        dense_layers = frozenset()
+        dense_layers, guard = frozenset(), None
         if self._has_sparse_layer:
             chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._min_context,
                                                         self._min_query, self._min_work)
-            if chunks and self._guard is not None:  # (the `dense_above` rule: host numbers, a step or two late)
-                dense_layers = self._guard.begin_step([c.seq_len for c in chunks])
+            # The `dense_above` rule (host numbers, a step or two late); not while eval or calibration measure the
+            # plan itself (every chunk-layer sparse, as they report it).
+            if chunks and self._guard is not None and active_observer() is None:
+                guard, bs, below = self._guard, self._plan.block_size, self._plan.dense_below
+                dense_layers = self._guard.begin_step([c.seq_len for c in chunks if measured(c.context_len, below, bs)])
                 if self._sparse_layers <= dense_layers:  # every sparse layer runs dense: so does the step
                     chunks = []
         if self._metrics is not None:
@@ -205,4 +209,4 @@ class SparseBuilderMixin:
         dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
         tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device)
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows,
-                                                                    tiles, dense_layers, self._guard))
+                                                                    tiles, dense_layers, guard))

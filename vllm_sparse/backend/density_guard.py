@@ -34,6 +34,12 @@ from vllm_sparse.log import logger
 BUCKETS = 8  # chunk lengths (context + own tokens) up to 16K, 32K, ..., 1M, and above
 
 
+def measured(context_len: int, dense_below: int, block_size: int) -> bool:
+    """Whether a chunk after `context_len` tokens is counted: it has no query block whose tokens all lie before
+    `dense_below` (those read every block by rule, whatever the layer selects; `attention_mass.dense_rows`)."""
+    return context_len // block_size >= dense_below // block_size
+
+
 def context_bucket(seq_len: int) -> int:
     """The density bucket of a chunk that ends at `seq_len` tokens: 0 up to 16K, then one per doubling."""
     return min(BUCKETS - 1, max(0, (seq_len - 1).bit_length() - 14))
@@ -73,7 +79,8 @@ class DensityGuard:
 
     # -- the builder's side (once per step with sparse chunks) ---------------------------------------
     def begin_step(self, seq_lens) -> frozenset[int]:
-        """The layers that run dense in this step, whose sparse chunks end at `seq_lens` tokens (host numbers):
+        """The layers that run dense in this step, whose measured sparse chunks (`measured`) end at `seq_lens`
+        tokens (host numbers; a step with none of them runs every layer sparse):
         reads the copy queued before (if its event has completed), queues a copy of the counts since, and moves
         the step on. No host sync."""
         self._step += 1
@@ -93,6 +100,8 @@ class DensityGuard:
             self._causal = [0] * len(self._causal)
             self._recorded = False
         buckets = {context_bucket(n) for n in seq_lens}
+        if not buckets:  # (no chunk of the step is measured: nothing says any layer wins dense)
+            return frozenset()
         layers = len(self._dense_until) // BUCKETS
         return frozenset(layer for layer in range(layers)
                          if all(self._dense_until[layer * BUCKETS + b] > self._step for b in buckets))
