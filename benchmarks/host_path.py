@@ -176,8 +176,8 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
         # would show in the sync count of whatever step is running.
         metrics._read_device = lambda: metrics._last_acc
         # The plan's `dense_above` count, as CUDA's `auto` runs it (layers counted, none routed dense here).
-        guard = DensityGuard(where, shape.num_layers, plan.dense_above_on("cuda")) \
-            if plan.dense_above_on("cuda") < 1 else None
+        above = plan.dense_above_on("cuda")
+        guard = DensityGuard(where, shape.num_layers, above) if above < 1 else None
         if guard is not None:
             guard.use_kernel = True
         packed = []  # per chunk-layer: whether its page lists took one FlashAttention call

@@ -141,9 +141,9 @@ class SparseBuilderMixin:
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting(self) else None
         # The plan's `dense_above` rule for this group's layers (`density_guard.py`): counted by them, read here.
-        self._guard = None
-        if self._has_sparse_layer and self._plan.dense_above_on(kind) < 1:
-            self._guard = DensityGuard(torch.device(device), len(self._plan.layers), self._plan.dense_above_on(kind))
+        above = self._plan.dense_above_on(kind)
+        self._guard = DensityGuard(torch.device(device), len(self._plan.layers), above) \
+            if self._has_sparse_layer and above < 1 else None
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page

@@ -53,6 +53,7 @@ class DensityGuard:
         self.device, self.dense_above = device, dense_above
         self._cuda = device.type == "cuda"
         self.use_kernel = self._cuda  # count with one launch (tests set it on CPU, interpreted)
+        self._num_layers = num_layers
         n = num_layers * BUCKETS
         self._kept = torch.zeros(n, dtype=torch.int64, device=device)
         self._causal = [0] * n  # host numbers, as the layers queued their counts
@@ -102,8 +103,7 @@ class DensityGuard:
         buckets = {context_bucket(n) for n in seq_lens}
         if not buckets:  # (no chunk of the step is measured: nothing says any layer wins dense)
             return frozenset()
-        layers = len(self._dense_until) // BUCKETS
-        return frozenset(layer for layer in range(layers)
+        return frozenset(layer for layer in range(self._num_layers)
                          if all(self._dense_until[layer * BUCKETS + b] > self._step for b in buckets))
 
     def _decide(self, kept: list[int], causal: list[int]) -> None:
