@@ -26,7 +26,7 @@ from vllm_sparse.backend.checks import (
     warn_dense_layers,
 )
 from vllm_sparse.backend.decode_rows import DecodeRowsBuilder
-from vllm_sparse.backend.density_guard import DensityGuard, measured
+from vllm_sparse.backend.density_guard import DensityGuard
 from vllm_sparse.backend.instrumented import active_observer
 from vllm_sparse.backend.plan_cache import plan_for
 from vllm_sparse.backend.warmup import warm_up, warm_up_decode
@@ -187,8 +187,8 @@ class SparseBuilderMixin:
             # The `dense_above` rule (host numbers, a step or two late); not while eval or calibration measure the
             # plan itself (every chunk-layer sparse, as they report it).
             if chunks and self._guard is not None and active_observer() is None:
-                guard, bs, below = self._guard, self._plan.block_size, self._plan.dense_below
-                dense_layers = self._guard.begin_step([c.seq_len for c in chunks if measured(c.context_len, below, bs)])
+                guard = self._guard
+                dense_layers = guard.begin_step([c.seq_len for c in chunks])
                 if self._sparse_layers <= dense_layers:  # every sparse layer runs dense: so does the step
                     chunks = []
         if self._metrics is not None:

@@ -9,8 +9,11 @@ out: the shipped Llama plan kept 90% on a dummy-weight model and took 6% longer 
 (benchmarks/RESULTS.md, 2026-11-25).
 
 How, without a host sync: each sparse layer adds the KV pages its chunks read to a device counter per context
-bucket (one launch, `kernels/page_count.py`; the causal pages are host numbers), counting only chunks with no
-rows below `dense_below` (those attend densely by rule, whatever the layer selects). A layer keeps less of a
+bucket (one launch, `kernels/page_count.py`; the causal pages are host numbers). Every sparse chunk counts, its
+rows below `dense_below` (which read every block by rule) included: the rule weighs what the sparse path reads
+against what dense attention would read, and a prompt's first chunk pays estimation for its later rows as any
+chunk does (2026-12-05, H100: with first chunks left out, the shipped Llama plan's 32K prompts stayed 3% slower
+than dense, their first chunk sparse at ~90% kept; benchmarks/RESULTS.md). A layer keeps less of a
 longer context, so densities are kept apart by the chunk's length (powers of two from 16K): what the first
 chunks of a prompt keep does not decide for its last ones. Once per step with sparse chunks the metadata
 builder queues a copy of the counters to pinned host memory and reads the copy it queued before, once its
@@ -32,12 +35,6 @@ from vllm_sparse.kernels.page_count import add_page_count
 from vllm_sparse.log import logger
 
 BUCKETS = 8  # chunk lengths (context + own tokens) up to 16K, 32K, ..., 1M, and above
-
-
-def measured(context_len: int, dense_below: int, block_size: int) -> bool:
-    """Whether a chunk after `context_len` tokens is counted: it has no query block whose tokens all lie before
-    `dense_below` (those read every block by rule, whatever the layer selects; `attention_mass.dense_rows`)."""
-    return context_len // block_size >= dense_below // block_size
 
 
 def context_bucket(seq_len: int) -> int:
@@ -80,8 +77,7 @@ class DensityGuard:
 
     # -- the builder's side (once per step with sparse chunks) ---------------------------------------
     def begin_step(self, seq_lens) -> frozenset[int]:
-        """The layers that run dense in this step, whose measured sparse chunks (`measured`) end at `seq_lens`
-        tokens (host numbers; a step with none of them runs every layer sparse):
+        """The layers that run dense in this step, whose sparse chunks end at `seq_lens` tokens (host numbers):
         reads the copy queued before (if its event has completed), queues a copy of the counts since, and moves
         the step on. No host sync."""
         self._step += 1
@@ -101,7 +97,7 @@ class DensityGuard:
             self._causal = [0] * len(self._causal)
             self._recorded = False
         buckets = {context_bucket(n) for n in seq_lens}
-        if not buckets:  # (no chunk of the step is measured: nothing says any layer wins dense)
+        if not buckets:
             return frozenset()
         return frozenset(layer for layer in range(self._num_layers)
                          if all(self._dense_until[layer * BUCKETS + b] > self._step for b in buckets))

@@ -16,7 +16,6 @@ import torch
 from vllm_sparse.backend.attend import attend_chunk_reference, attend_chunk_with_kernel
 from vllm_sparse.backend.attention_mass import dense_rows
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.density_guard import measured
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.split_groups import SplitGroup, per_q_head
 from vllm_sparse.config.plan import HeadPlan
@@ -238,5 +237,5 @@ def attend_sparse_chunks(
                                              observer, tiles[i] if tiles is not None else None, fa3_query)
         if metrics is not None:
             metrics.record_density(layer, *pages)
-        if guard is not None and measured(c.context_len, dense_below, block_size):
+        if guard is not None:
             guard.record(layer, c.seq_len, *pages)
