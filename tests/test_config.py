@@ -429,6 +429,8 @@ def test_shipped_plans_apply_to_the_families_they_name(monkeypatch, capsys, tmp_
     # The 8B entry (TidalDecode's published selection layers are the 8B model's) before the family's entry.
     assert "shipped plan llama-3.yaml applies: its name glob '*Llama-3.1-8B*' matches" in out and "published" in out
     assert "decode=tidal" in out
+    # The `dense_above` rule as it applies (every sparse chunk counted, a first chunk's dense rows included).
+    assert "rows below dense_below, which read every block, included" in out and "on CUDA 0.8, on CPU off" in out
     seventy = ModelShape("meta-llama/Llama-3.1-70B-Instruct", ("LlamaForCausalLM",), 80, 64, 8)
     plan = build_plan(None, seventy)
     assert plan.is_sparse and not plan.is_sparse_decode  # no selection layers published for 70B: dense decode

@@ -122,10 +122,10 @@ def describe_dense_above(plan) -> str:
 
     where = (f"on CUDA {share('cuda')}, on CPU {share('cpu')} (dense_above=auto)" if plan.dense_above is None
              else f"dense_above={plan.dense_above:g}" + (" (off)" if plan.dense_above >= 1 else ""))
-    return (f"A layer whose sparse chunks (those with no rows below dense_below) of a length (up to 16K, 32K, ..., 1M) "
-            f"read more than this share of their causal KV blocks, {where}, runs dense for chunks of that length in "
-            f"the next {DENSE_ABOVE_PROBE_STEPS} steps with sparse chunks, then sparse again to measure anew (counted "
-            "as the layers run, read a step or two later without a sync)")
+    return ("A layer whose sparse chunks of a length (up to 16K, 32K, ..., 1M; their rows below dense_below, which "
+            f"read every block, included) read more than this share of their causal KV blocks, {where}, runs dense "
+            f"for chunks of that length in the next {DENSE_ABOVE_PROBE_STEPS} steps with sparse chunks, then sparse "
+            "again to measure anew (counted as the layers run, read a step or two later without a sync)")
 
 
 def cmd_plan(args) -> int:
