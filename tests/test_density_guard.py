@@ -218,3 +218,31 @@ def test_an_engine_runs_a_layer_dense_once_its_chunks_read_most_blocks(tiny_llam
     # Layer 0 ran sparse only in the steps before its density was read; layer 1 in every step, as without the rule.
     assert 0 < runs[0.7][0] < runs[1][0] and runs[0.7][1] == runs[1][1] > 0, runs
     assert [r["token_ids"] for r in out[0.7]["results"]] == [r["token_ids"] for r in out[1]["results"]]
+
+
+@pytest.mark.engine
+def test_an_engine_runs_a_later_prompts_first_chunk_dense_too(tiny_llama, tmp_path):
+    """In vLLM's CPU engine: every layer keeps every block (`dense_above: 0.7`), dense_below 128 (a prompt's first
+    256-token chunk is half rows that read every block by rule, half sparse rows). The first prompt runs its first
+    chunks sparse until the builder has read their counts; the next prompt of that length, its first chunk
+    included, runs dense (counted dense in /metrics). Before 2026-12-05's change a first chunk was not counted and
+    so never routed dense: on an H100 the shipped Llama plan's 32K prompts stayed 3% slower than dense."""
+    from tests.engines import run_engine
+    from tests.test_engine_cpu import ENGINE, _prompts
+
+    path = tmp_path / "keep_all.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "models": [{
+        "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16,
+        "block_size": 64, "dense_below": 128, "dense_above": 0.7, "union_tile": 1, "layers": [
+            {"layers": "all", "estimator": {"name": "sink_local", "sink_blocks": 1, "local_blocks": 1},
+             "budget": {"keep_ratio": 1.0}}]}]}))
+    long = _prompts(tiny_llama)[0]["prompt_token_ids"]  # 1,100 tokens: five chunks of up to 256
+    prompts = [{"prompt_token_ids": long}, {"prompt_token_ids": long[::-1]}]  # (no prefix-cache hit)
+    out = run_engine({"model": str(tiny_llama), "backend": "sparse", "config": str(path), "counters": True,
+                      "prompts": prompts, "sequential": True, "engine": ENGINE, "max_tokens": 2,
+                      "prompt_logprobs": False})[0]
+    prefill = out["counters"]["prefill"]
+    print("prefill tokens by path:", prefill)
+    # The first prompt: its first two chunks sparse (the count of the first is read two steps later), the rest
+    # dense; the second prompt dense throughout, its first chunk included.
+    assert prefill["sparse"] == 512 and prefill["dense"] == 2 * len(long) - 512, prefill
