@@ -97,7 +97,7 @@ class DensityGuard:
             self._causal = [0] * len(self._causal)
             self._recorded = False
         buckets = {context_bucket(n) for n in seq_lens}
-        if not buckets:
+        if not buckets:  # (a step with no sparse chunk: no layer is routed, where all() would say every one)
             return frozenset()
         return frozenset(layer for layer in range(self._num_layers)
                          if all(self._dense_until[layer * BUCKETS + b] > self._step for b in buckets))
