@@ -15,17 +15,13 @@ import triton
 import triton.language as tl
 
 from vllm_sparse.kernels.launch import storage_base
+from vllm_sparse.kernels.page_count import page_sum
 
 
 @triton.jit(do_not_specialize=["kept_offset", "n_kept", "total", "bucket0", "sum_slot"])
 def _record_density_kernel(KEPT, kept_offset, n_kept, total, BOUNDS, ACC, bucket0, sum_slot,
                            N_BOUNDS: tl.constexpr, BLOCK: tl.constexpr, BOUNDS_PAD: tl.constexpr):
-    KEPT += kept_offset
-    i = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.int64)
-    for i0 in range(0, n_kept, BLOCK):
-        acc += tl.load(KEPT + i0 + i, mask=i0 + i < n_kept, other=0).to(tl.int64)
-    share = tl.math.div_rn(tl.sum(acc, axis=0).to(tl.float32), total)
+    share = tl.math.div_rn(page_sum(KEPT + kept_offset, n_kept, BLOCK).to(tl.float32), total)
     b = tl.arange(0, BOUNDS_PAD)
     bounds = tl.load(BOUNDS + b, mask=b < N_BOUNDS, other=float("inf"))
     slot = bucket0 + tl.sum((bounds < share).to(tl.int32), axis=0)
