@@ -71,8 +71,9 @@ def test_a_prompts_first_chunk_counts_its_dense_rows_too(keep_all, kernel):
     every chunk is: the pages the sparse path read, its dense rows' included, against the causal pages, what
     dense attention would read. Such a chunk pays estimation for its later rows: a layer that keeps most of the
     rest goes dense for it too (left out, the shipped Llama plan's 32K prompts stayed 3% slower than dense on an
-    H100, 2026-12-05). The torch reference path and the Triton kernels' (interpreted on a CPU host) count alike;
-    random paged GQA data, fp32 (the interpreter's bf16 products are wrong), into layer 1 of two."""
+    H100, 2026-12-05). The torch reference path and the Triton kernels' (on the GPU where there is one, else
+    interpreted) count alike; random paged GQA data, fp32 (the interpreter's bf16 products are wrong), into layer 1
+    of two."""
     from tests.fixtures.paged import random_paged_batch
     from vllm_sparse.backend.attention_mass import dense_rows
     from vllm_sparse.backend.batch import SparseChunk
@@ -80,16 +81,20 @@ def test_a_prompts_first_chunk_counts_its_dense_rows_too(keep_all, kernel):
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.base import ChunkContext
     from vllm_sparse.estimators.registry import get_estimator
+    from vllm_sparse.kernels.paged import PagedKV
     from vllm_sparse.selection.budget import Budget
 
     hq, hkv, d, page, bs, seq, dense_below = 4, 2, 32, 16, 32, 320, 128
     b = random_paged_batch([seq], [seq], hq, hkv, d, page, seed=3)
+    device = torch.device("cuda" if GPU else "cpu")
+    q, table = b.q.to(device), b.block_table.to(device)
+    kv = PagedKV(b.kv.key.to(device), b.kv.value.to(device))
     est = get_estimator("sink_local")
     budget = Budget(keep_ratio=1.0) if keep_all else Budget(top_k=2, sink_blocks=1, local_blocks=1)
     plan = HeadPlan("sink_local", est.params(sink_blocks=1, local_blocks=1), budget)
-    g = dg.DensityGuard(torch.device("cpu"), 2, 0.8)
-    out = torch.full_like(b.q, float("nan"))
-    attend_sparse_chunks(b.q, out, b.kv, b.block_table, (SparseChunk(0, 0, seq, 0),), [plan] * hq, bs, d**-0.5,
+    g = dg.DensityGuard(device, 2, 0.8)
+    out = torch.full_like(q, float("nan"))
+    attend_sparse_chunks(q, out, kv, table, (SparseChunk(0, 0, seq, 0),), [plan] * hq, bs, d**-0.5,
                          union_tile=1, layer=1, kernel=kernel, dense_below=dense_below, guard=g)
     assert not out.isnan().any()
     slot = dg.BUCKETS + dg.context_bucket(seq)
@@ -98,7 +103,7 @@ def test_a_prompts_first_chunk_counts_its_dense_rows_too(keep_all, kernel):
     # Per KV head, query block r (of 10) may read r + 1 blocks of 32 tokens (two pages each); the first four
     # rows (dense_below 128) read all of theirs, later ones two (top_k 2: the sink and their own).
     rows = seq // bs
-    ctx = ChunkContext(b.q, None, b.kv, b.block_table[0], 0, bs, d**-0.5, None, False)
+    ctx = ChunkContext(q, None, kv, table[0], 0, bs, d**-0.5, None, False)
     assert dense_rows(ctx, dense_below) == dense_below // bs == 4
     assert causal == hkv * 2 * sum(r + 1 for r in range(rows))
     if keep_all:
@@ -106,6 +111,7 @@ def test_a_prompts_first_chunk_counts_its_dense_rows_too(keep_all, kernel):
     else:
         assert kept == hkv * 2 * (sum(r + 1 for r in range(4)) + 2 * (rows - 4))
     g.begin_step([seq])
+    _sync(g)
     assert g.begin_step([seq]) == (frozenset({1}) if keep_all else frozenset())
 
 
