@@ -8,9 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests.engine_runner import RESULT_MARK, SPEC_MARK
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests of vLLM's CPU engine (float32 tiny models): a GPU host's vLLM is its CUDA build, whose attention backends
+# refuse float32 at start; there the GPU engine tests (tests/test_engine*_gpu.py) run in their place.
+CPU_ENGINE = pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU engine: on a GPU host the GPU engine "
+                                "tests (tests/test_engine*_gpu.py) run instead")
 
 
 def engine_env() -> dict[str, str]:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.engines import IN_PROCESS, engine_env
+from tests.engines import CPU_ENGINE, IN_PROCESS, engine_env
 from vllm_sparse.cli.main import main
 
 pytestmark = pytest.mark.engine
@@ -22,6 +22,7 @@ KEEP = (0.25, 0.5, 1.0)
 BUDGETS = ",".join([f"top_p={p}" for p in TOP_P] + [f"keep_ratio={r}" for r in KEEP])
 
 
+@CPU_ENGINE
 def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_llama, tmp_path, capsys, monkeypatch):
     out = tmp_path / "plan.yaml"
     proc = subprocess.run(

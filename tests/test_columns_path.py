@@ -41,6 +41,12 @@ def _run(plan, kernel, union_heads=True, seed=0, dtype=torch.float32):
 KERNELS = ["reference", "triton"]
 
 
+def _tol(kernel: str) -> dict:
+    """fp32 inputs: exact products on the interpreter; TF32 products (10-bit mantissas) in tl.dot on a GPU (an H100
+    measured errors to 4.5e-3 on these shapes)."""
+    return dict(atol=1e-2, rtol=1e-2) if GPU and kernel == "triton" else dict(atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("union_heads", [True, False], ids=["union", "own-heads"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_every_column_kept_is_dense_attention(kernel, union_heads):
@@ -48,7 +54,7 @@ def test_every_column_kept_is_dense_attention(kernel, union_heads):
     the column pass every other key, so the joined output is exact dense attention."""
     got, dense, _ = _run(_plan(vertical=10_000, slash=8), kernel, union_heads)
     assert not got.isnan().any()
-    torch.testing.assert_close(got, dense, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got, dense, **_tol(kernel))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -79,7 +85,7 @@ def test_columns_read_token_by_token_equal_masked_attention(kernel):
         for h in heads:
             logits = (b.q[:, h].float() @ b.keys[0][:, kvh].float().T) * D**-0.5
             want = logits.masked_fill(~seen, float("-inf")).softmax(-1) @ b.values[0][:, kvh].float()
-            torch.testing.assert_close(got[:, h], want, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(got[:, h], want, **_tol(kernel))
     # The same plan in blocks (`crossed`) reads every block a column lies in: more than the columns alone.
     crossed = chunk_block_mask(ctx, [_plan(12, 16, "crossed")] * HQ)
     assert int(crossed.sum()) > int(mask.sum())

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from tests.engines import CPU_ENGINE
 from vllm_sparse.backend import density_guard as dg
 from vllm_sparse.config.plan import AUTO_DENSE_ABOVE, DENSE_ABOVE_PROBE_STEPS
 
@@ -81,14 +82,12 @@ def test_a_prompts_first_chunk_counts_its_dense_rows_too(keep_all, kernel):
     from vllm_sparse.config.plan import HeadPlan
     from vllm_sparse.estimators.base import ChunkContext
     from vllm_sparse.estimators.registry import get_estimator
-    from vllm_sparse.kernels.paged import PagedKV
     from vllm_sparse.selection.budget import Budget
 
     hq, hkv, d, page, bs, seq, dense_below = 4, 2, 32, 16, 32, 320, 128
-    b = random_paged_batch([seq], [seq], hq, hkv, d, page, seed=3)
     device = torch.device("cuda" if GPU else "cpu")
-    q, table = b.q.to(device), b.block_table.to(device)
-    kv = PagedKV(b.kv.key.to(device), b.kv.value.to(device))
+    b = random_paged_batch([seq], [seq], hq, hkv, d, page, seed=3).to(device)
+    q, kv, table = b.q, b.kv, b.block_table
     est = get_estimator("sink_local")
     budget = Budget(keep_ratio=1.0) if keep_all else Budget(top_k=2, sink_blocks=1, local_blocks=1)
     plan = HeadPlan("sink_local", est.params(sink_blocks=1, local_blocks=1), budget)
@@ -189,6 +188,7 @@ def test_auto_is_on_for_cuda_and_off_on_cpu_and_a_setting_is_checked(tmp_path):
 
 
 @pytest.mark.engine
+@CPU_ENGINE
 def test_an_engine_runs_a_layer_dense_once_its_chunks_read_most_blocks(tiny_llama, tmp_path):
     """In vLLM's CPU engine (two layers, one KV cache group): layer 0 keeps every block, layer 1 a few. With
     `dense_above: 0.7` layer 0 runs sparse in the first steps with sparse chunks and dense once the builder has
@@ -227,6 +227,7 @@ def test_an_engine_runs_a_layer_dense_once_its_chunks_read_most_blocks(tiny_llam
 
 
 @pytest.mark.engine
+@CPU_ENGINE
 def test_an_engine_runs_a_later_prompts_first_chunk_dense_too(tiny_llama, tmp_path):
     """In vLLM's CPU engine: every layer keeps every block (`dense_above: 0.7`), dense_below 128 (a prompt's first
     256-token chunk is half rows that read every block by rule, half sparse rows). The first prompt runs its first

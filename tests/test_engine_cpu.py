@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_each, run_specs
+from tests.engines import CPU_ENGINE, run_each, run_specs
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, CPU_ENGINE]
 
 ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "block_size": 32,
           "max_num_batched_tokens": 256, "max_num_seqs": 8}

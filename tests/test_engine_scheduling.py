@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from tests.engine_scenarios import RESULT_MARK
-from tests.engines import IN_PROCESS, REPO, engine_env
+from tests.engines import CPU_ENGINE, IN_PROCESS, REPO, engine_env
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, CPU_ENGINE]
 
 ENGINE = {"kv_cache_memory_bytes": 1 << 30, "dtype": "float32", "max_model_len": 4096, "block_size": 32,
           "max_num_batched_tokens": 256, "max_num_seqs": 8, "enable_prefix_caching": False}

@@ -9,11 +9,13 @@ import sys
 import pytest
 import yaml
 
+from tests.engines import CPU_ENGINE
 from vllm_sparse.eval.tasks import TASKS
 
 pytestmark = pytest.mark.engine
 
 
+@CPU_ENGINE
 def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
     config = tmp_path / "sparse.yaml"
     config.write_text(yaml.safe_dump({"version": 1, "models": [{

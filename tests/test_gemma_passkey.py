@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engines import run_engine, run_engines
+from tests.engines import CPU_ENGINE, run_engine, run_engines
 from vllm_sparse.eval.tasks import passkey_correct, passkey_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, CPU_ENGINE]
 
 DEPTHS = (0.1, 0.5, 0.8)  # the Q4 model itself misses some needles at depth 0.9+ (dense too)
 # At 8K, the needles far from both the sink and the local blocks, where selection must find them (each 8K prompt

@@ -20,6 +20,9 @@ from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.selection.budget import Budget, select_blocks
 
+# The fused kernels run where a GPU host compiles them (its Triton refuses CPU tensors); elsewhere interpreted.
+FUSED_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def minference_lines(q: torch.Tensor, k: torch.Tensor, vertical_size: int, slash_size: int):
     """MInference's index selection for one head over a whole prompt (minference/modules/minference_forward.py,
@@ -66,12 +69,13 @@ def test_vertical_slash_crossed_keeps_the_blocks_minferences_lines_cover(n, bloc
     keys = b.keys[0]  # [n, kv_heads, d] in position order
     est = get_estimator("vertical_slash")
     budget = Budget(top_p=1.0, sink_blocks=0, local_blocks=1)
+    on = b.to(FUSED_DEVICE) if kernels else b
     for h, (v, s) in enumerate(sizes):
-        chunk = ChunkContext(b.q[:, h:h + 1], torch.tensor([h]), b.kv, b.block_table[0], 0, block, 32**-0.5,
-                             (h,), kernels)
+        chunk = ChunkContext(on.q[:, h:h + 1], torch.tensor([h], device=on.q.device), on.kv, on.block_table[0], 0,
+                             block, 32**-0.5, (h,), kernels)
         params = est.params(last_q=64, vertical_size=max(v, 30), slash_size=max(s, 50), sink_columns=30,
                             local_diagonals=100, blocks="crossed")
-        got = select_blocks(est.score(chunk, params), budget, 0)[0]
+        got = select_blocks(est.score(chunk, params), budget, 0)[0].cpu()
         columns, offsets = minference_lines(b.q[:, h], keys[:, h], v, s)
         want = blocks_of_lines(columns, offsets, n, block)
         assert torch.equal(got, want), (h, (got != want).nonzero()[:5].tolist())
@@ -86,15 +90,16 @@ def test_vertical_slash_columns_keeps_minferences_columns_as_tokens(kernels):
     b = random_paged_batch([n], [n], heads, heads, 32, 16, seed=n + 1)
     est = get_estimator("vertical_slash")
     budget = Budget(top_p=1.0, sink_blocks=0, local_blocks=1)
+    on = b.to(FUSED_DEVICE) if kernels else b
     for h, (v, s) in enumerate(((45, 104), (60, 120))):
-        chunk = ChunkContext(b.q[:, h:h + 1], torch.tensor([h]), b.kv, b.block_table[0], 0, block, 32**-0.5,
-                             (h,), kernels)
+        chunk = ChunkContext(on.q[:, h:h + 1], torch.tensor([h], device=on.q.device), on.kv, on.block_table[0], 0,
+                             block, 32**-0.5, (h,), kernels)
         params = est.params(last_q=64, vertical_size=v, slash_size=s, sink_columns=30, local_diagonals=100,
                             blocks="columns")
-        got = select_blocks(est.score(chunk, params), budget, 0)[0]
+        got = select_blocks(est.score(chunk, params), budget, 0)[0].cpu()
         columns, offsets = minference_lines(b.q[:, h], b.keys[0][:, h], v, s)
         assert chunk.extras["columns"].shape == (1, v)
-        assert torch.equal(chunk.extras["columns"][0].long(), columns.sort().values)
+        assert torch.equal(chunk.extras["columns"][0].long().cpu(), columns.sort().values)
         assert torch.equal(got, blocks_of_lines(columns[:0], offsets, n, block))
 
 
@@ -203,8 +208,9 @@ def test_heads_with_their_own_sizes_score_in_one_call_as_each_alone(kernels):
 
     n, block, heads = 1500, 64, 8
     b = random_paged_batch([n], [512], heads, 2, 32, 16, seed=5)
-    chunk = ChunkContext(b.q, torch.arange(heads) // 4, b.kv, b.block_table[0], n - 512, block, 32**-0.5,
-                         tuple(h // 4 for h in range(heads)), kernels)
+    b = b.to(FUSED_DEVICE) if kernels else b
+    chunk = ChunkContext(b.q, torch.arange(heads, device=b.q.device) // 4, b.kv, b.block_table[0], n - 512, block,
+                         32**-0.5, tuple(h // 4 for h in range(heads)), kernels)
     est = get_estimator("vertical_slash")
     budget = Budget(top_p=1.0, sink_blocks=0, local_blocks=1)
     sizes = [(40, 104), (30, 120), (40, 104), (60, 110), (30, 120), (45, 101), (40, 104), (30, 120)]

@@ -205,7 +205,9 @@ def test_warm_up_compiles_every_row_bucket_and_budget_kind(monkeypatch):
     monkeypatch.setattr(warmup, "select_blocks_triton", select)
     monkeypatch.setattr(warmup, "tile_tables_triton", tables)
     monkeypatch.setattr(warmup, "block_key_means_triton", means)
-    monkeypatch.setattr(warmup, "record_density_kernel", lambda *a: None)  # (a real kernel: CPU tensors here)
+    # (real kernels: CPU tensors here, which a GPU host's compiled Triton refuses)
+    monkeypatch.setattr(warmup, "record_density_kernel", lambda *a: None)
+    monkeypatch.setattr(warmup, "add_page_count", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     kinds = ((False, False), (True, True))
     max_blocks = 5000  # e.g. 640K tokens in 128-token blocks

@@ -9,9 +9,10 @@ import pytest
 import requests
 import yaml
 
+from tests.engines import CPU_ENGINE
 from tests.server import run_server_until_exit, vllm_server
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, CPU_ENGINE]
 
 SERVE = ["--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--max-model-len", "4096", "--block-size", "32",
          "--max-num-batched-tokens", "512", "--enforce-eager", "--attention-backend", "sparse"]

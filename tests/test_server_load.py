@@ -17,9 +17,10 @@ import pytest
 import requests
 import yaml
 
+from tests.engines import CPU_ENGINE
 from tests.server import vllm_server
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, CPU_ENGINE]
 
 SERVE = ["--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32", "--max-model-len", "2048",
          "--block-size", "32", "--max-num-batched-tokens", "512", "--max-num-seqs", "16", "--enforce-eager",
