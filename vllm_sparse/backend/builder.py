@@ -86,15 +86,16 @@ class SparseBuilderMixin:
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
         self._plan = plan_for(vllm_config)
-        self._has_sparse_layer = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)
-        self._sparse_layers: frozenset[int] = frozenset()  # of this group, that run sparse (`warn_dense_layers`)
+        planned = any(self._plan.layer(layer_index(n)).is_sparse for n in layer_names)  # (some may yet run dense)
+        # This group's layers that run sparse (`warn_dense_layers`); none: its steps need no sparse split.
+        self._sparse_layers: frozenset[int] = frozenset()
         # A sparse step's dense requests get their metadata from a builder of their own. The dense builder
         # keeps persistent buffers (FA3's scheduler metadata under CUDA graphs, R-SWA prefix lengths,
         # multimodal ranges) that the step's whole-batch metadata points into, which the layers this plan
         # keeps dense read: a second build on this builder would overwrite them. Made now, before
         # `prepare_sparse_layers` (a CPU builder's start sets its layers' KV layout).
         self._dense_builder = None
-        if self._has_sparse_layer:
+        if planned:
             mro = type(self).__mro__
             dense_cls = mro[mro.index(SparseBuilderMixin) + 1]
             self._dense_builder = dense_cls(kv_cache_spec, layer_names, vllm_config, device, *args, **kwargs)
@@ -104,7 +105,7 @@ class SparseBuilderMixin:
         kind = torch.device(device).type  # which chunks can win sparse: the plan's floors on this device
         self._min_query, self._min_work = self._plan.query_token_floor(kind), self._plan.chunk_work_floor(kind)
         self._min_context = self._plan.sparse_context_floor
-        if self._has_sparse_layer or any(self._plan.layer(layer_index(n)).is_sparse_decode for n in layer_names):
+        if planned or any(self._plan.layer(layer_index(n)).is_sparse_decode for n in layer_names):
             problems = kv_problems(vllm_config, self._cache_dtype)  # one rule for prefill and decode, at start
             if problems:
                 raise SparseConfigError(self._plan.source, problems)
@@ -113,37 +114,34 @@ class SparseBuilderMixin:
         self._decode = self._prepare_decode(kv_cache_spec, layer_names, vllm_config, torch.device(device))
         # Why the plugin cannot read these layers' KV pages, asked once for prefill and decode (a decode-only plan
         # asks too: on a CPU with AMX the layout would otherwise stay one the plugin cannot read).
-        why = (self.prepare_sparse_layers(layer_names) if self._has_sparse_layer or self._decode is not None
-               else None)
-        if self._has_sparse_layer:
+        why = self.prepare_sparse_layers(layer_names) if planned or self._decode is not None else None
+        if planned:
             compat.check_common_metadata()  # the step's split knows every field of this vLLM's batch metadata
             check_block_size(self._plan.block_size, kv_cache_spec.block_size, self._plan.source)
             if why:
                 logger.warning("vllm-sparse: %s; layers %s run dense", why, layer_span(layer_names))
-                self._has_sparse_layer = False
             else:
                 self.match_dense_builder(self._dense_builder)
                 # (a group whose sparse layers all run dense splits no step: no per-step classify and sub-build)
                 self._sparse_layers = warn_dense_layers(vllm_config, layer_names, self._plan)
-                self._has_sparse_layer = bool(self._sparse_layers)
         if self._decode is not None and why:  # (decode selection reads the same pages: it would read garbage)
             raise SparseConfigError(self._plan.source, [("decode", (
                 f"{why}: decode selection for layers {layer_span(layer_names)} reads those pages; run their "
                 "decode dense (decode: dense)"))])
-        if self._has_sparse_layer and torch.device(device).type == "cuda":
+        if self._sparse_layers and torch.device(device).type == "cuda":
             warm_up(self._plan, kv_cache_spec, vllm_config, torch.device(device), self._cache_dtype)
         if self._decode is not None and torch.device(device).type == "cuda":
             warm_up_decode(self._plan, layer_names, kv_cache_spec, vllm_config, torch.device(device),
                            self._cache_dtype)
         # One builder per process counts prefill tokens (a model with several KV cache groups builds
         # each step once per group), on the first pipeline stage only (every stage builds every step).
-        counted = (self._has_sparse_layer or self._decode is not None) and compat.pipeline_parallel_rank() == 0
+        counted = (bool(self._sparse_layers) or self._decode is not None) and compat.pipeline_parallel_rank() == 0
         metrics = worker_metrics(torch.device(device), len(self._plan.layers)) if counted else None
         self._metrics = metrics if metrics is not None and metrics.claim_step_counting(self) else None
         # The plan's `dense_above` rule for this group's layers (`density_guard.py`): counted by them, read here.
         above = self._plan.dense_above_on(kind)
         self._guard = DensityGuard(torch.device(device), len(self._plan.layers), above) \
-            if self._has_sparse_layer and above < 1 else None
+            if self._sparse_layers and above < 1 else None
 
     def _prepare_decode(self, kv_cache_spec, layer_names, vllm_config, device) -> DecodeRowsBuilder | None:
         """Decode selection for this group's layers: checked, page summaries allocated (the cache's page
@@ -181,7 +179,7 @@ class SparseBuilderMixin:
         md = super().build(common_prefix_len, common_attn_metadata, *args, **kwargs)
         chunks, dense_reqs, dense_tokens = [], None, None
         dense_layers, guard = frozenset(), None
-        if self._has_sparse_layer:
+        if self._sparse_layers:
             chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._min_context,
                                                         self._min_query, self._min_work)
             # The `dense_above` rule (host numbers, a step or two late); not while eval or calibration measure the
