@@ -66,6 +66,9 @@
 #          tests/test_density_guard.py on the GPU,
 #          then benchmarks/e2e.py with CUDA graphs at 32K and 128K: dense, the shipped configs/llama-3.yaml (its tau
 #          0.9 keeps ~90% of the blocks on dummy weights: the rule's case) and the same plan with dense_above 1 (off)
+#   ratios benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense and the fixed-budget plans above 10%
+#          (llama-3-8b-antidiagonal-{15,20}-s16-int8, -15-int8), whose gemma twins device-million.sh `fidr` measures:
+#          the speed of the sparsest fixed budget that gives dense's answers
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended)
@@ -254,6 +257,13 @@ hostgap() {
   python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
+ratios() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
+    --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-15-s16-int8.yaml \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-20-s16-int8.yaml \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-15-int8.yaml --out "$OUT/e2e_ratios.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_ratios.log" | tail -20
+}
 suite() {
   local files
   files="$(ls tests/test_*.py | awk '$0 > "tests/test_prefill_warmup.py"') $(ls tests/test_*.py | awk '$0 <= "tests/test_prefill_warmup.py"')"
@@ -262,4 +272,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 suite:300" "$@"

@@ -5,6 +5,7 @@ borrowed GPU."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,41 @@ def test_benchmark_plan_resolves_on_its_shape(path):
     if any(d for layer in plan.layers for d in layer.decode):
         # Decode selection takes a bounded number of blocks a row: the context it is benchmarked at must fit.
         assert check_row_blocks(longest, plan.decode_block_tokens) is None, path.name
+
+
+# A timing plan (dummy weights: its speed) names the gemma-3-270m plan whose answers back it (benchmarks/RESULTS.md).
+TIMING = [p for p in CONFIGS if not p.name.startswith(("gemma-3", "tiny-llama"))]
+TWIN = re.compile(r"gemma-3-[a-z0-9_.-]+\.yaml")
+
+
+def prefill_setting(plan) -> tuple:
+    """What a prefill plan selects with, over its sparse layers: (estimator, its parameters, budget), the block
+    size, the union's tile and over heads, and from where rows go sparse."""
+    heads = frozenset((h.estimator, h.params, h.budget) for layer in plan.layers for h in layer.heads if h)
+    return heads, plan.block_size, plan.union_tile, plan.union_heads, plan.dense_below
+
+
+def decode_setting(plan) -> set:
+    return {(d.estimator, d.top_k_blocks, d.sink_blocks, d.local_blocks, plan.decode_block_tokens,
+             plan.decode_dense_below) for layer in plan.layers for d in layer.decode if d}
+
+
+@pytest.mark.parametrize("path", TIMING, ids=[p.name for p in TIMING])
+def test_a_timing_plan_names_a_fidelity_twin_with_its_estimator_and_budget(path):
+    """Every speed figure's plan has its fidelity measured with the same estimator and budget: a gemma-3-270m plan
+    its header names selects as it does (a decode plan: as its decode does; what it prefills with only brings the
+    context in). A plan without one says what backs it (MInference's imports: published) or that nothing does."""
+    text = path.read_text()
+    twins = sorted(set(TWIN.findall(text)))
+    if not twins:
+        assert re.search(r"Backed by: PUBLISHED|No gemma-3-270m twin", text), (
+            f"{path.name}: name the gemma-3-270m plan that backs it, or say that none does")
+        return
+    shape, _ = shape_of(path.name)
+    plan = resolve_plan(load_config(path), shape, str(path), explicit=True)
+    setting = decode_setting if decode_setting(plan) else prefill_setting
+    assert any(setting(resolve_plan(load_config(REPO / "benchmarks/configs" / t), GEMMA, t, explicit=True))
+               == setting(plan) for t in twins), f"{path.name}: no twin among {twins} selects as it does"
 
 
 def test_the_1m_decode_plans_take_the_same_budget_in_the_same_blocks():
