@@ -66,9 +66,9 @@
 #          tests/test_density_guard.py on the GPU,
 #          then benchmarks/e2e.py with CUDA graphs at 32K and 128K: dense, the shipped configs/llama-3.yaml (its tau
 #          0.9 keeps ~90% of the blocks on dummy weights: the rule's case) and the same plan with dense_above 1 (off)
-#   ratios benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense and the fixed-budget plans above 10%
-#          (llama-3-8b-antidiagonal-{15,20}-s16-int8, -15-int8), whose gemma twins device-million.sh `fidr` measures:
-#          the speed of the sparsest fixed budget that gives dense's answers
+#   ratios benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense and fixed budgets above 10%, the 15% stride-16
+#          plan and RATIO_PLAN (default antidiagonal-20-s16-int8; or antidiagonal-15-int8, stride 8), whose gemma twins
+#          device-million.sh `fidr` measures: the speed of the sparsest fixed budget that gives dense's answers
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended)
@@ -260,8 +260,7 @@ hostgap() {
 ratios() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
     --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-15-s16-int8.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-20-s16-int8.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-15-int8.yaml --out "$OUT/e2e_ratios.json" 2>&1 \
+    --extra-config "benchmarks/configs/llama-3-8b-${RATIO_PLAN:-antidiagonal-20-s16-int8}.yaml" --out "$OUT/e2e_ratios.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_ratios.log" | tail -20
 }
 suite() {
