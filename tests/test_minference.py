@@ -329,6 +329,8 @@ def test_an_unreadable_settings_file_is_a_clear_error(tmp_path, capsys, text, ne
 def test_a_model_path_without_a_config_is_a_clear_error(tmp_path, capsys):
     from vllm_sparse.cli.main import main
 
-    assert main(["plan", "configs/llama-3.yaml", "--model", str(tmp_path / "no-such-model")]) == 2
-    err = capsys.readouterr().err
-    assert "--model: cannot read the model's config.json" in err
+    for args in (["plan", "configs/llama-3.yaml"], ["plan"]):  # (the header names the model, not a config)
+        assert main([*args, "--model", str(tmp_path / "no-such-model")]) == 2
+        err = capsys.readouterr().err
+        assert "--model: cannot read the model's config.json" in err
+        assert f"invalid model {tmp_path / 'no-such-model'}:" in err and "invalid sparse-attention config" not in err

@@ -6,10 +6,10 @@ from __future__ import annotations
 class SparseConfigError(ValueError):
     """A sparse-attention config that cannot be used; the message names file, field and what is allowed."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]):
+    def __init__(self, source: str, problems: list[tuple[str, str]], subject: str = "sparse-attention config"):
         self.source = source
         self.problems = problems
-        lines = [f"vllm-sparse: invalid sparse-attention config {source}:"]
+        lines = [f"vllm-sparse: invalid {subject} {source}:"]
         lines += [f"  {path or '<top level>'}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
 
