@@ -261,6 +261,37 @@ def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
         assert compat.skips_common_prefix_walk(cfg) is cascade_off
 
 
+def test_a_plan_given_to_an_engine_that_does_not_attend_on_sparse_is_said_at_start(tiny_llama, monkeypatch, caplog):
+    """A plan named by VLLM_SPARSE_CONFIG or --additional-config, with vLLM's own attention backend (the flag
+    --attention-backend sparse forgotten), would do nothing: the engine says so as it starts, once."""
+    import logging
+
+    from vllm_sparse.config.discovery import ENV_VAR
+
+    register()
+    monkeypatch.setenv(ENV_VAR, "configs/llama-3.yaml")
+    with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
+        _scheduler(str(tiny_llama), None)
+        _scheduler(str(tiny_llama), "sparse")  # (on SPARSE: nothing to say)
+    said = [r.getMessage() for r in caplog.records if "not SPARSE" in r.getMessage()]
+    assert len(said) == 1 and "a sparse plan is given (VLLM_SPARSE_CONFIG)" in said[0] \
+        and "--attention-backend sparse" in said[0], said
+    caplog.clear()
+    monkeypatch.delenv(ENV_VAR)
+    with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
+        _scheduler(str(tiny_llama), None)  # no plan given: a stock engine hears nothing from the plugin
+    assert not [r for r in caplog.records if "not SPARSE" in r.getMessage()]
+    from types import SimpleNamespace
+
+    from vllm_sparse.config.discovery import warn_unused_config
+
+    with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
+        warn_unused_config(SimpleNamespace(attention_config=SimpleNamespace(backend=None),
+                                           additional_config={"sparse": {"config": "plan.yaml"}}))
+    assert [r.getMessage() for r in caplog.records if "not SPARSE" in r.getMessage()][0].startswith(
+        "vllm-sparse: a sparse plan is given (--additional-config's sparse.config), but this engine attends on "
+        "vLLM's default backend")
+
 def test_gpu_memory_utilization_is_read_as_each_release_holds_it():
     """vLLM 0.34 leaves `gpu_memory_utilization` None unless set (its default resolved by the sizing mode):
     the decode summaries' reservation multiplied None by the GPU's memory at start. Earlier releases hold the

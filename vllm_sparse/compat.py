@@ -116,6 +116,16 @@ def install_scheduler_hook() -> None:
     SchedulerConfig.get_scheduler_cls = get_scheduler_cls
 
 
+_engine_start_callbacks: list = []
+
+
+def on_engine_start(callback) -> None:
+    """Call `callback(vllm_config)` once per engine as it starts: where its engine core builds the scheduler (the
+    hook above), in the process that logs for the engine. Any engine, on any attention backend."""
+    if callback not in _engine_start_callbacks:
+        _engine_start_callbacks.append(callback)
+
+
 def _hook_scheduler_init() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -125,6 +135,8 @@ def _hook_scheduler_init() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         init(self, vllm_config, *args, **kwargs)
+        for callback in _engine_start_callbacks:
+            callback(vllm_config)
         # (vLLM 0.34's manager has no such count: nothing to skip)
         if skips_common_prefix_walk(vllm_config) and hasattr(self.kv_cache_manager, "get_num_common_prefix_blocks"):
             groups = len(self.kv_cache_config.kv_cache_groups)
@@ -252,6 +264,14 @@ _KNOWN_FIELDS = _RECOMPUTED_FIELDS | _PER_REQUEST_FIELDS | _PER_TOKEN_FIELDS | _
 def max_cudagraph_capture_size(vllm_config) -> int:
     """The largest batch vLLM captures CUDA graphs for (0 where this vLLM's config has no such field)."""
     return getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+
+
+def prefill_chunk_limit(vllm_config) -> int:
+    """The most query tokens one step gives a prefill chunk: the scheduler's token budget (0.32 may schedule
+    fewer than it batches, `max_num_scheduled_tokens`; `long_prefill_token_threshold` does not bind a request
+    that is alone)."""
+    sc = vllm_config.scheduler_config
+    return getattr(sc, "max_num_scheduled_tokens", None) or sc.max_num_batched_tokens
 
 
 def kv_cache_memory_bytes(cache_config) -> int | None:

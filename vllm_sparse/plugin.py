@@ -14,8 +14,16 @@ def register() -> None:
     compat.register_attention_backend()
     compat.install_cpu_platform_hook()
     compat.install_scheduler_hook()
+    compat.on_engine_start(_warn_unused_config)
     compile_log.install()
     if claim_metrics_dir():
         from vllm_sparse.metrics.collector import register_collector
 
         register_collector(os.environ[DIR_ENV])
+
+
+def _warn_unused_config(vllm_config) -> None:
+    # (imported as an engine starts: the plan's modules are not loaded into every process vLLM starts)
+    from vllm_sparse.config.discovery import warn_unused_config
+
+    warn_unused_config(vllm_config)

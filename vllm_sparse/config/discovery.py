@@ -61,3 +61,22 @@ def find_config(additional_config: dict | None, shape) -> tuple[Path | None, str
                     "it: --additional-config '{\"sparse\": {\"config\": \"%s\"}}'", path, shape.name,
                     f"{provenance.kind}" if provenance else "backed by nothing it names (no provenance)", path)
     return None, "none"
+
+
+def warn_unused_config(vllm_config) -> None:
+    """A plan given to an engine that does not attend on SPARSE (no `--attention-backend sparse`) does nothing: said
+    once, as the engine starts (`compat.on_engine_start`), so a forgotten flag is not a silent dense run."""
+    from vllm_sparse import compat
+
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if compat.is_sparse_backend(backend):
+        return
+    if ((getattr(vllm_config, "additional_config", None) or {}).get("sparse")) is not None:
+        given = "--additional-config's sparse.config"
+    elif envs.get(ENV_VAR):
+        given = ENV_VAR
+    else:
+        return
+    logger.warning("vllm-sparse: a sparse plan is given (%s), but this engine attends on %s, not SPARSE: the plan is "
+                   "not used. Start it with --attention-backend sparse (LLM(..., attention_backend=\"sparse\"))",
+                   given, getattr(backend, "name", None) or "vLLM's default backend")
