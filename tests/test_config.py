@@ -576,6 +576,82 @@ def test_decode_selection_is_off_on_an_engine_shorter_than_its_threshold(tmp_pat
     assert plan_cache.plan_for(engine(8192)).decode == "quest"  # reached at 8192: on
 
 
+
+@pytest.mark.parametrize("rules", [["all"], [[0, 1]], [[0, 1], [2, 3]], [[2, 3], [0, 1]]])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_plan_is_explicit_as_its_config_is_whatever_its_layer_rules_name(rules, explicit):
+    """`explicit` (a config the user named: what it asks must run, or the start stops) is the config's, not the last
+    layer rule's: a shipped plan naming layers by index stays a discovery plan, a named `layers: all` stays named."""
+    data = entry(layers=[{"layers": r, "estimator": {"name": "sink_local"}} for r in rules])
+    assert resolve_plan(parse_config(data, "test.yaml"), LLAMA, "test.yaml", explicit=explicit).explicit is explicit
+
+def _prefill_engine(tmp_path, max_len: int, budget: int, device: str = "cuda", **entry_kw):
+    """A stand-in for vLLM's config of one engine: a 4-layer Llama, the plan's file, the scheduler's token budget."""
+    from types import SimpleNamespace
+
+    f = tmp_path / f"plan-{max_len}-{budget}-{device}.yaml"
+    f.write_text(yaml.safe_dump(entry(**entry_kw)))
+    hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2)
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, model="org/llama-3-tiny", max_model_len=max_len),
+                           scheduler_config=SimpleNamespace(max_num_batched_tokens=budget),
+                           device_config=SimpleNamespace(device_type=device),
+                           additional_config={"sparse": {"config": str(f)}}, speculative_config=None)
+
+
+SPARSE_LAYERS = [{"layers": "all", "estimator": {"name": "sink_local"}, "budget": {"top_k": 4}}]
+
+
+@pytest.mark.parametrize("max_len, budget, extra, said", [
+    # the auto floor (2048 query tokens on CUDA) above the engine's token budget
+    (131072, 1024, {}, "no prefill chunk has min_query_tokens (2048, auto) query tokens: max_num_batched_tokens 1024"),
+    # the auto work floor (96M token pairs) above the largest chunk: 2048 tokens at 32K of context
+    (32768, 2048, {}, "no prefill chunk reaches min_chunk_work (100663296 token pairs, auto): the largest, 2048 query "
+                      "tokens at 32768 tokens of context, has 65012736"),
+    # no prompt reaches dense_below
+    (4096, 8192, {"dense_below": 8192}, "no prompt reaches dense_below (8192 tokens): max_model_len is 4096"),
+])
+def test_an_engine_where_no_prefill_chunk_can_go_sparse_says_so_once_and_prefills_dense(
+        tmp_path, caplog, max_len, budget, extra, said):
+    """The chunk rule (`batch.classify`) could never send a chunk of this engine sparse: its prefill is planned dense
+    (no estimator workspace, no per-step split), its decode setting kept, and one warning at start says why."""
+    from vllm_sparse.backend import plan_cache
+
+    caplog.set_level("INFO", logger="vllm.sparse")
+    cfg = _prefill_engine(tmp_path, max_len, budget, layers=SPARSE_LAYERS, decode={"estimator": "quest",
+                          "top_k_tokens": 1024, "dense_below": 2048}, **extra)
+    plan = plan_cache.plan_for(cfg)
+    assert not plan.is_sparse_prefill and plan.is_sparse_decode  # decode unchanged
+    assert plan_cache.plan_for(cfg) is plan
+    warned = [r for r in caplog.records if "sparse prefill is off" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING" and said in warned[0].getMessage(), \
+        [r.getMessage() for r in warned]
+
+
+def test_an_engine_whose_chunks_clear_the_floors_keeps_its_sparse_prefill(tmp_path, caplog):
+    from vllm_sparse.backend import plan_cache
+
+    caplog.set_level("INFO", logger="vllm.sparse")
+    for max_len, budget, device in ((131072, 2048, "cuda"), (65536, 16384, "cuda"), (4096, 256, "cpu")):
+        plan = plan_cache.plan_for(_prefill_engine(tmp_path, max_len, budget, device, layers=SPARSE_LAYERS,
+                                                   dense_below=1024))
+        assert plan.is_sparse_prefill, (max_len, budget, device)
+    assert not [r for r in caplog.records if "sparse prefill is off" in r.getMessage()]
+
+
+@pytest.mark.parametrize("floor, needle", [
+    ({"min_query_tokens": 4096}, "min_query_tokens: no prefill chunk has min_query_tokens (4096) query tokens: "
+                                 "max_num_batched_tokens 2048"),
+    ({"min_chunk_work": 1 << 40},
+     "min_chunk_work: no prefill chunk reaches min_chunk_work (1099511627776 token pairs)"),
+])
+def test_a_floor_the_config_sets_above_every_chunk_is_an_error_at_start(tmp_path, floor, needle):
+    from vllm_sparse.backend import plan_cache
+
+    with pytest.raises(SparseConfigError) as e:
+        plan_cache.plan_for(_prefill_engine(tmp_path, 131072, 2048, layers=SPARSE_LAYERS, **floor))
+    assert needle in str(e.value), str(e.value)
+
 @pytest.mark.parametrize("rule, needle", [
     ({"layers": 0, "dense": True, "estimator": {"name": "sink_local"}}, "dense: true keeps these layers' prefill"),
     ({"layers": 0, "heads": [{"heads": 1, "dense": True, "budget": {"top_k": 2}}]},

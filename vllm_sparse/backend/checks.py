@@ -7,6 +7,7 @@ import torch
 
 from vllm_sparse import compat, envs
 from vllm_sparse.config.errors import SparseConfigError
+from vllm_sparse.config.plan import chunk_work
 from vllm_sparse.config.sharding import head_shard
 from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.log import logger
@@ -222,6 +223,47 @@ def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> frozenset[in
     if problems:
         raise SparseConfigError(plan.source, problems)
     return frozenset(layer_index(name) for name in sparse)
+
+
+_told_unreachable: set[int] = set()  # engines (vllm_config ids) already told that no prefill chunk goes sparse
+
+
+def prefill_reachable(vllm_config, plan, device_type: str) -> bool:
+    """Whether some prefill chunk of this engine can go sparse under the plan's rule (`batch.classify`): its
+    longest prompt passes the rows that attend densely, and its largest chunk (the token budget's query tokens at
+    the longest context) clears both floors. A floor the config sets that no chunk can clear is an error naming
+    it (in a config the user named); an `auto` floor above every chunk (sparse would be slower there: dense is the
+    rule's answer) and a `dense_below` past max_model_len are said once, at start, and the engine's prefill runs
+    dense."""
+    max_len = vllm_config.model_config.max_model_len
+    q_max = min(compat.prefill_chunk_limit(vllm_config), max_len)
+    q_floor, work_floor = plan.query_token_floor(device_type), plan.chunk_work_floor(device_type)
+    budget = f"max_num_batched_tokens {q_max}" if q_max < max_len else f"max_model_len {max_len}"
+    if max_len < plan.sparse_context_floor:
+        why = (f"no prompt reaches dense_below ({plan.dense_below} tokens): max_model_len is {max_len}")
+    elif q_max < q_floor:
+        why = (f"no prefill chunk has min_query_tokens ({q_floor}{'' if plan.min_query_tokens else ', auto'}) "
+               f"query tokens: {budget}")
+        if plan.min_query_tokens is not None and plan.explicit:
+            raise SparseConfigError(plan.source, [("min_query_tokens", (
+                f"{why} (the engine's most a step gives one request): lower min_query_tokens or raise "
+                "--max-num-batched-tokens"))])
+    elif chunk_work(q_max, max_len) < work_floor:
+        why = (f"no prefill chunk reaches min_chunk_work ({work_floor} token pairs"
+               f"{'' if plan.min_chunk_work else ', auto'}): the largest, {q_max} query tokens at {max_len} "
+               f"tokens of context, has {chunk_work(q_max, max_len)}")
+        if plan.min_chunk_work is not None and plan.explicit:
+            raise SparseConfigError(plan.source, [("min_chunk_work", (
+                f"{why}: lower min_chunk_work or raise --max-num-batched-tokens / --max-model-len"))])
+    else:
+        return True
+    if id(vllm_config) not in _told_unreachable:
+        _told_unreachable.add(id(vllm_config))
+        logger.warning("vllm-sparse: sparse prefill is off on this engine (%s): %s; every prefill runs on vLLM's "
+                       "attention%s", plan.source, why, "" if max_len < plan.sparse_context_floor else (
+                           " (below the auto floors a sparse chunk is slower than dense: raise "
+                           "--max-num-batched-tokens for sparse prefill)"))
+    return False
 
 
 def rank_shard(plan, num_heads: int, num_kv_heads: int):

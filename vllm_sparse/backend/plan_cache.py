@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from vllm_sparse.backend.checks import prefill_reachable
 from vllm_sparse.config.build import build_plan
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.plan import ModelShape, SparsePlan
@@ -14,6 +17,12 @@ def model_shape(vllm_config) -> ModelShape:
     mc = vllm_config.model_config
     # Name globs in configs match the model path or hub id the user passed.
     return ModelShape.from_hf_config(mc.hf_config, mc.model)
+
+
+def device_type(vllm_config) -> str:
+    """The engine's device kind ("cuda", "cpu"): which `auto` floors apply."""
+    kind = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    return kind or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def plan_for(vllm_config) -> SparsePlan:
@@ -36,5 +45,8 @@ def plan_for(vllm_config) -> SparsePlan:
                     "max_model_len %d is shorter; its decode runs on vLLM's attention", plan.decode,
                     plan.decode_dense_below, max_len)
         plan = plan.without_decode()
+    if plan.is_sparse_prefill and getattr(vllm_config, "scheduler_config", None) is not None and max_len is not None \
+            and not prefill_reachable(vllm_config, plan, device_type(vllm_config)):
+        plan = plan.without_prefill()  # (no chunk of this engine clears the plan's floors: no workspace for it)
     _cache[key] = (vllm_config, plan)
     return plan

@@ -85,7 +85,8 @@ class ModelShape:
         try:
             hf_config = AutoConfig.from_pretrained(model)
         except (OSError, ValueError) as e:  # (no such directory, no config.json, an id with no hub to reach)
-            raise SparseConfigError(str(model), [("--model", f"cannot read the model's config.json: {e}")]) from None
+            raise SparseConfigError(str(model), [("--model", f"cannot read the model's config.json: {e}")],
+                                    subject="model") from None
         return cls.from_hf_config(hf_config, model)
 
     @classmethod
@@ -217,6 +218,15 @@ class SparsePlan:
     @property
     def needs_summaries(self) -> bool:
         return any(layer.needs_summaries for layer in self.layers)
+
+    @property
+    def is_sparse_prefill(self) -> bool:
+        return any(layer.is_sparse for layer in self.layers)
+
+    def without_prefill(self) -> SparsePlan:
+        """The same plan with every layer's prefill on vLLM's attention (its decode setting kept)."""
+        return dataclasses.replace(self, layers=tuple(dataclasses.replace(lp, heads=(None,) * len(lp.heads))
+                                                      for lp in self.layers))
 
     def without_decode(self) -> SparsePlan:
         """The same plan with every layer's decode on vLLM's attention."""
@@ -378,15 +388,15 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
         items = rule.layers if isinstance(rule.layers, list) else [rule.layers]
         named = set(_expand([x for x in items if x not in LAYER_KEYWORDS], shape.num_layers, "layer", shape))
         for layer in layers:
-            explicit = layer in named
+            by_index = layer in named  # (not `explicit`: that is the whole config's, read below)
             if not shape.is_full_attention(layer):
                 selector = [d for d in [rule.decode] + [h.decode for h in rule.heads]
                             if d is not None and d.estimator == "tidal" and d.selector]
-                if explicit and selector:  # (its readers would silently read an earlier selector's choice)
+                if by_index and selector:  # (its readers would silently read an earlier selector's choice)
                     problems.append((f"{rpath}.decode", f"layer {layer} is a {shape.attention_kind(layer)} layer: it "
                                      "cannot be a tidal selector (its decode stays dense); choose a full-attention "
                                      "layer"))
-                elif explicit:
+                elif by_index:
                     notes.append(f"layer {layer} is a {shape.attention_kind(layer)} layer ({rpath}): it stays dense")
                 continue
             for q in range(shape.num_q_heads):
