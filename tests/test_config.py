@@ -604,7 +604,8 @@ SPARSE_LAYERS = [{"layers": "all", "estimator": {"name": "sink_local"}, "budget"
 
 @pytest.mark.parametrize("max_len, budget, extra, said", [
     # the auto floor (2048 query tokens on CUDA) above the engine's token budget
-    (131072, 1024, {}, "no prefill chunk has min_query_tokens (2048, auto) query tokens: max_num_batched_tokens 1024"),
+    (131072, 1024, {},
+     "no prefill chunk has min_query_tokens (2048, auto) query tokens: a token budget of 1024 a step"),
     # the auto work floor (96M token pairs) above the largest chunk: 2048 tokens at 32K of context
     (32768, 2048, {}, "no prefill chunk reaches min_chunk_work (100663296 token pairs, auto): the largest, 2048 query "
                       "tokens at 32768 tokens of context, has 65012736"),
@@ -641,7 +642,8 @@ def test_an_engine_whose_chunks_clear_the_floors_keeps_its_sparse_prefill(tmp_pa
 
 @pytest.mark.parametrize("floor, needle", [
     ({"min_query_tokens": 4096}, "min_query_tokens: no prefill chunk has min_query_tokens (4096) query tokens: "
-                                 "max_num_batched_tokens 2048"),
+                                 "a token budget of 2048 a step (the engine's most a step gives one request): lower "
+                                 "min_query_tokens or raise --max-num-batched-tokens"),
     ({"min_chunk_work": 1 << 40},
      "min_chunk_work: no prefill chunk reaches min_chunk_work (1099511627776 token pairs)"),
 ])

@@ -65,14 +65,16 @@ def long_cases(gemma3_270m):
 @pytest.fixture(scope="module")
 def at_2k(gemma3_270m, cases):
     """The 2K prompts through the stock backend, then the first of them through SPARSE with no config named (the
-    shipped one is found by architecture; 2K is under its dense_below, so this checks discovery and dense routing,
-    which one prompt shows at a third of the CI time), one after the other in one process (vLLM imported once):
-    name -> (result, output)."""
+    shipped one is found by architecture; 2K is under its dense_below, so this checks discovery and the per-step
+    dense routing, which one prompt shows at a third of the CI time), one after the other in one process (vLLM
+    imported once): name -> (result, output). The SPARSE engine's max_model_len passes the plan's dense_below (8K),
+    else its plan would prefill dense from the start (`checks.prefill_reachable`) and no step would be routed."""
     spec = {"model": str(gemma3_270m), "prompts": [p for p, _ in cases], "engine": ENGINE, "max_tokens": 8,
             "prompt_logprobs": False}
+    sparse = {**spec, "backend": "sparse", "prompts": spec["prompts"][:1], "engine": {**ENGINE, "max_model_len": 8448}}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VLLM_SPARSE_CONFIG", raising=False)
-        return run_engines({"dense": spec, "sparse": {**spec, "backend": "sparse", "prompts": spec["prompts"][:1]}})
+        return run_engines({"dense": spec, "sparse": sparse})
 
 
 def test_dense_gemma_retrieves_passkey_at_2k(at_2k, cases):
@@ -83,7 +85,7 @@ def test_dense_gemma_retrieves_passkey_at_2k(at_2k, cases):
 
 def test_sparse_backend_with_shipped_config_matches_dense(at_2k, cases):
     dense, (sparse, output) = at_2k["dense"][0], at_2k["sparse"]
-    assert "configs/gemma-3.yaml (from shipped config)" in output
+    assert "configs/gemma-3.yaml (from shipped config)" in output and "sparse prefill is off" not in output
     assert len(sparse["results"]) == 1 and len(dense["results"]) == len(cases)
     for d, s, (_, answer) in zip(dense["results"], sparse["results"], cases):
         assert passkey_correct(s["text"], answer)

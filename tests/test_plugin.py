@@ -291,6 +291,26 @@ def test_a_plan_given_to_an_engine_that_does_not_attend_on_sparse_is_said_at_sta
     assert [r.getMessage() for r in caplog.records if "not SPARSE" in r.getMessage()][0].startswith(
         "vllm-sparse: a sparse plan is given (--additional-config's sparse.config), but this engine attends on "
         "vLLM's default backend")
+    caplog.clear()
+    from vllm_sparse import compat
+
+    with caplog.at_level(logging.WARNING, logger="vllm.sparse"):
+        # SPARSE for one KV cache kind (vLLM 0.32's backend_per_kind) is an engine on SPARSE
+        warn_unused_config(SimpleNamespace(
+            attention_config=SimpleNamespace(backend=None, backend_per_kind={"full": compat.sparse_backend_member()}),
+            additional_config={"sparse": {"config": "plan.yaml"}}))
+        # another plugin's additional_config object (vLLM types it dict | SupportsHash): nothing to read, no error
+        warn_unused_config(SimpleNamespace(attention_config=SimpleNamespace(backend=None), additional_config=(1, 2)))
+    assert not [r for r in caplog.records if "not SPARSE" in r.getMessage()]
+
+    def broken(vllm_config):
+        raise RuntimeError("a check that fails")
+
+    compat.on_engine_start(broken)  # advice only: a failing check does not stop an engine
+    try:
+        _scheduler(str(tiny_llama), None)
+    finally:
+        compat._engine_start_callbacks.remove(broken)
 
 def test_gpu_memory_utilization_is_read_as_each_release_holds_it():
     """vLLM 0.34 leaves `gpu_memory_utilization` None unless set (its default resolved by the sizing mode):

@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from vllm_sparse.log import logger
 from vllm_sparse.transfer import to_device
 
 BACKEND_NAME = "SPARSE"
@@ -135,8 +136,11 @@ def _hook_scheduler_init() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         init(self, vllm_config, *args, **kwargs)
-        for callback in _engine_start_callbacks:
-            callback(vllm_config)
+        for callback in _engine_start_callbacks:  # (advice only: nothing here may stop an engine)
+            try:
+                callback(vllm_config)
+            except Exception as e:
+                logger.debug("vllm-sparse: engine-start check %s failed: %r", getattr(callback, "__name__", "?"), e)
         # (vLLM 0.34's manager has no such count: nothing to skip)
         if skips_common_prefix_walk(vllm_config) and hasattr(self.kv_cache_manager, "get_num_common_prefix_blocks"):
             groups = len(self.kv_cache_config.kv_cache_groups)
@@ -144,6 +148,15 @@ def _hook_scheduler_init() -> None:
 
     __init__._vllm_sparse_hook = True
     Scheduler.__init__ = __init__
+
+
+def attends_on_sparse(vllm_config) -> bool:
+    """Some of the engine's layers attend on SPARSE: the engine's backend, or one a KV cache kind's override names
+    (0.32's `attention_config.backend_per_kind`)."""
+    attention = getattr(vllm_config, "attention_config", None)
+    per_kind = getattr(attention, "backend_per_kind", None)
+    chosen = [getattr(attention, "backend", None), *(per_kind.values() if isinstance(per_kind, dict) else ())]
+    return any(is_sparse_backend(b) for b in chosen)
 
 
 def skips_common_prefix_walk(vllm_config) -> bool:

@@ -238,7 +238,7 @@ def prefill_reachable(vllm_config, plan, device_type: str) -> bool:
     max_len = vllm_config.model_config.max_model_len
     q_max = min(compat.prefill_chunk_limit(vllm_config), max_len)
     q_floor, work_floor = plan.query_token_floor(device_type), plan.chunk_work_floor(device_type)
-    budget = f"max_num_batched_tokens {q_max}" if q_max < max_len else f"max_model_len {max_len}"
+    budget = f"a token budget of {q_max} a step" if q_max < max_len else f"max_model_len {max_len}"
     if max_len < plan.sparse_context_floor:
         why = (f"no prompt reaches dense_below ({plan.dense_below} tokens): max_model_len is {max_len}")
     elif q_max < q_floor:
@@ -247,7 +247,7 @@ def prefill_reachable(vllm_config, plan, device_type: str) -> bool:
         if plan.min_query_tokens is not None and plan.explicit:
             raise SparseConfigError(plan.source, [("min_query_tokens", (
                 f"{why} (the engine's most a step gives one request): lower min_query_tokens or raise "
-                "--max-num-batched-tokens"))])
+                f"{'--max-num-batched-tokens' if q_max < max_len else '--max-model-len'}"))])
     elif chunk_work(q_max, max_len) < work_floor:
         why = (f"no prefill chunk reaches min_chunk_work ({work_floor} token pairs"
                f"{'' if plan.min_chunk_work else ', auto'}): the largest, {q_max} query tokens at {max_len} "

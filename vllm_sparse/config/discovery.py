@@ -68,10 +68,11 @@ def warn_unused_config(vllm_config) -> None:
     once, as the engine starts (`compat.on_engine_start`), so a forgotten flag is not a silent dense run."""
     from vllm_sparse import compat
 
-    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
-    if compat.is_sparse_backend(backend):
+    if compat.attends_on_sparse(vllm_config):
         return
-    if ((getattr(vllm_config, "additional_config", None) or {}).get("sparse")) is not None:
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    additional = getattr(vllm_config, "additional_config", None)  # (a dict, or another plugin's hashable object)
+    if isinstance(additional, dict) and additional.get("sparse") is not None:
         given = "--additional-config's sparse.config"
     elif envs.get(ENV_VAR):
         given = ENV_VAR
