@@ -27,7 +27,7 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         [sys.executable, "-m", "vllm_sparse.cli.main", "eval", "--model", str(tiny_llama), "--config", str(config),
          "--lengths", "500,900", "--tasks", "passkey,multikey,vt", "--samples", "1", "--operator-check", "800",
          "--dtype", "float32", "--block-size", "32", "--max-num-batched-tokens", "512", "--max-tokens", "4",
-         "--kv-cache-memory-bytes", str(1 << 30), "--json", str(out)],
+         "--kv-cache-memory-bytes", str(1 << 30), "--seed", "3", "--json", str(out)],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -55,6 +55,12 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         assert 0 < s["rel_err"] <= s["rel_err_worst"] < float("inf")
         assert 0 < s["kept_mass_worst"] <= s["kept_mass"] < 1
     assert len(result["completions"]) == 6
+    # --seed 3: the prompts the tasks give from seed 3 (another run's --seed gives other prompts)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert result["seed"] == 3 and [c["answer"] for c in result["completions"]] == [
+        TASKS[t](tok, n, 0, 3)[1] for n in (500, 900) for t in ("passkey", "multikey", "vt")]
     assert "operator check on real text, 800 tokens (mean over unions, and the worst)" in proc.stdout
     assert "kept(union)" in proc.stdout and "kept(all)" in proc.stdout
 

@@ -228,7 +228,7 @@ def cmd_eval(args) -> int:
 
         require_matplotlib()  # before the long run, not after it
     result = evaluate(args.model, args.config, args.lengths, args.tasks, args.samples, _engine_args(args),
-                      operator_check=args.operator_check, max_tokens=args.max_tokens)
+                      operator_check=args.operator_check, seed=args.seed, max_tokens=args.max_tokens)
     if args.json:
         save(result, args.json)
     print(format_report(result))
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: passkey, passkey_depths (the needle swept through the second half), "
                     "multikey, vt; 'none' runs only --operator-check")
     ev.add_argument("--samples", type=int, default=5, help="prompts per (length, task)")
+    ev.add_argument("--seed", type=int, default=0, help="the prompts' first seed (prompt i draws from seed + i): "
+                    "another seed gives other prompts, e.g. --seed 10 after a run of --samples 10")
     ev.add_argument("--operator-check", type=int, metavar="TOKENS",
                     help="also compare sparse vs dense attention per layer on this many tokens of real text")
     ev.add_argument("--max-tokens", type=int, default=32)

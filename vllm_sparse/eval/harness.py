@@ -138,7 +138,7 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
             })
         completions += [{"task": c[0], "length": n, "answer": c[2], "dense": d, "sparse": s}
                         for c, d, s in zip(group, dense.completions[gi], sparse.completions[gi])]
-    result = {"model": model, "config": config, "rows": rows,
+    result = {"model": model, "config": config, "seed": seed, "rows": rows,
               "layers": {str(n): layers for n, layers in zip(lengths, sparse.layers)},
               "seconds": {"dense": dense.seconds, "sparse": sparse.seconds}, "completions": completions}
     if operator_check:
