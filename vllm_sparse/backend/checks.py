@@ -225,16 +225,13 @@ def warn_dense_layers(vllm_config, layer_names: list[str], plan) -> frozenset[in
     return frozenset(layer_index(name) for name in sparse)
 
 
-_told_unreachable: set[int] = set()  # engines (vllm_config ids) already told that no prefill chunk goes sparse
-
-
 def prefill_reachable(vllm_config, plan, device_type: str) -> bool:
     """Whether some prefill chunk of this engine can go sparse under the plan's rule (`batch.classify`): its
     longest prompt passes the rows that attend densely, and its largest chunk (the token budget's query tokens at
     the longest context) clears both floors. A floor the config sets that no chunk can clear is an error naming
     it (in a config the user named); an `auto` floor above every chunk (sparse would be slower there: dense is the
-    rule's answer) and a `dense_below` past max_model_len are said once, at start, and the engine's prefill runs
-    dense."""
+    rule's answer) and a `dense_below` past max_model_len are said in a warning, and the engine's prefill runs
+    dense. Called once per engine, as its plan is resolved (`plan_cache.plan_for`)."""
     max_len = vllm_config.model_config.max_model_len
     q_max = min(compat.prefill_chunk_limit(vllm_config), max_len)
     q_floor, work_floor = plan.query_token_floor(device_type), plan.chunk_work_floor(device_type)
@@ -248,21 +245,19 @@ def prefill_reachable(vllm_config, plan, device_type: str) -> bool:
             raise SparseConfigError(plan.source, [("min_query_tokens", (
                 f"{why} (the engine's most a step gives one request): lower min_query_tokens or raise "
                 f"{'--max-num-batched-tokens' if q_max < max_len else '--max-model-len'}"))])
-    elif chunk_work(q_max, max_len) < work_floor:
+    elif (largest := chunk_work(q_max, max_len)) < work_floor:
         why = (f"no prefill chunk reaches min_chunk_work ({work_floor} token pairs"
                f"{'' if plan.min_chunk_work else ', auto'}): the largest, {q_max} query tokens at {max_len} "
-               f"tokens of context, has {chunk_work(q_max, max_len)}")
+               f"tokens of context, has {largest}")
         if plan.min_chunk_work is not None and plan.explicit:
             raise SparseConfigError(plan.source, [("min_chunk_work", (
                 f"{why}: lower min_chunk_work or raise --max-num-batched-tokens / --max-model-len"))])
     else:
         return True
-    if id(vllm_config) not in _told_unreachable:
-        _told_unreachable.add(id(vllm_config))
-        logger.warning("vllm-sparse: sparse prefill is off on this engine (%s): %s; every prefill runs on vLLM's "
-                       "attention%s", plan.source, why, "" if max_len < plan.sparse_context_floor else (
-                           " (below the auto floors a sparse chunk is slower than dense: raise "
-                           "--max-num-batched-tokens for sparse prefill)"))
+    logger.warning("vllm-sparse: sparse prefill is off on this engine (%s): %s; every prefill runs on vLLM's "
+                   "attention%s", plan.source, why, "" if max_len < plan.sparse_context_floor else (
+                       " (below the auto floors a sparse chunk is slower than dense: raise "
+                       "--max-num-batched-tokens for sparse prefill)"))
     return False
 
 
@@ -279,7 +274,7 @@ def rank_shard(plan, num_heads: int, num_kv_heads: int):
             f"an attention layer has {num_heads} query / {num_kv_heads} KV heads on this rank, but the model's "
             f"{plan.num_q_heads} / {plan.num_kv_heads} heads split over tensor_parallel_size={tp} give "
             f"{len(shard.q_heads)} / {len(shard.kv_heads)}: the plan cannot say which heads this layer has"))])
-    if shard.splits_groups and not plan.union_heads and any(layer.is_sparse for layer in plan.layers):
+    if shard.splits_groups and not plan.union_heads and plan.is_sparse_prefill:
         raise SparseConfigError(plan.source, [("union_heads", (
             f"union_heads: false gives each q head its own page list, and tensor_parallel_size={tp} splits the "
             f"model's {plan.num_kv_heads} KV head(s) across ranks, where every rank reads its group's union: use a "
