@@ -255,10 +255,18 @@ def test_sparse_engines_skip_the_schedulers_common_prefix_walk(tiny_llama):
     # (its CPU platform does in 0.26-0.31), when nothing reads the count.
     config, asked = _scheduler(str(tiny_llama), "sparse", disable_cascade_attn=False)
     assert _hooked(asked) == config.model_config.disable_cascade_attn
+    sparse_enum, other_enum = config.attention_config.backend, SimpleNamespace(name="FLASH_ATTN")
     for cascade_off in (True, False):  # the rule itself, on every release
         cfg = SimpleNamespace(model_config=SimpleNamespace(disable_cascade_attn=cascade_off),
                               attention_config=config.attention_config)
         assert compat.skips_common_prefix_walk(cfg) is cascade_off
+        # (0.32's per-kind override naming SPARSE counts as well; another backend everywhere does not)
+        per_kind = SimpleNamespace(backend=None, backend_per_kind={"full_attention": sparse_enum})
+        assert compat.skips_common_prefix_walk(SimpleNamespace(model_config=cfg.model_config,
+                                                               attention_config=per_kind)) is cascade_off
+        neither = SimpleNamespace(backend=other_enum, backend_per_kind={"full_attention": other_enum})
+        assert not compat.skips_common_prefix_walk(SimpleNamespace(model_config=cfg.model_config,
+                                                                   attention_config=neither))
 
 
 def test_a_plan_given_to_an_engine_that_does_not_attend_on_sparse_is_said_at_start(tiny_llama, monkeypatch, caplog):

@@ -160,10 +160,9 @@ def attends_on_sparse(vllm_config) -> bool:
 
 
 def skips_common_prefix_walk(vllm_config) -> bool:
-    """The engine attends on SPARSE with cascade attention off: nothing reads the common prefix's length."""
-    attention = getattr(vllm_config, "attention_config", None)
-    return (getattr(vllm_config.model_config, "disable_cascade_attn", True)
-            and is_sparse_backend(getattr(attention, "backend", None)))
+    """Some layers attend on SPARSE (the engine's backend or a KV cache kind's) with cascade attention off: nothing
+    reads the common prefix's length."""
+    return bool(getattr(vllm_config.model_config, "disable_cascade_attn", True) and attends_on_sparse(vllm_config))
 
 
 def no_common_prefix(groups: int):
