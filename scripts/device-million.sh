@@ -17,6 +17,10 @@
 #          10% (15% and 20% at stride 16, 15% at stride 8, int8), and the 10% stride-16 plan again in the same call:
 #          the smallest fixed budget that gives dense's answers, for a timing plan whose speed a twin backs
 #          (the 10% twins lose 4-5 of 80; device-workload.sh `ratios` times these budgets' Llama twins)
+#   fidt   gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the 10% and 15%
+#          stride-16 int8 budgets with `dense_tail: 128` (the rows of each chunk's last 128 tokens dense; `fidr`
+#          2026-12-05 H100: 10-20% lose the same multi-key answers) and the 15% plan without it, in one call
+#          (device-workload.sh `tailr` times their Llama twins)
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
@@ -118,6 +122,11 @@ fid() {
 fidr() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidr" 16384,29696 \
     benchmarks/configs/gemma-3-antidiagonal-{15,20,10}-s16-int8.yaml benchmarks/configs/gemma-3-antidiagonal-15-int8.yaml \
+    -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
+}
+fidt() {
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt" 16384,29696 \
+    benchmarks/configs/gemma-3-antidiagonal-{10,15}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-15-s16-int8.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
 fidfp8() {
@@ -270,4 +279,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidr:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidr:240 fidt:240 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"

@@ -69,6 +69,9 @@
 #   ratios benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense and fixed budgets above 10%, the 15% stride-16
 #          plan and RATIO_PLAN (default antidiagonal-20-s16-int8; or antidiagonal-15-int8, stride 8), whose gemma twins
 #          device-million.sh `fidr` measures: the speed of the sparsest fixed budget that gives dense's answers
+#   tailr  benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 10% and 15% stride-16 int8 plans with
+#          `dense_tail: 128` (device-million.sh `fidt` measures their gemma twins); the follow-up turns, where a
+#          tail costs most (a 2K-token chunk's 128 dense rows), with `PLANS=antidiagonal-10-s16-int8-tail ... wlg`
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended)
@@ -263,6 +266,12 @@ ratios() {
     --extra-config "benchmarks/configs/llama-3-8b-${RATIO_PLAN:-antidiagonal-20-s16-int8}.yaml" --out "$OUT/e2e_ratios.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_ratios.log" | tail -20
 }
+tailr() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
+    --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8-tail.yaml \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-15-s16-int8-tail.yaml --out "$OUT/e2e_tail.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail.log" | tail -20
+}
 suite() {
   local files
   files="$(ls tests/test_*.py | awk '$0 > "tests/test_prefill_warmup.py"') $(ls tests/test_*.py | awk '$0 <= "tests/test_prefill_warmup.py"')"
@@ -271,4 +280,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 suite:300" "$@"

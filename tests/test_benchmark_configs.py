@@ -57,9 +57,9 @@ TWIN = re.compile(r"gemma-3-[a-z0-9_.-]+\.yaml")
 
 def prefill_setting(plan) -> tuple:
     """What a prefill plan selects with, over its sparse layers: (estimator, its parameters, budget), the block
-    size, the union's tile and over heads, and from where rows go sparse."""
+    size, the union's tile and over heads, and which rows go sparse (from where, and the dense tail)."""
     heads = frozenset((h.estimator, h.params, h.budget) for layer in plan.layers for h in layer.heads if h)
-    return heads, plan.block_size, plan.union_tile, plan.union_heads, plan.dense_below
+    return heads, plan.block_size, plan.union_tile, plan.union_heads, plan.dense_below, plan.dense_tail
 
 
 def decode_setting(plan) -> set:

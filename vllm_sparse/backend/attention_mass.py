@@ -55,6 +55,14 @@ def dense_rows(ctx: ChunkContext, dense_below: int) -> int:
     return min(max(dense_below // ctx.block_size - ctx.first_query_block, 0), ctx.num_query_blocks)
 
 
+def tail_rows(ctx: ChunkContext, dense_tail: int) -> int:
+    """Query block rows at the chunk's end that hold its last `dense_tail` tokens (the plan's `dense_tail`): the
+    rows that attend densely there. 0 when off."""
+    if dense_tail <= 0:
+        return 0
+    return ctx.num_kv_blocks - max(ctx.seq_len - dense_tail, ctx.context_len) // ctx.block_size
+
+
 def row_unions(mask: torch.Tensor, tile: int, num_kv_heads: int) -> torch.Tensor:
     """Kept-block mask [mask_heads, rows, kv_blocks] -> what each row reads per KV head,
     [kv_heads, rows, kv_blocks]: the union over its union tile's rows and its KV head's q heads."""

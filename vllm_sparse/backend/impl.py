@@ -220,6 +220,6 @@ class SparseImplMixin:
         attend_observed(query, output, self._paged_kv(layer, kv_cache), attn_metadata.block_table, batch.chunks,
                         head_plans, self._plan.block_size, self.scale, self._plan.union_tile, self._layer_idx,
                         kernel=self._kernel, union_heads=self._plan.union_heads, dense_below=self._plan.dense_below,
-                        split=self._split, metrics=self._metrics, tiles=batch.tiles,
+                        dense_tail=self._plan.dense_tail, split=self._split, metrics=self._metrics, tiles=batch.tiles,
                         q_scale=(layer._q_scale, layer._q_scale_float) if query.dtype in FP8_DTYPES else None,
                         guard=batch.guard if self._split is None else None)  # (split groups: not guarded)

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from vllm_sparse.backend.attend import attend_chunk_reference, attend_chunk_with_kernel
-from vllm_sparse.backend.attention_mass import dense_rows
+from vllm_sparse.backend.attention_mass import dense_rows, tail_rows
 from vllm_sparse.backend.batch import SparseChunk
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.split_groups import SplitGroup, per_q_head
@@ -169,13 +169,19 @@ def kept_blocks(ctx: ChunkContext, head_plans: list[HeadPlan | None], split: Spl
     return split.gather_masks(chunk_block_mask(ctx, head_plans), ctx.q.shape[1])
 
 
-def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int) -> torch.Tensor:
+def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int, dense_tail: int = 0) -> torch.Tensor:
     """Keep every causal block in the query blocks whose tokens all lie before position `dense_below` (each sees
     at most `dense_below` tokens): a token attends densely or sparsely by its position, not by
-    where the scheduler cut the chunk it came in."""
+    where the scheduler cut the chunk it came in. And in the rows holding the chunk's last `dense_tail` tokens
+    (the plan's `dense_tail`): a prompt's last tokens, which its first output token is read from."""
     n = dense_rows(ctx, dense_below)
     if n:
         mask[:, :n] = ctx.causal_block_mask()[:n]
+    t = tail_rows(ctx, dense_tail)
+    if t:  # (the last row sees every block; the rows before it all but the blocks after them)
+        mask[:, -t:] = True
+        if t > 1:
+            mask[:, -t:, -t + 1:] = ctx.causal_block_mask()[-t:, -t + 1:]
     return mask
 
 
@@ -200,6 +206,7 @@ def attend_sparse_chunks(
     layer: int = -1,  # for the stats only
     kernel: str | None = None,  # "fa3" | "fa2" | "triton" | "reference"; None: by device (selected_kernel)
     dense_below: int = 0,  # query blocks whose tokens all lie before this position attend densely
+    dense_tail: int = 0,  # the query blocks holding each chunk's last this many tokens attend densely
     split: SplitGroup | None = None,  # this rank's GQA group spans ranks: attend to the group's union
     metrics: WorkerMetrics | None = None,  # estimation time and kept density, for /metrics
     union_heads: bool = True,  # the q heads of a KV head attend to their union; False: each to its own blocks
@@ -225,7 +232,7 @@ def attend_sparse_chunks(
             observer.calibrate(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)
             continue
         timer = metrics.start_timer() if metrics is not None else None
-        mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below)
+        mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below, dense_tail)
         if metrics is not None:
             metrics.stop_timer(timer)
         tile = union_tile or ctx.num_query_blocks

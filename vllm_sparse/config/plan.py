@@ -15,6 +15,7 @@ from vllm_sparse.selection.budget import Budget
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "block_size": 128,
     "dense_below": 8192,
+    "dense_tail": 0,
     "union_tile": None,
     "union_heads": True,
     "min_query_tokens": "auto",
@@ -198,6 +199,8 @@ class SparsePlan:
     # A layer whose sparse chunks lately read more than this share of their causal blocks runs dense for a while
     # (`backend/density_guard.py`); 1: never; None: auto (by device)
     dense_above: float | None = None
+    # The last this many query tokens of each sparse prefill chunk attend densely (in whole query blocks); 0: off
+    dense_tail: int = 0
 
     @property
     def is_sparse(self) -> bool:
@@ -423,7 +426,8 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
                       shape.num_q_heads, shape.num_kv_heads, tuple(notes), setting("union_tile"),
                       *(None if setting(k) == "auto" else setting(k) for k in ("min_query_tokens", "min_chunk_work")),
                       block_tokens, decode_below, union_heads=setting("union_heads"), explicit=explicit,
-                      dense_above=None if setting("dense_above") == "auto" else setting("dense_above"))
+                      dense_above=None if setting("dense_above") == "auto" else setting("dense_above"),
+                      dense_tail=setting("dense_tail"))
 
 
 
