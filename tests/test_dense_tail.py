@@ -82,7 +82,7 @@ def test_dense_tail_is_a_plan_setting_and_plan_says_it(tmp_path):
     def plan_of(**settings):
         p = tmp_path / "p.yaml"
         p.write_text(yaml.safe_dump({"version": 1, "models": [{
-            "match": {"architectures": ["Gemma3ForCausalLM"]}, **settings,
+            "match": {"architectures": ["Gemma3ForCausalLM"]}, "union_tile": 1, **settings,
             "layers": [{"layers": "full_attention", "estimator": {"name": "antidiagonal", "stride": 16},
                         "budget": {"keep_ratio": 0.15}}]}]}))
         return resolve_plan(load_config(p), GEMMA, str(p), explicit=True)
@@ -92,3 +92,7 @@ def test_dense_tail_is_a_plan_setting_and_plan_says_it(tmp_path):
     assert plan.dense_tail == 128 and "its last 128 tokens attend densely" in describe_chunk_rule(plan)
     with pytest.raises(SparseConfigError, match="dense_tail"):
         plan_of(dense_tail=-1)
+    # One union per chunk would spread the tail's dense rows over the whole chunk: refused, naming both settings.
+    with pytest.raises(SparseConfigError, match=r"models\[0\]\.dense_tail.*union_tile"):
+        plan_of(dense_tail=128, union_tile=None)
+    assert plan_of(dense_tail=128, union_tile=4).union_tile == 4  # (a tile of 4 rows: its tail tile reads all)

@@ -33,13 +33,13 @@ def _prompts(model: Path) -> list[dict]:
     return [{"prompt_token_ids": ids[i * 97: i * 97 + n]} for i, n in enumerate(LENGTHS)]
 
 
-def _config(tmp: Path, name: str, rule: dict) -> str:
+def _config(tmp: Path, name: str, rule: dict, **settings) -> str:
     path = tmp / f"{name}.yaml"
     # min_chunk_work 0, min_query_tokens 16: these prompts' chunks are far below the floors `auto` gives on
     # CUDA (the GPU twin runs this too), and they are here to reach the sparse path.
     path.write_text(yaml.safe_dump({"version": 1, "models": [{
         "match": {"architectures": ["LlamaForCausalLM"]}, "min_chunk_work": 0, "min_query_tokens": 16, "block_size": 64,
-        "dense_below": DENSE_BELOW, "layers": [dict(layers="all", **rule)]}]}))
+        "dense_below": DENSE_BELOW, **settings, "layers": [dict(layers="all", **rule)]}]}))
     return str(path)
 
 
@@ -60,6 +60,11 @@ def plan_specs(model: Path, tmp: Path, engine: dict) -> dict[str, dict]:
             "estimator": sink_local, "budget": {"keep_ratio": 1.0}})},
         "sparse": {"backend": "sparse", "config": _config(tmp, "sparse", {
             "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}})},
+        # A dense tail as long as the token budget: every row of every chunk reads every block (the setting reaches
+        # the engine's attention; tests/test_dense_tail.py checks a tail shorter than its chunk)
+        "tail_all": {"backend": "sparse", "config": _config(tmp, "tail_all", {
+            "estimator": sink_local, "budget": {"top_k": 3, "sink_blocks": 1, "local_blocks": 2}},
+            dense_tail=engine["max_num_batched_tokens"], union_tile=1)},
         # MInference's lines with every key a kept column, read token by token beside the diagonals' blocks
         "columns_all": {"backend": "sparse", "config": _config(tmp, "columns_all", {
             "estimator": {"name": "vertical_slash", "last_q": 64, "vertical_size": 100_000, "slash_size": 50,
@@ -140,6 +145,14 @@ def test_dense_plan_equals_stock_backend_exactly(runs):
 
 def test_keep_all_budget_equals_dense(runs):
     for stock, ours in zip(runs["stock"]["results"], runs["keep_all"]["results"]):
+        assert ours["token_ids"] == stock["token_ids"]
+        assert _max_logprob_diff(stock, ours) < 1e-3
+
+
+def test_a_dense_tail_as_long_as_each_chunk_equals_dense(runs):
+    """`dense_tail` at the token budget: the rows of each sparse chunk's last 256 tokens, all of them, attend densely
+    under a plan that keeps 3 blocks a row (which alone moves the long prompt's scores: the test below)."""
+    for stock, ours in zip(runs["stock"]["results"], runs["tail_all"]["results"]):
         assert ours["token_ids"] == stock["token_ids"]
         assert _max_logprob_diff(stock, ours) < 1e-3
 

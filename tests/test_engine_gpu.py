@@ -64,6 +64,12 @@ def test_keep_all_budget_equals_dense(runs):
     assert _mean_diff(stock[0], sparse[0]) > 4 * _mean_diff(stock[0], keep_all[0])
 
 
+def test_a_dense_tail_as_long_as_each_chunk_equals_dense(runs):
+    """The CPU test's twin: `dense_tail` at the token budget, through FA3 over the compacted tables (the tail's
+    rows read every block), gives stock's answers within bf16."""
+    assert_same_within_bf16(runs["stock"]["results"], runs["tail_all"]["results"])
+
+
 def test_every_column_kept_token_by_token_equals_dense(runs):
     """The CPU test's twin: every key a kept column, read by the column kernel beside the diagonals' blocks
     (the Triton block pass and the in-kernel merge), gives stock's answers within bf16."""
