@@ -19,8 +19,9 @@
 #          (the 10% twins lose 4-5 of 80; device-workload.sh `ratios` times these budgets' Llama twins)
 #   fidt   gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the 10% and 15%
 #          stride-16 int8 budgets with `dense_tail: 128` (the rows of each chunk's last 128 tokens dense; `fidr`
-#          2026-12-05 H100: 10-20% lose the same multi-key answers) and the 15% plan without it, in one call
-#          (device-workload.sh `tailr` times their Llama twins)
+#          2026-12-05 H100: 10-20% lose the same multi-key answers) and the 15% plan without it, and the 1M plan's
+#          twin (a page list per q head) with the tail, in one call (device-workload.sh `tailr` times the Llama
+#          twins; `LONG_PLANS=qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads-tail ... m1s` the 1M one)
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
@@ -127,6 +128,7 @@ fidr() {
 fidt() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt" 16384,29696 \
     benchmarks/configs/gemma-3-antidiagonal-{10,15}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-15-s16-int8.yaml \
+    benchmarks/configs/gemma-3-antidiagonal-10-s16-int8-own-heads-tail.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
 fidfp8() {
