@@ -200,7 +200,8 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
             for index, heads in layers:
                 sparse_path.attend_sparse_chunks(
                     q, out, kv, block_table, chunks, heads, plan.block_size, d ** -0.5, plan.union_tile, index,
-                    kernel=kernel, dense_below=plan.dense_below, metrics=metrics, union_heads=plan.union_heads,
+                    kernel=kernel, dense_below=plan.dense_below, dense_tail=plan.dense_tail, metrics=metrics,
+                    union_heads=plan.union_heads,
                     tiles=tiles, guard=guard)
 
         row = {"context": context, "new_tokens": q_len, "layers": len(layers), "pack_lists": pack_lists}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.fixtures.paged import random_paged_batch
-from vllm_sparse.backend.attention_mass import tail_rows
+from vllm_sparse.backend.attention_mass import dense_rows, tail_rows
 from vllm_sparse.backend.batch import SparseChunk
-from vllm_sparse.backend.sparse_path import attend_sparse_chunks
+from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_rows
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
@@ -30,6 +30,12 @@ def test_the_tail_rows_are_the_blocks_holding_the_chunks_last_tokens(context_len
     ctx = ChunkContext(torch.zeros(q_len, 1, 8), None, None, None, context_len, 32, 1.0)
     assert tail_rows(ctx, dense_tail) == rows
     assert tail_rows(ctx, dense_tail) <= ctx.num_query_blocks
+    # The eval's audit counts recall over the rows the plan selects for: neither the tail's nor those whose tokens
+    # all lie before dense_below (blocks 0-2 of 32 tokens here).
+    below = 96
+    chosen = selected_rows(ctx, below, dense_tail)
+    assert chosen == slice(dense_rows(ctx, below), ctx.num_query_blocks - rows)
+    assert chosen.start == max(below // 32 - context_len // 32, 0)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])

@@ -122,11 +122,12 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
 
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
-                           output: torch.Tensor, block_table: torch.Tensor, layer: int, dense_rows: int = 0,
-                           union_heads: bool = True, observer=None) -> tuple[int, int]:
-    """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows
-    after the first `dense_rows`, those past dense_below, per head). Returns (KV pages read, causal KV
-    pages) summed over the tiles and page lists."""
+                           output: torch.Tensor, block_table: torch.Tensor, layer: int,
+                           selected_rows: slice | None = None, union_heads: bool = True, observer=None
+                           ) -> tuple[int, int]:
+    """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows the plan
+    selects for, `selected_rows`: those past dense_below and before the dense tail, per head; None: all). Returns
+    (KV pages read, causal KV pages) summed over the tiles and page lists."""
     kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else kv.num_kv_heads
@@ -156,6 +157,7 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
                                              exclude=union[:, None, :], exclude_block=block_size)
             merge_attention(output[tokens], lse, oc, lse_c, out=output[tokens])
         if observer is not None:  # eval counters and the dense audit (`instrumented.py`)
-            observer.tile(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], dense_rows,
+            observer.tile(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens],
+                          selected_rows or slice(0, ctx.num_query_blocks),
                           torch.arange(lists, device=mask.device) if per_head else None)
     return kept, causal

@@ -41,9 +41,9 @@ class StatsObserver:
         record_density(layer, ctx, mask, tile_unions_per_row(union, tile, rows), slice(0, rows), n_tiles)
 
     def tile(self, layer: int, ctx: ChunkContext, mask: torch.Tensor, union: torch.Tensor, rows: slice, tokens: slice,
-             out: torch.Tensor, dense_rows: int, list_of_head: torch.Tensor | None) -> None:
+             out: torch.Tensor, selected_rows: slice, list_of_head: torch.Tensor | None) -> None:
         """One union tile of the reference path: densities, and with the audit its distance from dense."""
-        record_with_audit(layer, ctx, mask, union, rows, tokens, out, dense_rows, list_of_head)
+        record_with_audit(layer, ctx, mask, union, rows, tokens, out, selected_rows, list_of_head)
 
 
 OBSERVER = StatsObserver()

@@ -185,6 +185,11 @@ def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int, de
     return mask
 
 
+def selected_rows(ctx: ChunkContext, dense_below: int, dense_tail: int) -> slice:
+    """The chunk's query block rows the plan selects blocks for: past those below dense_below, before the tail's."""
+    return slice(dense_rows(ctx, dense_below), ctx.num_query_blocks - tail_rows(ctx, dense_tail))
+
+
 def dequantize_queries(q: torch.Tensor, q_scale: float, dtype: torch.dtype) -> torch.Tensor:
     """fp8 queries (vLLM's per-tensor static quantization: q / `layer._q_scale`) as `dtype` values: a chunk's
     worth, counted in the step's temporaries (`reserve.step_temporaries_bytes`). The scale as a host number is
@@ -238,7 +243,7 @@ def attend_sparse_chunks(
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
             pages = attend_chunk_reference(ctx, mask, tile, c, output, block_table, layer,
-                                           dense_rows(ctx, dense_below), union_heads, observer)
+                                           selected_rows(ctx, dense_below, dense_tail), union_heads, observer)
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
                                              observer, tiles[i] if tiles is not None else None, fa3_query)

@@ -418,7 +418,7 @@ def resolve_plan(cfg, shape: ModelShape, source: str, explicit: bool = False, by
                     decode[layer][q] = (rule.decode, f"{rpath}.decode")
     decode_plans, block_tokens, decode_below = _decode_plans(decode, shape, problems)
     if setting("dense_tail") and setting("union_tile") is None:  # (one union per chunk: the tail's rows widen all)
-        problems.append((f"{where}.dense_tail", (
+        problems.append((f"{where}.dense_tail" if entry.dense_tail is not None else "defaults.dense_tail", (
             f"dense_tail: {setting('dense_tail')} with one block union per prefill chunk (union_tile unset) makes "
             "every row of a sparse chunk read what its tail rows read, every block: set union_tile (1: the tail's "
             "rows alone read every block)")))
