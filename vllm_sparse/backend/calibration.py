@@ -19,13 +19,12 @@ import torch
 from vllm_sparse.backend.attention_mass import (
     RECALL_BINS,
     dense_attention_mass,
-    dense_rows,
     read_cells,
     read_mass_rows,
     row_recall_histogram,
     row_unions,
 )
-from vllm_sparse.backend.sparse_path import budget_masks, dense_rows_below
+from vllm_sparse.backend.sparse_path import budget_masks, keep_dense_rows, selected_rows
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.selection.budget import Budget
 from vllm_sparse.selection.stats import STATS, CalibrationStats
@@ -51,7 +50,8 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
     block (where the chunk ends the prompt: the rows that produce the answer)."""
     dense, mass = dense_attention_mass(ctx)
     out.copy_(dense.to(out.dtype))
-    first = dense_rows(ctx, dense_below)
+    chosen = selected_rows(ctx, dense_below)
+    first = chosen.start
     if first >= ctx.num_query_blocks or layer < 0:  # nothing past dense_below, or not a model layer (warm-up)
         return
     candidates = STATS.candidates
@@ -70,7 +70,7 @@ def calibrate_chunk(ctx: ChunkContext, out: torch.Tensor, layer: int, dense_belo
     for name, params, budgets in _grouped(json.dumps(candidates)):
         masks = budget_masks(ctx, name, params, [b for _, b in budgets])
         for (i, _), mask in zip(budgets, masks):
-            union = row_unions(dense_rows_below(mask, ctx, dense_below), tile, num_kv)[:, first:]
+            union = row_unions(keep_dense_rows(mask, ctx, chosen), tile, num_kv)[:, first:]
             rows = read_mass_rows(past, union, ctx.kv_head_of)
             st.mass[i] += rows.sum(1)
             st.rows[i] += row_recall_histogram(rows, queries)

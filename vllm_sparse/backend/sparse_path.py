@@ -169,25 +169,24 @@ def kept_blocks(ctx: ChunkContext, head_plans: list[HeadPlan | None], split: Spl
     return split.gather_masks(chunk_block_mask(ctx, head_plans), ctx.q.shape[1])
 
 
-def dense_rows_below(mask: torch.Tensor, ctx: ChunkContext, dense_below: int, dense_tail: int = 0) -> torch.Tensor:
-    """Keep every causal block in the query blocks whose tokens all lie before position `dense_below` (each sees
-    at most `dense_below` tokens): a token attends densely or sparsely by its position, not by
-    where the scheduler cut the chunk it came in. And in the rows holding the chunk's last `dense_tail` tokens
-    (the plan's `dense_tail`): a prompt's last tokens, which its first output token is read from."""
-    n = dense_rows(ctx, dense_below)
-    if n:
-        mask[:, :n] = ctx.causal_block_mask()[:n]
-    t = tail_rows(ctx, dense_tail)
-    if t:  # (the last row sees every block; the rows before it all but the blocks after them)
+def selected_rows(ctx: ChunkContext, dense_below: int, dense_tail: int = 0) -> slice:
+    """The chunk's query block rows the plan selects blocks for: past those whose tokens all lie before position
+    `dense_below` (each sees at most `dense_below` tokens: a token attends densely or sparsely by its position, not
+    by where the scheduler cut the chunk it came in), and before the rows holding the chunk's last `dense_tail`
+    tokens (the plan's `dense_tail`: a prompt's last tokens, which its first output token is read from)."""
+    return slice(dense_rows(ctx, dense_below), ctx.num_query_blocks - tail_rows(ctx, dense_tail))
+
+
+def keep_dense_rows(mask: torch.Tensor, ctx: ChunkContext, selected: slice) -> torch.Tensor:
+    """Keep every causal block in the rows outside `selected` (`selected_rows`): those attend densely."""
+    if selected.start:
+        mask[:, :selected.start] = ctx.causal_block_mask()[:selected.start]
+    t = ctx.num_query_blocks - selected.stop
+    if t:  # (the last row sees every block; the rows before it all but the blocks after them: a [t, t - 1] corner)
         mask[:, -t:] = True
         if t > 1:
-            mask[:, -t:, -t + 1:] = ctx.causal_block_mask()[-t:, -t + 1:]
+            mask[:, -t:, -t + 1:] = torch.ones(t, t - 1, dtype=torch.bool, device=mask.device).tril(-1)
     return mask
-
-
-def selected_rows(ctx: ChunkContext, dense_below: int, dense_tail: int) -> slice:
-    """The chunk's query block rows the plan selects blocks for: past those below dense_below, before the tail's."""
-    return slice(dense_rows(ctx, dense_below), ctx.num_query_blocks - tail_rows(ctx, dense_tail))
 
 
 def dequantize_queries(q: torch.Tensor, q_scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -237,13 +236,14 @@ def attend_sparse_chunks(
             observer.calibrate(ctx, output[c.q_start:c.q_end], layer, dense_below, union_tile or ctx.num_query_blocks)
             continue
         timer = metrics.start_timer() if metrics is not None else None
-        mask = dense_rows_below(kept_blocks(ctx, head_plans, split), ctx, dense_below, dense_tail)
+        chosen = selected_rows(ctx, dense_below, dense_tail)
+        mask = keep_dense_rows(kept_blocks(ctx, head_plans, split), ctx, chosen)
         if metrics is not None:
             metrics.stop_timer(timer)
         tile = union_tile or ctx.num_query_blocks
         if kernel == "reference":
             pages = attend_chunk_reference(ctx, mask, tile, c, output, block_table, layer,
-                                           selected_rows(ctx, dense_below, dense_tail), union_heads, observer)
+                                           chosen, union_heads, observer)
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
                                              observer, tiles[i] if tiles is not None else None, fa3_query)

@@ -307,7 +307,7 @@ def _build_models():
             "this many tokens) attends densely; a prefill chunk goes sparse once it has a query block past it")
         dense_tail: int | None = Field(
             None, ge=0, description="the last this many query tokens of each sparse prefill chunk attend densely "
-            "(whole query blocks: the one or two blocks holding them): a prompt's last tokens, where its first "
+            "(whole query blocks: the blocks holding them): a prompt's last tokens, where its first "
             "output token is read from, and a follow-up turn's question see every block. 0 (the default): off")
         decode: DecodeSpec | None = Field(
             None, description="decode page selection (Quest or TidalDecode), or `dense` (the default): vLLM's own "
