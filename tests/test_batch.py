@@ -259,7 +259,7 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
 
     sparse_layer = SimpleNamespace(is_sparse=True, is_sparse_decode=False)
     plan = SimpleNamespace(layer=lambda i: sparse_layer, layers=[sparse_layer], source="x.yaml", block_size=64,
-                           union_tile=None, dense_below=300, sparse_context_floor=300, min_query_tokens=2,
+                           union_tile=None, dense_below=300, dense_tail=0, sparse_context_floor=300, min_query_tokens=2,
                            min_chunk_work=0, query_token_floor=lambda kind: 2, chunk_work_floor=lambda kind: 0,
                            dense_above_on=lambda kind: 1.0)
     monkeypatch.setattr(builder_mod, "plan_for", lambda vllm_config: plan)

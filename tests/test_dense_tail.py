@@ -8,7 +8,7 @@ import torch
 
 from tests.fixtures.paged import random_paged_batch
 from vllm_sparse.backend.attention_mass import dense_rows, tail_rows
-from vllm_sparse.backend.batch import SparseChunk
+from vllm_sparse.backend.batch import SparseChunk, classify, selected_row_counts
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_rows
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
@@ -36,6 +36,35 @@ def test_the_tail_rows_are_the_blocks_holding_the_chunks_last_tokens(context_len
     chosen = selected_rows(ctx, below, dense_tail)
     assert chosen == slice(dense_rows(ctx, below), ctx.num_query_blocks - rows)
     assert chosen.start == max(below // 32 - context_len // 32, 0)
+
+
+def test_the_step_counts_each_chunks_selected_rows_as_the_sparse_path_does():
+    """The builder's host count over a whole step's lengths (`selected_row_counts`) equals the rows the sparse path
+    selects for per chunk (`selected_rows`), over chunk geometries on and off block edges."""
+    bs, below = 32, 96
+    rows = [(c, q) for c in (0, 31, 32, 64, 90, 200) for q in (1, 2, 31, 32, 33, 64, 250)]
+    contexts, q_lens = (torch.tensor(x) for x in zip(*rows))
+    for tail in (1, 26, 32, 33, 64, 1000):
+        counts = selected_row_counts(q_lens, contexts + q_lens, bs, below, tail)
+        for (c, q), n in zip(rows, counts.tolist()):
+            chosen = selected_rows(ChunkContext(torch.zeros(q, 1, 8), None, None, None, c, bs, 1.0), below, tail)
+            assert max(n, 0) == max(chosen.stop - chosen.start, 0), (c, q, tail)
+
+
+def test_a_chunk_whose_every_row_attends_densely_stays_off_the_sparse_path():
+    """A chunk past dense_below whose rows there all hold tail tokens would only estimate: it stays dense, from host
+    data; a longer one goes sparse; without a tail the rule is the context floor alone."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    q_lens, seq_lens = [40, 200], [136, 296]  # both past dense_below 96 (32-token blocks): rows 3-4 and 3-9
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=2, num_actual_tokens=240,
+        max_query_len=200, max_seq_len=296, block_table_tensor=torch.arange(20, dtype=torch.int32).view(2, 10),
+        slot_mapping=torch.arange(240, dtype=torch.int64), positions=torch.arange(240))
+    chunks, reqs, tokens = classify(cm, 97, dense_tail=40, block_size=32, dense_below=96)
+    assert [c.req for c in chunks] == [1] and reqs.tolist() == [0] and tokens.tolist() == list(range(40))
+    assert [c.req for c in classify(cm, 97)[0]] == [0, 1]
 
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])

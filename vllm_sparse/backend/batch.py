@@ -67,11 +67,22 @@ def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | 
     return tuple(zip(views[0::2], views[1::2]))
 
 
+def selected_row_counts(q_lens: torch.Tensor, seq_lens: torch.Tensor, block_size: int, dense_below: int,
+                        dense_tail: int) -> torch.Tensor:
+    """Per chunk, its query blocks past those before `dense_below` and before those holding its last `dense_tail`
+    tokens (`sparse_path.selected_rows`, on the host tensors of a whole step); <= 0: none."""
+    context = seq_lens - q_lens
+    first_row, rows_end = context // block_size, (seq_lens + block_size - 1) // block_size
+    dense = (dense_below // block_size - first_row).clamp(min=0)
+    tail = rows_end - torch.maximum(seq_lens - dense_tail, context) // block_size
+    return rows_end - first_row - dense - tail
+
+
 _NO_INDICES = torch.empty(0, dtype=torch.long)  # (read only: callers build nothing from an all-dense step's)
 
 
-def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
-             ) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
+def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0, dense_tail: int = 0,
+             block_size: int = 0, dense_below: int = 0) -> tuple[list[SparseChunk], torch.Tensor, torch.Tensor]:
     """-> (sparse chunks, dense request indices, dense token indices), all from host data.
 
     A chunk goes sparse when all of these hold:
@@ -81,6 +92,8 @@ def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
       speculative verify step or a short suffix after a prefix-cache hit reads the cache like a decode);
     - its attention work (`chunk_work`) reaches `min_work` token pairs (the plan's `min_chunk_work`):
       below it a sparse step's fixed costs exceed what it saves (a few new tokens on a cached document);
+    - with a `dense_tail` (the plan's, in `block_size`-token blocks), some query block lies between the rows
+      before `dense_below` and the tail's rows: a chunk whose every row attends densely would only estimate;
     - it has no multimodal tokens with bidirectional attention.
     """
     if cm.max_query_len < max(2, min_query_len):  # every decode step: no chunk qualifies (a host int, no tensor op)
@@ -91,6 +104,8 @@ def classify(cm, min_context: int, min_query_len: int = 2, min_work: int = 0
     sparse = (q_lens >= max(2, min_query_len)) & (seq_lens >= min_context)
     if min_work > 0:
         sparse &= chunk_work(q_lens.long(), seq_lens.long()) >= min_work
+    if dense_tail > 0:
+        sparse &= selected_row_counts(q_lens.long(), seq_lens.long(), block_size, dense_below, dense_tail) > 0
     # Requests with multimodal tokens that attend bidirectionally (PrefixLM) stay on the dense path,
     # which keeps their ranges; the sparse path is causal only.
     for r in compat.bidirectional_ranges(cm):

@@ -180,8 +180,9 @@ class SparseBuilderMixin:
         chunks, dense_reqs, dense_tokens = [], None, None
         dense_layers, guard = frozenset(), None
         if self._sparse_layers:
-            chunks, dense_reqs, dense_tokens = classify(common_attn_metadata, self._min_context,
-                                                        self._min_query, self._min_work)
+            chunks, dense_reqs, dense_tokens = classify(
+                common_attn_metadata, self._min_context, self._min_query, self._min_work, self._plan.dense_tail,
+                self._plan.block_size, self._plan.dense_below)
             # The `dense_above` rule (host numbers, a step or two late); not while eval or calibration measure the
             # plan itself (every chunk-layer sparse, as they report it).
             if chunks and self._guard is not None and active_observer() is None:

@@ -110,7 +110,8 @@ def describe_chunk_rule(plan) -> str:
             f"min_chunk_work={'auto' if plan.min_chunk_work is None else _pairs(plan.min_chunk_work)}; work: query "
             f"tokens x the tokens they see); other chunks run vLLM's dense attention. "
             + (f"In a sparse chunk the query blocks holding its last {plan.dense_tail} tokens attend densely "
-               f"(dense_tail={plan.dense_tail}: a prompt's last tokens, where its first output token is read). "
+               f"(dense_tail={plan.dense_tail}: a prompt's last tokens, where its first output token is read); a chunk "
+               f"with no other rows past dense_below runs dense. "
                if plan.dense_tail else "")
             + describe_dense_above(plan))
 
