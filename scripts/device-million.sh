@@ -19,7 +19,7 @@
 #          (the 10% twins lose 4-5 of 80; device-workload.sh `ratios` times these budgets' Llama twins)
 #   fidt   gemma-3-270m (GEMMA_WHEELS), 20 prompts per cell, passkey and multikey at 16K and 29K: the 10% and 15%
 #          stride-16 int8 budgets with `dense_tail: 128` (the rows of each chunk's last 128 tokens dense; `fidr`
-#          2026-12-05 H100: 10-20% lose the same multi-key answers) and the 15% plan without it, and the 1M plan's
+#          2026-12-05 H100, the same prompts: 10-20% without it lose the same multi-key answers), and the 1M plan's
 #          twin (a page list per q head) with the tail, in one call (device-workload.sh `tailr` times the Llama
 #          twins; `LONG_PLANS=qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads-tail ... m1s` the 1M one)
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
@@ -127,7 +127,7 @@ fidr() {
 }
 fidt() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt" 16384,29696 \
-    benchmarks/configs/gemma-3-antidiagonal-{10,15}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-15-s16-int8.yaml \
+    benchmarks/configs/gemma-3-antidiagonal-{10,15}-s16-int8-tail.yaml \
     benchmarks/configs/gemma-3-antidiagonal-10-s16-int8-own-heads-tail.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
@@ -281,4 +281,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidr:240 fidt:330 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidr:240 fidt:270 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
