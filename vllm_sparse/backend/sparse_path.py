@@ -246,7 +246,8 @@ def attend_sparse_chunks(
                                            chosen, union_heads, observer)
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
-                                             observer, tiles[i] if tiles is not None else None, fa3_query)
+                                             observer, tiles[i] if tiles is not None else None, fa3_query,
+                                             chosen.stop if dense_tail else None)
         if metrics is not None:
             metrics.record_density(layer, *pages)
         if guard is not None:

@@ -191,6 +191,35 @@ def sparse_attention_flash(
     return out
 
 
+def dense_flash(
+    q: torch.Tensor,  # [tokens, q_heads, D]: the trailing tiles' queries
+    k_cache: torch.Tensor,  # [pages, page_size, kv_heads, D] (FlashAttention layout; may be a view)
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [segments, max_pages] the request's own page ids (vLLM's block table rows)
+    query_start_loc: torch.Tensor,  # [segments + 1] int32
+    seq_lens: torch.Tensor,  # [segments] tokens up to each segment's last query
+    max_query_len: int,
+    max_seqlen_k: int,
+    scale: float,
+    out: torch.Tensor,
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # fp8 q, k, v scales (0-dim or [1])
+    fa_version: int = 3,
+) -> torch.Tensor:
+    """Dense causal attention of a few query rows over their request's pages, in one call with every q head (the
+    plan's `dense_tail`): FA3 may split these long rows' keys over the SMs, where in a chunk's call per page list each
+    row's query tile would be one CTA reading the whole context after the short ones (a long pole per call)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    segments, kv_heads = query_start_loc.shape[0] - 1, k_cache.shape[2]
+    splits = default_num_splits(fa_version, segments, max_query_len, q.shape[1] // kv_heads, q.device)
+    scale_args = {} if descales is None else dict(zip(("q_descale", "k_descale", "v_descale"),
+                                                      (x.expand(segments, kv_heads) for x in descales)))
+    flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc,
+                           max_seqlen_k=max_seqlen_k, seqused_k=seq_lens, softmax_scale=scale, causal=True,
+                           block_table=block_table, out=out, fa_version=fa_version, num_splits=splits, **scale_args)
+    return out
+
+
 def _descale_args(descales, sequences: int) -> dict:
     """fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as vLLM's
     FlashAttention backend gives it, expanded from the per-tensor scales (no copy)."""
