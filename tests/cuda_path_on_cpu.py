@@ -78,6 +78,7 @@ def on_cuda_path(monkeypatch, kernel, flash=None):
     for floors in (config_plan.AUTO_MIN_QUERY_TOKENS, config_plan.AUTO_MIN_CHUNK_WORK):  # (the warm-up reads them)
         monkeypatch.setitem(floors, "cpu", floors["cuda"])
     monkeypatch.setattr(attend, "sparse_attention_flash", flash or (lambda *args, **kwargs: None))
+    monkeypatch.setattr(attend, "dense_flash", lambda *args, **kwargs: None)  # (a dense tail's tiles: no kernel here)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the attention wrappers' check for CPU tensors; nothing runs)
     warmup._compile.cache_clear()  # (once per engine and process: each test is an engine start)

@@ -210,6 +210,8 @@ def dense_flash(
     row's query tile would be one CTA reading the whole context after the short ones (a long pole per call)."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+    if fa_version == 2 and descales is not None:
+        raise ValueError("FA2 reads no fp8 cache: an fp8 KV cache needs FA3 (Hopper)")
     segments, kv_heads = query_start_loc.shape[0] - 1, k_cache.shape[2]
     splits = default_num_splits(fa_version, segments, max_query_len, q.shape[1] // kv_heads, q.device)
     scale_args = {} if descales is None else dict(zip(("q_descale", "k_descale", "v_descale"),
