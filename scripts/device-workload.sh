@@ -69,9 +69,11 @@
 #   ratios benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense and fixed budgets above 10%, the 15% stride-16
 #          plan and RATIO_PLAN (default antidiagonal-20-s16-int8; or antidiagonal-15-int8, stride 8), whose gemma twins
 #          device-million.sh `fidr` measures: the speed of the sparsest fixed budget that gives dense's answers
-#   tailr  benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 10% and 15% stride-16 int8 plans with
-#          `dense_tail: 128` (device-million.sh `fidt` measures their gemma twins); the follow-up turns, where a
-#          tail costs most (a 2K-token chunk's 128 dense rows), with `PLANS=antidiagonal-10-s16-int8-tail ... wlg`
+#   tailr  benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 10% stride-16 int8 plan with
+#          `dense_tail: 128` and without it, in one run (what the tail costs; 2026-12-06 H100, the tail's rows in the
+#          per-list calls: 1.23x / 1.52x / 1.94x against 1.43x / 1.85x / 2.57x; they now take one dense call);
+#          then `python3 -m pytest tests/test_dense_tail.py` (FA3's dense call on the GPU). The follow-up turns,
+#          where a tail costs most (a 2K-token chunk's 128 dense rows): `PLANS=antidiagonal-10-s16-int8-tail ... wlg`
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended)
@@ -269,8 +271,9 @@ ratios() {
 tailr() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
     --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8-tail.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-15-s16-int8-tail.yaml --out "$OUT/e2e_tail.json" 2>&1 \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_tail.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail.log" | tail -20
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_dense_tail.py 2>&1 | tail -4
 }
 suite() {
   local files
