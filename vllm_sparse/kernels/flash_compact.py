@@ -162,8 +162,7 @@ def sparse_attention_flash(
 ) -> torch.Tensor:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    if fa_version == 2 and descales is not None:
-        raise ValueError("FA2 reads no fp8 cache: an fp8 KV cache needs FA3 (Hopper)")
+    _refuse_fp8_on_fa2(fa_version, descales)
 
     page = k_cache.shape[1]
     kv_heads = k_cache.shape[2]
@@ -210,23 +209,26 @@ def dense_flash(
     row's query tile would be one CTA reading the whole context after the short ones (a long pole per call)."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-    if fa_version == 2 and descales is not None:
-        raise ValueError("FA2 reads no fp8 cache: an fp8 KV cache needs FA3 (Hopper)")
+    _refuse_fp8_on_fa2(fa_version, descales)
     segments, kv_heads = query_start_loc.shape[0] - 1, k_cache.shape[2]
     splits = default_num_splits(fa_version, segments, max_query_len, q.shape[1] // kv_heads, q.device)
-    scale_args = {} if descales is None else dict(zip(("q_descale", "k_descale", "v_descale"),
-                                                      (x.expand(segments, kv_heads) for x in descales)))
+    scale_args = _descale_args(descales, segments, kv_heads)
     flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=max_query_len, cu_seqlens_q=query_start_loc,
                            max_seqlen_k=max_seqlen_k, seqused_k=seq_lens, softmax_scale=scale, causal=True,
                            block_table=block_table, out=out, fa_version=fa_version, num_splits=splits, **scale_args)
     return out
 
 
-def _descale_args(descales, sequences: int) -> dict:
+def _refuse_fp8_on_fa2(fa_version: int, descales) -> None:
+    if fa_version == 2 and descales is not None:
+        raise ValueError("FA2 reads no fp8 cache: an fp8 KV cache needs FA3 (Hopper)")
+
+
+def _descale_args(descales, sequences: int, kv_heads: int = 1) -> dict:
     """fp8 (queries quantized by vLLM, fp8 pages): FA3 takes a descale per (sequence, KV head) of the call, as vLLM's
     FlashAttention backend gives it, expanded from the per-tensor scales (no copy)."""
     return {} if descales is None else dict(zip(("q_descale", "k_descale", "v_descale"),
-                                                (x.expand(sequences, 1) for x in descales)))
+                                                (x.expand(sequences, kv_heads) for x in descales)))
 
 
 def _packed_call(q, k_cache, v_cache, tables, used, segments: int, max_query_len: int, max_k: int, scale: float, out,
