@@ -151,10 +151,10 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
 
 def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                            output: torch.Tensor, block_table: torch.Tensor, layer: int,
-                           selected_rows: slice | None = None, union_heads: bool = True, observer=None
+                           selected_rows: slice, union_heads: bool = True, observer=None
                            ) -> tuple[int, int]:
     """The exact torch path, one union tile at a time (CPU, and the dense audit, which counts the rows the plan
-    selects for, `selected_rows`: those past dense_below and before the dense tail, per head; None: all). Returns
+    selects for, `selected_rows`: those past dense_below and before the dense tail, per head). Returns
     (KV pages read, causal KV pages) summed over the tiles and page lists."""
     kv, block_size, scale = ctx.kv, ctx.block_size, ctx.scale
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
@@ -185,7 +185,6 @@ def attend_chunk_reference(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: 
                                              exclude=union[:, None, :], exclude_block=block_size)
             merge_attention(output[tokens], lse, oc, lse_c, out=output[tokens])
         if observer is not None:  # eval counters and the dense audit (`instrumented.py`)
-            observer.tile(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens],
-                          selected_rows or slice(0, ctx.num_query_blocks),
+            observer.tile(layer, ctx, mask[:, rows], union, rows, slice(t0, t1), output[tokens], selected_rows,
                           torch.arange(lists, device=mask.device) if per_head else None)
     return kept, causal

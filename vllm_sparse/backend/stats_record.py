@@ -32,14 +32,14 @@ def record_density(layer: int, ctx: ChunkContext, mask, union, rows, unions: int
 
 
 def record_with_audit(layer: int, ctx: ChunkContext, mask, union, rows: slice, tokens: slice, out,
-                      selected_rows: slice | None = None, list_of_head: torch.Tensor | None = None) -> None:
+                      selected_rows: slice, list_of_head: torch.Tensor | None = None) -> None:
     """Densities; with audit, also the distance from dense attention and the attention mass kept.
 
     union [lists, kv_blocks] is what the tile's `rows` (chunk-local `tokens`) read, a page list per KV
     head, or per q head where `list_of_head` maps each q head to its own; `out` their sparse output.
     Per union: relative error and mean kept mass over the tile's queries and heads. Per head: mass kept
-    and cells read, over the rows the plan selects for, `selected_rows` (past dense_below, before the dense tail;
-    None: all): rows that read every block by rule would count as perfect recall."""
+    and cells read, over the rows the plan selects for, `selected_rows` (past dense_below, before the dense tail):
+    rows that read every block by rule would count as perfect recall."""
     record_density(layer, ctx, mask, union, rows)
     st = STATS.layers[layer]
     if STATS.audit:
@@ -49,8 +49,7 @@ def record_with_audit(layer: int, ctx: ChunkContext, mask, union, rows: slice, t
         list_of_head = ctx.kv_head_of if list_of_head is None else list_of_head
         kept = read_mass(mass, read, list_of_head)  # only the tile's rows hold mass
         st.audit.append((rel, float(kept.sum()) / max(1, (tokens.stop - tokens.start) * mass.shape[0])))
-        chosen = selected_rows or slice(0, ctx.num_query_blocks)
-        past = slice(max(rows.start, chosen.start), min(rows.stop, chosen.stop))
+        past = slice(max(rows.start, selected_rows.start), min(rows.stop, selected_rows.stop))
         if past.start < past.stop:
             causal = ctx.causal_block_mask()[past]
             first = ctx.context_len + tokens.start, (ctx.first_query_block + past.start) * ctx.block_size
