@@ -71,7 +71,8 @@
 #          device-million.sh `fidr` measures: the speed of the sparsest fixed budget that gives dense's answers
 #   tailr  benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 10% stride-16 int8 plan with
 #          `dense_tail: 128` and without it, in one run (what the tail costs; 2026-12-06 H100, the tail's rows in the
-#          per-list calls: 1.23x / 1.52x / 1.94x against 1.43x / 1.85x / 2.57x; they now take one dense call);
+#          per-list calls: 1.23x / 1.52x / 1.94x against 1.43x / 1.85x / 2.57x; in one dense call, the same day:
+#          1.41x / 1.80x / 2.53x against 1.42x / 1.84x / 2.58x);
 #          then `python3 -m pytest tests/test_dense_tail.py` (FA3's dense call on the GPU). The follow-up turns,
 #          where a tail costs most (a 2K-token chunk's 128 dense rows): `PLANS=antidiagonal-10-s16-int8-tail ... wlg`
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
