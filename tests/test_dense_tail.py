@@ -160,8 +160,8 @@ def _attend(b, plan, chunks, bs, kernel, tile, tail):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin: Triton runs the tile-table kernel on CPU tensors "
-                    "only in its interpreter, not selected on a GPU host (test_fa3_attends_the_tail_as_dense_attention_gpu "
-                    "there)")
+                    "only in its interpreter, not selected on a GPU host "
+                    "(test_fa3_attends_the_tail_as_dense_attention_gpu there)")
 @pytest.mark.parametrize("tile", [1, 3, 5, None])  # 5: request 1's tail tile is its first; None: one tile a chunk
 @pytest.mark.parametrize("kernel", ["fa3", "fa2"])
 def test_flash_attends_the_tail_tiles_in_one_dense_call_cpu_twin(monkeypatch, kernel, tile):
