@@ -160,7 +160,7 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(flash_compact, "PACK_LISTS", pack_lists)  # (VLLM_SPARSE_FA_PACK_LISTS)
         if device.type == "cpu":
-            on_cuda_path(mp, kernel, flash_compact.sparse_attention_flash)
+            on_cuda_path(mp, kernel, flash_compact.sparse_attention_flash, flash_compact.dense_flash)
             record_into(mp, {}, ["serving"], launches)
             mp.setattr(flash_compact, "num_sms", lambda device: H100_SMS)
             stand_in_fa3(mp)

@@ -63,9 +63,9 @@ def record_into(monkeypatch, seen, where, counts=None):
         monkeypatch.setattr(module, name, Recorder(name, seen, where, counts))
 
 
-def on_cuda_path(monkeypatch, kernel, flash=None):
-    """The CPU path's choices made as on CUDA (module docstring); `flash` stands in for vLLM's FlashAttention call
-    (default: one that does nothing)."""
+def on_cuda_path(monkeypatch, kernel, flash=None, dense=None):
+    """The CPU path's choices made as on CUDA (module docstring); `flash` and `dense` stand in for the sparse and the
+    dense-tail FlashAttention calls (default: ones that do nothing)."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(kernel_choice, "selected_kernel", lambda device: kernel)  # (warm_up's)
     monkeypatch.setattr(sparse_path, "selected_kernel", lambda device: kernel)
@@ -78,7 +78,7 @@ def on_cuda_path(monkeypatch, kernel, flash=None):
     for floors in (config_plan.AUTO_MIN_QUERY_TOKENS, config_plan.AUTO_MIN_CHUNK_WORK):  # (the warm-up reads them)
         monkeypatch.setitem(floors, "cpu", floors["cuda"])
     monkeypatch.setattr(attend, "sparse_attention_flash", flash or (lambda *args, **kwargs: None))
-    monkeypatch.setattr(attend, "dense_flash", lambda *args, **kwargs: None)  # (a dense tail's tiles: no kernel here)
+    monkeypatch.setattr(attend, "dense_flash", dense or (lambda *args, **kwargs: None))  # (a dense tail's tiles)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the attention wrappers' check for CPU tensors; nothing runs)
     warmup._compile.cache_clear()  # (once per engine and process: each test is an engine start)

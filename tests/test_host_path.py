@@ -54,3 +54,17 @@ def test_a_short_follow_up_at_128k_quantizes_every_kv_heads_key_columns_in_one_p
     assert [b["_quantize_columns_kernel"] for b in by] == [1, 1, 2]  # (8K: rows fill the room, two passes)
     assert [b["_row_block_lse_kernel"] for b in by] == [1, 1, 2]
 
+
+
+def test_a_dense_tail_counts_its_dense_call():
+    """A plan with `dense_tail`: the chunk's tail tiles take one more FlashAttention call beside the page lists' (the
+    dense call is on the recorded path, so its host cost is in the figure)."""
+    host_path = load_benchmark("host_path")
+    path = host_path.REPO / "benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8-tail.yaml"
+    shape = host_path.shape_of(path.name)[0]
+    plan = resolve_plan(load_config(path), shape, str(path), explicit=True)
+    assert plan.dense_tail > 0
+    with tempfile.TemporaryDirectory() as metrics_dir:
+        row = host_path.measure(plan, shape, 128, "fa3", 32768, 2048, 65536, 16384, 1, metrics_dir,
+                                torch.device("cpu"))
+    assert row["flash_calls"] == shape.num_kv_heads + 1
