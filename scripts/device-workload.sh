@@ -75,6 +75,8 @@
 #          1.41x / 1.80x / 2.53x against 1.42x / 1.84x / 2.58x);
 #          then `python3 -m pytest tests/test_dense_tail.py` (FA3's dense call on the GPU). The follow-up turns,
 #          where a tail costs most (a 2K-token chunk's 128 dense rows): `PLANS=antidiagonal-10-s16-int8-tail ... wlg`
+#   tail5r benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 5% and 7.5% stride-16 int8 plans with
+#          `dense_tail: 128` (derived: 5% ~1.9x at 64K, ~2.8x at 128K; device-million.sh `fidt5` / `fidt5b` their twins)
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended)
@@ -279,6 +281,12 @@ tailr() {
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail.log" | tail -20
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_dense_tail.py 2>&1 | tail -4
 }
+tail5r() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
+    --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-5-s16-int8-tail.yaml \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-7.5-s16-int8-tail.yaml --out "$OUT/e2e_tail5.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail5.log" | tail -20
+}
 suite() {
   local files
   files="$(ls tests/test_*.py | awk '$0 > "tests/test_prefill_warmup.py"') $(ls tests/test_*.py | awk '$0 <= "tests/test_prefill_warmup.py"')"
@@ -287,4 +295,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 suite:300" "$@"
