@@ -55,7 +55,6 @@ def test_a_short_follow_up_at_128k_quantizes_every_kv_heads_key_columns_in_one_p
     assert [b["_row_block_lse_kernel"] for b in by] == [1, 1, 2]
 
 
-
 def test_a_dense_tail_counts_its_dense_call():
     """A plan with `dense_tail`: the chunk's tail tiles take one more FlashAttention call beside the page lists' (the
     dense call is on the recorded path, so its host cost is in the figure)."""
