@@ -25,7 +25,7 @@
 #   fidt2  the 10% stride-16 int8 tail plan and the 1M plan's tail twin on 80 other prompts (`--seed 20`: prompts 20-39
 #          of each cell; `fidt` lost one borderline prompt of its 80): how often a tail plan differs from dense
 #   fidt5  the 5% and 7.5% stride-16 int8 budgets with `dense_tail: 128` on fidt's 80 prompts (seed 0); fidt5b the same
-#          on fidt2's (seed 20), and the 1M plan's twin at 5% with the tail: whether a budget below 10% keeps the 10%
+#          on fidt2's (seed 20), the 1M plan's twin at 5% with the tail, and 5% + tail with dense rows below 4K: whether a budget below 10% keeps the 10%
 #          tail twin's answers (device-workload.sh `tail5r` times the Llama twins;
 #          `LONG_PLANS=qwen2.5-7b-1m-antidiagonal-5-s16-int8-own-heads-tail ... m1s` the 1M one)
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
@@ -146,11 +146,13 @@ fidt2() {
 fidt5() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt5" 16384,29696 \
     benchmarks/configs/gemma-3-antidiagonal-{5,7.5}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-own-heads-tail.yaml \
+    benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-tail-db4k.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
 }
 fidt5b() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt5b" 16384,29696 \
     benchmarks/configs/gemma-3-antidiagonal-{5,7.5}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-own-heads-tail.yaml \
+    benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-tail-db4k.yaml \
     -- --tasks passkey,multikey --samples 20 --seed 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
 }
 fidfp8() {

@@ -76,7 +76,8 @@
 #          then `python3 -m pytest tests/test_dense_tail.py` (FA3's dense call on the GPU). The follow-up turns,
 #          where a tail costs most (a 2K-token chunk's 128 dense rows): `PLANS=antidiagonal-10-s16-int8-tail ... wlg`
 #   tail5r benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 5% and 7.5% stride-16 int8 plans with
-#          `dense_tail: 128` (derived: 5% ~1.9x at 64K, ~2.8x at 128K; device-million.sh `fidt5` / `fidt5b` their twins)
+#          `dense_tail: 128`, and 5% + tail with dense rows below 4K (derived: 5% ~1.9x at 64K, ~2.8x at 128K; 4K rows
+#          for 32K's; device-million.sh `fidt5` / `fidt5b` their twins)
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended)
@@ -284,7 +285,8 @@ tailr() {
 tail5r() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
     --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-5-s16-int8-tail.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-7.5-s16-int8-tail.yaml --out "$OUT/e2e_tail5.json" 2>&1 \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-7.5-s16-int8-tail.yaml \
+    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-5-s16-int8-tail-db4k.yaml --out "$OUT/e2e_tail5.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail5.log" | tail -20
 }
 suite() {
