@@ -269,26 +269,19 @@ hostgap() {
   python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
-ratios() {
+ttft_plans() {  # ttft_plans OUT_NAME PLAN...: benchmarks/e2e.py, CUDA graphs, 32K-128K, dense and each llama-3-8b-PLAN
+  local name=$1 flag=--config p args=(); shift
+  for p in "$@"; do args+=("$flag" "benchmarks/configs/llama-3-8b-$p.yaml"); flag=--extra-config; done
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
-    --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-15-s16-int8.yaml \
-    --extra-config "benchmarks/configs/llama-3-8b-${RATIO_PLAN:-antidiagonal-20-s16-int8}.yaml" --out "$OUT/e2e_ratios.json" 2>&1 \
-    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_ratios.log" | tail -20
+    --lengths 32768,65536,131072 "${args[@]}" --out "$OUT/$name.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -20
 }
+ratios() { ttft_plans e2e_ratios antidiagonal-15-s16-int8 "${RATIO_PLAN:-antidiagonal-20-s16-int8}"; }
 tailr() {
-  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
-    --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8-tail.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_tail.json" 2>&1 \
-    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail.log" | tail -20
+  ttft_plans e2e_tail antidiagonal-10-s16-int8-tail antidiagonal-10-s16-int8
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_dense_tail.py 2>&1 | tail -4
 }
-tail5r() {
-  timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
-    --lengths 32768,65536,131072 --config benchmarks/configs/llama-3-8b-antidiagonal-5-s16-int8-tail.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-7.5-s16-int8-tail.yaml \
-    --extra-config benchmarks/configs/llama-3-8b-antidiagonal-5-s16-int8-tail-db4k.yaml --out "$OUT/e2e_tail5.json" 2>&1 \
-    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_tail5.log" | tail -20
-}
+tail5r() { ttft_plans e2e_tail5 antidiagonal-5-s16-int8-tail antidiagonal-7.5-s16-int8-tail antidiagonal-5-s16-int8-tail-db4k; }
 suite() {
   local files
   files="$(ls tests/test_*.py | awk '$0 > "tests/test_prefill_warmup.py"') $(ls tests/test_*.py | awk '$0 <= "tests/test_prefill_warmup.py"')"
