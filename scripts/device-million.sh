@@ -137,24 +137,16 @@ fidt() {
     benchmarks/configs/gemma-3-antidiagonal-10-s16-int8-own-heads-tail.yaml \
     -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -60
 }
-fidt2() {
-  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt2" 16384,29696 \
-    benchmarks/configs/gemma-3-antidiagonal-10-s16-int8-tail.yaml \
-    benchmarks/configs/gemma-3-antidiagonal-10-s16-int8-own-heads-tail.yaml \
-    -- --tasks passkey,multikey --samples 20 --seed 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
+tail_twins() {  # tail_twins OUT_NAME SEED GEMMA_PLAN...: 20 prompts per cell from SEED, passkey and multikey, 16K and 29K
+  local name=$1 seed=$2 p plans=(); shift 2
+  for p in "$@"; do plans+=("benchmarks/configs/gemma-3-antidiagonal-$p.yaml"); done
+  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/$name" 16384,29696 "${plans[@]}" \
+    -- --tasks passkey,multikey --samples 20 --seed "$seed" --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
 }
-fidt5() {
-  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt5" 16384,29696 \
-    benchmarks/configs/gemma-3-antidiagonal-{5,7.5}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-own-heads-tail.yaml \
-    benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-tail-db4k.yaml \
-    -- --tasks passkey,multikey --samples 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
-}
-fidt5b() {
-  timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidt5b" 16384,29696 \
-    benchmarks/configs/gemma-3-antidiagonal-{5,7.5}-s16-int8-tail.yaml benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-own-heads-tail.yaml \
-    benchmarks/configs/gemma-3-antidiagonal-5-s16-int8-tail-db4k.yaml \
-    -- --tasks passkey,multikey --samples 20 --seed 20 --max-tokens 8 --max-num-batched-tokens 4096 2>&1 | tail -40
-}
+fidt2() { tail_twins fidt2 20 10-s16-int8-tail 10-s16-int8-own-heads-tail; }
+BELOW10="5-s16-int8-tail 7.5-s16-int8-tail 5-s16-int8-own-heads-tail 5-s16-int8-tail-db4k"
+fidt5() { tail_twins fidt5 0 $BELOW10; }
+fidt5b() { tail_twins fidt5b 20 $BELOW10; }
 fidfp8() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidfp8" 16384,29696 \
     configs/gemma-3.yaml benchmarks/configs/gemma-3-decode-tidal-4k.yaml \
