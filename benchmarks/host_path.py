@@ -196,7 +196,7 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
 
         def step():
             # (the builder's once per step; the layers' loop is what the forward pays per layer)
-            tiles = tile_geometry(list(chunks), plan.block_size, plan.union_tile, where)
+            tiles = tile_geometry(list(chunks), plan.block_size, plan.union_tile, where, plan.dense_tail)
             for index, heads in layers:
                 sparse_path.attend_sparse_chunks(
                     q, out, kv, block_table, chunks, heads, plan.block_size, d ** -0.5, plan.union_tile, index,

@@ -308,30 +308,39 @@ def test_a_sparse_steps_dense_requests_get_metadata_from_a_builder_of_their_own(
 
 def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
     """The builder's per-step tile geometry (one host->device copy for every chunk, shared by the layers)
-    is what `tile_seq_lens` builds per chunk and layer: chunks on and off block boundaries, one union
-    per chunk or per few query blocks."""
+    is what the forward builds per chunk and layer without it (`attend.chunk_tile_geometry`): chunks on and off
+    block boundaries, one union per chunk or per few query blocks, with and without a dense tail."""
     import random
 
+    from vllm_sparse.backend.attend import chunk_tile_geometry
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
-    from vllm_sparse.selection.tile_tables import tile_seq_lens
+    from vllm_sparse.estimators.base import ChunkContext
 
     rng = random.Random(7)
-    for block_size, union_tile in ((64, None), (64, 1), (128, 2), (32, 3)):
+    for block_size, union_tile, dense_tail in ((64, None, 0), (64, 1, 0), (128, 2, 128), (32, 3, 0), (32, 1, 40),
+                                               (64, None, 200)):
         chunks, start = [], 0
         for req in range(5):
             context, q_len = rng.randrange(0, 5000), rng.randrange(1, 3000)
             chunks.append(SparseChunk(req, start, start + q_len, context))
             start += q_len
-        for c, (bounds, seq_lens) in zip(chunks, tile_geometry(chunks, block_size, union_tile, torch.device("cpu"))):
-            first = c.context_len // block_size
-            n_blocks = (c.seq_len - 1) // block_size + 1 - first
-            tile = union_tile or n_blocks
-            want = tile_seq_lens(first, -(-n_blocks // tile), tile, block_size, c.context_len, c.q_end - c.q_start,
-                                 torch.device("cpu"))
-            assert torch.equal(bounds, want[0]) and torch.equal(seq_lens, want[1]), (block_size, union_tile, c)
+        step = tile_geometry(chunks, block_size, union_tile, torch.device("cpu"), dense_tail)
+        for c, got in zip(chunks, step):
+            ctx = ChunkContext(torch.zeros(c.q_end - c.q_start, 1, 8), None, None, None, c.context_len, block_size, 1.0)
+            want = chunk_tile_geometry(ctx, union_tile or ctx.num_query_blocks, dense_tail)
+            case = (block_size, union_tile, dense_tail, c)
+            assert torch.equal(got.query_start_loc, want.query_start_loc), case
+            assert torch.equal(got.seq_lens, want.seq_lens), case
+            assert (got.tail is None) == (want.tail is None) == (dense_tail == 0), case
+            arrays = [got.query_start_loc, got.seq_lens]
+            if got.tail is not None:
+                assert got.tail[:2] == want.tail[:2], case
+                for a, b in zip(got.tail[2:], want.tail[2:]):
+                    assert torch.equal(a, b), case
+                arrays.append(got.tail.query_start_loc)
             # Each array starts 16-byte aligned, as fresh allocations do: Triton specialises on a pointer's
             # alignment, and a slice at another offset compiled a new kernel variant mid-request.
-            assert bounds.data_ptr() % 16 == 0 and seq_lens.data_ptr() % 16 == 0, (block_size, union_tile, c)
+            assert all(a.data_ptr() % 16 == 0 for a in arrays), case
 
 
 def test_the_dense_subset_indexes_host_fields_on_the_host():

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from tests.fixtures.paged import random_paged_batch
-from vllm_sparse.backend.attend import dense_tail_split
 from vllm_sparse.backend.attention_mass import dense_rows, tail_rows
-from vllm_sparse.backend.batch import SparseChunk, classify, selected_row_counts
+from vllm_sparse.backend.batch import SparseChunk, classify, selected_row_counts, tile_geometry
 from vllm_sparse.backend.sparse_path import attend_sparse_chunks, selected_rows
 from vllm_sparse.config.plan import HeadPlan
 from vllm_sparse.estimators.base import ChunkContext
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.kernels.reference import dense_causal_attention_ref
 from vllm_sparse.selection.budget import Budget
+from vllm_sparse.selection.tile_tables import chunk_dense_tail
 
 GPU = torch.cuda.is_available()
 
@@ -151,10 +151,12 @@ def _tail_batch(dtype, device):
     return b, plan, tuple(SparseChunk(r, qsl[r], qsl[r + 1], seqs[r] - q_lens[r]) for r in range(2)), bs
 
 
-def _attend(b, plan, chunks, bs, kernel, tile, tail):
+def _attend(b, plan, chunks, bs, kernel, tile, tail, step_tiles=False):
+    """`step_tiles`: the tile geometry the builder makes once a step (`tile_geometry`), else made per call."""
     out = torch.full_like(b.q, float("nan"))
+    tiles = tile_geometry(list(chunks), bs, tile, b.q.device, tail) if step_tiles else None
     attend_sparse_chunks(b.q, out, b.kv, b.block_table, chunks, [plan] * b.q.shape[1], bs, b.q.shape[-1]**-0.5,
-                         union_tile=tile, layer=0, kernel=kernel, dense_below=0, dense_tail=tail)
+                         union_tile=tile, layer=0, kernel=kernel, dense_below=0, dense_tail=tail, tiles=tiles)
     assert not out.isnan().any()
     return out
 
@@ -162,18 +164,20 @@ def _attend(b, plan, chunks, bs, kernel, tile, tail):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin: Triton runs the tile-table kernel on CPU tensors "
                     "only in its interpreter, not selected on a GPU host "
                     "(test_fa3_attends_the_tail_as_dense_attention_gpu there)")
+@pytest.mark.parametrize("step_tiles", [False, True])
 @pytest.mark.parametrize("tile", [1, 3, 5, None])  # 5: request 1's tail tile is its first; None: one tile a chunk
 @pytest.mark.parametrize("kernel", ["fa3", "fa2"])
-def test_flash_attends_the_tail_tiles_in_one_dense_call_cpu_twin(monkeypatch, kernel, tile):
+def test_flash_attends_the_tail_tiles_in_one_dense_call_cpu_twin(monkeypatch, kernel, tile, step_tiles):
     """FlashAttention's path (vLLM's call replaced by the torch stand-in of `test_sparse_kernel.py`, which also refuses
     what FA2 / FA3 refuse) attends the tiles holding the tail in one call with every q head over the request's own
     pages: the chunk's output equals the exact torch path's with the same tail (a tile holding a tail row reads every
-    causal block there too: its union holds the row's), and the tail tokens equal dense attention."""
+    causal block there too: its union holds the row's), and the tail tokens equal dense attention; with the tile
+    geometry made per call or the builder's for the step."""
     from tests.test_sparse_kernel import _flash_stand_in
 
     calls = _flash_stand_in(monkeypatch)
     b, plan, chunks, bs = _tail_batch(torch.float32, torch.device("cpu"))
-    got = _attend(b, plan, chunks, bs, kernel, tile, 40)
+    got = _attend(b, plan, chunks, bs, kernel, tile, 40, step_tiles)
     hq, hkv = b.q.shape[1], b.kv.num_kv_heads
     assert [c for c in calls if c[2] == hq] == [(int(kernel[2]), 0, hq, hkv)] * 2  # one dense call a chunk
     torch.testing.assert_close(got, _attend(b, plan, chunks, bs, "reference", tile, 40), atol=2e-5, rtol=2e-5)
@@ -183,15 +187,25 @@ def test_flash_attends_the_tail_tiles_in_one_dense_call_cpu_twin(monkeypatch, ke
 
 
 def test_the_dense_tiles_start_at_the_tile_holding_the_first_tail_row():
-    """`dense_tail_split`: (tiles before it, its first query token in the chunk), None without such a tile."""
-    ctx = ChunkContext(torch.zeros(141, 1, 8), None, None, None, 256, 32, 1.0)  # rows: blocks 8-12, block 12 partial
-    assert dense_tail_split(ctx, 1, 3) == (3, 96)  # the tail's rows 3-4: tokens 96-140
-    assert dense_tail_split(ctx, 3, 3) == (1, 96)  # tiles [0-2], [3-4]
-    assert dense_tail_split(ctx, 3, 2) == (0, 0)  # the first tile holds a tail row: all dense
-    assert dense_tail_split(ctx, 1, 5) is None  # no tail row
-    ctx = ChunkContext(torch.zeros(100, 1, 8), None, None, None, 50, 32, 1.0)  # first row partial (block 1, 14 tokens)
-    assert dense_tail_split(ctx, 1, 1) == (1, 14)  # row 1 (block 2) starts 14 tokens in
-    assert dense_tail_split(ctx, 2, 3) == (1, 46)  # its tile: rows 2-3, from block 3
+    """`chunk_dense_tail`: (tiles before the first holding a tail row, that tile's first query token in the chunk),
+    None with the tail off; the tail rows are those the sparse path keeps densely (`selected_rows`)."""
+    # 141 tokens after 256 (32-token blocks): rows are blocks 8-12, block 12 partial; the last 45 tokens start block 11
+    assert chunk_dense_tail(256, 141, 32, 1, 45) == (3, 96)  # the tail's rows 3-4: tokens 96-140
+    assert chunk_dense_tail(256, 141, 32, 3, 45) == (1, 96)  # tiles [0-2], [3-4]
+    assert chunk_dense_tail(256, 141, 32, 3, 77) == (0, 0)  # row 2 on: the first tile holds a tail row, all dense
+    assert chunk_dense_tail(256, 141, 32, 1, 0) is None  # off
+    # 100 tokens after 50: the first row is partial (block 1, 14 tokens)
+    assert chunk_dense_tail(50, 100, 32, 1, 86) == (1, 14)  # row 1 (block 2) starts 14 tokens in
+    assert chunk_dense_tail(50, 100, 32, 2, 1) == (1, 46)  # the last row's tile: rows 2-3, from block 3
+    for context in (0, 31, 32, 50, 200):
+        for q_len in (1, 2, 31, 33, 141):
+            for tail in (1, 26, 32, 45, 1000):
+                ctx = ChunkContext(torch.zeros(q_len, 1, 8), None, None, None, context, 32, 1.0)
+                for tile in (1, 2, 3, None):
+                    n, first = chunk_dense_tail(context, q_len, 32, tile, tail)
+                    width = tile or ctx.num_query_blocks
+                    assert n == selected_rows(ctx, 0, tail).stop // width, (context, q_len, tail, tile)
+                    assert first == max((ctx.first_query_block + n * width) * 32 - context, 0)
 
 
 @pytest.mark.skipif(not GPU or torch.cuda.get_device_capability()[0] != 9, reason="FA3 needs a Hopper GPU")

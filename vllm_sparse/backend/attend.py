@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sparse.backend.batch import SparseChunk
+from vllm_sparse.backend.batch import SparseChunk, TileGeometry, dense_tail_views
 from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
 from vllm_sparse.kernels.column_attention import column_attention, column_attention_ref, merge_attention
 from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, dense_flash, list_packing, sparse_attention_flash
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
-from vllm_sparse.selection.tile_tables import chunk_causal_pages, tile_seq_lens, tile_tables_triton, tile_unions
+from vllm_sparse.selection.tile_tables import (
+    chunk_causal_pages,
+    chunk_dense_tail,
+    tile_seq_lens,
+    tile_tables_triton,
+    tile_unions,
+)
 from vllm_sparse.selection.union import blocks_to_pages, union_blocks
 
 
@@ -57,23 +63,24 @@ def shared_column_ranges(lists: int, width: int, segments: int, device) -> tuple
     return starts, starts + width
 
 
-def dense_tail_split(ctx: ChunkContext, tile: int, dense_from_row: int) -> tuple[int, int] | None:
-    """(union tiles before the chunk's trailing dense rows, their first query token in the chunk), or None where no
-    row from `dense_from_row` on lies in the chunk. A tile holding one of those rows reads every causal block (its
-    union holds the row's), so it is dense from its first row: those tiles take one dense call (`dense_flash`)."""
+def chunk_tile_geometry(ctx: ChunkContext, tile: int, dense_tail: int) -> TileGeometry:
+    """The chunk's `TileGeometry` built now on the device (where no builder made the step's: `batch.tile_geometry`)."""
     n_tiles = -(-ctx.num_query_blocks // tile)
-    sparse_tiles = dense_from_row // tile
-    if sparse_tiles >= n_tiles:
-        return None
-    return sparse_tiles, max((ctx.first_query_block + sparse_tiles * tile) * ctx.block_size - ctx.context_len, 0)
+    bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, ctx.block_size, ctx.context_len, ctx.q_len,
+                                     ctx.q.device)
+    split = chunk_dense_tail(ctx.context_len, ctx.q_len, ctx.block_size, tile, dense_tail)
+    if split is None:
+        return TileGeometry(bounds, seq_lens)
+    n = split[0]
+    return TileGeometry(bounds, seq_lens, dense_tail_views(bounds, seq_lens, split, bounds[n::n_tiles - n] - bounds[n]))
 
 
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
                              output: torch.Tensor, block_table: torch.Tensor, kernel: str, layer: int,
                              union_heads: bool = True, observer=None,
-                             tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             tiles: TileGeometry | None = None,
                              fa3_query: tuple[torch.Tensor, torch.Tensor] | None = None,
-                             dense_from_row: int | None = None,
+                             dense_tail: int = 0,
                              ) -> tuple[torch.Tensor, int]:
     """All union tiles of one chunk in one kernel launch (FlashAttention: a call per page list), no host sync.
     Returns (KV pages read: device counts to sum, causal KV pages: a host number) over the tiles and page
@@ -86,8 +93,10 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     `fa3_query`: (fp8 queries, their 0-dim scale tensor) where vLLM quantized them for an fp8 cache: FA3 takes fp8
     queries with fp8 pages only, and reads them as vLLM's dense FA3 call does; `ctx.q` holds them dequantized.
 
-    `dense_from_row`: the mask keeps every causal block from this row on (the plan's `dense_tail`). FlashAttention
-    attends those rows' tiles in one dense call of their own (`dense_tail_split`); the page counts stay the tables'.
+    `tiles`: the chunk's geometry made by the builder for the step (`batch.tile_geometry`, with the plan's
+    `dense_tail`), or None: made now. `dense_tail`: the plan's (the mask keeps every causal block in the rows holding
+    the chunk's last that many tokens). FlashAttention attends those rows' tiles in one dense call of their own
+    (`TileGeometry.tail`); the page counts stay the tables'.
     """
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
@@ -98,8 +107,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else num_kv
     # The tiles' query ranges and lengths: the builder's, made once per step (`batch.tile_geometry`), or now.
-    bounds, seq_lens = tiles or tile_seq_lens(ctx.first_query_block, n_tiles, tile, bs, ctx.context_len, ctx.q_len,
-                                              dev)
+    bounds, seq_lens, tail = tiles or chunk_tile_geometry(ctx, tile, dense_tail)
+    if (tail is None) != (dense_tail <= 0):
+        raise ValueError(f"attend_chunk_with_kernel: tile geometry built for another dense_tail than {dense_tail}")
     union = tile_unions(mask, tile, lists) if observer is not None or kernel not in FLASH_VERSIONS else None
     if observer is not None:  # eval counters (`instrumented.py`)
         observer.chunk(layer, ctx, mask, union, tile, n_tiles)
@@ -114,25 +124,24 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
-        split = dense_tail_split(ctx, tile, dense_from_row) if dense_from_row is not None else None
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
         packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache, v_cache) \
-            if split is None else None
+            if tail is None else None
         tables, counts, used, packed_qsl = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
                                                               block_table[c.req], max_pages, packing)
-        if split is None:
+        if tail is None:
             sparse_attention_flash(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,
                                    descales=descales, fa_version=FLASH_VERSIONS[kernel], packed_qsl=packed_qsl)
             return counts, causal
-        n, t0 = split
+        n, t0 = tail.sparse_tiles, tail.first_token
         if n:
-            sparse_attention_flash(q[:t0], k_cache, v_cache, tables[:, :n], used[:, :n], bounds[:n + 1], seq_lens[:n],
-                                   max_q, ctx.scale, out[:t0], descales=descales, fa_version=FLASH_VERSIONS[kernel])
-        # The trailing tiles as one sequence: their queries see the request's pages up to the chunk's end, causally
-        # (device views of the tile geometry: no copy from the host).
-        dense_flash(q[t0:], k_cache, v_cache, block_table[c.req:c.req + 1],
-                    bounds[n::n_tiles - n] - bounds[n], seq_lens[-1:], ctx.q_len - t0, ctx.seq_len, ctx.scale,
-                    out[t0:], descales=descales, fa_version=FLASH_VERSIONS[kernel])
+            sparse_attention_flash(q[:t0], k_cache, v_cache, tables[:, :n], used[:, :n], tail.sparse_query_start_loc,
+                                   tail.sparse_seq_lens, max_q, ctx.scale, out[:t0], descales=descales,
+                                   fa_version=FLASH_VERSIONS[kernel])
+        # The trailing tiles as one sequence: their queries see the request's pages up to the chunk's end, causally.
+        dense_flash(q[t0:], k_cache, v_cache, block_table[c.req:c.req + 1], tail.query_start_loc, tail.seq_len,
+                    ctx.q_len - t0, ctx.seq_len, ctx.scale, out[t0:], descales=descales,
+                    fa_version=FLASH_VERSIONS[kernel])
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,

@@ -6,13 +6,14 @@ Built once per step by the metadata builder (host data only), shared by every la
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from vllm_sparse import compat
 from vllm_sparse.config.plan import chunk_work
 from vllm_sparse.decode.step import DecodeRows
-from vllm_sparse.selection.tile_tables import chunk_tile_bounds
+from vllm_sparse.selection.tile_tables import chunk_dense_tail, chunk_tile_bounds
 from vllm_sparse.transfer import to_device
 
 
@@ -28,15 +29,40 @@ class SparseChunk:
         return self.context_len + self.q_end - self.q_start
 
 
+class DenseTail(NamedTuple):
+    """A chunk's trailing union tiles, which hold its last `dense_tail` tokens' rows and so attend densely: one dense
+    FlashAttention call after the sparse call over the tiles before them. Device views of the step's geometry."""
+    sparse_tiles: int  # union tiles before them (host)
+    first_token: int  # their first query token in the chunk (host)
+    sparse_query_start_loc: torch.Tensor  # [sparse_tiles + 1]: the tiles before them
+    sparse_seq_lens: torch.Tensor  # [sparse_tiles]
+    query_start_loc: torch.Tensor  # [0, their query tokens]: the dense call's
+    seq_len: torch.Tensor  # [1]: the chunk's end
+
+
+class TileGeometry(NamedTuple):
+    """One chunk's union tiles as the attention kernels take them, int32 on the device."""
+    query_start_loc: torch.Tensor  # [tiles + 1], inside the chunk
+    seq_lens: torch.Tensor  # [tiles]: tokens up to each tile's last query
+    tail: DenseTail | None = None  # the plan's `dense_tail`; None where it is off
+
+
+def dense_tail_views(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, split: tuple[int, int],
+                     tail_query_start_loc: torch.Tensor) -> DenseTail:
+    """A `DenseTail` over a chunk's tile geometry and the dense call's query_start_loc (`chunk_dense_tail`'s split)."""
+    n, first_token = split
+    return DenseTail(n, first_token, query_start_loc[:n + 1], seq_lens[:n], tail_query_start_loc, seq_lens[-1:])
+
+
 @dataclass(frozen=True)
 class SparseBatch:
     chunks: tuple[SparseChunk, ...]
     dense_tokens: torch.Tensor | None  # token indices of the dense requests (None when there are none)
     dense_metadata: object | None  # the dense backend's metadata for those requests alone
     decode: DecodeRows | None = None  # the step's rows, for layers that select pages at decode
-    # Per chunk, its union tiles' (query_start_loc, seq_lens) on the device (`tile_geometry`), built once
-    # per step for every layer; None where the caller builds them per call (`tile_seq_lens`).
-    tiles: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    # Per chunk, its union tiles on the device (`tile_geometry`), built once per step for every layer; None where
+    # the caller builds them per call (`attend.chunk_tile_geometry`).
+    tiles: tuple[TileGeometry, ...] | None = None
     # Layers that run dense in this step although it has sparse chunks: lately they kept more than the plan's
     # `dense_above` of their blocks (`density_guard.py`).
     dense_layers: frozenset[int] = frozenset()
@@ -49,22 +75,31 @@ class SparseBatch:
 _ALIGN_INT32 = 4
 
 
-def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | None, device: torch.device
-                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Each chunk's union tiles as the attention kernels take them, (query_start_loc [tiles + 1], seq_lens
-    [tiles]) int32, from host lengths: one copy to the device per step instead of a few launches per
-    chunk and layer. Every array starts 16-byte aligned."""
+def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | None, device: torch.device,
+                  dense_tail: int = 0) -> tuple[TileGeometry, ...]:
+    """Each chunk's union tiles as the attention kernels take them (`TileGeometry`), with the plan's `dense_tail`
+    split (`chunk_dense_tail`), from host lengths: one copy to the device per step instead of a few launches and
+    views per chunk and layer. Every array starts 16-byte aligned."""
     flat: list[int] = []
-    spans = []
+    geometry = []
     for c in chunks:
-        b = chunk_tile_bounds(c.context_len, c.q_end - c.q_start, block_size, union_tile)
-        for values in (b, [c.context_len + x for x in b[1:]]):
+        q_len = c.q_end - c.q_start
+        b = chunk_tile_bounds(c.context_len, q_len, block_size, union_tile)
+        split = chunk_dense_tail(c.context_len, q_len, block_size, union_tile, dense_tail)
+        arrays = [b, [c.context_len + x for x in b[1:]]] + ([[0, q_len - split[1]]] if split else [])
+        spans = []
+        for values in arrays:
             flat.extend([0] * (-len(flat) % _ALIGN_INT32))
             spans.append((len(flat), len(values)))
             flat.extend(values)
+        geometry.append((spans, split))
     dev = to_device(torch.tensor(flat, dtype=torch.int32), device)
-    views = [dev[at:at + n] for at, n in spans]
-    return tuple(zip(views[0::2], views[1::2]))
+    out = []
+    for spans, split in geometry:
+        views = [dev[at:at + n] for at, n in spans]
+        tail = dense_tail_views(views[0], views[1], split, views[2]) if split else None
+        out.append(TileGeometry(views[0], views[1], tail))
+    return tuple(out)
 
 
 def selected_row_counts(q_lens: torch.Tensor, seq_lens: torch.Tensor, block_size: int, dense_below: int,

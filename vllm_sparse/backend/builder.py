@@ -206,6 +206,6 @@ class SparseBuilderMixin:
             dense_md = self._dense_builder.build(0, sub, *args, **kwargs)  # (its own buffers: see __init__)
         device = common_attn_metadata.query_start_loc.device
         dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
-        tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device)
+        tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device, self._plan.dense_tail)
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows,
                                                                     tiles, dense_layers, guard))

@@ -247,7 +247,7 @@ def attend_sparse_chunks(
         else:
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
                                              observer, tiles[i] if tiles is not None else None, fa3_query,
-                                             chosen.stop if dense_tail else None)
+                                             dense_tail)
         if metrics is not None:
             metrics.record_density(layer, *pages)
         if guard is not None:

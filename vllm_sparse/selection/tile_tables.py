@@ -54,6 +54,20 @@ def chunk_tile_bounds(context_len: int, q_len: int, block_size: int, union_tile:
     return [min(max((first + i * tile) * block_size - context_len, 0), q_len) for i in range(n_tiles + 1)]
 
 
+def chunk_dense_tail(context_len: int, q_len: int, block_size: int, union_tile: int | None, dense_tail: int
+                     ) -> tuple[int, int] | None:
+    """(union tiles before those holding the chunk's last `dense_tail` tokens, the first query token of those tiles in
+    the chunk), on the host; None where `dense_tail` is off. A tile holding one of those tokens' rows reads every causal
+    block (its union holds the row's), so it is dense from its first row: those tiles take one dense call."""
+    if dense_tail <= 0:
+        return None
+    first = context_len // block_size
+    n_blocks = (context_len + q_len - 1) // block_size + 1 - first
+    tile = union_tile or n_blocks
+    sparse_tiles = (max(context_len + q_len - dense_tail, context_len) // block_size - first) // tile
+    return sparse_tiles, max((first + sparse_tiles * tile) * block_size - context_len, 0)
+
+
 @functools.lru_cache(maxsize=256)
 def chunk_causal_pages(context_len: int, q_len: int, block_size: int, union_tile: int | None, page_size: int) -> int:
     """KV pages a chunk's union tiles would read densely, per page list: each tile's pages up to its last
