@@ -58,7 +58,7 @@ SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 # The benchmark plans whose prefill differs in what the kernels see: estimator (antidiagonal bf16 / int8 at strides
 # 8, 16, 32; lowbit; pooled; sink_local; vertical_slash by mass, crossed, columns; MInference's per-head sizes),
 # budget (top_p, keep_ratio, top_k, share: group), page lists per KV head or per q head, GQA groups of 1, 2, 4, 7,
-# selection blocks of 64 and 128, union tiles of one block or the whole chunk, and the query-token floor.
+# selection blocks of 64 and 128, union tiles of one block or the whole chunk, the query-token floor, a dense tail.
 BENCHMARK = ["llama-3-8b-antidiagonal-10", "llama-3-8b-antidiagonal-10-int8", "llama-3-8b-antidiagonal-10-s16-int8",
              "llama-3-8b-pooled-10", "llama-3.1-8b-minference", "llama-3.1-8b-minference-columns",
              "gemma-3-antidiagonal-tau90", "gemma-3-antidiagonal-tau90-group", "gemma-3-antidiagonal-tau90-own-heads",
@@ -67,7 +67,8 @@ BENCHMARK = ["llama-3-8b-antidiagonal-10", "llama-3-8b-antidiagonal-10-int8", "l
              "opcheck/gemma-3-lowbit-top-p-95-block-64", "gemma-3-pooled", "gemma-3-sparse-from-2k",
              "gemma-3-vertical_slash", "gemma-3-vertical_slash-minference",
              "qwen2.5-7b-1m-antidiagonal-10-s16-int8", "qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads",
-             "qwen2.5-7b-minference-columns", "tiny-llama-dense-routed-follow"]
+             "qwen2.5-7b-minference-columns", "tiny-llama-dense-routed-follow",
+             "llama-3-8b-antidiagonal-10-s16-int8-tail"]
 PLANS = [p.relative_to(ROOT) for p in SHIPPED] + [Path(f"benchmarks/configs/{n}.yaml") for n in BENCHMARK]
 
 
@@ -165,7 +166,7 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
         for i, (ctx, q_len) in enumerate(step):
             chunks.append(SparseChunk(i, at, at + q_len, ctx))
             at += q_len
-        tiles = tile_geometry(chunks, plan.block_size, plan.union_tile, cpu)
+        tiles = tile_geometry(chunks, plan.block_size, plan.union_tile, cpu, plan.dense_tail)
         # vLLM's queries: a view of the step's qkv projection, or (fp8 cache) quantized for FA3 into their own tensor.
         qkv = torch.zeros(at, (q_heads + 2 * kv_heads) * d, dtype=dtype)
         q = qkv[:, :q_heads * d].view(at, q_heads, d)
@@ -175,8 +176,9 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
             where[0] = f"layer {lp.index}, chunks (context, tokens) {list(step)}"
             sparse_path.attend_sparse_chunks(
                 q, out, kv, block_table, tuple(chunks), list(lp.heads_for(shard)), plan.block_size, d**-0.5,
-                plan.union_tile, lp.index, kernel=kernel, dense_below=plan.dense_below, metrics=metrics,
-                union_heads=plan.union_heads, tiles=tiles, q_scale=(scale, 0.5) if fp8 else None, guard=guard)
+                plan.union_tile, lp.index, kernel=kernel, dense_below=plan.dense_below, dense_tail=plan.dense_tail,
+                metrics=metrics, union_heads=plan.union_heads, tiles=tiles, q_scale=(scale, 0.5) if fp8 else None,
+                guard=guard)
     return warmed, served
 
 
