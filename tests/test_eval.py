@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.engines import CPU_ENGINE
+from vllm_sparse.eval.harness import lost_answer
 from vllm_sparse.eval.tasks import TASKS
 
 pytestmark = pytest.mark.engine
@@ -40,6 +41,11 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         assert len(done) == r["samples"] == 1
         assert r["dense_acc"] == sum(check(c["dense"], c["answer"]) for c in done) / len(done)
         assert r["sparse_acc"] == sum(check(c["sparse"], c["answer"]) for c in done) / len(done)
+        # dense's answers prompt by prompt: lost, gained and equal completions, each prompt named by its number
+        assert r["lost"] == sum(lost_answer(c) for c in done)
+        assert r["gained"] == sum(check(c["sparse"], c["answer"]) and not check(c["dense"], c["answer"]) for c in done)
+        assert r["same_text"] == sum(c["dense"] == c["sparse"] for c in done)
+        assert [c["sample"] for c in done] == [3]  # --seed 3, the first sample
         assert r["prompt_tokens"] <= r["length"] and r["prompt_tokens"] > 0.9 * r["length"]
         assert r["kept_union"] == pytest.approx(
             sum(s["union_density"] for s in result["layers"][str(r["length"])].values()) / 2)
@@ -63,6 +69,9 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         TASKS[t](tok, n, 0, 3)[1] for n in (500, 900) for t in ("passkey", "multikey", "vt")]
     assert "operator check on real text, 800 tokens (mean over unions, and the worst)" in proc.stdout
     assert "kept(union)" in proc.stdout and "kept(all)" in proc.stdout
+    assert "lost / gained: prompts whose answer dense gives and the plan does not" in proc.stdout
+    lost = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"] if lost_answer(c)]
+    assert (f"lost (--seed 3): {', '.join(lost)}" in proc.stdout) if lost else "\nlost (" not in proc.stdout
 
 
 def test_kept_over_full_layers_counts_dense_layers_as_read_whole():

@@ -106,10 +106,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     n_tiles = -(-rows // tile)
     per_head = page_lists_per_q_head(mask, ctx.q.shape[1], union_heads)
     lists = mask.shape[0] if per_head else num_kv
-    # The tiles' query ranges and lengths: the builder's, made once per step (`batch.tile_geometry`), or now.
-    bounds, seq_lens, tail = tiles or chunk_tile_geometry(ctx, tile, dense_tail)
-    if (tail is None) != (dense_tail <= 0):
-        raise ValueError(f"attend_chunk_with_kernel: tile geometry built for another dense_tail than {dense_tail}")
+    # The tiles' query ranges and lengths: the builder's, made once per step (`batch.tile_geometry`), or now (the
+    # dense tail's split only where FlashAttention reads it).
+    bounds, seq_lens, tail = tiles or chunk_tile_geometry(ctx, tile, dense_tail if kernel in FLASH_VERSIONS else 0)
     union = tile_unions(mask, tile, lists) if observer is not None or kernel not in FLASH_VERSIONS else None
     if observer is not None:  # eval counters (`instrumented.py`)
         observer.chunk(layer, ctx, mask, union, tile, n_tiles)
@@ -124,6 +123,8 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
+        if (tail[:2] if tail else None) != chunk_dense_tail(ctx.context_len, ctx.q_len, bs, tile, dense_tail):
+            raise ValueError(f"attend_chunk_with_kernel: tile geometry built for another dense_tail than {dense_tail}")
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
         packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache, v_cache) \
             if tail is None else None

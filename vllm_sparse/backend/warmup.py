@@ -142,15 +142,16 @@ def run_dummy_sparse_steps(plan: SparsePlan, shard, num_kv_heads: int, head_dim:
         raise ValueError("run_dummy_sparse_steps: an fp8 kv_dtype needs the model's q_dtype")
     q_dtype = q_dtype or kv_dtype
     block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]
-    for q_len in lengths:
+    # With a dense tail, the longest chunk once more with it: its rows' dense FlashAttention call runs at start too.
+    for q_len, tail in [(n, 0) for n in lengths] + ([(max(lengths), plan.dense_tail)] if plan.dense_tail else []):
         chunks = (SparseChunk(0, 0, q_len, 2 * bs),)
-        tiles = tile_geometry(list(chunks), bs, plan.union_tile, device)  # (as the builder makes them for a step)
+        tiles = tile_geometry(list(chunks), bs, plan.union_tile, device, tail)  # (as the builder makes them for a step)
         for heads in dict.fromkeys(head_sets):  # (no observer: the eval's counters and calibration see none of it)
             q = torch.randn(q_len, len(heads), head_dim, device=device).to(q_dtype)
             out = torch.empty_like(q)
             attend_sparse_chunks(q.to(kv_dtype) if fp8 else q, out, kv, block_table, chunks, list(heads), bs,
                                  head_dim**-0.5, plan.union_tile, kernel=kernel, union_heads=plan.union_heads,
-                                 tiles=tiles, q_scale=(kv.k_descale, 1.0) if fp8 else None)
+                                 dense_tail=tail, tiles=tiles, q_scale=(kv.k_descale, 1.0) if fp8 else None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -128,16 +128,24 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
         for task in tasks:
             idx = [i for i, c in enumerate(group) if c[0] == task]
             check = TASKS[task].check
+            dense_ok = [check(dense.completions[gi][i], group[i][2]) for i in idx]
+            sparse_ok = [check(sparse.completions[gi][i], group[i][2]) for i in idx]
             rows.append({
                 "length": n, "task": task, "samples": len(idx),
                 "prompt_tokens": statistics.mean(dense.prompt_tokens[gi][i] for i in idx),
-                "dense_acc": sum(check(dense.completions[gi][i], group[i][2]) for i in idx) / len(idx),
-                "sparse_acc": sum(check(sparse.completions[gi][i], group[i][2]) for i in idx) / len(idx),
+                "dense_acc": sum(dense_ok) / len(idx),
+                "sparse_acc": sum(sparse_ok) / len(idx),
+                # The standard is dense's answers, prompt by prompt: equal accuracies can hide a lost and a gained.
+                "lost": sum(d and not s for d, s in zip(dense_ok, sparse_ok)),
+                "gained": sum(s and not d for d, s in zip(dense_ok, sparse_ok)),
+                "same_text": sum(dense.completions[gi][i] == sparse.completions[gi][i] for i in idx),
                 "kept_union": union,
                 "kept_all": union_all,
             })
-        completions += [{"task": c[0], "length": n, "answer": c[2], "dense": d, "sparse": s}
-                        for c, d, s in zip(group, dense.completions[gi], sparse.completions[gi])]
+        # `sample`: the prompt's number in its task and length (prompt seed + sample), to name a lost one.
+        completions += [{"task": c[0], "length": n, "sample": seed + i % samples, "answer": c[2], "dense": d,
+                         "sparse": s}
+                        for i, (c, d, s) in enumerate(zip(group, dense.completions[gi], sparse.completions[gi]))]
     result = {"model": model, "config": config, "seed": seed, "rows": rows,
               "layers": {str(n): layers for n, layers in zip(lengths, sparse.layers)},
               "seconds": {"dense": dense.seconds, "sparse": sparse.seconds}, "completions": completions}
@@ -151,15 +159,28 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     return result
 
 
+def lost_answer(completion: dict) -> bool:
+    """Whether dense's completion of this prompt holds its answer and the plan's does not."""
+    check = TASKS[completion["task"]].check
+    return check(completion["dense"], completion["answer"]) and not check(completion["sparse"], completion["answer"])
+
+
 def format_report(result: dict) -> str:
     lines = [f"model {result['model']}  config {result['config']}", "",
-             f"{'length':>7} {'task':<10} {'n':>3} {'tokens':>7} {'dense':>6} {'sparse':>7} {'kept':>6} "
-             f"{'kept(all)':>9}"]
+             f"{'length':>7} {'task':<10} {'n':>3} {'tokens':>7} {'dense':>6} {'sparse':>7} {'lost':>5} "
+             f"{'gained':>6} {'same':>5} {'kept':>6} {'kept(all)':>9}"]
     for r in result["rows"]:
         kept = "-" if r["kept_union"] is None else f"{r['kept_union']:.1%}"
         kept_all = "-" if r.get("kept_all") is None else f"{r['kept_all']:.1%}"
         lines.append(f"{r['length']:>7} {r['task']:<10} {r['samples']:>3} {r['prompt_tokens']:>7.0f} "
-                     f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {kept:>6} {kept_all:>9}")
+                     f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {r['lost']:>5} {r['gained']:>6} "
+                     f"{r['same_text']:>5} {kept:>6} {kept_all:>9}")
+    if result["rows"]:
+        lines += ["", "lost / gained: prompts whose answer dense gives and the plan does not, and the reverse; same: "
+                  "completions equal to dense's, token for token"]
+        lost = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"] if lost_answer(c)]
+        if lost:  # (#: the prompt's seed, from --seed on)
+            lines.append(f"lost (--seed {result['seed']}): " + ", ".join(lost))
     lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers; kept(all): mean "
               "over every full-attention layer, dense ones counting 100%", "",
               f"{'length':>7} {'layer':>5} {'unions':>6} {'kept(req)':>9} {'kept(union)':>11}"]

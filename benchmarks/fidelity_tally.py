@@ -1,0 +1,72 @@
+"""Answers lost and gained against dense over several `vllm-sparse eval` results (seeds, runs), per plan.
+
+    python benchmarks/fidelity_tally.py benchmarks/results/eval_gemma_antidiagonal-10-s16-int8-tail_h100_20_*.json
+
+The project's fidelity standard is dense's answers, prompt by prompt: "lost" counts prompts whose answer dense's
+completion holds and the plan's does not (the task's own check, as `vllm-sparse eval` scores), "gained" the reverse,
+"same" completions equal token for token. Results of one plan (their `config`) are summed; each lost prompt is named
+by task, length, number (the prompt's seed: the run's `--seed` + sample; results written before `sample` was recorded:
+their order in the file) and the run's seed (a pass key's prompt also depends on the sample's place). Prints a table
+and, with --json, writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from vllm_sparse.eval.tasks import TASKS
+
+
+def numbered(result: dict) -> list[dict]:
+    """The result's completions, each with its `sample` number (recorded, or from its place in the file)."""
+    seen: dict[tuple, int] = defaultdict(int)
+    out = []
+    for c in result["completions"]:
+        cell = (c["task"], c["length"])
+        out.append({**c, "sample": c.get("sample", result.get("seed", 0) + seen[cell])})
+        seen[cell] += 1
+    return out
+
+
+def tally(results: list[dict]) -> dict[str, dict]:
+    """{config: {prompts, dense, lost, gained, same, lost_prompts}} over the results."""
+    rows: dict[str, dict] = {}
+    for r in results:
+        row = rows.setdefault(r["config"], {"prompts": 0, "dense": 0, "lost": 0, "gained": 0, "same": 0,
+                                            "lost_prompts": [], "seeds": []})
+        row["seeds"].append(r.get("seed", 0))
+        for c in numbered(r):
+            check = TASKS[c["task"]].check
+            dense, sparse = check(c["dense"], c["answer"]), check(c["sparse"], c["answer"])
+            row["prompts"] += 1
+            row["dense"] += dense
+            row["lost"] += dense and not sparse
+            row["gained"] += sparse and not dense
+            row["same"] += c["dense"] == c["sparse"]
+            if dense and not sparse:
+                row["lost_prompts"].append(f"{c['task']} {c['length']} #{c['sample']} (seed {r.get('seed', 0)})")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", help="`vllm-sparse eval --json` files")
+    ap.add_argument("--json", help="write the table here")
+    args = ap.parse_args()
+    rows = tally([json.loads(Path(p).read_text()) for p in args.results])
+    width = max(len(c) for c in rows)
+    print(f"{'plan':<{width}} {'seeds':>8} {'prompts':>7} {'dense':>5} {'lost':>4} {'gained':>6} {'same':>5}  "
+          "lost prompts")
+    for config, r in rows.items():
+        seeds = ",".join(map(str, sorted(set(r["seeds"]))))
+        print(f"{config:<{width}} {seeds:>8} {r['prompts']:>7} {r['dense']:>5} {r['lost']:>4} {r['gained']:>6} "
+              f"{r['same']:>5}  {'; '.join(r['lost_prompts']) or '-'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

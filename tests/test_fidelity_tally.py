@@ -1,0 +1,53 @@
+"""`benchmarks/fidelity_tally.py`: lost / gained against dense, summed over results of one plan, as the eval scores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.benchmark_modules import load_benchmark
+from vllm_sparse.eval.harness import lost_answer
+
+fidelity_tally = load_benchmark("fidelity_tally")
+numbered, tally = fidelity_tally.numbered, fidelity_tally.tally
+
+ROOT = Path(__file__).parents[1]
+
+
+def _result(config: str, seed: int, cells: list[tuple[str, int, str, str, str]], recorded: bool = True) -> dict:
+    completions = []
+    for i, (task, length, answer, dense, sparse) in enumerate(cells):
+        c = {"task": task, "length": length, "answer": answer, "dense": dense, "sparse": sparse}
+        if recorded:
+            c["sample"] = seed + sum(1 for t, n, *_ in cells[:i] if (t, n) == (task, length))
+        completions.append(c)
+    return {"config": config, "seed": seed, "completions": completions}
+
+
+def test_lost_and_gained_follow_the_tasks_checks_prompt_by_prompt():
+    a = _result("plan.yaml", 0, [
+        ("passkey", 16384, "12345", " 12345. ", " 12345. "),  # same
+        ("passkey", 16384, "11111", " 11111.", " 22222."),  # lost
+        ("multikey", 16384, "7654321", " 1234567", " 7654321"),  # gained
+        ("passkey", 29696, "99999", " 9999 and 99999", " 99999"),  # dense's first number is wrong: gained
+    ])
+    b = _result("plan.yaml", 20, [("passkey", 16384, "55555", " 55555", " 5555")], recorded=False)  # lost, #20
+    other = _result("other.yaml", 0, [("passkey", 16384, "12345", " 12345", " 12345")])
+    rows = tally([a, b, other])
+    assert rows["plan.yaml"] == {"prompts": 5, "dense": 3, "lost": 2, "gained": 2, "same": 1, "seeds": [0, 20],
+                                 "lost_prompts": ["passkey 16384 #1 (seed 0)", "passkey 16384 #20 (seed 20)"]}
+    assert rows["other.yaml"]["lost"] == 0 and rows["other.yaml"]["same"] == 1
+    # the eval's own lost-answer rule names the same prompts
+    assert [c["sample"] for c in numbered(a) + numbered(b) if lost_answer(c)] == [1, 20]
+
+
+def test_the_script_prints_and_writes_the_table(tmp_path):
+    f = tmp_path / "eval.json"
+    f.write_text(json.dumps(_result("plan.yaml", 0, [("passkey", 16384, "11111", " 11111", " 2")])))
+    proc = subprocess.run([sys.executable, "benchmarks/fidelity_tally.py", str(f), "--json", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "passkey 16384 #0 (seed 0)" in proc.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["plan.yaml"]["lost"] == 1
