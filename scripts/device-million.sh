@@ -27,7 +27,7 @@
 #   fidt5  on fidt's 80 prompts (seed 0): the 5% and 7.5% stride-16 int8 budgets with `dense_tail: 128`, the 1M plan's
 #          twin at 5% with the tail, and 5% + tail with dense rows below 4K: whether a budget below 10% keeps the 10%
 #          tail twin's answers (device-workload.sh `tail5r` times the Llama twins). fidt5b: the 5% and 7.5% tail twins
-#          on fidt2's (seed 20); the other two lost 8-20 passkeys in fidt5 (H100, 2026-12-06) and were left out
+#          on fidt2's (seed 20); the other two lost 8-16 pass keys in fidt5 (H100, 2026-12-06) and were left out
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)

@@ -186,6 +186,21 @@ def test_flash_attends_the_tail_tiles_in_one_dense_call_cpu_twin(monkeypatch, ke
         torch.testing.assert_close(got[c.q_end - 40:c.q_end], dense[-40:], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin (Triton's tile tables on CPU tensors: interpreter)")
+@pytest.mark.parametrize("built, served", [(40, 0), (0, 40), (40, 200)])
+def test_a_step_geometry_made_for_another_tail_is_refused(monkeypatch, built, served):
+    """FlashAttention's branch reads the step's tail split: one made for another `dense_tail` (another plan) would
+    attend the wrong rows densely, so it is refused with both splits named."""
+    from tests.test_sparse_kernel import _flash_stand_in
+
+    _flash_stand_in(monkeypatch)
+    b, plan, chunks, bs = _tail_batch(torch.float32, torch.device("cpu"))
+    tiles = tile_geometry(list(chunks), bs, 1, b.q.device, built)
+    with pytest.raises(ValueError, match="dense tail split .* is not this chunk's"):
+        attend_sparse_chunks(b.q, torch.empty_like(b.q), b.kv, b.block_table, chunks, [plan] * b.q.shape[1], bs,
+                             b.q.shape[-1]**-0.5, union_tile=1, layer=0, kernel="fa3", dense_tail=served, tiles=tiles)
+
+
 def test_the_dense_tiles_start_at_the_tile_holding_the_first_tail_row():
     """`chunk_dense_tail`: (tiles before the first holding a tail row, that tile's first query token in the chunk),
     None with the tail off; the tail rows are those the sparse path keeps densely (`selected_rows`)."""

@@ -123,8 +123,10 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
-        if (tail[:2] if tail else None) != chunk_dense_tail(ctx.context_len, ctx.q_len, bs, tile, dense_tail):
-            raise ValueError(f"attend_chunk_with_kernel: tile geometry built for another dense_tail than {dense_tail}")
+        want = chunk_dense_tail(ctx.context_len, ctx.q_len, bs, tile, dense_tail)
+        if (tail[:2] if tail else None) != want:  # (the step's split made for another plan: tiles before, first token)
+            raise ValueError(f"attend_chunk_with_kernel: the step's dense tail split {tail and tail[:2]} is not this "
+                             f"chunk's {want} (dense_tail {dense_tail}, union tile {tile}, block {bs})")
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
         packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache, v_cache) \
             if tail is None else None
