@@ -69,10 +69,9 @@ def chunk_tile_geometry(ctx: ChunkContext, tile: int, dense_tail: int) -> TileGe
     bounds, seq_lens = tile_seq_lens(ctx.first_query_block, n_tiles, tile, ctx.block_size, ctx.context_len, ctx.q_len,
                                      ctx.q.device)
     split = chunk_dense_tail(ctx.context_len, ctx.q_len, ctx.block_size, tile, dense_tail)
-    if split is None:
-        return TileGeometry(bounds, seq_lens)
-    n = split[0]
-    return TileGeometry(bounds, seq_lens, dense_tail_views(bounds, seq_lens, split, bounds[n::n_tiles - n] - bounds[n]))
+    n = split[0] if split else 0
+    tail = dense_tail_views(bounds, seq_lens, split, bounds[n::n_tiles - n] - bounds[n]) if split else None
+    return TileGeometry(bounds, seq_lens, tail, (ctx.block_size, tile, dense_tail))
 
 
 def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c: SparseChunk,
@@ -94,9 +93,10 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     queries with fp8 pages only, and reads them as vLLM's dense FA3 call does; `ctx.q` holds them dequantized.
 
     `tiles`: the chunk's geometry made by the builder for the step (`batch.tile_geometry`, with the plan's
-    `dense_tail`), or None: made now. `dense_tail`: the plan's (the mask keeps every causal block in the rows holding
-    the chunk's last that many tokens). FlashAttention attends those rows' tiles in one dense call of their own
-    (`TileGeometry.tail`); the page counts stay the tables'.
+    `dense_tail`; `attend_sparse_chunks` checks it was made for this call's settings), or None: made now.
+    `dense_tail`: the plan's (the mask keeps every causal block in the rows holding the chunk's last that many
+    tokens). FlashAttention attends those rows' tiles in one dense call of their own (`TileGeometry.tail`); the page
+    counts stay the tables'.
     """
     dev, bs, kv = ctx.q.device, ctx.block_size, ctx.kv
     num_kv, rows, nkb = kv.num_kv_heads, ctx.num_query_blocks, ctx.num_kv_blocks
@@ -108,7 +108,7 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
     lists = mask.shape[0] if per_head else num_kv
     # The tiles' query ranges and lengths: the builder's, made once per step (`batch.tile_geometry`), or now (the
     # dense tail's split only where FlashAttention reads it).
-    bounds, seq_lens, tail = tiles or chunk_tile_geometry(ctx, tile, dense_tail if kernel in FLASH_VERSIONS else 0)
+    bounds, seq_lens, tail, _ = tiles or chunk_tile_geometry(ctx, tile, dense_tail if kernel in FLASH_VERSIONS else 0)
     union = tile_unions(mask, tile, lists) if observer is not None or kernel not in FLASH_VERSIONS else None
     if observer is not None:  # eval counters (`instrumented.py`)
         observer.chunk(layer, ctx, mask, union, tile, n_tiles)
@@ -123,10 +123,6 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
-        want = chunk_dense_tail(ctx.context_len, ctx.q_len, bs, tile, dense_tail)
-        if (tail[:2] if tail else None) != want:  # (the step's split made for another plan: tiles before, first token)
-            raise ValueError(f"attend_chunk_with_kernel: the step's dense tail split {tail and tail[:2]} is not this "
-                             f"chunk's {want} (dense_tail {dense_tail}, union tile {tile}, block {bs})")
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
         packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache, v_cache) \
             if tail is None else None

@@ -44,7 +44,8 @@ class TileGeometry(NamedTuple):
     """One chunk's union tiles as the attention kernels take them, int32 on the device."""
     query_start_loc: torch.Tensor  # [tiles + 1], inside the chunk
     seq_lens: torch.Tensor  # [tiles]: tokens up to each tile's last query
-    tail: DenseTail | None = None  # the plan's `dense_tail`; None where it is off
+    tail: DenseTail | None  # the plan's `dense_tail`; None where it is off
+    made_for: tuple[int, int | None, int]  # (block_size, union_tile, dense_tail) it was made with
 
 
 def dense_tail_views(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, split: tuple[int, int],
@@ -98,7 +99,7 @@ def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | 
     for spans, split in geometry:
         views = [dev[at:at + n] for at, n in spans]
         tail = dense_tail_views(views[0], views[1], split, views[2]) if split else None
-        out.append(TileGeometry(views[0], views[1], tail))
+        out.append(TileGeometry(views[0], views[1], tail, (block_size, union_tile, dense_tail)))
     return tuple(out)
 
 

@@ -245,9 +245,14 @@ def attend_sparse_chunks(
             pages = attend_chunk_reference(ctx, mask, tile, c, output, block_table, layer,
                                            chosen, union_heads, observer)
         else:
+            geometry = tiles[i] if tiles is not None else None
+            # (a tuple compare: the step's geometry, its dense tail split included, is this call's plan's)
+            if geometry is not None and geometry.made_for != (block_size, union_tile, dense_tail):
+                raise ValueError(f"attend_sparse_chunks: the step's tile geometry was made for (block, union tile, "
+                                 f"dense_tail) {geometry.made_for}, not {(block_size, union_tile, dense_tail)}: its "
+                                 f"dense tail split {geometry.tail and geometry.tail[:2]} is not this chunk's")
             pages = attend_chunk_with_kernel(ctx, mask, tile, c, output, block_table, kernel, layer, union_heads,
-                                             observer, tiles[i] if tiles is not None else None, fa3_query,
-                                             dense_tail)
+                                             observer, geometry, fa3_query, dense_tail)
         if metrics is not None:
             metrics.record_density(layer, *pages)
         if guard is not None:
