@@ -6,8 +6,9 @@ The project's fidelity standard is dense's answers, prompt by prompt: "lost" cou
 completion holds and the plan's does not (the task's own check, as `vllm-sparse eval` scores), "gained" the reverse,
 "same" completions equal token for token. Results of one plan (their `config`) are summed; each lost prompt is named
 by task, length, number (the prompt's seed: the run's `--seed` + sample; results written before `sample` was recorded:
-their order in the file) and the run's seed (a pass key's prompt also depends on the sample's place). Prints a table
-and, with --json, writes it.
+their order in the file) and the run's seed (a pass key's prompt also depends on the sample's place). Results of
+`eval --dense-twin-chunk` also count dense's own spread: the second dense run's lost / gained against the first.
+Prints a table and, with --json, writes it.
 """
 
 from __future__ import annotations
@@ -36,18 +37,27 @@ def tally(results: list[dict]) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for r in results:
         row = rows.setdefault(r["config"], {"prompts": 0, "dense": 0, "lost": 0, "gained": 0, "same": 0,
-                                            "lost_prompts": [], "seeds": []})
+                                            "lost_prompts": [], "seeds": [], "twin_prompts": 0, "twin_lost": 0,
+                                            "twin_gained": 0, "twin_lost_prompts": []})
         row["seeds"].append(r.get("seed", 0))
         for c in numbered(r):
             check = TASKS[c["task"]].check
             dense, sparse = check(c["dense"], c["answer"]), check(c["sparse"], c["answer"])
+            name = f"{c['task']} {c['length']} #{c['sample']} (seed {r.get('seed', 0)})"
             row["prompts"] += 1
             row["dense"] += dense
             row["lost"] += dense and not sparse
             row["gained"] += sparse and not dense
             row["same"] += c["dense"] == c["sparse"]
             if dense and not sparse:
-                row["lost_prompts"].append(f"{c['task']} {c['length']} #{c['sample']} (seed {r.get('seed', 0)})")
+                row["lost_prompts"].append(name)
+            if "dense_twin" in c:  # (`eval --dense-twin-chunk`: dense again, chunked otherwise)
+                again = check(c["dense_twin"], c["answer"])
+                row["twin_prompts"] += 1
+                row["twin_lost"] += dense and not again
+                row["twin_gained"] += again and not dense
+                if dense and not again:
+                    row["twin_lost_prompts"].append(name)
     return rows
 
 
@@ -64,6 +74,10 @@ def main() -> None:
         seeds = ",".join(map(str, sorted(set(r["seeds"]))))
         print(f"{config:<{width}} {seeds:>8} {r['prompts']:>7} {r['dense']:>5} {r['lost']:>4} {r['gained']:>6} "
               f"{r['same']:>5}  {'; '.join(r['lost_prompts']) or '-'}")
+    for config, r in rows.items():
+        if r["twin_prompts"]:  # dense's own spread, where the results ran dense twice
+            print(f"dense again ({config}): of {r['twin_prompts']} prompts lost {r['twin_lost']}, gained "
+                  f"{r['twin_gained']}: {'; '.join(r['twin_lost_prompts']) or '-'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

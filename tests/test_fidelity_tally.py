@@ -37,7 +37,8 @@ def test_lost_and_gained_follow_the_tasks_checks_prompt_by_prompt():
     other = _result("other.yaml", 0, [("passkey", 16384, "12345", " 12345", " 12345")])
     rows = tally([a, b, other])
     assert rows["plan.yaml"] == {"prompts": 5, "dense": 3, "lost": 2, "gained": 2, "same": 1, "seeds": [0, 20],
-                                 "lost_prompts": ["passkey 16384 #1 (seed 0)", "passkey 16384 #20 (seed 20)"]}
+                                 "lost_prompts": ["passkey 16384 #1 (seed 0)", "passkey 16384 #20 (seed 20)"],
+                                 "twin_prompts": 0, "twin_lost": 0, "twin_gained": 0, "twin_lost_prompts": []}
     assert rows["other.yaml"]["lost"] == 0 and rows["other.yaml"]["same"] == 1
     # the eval's own lost-answer rule names the same prompts
     assert [c["sample"] for c in numbered(a) + numbered(b) if lost_answer(c)] == [1, 20]
@@ -51,3 +52,20 @@ def test_the_script_prints_and_writes_the_table(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "passkey 16384 #0 (seed 0)" in proc.stdout
     assert json.loads((tmp_path / "t.json").read_text())["plan.yaml"]["lost"] == 1
+
+
+def test_dense_run_twice_counts_its_own_spread_apart_from_the_plans():
+    """`eval --dense-twin-chunk` results: the second dense run's answers against the first, summed beside the plan's
+    (the plan's lost / gained stay against the first dense run)."""
+    r = _result("plan.yaml", 0, [
+        ("multikey", 29696, "7654321", " 7654321", " 1234567"),  # the plan loses it, and so does dense again
+        ("multikey", 29696, "1111111", " 1111111", " 1111111"),  # all three agree
+        ("passkey", 16384, "22222", " 3", " 22222"),  # the plan and dense again both gain it
+    ])
+    for c, again in zip(r["completions"], [" 7654320", " 1111111", " 22222"]):
+        c["dense_twin"] = again
+    row = tally([r, _result("plan.yaml", 20, [("passkey", 16384, "55555", " 55555", " 55555")])])["plan.yaml"]
+    assert (row["lost"], row["gained"], row["prompts"]) == (1, 1, 4)
+    assert (row["twin_prompts"], row["twin_lost"], row["twin_gained"]) == (3, 1, 1)  # the seed-20 run had no twin
+    assert row["twin_lost_prompts"] == ["multikey 29696 #0 (seed 0)"]
+    assert [c["sample"] for c in numbered(r) if lost_answer(c, "dense_twin")] == [0]

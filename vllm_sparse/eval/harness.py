@@ -100,8 +100,24 @@ def kept_over_full_layers(layers: dict, full_layers: list[int]) -> float | None:
     return statistics.mean(by_layer.get(layer, 1.0) for layer in full_layers) if full_layers else None
 
 
+def answers_against(check, answers: list[str], reference: list[str], other: list[str]) -> dict:
+    """Prompt by prompt against `reference`'s answers: {lost, gained, same_text} of `other` (lost: the task's
+    check finds the answer in the reference's completion and not in the other's; gained: the reverse)."""
+    ref_ok = [check(c, a) for c, a in zip(reference, answers)]
+    other_ok = [check(c, a) for c, a in zip(other, answers)]
+    return {"lost": sum(r and not o for r, o in zip(ref_ok, other_ok)),
+            "gained": sum(o and not r for r, o in zip(ref_ok, other_ok)),
+            "same_text": sum(r == o for r, o in zip(reference, other))}
+
+
 def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samples: int, engine: dict,
-             operator_check: int | None = None, seed: int = 0, max_tokens: int = 32) -> dict:
+             operator_check: int | None = None, seed: int = 0, max_tokens: int = 32,
+             dense_twin_chunk: int | None = None) -> dict:
+    """`dense_twin_chunk`: dense once more with prefill chunks of that many tokens (max_num_batched_tokens): the
+    same attention, summed in another order and batched in other shapes, so its answers are as much dense's as
+    the first run's. What it loses and gains against the first run is the spread of dense's own answers on these
+    prompts, the floor a plan's lost / gained are read against (a greedy completion that flips under it is
+    borderline, not a plan's loss)."""
     # Stats are counted inside vLLM's worker processes, which inherit these.
     os.environ["VLLM_SPARSE_STATS"] = "1"
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
@@ -118,6 +134,10 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     prompts = [[c[1] for c in g] for g in groups]
     empty = EngineRun("none", [[] for _ in groups], [[] for _ in groups], 0.0, [{} for _ in groups])
     dense = run_engine(model, prompts, None, engine, "dense", max_tokens) if tasks else empty
+    twin = None
+    if dense_twin_chunk and tasks:
+        twin = run_engine(model, prompts, None, {**engine, "max_num_batched_tokens": dense_twin_chunk},
+                          "dense-twin", max_tokens)
     sparse = run_engine(model, prompts, config, engine, "sparse", max_tokens) if tasks else empty
     rows, completions = [], []
     full = full_attention_layers(model)
@@ -128,27 +148,36 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
         for task in tasks:
             idx = [i for i, c in enumerate(group) if c[0] == task]
             check = TASKS[task].check
-            dense_ok = [check(dense.completions[gi][i], group[i][2]) for i in idx]
-            sparse_ok = [check(sparse.completions[gi][i], group[i][2]) for i in idx]
-            rows.append({
+            answers = [group[i][2] for i in idx]
+            dense_text = [dense.completions[gi][i] for i in idx]
+            sparse_text = [sparse.completions[gi][i] for i in idx]
+            row = {
                 "length": n, "task": task, "samples": len(idx),
                 "prompt_tokens": statistics.mean(dense.prompt_tokens[gi][i] for i in idx),
-                "dense_acc": sum(dense_ok) / len(idx),
-                "sparse_acc": sum(sparse_ok) / len(idx),
+                "dense_acc": sum(check(c, a) for c, a in zip(dense_text, answers)) / len(idx),
+                "sparse_acc": sum(check(c, a) for c, a in zip(sparse_text, answers)) / len(idx),
                 # The standard is dense's answers, prompt by prompt: equal accuracies can hide a lost and a gained.
-                "lost": sum(d and not s for d, s in zip(dense_ok, sparse_ok)),
-                "gained": sum(s and not d for d, s in zip(dense_ok, sparse_ok)),
-                "same_text": sum(dense.completions[gi][i] == sparse.completions[gi][i] for i in idx),
+                **answers_against(check, answers, dense_text, sparse_text),
                 "kept_union": union,
                 "kept_all": union_all,
-            })
+            }
+            if twin is not None:
+                row["twin"] = answers_against(check, answers, dense_text, [twin.completions[gi][i] for i in idx])
+            rows.append(row)
         # `sample`: the prompt's number in its task and length (prompt seed + sample), to name a lost one.
         completions += [{"task": c[0], "length": n, "sample": seed + i % samples, "answer": c[2], "dense": d,
                          "sparse": s}
                         for i, (c, d, s) in enumerate(zip(group, dense.completions[gi], sparse.completions[gi]))]
+        if twin is not None:
+            for c, t in zip(completions[len(completions) - len(group):], twin.completions[gi]):
+                c["dense_twin"] = t
     result = {"model": model, "config": config, "seed": seed, "rows": rows,
               "layers": {str(n): layers for n, layers in zip(lengths, sparse.layers)},
               "seconds": {"dense": dense.seconds, "sparse": sparse.seconds}, "completions": completions}
+    if twin is not None:
+        result["dense_twin"] = {"max_num_batched_tokens": dense_twin_chunk,
+                                "of_dense": engine.get("max_num_batched_tokens")}
+        result["seconds"]["dense_twin"] = twin.seconds
     if operator_check:
         os.environ["VLLM_SPARSE_AUDIT"] = "1"
         try:
@@ -159,10 +188,11 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     return result
 
 
-def lost_answer(completion: dict) -> bool:
-    """Whether dense's completion of this prompt holds its answer and the plan's does not."""
+def lost_answer(completion: dict, other: str = "sparse") -> bool:
+    """Whether dense's completion of this prompt holds its answer and `other`'s (the plan's, or "dense_twin")
+    does not."""
     check = TASKS[completion["task"]].check
-    return check(completion["dense"], completion["answer"]) and not check(completion["sparse"], completion["answer"])
+    return check(completion["dense"], completion["answer"]) and not check(completion[other], completion["answer"])
 
 
 def format_report(result: dict) -> str:
@@ -181,6 +211,19 @@ def format_report(result: dict) -> str:
         lost = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"] if lost_answer(c)]
         if lost:  # (#: the prompt's seed, from --seed on)
             lines.append(f"lost (--seed {result['seed']}): " + ", ".join(lost))
+    twin = result.get("dense_twin")
+    if twin and result["rows"]:
+        total = {k: sum(r["twin"][k] for r in result["rows"]) for k in ("lost", "gained", "same_text")}
+        prompts = sum(r["samples"] for r in result["rows"])
+        lines += ["", f"dense again with prefill chunks of {twin['max_num_batched_tokens']} tokens (not "
+                  f"{twin['of_dense']}): lost {total['lost']}, gained {total['gained']}, same {total['same_text']} "
+                  f"of {prompts} against the first dense run (the spread of dense's own answers here; "
+                  f"the plan: lost {sum(r['lost'] for r in result['rows'])}, "
+                  f"gained {sum(r['gained'] for r in result['rows'])})"]
+        flipped = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"]
+                   if lost_answer(c, "dense_twin")]
+        if flipped:
+            lines.append(f"lost by dense again (--seed {result['seed']}): " + ", ".join(flipped))
     lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers; kept(all): mean "
               "over every full-attention layer, dense ones counting 100%", "",
               f"{'length':>7} {'layer':>5} {'unions':>6} {'kept(req)':>9} {'kept(union)':>11}"]
@@ -197,7 +240,8 @@ def format_report(result: dict) -> str:
                          f"{s['kept_mass_worst']:>7.1%} {s['union_density']:>11.1%}")
     secs = result["seconds"]
     if result["rows"]:
-        lines += ["", f"generate time: dense {secs['dense']:.1f} s, sparse {secs['sparse']:.1f} s"]
+        again = f", dense again {secs['dense_twin']:.1f} s" if "dense_twin" in secs else ""
+        lines += ["", f"generate time: dense {secs['dense']:.1f} s, sparse {secs['sparse']:.1f} s{again}"]
     return "\n".join(lines)
 
 
