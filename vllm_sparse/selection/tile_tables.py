@@ -45,11 +45,16 @@ def tile_seq_lens(first_query_block: int, n_tiles: int, tile: int, block_size: i
     return bounds, (context_len + bounds[1:]).to(torch.int32)
 
 
-def chunk_tile_bounds(context_len: int, q_len: int, block_size: int, union_tile: int | None) -> list[int]:
-    """`tile_seq_lens`'s query_start_loc of one chunk, on the host (the builder's per-step geometry)."""
+def _chunk_tiles(context_len: int, q_len: int, block_size: int, union_tile: int | None) -> tuple[int, int, int]:
+    """(the chunk's first query block, its query blocks, the union tile in blocks: the whole chunk where None)."""
     first = context_len // block_size
     n_blocks = (context_len + q_len - 1) // block_size + 1 - first
-    tile = union_tile or n_blocks
+    return first, n_blocks, union_tile or n_blocks
+
+
+def chunk_tile_bounds(context_len: int, q_len: int, block_size: int, union_tile: int | None) -> list[int]:
+    """`tile_seq_lens`'s query_start_loc of one chunk, on the host (the builder's per-step geometry)."""
+    first, n_blocks, tile = _chunk_tiles(context_len, q_len, block_size, union_tile)
     n_tiles = -(-n_blocks // tile)
     return [min(max((first + i * tile) * block_size - context_len, 0), q_len) for i in range(n_tiles + 1)]
 
@@ -61,9 +66,7 @@ def chunk_dense_tail(context_len: int, q_len: int, block_size: int, union_tile: 
     block (its union holds the row's), so it is dense from its first row: those tiles take one dense call."""
     if dense_tail <= 0:
         return None
-    first = context_len // block_size
-    n_blocks = (context_len + q_len - 1) // block_size + 1 - first
-    tile = union_tile or n_blocks
+    first, _, tile = _chunk_tiles(context_len, q_len, block_size, union_tile)
     sparse_tiles = (max(context_len + q_len - dense_tail, context_len) // block_size - first) // tile
     return sparse_tiles, max((first + sparse_tiles * tile) * block_size - context_len, 0)
 
