@@ -38,8 +38,11 @@ def tally(results: list[dict]) -> dict[str, dict]:
     for r in results:
         row = rows.setdefault(r["config"], {"prompts": 0, "dense": 0, "lost": 0, "gained": 0, "same": 0,
                                             "lost_prompts": [], "seeds": [], "twin_prompts": 0, "twin_lost": 0,
-                                            "twin_gained": 0, "twin_lost_prompts": []})
+                                            "twin_gained": 0, "twin_same": 0, "twin_lost_prompts": [],
+                                            "twin_chunks": []})
         row["seeds"].append(r.get("seed", 0))
+        if "dense_twin" in r:  # the second dense run's prefill chunk size
+            row["twin_chunks"].append(r["dense_twin"]["max_num_batched_tokens"])
         for c in numbered(r):
             check = TASKS[c["task"]].check
             dense, sparse = check(c["dense"], c["answer"]), check(c["sparse"], c["answer"])
@@ -56,6 +59,7 @@ def tally(results: list[dict]) -> dict[str, dict]:
                 row["twin_prompts"] += 1
                 row["twin_lost"] += dense and not again
                 row["twin_gained"] += again and not dense
+                row["twin_same"] += c["dense"] == c["dense_twin"]
                 if dense and not again:
                     row["twin_lost_prompts"].append(name)
     return rows
@@ -76,8 +80,10 @@ def main() -> None:
               f"{r['same']:>5}  {'; '.join(r['lost_prompts']) or '-'}")
     for config, r in rows.items():
         if r["twin_prompts"]:  # dense's own spread, where the results ran dense twice
-            print(f"dense again ({config}): of {r['twin_prompts']} prompts lost {r['twin_lost']}, gained "
-                  f"{r['twin_gained']}: {'; '.join(r['twin_lost_prompts']) or '-'}")
+            chunks = ",".join(map(str, sorted(set(r["twin_chunks"]))))
+            print(f"dense again in {chunks}-token chunks ({config}): of {r['twin_prompts']} prompts lost "
+                  f"{r['twin_lost']}, gained {r['twin_gained']}, same {r['twin_same']}: "
+                  f"{'; '.join(r['twin_lost_prompts']) or '-'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

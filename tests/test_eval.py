@@ -127,7 +127,71 @@ def test_eval_and_calibrate_refuse_bad_input_before_any_engine_runs(tiny_llama, 
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
                                                               "layers": [{"layers": "all"}]}]}))
-    for chunk in ("4096", "0"):  # dense again with the first run's chunks (the default 4096): no twin at all
-        assert main([*args, "--config", str(good), "--dense-twin-chunk", chunk]) == 2
+    # dense again with the first run's chunks (the default 4096: no twin at all), below --max-num-seqs (4: vLLM
+    # would refuse it after the first dense run), or with no task to run: refused before any engine
+    for chunk, more in (("4096", []), ("0", []), ("-8", []), ("3", []), ("512", ["--tasks", "none"])):
+        assert main([*args, "--config", str(good), "--dense-twin-chunk", chunk, *more]) == 2, chunk
     assert main(["schema", "-o", str(tmp_path / "no" / "x.json")]) == 2
     assert main(["calibrate", "--from-json", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.yaml")]) == 2
+
+
+def test_dense_again_is_scored_prompt_by_prompt_against_the_first_dense_run(tiny_llama, tmp_path, monkeypatch):
+    """Two lengths x two tasks x three prompts, each engine's completions distinct (stand-ins for the engines): the
+    second dense run's completion lands on its own prompt, its lost / gained / same are against the first dense run
+    (as the plan's are), and the report names the prompts it loses."""
+    from vllm_sparse.eval import harness
+
+    config = tmp_path / "plan.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                                "layers": [{"layers": "all"}]}]}))
+    runs = []
+
+    def fake_run_engine(model, groups, cfg, engine, label, max_tokens=16, **kw):
+        runs.append((label, engine["max_num_batched_tokens"]))
+        out = []
+        for gi, prompts in enumerate(groups):
+            # each engine answers its own subset of the group right, by place
+            texts = []
+            for i in range(len(prompts)):
+                right = {"dense": i % 2 == 0, "dense-twin": i % 3 == 0, "sparse": i != 1}[label]
+                texts.append(f" {label}-{gi}-{i}" + (" ANSWER" if right else ""))
+            out.append(texts)
+        return harness.EngineRun(label, out, [[len(p) for p in g] for g in groups], 1.0, [{} for _ in groups])
+
+    monkeypatch.setattr(harness, "run_engine", fake_run_engine)
+    tasks = {"passkey": "ANSWER", "multikey": "ANSWER"}
+    monkeypatch.setattr(harness, "TASKS", {t: _StubTask(a) for t, a in tasks.items()})
+    result = harness.evaluate(str(tiny_llama), str(config), [300, 400], ["passkey", "multikey"], 3,
+                              {"max_num_batched_tokens": 256}, seed=5, dense_twin_chunk=128)
+    assert runs == [("dense", 256), ("dense-twin", 128), ("sparse", 256)]
+    done = result["completions"]
+    assert len(done) == 12
+    for c in done:  # each twin completion is its own prompt's (the same group, task and place as dense's)
+        assert c["dense_twin"].replace("dense-twin", "dense").split(" ANSWER")[0] == c["dense"].split(" ANSWER")[0]
+    # per cell of 3 prompts (places 0, 1, 2 in the cell, tasks in turn within a length): dense right at even places
+    # of the group, the twin at multiples of 3; counted against dense, prompt by prompt
+    for r in result["rows"]:
+        cell = [c for c in done if (c["task"], c["length"]) == (r["task"], r["length"])]
+        d = ["ANSWER" in c["dense"] for c in cell]
+        t = ["ANSWER" in c["dense_twin"] for c in cell]
+        assert r["twin"] == {"lost": sum(a and not b for a, b in zip(d, t)),
+                             "gained": sum(b and not a for a, b in zip(d, t)), "same_text": 0}
+    assert sum(r["twin"]["lost"] for r in result["rows"]) > 0 and sum(r["twin"]["gained"] for r in result["rows"]) > 0
+    report = harness.format_report(result)
+    flipped = [f"{c['task']} {c['length']} #{c['sample']}" for c in done
+               if "ANSWER" in c["dense"] and "ANSWER" not in c["dense_twin"]]
+    assert f"lost by dense again (--seed 5): {', '.join(flipped)}" in report
+    assert "dense again with prefill chunks of 128 tokens (not 256)" in report
+
+
+class _StubTask:
+    """A task whose prompt ends in its answer and whose check looks for it (stands in for the real tasks)."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def __call__(self, tok, n, i, seed):
+        return f"prompt {n} {i} {seed}", self.answer
+
+    def check(self, completion: str, answer: str) -> bool:
+        return answer in completion

@@ -38,7 +38,8 @@ def test_lost_and_gained_follow_the_tasks_checks_prompt_by_prompt():
     rows = tally([a, b, other])
     assert rows["plan.yaml"] == {"prompts": 5, "dense": 3, "lost": 2, "gained": 2, "same": 1, "seeds": [0, 20],
                                  "lost_prompts": ["passkey 16384 #1 (seed 0)", "passkey 16384 #20 (seed 20)"],
-                                 "twin_prompts": 0, "twin_lost": 0, "twin_gained": 0, "twin_lost_prompts": []}
+                                 "twin_prompts": 0, "twin_lost": 0, "twin_gained": 0, "twin_same": 0,
+                                 "twin_lost_prompts": [], "twin_chunks": []}
     assert rows["other.yaml"]["lost"] == 0 and rows["other.yaml"]["same"] == 1
     # the eval's own lost-answer rule names the same prompts
     assert [c["sample"] for c in numbered(a) + numbered(b) if lost_answer(c)] == [1, 20]
@@ -46,11 +47,15 @@ def test_lost_and_gained_follow_the_tasks_checks_prompt_by_prompt():
 
 def test_the_script_prints_and_writes_the_table(tmp_path):
     f = tmp_path / "eval.json"
-    f.write_text(json.dumps(_result("plan.yaml", 0, [("passkey", 16384, "11111", " 11111", " 2")])))
+    r = _result("plan.yaml", 0, [("passkey", 16384, "11111", " 11111", " 2")])
+    r["dense_twin"], r["completions"][0]["dense_twin"] = {"max_num_batched_tokens": 2048, "of_dense": 4096}, " 1"
+    f.write_text(json.dumps(r))
     proc = subprocess.run([sys.executable, "benchmarks/fidelity_tally.py", str(f), "--json", str(tmp_path / "t.json")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "passkey 16384 #0 (seed 0)" in proc.stdout
+    assert ("dense again in 2048-token chunks (plan.yaml): of 1 prompts lost 1, gained 0, same 0: "
+            "passkey 16384 #0 (seed 0)") in proc.stdout
     assert json.loads((tmp_path / "t.json").read_text())["plan.yaml"]["lost"] == 1
 
 
@@ -62,10 +67,12 @@ def test_dense_run_twice_counts_its_own_spread_apart_from_the_plans():
         ("multikey", 29696, "1111111", " 1111111", " 1111111"),  # all three agree
         ("passkey", 16384, "22222", " 3", " 22222"),  # the plan and dense again both gain it
     ])
+    r["dense_twin"] = {"max_num_batched_tokens": 2048, "of_dense": 4096}
     for c, again in zip(r["completions"], [" 7654320", " 1111111", " 22222"]):
         c["dense_twin"] = again
     row = tally([r, _result("plan.yaml", 20, [("passkey", 16384, "55555", " 55555", " 55555")])])["plan.yaml"]
     assert (row["lost"], row["gained"], row["prompts"]) == (1, 1, 4)
     assert (row["twin_prompts"], row["twin_lost"], row["twin_gained"]) == (3, 1, 1)  # the seed-20 run had no twin
     assert row["twin_lost_prompts"] == ["multikey 29696 #0 (seed 0)"]
+    assert (row["twin_same"], row["twin_chunks"]) == (1, [2048])
     assert [c["sample"] for c in numbered(r) if lost_answer(c, "dense_twin")] == [0]

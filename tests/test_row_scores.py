@@ -172,6 +172,7 @@ def test_key_columns_of_every_kv_head_in_the_room_the_rows_leave(monkeypatch):
         quantized.clear(), placed.clear()
         scores[room] = est.score(fused, params)
         assert quantized == ([(0, 5)] if room else [(kv, 1) for kv in range(5)])
+        assert WORKSPACE.reserved(torch.device(DEVICE)) > 0  # (else `floats` below would allocate, not point at it)
         reserved = WORKSPACE.floats(1, torch.device(DEVICE)).untyped_storage().data_ptr()  # the reservation (its head)
         assert (placed == [reserved]) is room  # the copy: in the workspace, or allocated
         assert not torch.isnan(scores[room]).any()

@@ -232,10 +232,13 @@ def cmd_eval(args) -> int:
 
         require_matplotlib()  # before the long run, not after it
     twin = args.dense_twin_chunk
-    if twin is not None and (twin < 1 or twin == args.max_num_batched_tokens):
-        print(f"vllm-sparse eval: --dense-twin-chunk {twin}: give a chunk size other than "
-              f"--max-num-batched-tokens ({args.max_num_batched_tokens}), at least 1", file=sys.stderr)
-        return 2
+    if twin is not None:  # (vLLM refuses max_num_batched_tokens below max_num_seqs, after the first dense run)
+        problem = ("it is --max-num-batched-tokens: the same run again" if twin == args.max_num_batched_tokens
+                   else f"below --max-num-seqs ({args.max_num_seqs}), which vLLM refuses" if twin < args.max_num_seqs
+                   else "--tasks none runs no dense engine" if not args.tasks else None)
+        if problem:
+            print(f"vllm-sparse eval: --dense-twin-chunk {twin}: {problem}", file=sys.stderr)
+            return 2
     result = evaluate(args.model, args.config, args.lengths, args.tasks, args.samples, _engine_args(args),
                       operator_check=args.operator_check, seed=args.seed, max_tokens=args.max_tokens,
                       dense_twin_chunk=twin)
@@ -400,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dense-twin-chunk", type=int, metavar="TOKENS",
                     help="also run dense again with prefill chunks of this many tokens (its max_num_batched_tokens): "
                     "the same attention summed in another order, so the answers it loses and gains against the "
-                    "first dense run measure how far dense's own answers move on these prompts, the floor for the "
-                    "plan's lost / gained")
+                    "first dense run are one sample of how far dense's own answers move on these prompts, read "
+                    "beside the plan's lost / gained")
     _add_engine_args(ev)
     ev.add_argument("--json", help="write all results (and every completion) here")
     ev.add_argument("--plot", action="store_true",

@@ -115,9 +115,9 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
              dense_twin_chunk: int | None = None) -> dict:
     """`dense_twin_chunk`: dense once more with prefill chunks of that many tokens (max_num_batched_tokens): the
     same attention, summed in another order and batched in other shapes, so its answers are as much dense's as
-    the first run's. What it loses and gains against the first run is the spread of dense's own answers on these
-    prompts, the floor a plan's lost / gained are read against (a greedy completion that flips under it is
-    borderline, not a plan's loss)."""
+    the first run's. What it loses and gains against the first run is one sample of how far dense's own greedy
+    answers move on these prompts (a lower bound on that spread): a prompt it flips may be borderline for dense
+    itself, and a plan's lost / gained are read beside it."""
     # Stats are counted inside vLLM's worker processes, which inherit these.
     os.environ["VLLM_SPARSE_STATS"] = "1"
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
@@ -166,11 +166,8 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
             rows.append(row)
         # `sample`: the prompt's number in its task and length (prompt seed + sample), to name a lost one.
         completions += [{"task": c[0], "length": n, "sample": seed + i % samples, "answer": c[2], "dense": d,
-                         "sparse": s}
+                         "sparse": s, **({} if twin is None else {"dense_twin": twin.completions[gi][i]})}
                         for i, (c, d, s) in enumerate(zip(group, dense.completions[gi], sparse.completions[gi]))]
-        if twin is not None:
-            for c, t in zip(completions[len(completions) - len(group):], twin.completions[gi]):
-                c["dense_twin"] = t
     result = {"model": model, "config": config, "seed": seed, "rows": rows,
               "layers": {str(n): layers for n, layers in zip(lengths, sparse.layers)},
               "seconds": {"dense": dense.seconds, "sparse": sparse.seconds}, "completions": completions}
@@ -217,7 +214,7 @@ def format_report(result: dict) -> str:
         prompts = sum(r["samples"] for r in result["rows"])
         lines += ["", f"dense again with prefill chunks of {twin['max_num_batched_tokens']} tokens (not "
                   f"{twin['of_dense']}): lost {total['lost']}, gained {total['gained']}, same {total['same_text']} "
-                  f"of {prompts} against the first dense run (the spread of dense's own answers here; "
+                  f"of {prompts} against the first dense run (one sample of how far dense's own answers move here; "
                   f"the plan: lost {sum(r['lost'] for r in result['rows'])}, "
                   f"gained {sum(r['gained'] for r in result['rows'])})"]
         flipped = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"]
