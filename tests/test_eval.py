@@ -28,7 +28,7 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         [sys.executable, "-m", "vllm_sparse.cli.main", "eval", "--model", str(tiny_llama), "--config", str(config),
          "--lengths", "500,900", "--tasks", "passkey,multikey,vt", "--samples", "1", "--operator-check", "800",
          "--dtype", "float32", "--block-size", "32", "--max-num-batched-tokens", "512", "--max-tokens", "4",
-         "--kv-cache-memory-bytes", str(1 << 30), "--seed", "3", "--dense-twin-chunk", "256", "--json", str(out)],
+         "--kv-cache-memory-bytes", str(1 << 30), "--seed", "3", "--json", str(out)],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -45,11 +45,7 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
         assert r["lost"] == sum(lost_answer(c) for c in done)
         assert r["gained"] == sum(check(c["sparse"], c["answer"]) and not check(c["dense"], c["answer"]) for c in done)
         assert r["same_text"] == sum(c["dense"] == c["sparse"] for c in done)
-        # dense again in 256-token chunks, scored against the first dense run as the plan is
-        assert r["twin"] == {"lost": sum(lost_answer(c, "dense_twin") for c in done),
-                             "gained": sum(check(c["dense_twin"], c["answer"]) and not check(c["dense"], c["answer"])
-                                           for c in done),
-                             "same_text": sum(c["dense"] == c["dense_twin"] for c in done)}
+        assert "twin" not in r and "dense_twin" not in done[0]  # (no --dense-twin-chunk: one dense run)
         assert [c["sample"] for c in done] == [3]  # --seed 3, the first sample
         assert r["prompt_tokens"] <= r["length"] and r["prompt_tokens"] > 0.9 * r["length"]
         assert r["kept_union"] == pytest.approx(
@@ -75,11 +71,7 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
     assert "operator check on real text, 800 tokens (mean over unions, and the worst)" in proc.stdout
     assert "kept(union)" in proc.stdout and "kept(all)" in proc.stdout
     assert "lost / gained: prompts whose answer dense gives and the plan does not" in proc.stdout
-    assert result["dense_twin"] == {"max_num_batched_tokens": 256, "of_dense": 512}
-    assert result["seconds"]["dense_twin"] > 0
-    twin = {k: sum(r["twin"][k] for r in result["rows"]) for k in ("lost", "gained", "same_text")}
-    assert (f"dense again with prefill chunks of 256 tokens (not 512): lost {twin['lost']}, gained {twin['gained']}, "
-            f"same {twin['same_text']} of 6") in proc.stdout
+    assert "dense_twin" not in result and "dense again" not in proc.stdout
     lost = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"] if lost_answer(c)]
     assert (f"lost (--seed 3): {', '.join(lost)}" in proc.stdout) if lost else "\nlost (" not in proc.stdout
 
@@ -133,6 +125,27 @@ def test_eval_and_calibrate_refuse_bad_input_before_any_engine_runs(tiny_llama, 
         assert main([*args, "--config", str(good), "--dense-twin-chunk", chunk, *more]) == 2, chunk
     assert main(["schema", "-o", str(tmp_path / "no" / "x.json")]) == 2
     assert main(["calibrate", "--from-json", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.yaml")]) == 2
+
+
+def test_dense_twin_chunk_reaches_the_harness_from_the_command_line(tiny_llama, tmp_path, monkeypatch):
+    """`--dense-twin-chunk` is handed to `evaluate` with the first run's engine settings (the second dense engine,
+    run for real on gemma-3-270m in benchmarks/RESULTS.md, thirtieth session; here the harness is stood in for)."""
+    from vllm_sparse.cli.main import main
+    from vllm_sparse.eval import harness
+
+    config = tmp_path / "plan.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "models": [{"match": {"architectures": ["LlamaForCausalLM"]},
+                                                                "layers": [{"layers": "all"}]}]}))
+    seen = {}
+
+    def fake_evaluate(model, cfg, lengths, tasks, samples, engine, **kw):
+        seen.update(engine=engine, **kw)
+        return {"model": model, "config": cfg, "seed": 0, "rows": [], "layers": {}, "seconds": {}, "completions": []}
+
+    monkeypatch.setattr(harness, "evaluate", fake_evaluate)
+    assert main(["eval", "--model", str(tiny_llama), "--config", str(config), "--lengths", "500", "--tasks",
+                 "passkey", "--max-num-batched-tokens", "512", "--dense-twin-chunk", "256"]) == 0
+    assert seen["dense_twin_chunk"] == 256 and seen["engine"]["max_num_batched_tokens"] == 512
 
 
 def test_dense_again_is_scored_prompt_by_prompt_against_the_first_dense_run(tiny_llama, tmp_path, monkeypatch):
