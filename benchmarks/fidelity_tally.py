@@ -3,12 +3,12 @@
     python benchmarks/fidelity_tally.py benchmarks/results/eval_gemma_antidiagonal-10-s16-int8-tail_h100_20_*.json
 
 The project's fidelity standard is dense's answers, prompt by prompt: "lost" counts prompts whose answer dense's
-completion holds and the plan's does not (the task's own check, as `vllm-sparse eval` scores), "gained" the reverse,
-"same" completions equal token for token. Results of one plan (their `config`) are summed; each lost prompt is named
-by task, length, number (the prompt's seed: the run's `--seed` + sample; results written before `sample` was recorded:
-their order in the file) and the run's seed (a pass key's prompt also depends on the sample's place). Results of
-`eval --dense-twin-chunk` also count dense's own spread: the second dense run's lost / gained against the first.
-Prints a table and, with --json, writes it.
+completion holds and the plan's does not (the task's own check, scored by the eval's `answers_against`), "gained"
+the reverse, "same" completions equal token for token. Results of one plan (their `config`) are summed; each lost
+prompt is named by task, length, number (the prompt's seed: the run's `--seed` + sample; results written before
+`sample` was recorded: their order in the file) and the run's seed (a pass key's prompt also depends on the sample's
+place). Results of `eval --dense-twin-chunk` also count dense's own spread: the second dense run's lost / gained
+against the first. Prints a table and, with --json, writes it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from vllm_sparse.eval.harness import answers_against
 from vllm_sparse.eval.tasks import TASKS
 
 
@@ -30,6 +31,15 @@ def numbered(result: dict) -> list[dict]:
         out.append({**c, "sample": c.get("sample", result.get("seed", 0) + seen[cell])})
         seen[cell] += 1
     return out
+
+
+def _add(row: dict, prefix: str, one: dict, name: str) -> None:
+    """One prompt's `answers_against` (the eval's scoring) into the row's `prefix` counts; its name if lost."""
+    row[prefix + "lost"] += one["lost"]
+    row[prefix + "gained"] += one["gained"]
+    row[prefix + "same"] += one["same_text"]
+    if one["lost"]:
+        row[prefix + "lost_prompts"].append(name)
 
 
 def tally(results: list[dict]) -> dict[str, dict]:
@@ -45,23 +55,13 @@ def tally(results: list[dict]) -> dict[str, dict]:
             row["twin_chunks"].append(r["dense_twin"]["max_num_batched_tokens"])
         for c in numbered(r):
             check = TASKS[c["task"]].check
-            dense, sparse = check(c["dense"], c["answer"]), check(c["sparse"], c["answer"])
             name = f"{c['task']} {c['length']} #{c['sample']} (seed {r.get('seed', 0)})"
             row["prompts"] += 1
-            row["dense"] += dense
-            row["lost"] += dense and not sparse
-            row["gained"] += sparse and not dense
-            row["same"] += c["dense"] == c["sparse"]
-            if dense and not sparse:
-                row["lost_prompts"].append(name)
+            row["dense"] += check(c["dense"], c["answer"])
+            _add(row, "", answers_against(check, [c["answer"]], [c["dense"]], [c["sparse"]]), name)
             if "dense_twin" in c:  # (`eval --dense-twin-chunk`: dense again, chunked otherwise)
-                again = check(c["dense_twin"], c["answer"])
                 row["twin_prompts"] += 1
-                row["twin_lost"] += dense and not again
-                row["twin_gained"] += again and not dense
-                row["twin_same"] += c["dense"] == c["dense_twin"]
-                if dense and not again:
-                    row["twin_lost_prompts"].append(name)
+                _add(row, "twin_", answers_against(check, [c["answer"]], [c["dense"]], [c["dense_twin"]]), name)
     return rows
 
 
