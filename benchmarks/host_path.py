@@ -73,8 +73,11 @@ FA3_SCHEMA = ("fwd(Tensor q, Tensor k, Tensor v, Tensor? k_new, Tensor? v_new, T
               "int window_size_right, float softcap, bool is_rotary_interleaved, Tensor? scheduler_metadata, "
               "int num_splits, bool? pack_gqa, int sm_margin, Tensor? s_aux, int cp_world_size, int cp_rank, "
               "Tensor? cp_tot_seqused_k) -> (Tensor, Tensor, Tensor, Tensor)")
-_FA3_CALLS = [0]
-_FA3_LIBRARY = []
+# The stand-in's registration and call count live in one process-wide namespace: torch's dispatcher is process-wide,
+# and this script may be loaded as a module more than once (tests load it afresh), so a second load finds the first
+# load's kernel registered and counts through it (registering again is an error).
+_FA3 = sys.modules.setdefault("vllm_sparse_host_path_fa3_stand_in", SimpleNamespace(calls=[0], library=[]))
+_FA3_CALLS = _FA3.calls
 
 
 def stand_in_fa3(mp) -> None:
@@ -87,7 +90,7 @@ def stand_in_fa3(mp) -> None:
     spec.loader.exec_module(interface)
     mp.setitem(sys.modules, "vllm.vllm_flash_attn",
                SimpleNamespace(flash_attn_varlen_func=interface.flash_attn_varlen_func))
-    if _FA3_LIBRARY:
+    if _FA3.library:
         return
     # (vLLM's CUDA library defines the op where it is installed: a CPU kernel is added to it)
     defined = hasattr(torch.ops._vllm_fa3_C, "fwd")
@@ -102,7 +105,7 @@ def stand_in_fa3(mp) -> None:
 
     lib.impl("fwd", fwd, "CPU")
     lib.impl("fwd", fwd, "Meta")
-    _FA3_LIBRARY.append(lib)
+    _FA3.library.append(lib)
 
 
 class OpCounter(TorchDispatchMode):

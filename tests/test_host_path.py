@@ -67,3 +67,20 @@ def test_a_dense_tail_counts_its_dense_call():
         row = host_path.measure(plan, shape, 128, "fa3", 32768, 2048, 65536, 16384, 1, metrics_dir,
                                 torch.device("cpu"))
     assert row["flash_calls"] == shape.num_kv_heads + 1
+
+
+def test_the_fa3_stand_in_survives_a_second_load_of_the_script():
+    """Tests load the script afresh each time; torch's dispatcher is process-wide, so the second load must find the
+    first load's CPU kernel and count through it (on a GPU host the first module stayed alive and registering again
+    raised)."""
+    import pytest
+
+    first, second = load_benchmark("host_path"), load_benchmark("host_path")
+    with pytest.MonkeyPatch.context() as mp:
+        first.stand_in_fa3(mp)
+        second.stand_in_fa3(mp)
+        second._FA3_CALLS[0] = 0
+        q = torch.randn(4, 2, 8)
+        torch.ops._vllm_fa3_C.fwd(q, q, q, *([None] * 20), 1.0, True, -1, -1, 0.0, False, None, 1, None, 0, None,
+                                  1, 0, None)
+    assert first._FA3_CALLS[0] == second._FA3_CALLS[0] == 1
