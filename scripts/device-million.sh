@@ -32,6 +32,8 @@
 #          2048-token chunks (the plans' dense runs 4096), whose lost / gained against the first dense run are the
 #          spread of dense's own answers on these 80 prompts (is the 29K multi-key #12 the plans lose borderline for
 #          dense too?); fidtwb: the same on fidt2's (seed 20); fidtwc, fidtwd: 80 prompts more each (seeds 40, 60)
+#   fidt75 the 7.5% tail twin on fidtwc's and fidtwd's prompts (seeds 40, 60; on seeds 0 and 20 it lost what the 10%
+#          twin lost: is it as close to dense as the 10% plan, whose Llama twin reaches 128K 2.67x?)
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
@@ -156,6 +158,7 @@ fidtw() { TWIN_ARGS="--dense-twin-chunk 2048" tail_twins fidtw 0 10-s16-int8-tai
 fidtwb() { TWIN_ARGS="--dense-twin-chunk 2048" tail_twins fidtwb 20 10-s16-int8-tail 5-s16-int8-tail; }
 fidtwc() { TWIN_ARGS="--dense-twin-chunk 2048" tail_twins fidtwc 40 10-s16-int8-tail 5-s16-int8-tail; }
 fidtwd() { TWIN_ARGS="--dense-twin-chunk 2048" tail_twins fidtwd 60 10-s16-int8-tail 5-s16-int8-tail; }
+fidt75() { tail_twins fidt75c 40 7.5-s16-int8-tail; tail_twins fidt75d 60 7.5-s16-int8-tail; }
 fidfp8() {
   timeout $(( $(left) - 5 )) bash benchmarks/fidelity_gpu.sh "$OUT/fidfp8" 16384,29696 \
     configs/gemma-3.yaml benchmarks/configs/gemma-3-decode-tidal-4k.yaml \
@@ -306,4 +309,4 @@ longs() {
   done
 }
 
-run_steps "est:80 ktest:120 fid:240 fidr:240 fidt:270 fidt2:250 fidt5:250 fidt5b:250 fidtw:320 fidtwb:320 fidtwc:320 fidtwd:130 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
+run_steps "est:80 ktest:120 fid:240 fidr:240 fidt:270 fidt2:250 fidt5:250 fidt5b:250 fidtw:320 fidtwb:320 fidtwc:320 fidtwd:130 fidt75:300 fidfp8:240 fidq64:300 fid1m:240 est32:150 long:300 longd:300 longpack:360 longs:240 m1d:500 m1s:400 l1m:300 s1m:360 s1ml:380 d1md:300 d1ms:300 d1mt:300 d1m0:300 d1m1:300 d1mp:300 d4md:200 d4mt:200 d4m1:220 sched:60 tsel:300 est7:300" "$@"
