@@ -31,9 +31,10 @@
 #   fidtw  the 10% and 5% tail twins on fidt's prompts (seed 0) with `eval --dense-twin-chunk 2048`: dense again in
 #          2048-token chunks (the plans' dense runs 4096), whose lost / gained against the first dense run are the
 #          spread of dense's own answers on these 80 prompts (is the 29K multi-key #12 the plans lose borderline for
-#          dense too?); fidtwb: the same on fidt2's (seed 20); fidtwc, fidtwd: 80 prompts more each (seeds 40, 60)
-#   fidt75 the 7.5% tail twin on fidtwc's and fidtwd's prompts (seeds 40, 60; on seeds 0 and 20 it lost what the 10%
-#          twin lost: is it as close to dense as the 10% plan, whose Llama twin reaches 128K 2.67x?)
+#          dense too?); fidtwb: the same on fidt2's (seed 20); fidtwc, fidtwd: 80 prompts more each (seeds 40, 60;
+#          fidtwd's 130 s is its time right after fidtwc, caches warm: alone it needs ~300 s)
+#   fidt75 the 7.5% tail twin on fidtwc's and fidtwd's prompts (seeds 40, 60; on seeds 0 and 20 it lost as many as the 10%
+#          twin: is it as close to dense as the 10% plan, whose Llama twin reaches 128K 2.67x?)
 #   fidfp8 gemma-3-270m (GEMMA_WHEELS) with --kv-cache-dtype fp8, dense fp8 against each plan, 20 prompts per cell,
 #          passkey and multikey at 16K and 29K: the shipped configs/gemma-3.yaml (sparse prefill reads fp8 pages)
 #          and the TidalDecode 4K plan (decode selection and attention read fp8 pages)
