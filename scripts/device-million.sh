@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 29 (a million tokens on one GPU) and issue 26's stride-16 estimator, on one GPU, once vLLM 0.26.0 is
-# staged in /tmp/site (../shared/device/README.md).
+# staged in /tmp/site (../shared/device/README.md; four calls after scripts/stage-vllm-resplit.sh). The gemma steps
+# read GEMMA_WHEELS=/tmp/gg, carried by scripts/stage-gemma.sh (five calls).
 #
 #   bash scripts/device-million.sh SECONDS STEP...     (run from the checkout's root)
 #
