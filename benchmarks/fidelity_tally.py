@@ -9,12 +9,20 @@ prompt is named by task, length, number (the prompt's seed: the run's `--seed` +
 `sample` was recorded: their order in the file) and the run's seed (a pass key's prompt also depends on the sample's
 place). Results of `eval --dense-twin-chunk` also count dense's own spread: the second dense run's lost / gained
 against the first. Prints a table and, with --json, writes it.
+
+Two exact tests read the counts (a few answers in hundreds move; the counts alone do not say whether that is more
+than chance): the sign test of lost against gained (McNemar's exact test: were the plan as accurate as dense, each
+moved answer would be a loss or a gain with even odds, so P(at least `lost` of `lost + gained`)); and, where dense ran
+twice, the same test on the prompts whose answer only one of them moved (the plan, or dense again): P(at least the
+plan's share of those, were the plan to move answers no more often than dense's own chunk size does). A small value
+says the plan loses (moves) more than chance would; a large one says these prompts cannot tell.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,6 +41,11 @@ def numbered(result: dict) -> list[dict]:
     return out
 
 
+def at_least_half_chance(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2): the one-sided exact sign test (1.0 where nothing moved)."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n if n else 1.0
+
+
 def _add(row: dict, prefix: str, one: dict, name: str) -> None:
     """One prompt's `answers_against` (the eval's scoring) into the row's `prefix` counts; its name if lost."""
     row[prefix + "lost"] += one["lost"]
@@ -49,7 +62,7 @@ def tally(results: list[dict]) -> dict[str, dict]:
         row = rows.setdefault(r["config"], {"prompts": 0, "dense": 0, "lost": 0, "gained": 0, "same": 0,
                                             "lost_prompts": [], "seeds": [], "twin_prompts": 0, "twin_lost": 0,
                                             "twin_gained": 0, "twin_same": 0, "twin_lost_prompts": [],
-                                            "twin_chunks": []})
+                                            "twin_chunks": [], "moved_plan_only": 0, "moved_twin_only": 0})
         row["seeds"].append(r.get("seed", 0))
         if "dense_twin" in r:  # the second dense run's prefill chunk size
             row["twin_chunks"].append(r["dense_twin"]["max_num_batched_tokens"])
@@ -58,10 +71,20 @@ def tally(results: list[dict]) -> dict[str, dict]:
             name = f"{c['task']} {c['length']} #{c['sample']} (seed {r.get('seed', 0)})"
             row["prompts"] += 1
             row["dense"] += check(c["dense"], c["answer"])
-            _add(row, "", answers_against(check, [c["answer"]], [c["dense"]], [c["sparse"]]), name)
+            plan = answers_against(check, [c["answer"]], [c["dense"]], [c["sparse"]])
+            _add(row, "", plan, name)
             if "dense_twin" in c:  # (`eval --dense-twin-chunk`: dense again, chunked otherwise)
+                twin = answers_against(check, [c["answer"]], [c["dense"]], [c["dense_twin"]])
                 row["twin_prompts"] += 1
-                _add(row, "twin_", answers_against(check, [c["answer"]], [c["dense"]], [c["dense_twin"]]), name)
+                _add(row, "twin_", twin, name)
+                plan_moved, twin_moved = bool(plan["lost"] or plan["gained"]), bool(twin["lost"] or twin["gained"])
+                row["moved_plan_only"] += plan_moved and not twin_moved
+                row["moved_twin_only"] += twin_moved and not plan_moved
+    for row in rows.values():
+        row["p_loses"] = at_least_half_chance(row["lost"], row["lost"] + row["gained"])
+        if row["twin_prompts"]:
+            row["p_moves_more"] = at_least_half_chance(row["moved_plan_only"],
+                                                       row["moved_plan_only"] + row["moved_twin_only"])
     return rows
 
 
@@ -79,11 +102,17 @@ def main() -> None:
         print(f"{config:<{width}} {seeds:>8} {r['prompts']:>7} {r['dense']:>5} {r['lost']:>4} {r['gained']:>6} "
               f"{r['same']:>5}  {'; '.join(r['lost_prompts']) or '-'}")
     for config, r in rows.items():
+        print(f"sign test ({config}): P(>= {r['lost']} of {r['lost'] + r['gained']} moved answers lost | as accurate "
+              f"as dense) = {r['p_loses']:.3f}")
         if r["twin_prompts"]:  # dense's own spread, where the results ran dense twice
             chunks = ",".join(map(str, sorted(set(r["twin_chunks"]))))
             print(f"dense again in {chunks}-token chunks ({config}): of {r['twin_prompts']} prompts lost "
                   f"{r['twin_lost']}, gained {r['twin_gained']}, same {r['twin_same']}: "
                   f"{'; '.join(r['twin_lost_prompts']) or '-'}")
+            only = r["moved_plan_only"] + r["moved_twin_only"]
+            print(f"  answers moved by the plan only {r['moved_plan_only']}, by dense again only "
+                  f"{r['moved_twin_only']}: P(>= {r['moved_plan_only']} of {only} | the plan moves no more than "
+                  f"dense's chunk size) = {r['p_moves_more']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

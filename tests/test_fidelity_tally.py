@@ -39,7 +39,8 @@ def test_lost_and_gained_follow_the_tasks_checks_prompt_by_prompt():
     assert rows["plan.yaml"] == {"prompts": 5, "dense": 3, "lost": 2, "gained": 2, "same": 1, "seeds": [0, 20],
                                  "lost_prompts": ["passkey 16384 #1 (seed 0)", "passkey 16384 #20 (seed 20)"],
                                  "twin_prompts": 0, "twin_lost": 0, "twin_gained": 0, "twin_same": 0,
-                                 "twin_lost_prompts": [], "twin_chunks": []}
+                                 "twin_lost_prompts": [], "twin_chunks": [], "moved_plan_only": 0,
+                                 "moved_twin_only": 0, "p_loses": 0.6875}  # P(>= 2 of 4 | even odds) = 11/16
     assert rows["other.yaml"]["lost"] == 0 and rows["other.yaml"]["same"] == 1
     # the eval's own lost-answer rule names the same prompts
     assert [c["sample"] for c in numbered(a) + numbered(b) if lost_answer(c)] == [1, 20]
@@ -56,6 +57,9 @@ def test_the_script_prints_and_writes_the_table(tmp_path):
     assert "passkey 16384 #0 (seed 0)" in proc.stdout
     assert ("dense again in 2048-token chunks (plan.yaml): of 1 prompts lost 1, gained 0, same 0: "
             "passkey 16384 #0 (seed 0)") in proc.stdout
+    assert "sign test (plan.yaml): P(>= 1 of 1 moved answers lost | as accurate as dense) = 0.500" in proc.stdout
+    assert ("answers moved by the plan only 0, by dense again only 0: P(>= 0 of 0 | the plan moves no more than "
+            "dense's chunk size) = 1.000") in proc.stdout
     assert json.loads((tmp_path / "t.json").read_text())["plan.yaml"]["lost"] == 1
 
 
@@ -76,3 +80,27 @@ def test_dense_run_twice_counts_its_own_spread_apart_from_the_plans():
     assert row["twin_lost_prompts"] == ["multikey 29696 #0 (seed 0)"]
     assert (row["twin_same"], row["twin_chunks"]) == (1, [2048])
     assert [c["sample"] for c in numbered(r) if lost_answer(c, "dense_twin")] == [0]
+    # Both moved the same two answers: neither moved one the other did not, and nothing can be read.
+    assert (row["moved_plan_only"], row["moved_twin_only"], row["p_moves_more"]) == (0, 0, 1.0)
+
+
+def test_the_exact_tests_read_the_counts_as_the_binomial_does():
+    at_least = fidelity_tally.at_least_half_chance
+    assert at_least(0, 0) == at_least(0, 5) == 1.0
+    assert at_least(5, 5) == 1 / 32 and at_least(1, 1) == 0.5
+    assert at_least(3, 10) == 1 - (1 + 10 + 45) / 1024  # 10 moved, 3 of them lost
+    assert at_least(8, 10) == (45 + 10 + 1) / 1024
+    # The plan moves answers dense again leaves, and dense again one the plan leaves: a paired count per prompt.
+    r = _result("plan.yaml", 0, [
+        ("passkey", 16384, "11111", " 11111", " 2"),  # the plan loses it; dense again keeps it
+        ("passkey", 16384, "22222", " 3", " 22222"),  # the plan gains it; dense again does not
+        ("passkey", 16384, "33333", " 33333", " 33333"),  # dense again loses it; the plan keeps it
+        ("passkey", 16384, "44444", " 44444", " 44444"),  # nobody moves
+    ])
+    r["dense_twin"] = {"max_num_batched_tokens": 2048, "of_dense": 4096}
+    for c, again in zip(r["completions"], [" 11111", " 3", " 4", " 44444"]):
+        c["dense_twin"] = again
+    row = tally([r])["plan.yaml"]
+    assert (row["lost"], row["gained"], row["p_loses"]) == (1, 1, 0.75)
+    assert (row["moved_plan_only"], row["moved_twin_only"]) == (2, 1)
+    assert row["p_moves_more"] == at_least(2, 3) == 0.5
