@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
-from vllm_sparse.eval.harness import answers_against
+from vllm_sparse.eval.harness import answers_against, at_least_half_chance, moved_only
 from vllm_sparse.eval.tasks import TASKS
 
 
@@ -39,11 +38,6 @@ def numbered(result: dict) -> list[dict]:
         out.append({**c, "sample": c.get("sample", result.get("seed", 0) + seen[cell])})
         seen[cell] += 1
     return out
-
-
-def at_least_half_chance(k: int, n: int) -> float:
-    """P(X >= k) for X ~ Binomial(n, 1/2): the one-sided exact sign test (1.0 where nothing moved)."""
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n if n else 1.0
 
 
 def _add(row: dict, prefix: str, one: dict, name: str) -> None:
@@ -71,15 +65,12 @@ def tally(results: list[dict]) -> dict[str, dict]:
             name = f"{c['task']} {c['length']} #{c['sample']} (seed {r.get('seed', 0)})"
             row["prompts"] += 1
             row["dense"] += check(c["dense"], c["answer"])
-            plan = answers_against(check, [c["answer"]], [c["dense"]], [c["sparse"]])
-            _add(row, "", plan, name)
+            _add(row, "", answers_against(check, [c["answer"]], [c["dense"]], [c["sparse"]]), name)
             if "dense_twin" in c:  # (`eval --dense-twin-chunk`: dense again, chunked otherwise)
-                twin = answers_against(check, [c["answer"]], [c["dense"]], [c["dense_twin"]])
                 row["twin_prompts"] += 1
-                _add(row, "twin_", twin, name)
-                plan_moved, twin_moved = bool(plan["lost"] or plan["gained"]), bool(twin["lost"] or twin["gained"])
-                row["moved_plan_only"] += plan_moved and not twin_moved
-                row["moved_twin_only"] += twin_moved and not plan_moved
+                _add(row, "twin_", answers_against(check, [c["answer"]], [c["dense"]], [c["dense_twin"]]), name)
+                row["moved_plan_only"] += moved_only([c], "sparse", "dense_twin")
+                row["moved_twin_only"] += moved_only([c], "dense_twin", "sparse")
     for row in rows.values():
         row["p_loses"] = at_least_half_chance(row["lost"], row["lost"] + row["gained"])
         if row["twin_prompts"]:

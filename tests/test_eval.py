@@ -195,6 +195,18 @@ def test_dense_again_is_scored_prompt_by_prompt_against_the_first_dense_run(tiny
                if "ANSWER" in c["dense"] and "ANSWER" not in c["dense_twin"]]
     assert f"lost by dense again (--seed 5): {', '.join(flipped)}" in report
     assert "dense again with prefill chunks of 128 tokens (not 256)" in report
+    # The counts read by exact tests: lost against gained, and the answers only one of plan / dense again moved.
+    lost, gained = (sum(r[k] for r in result["rows"]) for k in ("lost", "gained"))
+    assert lost + gained > 0
+    assert (f"sign test: P(>= {lost} of {lost + gained} moved answers lost | the plan as accurate as dense) = "
+            f"{harness.at_least_half_chance(lost, lost + gained):.3f}") in report
+    right = [("ANSWER" in c["dense"], "ANSWER" in c["sparse"], "ANSWER" in c["dense_twin"]) for c in done]
+    plan_only = sum(s != d and t == d for d, s, t in right)
+    twin_only = sum(t != d and s == d for d, s, t in right)
+    assert plan_only + twin_only > 0
+    assert (f"answers moved by the plan only {plan_only}, by dense again only {twin_only}: P(>= {plan_only} of "
+            f"{plan_only + twin_only} | the plan moves no more than dense's chunk size) = "
+            f"{harness.at_least_half_chance(plan_only, plan_only + twin_only):.3f}") in report
 
 
 class _StubTask:

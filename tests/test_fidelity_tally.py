@@ -85,7 +85,7 @@ def test_dense_run_twice_counts_its_own_spread_apart_from_the_plans():
 
 
 def test_the_exact_tests_read_the_counts_as_the_binomial_does():
-    at_least = fidelity_tally.at_least_half_chance
+    at_least = fidelity_tally.at_least_half_chance  # (the eval's own, `harness.at_least_half_chance`)
     assert at_least(0, 0) == at_least(0, 5) == 1.0
     assert at_least(5, 5) == 1 / 32 and at_least(1, 1) == 0.5
     assert at_least(3, 10) == 1 - (1 + 10 + 45) / 1024  # 10 moved, 3 of them lost

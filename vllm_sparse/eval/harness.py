@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import time
@@ -185,6 +186,24 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     return result
 
 
+def at_least_half_chance(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2): the one-sided exact sign test (McNemar's exact test on paired answers;
+    1.0 where nothing moved). Were the plan as accurate as dense, each answer it moves would be a loss or a gain with
+    even odds: `at_least_half_chance(lost, lost + gained)` is how likely so many losses are by chance alone."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n if n else 1.0
+
+
+def moved_only(completions: list[dict], one: str, other: str) -> int:
+    """Prompts whose answer `one` ("sparse", "dense_twin") moves against dense's (right where dense is wrong, or
+    the reverse) and `other` leaves: the discordant count of the paired test of which moves answers more."""
+    moved = 0
+    for c in completions:
+        check = TASKS[c["task"]].check
+        dense = check(c["dense"], c["answer"])
+        moved += check(c[one], c["answer"]) != dense and check(c[other], c["answer"]) == dense
+    return moved
+
+
 def lost_answer(completion: dict, other: str = "sparse") -> bool:
     """Whether dense's completion of this prompt holds its answer and `other`'s (the plan's, or "dense_twin")
     does not."""
@@ -208,6 +227,10 @@ def format_report(result: dict) -> str:
         lost = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"] if lost_answer(c)]
         if lost:  # (#: the prompt's seed, from --seed on)
             lines.append(f"lost (--seed {result['seed']}): " + ", ".join(lost))
+        n_lost, n_gained = (sum(r[k] for r in result["rows"]) for k in ("lost", "gained"))
+        if n_lost + n_gained:  # (a few answers moving is read against chance, not by eye)
+            lines.append(f"sign test: P(>= {n_lost} of {n_lost + n_gained} moved answers lost | the plan as accurate "
+                         f"as dense) = {at_least_half_chance(n_lost, n_lost + n_gained):.3f}")
     twin = result.get("dense_twin")
     if twin and result["rows"]:
         total = {k: sum(r["twin"][k] for r in result["rows"]) for k in ("lost", "gained", "same_text")}
@@ -221,6 +244,12 @@ def format_report(result: dict) -> str:
                    if lost_answer(c, "dense_twin")]
         if flipped:
             lines.append(f"lost by dense again (--seed {result['seed']}): " + ", ".join(flipped))
+        plan_only = moved_only(result["completions"], "sparse", "dense_twin")
+        twin_only = moved_only(result["completions"], "dense_twin", "sparse")
+        if plan_only + twin_only:
+            lines.append(f"answers moved by the plan only {plan_only}, by dense again only {twin_only}: "
+                         f"P(>= {plan_only} of {plan_only + twin_only} | the plan moves no more than dense's chunk "
+                         f"size) = {at_least_half_chance(plan_only, plan_only + twin_only):.3f}")
     lines += ["", "kept: share of causal KV blocks attended after union, mean over sparse layers; kept(all): mean "
               "over every full-attention layer, dense ones counting 100%", "",
               f"{'length':>7} {'layer':>5} {'unions':>6} {'kept(req)':>9} {'kept(union)':>11}"]
