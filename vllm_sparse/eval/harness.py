@@ -221,13 +221,13 @@ def format_report(result: dict) -> str:
         lines.append(f"{r['length']:>7} {r['task']:<10} {r['samples']:>3} {r['prompt_tokens']:>7.0f} "
                      f"{r['dense_acc']:>6.0%} {r['sparse_acc']:>7.0%} {r['lost']:>5} {r['gained']:>6} "
                      f"{r['same_text']:>5} {kept:>6} {kept_all:>9}")
+    n_lost, n_gained = (sum(r[k] for r in result["rows"]) for k in ("lost", "gained"))  # the plan's, all cells
     if result["rows"]:
         lines += ["", "lost / gained: prompts whose answer dense gives and the plan does not, and the reverse; same: "
                   "completions equal to dense's, token for token"]
         lost = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"] if lost_answer(c)]
         if lost:  # (#: the prompt's seed, from --seed on)
             lines.append(f"lost (--seed {result['seed']}): " + ", ".join(lost))
-        n_lost, n_gained = (sum(r[k] for r in result["rows"]) for k in ("lost", "gained"))
         if n_lost + n_gained:  # (a few answers moving is read against chance, not by eye)
             lines.append(f"sign test: P(>= {n_lost} of {n_lost + n_gained} moved answers lost | the plan as accurate "
                          f"as dense) = {at_least_half_chance(n_lost, n_lost + n_gained):.3f}")
@@ -238,8 +238,7 @@ def format_report(result: dict) -> str:
         lines += ["", f"dense again with prefill chunks of {twin['max_num_batched_tokens']} tokens (not "
                   f"{twin['of_dense']}): lost {total['lost']}, gained {total['gained']}, same {total['same_text']} "
                   f"of {prompts} against the first dense run (one sample of how far dense's own answers move here; "
-                  f"the plan: lost {sum(r['lost'] for r in result['rows'])}, "
-                  f"gained {sum(r['gained'] for r in result['rows'])})"]
+                  f"the plan: lost {n_lost}, gained {n_gained})"]
         flipped = [f"{c['task']} {c['length']} #{c['sample']}" for c in result["completions"]
                    if lost_answer(c, "dense_twin")]
         if flipped:
