@@ -40,6 +40,31 @@ def numbered(result: dict) -> list[dict]:
     return out
 
 
+def _key(result: dict, c: dict) -> tuple:
+    return (c["task"], c["length"], c["sample"], result.get("seed", 0))
+
+
+def lend_twins(results: list[dict], twins: list[dict]) -> None:
+    """Each completion without a second dense run takes the one `twins` hold for its prompt (see the docstring)."""
+    held = {_key(t, c): (c["dense"], c["dense_twin"], t["dense_twin"]) for t in twins for c in numbered(t)
+            if "dense_twin" in c}
+    for r in results:
+        if "dense_twin" in r:
+            continue
+        completions, lent = numbered(r), None
+        for c in completions:
+            key = _key(r, c)
+            if key not in held:
+                raise SystemExit(f"--twins: no second dense run for {key[0]} {key[1]} #{key[2]} (seed {key[3]}) of "
+                                 f"{r['config']}")
+            dense, twin, lent = held[key]
+            if dense != c["dense"]:
+                raise SystemExit(f"--twins: {key[0]} {key[1]} #{key[2]} (seed {key[3]}): {r['config']}'s dense "
+                                 "completion differs from the twin's first dense run: not the same prompt or engine")
+            c["dense_twin"] = twin
+        r["completions"], r["dense_twin"] = completions, lent
+
+
 def _add(row: dict, prefix: str, one: dict, name: str) -> None:
     """One prompt's `answers_against` (the eval's scoring) into the row's `prefix` counts; its name if lost."""
     row[prefix + "lost"] += one["lost"]
@@ -82,9 +107,14 @@ def tally(results: list[dict]) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="`vllm-sparse eval --json` files")
+    ap.add_argument("--twins", nargs="+", default=[], metavar="RESULT",
+                    help="`eval --dense-twin-chunk` results whose second dense run pairs with results that ran dense "
+                         "once, prompt by prompt")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args()
-    rows = tally([json.loads(Path(p).read_text()) for p in args.results])
+    results = [json.loads(Path(p).read_text()) for p in args.results]
+    lend_twins(results, [json.loads(Path(p).read_text()) for p in args.twins])
+    rows = tally(results)
     width = max(len(c) for c in rows)
     print(f"{'plan':<{width}} {'seeds':>8} {'prompts':>7} {'dense':>5} {'lost':>4} {'gained':>6} {'same':>5}  "
           "lost prompts")

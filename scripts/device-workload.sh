@@ -78,6 +78,8 @@
 #   tail5r benchmarks/e2e.py with CUDA graphs at 32K, 64K and 128K: dense, the 5% and 7.5% stride-16 int8 plans with
 #          `dense_tail: 128` (device-million.sh `fidt5` / `fidt5b` their twins; 5% + tail with dense rows below 4K was
 #          left out: its twin lost 8 passkeys of 20 at 16K and at 29K, H100 2026-12-06)
+#   tail75r the 7.5% and 10% stride-16 int8 tail plans beside dense in one run (tail5r timed 7.5% in a run whose dense
+#          was 2-3% slower than tailr's: the two plans' ratios from one dense); device-million.sh `fidt75` its twin
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended; 2026-12-06: ~260 from the other end in 300 s, two CPU twins failed
@@ -283,6 +285,7 @@ tailr() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_dense_tail.py 2>&1 | tail -4
 }
 tail5r() { ttft_plans e2e_tail5 antidiagonal-5-s16-int8-tail antidiagonal-7.5-s16-int8-tail; }
+tail75r() { ttft_plans e2e_tail75 antidiagonal-7.5-s16-int8-tail antidiagonal-10-s16-int8-tail; }
 suite() {
   local files=${SUITE_FILES:-}
   [ -n "$files" ] || files="$(ls tests/test_*.py | awk '$0 > "tests/test_prefill_warmup.py"') $(ls tests/test_*.py | awk '$0 <= "tests/test_prefill_warmup.py"')"
@@ -291,4 +294,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

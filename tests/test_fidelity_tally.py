@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.benchmark_modules import load_benchmark
 from vllm_sparse.eval.harness import lost_answer
 
@@ -104,3 +106,32 @@ def test_the_exact_tests_read_the_counts_as_the_binomial_does():
     assert (row["lost"], row["gained"], row["p_loses"]) == (1, 1, 0.75)
     assert (row["moved_plan_only"], row["moved_twin_only"]) == (2, 1)
     assert row["p_moves_more"] == at_least(2, 3) == 0.5
+
+
+def test_twins_lend_dense_run_twice_to_a_plan_that_ran_dense_once_only_where_dense_agrees():
+    """`--twins`: another plan's second dense run pairs prompt by prompt (same task, length, sample, seed) with a
+    result that ran dense once; a prompt whose first dense completion differs is an error, never a silent pair."""
+    twin = _result("other.yaml", 0, [
+        ("passkey", 16384, "11111", " 11111", " 11111"),
+        ("passkey", 16384, "22222", " 22222", " 22222"),
+    ])
+    twin["dense_twin"] = {"max_num_batched_tokens": 2048, "of_dense": 4096}
+    for c, again in zip(twin["completions"], [" 11111", " 2"]):  # dense again loses #1
+        c["dense_twin"] = again
+    plan = _result("plan.yaml", 0, [
+        ("passkey", 16384, "11111", " 11111", " 1"),  # the plan loses #0, which dense again keeps
+        ("passkey", 16384, "22222", " 22222", " 22222"),
+    ])
+    fidelity_tally.lend_twins([plan], [twin])
+    row = tally([plan])["plan.yaml"]
+    assert (row["twin_prompts"], row["twin_lost"], row["twin_chunks"]) == (2, 1, [2048])
+    assert (row["moved_plan_only"], row["moved_twin_only"]) == (1, 1)
+    # the other plan's own completions stay its own
+    assert "sparse" in twin["completions"][0] and twin["completions"][0]["sparse"] == " 11111"
+
+    differs = _result("plan.yaml", 0, [("passkey", 16384, "11111", " 11112", " 1")])
+    with pytest.raises(SystemExit, match=r"passkey 16384 #0 \(seed 0\): plan.yaml's dense completion differs"):
+        fidelity_tally.lend_twins([differs], [twin])
+    unseen = _result("plan.yaml", 40, [("passkey", 16384, "11111", " 11111", " 1")])
+    with pytest.raises(SystemExit, match=r"no second dense run for passkey 16384 #40 \(seed 40\)"):
+        fidelity_tally.lend_twins([unseen], [twin])
