@@ -46,6 +46,8 @@ def _key(result: dict, c: dict) -> tuple:
 
 def lend_twins(results: list[dict], twins: list[dict]) -> None:
     """Each completion without a second dense run takes the one `twins` hold for its prompt (see the docstring)."""
+    if not twins:
+        return
     held = {_key(t, c): (c["dense"], c["dense_twin"], t["dense_twin"]) for t in twins for c in numbered(t)
             if "dense_twin" in c}
     for r in results:

@@ -129,6 +129,9 @@ def test_twins_lend_dense_run_twice_to_a_plan_that_ran_dense_once_only_where_den
     # the other plan's own completions stay its own
     assert "sparse" in twin["completions"][0] and twin["completions"][0]["sparse"] == " 11111"
 
+    alone = _result("plan.yaml", 0, [("passkey", 16384, "11111", " 11111", " 1")])
+    fidelity_tally.lend_twins([alone], [])  # no --twins: nothing lent, nothing refused
+    assert "dense_twin" not in alone and tally([alone])["plan.yaml"]["twin_prompts"] == 0
     differs = _result("plan.yaml", 0, [("passkey", 16384, "11111", " 11112", " 1")])
     with pytest.raises(SystemExit, match=r"passkey 16384 #0 \(seed 0\): plan.yaml's dense completion differs"):
         fidelity_tally.lend_twins([differs], [twin])
