@@ -272,11 +272,11 @@ hostgap() {
   python3 benchmarks/host_matched.py "${runs[@]}" --out "$OUT/host_matched.json"
 }
 
-ttft_plans() {  # ttft_plans OUT_NAME PLAN...: benchmarks/e2e.py, CUDA graphs, 32K-128K, dense and each llama-3-8b-PLAN
+ttft_plans() {  # ttft_plans OUT_NAME PLAN...: benchmarks/e2e.py, CUDA graphs, TTFT_LENGTHS (32K-128K), dense and each llama-3-8b-PLAN
   local name=$1 flag=--config p args=(); shift
   for p in "$@"; do args+=("$flag" "benchmarks/configs/llama-3-8b-$p.yaml"); flag=--extra-config; done
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
-    --lengths 32768,65536,131072 "${args[@]}" --out "$OUT/$name.json" 2>&1 \
+    --lengths "${TTFT_LENGTHS:-32768,65536,131072}" "${args[@]}" --out "$OUT/$name.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -20
 }
 ratios() { ttft_plans e2e_ratios antidiagonal-15-s16-int8 "${RATIO_PLAN:-antidiagonal-20-s16-int8}"; }
