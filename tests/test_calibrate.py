@@ -27,9 +27,9 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
     out = tmp_path / "plan.yaml"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_sparse.cli.main", "calibrate", "--model", str(tiny_llama), "--lengths", "600,1000",
-         "--target-recall", "0.9", "--out", str(out), "--estimators", ESTIMATORS, "--budgets", BUDGETS,
+         "--target-recall", "0.5", "--out", str(out), "--estimators", ESTIMATORS, "--budgets", BUDGETS,
          "--plan-block-size", "64", "--dense-below", "256", "--dtype", "float32", "--block-size", "32",
-         "--max-num-batched-tokens", "512", "--kv-cache-memory-bytes", str(1 << 30), "--no-verify"],
+         "--max-num-batched-tokens", "512", "--kv-cache-memory-bytes", str(1 << 30)],
         capture_output=True, text=True, timeout=600, env={**engine_env(), **IN_PROCESS})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "calibrating 12 candidates" in proc.stderr  # the progress bar
@@ -50,13 +50,17 @@ def test_calibrate_writes_a_plan_that_validates_and_records_its_figures(tiny_lla
             assert all(0 < r <= 1 + 1e-6 for row in table["recall"] for r in row)
     assert main(["validate", str(out), "--model", str(tiny_llama)]) == 0
     text = out.read_text()
-    for needle in (f"model: {tiny_llama}", "data: builtin", "lengths: 600, 1000 tokens", "target recall: 0.9",
+    for needle in (f"model: {tiny_llama}", "data: builtin", "lengths: 600, 1000 tokens", "target recall: 0.5",
                    "candidates (12): antidiagonal(stride=8) top_p=0.5", "kind: calibrated",
                    "command: \"vllm-sparse calibrate --model"):
         assert needle in text, needle
     for layer in (0, 1):
         comment = next(line for line in text.splitlines() if line.strip().startswith(f"# layer {layer}:"))
         assert ("recall" in comment and "kept" in comment) or "dense:" in comment
+        # The written plan run again with the audit on (its engine in this process after the sweep's: its workers
+        # take the verify run's settings, not the sweep's candidates): a sparse layer carries its verified figures.
+        assert "dense:" in comment or "| verified: recall" in comment, comment
+    assert "| verified: recall" in text  # (target 0.5 makes a layer sparse, so the verify run happens)
     assert "calibrated layers sparse" in proc.stdout
 
     # Other targets from the saved measurements: no engine.

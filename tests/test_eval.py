@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from tests.engines import CPU_ENGINE
+from tests.engines import CPU_ENGINE, IN_PROCESS, engine_env
 from vllm_sparse.eval.harness import lost_answer
 from vllm_sparse.eval.tasks import TASKS
 
@@ -29,7 +29,7 @@ def test_eval_runs_dense_then_sparse_and_reports(tiny_llama, tmp_path):
          "--lengths", "500,900", "--tasks", "passkey,multikey,vt", "--samples", "1", "--operator-check", "800",
          "--dtype", "float32", "--block-size", "32", "--max-num-batched-tokens", "512", "--max-tokens", "4",
          "--kv-cache-memory-bytes", str(1 << 30), "--seed", "3", "--json", str(out)],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, env={**engine_env(), **IN_PROCESS})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [(r["length"], r["task"]) for r in result["rows"]] == [

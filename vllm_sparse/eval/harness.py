@@ -29,6 +29,17 @@ class EngineRun:
     layers: list[dict]  # per prompt group: layer -> {unions, requested/union density, rel_err, kept_mass}
 
 
+def instrument(worker, enabled: bool, audit: bool, candidates: list[dict] | None) -> None:
+    """In each worker: this engine's eval counters, dense audit and calibration candidates, from nothing counted.
+    The workers' `STATS` reads them from the environment once, at import: an engine whose workers live in this
+    process (VLLM_ENABLE_V1_MULTIPROCESSING=0) after another one would keep the first engine's settings."""
+    from vllm_sparse.selection.stats import STATS
+
+    STATS.enabled, STATS.audit = enabled, audit
+    STATS.calibrate(candidates)
+    STATS.reset()
+
+
 def read_stats(worker):
     from vllm_sparse.selection.stats import STATS
 
@@ -68,6 +79,11 @@ def run_engine(model: str, groups: list[list[str]], config: str | None, engine: 
     if config is not None:
         kw.update(attention_backend="sparse", additional_config={"sparse": {"config": config}})
     llm = LLM(**kw)
+    if config is not None:  # (the settings the caller put in the environment, as a worker of its own would read them)
+        from vllm_sparse.selection.stats import SparseStats
+
+        now = SparseStats()
+        llm.collective_rpc(instrument, args=(now.enabled, now.audit, now.candidates))
     run = EngineRun(label, [], [], 0.0, [])
     try:
         for prompts in groups:
