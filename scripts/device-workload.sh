@@ -79,7 +79,7 @@
 #          `dense_tail: 128` (device-million.sh `fidt5` / `fidt5b` their twins; 5% + tail with dense rows below 4K was
 #          left out: its twin lost 8 passkeys of 20 at 16K and at 29K, H100 2026-12-06)
 #   tail75r the 7.5% and 10% stride-16 int8 tail plans beside dense in one run (tail5r timed 7.5% in a run whose dense
-#          was 2-3% slower than tailr's: the two plans' ratios from one dense); device-million.sh `fidt75` its twin
+#          was 1.5-2.3% slower than tailr's: the two plans' ratios from one dense); device-million.sh `fidt75` its twin
 #   suite  the README's test command on the GPU host, engine tests left to their own steps (-m "not engine"): the files
 #          after tests/test_prefill_warmup.py first (2026-12-05 H100: ~555 non-engine tests passed, none failed, up to
 #          that file before the call's time ended; 2026-12-06: ~260 from the other end in 300 s, two CPU twins failed
