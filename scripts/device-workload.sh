@@ -16,6 +16,8 @@
 #          profiled: time to first token and where its GPU time goes (linear, estimation, selection, attention)
 #   gtest  the GPU engine tests (tests/test_engine_gpu.py): chats beside a sparse prefill with CUDA graphs, keep-all
 #          and dense plans against the stock backend, the sparse engine against its torch reference (~300 s)
+#   resv   the decode page summaries' reservation, taken again once the weights are loaded: its GPU test
+#          (tests/test_decode_reservation.py) and one Quest engine beside the stock one (~150 s)
 #   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
 #   pair   128K + 8 and + 256 follow-ups with `--paired`: dense and the first plan's engine alive in one process,
 #          each turn on both back to back in alternating order, 11 steady turns each (host-bound turns then share
@@ -145,6 +147,11 @@ splits() {
 gtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_gpu.py 2>&1 \
     | tee "$OUT/gpu_engine_tests.log" | tail -15
+}
+resv() {  # the page summaries' reservation taken again after the weights load: its GPU test, then a Quest engine
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -s -p no:cacheprovider -rfE tests/test_decode_reservation.py \
+    "tests/test_engine_decode_gpu.py::test_sparse_decode_selects_pages_for_long_contexts_only" 2>&1 \
+    | tee "$OUT/resv.log" | grep -E "page summaries|passed|failed|rror" | tail -20
 }
 dtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_decode_gpu.py 2>&1 \
@@ -294,4 +301,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

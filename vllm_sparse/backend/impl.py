@@ -30,7 +30,7 @@ from vllm_sparse.backend.reserve import layer_temporaries_bytes, reserve_estimat
 from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.config.errors import SparseConfigError
-from vllm_sparse.decode.memory import summaries_for
+from vllm_sparse.decode.memory import refit_after_load, summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
 from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, PACK_LISTS
 from vllm_sparse.kernels.paged import FP8_DTYPES, PagedKV
@@ -146,6 +146,13 @@ class SparseImplMixin:
                     self._plan.decode_dense_below, decode_row_limit(vc), vc.model_config.max_model_len,
                     self.num_heads, self.head_size, device, lp.index, self._plan.tidal_selector_of(lp.index))
         return self._decode_layer
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """vLLM calls this once the weights are loaded, before it measures memory: the page summaries'
+        reservation, made before the weights were in memory, is taken again of what they left."""
+        super().process_weights_after_loading(act_dtype)
+        if self._plan.is_sparse_decode:
+            refit_after_load()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
         """Where vLLM writes keys, the page summaries follow (prefill, decode, recompute)."""

@@ -4,9 +4,12 @@
   budget, and is allocated while vLLM builds the model: it counts with the weights.
 - Page summaries grow with the KV cache (1/page_size of each sparse-decode layer's share). While
   vLLM builds the model (before it measures memory and sizes the KV cache) the summaries' share of
-  the most memory the KV cache could get is reserved, so vLLM counts it with the weights; once the
-  metadata builders know the real number of pages, the reservation is released and the summaries
-  take its place (they fit in it: the cache got less than the most it could have).
+  the most memory the KV cache could get is reserved, so vLLM counts it with the weights. The first
+  reservation is made before the weights load, so it is taken again once they are in memory (vLLM
+  calls each attention layer's `process_weights_after_loading` then, still inside the load it
+  measures): the weights' memory is no longer counted as the cache's. Once the metadata builders know
+  the real number of pages, the reservation is released and the summaries take its place (they fit
+  in it: the cache got less than the most it could have).
 """
 
 from __future__ import annotations
@@ -45,20 +48,54 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
     less what is in use now). `cache_itemsize`: bytes per cached element (default: the model's dtype's)."""
     if "tensor" in _reservation or device.type != "cuda":
         return
+    inputs = (vllm_config, plan, num_kv_heads, head_size, dtype, device, cache_itemsize)
+    _hold(_share_of_cache_memory(*inputs), device)
+    _reservation["inputs"] = inputs  # for `refit_after_load`
+    logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries before vLLM sizes the KV cache",
+                _reservation["bytes"] / 2**20)
+
+
+def refit_after_load() -> None:
+    """Once the weights are in memory (the first sparse-decode layer's `process_weights_after_loading`): the
+    reservation made before they loaded counted their memory as the cache's, ~1/17 of the weights' bytes
+    too much with Quest's 16-token pages. Take the share again of what the weights left. Nothing to do for
+    an explicit kv_cache_memory_bytes (the share does not depend on what is free) or off CUDA."""
+    inputs = _reservation.pop("inputs", None)
+    if inputs is None or "tensor" not in _reservation or compat.kv_cache_memory_bytes(inputs[0].cache_config):
+        return
+    before = _reservation.pop("bytes")
+    del _reservation["tensor"]
+    _release_cached(inputs[5])  # (the old reservation's block back to the GPU, so it is not counted as in use)
+    _hold(_share_of_cache_memory(*inputs), inputs[5])
+    logger.info("vllm-sparse: decode page summaries' reservation %.1f MiB, was %.1f MiB before the weights loaded",
+                _reservation["bytes"] / 2**20, before / 2**20)
+
+
+def _share_of_cache_memory(vllm_config, plan, num_kv_heads, head_size, dtype, device, cache_itemsize) -> int:
     cache = vllm_config.cache_config
     itemsize = cache_itemsize or torch.empty(0, dtype=dtype).element_size()
     explicit = compat.kv_cache_memory_bytes(cache)
-    if explicit:
-        memory = explicit
-    else:
-        _, total = torch.cuda.mem_get_info(device)
-        memory = compat.gpu_memory_utilization(cache) * total - torch.cuda.memory_reserved(device)
-    share = summaries_share(plan, cache.block_size, num_kv_heads, head_size, dtype, itemsize, memory,
-                            bool(explicit))
-    _reservation["tensor"] = torch.empty(share, dtype=torch.uint8, device=device)
-    _reservation["bytes"] = share
-    logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries before vLLM sizes the KV cache",
-                share / 2**20)
+    memory = explicit or compat.gpu_memory_utilization(cache) * _total_memory(device) - _memory_in_use(device)
+    return summaries_share(plan, cache.block_size, num_kv_heads, head_size, dtype, itemsize, memory, bool(explicit))
+
+
+# The device calls, apart so that tests can stand in for a GPU.
+def _total_memory(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[1]
+
+
+def _memory_in_use(device: torch.device) -> int:
+    return torch.cuda.memory_reserved(device)
+
+
+def _release_cached(device: torch.device) -> None:
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
+
+
+def _hold(nbytes: int, device: torch.device) -> None:
+    _reservation["tensor"] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    _reservation["bytes"] = nbytes
 
 
 def allocate_summaries(layer_names: list[str], num_pages: int, num_kv_heads: int, head_size: int, page_size: int,
