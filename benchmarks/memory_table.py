@@ -13,6 +13,12 @@ counted on top of the activation peak (vLLM measures one peak; the temporaries l
 it), so the "with plugin" column is a lower bound. One request of that length fits; shorter ones share it.
 With an fp8 KV cache (e4m3, read by the sparse paths on CUDA since 2026-12-03) the temporaries also hold one
 chunk's queries dequantized from the fp8 queries vLLM gives FA3 (bf16: 128 MiB for a 16K chunk of 32 q heads).
+
+Decode plans (a second table, the shapes in DECODE_PLANS) reserve besides: the decode workspace, whose score rows
+grow with `max_model_len` and with the step's row limit (max_num_seqs, or the largest CUDA graph batch: `vllm
+serve` on a GPU of 70 GiB or more defaults to 1024 sequences), and for Quest the page summaries, a share of what
+the weights leave (`decode/memory.py`: 1/17 of it beside a bf16 cache at 16-token pages, 1/9 beside fp8, whose
+summaries stay in bf16). TidalDecode keeps no summaries.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from e2e import SHAPES, model_shape  # noqa: E402
 from vllm_sparse.backend.reserve import estimator_workspace_bytes, layer_temporaries_bytes  # noqa: E402
 from vllm_sparse.config.loader import load_config  # noqa: E402
 from vllm_sparse.config.plan import resolve_plan  # noqa: E402
+from vllm_sparse.decode.memory import decode_workspace_bytes, summaries_share  # noqa: E402
+from vllm_sparse.decode.step import row_blocks  # noqa: E402
 from vllm_sparse.kernels.workspace import cap_bytes  # noqa: E402
 
 GIB = 2**30
@@ -43,6 +51,10 @@ NON_KV = {
     "qwen2.5-7b-1m": (14.53, 2.15, 0.22, 0.13, "benchmarks/results/e2e_long_qwen1m_h200.log (2026-12-02, util 0.9)"),
     "llama-3-8b-1m": (15.27, 1.78, 0.22, 0.16,
                       "benchmarks/results/workload_h200_graphs_run3.log (2026-12-02, Llama-3.1-8B)"),
+}
+DECODE_PLANS = {  # decode plans at 1M (issue 29, item 4), each beside the prefill plan it ships with
+    "qwen2.5-7b-1m": {"Quest": "benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-quest-4k.yaml",
+                      "TidalDecode": "benchmarks/configs/qwen2.5-7b-1m-own-heads-decode-tidal-4k.yaml"},
 }
 DTYPE_BYTES = {"bf16": 2, "fp8": 1}
 PLANS = {  # the plan each shape is timed with
@@ -73,6 +85,30 @@ def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1, dtype: str = "
                                        fp8_queries=dtype == "fp8")  # (groups stay whole at these TP sizes)
 
 
+def decode_rows(max_num_seqs: int) -> int:
+    """The decode workspace's rows (`decode_row_limit`): the sequences, or vLLM's largest CUDA graph batch
+    (min(2 x max_num_seqs, 512) unless set)."""
+    return max(max_num_seqs, min(2 * max_num_seqs, 512))
+
+
+def decode_workspace(plan, hf: dict, max_model_len: int, rows: int, tp: int = 1) -> int:
+    """The decode workspace a decode plan reserves at max_model_len (`step.plan_workspace`), on one rank."""
+    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    hq, hkv = local_heads(hf, tp)
+    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
+    return decode_workspace_bytes(rows, hq, hkv, head_dim, row_blocks(max_model_len, plan.decode_block_tokens), kept)
+
+
+def summaries_reserved(plan, hf: dict, dtype: str, memory: int, tp: int = 1) -> int:
+    """The page summaries' reservation of `memory` (what the KV cache could get once the weights are loaded:
+    `decode/memory.py`); 0 for plans without Quest layers."""
+    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    import torch
+
+    return summaries_share(plan, PAGE, local_heads(hf, tp)[1], head_dim, torch.bfloat16, DTYPE_BYTES[dtype], memory,
+                           explicit=False)
+
+
 def largest_context(available: int, per_token: int, reserve=None) -> int:
     """The largest L (a multiple of the KV block) with L x per_token + reserve(L) <= available."""
     lo, hi = 0, available // per_token // PAGE  # in KV blocks
@@ -87,6 +123,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization")
     ap.add_argument("--tp", default="1", help="tensor-parallel sizes, comma-separated (past 1: on paper, see below)")
+    ap.add_argument("--max-num-seqs", type=int, default=1024,
+                    help="decode plans' row limit comes from it (default: `vllm serve`'s on a GPU of 70 GiB or more)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -122,9 +160,49 @@ def main() -> int:
               f"{r['temporaries_mib_at_1m']:>8.0f} MiB {fits:>8}")
     if any(r["tp"] > 1 for r in rows):
         print("TP > 1: on paper (weights and activations split evenly; not run on several GPUs)")
+    decode = decode_rows_table(args.util, decode_rows(args.max_num_seqs))
+    print(f"\nDecode plans, one rank, max_num_seqs {args.max_num_seqs} (decode rows {decode_rows(args.max_num_seqs)}): "
+          "the largest context, and against the same plan's prefill reservations alone")
+    print(f"{'shape':>15} {'KV':>5} {'decode':>12} {'tokens':>11} {'vs prefill only':>16} {'summaries':>10} "
+          f"{'workspace at 1M':>16} {'1M fits':>8}")
+    for r in decode:
+        print(f"{r['shape']:>15} {r['kv_dtype']:>5} {r['decode']:>12} {r['tokens']:>11,} {r['vs_prefill_only']:>16.3f} "
+              f"{r['summaries_mib']:>6.0f} MiB {r['decode_workspace_mib_at_1m']:>12.0f} MiB "
+              f"{'yes' if r['fits_1m'] else 'no':>8}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"util": args.util, "gpu_gib": H200_GIB, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"util": args.util, "gpu_gib": H200_GIB, "rows": rows,
+                                              "max_num_seqs": args.max_num_seqs, "decode_rows": decode}, indent=1))
     return 0
+
+
+def decode_rows_table(util: float, rows: int, refit: bool = True) -> list[dict]:
+    """Per decode plan and KV dtype (one rank): the largest context beside the plan's prefill reservations, the
+    decode workspace at that context and the Quest summaries' reservation, taken as the engine takes it (a share of
+    what the weights and the estimator's workspace leave; `refit=False`: as before 2026-12-06, of what the
+    estimator's workspace left before the weights loaded)."""
+    out = []
+    for shape, plans in DECODE_PLANS.items():
+        weights, act, non_torch, graphs, _ = NON_KV[shape]
+        _, hf = SHAPES[shape]
+        available = int((util * H200_GIB - weights - act - non_torch - graphs) * GIB)
+        for dtype in DTYPE_BYTES:
+            per_token = kv_bytes_per_token(hf, dtype)
+            for name, path in plans.items():
+                plan = resolve_plan(load_config(str(REPO / path)), model_shape(shape), path)
+                # The same plan's prefill reservations alone: what its decode part costs on top.
+                base = largest_context(available, per_token,
+                                       lambda n, p=plan, c=hf, d=dtype: plugin_bytes(p, c, n, 1, d))
+                estimator_ws = plugin_bytes(plan, hf, 2**20, 1, dtype)[0]
+                at_load = int(util * H200_GIB * GIB - refit * weights * GIB - estimator_ws)
+                summaries = summaries_reserved(plan, hf, dtype, at_load)
+                tokens = largest_context(available - summaries, per_token, lambda n, p=plan, c=hf, d=dtype: (
+                    *plugin_bytes(p, c, n, 1, d), decode_workspace(p, c, n, rows)))
+                out.append({"shape": shape, "kv_dtype": dtype, "decode": name, "config": path, "tokens": tokens,
+                            "prefill_only_tokens": base, "vs_prefill_only": tokens / base,
+                            "summaries_mib": summaries / 2**20, "decode_rows": rows,
+                            "decode_workspace_mib_at_1m": decode_workspace(plan, hf, 2**20, rows) / 2**20,
+                            "fits_1m": tokens >= 2**20})
+    return out
 
 
 if __name__ == "__main__":

@@ -164,6 +164,13 @@ class DecodeWorkspace:
 _workspace: dict[str, DecodeWorkspace] = {}
 
 
+def decode_workspace_bytes(rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int,
+                           kept_blocks: int) -> int:
+    """What `decode_workspace` allocates for these sizes, counted without allocating (on the meta device)."""
+    ws = DecodeWorkspace(rows, q_heads, kv_heads, head_size, row_blocks, kept_blocks, torch.device("meta"))
+    return sum(t.nbytes for t in vars(ws).values() if isinstance(t, torch.Tensor))
+
+
 def decode_workspace(rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept_blocks: int,
                      device: torch.device) -> DecodeWorkspace:
     ws = _workspace.get(str(device))
