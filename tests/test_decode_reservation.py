@@ -90,6 +90,22 @@ def test_the_summaries_take_the_refit_reservation(monkeypatch):
     assert "tensor" not in memory._reservation and memory._reservation["left"] == refit - need
 
 
+def test_a_failed_engines_reservation_is_replaced_by_the_next_engines(monkeypatch):
+    """An engine whose start failed after its reservation (before its builders took it) leaves it held; the next
+    engine in the process reserves its own share, of the memory with the old reservation released."""
+    plan = plan_of(entry(decode=QUEST))
+    gpu = FakeGpu(monkeypatch, total=100 * GIB, in_use=1 * GIB)
+    first, second = engine(util=0.5), engine(util=0.9)
+    memory.reserve_at_load(first, plan, 8, 128, torch.bfloat16, torch.device("cuda", 0))
+    memory.reserve_at_load(first, plan, 8, 128, torch.bfloat16, torch.device("cuda", 0))  # its next layer: kept
+    assert memory._reservation["bytes"] == share(plan, int(0.5 * 100 * GIB) - 1 * GIB) and gpu.released == []
+    memory.reserve_at_load(second, plan, 8, 128, torch.bfloat16, torch.device("cuda", 0))
+    assert len(gpu.released) == 1 and memory._reservation["bytes"] == share(plan, int(0.9 * 100 * GIB) - 1 * GIB)
+    gpu.in_use += 16 * GIB
+    memory.refit_after_load()  # the second engine's inputs
+    assert memory._reservation["bytes"] == share(plan, int(0.9 * 100 * GIB) - 17 * GIB)
+
+
 def test_no_reservation_off_the_gpu(monkeypatch):
     monkeypatch.setattr(memory, "_reservation", {})
     memory.reserve_at_load(engine(), plan_of(entry(decode=QUEST)), 8, 128, torch.bfloat16, torch.device("cpu"))
@@ -124,8 +140,9 @@ def test_the_backend_refits_when_vllm_has_loaded_the_weights(monkeypatch, decode
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU twin of the tests above: needs a CUDA GPU")
 def test_refit_on_a_gpu_releases_the_first_reservation(monkeypatch):
-    """The same with the GPU's own memory calls: the first reservation's memory goes back (not only to torch's
-    cache, which vLLM would count as in use) and the refit share is taken of what the stand-in weights left."""
+    """The same with the GPU's own memory calls: the first reservation's memory goes back to the GPU (not only to
+    torch's cache, whose reserved bytes the refit reads as in use) and the refit share is taken of what the stand-in
+    weights left."""
     monkeypatch.setattr(memory, "_reservation", {})
     device = torch.device("cuda", torch.cuda.current_device())
     plan = plan_of(entry(decode=QUEST))
@@ -140,7 +157,7 @@ def test_refit_on_a_gpu_releases_the_first_reservation(monkeypatch):
     assert refit == pytest.approx(share(plan, int(0.5 * total) - base - 2 * GIB), abs=64)
     assert at_load - refit == pytest.approx(2 * GIB / 17, rel=0.01)
     assert memory._reservation["tensor"].numel() == refit and memory._reservation["tensor"].is_cuda
-    # The first reservation went back to the GPU, not only to torch's cache (which vLLM counts as in use).
+    # The first reservation went back to the GPU, not only to torch's cache (read as in use by the refit).
     assert abs(torch.cuda.memory_reserved(device) - (base + 2 * GIB + refit)) < 4 * 2**20
     del weights
     memory._reservation.clear()

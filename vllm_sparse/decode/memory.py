@@ -46,10 +46,15 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
     """Once per process, while vLLM builds the model: hold the page summaries' share of the most memory
     the KV cache could get (an explicit kv_cache_memory_bytes, else gpu_memory_utilization of the GPU
     less what is in use now). `cache_itemsize`: bytes per cached element (default: the model's dtype's)."""
-    if "tensor" in _reservation or device.type != "cuda":
-        return
+    if device.type != "cuda" or ("tensor" in _reservation and _reservation.get("engine") is vllm_config):
+        return  # (this engine's first layer reserved already)
+    if "tensor" in _reservation:  # another engine's, whose start failed before its builders took it: replaced
+        _reservation.clear()
+        _release_cached(device)
+    _reservation.clear()
     inputs = (vllm_config, plan, num_kv_heads, head_size, dtype, device, cache_itemsize)
     _hold(_share_of_cache_memory(*inputs), device)
+    _reservation["engine"] = vllm_config
     _reservation["inputs"] = inputs  # for `refit_after_load`
     logger.info("vllm-sparse: reserved %.1f MiB for decode page summaries before vLLM sizes the KV cache",
                 _reservation["bytes"] / 2**20)
@@ -65,7 +70,8 @@ def refit_after_load() -> None:
         return
     before = _reservation.pop("bytes")
     del _reservation["tensor"]
-    _release_cached(inputs[5])  # (the old reservation's block back to the GPU, so it is not counted as in use)
+    # The old block back to the GPU: torch's reserved memory, read next as what is in use, would still count it.
+    _release_cached(inputs[5])
     _hold(_share_of_cache_memory(*inputs), inputs[5])
     logger.info("vllm-sparse: decode page summaries' reservation %.1f MiB, was %.1f MiB before the weights loaded",
                 _reservation["bytes"] / 2**20, before / 2**20)
