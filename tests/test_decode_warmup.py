@@ -162,3 +162,16 @@ def test_decode_row_counts_cover_every_split_count(monkeypatch):
     splits = {attention.attention_splits(r, 32, 8, 128, ws.partial_out, ws.partial_ml) for r in range(1, 301)}
     assert len(counts) == len(splits) > 1
     assert {attention.attention_splits(r, 32, 8, 128, ws.partial_out, ws.partial_ml) for r in counts} == splits
+
+
+@pytest.mark.parametrize("max_rows, kv_heads", [(1, 8), (16, 4), (300, 8), (1024, 4), (1024, 1)])
+def test_the_split_workspace_holds_every_batchs_splits_and_no_more(max_rows, kv_heads):
+    """Every batch up to the row limit gets the splits `split_count` gives it without a room limit, and the
+    workspace holds no slot that no batch takes (16 a row at 1024 rows held 16x what any batch used)."""
+    q_heads, head_size = 4 * kv_heads, 64
+    slots = attention.split_slots(max_rows, kv_heads)
+    partial_out, partial_ml = torch.empty(slots * q_heads, head_size), torch.empty(slots * q_heads, 2)
+    want = [attention.split_count(r, kv_heads, 2**30) for r in range(1, max_rows + 1)]
+    assert [attention.attention_splits(r, q_heads, kv_heads, head_size, partial_out, partial_ml)
+            for r in range(1, max_rows + 1)] == want
+    assert max(r * s for r, s in enumerate(want, 1)) == slots

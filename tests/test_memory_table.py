@@ -75,14 +75,15 @@ def test_decode_plans_cost_what_the_engines_measured(mt):
 
 
 def test_the_decode_workspace_grows_with_the_rows(mt):
-    """`vllm serve`'s default 1024 sequences on an H200 make the decode workspace ~0.5 GiB at 1M (64-token blocks),
-    against 8 MiB at 8 sequences: counted without allocating, as `decode_workspace` allocates it."""
+    """`vllm serve`'s default 1024 sequences on an H200 make the decode workspace ~0.3 GiB at 1M (64-token blocks:
+    the scores, one a block per row and KV head), against 8 MiB at 8 sequences: counted without allocating, as
+    `decode_workspace` allocates it."""
     from vllm_sparse.decode.memory import DecodeWorkspace
 
     plan, hf = _plan(mt, "qwen2.5-7b-1m")
     assert mt.decode_rows(8) == 16 and mt.decode_rows(1024) == 1024 and mt.decode_rows(300) == 512
     quest = [r for r in mt.decode_rows_table(0.9, 1024) if r["decode"] == "Quest" and r["kv_dtype"] == "bf16"][0]
-    assert 400 < quest["decode_workspace_mib_at_1m"] < 600
+    assert 250 < quest["decode_workspace_mib_at_1m"] < 330
     ws = DecodeWorkspace(16, 28, 4, 128, 2**14, 67, torch.device("cpu"))
     assert sum(t.nbytes for t in vars(ws).values() if isinstance(t, torch.Tensor)) == \
         mt.decode_workspace_bytes(16, 28, 4, 128, 2**14, 67)

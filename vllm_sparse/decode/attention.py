@@ -163,13 +163,14 @@ SPLIT_PROGRAMS = 1024  # split-K programs per step at most (fewer splits per row
 MAX_SPLITS = 64  # splits per (row, KV head) at most (the merge reads 64 at a time)
 SPLIT_WARPS = 4
 SPLIT_STAGES = None  # software-pipelining stages of the split kernel's loop (None: Triton's default)
-SPLITS_AT_ROW_LIMIT = 16  # split slots per (row, q head) the workspace holds at its row limit
 
 
 def split_slots(max_rows: int, kv_heads: int) -> int:
-    """Split slots per q head in the workspace: 16 per row at the row limit, and at least enough for
-    SPLIT_PROGRAMS programs (a small row limit still spreads a long row)."""
-    return max(max_rows * SPLITS_AT_ROW_LIMIT, SPLIT_PROGRAMS // kv_heads)
+    """Split slots per q head in the workspace: the most any batch of up to `max_rows` rows takes (rows x
+    `split_count`'s splits without a room limit), so the room never lowers a batch's splits. That is
+    SPLIT_PROGRAMS // kv_heads while splits fall as rows grow, then one a row: at vLLM's 1024-row limit
+    1024 slots, where 16 a row held 16,384 that no batch used (224 MiB at the Qwen 1M shape)."""
+    return max(r * min(MAX_SPLITS, pow2_floor(SPLIT_PROGRAMS // (r * kv_heads))) for r in range(1, max_rows + 1))
 
 
 def tile_tokens(block_tokens: int) -> int:
