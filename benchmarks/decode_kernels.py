@@ -107,7 +107,7 @@ def stages(rows: int, context: int, max_model_len: int) -> dict:
     sel = torch.zeros(rows, KV, PLAN.kept_blocks, dtype=torch.int32, device=dev)
     cand = torch.zeros(2, rows, KV, candidate_width(nbp, PLAN.kept_blocks), dtype=torch.int32, device=dev)
     cnt = torch.zeros(rows, KV, dtype=torch.int32, device=dev)
-    ws_slots = split_slots(ROW_LIMIT, KV) * KV * G  # the workspace an engine of ROW_LIMIT rows holds
+    ws_slots = sweep_split_slots(KV, SWEEP["attend"]) * KV * G  # as an engine of ROW_LIMIT rows holds
     po = torch.empty(ws_slots, D, device=dev)
     pml = torch.empty(ws_slots, 2, device=dev)
     out = torch.empty_like(q)
@@ -170,6 +170,16 @@ SWEEP = {
 }
 
 
+def sweep_split_slots(kv_heads: int, settings: list[dict]) -> int:
+    """Split slots an engine of ROW_LIMIT rows holds, at the widest of a sweep's settings: the workspace is built
+    once, before each setting is applied, and an engine's is sized by its own settings."""
+    import vllm_sparse.decode.attention as attention_mod
+
+    split_knobs = ("SPLIT_PROGRAMS", "MAX_SPLITS")
+    return max(with_knobs(attention_mod, {k: v for k, v in knobs.items() if k in split_knobs}, split_slots,
+                          ROW_LIMIT, kv_heads) for knobs in [{}, *settings])
+
+
 def with_knobs(mod, knobs: dict, fn, *args):
     """fn(*args) with the module constants `knobs` set on `mod`, restored after; {"error": ...} where a setting
     fails (one the compiler rejects, e.g. out of shared memory)."""
@@ -229,7 +239,7 @@ def tidal_stages(rows: int, context: int) -> dict:
     sel = torch.zeros(rows, T_KV, T_PLAN.kept_blocks, dtype=torch.int32, device=dev)
     cand = torch.zeros(2, rows, T_KV, candidate_width(nbp, T_PLAN.kept_blocks), dtype=torch.int32, device=dev)
     cnt = torch.zeros(rows, T_KV, dtype=torch.int32, device=dev)
-    ws_slots = split_slots(ROW_LIMIT, T_KV) * T_KV * T_G
+    ws_slots = sweep_split_slots(T_KV, TIDAL_SWEEP) * T_KV * T_G
     po = torch.empty(ws_slots, D, device=dev)
     pml = torch.empty(ws_slots, 2, device=dev)
     out = torch.empty_like(q)

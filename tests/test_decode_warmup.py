@@ -175,3 +175,15 @@ def test_the_split_workspace_holds_every_batchs_splits_and_no_more(max_rows, kv_
     assert [attention.attention_splits(r, q_heads, kv_heads, head_size, partial_out, partial_ml)
             for r in range(1, max_rows + 1)] == want
     assert max(r * s for r, s in enumerate(want, 1)) == slots
+
+
+def test_a_workspace_kept_for_another_engine_has_room_for_its_own_row_limit(monkeypatch):
+    """A process's second engine with more q heads a KV head and fewer rows does not reuse the first engine's
+    workspace unless every row count up to that workspace's own (warm-up and the step guard go by it) has room."""
+    monkeypatch.setattr(memory, "_workspace", {})
+    first = decode_workspace(1024, 28, 4, 64, 1024, 64, torch.device("cpu"))
+    second = decode_workspace(16, 32, 4, 64, 1024, 64, torch.device("cpu"))
+    assert second is not first
+    for r in range(1, second.rows + 1):  # (the first workspace would run out of room from 897 rows at 32 q heads)
+        assert attention.attention_splits(r, 32, 4, 64, second.partial_out, second.partial_ml) >= 1
+    assert decode_workspace(8, 28, 4, 64, 1024, 64, torch.device("cpu")) is second  # (a fitting one is reused)

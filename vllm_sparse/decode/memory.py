@@ -162,7 +162,8 @@ class DecodeWorkspace:
 
     def fits(self, rows: int, q_heads: int, kv_heads: int, head_size: int, row_blocks: int, kept: int) -> bool:
         return (rows <= self.rows and kv_heads <= self.counts.shape[1] and head_size == self.partial_out.shape[1]
-                and split_slots(rows, kv_heads) * q_heads <= self.partial_out.shape[0]
+                # (room for every row count up to the workspace's own, which warm-up and the step guard go by)
+                and split_slots(self.rows, kv_heads) * q_heads <= self.partial_out.shape[0]
                 and row_blocks <= self.scores.shape[2] and kept <= self.selected.shape[2]
                 and candidate_width(row_blocks, kept) <= self.candidates.shape[3])
 
