@@ -28,6 +28,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -38,7 +40,7 @@ from vllm_sparse.backend.reserve import estimator_workspace_bytes, layer_tempora
 from vllm_sparse.config.loader import load_config  # noqa: E402
 from vllm_sparse.config.plan import resolve_plan  # noqa: E402
 from vllm_sparse.decode.memory import decode_workspace_bytes, summaries_share  # noqa: E402
-from vllm_sparse.decode.step import row_blocks  # noqa: E402
+from vllm_sparse.decode.step import plan_workspace_sizes  # noqa: E402
 from vllm_sparse.kernels.workspace import cap_bytes  # noqa: E402
 
 GIB = 2**30
@@ -63,10 +65,13 @@ PLANS = {  # the plan each shape is timed with
 }
 
 
+def head_dim(hf: dict) -> int:
+    return hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+
+
 def kv_bytes_per_token(hf: dict, dtype: str, tp: int = 1) -> int:
     """KV bytes per token on one rank."""
-    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-    return 2 * hf["num_hidden_layers"] * local_heads(hf, tp)[1] * head_dim * DTYPE_BYTES[dtype]
+    return 2 * hf["num_hidden_layers"] * local_heads(hf, tp)[1] * head_dim(hf) * DTYPE_BYTES[dtype]
 
 
 def local_heads(hf: dict, tp: int) -> tuple[int, int]:
@@ -78,10 +83,9 @@ def local_heads(hf: dict, tp: int) -> tuple[int, int]:
 def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1, dtype: str = "bf16") -> tuple[int, int]:
     """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len, on one rank;
     `dtype`: the KV cache's (fp8: the chunk's queries dequantized to the model's bf16 are counted too)."""
-    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
     hq, hkv = local_heads(hf, tp)
-    ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len, hkv, head_dim), cap_bytes())
-    return ws, layer_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim, 2,
+    ws = min(estimator_workspace_bytes(plan, hq, CHUNK, max_model_len, hkv, head_dim(hf)), cap_bytes())
+    return ws, layer_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim(hf), 2,
                                        fp8_queries=dtype == "fp8")  # (groups stay whole at these TP sizes)
 
 
@@ -93,20 +97,14 @@ def decode_rows(max_num_seqs: int) -> int:
 
 def decode_workspace(plan, hf: dict, max_model_len: int, rows: int, tp: int = 1) -> int:
     """The decode workspace a decode plan reserves at max_model_len (`step.plan_workspace`), on one rank."""
-    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-    hq, hkv = local_heads(hf, tp)
-    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
-    return decode_workspace_bytes(rows, hq, hkv, head_dim, row_blocks(max_model_len, plan.decode_block_tokens), kept)
+    return decode_workspace_bytes(*plan_workspace_sizes(plan, rows, *local_heads(hf, tp), head_dim(hf), max_model_len))
 
 
 def summaries_reserved(plan, hf: dict, dtype: str, memory: int, tp: int = 1) -> int:
     """The page summaries' reservation of `memory` (what the KV cache could get once the weights are loaded:
     `decode/memory.py`); 0 for plans without Quest layers."""
-    head_dim = hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-    import torch
-
-    return summaries_share(plan, PAGE, local_heads(hf, tp)[1], head_dim, torch.bfloat16, DTYPE_BYTES[dtype], memory,
-                           explicit=False)
+    return summaries_share(plan, PAGE, local_heads(hf, tp)[1], head_dim(hf), torch.bfloat16, DTYPE_BYTES[dtype],
+                           memory, explicit=False)
 
 
 def largest_context(available: int, per_token: int, reserve=None) -> int:

@@ -48,10 +48,10 @@ def reserve_at_load(vllm_config, plan, num_kv_heads: int, head_size: int, dtype:
     less what is in use now). `cache_itemsize`: bytes per cached element (default: the model's dtype's)."""
     if device.type != "cuda" or ("tensor" in _reservation and _reservation.get("engine") is vllm_config):
         return  # (this engine's first layer reserved already)
-    if "tensor" in _reservation:  # another engine's, whose start failed before its builders took it: replaced
-        _reservation.clear()
-        _release_cached(device)
+    stale = "tensor" in _reservation  # another engine's, whose start failed before its builders took it: replaced
     _reservation.clear()
+    if stale:
+        _release_cached(device)
     inputs = (vllm_config, plan, num_kv_heads, head_size, dtype, device, cache_itemsize)
     _hold(_share_of_cache_memory(*inputs), device)
     _reservation["engine"] = vllm_config

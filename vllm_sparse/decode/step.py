@@ -99,12 +99,18 @@ def reserve_decode(vllm_config, plan, q_heads: int, kv_heads: int, head_size: in
     reserve_at_load(vllm_config, plan, kv_heads, head_size, vllm_config.model_config.dtype, device, cache_itemsize)
 
 
+def plan_workspace_sizes(plan, rows: int, q_heads: int, kv_heads: int, head_size: int,
+                         max_model_len: int) -> tuple[int, int, int, int, int, int]:
+    """`decode_workspace`'s sizes for the plan's largest budget at a row limit and context."""
+    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
+    return rows, q_heads, kv_heads, head_size, row_blocks(max_model_len, plan.decode_block_tokens), kept
+
+
 def plan_workspace(vllm_config, plan, q_heads: int, kv_heads: int, head_size: int, device: torch.device):
     """The process's decode workspace, sized for the plan's largest budget at this engine's row limit and context
     (made while vLLM builds the model, `reserve_decode`; later calls get the same one)."""
-    kept = max((d.kept_blocks for lp in plan.layers for d in lp.decode if d), default=1)
-    return decode_workspace(decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
-                            row_blocks(vllm_config.model_config.max_model_len, plan.decode_block_tokens), kept, device)
+    return decode_workspace(*plan_workspace_sizes(plan, decode_row_limit(vllm_config), q_heads, kv_heads, head_size,
+                                                  vllm_config.model_config.max_model_len), device)
 
 
 def decode_kind(plans: tuple[DecodeHeadPlan | None, ...]) -> tuple[bool, bool, bool]:
