@@ -71,8 +71,9 @@ def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, 
     from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
+
+    from vllm_sparse import compat
 
     max_len = context + 4096
     config, scheduler = build(model, backend, max_len, blocks=batch * max_len // 16 + 1024)
@@ -94,8 +95,7 @@ def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, 
         out = scheduler.schedule()
         ids = list(out.num_scheduled_tokens)
         done = [scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_prompt_tokens for r in ids]
-        result = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                                   sampled_token_ids=[[7] if d else [] for d in done])
+        result = compat.model_runner_output(ids, [[7] if d else [] for d in done])
         if pending is not None:  # async scheduling's order: the last step's outputs after this one is scheduled
             scheduler.update_from_output(*pending)
         pending = (out, result)

@@ -221,6 +221,61 @@ def test_sparse_declares_what_it_cannot_serve_on_its_classes():
     assert SparseFlashAttentionMetadataBuilder.supports_update_block_table is False
 
 
+def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path, caplog):
+    """vLLM asks the backend for its KV page size when --block-size is not given (0.34 defaults to 64-token pages on
+    CUDA, 0.26 and 0.32 to 16): a plan whose selection blocks are not whole pages of that size would stop the engine
+    at start. SPARSE answers the largest size that divides the dense backend's answer and every selection block
+    (prefill's and decode's), on a real engine config as vLLM sets it around the call; the dense backend's answer
+    where the plan's blocks are whole pages of it, where the plan is dense, and where the dense backend cannot page
+    the smaller size."""
+    import logging
+
+    import yaml
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    from vllm_sparse.backend.cpu import SparseCPUAttentionBackend
+    from vllm_sparse.backend.cuda import SparseFlashAttentionBackend
+
+    def config(name: str, **entry):
+        plan = {"version": 1, "models": [{"match": {"names": ["*"]}, "dense_below": 256, **entry}]}
+        (tmp_path / name).write_text(yaml.safe_dump(plan))
+        return VllmConfig(model_config=ModelConfig(model=str(tiny_llama), dtype="float32", skip_tokenizer_init=True,
+                                                   max_model_len=4096),
+                          additional_config={"sparse": {"config": str(tmp_path / name)}})
+
+    prefill = {"layers": [{"layers": "all", "estimator": {"name": "antidiagonal", "stride": 8},
+                           "budget": {"top_p": 0.9}}]}
+    quest = {"estimator": "quest", "top_k_tokens": 256, "dense_below": 512}
+    cases = {  # name: (plan entry, {vLLM's default: (FlashAttention's answer, the CPU backend's answer)})
+        # the shipped Llama plan's blocks: 128-token prefill, 16-token decode
+        "llama": ({"block_size": 128, "decode": {**quest, "block_tokens": 16}, **prefill},
+                  # (the CPU backend pages in multiples of 32, so never in 16: its answer stays, the builder names both)
+                  {16: (16, 32), 64: (16, 64), 128: (16, 128)}),
+        "b64": ({"block_size": 64, "decode": {**quest, "block_tokens": 32}, **prefill},
+                {16: (16, 32), 64: (32, 32), 128: (32, 32)}),
+        "prefill_only": ({"block_size": 64, "decode": "dense", **prefill}, {16: (16, 32), 64: (64, 64), 128: (64, 64)}),
+        "dense": ({"block_size": 32, "decode": "dense", "layers": [{"layers": "all", "dense": True}]},
+                  {16: (16, 32), 64: (64, 64), 128: (128, 128)}),
+    }
+    for name, (entry, expected) in cases.items():
+        vllm_config = config(f"{name}.yaml", **entry)
+        with set_current_vllm_config(vllm_config):
+            for default, (fa, cpu) in expected.items():
+                got = (SparseFlashAttentionBackend.get_preferred_block_size(default),
+                       SparseCPUAttentionBackend.get_preferred_block_size(default))
+                assert got == (fa, cpu), (name, default)
+                # never a size the dense backend cannot page, and never larger than its own answer
+                assert FlashAttentionBackend.supports_block_size(fa) and CPUAttentionBackend.supports_block_size(cpu)
+                assert fa <= FlashAttentionBackend.get_preferred_block_size(default)
+                assert cpu <= CPUAttentionBackend.get_preferred_block_size(default)
+    llama = config("l.yaml", **cases["llama"][0])
+    with caplog.at_level(logging.INFO, logger="vllm.sparse"), set_current_vllm_config(llama):
+        assert SparseFlashAttentionBackend.get_preferred_block_size(64) == 16
+    assert "KV cache block size 16, not vLLM's 64" in caplog.text and "selects in 16-token blocks" in caplog.text
+
+
 def _scheduler(model: str, backend: str | None, **model_kw):
     """(VllmConfig, vLLM's scheduler as its engine core builds it), prefix caching on
     (benchmarks/scheduler_step.py's builder)."""

@@ -65,6 +65,24 @@ def sparse_backend_member():
     return attention_backend_enum()[BACKEND_NAME]
 
 
+def current_vllm_config_or_none():
+    """The engine config vLLM is settling while it asks a backend for a preference (it sets it around
+    `get_preferred_block_size` in 0.26, 0.32 and 0.34); None outside such a call."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_current_vllm_config_or_none()
+
+
+def model_runner_output(req_ids: list[str], sampled_token_ids: list[list[int]]):
+    """vLLM's ModelRunnerOutput for one step (0.34 dropped its `req_id_to_index` field; a benchmark's scheduler
+    loop builds these)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    fields = {f.name for f in dataclasses.fields(ModelRunnerOutput)}
+    index = {"req_id_to_index": {r: i for i, r in enumerate(req_ids)}} if "req_id_to_index" in fields else {}
+    return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled_token_ids, **index)
+
+
 def install_cpu_platform_hook() -> None:
     """vLLM's CPU platform always returns CPU_ATTN; make it return SPARSE when SPARSE is selected.
 

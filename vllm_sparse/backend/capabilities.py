@@ -12,6 +12,9 @@ stay the dense backend's. Declared "no" here:
   own step, its sparse chunks (its layers' plan) and its dense requests' metadata over its own table;
 - a model's fused KV write that skips `do_kv_cache_update` (vLLM 0.33): decode's page summaries follow
   the writes there.
+And one preference: the KV cache page size vLLM takes when `--block-size` is not given is the dense backend's
+unless the plan selects in blocks that are not whole pages of it (vLLM 0.34 defaults to 64-token pages on CUDA, 16
+before; the shipped Llama plan's decode selects 16-token blocks): then the largest size that divides both.
 
 Settings the sparse path cannot read but a plan that keeps every layer dense can (a quantized KV cache other
 than fp8 e4m3 with per-tensor scales on CUDA, KV connectors and offloading, context parallelism) are refused
@@ -19,6 +22,10 @@ at start by the builder when the plan has sparse layers (`checks.kv_problems`), 
 """
 
 from __future__ import annotations
+
+from vllm_sparse import compat
+from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.log import logger
 
 
 class SparseBackendCapabilities:
@@ -29,3 +36,19 @@ class SparseBackendCapabilities:
     @classmethod
     def supports_device_cpu_query_lens_mismatch(cls) -> bool:
         return False
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """Asked only when the user gave no --block-size (vLLM keeps a size the user gave; the builder then checks
+        it against the plan at start, naming the plan's field)."""
+        preferred = super().get_preferred_block_size(default_block_size)
+        config = compat.current_vllm_config_or_none()
+        if config is None or getattr(config, "model_config", None) is None:
+            return preferred
+        plan = plan_for(config)
+        size = plan.page_size_within(preferred)
+        if size == preferred or not cls.supports_block_size(size):
+            return preferred  # (a size the dense backend cannot page: the builder's check names both at start)
+        logger.info("vllm-sparse: KV cache block size %d, not vLLM's %d: the plan (%s) selects in %d-token blocks",
+                    size, preferred, plan.source, min(b for b in plan.selection_blocks if b % preferred))
+        return size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,6 +226,16 @@ class SparsePlan:
     @property
     def is_sparse_prefill(self) -> bool:
         return any(layer.is_sparse for layer in self.layers)
+
+    @property
+    def selection_blocks(self) -> tuple[int, ...]:
+        """The block sizes (tokens) this plan selects in: sparse prefill's and sparse decode's, each whole KV cache
+        pages (`backend/checks.py`)."""
+        return (self.block_size,) * self.is_sparse_prefill + (self.decode_block_tokens,) * self.is_sparse_decode
+
+    def page_size_within(self, preferred: int) -> int:
+        """The largest KV cache page size (vLLM's block size) that divides `preferred` and every selection block."""
+        return math.gcd(preferred, *self.selection_blocks)
 
     def without_prefill(self) -> SparsePlan:
         """The same plan with every layer's prefill on vLLM's attention (its decode setting kept)."""
