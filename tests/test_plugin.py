@@ -227,7 +227,7 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
     at start. SPARSE answers the largest size that divides the dense backend's answer and every selection block
     (prefill's and decode's), on a real engine config as vLLM sets it around the call; the dense backend's answer
     where the plan's blocks are whole pages of it, where the plan is dense, and where the dense backend cannot page
-    the smaller size."""
+    the smaller size. With Quest decode also at most Quest's 16-token pages: its page bounds loosen with the page."""
     import logging
 
     import yaml
@@ -254,7 +254,17 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
                   # (the CPU backend pages in multiples of 32, so never in 16: its answer stays, the builder names both)
                   {16: (16, 32), 64: (16, 64), 128: (16, 128)}),
         "b64": ({"block_size": 64, "decode": {**quest, "block_tokens": 32}, **prefill},
-                {16: (16, 32), 64: (32, 32), 128: (32, 32)}),
+                {16: (16, 32), 64: (16, 32), 128: (16, 32)}),
+        # TidalDecode scores blocks from attention, not page bounds: 64-token pages where its blocks are whole ones
+        "tidal": ({"block_size": 128, "decode": {"estimator": "tidal", "top_k_tokens": 256, "block_tokens": 64,
+                                                "dense_below": 512},
+                   "layers": [{"layers": 0, "estimator": {"name": "antidiagonal", "stride": 8},
+                               "budget": {"top_p": 0.9}, "decode": {"estimator": "tidal", "selector": True,
+                                                                     "top_k_tokens": 256, "block_tokens": 64,
+                                                                     "dense_below": 512}},
+                              {"layers": [1], "estimator": {"name": "antidiagonal", "stride": 8},
+                               "budget": {"top_p": 0.9}}]},
+                  {16: (16, 32), 64: (64, 64), 128: (64, 64)}),
         "prefill_only": ({"block_size": 64, "decode": "dense", **prefill}, {16: (16, 32), 64: (64, 64), 128: (64, 64)}),
         "dense": ({"block_size": 32, "decode": "dense", "layers": [{"layers": "all", "dense": True}]},
                   {16: (16, 32), 64: (64, 64), 128: (128, 128)}),

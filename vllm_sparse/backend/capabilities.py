@@ -14,7 +14,8 @@ stay the dense backend's. Declared "no" here:
   the writes there.
 And one preference: the KV cache page size vLLM takes when `--block-size` is not given is the dense backend's
 unless the plan selects in blocks that are not whole pages of it (vLLM 0.34 defaults to 64-token pages on CUDA, 16
-before; the shipped Llama plan's decode selects 16-token blocks): then the largest size that divides both.
+before; the shipped Llama plan's decode selects 16-token blocks), or decodes with Quest, whose page bounds loosen
+with the page (measured over 16-token pages): then the largest size that divides them all.
 
 Settings the sparse path cannot read but a plan that keeps every layer dense can (a quantized KV cache other
 than fp8 e4m3 with per-tensor scales on CUDA, KV connectors and offloading, context parallelism) are refused
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from vllm_sparse import compat
 from vllm_sparse.backend.plan_cache import plan_for
+from vllm_sparse.config.plan import QUEST_PAGE_TOKENS
 from vllm_sparse.log import logger
 
 
@@ -46,9 +48,12 @@ class SparseBackendCapabilities:
         if config is None or getattr(config, "model_config", None) is None:
             return preferred
         plan = plan_for(config)
-        size = plan.page_size_within(preferred)
-        if size == preferred or not cls.supports_block_size(size):
-            return preferred  # (a size the dense backend cannot page: the builder's check names both at start)
-        logger.info("vllm-sparse: KV cache block size %d, not vLLM's %d: the plan (%s) selects in %d-token blocks",
-                    size, preferred, plan.source, min(b for b in plan.selection_blocks if b % preferred))
+        size = next((s for s in plan.page_sizes_within(preferred) if cls.supports_block_size(s)), preferred)
+        if size != preferred:  # (else kept: where the dense backend cannot page the plan's blocks, the builder's
+            #                     check names both at start)
+            why = [f"selects in {b}-token blocks" for b in plan.selection_blocks if b % preferred]
+            why += [f"decodes with Quest, measured over {QUEST_PAGE_TOKENS}-token pages"] \
+                if plan.needs_summaries and size <= QUEST_PAGE_TOKENS else []
+            logger.info("vllm-sparse: KV cache block size %d, not vLLM's %d: the plan (%s) %s", size, preferred,
+                        plan.source, "; ".join(why))
         return size

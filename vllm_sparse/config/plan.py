@@ -54,6 +54,9 @@ def chunk_work(q_len, seq_len):
 AUTO_MIN_CHUNK_WORK = {"cuda": 96 * 2**20, "cpu": 0}
 DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
 DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
+# Quest bounds each KV page's scores from its keys' min and max, so a larger page loosens them: its pages are 16
+# tokens in the paper (Tang et al., 2024) and in every Quest measurement here (vLLM 0.26's pages).
+QUEST_PAGE_TOKENS = 16
 DEFAULT_ESTIMATOR = ("sink_local", {})
 DEFAULT_BUDGET = BudgetSpec(keep_ratio=0.25)
 
@@ -233,9 +236,12 @@ class SparsePlan:
         pages (`backend/checks.py`)."""
         return (self.block_size,) * self.is_sparse_prefill + (self.decode_block_tokens,) * self.is_sparse_decode
 
-    def page_size_within(self, preferred: int) -> int:
-        """The largest KV cache page size (vLLM's block size) that divides `preferred` and every selection block."""
-        return math.gcd(preferred, *self.selection_blocks)
+    def page_sizes_within(self, preferred: int) -> tuple[int, int]:
+        """KV cache page sizes (vLLM's block size) for this plan, best first: the largest that divides `preferred`
+        and every selection block, with Quest decode also at most Quest's page; then without Quest's page (for a
+        backend that cannot page that small: the CPU's)."""
+        fits = math.gcd(preferred, *self.selection_blocks)
+        return math.gcd(fits, QUEST_PAGE_TOKENS) if self.needs_summaries else fits, fits
 
     def without_prefill(self) -> SparsePlan:
         """The same plan with every layer's prefill on vLLM's attention (its decode setting kept)."""
