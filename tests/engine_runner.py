@@ -7,7 +7,8 @@ in one (below), and so start-up failures are seen the way a user sees them.
                                     "prompts": [...], "max_tokens": 6, "engine": {...}, "stats": false,
                                     "audit": false}'
 
-"stats" reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
+"vllm_default_block_size" stands in for another release's default KV page size while the engine starts; "stats"
+reads back the sparse path's densities per layer; "audit" adds how far its output is from dense
 attention (VLLM_SPARSE_AUDIT); "counters" the plugin's prefill and decode tokens by path; "kept_density" the
 /metrics histogram of the chunk-layers that ran sparse (counts per density bucket, per group of 8 layers).
 
@@ -47,8 +48,16 @@ def main(spec: dict, close: bool = False) -> dict:
         kw["attention_backend"] = spec["backend"]
     if spec.get("config"):
         kw["additional_config"] = {"sparse": {"config": spec["config"]}}
+    from vllm.config import CacheConfig
+
+    default_block_size = CacheConfig.DEFAULT_BLOCK_SIZE
+    if spec.get("vllm_default_block_size"):  # another release's default KV page size (vLLM 0.34's is 64 on CUDA)
+        CacheConfig.DEFAULT_BLOCK_SIZE = spec["vllm_default_block_size"]
     t0 = time.perf_counter()
-    llm = LLM(**kw)
+    try:
+        llm = LLM(**kw)
+    finally:
+        CacheConfig.DEFAULT_BLOCK_SIZE = default_block_size
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 6),
                             prompt_logprobs=0 if spec.get("prompt_logprobs", True) else None,
@@ -69,7 +78,9 @@ def main(spec: dict, close: bool = False) -> dict:
         results.append({"prompt_tokens": len(o.prompt_token_ids), "token_ids": list(gen.token_ids),
                         "text": gen.text, "prompt_logprobs": lp, "logprobs": sampled,
                         "cached_tokens": getattr(o, "num_cached_tokens", None)})
-    out = {"startup_s": startup, "generate_s": elapsed, "results": results}
+    out = {"startup_s": startup, "generate_s": elapsed, "results": results,
+           # the KV page size the engine ran with (its engine core is in this process: tests/engines.py)
+           "block_size": llm.llm_engine.vllm_config.cache_config.block_size}
     if spec.get("counters"):  # the plugin's token counters by path (rank 0), as /metrics exports them
         from vllm_sparse.metrics.worker import process_counts
 

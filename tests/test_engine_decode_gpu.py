@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.test_engine_cpu import _prompts
-from tests.test_engine_decode import MAX_TOKENS, TIDAL, _tidal_config, base_spec, run_decode_plans
+from tests.test_engine_decode import MAX_TOKENS, TIDAL, _config, _tidal_config, base_spec, run_decode_plans
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,10 +32,16 @@ def runs(model_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("configs")
     # TidalDecode in 64-token blocks as well: the decode kernels' wide tiles (128 tokens, blocks of 64 or more).
     base = {**base_spec(model, ENGINE), "prompts": _prompts(model), "backend": "sparse"}
-    wide = {name: {**base, "config": _tidal_config(tmp, name, {**TIDAL, "block_tokens": 64, **budget})}
-            for name, budget in (("tidal_b64", {}), ("tidal_keep_all_b64", {"top_k_tokens": 4096}))}
+    own = {name: {**base, "config": _tidal_config(tmp, name, {**TIDAL, "block_tokens": 64, **budget})}
+           for name, budget in (("tidal_b64", {}), ("tidal_keep_all_b64", {"top_k_tokens": 4096}))}
+    # The Quest plan with no --block-size where vLLM's default page is 64 tokens (0.34's on CUDA): SPARSE asks for
+    # Quest's 16-token pages.
+    own["default_pages"] = {**base, "engine": {k: v for k, v in ENGINE.items() if k != "block_size"},
+                            "vllm_default_block_size": 64,
+                            "config": _config(tmp, "default_pages", {"top_k_tokens": 64, "sink_blocks": 1,
+                                                                     "local_blocks": 1})}
     return LazyRuns(lambda name: run_decode_plans(model, tmp, ENGINE, only=(name,),
-                                                  last={name: wide[name]} if name in wide else None)[name])
+                                                  last={name: own[name]} if name in own else None)[name])
 
 
 class LazyRuns(dict):
@@ -94,6 +100,15 @@ def test_sparse_decode_selects_pages_for_long_contexts_only(runs):
     assert max(abs(x - y) for x, y in zip(stock[0]["logprobs"], sparse[0]["logprobs"])) > 1e-2
     assert sparse[2]["token_ids"] == stock[2]["token_ids"]
     assert sparse[2]["logprobs"] == stock[2]["logprobs"]
+
+
+def test_a_larger_default_page_size_gives_way_to_quests_pages(runs):
+    """vLLM 0.34's default KV page on CUDA is 64 tokens; Quest's page bounds are measured over 16-token pages: an
+    engine started without --block-size runs the Quest plan on 16-token pages, as with --block-size 16."""
+    assert runs["sparse"]["block_size"] == 16 and runs["default_pages"]["block_size"] == 16
+    for explicit, chosen in zip(runs["sparse"]["results"], runs["default_pages"]["results"]):
+        assert chosen["token_ids"] == explicit["token_ids"]
+        assert _mean(explicit["logprobs"], chosen["logprobs"]) < 1e-3
 
 
 def assert_decode_plan_selects_for_long_contexts_only(stock: list[dict], sparse: list[dict]) -> None:

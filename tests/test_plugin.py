@@ -229,6 +229,7 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
     where the plan's blocks are whole pages of it, where the plan is dense, and where the dense backend cannot page
     the smaller size. With Quest decode also at most Quest's 16-token pages: its page bounds loosen with the page."""
     import logging
+    import math
 
     import yaml
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
@@ -239,7 +240,9 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
     from vllm_sparse.backend.cuda import SparseFlashAttentionBackend
 
     def config(name: str, **entry):
-        plan = {"version": 1, "models": [{"match": {"names": ["*"]}, "dense_below": 256, **entry}]}
+        # (floors at zero: sparse prefill reachable at this max_model_len on a GPU too, where the auto floors are not)
+        plan = {"version": 1, "models": [{"match": {"names": ["*"]}, "dense_below": 256, "min_query_tokens": 16,
+                                          "min_chunk_work": 0, **entry}]}
         (tmp_path / name).write_text(yaml.safe_dump(plan))
         return VllmConfig(model_config=ModelConfig(model=str(tiny_llama), dtype="float32", skip_tokenizer_init=True,
                                                    max_model_len=4096),
@@ -248,38 +251,41 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
     prefill = {"layers": [{"layers": "all", "estimator": {"name": "antidiagonal", "stride": 8},
                            "budget": {"top_p": 0.9}}]}
     quest = {"estimator": "quest", "top_k_tokens": 256, "dense_below": 512}
-    cases = {  # name: (plan entry, {vLLM's default: (FlashAttention's answer, the CPU backend's answer)})
-        # the shipped Llama plan's blocks: 128-token prefill, 16-token decode
-        "llama": ({"block_size": 128, "decode": {**quest, "block_tokens": 16}, **prefill},
-                  # (the CPU backend pages in multiples of 32, so never in 16: its answer stays, the builder names both)
-                  {16: (16, 32), 64: (16, 64), 128: (16, 128)}),
-        "b64": ({"block_size": 64, "decode": {**quest, "block_tokens": 32}, **prefill},
-                {16: (16, 32), 64: (16, 32), 128: (16, 32)}),
+    tidal = {"estimator": "tidal", "top_k_tokens": 256, "block_tokens": 64, "dense_below": 512}
+    cases = {  # name: (plan entry, its selection blocks, Quest?, {vLLM's default: FlashAttention's answer})
+        # the shipped Llama plan's blocks (128-token prefill, 16-token decode)
+        "llama": ({"block_size": 128, "decode": {**quest, "block_tokens": 16}, **prefill}, (128, 16), True,
+                  {16: 16, 64: 16, 128: 16}),
+        "b64": ({"block_size": 64, "decode": {**quest, "block_tokens": 32}, **prefill}, (64, 32), True,
+                {16: 16, 64: 16, 128: 16}),
         # TidalDecode scores blocks from attention, not page bounds: 64-token pages where its blocks are whole ones
-        "tidal": ({"block_size": 128, "decode": {"estimator": "tidal", "top_k_tokens": 256, "block_tokens": 64,
-                                                "dense_below": 512},
-                   "layers": [{"layers": 0, "estimator": {"name": "antidiagonal", "stride": 8},
-                               "budget": {"top_p": 0.9}, "decode": {"estimator": "tidal", "selector": True,
-                                                                     "top_k_tokens": 256, "block_tokens": 64,
-                                                                     "dense_below": 512}},
-                              {"layers": [1], "estimator": {"name": "antidiagonal", "stride": 8},
-                               "budget": {"top_p": 0.9}}]},
-                  {16: (16, 32), 64: (64, 64), 128: (64, 64)}),
-        "prefill_only": ({"block_size": 64, "decode": "dense", **prefill}, {16: (16, 32), 64: (64, 64), 128: (64, 64)}),
-        "dense": ({"block_size": 32, "decode": "dense", "layers": [{"layers": "all", "dense": True}]},
-                  {16: (16, 32), 64: (64, 64), 128: (128, 128)}),
+        "tidal": ({"block_size": 128, "decode": tidal,
+                   "layers": [{**prefill["layers"][0], "layers": [0], "decode": {**tidal, "selector": True}},
+                              {**prefill["layers"][0], "layers": [1]}]}, (128, 64), False, {16: 16, 64: 64, 128: 64}),
+        "prefill_only": ({"block_size": 64, "decode": "dense", **prefill}, (64,), False, {16: 16, 64: 64, 128: 64}),
+        "dense": ({"block_size": 32, "decode": "dense", "layers": [{"layers": "all", "dense": True}]}, (), False,
+                  {16: 16, 64: 64, 128: 128}),
     }
-    for name, (entry, expected) in cases.items():
+
+    def cpu_answer(default: int, blocks: tuple, quest: bool) -> int:
+        # The CPU backend pages in sizes that differ by release (16 in 0.26, multiples of 32 in 0.32): the largest
+        # size dividing its answer and the blocks (at most 16 with Quest, else without that), where it pages it.
+        dense = CPUAttentionBackend.get_preferred_block_size(default)
+        fits = math.gcd(dense, *blocks)
+        return next((s for s in (math.gcd(fits, 16),) * quest + (fits,) if CPUAttentionBackend.supports_block_size(s)),
+                    dense)
+
+    for name, (entry, blocks, with_quest, expected) in cases.items():
         vllm_config = config(f"{name}.yaml", **entry)
         with set_current_vllm_config(vllm_config):
-            for default, (fa, cpu) in expected.items():
+            for default, fa in expected.items():
                 got = (SparseFlashAttentionBackend.get_preferred_block_size(default),
                        SparseCPUAttentionBackend.get_preferred_block_size(default))
-                assert got == (fa, cpu), (name, default)
+                assert got == (fa, cpu_answer(default, blocks, with_quest)), (name, default)
                 # never a size the dense backend cannot page, and never larger than its own answer
-                assert FlashAttentionBackend.supports_block_size(fa) and CPUAttentionBackend.supports_block_size(cpu)
+                assert FlashAttentionBackend.supports_block_size(fa) and CPUAttentionBackend.supports_block_size(got[1])
                 assert fa <= FlashAttentionBackend.get_preferred_block_size(default)
-                assert cpu <= CPUAttentionBackend.get_preferred_block_size(default)
+                assert got[1] <= CPUAttentionBackend.get_preferred_block_size(default)
     llama = config("l.yaml", **cases["llama"][0])
     with caplog.at_level(logging.INFO, logger="vllm.sparse"), set_current_vllm_config(llama):
         assert SparseFlashAttentionBackend.get_preferred_block_size(64) == 16
