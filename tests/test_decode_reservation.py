@@ -38,8 +38,9 @@ class FakeGpu:
         self.held = 0  # the dropped reservation's block goes back to the GPU
 
 
-def engine(kv_cache_memory_bytes=None, util=0.9):
-    cache = SimpleNamespace(block_size=16, gpu_memory_utilization=util, kv_cache_memory_bytes=kv_cache_memory_bytes)
+def engine(kv_cache_memory_bytes=None, util=0.9, block_size=16, user_specified=True):
+    cache = SimpleNamespace(block_size=block_size, user_specified_block_size=user_specified,
+                            gpu_memory_utilization=util, kv_cache_memory_bytes=kv_cache_memory_bytes)
     return SimpleNamespace(cache_config=cache)
 
 
@@ -63,6 +64,22 @@ def test_refit_after_the_weights_load_counts_them_in_use(monkeypatch):
 
     memory.refit_after_load()  # once per reservation: the later layers' calls change nothing
     assert memory._reservation["bytes"] == refit and len(gpu.released) == 1
+
+
+def test_the_reservation_counts_the_pages_the_engine_will_get(monkeypatch):
+    """While vLLM builds the model its block size is still its default (64 on CUDA in vLLM 0.34): it asks the backend
+    for the page size only after the load, and SPARSE then answers Quest's 16 (`backend/capabilities.py`). The
+    reservation counts 16-token pages from the start (4x the summaries of 64-token ones), and a --block-size the user
+    gave as given."""
+    plan = plan_of(entry(decode={**QUEST, "block_tokens": 64}))
+    FakeGpu(monkeypatch, total=100 * GIB, in_use=1 * GIB)
+    memory.reserve_at_load(engine(block_size=64, user_specified=False), plan, 8, 128, torch.bfloat16,
+                           torch.device("cuda", 0))
+    assert memory._reservation["bytes"] == share(plan, int(0.9 * 100 * GIB) - 1 * GIB)  # 16-token pages
+    FakeGpu(monkeypatch, total=100 * GIB, in_use=1 * GIB)
+    memory.reserve_at_load(engine(block_size=64), plan, 8, 128, torch.bfloat16, torch.device("cuda", 0))
+    given = memory.summaries_share(plan, 64, 8, 128, torch.bfloat16, 2, int(0.9 * 100 * GIB) - 1 * GIB, False)
+    assert memory._reservation["bytes"] == given < share(plan, int(0.9 * 100 * GIB) - 1 * GIB) / 3
 
 
 def test_refit_leaves_an_explicit_cache_size_alone(monkeypatch):

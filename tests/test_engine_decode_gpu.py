@@ -40,8 +40,13 @@ def runs(model_cache, tmp_path_factory):
                             "vllm_default_block_size": 64,
                             "config": _config(tmp, "default_pages", {"top_k_tokens": 64, "sink_blocks": 1,
                                                                      "local_blocks": 1})}
-    return LazyRuns(lambda name: run_decode_plans(model, tmp, ENGINE, only=(name,),
-                                                  last={name: own[name]} if name in own else None)[name])
+
+    def run(name: str) -> dict:
+        result, output = run_decode_plans(model, tmp, ENGINE, only=(name,), last={name: own[name]} if name in own
+                                          else None, outputs=True)[name]
+        return {**result, "output": output}
+
+    return LazyRuns(run)
 
 
 class LazyRuns(dict):
@@ -104,8 +109,11 @@ def test_sparse_decode_selects_pages_for_long_contexts_only(runs):
 
 def test_a_larger_default_page_size_gives_way_to_quests_pages(runs):
     """vLLM 0.34's default KV page on CUDA is 64 tokens; Quest's page bounds are measured over 16-token pages: an
-    engine started without --block-size runs the Quest plan on 16-token pages, as with --block-size 16."""
+    engine started without --block-size runs the Quest plan on 16-token pages, as with --block-size 16. vLLM asks
+    for the page size after the model is built: the summaries' reservation, made before, counted 16-token pages."""
     assert runs["sparse"]["block_size"] == 16 and runs["default_pages"]["block_size"] == 16
+    output = runs["default_pages"]["output"]
+    assert "decode page summaries for 2 layers" in output and "exceed the" not in output
     for explicit, chosen in zip(runs["sparse"]["results"], runs["default_pages"]["results"]):
         assert chosen["token_ids"] == explicit["token_ids"]
         assert _mean(explicit["logprobs"], chosen["logprobs"]) < 1e-3

@@ -253,7 +253,7 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
     quest = {"estimator": "quest", "top_k_tokens": 256, "dense_below": 512}
     tidal = {"estimator": "tidal", "top_k_tokens": 256, "block_tokens": 64, "dense_below": 512}
     cases = {  # name: (plan entry, its selection blocks, Quest?, {vLLM's default: FlashAttention's answer})
-        # the shipped Llama plan's blocks (128-token prefill, 16-token decode)
+        # the shipped Llama plan's block sizes (128-token prefill, 16-token decode; it decodes with TidalDecode)
         "llama": ({"block_size": 128, "decode": {**quest, "block_tokens": 16}, **prefill}, (128, 16), True,
                   {16: 16, 64: 16, 128: 16}),
         "b64": ({"block_size": 64, "decode": {**quest, "block_tokens": 32}, **prefill}, (64, 32), True,
@@ -286,6 +286,14 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
                 assert FlashAttentionBackend.supports_block_size(fa) and CPUAttentionBackend.supports_block_size(got[1])
                 assert fa <= FlashAttentionBackend.get_preferred_block_size(default)
                 assert got[1] <= CPUAttentionBackend.get_preferred_block_size(default)
+    # What reservations made while vLLM builds the model count (it asks only after): the plan's answer for vLLM's
+    # default then, or a --block-size the user gave.
+    from vllm_sparse.backend.plan_cache import plan_for
+
+    quest_plan = plan_for(config("q.yaml", **cases["b64"][0]))
+    tidal_plan = plan_for(config("t.yaml", **cases["tidal"][0]))
+    assert quest_plan.page_size_at_start(64, False) == 16 and quest_plan.page_size_at_start(64, True) == 64
+    assert tidal_plan.page_size_at_start(64, False) == 64 and tidal_plan.page_size_at_start(128, False) == 64
     llama = config("l.yaml", **cases["llama"][0])
     with caplog.at_level(logging.INFO, logger="vllm.sparse"), set_current_vllm_config(llama):
         assert SparseFlashAttentionBackend.get_preferred_block_size(64) == 16

@@ -15,7 +15,9 @@ stay the dense backend's. Declared "no" here:
 And one preference: the KV cache page size vLLM takes when `--block-size` is not given is the dense backend's
 unless the plan selects in blocks that are not whole pages of it (vLLM 0.34 defaults to 64-token pages on CUDA, 16
 before; the shipped Llama plan's decode selects 16-token blocks), or decodes with Quest, whose page bounds loosen
-with the page (measured over 16-token pages): then the largest size that divides them all.
+with the page (measured over 16-token pages): then the largest size that divides them all, where the dense backend
+pages it (else its answer stands, and the builder names the plan's block against it at start). vLLM asks after the
+model is built; reservations made before count the same answer (`SparsePlan.page_size_at_start`).
 
 Settings the sparse path cannot read but a plan that keeps every layer dense can (a quantized KV cache other
 than fp8 e4m3 with per-tensor scales on CUDA, KV connectors and offloading, context parallelism) are refused

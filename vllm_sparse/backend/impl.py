@@ -102,7 +102,9 @@ class SparseImplMixin:
             # forward so that its memory profile, which sizes the KV cache, includes them (`reserve.py`).
             self._temporaries = layer_temporaries_bytes(
                 self._plan, self.num_heads, self.num_kv_heads, vllm_config.scheduler_config.max_num_batched_tokens,
-                vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size, self.head_size,
+                vllm_config.model_config.max_model_len,
+                self._plan.page_size_at_start(vllm_config.cache_config.block_size,
+                                              vllm_config.cache_config.user_specified_block_size), self.head_size,
                 vllm_config.model_config.dtype.itemsize, fp8_queries=self._fp8_cache,
                 page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)), shard=self._shard)
             if self._fp8_cache and self._plan.is_sparse_decode:  # decode dequantizes the step's fp8 queries

@@ -243,6 +243,13 @@ class SparsePlan:
         fits = math.gcd(preferred, *self.selection_blocks)
         return math.gcd(fits, QUEST_PAGE_TOKENS) if self.needs_summaries else fits, fits
 
+    def page_size_at_start(self, block_size: int, user_specified: bool) -> int:
+        """The KV page size to size reservations by while vLLM builds the model, before it asks the backend for one
+        (`backend/capabilities.py`, after the load): a --block-size the user gave, else the plan's answer for the
+        size vLLM holds then (its default). The engine gets that or larger, and a smaller page only over-reserves
+        (summaries and page tables both shrink as pages grow)."""
+        return block_size if user_specified else self.page_sizes_within(block_size)[0]
+
     def without_prefill(self) -> SparsePlan:
         """The same plan with every layer's prefill on vLLM's attention (its decode setting kept)."""
         return dataclasses.replace(self, layers=tuple(dataclasses.replace(lp, heads=(None,) * len(lp.heads))

@@ -82,7 +82,8 @@ def _share_of_cache_memory(vllm_config, plan, num_kv_heads, head_size, dtype, de
     itemsize = cache_itemsize or torch.empty(0, dtype=dtype).element_size()
     explicit = compat.kv_cache_memory_bytes(cache)
     memory = explicit or compat.gpu_memory_utilization(cache) * _total_memory(device) - _memory_in_use(device)
-    return summaries_share(plan, cache.block_size, num_kv_heads, head_size, dtype, itemsize, memory, bool(explicit))
+    page = plan.page_size_at_start(cache.block_size, cache.user_specified_block_size)
+    return summaries_share(plan, page, num_kv_heads, head_size, dtype, itemsize, memory, bool(explicit))
 
 
 # The device calls, apart so that tests can stand in for a GPU.
