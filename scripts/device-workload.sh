@@ -19,6 +19,8 @@
 #   resv   the decode page summaries' reservation, taken again once the weights are loaded: its GPU test
 #          (tests/test_decode_reservation.py) and one Quest engine beside the stock one (~150 s)
 #   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
+#   pagesz the KV page size SPARSE asks vLLM for (vLLM 0.34 defaults to 64 on CUDA): the unit test, then the Quest
+#          engine with vLLM's default page set to 64 beside the same plan at --block-size 16 (two engines, ~280 s)
 #   pair   128K + 8 and + 256 follow-ups with `--paired`: dense and the first plan's engine alive in one process,
 #          each turn on both back to back in alternating order, 11 steady turns each (host-bound turns then share
 #          the host's drift, which two processes do not); PAIR_DOCS / PAIR_FOLLOW: other cached lengths / new tokens;
@@ -156,6 +158,11 @@ resv() {  # the page summaries' reservation taken again after the weights load: 
 dtest() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_decode_gpu.py 2>&1 \
     | tee "$OUT/gpu_engine_decode_tests.log" | tail -15
+}
+pagesz() {
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_plugin.py -k page_size 2>&1 | tail -2
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_engine_decode_gpu.py \
+    -k larger_default 2>&1 | tee "$OUT/page_size_gpu.log" | tail -6
 }
 pair() {
   # Two engines of 15 GiB weights each: 24 GiB of KV each fits an H200 (139 GiB); on an H100 (79 GiB) 24 ran out of
@@ -301,4 +308,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
