@@ -300,6 +300,41 @@ def test_the_kv_page_size_vllm_picks_holds_the_plans_blocks(tiny_llama, tmp_path
     assert "KV cache block size 16, not vLLM's 64" in caplog.text and "selects in 16-token blocks" in caplog.text
 
 
+def test_vllms_own_page_size_question_takes_the_plans_answer(tiny_llama, tmp_path, monkeypatch):
+    """Through vLLM's own call (`Platform.update_block_size_for_backend`, which the executor runs once the model is
+    built), with its default page set to 64 as vLLM 0.34's on CUDA and the model's layers on SPARSE's CUDA class: the
+    Quest plan gets 16-token pages; a --block-size the user gave stays; the default stays for a dense plan."""
+    import yaml
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig
+    from vllm.platforms.interface import Platform
+
+    from vllm_sparse.backend.cuda import SparseFlashAttentionBackend
+
+    # The layers' backend classes, as vLLM finds them on a built model (0.26 asks for one, later releases a list).
+    many = hasattr(Platform, "_find_non_ssm_backends")
+    monkeypatch.setattr(Platform, "_find_non_ssm_backends" if many else "_find_non_ssm_backend",
+                        classmethod(lambda cls, config: [SparseFlashAttentionBackend] if many
+                                    else SparseFlashAttentionBackend))
+    monkeypatch.setattr(CacheConfig, "DEFAULT_BLOCK_SIZE", 64)
+
+    def engine(name: str, decode, **cache):
+        plan = {"version": 1, "models": [{"match": {"names": ["*"]}, "block_size": 128, "dense_below": 256,
+                                          "min_query_tokens": 16, "min_chunk_work": 0, "decode": decode,
+                                          "layers": [{"layers": "all", "dense": True}]}]}
+        (tmp_path / name).write_text(yaml.safe_dump(plan))
+        config = VllmConfig(model_config=ModelConfig(model=str(tiny_llama), dtype="float32", skip_tokenizer_init=True,
+                                                     max_model_len=4096), cache_config=CacheConfig(**cache),
+                            additional_config={"sparse": {"config": str(tmp_path / name)}})
+        config.cache_config.block_size = cache.get("block_size", 64)  # (a CPU platform resolves its own first)
+        Platform.update_block_size_for_backend(config)
+        return config.cache_config.block_size
+
+    quest = {"estimator": "quest", "top_k_tokens": 256, "block_tokens": 64, "dense_below": 512}
+    assert engine("quest.yaml", quest) == 16
+    assert engine("given.yaml", quest, block_size=64) == 64  # (the builder then checks it against the plan)
+    assert engine("dense.yaml", "dense") == 64
+
+
 def _scheduler(model: str, backend: str | None, **model_kw):
     """(VllmConfig, vLLM's scheduler as its engine core builds it), prefix caching on
     (benchmarks/scheduler_step.py's builder)."""
