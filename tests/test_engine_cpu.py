@@ -184,3 +184,7 @@ def test_bad_config_stops_engine_start(runs):
     assert runs["bad"] is None
     assert f"invalid sparse-attention config {bad}" in output
     assert "models[0].layers[0].layers: layer 5 is beyond the model, which has 2 layers (0-1)" in output
+    # Refused as the engine's config was made, before vLLM started an engine process: LLM(...) raised the plugin's
+    # own error (not vLLM's "Engine core initialization failed", the cause only in the log above it).
+    assert "vllm_sparse.config.errors.SparseConfigError: vllm-sparse: invalid sparse-attention config" in output
+    assert "Engine core initialization failed" not in output and "EngineCore" not in output

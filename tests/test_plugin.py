@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import subprocess
 import sys
@@ -450,3 +451,55 @@ def test_gpu_memory_utilization_is_read_as_each_release_holds_it():
     asked = SimpleNamespace(gpu_memory_utilization=0.5, resolved_gpu_memory_utilization=0.5)
     assert compat.gpu_memory_utilization(asked) == 0.5
     assert 0 < compat.gpu_memory_utilization(CacheConfig()) <= 1
+
+
+def test_a_bad_plan_stops_the_engine_as_its_config_is_made(tiny_llama, tmp_path):
+    """vLLM makes an engine's config from its arguments (`EngineArgs.create_engine_config`) before it starts any
+    engine process: the plan is checked there, so `vllm serve` exits from its API server and `LLM(...)` raises the
+    plugin's own error. Its warnings are the engine's to say, once: none is said there, and nothing is cached for
+    the engine's own resolution of the plan (which in-process engines do on the same config object)."""
+    import yaml
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sparse.backend import plan_cache
+    from vllm_sparse.config.errors import SparseConfigError
+
+    register()
+    register()  # (the method is wrapped once)
+
+    def plan_file(name: str, **entry) -> dict:
+        (tmp_path / name).write_text(yaml.safe_dump({"version": 1, "models": [{
+            "match": {"architectures": ["LlamaForCausalLM"]}, **entry}]}))
+        return {"sparse": {"config": str(tmp_path / name)}}
+
+    def engine_config(backend: str | None, additional_config: dict):
+        return EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=4096, skip_tokenizer_init=True,
+                          attention_backend=backend, additional_config=additional_config).create_engine_config()
+
+    bad = plan_file("bad.yaml", layers=[{"layers": [0, 5], "estimator": {"name": "sink_local"}}])
+    with pytest.raises(SparseConfigError, match=r"layers\[0\].layers: layer 5 is beyond the model, which has 2 layers"):
+        engine_config("sparse", bad)
+    engine_config(None, bad)  # another backend's engine: the plan is not read (the engine says so as it starts)
+    # A plan the engine can only partly honour (decode selection from 100K tokens, max_model_len 4096): a warning.
+    short = plan_file("short.yaml", layers=[], decode={
+        "estimator": "quest", "top_k_tokens": 64, "block_tokens": 32, "dense_below": 100_000})
+    said = _Said()  # (on the plugin's logger itself: vLLM's config sets its "vllm" logger not to propagate)
+    logging.getLogger("vllm.sparse").addHandler(said)
+    try:
+        config = engine_config("sparse", short)
+        assert said.messages == []
+        assert id(config) not in plan_cache._cache
+        plan = plan_cache.plan_for(config)  # the engine's own resolution, as its layers are built: said there
+    finally:
+        logging.getLogger("vllm.sparse").removeHandler(said)
+    assert not plan.is_sparse_decode
+    assert len([m for m in said.messages if "decode selection (quest, from 100000 tokens" in m]) == 1, said.messages
+
+
+class _Said(logging.Handler):
+    def __init__(self):
+        super().__init__(level=0)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())

@@ -96,3 +96,4 @@ def test_server_refuses_bad_config(tiny_llama, tmp_path):
     out = proc.stdout + proc.stderr
     assert f"invalid sparse-attention config {tmp_path / 'bad.yaml'}" in out
     assert "models[0].layers[0].estimator: unknown field(s) 'sinks'; allowed: local_blocks, name, sink_blocks" in out
+    assert "EngineCore" not in out  # (refused in the API server, before it started the engine's process)

@@ -6,6 +6,7 @@ Nothing else in the package reaches into vLLM internals that moved between those
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -143,6 +144,32 @@ def on_engine_start(callback) -> None:
     hook above), in the process that logs for the engine. Any engine, on any attention backend."""
     if callback not in _engine_start_callbacks:
         _engine_start_callbacks.append(callback)
+
+
+_engine_config_checks: list = []
+
+
+def on_engine_config(check) -> None:
+    """Call `check(vllm_config)` as each engine's config is made from its arguments (`EngineArgs.create_engine_config`,
+    the same method in vLLM 0.26-0.34), in the process that starts the engine (`vllm serve`'s API server, `LLM(...)`),
+    before any engine process is started: what it raises stops the start there, as vLLM's own config errors do."""
+    if check not in _engine_config_checks:
+        _engine_config_checks.append(check)
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_vllm_sparse_hook", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        for one in _engine_config_checks:
+            one(vllm_config)
+        return vllm_config
+
+    create_engine_config._vllm_sparse_hook = True
+    EngineArgs.create_engine_config = create_engine_config
 
 
 def _hook_scheduler_init() -> None:

@@ -15,11 +15,19 @@ def register() -> None:
     compat.install_cpu_platform_hook()
     compat.install_scheduler_hook()
     compat.on_engine_start(_warn_unused_config)
+    compat.on_engine_config(_check_engine_config)
     compile_log.install()
     if claim_metrics_dir():
         from vllm_sparse.metrics.collector import register_collector
 
         register_collector(os.environ[DIR_ENV])
+
+
+def _check_engine_config(vllm_config) -> None:
+    # (imported only where an engine's config is made: the front end, not every process vLLM starts)
+    from vllm_sparse.backend.plan_cache import check_engine_config
+
+    check_engine_config(vllm_config)
 
 
 def _warn_unused_config(vllm_config) -> None:

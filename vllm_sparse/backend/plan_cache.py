@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sparse.backend.checks import prefill_reachable
+from vllm_sparse import compat
+from vllm_sparse.backend.checks import check_summaries, prefill_reachable
 from vllm_sparse.config.build import build_plan
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.plan import ModelShape, SparsePlan
-from vllm_sparse.log import logger
+from vllm_sparse.log import logger, quiet
 
 _cache: dict[int, tuple[object, SparsePlan]] = {}
 
@@ -30,6 +31,25 @@ def plan_for(vllm_config) -> SparsePlan:
     hit = _cache.get(key)
     if hit is not None and hit[0] is vllm_config:
         return hit[1]
+    plan = engine_plan(vllm_config)
+    _cache[key] = (vllm_config, plan)
+    return plan
+
+
+def check_engine_config(vllm_config) -> None:
+    """The plan's errors (the config file, the engine settings it cannot honour), raised as the engine's config is
+    made from its arguments (`compat.on_engine_config`): `vllm serve` and `LLM(...)` stop before an engine process
+    starts, and `LLM(...)` raises the error itself. The engine resolves the plan again as its layers are built
+    (`plan_for`), with the checks that need them; its warnings are said there, once, so none is said here."""
+    if not compat.attends_on_sparse(vllm_config):
+        return
+    with quiet():
+        plan = engine_plan(vllm_config)
+    check_summaries(plan, vllm_config)
+
+
+def engine_plan(vllm_config) -> SparsePlan:
+    """The plan this engine runs: the config found for its model, less what the engine can never reach."""
     plan = build_plan(getattr(vllm_config, "additional_config", None), model_shape(vllm_config))
     if plan.is_sparse and getattr(vllm_config, "speculative_config", None) is not None:
         # Verify steps over a long context, and a draft model whose layers the plan does not number,
@@ -48,5 +68,4 @@ def plan_for(vllm_config) -> SparsePlan:
     if plan.is_sparse_prefill and getattr(vllm_config, "scheduler_config", None) is not None and max_len is not None \
             and not prefill_reachable(vllm_config, plan, device_type(vllm_config)):
         plan = plan.without_prefill()  # (no chunk of this engine clears the plan's floors: no workspace for it)
-    _cache[key] = (vllm_config, plan)
     return plan
