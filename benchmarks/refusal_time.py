@@ -86,12 +86,12 @@ def main() -> int:
         rows.append(row)
         if args.out:  # (written as they come)
             Path(args.out).write_text(json.dumps({"shape": args.shape, "engine": engine, "rows": rows}, indent=1))
-    print(f"{'refused where':<10} {'seconds':>8}  {'LLM(...) raised':<24} {'the error names the field':<26} in the log")
+    print(f"{'refused where':<13} {'seconds':>8}  {'LLM(...) raised':<24} {'the error names the field':<26} in the log")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:<10} {'-':>8}  {r['error'][-200:]}")
+            print(f"{r['case']:<13} {'-':>8}  {r['error'][-200:]}")
             continue
-        print(f"{r['case']:<10} {r['seconds']:8.1f}  {str(r['raised']):<24} {str(r['names_the_field']):<26} "
+        print(f"{r['case']:<13} {r['seconds']:8.1f}  {str(r['raised']):<24} {str(r['names_the_field']):<26} "
               f"{r['said']}")
     return 0
 

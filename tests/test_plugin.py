@@ -466,6 +466,7 @@ def test_a_bad_plan_stops_the_engine_as_its_config_is_made(tiny_llama, tmp_path)
 
     register()
     register()  # (the method is wrapped once)
+    assert not getattr(EngineArgs.create_engine_config.__wrapped__, "_vllm_sparse_hook", False)
 
     def plan_file(name: str, **entry) -> dict:
         (tmp_path / name).write_text(yaml.safe_dump({"version": 1, "models": [{
