@@ -497,6 +497,58 @@ def test_a_bad_plan_stops_the_engine_as_its_config_is_made(tiny_llama, tmp_path)
     assert len([m for m in said.messages if "decode selection (quest, from 100000 tokens" in m]) == 1, said.messages
 
 
+def test_a_kv_connector_stops_a_sparse_engine_as_its_config_is_made(tiny_llama, tmp_path):
+    """A KV connector loads and stores pages the sparse path does not follow: where every layer attends on SPARSE,
+    the engine's config refuses it, naming the setting, before any engine process starts; an engine on another
+    backend, or one whose plan keeps every layer dense, starts."""
+    import yaml
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sparse.config.errors import SparseConfigError
+
+    register()
+    connector = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                 "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "kv")}}
+
+    def engine_config(backend: str | None, name: str, **entry):
+        (tmp_path / name).write_text(yaml.safe_dump({"version": 1, "models": [{
+            "match": {"architectures": ["LlamaForCausalLM"]}, **entry}]}))
+        return EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=4096, skip_tokenizer_init=True,
+                          attention_backend=backend, kv_transfer_config=connector,
+                          additional_config={"sparse": {"config": str(tmp_path / name)}}).create_engine_config()
+
+    decode = {"estimator": "quest", "top_k_tokens": 64, "block_tokens": 32, "dense_below": 1024}
+    with pytest.raises(SparseConfigError, match=r"kv_transfer_config: a KV connector or KV offloading"):
+        engine_config("sparse", "decode.yaml", layers=[], decode=decode)
+    assert engine_config(None, "decode.yaml", layers=[], decode=decode).kv_transfer_config is not None
+    assert engine_config("sparse", "dense.yaml", layers=[]).kv_transfer_config is not None
+
+
+def test_the_config_says_every_layer_attends_on_sparse_only_where_it_can_know():
+    """The front end refuses engine-wide KV settings only where every layer the plan numbers attends on SPARSE;
+    hybrid, attention-free and MLA models, SPARSE for one KV cache kind only, or a model config that cannot say,
+    leave it to the layers' builders."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.compat import every_attention_layer_on_sparse
+
+    register()
+    sparse = compat.attention_backend_enum()["SPARSE"]
+
+    def config(backend=sparse, **model):
+        flags = {"is_hybrid": False, "is_attention_free": False, "use_mla": False, **model}
+        return SimpleNamespace(attention_config=SimpleNamespace(backend=backend, backend_per_kind={}),
+                               model_config=SimpleNamespace(**flags))
+
+    assert every_attention_layer_on_sparse(config())
+    assert not every_attention_layer_on_sparse(config(backend=None))
+    assert not every_attention_layer_on_sparse(config(is_hybrid=True))
+    assert not every_attention_layer_on_sparse(config(is_attention_free=True))
+    assert not every_attention_layer_on_sparse(config(use_mla=True))
+    assert not every_attention_layer_on_sparse(SimpleNamespace(
+        attention_config=SimpleNamespace(backend=sparse), model_config=SimpleNamespace(is_hybrid=False)))
+
+
 class _Said(logging.Handler):
     def __init__(self):
         super().__init__(level=0)

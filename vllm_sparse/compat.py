@@ -204,6 +204,21 @@ def attends_on_sparse(vllm_config) -> bool:
     return any(is_sparse_backend(b) for b in chosen)
 
 
+def every_attention_layer_on_sparse(vllm_config) -> bool:
+    """Every layer the plan numbers attends on SPARSE, as far as the engine's config says: SPARSE is the engine's
+    backend (not one KV cache kind's), and the model is neither hybrid (its plan may number recurrent layers) nor
+    attention-free nor MLA (whose layers vLLM's own MLA backends serve). Where this vLLM's model config cannot say,
+    False: the engine's layers decide (`SparseBuilderMixin`)."""
+    attention = getattr(vllm_config, "attention_config", None)
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is None or not is_sparse_backend(getattr(attention, "backend", None)):
+        return False
+    try:
+        return not (mc.is_hybrid or mc.is_attention_free or mc.use_mla)
+    except AttributeError:
+        return False
+
+
 def skips_common_prefix_walk(vllm_config) -> bool:
     """Some layers attend on SPARSE (the engine's backend or a KV cache kind's) with cascade attention off: nothing
     reads the common prefix's length."""

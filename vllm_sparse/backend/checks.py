@@ -178,6 +178,14 @@ def kv_problems(vllm_config, cache_dtype: str | None = None) -> list[tuple[str, 
     if why:
         problems.append(("kv_cache_dtype", f"{why}: use --kv-cache-dtype auto, or a plan that keeps every layer "
                          "dense"))
+    return problems + kv_layout_problems(vllm_config)
+
+
+def kv_layout_problems(vllm_config) -> list[tuple[str, str]]:
+    """(setting, why) for the engine settings that put KV where the sparse path does not read it: pages loaded and
+    stored by a KV connector, a request's context sharded across ranks. Engine-wide settings, so the engine's
+    config says them before any layer is built (`plan_cache.check_engine_config`)."""
+    problems = []
     if compat.kv_transfer_config(vllm_config) is not None:
         problems.append(("kv_transfer_config", (
             "a KV connector or KV offloading (--kv-transfer-config, --kv-offloading-size) loads and stores KV "
