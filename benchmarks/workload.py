@@ -187,6 +187,9 @@ def worker(spec: dict) -> None:
         for rep in range(2):
             reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
             measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs, turn=rep)
+        if spec.get("profile") == f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}":  # a third round
+            reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
+            emit({"class": "profile", "of": spec["profile"], **profile_turn(engine, reqs, spec["profile_out"])})
 
 
 _PROBE_TOKENS = list(range(3, 131075))
@@ -573,7 +576,8 @@ def main() -> None:
     ap.add_argument("--reserve", type=int, default=150, help="seconds kept for each engine still to run")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
     ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine; "
-                    "first:N: the first N-token prompt under the profiler, before that class's measured turns")
+                    "first:N: the first N-token prompt under the profiler, before that class's measured turns; "
+                    "concurrent:BxN: a third round of that class under the profiler, after the measured two")
     ap.add_argument("--out", default="workload.json")
     ap.add_argument("--worker")
     args = ap.parse_args()

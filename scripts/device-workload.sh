@@ -34,6 +34,11 @@
 #   fp8e2e benchmarks/e2e.py with --kv-cache-dtype fp8 at 32K and 128K, dense and PLANS' first plan, CUDA graphs
 #   conc   12 concurrent 32K prompts alone, CUDA graphs, with CUDA_SCALE_LAUNCH_QUEUES=4x (a deeper launch queue: the
 #          batch's first tokens waited behind a sparse step's ~1,000 launches), dense and PLANS' first plan
+#   cprof  12 concurrent 32K prompts, CUDA graphs, dense and PLANS' first plan: the two measured rounds, then a third
+#          under the profiler in each engine (where the sparse engine's ~15 ms a request over its single 32K
+#          prompt goes: the mixed steps' decode rows, their sub-batch, chunks cut off the block grid)
+#   rtime  benchmarks/refusal_time.py: how long a bad config takes to stop an engine of the Llama-3.1-8B shape,
+#          refused as its config is made vs in the worker (~120 s)
 #   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
 #          stride-16 int8 scores) at 64K, 128K and 1M (2026-12-04: 76.6 us at 64K and 128K, 846 us at 1M: ~0.5% of a
 #          64K prefill, so the branch select-multiway, a 16-way level search, cannot move 32K or 64K; it ran with
@@ -193,6 +198,17 @@ conc() {
     --concurrent-len 32768 --timeout $(( $(left) - 15 )) --out "$OUT/workload_conc_queues4x.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_queues4x.log" | tail -12
 }
+cprof() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs \
+    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs= --follow= --beside 0 --concurrent 12 \
+    --concurrent-len 32768 --profile concurrent:12x32768 --timeout $(( $(left) - 15 )) \
+    --out "$OUT/workload_conc_profile.json" 2>&1 \
+    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_profile.log" | tail -14
+}
+rtime() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/refusal_time.py --out "$OUT/refusal_time.json" 2>&1 \
+    | grep -v "Capturing CUDA" | tee "$OUT/refusal_time.log" | tail -8
+}
 selcmp() {
   local ctx
   for ctx in 65536 131072 1048576; do
@@ -308,4 +324,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
