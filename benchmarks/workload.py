@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pickle
 import statistics
 import subprocess
@@ -54,6 +55,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import build_model, kill_session  # noqa: E402  (the 8B-shaped dummy model and its tokenizer)
+
+from vllm_sparse import envs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = "WORKLOAD_ROW "
@@ -396,11 +399,13 @@ def emit(row: dict) -> None:
     print(ROW + json.dumps(row), flush=True)
 
 
-def run(spec: dict, label: str, on_row) -> str | None:
-    """One engine in its own process; each measurement goes to on_row as it comes. -> error or None."""
+def run(spec: dict, label: str, on_row, env: dict[str, str] | None = None) -> str | None:
+    """One engine in its own process (`env`: variables set for it alone); each measurement goes to on_row as it
+    comes. -> error or None."""
     # A session of its own, killed whole at the end (`e2e.kill_session`).
     proc = subprocess.Popen([sys.executable, "-u", __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     tail: list[str] = []
     # The deadline from a timer, not between lines: an engine that hangs without printing is killed on time too.
     expired = threading.Event()
@@ -573,6 +578,9 @@ def main() -> None:
                     "on both back to back in alternating order (host-bound turns then share the host's drift); "
                     "give --first= --beside 0 --concurrent 0 and, on a GPU, each engine's kv_cache_memory_bytes in "
                     "--engine")
+    ap.add_argument("--env-twin", metavar="NAME=VALUE",
+                    help="the first plan once more, its engine's process with this vllm-sparse variable set "
+                         "(label PLAN+NAME=VALUE): a runtime switch beside the same plan without it, in one run")
     ap.add_argument("--reserve", type=int, default=150, help="seconds kept for each engine still to run")
     ap.add_argument("--only", choices=["dense", "sparse"], help="run one side")
     ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine; "
@@ -614,6 +622,12 @@ def main() -> None:
         ap.error("--paired runs the follow-up classes of one plan: give --first= --beside 0 --concurrent 0, and "
                  "none of --extra-config, --only, --dense-again, --sparse-first, --profile")
     engines = [("dense", None)] + [(p, p) for p in [args.config, *args.extra_config]]
+    twin_env = {}
+    if args.env_twin:
+        name, _, value = args.env_twin.partition("=")
+        envs.get(name)  # (a name vllm-sparse does not read is refused here, not ignored in the engine)
+        twin_env = {name: value}
+        engines.append((f"{args.config}+{args.env_twin}", args.config))
     if args.paired:  # one process runs both: its rows say which engine they are from
         engines = [("paired", args.config)]
         results["engines"] = {"dense": {"rows": []}, args.config: {"rows": []}}
@@ -640,7 +654,8 @@ def main() -> None:
             out.write_text(json.dumps(results, indent=1))
 
         profile_out = str(out.with_suffix("")) + f".profile-{Path(cfg).stem if cfg else label}.txt"
-        err = run({**base, "config": cfg, "profile_out": profile_out, "paired": args.paired}, label, on_row)
+        err = run({**base, "config": cfg, "profile_out": profile_out, "paired": args.paired}, label, on_row,
+                  env=twin_env if label.endswith(f"+{args.env_twin}") else None)
         if err:
             for e in ([eng] if eng is not None else results["engines"].values()):
                 e["error"] = err

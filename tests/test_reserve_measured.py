@@ -134,3 +134,61 @@ def test_a_sparse_steps_dense_tokens_stay_within_their_reserved_bytes():
     peak = peak_bytes(lambda: Impl()._forward_dense_tokens(None, query, key, value, None, output, batch))
     assert 0 < peak <= dense_token_bytes(len(dense), hq, hkv, d, query.element_size())
     assert torch.equal(output[dense], query[dense]) and output[1::2].isnan().all()
+
+
+def test_dense_tokens_overlapped_with_the_sparse_chunks_are_counted_on_top_of_them():
+    """With `VLLM_SPARSE_OVERLAP_DENSE` a step's few dense tokens attend on a side stream while the sparse chunks
+    run, so their copies and FlashAttention's split-KV partials are held beside the chunks' temporaries: the
+    layer's bound adds them (`overlap_dense_bytes`) instead of taking the larger of the two."""
+    from vllm_sparse.backend.reserve import (
+        FA_MAX_SPLITS,
+        OVERLAP_MAX_TOKENS,
+        dense_token_bytes,
+        layer_temporaries_bytes,
+        overlap_dense_bytes,
+    )
+    from vllm_sparse.config.build import build_plan
+    from vllm_sparse.config.plan import ModelShape
+
+    shape = ModelShape("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), 32, 32, 8)
+    plan = build_plan({"sparse": {"config": "benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8-tail.yaml"}},
+                      shape)
+    extra = overlap_dense_bytes(32, 8, 128, 2)
+    assert extra == dense_token_bytes(OVERLAP_MAX_TOKENS, 32, 8, 128, 2) \
+        + FA_MAX_SPLITS * 32 * OVERLAP_MAX_TOKENS * 129 * 4
+    # 2K-token steps at 1M: the chunk's temporaries are the larger, and the overlap adds to them
+    args = (plan, 32, 8, 2048, 1 << 20, 16, 128, 2)
+    apart, beside = layer_temporaries_bytes(*args), layer_temporaries_bytes(*args, overlap_dense=True)
+    assert apart > dense_token_bytes(2048, 32, 8, 128, 2)
+    assert beside == apart + extra
+    # 16K-token steps at 128K: a whole step of dense tokens' copies (held apart from the chunks) is the larger
+    args = (plan, 32, 8, 16384, 131072, 16, 128, 2)
+    apart, beside = layer_temporaries_bytes(*args), layer_temporaries_bytes(*args, overlap_dense=True)
+    assert apart == dense_token_bytes(16384, 32, 8, 128, 2) and apart <= beside <= apart + extra
+
+
+def test_the_dense_tokens_stay_on_the_step_stream_on_cpu(monkeypatch):
+    """The side stream is CUDA's: on CPU (and with the setting on) a step's dense tokens attend before the chunks,
+    on the one stream, as without it."""
+    from types import SimpleNamespace
+
+    from vllm_sparse.backend import impl as impl_module
+
+    order = []
+
+    class Impl(impl_module.SparseImplMixin):
+        def __init__(self):
+            pass
+
+        def _forward_dense_tokens(self, *args, **kwargs):
+            order.append("dense")
+
+        def _attend_sparse_chunks(self, *args, **kwargs):
+            order.append("sparse")
+
+    monkeypatch.setattr(impl_module, "OVERLAP_DENSE", True)
+    monkeypatch.setattr(impl_module, "side_stream", lambda device: pytest.fail("no side stream on CPU"))
+    batch = SimpleNamespace(dense_tokens=torch.arange(3), dense_metadata=object())
+    query = torch.randn(8, 2, 4)
+    Impl()._forward_sparse_chunks(None, query, None, None, None, None, torch.empty_like(query), batch, [None])
+    assert order == ["dense", "sparse"]

@@ -126,16 +126,33 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
 
 def layer_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_step_tokens: int,
                             max_model_len: int, page_size: int, head_dim: int, itemsize: int,
-                            fp8_queries: bool = False, page_csr: bool = False, shard=None) -> int:
+                            fp8_queries: bool = False, page_csr: bool = False, shard=None,
+                            overlap_dense: bool = False) -> int:
     """What one sparse layer's forward may hold at once outside the workspace, the most of: a sparse
     chunk-layer's temporaries (`step_temporaries_bytes`; with a GQA group spread over ranks, its exchange and the
     group's scored heads: `split_group_bytes`) and the step's dense requests' copies (`dense_token_bytes`, freed
-    before the sparse chunks run). `itemsize`: the model dtype's."""
+    before the sparse chunks run, or, with `overlap_dense`, a few of them held beside those: `overlap_dense_bytes`).
+    `itemsize`: the model dtype's."""
     scored, exchange = (split_group_bytes(plan, shard, max_step_tokens, max_model_len, head_dim, itemsize)
                         if shard is not None else (local_q_heads, 0))
     sparse = exchange + step_temporaries_bytes(plan, scored, local_kv_heads, max_step_tokens, max_model_len,
                                                page_size, head_dim, itemsize if fp8_queries else 0, page_csr)
+    if overlap_dense:
+        sparse += overlap_dense_bytes(local_q_heads, local_kv_heads, head_dim, itemsize)
     return max(sparse, dense_token_bytes(max_step_tokens, local_q_heads, local_kv_heads, head_dim, itemsize))
+
+
+OVERLAP_MAX_TOKENS = 16  # a step's dense tokens that may attend beside its sparse chunks (VLLM_SPARSE_OVERLAP_DENSE)
+FA_MAX_SPLITS = 128  # FlashAttention's split-KV heuristic takes at most this many splits
+
+
+def overlap_dense_bytes(local_q_heads: int, local_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """What the step's dense tokens hold while they attend beside the sparse chunks (`impl._forward_sparse_chunks`
+    with VLLM_SPARSE_OVERLAP_DENSE): their copies (`dense_token_bytes`) and FlashAttention's split-KV partials
+    (fp32 outputs and log-sum-exps, at most `FA_MAX_SPLITS` splits), for at most `OVERLAP_MAX_TOKENS` tokens, on
+    top of the chunks' temporaries."""
+    partials = FA_MAX_SPLITS * local_q_heads * OVERLAP_MAX_TOKENS * (head_dim + 1) * 4
+    return dense_token_bytes(OVERLAP_MAX_TOKENS, local_q_heads, local_kv_heads, head_dim, itemsize) + partials
 
 
 def dense_token_bytes(max_step_tokens: int, local_q_heads: int, local_kv_heads: int, head_dim: int,
