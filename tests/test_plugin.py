@@ -497,10 +497,11 @@ def test_a_bad_plan_stops_the_engine_as_its_config_is_made(tiny_llama, tmp_path)
     assert len([m for m in said.messages if "decode selection (quest, from 100000 tokens" in m]) == 1, said.messages
 
 
-def test_a_kv_connector_stops_a_sparse_engine_as_its_config_is_made(tiny_llama, tmp_path):
+def test_a_kv_connector_or_dtype_stops_a_sparse_engine_as_its_config_is_made(tiny_llama, tmp_path):
     """A KV connector loads and stores pages the sparse path does not follow: where every layer attends on SPARSE,
     the engine's config refuses it, naming the setting, before any engine process starts; an engine on another
-    backend, or one whose plan keeps every layer dense, starts."""
+    backend, or one whose plan keeps every layer dense, starts. So is a KV cache dtype the sparse paths cannot
+    read, where no layer is kept apart from it."""
     import yaml
     from vllm.engine.arg_utils import EngineArgs
 
@@ -510,18 +511,27 @@ def test_a_kv_connector_stops_a_sparse_engine_as_its_config_is_made(tiny_llama, 
     connector = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                  "kv_connector_extra_config": {"shared_storage_path": str(tmp_path / "kv")}}
 
-    def engine_config(backend: str | None, name: str, **entry):
+    def engine_config(backend: str | None, name: str, kv=connector, dtype="auto", skip=(), **entry):
         (tmp_path / name).write_text(yaml.safe_dump({"version": 1, "models": [{
             "match": {"architectures": ["LlamaForCausalLM"]}, **entry}]}))
+        more = {"kv_cache_dtype_skip_layers": list(skip)} if skip else {}
         return EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=4096, skip_tokenizer_init=True,
-                          attention_backend=backend, kv_transfer_config=connector,
-                          additional_config={"sparse": {"config": str(tmp_path / name)}}).create_engine_config()
+                          attention_backend=backend, kv_transfer_config=kv, kv_cache_dtype=dtype,
+                          additional_config={"sparse": {"config": str(tmp_path / name)}}, **more
+                          ).create_engine_config()
 
     decode = {"estimator": "quest", "top_k_tokens": 64, "block_tokens": 32, "dense_below": 1024}
     with pytest.raises(SparseConfigError, match=r"kv_transfer_config: a KV connector or KV offloading"):
         engine_config("sparse", "decode.yaml", layers=[], decode=decode)
     assert engine_config(None, "decode.yaml", layers=[], decode=decode).kv_transfer_config is not None
     assert engine_config("sparse", "dense.yaml", layers=[]).kv_transfer_config is not None
+    # A KV cache dtype no sparse path reads (e5m2: neither the CPU's nor FA3's), refused as the config is made where
+    # every layer has it; with a layer kept in 16 bits, the layers' builders decide (they know each group's dtype).
+    with pytest.raises(SparseConfigError, match=r"kv_cache_dtype: .*kv_cache_dtype=fp8_e5m2: use --kv-cache-dtype"):
+        engine_config("sparse", "decode.yaml", kv=None, dtype="fp8_e5m2", layers=[], decode=decode)
+    if "kv_cache_dtype_skip_layers" in EngineArgs.__dataclass_fields__:  # (vLLM releases that have the setting)
+        assert engine_config("sparse", "decode.yaml", kv=None, dtype="fp8_e5m2", skip=["1"], layers=[],
+                             decode=decode).cache_config.kv_cache_dtype_skip_layers == ["1"]
 
 
 def test_the_config_says_every_layer_attends_on_sparse_only_where_it_can_know():

@@ -39,7 +39,8 @@ def check_block_size(block_size: int, page_size: int, source: str) -> None:
         raise SparseConfigError(source, [(
             "block_size",
             f"selection block_size {block_size} must be a multiple of the KV cache block size {page_size} "
-            f"(vLLM --block-size); use a multiple of {page_size}",
+            f"(vLLM's --block-size, or the attention backend's page where none is given); use a multiple of "
+            f"{page_size}",
         )])
 
 
@@ -167,14 +168,15 @@ def check_fp8_query_input(plan, kernel: str | None, cache_dtype: str, quantizes_
             "VLLM_SPARSE_KERNEL=triton, or --kv-cache-dtype auto"))])
 
 
-def kv_problems(vllm_config, cache_dtype: str | None = None) -> list[tuple[str, str]]:
+def kv_problems(vllm_config, cache_dtype: str | None = None, cuda: bool | None = None) -> list[tuple[str, str]]:
     """(setting, why) for every way this engine's KV cache is one the sparse paths cannot read: quantized other
     than as they read it (`kv_cache_problem`), or not all in this rank's paged cache, written there by the
     layer's own attention (the sparse path reads pages in place and decode's page summaries follow the writes).
     With a plan that has sparse prefill or decode layers they stop the engine at start (`SparseBuilderMixin`):
-    one rule for both. `cache_dtype`: the group's (`group_cache_dtype`; default: the engine's setting)."""
+    one rule for both. `cache_dtype`: the group's (`group_cache_dtype`; default: the engine's setting); `cuda`: the
+    engine's device (default: whether this process has one)."""
     problems = []
-    why = kv_cache_problem(vllm_config, cache_dtype=cache_dtype)
+    why = kv_cache_problem(vllm_config, cuda=cuda, cache_dtype=cache_dtype)
     if why:
         problems.append(("kv_cache_dtype", f"{why}: use --kv-cache-dtype auto, or a plan that keeps every layer "
                          "dense"))

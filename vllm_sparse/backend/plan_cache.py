@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vllm_sparse import compat
-from vllm_sparse.backend.checks import check_summaries, kv_layout_problems, prefill_reachable
+from vllm_sparse.backend.checks import check_summaries, kv_layout_problems, kv_problems, prefill_reachable
 from vllm_sparse.config.build import build_plan
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.config.plan import ModelShape, SparsePlan
@@ -46,11 +46,15 @@ def check_engine_config(vllm_config) -> None:
     with quiet():
         plan = engine_plan(vllm_config)
     check_summaries(plan, vllm_config)
-    # A KV connector or context parallelism, refused here where every layer the plan numbers attends on SPARSE
-    # (else by the layers' builders, which know which layers do). The KV dtype stays theirs: skip layers keep
-    # 16 bits under a global fp8 setting, so only a layer group knows its cache's dtype.
+    # A KV connector, context parallelism or a KV dtype the sparse paths cannot read, refused here where every
+    # layer the plan numbers attends on SPARSE (else by the layers' builders, which know which layers do). The
+    # dtype only where no layer is skipped: `--kv-cache-dtype-skip-layers` keeps some in 16 bits, and only a
+    # layer group knows its cache's dtype then (`group_cache_dtype`).
     if plan.is_sparse and compat.every_attention_layer_on_sparse(vllm_config):
-        problems = kv_layout_problems(vllm_config)
+        cache = getattr(vllm_config, "cache_config", None)
+        uniform = cache is not None and not getattr(cache, "kv_cache_dtype_skip_layers", None)
+        problems = kv_problems(vllm_config, cuda=device_type(vllm_config) == "cuda") if uniform \
+            else kv_layout_problems(vllm_config)
         if problems:
             raise SparseConfigError(plan.source, problems)
 
