@@ -38,7 +38,8 @@
 #          under the profiler in each engine (where the sparse engine's ~15 ms a request over its single 32K
 #          prompt goes: the mixed steps' decode rows, their sub-batch, chunks cut off the block grid)
 #   ovl    12 concurrent 32K prompts, CUDA graphs: dense, PLANS' first plan, and the same plan with
-#          VLLM_SPARSE_OVERLAP_DENSE=1 (the decode rows of a mixed step on a side stream beside the sparse chunks)
+#          VLLM_SPARSE_OVERLAP_DENSE=1 (the decode rows of a mixed step on a side stream beside the sparse chunks);
+#          OVL_ARGS="--only sparse": the two sparse engines alone (~240 s)
 #   otest  the overlap's GPU engine test (chats decoding on the side stream beside a sparse prefill, CUDA graphs,
 #          against the stock engine's tokens) and the reservation's tests
 #   rtime  benchmarks/refusal_time.py: how long a bad config takes to stop an engine of the Llama-3.1-8B shape,
@@ -212,7 +213,7 @@ cprof() {
 ovl() {
   timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs \
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs= --follow= --beside 0 --concurrent 12 \
-    --concurrent-len 32768 --env-twin VLLM_SPARSE_OVERLAP_DENSE=1 --timeout $(( $(left) - 15 )) \
+    --concurrent-len 32768 --env-twin VLLM_SPARSE_OVERLAP_DENSE=1 ${OVL_ARGS:-} --timeout $(( $(left) - 15 )) \
     --out "$OUT/workload_conc_overlap.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_overlap.log" | tail -16
 }
