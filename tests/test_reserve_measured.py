@@ -143,6 +143,7 @@ def test_dense_tokens_overlapped_with_the_sparse_chunks_are_counted_on_top_of_th
     from vllm_sparse.backend.reserve import (
         FA_MAX_SPLITS,
         OVERLAP_MAX_TOKENS,
+        SIDE_POOL_PAD,
         dense_token_bytes,
         layer_temporaries_bytes,
         overlap_dense_bytes,
@@ -155,7 +156,10 @@ def test_dense_tokens_overlapped_with_the_sparse_chunks_are_counted_on_top_of_th
                       shape)
     extra = overlap_dense_bytes(32, 8, 128, 2)
     assert extra == dense_token_bytes(OVERLAP_MAX_TOKENS, 32, 8, 128, 2) \
-        + FA_MAX_SPLITS * 32 * OVERLAP_MAX_TOKENS * 129 * 4
+        + FA_MAX_SPLITS * 32 * OVERLAP_MAX_TOKENS * 129 * 4 + 32 * OVERLAP_MAX_TOKENS * 4 + SIDE_POOL_PAD
+    # FA2 pads the partials' head size to 32: head size 80 counts as 96
+    assert overlap_dense_bytes(32, 8, 80, 2) - dense_token_bytes(OVERLAP_MAX_TOKENS, 32, 8, 80, 2) \
+        == FA_MAX_SPLITS * 32 * OVERLAP_MAX_TOKENS * 97 * 4 + 32 * OVERLAP_MAX_TOKENS * 4 + SIDE_POOL_PAD
     # 2K-token steps at 1M: the chunk's temporaries are the larger, and the overlap adds to them
     args = (plan, 32, 8, 2048, 1 << 20, 16, 128, 2)
     apart, beside = layer_temporaries_bytes(*args), layer_temporaries_bytes(*args, overlap_dense=True)

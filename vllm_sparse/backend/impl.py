@@ -254,9 +254,11 @@ class SparseImplMixin:
                     self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
             else:
                 self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
-        self._attend_sparse_chunks(layer, query, kv_cache, attn_metadata, output, batch, head_plans)
-        if side is not None:
-            torch.cuda.current_stream(query.device).wait_stream(side)
+        try:
+            self._attend_sparse_chunks(layer, query, kv_cache, attn_metadata, output, batch, head_plans)
+        finally:  # (joined on an error too: the side stream's copies are freed as this frame unwinds)
+            if side is not None:
+                torch.cuda.current_stream(query.device).wait_stream(side)
 
     def _attend_sparse_chunks(self, layer, query, kv_cache, attn_metadata, output, batch, head_plans):
         if self._metrics is False:

@@ -143,16 +143,23 @@ def layer_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads
 
 
 OVERLAP_MAX_TOKENS = 16  # a step's dense tokens that may attend beside its sparse chunks (VLLM_SPARSE_OVERLAP_DENSE)
-FA_MAX_SPLITS = 128  # FlashAttention's split-KV heuristic takes at most this many splits
+# FlashAttention's most split-KV splits: its heuristics take at most 128, and vLLM may pass a count of its own under
+# CUDA graphs (flash_attn_max_num_splits_for_cuda_graph, 32 by default), which FA3 takes up to 256.
+FA_MAX_SPLITS = 256
+SIDE_POOL_PAD = 22 << 20  # the side stream's own allocator segments: a 2 MiB small-block one, a 20 MiB large one
 
 
 def overlap_dense_bytes(local_q_heads: int, local_kv_heads: int, head_dim: int, itemsize: int) -> int:
     """What the step's dense tokens hold while they attend beside the sparse chunks (`impl._forward_sparse_chunks`
-    with VLLM_SPARSE_OVERLAP_DENSE): their copies (`dense_token_bytes`) and FlashAttention's split-KV partials
-    (fp32 outputs and log-sum-exps, at most `FA_MAX_SPLITS` splits), for at most `OVERLAP_MAX_TOKENS` tokens, on
-    top of the chunks' temporaries."""
-    partials = FA_MAX_SPLITS * local_q_heads * OVERLAP_MAX_TOKENS * (head_dim + 1) * 4
-    return dense_token_bytes(OVERLAP_MAX_TOKENS, local_q_heads, local_kv_heads, head_dim, itemsize) + partials
+    with VLLM_SPARSE_OVERLAP_DENSE): their copies (`dense_token_bytes`), FlashAttention's split-KV partials (fp32
+    outputs, their head size rounded up to 32 as FA2 pads it, and log-sum-exps, at most `FA_MAX_SPLITS` splits) and
+    its final log-sum-exps, for at most `OVERLAP_MAX_TOKENS` tokens, and the side stream's own allocator segments
+    (blocks freed on one stream are not reused by the other), on top of the chunks' temporaries."""
+    padded = -(-head_dim // 32) * 32
+    partials = FA_MAX_SPLITS * local_q_heads * OVERLAP_MAX_TOKENS * (padded + 1) * 4
+    lse = local_q_heads * OVERLAP_MAX_TOKENS * 4
+    return (dense_token_bytes(OVERLAP_MAX_TOKENS, local_q_heads, local_kv_heads, head_dim, itemsize) + partials + lse
+            + SIDE_POOL_PAD)
 
 
 def dense_token_bytes(max_step_tokens: int, local_q_heads: int, local_kv_heads: int, head_dim: int,
