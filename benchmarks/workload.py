@@ -622,12 +622,12 @@ def main() -> None:
         ap.error("--paired runs the follow-up classes of one plan: give --first= --beside 0 --concurrent 0, and "
                  "none of --extra-config, --only, --dense-again, --sparse-first, --profile")
     engines = [("dense", None)] + [(p, p) for p in [args.config, *args.extra_config]]
-    twin_env = {}
+    twin_label, twin_env = None, None
     if args.env_twin:
         name, _, value = args.env_twin.partition("=")
         envs.get(name)  # (a name vllm-sparse does not read is refused here, not ignored in the engine)
-        twin_env = {name: value}
-        engines.append((f"{args.config}+{args.env_twin}", args.config))
+        twin_label, twin_env = f"{args.config}+{args.env_twin}", {name: value}
+        engines.append((twin_label, args.config))
     if args.paired:  # one process runs both: its rows say which engine they are from
         engines = [("paired", args.config)]
         results["engines"] = {"dense": {"rows": []}, args.config: {"rows": []}}
@@ -655,7 +655,7 @@ def main() -> None:
 
         profile_out = str(out.with_suffix("")) + f".profile-{Path(cfg).stem if cfg else label}.txt"
         err = run({**base, "config": cfg, "profile_out": profile_out, "paired": args.paired}, label, on_row,
-                  env=twin_env if label.endswith(f"+{args.env_twin}") else None)
+                  env=twin_env if label == twin_label else None)
         if err:
             for e in ([eng] if eng is not None else results["engines"].values()):
                 e["error"] = err

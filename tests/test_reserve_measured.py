@@ -140,9 +140,9 @@ def test_dense_tokens_overlapped_with_the_sparse_chunks_are_counted_on_top_of_th
     """With `VLLM_SPARSE_OVERLAP_DENSE` a step's few dense tokens attend on a side stream while the sparse chunks
     run, so their copies and FlashAttention's split-KV partials are held beside the chunks' temporaries: the
     layer's bound adds them (`overlap_dense_bytes`) instead of taking the larger of the two."""
+    from vllm_sparse.backend.batch import OVERLAP_MAX_TOKENS
     from vllm_sparse.backend.reserve import (
         FA_MAX_SPLITS,
-        OVERLAP_MAX_TOKENS,
         SIDE_POOL_PAD,
         dense_token_bytes,
         layer_temporaries_bytes,
@@ -171,12 +171,20 @@ def test_dense_tokens_overlapped_with_the_sparse_chunks_are_counted_on_top_of_th
     assert apart == dense_token_bytes(16384, 32, 8, 128, 2) and apart <= beside <= apart + extra
 
 
-def test_the_dense_tokens_stay_on_the_step_stream_on_cpu(monkeypatch):
-    """The side stream is CUDA's: on CPU (and with the setting on) a step's dense tokens attend before the chunks,
-    on the one stream, as without it."""
+def test_the_step_overlaps_only_a_few_dense_tokens_on_cuda_with_the_setting_on():
+    """The builder's rule, once per step (`batch.overlaps_dense`): a side stream only on CUDA, with the setting on,
+    for 1 to `OVERLAP_MAX_TOKENS` dense tokens; and a step it does not overlap attends its dense tokens before the
+    chunks, on the one stream (the only order a CPU can run)."""
     from types import SimpleNamespace
 
     from vllm_sparse.backend import impl as impl_module
+    from vllm_sparse.backend.batch import OVERLAP_MAX_TOKENS, overlaps_dense
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert overlaps_dense(1, cuda, enabled=True) and overlaps_dense(OVERLAP_MAX_TOKENS, cuda, enabled=True)
+    assert not overlaps_dense(OVERLAP_MAX_TOKENS + 1, cuda, enabled=True)
+    assert not overlaps_dense(0, cuda, enabled=True)
+    assert not overlaps_dense(4, cuda, enabled=False) and not overlaps_dense(4, cpu, enabled=True)
 
     order = []
 
@@ -190,9 +198,8 @@ def test_the_dense_tokens_stay_on_the_step_stream_on_cpu(monkeypatch):
         def _attend_sparse_chunks(self, *args, **kwargs):
             order.append("sparse")
 
-    monkeypatch.setattr(impl_module, "OVERLAP_DENSE", True)
-    monkeypatch.setattr(impl_module, "side_stream", lambda device: pytest.fail("no side stream on CPU"))
-    batch = SimpleNamespace(dense_tokens=torch.arange(3), dense_metadata=object())
+    batch = SimpleNamespace(dense_tokens=torch.arange(3), dense_metadata=object(),
+                            overlap_dense=overlaps_dense(3, cpu, enabled=True))
     query = torch.randn(8, 2, 4)
     Impl()._forward_sparse_chunks(None, query, None, None, None, None, torch.empty_like(query), batch, [None])
     assert order == ["dense", "sparse"]

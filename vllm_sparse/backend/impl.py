@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_sparse import compat, envs
+from vllm_sparse import compat
+from vllm_sparse.backend.batch import OVERLAP_DENSE
 from vllm_sparse.backend.checks import (
     check_forced_kernel,
     check_fp8_query_input,
@@ -26,12 +27,7 @@ from vllm_sparse.backend.checks import (
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.reserve import (
-    OVERLAP_MAX_TOKENS,
-    layer_temporaries_bytes,
-    reserve_estimator_workspace,
-    touch_step_temporaries,
-)
+from vllm_sparse.backend.reserve import layer_temporaries_bytes, reserve_estimator_workspace, touch_step_temporaries
 from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.config.errors import SparseConfigError
@@ -62,7 +58,6 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-OVERLAP_DENSE = envs.flag("VLLM_SPARSE_OVERLAP_DENSE")
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
@@ -242,8 +237,7 @@ class SparseImplMixin:
                                *args, **kwargs):
         side = None
         if batch.dense_metadata is not None:
-            if OVERLAP_DENSE and batch.dense_tokens.shape[0] <= OVERLAP_MAX_TOKENS and query.is_cuda \
-                    and not capturing(query):
+            if batch.overlap_dense:  # (decided once per step by the builder: `batch.overlaps_dense`)
                 # A few decode rows beside a prefill chunk read their whole contexts' KV: on a side stream, those
                 # reads overlap the sparse chunks' compute, as they do inside dense's one FlashAttention call. The
                 # streams write disjoint rows of `output`; every input was made on this stream before the fork,

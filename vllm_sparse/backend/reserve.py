@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparse.backend.batch import OVERLAP_MAX_TOKENS
 from vllm_sparse.backend.split_groups import split_group
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
@@ -142,7 +143,6 @@ def layer_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads
     return max(sparse, dense_token_bytes(max_step_tokens, local_q_heads, local_kv_heads, head_dim, itemsize))
 
 
-OVERLAP_MAX_TOKENS = 16  # a step's dense tokens that may attend beside its sparse chunks (VLLM_SPARSE_OVERLAP_DENSE)
 # FlashAttention's most split-KV splits: its heuristics take at most 128, and vLLM may pass a count of its own under
 # CUDA graphs (flash_attn_max_num_splits_for_cuda_graph, 32 by default), which FA3 takes up to 256.
 FA_MAX_SPLITS = 256
