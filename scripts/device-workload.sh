@@ -9,6 +9,8 @@
 #          plan with the work floor `auto`, then the same plan with it off), the same traffic to each; one
 #          follow-up turn (PROFILE, default follow:32768+256) profiled in every engine
 #   wlg    the same with CUDA graphs (--graphs)
+#   wl8k   wlg with 8192-token chunks: `vllm serve`'s own max_num_batched_tokens on an H100 or H200 (vLLM's
+#          OPENAI_API_SERVER default for GPUs of >= 70 GiB; `LLM(...)` and the other steps take 16384)
 #   ktest  the sparse attention kernels' tests, compiled (FA3 and Triton, a page list per KV head and per q head)
 #   kern   benchmarks/kernels.py --head-lists: a page list per q head, heads keeping different blocks, vs the
 #          same blocks (deliverable 4's target), 128K prompt and a 16K chunk after 112K
@@ -121,6 +123,7 @@ workload() {  # workload OUT_NAME [--graphs]
 }
 wl() { workload workload_eager; }
 wlg() { workload workload_graphs --graphs; }
+wl8k() { workload workload_graphs_chunk8k --graphs --chunk 8192; }
 ktest() { timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_sparse_kernel.py 2>&1 | tail -15; }
 kern() {
   timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 131072 --modes prompt,chunk --densities "" \
@@ -342,4 +345,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 ovl:400 otest:150 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 ovl:400 otest:150 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
