@@ -39,11 +39,6 @@
 #   cprof  12 concurrent 32K prompts, CUDA graphs, dense and PLANS' first plan: the two measured rounds, then a third
 #          under the profiler in each engine (where the sparse engine's ~15 ms a request over its single 32K
 #          prompt goes: the mixed steps' decode rows, their sub-batch, chunks cut off the block grid)
-#   ovl    12 concurrent 32K prompts, CUDA graphs: dense, PLANS' first plan, and the same plan with
-#          VLLM_SPARSE_OVERLAP_DENSE=1 (the decode rows of a mixed step on a side stream beside the sparse chunks);
-#          OVL_ARGS="--only sparse": the two sparse engines alone (~240 s)
-#   otest  the overlap's GPU engine test (chats decoding on the side stream beside a sparse prefill, CUDA graphs,
-#          against the stock engine's tokens) and the reservation's tests
 #   rtime  benchmarks/refusal_time.py: how long a bad config takes to stop an engine of the Llama-3.1-8B shape,
 #          refused as its config is made vs in the worker (~120 s)
 #   selcmp the block selection kernel's time per chunk-layer (per-kernel times of benchmarks/estimators.py, 16K queries,
@@ -213,19 +208,6 @@ cprof() {
     --out "$OUT/workload_conc_profile.json" 2>&1 \
     | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_profile.log" | tail -14
 }
-ovl() {
-  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs \
-    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs= --follow= --beside 0 --concurrent 12 \
-    --concurrent-len 32768 --env-twin VLLM_SPARSE_OVERLAP_DENSE=1 ${OVL_ARGS:-} --timeout $(( $(left) - 15 )) \
-    --out "$OUT/workload_conc_overlap.json" 2>&1 \
-    | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_overlap.log" | tail -16
-}
-otest() {
-  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE \
-    "tests/test_engine_gpu.py::test_chats_attending_on_a_side_stream_beside_a_sparse_prefill_decode_as_stock" \
-    "tests/test_engine_gpu.py::test_chats_beside_a_sparse_prefill_decode_as_stock_with_cuda_graphs" \
-    tests/test_reserve_measured.py 2>&1 | tee "$OUT/overlap_tests.log" | tail -8
-}
 rtime() {
   timeout $(( $(left) - 5 )) python3 benchmarks/refusal_time.py --out "$OUT/refusal_time.json" 2>&1 \
     | grep -v "Capturing CUDA" | tee "$OUT/refusal_time.log" | tail -8
@@ -345,4 +327,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 ovl:400 otest:150 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

@@ -11,11 +11,10 @@ import math
 import pytest
 import torch
 
-from tests.engines import run_each, run_engine
+from tests.engines import run_engine
 from tests.test_engine_cpu import (
     LENGTHS,
     _max_logprob_diff,
-    chats_specs,
     check_chats_beside,
     plan_specs,
     run_chats_beside,
@@ -95,17 +94,6 @@ def test_chats_beside_a_sparse_prefill_decode_as_stock_with_cuda_graphs(model_ca
 
     check_chats_beside(run_chats_beside(build_tiny_llama(model_cache, head_dim=64), tmp_path,
                                         {**ENGINE, "enforce_eager": False}))
-
-
-def test_chats_attending_on_a_side_stream_beside_a_sparse_prefill_decode_as_stock(model_cache, tmp_path):
-    """`VLLM_SPARSE_OVERLAP_DENSE=1`: the chats' decode rows in the steps that prefill the long prompt's sparse chunks
-    attend on a side stream while the chunks run; with CUDA graphs on, they give the stock engine's greedy
-    tokens (the streams' fork and join order the rows' writes before the next layer reads them)."""
-    from tests.fixtures.tiny_llama import build_tiny_llama
-
-    specs = chats_specs(build_tiny_llama(model_cache, head_dim=64), tmp_path, {**ENGINE, "enforce_eager": False})
-    done = run_each(specs, one_process=False, env={"VLLM_SPARSE_OVERLAP_DENSE": "1"})
-    check_chats_beside({name: result for name, (result, _) in done.items()})
 
 
 def test_sparse_engine_equals_its_torch_reference_path(runs, model_cache, tmp_path):

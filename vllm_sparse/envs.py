@@ -18,9 +18,6 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "VLLM_SPARSE_METRICS_DIR": ("", "where workers write metrics snapshots (set by the process that serves them)"),
     "VLLM_SPARSE_FA_PACK_LISTS": ("0", "1: a short sparse chunk's page lists take one FlashAttention call, not one "
                                   "per list (fewer host calls; no faster on the follow-ups timed: docs/kernels.md)"),
-    "VLLM_SPARSE_OVERLAP_DENSE": ("0", "1: a sparse step's few dense tokens (decode rows beside a prefill chunk, at "
-                                  "most 16) attend on a side CUDA stream while the sparse chunks run, so their KV "
-                                  "reads overlap the chunks' compute as they do inside dense's one call"),
     "VLLM_SPARSE_LOG_STEPS": ("0", "1 logs every step that takes the sparse path (debug)"),
     "VLLM_SPARSE_LOG_COMPILES": ("0", "1 logs every Triton kernel a process compiles or loads, with its "
                                       "specialisation: which variant a request waited for (debug)"),

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_sparse import compat, envs
+from vllm_sparse import compat
 from vllm_sparse.config.plan import chunk_work
 from vllm_sparse.decode.step import DecodeRows
 from vllm_sparse.selection.tile_tables import chunk_dense_tail, chunk_tile_bounds
@@ -55,16 +55,6 @@ def dense_tail_views(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, spli
     return DenseTail(n, first_token, query_start_loc[:n + 1], seq_lens[:n], tail_query_start_loc, seq_lens[-1:])
 
 
-OVERLAP_DENSE = envs.flag("VLLM_SPARSE_OVERLAP_DENSE")
-OVERLAP_MAX_TOKENS = 16  # a step's dense tokens that may attend beside its sparse chunks (VLLM_SPARSE_OVERLAP_DENSE)
-
-
-def overlaps_dense(dense_tokens: int, device: torch.device, enabled: bool = OVERLAP_DENSE) -> bool:
-    """Whether a sparse step's dense tokens attend on a side stream beside its chunks (`impl._forward_sparse_chunks`):
-    with the setting on, on CUDA, for at most `OVERLAP_MAX_TOKENS` of them (decode rows beside a prefill chunk)."""
-    return enabled and device.type == "cuda" and 0 < dense_tokens <= OVERLAP_MAX_TOKENS
-
-
 @dataclass(frozen=True)
 class SparseBatch:
     chunks: tuple[SparseChunk, ...]
@@ -78,7 +68,6 @@ class SparseBatch:
     # `dense_above` of their blocks (`density_guard.py`).
     dense_layers: frozenset[int] = frozenset()
     guard: object | None = None  # the builder's `density_guard.DensityGuard`, which the sparse layers count into
-    overlap_dense: bool = False  # the dense tokens attend on a side stream beside the chunks (`overlaps_dense`)
 
 
 # Each array of `tile_geometry` starts at a multiple of this many int32s (16 bytes) in the step's one device

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vllm_sparse import compat, envs
-from vllm_sparse.backend.batch import SparseBatch, classify, overlaps_dense, tile_geometry
+from vllm_sparse.backend.batch import SparseBatch, classify, tile_geometry
 from vllm_sparse.backend.checks import (
     check_block_size,
     check_decode,
@@ -207,6 +207,5 @@ class SparseBuilderMixin:
         device = common_attn_metadata.query_start_loc.device
         dense_idx = to_device(dense_tokens, device) if len(dense_reqs) else None
         tiles = tile_geometry(chunks, self._plan.block_size, self._plan.union_tile, device, self._plan.dense_tail)
-        overlap = overlaps_dense(len(dense_tokens) if len(dense_reqs) else 0, device)
         return with_sparse_batch(self.metadata_cls, md, SparseBatch(tuple(chunks), dense_idx, dense_md, decode_rows,
-                                                                    tiles, dense_layers, guard, overlap))
+                                                                    tiles, dense_layers, guard))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 
 from vllm_sparse import compat
-from vllm_sparse.backend.batch import OVERLAP_DENSE
 from vllm_sparse.backend.checks import (
     check_forced_kernel,
     check_fp8_query_input,
@@ -56,17 +55,6 @@ def unsupported_features(arguments: dict) -> list[str]:
 
 def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The process's second stream on this GPU, where a step's few dense tokens attend beside its sparse chunks."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
 
 
 class SparseImplMixin:
@@ -118,8 +106,7 @@ class SparseImplMixin:
                 self._plan.page_size_at_start(vllm_config.cache_config.block_size,
                                               vllm_config.cache_config.user_specified_block_size), self.head_size,
                 vllm_config.model_config.dtype.itemsize, fp8_queries=self._fp8_cache,
-                page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)), shard=self._shard,
-                overlap_dense=OVERLAP_DENSE)
+                page_csr=self._kernel not in FLASH_VERSIONS or bool(column_layers(self._plan)), shard=self._shard)
             if self._fp8_cache and self._plan.is_sparse_decode:  # decode dequantizes the step's fp8 queries
                 self._temporaries = max(self._temporaries, vllm_config.scheduler_config.max_num_batched_tokens
                                         * self.num_heads * self.head_size * vllm_config.model_config.dtype.itemsize)
@@ -235,26 +222,8 @@ class SparseImplMixin:
 
     def _forward_sparse_chunks(self, layer, query, key, value, kv_cache, attn_metadata, output, batch, head_plans,
                                *args, **kwargs):
-        side = None
         if batch.dense_metadata is not None:
-            if batch.overlap_dense:  # (decided once per step by the builder: `batch.overlaps_dense`)
-                # A few decode rows beside a prefill chunk read their whole contexts' KV: on a side stream, those
-                # reads overlap the sparse chunks' compute, as they do inside dense's one FlashAttention call. The
-                # streams write disjoint rows of `output`; every input was made on this stream before the fork,
-                # and the join below comes before anything reads the rows or frees the inputs.
-                side = side_stream(query.device)
-                side.wait_stream(torch.cuda.current_stream(query.device))
-                with torch.cuda.stream(side):
-                    self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
-            else:
-                self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
-        try:
-            self._attend_sparse_chunks(layer, query, kv_cache, attn_metadata, output, batch, head_plans)
-        finally:  # (joined on an error too: the side stream's copies are freed as this frame unwinds)
-            if side is not None:
-                torch.cuda.current_stream(query.device).wait_stream(side)
-
-    def _attend_sparse_chunks(self, layer, query, kv_cache, attn_metadata, output, batch, head_plans):
+            self._forward_dense_tokens(layer, query, key, value, kv_cache, output, batch, *args, **kwargs)
         if self._metrics is False:
             self._metrics = worker_metrics(query.device, len(self._plan.layers))
         attend_observed(query, output, self._paged_kv(layer, kv_cache), attn_metadata.block_table, batch.chunks,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sparse.backend.batch import OVERLAP_MAX_TOKENS
 from vllm_sparse.backend.split_groups import split_group
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
@@ -127,39 +126,16 @@ def chunk_temporaries_bytes(q_heads: int, kv_heads: int, chunk_tokens: int, seq_
 
 def layer_temporaries_bytes(plan: SparsePlan, local_q_heads: int, local_kv_heads: int, max_step_tokens: int,
                             max_model_len: int, page_size: int, head_dim: int, itemsize: int,
-                            fp8_queries: bool = False, page_csr: bool = False, shard=None,
-                            overlap_dense: bool = False) -> int:
+                            fp8_queries: bool = False, page_csr: bool = False, shard=None) -> int:
     """What one sparse layer's forward may hold at once outside the workspace, the most of: a sparse
     chunk-layer's temporaries (`step_temporaries_bytes`; with a GQA group spread over ranks, its exchange and the
     group's scored heads: `split_group_bytes`) and the step's dense requests' copies (`dense_token_bytes`, freed
-    before the sparse chunks run, or, with `overlap_dense`, a few of them held beside those: `overlap_dense_bytes`).
-    `itemsize`: the model dtype's."""
+    before the sparse chunks run). `itemsize`: the model dtype's."""
     scored, exchange = (split_group_bytes(plan, shard, max_step_tokens, max_model_len, head_dim, itemsize)
                         if shard is not None else (local_q_heads, 0))
     sparse = exchange + step_temporaries_bytes(plan, scored, local_kv_heads, max_step_tokens, max_model_len,
                                                page_size, head_dim, itemsize if fp8_queries else 0, page_csr)
-    if overlap_dense:
-        sparse += overlap_dense_bytes(local_q_heads, local_kv_heads, head_dim, itemsize)
     return max(sparse, dense_token_bytes(max_step_tokens, local_q_heads, local_kv_heads, head_dim, itemsize))
-
-
-# FlashAttention's most split-KV splits: its heuristics take at most 128, and vLLM may pass a count of its own under
-# CUDA graphs (flash_attn_max_num_splits_for_cuda_graph, 32 by default), which FA3 takes up to 256.
-FA_MAX_SPLITS = 256
-SIDE_POOL_PAD = 22 << 20  # the side stream's own allocator segments: a 2 MiB small-block one, a 20 MiB large one
-
-
-def overlap_dense_bytes(local_q_heads: int, local_kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """What the step's dense tokens hold while they attend beside the sparse chunks (`impl._forward_sparse_chunks`
-    with VLLM_SPARSE_OVERLAP_DENSE): their copies (`dense_token_bytes`), FlashAttention's split-KV partials (fp32
-    outputs, their head size rounded up to 32 as FA2 pads it, and log-sum-exps, at most `FA_MAX_SPLITS` splits) and
-    its final log-sum-exps, for at most `OVERLAP_MAX_TOKENS` tokens, and the side stream's own allocator segments
-    (blocks freed on one stream are not reused by the other), on top of the chunks' temporaries."""
-    padded = -(-head_dim // 32) * 32
-    partials = FA_MAX_SPLITS * local_q_heads * OVERLAP_MAX_TOKENS * (padded + 1) * 4
-    lse = local_q_heads * OVERLAP_MAX_TOKENS * 4
-    return (dense_token_bytes(OVERLAP_MAX_TOKENS, local_q_heads, local_kv_heads, head_dim, itemsize) + partials + lse
-            + SIDE_POOL_PAD)
 
 
 def dense_token_bytes(max_step_tokens: int, local_q_heads: int, local_kv_heads: int, head_dim: int,
