@@ -11,6 +11,10 @@
 #   wlg    the same with CUDA graphs (--graphs)
 #   wl8k   wlg with 8192-token chunks: `vllm serve`'s own max_num_batched_tokens on an H100 or H200 (vLLM's
 #          OPENAI_API_SERVER default for GPUs of >= 70 GiB; `LLM(...)` and the other steps take 16384)
+#   floor8k the work floor with 8192-token chunks: first 32K, 12 concurrent 32K prompts, 16K and 32K cached + 2048,
+#          2560 and 4096 new tokens, with PLANS="antidiagonal-7.5-s16-int8-tail antidiagonal-7.5-s16-int8-tail-w64m"
+#          (the auto floor, 96M, and 64M: which sends the concurrent prompts' [8K, 16K) chunks sparse, and
+#          32K + 2048 / 16K + 4096 too); every class's median within dense's before `auto` may move (~450 s)
 #   ktest  the sparse attention kernels' tests, compiled (FA3 and Triton, a page list per KV head and per q head)
 #   kern   benchmarks/kernels.py --head-lists: a page list per q head, heads keeping different blocks, vs the
 #          same blocks (deliverable 4's target), 128K prompt and a 16K chunk after 112K
@@ -119,6 +123,10 @@ workload() {  # workload OUT_NAME [--graphs]
 wl() { workload workload_eager; }
 wlg() { workload workload_graphs --graphs; }
 wl8k() { workload workload_graphs_chunk8k --graphs --chunk 8192; }
+floor8k() {
+  PROFILE=${PROFILE:-follow:32768+2048} workload workload_graphs_floor8k --graphs --chunk 8192 --first 32768 \
+    --docs 16384,32768 --follow 2048,2560,4096 --beside 0 --concurrent 12 --reserve 120
+}
 ktest() { timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_sparse_kernel.py 2>&1 | tail -15; }
 kern() {
   timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 131072 --modes prompt,chunk --densities "" \
@@ -327,4 +335,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
