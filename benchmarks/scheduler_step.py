@@ -40,9 +40,11 @@ def model_dir() -> str:
     return str(root)
 
 
-def build(model: str, backend: str | None, max_len: int, blocks: int, **model_kw):
+def build(model: str, backend: str | None, max_len: int, blocks: int, chunk: int = 16384, max_seqs: int = 8,
+          **model_kw):
     """-> (VllmConfig, vLLM's scheduler as its engine core builds it: the class from SchedulerConfig), prefix
-    caching on, one full-attention KV cache group of `blocks` 16-token blocks; `model_kw` to ModelConfig."""
+    caching on, one full-attention KV cache group of `blocks` 16-token blocks, `chunk` tokens a step (its
+    max_num_batched_tokens), at most `max_seqs` requests; `model_kw` to ModelConfig."""
     import torch
     from vllm.config import AttentionConfig, CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
@@ -51,7 +53,7 @@ def build(model: str, backend: str | None, max_len: int, blocks: int, **model_kw
     config = VllmConfig(
         model_config=ModelConfig(model=model, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=max_len,
                                  **model_kw),
-        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16384, max_model_len=max_len,
+        scheduler_config=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=chunk, max_model_len=max_len,
                                          enable_chunked_prefill=True, is_encoder_decoder=False),
         cache_config=CacheConfig(block_size=16, enable_prefix_caching=True),
         attention_config=AttentionConfig(backend=backend))
