@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scheduler_step import build, model_dir  # noqa: E402
+from scheduler_step import AsyncSteps, block_hasher, build, model_dir  # noqa: E402
 
 LLAMA_8B = ("meta-llama/Llama-3.1-8B", ("LlamaForCausalLM",), 32, 32, 8)  # (name, architectures, layers, q, kv heads)
 
@@ -40,19 +40,14 @@ def step_meta(q_lens: list[int], seq_lens: list[int]):
 def route(plan, chunk: int, batch: int, length: int, out: int, model: str, seed: int = 0) -> dict:
     """Drive the prompts to their last output token; -> tokens sparse / dense and the chunks each way."""
     from vllm.sampling_params import SamplingParams
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
 
-    from vllm_sparse import compat
     from vllm_sparse.backend.batch import classify
 
     max_len = length + out + 64
     config, scheduler = build(model, None, max_len, blocks=batch * (max_len // 16 + 2) + 64, chunk=chunk,
-                         max_seqs=max(batch, 8))
-    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
-    init_none_hash(hash_fn)
-    hasher = get_request_block_hasher(16, hash_fn)
+                              max_seqs=max(batch, 8))
+    hasher = block_hasher(config)
     rng = random.Random(seed)
     params = SamplingParams(max_tokens=out, ignore_eos=True, temperature=0.0)
     for i in range(batch):
@@ -62,30 +57,20 @@ def route(plan, chunk: int, batch: int, length: int, out: int, model: str, seed:
     floors = (plan.sparse_context_floor, plan.query_token_floor("cuda"), plan.chunk_work_floor("cuda"),
               plan.dense_tail, plan.block_size, plan.dense_below)
     counts = {"sparse_tokens": 0, "dense_tokens": 0, "sparse_chunks": 0, "dense_prefill_chunks": 0, "steps": 0}
-    pending = None
+    steps = AsyncSteps(scheduler)
     while scheduler.requests and counts["steps"] < 100000:
-        so = scheduler.schedule()
-        ids = list(so.num_scheduled_tokens)
-        if ids:
-            reqs = [scheduler.requests[r] for r in ids]
-            q_lens = [so.num_scheduled_tokens[r] for r in ids]
-            seq_lens = [r.num_computed_tokens for r in reqs]  # (schedule() has counted this step's tokens in)
-            chunks, _, _ = classify(step_meta(q_lens, seq_lens), *floors)
-            sparse = sum(c.q_end - c.q_start for c in chunks)
-            counts["sparse_tokens"] += sparse
-            counts["dense_tokens"] += sum(q_lens) - sparse
-            counts["sparse_chunks"] += len(chunks)
-            counts["dense_prefill_chunks"] += sum(1 for q in q_lens if q > 1) - len(chunks)
-            counts["steps"] += 1
-        # (a request whose prompt is done this step samples a token; async scheduling applies it a step later)
-        done = [scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_prompt_tokens for r in ids]
-        result = compat.model_runner_output(ids, [[7] if d else [] for d in done])
-        if pending is not None:
-            scheduler.update_from_output(*pending)
-        pending = (so, result)
-        if not ids and pending is not None:
-            scheduler.update_from_output(*pending)
-            pending = None
+        so, computed = steps.step()
+        if not computed:  # (nothing to schedule until the last step's outputs are in)
+            steps.flush()
+            continue
+        q_lens = [so.num_scheduled_tokens[r] for r in computed]
+        chunks, _, _ = classify(step_meta(q_lens, list(computed.values())), *floors)
+        sparse = sum(c.q_end - c.q_start for c in chunks)
+        counts["sparse_tokens"] += sparse
+        counts["dense_tokens"] += sum(q_lens) - sparse
+        counts["sparse_chunks"] += len(chunks)
+        counts["dense_prefill_chunks"] += sum(1 for q in q_lens if q > 1) - len(chunks)
+        counts["steps"] += 1
     total = counts["sparse_tokens"] + counts["dense_tokens"]
     return {**counts, "sparse_share": counts["sparse_tokens"] / total if total else 0.0}
 

@@ -69,19 +69,51 @@ def build(model: str, backend: str | None, max_len: int, blocks: int, chunk: int
     return config, scheduler
 
 
-def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, steps: int, model: str) -> dict:
-    from vllm.sampling_params import SamplingParams
+def block_hasher(config):
+    """vLLM's block hasher for a request's prompt (prefix caching), as its engine core makes it."""
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.request import Request
 
-    from vllm_sparse import compat
+    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    return get_request_block_hasher(16, hash_fn)
+
+
+class AsyncSteps:
+    """The scheduler's steps in async scheduling's order: a step's made-up outputs (a token for each request whose
+    prompt is done) are applied after the next step is scheduled."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.pending = scheduler, None
+
+    def step(self):
+        """-> (the step's SchedulerOutput, each scheduled request's computed tokens, this step's counted in),
+        read before the last step's outputs may finish a request."""
+        from vllm_sparse import compat
+
+        out = self.scheduler.schedule()
+        requests = self.scheduler.requests
+        computed = {r: requests[r].num_computed_tokens for r in out.num_scheduled_tokens}
+        result = compat.model_runner_output(list(computed), [[7] if n >= requests[r].num_prompt_tokens else []
+                                                             for r, n in computed.items()])
+        self.flush()
+        self.pending = (out, result)
+        return out, computed
+
+    def flush(self) -> None:
+        """Apply the last step's outputs."""
+        if self.pending is not None:
+            self.scheduler.update_from_output(*self.pending)
+            self.pending = None
+
+
+def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, steps: int, model: str) -> dict:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
 
     max_len = context + 4096
     config, scheduler = build(model, backend, max_len, blocks=batch * max_len // 16 + 1024)
-    hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
-    init_none_hash(hash_fn)
-    hasher = get_request_block_hasher(16, hash_fn)
+    hasher = block_hasher(config)
     rng = random.Random(0)
     doc = [rng.randrange(3, 500) for _ in range(context - SUFFIX)]
     params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, temperature=0.0)
@@ -90,25 +122,13 @@ def decode_step_ms(backend: str | None, context: int, batch: int, shared: bool, 
         ids = head + [rng.randrange(3, 500) for _ in range(SUFFIX)]
         scheduler.add_request(Request(request_id=str(i), prompt_token_ids=ids, sampling_params=params,
                                       pooling_params=None, block_hasher=hasher))
-    pending = None
-
-    def step():
-        nonlocal pending
-        out = scheduler.schedule()
-        ids = list(out.num_scheduled_tokens)
-        done = [scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_prompt_tokens for r in ids]
-        result = compat.model_runner_output(ids, [[7] if d else [] for d in done])
-        if pending is not None:  # async scheduling's order: the last step's outputs after this one is scheduled
-            scheduler.update_from_output(*pending)
-        pending = (out, result)
-        return out
-
+    driver = AsyncSteps(scheduler)
     while any(scheduler.requests[str(i)].num_output_tokens < 2 for i in range(batch)):
-        step()
+        driver.step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        out = step()
+        out, _ = driver.step()
         times.append((time.perf_counter() - t0) * 1e3)
         if out.total_num_scheduled_tokens != batch:
             raise SystemExit(f"a step scheduled {out.total_num_scheduled_tokens} tokens, not {batch} decode tokens")
