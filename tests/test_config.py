@@ -606,8 +606,8 @@ SPARSE_LAYERS = [{"layers": "all", "estimator": {"name": "sink_local"}, "budget"
     # the auto floor (2048 query tokens on CUDA) above the engine's token budget
     (131072, 1024, {},
      "no prefill chunk has min_query_tokens (2048, auto) query tokens: a token budget of 1024 a step"),
-    # the auto work floor (96M token pairs) above the largest chunk: 2048 tokens at 32K of context
-    (32768, 2048, {}, "no prefill chunk reaches min_chunk_work (100663296 token pairs, auto): the largest, 2048 query "
+    # the auto work floor (64M token pairs) above the largest chunk: 2048 tokens at 32K of context
+    (32768, 2048, {}, "no prefill chunk reaches min_chunk_work (67108864 token pairs, auto): the largest, 2048 query "
                       "tokens at 32768 tokens of context, has 65012736"),
     # no prompt reaches dense_below
     (4096, 8192, {"dense_below": 8192}, "no prompt reaches dense_below (8192 tokens): max_model_len is 4096"),

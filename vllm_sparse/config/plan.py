@@ -24,15 +24,16 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "dense_above": "auto",
 }
 # Which prefill chunks can win sparse, by the device the engine runs on (`auto` of `min_query_tokens`
-# and `min_chunk_work`; work in token pairs: query tokens x the tokens they see). On CUDA (H200, vLLM
-# 0.26, Llama-3.1-8B shape, 10% antidiagonal plan, benchmarks/RESULTS.md "The serving workload") a
-# sparse chunk-layer has a fixed cost that grows with the context (estimation, selection, tables, FA3
-# per KV head): with every chunk sparse, follow-up turns lost up to 4x (256 new tokens after 32K
-# cached), broke even near 2.8K new tokens after 32K and 1.3K after 128K, and won 1.7x-2.6x above
-# them. The work floor, 96M pairs, is that 32K break-even, measured with the stride-8 bf16 estimator in
-# eager mode; the stride-16 int8 estimator costs a quarter of it, and a fresh prompt's first chunk of
-# 16,383 tokens (134M pairs; vLLM's first chunk when one request is already decoding) goes sparse, which
-# a 128M floor kept dense. On CPU the path is the exact torch
+# and `min_chunk_work`; work in token pairs: query tokens x the tokens they see). On CUDA a sparse chunk-layer has a
+# fixed cost that grows with the context (estimation, selection, tables, FA3 per KV head): with every chunk sparse,
+# follow-up turns lost up to 4x (256 new tokens after 32K cached; H200, vLLM 0.26, Llama-3.1-8B shape, 10%
+# antidiagonal plan, eager; benchmarks/RESULTS.md "The serving workload"). The work floor was 96M pairs (that 32K
+# break-even, 2026-12-03, before the launch cuts); 64M since 2026-12-07 (H100, CUDA graphs, 8192-token chunks): the
+# follow-ups it sends sparse that 96M kept dense won with the costliest antidiagonal estimator (stride 8, bf16:
+# 16K + 4096 1.28x, 32K + 2048 1.52x, 32K + 2560 1.42x) and with the stride-16 int8 one (1.42x / 1.53x / 1.51x), and
+# a prompt's [8K, 16K) chunk (100.67M pairs, 4,096 over 96M) no longer goes dense when decode rows share its step
+# (12 concurrent 32K prompts, 8K chunks: 1.29x -> 1.35x dense). The 32M probe won too (16K + 2048 1.18x, int8 only).
+# On CPU the path is the exact torch
 # reference, a correctness vehicle never faster than vLLM's own kernel, so no floor would make it win;
 # its tests exercise every chunk.
 AUTO_MIN_QUERY_TOKENS = {"cuda": 2048, "cpu": 16}
@@ -51,7 +52,7 @@ def chunk_work(q_len, seq_len):
     """Causal attention work of a prefill chunk in token pairs: each of its q_len query tokens sees the
     request's tokens before it and itself (ints, or int64 tensors of chunks)."""
     return q_len * (seq_len - q_len) + q_len * (q_len + 1) // 2
-AUTO_MIN_CHUNK_WORK = {"cuda": 96 * 2**20, "cpu": 0}
+AUTO_MIN_CHUNK_WORK = {"cuda": 64 * 2**20, "cpu": 0}
 DECODE_BLOCK_TOKENS = 64  # decode selection block (tokens), unless the config says
 DECODE_DENSE_BELOW = 16384  # decode steps with less context stay dense (at least), unless the config says
 # Quest bounds each KV page's scores from its keys' min and max, so a larger page loosens them: its pages are 16
