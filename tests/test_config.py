@@ -483,6 +483,27 @@ def test_the_metrics_interval_is_a_finite_number_above_zero(monkeypatch):
             envs.positive_float("VLLM_SPARSE_METRICS_INTERVAL_S")
 
 
+def test_variables_set_for_a_block_are_as_they_were_after_it(monkeypatch):
+    """An eval or calibration run in a process sets its counters for its own engines only: an eval left
+    VLLM_SPARSE_STATS=1 behind, and the engines started after it in that process ran without the `dense_above` rule
+    (found as two tests that failed only after tests/test_eval.py had run in the same process)."""
+    import os
+
+    from vllm_sparse import envs
+
+    monkeypatch.delenv("VLLM_SPARSE_STATS", raising=False)
+    monkeypatch.setenv("VLLM_SPARSE_AUDIT", "0")
+    with pytest.raises(RuntimeError, match="inside"):
+        with envs.set_for(VLLM_SPARSE_STATS="1", VLLM_SPARSE_AUDIT="1"):
+            assert envs.flag("VLLM_SPARSE_STATS") and envs.flag("VLLM_SPARSE_AUDIT")
+            raise RuntimeError("inside")
+    assert "VLLM_SPARSE_STATS" not in os.environ and os.environ["VLLM_SPARSE_AUDIT"] == "0"
+    with pytest.raises(KeyError, match="VLLM_SPARSE_STAT is not a declared"):
+        with envs.set_for(VLLM_SPARSE_STAT="1"):
+            pass
+    assert "VLLM_SPARSE_STAT" not in os.environ
+
+
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     f = tmp_path / "twice.yaml"
     f.write_text("version: 1\nmodels:\n  - match: {architectures: [LlamaForCausalLM]}\n"

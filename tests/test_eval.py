@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -159,8 +160,12 @@ def test_dense_again_is_scored_prompt_by_prompt_against_the_first_dense_run(tiny
                                                                 "layers": [{"layers": "all"}]}]}))
     runs = []
 
+    stats = []
+    monkeypatch.delenv("VLLM_SPARSE_STATS", raising=False)
+
     def fake_run_engine(model, groups, cfg, engine, label, max_tokens=16, **kw):
         runs.append((label, engine["max_num_batched_tokens"]))
+        stats.append(os.environ.get("VLLM_SPARSE_STATS"))
         out = []
         for gi, prompts in enumerate(groups):
             # each engine answers its own subset of the group right, by place
@@ -177,6 +182,8 @@ def test_dense_again_is_scored_prompt_by_prompt_against_the_first_dense_run(tiny
     result = harness.evaluate(str(tiny_llama), str(config), [300, 400], ["passkey", "multikey"], 3,
                               {"max_num_batched_tokens": 256}, seed=5, dense_twin_chunk=128)
     assert runs == [("dense", 256), ("dense-twin", 128), ("sparse", 256)]
+    # the eval's engines count stats; the process is left as it was (engines served after it keep `dense_above`)
+    assert stats == ["1"] * 3 and "VLLM_SPARSE_STATS" not in os.environ
     done = result["completions"]
     assert len(done) == 12
     for c in done:  # each twin completion is its own prompt's (the same group, task and place as dense's)

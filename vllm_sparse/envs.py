@@ -4,6 +4,7 @@ not declared here, so a typo fails at once; `vllm-sparse env` lists them with th
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 VARIABLES: dict[str, tuple[str, str]] = {
@@ -33,6 +34,24 @@ def get(name: str) -> str:
     if name not in VARIABLES:
         raise KeyError(f"{name} is not a declared vllm-sparse environment variable (vllm_sparse/envs.py)")
     return os.environ.get(name) or VARIABLES[name][0]
+
+
+@contextlib.contextmanager
+def set_for(**values: str):
+    """Declared variables set while the block runs (the engines it starts read them in their workers), then as they
+    were: an eval or a calibration in a process must not leave its counters on for the engines served after it."""
+    for name in values:
+        get(name)  # declared, or a KeyError naming it
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def flag(name: str) -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from vllm_sparse import envs
 from vllm_sparse.calibrate.candidates import candidates as make_candidates
 from vllm_sparse.calibrate.candidates import check_candidates, head_plan_of, label
 from vllm_sparse.calibrate.choose import (
@@ -240,14 +241,11 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     with tempfile.TemporaryDirectory(prefix="vllm-sparse-calibrate-") as tmp:
         probe = Path(tmp) / "probe.yaml"
         probe_config(shape, spec, probe)
-        os.environ["VLLM_SPARSE_CALIBRATE"] = json.dumps(cands)  # read by the engine's workers
-        try:
+        with envs.set_for(VLLM_SPARSE_CALIBRATE=json.dumps(cands)):  # read by the engine's workers
             with tqdm(total=len(groups), desc=f"calibrating {len(cands)} candidates", unit="prompt",
                       disable=not progress) as bar:
                 sweep = run_engine(spec.model, groups, str(probe), engine, "calibrate", 1, read=read_calibration,
                                    on_group=bar.update)
-        finally:
-            os.environ.pop("VLLM_SPARSE_CALIBRATE")
     sums: dict[int, dict] = {}
     for n, layers in zip(length_of, sweep.layers):
         _add(sums.setdefault(n, {}), {int(k): v for k, v in layers.items()})
@@ -265,15 +263,10 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
 
     verified = None
     if spec.verify and plan.is_sparse:
-        os.environ["VLLM_SPARSE_STATS"] = "1"
-        os.environ["VLLM_SPARSE_AUDIT"] = "1"
-        try:
+        with envs.set_for(VLLM_SPARSE_STATS="1", VLLM_SPARSE_AUDIT="1"):
             with tqdm(total=len(groups), desc="verifying the plan", unit="prompt", disable=not progress) as bar:
                 run = run_engine(spec.model, groups, str(out), engine, "verify", 1, read=read_stats,
                                  on_group=bar.update)
-        finally:
-            os.environ.pop("VLLM_SPARSE_STATS")
-            os.environ.pop("VLLM_SPARSE_AUDIT")
         verified = {}
         for layer in layers:
             per_n = [_verified_table(layer, [s.get(str(layer)) or s.get(layer) or {} for s, m in

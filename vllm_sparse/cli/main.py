@@ -98,7 +98,8 @@ def describe_chunk_rule(plan) -> str:
     """Which prefill chunks go sparse, in words (the builder's `classify`, decided from host data)."""
     def floors(device: str) -> str:
         q, w = plan.query_token_floor(device), plan.chunk_work_floor(device)
-        fewest = ", ".join(f"{max(q, _fewest_new_tokens(w, c)):,} after {c // 1024}K cached" for c in (16384, 32768, 131072))
+        fewest = ", ".join(f"{max(q, _fewest_new_tokens(w, c)):,} after {c // 1024}K cached"
+                           for c in (16384, 32768, 131072))
         return (f">= {q} query tokens and work >= {_pairs(w) + ' token pairs' if w else '0 (off)'} "
                 f"(the fewest new tokens: {fewest})")
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vllm_sparse import envs
 from vllm_sparse.eval.tasks import TASKS, real_text_prompt
 
 
@@ -135,9 +136,14 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     the first run's. What it loses and gains against the first run is one sample of how far dense's own greedy
     answers move on these prompts (a lower bound on that spread): a prompt it flips may be borderline for dense
     itself, and a plan's lost / gained are read beside it."""
-    # Stats are counted inside vLLM's worker processes, which inherit these.
-    os.environ["VLLM_SPARSE_STATS"] = "1"
+    # Stats are counted inside vLLM's worker processes, which inherit these (for this eval's engines only).
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+    with envs.set_for(VLLM_SPARSE_STATS="1"):
+        return _evaluate(model, config, lengths, tasks, samples, engine, operator_check, seed, max_tokens,
+                         dense_twin_chunk)
+
+
+def _evaluate(model, config, lengths, tasks, samples, engine, operator_check, seed, max_tokens, dense_twin_chunk):
     from transformers import AutoTokenizer
 
     from vllm_sparse.config.loader import load_config
@@ -193,11 +199,8 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
                                 "of_dense": engine.get("max_num_batched_tokens")}
         result["seconds"]["dense_twin"] = twin.seconds
     if operator_check:
-        os.environ["VLLM_SPARSE_AUDIT"] = "1"
-        try:
+        with envs.set_for(VLLM_SPARSE_AUDIT="1"):
             audit = run_engine(model, [[real_text_prompt(tok, operator_check)]], config, engine, "audit", 1)
-        finally:
-            os.environ.pop("VLLM_SPARSE_AUDIT")
         result["operator_check"] = {"length": operator_check, "layers": audit.layers[0]}
     return result
 
