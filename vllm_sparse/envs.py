@@ -37,11 +37,13 @@ def get(name: str) -> str:
 
 
 @contextlib.contextmanager
-def set_for(**values: str):
+def set_for(vllm: dict[str, str] | None = None, **values: str):
     """Declared variables set while the block runs (the engines it starts read them in their workers), then as they
-    were: an eval or a calibration in a process must not leave its counters on for the engines served after it."""
+    were: an eval or a calibration in a process must not leave its counters on for the engines served after it.
+    `vllm`: vLLM's own variables the block needs, restored the same way."""
     for name in values:
         get(name)  # declared, or a KeyError naming it
+    values = {**(vllm or {}), **values}
     before = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:

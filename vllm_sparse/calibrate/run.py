@@ -17,7 +17,6 @@ and budget per layer and q head, choose a plan, write it, and check it.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -236,7 +235,6 @@ def calibrate(spec: CalibrationSpec, out: str | Path, progress: bool = True) -> 
     engine = {"dtype": "bfloat16", "max_model_len": max(spec.lengths) + 256, "enforce_eager": True,
               "enable_prefix_caching": False, **spec.engine}
     meta = _meta()
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
 
     with tempfile.TemporaryDirectory(prefix="vllm-sparse-calibrate-") as tmp:
         probe = Path(tmp) / "probe.yaml"

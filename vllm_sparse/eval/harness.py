@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -74,6 +73,12 @@ def run_engine(model: str, groups: list[list[str]], config: str | None, engine: 
                max_tokens: int = 16, read=read_stats, on_group=None) -> EngineRun:
     """Generate greedily for each group of prompts in turn; stats are read per group (`read`, in the
     workers; rank 0's), and `on_group()` called after each (a progress bar)."""
+    # collective_rpc with a function (the stats readers) needs vLLM's pickle path: for this engine only
+    with envs.set_for(vllm={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}):
+        return _run_engine(model, groups, config, engine, label, max_tokens, read, on_group)
+
+
+def _run_engine(model, groups, config, engine, label, max_tokens, read, on_group) -> EngineRun:
     from vllm import LLM, SamplingParams
 
     kw = dict(model=model, seed=0, **engine)
@@ -136,8 +141,7 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     the first run's. What it loses and gains against the first run is one sample of how far dense's own greedy
     answers move on these prompts (a lower bound on that spread): a prompt it flips may be borderline for dense
     itself, and a plan's lost / gained are read beside it."""
-    # Stats are counted inside vLLM's worker processes, which inherit these (for this eval's engines only).
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+    # Stats are counted inside vLLM's worker processes, which inherit this (for this eval's engines only).
     with envs.set_for(VLLM_SPARSE_STATS="1"):
         return _evaluate(model, config, lengths, tasks, samples, engine, operator_check, seed, max_tokens,
                          dense_twin_chunk)
