@@ -14,7 +14,7 @@
 #   floor8k the work floor with 8192-token chunks: first 32K, 12 concurrent 32K prompts, 16K and 32K cached + 2048,
 #          2560 and 4096 new tokens, with PLANS="antidiagonal-7.5-s16-int8-tail antidiagonal-7.5-s16-int8-tail-w64m"
 #          (then the auto floor, 96M, and 64M: which sends the concurrent prompts' [8K, 16K) chunks sparse, and
-#          32K + 2048 / 16K + 4096 too; ran H100 2026-12-07: every class at or above dense, and `auto` became 64M) (~450 s)
+#          32K + 2048 / 16K + 4096 too; ran H100 2026-12-07: none below dense beyond 1%, and `auto` became 64M) (~450 s)
 #   ktest  the sparse attention kernels' tests, compiled (FA3 and Triton, a page list per KV head and per q head)
 #   kern   benchmarks/kernels.py --head-lists: a page list per q head, heads keeping different blocks, vs the
 #          same blocks (deliverable 4's target), 128K prompt and a 16K chunk after 112K

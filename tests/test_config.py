@@ -507,6 +507,10 @@ def test_variables_set_for_a_block_are_as_they_were_after_it(monkeypatch):
     with envs.set_for(vllm={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, VLLM_SPARSE_STATS="1"):
         assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1" and envs.flag("VLLM_SPARSE_STATS")
     assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "0" and "VLLM_SPARSE_STATS" not in os.environ
+    with pytest.raises(TypeError, match="strings"):  # checked before any is set
+        with envs.set_for(vllm={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}, VLLM_SPARSE_STATS=1):
+            pass
+    assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "0"
 
 
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):

@@ -44,6 +44,8 @@ def set_for(vllm: dict[str, str] | None = None, **values: str):
     for name in values:
         get(name)  # declared, or a KeyError naming it
     values = {**(vllm or {}), **values}
+    if not all(isinstance(v, str) for v in values.values()):
+        raise TypeError(f"environment values are strings: {values}")
     before = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:
