@@ -69,16 +69,12 @@ def read_calibration(worker):
     return out
 
 
+# collective_rpc with a function (the stats readers) needs vLLM's pickle path: for this engine only
+@envs.set_for(vllm={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
 def run_engine(model: str, groups: list[list[str]], config: str | None, engine: dict, label: str,
                max_tokens: int = 16, read=read_stats, on_group=None) -> EngineRun:
     """Generate greedily for each group of prompts in turn; stats are read per group (`read`, in the
     workers; rank 0's), and `on_group()` called after each (a progress bar)."""
-    # collective_rpc with a function (the stats readers) needs vLLM's pickle path: for this engine only
-    with envs.set_for(vllm={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}):
-        return _run_engine(model, groups, config, engine, label, max_tokens, read, on_group)
-
-
-def _run_engine(model, groups, config, engine, label, max_tokens, read, on_group) -> EngineRun:
     from vllm import LLM, SamplingParams
 
     kw = dict(model=model, seed=0, **engine)
@@ -133,6 +129,8 @@ def answers_against(check, answers: list[str], reference: list[str], other: list
             "same_text": sum(r == o for r, o in zip(reference, other))}
 
 
+# Stats are counted inside vLLM's worker processes, which inherit this (for this eval's engines only).
+@envs.set_for(VLLM_SPARSE_STATS="1")
 def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samples: int, engine: dict,
              operator_check: int | None = None, seed: int = 0, max_tokens: int = 32,
              dense_twin_chunk: int | None = None) -> dict:
@@ -141,13 +139,6 @@ def evaluate(model: str, config: str, lengths: list[int], tasks: list[str], samp
     the first run's. What it loses and gains against the first run is one sample of how far dense's own greedy
     answers move on these prompts (a lower bound on that spread): a prompt it flips may be borderline for dense
     itself, and a plan's lost / gained are read beside it."""
-    # Stats are counted inside vLLM's worker processes, which inherit this (for this eval's engines only).
-    with envs.set_for(VLLM_SPARSE_STATS="1"):
-        return _evaluate(model, config, lengths, tasks, samples, engine, operator_check, seed, max_tokens,
-                         dense_twin_chunk)
-
-
-def _evaluate(model, config, lengths, tasks, samples, engine, operator_check, seed, max_tokens, dense_twin_chunk):
     from transformers import AutoTokenizer
 
     from vllm_sparse.config.loader import load_config
