@@ -483,19 +483,42 @@ def gpu_time_by_stage(prof) -> dict[str, float]:
 
 
 def write_profile(prof, out: str):
-    """A profile's tables to `out` (ops by self CPU time, by self GPU time, and where the host waited for
-    the GPU) -> (the ops without Python frames, the host waits)."""
+    """A profile's tables to `out` (ops by self CPU time, by self GPU time, where the host waited for the GPU, and
+    the serving path's Python frames by host time) -> (the ops without Python frames, the host waits)."""
     from torch.autograd.profiler_util import EventList
 
-    events = EventList([e for e in prof.key_averages() if ".py(" not in e.key and not e.key.startswith("<built-in")])
+    averages = prof.key_averages()
+    events = EventList([e for e in averages if ".py(" not in e.key and not e.key.startswith("<built-in")])
     waits = host_waits(prof)
     Path(out).write_text(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
                          + "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=40,
                                                    max_name_column_width=70)
                          + "\n\nwhere the host waits for the GPU (calls that block, by Python stack):\n"
                          + "\n\n".join(f"{w['name']}: {w['calls']} calls, {w['ms']:.1f} ms\n  "
-                                       + "\n  ".join(w["stack"]) for w in waits))
+                                       + "\n  ".join(w["stack"]) for w in waits)
+                         + "\n\n" + python_frames_table(averages))
     return events, waits
+
+
+# The Python frames a sparse step's host time goes through: the plugin's own, Triton's launch path, vLLM's attention
+# layer and FlashAttention wrapper (the profile's op tables give a Python function's time only as the "self CPU" of
+# the op around it: `vllm::unified_attention_with_output` holds the whole sparse forward).
+HOST_PATH_FRAMES = ("vllm_sparse/", "triton/runtime/", "triton/backends/", "vllm_flash_attn/", "vllm/v1/attention/",
+                    "vllm/attention/", "vllm/model_executor/layers/attention/")
+
+
+def python_frames_table(averages, top: int = 40) -> str:
+    """The serving path's Python frames (`HOST_PATH_FRAMES`; recorded where the profile ran `with_stack`) by total
+    host time: calls, total and self ms, microseconds a call. A frame's total includes the frames and ops under it,
+    its self time only its own Python (and what the profiler does not record: Triton's and CUDA's launch calls
+    below the driver entry points are ops of their own)."""
+    frames = sorted((e for e in averages if ".py(" in e.key and any(p in e.key for p in HOST_PATH_FRAMES)),
+                    key=lambda e: -e.cpu_time_total)[:top]
+    head = "the serving path's Python frames by host time (total ms, self ms, calls, us a call):"
+    if not frames:
+        return head + "\n  none recorded (a profile without with_stack, or no such frame ran)"
+    return head + "\n" + "\n".join(f"  {e.cpu_time_total / 1e3:9.2f} {e.self_cpu_time_total / 1e3:9.2f} {e.count:7d} "
+                                    f"{e.cpu_time_total / e.count:9.1f}  {e.key[-110:]}" for e in frames)
 
 
 _BLOCKING = ("cudaMemcpyAsync", "cudaMemcpy", "cudaStreamSynchronize", "cudaEventSynchronize",

@@ -375,6 +375,9 @@ def paired_worker(spec: dict, kw: dict, one, longest: int) -> None:
                     measure(name, f"follow:{d}+{n}", [({"prompt_token_ids": ids}, one)], turn=turn)
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # runtime, driver
+
+
 def profile_turn(engine, requests, out: str) -> dict:
     """One turn under the torch profiler (host and GPU), its tables to `out` (`e2e.write_profile`) ->
     wall, GPU kernel time, kernel launches, where the host waited for the GPU."""
@@ -389,7 +392,8 @@ def profile_turn(engine, requests, out: str) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     events, waits = write_profile(prof, out)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    # (cuLaunchKernelEx: Triton 3.6's launches, left out of this count before 2026-12-07)
+    launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
     return {"wall_ms": wall * 1e3, "kernel_launches": launches, "table": out,
             "gpu_ms": sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3,
             "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}

@@ -24,7 +24,8 @@
 #          and dense plans against the stock backend, the sparse engine against its torch reference (~300 s)
 #   resv   the decode page summaries' reservation, taken again once the weights are loaded: its GPU test
 #          (tests/test_decode_reservation.py) and one Quest engine beside the stock one (~150 s)
-#   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~340 s)
+#   dtest  the GPU decode engine tests (tests/test_engine_decode_gpu.py): sparse decode, prefix-cache hits (~510 s:
+#          9 passed in 505 s, H100 2026-12-07; a call of 420 s cut it)
 #   pagesz the KV page size SPARSE asks vLLM for (vLLM 0.34 defaults to 64 on CUDA): the unit test, then the Quest
 #          engine with vLLM's default page set to 64 beside the same plan at --block-size 16 (two engines, ~280 s)
 #   pair   128K + 8 and + 256 follow-ups with `--paired`: dense and the first plan's engine alive in one process,
@@ -73,8 +74,15 @@
 #   hostpath one sparse chunk-layer's host work and GPU time on the real kernels, a call per page list and one call
 #          for all (VLLM_SPARSE_FA_PACK_LISTS), dense FA3 over the same chunk beside (benchmarks/host_path.py --device
 #          cuda: 128K + 2048 and + 8192, 32K + 8192, 48K + 16K), then the packed call's GPU tests
-#   wlpack the follow-up classes 32K and 128K + 2048 and + 8192, CUDA graphs, dense and PLANS' first plan, with
-#          VLLM_SPARSE_FA_PACK_LISTS=1, then =0, in one call (two runs of two engines)
+#   wlpack the follow-up classes WLPACK_DOCS + WLPACK_FOLLOW, CUDA graphs, dense and PLANS' first plan, with
+#          VLLM_SPARSE_FA_PACK_LISTS=1, then =0, in one call (two runs of two engines). Default 16K and 32K + 2048 and
+#          + 4096: sparse at the 64M floor and host-bound (32K + 2048: the first step() back after 61-98 ms against
+#          dense's ~20, GPU ~59 ms; 1.53x on a fast host, 1.09x on a slow one, H100 2026-12-07), where a list's call
+#          each costs the most host time; the 2026-12-05 run (32K and 128K + 2048 and + 8192: 128K + 2048 170.9 vs
+#          171.1 ms) had none of them sparse
+#   hostprof where a host-bound sparse follow-up's host time goes: 32K + 2048 with 8K chunks, dense and PLANS' first
+#          plan, one more turn under the torch profiler with Python stacks (its table's last section: the plugin's,
+#          Triton's and FlashAttention's Python frames by host time) (~200 s)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 #   guard  the `dense_above` rule (2026-12-05 H100, first chunks not yet counted: 0.97x / 0.99x; counted since):
@@ -283,13 +291,18 @@ wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARS
   local flag rc=0
   for flag in 1 0; do
     VLLM_SPARSE_FA_PACK_LISTS=$flag timeout $(( $(left) / (flag + 1) - 5 )) python3 benchmarks/workload.py --graphs \
-      --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 32768,131072 --follow 2048,8192 \
+      --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs "${WLPACK_DOCS:-16384,32768}" \
+      --follow "${WLPACK_FOLLOW:-2048,4096}" \
       --follow-repeats 4 --beside 0 --concurrent 0 --reserve 75 --timeout $(( $(left) / (flag + 1) - 15 )) \
       --out "$OUT/workload_pack$flag.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' \
       | grep -v "Capturing CUDA" | tee "$OUT/workload_pack$flag.log" | grep -v '^\[.*\] {"class": "follow' | tail -14 \
       || rc=$?
   done
   return $rc
+}
+hostprof() {
+  PROFILE=follow:32768+2048 workload workload_hostprof --graphs --chunk 8192 --first= --docs 32768 --follow 2048 \
+    --beside 0 --concurrent 0
 }
 hostgap() {
   local pass nodes runs=()
@@ -335,4 +348,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:360 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:500 hostprof:200 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

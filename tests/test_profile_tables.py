@@ -1,0 +1,51 @@
+"""benchmarks/e2e.py's profile tables: the serving path's Python frames by host time, where a GPU profile of a
+host-bound sparse turn shows only `vllm::unified_attention_with_output`'s self CPU time for the whole forward."""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tests.benchmark_modules import load_benchmark
+from vllm_sparse.backend.attend import column_lists
+
+E2E = load_benchmark("e2e")
+WL = load_benchmark("workload")
+
+
+def _plugin_work(n: int) -> None:
+    columns = torch.randint(0, 1000, (8, 64)).sort(-1).values
+    for _ in range(n):
+        column_lists(columns, 2)
+
+
+def test_the_plugins_python_frames_are_tabled_by_host_time(tmp_path):
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        _plugin_work(7)
+    out = tmp_path / "profile.txt"
+    E2E.write_profile(prof, str(out))
+    text = out.read_text()
+    section = text[text.index("the serving path's Python frames by host time"):]
+    rows = [line for line in section.splitlines()[1:] if line.strip()]
+    ours = [line for line in rows if "vllm_sparse/backend/attend.py" in line and "column_lists" in line]
+    assert ours, section
+    total_ms, self_ms, calls, per_call_us = ours[0].split()[:4]
+    assert int(calls) == 7
+    assert float(total_ms) >= float(self_ms) > 0
+    assert abs(float(per_call_us) * 7 - float(total_ms) * 1e3) <= 6  # (total rounded to 10 us, a call to 0.1)
+    # Only the serving path's frames: this test's own and the profiler's are left out.
+    assert not any("test_profile_tables.py" in line or "torch/profiler" in line for line in rows), section
+    totals = [float(line.split()[0]) for line in rows]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_a_profile_without_stacks_says_it_has_no_frames(tmp_path):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _plugin_work(2)
+    out = tmp_path / "profile.txt"
+    E2E.write_profile(prof, str(out))
+    assert "none recorded (a profile without with_stack" in out.read_text()
+
+
+def test_the_launch_count_takes_the_driver_entry_triton_launches_through():
+    assert "cuLaunchKernelEx" in WL.LAUNCH_CALLS and "cudaLaunchKernel" in WL.LAUNCH_CALLS
