@@ -79,7 +79,8 @@
 #          + 4096: sparse at the 64M floor and host-bound (32K + 2048: the first step() back after 61-98 ms against
 #          dense's ~20, GPU ~59 ms; 1.53x on a fast host, 1.09x on a slow one, H100 2026-12-07), where a list's call
 #          each costs the most host time; the 2026-12-05 run (32K and 128K + 2048 and + 8192: 128K + 2048 170.9 vs
-#          171.1 ms) had none of them sparse
+#          171.1 ms) had none of them sparse. Packing declines where the plan has a dense tail (`attend.py`: the tail's
+#          tiles take a dense call of their own), so PLANS' first plan must have none: PLANS=antidiagonal-10-s16-int8
 #   hostprof where a host-bound sparse follow-up's host time goes: 32K + 2048 with 8K chunks, dense and PLANS' first
 #          plan, one more turn under the torch profiler with Python stacks (its table's last section: the plugin's,
 #          Triton's and FlashAttention's Python frames by host time) (~200 s)
