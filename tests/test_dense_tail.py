@@ -186,6 +186,42 @@ def test_flash_attends_the_tail_tiles_in_one_dense_call_cpu_twin(monkeypatch, ke
         torch.testing.assert_close(got[c.q_end - 40:c.q_end], dense[-40:], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin: Triton runs the tile-table kernel on CPU tensors "
+                    "only in its interpreter (test_fa3_attends_the_tail_as_dense_attention_gpu's packed case there)")
+@pytest.mark.parametrize("step_tiles", [False, True])
+@pytest.mark.parametrize("tile", [1, 3, 5, None])
+@pytest.mark.parametrize("kernel", ["fa3", "fa2"])
+def test_flash_packs_the_tiles_before_the_tail_in_one_call_cpu_twin(monkeypatch, kernel, tile, step_tiles):
+    """With `VLLM_SPARSE_FA_PACK_LISTS` a chunk's tiles before its dense tail take one FlashAttention call for every
+    page list (the tail's tiles there as sequences without queries), the tail its dense call: the output equals the
+    exact torch path's and the unpacked calls', the tail tokens dense attention's. A chunk whose first tile holds a
+    tail row (tile 5: request 1's; None: both) has no sparse tiles and makes the dense call alone."""
+    from tests.test_sparse_kernel import _flash_stand_in
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    calls = _flash_stand_in(monkeypatch)
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**18)})  # 1 MiB reserved
+    b, plan, chunks, bs = _tail_batch(torch.float32, torch.device("cpu"))
+    hq, hkv = b.q.shape[1], b.kv.num_kv_heads
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", False)
+    unpacked = _attend(b, plan, chunks, bs, kernel, tile, 40, step_tiles)
+    calls.clear()
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
+    got = _attend(b, plan, chunks, bs, kernel, tile, 40, step_tiles)
+    sparse_tiles = [chunk_dense_tail(c.context_len, c.q_end - c.q_start, bs, tile, 40)[0] for c in chunks]
+    want = []
+    for n in sparse_tiles:  # per chunk: the packed call (a list's q heads over the heads-as-pages view), the dense one
+        want += ([(int(kernel[2]), None, hq // hkv, 1)] if n else []) + [(int(kernel[2]), None, hq, hkv)]
+    assert [(v, None, h, k) for v, _, h, k in calls] == want
+    assert sparse_tiles[1] == 0 if tile in (5, None) else all(sparse_tiles)
+    torch.testing.assert_close(got, unpacked, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, _attend(b, plan, chunks, bs, "reference", tile, 40), atol=2e-5, rtol=2e-5)
+    for r, c in enumerate(chunks):
+        dense = dense_causal_attention_ref(b.q[c.q_start:c.q_end], b.keys[r], b.values[r], b.q.shape[-1]**-0.5)
+        torch.testing.assert_close(got[c.q_end - 40:c.q_end], dense[-40:], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin (Triton's tile tables on CPU tensors: interpreter)")
 @pytest.mark.parametrize("built, served", [(40, 0), (0, 40), (40, 200)])
 def test_a_step_geometry_made_for_another_tail_is_refused(monkeypatch, built, served):

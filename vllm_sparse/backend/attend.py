@@ -70,7 +70,8 @@ def chunk_tile_geometry(ctx: ChunkContext, tile: int, dense_tail: int) -> TileGe
                                      ctx.q.device)
     split = chunk_dense_tail(ctx.context_len, ctx.q_len, ctx.block_size, tile, dense_tail)
     n = split[0] if split else 0
-    tail = dense_tail_views(bounds, seq_lens, split, bounds[n::n_tiles - n] - bounds[n]) if split else None
+    tail = dense_tail_views(bounds, seq_lens, split, bounds[n::n_tiles - n] - bounds[n],
+                            bounds.clamp(max=split[1])) if split else None
     return TileGeometry(bounds, seq_lens, tail, (ctx.block_size, tile, dense_tail))
 
 
@@ -123,19 +124,24 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
             if fa3_query is None:
                 raise ValueError("FA3 reads an fp8 cache with fp8 queries only: pass them (vLLM quantizes them)")
             q, descales = fa3_query[0], (fa3_query[1], kv.k_descale, kv.v_descale)
-        # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule).
-        packing = list_packing(lists, q.shape[1] // lists, bounds, max_q, q, out, k_cache, v_cache) \
-            if tail is None else None
+        # The tiles before a dense tail (all of them without one), and their queries and output: the sparse call's.
+        n, t0 = (n_tiles, ctx.q_len) if tail is None else (tail.sparse_tiles, tail.first_token)
+        q_sparse, out_sparse = (q, out) if tail is None else (q[:t0], out[:t0])
+        # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule):
+        # over every tile, a dense tail's as sequences without queries (`DenseTail.packed_query_start_loc`).
+        packing = list_packing(lists, q.shape[1] // lists, bounds if tail is None else tail.packed_query_start_loc,
+                               max_q, q_sparse, out_sparse, k_cache, v_cache) if n else None
         tables, counts, used, packed_qsl = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
                                                               block_table[c.req], max_pages, packing)
-        if tail is None:
-            sparse_attention_flash(q, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale, out,
-                                   descales=descales, fa_version=FLASH_VERSIONS[kernel], packed_qsl=packed_qsl)
-            return counts, causal
-        n, t0 = tail.sparse_tiles, tail.first_token
-        if n:
-            sparse_attention_flash(q[:t0], k_cache, v_cache, tables[:, :n], used[:, :n], tail.sparse_query_start_loc,
-                                   tail.sparse_seq_lens, max_q, ctx.scale, out[:t0], descales=descales,
+        if tail is None or packed_qsl is not None:
+            sparse_attention_flash(q_sparse, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale,
+                                   out_sparse, descales=descales, fa_version=FLASH_VERSIONS[kernel],
+                                   packed_qsl=packed_qsl)
+            if tail is None:
+                return counts, causal
+        elif n:
+            sparse_attention_flash(q_sparse, k_cache, v_cache, tables[:, :n], used[:, :n], tail.sparse_query_start_loc,
+                                   tail.sparse_seq_lens, max_q, ctx.scale, out_sparse, descales=descales,
                                    fa_version=FLASH_VERSIONS[kernel])
         # The trailing tiles as one sequence: their queries see the request's pages up to the chunk's end, causally.
         dense_flash(q[t0:], k_cache, v_cache, block_table[c.req:c.req + 1], tail.query_start_loc, tail.seq_len,

@@ -38,6 +38,9 @@ class DenseTail(NamedTuple):
     sparse_seq_lens: torch.Tensor  # [sparse_tiles]
     query_start_loc: torch.Tensor  # [0, their query tokens]: the dense call's
     seq_len: torch.Tensor  # [1]: the chunk's end
+    # [tiles + 1]: every tile's first query token, the tail's tiles' at their first (no queries): the tiles of one
+    # FlashAttention call for every page list (`flash_compact.ListPacking`), which leaves them to the dense call
+    packed_query_start_loc: torch.Tensor
 
 
 class TileGeometry(NamedTuple):
@@ -49,10 +52,12 @@ class TileGeometry(NamedTuple):
 
 
 def dense_tail_views(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, split: tuple[int, int],
-                     tail_query_start_loc: torch.Tensor) -> DenseTail:
-    """A `DenseTail` over a chunk's tile geometry and the dense call's query_start_loc (`chunk_dense_tail`'s split)."""
+                     tail_query_start_loc: torch.Tensor, packed_query_start_loc: torch.Tensor) -> DenseTail:
+    """A `DenseTail` over a chunk's tile geometry, the dense call's query_start_loc (`chunk_dense_tail`'s split) and the
+    tiles' starts for a packed call (`query_start_loc` capped at the split's first token)."""
     n, first_token = split
-    return DenseTail(n, first_token, query_start_loc[:n + 1], seq_lens[:n], tail_query_start_loc, seq_lens[-1:])
+    return DenseTail(n, first_token, query_start_loc[:n + 1], seq_lens[:n], tail_query_start_loc, seq_lens[-1:],
+                     packed_query_start_loc)
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,9 @@ def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | 
         q_len = c.q_end - c.q_start
         b = chunk_tile_bounds(c.context_len, q_len, block_size, union_tile)
         split = chunk_dense_tail(c.context_len, q_len, block_size, union_tile, dense_tail)
-        arrays = [b, [c.context_len + x for x in b[1:]]] + ([[0, q_len - split[1]]] if split else [])
+        arrays = [b, [c.context_len + x for x in b[1:]]]
+        if split:
+            arrays += [[0, q_len - split[1]], [min(x, split[1]) for x in b]]
         spans = []
         for values in arrays:
             flat.extend([0] * (-len(flat) % _ALIGN_INT32))
@@ -98,7 +105,7 @@ def tile_geometry(chunks: list[SparseChunk], block_size: int, union_tile: int | 
     out = []
     for spans, split in geometry:
         views = [dev[at:at + n] for at, n in spans]
-        tail = dense_tail_views(views[0], views[1], split, views[2]) if split else None
+        tail = dense_tail_views(views[0], views[1], split, views[2], views[3]) if split else None
         out.append(TileGeometry(views[0], views[1], tail, (block_size, union_tile, dense_tail)))
     return tuple(out)
 

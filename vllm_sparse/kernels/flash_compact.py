@@ -20,8 +20,9 @@ on 132 SMs) and costs the host a call each (8 a layer for Llama's KV heads). Wit
 such a chunk takes one call for every list (`ListPacking`): each list's queries become sequences of their own
 (copied head-major into the reserved workspace, the output copied back), and each list reads its KV head
 through one view of the cache that makes every (page, KV head) a page of one head (`heads_as_pages`), so one
-block table row per (list, tile) addresses any head. Opt-in: a 128K + 2048 follow-up's turn was the same with it
-(H100, docs/kernels.md).
+block table row per (list, tile) addresses any head. Under a plan's dense tail the call takes the tiles before it,
+the tail's tiles as sequences without queries (`batch.DenseTail.packed_query_start_loc`), and the tail keeps its
+dense call. Opt-in: a 128K + 2048 follow-up's turn was the same with it (H100, docs/kernels.md).
 """
 
 from __future__ import annotations
