@@ -260,9 +260,26 @@ def test_the_dense_tiles_start_at_the_tile_holding_the_first_tail_row():
 
 
 @pytest.mark.skipif(not GPU or torch.cuda.get_device_capability()[0] != 9, reason="FA3 needs a Hopper GPU")
-def test_fa3_attends_the_tail_as_dense_attention_gpu():
+@pytest.mark.parametrize("pack", [False, True], ids=["call-per-list", "packed"])
+def test_fa3_attends_the_tail_as_dense_attention_gpu(monkeypatch, pack):
     """vLLM's FA3 itself (bf16): the tail tokens get dense attention; the tokens before it the output without a
-    tail (the CPU twin above checks the call's arguments against FA's API)."""
+    tail (the CPU twins above check the calls' arguments against FA's API). `packed`: the tiles before the tail in
+    one call for every list (`VLLM_SPARSE_FA_PACK_LISTS`), the tail's tiles sequences without queries there."""
+    from vllm_sparse.backend import attend
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
+    packed = []
+    if pack:
+        monkeypatch.setattr(WORKSPACE, "_buffers", {})
+        WORKSPACE.reserve(1 << 20, torch.device("cuda"))
+
+        def counted(*args):
+            packed.append(flash_compact.list_packing(*args))
+            return packed[-1]
+
+        monkeypatch.setattr(attend, "list_packing", counted)
     b, plan, chunks, bs = _tail_batch(torch.bfloat16, torch.device("cuda"))
     with_tail, without = _attend(b, plan, chunks, bs, "fa3", 1, 40), _attend(b, plan, chunks, bs, "fa3", 1, 0)
     for r, c in enumerate(chunks):
@@ -274,3 +291,4 @@ def test_fa3_attends_the_tail_as_dense_attention_gpu():
         torch.testing.assert_close(with_tail[c.q_start:c.q_end][:first].float(),
                                    without[c.q_start:c.q_end][:first].float(), atol=2e-2, rtol=2e-2)
         assert (without[c.q_start:c.q_end][first:].float() - dense[first:]).abs().max() > 0.2  # sparse there
+    assert all(p is not None for p in packed) and len(packed) == (4 if pack else 0)  # (2 chunks, 2 runs)
