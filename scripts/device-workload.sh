@@ -79,8 +79,9 @@
 #          + 4096: sparse at the 64M floor and host-bound (32K + 2048: the first step() back after 61-98 ms against
 #          dense's ~20, GPU ~59 ms; 1.53x on a fast host, 1.09x on a slow one, H100 2026-12-07), where a list's call
 #          each costs the most host time; the 2026-12-05 run (32K and 128K + 2048 and + 8192: 128K + 2048 170.9 vs
-#          171.1 ms) had none of them sparse. Packing declines where the plan has a dense tail (`attend.py`: the tail's
-#          tiles take a dense call of their own), so PLANS' first plan must have none: PLANS=antidiagonal-10-s16-int8
+#          171.1 ms) had none of them sparse. Packing works under a dense tail since 2026-12-07 (before, it declined:
+#          the 7.5% + tail timing plan never packed): PLANS=antidiagonal-7.5-s16-int8-tail. First, tests/test_dense_tail.py's
+#          GPU tests (FA3 over the packed call's sequences without queries) (~520 s in all)
 #   hostprof where a host-bound sparse follow-up's host time goes: 32K + 2048 with 8K chunks, dense and PLANS' first
 #          plan, one more turn under the torch profiler with Python stacks (its table's last section: the plugin's,
 #          Triton's and FlashAttention's Python frames by host time) (~200 s)
@@ -290,6 +291,8 @@ hostpath() {
 }
 wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARSE's times across runs)
   local flag rc=0
+  # FA3 itself over the packed call's sequences without queries (a dense tail's tiles), before timing it
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_dense_tail.py -k gpu 2>&1 | tail -3
   for flag in 1 0; do
     VLLM_SPARSE_FA_PACK_LISTS=$flag timeout $(( $(left) / (flag + 1) - 5 )) python3 benchmarks/workload.py --graphs \
       --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs "${WLPACK_DOCS:-16384,32768}" \
@@ -349,4 +352,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:500 hostprof:200 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:520 hostprof:200 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
