@@ -207,9 +207,13 @@ def test_prefill_warm_up_at_other_engine_settings(monkeypatch, tmp_path, path, k
 
 
 @pytest.mark.parametrize("kernel", ["fa3", "fa2"])
-def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_path, kernel):
+@pytest.mark.parametrize("path", [Path("configs/llama-3.yaml"),
+                                  Path("benchmarks/configs/llama-3-8b-antidiagonal-7.5-s16-int8-tail.yaml")],
+                         ids=["llama-3", "dense-tail"])
+def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_path, kernel, path):
     """`VLLM_SPARSE_FA_PACK_LISTS=1`: serving's short chunks take one FlashAttention call for every page list, whose
-    tables the table kernel writes with the same compiled variant (its packing arguments are not specialised)."""
+    tables the table kernel writes with the same compiled variant (its packing arguments are not specialised); under
+    a dense tail too, the packed call's tile starts a view of the step's geometry."""
     packed = []
 
     def recorded(*args):
@@ -220,7 +224,7 @@ def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_
     monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
     monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)  # (an H100's)
     monkeypatch.setattr(attend, "list_packing", recorded)
-    check(*warmed_and_served(monkeypatch, tmp_path, Path("configs/llama-3.yaml"), kernel, MAX_MODEL_LEN, fp8=False))
+    check(*warmed_and_served(monkeypatch, tmp_path, path, kernel, MAX_MODEL_LEN, fp8=False))
     assert any(packed) and not all(packed)  # short chunks packed (the warm-up's among them), long ones not
 
 
