@@ -338,9 +338,11 @@ def test_tile_geometry_built_once_per_step_equals_the_per_call_one():
                 for a, b in zip(got.tail[2:], want.tail[2:]):
                     assert torch.equal(a, b), case
                 arrays += [got.tail.query_start_loc, got.tail.packed_query_start_loc]
-                # (a packed call's tiles: the tail's start at its first token, with no queries)
+                # (a packed call's tiles: the tail's start at its first token, with no queries; the first tail tile
+                # starts there)
                 assert got.tail.packed_query_start_loc.tolist() == [min(x, got.tail.first_token)
                                                                     for x in got.query_start_loc.tolist()], case
+                assert int(got.query_start_loc[got.tail.sparse_tiles]) == got.tail.first_token, case
             # Each array starts 16-byte aligned, as fresh allocations do: Triton specialises on a pointer's
             # alignment, and a slice at another offset compiled a new kernel variant mid-request.
             assert all(a.data_ptr() % 16 == 0 for a in arrays), case

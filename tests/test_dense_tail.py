@@ -269,19 +269,24 @@ def test_fa3_attends_the_tail_as_dense_attention_gpu(monkeypatch, pack):
     from vllm_sparse.kernels import flash_compact
     from vllm_sparse.kernels.workspace import WORKSPACE
 
-    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
-    packed = []
+    b, plan, chunks, bs = _tail_batch(torch.bfloat16, torch.device("cuda"))
+    packed, room = [], None
     if pack:
+        unpacked = _attend(b, plan, chunks, bs, "fa3", 1, 40)  # (a call per list, before packing is on)
         monkeypatch.setattr(WORKSPACE, "_buffers", {})
         WORKSPACE.reserve(1 << 20, torch.device("cuda"))
+        room = next(iter(WORKSPACE._buffers.values())).fill_(float("nan"))  # (stray writes show past the copies)
 
         def counted(*args):
             packed.append(flash_compact.list_packing(*args))
             return packed[-1]
 
         monkeypatch.setattr(attend, "list_packing", counted)
-    b, plan, chunks, bs = _tail_batch(torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
     with_tail, without = _attend(b, plan, chunks, bs, "fa3", 1, 40), _attend(b, plan, chunks, bs, "fa3", 1, 0)
+    if pack:  # the same output as a call per list; nothing written past the largest chunk's packed copies
+        torch.testing.assert_close(with_tail.float(), unpacked.float(), atol=2e-2, rtol=2e-2)
+        assert room[-(-flash_compact.packed_bytes(b.q, b.q) // 4):].isnan().all()
     for r, c in enumerate(chunks):
         q = b.q[c.q_start:c.q_end]
         dense = dense_causal_attention_ref(q.float(), b.keys[r].float(), b.values[r].float(), b.q.shape[-1]**-0.5)

@@ -147,14 +147,19 @@ def test_tile_tables_kernel_matches_reference(case, tile):
 @pytest.mark.parametrize("case", TILE_CASES)
 @pytest.mark.parametrize("tile", [1, 3, None])
 @pytest.mark.parametrize("per_q_head", [False, True], ids=["list-per-kv-head", "list-per-q-head"])
-def test_tile_tables_kernel_writes_packed_tables_as_reference(case, tile, per_q_head):
+@pytest.mark.parametrize("tail", [False, True], ids=["", "dense-tail"])
+def test_tile_tables_kernel_writes_packed_tables_as_reference(case, tile, per_q_head, tail):
     """With `ListPacking` (one FlashAttention call for every list): the same counts and lengths, every kept page's
     id in the heads-as-pages view (physical id * page ratio + the list's KV head; 0 past the count), and the packed
-    queries' start of each (list, tile) and their end, list after list."""
+    queries' start of each (list, tile) and their end, list after list. `dense-tail`: the last tile a dense tail's,
+    so the packed queries are the tokens before it (`q_tokens`) and its start is capped there (an empty sequence)."""
     kv, group, bs, page, ctx, q_len = case
     mask, block_table, max_pages, tile, bounds, seq_lens = _tile_case(case, tile, sum(case) * 7 + (tile or 0))
     lists = kv * group if per_q_head else kv
     ratio = page * kv  # (vLLM 0.26's cache: a page's heads, each 2 x head_dim, over one head's stride)
+    if tail:  # (as `batch.DenseTail.packed_query_start_loc`: the tiles' starts capped at the tail's first token)
+        q_len = int(bounds[-2])
+        bounds = bounds.clamp(max=q_len)
     packing = ListPacking(ratio, lists // kv, bounds, q_len)
     plain = tile_tables_ref(mask, lists, tile, seq_lens, bs, page, block_table, max_pages)
     want = tile_tables_ref(mask, lists, tile, seq_lens, bs, page, block_table, max_pages, packing)

@@ -264,6 +264,11 @@ def _flash_attn_varlen_twin(calls):
         assert block_table.dtype == seqused_k.dtype == cu_seqlens_q.dtype == torch.int32
         assert block_table.stride(-1) == 1 and seqused_k.is_contiguous() and cu_seqlens_q.is_contiguous()
         assert q.shape[1] % k.shape[2] == 0
+        # The sequences' query starts: from 0 to every query row, never decreasing (sequences may be empty), as
+        # FlashAttention indexes q, out and its softmax statistics by them.
+        starts = cu_seqlens_q.tolist()
+        assert starts[0] == 0 and starts[-1] == q.shape[0] == out.shape[0], (starts[0], starts[-1], q.shape, out.shape)
+        assert all(a <= b for a, b in zip(starts, starts[1:])), "cu_seqlens_q decreases"
         if fa_version == 2:
             assert num_splits <= 1 and q_descale is None and k_descale is None and v_descale is None
         for descale in (q_descale, k_descale, v_descale):  # FA3: one per (sequence, KV head), as vLLM passes them

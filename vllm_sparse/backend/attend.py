@@ -18,7 +18,13 @@ import torch
 from vllm_sparse.backend.batch import SparseChunk, TileGeometry, dense_tail_views
 from vllm_sparse.estimators.base import COLUMN_PAD, ChunkContext
 from vllm_sparse.kernels.column_attention import column_attention, column_attention_ref, merge_attention
-from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, dense_flash, list_packing, sparse_attention_flash
+from vllm_sparse.kernels.flash_compact import (
+    FLASH_VERSIONS,
+    default_num_splits,
+    dense_flash,
+    list_packing,
+    sparse_attention_flash,
+)
 from vllm_sparse.kernels.reference import sparse_paged_attention_ref
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention
 from vllm_sparse.selection.pages import block_mask_to_page_csr
@@ -128,25 +134,27 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
         n, t0 = (n_tiles, ctx.q_len) if tail is None else (tail.sparse_tiles, tail.first_token)
         q_sparse, out_sparse = (q, out) if tail is None else (q[:t0], out[:t0])
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule):
-        # over every tile, a dense tail's as sequences without queries (`DenseTail.packed_query_start_loc`).
-        packing = list_packing(lists, q.shape[1] // lists, bounds if tail is None else tail.packed_query_start_loc,
-                               max_q, q_sparse, out_sparse, k_cache, v_cache) if n else None
+        # over every tile, a dense tail's as sequences without queries (`DenseTail.packed_query_start_loc`), its
+        # rule and split count by the tiles with queries.
+        pack, version = q.shape[1] // lists, FLASH_VERSIONS[kernel]
+        packing = list_packing(lists, pack, bounds if tail is None else tail.packed_query_start_loc, max_q, q_sparse,
+                               out_sparse, k_cache, v_cache, None if tail is None else n) if n else None
         tables, counts, used, packed_qsl = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
                                                               block_table[c.req], max_pages, packing)
         if tail is None or packed_qsl is not None:
+            splits = None if tail is None else default_num_splits(version, lists * n, max_q, pack, q.device)
             sparse_attention_flash(q_sparse, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale,
-                                   out_sparse, descales=descales, fa_version=FLASH_VERSIONS[kernel],
+                                   out_sparse, num_splits=splits, descales=descales, fa_version=version,
                                    packed_qsl=packed_qsl)
             if tail is None:
                 return counts, causal
         elif n:
             sparse_attention_flash(q_sparse, k_cache, v_cache, tables[:, :n], used[:, :n], tail.sparse_query_start_loc,
                                    tail.sparse_seq_lens, max_q, ctx.scale, out_sparse, descales=descales,
-                                   fa_version=FLASH_VERSIONS[kernel])
+                                   fa_version=version)
         # The trailing tiles as one sequence: their queries see the request's pages up to the chunk's end, causally.
         dense_flash(q[t0:], k_cache, v_cache, block_table[c.req:c.req + 1], tail.query_start_loc, tail.seq_len,
-                    ctx.q_len - t0, ctx.seq_len, ctx.scale, out[t0:], descales=descales,
-                    fa_version=FLASH_VERSIONS[kernel])
+                    ctx.q_len - t0, ctx.seq_len, ctx.scale, out[t0:], descales=descales, fa_version=version)
         return counts, causal
     num_pages = ((seq_lens + kv.page_size - 1) // kv.page_size).repeat_interleave(lists)
     indptr, indices = block_mask_to_page_csr(union.transpose(0, 1).reshape(n_tiles * lists, nkb), bs,

@@ -73,15 +73,17 @@ def packed_bytes(q: torch.Tensor, out: torch.Tensor) -> int:
 
 
 def list_packing(lists: int, pack: int, query_start_loc: torch.Tensor, max_query_len: int, q: torch.Tensor,
-                 out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> ListPacking | None:
+                 out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 tiles_with_queries: int | None = None) -> ListPacking | None:
     """Whether a chunk's page lists take one call (`VLLM_SPARSE_FA_PACK_LISTS`), from host data: more than one list,
     one list's call too small to fill the GPU (`fa3_query_tiles` under the SM count), the packed queries and output
     within the reserved workspace, keys and values of one layout whose page stride is a whole number of head
     strides, the view's page ids within int32, and pages under FA3's TMA tile (pages of 128 tokens or more may go
-    through FA3's TMA loads, which the overlapping view was never run through)."""
+    through FA3's TMA loads, which the overlapping view was never run through). `tiles_with_queries`: where a dense
+    tail's tiles are sequences without queries, the tiles before them (the GPU's work); None: every tile."""
     if not PACK_LISTS or lists == 1:
         return None
-    segments = query_start_loc.shape[0] - 1
+    segments = query_start_loc.shape[0] - 1 if tiles_with_queries is None else tiles_with_queries
     if fa3_query_tiles(segments, max_query_len, pack) >= num_sms(q.device):
         return None
     sp, sh = k_cache.stride(0), k_cache.stride(2)
