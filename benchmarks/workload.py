@@ -162,8 +162,7 @@ def worker(spec: dict) -> None:
 
     for n in spec["first"]:
         if spec.get("profile") == f"first:{n}":  # the first prompt of this length, under the profiler, apart
-            emit({"class": "profile", "of": spec["profile"],
-                  **profile_turn(engine, [(prompt(n, next(seed)), one)], spec["profile_out"])})
+            profiled(engine, spec, lambda n=n: [(prompt(n, next(seed)), one)])
         for turn in range(spec["first_repeats"]):
             measure(f"first:{n}", [(prompt(n, next(seed)), one)], turn=turn)
     for d in spec["docs"]:
@@ -174,9 +173,8 @@ def worker(spec: dict) -> None:
                 ids = doc + prompt(n, next(seed))["prompt_token_ids"]
                 measure(f"follow:{d}+{n}", [({"prompt_token_ids": ids}, one)], turn=turn)
             if spec.get("profile") == f"follow:{d}+{n}":  # one more turn, under the profiler
-                ids = doc + prompt(n, next(seed))["prompt_token_ids"]
-                emit({"class": "profile", "of": spec["profile"],
-                      **profile_turn(engine, [({"prompt_token_ids": ids}, one)], spec["profile_out"])})
+                profiled(engine, spec, lambda doc=doc, n=n: [
+                    ({"prompt_token_ids": doc + prompt(n, next(seed))["prompt_token_ids"]}, one)])
     if spec["beside"]:
         chat = SamplingParams(temperature=0.0, max_tokens=spec["chat_out"], ignore_eos=True, detokenize=False)
         for rep in range(2):  # the first pass warms the mixed step's shapes; both are reported
@@ -191,8 +189,8 @@ def worker(spec: dict) -> None:
             reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
             measure(f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}", reqs, turn=rep)
         if spec.get("profile") == f"concurrent:{spec['concurrent']}x{spec['concurrent_len']}":  # a third round
-            reqs = [(prompt(spec["concurrent_len"], next(seed)), out) for _ in range(spec["concurrent"])]
-            emit({"class": "profile", "of": spec["profile"], **profile_turn(engine, reqs, spec["profile_out"])})
+            profiled(engine, spec, lambda: [(prompt(spec["concurrent_len"], next(seed)), out)
+                                            for _ in range(spec["concurrent"])])
 
 
 _PROBE_TOKENS = list(range(3, 131075))
@@ -378,6 +376,42 @@ def paired_worker(spec: dict, kw: dict, one, longest: int) -> None:
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # runtime, driver
 
 
+def profiled(engine, spec: dict, make_requests) -> None:
+    """The profiled class's extra turn under the torch profiler (`profile_turn`), and with `pyprofile` one more under
+    cProfile (`pyprofile_turn`), each turn on fresh requests from `make_requests()`; a row for each."""
+    emit({"class": "profile", "of": spec["profile"], **profile_turn(engine, make_requests(), spec["profile_out"])})
+    if spec.get("pyprofile"):
+        out = spec["profile_out"].removesuffix(".txt") + ".cprofile.txt"
+        emit({"class": "pyprofile", "of": spec["profile"], **pyprofile_turn(engine, make_requests(), out)})
+
+
+def pyprofile_turn(engine, requests, out: str, top: int = 45) -> dict:
+    """One turn under cProfile: every Python function the engine's thread ran (the scheduler, the model runner, the
+    attention backend, Triton's launch path), by own time and by total time, to `out` -> wall, the profile's total.
+    cProfile slows each Python call about alike, where the torch profiler's stacks weigh on the ops it records: the
+    two tables apportion a host-bound turn's host time from two sides."""
+    import cProfile
+    import io
+    import pstats
+
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        drive(engine, requests, "pyprofile")
+        sync()
+    finally:
+        prof.disable()
+    wall = time.perf_counter() - t0
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    Path(out).write_text(text.getvalue())
+    return {"wall_ms": wall * 1e3, "profiled_s": stats.total_tt, "table": out}
+
+
 def profile_turn(engine, requests, out: str) -> dict:
     """One turn under the torch profiler (host and GPU), its tables to `out` (`e2e.write_profile`) ->
     wall, GPU kernel time, kernel launches, where the host waited for the GPU."""
@@ -387,9 +421,10 @@ def profile_turn(engine, requests, out: str) -> dict:
 
     sync()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, with_stack=True) as prof:  # (CPU alone: the CPU engine's, e.g. a test's)
         drive(engine, requests, "profile")
-        torch.cuda.synchronize()
+        sync()
     wall = time.perf_counter() - t0
     events, waits = write_profile(prof, out)
     # (cuLaunchKernelEx: Triton 3.6's launches, left out of this count before 2026-12-07)
@@ -448,7 +483,7 @@ def classes(rows: list[dict]) -> dict[str, dict]:
     steady = {r["class"] for r in rows if r.get("turn", 0) > 0}
     for r in rows:
         cls = r.get("class")
-        if cls in (None, "startup", "profile") or cls.startswith("doc:"):
+        if cls in (None, "startup", "profile", "pyprofile") or cls.startswith("doc:"):
             continue
         c = out.setdefault(cls, {"ttft": [], "wall_s": 0.0, "tokens": 0, "paths": {"sparse": 0, "dense": 0}})
         reqs = r["requests"]
@@ -590,6 +625,9 @@ def main() -> None:
     ap.add_argument("--profile", help="follow:D+n: one more turn of that class under the profiler, every engine; "
                     "first:N: the first N-token prompt under the profiler, before that class's measured turns; "
                     "concurrent:BxN: a third round of that class under the profiler, after the measured two")
+    ap.add_argument("--pyprofile", action="store_true",
+                    help="with --profile: one more turn of that class under cProfile (every Python function of the "
+                         "engine's thread, by own and total time), its table beside the torch profiler's")
     ap.add_argument("--out", default="workload.json")
     ap.add_argument("--worker")
     args = ap.parse_args()
@@ -610,7 +648,8 @@ def main() -> None:
             "chats": args.chats, "chat_tokens": args.chat_tokens, "chat_out": args.chat_out,
             "concurrent": args.concurrent, "concurrent_len": args.concurrent_len,
             "concurrent_out": args.concurrent_out, "chunk": args.chunk, "eager": not args.graphs,
-            "engine": json.loads(args.engine), "timeout": args.timeout, "profile": args.profile}
+            "engine": json.loads(args.engine), "timeout": args.timeout, "profile": args.profile,
+            "pyprofile": args.pyprofile}
     import torch
     import vllm
 

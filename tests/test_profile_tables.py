@@ -49,3 +49,44 @@ def test_a_profile_without_stacks_says_it_has_no_frames(tmp_path):
 
 def test_the_launch_count_takes_the_driver_entry_triton_launches_through():
     assert "cuLaunchKernelEx" in WL.LAUNCH_CALLS and "cudaLaunchKernel" in WL.LAUNCH_CALLS
+
+
+class _Engine:
+    """An engine as `workload.drive` drives it: every request answered by one step that runs some plugin code."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add_request(self, request_id, prompt, params):
+        self.pending.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        _plugin_work(3)
+        done, self.pending = self.pending, []
+        return [SimpleNamespace(request_id=r, finished=True, num_cached_tokens=0,
+                                outputs=[SimpleNamespace(token_ids=[1])]) for r in done]
+
+
+def test_a_profiled_class_gets_a_cprofile_turn_on_fresh_requests_beside_the_torch_profile(tmp_path, monkeypatch):
+    rows, made = [], []
+    monkeypatch.setattr(WL, "emit", rows.append)
+
+    def make_requests():
+        made.append(len(made))
+        return [({"prompt_token_ids": [1, 2, 3]}, None)]
+
+    spec = {"profile": "follow:8+4", "profile_out": str(tmp_path / "w.profile-plan.txt"), "pyprofile": True}
+    WL.profiled(_Engine(), spec, make_requests)
+    assert [r["class"] for r in rows] == ["profile", "pyprofile"] and made == [0, 1]
+    assert rows[1]["of"] == "follow:8+4" and rows[1]["table"] == str(tmp_path / "w.profile-plan.cprofile.txt")
+    text = (tmp_path / "w.profile-plan.cprofile.txt").read_text()
+    assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
+    assert "vllm_sparse/backend/attend.py" in text and "column_lists" in text
+    rows.clear()
+    WL.profiled(_Engine(), {**spec, "pyprofile": False}, make_requests)
+    assert [r["class"] for r in rows] == ["profile"]
