@@ -379,7 +379,8 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cu
 def profiled(engine, spec: dict, make_requests) -> None:
     """The profiled class's extra turn under the torch profiler (`profile_turn`), and with `pyprofile` one more under
     cProfile (`pyprofile_turn`), each turn on fresh requests from `make_requests()`; a row for each."""
-    emit({"class": "profile", "of": spec["profile"], **profile_turn(engine, make_requests(), spec["profile_out"])})
+    emit({"class": "profile", "of": spec["profile"], **profile_turn(engine, make_requests(), spec["profile_out"],
+                                                                     spec.get("trace", False))})
     if spec.get("pyprofile"):
         out = spec["profile_out"].removesuffix(".txt") + ".cprofile.txt"
         emit({"class": "pyprofile", "of": spec["profile"], **pyprofile_turn(engine, make_requests(), out)})
@@ -412,9 +413,11 @@ def pyprofile_turn(engine, requests, out: str, top: int = 45) -> dict:
     return {"wall_ms": wall * 1e3, "profiled_s": stats.total_tt, "table": out}
 
 
-def profile_turn(engine, requests, out: str) -> dict:
+def profile_turn(engine, requests, out: str, trace: bool = False) -> dict:
     """One turn under the torch profiler (host and GPU), its tables to `out` (`e2e.write_profile`) ->
-    wall, GPU kernel time, kernel launches, where the host waited for the GPU."""
+    wall, GPU kernel time, kernel launches, where the host waited for the GPU. `trace`: its timeline too, gzipped
+    Chrome trace JSON beside the tables (when the GPU ran and what the host did meanwhile: a short turn's; a long one's
+    runs to hundreds of MB)."""
     import torch
     from e2e import write_profile
     from torch.profiler import ProfilerActivity, profile
@@ -427,11 +430,23 @@ def profile_turn(engine, requests, out: str) -> dict:
         sync()
     wall = time.perf_counter() - t0
     events, waits = write_profile(prof, out)
+    extra = {}
+    if trace:
+        import gzip
+        import shutil
+
+        raw = out.removesuffix(".txt") + ".trace.json"
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
+        extra["trace"] = raw + ".gz"
     # (cuLaunchKernelEx: Triton 3.6's launches, left out of this count before 2026-12-07)
     launches = sum(e.count for e in events if e.key in LAUNCH_CALLS)
     return {"wall_ms": wall * 1e3, "kernel_launches": launches, "table": out,
             "gpu_ms": sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3,
-            "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]]}
+            "host_waits": [{k: w[k] for k in ("name", "calls", "ms")} | {"where": w["stack"][:3]} for w in waits[:4]],
+            **extra}
 
 
 def emit(row: dict) -> None:
@@ -628,6 +643,9 @@ def main() -> None:
     ap.add_argument("--pyprofile", action="store_true",
                     help="with --profile: one more turn of that class under cProfile (every Python function of the "
                          "engine's thread, by own and total time), its table beside the torch profiler's")
+    ap.add_argument("--trace", action="store_true",
+                    help="with --profile: the profiled turn's timeline as gzipped Chrome trace JSON beside its tables "
+                         "(for a short turn: a long one's runs to hundreds of MB)")
     ap.add_argument("--out", default="workload.json")
     ap.add_argument("--worker")
     args = ap.parse_args()
@@ -649,7 +667,7 @@ def main() -> None:
             "concurrent": args.concurrent, "concurrent_len": args.concurrent_len,
             "concurrent_out": args.concurrent_out, "chunk": args.chunk, "eager": not args.graphs,
             "engine": json.loads(args.engine), "timeout": args.timeout, "profile": args.profile,
-            "pyprofile": args.pyprofile}
+            "pyprofile": args.pyprofile, "trace": args.trace}
     import torch
     import vllm
 

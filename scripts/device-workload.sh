@@ -85,7 +85,8 @@
 #   hostprof where a host-bound sparse follow-up's host time goes: 32K + 2048 with 8K chunks, dense and PLANS' first
 #          plan, one more turn under the torch profiler with Python stacks (its table's last section: the plugin's,
 #          Triton's and FlashAttention's Python frames by host time) and one under cProfile (`--pyprofile`: every
-#          Python function of the engine's thread by own and total time, `*.cprofile.txt`) (~200 s)
+#          Python function of the engine's thread by own and total time, `*.cprofile.txt`), with the torch profile's
+#          timeline (`--trace`, `*.trace.json.gz`: whether the GPU idles while the host launches) (~200 s)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 #   guard  the `dense_above` rule (2026-12-05 H100, first chunks not yet counted: 0.97x / 0.99x; counted since):
@@ -307,7 +308,7 @@ wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARS
 }
 hostprof() {
   PROFILE=follow:32768+2048 workload workload_hostprof --graphs --chunk 8192 --first= --docs 32768 --follow 2048 \
-    --beside 0 --concurrent 0 --pyprofile
+    --beside 0 --concurrent 0 --pyprofile --trace
 }
 hostgap() {
   local pass nodes runs=()

@@ -90,3 +90,17 @@ def test_a_profiled_class_gets_a_cprofile_turn_on_fresh_requests_beside_the_torc
     rows.clear()
     WL.profiled(_Engine(), {**spec, "pyprofile": False}, make_requests)
     assert [r["class"] for r in rows] == ["profile"]
+
+
+def test_a_profiled_turn_can_keep_its_timeline(tmp_path):
+    import gzip
+    import json
+
+    out = tmp_path / "w.profile-plan.txt"
+    row = WL.profile_turn(_Engine(), [({"prompt_token_ids": [1]}, None)], str(out), trace=True)
+    assert row["trace"] == str(tmp_path / "w.profile-plan.trace.json.gz")
+    with gzip.open(row["trace"]) as f:
+        events = json.load(f)["traceEvents"]
+    assert any("column_lists" in e.get("name", "") for e in events)  # (Python frames: profiled with stacks)
+    assert not (tmp_path / "w.profile-plan.trace.json").exists()  # (only the gzipped copy stays)
+    assert "trace" not in WL.profile_turn(_Engine(), [({"prompt_token_ids": [1]}, None)], str(out))
