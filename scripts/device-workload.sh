@@ -76,17 +76,20 @@
 #          cuda: 128K + 2048 and + 8192, 32K + 8192, 48K + 16K), then the packed call's GPU tests
 #   wlpack the follow-up classes WLPACK_DOCS + WLPACK_FOLLOW, CUDA graphs, dense and PLANS' first plan, with
 #          VLLM_SPARSE_FA_PACK_LISTS=1, then =0, in one call (two runs of two engines). Default 16K and 32K + 2048 and
-#          + 4096: sparse at the 64M floor and host-bound (32K + 2048: the first step() back after 61-98 ms against
-#          dense's ~20, GPU ~59 ms; 1.53x on a fast host, 1.09x on a slow one, H100 2026-12-07), where a list's call
+#          + 4096: 16K + 4096 and 32K + 2048 / + 4096 sparse at the 64M floor (16K + 2048 under it: the dense path's
+#          control), 32K + 2048 host-bound (its first step() back after 60-65 ms on one host, 96-113 on a slower one,
+#          against dense's ~20-30; GPU ~59 ms against ~98: 1.53x / 1.09x, H100 2026-12-07), where a list's call
 #          each costs the most host time; the 2026-12-05 run (32K and 128K + 2048 and + 8192: 128K + 2048 170.9 vs
 #          171.1 ms) had none of them sparse. Packing works under a dense tail since 2026-12-07 (before, it declined:
 #          the 7.5% + tail timing plan never packed): PLANS=antidiagonal-7.5-s16-int8-tail. First, tests/test_dense_tail.py's
 #          GPU tests (FA3 over the packed call's sequences without queries) (~520 s in all)
 #   hostprof where a host-bound sparse follow-up's host time goes: 32K + 2048 with 8K chunks, dense and PLANS' first
 #          plan, one more turn under the torch profiler with Python stacks (its table's last section: the plugin's,
-#          Triton's and FlashAttention's Python frames by host time) and one under cProfile (`--pyprofile`: every
-#          Python function of the engine's thread by own and total time, `*.cprofile.txt`), with the torch profile's
-#          timeline (`--trace`, `*.trace.json.gz`: whether the GPU idles while the host launches) (~200 s)
+#          Triton's and FlashAttention's Python frames by host time, where the profiler recorded Python frames) and one
+#          under cProfile (`--pyprofile`: every Python function of the engine's thread by own and total time,
+#          `*.cprofile.txt`, which needs no profiler support), with the torch profile's timeline (`--trace`,
+#          `*.trace.json.gz`: whether the GPU idles while the host launches); the six profile files in
+#          workload_hostprof_profiles.tgz (~220 s)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 #   guard  the `dense_above` rule (2026-12-05 H100, first chunks not yet counted: 0.97x / 0.99x; counted since):
@@ -306,9 +309,15 @@ wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARS
   done
   return $rc
 }
-hostprof() {
-  PROFILE=follow:32768+2048 workload workload_hostprof --graphs --chunk 8192 --first= --docs 32768 --follow 2048 \
-    --beside 0 --concurrent 0 --pyprofile --trace
+hostprof() {  # (dense and the first plan only; the profiles packed into one file: $OUT returns at most 8)
+  local rc=0
+  timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs --chunk 8192 \
+    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 32768 --follow 2048 --beside 0 \
+    --concurrent 0 --profile follow:32768+2048 --pyprofile --trace --reserve 110 --timeout $(( $(left) - 15 )) \
+    --out "$OUT/workload_hostprof.json" 2>&1 | awk '/vllm-sparse/ || !/^\[.*\] .*(WARNING|INFO)/' \
+    | grep -v "Capturing CUDA" | tee "$OUT/workload_hostprof.log" | tail -8 || rc=$?
+  (cd "$OUT" && tar czf workload_hostprof_profiles.tgz workload_hostprof.profile-* && rm -f workload_hostprof.profile-*)
+  return $rc
 }
 hostgap() {
   local pass nodes runs=()
@@ -354,4 +363,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:520 hostprof:200 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:520 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

@@ -19,6 +19,24 @@ def _plugin_work(n: int) -> None:
         column_lists(columns, 2)
 
 
+def test_the_frames_table_takes_the_serving_paths_prefixes_only():
+    """The plugin's, Triton's launch path, vLLM's attention layers and FlashAttention wrapper; not the rest."""
+    from types import SimpleNamespace
+
+    def frame(key, total):
+        return SimpleNamespace(key=key, cpu_time_total=total, self_cpu_time_total=1.0, count=1)
+
+    keys = ["triton/runtime/jit.py(1167): __call__",
+            "vllm/vllm_flash_attn/flash_attn_interface.py(176): flash_attn_varlen_func",
+            "vllm/model_executor/layers/attention/attention.py(488): forward",
+            "vllm_sparse/backend/attend.py(77): attend",
+            "vllm/v1/core/sched/scheduler.py(200): schedule", "torch/nn/modules/module.py(1782): _call_impl",
+            "aten::mm"]
+    text = E2E.python_frames_table([frame(k, 100.0 - i) for i, k in enumerate(keys)])
+    listed = [line.split(None, 4)[4] for line in text.splitlines()[1:]]  # (4 numbers, then the frame)
+    assert listed == keys[:4]
+
+
 def test_the_plugins_python_frames_are_tabled_by_host_time(tmp_path):
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         _plugin_work(7)
@@ -47,8 +65,20 @@ def test_a_profile_without_stacks_says_it_has_no_frames(tmp_path):
     assert "none recorded (a profile without with_stack" in out.read_text()
 
 
-def test_the_launch_count_takes_the_driver_entry_triton_launches_through():
-    assert "cuLaunchKernelEx" in WL.LAUNCH_CALLS and "cudaLaunchKernel" in WL.LAUNCH_CALLS
+def test_the_launch_count_takes_the_driver_entry_triton_launches_through(tmp_path, monkeypatch):
+    """A profiled turn's kernel launches count the runtime's and the driver's entry points, Triton 3.6's
+    `cuLaunchKernelEx` among them, and nothing else."""
+    from types import SimpleNamespace
+
+    def event(key, count):
+        return SimpleNamespace(key=key, count=count, self_device_time_total=0, device_type=SimpleNamespace(name="CPU"))
+
+    events = [event("cudaLaunchKernel", 2), event("cudaLaunchKernelExC", 3), event("cuLaunchKernel", 5),
+              event("cuLaunchKernelEx", 7), event("aten::mm", 11), event("cudaMemcpyAsync", 13)]
+    monkeypatch.setattr(E2E, "write_profile", lambda prof, out: (events, []))
+    monkeypatch.setitem(__import__("sys").modules, "e2e", E2E)  # (workload.py imports it by its bare name)
+    row = WL.profile_turn(_Engine(), [({"prompt_token_ids": [1]}, None)], str(tmp_path / "p.txt"))
+    assert row["kernel_launches"] == 2 + 3 + 5 + 7
 
 
 class _Engine:
@@ -87,6 +117,12 @@ def test_a_profiled_class_gets_a_cprofile_turn_on_fresh_requests_beside_the_torc
     text = (tmp_path / "w.profile-plan.cprofile.txt").read_text()
     assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
     assert "vllm_sparse/backend/attend.py" in text and "column_lists" in text
+    # The table and its classes skip both profile rows (they hold no requests to summarise).
+    measured = {"class": "follow:8+4", "turn": 0, "wall_s": 0.01, "paths": {"sparse": 4, "dense": 0, "chunks": 1},
+                "requests": [{"ttft_s": 0.01, "finish_s": 0.01, "tokens_out": 1, "cached_tokens": 8}]}
+    assert list(WL.classes([measured, *rows])) == ["follow:8+4"]
+    assert "follow:8+4" in WL.table({"engines": {"dense": {"rows": [measured, *rows]},
+                                                 "plan.yaml": {"rows": [measured, *rows]}}})
     rows.clear()
     WL.profiled(_Engine(), {**spec, "pyprofile": False}, make_requests)
     assert [r["class"] for r in rows] == ["profile"]
