@@ -134,15 +134,15 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
         n, t0 = (n_tiles, ctx.q_len) if tail is None else (tail.sparse_tiles, tail.first_token)
         q_sparse, out_sparse = (q, out) if tail is None else (q[:t0], out[:t0])
         # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule):
-        # over every tile, a dense tail's as sequences without queries (`DenseTail.packed_query_start_loc`), its
-        # rule and split count by the tiles with queries.
+        # over every tile, a dense tail's as sequences without queries (`DenseTail.packed_query_start_loc`); its rule
+        # and split count take the n tiles with queries.
         pack, version = q.shape[1] // lists, FLASH_VERSIONS[kernel]
         packing = list_packing(lists, pack, bounds if tail is None else tail.packed_query_start_loc, max_q, q_sparse,
-                               out_sparse, k_cache, v_cache, None if tail is None else n) if n else None
+                               out_sparse, k_cache, v_cache, n) if n else None
         tables, counts, used, packed_qsl = tile_tables_triton(mask, lists, tile, seq_lens, bs, kv.page_size,
                                                               block_table[c.req], max_pages, packing)
         if tail is None or packed_qsl is not None:
-            splits = None if tail is None else default_num_splits(version, lists * n, max_q, pack, q.device)
+            splits = None if packed_qsl is None else default_num_splits(version, lists * n, max_q, pack, q.device)
             sparse_attention_flash(q_sparse, k_cache, v_cache, tables, used, bounds, seq_lens, max_q, ctx.scale,
                                    out_sparse, num_splits=splits, descales=descales, fa_version=version,
                                    packed_qsl=packed_qsl)
