@@ -311,7 +311,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (the workspace's chunk)")
     ap.add_argument("--max-model-len", type=int, default=131072 + 8192 + 256, help="(workload.py's engines')")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--pack-lists", default="0", choices=["0", "1", "both"],
+    ap.add_argument("--pack-lists", default="1", choices=["0", "1", "both"],
                     help="VLLM_SPARSE_FA_PACK_LISTS: one FlashAttention call for every page list of a short chunk")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu: kernels recorded, not run; cuda: the real kernels, and dense FA3 beside them")

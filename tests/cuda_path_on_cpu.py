@@ -26,7 +26,7 @@ from tests.compile_keys import launch_key
 from vllm_sparse.backend import attend, kernel_choice, sparse_path, warmup
 from vllm_sparse.config import plan as config_plan
 from vllm_sparse.estimators import base, block_means, row_scores
-from vllm_sparse.kernels import column_attention, launch, page_count, sparse_attention
+from vllm_sparse.kernels import column_attention, flash_compact, launch, page_count, sparse_attention
 from vllm_sparse.metrics import density_kernel
 from vllm_sparse.selection import select_kernel, tile_tables
 
@@ -79,6 +79,7 @@ def on_cuda_path(monkeypatch, kernel, flash=None, dense=None):
         monkeypatch.setitem(floors, "cpu", floors["cuda"])
     monkeypatch.setattr(attend, "sparse_attention_flash", flash or (lambda *args, **kwargs: None))
     monkeypatch.setattr(attend, "dense_flash", dense or (lambda *args, **kwargs: None))  # (a dense tail's tiles)
+    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)  # (an H100's: whether a short chunk packs)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the attention wrappers' check for CPU tensors; nothing runs)
     warmup._compile.cache_clear()  # (once per engine and process: each test is an engine start)

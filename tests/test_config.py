@@ -459,16 +459,18 @@ def test_every_environment_variable_is_declared_in_envs():
         envs.get("VLLM_SPARSE_WORKSPACE_MB")
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False)])
-def test_a_flag_is_0_or_1_and_anything_else_an_error_naming_it(monkeypatch, value, on):
+@pytest.mark.parametrize("name, unset", [("VLLM_SPARSE_FA_PACK_LISTS", True), ("VLLM_SPARSE_LOG_STEPS", False)])
+@pytest.mark.parametrize("value", ["1", "0", ""])
+def test_a_flag_is_0_or_1_and_anything_else_an_error_naming_it(monkeypatch, name, unset, value):
+    """An empty value is the declared default (packing on, step logging off)."""
     from vllm_sparse import envs
 
-    monkeypatch.setenv("VLLM_SPARSE_FA_PACK_LISTS", value)
-    assert envs.flag("VLLM_SPARSE_FA_PACK_LISTS") is on
+    monkeypatch.setenv(name, value)
+    assert envs.flag(name) is {"1": True, "0": False, "": unset}[value]
     for typo in ("true", "yes", "on", " 1"):
-        monkeypatch.setenv("VLLM_SPARSE_FA_PACK_LISTS", typo)
-        with pytest.raises(ValueError, match=f"VLLM_SPARSE_FA_PACK_LISTS={typo!r}: give 0 or 1"):
-            envs.flag("VLLM_SPARSE_FA_PACK_LISTS")
+        monkeypatch.setenv(name, typo)
+        with pytest.raises(ValueError, match=f"{name}={typo!r}: give 0 or 1"):
+            envs.flag(name)
 
 
 def test_the_metrics_interval_is_a_finite_number_above_zero(monkeypatch):

@@ -206,14 +206,16 @@ def test_prefill_warm_up_at_other_engine_settings(monkeypatch, tmp_path, path, k
     check(*warmed_and_served(monkeypatch, tmp_path, path, kernel, max_model_len, fp8))
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "call-per-list"])
 @pytest.mark.parametrize("kernel", ["fa3", "fa2"])
 @pytest.mark.parametrize("path", [Path("configs/llama-3.yaml"),
                                   Path("benchmarks/configs/llama-3-8b-antidiagonal-7.5-s16-int8-tail.yaml")],
                          ids=["llama-3", "dense-tail"])
-def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_path, kernel, path):
-    """`VLLM_SPARSE_FA_PACK_LISTS=1`: serving's short chunks take one FlashAttention call for every page list, whose
-    tables the table kernel writes with the same compiled variant (its packing arguments are not specialised); under
-    a dense tail too, the packed call's tile starts a view of the step's geometry."""
+def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_path, kernel, path, pack):
+    """`VLLM_SPARSE_FA_PACK_LISTS` (on by default): serving's short chunks take one FlashAttention call for every
+    page list, whose tables the table kernel writes with the same compiled variant (its packing arguments are not
+    specialised); under a dense tail too, the packed call's tile starts a view of the step's geometry. Off: a call per
+    list, as every chunk took before."""
     packed = []
 
     def recorded(*args):
@@ -221,11 +223,11 @@ def test_prefill_warm_up_with_lists_packed_into_one_flash_call(monkeypatch, tmp_
         packed.append(packing is not None)
         return packing
 
-    monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
-    monkeypatch.setattr(flash_compact, "num_sms", lambda device: 132)  # (an H100's)
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
     monkeypatch.setattr(attend, "list_packing", recorded)
     check(*warmed_and_served(monkeypatch, tmp_path, path, kernel, MAX_MODEL_LEN, fp8=False))
-    assert any(packed) and not all(packed)  # short chunks packed (the warm-up's among them), long ones not
+    # on: short chunks packed (the warm-up's among them), long ones not; off: none
+    assert (any(packed) and not all(packed)) if pack else packed and not any(packed)
 
 
 def test_every_prefill_kernel_is_recorded():

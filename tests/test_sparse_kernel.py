@@ -550,10 +550,10 @@ def test_sparse_path_kernel_equals_reference_path(monkeypatch, union_tile, kerne
     from vllm_sparse.kernels.workspace import WORKSPACE
     from vllm_sparse.selection.budget import Budget
 
-    packed = []
-    if kernel.endswith("-packed"):
+    packed, pack = [], kernel.endswith("-packed")
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)  # (on by default: the other variants call per list)
+    if pack:
         kernel = kernel.removesuffix("-packed")
-        monkeypatch.setattr(flash_compact, "PACK_LISTS", True)
         monkeypatch.setattr(WORKSPACE, "_buffers", {})
         WORKSPACE.reserve(1 << 20, torch.device(DEVICE))
 
@@ -583,7 +583,7 @@ def test_sparse_path_kernel_equals_reference_path(monkeypatch, union_tile, kerne
                     kernel=kernel, tiles=tiles)
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), ref.float(), atol=5e-3, rtol=5e-3)
-    assert packed == ([True, True] if flash_compact.PACK_LISTS else [])  # (packed: both chunks in one call each)
+    assert packed == ([True, True] if pack else [])  # (packed: both chunks in one call each)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU twin: Triton runs kernels on CPU tensors only in its "

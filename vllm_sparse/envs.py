@@ -17,8 +17,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "VLLM_SPARSE_METRICS": ("1", "0 turns off the workers' /metrics counters"),
     "VLLM_SPARSE_METRICS_INTERVAL_S": ("1", "seconds between a worker's metrics snapshots"),
     "VLLM_SPARSE_METRICS_DIR": ("", "where workers write metrics snapshots (set by the process that serves them)"),
-    "VLLM_SPARSE_FA_PACK_LISTS": ("0", "1: a short sparse chunk's page lists take one FlashAttention call, not one "
-                                  "per list (fewer host calls; no faster on the follow-ups timed: docs/kernels.md)"),
+    "VLLM_SPARSE_FA_PACK_LISTS": ("1", "0: a short sparse chunk takes a FlashAttention call per page list instead of "
+                                  "one for all of them (more host calls; docs/kernels.md)"),
     "VLLM_SPARSE_LOG_STEPS": ("0", "1 logs every step that takes the sparse path (debug)"),
     "VLLM_SPARSE_LOG_COMPILES": ("0", "1 logs every Triton kernel a process compiles or loads, with its "
                                       "specialisation: which variant a request waited for (debug)"),

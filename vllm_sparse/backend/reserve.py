@@ -171,8 +171,9 @@ def _head_plans(plan: SparsePlan):
 
 
 def packed_lists_bytes(local_q_heads: int, max_chunk_tokens: int, head_dim: int, itemsize: int) -> int:
-    """Room for a short chunk's queries and output, head-major, where `VLLM_SPARSE_FA_PACK_LISTS=1` packs its
-    page lists into one FlashAttention call (`flash_compact.list_packing`; with the alignment between them)."""
+    """Room for a short chunk's queries and output, head-major, where `VLLM_SPARSE_FA_PACK_LISTS` (on by default)
+    packs its page lists into one FlashAttention call (`flash_compact.list_packing`; with the alignment between
+    them)."""
     return 2 * min(SHORT_CHUNK_TOKENS, max_chunk_tokens) * local_q_heads * head_dim * itemsize + 256
 
 

@@ -159,10 +159,12 @@ class WorkerMetrics:
             return self._last_acc
         done = torch.cuda.Event()
         done.record(self._main or torch.cuda.current_stream(self.device))
+        copied = torch.cuda.Event(blocking=True)  # its wait sleeps: no core spun while the launch queue drains
         with torch.cuda.stream(self._side):
             self._side.wait_event(done)
             host = self._acc.to("cpu", non_blocking=True)
-            self._side.synchronize()  # this thread waits; the layers' stream does not
+            copied.record(self._side)
+        copied.synchronize()  # this thread waits; the layers' stream does not
         self._last_acc = host.tolist()
         return self._last_acc
 
