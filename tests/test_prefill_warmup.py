@@ -130,7 +130,8 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
     # warm-up compiled.
     monkeypatch.setattr(WORKSPACE, "_buffers", {})
     monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
-    reserve_estimator_workspace(plan, q_heads, SERVING_CHUNK, max_model_len, cpu, kv_heads, d)
+    reserve_estimator_workspace(plan, q_heads, SERVING_CHUNK, max_model_len, cpu, kv_heads, d,
+                                dtype.itemsize if flash_compact.PACK_LISTS and kernel in ("fa3", "fa2") else 0)
     WORKSPACE.count_key_columns(max_model_len, cpu)
     warmed, served, where = {}, {}, ["warm-up"]
     record_into(monkeypatch, warmed, where)

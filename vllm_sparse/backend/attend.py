@@ -133,9 +133,9 @@ def attend_chunk_with_kernel(ctx: ChunkContext, mask: torch.Tensor, tile: int, c
         # The tiles before a dense tail (all of them without one), and their queries and output: the sparse call's.
         n, t0 = (n_tiles, ctx.q_len) if tail is None else (tail.sparse_tiles, tail.first_token)
         q_sparse, out_sparse = (q, out) if tail is None else (q[:t0], out[:t0])
-        # One FlashAttention call for every list where a list's call would leave the GPU idle (opt-in, host rule):
-        # over every tile, a dense tail's as sequences without queries (`DenseTail.packed_query_start_loc`); its rule
-        # and split count take the n tiles with queries.
+        # One FlashAttention call for every list where a list's call would leave the GPU idle (host rule,
+        # `list_packing`): over every tile, a dense tail's as sequences without queries
+        # (`DenseTail.packed_query_start_loc`); its rule and split count take the n tiles with queries.
         pack, version = q.shape[1] // lists, FLASH_VERSIONS[kernel]
         packing = list_packing(lists, pack, bounds if tail is None else tail.packed_query_start_loc, max_q, q_sparse,
                                out_sparse, k_cache, v_cache, n) if n else None
