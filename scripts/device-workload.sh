@@ -90,6 +90,9 @@
 #          `*.cprofile.txt`, which needs no profiler support), with the torch profile's timeline (`--trace`,
 #          `*.trace.json.gz`: whether the GPU idles while the host launches); the six profile files in
 #          workload_hostprof_profiles.tgz (~220 s)
+#   packtest the GPU tests of packing as the default (2026-12-07): the fp8 path with FA3 packed (`fa3-packed`: passes
+#          before `flash_compact.PACKS_FP8` may turn on), the dense tail's FA3 tests, the warm-up (no kernel compiled
+#          after it, packing now on), the packed FlashAttention cases over compacted tables (~3 min)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)
 #   guard  the `dense_above` rule (2026-12-05 H100, first chunks not yet counted: 0.97x / 0.99x; counted since):
@@ -309,6 +312,11 @@ wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARS
   done
   return $rc
 }
+packtest() {
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fp8_path.py \
+    "tests/test_dense_tail.py" tests/test_warmup_gpu.py "tests/test_sparse_kernel.py" -k "fp8 or warm or packed or attends_the_tail" \
+    2>&1 | tee "$OUT/packtest.log" | tail -15
+}
 hostprof() {  # (dense and the first plan only; the profiles packed into one file: $OUT returns at most 8)
   local rc=0
   timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs --chunk 8192 \
@@ -363,4 +371,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:520 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:520 packtest:240 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

@@ -26,7 +26,33 @@ DTYPE = torch.bfloat16 if GPU else torch.float16  # (the interpreter's tl.dot is
 FP8 = torch.float8_e4m3fn
 HQ, HKV, D, PAGE, BS = 8, 2, 64, 16, 32
 SEQ, Q_LEN = 300, 120
-KERNELS = ["reference", "triton"] + (["fa3"] if GPU and torch.cuda.get_device_capability()[0] == 9 else [])
+# `fa3-packed`: FA3 in one call for every page list (`flash_compact.PACKS_FP8`, off until this case passes on a GPU)
+KERNELS = ["reference", "triton"] + (["fa3", "fa3-packed"] if GPU and torch.cuda.get_device_capability()[0] == 9
+                                     else [])
+
+
+def _kernel(monkeypatch, kernel: str) -> str:
+    """The attention kernel `kernel` names; for `fa3-packed`, FA3 with the page lists packed into one call (a
+    workspace reserved for the copies; fp8 packing allowed), which the test then checks took place."""
+    from vllm_sparse.backend import attend
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    pack = kernel == "fa3-packed"
+    monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
+    monkeypatch.setattr(flash_compact, "PACKS_FP8", pack)
+    if pack:
+        monkeypatch.setattr(WORKSPACE, "_buffers", {})
+        WORKSPACE.reserve(1 << 20, torch.device(DEVICE, torch.cuda.current_device()))
+        original = attend.list_packing
+
+        def counted(*args):
+            packing = original(*args)
+            assert packing is not None, "the fp8 case's page lists did not pack"
+            return packing
+
+        monkeypatch.setattr(attend, "list_packing", counted)
+    return kernel.removesuffix("-packed")
 
 
 def _plan(budget: Budget, bits: int | None = None) -> HeadPlan:
@@ -69,9 +95,10 @@ def _dense(q, kv, b) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_every_block_kept_over_fp8_is_dense_attention_over_the_dequantized_values(kernel):
+def test_every_block_kept_over_fp8_is_dense_attention_over_the_dequantized_values(monkeypatch, kernel):
     """Density 1.0: the fp8 path's output is dense attention over the dequantized queries and pages."""
     q8, q_scale, kv8, _, _, b = _quantized_case(seed=5)
+    kernel = _kernel(monkeypatch, kernel)
     got = _attend(q8, kv8, b, _plan(Budget(keep_ratio=1.0)), kernel, q_scale)
     want = _dense(q8.float() * q_scale[1], dequantized(kv8), b)  # (the exact fp32 values FA3 reads)
     # FA3's fp8 path rounds the softmax probabilities to e4m3 for the PV product (one element of 61,440 was 0.022
@@ -82,11 +109,12 @@ def test_every_block_kept_over_fp8_is_dense_attention_over_the_dequantized_value
 
 @pytest.mark.parametrize("bits", [None, 8], ids=["bf16-scores", "int8-scores"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_sparse_path_over_fp8_equals_it_over_the_dequantized_values(kernel, bits):
+def test_sparse_path_over_fp8_equals_it_over_the_dequantized_values(monkeypatch, kernel, bits):
     """A real budget: the fp8 queries and pages select and attend as their dequantized values do (scales folded
     into the kernels' logit and output scales, not multiplied into a copy), and the output is not dense."""
     q8, q_scale, kv8, q, plain, b = _quantized_case(seed=7)
     plan = _plan(Budget(top_k=3, sink_blocks=1, local_blocks=1), bits)
+    kernel = _kernel(monkeypatch, kernel)
     got = _attend(q8, kv8, b, plan, kernel, q_scale)
     ref_kernel = "triton" if kernel == "fa3" else kernel  # FA3 reads fp8 queries with fp8 pages only
     want = _attend(q, plain, b, plan, ref_kernel)
