@@ -170,7 +170,8 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
         # The estimators' workspace as the engine reserves it at load (`impl.py`).
         mp.setattr(WORKSPACE, "_buffers", {})
         mp.setattr(WORKSPACE, "_key_tokens", {})
-        reserve_estimator_workspace(plan, shape.num_q_heads, chunk_tokens, max_model_len, where, shape.num_kv_heads, d)
+        reserve_estimator_workspace(plan, shape.num_q_heads, chunk_tokens, max_model_len, where, shape.num_kv_heads, d,
+                                    2 if pack_lists and kernel in ("fa3", "fa2") else 0)  # (as the engine, bf16)
         WORKSPACE.count_key_columns(max_model_len, where)
         mp.setenv(paths.DIR_ENV, metrics_dir)
         metrics = WorkerMetrics(where, shape.num_layers, 0)

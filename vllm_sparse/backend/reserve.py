@@ -177,15 +177,24 @@ def packed_lists_bytes(local_q_heads: int, max_chunk_tokens: int, head_dim: int,
     return 2 * min(SHORT_CHUNK_TOKENS, max_chunk_tokens) * local_q_heads * head_dim * itemsize + 256
 
 
-def reserve_estimator_workspace(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
-                                device: torch.device, local_kv_heads: int = 0, head_dim: int = 0,
-                                packed_lists_itemsize: int = 0) -> int:
-    """Reserve it on `device` (capped by VLLM_SPARSE_WORKSPACE_MIB; larger chunks run in slabs). -> bytes held.
-    `packed_lists_itemsize`: the model dtype's, where page lists are packed (the setting on, FlashAttention's path):
-    a short chunk's packed copies fit even a plan whose estimators use no workspace."""
+def estimator_reservation_bytes(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
+                                local_kv_heads: int = 0, head_dim: int = 0, packed_lists_itemsize: int = 0) -> int:
+    """What the engine asks to reserve for the estimators' workspace, before the cap (`reserve_estimator_workspace`;
+    `benchmarks/memory_table.py` counts it the same way). `packed_lists_itemsize`: the model dtype's, where page lists
+    are packed (the setting on, FlashAttention's path): a short chunk's packed copies fit even a plan whose estimators
+    use no workspace."""
     need = estimator_workspace_bytes(plan, local_q_heads, max_chunk_tokens, max_model_len, local_kv_heads, head_dim)
     if packed_lists_itemsize and _head_plans(plan):
         need = max(need, packed_lists_bytes(local_q_heads, max_chunk_tokens, head_dim, packed_lists_itemsize))
+    return need
+
+
+def reserve_estimator_workspace(plan: SparsePlan, local_q_heads: int, max_chunk_tokens: int, max_model_len: int,
+                                device: torch.device, local_kv_heads: int = 0, head_dim: int = 0,
+                                packed_lists_itemsize: int = 0) -> int:
+    """Reserve it on `device` (capped by VLLM_SPARSE_WORKSPACE_MIB; larger chunks run in slabs). -> bytes held."""
+    need = estimator_reservation_bytes(plan, local_q_heads, max_chunk_tokens, max_model_len, local_kv_heads, head_dim,
+                                       packed_lists_itemsize)
     return WORKSPACE.reserve(need, device) if need else 0
 
 
