@@ -49,7 +49,7 @@ from tests.test_benchmark_configs import shape_of  # noqa: E402
 from vllm_sparse.backend import attend, sparse_path  # noqa: E402
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry  # noqa: E402
 from vllm_sparse.backend.density_guard import DensityGuard  # noqa: E402
-from vllm_sparse.backend.reserve import reserve_estimator_workspace  # noqa: E402
+from vllm_sparse.backend.reserve import packed_lists_itemsize, reserve_estimator_workspace  # noqa: E402
 from vllm_sparse.config.loader import load_config  # noqa: E402
 from vllm_sparse.config.plan import resolve_plan  # noqa: E402
 from vllm_sparse.config.sharding import head_shard  # noqa: E402
@@ -171,7 +171,7 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
         mp.setattr(WORKSPACE, "_buffers", {})
         mp.setattr(WORKSPACE, "_key_tokens", {})
         reserve_estimator_workspace(plan, shape.num_q_heads, chunk_tokens, max_model_len, where, shape.num_kv_heads, d,
-                                    2 if pack_lists and kernel in ("fa3", "fa2") else 0)  # (as the engine, bf16)
+                                    packed_lists_itemsize(kernel, torch.bfloat16))  # (as the engine)
         WORKSPACE.count_key_columns(max_model_len, where)
         mp.setenv(paths.DIR_ENV, metrics_dir)
         metrics = WorkerMetrics(where, shape.num_layers, 0)

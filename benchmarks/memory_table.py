@@ -36,12 +36,15 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from e2e import SHAPES, model_shape  # noqa: E402
 
-from vllm_sparse.backend.reserve import estimator_reservation_bytes, layer_temporaries_bytes  # noqa: E402
+from vllm_sparse.backend.reserve import (  # noqa: E402
+    estimator_reservation_bytes,
+    layer_temporaries_bytes,
+    packed_lists_itemsize,
+)
 from vllm_sparse.config.loader import load_config  # noqa: E402
 from vllm_sparse.config.plan import resolve_plan  # noqa: E402
 from vllm_sparse.decode.memory import decode_workspace_bytes, summaries_share  # noqa: E402
 from vllm_sparse.decode.step import plan_workspace_sizes  # noqa: E402
-from vllm_sparse.kernels import flash_compact  # noqa: E402
 from vllm_sparse.kernels.workspace import cap_bytes  # noqa: E402
 
 GIB = 2**30
@@ -85,8 +88,7 @@ def plugin_bytes(plan, hf: dict, max_model_len: int, tp: int = 1, dtype: str = "
     """(estimator workspace as reserved, the chunk-layer temporaries' bound) at max_model_len, on one rank;
     `dtype`: the KV cache's (fp8: the chunk's queries dequantized to the model's bf16 are counted too)."""
     hq, hkv = local_heads(hf, tp)
-    # (the packed page lists' copies, FlashAttention's default path, in the model's bf16)
-    packed = 2 if flash_compact.PACK_LISTS else 0
+    packed = packed_lists_itemsize("fa3", torch.bfloat16)  # (the packed page lists' copies: FA3's default path)
     ws = min(estimator_reservation_bytes(plan, hq, CHUNK, max_model_len, hkv, head_dim(hf), packed), cap_bytes())
     return ws, layer_temporaries_bytes(plan, hq, hkv, CHUNK, max_model_len, PAGE, head_dim(hf), 2,
                                        fp8_queries=dtype == "fp8")  # (groups stay whole at these TP sizes)

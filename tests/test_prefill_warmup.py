@@ -35,7 +35,7 @@ from vllm_sparse import compat
 from vllm_sparse.backend import attend, sparse_path, warmup
 from vllm_sparse.backend.batch import SparseChunk, tile_geometry
 from vllm_sparse.backend.density_guard import DensityGuard
-from vllm_sparse.backend.reserve import reserve_estimator_workspace
+from vllm_sparse.backend.reserve import packed_lists_itemsize, reserve_estimator_workspace
 from vllm_sparse.config.loader import load_config
 from vllm_sparse.config.plan import chunk_work, resolve_plan
 from vllm_sparse.config.sharding import head_shard
@@ -131,7 +131,7 @@ def warmed_and_served(monkeypatch, tmp_path, path: Path, kernel: str, max_model_
     monkeypatch.setattr(WORKSPACE, "_buffers", {})
     monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
     reserve_estimator_workspace(plan, q_heads, SERVING_CHUNK, max_model_len, cpu, kv_heads, d,
-                                dtype.itemsize if flash_compact.PACK_LISTS and kernel in ("fa3", "fa2") else 0)
+                                packed_lists_itemsize(kernel, dtype))
     WORKSPACE.count_key_columns(max_model_len, cpu)
     warmed, served, where = {}, {}, ["warm-up"]
     record_into(monkeypatch, warmed, where)

@@ -26,13 +26,18 @@ from vllm_sparse.backend.checks import (
 from vllm_sparse.backend.instrumented import attend_observed
 from vllm_sparse.backend.kernel_choice import selected_kernel
 from vllm_sparse.backend.plan_cache import plan_for
-from vllm_sparse.backend.reserve import layer_temporaries_bytes, reserve_estimator_workspace, touch_step_temporaries
+from vllm_sparse.backend.reserve import (
+    layer_temporaries_bytes,
+    packed_lists_itemsize,
+    reserve_estimator_workspace,
+    touch_step_temporaries,
+)
 from vllm_sparse.backend.sparse_path import dequantize_queries
 from vllm_sparse.backend.split_groups import rank_layer
 from vllm_sparse.config.errors import SparseConfigError
 from vllm_sparse.decode.memory import refit_after_load, summaries_for
 from vllm_sparse.decode.step import DecodeLayer, decode_row_limit, reserve_decode
-from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS, PACK_LISTS
+from vllm_sparse.kernels.flash_compact import FLASH_VERSIONS
 from vllm_sparse.kernels.paged import FP8_DTYPES, PagedKV
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.metrics.worker import worker_metrics
@@ -93,8 +98,8 @@ class SparseImplMixin:
                                         vllm_config.scheduler_config.max_num_batched_tokens,
                                         vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()), self.num_kv_heads,
-                                        self.head_size, vllm_config.model_config.dtype.itemsize
-                                        if PACK_LISTS and self._kernel in FLASH_VERSIONS else 0)
+                                        self.head_size,
+                                        packed_lists_itemsize(self._kernel, vllm_config.model_config.dtype))
             # The int8 key columns one launch may hold: one KV head's at the longest context, as counted below.
             WORKSPACE.count_key_columns(vllm_config.model_config.max_model_len,
                                         torch.device("cuda", torch.cuda.current_device()))

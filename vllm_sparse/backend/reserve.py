@@ -23,6 +23,7 @@ from vllm_sparse.backend.split_groups import split_group
 from vllm_sparse.config.plan import SparsePlan
 from vllm_sparse.estimators.registry import get_estimator
 from vllm_sparse.estimators.row_scores import key_column_floats
+from vllm_sparse.kernels import flash_compact
 from vllm_sparse.kernels.workspace import WORKSPACE
 from vllm_sparse.log import logger
 
@@ -168,6 +169,12 @@ def split_group_bytes(plan: SparsePlan, shard, max_chunk_tokens: int, max_model_
 
 def _head_plans(plan: SparsePlan):
     return {hp for lp in plan.layers for hp in lp.heads if hp is not None}
+
+
+def packed_lists_itemsize(kernel: str | None, dtype: torch.dtype) -> int:
+    """The `packed_lists_itemsize` the engine reserves with: the model dtype's bytes where a short chunk's page lists
+    are packed (`VLLM_SPARSE_FA_PACK_LISTS`, FlashAttention's kernels), else 0."""
+    return dtype.itemsize if flash_compact.PACK_LISTS and kernel in flash_compact.FLASH_VERSIONS else 0
 
 
 def packed_lists_bytes(local_q_heads: int, max_chunk_tokens: int, head_dim: int, itemsize: int) -> int:
