@@ -159,3 +159,17 @@ def test_a_builder_takes_over_step_counting_from_one_that_is_gone(metrics_dir):
     gc.collect()
     assert m.claim_step_counting(real)  # the first is gone: the next to ask counts
     assert not m.claim_step_counting(second_group)  # (another KV cache group's builder of the same engine)
+
+
+def test_the_reader_thread_ends_before_the_interpreter_does(metrics_dir, monkeypatch):
+    """The snapshot thread is stopped at exit (a daemon thread left inside a CUDA call while CUDA is torn down
+    can abort the process): stop() ends it within one wait, and a second stop() is harmless."""
+    import time
+
+    monkeypatch.setattr(worker, "INTERVAL_S", 60.0)  # (a thread that would sleep a minute between snapshots)
+    m = worker.WorkerMetrics(torch.device("cpu"), num_layers=4, rank=0)
+    assert m._thread.is_alive()
+    t0 = time.perf_counter()
+    m.stop()
+    assert not m._thread.is_alive() and time.perf_counter() - t0 < 5
+    m.stop()

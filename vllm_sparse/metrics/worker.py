@@ -10,6 +10,7 @@ snapshot per worker into `VLLM_SPARSE_METRICS_DIR`, which `collector.py` serves.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import json
 import os
@@ -59,7 +60,12 @@ class WorkerMetrics:
             self._side = torch.cuda.Stream(device)
             self._main = None  # the stream the layers ran on, learnt at the first record
         self._path = os.path.join(metrics_dir(), f"worker-{os.getpid()}-{device.type}{device.index or 0}.json")
-        threading.Thread(target=self._run, name="vllm-sparse-metrics", daemon=True).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vllm-sparse-metrics", daemon=True)
+        self._thread.start()
+        # Ended before the interpreter tears CUDA down: a daemon thread left inside a CUDA call then can abort the
+        # process on its way out.
+        atexit.register(self.stop)
 
     def claim_step_counting(self, builder=None) -> bool:
         """True for the first metadata builder that asks: it alone counts each step's tokens. A builder that
@@ -198,9 +204,14 @@ class WorkerMetrics:
         os.replace(tmp, self._path)  # readers never see half a file
         self._written = snap
 
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the reader thread (at interpreter exit; idempotent): it finishes a snapshot it is writing."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
     def _run(self) -> None:
-        while True:
-            time.sleep(INTERVAL_S)
+        while not self._stop.wait(INTERVAL_S):
             try:
                 self.publish()
             except FileNotFoundError:  # the serving process removed the directory on exit: so do we
