@@ -90,8 +90,8 @@
 #          `*.cprofile.txt`, which needs no profiler support), with the torch profile's timeline (`--trace`,
 #          `*.trace.json.gz`: whether the GPU idles while the host launches); the six profile files in
 #          workload_hostprof_profiles.tgz (~220 s)
-#   packtest the GPU tests of packing as the default (2026-12-07): the fp8 path with FA3 packed (`fa3-packed`: passes
-#          before `flash_compact.PACKS_FP8` may turn on), the dense tail's FA3 tests, the warm-up (no kernel compiled
+#   packtest the GPU tests of packing as the default (2026-12-07): the fp8 path with FA3 packed (`fa3-packed`; passed
+#          on an H100 2026-12-07, so an fp8 cache packs too), the dense tail's FA3 tests, the warm-up (no kernel compiled
 #          after it, packing now on), the packed FlashAttention cases over compacted tables (~3 min)
 #   splits  FA3 over compacted tables under the num_splits rule vs FA3's own split heuristic vs a capped split count:
 #          time and temporaries (16K, 4K and 2K-token chunks at 64K and 128K, 10% of blocks)

@@ -26,21 +26,20 @@ DTYPE = torch.bfloat16 if GPU else torch.float16  # (the interpreter's tl.dot is
 FP8 = torch.float8_e4m3fn
 HQ, HKV, D, PAGE, BS = 8, 2, 64, 16, 32
 SEQ, Q_LEN = 300, 120
-# `fa3-packed`: FA3 in one call for every page list (`flash_compact.PACKS_FP8`, off until this case passes on a GPU)
+# `fa3-packed`: FA3 in one call for every page list (the default where a chunk's lists pack; `fa3`: a call per list)
 KERNELS = ["reference", "triton"] + (["fa3", "fa3-packed"] if GPU and torch.cuda.get_device_capability()[0] == 9
                                      else [])
 
 
 def _kernel(monkeypatch, kernel: str) -> str:
     """The attention kernel `kernel` names; for `fa3-packed`, FA3 with the page lists packed into one call (a
-    workspace reserved for the copies; fp8 packing allowed), which the test then checks took place."""
+    workspace reserved for the copies), which the test then checks took place."""
     from vllm_sparse.backend import attend
     from vllm_sparse.kernels import flash_compact
     from vllm_sparse.kernels.workspace import WORKSPACE
 
     pack = kernel == "fa3-packed"
     monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
-    monkeypatch.setattr(flash_compact, "PACKS_FP8", pack)
     if pack:
         monkeypatch.setattr(WORKSPACE, "_buffers", {})
         WORKSPACE.reserve(1 << 20, torch.device(DEVICE, torch.cuda.current_device()))

@@ -447,8 +447,8 @@ def test_lists_pack_only_where_a_list_call_leaves_the_gpu_idle_and_the_workspace
     assert packing(caches=(huge, huge)) is None
     pages128 = torch.empty(13, 128, 8, 128, dtype=torch.bfloat16)  # FA3 may read pages of 128 tokens by TMA
     assert packing(caches=(pages128, pages128)) is None
-    fp8 = torch.empty(100, 16, 8, 256, dtype=torch.float8_e4m3fn).permute(0, 2, 1, 3)  # (not run packed on a GPU)
-    assert packing(caches=(fp8[..., :128].transpose(1, 2), fp8[..., 128:].transpose(1, 2))) is None
+    fp8 = torch.empty(100, 16, 8, 256, dtype=torch.float8_e4m3fn).permute(0, 2, 1, 3)  # (packed on an H100 since)
+    assert packing(caches=(fp8[..., :128].transpose(1, 2), fp8[..., 128:].transpose(1, 2))).page_ratio == 16 * 8
     monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**22)})  # 16 MiB: too small
     assert packing() is None
     monkeypatch.setattr(WORKSPACE, "_buffers", {})  # no reservation: never allocates for it

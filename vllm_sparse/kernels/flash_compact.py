@@ -41,9 +41,6 @@ FLASH_VERSIONS = {"fa2": 2, "fa3": 3}  # the kernels of `backend.kernel_choice` 
 PACK_LISTS = envs.flag("VLLM_SPARSE_FA_PACK_LISTS")
 _ALIGN = 256  # bytes: where the packed output starts in the workspace, after the packed queries
 MAX_PACKED_PAGE = 32  # tokens: the page sizes the packed call was checked with (vLLM's default is 16)
-# An fp8 cache packed: FA3's descales per packed sequence have not run on a GPU yet (tests/test_fp8_path.py's
-# `fa3-packed` case runs them); until then an fp8 cache keeps a call per list.
-PACKS_FP8 = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,8 +80,8 @@ def list_packing(lists: int, pack: int, query_start_loc: torch.Tensor, max_query
     one list's call too small to fill the GPU (`fa3_query_tiles` under the SM count), the packed queries and output
     within the reserved workspace, keys and values of one layout whose page stride is a whole number of head
     strides, the view's page ids within int32, and pages under FA3's TMA tile (pages of 128 tokens or more may go
-    through FA3's TMA loads, which the overlapping view was never run through), and not an fp8 cache (FA3 reads it
-    with per-sequence descales, which the packed call has not run with on a GPU: `PACKS_FP8`). `tiles_with_queries`:
+    through FA3's TMA loads, which the overlapping view was never run through). An fp8 cache packs too (FA3's
+    descales per packed sequence: tests/test_fp8_path.py's `fa3-packed` case, H100, 2026-12-07). `tiles_with_queries`:
     where a dense tail's tiles are sequences without queries, the tiles before them (the GPU's work); None: every
     tile."""
     if not PACK_LISTS or lists == 1:
@@ -94,7 +91,7 @@ def list_packing(lists: int, pack: int, query_start_loc: torch.Tensor, max_query
         return None
     sp, sh = k_cache.stride(0), k_cache.stride(2)
     if k_cache.shape[1] > MAX_PACKED_PAGE or v_cache.stride() != k_cache.stride() or sp % sh \
-            or k_cache.shape[0] * (sp // sh) >= 2**31 or (k_cache.element_size() == 1 and not PACKS_FP8):
+            or k_cache.shape[0] * (sp // sh) >= 2**31:
         return None
     if WORKSPACE.reserved(q.device) < packed_bytes(q, out):
         return None
