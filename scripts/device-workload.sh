@@ -371,4 +371,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "hostpath:240 wlpack:520 packtest:240 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:320 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "hostpath:240 wlpack:520 packtest:240 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:400 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
