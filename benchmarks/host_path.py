@@ -109,14 +109,17 @@ def stand_in_fa3(mp) -> None:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operations run under it."""
+    """Counts the aten operations run under it, in all and by name."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.by_name: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        name = str(func.overloadpacket)
+        self.by_name[name] = self.by_name.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -230,7 +233,9 @@ def measure(plan, shape, d: int, kernel: str, context: int, q_len: int, max_mode
             step()
     row.update({"host_us": {"median": statistics.median(times) * 1e6, "min": min(times) * 1e6},
                 "triton_launches": sum(counted.values()), "launches_by_kernel": counted,
-                "flash_calls": flash_per_layer, "torch_ops": counter.ops / len(layers)})
+                "flash_calls": flash_per_layer, "torch_ops": counter.ops / len(layers),
+                "torch_ops_by_name": {k: n / len(layers)
+                                      for k, n in sorted(counter.by_name.items(), key=lambda kv: -kv[1])}})
     return row
 
 
