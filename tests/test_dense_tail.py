@@ -201,7 +201,8 @@ def test_flash_packs_the_tiles_before_the_tail_in_one_call_cpu_twin(monkeypatch,
     from vllm_sparse.kernels.workspace import WORKSPACE
 
     calls = _flash_stand_in(monkeypatch)
-    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**18)})  # 1 MiB reserved
+    # 1 MiB reserved, poisoned: the packed copies must write every byte they read
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.full((2**18,), float("nan"))})
     b, plan, chunks, bs = _tail_batch(torch.float32, torch.device("cpu"))
     hq, hkv = b.q.shape[1], b.kv.num_kv_heads
     monkeypatch.setattr(flash_compact, "PACK_LISTS", False)

@@ -599,7 +599,10 @@ def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monk
     """CPU twin of the backend's FA3 path (`attend_chunk_with_kernel`: tables from `_tile_tables_kernel` in Triton's
     interpreter, FlashAttention as its API says): the reference path's output, with a call per page list, or one
     call for all of them where `VLLM_SPARSE_FA_PACK_LISTS` packs them (then one call per chunk). The int8
-    antidiagonal estimator keeps its rows and key columns in the workspace the packed call then takes over."""
+    antidiagonal estimator keeps its rows and key columns in the workspace the packed call then takes over (vLLM's
+    memory profile counted key columns for one KV head, so both heads' go into the reservation's room, checked), the
+    reservation poisoned first: a packed copy that read what the estimator left, or an estimator buffer the copies
+    overwrote while still needed, shows."""
     from vllm_sparse.backend.batch import SparseChunk, tile_geometry
     from vllm_sparse.backend.instrumented import attend_observed
     from vllm_sparse.config.plan import HeadPlan
@@ -610,7 +613,12 @@ def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monk
 
     calls = _flash_stand_in(monkeypatch)
     monkeypatch.setattr(flash_compact, "PACK_LISTS", pack)
-    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.empty(2**18)})  # 1 MiB reserved
+    monkeypatch.setattr(WORKSPACE, "_buffers", {torch.device("cpu"): torch.full((2**18,), float("nan"))})  # 1 MiB
+    monkeypatch.setattr(WORKSPACE, "_key_tokens", {torch.device("cpu"): 1})  # (one KV head's columns counted)
+    tails = []
+    original_tail = WORKSPACE.tail
+    monkeypatch.setattr(WORKSPACE, "tail", lambda offset, numel, device: tails.append(offset) or
+                        original_tail(offset, numel, device))
     b = random_paged_batch((300, 200), (120, 200), 8, 2, 32, 16, dtype=torch.float16, seed=29)
     name, params = ("pooled", {}) if estimator == "pooled" else ("antidiagonal", {"stride": 8, "bits": 8})
     plans = [HeadPlan(name, get_estimator(name).params(**params), Budget(keep_ratio=0.3, sink_blocks=1,
@@ -629,6 +637,8 @@ def test_sparse_path_through_flash_attention_equals_reference_path_cpu_twin(monk
     torch.testing.assert_close(got.float(), ref.float(), atol=5e-3, rtol=5e-3)
     lists = 2 if union_heads else 8
     assert len(calls) == (2 if pack else 2 * lists)  # two chunks
+    assert any(t > 0 for t in tails) == (estimator == "antidiagonal-int8")  # key columns after the rows' scores
+    assert tails.count(0) == (2 if pack else 0)  # the packed copies, from the reservation's start
     assert {c[2] for c in calls} == {8 // lists} and {c[3] for c in calls} == {1}
 
 
