@@ -43,33 +43,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
-def _workspace_state():
-    from vllm_sparse.kernels.workspace import WORKSPACE
-
-    return WORKSPACE, dict(WORKSPACE._buffers), dict(WORKSPACE._key_tokens)
-
-
-def _restore_workspace(state) -> None:
-    workspace, buffers, key_tokens = state
-    workspace._buffers, workspace._key_tokens = buffers, key_tokens
-
-
 # The estimators' workspace is one per process: what a test reserves would decide for every later test whether a
 # FlashAttention call packs its page lists (`flash_compact.list_packing` packs only within a reservation), so a
 # test's outcome would hang on the order tests ran in. Each test (and each module, whose engine fixtures keep theirs
 # for the module's tests) gives back what it reserved.
-@pytest.fixture(autouse=True, scope="module")
-def _module_gives_back_its_workspace():
-    state = _workspace_state()
+def _gives_back_the_workspace():
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    buffers, key_tokens = dict(WORKSPACE._buffers), dict(WORKSPACE._key_tokens)
     yield
-    _restore_workspace(state)
+    WORKSPACE._buffers, WORKSPACE._key_tokens = buffers, key_tokens
 
 
-@pytest.fixture(autouse=True)
-def _test_gives_back_its_workspace():
-    state = _workspace_state()
-    yield
-    _restore_workspace(state)
+_module_gives_back_its_workspace = pytest.fixture(autouse=True, scope="module")(_gives_back_the_workspace)
+_test_gives_back_its_workspace = pytest.fixture(autouse=True)(_gives_back_the_workspace)
 
 MODEL_CACHE = Path(os.environ.get("VLLM_SPARSE_MODEL_CACHE", Path.home() / ".cache" / "vllm-sparse" / "models"))
 

@@ -268,7 +268,7 @@ def test_fused_scores_stay_within_the_workspace_at_32k(name, raw, monkeypatch):
                          seq - q_len, 128, d**-0.5, tuple(h // (hq // hkv) for h in range(hq)))
     est = get_estimator(name)
     params = est.params(**raw)
-    monkeypatch.setattr(WORKSPACE, "_buffers", {})  # (undone after: a workspace left behind makes later calls pack)
+    monkeypatch.setattr(WORKSPACE, "_buffers", {})  # (a fresh reservation of this size, whatever came before)
     WORKSPACE.reserve(512 << 20, torch.device("cuda"))
     monkeypatch.setattr(WORKSPACE, "_key_tokens", {})
     WORKSPACE.count_key_columns(seq, torch.device("cuda"))  # an engine whose longest context is this one's
