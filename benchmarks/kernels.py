@@ -92,6 +92,28 @@ def peak_mib(fn) -> float:
     return peak_above(fn) * 1024
 
 
+def packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, tile):
+    """FA3 over the compacted tables in one call for every list (`flash_compact.ListPacking`), the packed queries and
+    output in a workspace reserved for them, as the backend's packed call runs. Returns the call; `.out` its output."""
+    from vllm_sparse.kernels import flash_compact
+    from vllm_sparse.kernels.workspace import WORKSPACE
+
+    out = torch.full_like(q, float("nan"))
+    WORKSPACE.reserve(flash_compact.packed_bytes(q, out), q.device)
+    if WORKSPACE.reserved(q.device) < flash_compact.packed_bytes(q, out):
+        raise SystemExit("--packed: VLLM_SPARSE_WORKSPACE_MIB too small for the packed queries and output")
+    sp, sh = k_cache.stride(0), k_cache.stride(2)
+    lists = torch.arange(tables.shape[0], device=q.device, dtype=torch.int32)
+    ids = (tables * (sp // sh) + lists[:, None, None]).contiguous()
+    starts = (qsl[:-1][None, :] + lists[:, None] * q.shape[0]).flatten()
+    packed_qsl = torch.cat([starts, torch.tensor([tables.shape[0] * q.shape[0]], device=q.device)]).to(torch.int32)
+    run = functools.partial(flash_compact.sparse_attention_flash, q, k_cache, v_cache, ids,
+                            flash_compact.used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, out,
+                            packed_qsl=packed_qsl)
+    run.out = out
+    return run
+
+
 def fa3_dense(q, k_cache, v_cache, table, ctx, q_len, fa_version=3):
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
@@ -176,12 +198,16 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen, f
 
 
 def main() -> None:
-    global HQ, HKV  # (--heads sets the layout every helper reads)
+    global HQ, HKV, BLOCK  # (--heads and --block set the layout every helper reads)
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--chunk", type=int, default=16384, help="query tokens of the 'chunk' mode")
     ap.add_argument("--densities", default="0.05,0.1,0.2,0.5,1.0")
     ap.add_argument("--tile", type=int, default=128, help="queries per union tile (segment)")
+    ap.add_argument("--block", type=int, default=BLOCK, help="tokens per kept block (the plans' block_size)")
+    ap.add_argument("--packed", action="store_true",
+                    help="also time FlashAttention over the compacted tables in one call for every list (the "
+                         "packed call, its query and output copies included), whatever list_packing's rule says")
     ap.add_argument("--modes", default="chunk,prompt")
     ap.add_argument("--out", default="kernels.json")
     ap.add_argument("--configs", default="", help="BLOCK_M:BLOCK_N:warps:stages;... to sweep")
@@ -194,6 +220,7 @@ def main() -> None:
                          "GPUs without FA3 run; the 'fa3_*' fields then hold FA2's times)")
     args = ap.parse_args()
     HQ, HKV = (int(x) for x in args.heads.split("/"))
+    BLOCK = args.block
     gen = torch.Generator(device="cuda").manual_seed(0)
     try:
         import vllm  # noqa: F401
@@ -279,6 +306,14 @@ def main() -> None:
                         rows[-1].update({f"flash_compact_{name}_ms": bench(run),
                                          f"flash_compact_{name}_peak_mib": peak_mib(run)})
                     rows[-1]["flash_compact_cap"] = cap
+                    if args.packed and args.fa_version == 3:
+                        run_packed = packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, args.tile)
+                        run_packed()
+                        rows[-1]["flash_compact_packed_err_vs_ours"] = float(
+                            (run_packed.out.float() - tri_out.float()).norm() / tri_out.float().norm())
+                        rows[-1]["flash_compact_packed_ms"] = bench(run_packed)
+                        rows[-1]["flash_compact_packed_splits"] = flash_compact.default_num_splits(
+                            3, n_seg * HKV, args.tile, HQ // HKV, q.device)
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("flash_compact")}), flush=True)
                     tables = counts = fa_sparse_out = tri_out = None
                 if mode == "prompt" and str(density) in args.flashinfer.split(","):
@@ -323,6 +358,10 @@ def main() -> None:
                   f"{'capped at' if args.fa_version == 3 else 'num_splits'} "
                   f"{r['flash_compact_cap']}: {r['flash_compact_capped_ms']:.2f} ms, "
                   f"{r['flash_compact_capped_peak_mib']:.0f} MiB")
+            if "flash_compact_packed_ms" in r:
+                print(f"{'':>21} one call for every list (packed, copies included): {r['flash_compact_packed_ms']:.2f}"
+                      f" ms (x per-list calls {r['flash_compact_ms'] / r['flash_compact_packed_ms']:.2f}, splits "
+                      f"{r['flash_compact_packed_splits']}; err vs ours {r['flash_compact_packed_err_vs_ours']:.1e})")
         if "flashinfer_ms" in r:
             print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
                   f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")
