@@ -198,13 +198,15 @@ def head_lists(q, kv, k_cache, v_cache, table, ctx, q_len, tile, density, gen, f
 
 
 def main() -> None:
-    global HQ, HKV, BLOCK  # (--heads and --block set the layout every helper reads)
+    global HQ, HKV, BLOCK, PAGE  # (--heads, --block and --page set the layout every helper reads)
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--chunk", type=int, default=16384, help="query tokens of the 'chunk' mode")
     ap.add_argument("--densities", default="0.05,0.1,0.2,0.5,1.0")
     ap.add_argument("--tile", type=int, default=128, help="queries per union tile (segment)")
     ap.add_argument("--block", type=int, default=BLOCK, help="tokens per kept block (the plans' block_size)")
+    ap.add_argument("--page", type=int, default=PAGE, help="tokens per KV cache page (vLLM's --block-size; 16 on CUDA "
+                    "in 0.26-0.33): FA3 reads pages under its key tile without TMA")
     ap.add_argument("--packed", action="store_true",
                     help="also time FlashAttention over the compacted tables in one call for every list (the "
                          "packed call, its query and output copies included), whatever list_packing's rule says")
@@ -220,7 +222,9 @@ def main() -> None:
                          "GPUs without FA3 run; the 'fa3_*' fields then hold FA2's times)")
     args = ap.parse_args()
     HQ, HKV = (int(x) for x in args.heads.split("/"))
-    BLOCK = args.block
+    BLOCK, PAGE = args.block, args.page
+    if BLOCK % PAGE:
+        raise SystemExit(f"--block {BLOCK} is not a multiple of --page {PAGE}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     try:
         import vllm  # noqa: F401
@@ -332,13 +336,14 @@ def main() -> None:
         torch.cuda.empty_cache()
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                argv=sys.argv, tile=args.tile, fa_version=args.fa_version)
+                argv=sys.argv, tile=args.tile, fa_version=args.fa_version, page=PAGE, block=BLOCK)
     if have_fa3:
         import vllm
         meta["vllm"] = vllm.__version__
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, head_lists=head_rows), indent=1))
-    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  vllm {meta.get('vllm')}")
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  vllm {meta.get('vllm')}  "
+          f"pages of {PAGE}, blocks of {BLOCK}")
     print(f"{'ctx':>7} {'mode':>6} {'dens':>5} {'kept':>6} {'cfg':>14} {'ours ms':>8} {'TF/s':>6} "
           f"{'dense ms':>8} {'TF/s':>8} {'x dense':>7} {'err':>8} bad   (dense: FA{args.fa_version})")
     for r in rows:

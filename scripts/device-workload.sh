@@ -23,6 +23,10 @@
 #          dense FA3 over the same chunk: how much of the sparse attention's cost per block over dense's is the calls'
 #          last waves (eight calls a layer, ~4 waves each). H100 2026-12-07: none; one call is 1.02-1.20x slower (its
 #          copies), the lists' calls 1.13-1.25x dense's time per kept pair
+#   pagek  benchmarks/kernels.py as packk (no packed call), with KV pages of 16 tokens (vLLM 0.26's default on CUDA) and
+#          of 128 (one per selection block, FA3's key tile: its TMA loads), in one call: dense FA3 and the lists' calls
+#          at both page sizes (whether a larger page is a lever for either, and how much of it dense takes too). Not run
+#          yet (2026-12-07: no machine came for it)
 #   stages benchmarks/e2e.py with CUDA graphs at 32K/64K/128K, dense and PLANS' first plan, every prefill
 #          profiled: time to first token and where its GPU time goes (linear, estimation, selection, attention)
 #   gtest  the GPU engine tests (tests/test_engine_gpu.py): chats beside a sparse prefill with CUDA graphs, keep-all
@@ -366,6 +370,14 @@ packk() {
     --modes chunk --densities 0.075,0.125 --block 128 --tile 128 --packed --out "$OUT/kernels_packed.json" 2>&1 \
     | tee "$OUT/kernels_packed.log" | tail -16
 }
+pagek() {
+  local page
+  for page in 16 128; do
+    timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 65536,32768 --modes chunk \
+      --densities 0.075,0.125 --block 128 --tile 128 --page $page --out "$OUT/kernels_page$page.json" 2>&1 \
+      | tee "$OUT/kernels_page$page.log" | tail -14
+  done
+}
 ratios() { ttft_plans e2e_ratios antidiagonal-15-s16-int8 "${RATIO_PLAN:-antidiagonal-20-s16-int8}"; }
 tailr() {
   ttft_plans e2e_tail antidiagonal-10-s16-int8-tail antidiagonal-10-s16-int8
@@ -381,4 +393,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "packk:60 hostpath:240 wlpack:520 packtest:240 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:400 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "packk:60 pagek:100 hostpath:240 wlpack:520 packtest:240 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:400 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
