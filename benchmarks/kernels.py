@@ -1,10 +1,10 @@
 """Sparse paged attention kernel vs FA3 dense (and FlashInfer block-sparse where installed), one GPU.
 
 Llama-3.1-8B attention (32 q / 8 kv heads, d=128), bf16, vLLM 0.26's FlashAttention KV layout
-(K|V packed per page, page 16). For each context (32K, 128K) and mode (the last 16K-query chunk,
+(K|V packed per page; pages of 16 tokens, `--page`). For each context (32K, 128K) and mode (the last 16K-query chunk,
 the whole prompt), queries are split into union tiles (segments of `--tile` queries, one page
 list per segment and KV head, as the backend's union_tile gives); each list keeps the sink
-block, the tile's diagonal blocks and random other 64-token blocks up to the density asked.
+block, the tile's diagonal blocks and random other blocks (64 tokens, `--block`) up to the density asked.
 FLOPs count only the (query, key) pairs the kernel must compute, so TFLOP/s compare with FA3's
 dense causal figure directly. Table last; JSON to --out.
 
@@ -94,14 +94,17 @@ def peak_mib(fn) -> float:
 
 def packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, tile):
     """FA3 over the compacted tables in one call for every list (`flash_compact.ListPacking`), the packed queries and
-    output in a workspace reserved for them, as the backend's packed call runs. Returns the call; `.out` its output."""
+    output in a workspace reserved for them, as the backend's packed call runs (whatever `list_packing`'s rule would
+    say of this chunk). Returns (the call, with `.out` its output, and its two copies alone), or (None, why)."""
     from vllm_sparse.kernels import flash_compact
     from vllm_sparse.kernels.workspace import WORKSPACE
 
+    if PAGE > flash_compact.MAX_PACKED_PAGE:  # (the backend does not pack them: FA3 may read them through TMA)
+        return None, f"pages of {PAGE} tokens: the backend packs pages up to {flash_compact.MAX_PACKED_PAGE} only"
     out = torch.full_like(q, float("nan"))
-    WORKSPACE.reserve(flash_compact.packed_bytes(q, out), q.device)
-    if WORKSPACE.reserved(q.device) < flash_compact.packed_bytes(q, out):
-        raise SystemExit("--packed: VLLM_SPARSE_WORKSPACE_MIB too small for the packed queries and output")
+    need = flash_compact.packed_bytes(q, out)
+    if WORKSPACE.reserve(need, q.device) < need:
+        return None, f"{need / 2**20:.0f} MiB of packed queries and output over VLLM_SPARSE_WORKSPACE_MIB"
     sp, sh = k_cache.stride(0), k_cache.stride(2)
     lists = torch.arange(tables.shape[0], device=q.device, dtype=torch.int32)
     ids = (tables * (sp // sh) + lists[:, None, None]).contiguous()
@@ -111,7 +114,15 @@ def packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, tile):
                             flash_compact.used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, out,
                             packed_qsl=packed_qsl)
     run.out = out
-    return run
+    # The call's two copies alone (queries to head-major, output back), the same shapes, in buffers of their own.
+    n, pack = tables.shape[0], q.shape[1] // tables.shape[0]
+    q_heads_major = torch.empty(n, q.shape[0], pack, D, dtype=q.dtype, device=q.device)
+    out_heads_major = torch.empty_like(q_heads_major)
+
+    def copies():
+        q_heads_major.copy_(q.view(q.shape[0], n, pack, D).transpose(0, 1))
+        out.view(q.shape[0], n, pack, D).copy_(out_heads_major.transpose(0, 1))
+    return run, copies
 
 
 def fa3_dense(q, k_cache, v_cache, table, ctx, q_len, fa_version=3):
@@ -311,13 +322,18 @@ def main() -> None:
                                          f"flash_compact_{name}_peak_mib": peak_mib(run)})
                     rows[-1]["flash_compact_cap"] = cap
                     if args.packed and args.fa_version == 3:
-                        run_packed = packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, args.tile)
-                        run_packed()
-                        rows[-1]["flash_compact_packed_err_vs_ours"] = float(
-                            (run_packed.out.float() - tri_out.float()).norm() / tri_out.float().norm())
-                        rows[-1]["flash_compact_packed_ms"] = bench(run_packed)
-                        rows[-1]["flash_compact_packed_splits"] = flash_compact.default_num_splits(
-                            3, n_seg * HKV, args.tile, HQ // HKV, q.device)
+                        run_packed, copies = packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, args.tile)
+                        if run_packed is None:
+                            rows[-1]["flash_compact_packed_skipped"] = copies
+                        else:
+                            run_packed()
+                            rows[-1]["flash_compact_packed_err_vs_ours"] = float(
+                                (run_packed.out.float() - tri_out.float()).norm() / tri_out.float().norm())
+                            rows[-1]["flash_compact_packed_ms"] = bench(run_packed)
+                            rows[-1]["flash_compact_packed_copies_ms"] = bench(copies)
+                            rows[-1]["flash_compact_packed_splits"] = flash_compact.default_num_splits(
+                                3, n_seg * HKV, args.tile, HQ // HKV, q.device)
+                        run_packed = copies = None
                     print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith("flash_compact")}), flush=True)
                     tables = counts = fa_sparse_out = tri_out = None
                 if mode == "prompt" and str(density) in args.flashinfer.split(","):
@@ -366,7 +382,11 @@ def main() -> None:
             if "flash_compact_packed_ms" in r:
                 print(f"{'':>21} one call for every list (packed, copies included): {r['flash_compact_packed_ms']:.2f}"
                       f" ms (x per-list calls {r['flash_compact_ms'] / r['flash_compact_packed_ms']:.2f}, splits "
-                      f"{r['flash_compact_packed_splits']}; err vs ours {r['flash_compact_packed_err_vs_ours']:.1e})")
+                      f"{r['flash_compact_packed_splits']}; its two copies alone "
+                      f"{r['flash_compact_packed_copies_ms']:.2f} ms; err vs ours "
+                      f"{r['flash_compact_packed_err_vs_ours']:.1e})")
+            if "flash_compact_packed_skipped" in r:
+                print(f"{'':>21} one call for every list: not timed ({r['flash_compact_packed_skipped']})")
         if "flashinfer_ms" in r:
             print(f"{'':>21} FlashInfer block-sparse: {r['flashinfer_ms']:.2f} ms"
                   f" (+ plan {r['flashinfer_plan_ms']:.0f} ms on the host)")

@@ -21,8 +21,9 @@
 #   packk  benchmarks/kernels.py --packed at 64K and 32K, a 16K chunk, 128-token blocks and tiles (the timing plans'
 #          geometry), 7.5% and 12.5% kept: the lists' calls one per list (what a 16K chunk runs) and in one call, against
 #          dense FA3 over the same chunk: how much of the sparse attention's cost per block over dense's is the calls'
-#          last waves (eight calls a layer, ~4 waves each). H100 2026-12-07: none; one call is 1.02-1.20x slower (its
-#          copies), the lists' calls 1.13-1.25x dense's time per kept pair
+#          last waves (eight calls a layer, ~4 waves each). H100 2026-12-07: the one call, copies included, 1.02-1.20x
+#          the calls per list (its copies were not timed alone then; the benchmark now times them), the lists' calls
+#          1.13-1.25x dense's time per kept pair
 #   pagek  benchmarks/kernels.py as packk (no packed call), with KV pages of 16 tokens (vLLM 0.26's default on CUDA) and
 #          of 128 (one per selection block, FA3's key tile: its TMA loads), in one call: dense FA3 and the lists' calls
 #          at both page sizes (whether a larger page is a lever for either, and how much of it dense takes too). Not run
@@ -370,13 +371,16 @@ packk() {
     --modes chunk --densities 0.075,0.125 --block 128 --tile 128 --packed --out "$OUT/kernels_packed.json" 2>&1 \
     | tee "$OUT/kernels_packed.log" | tail -16
 }
-pagek() {
-  local page
+pagek() {  # (each page size a run of its own, half the time each; a failed run's exit status returned)
+  local page rc=0 t
   for page in 16 128; do
-    timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 65536,32768 --modes chunk \
+    t=$(( page == 16 ? ($(left) - 10) / 2 : $(left) - 5 ))
+    [ "$t" -ge 20 ] || { echo "pagek: $t s left for pages of $page: not run"; rc=124; continue; }
+    timeout $t python3 benchmarks/kernels.py --contexts 65536,32768 --modes chunk \
       --densities 0.075,0.125 --block 128 --tile 128 --page $page --out "$OUT/kernels_page$page.json" 2>&1 \
-      | tee "$OUT/kernels_page$page.log" | tail -14
+      | tee "$OUT/kernels_page$page.log" | tail -14 || rc=$?
   done
+  return $rc
 }
 ratios() { ttft_plans e2e_ratios antidiagonal-15-s16-int8 "${RATIO_PLAN:-antidiagonal-20-s16-int8}"; }
 tailr() {
