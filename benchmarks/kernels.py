@@ -31,6 +31,7 @@ from estimators import peak_above  # noqa: E402  (GiB above what was allocated b
 from vllm_sparse.kernels.paged import PagedKV  # noqa: E402
 from vllm_sparse.kernels.sparse_attention import sparse_paged_attention  # noqa: E402
 from vllm_sparse.selection.pages import block_mask_to_page_csr  # noqa: E402
+from vllm_sparse.selection.tile_tables import packed_tables  # noqa: E402
 
 HQ, HKV, D, PAGE, BLOCK = 32, 8, 128, 16, 64
 
@@ -105,11 +106,9 @@ def packed_call(q, k_cache, v_cache, tables, counts, qsl, seg_end, tile):
     need = flash_compact.packed_bytes(q, out)
     if WORKSPACE.reserve(need, q.device) < need:
         return None, f"{need / 2**20:.0f} MiB of packed queries and output over VLLM_SPARSE_WORKSPACE_MIB"
-    sp, sh = k_cache.stride(0), k_cache.stride(2)
-    lists = torch.arange(tables.shape[0], device=q.device, dtype=torch.int32)
-    ids = (tables * (sp // sh) + lists[:, None, None]).contiguous()
-    starts = (qsl[:-1][None, :] + lists[:, None] * q.shape[0]).flatten()
-    packed_qsl = torch.cat([starts, torch.tensor([tables.shape[0] * q.shape[0]], device=q.device)]).to(torch.int32)
+    # (the tables and query starts as the backend's packed call reads them: one list per KV head)
+    packing = flash_compact.ListPacking(k_cache.stride(0) // k_cache.stride(2), 1, qsl, q.shape[0])
+    ids, packed_qsl = packed_tables(tables, counts, packing)
     run = functools.partial(flash_compact.sparse_attention_flash, q, k_cache, v_cache, ids,
                             flash_compact.used_tokens(counts, seg_end, PAGE), qsl, seg_end, tile, D**-0.5, out,
                             packed_qsl=packed_qsl)

@@ -95,13 +95,21 @@ def tile_tables_ref(mask: torch.Tensor, num_kv_heads: int, tile: int, seq_lens: 
     tables, counts = compact_block_tables(block_table_row[None], rows, indptr, indices, num_kv_heads, max_pages)
     if packing is None:
         return tables, counts, used_tokens(counts, seq_lens, page_size), None
-    lists = torch.arange(num_kv_heads, device=mask.device)
-    live = torch.arange(max_pages, device=mask.device) < counts[..., None]
+    ids, packed_qsl = packed_tables(tables, counts, packing)
+    return ids, counts, used_tokens(counts, seq_lens, page_size), packed_qsl
+
+
+def packed_tables(tables: torch.Tensor, counts: torch.Tensor, packing: ListPacking
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-list tables [lists, n_tiles, max_pages] of physical ids (and their counts) as one packed call reads them
+    (`flash_compact.ListPacking`): (the heads-as-pages view's ids, 0 past each count; the packed queries' start of
+    each (list, tile) and their end, [lists * n_tiles + 1] int32). The torch form of what the table kernel writes."""
+    lists = torch.arange(tables.shape[0], device=tables.device)
+    live = torch.arange(tables.shape[-1], device=tables.device) < counts[..., None]
     ids = tables * packing.page_ratio + (lists // packing.lists_per_kv_head)[:, None, None].to(torch.int32)
     starts = packing.query_start_loc[:-1][None, :] + lists[:, None] * packing.q_tokens
-    ends = torch.tensor([num_kv_heads * packing.q_tokens], device=mask.device)
-    return (torch.where(live, ids, 0).to(torch.int32), counts, used_tokens(counts, seq_lens, page_size),
-            torch.cat([starts.flatten(), ends]).to(torch.int32))
+    ends = torch.tensor([tables.shape[0] * packing.q_tokens], device=tables.device)
+    return torch.where(live, ids, 0).to(torch.int32), torch.cat([starts.flatten(), ends]).to(torch.int32)
 
 
 @triton.jit(do_not_specialize=["m_offset", "stride_mh", "stride_mr", "s_offset", "bt_offset", "rows", "n_kv_blocks",
