@@ -26,8 +26,8 @@
 #          1.13-1.25x dense's time per kept pair
 #   pagek  benchmarks/kernels.py as packk (no packed call), with KV pages of 16 tokens (vLLM 0.26's default on CUDA) and
 #          of 128 (one per selection block, FA3's key tile: its TMA loads), in one call: dense FA3 and the lists' calls
-#          at both page sizes (whether a larger page is a lever for either, and how much of it dense takes too). Not run
-#          yet (2026-12-07: no machine came for it)
+#          at both page sizes (whether a larger page is a lever for either, and how much of it dense takes too; H100
+#          2026-12-07: dense 8-11% faster at 128, the lists 6-9%: no lever against dense)
 #   stages benchmarks/e2e.py with CUDA graphs at 32K/64K/128K, dense and PLANS' first plan, every prefill
 #          profiled: time to first token and where its GPU time goes (linear, estimation, selection, attention)
 #   gtest  the GPU engine tests (tests/test_engine_gpu.py): chats beside a sparse prefill with CUDA graphs, keep-all
