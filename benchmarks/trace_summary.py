@@ -30,11 +30,16 @@ def load_events(path: Path) -> list[dict]:
 
 def gpu_timeline(events: list[dict], gap_us: float) -> dict:
     """The GPU's work in the trace: count, span and busy time (ms, the union of its intervals), idle gaps over
-    `gap_us` (start ms after the first GPU event, length ms)."""
+    `gap_us` (start ms after the first GPU event, length ms), and the host's lead and trail: from the trace's first
+    host event to the first GPU event (what the host did before the GPU had work) and from the last GPU event's end
+    to the last host event's end."""
     gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     if not gpu:
-        return {"events": 0, "span_ms": 0.0, "busy_ms": 0.0, "gaps": []}
+        return {"events": 0, "span_ms": 0.0, "busy_ms": 0.0, "gaps": [], "lead_ms": 0.0, "trail_ms": 0.0}
+    host = [e for e in events if e.get("ph") == "X" and e.get("cat") not in GPU_CATEGORIES and "dur" in e]
     first = gpu[0]["ts"]
+    lead = (first - min(e["ts"] for e in host)) / 1e3 if host else 0.0
+    host_end = max(e["ts"] + e["dur"] for e in host) if host else None
     busy, gaps = 0.0, []
     start, end = gpu[0]["ts"], gpu[0]["ts"] + gpu[0]["dur"]
     for e in gpu[1:]:
@@ -45,7 +50,9 @@ def gpu_timeline(events: list[dict], gap_us: float) -> dict:
             start = e["ts"]
         end = max(end, e["ts"] + e["dur"])
     busy += end - start
-    return {"events": len(gpu), "span_ms": (end - first) / 1e3, "busy_ms": busy / 1e3, "gaps": gaps}
+    trail = max(host_end - end, 0.0) / 1e3 if host_end is not None else 0.0
+    return {"events": len(gpu), "span_ms": (end - first) / 1e3, "busy_ms": busy / 1e3, "gaps": gaps,
+            "lead_ms": lead, "trail_ms": trail}
 
 
 def python_frames(events: list[dict], needles: list[str]) -> list[tuple[str, int, float]]:
@@ -71,7 +78,10 @@ def main() -> None:
     frames = python_frames(events, args.frames)
     idle = sum(g[1] for g in gpu["gaps"])
     print(f"{args.trace.name}: GPU {gpu['events']} events, busy {gpu['busy_ms']:.1f} ms of a {gpu['span_ms']:.1f} ms "
-          f"span; {len(gpu['gaps'])} gaps over {args.gap_ms} ms, {idle:.1f} ms idle in them")
+          f"span; {len(gpu['gaps'])} gaps over {args.gap_ms} ms, {idle:.1f} ms idle in them; the host's lead "
+          f"{gpu['lead_ms']:.1f} ms before the first GPU event, trail {gpu['trail_ms']:.1f} ms after the last")
+    for at, ms in sorted(gpu["gaps"], key=lambda g: -g[1])[:8]:
+        print(f"  gap of {ms:.2f} ms at {at:.1f} ms")
     print(f"{'inclusive ms':>12} {'calls':>6}  python function (names containing {', '.join(args.frames)})")
     for name, calls, ms in frames[:args.top]:
         print(f"{ms:12.2f} {calls:6d}  {name[:140]}")

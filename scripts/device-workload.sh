@@ -100,6 +100,11 @@
 #          `*.cprofile.txt`, which needs no profiler support), with the torch profile's timeline (`--trace`,
 #          `*.trace.json.gz`: whether the GPU idles while the host launches); the six profile files in
 #          workload_hostprof_profiles.tgz (~220 s)
+#   ftrace  where a first turn's time outside the GPU's kernels goes: a fresh 32K prompt, dense and PLANS' first plan,
+#          under the torch profiler with its timeline, summarised by benchmarks/trace_summary.py (the host's lead
+#          before the first kernel, the GPU's idle gaps, the trail after the last; the traces themselves are not
+#          kept), then 32K and 64K first turns measured. (The 7.5% + tail plan's 32K / 64K turns take ~52 ms longer
+#          than their GPU kernels, dense's ~27 ms: sstages, 2026-12-07.)
 #   packtest the GPU tests of packing as the default (2026-12-07): the fp8 path with FA3 packed (`fa3-packed`; passed
 #          on an H100 2026-12-07, so an fp8 cache packs too), the dense tail's FA3 tests, the warm-up (no kernel compiled
 #          after it, packing now on), the packed FlashAttention cases over compacted tables (~3 min)
@@ -337,6 +342,20 @@ hostprof() {  # (dense and the first plan only; the profiles packed into one fil
   (cd "$OUT" && tar czf workload_hostprof_profiles.tgz workload_hostprof.profile-* && rm -f workload_hostprof.profile-*)
   return $rc
 }
+ftrace() {  # (dense and the first plan: a fresh 32K turn profiled with its timeline, then 32K / 64K measured)
+  local rc=0 t
+  timeout $(( $(left) - 20 )) python3 benchmarks/workload.py --graphs \
+    --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first 32768,65536 --docs= --follow= --beside 0 \
+    --concurrent 0 --profile first:32768 --trace --reserve 100 --timeout $(( $(left) - 30 )) \
+    --out "$OUT/workload_ftrace.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' \
+    | grep -v "Capturing CUDA" | tee "$OUT/workload_ftrace.log" | tail -8 || rc=$?
+  for t in "$OUT"/workload_ftrace.profile-*.trace.json.gz; do
+    [ -e "$t" ] && python3 benchmarks/trace_summary.py "$t" --top 25
+  done 2>&1 | tee "$OUT/workload_ftrace_timeline.txt"
+  rm -f "$OUT"/workload_ftrace.profile-*.trace.json.gz  # (tens of MB each: the summary above is what returns)
+  (cd "$OUT" && tar czf workload_ftrace_profiles.tgz workload_ftrace.profile-* && rm -f workload_ftrace.profile-*)
+  return $rc
+}
 hostgap() {
   local pass nodes runs=()
   nodes=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)
@@ -397,4 +416,4 @@ suite() {
     | tee "$OUT/suite_tests.log" | grep -v "^[0-9.]*s \(call\|setup\|teardown\)" | tail -15
 }
 
-run_steps "packk:60 pagek:100 hostpath:240 wlpack:520 packtest:240 hostprof:260 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:400 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"
+run_steps "packk:60 pagek:100 hostpath:240 wlpack:520 packtest:240 hostprof:260 ftrace:300 hostgap:420 seltest:60 splits:90 probe:200 sstages:90 wl:300 wlg:300 wl8k:300 floor8k:400 ktest:60 kern:60 stages:300 gtest:400 resv:200 dtest:520 pagesz:300 pair:300 fp8:300 fp8b:360 fp8e2e:240 conc:240 cprof:420 rtime:150 selcmp:120 temps:60 fa2:400 fa2e:420 guard:420 ratios:480 tailr:480 tail5r:480 tail75r:480 suite:300" "$@"

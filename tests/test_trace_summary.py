@@ -38,6 +38,9 @@ def test_the_gpu_timeline_is_the_union_of_its_events_and_its_gaps_over_the_thres
     assert gpu["busy_ms"] == pytest.approx((150 + 50 + 10) / 1e3)
     assert gpu["span_ms"] == pytest.approx(510 / 1e3)
     assert gpu["gaps"] == [(pytest.approx(0.15), pytest.approx(0.25))]
+    # The host's first event starts at 0, the GPU's at 1000; the host's last ends at 5000, the GPU's at 1510.
+    assert gpu["lead_ms"] == pytest.approx(1.0)
+    assert gpu["trail_ms"] == pytest.approx(3.49)
 
 
 def test_python_frames_are_summed_by_name_for_the_needles_given(tmp_path):
