@@ -1,10 +1,13 @@
 # Sourced by the device scripts (scripts/device-*.sh) on a GPU machine where vLLM 0.26.0 is staged in
 # /tmp/site (../shared/device/README.md). Sets up the call (pydantic from the carried .whl, this
-# checkout installed for its entry points) and defines `left`, `step` and `run_steps`.
+# checkout installed for its entry points) and defines `left`, `engine_lines`, `step` and `run_steps`.
 #   DONE_DIR  where finished steps are marked (a step runs once per warm machine)
 #   budget    seconds this call may use (set before sourcing)
 start=$(date +%s)
 left() { echo $((budget - ($(date +%s) - start))); }
+# An engine's output without vLLM's INFO and WARNING log lines, keeping the plugin's and vLLM's errors during
+# inference (a filter: `python3 ... 2>&1 | engine_lines | tee LOG`)
+engine_lines() { awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/'; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "${DONE_DIR:?}"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 

@@ -22,7 +22,7 @@ DONE_DIR=/tmp/decode-done
 source scripts/device-common.sh
 
 keep_log() {  # engine INFO/WARNING lines out, the plugin's own (memory reservation, summaries) kept
-  awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/'
+  engine_lines
 }
 PLANS=${PLANS:-quest-4k}
 plan_args() {  # --config the first plan, --extra-config the others

@@ -20,7 +20,7 @@ budget=${1:?seconds}; shift
 DONE_DIR=/tmp/estimator-done
 source scripts/device-common.sh
 
-keep_log() { awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/'; }
+keep_log() { engine_lines; }
 est() {
   timeout $(( $(left) - 5 )) python3 benchmarks/estimators.py --only antidiagonal_s8,antidiagonal_s8_int8 --sweep \
     --out "$OUT/est_int8_keep10.json" 2>&1 | tail -30

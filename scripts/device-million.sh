@@ -194,14 +194,14 @@ long() {
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
     --lengths "${LONG_LENGTHS:-262144,524288}" --gpu-memory-utilization 0.9 --engine-timeout $(( t / 2 - 5 )) \
     --config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_long.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_long.log" | tail -30
+    | engine_lines | tee "$OUT/e2e_long.log" | tail -30
 }
 
 long_one() {  # long_one NAME E2E_ARGS...: one engine of the long-context shape, its own JSON and log
   local name=$1 t=$(( $(left) - 10 )); shift
   timeout $t python3 benchmarks/e2e.py --graphs --shape qwen2.5-7b-1m --decode-batch 0 --repeats 1 \
     --lengths "${LONG_LENGTHS:-262144,524288}" --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) ${NO_KEPT:+--no-kept} "$@" \
-    --out "$OUT/$name.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log" | tail -12
+    --out "$OUT/$name.json" 2>&1 | engine_lines | tee "$OUT/$name.log" | tail -12
 }
 longd() { long_one e2e_long_dense --only dense; }
 longpack() {  # the page list per q head plan (28 lists a layer) at 256K: one FlashAttention call a chunk-layer, then 28
@@ -243,7 +243,7 @@ decode_1m() {  # decode_1m NAME E2E_ARGS...: one engine of the decode-at-1M comp
     --engine-timeout $(( t - 5 )) ${D1M_KV:+--kv-cache-dtype $D1M_KV} \
     --dense-config benchmarks/configs/qwen2.5-7b-1m-antidiagonal-10-s16-int8-own-heads.yaml \
     --config "benchmarks/configs/${D1M_CONFIG:-qwen2.5-7b-1m-own-heads-decode-quest-4k}.yaml" "$@" --out "$OUT/$name.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -8
+    | engine_lines | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -8
 }
 d1md() { decode_1m e2e_decode_1m_baseline --only dense; }
 d1ms() { decode_1m e2e_decode_1m_quest --only sparse; }
@@ -296,12 +296,12 @@ l1m() {
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
     --lengths 1048576 --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only sparse --no-kept \
     --config benchmarks/configs/llama-3-8b-antidiagonal-10-s16-int8.yaml --out "$OUT/e2e_1m_llama_fp8.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_1m_llama_fp8.log" | grep -v '"layers"' | tail -12
+    | engine_lines | tee "$OUT/e2e_1m_llama_fp8.log" | grep -v '"layers"' | tail -12
   [ -n "${LLAMA_DENSE_LENGTHS:-}" ] || return 0
   t=$(( $(left) - 10 ))
   timeout $t python3 benchmarks/e2e.py --graphs --shape llama-3-8b-1m --kv-cache-dtype fp8 --decode-batch 0 --repeats 1 \
     --lengths "$LLAMA_DENSE_LENGTHS" --gpu-memory-utilization 0.9 --engine-timeout $(( t - 5 )) --only dense \
-    --out "$OUT/e2e_llama1m_fp8_dense.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' \
+    --out "$OUT/e2e_llama1m_fp8_dense.json" 2>&1 | engine_lines \
     | tee "$OUT/e2e_llama1m_fp8_dense.log" | tail -6
 }
 longs() {

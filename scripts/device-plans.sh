@@ -17,7 +17,7 @@ source scripts/device-common.sh
 e2e() {  # e2e NAME E2E_ARGS...
   local name=$1 t=$(( $(left) - 10 )); shift
   timeout $t python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --engine-timeout $(( t / 3 )) "$@" \
-    --out "$OUT/$name.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log" | tail -14
+    --out "$OUT/$name.json" 2>&1 | engine_lines | tee "$OUT/$name.log" | tail -14
 }
 mcol() {
   e2e e2e_minference_llama --shape llama-3.1-8b --lengths 32768,65536,131072 \

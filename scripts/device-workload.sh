@@ -151,7 +151,7 @@ workload() {  # workload OUT_NAME [--graphs]
   local name=$1; shift
   timeout $(( $(left) - 5 )) python3 benchmarks/workload.py "$@" $(plan_args) --profile "${PROFILE:-follow:32768+256}" $DENSE_AGAIN $SPARSE_FIRST \
     --timeout $(( $(left) - 15 )) ${WL_ARGS:-} --out "$OUT/$name.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/$name.log"
+    | engine_lines | tee "$OUT/$name.log"
 }
 wl() { workload workload_eager; }
 wlg() { workload workload_graphs --graphs; }
@@ -169,7 +169,7 @@ stages() {
   local first=${PLANS%% *}
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
     --lengths 32768,65536,131072 --profile 32768,65536,131072 --config "benchmarks/configs/llama-3-8b-$first.yaml" \
-    --out "$OUT/e2e_stages.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "^stages " \
+    --out "$OUT/e2e_stages.json" 2>&1 | engine_lines | grep -v "^stages " \
     | tee "$OUT/e2e_stages.log" | tail -30
 }
 
@@ -221,7 +221,7 @@ pair() {
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs "${PAIR_DOCS:-131072}" \
     --follow "${PAIR_FOLLOW:-8,256}" --follow-repeats 11 --beside 0 --concurrent 0 --engine "{\"kv_cache_memory_bytes\": $(( ${PAIR_KV_GIB:-$gib} << 30 )), \"gpu_memory_utilization\": 0.45}" \
     --timeout $(( $(left) - 15 )) --out "$OUT/workload_paired.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_paired.log" | tail -12
+    | engine_lines | grep -v "Capturing CUDA" | tee "$OUT/workload_paired.log" | tail -12
 }
 fp8() {
   timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fp8_path.py tests/test_warmup_gpu.py \
@@ -234,20 +234,20 @@ fp8b() {
 fp8e2e() {
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --kv-cache-dtype fp8 \
     --lengths 32768,131072 --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --out "$OUT/e2e_fp8.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/e2e_fp8.log" | tail -20
+    | engine_lines | grep -v "Capturing CUDA" | tee "$OUT/e2e_fp8.log" | tail -20
 }
 conc() {
   CUDA_SCALE_LAUNCH_QUEUES=4x timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs \
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs= --follow= --beside 0 --concurrent 12 \
     --concurrent-len 32768 --timeout $(( $(left) - 15 )) --out "$OUT/workload_conc_queues4x.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_queues4x.log" | tail -12
+    | engine_lines | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_queues4x.log" | tail -12
 }
 cprof() {
   timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs \
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs= --follow= --beside 0 --concurrent 12 \
     --concurrent-len 32768 --profile concurrent:12x32768 --timeout $(( $(left) - 15 )) \
     --out "$OUT/workload_conc_profile.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_profile.log" | tail -14
+    | engine_lines | grep -v "Capturing CUDA" | tee "$OUT/workload_conc_profile.log" | tail -14
 }
 rtime() {
   timeout $(( $(left) - 5 )) python3 benchmarks/refusal_time.py --out "$OUT/refusal_time.json" 2>&1 \
@@ -266,7 +266,7 @@ guard() {
   python3 -c "import yaml; c = yaml.safe_load(open('configs/llama-3.yaml')); [m.update(dense_above=1) for m in c['models']]; yaml.safe_dump(c, open('/tmp/llama-3-dense-above-off.yaml', 'w'))"
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 --no-kept \
     --lengths 32768,131072 --config configs/llama-3.yaml --extra-config /tmp/llama-3-dense-above-off.yaml \
-    --out "$OUT/e2e_guard.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" \
+    --out "$OUT/e2e_guard.json" 2>&1 | engine_lines | grep -v "Capturing CUDA" \
     | tee "$OUT/e2e_guard.log" | tail -20
 }
 fa2_ready() {
@@ -292,7 +292,7 @@ fa2e() {
   fa2_ready || return 1
   VLLM_SPARSE_KERNEL=fa2 timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
     --lengths 32768,131072 --flash-attn-version 2 --config "benchmarks/configs/llama-3-8b-$first.yaml" \
-    --out "$OUT/e2e_fa2.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | tee "$OUT/e2e_fa2.log" | tail -12
+    --out "$OUT/e2e_fa2.json" 2>&1 | engine_lines | tee "$OUT/e2e_fa2.log" | tail -12
 }
 temps() {
   local ctx
@@ -321,7 +321,7 @@ wlpack() {  # (two processes: compare each run's dense / SPARSE ratio, not SPARS
       --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs "${WLPACK_DOCS:-16384,32768}" \
       --follow "${WLPACK_FOLLOW:-2048,4096}" \
       --follow-repeats 4 --beside 0 --concurrent 0 --reserve 75 --timeout $(( $(left) / (flag + 1) - 15 )) \
-      --out "$OUT/workload_pack$flag.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' \
+      --out "$OUT/workload_pack$flag.json" 2>&1 | engine_lines \
       | grep -v "Capturing CUDA" | tee "$OUT/workload_pack$flag.log" | grep -v '^\[.*\] {"class": "follow' | tail -14 \
       || rc=$?
   done
@@ -337,7 +337,7 @@ hostprof() {  # (dense and the first plan only; the profiles packed into one fil
   timeout $(( $(left) - 5 )) python3 benchmarks/workload.py --graphs --chunk 8192 \
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 32768 --follow 2048 --beside 0 \
     --concurrent 0 --profile follow:32768+2048 --pyprofile --trace --reserve 110 --timeout $(( $(left) - 15 )) \
-    --out "$OUT/workload_hostprof.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' \
+    --out "$OUT/workload_hostprof.json" 2>&1 | engine_lines \
     | grep -v "Capturing CUDA" | tee "$OUT/workload_hostprof.log" | tail -8 || rc=$?
   (cd "$OUT" && tar czf workload_hostprof_profiles.tgz workload_hostprof.profile-* && rm -f workload_hostprof.profile-*)
   return $rc
@@ -347,7 +347,7 @@ ftrace() {  # (dense and the first plan: a fresh 32K turn profiled with its time
   timeout $(( $(left) - 20 )) python3 benchmarks/workload.py --graphs \
     --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first 32768,65536 --docs= --follow= --beside 0 \
     --concurrent 0 --profile first:32768 --trace --reserve 100 --timeout $(( $(left) - 30 )) \
-    --out "$OUT/workload_ftrace.json" 2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' \
+    --out "$OUT/workload_ftrace.json" 2>&1 | engine_lines \
     | grep -v "Capturing CUDA" | tee "$OUT/workload_ftrace.log" | tail -8 || rc=$?
   for t in "$OUT"/workload_ftrace.profile-*.trace.json.gz; do
     [ -e "$t" ] && python3 benchmarks/trace_summary.py "$t" --top 25
@@ -370,7 +370,7 @@ hostgap() {
     timeout $(( $(left) - 40 )) "${pin[@]}" python3 benchmarks/workload.py --graphs --dense-again --reserve 75 \
       --config "benchmarks/configs/llama-3-8b-${PLANS%% *}.yaml" --first= --docs 131072 --follow 8,256 \
       --follow-repeats 5 --beside 0 --concurrent 0 --timeout $(( $(left) - 50 )) --out "$OUT/workload_hostgap_$pass.json" \
-      2>&1 | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" \
+      2>&1 | engine_lines | grep -v "Capturing CUDA" \
       | tee "$OUT/workload_hostgap_$pass.log" | grep -v '^\[.*\] {"class": "follow' | tail -8
     runs+=("$OUT/workload_hostgap_$pass.json")
   done
@@ -383,7 +383,7 @@ ttft_plans() {  # ttft_plans OUT_NAME PLAN...: benchmarks/e2e.py, CUDA graphs, T
   for p in "$@"; do args+=("$flag" "benchmarks/configs/llama-3-8b-$p.yaml"); flag=--extra-config; done
   timeout $(( $(left) - 5 )) python3 benchmarks/e2e.py --graphs --decode-batch 0 --repeats 2 \
     --lengths "${TTFT_LENGTHS:-32768,65536,131072}" "${args[@]}" --out "$OUT/$name.json" 2>&1 \
-    | awk '/vllm-sparse|during inference/ || !/^\[.*\] .*(WARNING|INFO)/' | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -20
+    | engine_lines | grep -v "Capturing CUDA" | tee "$OUT/$name.log" | tail -20
 }
 packk() {
   VLLM_SPARSE_WORKSPACE_MIB=1024 timeout $(( $(left) - 5 )) python3 benchmarks/kernels.py --contexts 65536,32768 \
